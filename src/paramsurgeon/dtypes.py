@@ -1,0 +1,90 @@
+"""Element types as the file formats spell them, without importing torch.
+
+One row per dtype: the torch name, bytes per element, the legacy storage class torch
+pickles for it (``None`` for dtypes torch saves through ``_rebuild_tensor_v3``), the
+safetensors code, and whether it is a floating-point type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+    itemsize: int
+    storage_class: str | None
+    safetensors: str | None
+    floating: bool = False
+    complex: bool = False
+
+    @property
+    def short(self) -> str:
+        return _SHORT.get(self.name, self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+_TABLE = [
+    DType("float32", 4, "FloatStorage", "F32", floating=True),
+    DType("float64", 8, "DoubleStorage", "F64", floating=True),
+    DType("float16", 2, "HalfStorage", "F16", floating=True),
+    DType("bfloat16", 2, "BFloat16Storage", "BF16", floating=True),
+    DType("float8_e4m3fn", 1, None, "F8_E4M3", floating=True),
+    DType("float8_e5m2", 1, None, "F8_E5M2", floating=True),
+    DType("float8_e4m3fnuz", 1, None, "F8_E4M3FNUZ", floating=True),
+    DType("float8_e5m2fnuz", 1, None, "F8_E5M2FNUZ", floating=True),
+    DType("float8_e8m0fnu", 1, None, "F8_E8M0", floating=True),
+    DType("int64", 8, "LongStorage", "I64"),
+    DType("int32", 4, "IntStorage", "I32"),
+    DType("int16", 2, "ShortStorage", "I16"),
+    DType("int8", 1, "CharStorage", "I8"),
+    DType("uint8", 1, "ByteStorage", "U8"),
+    DType("uint16", 2, None, "U16"),
+    DType("uint32", 4, None, "U32"),
+    DType("uint64", 8, None, "U64"),
+    DType("bool", 1, "BoolStorage", "BOOL"),
+    DType("complex64", 8, "ComplexFloatStorage", "C64", complex=True),
+    DType("complex128", 16, "ComplexDoubleStorage", None, complex=True),
+]
+
+_SHORT = {
+    "float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16",
+    "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8",
+    "uint16": "u16", "uint32": "u32", "uint64": "u64", "complex64": "c64",
+    "complex128": "c128", "float8_e4m3fn": "f8e4m3", "float8_e5m2": "f8e5m2",
+}
+
+BY_NAME = {d.name: d for d in _TABLE}
+BY_STORAGE_CLASS = {d.storage_class: d for d in _TABLE if d.storage_class}
+BY_SAFETENSORS = {d.safetensors: d for d in _TABLE if d.safetensors}
+UNTYPED = DType("uint8", 1, None, "U8")  # the element view of an UntypedStorage
+
+# Aliases users type on the command line.
+_ALIASES = {
+    "float": "float32", "fp32": "float32", "f32": "float32",
+    "double": "float64", "fp64": "float64", "f64": "float64",
+    "half": "float16", "fp16": "float16", "f16": "float16",
+    "bf16": "bfloat16",
+    "long": "int64", "int": "int32",
+}
+
+
+def by_name(name: str) -> DType:
+    """The dtype called ``name`` ('float32', 'torch.float16', 'bf16'); KeyError if unknown."""
+    key = name.removeprefix("torch.")
+    return BY_NAME[_ALIASES.get(key, key)]
+
+
+def torch_dtype(dtype: DType):
+    """The torch.dtype for ``dtype`` (imports torch)."""
+    import torch
+
+    return getattr(torch, dtype.name)
+
+
+def from_torch(dtype) -> DType:
+    """Our DType for a torch.dtype."""
+    return BY_NAME[str(dtype).removeprefix("torch.")]

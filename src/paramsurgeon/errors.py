@@ -1,0 +1,59 @@
+"""Every error paramsurgeon raises on purpose, and the exit code each one means.
+
+    ParamSurgeonError                 exit 2; the message is one line: what, where, what to do
+    ├── UsageError                    options that contradict each other or cannot be parsed
+    ├── InputError                    a checkpoint that cannot be read as one
+    │   ├── NotACheckpointError       the bytes are something else (TorchScript, LFS pointer, ...)
+    │   ├── CorruptCheckpointError    truncated, inconsistent or lying about its own layout
+    │   └── UnsafePickleError         the pickle wants a global that weights-only loading refuses
+    ├── SelectionError                a pattern, name or key that matches nothing, or too much
+    ├── PlanError                     an operation that cannot apply (shapes, dtypes, ties)
+    └── OutputError                   the output cannot be written where it was asked
+
+Core code raises these and never prints or exits; the CLI turns one into a line on
+stderr and the exit code.
+"""
+
+from __future__ import annotations
+
+
+class ParamSurgeonError(Exception):
+    """Base class: a user-facing error with a one-line message."""
+
+    exit_code = 2
+
+
+class UsageError(ParamSurgeonError):
+    """Options that contradict each other or cannot be parsed."""
+
+
+class InputError(ParamSurgeonError):
+    """A checkpoint that cannot be read."""
+
+
+class NotACheckpointError(InputError):
+    """The file is readable but is not a checkpoint we can operate on."""
+
+
+class CorruptCheckpointError(InputError):
+    """The file claims to be a checkpoint but its structure is broken."""
+
+
+class UnsafePickleError(InputError):
+    """The pickle needs globals that weights-only loading does not allow."""
+
+    def __init__(self, message: str, globals_wanted: list[str]):
+        super().__init__(message)
+        self.globals_wanted = globals_wanted
+
+
+class SelectionError(ParamSurgeonError):
+    """A selector or key that matches nothing, or matches ambiguously."""
+
+
+class PlanError(ParamSurgeonError):
+    """An operation that cannot be applied to the selected tensors."""
+
+
+class OutputError(ParamSurgeonError):
+    """The result cannot be written to the requested place."""

@@ -1,0 +1,6 @@
+"""Checkpoint formats: detection and lazy reading, streaming atomic writing."""
+
+from .reading import load
+from .writing import Target, resolve_target, save
+
+__all__ = ["load", "save", "resolve_target", "Target"]

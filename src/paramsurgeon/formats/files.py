@@ -1,0 +1,230 @@
+"""Bytes in and out: input files read by offset and memory-mapped on demand, and output
+sinks that stream, copy unchanged spans in the kernel, and replace files atomically.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import secrets
+import stat
+import sys
+import tempfile
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator
+
+from ..errors import CorruptCheckpointError, InputError, OutputError
+
+_COPY_CHUNK = 64 << 20
+_BUFFER = 1 << 20
+
+
+class InputFile:
+    """An input opened read-only: ``read`` by offset, ``view`` through a private memory map."""
+
+    def __init__(self, fd: int, name: str, path: str | None = None):
+        self.fd, self.name, self.path = fd, name, path
+        self.size = os.fstat(fd).st_size
+        self._map: mmap.mmap | None = None
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Exactly ``n`` bytes at ``offset``; a file that ends early is truncated."""
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise CorruptCheckpointError(
+                f"{self.name}: truncated: needs bytes {offset}..{offset + n} but the file has {self.size}")
+        chunks, done = [], 0
+        while done < n:
+            chunk = os.pread(self.fd, n - done, offset + done)
+            if not chunk:
+                raise CorruptCheckpointError(f"{self.name}: truncated while reading at byte {offset + done}")
+            chunks.append(chunk)
+            done += len(chunk)
+        return b"".join(chunks)
+
+    def view(self, offset: int, n: int) -> memoryview:
+        """``n`` bytes at ``offset`` without copying (copy-on-write map: the file never changes)."""
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise CorruptCheckpointError(
+                f"{self.name}: truncated: needs bytes {offset}..{offset + n} but the file has {self.size}")
+        if n == 0:
+            return memoryview(b"")
+        if self._map is None:
+            self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
+        return memoryview(self._map)[offset:offset + n]
+
+    def same_file(self, path: str) -> bool:
+        try:
+            other = os.stat(path)
+        except OSError:
+            return False
+        mine = os.fstat(self.fd)
+        return (mine.st_dev, mine.st_ino) == (other.st_dev, other.st_ino)
+
+
+def open_input(path: str | None) -> InputFile:
+    """Open ``path``, or standard input for None or '-'."""
+    if path in (None, "-"):
+        return _open_stdin()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise InputError(f"cannot read '{path}': {e.strerror}") from e
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"'{path}' is a directory")
+    return InputFile(fd, path, path)
+
+
+def _open_stdin() -> InputFile:
+    stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is not None and os.isatty(fd):
+        raise InputError("no checkpoint given: pass a path, or pipe one in (paramsurgeon inspect < model.pt)")
+    if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode) and os.lseek(fd, 0, os.SEEK_CUR) == 0:
+        return InputFile(os.dup(fd), "<stdin>")
+    # A pipe: spool it to an unlinked temporary file so that it can be memory-mapped.
+    spool = tempfile.TemporaryFile(prefix="paramsurgeon-stdin-")
+    while True:
+        chunk = stream.read(_COPY_CHUNK) if fd is None else os.read(fd, _COPY_CHUNK)
+        if not chunk:
+            break
+        spool.write(chunk)
+    spool.flush()
+    return InputFile(os.dup(spool.fileno()), "<stdin>")
+
+
+class Sink:
+    """A sequential output: small writes are buffered, spans of input files are copied
+    by the kernel when both ends are regular files."""
+
+    def __init__(self, stream: BinaryIO | None = None, fd: int | None = None, name: str = "<stdout>"):
+        self.stream, self.fd, self.name = stream, fd, name
+        self.position = 0
+        self._buffer = bytearray()
+        self._regular = fd is not None and stat.S_ISREG(os.fstat(fd).st_mode)
+
+    def write(self, data) -> None:
+        self._buffer += data
+        self.position += len(data)
+        if len(self._buffer) >= _BUFFER:
+            self.flush()
+
+    def write_large(self, data: memoryview) -> None:
+        """Write a large buffer without copying it into the small-write buffer."""
+        self.flush()
+        self._write_out(data)
+        self.position += len(data)
+
+    def copy(self, source: InputFile, offset: int, n: int) -> None:
+        """Append ``n`` bytes of ``source`` starting at ``offset``."""
+        self.flush()
+        done = 0
+        if self._regular:
+            done = self._copy_file_range(source, offset, n)
+        while done < n:
+            step = min(_COPY_CHUNK, n - done)
+            self._write_out(source.view(offset + done, step))
+            done += step
+        self.position += n
+
+    def _copy_file_range(self, source: InputFile, offset: int, n: int) -> int:
+        done = 0
+        try:
+            while done < n:
+                copied = os.copy_file_range(source.fd, self.fd, min(n - done, 1 << 30), offset + done)
+                if copied == 0:
+                    raise CorruptCheckpointError(f"{source.name}: truncated while copying byte {offset + done}")
+                done += copied
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+        return done
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._write_out(memoryview(self._buffer))
+            self._buffer = bytearray()
+
+    def _write_out(self, data: memoryview) -> None:
+        if self.fd is None:
+            self.stream.write(data)
+            return
+        view = memoryview(data).cast("B")
+        while len(view):
+            written = os.write(self.fd, view[:_COPY_CHUNK])
+            view = view[written:]
+
+
+def stdout_sink() -> Sink:
+    """A sink on standard output; refuses a terminal."""
+    stream = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
+    if sys.stdout.isatty():
+        raise OutputError("refusing to write a binary checkpoint to the terminal;"
+                          " redirect it (> out.pt), pipe it, or pass -o PATH")
+    sys.stdout.flush()
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    return Sink(stream=stream, fd=fd)
+
+
+def temporary_name(target: str) -> str:
+    """A hidden name beside ``target`` that marks a write in progress by this process."""
+    folder, base = os.path.split(os.path.abspath(target))
+    return os.path.join(folder, f".{base}.paramsurgeon-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+@contextmanager
+def atomic_file(target: str, mode_from: str | None = None) -> Iterator[Sink]:
+    """Write ``target`` through a temporary file beside it: flushed, fsynced, renamed.
+
+    On any failure the temporary file is removed and ``target`` is untouched.
+    """
+    tmp = temporary_name(target)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise OutputError(f"cannot write '{target}': {e.strerror}") from e
+    try:
+        if mode_from is not None:
+            os.chmod(tmp, stat.S_IMODE(os.stat(mode_from).st_mode))
+        sink = Sink(fd=fd, name=target)
+        yield sink
+        sink.flush()
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, target)
+        _fsync_dir(os.path.dirname(os.path.abspath(target)))
+    except BaseException as e:
+        if fd >= 0:
+            os.close(fd)
+        _unlink_quietly(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write '{target}': {e.strerror or e}; nothing was written") from e
+        raise
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,287 @@
+"""Weights-only unpickling that never runs code from the file, and pickling back.
+
+Reading: every global named in the pickle becomes a placeholder class created here
+(never an import), and every call or object construction in the pickle becomes an
+``Opaque`` record of that call. Only a handful of known torch rebuild functions are
+interpreted, to find tensors. So a hostile pickle cannot execute anything; globals
+outside torch's weights-only allowlist are collected and refused all at once, unless
+the user admits them by name or passes --unsafe-pickle (which keeps them as opaque
+records: still nothing runs).
+
+Writing: the same tree goes back out as protocol 2 (what ``torch.save`` writes), the
+opaque records exactly as they came in.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import copyreg
+import io
+import pickle
+from typing import Any, BinaryIO, Callable
+
+from ..errors import CorruptCheckpointError, UnsafePickleError
+
+# torch's weights-only allowlist (torch._weights_only_unpickler._get_allowed_globals).
+_TORCH_STORAGES = [
+    "BFloat16", "Bool", "Byte", "Char", "ComplexDouble", "ComplexFloat", "Double",
+    "Float", "Half", "Int", "Long", "Short",
+]
+_TORCH_QSTORAGES = ["QInt32", "QInt8", "QUInt2x4", "QUInt4x2", "QUInt8"]
+_TORCH_TENSORS = ["BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short"]
+_TORCH_DTYPES = [
+    "bfloat16", "bits16", "bits1x8", "bits2x4", "bits4x2", "bits8", "bool", "complex128",
+    "complex32", "complex64", "float16", "float32", "float4_e2m1fn_x2", "float64",
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+    "int16", "int32", "int64", "int8", "qint32", "qint8", "quint2x4", "quint4x2", "quint8",
+    "uint16", "uint32", "uint64", "uint8",
+    *[f"int{i}" for i in range(1, 8)], *[f"uint{i}" for i in range(1, 8)],
+]
+_REBUILD_FUNCTIONS = [
+    "_rebuild_device_tensor_from_cpu_tensor", "_rebuild_device_tensor_from_numpy",
+    "_rebuild_meta_tensor_no_storage", "_rebuild_nested_tensor", "_rebuild_parameter",
+    "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_sparse_tensor",
+    "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_wrapper_subclass",
+]
+ALLOWED_GLOBALS = frozenset(
+    [
+        "_codecs.encode", "builtins.bytearray", "builtins.complex", "builtins.set",
+        "collections.Counter", "collections.OrderedDict", "torch.Size", "torch.Tensor",
+        "torch.device", "torch.nn.parameter.Parameter", "torch.serialization._get_layout",
+        "torch._tensor._rebuild_from_type_v2", "torch.storage.TypedStorage",
+        "torch.storage.UntypedStorage",
+        "torch.per_channel_affine", "torch.per_channel_affine_float_qparams",
+        "torch.per_channel_symmetric", "torch.per_tensor_affine", "torch.per_tensor_symmetric",
+        *[f"torch.{s}Storage" for s in _TORCH_STORAGES + _TORCH_QSTORAGES],
+        *[f"torch.cuda.{s}Storage" for s in _TORCH_STORAGES],
+        *[f"torch.{t}Tensor" for t in _TORCH_TENSORS],
+        *[f"torch.cuda.{t}Tensor" for t in _TORCH_TENSORS],
+        *[f"torch.sparse.{t}Tensor" for t in _TORCH_TENSORS if t != "Bool"],
+        *[f"torch.cuda.sparse.{t}Tensor" for t in _TORCH_TENSORS if t != "Bool"],
+        *[f"torch.{d}" for d in _TORCH_DTYPES],
+        *[f"torch._utils.{f}" for f in _REBUILD_FUNCTIONS],
+    ]
+)
+# Modules torch never admits, even when asked to.
+_BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt", "subprocess"})
+
+
+class GlobalMeta(type):
+    """Metaclass of the placeholders that stand for globals named in a pickle."""
+
+    def __call__(cls, *args):
+        # REDUCE: the pickle calls the global; record the call instead of making it.
+        return cls._record(args, newobj=False)
+
+    def __setattr__(cls, name, value):
+        raise TypeError("placeholder globals are immutable")
+
+    def __repr__(cls):
+        return cls.full_name
+
+
+class Opaque:
+    """A call or construction recorded from a pickle and never performed."""
+
+    __slots__ = ("args", "newobj", "state", "items", "dictitems")
+    full_name = "?"
+    raw_name: tuple[str, str] = ("?", "?")
+
+    def __new__(cls, *args, **kwargs):
+        # NEWOBJ / NEWOBJ_EX: cls.__new__(cls, *args) builds an instance.
+        if kwargs:
+            raise CorruptCheckpointError(f"keyword construction of {cls.full_name} is not supported")
+        return cls._record(args, newobj=True)
+
+    @classmethod
+    def _record(cls, args, newobj: bool) -> "Opaque":
+        obj = object.__new__(cls)
+        obj.args, obj.newobj, obj.state, obj.items, obj.dictitems = tuple(args), newobj, None, [], []
+        return obj
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def append(self, item):
+        self.items.append(item)
+
+    def extend(self, items):
+        self.items.extend(items)
+
+    def __setitem__(self, key, value):
+        self.dictitems.append((key, value))
+
+    def __reduce_ex__(self, protocol):
+        state = self.state
+        items = iter(self.items) if self.items else None
+        dictitems = iter(self.dictitems) if self.dictitems else None
+        if self.newobj:
+            return (copyreg.__newobj__, (type(self), *self.args), state, items, dictitems)
+        return (type(self), self.args, state, items, dictitems)
+
+    def __repr__(self):
+        return describe(self)
+
+
+def placeholder(module: str, name: str, raw: tuple[str, str] | None = None) -> GlobalMeta:
+    """The placeholder class standing for the global ``module.name``."""
+    ns = {"__slots__": (), "full_name": f"{module}.{name}", "raw_name": raw or (module, name)}
+    return GlobalMeta(name.rpartition(".")[2] or "global", (Opaque,), ns)
+
+
+class GlobalName:
+    """A global to write into a pickle by name (e.g. torch._utils._rebuild_tensor_v2)."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # pickle requires reduce functions to be callable
+        raise TypeError(f"{self.module}.{self.name} is only a name")
+
+
+def describe(obj: Any, limit: int = 80) -> str:
+    """A short, safe description of a value read from a pickle."""
+    if isinstance(obj, GlobalMeta):
+        text = obj.full_name
+    elif isinstance(obj, Opaque):
+        name = type(obj).full_name
+        if name == "torch.Size" and obj.args:
+            text = f"torch.Size({list(obj.args[0]) if isinstance(obj.args[0], (list, tuple)) else obj.args[0]})"
+        elif name == "torch.device" and obj.args:
+            text = f"device({obj.args[0]!r})"
+        elif isinstance(obj.state, dict) and obj.state:
+            fields = ", ".join(f"{k}={describe(v, 20)}" for k, v in list(obj.state.items())[:6])
+            text = f"{name}({fields})"
+        else:
+            text = f"{name}(...)"
+    else:
+        text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickle without importing: globals become placeholders, calls become records.
+
+    ``interpret`` maps allowed global names to the Python objects that stand for them
+    (torch's tensor rebuild functions, OrderedDict, storage classes); ``persistent_load``
+    resolves storage ids.
+    """
+
+    def __init__(
+        self,
+        stream: BinaryIO,
+        *,
+        persistent_load: Callable[[Any], Any],
+        interpret: dict[str, Any],
+        allow: frozenset[str] = frozenset(),
+        unsafe: bool = False,
+    ):
+        super().__init__(stream, encoding="utf-8")
+        self._persistent_load = persistent_load
+        self._interpret = interpret
+        self._allow = allow
+        self._unsafe = unsafe
+        self.refused: list[str] = []
+        self._placeholders: dict[tuple[str, str], GlobalMeta] = {}
+
+    def find_class(self, module: str, name: str):
+        raw = (module, name)
+        # Python 2 names (torch.save's protocol 2 writes '__builtin__.set'); none clash with Python 3's.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        full = f"{module}.{name}"
+        if full in self._interpret:
+            return self._interpret[full]
+        if not self._admitted(module, full) and full not in self.refused:
+            self.refused.append(full)
+        key = (module, name)
+        if key not in self._placeholders:
+            self._placeholders[key] = placeholder(module, name, raw)
+        return self._placeholders[key]
+
+    def _admitted(self, module: str, full: str) -> bool:
+        if self._unsafe or full in ALLOWED_GLOBALS:
+            return True
+        blocked = module.split(".")[0] in _BLOCKED_MODULES
+        return full in self._allow and not blocked
+
+    def persistent_load(self, pid):
+        return self._persistent_load(pid)
+
+
+def unpickle(data: bytes | BinaryIO, source: str, **options) -> Any:
+    """Unpickle ``data`` (bytes, or a stream left just after the pickle) restricted as above.
+
+    Raises UnsafePickleError naming every refused global at once.
+    """
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    unpickler = RestrictedUnpickler(stream, **options)
+    try:
+        obj = unpickler.load()
+    except (CorruptCheckpointError, UnsafePickleError):
+        raise
+    except RecursionError as e:
+        raise CorruptCheckpointError(f"{source}: the pickle nests too deeply to read") from e
+    except Exception as e:  # any malformed opcode stream ends up here
+        raise CorruptCheckpointError(f"{source}: the pickle is corrupt ({type(e).__name__}: {e})") from e
+    if unpickler.refused:
+        raise _refusal(source, unpickler.refused)
+    return obj
+
+
+def _refusal(source: str, refused: list[str]) -> UnsafePickleError:
+    names = ", ".join(refused)
+    flags = " ".join(f"--allow-global {name}" for name in refused)
+    noun = "global" if len(refused) == 1 else "globals"
+    return UnsafePickleError(
+        f"{source}: refusing to unpickle {noun} {names}, which weights-only loading does not allow"
+        f" (nothing was executed); if you trust this file, pass {flags} or --unsafe-pickle",
+        refused,
+    )
+
+
+class TreePickler(pickle._Pickler):
+    """Protocol-2 pickler for trees read by RestrictedUnpickler.
+
+    ``reduce_object`` gives the reduce tuple for objects the caller owns (tensors);
+    ``persistent_id`` gives storage ids. Placeholders and GlobalNames are written as
+    GLOBAL opcodes by name, never imported.
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def __init__(self, file, *, reduce_object: Callable, persistent_id: Callable):
+        super().__init__(file, protocol=2)
+        self._reduce_object = reduce_object
+        self._persistent_id = persistent_id
+
+    def persistent_id(self, obj):
+        return self._persistent_id(obj)
+
+    def reducer_override(self, obj):
+        return self._reduce_object(obj)
+
+    def _save_name(self, module: str, name: str, obj) -> None:
+        self.write(pickle.GLOBAL + module.encode("utf-8") + b"\n" + name.encode("utf-8") + b"\n")
+        self.memoize(obj)
+
+    def save_placeholder(self, obj):
+        self._save_name(*obj.raw_name, obj)
+
+    def save_global_name(self, obj):
+        self._save_name(obj.module, obj.name, obj)
+
+    dispatch[GlobalMeta] = save_placeholder
+    dispatch[GlobalName] = save_global_name
+
+
+def to_pickle(root: Any, *, reduce_object: Callable, persistent_id: Callable) -> bytes:
+    """Pickle ``root`` at protocol 2."""
+    buffer = io.BytesIO()
+    TreePickler(buffer, reduce_object=reduce_object, persistent_id=persistent_id).dump(root)
+    return buffer.getvalue()
+

@@ -1,0 +1,105 @@
+"""Open any checkpoint: the format is told by the bytes (or, for a directory, by what it
+holds), never by the file name."""
+
+from __future__ import annotations
+
+import os
+
+from ..checkpoint import Checkpoint, find_container
+from ..errors import NotACheckpointError, SelectionError
+from . import safetensors, sharded, torchlegacy, torchzip
+from .files import InputFile, open_input
+
+_SIGNATURES = [
+    (b"version https://git-lfs", "a Git LFS pointer, not the checkpoint itself; run 'git lfs pull' to fetch it"),
+    (b"\x89HDF", "an HDF5 file (Keras or TensorFlow weights), not a PyTorch checkpoint"),
+    (b"GGUF", "a GGUF file (llama.cpp), not a PyTorch checkpoint"),
+    (b"\x93NUMPY", "a NumPy .npy array, not a PyTorch checkpoint"),
+    (b"\x1f\x8b", "gzip-compressed; decompress it first (gunzip)"),
+    (b"PYTORCH1", "an archive from a PyTorch preview release, which no current torch reads"),
+]
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def load(path: str | None = None, *, key: str | None = None, allow_globals: tuple[str, ...] = (),
+         unsafe_pickle: bool = False) -> Checkpoint:
+    """Open the checkpoint at ``path`` (a file, a sharded directory or index, or None/'-' for stdin).
+
+    Tensors stay on disk; ``key`` ('a.b') picks the tensors inside a nested torch file.
+    """
+    options = {"allow": frozenset(allow_globals), "unsafe": unsafe_pickle}
+    if path not in (None, "-") and os.path.isdir(path):
+        ckpt = _read_directory(path, options)
+    else:
+        file = open_input(path)
+        ckpt = _read_file(file, options, path)
+    if ckpt.format.startswith("torch") and not ckpt.format.endswith("sharded"):
+        ckpt.key, ckpt.notes = find_container(ckpt.root, key, ckpt.source)
+    elif key:
+        raise SelectionError(f"{ckpt.source}: --key applies to torch files; a {ckpt.format} checkpoint"
+                             " is already a flat mapping of names to tensors")
+    ckpt.path = None if path in (None, "-") else path
+    return ckpt
+
+
+def _read_file(file: InputFile, options: dict, path: str | None) -> Checkpoint:
+    kind = sniff(file)
+    if kind == "index":
+        if path in (None, "-"):
+            raise NotACheckpointError("<stdin>: a sharded checkpoint index; pass its directory or path instead")
+        return sharded.read(path, lambda f: _read_file(f, options, f.path), open_input)
+    if kind == "safetensors":
+        return safetensors.read(file)
+    if kind == "torch-legacy":
+        return torchlegacy.read(file, **options)
+    return torchzip.read(file, **options)
+
+
+def sniff(file: InputFile) -> str:
+    """'torch', 'torch-legacy', 'safetensors' or 'index', from the first bytes of ``file``."""
+    if file.size == 0:
+        raise NotACheckpointError(f"{file.name}: the file is empty (0 bytes)")
+    head = file.read(0, min(file.size, 64))
+    for signature, what in _SIGNATURES:
+        if head.startswith(signature):
+            raise NotACheckpointError(f"{file.name}: {what}")
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "torch"
+    if safetensors.looks_like(head, file.size):
+        return "safetensors"
+    if head[:1] == b"\x80":
+        if torchlegacy.is_legacy(file):
+            return "torch-legacy"
+        raise NotACheckpointError(f"{file.name}: a plain Python pickle, not a torch checkpoint")
+    if head.lstrip()[:1] == b"{" and b"weight_map" in file.read(0, min(file.size, 1 << 20)):
+        return "index"
+    if file.size > 262 and file.read(257, 5) == b"ustar":
+        raise NotACheckpointError(f"{file.name}: a tar archive (torch < 0.4 used these); load it with an old"
+                                  " torch and re-save it")
+    if len(head) >= 8 and head[8:9] == b"{":
+        raise NotACheckpointError(f"{file.name}: looks like safetensors but its header length is impossible;"
+                                  " the file is damaged")
+    raise NotACheckpointError(f"{file.name}: not a checkpoint format paramsurgeon reads (first bytes"
+                              f" {head[:8].hex(' ')}); expected torch.save output, safetensors or a shard index")
+
+
+def _read_directory(path: str, options: dict) -> Checkpoint:
+    entries = sorted(os.listdir(path))
+    if ".metadata" in entries:
+        raise NotACheckpointError(f"{path}: a torch.distributed.checkpoint (DCP) directory, which this"
+                                  " version cannot read yet")
+    indexes = [e for e in entries if e.endswith(".index.json")]
+    if indexes:
+        chosen = sharded.INDEX_NAMES["safetensors"] if sharded.INDEX_NAMES["safetensors"] in indexes else indexes[0]
+        return sharded.read(os.path.join(path, chosen), lambda f: _read_file(f, options, f.path), open_input)
+    weights = [e for e in entries if e.endswith(_WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(path, e))]
+    preferred = [e for e in weights if e in sharded.SINGLE_NAMES.values()]
+    if len(weights) == 1 or len(preferred) >= 1:
+        chosen = sharded.SINGLE_NAMES["safetensors"] if sharded.SINGLE_NAMES["safetensors"] in preferred \
+            else (preferred or weights)[0]
+        return _read_file(open_input(os.path.join(path, chosen)), options, os.path.join(path, chosen))
+    if not weights:
+        raise NotACheckpointError(f"{path}: a directory without a checkpoint (no *.index.json, *.safetensors,"
+                                  " *.bin, *.pt)")
+    raise NotACheckpointError(f"{path}: a directory with several checkpoints ({', '.join(weights[:4])});"
+                              " pass one of them")

@@ -1,0 +1,192 @@
+"""The safetensors format: the header is read and checked in pure Python (no torch),
+tensor bytes stay in the file; writing streams each tensor's bytes after the header.
+
+Ties, which safetensors cannot express, are recorded in ``__metadata__`` under
+``paramsurgeon.ties`` (a JSON list of name groups) and restored on reading.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import OrderedDict
+
+from .. import dtypes
+from ..checkpoint import Checkpoint, Storage, Tensor, tie_groups
+from ..errors import CorruptCheckpointError, NotACheckpointError
+from .files import InputFile, Sink
+
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+TIES_KEY = "paramsurgeon.ties"
+
+
+def looks_like(head: bytes, size: int) -> bool:
+    """Whether the first bytes of a file of ``size`` bytes start a safetensors header."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    n = struct.unpack("<Q", head[:8])[0]
+    return 2 <= n <= MAX_HEADER
+
+
+def read_header(file: InputFile) -> tuple[int, dict]:
+    """(start of the data buffer, header as parsed JSON), checked for consistency."""
+    if file.size < 8:
+        raise CorruptCheckpointError(f"{file.name}: truncated: {file.size} bytes is too short for safetensors")
+    n = struct.unpack("<Q", file.read(0, 8))[0]
+    if n > MAX_HEADER:
+        raise CorruptCheckpointError(f"{file.name}: safetensors header claims {n} bytes (limit {MAX_HEADER})")
+    if 8 + n > file.size:
+        raise CorruptCheckpointError(f"{file.name}: truncated: the safetensors header claims {n} bytes"
+                                     f" but the file has {file.size - 8} after the length")
+    try:
+        header = json.loads(file.read(8, n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptCheckpointError(f"{file.name}: the safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{file.name}: the safetensors header is not a JSON object")
+    return 8 + n, header
+
+
+def _no_duplicates(pairs):
+    seen = OrderedDict()
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key '{key}'")
+        seen[key] = value
+    return seen
+
+
+def read(file: InputFile) -> Checkpoint:
+    """Read a safetensors file's header; tensors stay in the file until needed."""
+    start, header = read_header(file)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpointError(f"{file.name}: __metadata__ must map strings to strings")
+    tensors: dict[str, Tensor] = OrderedDict()
+    spans = []
+    for name, entry in header.items():
+        dtype, shape, (begin, end) = _entry(file.name, name, entry)
+        tensor = Tensor(Storage(end - begin, file=file, offset=start + begin), dtype, shape)
+        if tensor.nbytes != end - begin:
+            raise CorruptCheckpointError(
+                f"{file.name}: tensor '{name}' of shape {list(shape)} and dtype {dtype} needs"
+                f" {tensor.nbytes} bytes but its data_offsets span {end - begin}")
+        tensors[name] = tensor
+        spans.append((begin, end, name))
+    _check_coverage(file, start, spans)
+    restore_ties(file.name, tensors, metadata)
+    return Checkpoint(source=file.name, format="safetensors", root=tensors, key=(), metadata=dict(metadata))
+
+
+def _entry(source: str, name: str, entry) -> tuple:
+    if not isinstance(entry, dict):
+        raise CorruptCheckpointError(f"{source}: header entry '{name}' is not an object")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if code not in dtypes.BY_SAFETENSORS:
+        raise CorruptCheckpointError(f"{source}: tensor '{name}' has unknown dtype {code!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise CorruptCheckpointError(f"{source}: tensor '{name}' has a malformed shape {shape!r:.60}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CorruptCheckpointError(f"{source}: tensor '{name}' has malformed data_offsets {offsets!r:.60}")
+    return dtypes.BY_SAFETENSORS[code], tuple(shape), tuple(offsets)
+
+
+def _check_coverage(file: InputFile, start: int, spans: list) -> None:
+    """The data buffer must be covered exactly, without gaps or overlaps (as safetensors requires)."""
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else f"leaves a gap of {begin - position} bytes"
+            raise CorruptCheckpointError(f"{file.name}: tensor '{name}' {what} in the data buffer")
+        position = end
+    if start + position != file.size:
+        if start + position > file.size:
+            raise CorruptCheckpointError(f"{file.name}: truncated: the header describes {position} bytes of"
+                                         f" tensor data but the file holds {file.size - start}")
+        raise CorruptCheckpointError(f"{file.name}: {file.size - start - position} unexpected bytes after the"
+                                     " last tensor")
+
+
+def restore_ties(source: str, tensors: dict[str, Tensor], metadata: dict) -> None:
+    """Make tensors recorded as tied share one storage again, if their bytes agree."""
+    try:
+        groups = json.loads(metadata.get(TIES_KEY, "[]"))
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{source}: metadata {TIES_KEY} is not valid JSON") from e
+    for group in groups if isinstance(groups, list) else []:
+        present = [n for n in group if isinstance(n, str) and n in tensors]
+        if not present:
+            continue
+        first = tensors[present[0]]
+        for name in present[1:]:
+            other = tensors[name]
+            same = (other.shape, other.dtype) == (first.shape, first.dtype) \
+                and other.contiguous_bytes() == first.contiguous_bytes()
+            if same:
+                tensors[name] = Tensor(first.storage, first.dtype, first.shape)
+        for name in group:
+            if isinstance(name, str) and name not in tensors:  # written once, with --dedupe
+                tensors[name] = Tensor(first.storage, first.dtype, first.shape)
+
+
+def header_bytes(entries: list[tuple[str, Tensor]], metadata: dict[str, str]) -> tuple[bytes, list]:
+    """The length-prefixed header for ``entries`` and each entry's data offsets."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    position = 0
+    for name, tensor in entries:
+        code = tensor.dtype.safetensors
+        if code is None:
+            raise NotACheckpointError(f"safetensors cannot store dtype {tensor.dtype} (tensor '{name}')")
+        header[name] = {"dtype": code, "shape": list(tensor.shape),
+                        "data_offsets": [position, position + tensor.nbytes]}
+        position += tensor.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * ((-len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text, position
+
+
+def plan(tensors: dict[str, Tensor], metadata: dict[str, str], dedupe: bool = False):
+    """Which names to write and the metadata to write with them (ties recorded)."""
+    metadata = {k: v for k, v in metadata.items() if k != TIES_KEY}
+    groups = [g for g in tie_groups(tensors) if _aliases(tensors, g)]
+    dropped = {name for g in groups for name in g[1:]} if dedupe else set()
+    if groups:
+        metadata[TIES_KEY] = json.dumps(groups, separators=(",", ":"))
+    entries = [(n, t) for n, t in tensors.items() if n not in dropped]
+    return entries, metadata
+
+
+def _aliases(tensors: dict[str, Tensor], group: list[str]) -> bool:
+    first = tensors[group[0]]
+    return all((t.offset, t.shape, t.stride, t.dtype) == (first.offset, first.shape, first.stride, first.dtype)
+               for t in (tensors[n] for n in group))
+
+
+def write(tensors: dict[str, Tensor], metadata: dict[str, str], sink: Sink, *, dedupe: bool = False,
+          progress=None) -> None:
+    """Stream ``tensors`` to ``sink`` as a safetensors file."""
+    entries, metadata = plan(tensors, metadata, dedupe)
+    header, _ = header_bytes(entries, metadata)
+    sink.write(header)
+    for _, tensor in entries:
+        write_tensor_bytes(tensor, sink)
+        if progress is not None:
+            progress(tensor.nbytes)
+    sink.flush()
+
+
+def write_tensor_bytes(tensor: Tensor, sink: Sink) -> None:
+    """Append the tensor's values in row-major order: copied from the file when possible."""
+    if tensor.is_contiguous and not tensor.storage.in_memory:
+        sink.copy(tensor.storage.file, tensor.storage.offset + tensor.offset * tensor.dtype.itemsize, tensor.nbytes)
+        return
+    view = tensor.contiguous_bytes()
+    if view is None:
+        from ..tensors import contiguous_memory
+
+        view = contiguous_memory(tensor)
+    sink.write_large(view)

@@ -1,0 +1,138 @@
+"""Write a checkpoint: choose the output format and place, then stream it there atomically."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from ..checkpoint import Checkpoint, Tensor
+from ..errors import OutputError, UsageError
+from . import safetensors, sharded, torchzip
+from .files import Sink, atomic_file, stdout_sink
+
+FORMATS = {"pt": "torch", "torch": "torch", "safetensors": "safetensors"}
+_EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
+               ".ckpt": "torch", ".tar": "torch"}
+DEFAULT_SHARD_SIZE = 5 * 10**9
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass
+class Target:
+    """Where and how a checkpoint is written: ``path`` None means standard output."""
+
+    path: str | None
+    family: str
+    sharded: bool = False
+    max_shard_size: int = DEFAULT_SHARD_SIZE
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5 * 10**9 (decimal, as the Hugging Face hub counts), '512MiB' -> 512 * 2**20."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not match or match.group(2) not in _UNITS:
+        raise UsageError(f"--max-shard-size {text}: expected a size like 5GB, 500MB or 2GiB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if size <= 0:
+        raise UsageError(f"--max-shard-size {text}: must be more than zero")
+    return size
+
+
+def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None, in_place: bool = False,
+                   max_shard_size: str | None = None) -> Target:
+    """Decide the output place and format from the options, the output name and the input."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"--format {fmt}: expected pt or safetensors")
+    if in_place:
+        if output not in (None, "-") and not _same(ckpt.path, output):
+            raise UsageError("--in-place rewrites the input; do not also pass -o")
+        if ckpt.path is None:
+            raise UsageError("--in-place needs a checkpoint path, not standard input")
+        output = ckpt.path
+    elif output not in (None, "-") and ckpt.path is not None and _same(ckpt.path, output):
+        raise OutputError(f"-o {output} is the input checkpoint; pass --in-place to rewrite it")
+    input_family = ckpt.format.split("-")[0]
+    if output in (None, "-"):
+        if max_shard_size:
+            raise UsageError("--max-shard-size writes a directory; pass -o DIR")
+        return Target(None, FORMATS.get(fmt or "", input_family))
+    extension = os.path.splitext(output)[1].lower()
+    directory = bool(max_shard_size) or os.path.isdir(output) or output.endswith(os.sep) \
+        or (ckpt.format.endswith("sharded") and extension not in _EXTENSIONS)
+    family = FORMATS.get(fmt or "") or (None if directory else _EXTENSIONS.get(extension)) or input_family
+    size = parse_size(max_shard_size) if max_shard_size else DEFAULT_SHARD_SIZE
+    return Target(output.rstrip(os.sep) or output, family, directory, size)
+
+
+def _same(a: str | None, b: str) -> bool:
+    if a is None:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def save(ckpt: Checkpoint, target: Target, *, dedupe: bool = False, tensors_only: bool = False,
+         progress: Callable[[int], None] | None = None) -> None:
+    """Write ``ckpt`` to ``target``; nothing appears at the target unless the write completes."""
+    if target.family == "safetensors" and ckpt.has_extras() and not tensors_only:
+        raise OutputError(f"safetensors stores only tensors, but {ckpt.source} also holds"
+                          f" {extras_list(ckpt)}; pass --tensors-only to write just its"
+                          f" {len(ckpt.tensors)} tensors, or write a torch file")
+    if target.sharded:
+        if ckpt.has_extras() and not tensors_only:
+            raise OutputError(f"a sharded checkpoint stores only tensors, but {ckpt.source} also holds"
+                              f" {extras_list(ckpt)}; pass --tensors-only to shard just its tensors")
+        sharded.write(ckpt.tensors, ckpt.metadata, target.path, target.family, target.max_shard_size,
+                      lambda tensors, metadata, sink: _write_tensors(tensors, metadata, target.family, sink,
+                                                                     dedupe, "archive", progress),
+                      dedupe=dedupe)
+        return
+    archive = _archive_name(target.path)
+    if target.path is None:
+        _write(ckpt, target.family, stdout_sink(), dedupe, tensors_only, archive, progress)
+        return
+    mode_from = target.path if os.path.exists(target.path) else None
+    with atomic_file(target.path, mode_from) as sink:
+        _write(ckpt, target.family, sink, dedupe, tensors_only, archive, progress)
+
+
+def _write(ckpt: Checkpoint, family: str, sink: Sink, dedupe: bool, tensors_only: bool, archive: str,
+           progress) -> None:
+    if family == "torch" and not tensors_only:
+        torchzip.write(ckpt.root, sink, archive, progress)
+    else:
+        _write_tensors(ckpt.tensors, ckpt.metadata, family, sink, dedupe, archive, progress)
+
+
+def _write_tensors(tensors: dict, metadata: dict, family: str, sink: Sink, dedupe: bool, archive: str,
+                   progress) -> None:
+    if family == "torch":
+        torchzip.write(OrderedDict(tensors), sink, archive, progress)
+    else:
+        safetensors.write(tensors, {"format": "pt", **metadata}, sink, dedupe=dedupe, progress=progress)
+
+
+def _archive_name(path: str | None) -> str:
+    """The folder name inside a torch zip: the file's stem, as torch.save names it."""
+    if path is None:
+        return "archive"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return stem if re.fullmatch(r"[A-Za-z0-9_.\-]+", stem or "") else "archive"
+
+
+def extras_list(ckpt: Checkpoint) -> str:
+    """The non-tensor entries of a checkpoint, named briefly ('optimizer, epoch')."""
+    names = []
+    node = ckpt.root
+    for depth, part in enumerate(ckpt.key):
+        names += [".".join(map(str, (*ckpt.key[:depth], k))) for k in node if k != part]
+        node = node[part]
+    names += [str(k) for k, v in ckpt.container.items() if not isinstance(v, Tensor)]
+    shown = ", ".join(names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
