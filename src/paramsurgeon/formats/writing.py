@@ -10,6 +10,7 @@ from typing import Callable
 
 from ..checkpoint import Checkpoint, Tensor
 from ..errors import OutputError, UsageError
+from ..units import parse_size
 from . import safetensors, sharded, torchzip
 from .files import Sink, atomic_file, stdout_sink
 
@@ -17,8 +18,6 @@ FORMATS = {"pt": "torch", "torch": "torch", "safetensors": "safetensors"}
 _EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
                ".ckpt": "torch", ".tar": "torch"}
 DEFAULT_SHARD_SIZE = 5 * 10**9
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass
@@ -29,17 +28,6 @@ class Target:
     family: str
     sharded: bool = False
     max_shard_size: int = DEFAULT_SHARD_SIZE
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5 * 10**9 (decimal, as the Hugging Face hub counts), '512MiB' -> 512 * 2**20."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not match or match.group(2) not in _UNITS:
-        raise UsageError(f"--max-shard-size {text}: expected a size like 5GB, 500MB or 2GiB")
-    size = int(float(match.group(1)) * _UNITS[match.group(2)])
-    if size <= 0:
-        raise UsageError(f"--max-shard-size {text}: must be more than zero")
-    return size
 
 
 def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None, in_place: bool = False,

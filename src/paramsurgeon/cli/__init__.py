@@ -1,0 +1,67 @@
+"""The command-line interface: a thin layer that parses options, calls the library, and
+turns its errors into one line on stderr and an exit code."""
+
+import os
+import sys
+import traceback
+
+import typer
+from typer.core import TyperGroup
+
+from ..errors import ParamSurgeonError
+from .conversion import convert
+from .reports import inspect
+
+
+class _Group(TyperGroup):
+    """Runs a command and maps every failure to one stderr line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in args or os.environ.get("PARAMSURGEON_DEBUG") == "1"
+        try:
+            code = super().main(args, "paramsurgeon", complete_var, standalone_mode=False, **extra)
+            code = code if isinstance(code, int) else 0
+        except ParamSurgeonError as e:
+            code = _fail(str(e), e.exit_code, debug)
+        except typer._click.exceptions.UsageError as e:
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            code = _fail(f"{e.format_message()}{where}", 2, debug)
+        except typer._click.exceptions.Abort:
+            code = 130
+        except KeyboardInterrupt:
+            code = _fail("interrupted; nothing was written", 130, debug)
+        except BrokenPipeError:
+            sys.stderr.close()
+            code = 141
+        except Exception as e:  # a bug in paramsurgeon, not a user error
+            code = _fail(f"internal error: {type(e).__name__}: {e}; rerun with --debug and report it", 3, debug)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(f"paramsurgeon: error: {message}\n")
+    return code
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="paramsurgeon",
+    help="Model surgery on PyTorch checkpoints: inspect, re-initialise, copy, tie and convert tensors"
+         " without writing a script.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command()(inspect)
+app.command()(convert)
+
+
+def main() -> None:
+    """Entry point of the ``paramsurgeon`` console script."""
+    app()

@@ -1,0 +1,91 @@
+"""What every command does around its own work: open, select, show progress, print."""
+
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+from rich.console import Console
+from rich.markup import escape
+
+from .. import formats
+from ..checkpoint import Checkpoint
+from ..select import Selector, select
+from .options import ReadOptions, SelectOptions
+
+
+def stderr() -> Console:
+    """The console for notes, warnings and progress (never the results)."""
+    return Console(stderr=True, highlight=False, no_color="NO_COLOR" in os.environ or None)
+
+
+def note(message: str) -> None:
+    stderr().print(escape(message), soft_wrap=True)
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def color_on_stdout() -> bool:
+    return stdout_is_terminal() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def terminal_width() -> Optional[int]:
+    """The width to fit tables to: the terminal's, or None (unlimited) when piped."""
+    return shutil.get_terminal_size().columns if stdout_is_terminal() else None
+
+
+def emit(text: str) -> None:
+    """Write a result to standard output."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def open_checkpoint(path: Optional[str], read: ReadOptions) -> Checkpoint:
+    """Open ``path`` with the reading options; notes (e.g. which --key was chosen) go to stderr."""
+    ckpt = formats.load(path, key=read.key, allow_globals=tuple(read.allow_global),
+                        unsafe_pickle=read.unsafe_pickle)
+    for message in ckpt.notes:
+        note(f"note: {message}")
+    return ckpt
+
+
+def selected_names(ckpt: Checkpoint, options: SelectOptions) -> list[str]:
+    """The names the selection flags pick (every tensor when none narrows it)."""
+    selector = Selector(options.pattern, options.regex, options.exclude, options.kind)
+    names, warnings = select(ckpt.tensors, selector, allow_empty=options.allow_empty, key=ckpt.key)
+    for warning in warnings:
+        note(f"warning: {warning}")
+    return names
+
+
+@contextmanager
+def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """An ``advance(nbytes)`` callback; a bar appears on a terminal after about a second."""
+    if not sys.stderr.isatty() or "NO_COLOR" in os.environ or total <= 0:
+        yield lambda n: None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    started = time.monotonic()
+    state: dict = {"bar": None, "done": 0}
+
+    def advance(nbytes: int) -> None:
+        state["done"] += nbytes
+        if state["bar"] is None and time.monotonic() - started > 1.0:
+            bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                           TimeRemainingColumn(), console=stderr(), transient=True)
+            bar.start()
+            state["bar"], state["task"] = bar, bar.add_task(label, total=total)
+        if state["bar"] is not None:
+            state["bar"].update(state["task"], completed=state["done"])
+
+    try:
+        yield advance
+    finally:
+        if state["bar"] is not None:
+            state["bar"].stop()

@@ -1,0 +1,108 @@
+"""Everything in a checkpoint besides its named tensors, summarised in a line each
+('epoch: 7', 'optimizer: Adam state for 62 params')."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checkpoint import Checkpoint, Tensor
+from .formats.pickles import Opaque, describe
+from .units import human_bytes
+
+_OPTIMIZERS = [
+    ({"exp_avg", "exp_avg_sq"}, "Adam"),
+    ({"momentum_buffer"}, "SGD"),
+    ({"square_avg"}, "RMSprop"),
+    ({"sum"}, "Adagrad"),
+    ({"exp_avg"}, "Lion"),
+]
+
+
+def extras(ckpt: Checkpoint) -> list[dict]:
+    """One entry per non-tensor item: {'path', 'summary'} and 'value' for plain scalars."""
+    found = []
+    node = ckpt.root
+    for depth, part in enumerate(ckpt.key):
+        for k, v in node.items():
+            if k != part:
+                found.append(_entry(".".join(map(str, (*ckpt.key[:depth], k))), v))
+        node = node[part]
+    for k, v in ckpt.container.items():
+        if not isinstance(v, Tensor):
+            found.append(_entry(str(k), v))
+    return found
+
+
+def _entry(path: str, value: Any) -> dict:
+    entry = {"path": path, "summary": summarize(value)}
+    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 200):
+        entry["value"] = value
+    return entry
+
+
+def summarize(value: Any) -> str:
+    """A one-line description of a value read from a checkpoint."""
+    if isinstance(value, Tensor):
+        return f"tensor {list(value.shape)} {value.dtype}"
+    if isinstance(value, dict):
+        optimizer = _optimizer(value)
+        if optimizer:
+            return optimizer
+        tensors = _count_tensors(value)
+        if tensors and len(value) and all(isinstance(v, Tensor) for v in value.values()):
+            return f"{len(value)} tensors ({human_bytes(sum(v.nbytes for v in value.values()))})"
+        shown = ", ".join(f"{k}={describe(v, 24)}" for k, v in list(value.items())[:5])
+        more = ", ..." if len(value) > 5 else ""
+        return f"{{{shown}{more}}}" + (f" with {tensors} tensors" if tensors else "")
+    if isinstance(value, (list, tuple)):
+        optimizers = [_optimizer(v) for v in value if isinstance(v, dict)]
+        if value and all(optimizers) and len(optimizers) == len(value):
+            return "; ".join(optimizers)
+        if len(value) <= 4 and all(isinstance(v, (int, float, str, bool)) or v is None for v in value):
+            return repr(value)
+        return f"{type(value).__name__} of {len(value)} items"
+    if isinstance(value, (bytes, bytearray)):
+        return f"{len(value)} bytes"
+    if isinstance(value, Opaque):
+        return describe(value)
+    return describe(value)
+
+
+def _optimizer(state: dict) -> str | None:
+    """'Adam state for 62 params, 1 param group (lr 0.001)' for an optimizer state_dict."""
+    if not (isinstance(state.get("state"), dict) and isinstance(state.get("param_groups"), list)):
+        return None
+    slots = set()
+    for per_param in state["state"].values():
+        if isinstance(per_param, dict):
+            slots |= set(per_param)
+    name = next((n for keys, n in _OPTIMIZERS if keys <= slots), "optimizer")
+    groups = state["param_groups"]
+    lrs = [g.get("lr") for g in groups if isinstance(g, dict) and isinstance(g.get("lr"), (int, float))]
+    lr = f", lr {lrs[0]:g}" if lrs else ""
+    size = human_bytes(sum(t.nbytes for t in _tensors_in(state["state"])))
+    plural = "s" if len(groups) != 1 else ""
+    return f"{name} state for {len(state['state'])} params ({size}), {len(groups)} param group{plural}{lr}"
+
+
+def _tensors_in(value: Any, seen: set | None = None) -> list[Tensor]:
+    """Every Tensor reachable from ``value`` (each shared object visited once)."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        items = value.values()
+    elif isinstance(value, (list, tuple)):
+        items = value
+    elif isinstance(value, Opaque):
+        items = [*value.args, value.state, *value.items, *(v for _, v in value.dictitems)]
+    else:
+        return []
+    return [t for item in items for t in _tensors_in(item, seen)]
+
+
+def _count_tensors(value: Any) -> int:
+    return len(_tensors_in(value))

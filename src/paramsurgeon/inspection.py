@@ -1,0 +1,119 @@
+"""What ``inspect`` reports, as plain data: one row per tensor, ties, totals, the rest of
+the file, and a per-module tree. Rendering lives in report.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from .checkpoint import Checkpoint
+from .extras import extras
+from .kinds import infer_kinds
+from .stats import Stats, sha256, tensor_stats
+
+
+@dataclass
+class Row:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    nbytes: int
+    kind: str
+    role: str
+    tied: list[str] = field(default_factory=list)
+    stats: Stats | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class Inspection:
+    source: str
+    format: str
+    key: str | None
+    rows: list[Row]
+    ties: list[list[str]]
+    totals: dict
+    extras: list[dict]
+    metadata: dict[str, str]
+    notes: list[str]
+    stats: bool
+    tree: dict | None = None
+
+
+def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashes: bool = False,
+            tree: bool = False, progress: Callable[[int], None] | None = None) -> Inspection:
+    """Inspect the tensors ``names`` of ``ckpt`` (stats and hashes read every value once)."""
+    tensors = ckpt.tensors
+    kinds = infer_kinds(tensors)
+    ties = ckpt.ties()
+    tied_with = {n: [m for m in g if m != n] for g in ties for n in g}
+    rows = []
+    for name in names:
+        tensor, kind = tensors[name], kinds[name]
+        row = Row(name, tensor.shape, tensor.dtype.name, tensor.numel, tensor.nbytes, kind.layer, kind.role,
+                  tied_with.get(name, []))
+        if stats:
+            row.stats = tensor_stats(tensor)
+        if hashes:
+            row.sha256 = sha256(tensor)
+        if progress is not None:
+            progress(tensor.nbytes)
+        rows.append(row)
+    chosen = {r.name for r in rows}
+    relevant_ties = [g for g in ties if any(n in chosen for n in g)]
+    return Inspection(
+        source=ckpt.source, format=ckpt.format, key=".".join(map(str, ckpt.key)) or None, rows=rows,
+        ties=relevant_ties, totals=totals(rows, relevant_ties), extras=extras(ckpt), metadata=dict(ckpt.metadata),
+        notes=list(ckpt.notes), stats=stats, tree=module_tree(rows, relevant_ties) if tree else None)
+
+
+def _aliases(ties: list[list[str]]) -> set[str]:
+    """Every tied name but the first of its group: counted once, as the model counts them."""
+    return {n for g in ties for n in g[1:]}
+
+
+def totals(rows: list[Row], ties: list[list[str]]) -> dict:
+    """Counts over the rows; a tie group counts once (it is one parameter)."""
+    aliases = _aliases(ties)
+    unique = [r for r in rows if r.name not in aliases]
+    by_dtype: dict[str, dict] = {}
+    for r in unique:
+        entry = by_dtype.setdefault(r.dtype, {"tensors": 0, "numel": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["numel"] += r.numel
+        entry["bytes"] += r.nbytes
+    return {
+        "tensors": len(rows),
+        "unique_tensors": len(unique),
+        "numel": sum(r.numel for r in unique),
+        "parameters": sum(r.numel for r in unique if r.role != "buffer"),
+        "buffers": sum(r.numel for r in unique if r.role == "buffer"),
+        "bytes": sum(r.nbytes for r in unique),
+        "by_dtype": by_dtype,
+    }
+
+
+def module_tree(rows: list[Row], ties: list[list[str]]) -> dict:
+    """Parameter and buffer counts per module prefix, as nested nodes."""
+    aliases = _aliases(ties)
+    root = {"name": "", "parameters": 0, "buffers": 0, "bytes": 0, "children": {}}
+    for r in rows:
+        if r.name in aliases:
+            continue
+        node = root
+        parts = r.name.split(".")
+        for depth in range(len(parts)):
+            field_ = "buffers" if r.role == "buffer" else "parameters"
+            node[field_] += r.numel
+            node["bytes"] += r.nbytes
+            if depth == len(parts) - 1:
+                break
+            node = node["children"].setdefault(
+                parts[depth], {"name": ".".join(parts[:depth + 1]), "parameters": 0, "buffers": 0, "bytes": 0,
+                               "children": {}})
+    return _listed(root)
+
+
+def _listed(node: dict) -> dict:
+    return {**node, "children": [_listed(c) for c in node["children"].values()]}

@@ -1,0 +1,116 @@
+"""Which layer a tensor belongs to, inferred from its name, its shape and its siblings.
+
+Tensors are grouped by module (the name without its last part). The module's kind
+follows from the tensors it holds: running statistics make a BatchNorm; a 3-5-D weight a
+convolution; a 2-D weight with a matching bias a Linear; a 1-D weight with a bias of the
+same size a normalisation. Where shapes cannot tell (a 2-D weight alone may be a Linear
+or an Embedding), the module's name must say so, or the kind is 'unknown'.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from .checkpoint import Tensor
+
+LAYER_KINDS = ("conv", "linear", "batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm", "embedding", "prelu")
+ROLES = ("weight", "bias", "buffer")
+NORMS = ("batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm")
+KNOWN_BUFFERS = {"running_mean", "running_var", "num_batches_tracked", "position_ids", "inv_freq",
+                 "masked_bias", "token_type_ids"}
+
+_EMBEDDING = re.compile(r"(^|_)(embed\w*|emb|wte|wpe)$")
+_LINEAR = re.compile(r"(^|_)(proj|fc\d*|linear\d*|dense|head|classifier|query|key|value|qkv|gate|lin\d*|"
+                     r"out|w[123]|[qkvo])(_\w+)?$")
+_LAYERNORM = re.compile(r"(layernorm|layer_norm|ln(_?\w+)?|ln\d*)$")
+_GROUPNORM = re.compile(r"(groupnorm|group_norm|gn\d*)$")
+_RMSNORM = re.compile(r"(rmsnorm|rms_norm)\w*$")
+_NORM = re.compile(r"norm")
+_PRELU = re.compile(r"prelu")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """The layer a tensor belongs to (one of LAYER_KINDS, or 'unknown') and its role in it."""
+
+    layer: str
+    role: str
+
+    def matches(self, wanted: str) -> bool:
+        """Whether this is what ``--kind wanted`` selects."""
+        if wanted == "norm":
+            return self.layer in NORMS
+        if wanted in ROLES:
+            return self.role == wanted
+        return self.layer == wanted
+
+
+def infer_kinds(tensors: Mapping[str, Tensor]) -> dict[str, Kind]:
+    """The kind of every tensor, in the same order."""
+    modules: dict[str, dict[str, Tensor]] = {}
+    for name, tensor in tensors.items():
+        prefix, _, leaf = name.rpartition(".")
+        modules.setdefault(prefix, {})[leaf] = tensor
+    layer_of = {prefix: module_kind(prefix, leaves) for prefix, leaves in modules.items()}
+    kinds = {}
+    for name, tensor in tensors.items():
+        prefix, _, leaf = name.rpartition(".")
+        kinds[name] = Kind(layer_of[prefix], role(leaf, tensor))
+    return kinds
+
+
+def role(leaf: str, tensor: Tensor) -> str:
+    """'weight', 'bias', 'buffer' or 'other' for a tensor named ``...leaf``."""
+    if leaf in KNOWN_BUFFERS or not (tensor.dtype.floating or tensor.dtype.complex):
+        return "buffer"
+    if leaf == "weight" or leaf.endswith("_weight") or leaf in ("weight_g", "weight_v", "weight_orig"):
+        return "weight"
+    if (leaf == "bias" or leaf.endswith("_bias")) and len(tensor.shape) <= 1:
+        return "bias"
+    return "other"
+
+
+def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
+    """The layer kind of the module ``prefix`` holding ``leaves`` (leaf name -> tensor)."""
+    component = prefix.rpartition(".")[2].lower()
+    weight, bias = leaves.get("weight"), leaves.get("bias")
+    if {"running_mean", "running_var"} & leaves.keys() and (weight is None or len(weight.shape) == 1):
+        return "batchnorm"
+    if weight is None:
+        return "unknown"
+    ndim = len(weight.shape)
+    bias_ok = bias is None or (len(bias.shape) == 1 and bias.shape[0] in _bias_sizes(weight))
+    if ndim in (3, 4, 5) and bias_ok:
+        return "conv"
+    if ndim == 2:
+        if bias is not None:
+            return "linear" if len(bias.shape) == 1 and bias.shape[0] == weight.shape[0] else "unknown"
+        if _EMBEDDING.search(component):
+            return "embedding"
+        return "linear" if _LINEAR.search(component) else "unknown"
+    if ndim == 1:
+        if bias is not None and bias.shape == weight.shape:
+            return _norm_kind(component) or "norm"
+        if _PRELU.search(component):
+            return "prelu"
+        return _norm_kind(component) or "unknown"
+    return "unknown"
+
+
+def _bias_sizes(weight: Tensor) -> tuple[int, ...]:
+    """Bias sizes a convolution weight admits: out channels, or in*groups for transposed ones."""
+    return (weight.shape[0], weight.shape[1]) if len(weight.shape) > 1 else (weight.shape[0],)
+
+
+def _norm_kind(component: str) -> str | None:
+    if _RMSNORM.search(component):
+        return "rmsnorm"
+    if _GROUPNORM.fullmatch(component) or "groupnorm" in component or "group_norm" in component:
+        return "groupnorm"
+    if _LAYERNORM.fullmatch(component) or "layernorm" in component or "layer_norm" in component:
+        return "layernorm"
+    if _NORM.search(component):
+        return "norm"
+    return None

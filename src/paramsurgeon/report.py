@@ -1,0 +1,180 @@
+"""The only place that renders: rich tables for people, JSON documents for programs.
+
+Functions here build text; printing is the caller's. Tables fit the terminal they are
+shown on (low-priority columns give way, long names fold, nothing is cut); piped, they
+keep every column on one line per tensor so that grep and awk work.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .dtypes import BY_NAME
+from .inspection import Inspection, Row
+from .units import human_bytes
+
+SCHEMA_VERSION = 1
+_FORMAT_NAMES = {"torch": "torch zip", "torch-legacy": "torch legacy pickle", "safetensors": "safetensors",
+                 "safetensors-sharded": "sharded safetensors", "torch-sharded": "sharded torch"}
+
+
+def number(value: float | None):
+    """A JSON-safe number: non-finite values become the strings 'nan', 'inf', '-inf'."""
+    if value is None or not isinstance(value, float) or math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def to_json(document: dict) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def inspection_document(result: Inspection) -> dict:
+    """The ``inspect --json`` document (schema in the README)."""
+    tensors = []
+    for row in result.rows:
+        entry = {"name": row.name, "shape": list(row.shape), "dtype": row.dtype, "numel": row.numel,
+                 "nbytes": row.nbytes, "kind": row.kind, "role": row.role, "tied_to": row.tied,
+                 "stats": {k: number(v) for k, v in row.stats.as_dict().items()} if row.stats else None}
+        if row.sha256 is not None:
+            entry["sha256"] = row.sha256
+        tensors.append(entry)
+    document = {"schema_version": SCHEMA_VERSION, "command": "inspect", "source": result.source,
+                "format": result.format, "key": result.key, "tensors": tensors, "ties": result.ties,
+                "totals": result.totals, "extras": result.extras, "metadata": result.metadata,
+                "notes": result.notes}
+    if result.tree is not None:
+        document["tree"] = result.tree
+    return document
+
+
+def short_number(value) -> str:
+    """Compact, aligned-friendly numbers: 0.0171, -1.2e-04, 1.23e+05."""
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    if 1e-3 <= abs(value) < 1e4:
+        return f"{value:.4g}"
+    return f"{value:.2e}"
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) if shape else "scalar"
+
+
+def _columns(result: Inspection) -> list[tuple[str, str, callable]]:
+    """(header, justify, cell) for each column, most important first."""
+    cols = [("name", "left", lambda r: escape(r.name)), ("kind", "left", lambda r: r.kind),
+            ("shape", "right", lambda r: shape_text(r.shape)), ("dtype", "left", lambda r: BY_NAME[r.dtype].short)]
+    if result.stats:
+        stats = [("mean", "mean"), ("std", "std"), ("min", "min"), ("max", "max")]
+        if any(r.stats and (r.stats.nan or r.stats.inf) for r in result.rows):
+            cols += [("nan", "right", lambda r: _count(r, "nan")), ("inf", "right", lambda r: _count(r, "inf"))]
+        cols += [(h, "right", lambda r, k=k: short_number(getattr(r.stats, k)) if r.stats else "-") for h, k in stats]
+        cols.append(("zeros", "right", lambda r: f"{100 * r.stats.zeros / r.numel:.1f}%" if r.stats and r.numel else "-"))
+        cols.append(("|max|", "right", lambda r: short_number(r.stats.abs_max) if r.stats else "-"))
+    if any(r.sha256 for r in result.rows):
+        cols.insert(4, ("sha256", "left", lambda r: r.sha256 or ""))
+    cols.append(("numel", "right", lambda r: f"{r.numel:,}"))
+    return cols
+
+
+def _count(row: Row, field: str) -> str:
+    value = getattr(row.stats, field) if row.stats else 0
+    return f"{value:,}" if value else ""
+
+
+def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
+    """The ``inspect`` report: a header line, the table, ties, totals, other entries."""
+    out = io.StringIO()
+    console = Console(file=out, width=width or 100_000, no_color=not color, highlight=False,
+                      force_terminal=color, soft_wrap=width is None)
+    totals = result.totals
+    key = f" [dim]({escape(result.key)})[/dim]" if result.key else ""
+    console.print(f"[bold]{escape(result.source)}[/bold]{key}: {_FORMAT_NAMES.get(result.format, result.format)},"
+                  f" {totals['tensors']} tensors, {totals['parameters']:,} parameters"
+                  + (f" + {totals['buffers']:,} in buffers" if totals["buffers"] else "")
+                  + f", {human_bytes(totals['bytes'])}")
+    table, hidden = _table(result, width)
+    console.print(table)
+    if hidden:
+        console.print(f"[dim](not shown at this width: {', '.join(hidden)}; --json has every field)[/dim]")
+    for line in footer_lines(result):
+        console.print(line)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
+
+
+def _table(result: Inspection, width: int | None) -> tuple[Table, list[str]]:
+    cols = _columns(result)
+    cells = [[cell(r) for _, _, cell in cols] for r in result.rows]
+    natural = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _, _) in enumerate(cols)]
+    keep = list(range(len(cols)))
+    if width is not None:
+        name_min = min(natural[0], 24)
+        while len(keep) > 4 and name_min + sum(natural[i] + 1 for i in keep[1:]) > width:
+            keep.pop()
+    hidden = [cols[i][0] for i in range(len(cols)) if i not in keep]
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0),
+                  header_style="bold", expand=False)
+    for i in keep:
+        header, justify, _ = cols[i]
+        table.add_column(header, justify=justify, overflow="fold" if i == 0 else "ellipsis", no_wrap=i != 0,
+                         min_width=min(natural[0], 24) if i == 0 else natural[i])
+    for row in cells:
+        table.add_row(*(row[i] for i in keep))
+    return table, hidden
+
+
+def footer_lines(result: Inspection) -> list[str]:
+    lines = []
+    by_dtype = result.totals["by_dtype"]
+    if len(by_dtype) > 1:
+        lines.append("by dtype: " + "; ".join(f"{d} {v['tensors']} tensors, {v['numel']:,} elements,"
+                                              f" {human_bytes(v['bytes'])}" for d, v in by_dtype.items()))
+    for group in result.ties:
+        lines.append("tied (one storage): " + " = ".join(escape(n) for n in group))
+    if result.extras:
+        lines.append("other entries:")
+        lines += [f"  {escape(e['path'])}: {escape(e['summary'])}" for e in result.extras]
+    own = {k: v for k, v in result.metadata.items()}
+    if own:
+        lines.append("metadata: " + ", ".join(f"{escape(k)}={escape(v[:60])}" for k, v in own.items()))
+    lines += [f"note: {escape(n)}" for n in result.notes]
+    return lines
+
+
+def tree_text(tree: dict, depth: int | None, width: int | None, color: bool) -> str:
+    """The ``inspect --tree`` report: parameters and buffers per module, indented."""
+    out = io.StringIO()
+    console = Console(file=out, width=width or 100_000, no_color=not color, highlight=False, force_terminal=color)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
+    for header, justify in (("module", "left"), ("parameters", "right"), ("buffers", "right"), ("bytes", "right"),
+                            ("share", "right")):
+        table.add_column(header, justify=justify, overflow="fold" if header == "module" else "ellipsis")
+    total = max(tree["parameters"], 1)
+
+    def add(node: dict, level: int) -> None:
+        label = "(all)" if level == 0 else "  " * (level - 1) + node["name"].rpartition(".")[2]
+        table.add_row(escape(label), f"{node['parameters']:,}", f"{node['buffers']:,}" if node["buffers"] else "",
+                      human_bytes(node["bytes"]), f"{100 * node['parameters'] / total:.1f}%")
+        if depth is None or level < depth:
+            for child in node["children"]:
+                add(child, level + 1)
+
+    add(tree, 0)
+    console.print(table)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"

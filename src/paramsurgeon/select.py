@@ -1,0 +1,96 @@
+"""Selecting tensors: globs, regular expressions, exclusions and layer kinds -> names.
+
+A glob or regex matches the whole dotted name (``*`` crosses dots). A tensor is selected
+when it matches any pattern or regex (every tensor when none is given), has one of the
+kinds (when given), and matches no exclusion. A pattern that matches nothing is an error
+that suggests the closest names: a typo in CI must not pass silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .checkpoint import Tensor
+from .errors import SelectionError, UsageError
+from .kinds import LAYER_KINDS, ROLES, Kind, infer_kinds
+
+
+@dataclass
+class Selector:
+    """What the user asked for with -p/--regex/-x/-k."""
+
+    patterns: list[str] = field(default_factory=list)
+    regexes: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+
+    @property
+    def narrows(self) -> bool:
+        """Whether anything beyond 'every tensor' was asked for."""
+        return bool(self.patterns or self.regexes or self.kinds)
+
+
+def select(tensors: Mapping[str, Tensor], selector: Selector, *, allow_empty: bool = False,
+           kinds: Mapping[str, Kind] | None = None, key: tuple = ()) -> tuple[list[str], list[str]]:
+    """The selected names in checkpoint order, and warnings (with ``allow_empty``).
+
+    Raises SelectionError for a pattern, regex or kind that matches nothing.
+    """
+    names = list(tensors)
+    regexes = _compile(selector.regexes)
+    bad_kinds = [k for k in selector.kinds if k not in LAYER_KINDS + ROLES]
+    if bad_kinds:
+        raise UsageError(f"--kind {bad_kinds[0]}: unknown kind; choose from {', '.join(LAYER_KINDS + ROLES)}")
+    kinds = kinds if kinds is not None else (infer_kinds(tensors) if selector.kinds else {})
+    problems = []
+    for pattern in selector.patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            problems.append(f"--pattern '{pattern}' matches no tensor{suggest(pattern, names, key)}")
+    for text, regex in zip(selector.regexes, regexes):
+        if not any(regex.fullmatch(n) for n in names):
+            problems.append(f"--regex '{text}' matches no tensor{suggest(text, names, key)}")
+    for wanted in selector.kinds:
+        if not any(kinds[n].matches(wanted) for n in names):
+            problems.append(f"--kind {wanted} matches no tensor (run 'paramsurgeon inspect' to see each tensor's kind)")
+    chosen = [n for n in names if _chosen(n, selector, regexes, kinds)]
+    if not chosen and not problems:
+        problems.append("the selection is empty (every match is excluded or has another kind)")
+    if problems and not allow_empty:
+        raise SelectionError("; ".join(problems) + "; pass --allow-empty to go on anyway")
+    return chosen, problems
+
+
+def _chosen(name: str, selector: Selector, regexes: list[re.Pattern], kinds: Mapping[str, Kind]) -> bool:
+    if selector.patterns or regexes:
+        if not (any(fnmatch.fnmatchcase(name, p) for p in selector.patterns)
+                or any(r.fullmatch(name) for r in regexes)):
+            return False
+    if selector.kinds and not any(kinds[name].matches(k) for k in selector.kinds):
+        return False
+    return not any(fnmatch.fnmatchcase(name, x) for x in selector.excludes)
+
+
+def _compile(regexes: list[str]) -> list[re.Pattern]:
+    compiled = []
+    for text in regexes:
+        try:
+            compiled.append(re.compile(text))
+        except re.error as e:
+            raise UsageError(f"--regex '{text}' is not a valid regular expression: {e}") from e
+    return compiled
+
+
+def suggest(pattern: str, names: list[str], key: tuple = ()) -> str:
+    """'; did you mean ...' with the closest names, or '' when nothing is close."""
+    prefix = ".".join(map(str, key))
+    if prefix and pattern.startswith(prefix + "."):
+        return f"; names are relative to '{prefix}', so drop that prefix: '{pattern[len(prefix) + 1:]}'"
+    if not any(c in pattern for c in "*?[") and any(n.startswith(pattern + ".") for n in names):
+        return f"; a pattern matches whole names, did you mean '{pattern}.*'?"
+    scored = sorted(names, key=lambda n: -difflib.SequenceMatcher(None, pattern, n).ratio())
+    close = [n for n in scored[:3] if difflib.SequenceMatcher(None, pattern, n).ratio() >= 0.5]
+    return f"; closest names: {', '.join(close)}" if close else ""
