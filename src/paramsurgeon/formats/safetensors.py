@@ -115,7 +115,12 @@ def restore_ties(source: str, tensors: dict[str, Tensor], metadata: dict) -> Non
         groups = json.loads(metadata.get(TIES_KEY, "[]"))
     except ValueError as e:
         raise CorruptCheckpointError(f"{source}: metadata {TIES_KEY} is not valid JSON") from e
-    for group in groups if isinstance(groups, list) else []:
+    groups = groups if isinstance(groups, list) else []
+    # safetensors' save_model drops a tied name and records metadata[dropped] = kept.
+    groups += [[kept, dropped] for dropped, kept in metadata.items() if kept in tensors and dropped not in tensors]
+    for group in groups:
+        if not isinstance(group, list):
+            continue
         present = [n for n in group if isinstance(n, str) and n in tensors]
         if not present:
             continue

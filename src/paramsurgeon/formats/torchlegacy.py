@@ -31,6 +31,7 @@ def _no_storage(source: str):
 def is_legacy(file: InputFile) -> bool:
     """Whether the file starts with the legacy format's magic number pickle."""
     with os.fdopen(os.dup(file.fd), "rb") as stream:
+        stream.seek(0)  # a duplicated descriptor shares its offset with the original
         try:
             return pickles.unpickle(stream, file.name, **_plain(file.name)) == MAGIC_NUMBER
         except Exception:  # noqa: BLE001 - anything unreadable is simply not this format
@@ -50,6 +51,7 @@ def read(file: InputFile, *, allow: frozenset[str], unsafe: bool) -> Checkpoint:
 
     interpret, persistent_load = interpreter(file.name, storage_for)
     with os.fdopen(os.dup(file.fd), "rb") as stream:
+        stream.seek(0)
         header = [pickles.unpickle(stream, file.name, **_plain(file.name)) for _ in range(3)]
         if header[0] != MAGIC_NUMBER or header[1] != PROTOCOL_VERSION:
             raise NotACheckpointError(f"{file.name}: a legacy torch file of an unsupported version")

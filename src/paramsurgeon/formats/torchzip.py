@@ -20,6 +20,7 @@ from .torchpickle import TensorPickling, interpreter
 
 ALIGNMENT = 64
 _U32 = 0xFFFFFFFF
+ZIP64_LIMIT = _U32  # sizes and offsets from here on need zip64 fields (tests lower it)
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 _FLAGS = 0x0808  # data descriptor follows the payload; names are UTF-8
@@ -155,8 +156,8 @@ class _ZipWriter:
         full = f"{self.archive}/{name}".encode()
         offset = self.sink.position
         zip64 = b""
-        if size >= _U32 or offset >= _U32:
-            values = ([size, size] if size >= _U32 else []) + ([offset] if offset >= _U32 else [])
+        if size >= ZIP64_LIMIT or offset >= ZIP64_LIMIT:
+            values = ([size, size] if size >= ZIP64_LIMIT else []) + ([offset] if offset >= ZIP64_LIMIT else [])
             zip64 = struct.pack("<HH", 1, 8 * len(values)) + struct.pack(f"<{len(values)}Q", *values)
         start = offset + _LOCAL.size + len(full) + len(zip64) + 4
         padding = (-start) % ALIGNMENT
@@ -168,7 +169,7 @@ class _ZipWriter:
     def _footer(self, name: str, crc: int, size: int) -> None:
         full, _, _, offset = self.entries[-1]
         self.entries[-1] = (full, crc, size, offset)
-        if size >= _U32 or offset >= _U32:
+        if size >= ZIP64_LIMIT or offset >= ZIP64_LIMIT:
             self.sink.write(struct.pack("<IIQQ", 0x08074B50, crc, size, size))
         else:
             self.sink.write(struct.pack("<IIII", 0x08074B50, crc, size, size))
@@ -176,12 +177,14 @@ class _ZipWriter:
     def finish(self) -> None:
         directory_start = self.sink.position
         for full, crc, size, offset in self.entries:
-            values = ([size, size] if size >= _U32 else []) + ([offset] if offset >= _U32 else [])
+            big_size, big_offset = size >= ZIP64_LIMIT, offset >= ZIP64_LIMIT
+            values = ([size, size] if big_size else []) + ([offset] if big_offset else [])
             extra = struct.pack("<HH", 1, 8 * len(values)) + struct.pack(f"<{len(values)}Q", *values) \
                 if values else b""
+            stored_size = _U32 if big_size else size
             self.sink.write(_CENTRAL.pack(
-                0x02014B50, 0, 0, _FLAGS, 0, 0, 0, crc, min(size, _U32), min(size, _U32),
-                len(full), len(extra), 0, 0, 0, 0, min(offset, _U32)))
+                0x02014B50, 0, 0, _FLAGS, 0, 0, 0, crc, stored_size, stored_size,
+                len(full), len(extra), 0, 0, 0, 0, _U32 if big_offset else offset))
             self.sink.write(full + extra)
         directory_size = self.sink.position - directory_start
         count = len(self.entries)
@@ -189,8 +192,9 @@ class _ZipWriter:
         self.sink.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x031E, 0x002D, 0, 0, count, count,
                                     directory_size, directory_start))
         self.sink.write(struct.pack("<IIQI", 0x07064B50, 0, end64, 1))
-        self.sink.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
-                                    min(directory_size, _U32), min(directory_start, _U32), 0))
+        big = directory_size >= ZIP64_LIMIT or directory_start >= ZIP64_LIMIT or count >= 0xFFFF
+        self.sink.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF if big else count, 0xFFFF if big else count,
+                                    _U32 if big else directory_size, _U32 if big else directory_start, 0))
         self.sink.flush()
 
 
