@@ -5,8 +5,6 @@
     paramsurgeon.save(ckpt, "model.safetensors")
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from .checkpoint import Checkpoint, Tensor
 from .errors import ParamSurgeonError
 from .formats import load
@@ -14,11 +12,6 @@ from .formats import resolve_target as _resolve_target
 from .formats import save as _save
 from .select import Selector
 from .select import select as _select
-
-try:
-    __version__ = version("paramsurgeon")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0+unknown"
 
 __all__ = ["Checkpoint", "Tensor", "ParamSurgeonError", "Selector", "load", "save", "select", "__version__"]
 
@@ -31,3 +24,14 @@ def save(ckpt: Checkpoint, path: str | None = None, *, format: str | None = None
 def select(ckpt: Checkpoint, patterns=(), *, regex=(), exclude=(), kinds=()) -> list[str]:
     """Names of ``ckpt`` matching the globs/regexes/kinds and no exclusion, in file order."""
     return _select(ckpt.tensors, Selector(list(patterns), list(regex), list(exclude), list(kinds)))[0]
+
+
+def __getattr__(name: str):
+    if name == "__version__":  # read lazily: importlib.metadata costs 50 ms at start-up
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("paramsurgeon")
+        except PackageNotFoundError:  # a source tree that was never installed
+            return "0+unknown"
+    raise AttributeError(name)

@@ -95,25 +95,32 @@ def totals(rows: list[Row], ties: list[list[str]]) -> dict:
 
 
 def module_tree(rows: list[Row], ties: list[list[str]]) -> dict:
-    """Parameter and buffer counts per module prefix, as nested nodes."""
-    aliases = _aliases(ties)
-    root = {"name": "", "parameters": 0, "buffers": 0, "bytes": 0, "children": {}}
+    """Parameter and buffer counts per module prefix, as nested nodes.
+
+    A tied tensor counts in every module that holds it, but once in any module holding
+    several of its names (the whole model counts it once), as ``module.parameters()`` does.
+    """
+    first = {name: group[0] for group in ties for name in group}
+    root = _node("")
     for r in rows:
-        if r.name in aliases:
-            continue
-        node = root
         parts = r.name.split(".")
+        node = root
         for depth in range(len(parts)):
-            field_ = "buffers" if r.role == "buffer" else "parameters"
-            node[field_] += r.numel
-            node["bytes"] += r.nbytes
+            node["_members"][first.get(r.name, r.name)] = r
             if depth == len(parts) - 1:
                 break
-            node = node["children"].setdefault(
-                parts[depth], {"name": ".".join(parts[:depth + 1]), "parameters": 0, "buffers": 0, "bytes": 0,
-                               "children": {}})
-    return _listed(root)
+            node = node["children"].setdefault(parts[depth], _node(".".join(parts[:depth + 1])))
+    return _finished(root)
 
 
-def _listed(node: dict) -> dict:
-    return {**node, "children": [_listed(c) for c in node["children"].values()]}
+def _node(name: str) -> dict:
+    return {"name": name, "_members": {}, "children": {}}
+
+
+def _finished(node: dict) -> dict:
+    members = node["_members"].values()
+    return {"name": node["name"],
+            "parameters": sum(r.numel for r in members if r.role != "buffer"),
+            "buffers": sum(r.numel for r in members if r.role == "buffer"),
+            "bytes": sum(r.nbytes for r in members),
+            "children": [_finished(c) for c in node["children"].values()]}

@@ -32,8 +32,19 @@ def number(value: float | None):
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
-def to_json(document: dict) -> str:
-    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+def to_json(document) -> str:
+    """Indented JSON with short lists of scalars (shapes, name groups) kept on one line."""
+    return _json(document, "") + "\n"
+
+
+def _json(value, indent: str) -> str:
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(str(k), ensure_ascii=False)}: {_json(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(inner + _json(v, inner) for v in value) + f"\n{indent}]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def inspection_document(result: Inspection) -> dict:
@@ -56,7 +67,7 @@ def inspection_document(result: Inspection) -> dict:
 
 
 def short_number(value) -> str:
-    """Compact, aligned-friendly numbers: 0.0171, -1.2e-04, 1.23e+05."""
+    """Numbers in at most about 8 characters: 0.0678, -0.349, 1234, -1.02e-4, 3.5e6."""
     if value is None:
         return "-"
     if isinstance(value, int):
@@ -67,9 +78,12 @@ def short_number(value) -> str:
         return "inf" if value > 0 else "-inf"
     if value == 0:
         return "0"
-    if 1e-3 <= abs(value) < 1e4:
-        return f"{value:.4g}"
-    return f"{value:.2e}"
+    if 1e-3 <= abs(value) < 1e3:
+        return f"{value:#.3g}"
+    if 1e3 <= abs(value) < 1e4:
+        return f"{value:.0f}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -108,35 +122,53 @@ def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
     console.print(f"[bold]{escape(result.source)}[/bold]{key}: {_FORMAT_NAMES.get(result.format, result.format)},"
                   f" {totals['tensors']} tensors, {totals['parameters']:,} parameters"
                   + (f" + {totals['buffers']:,} in buffers" if totals["buffers"] else "")
-                  + f", {human_bytes(totals['bytes'])}")
+                  + f", {human_bytes(totals['bytes'])}", soft_wrap=True)
     table, hidden = _table(result, width)
     console.print(table)
     if hidden:
-        console.print(f"[dim](not shown at this width: {', '.join(hidden)}; --json has every field)[/dim]")
+        console.print(f"[dim](not shown at this width: {', '.join(hidden)}; --json has every field)[/dim]",
+                      soft_wrap=True)
     for line in footer_lines(result):
-        console.print(line)
+        console.print(line, soft_wrap=True)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
 
 
 def _table(result: Inspection, width: int | None) -> tuple[Table, list[str]]:
+    """The per-tensor table. On a terminal, low-priority columns give way until it fits;
+    before mean, std, min or max would go, long names fold instead (nothing is cut)."""
     cols = _columns(result)
     cells = [[cell(r) for _, _, cell in cols] for r in result.rows]
-    natural = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _, _) in enumerate(cols)]
+    headers = [h for h, _, _ in cols]
+    core = headers.index("max") + 1 if "max" in headers else 4
+    natural = max([len(headers[0])] + [len(row[0]) for row in cells])
     keep = list(range(len(cols)))
-    if width is not None:
-        name_min = min(natural[0], 24)
-        while len(keep) > 4 and name_min + sum(natural[i] + 1 for i in keep[1:]) > width:
-            keep.pop()
-    hidden = [cols[i][0] for i in range(len(cols)) if i not in keep]
+    while True:
+        table = _build(cols, cells, keep, None)
+        excess = 0 if width is None else _width(table) - width
+        if excess <= 0:
+            break
+        if len(keep) <= core and (natural - excess >= 24 or len(keep) == 4):
+            table = _build(cols, cells, keep, max(24, natural - excess))
+            break
+        keep.pop()
+    return table, [headers[i] for i in range(len(cols)) if i not in keep]
+
+
+def _build(cols, cells, keep, name_width: int | None) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0),
                   header_style="bold", expand=False)
     for i in keep:
         header, justify, _ = cols[i]
-        table.add_column(header, justify=justify, overflow="fold" if i == 0 else "ellipsis", no_wrap=i != 0,
-                         min_width=min(natural[0], 24) if i == 0 else natural[i])
+        table.add_column(header, justify=justify, overflow="fold", no_wrap=i != 0,
+                         max_width=name_width if i == 0 else None)
     for row in cells:
         table.add_row(*(row[i] for i in keep))
-    return table, hidden
+    return table
+
+
+def _width(table: Table) -> int:
+    console = Console(width=100_000)
+    return console.measure(table).maximum
 
 
 def footer_lines(result: Inspection) -> list[str]:
@@ -150,9 +182,8 @@ def footer_lines(result: Inspection) -> list[str]:
     if result.extras:
         lines.append("other entries:")
         lines += [f"  {escape(e['path'])}: {escape(e['summary'])}" for e in result.extras]
-    own = {k: v for k, v in result.metadata.items()}
-    if own:
-        lines.append("metadata: " + ", ".join(f"{escape(k)}={escape(v[:60])}" for k, v in own.items()))
+    if result.metadata:
+        lines.append("metadata: " + ", ".join(f"{escape(k)}={escape(v[:60])}" for k, v in result.metadata.items()))
     lines += [f"note: {escape(n)}" for n in result.notes]
     return lines
 

@@ -235,11 +235,15 @@ def unpickle(data: bytes | BinaryIO, source: str, **options) -> Any:
 
 def _refusal(source: str, refused: list[str]) -> UnsafePickleError:
     names = ", ".join(refused)
-    flags = " ".join(f"--allow-global {name}" for name in refused)
     noun = "global" if len(refused) == 1 else "globals"
+    admissible = [name for name in refused if name.split(".")[0] not in _BLOCKED_MODULES]
+    if admissible:
+        remedy = " ".join(f"--allow-global {name}" for name in admissible) + " or --unsafe-pickle"
+    else:
+        remedy = "--unsafe-pickle (which keeps them without running them)"
     return UnsafePickleError(
         f"{source}: refusing to unpickle {noun} {names}, which weights-only loading does not allow"
-        f" (nothing was executed); if you trust this file, pass {flags} or --unsafe-pickle",
+        f" (nothing was executed); if you trust this file, pass {remedy}",
         refused,
     )
 

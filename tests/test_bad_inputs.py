@@ -1,0 +1,201 @@
+"""Broken, foreign and hostile inputs: exit 2, one clear line, no traceback, nothing written,
+and no pickled code ever executed."""
+
+import argparse
+import os
+import struct
+import zipfile
+
+import pytest
+import torch
+from conftest import file_bytes, run, run_process
+
+
+def assert_refused(result, *words):
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("paramsurgeon: error: ")
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+class Marker:
+    """Pickles to a call of os.system that would create a file: the test checks it never appears."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+class EvalMarker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (eval, (f"open({self.path!r}, 'w').close()",))
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "out" / "result.pt"
+
+
+@pytest.fixture(autouse=True)
+def output_folder(out):
+    out.parent.mkdir()
+    yield
+    assert os.listdir(out.parent) == [], "a failed run left something at the output"
+
+
+def test_missing_file(tmp_path, out):
+    assert_refused(run("convert", tmp_path / "nope.pt", "-o", out), "nope.pt", "No such file")
+
+
+def test_empty_file(tmp_path, out):
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    assert_refused(run("convert", path, "-o", out), "empty")
+
+
+def test_random_bytes(tmp_path, out):
+    path = tmp_path / "noise.bin"
+    path.write_bytes(os.urandom(4096))
+    assert_refused(run("inspect", path), "noise.bin")
+    assert_refused(run("convert", path, "-o", out))
+
+
+def test_lfs_pointer(tmp_path, out):
+    path = tmp_path / "model.safetensors"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 123456\n")
+    assert_refused(run("inspect", path), "Git LFS pointer", "git lfs pull")
+
+
+def test_torchscript_archive(tmp_path, out, resnet):
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(resnet.eval()).save(str(path))
+    assert_refused(run("inspect", path), "TorchScript", "torch.jit.load")
+
+
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.9, 0.999])
+def test_truncated_torch_file(tmp_path, out, resnet_pt, cut):
+    data = file_bytes(resnet_pt)
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[: int(len(data) * cut)])
+    assert_refused(run("convert", path, "-o", out), "cut.pt")
+
+
+@pytest.mark.parametrize("cut", [4, 20, 0.5, -1])
+def test_truncated_safetensors(tmp_path, out, resnet_pt, cut):
+    full = tmp_path / "full.safetensors"
+    assert run("convert", resnet_pt, "-o", full).exit_code == 0
+    data = file_bytes(full)
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: int(len(data) * cut) if isinstance(cut, float) else cut])
+    assert_refused(run("convert", path, "-o", out), "cut.safetensors")
+
+
+def test_lying_safetensors_headers(tmp_path, out):
+    def write(header: bytes, data: bytes = b"\0" * 16):
+        path = tmp_path / "lie.safetensors"
+        path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+        return path
+
+    cases = [
+        b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,32]}}',  # past the end
+        b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}',
+        b'{"a":{"dtype":"Q99","shape":[4],"data_offsets":[0,16]}}',  # unknown dtype
+        b'{"a":{"dtype":"F32","shape":[5],"data_offsets":[0,16]}}',  # shape disagrees with size
+        b'{"a":{"dtype":"F32","shape":[-4],"data_offsets":[0,16]}}',
+        b'{"a":"nonsense"}',
+        b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}',
+        b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',  # leaves bytes unaccounted for
+        b'{not json',
+    ]
+    for header in cases:
+        assert_refused(run("convert", write(header), "-o", out), "lie.safetensors")
+
+
+def test_huge_header_claim(tmp_path, out):
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**62) + b'{"a":1}')
+    assert_refused(run("inspect", path), "huge.safetensors")
+
+
+def test_pickled_code_in_zip_is_refused_and_never_run(tmp_path, out):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "payload": Marker(marker)}, path)
+    result = run("convert", path, "-o", out)
+    assert_refused(result, "posix.system", "--unsafe-pickle")
+    assert "--allow-global" not in result.stderr  # os/posix can never be admitted by name
+    assert not marker.exists()
+
+
+def test_every_refused_global_is_named_at_once(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"a": Marker(tmp_path / "x"), "b": EvalMarker(tmp_path / "y")}, path)
+    result = run("inspect", path)
+    assert_refused(result, "posix.system", "builtins.eval")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_pickled_code_inside_optimizer_state(tmp_path, out, resnet):
+    marker = tmp_path / "pwned"
+    optimizer = torch.optim.SGD(resnet.parameters(), lr=0.1)
+    state = optimizer.state_dict()
+    state["param_groups"][0]["hook"] = Marker(marker)
+    torch.save({"model": resnet.state_dict(), "optimizer": state}, tmp_path / "evil.pt")
+    assert_refused(run("convert", tmp_path / "evil.pt", "-o", out), "posix.system")
+    assert not marker.exists()
+
+
+def test_pickled_code_in_legacy_format(tmp_path, out):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "legacy-evil.pt"
+    torch.save({"w": torch.ones(3), "x": EvalMarker(marker)}, path, _use_new_zipfile_serialization=False)
+    assert_refused(run("convert", path, "-o", out), "builtins.eval")
+    assert not marker.exists()
+
+
+def test_unsafe_pickle_keeps_the_object_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path, result_path = tmp_path / "evil.pt", tmp_path / "kept.pt"
+    torch.save({"w": torch.ones(3), "x": Marker(marker)}, path)
+    assert run("convert", path, "-o", result_path, "--unsafe-pickle").exit_code == 0
+    assert not marker.exists()
+    assert b"cposix\nsystem\n" in zipfile.ZipFile(result_path).read("kept/data.pkl")  # kept, as asked
+
+
+def test_blocked_modules_cannot_be_allowed_by_name(tmp_path, out):
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(3), "x": Marker(tmp_path / "pwned")}, path)
+    assert_refused(run("convert", path, "-o", out, "--allow-global", "posix.system"), "posix.system")
+
+
+def test_allow_global_admits_a_namespace(tmp_path):
+    path, copy = tmp_path / "lightning.pt", tmp_path / "copy.pt"
+    hparams = argparse.Namespace(lr=0.01, layers=3)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hparams": hparams}, path)
+    assert_refused(run("inspect", path), "argparse.Namespace", "--allow-global argparse.Namespace")
+    assert run("convert", path, "-o", copy, "--allow-global", "argparse.Namespace").exit_code == 0
+    assert torch.load(copy, weights_only=False)["hparams"] == hparams
+
+
+def test_no_traceback_from_a_real_process(tmp_path):
+    path = tmp_path / "noise.pt"
+    path.write_bytes(b"PK\x03\x04" + os.urandom(100))
+    result = run_process("inspect", path)
+    assert result.returncode == 2
+    assert result.stderr.decode().count("\n") == 1 and b"Traceback" not in result.stderr
+    assert b"Traceback" in run_process("inspect", path, "--debug").stderr
+
+
+def test_usage_errors_are_one_line(resnet_pt):
+    assert_refused(run("inspect", resnet_pt, "--no-such-flag"), "--no-such-flag")
+    assert_refused(run("inspect", resnet_pt, "--regex", "("), "--regex")
+    assert_refused(run("inspect", resnet_pt, "--kind", "lstm"), "lstm", "conv")
+    assert_refused(run("convert", resnet_pt, "--max-shard-size", "lots", "-o", "x"), "--max-shard-size")

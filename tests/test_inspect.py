@@ -1,0 +1,210 @@
+"""inspect reports what torch computes directly: names, shapes, dtypes, numel and statistics,
+in the table and in --json."""
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import SAMPLES, ResNet, TinyGPT, run
+
+import paramsurgeon
+from paramsurgeon.tensors import to_torch
+
+SAMPLE_FILES = ["resnet.pt", "resnet.safetensors", "resnet-legacy.pt", "resnet-sharded", "training.pt", "gpt.pt",
+                "gpt-bf16.pt", "gpt.safetensors"]
+
+
+def truth(tensor: torch.Tensor) -> dict:
+    """Statistics as torch computes them, in float64."""
+    values = tensor.double()
+    numel = values.numel()
+    return {
+        "mean": values.mean().item() if numel else None,
+        "std": values.std().item() if numel > 1 else None,
+        "min": values.min().item() if numel else None,
+        "max": values.max().item() if numel else None,
+        "abs_max": values.abs().max().item() if numel else None,
+        "zeros": int((tensor == 0).sum()),
+        "nan": int(torch.isnan(values).sum()),
+        "inf": int(torch.isinf(values).sum()),
+    }
+
+
+def close(got, expected) -> bool:
+    if expected is None:
+        return got is None
+    if isinstance(got, str):  # non-finite values are written as strings
+        return got == ("nan" if math.isnan(expected) else ("inf" if expected > 0 else "-inf"))
+    return math.isclose(got, expected, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def tensors_by_torch(path: str) -> dict[str, torch.Tensor]:
+    """The state dict as torch itself (or safetensors) loads it."""
+    if os.path.isdir(path) or path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")] \
+            if os.path.isdir(path) else [path]
+        merged = {}
+        for f in files:
+            merged.update(load_file(f))
+        return merged
+    loaded = torch.load(path, weights_only=True)
+    return loaded.get("state_dict", loaded)
+
+
+@pytest.mark.parametrize("sample", SAMPLE_FILES)
+def test_json_matches_torch_on_every_sample(sample):
+    path = os.path.join(SAMPLES, sample)
+    result = run("inspect", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    expected = tensors_by_torch(path)
+    got = {t["name"]: t for t in document["tensors"]}
+    if sample == "gpt.safetensors":  # save_model stored the tied pair once; we restore the alias
+        expected["wte.weight"] = expected["lm_head.weight"]
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        entry = got[name]
+        assert entry["shape"] == list(tensor.shape) and entry["dtype"] == str(tensor.dtype).removeprefix("torch.")
+        assert entry["numel"] == tensor.numel() and entry["nbytes"] == tensor.numel() * tensor.element_size()
+        for stat, value in truth(tensor).items():
+            assert close(entry["stats"][stat], value), (name, stat, entry["stats"][stat], value)
+
+
+def test_table_shows_every_tensor_with_its_numbers(resnet_pt, resnet):
+    result = run("inspect", resnet_pt)
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    header = lines[1].split()
+    assert header == ["name", "kind", "shape", "dtype", "mean", "std", "min", "max", "zeros", "|max|", "numel"]
+    rows = {line.split()[0]: line.split() for line in lines[3:] if line and line.split()[0] in resnet.state_dict()}
+    assert list(rows) == list(resnet.state_dict())
+    for name, tensor in resnet.state_dict().items():
+        cells = dict(zip(header, rows[name]))
+        assert cells["shape"] == ("x".join(map(str, tensor.shape)) or "scalar")
+        assert cells["numel"] == f"{tensor.numel():,}"
+        expected = truth(tensor)
+        for stat in ("mean", "min", "max"):
+            assert math.isclose(float(cells[stat]), expected[stat], rel_tol=5e-3, abs_tol=1e-6), (name, stat)
+    assert lines[0].startswith(f"{resnet_pt}: torch zip, 122 tensors, "
+                               f"{sum(p.numel() for p in resnet.parameters()):,} parameters")
+
+
+def test_totals_count_tied_weights_once(gpt_pt, gpt):
+    document = json.loads(run("inspect", gpt_pt, "--json", "--no-stats").stdout)
+    assert document["ties"] == [["wte.weight", "lm_head.weight"]]
+    assert document["totals"]["parameters"] == sum(p.numel() for p in gpt.parameters())
+    assert document["totals"]["tensors"] == len(gpt.state_dict())
+    tensors = {t["name"]: t for t in document["tensors"]}
+    assert tensors["lm_head.weight"]["tied_to"] == ["wte.weight"]
+
+
+def test_nan_and_inf_are_counted_and_reported(tmp_path):
+    values = torch.tensor([1.0, float("nan"), float("inf"), -2.0, 0.0, float("nan")])
+    path = tmp_path / "bad.pt"
+    torch.save({"w": values, "ok": torch.ones(3)}, path)
+    document = json.loads(run("inspect", path, "--json").stdout)
+    stats = document["tensors"][0]["stats"]
+    assert (stats["nan"], stats["inf"], stats["zeros"]) == (2, 1, 1)
+    assert stats["mean"] == "nan" and stats["max"] == "nan"  # as torch.mean / torch.max give
+    table = run("inspect", path).stdout
+    assert "nan" in table.splitlines()[1] and "inf" in table.splitlines()[1]
+
+
+def test_large_tensor_stats_are_exact_across_chunks(tmp_path, monkeypatch):
+    from paramsurgeon import stats
+
+    monkeypatch.setattr(stats, "CHUNK", 1000)
+    torch.manual_seed(3)
+    state = {"big": torch.randn(37, 101) * 3 + 5, "ints": torch.randint(-5, 5, (4099,)),
+             "strided": torch.randn(50, 40).t(), "half": torch.randn(2001).half(), "one": torch.tensor([2.5])}
+    path = tmp_path / "chunks.pt"
+    torch.save(state, path)
+    document = json.loads(run("inspect", path, "--json").stdout)
+    for entry in document["tensors"]:
+        for stat, value in truth(state[entry["name"]]).items():
+            assert close(entry["stats"][stat], value), (entry["name"], stat)
+    assert document["tensors"][-1]["stats"]["std"] is None
+
+
+def test_selection_filters_and_kinds_are_shown(resnet_pt):
+    document = json.loads(run("inspect", resnet_pt, "--json", "-p", "layer1.*.bn*", "-x", "*.num_batches_tracked").stdout)
+    names = [t["name"] for t in document["tensors"]]
+    assert names[:4] == ["layer1.0.bn1.weight", "layer1.0.bn1.bias", "layer1.0.bn1.running_mean",
+                         "layer1.0.bn1.running_var"]
+    assert all(t["kind"] == "batchnorm" for t in document["tensors"])
+    assert {t["role"] for t in document["tensors"]} == {"weight", "bias", "buffer"}
+
+
+def test_extras_are_summarised(training_pt):
+    document = json.loads(run("inspect", training_pt, "--json", "--no-stats").stdout)
+    extras = {e["path"]: e for e in document["extras"]}
+    assert document["key"] == "state_dict"
+    assert extras["epoch"]["value"] == 7
+    assert extras["optimizer"]["summary"].startswith("Adam state for 62 params")
+    text = run("inspect", training_pt, "--no-stats").stdout
+    assert "  epoch: 7" in text and "optimizer: Adam state for 62 params" in text
+
+
+def test_tree_sums_parameters_per_module(resnet_pt, resnet):
+    document = json.loads(run("inspect", resnet_pt, "--json", "--tree").stdout)
+    tree = document["tree"]
+    assert tree["parameters"] == sum(p.numel() for p in resnet.parameters())
+    layer1 = next(c for c in tree["children"] if c["name"] == "layer1")
+    assert layer1["parameters"] == sum(p.numel() for p in resnet.layer1.parameters())
+    assert layer1["buffers"] == sum(b.numel() for b in resnet.layer1.buffers())
+    text = run("inspect", resnet_pt, "--tree", "--depth", "1").stdout
+    assert f"{sum(p.numel() for p in resnet.layer1.parameters()):,}" in text and "conv1" not in text.split("layer1")[1]
+
+
+def test_hash_is_the_sha256_of_the_values(tmp_path, resnet_pt, resnet):
+    document = json.loads(run("inspect", resnet_pt, "--json", "--hash", "--no-stats").stdout)
+    for entry in document["tensors"]:
+        tensor = resnet.state_dict()[entry["name"]].contiguous()
+        assert entry["sha256"] == hashlib.sha256(tensor.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        assert entry["stats"] is None
+    st = tmp_path / "m.safetensors"
+    run("convert", resnet_pt, "-o", st)
+    again = json.loads(run("inspect", st, "--json", "--hash", "--no-stats").stdout)
+    assert [t["sha256"] for t in again["tensors"]] == [t["sha256"] for t in document["tensors"]]
+
+
+def test_inspect_reads_standard_input(resnet_pt):
+    with open(resnet_pt, "rb") as f:
+        result = run("inspect", "--json", "--no-stats", input=f.read())
+    assert result.exit_code == 0 and json.loads(result.stdout)["source"] == "<stdin>"
+
+
+def test_header_only_inspect_does_not_import_torch(tmp_path):
+    path = os.path.join(SAMPLES, "resnet.safetensors")
+    code = ("import sys\nfrom paramsurgeon.cli import main\nsys.argv = ['paramsurgeon', 'inspect', '--no-stats', "
+            f"{path!r}]\ntry:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n")
+    for args in ([path], [os.path.join(SAMPLES, "resnet.pt")]):
+        result = subprocess.run([sys.executable, "-c", code.replace(repr(path), repr(args[0]))], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.strip().endswith("NO-TORCH"), result.stderr
+    help_run = subprocess.run([sys.executable, "-c", "import sys\nfrom paramsurgeon.cli import main\nsys.argv=["
+                               "'paramsurgeon','--help']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+                               "print('torch' in sys.modules, file=sys.stderr)"], capture_output=True, text=True)
+    assert help_run.stderr.strip().endswith("False")
+
+
+def test_library_views_share_the_file(resnet_pt, resnet):
+    ckpt = paramsurgeon.load(str(resnet_pt))
+    for name, value in resnet.state_dict().items():
+        assert torch.equal(to_torch(ckpt[name]), value)
+
+
+def test_modules_from_samples_have_the_expected_names():
+    assert "layer1.1.bn2.running_var" in ResNet().state_dict()
+    assert "layer2.0.downsample.1.num_batches_tracked" in ResNet().state_dict()
+    gpt = TinyGPT()
+    assert gpt.lm_head.weight is gpt.wte.weight
