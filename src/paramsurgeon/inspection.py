@@ -75,7 +75,8 @@ def _aliases(ties: list[list[str]]) -> set[str]:
 
 def totals(rows: list[Row], ties: list[list[str]]) -> dict:
     """Counts over the rows; a tie group counts once (it is one parameter)."""
-    aliases = _aliases(ties)
+    shown = {r.name for r in rows}
+    aliases = _aliases([[n for n in g if n in shown] for g in ties])
     unique = [r for r in rows if r.name not in aliases]
     by_dtype: dict[str, dict] = {}
     for r in unique:

@@ -86,6 +86,10 @@ def short_number(value) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
 def shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) if shape else "scalar"
 
@@ -120,7 +124,7 @@ def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
     totals = result.totals
     key = f" [dim]({escape(result.key)})[/dim]" if result.key else ""
     console.print(f"[bold]{escape(result.source)}[/bold]{key}: {_FORMAT_NAMES.get(result.format, result.format)},"
-                  f" {totals['tensors']} tensors, {totals['parameters']:,} parameters"
+                  f" {_plural(totals['tensors'], 'tensor')}, {totals['parameters']:,} parameters"
                   + (f" + {totals['buffers']:,} in buffers" if totals["buffers"] else "")
                   + f", {human_bytes(totals['bytes'])}", soft_wrap=True)
     table, hidden = _table(result, width)
@@ -175,7 +179,7 @@ def footer_lines(result: Inspection) -> list[str]:
     lines = []
     by_dtype = result.totals["by_dtype"]
     if len(by_dtype) > 1:
-        lines.append("by dtype: " + "; ".join(f"{d} {v['tensors']} tensors, {v['numel']:,} elements,"
+        lines.append("by dtype: " + "; ".join(f"{d} {_plural(v['tensors'], 'tensor')}, {v['numel']:,} elements,"
                                               f" {human_bytes(v['bytes'])}" for d, v in by_dtype.items()))
     for group in result.ties:
         lines.append("tied (one storage): " + " = ".join(escape(n) for n in group))

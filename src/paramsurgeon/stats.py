@@ -73,6 +73,8 @@ def tensor_stats(tensor: Tensor) -> Stats | None:
         mean = low = high = math.nan
     std = math.sqrt(m2 / (count - 1)) if count > 1 and not nan else (math.nan if nan and count > 1 else None)
     abs_max = math.nan if nan else max(abs(low), abs(high))
+    if not tensor.dtype.floating:  # integer and bool tensors have integer extremes
+        low, high, abs_max = int(low), int(high), int(abs_max)
     return Stats(mean, std, low, high, abs_max, zeros, nan, inf)
 
 

@@ -75,7 +75,8 @@ def read(file: InputFile) -> Checkpoint:
         spans.append((begin, end, name))
     _check_coverage(file, start, spans)
     restore_ties(file.name, tensors, metadata)
-    return Checkpoint(source=file.name, format="safetensors", root=tensors, key=(), metadata=dict(metadata))
+    metadata = {k: v for k, v in metadata.items() if k != TIES_KEY}  # now in the structure itself
+    return Checkpoint(source=file.name, format="safetensors", root=tensors, key=(), metadata=metadata)
 
 
 def _entry(source: str, name: str, entry) -> tuple:
