@@ -266,3 +266,19 @@ def test_safetensors_written_by_the_library_reads_back(tmp_path):
     out = tmp_path / "out.safetensors"
     paramsurgeon.save(ckpt, str(out))
     assert_same_state({k: load_file(out)[k] for k in ckpt.names}, {k: tensors[k] for k in ckpt.names})
+
+
+def test_binary_output_to_a_terminal_is_refused(tmp_path, resnet_pt):
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-m", "paramsurgeon", "convert", str(resnet_pt)], stdout=follower,
+                                stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert result.returncode == 2
+    assert b"refusing to write a binary checkpoint to the terminal" in result.stderr
