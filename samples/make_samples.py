@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file, save_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import ResNet, TinyGPT  # noqa: E402
+from models import ResNet, SmallVGG, TinyGPT  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,6 +77,13 @@ def main() -> None:
         "hyper_parameters": {"lr": 1e-3, "batch_size": 8, "arch": "resnet-narrow", "widths": [8, 16, 24, 32]},
     }, os.path.join(HERE, "training.pt"))
     write_sharded(resnet.state_dict(), os.path.join(HERE, "resnet-sharded"), shards=3)
+
+    torch.manual_seed(2)
+    torch.save(ResNet(num_classes=5).state_dict(), os.path.join(HERE, "resnet-5class.pt"))
+    vgg = SmallVGG()
+    with torch.no_grad():
+        vgg(torch.randn(4, 3, 16, 16))  # training-mode passes: real BatchNorm statistics
+    torch.save(vgg.state_dict(), os.path.join(HERE, "vgg.pt"))
 
     gpt = trained_gpt()
     torch.save(gpt.state_dict(), os.path.join(HERE, "gpt.pt"))

@@ -50,6 +50,22 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class SmallVGG(nn.Module):
+    """A VGG-style CNN built from nn.Sequential, as torchvision's VGG is: its tensors are
+    named features.0.weight, features.1.running_mean, classifier.3.bias, with no layer names."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(128, 64), nn.ReLU(inplace=True),
+                                        nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()

@@ -50,7 +50,8 @@ def test_kinds_from_names_when_shapes_are_ambiguous(tmp_path, gpt):
     assert kinds["h.0.ln_1.weight"] == ("layernorm", "weight")
     assert kinds["h.0.mlp.0.weight"] == ("linear", "weight")
     assert kinds["h.0.attn.out_proj.bias"] == ("linear", "bias")
-    assert kinds["h.0.attn.in_proj_weight"] == ("unknown", "weight")
+    assert kinds["h.0.attn.in_proj_weight"] == ("linear", "weight")  # MultiheadAttention's fused q, k, v
+    assert kinds["h.0.attn.in_proj_bias"] == ("linear", "bias")
 
     class Named(nn.Module):
         def __init__(self):

@@ -47,17 +47,26 @@ class Kind:
         return self.layer == wanted
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """(module, leaf) of a tensor name; 'attn.in_proj_weight' is leaf 'weight' of module 'attn.in_proj'."""
+    prefix, _, leaf = name.rpartition(".")
+    for suffix in ("_weight", "_bias"):
+        if leaf.endswith(suffix) and len(leaf) > len(suffix):
+            stem = leaf[: -len(suffix)]
+            return (f"{prefix}.{stem}" if prefix else stem), suffix[1:]
+    return prefix, leaf
+
+
 def infer_kinds(tensors: Mapping[str, Tensor]) -> dict[str, Kind]:
     """The kind of every tensor, in the same order."""
     modules: dict[str, dict[str, Tensor]] = {}
     for name, tensor in tensors.items():
-        prefix, _, leaf = name.rpartition(".")
+        prefix, leaf = split_name(name)
         modules.setdefault(prefix, {})[leaf] = tensor
     layer_of = {prefix: module_kind(prefix, leaves) for prefix, leaves in modules.items()}
     kinds = {}
     for name, tensor in tensors.items():
-        prefix, _, leaf = name.rpartition(".")
-        kinds[name] = Kind(layer_of[prefix], role(leaf, tensor))
+        kinds[name] = Kind(layer_of[split_name(name)[0]], role(name.rpartition(".")[2], tensor))
     return kinds
 
 

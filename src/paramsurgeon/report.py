@@ -213,3 +213,29 @@ def tree_text(tree: dict, depth: int | None, width: int | None, color: bool) -> 
     add(tree, 0)
     console.print(table)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
+
+
+def plan_document(plan, rows: list[dict], ckpt, output: str | None, dry_run: bool) -> dict:
+    """The JSON document of a writing command's plan (--json)."""
+    return {"schema_version": SCHEMA_VERSION, "command": plan.command, "source": ckpt.source,
+            "output": output, "dry_run": dry_run, "changes": rows, "notes": plan.notes}
+
+
+def plan_text(plan, rows: list[dict], width: int | None, color: bool) -> str:
+    """The --dry-run table: each affected tensor, its shape and dtype, and what happens to it."""
+    out = io.StringIO()
+    console = Console(file=out, width=width or 100_000, no_color=not color, highlight=False, force_terminal=color)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
+    for header, justify in (("name", "left"), ("shape", "right"), ("dtype", "left"), ("action", "left")):
+        table.add_column(header, justify=justify, overflow="fold")
+    for row in rows:
+        shape, dtype = shape_text(tuple(row["shape"])), BY_NAME[row["dtype"]].short
+        if row["new_shape"] is not None and row["new_shape"] != row["shape"]:
+            shape += f" -> {shape_text(tuple(row['new_shape']))}"
+        if row["new_dtype"] is not None and row["new_dtype"] != row["dtype"]:
+            dtype += f" -> {BY_NAME[row['new_dtype']].short}"
+        table.add_row(escape(row["name"]), shape, dtype, escape(row["action"]))
+    console.print(f"[bold]{plan.command}[/bold]: {_plural(len(rows), 'tensor')} would change (dry run: nothing"
+                  " written)", soft_wrap=True)
+    console.print(table)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"

@@ -94,3 +94,49 @@ def suggest(pattern: str, names: list[str], key: tuple = ()) -> str:
     scored = sorted(names, key=lambda n: -difflib.SequenceMatcher(None, pattern, n).ratio())
     close = [n for n in scored[:3] if difflib.SequenceMatcher(None, pattern, n).ratio() >= 0.5]
     return f"; closest names: {', '.join(close)}" if close else ""
+
+
+def _tokens(glob: str) -> list[tuple[str, str]]:
+    """('lit', text) and ('wild', regex) pieces of a glob."""
+    tokens, i = [], 0
+    while i < len(glob):
+        c = glob[i]
+        if c == "*":
+            tokens.append(("wild", "(.*)"))
+        elif c == "?":
+            tokens.append(("wild", "(.)"))
+        elif c == "[" and "]" in glob[i + 2:] or glob[i:i + 2] == "[]":
+            end = glob.index("]", i + 2) if glob[i + 1:i + 2] in ("!", "]") else glob.index("]", i + 1)
+            body = glob[i + 1:end]
+            body = "^" + body[1:] if body.startswith("!") else body
+            tokens.append(("wild", f"([{body.replace(chr(92), chr(92) * 2)}])"))
+            i = end
+        else:
+            tokens.append(("lit", re.escape(c)))
+        i += 1
+    return tokens
+
+
+def wildcard_map(source_glob: str, target_glob: str, names: list[str], option: str = "--from/--to") -> dict[str, str]:
+    """Map each name matching ``source_glob`` to ``target_glob`` with its wildcards filled in order.
+
+    ``copy --from 'layer1.0.*' --to 'layer1.1.*'`` maps layer1.0.conv1.weight to layer1.1.conv1.weight.
+    """
+    source = _tokens(source_glob)
+    target = _tokens(target_glob)
+    if any(kind == "wild" and text.startswith("([") for kind, text in target):
+        raise UsageError(f"{option}: '{target_glob}' may use * and ? but not [sets]")
+    wild_in, wild_out = sum(k == "wild" for k, _ in source), sum(k == "wild" for k, _ in target)
+    if wild_in != wild_out:
+        raise UsageError(f"{option}: '{source_glob}' has {wild_in} wildcards but '{target_glob}' has {wild_out};"
+                         " they must have the same number")
+    pattern = re.compile("".join(text for _, text in source), re.S)
+    mapping = {}
+    for name in names:
+        match = pattern.fullmatch(name)
+        if not match:
+            continue
+        groups = iter(match.groups())
+        mapping[name] = "".join(next(groups) if kind == "wild" else re.sub(r"\\(.)", r"\1", text)
+                                for kind, text in target)
+    return mapping

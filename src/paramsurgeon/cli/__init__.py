@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 from ..errors import ParamSurgeonError
 from .conversion import convert
 from .reports import inspect
+from .surgery import cast, copy, drop, init, rename, scale, tie, untie, zero
 
 
 class _Group(TyperGroup):
@@ -58,8 +59,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command()(inspect)
-app.command()(convert)
+for command in (inspect, init, zero, scale, cast, copy, tie, untie, rename, drop, convert):
+    app.command()(command)
 
 
 def main() -> None:

@@ -38,6 +38,18 @@ class WriteOptions:
 
 
 @dataclass
+class PlanOptions:
+    reset_optimizer: bool
+    json: bool
+
+
+@dataclass
+class TieOptions:
+    follow_ties: bool
+    untie: bool
+
+
+@dataclass
 class OptionGroup:
     name: str
     build: Callable
@@ -92,6 +104,31 @@ WRITE = OptionGroup("write", WriteOptions, [
         "--in-place", help="Rewrite the input checkpoint (atomically).", rich_help_panel="Output")], False),
     _param("dry_run", Annotated[bool, typer.Option(
         "--dry-run", help="Print what would be written; write nothing.", rich_help_panel="Output")], False),
+])
+
+
+EVERY = OptionGroup("every", lambda all: all, [
+    _param("all", Annotated[bool, typer.Option(
+        "--all", help="Every tensor (commands that change tensors need a selection or --all).",
+        rich_help_panel="Selection")], False),
+])
+
+TIES = OptionGroup("ties", TieOptions, [
+    _param("follow_ties", Annotated[bool, typer.Option(
+        "--follow-ties", help="Change every tensor tied to a selected one, as the model would see it.",
+        rich_help_panel="Ties")], False),
+    _param("untie", Annotated[bool, typer.Option(
+        "--untie", help="Give the selected tensors storage of their own before changing them.",
+        rich_help_panel="Ties")], False),
+])
+
+PLAN = OptionGroup("plan", PlanOptions, [
+    _param("reset_optimizer", Annotated[bool, typer.Option(
+        "--reset-optimizer", help="Clear the optimizer's per-parameter state (moments), which no longer matches.",
+        rich_help_panel="Output")], False),
+    _param("json", Annotated[bool, typer.Option(
+        "--json", help="Print the plan as JSON on standard output (with --dry-run, or with -o).",
+        rich_help_panel="Output")], False),
 ])
 
 

@@ -1,0 +1,282 @@
+"""Commands that change tensors: init, zero, scale, cast, copy, tie, untie, rename, drop.
+
+Each parses its options, builds a Plan through the library (every check made before
+anything is computed), then prints it (--dry-run) or applies and writes it.
+"""
+
+import secrets
+import sys
+from typing import Annotated, Callable, List, Optional
+
+import typer
+
+from .. import formats, ops, report, schemes
+from ..checkpoint import Checkpoint
+from ..errors import OutputError, UsageError
+from ..extras import summarize
+from ..kinds import LAYER_KINDS
+from ..plan import Plan, apply
+from ..units import human_bytes
+from .common import color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width
+from .options import (EVERY, PLAN, READ, SELECT, TIES, WRITE, PlanOptions, ReadOptions, SelectOptions, TieOptions,
+                      WriteOptions, options)
+from .reports import CKPT
+
+
+def _run(command: str, path: Optional[str], read: ReadOptions, write: WriteOptions, plan_options: PlanOptions,
+         build: Callable[[Checkpoint], Plan]) -> None:
+    """Open, plan, then print the plan (--dry-run) or apply it and write the result."""
+    ckpt = open_checkpoint(path, read)
+    target = formats.resolve_target(ckpt, write.output, write.format, write.in_place)
+    if target.path is None and not write.dry_run:
+        if sys.stdout.isatty():
+            raise OutputError("refusing to write a binary checkpoint to the terminal; redirect it (> out.pt),"
+                              " pipe it, or pass -o PATH")
+        if plan_options.json:
+            raise UsageError("--json prints the plan on standard output, where the checkpoint is going;"
+                             " pass -o PATH or --dry-run")
+    plan = build(ckpt)
+    for message in plan.notes:
+        note(f"{command}: {message}")
+    rows = plan.rows(ckpt)
+    if plan_options.json:
+        emit(report.to_json(report.plan_document(plan, rows, ckpt, target.path, write.dry_run)))
+    elif write.dry_run:
+        emit(report.plan_text(plan, rows, terminal_width(), color_on_stdout()))
+    if write.dry_run:
+        return
+    _warn_about_optimizer(command, ckpt, plan, plan_options.reset_optimizer)
+    with progress(sum(ckpt[c.names[0]].nbytes for c in plan.changes), "computing") as advance:
+        apply(ckpt, plan, advance)
+    tensors = ckpt.tensors
+    with progress(sum(t.nbytes for t in tensors.values()), "writing") as advance:
+        formats.save(ckpt, target, progress=advance)
+    where = target.path or "standard output"
+    note(f"{command}: {_summary(plan)}; wrote {where} ({len(tensors)} tensors,"
+         f" {human_bytes(sum(t.nbytes for t in tensors.values()))})")
+
+
+def _summary(plan: Plan) -> str:
+    """'3 x zero, 1 tied' for the stderr line after a write."""
+    actions: dict[str, int] = {}
+    for change in plan.changes:
+        action = change.action.split(" from ")[0]
+        actions[action] = actions.get(action, 0) + len(change.names)
+    parts = [f"{n} x {action}" for action, n in actions.items()]
+    parts += [f"{len(plan.aliases)} tied"] if plan.aliases else []
+    parts += [f"{len(plan.drops)} dropped"] if plan.drops else []
+    parts += [f"{len(plan.renames)} renamed"] if plan.renames else []
+    return ", ".join(parts) if parts else "nothing changed"
+
+
+def _warn_about_optimizer(command: str, ckpt: Checkpoint, plan: Plan, reset: bool) -> None:
+    paths = ops.optimizer_paths(ckpt)
+    if not paths or not plan.touched:
+        if reset:
+            note(f"{command}: no optimizer state to reset")
+        return
+    if reset:
+        for path in ops.reset_optimizer(ckpt):
+            note(f"{command}: cleared the per-parameter state of '{path}' (param groups kept)")
+        return
+    where = ", ".join(".".join(map(str, p)) for p in paths)
+    node = ckpt.root
+    for part in paths[0]:
+        node = node[part]
+    note(f"{command}: note: {ckpt.source} also holds optimizer state at '{where}' ({summarize(node)}), which no"
+         " longer matches the changed tensors; pass --reset-optimizer to clear its moments")
+
+
+def _targets(command: str, ckpt: Checkpoint, select: SelectOptions, every: bool) -> list[str]:
+    if not (select.pattern or select.regex or select.kind or every):
+        raise UsageError(f"{command}: choose tensors with -p/--pattern, --regex or -k/--kind, or pass --all"
+                         " for every tensor")
+    return selected_names(ckpt, select)
+
+
+def _number(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{option} {text}: expected a number") from None
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
+def init(
+    ckpt: CKPT = None,
+    const: Annotated[Optional[str], typer.Option("--const", metavar="V", help="Fill with this value.")] = None,
+    scheme: Annotated[Optional[str], typer.Option(
+        "--scheme", metavar="SPEC", help="A torch.nn.init scheme with keyword arguments, e.g."
+        " 'normal(std=0.02)', 'xavier_uniform(gain=relu)', 'kaiming_normal(mode=fan_out, nonlinearity=relu)';"
+        " or 'default' for what each layer's reset_parameters gives.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Make the values reproducible (each tensor's"
+                                                " generator comes from the seed and its name).")] = None,
+    layer: Annotated[Optional[str], typer.Option(
+        "--layer", metavar="KIND", help="With --scheme default: the layer kind, when it cannot be inferred.")] = None,
+    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
+    write: WriteOptions = None, plan: PlanOptions = None,
+):
+    """Re-initialise the selected tensors with a constant or a torch.nn.init scheme.
+
+    Example: paramsurgeon init model.pt -p 'fc.*' --scheme 'xavier_uniform(gain=relu)' --seed 3 -o out.pt
+    """
+    if (const is None) == (scheme is None):
+        raise UsageError("init: pass either --const V or --scheme SPEC")
+    chosen = schemes.Scheme("constant", {"val": _number(const, "--const")}) if const is not None \
+        else schemes.parse(scheme)
+    if layer is not None and layer not in LAYER_KINDS:
+        raise UsageError(f"--layer {layer}: choose from {', '.join(LAYER_KINDS)}")
+    if seed is None and chosen.random and not write.dry_run:
+        seed = secrets.randbelow(2**31)
+        note(f"init: seed {seed} (pass --seed {seed} to repeat this exactly)")
+    _run("init", ckpt, read, write, plan, lambda c: ops.plan_init(
+        c, _targets("init", c, select, every), chosen, seed or 0, layer=layer, follow=ties.follow_ties,
+        untie=ties.untie))
+
+
+@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
+def zero(
+    ckpt: CKPT = None,
+    below: Annotated[Optional[float], typer.Option(
+        "--below", metavar="T", min=0, help="Zero only the entries with |x| < T (magnitude pruning).")] = None,
+    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
+    write: WriteOptions = None, plan: PlanOptions = None,
+):
+    """Set the selected tensors to zero, or only their small entries with --below.
+
+    Example: paramsurgeon zero model.pt -p 'layer*.1.bn2.weight' -o out.pt
+    """
+    _run("zero", ckpt, read, write, plan, lambda c: ops.plan_zero(
+        c, _targets("zero", c, select, every), below=below, follow=ties.follow_ties, untie=ties.untie))
+
+
+@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
+def scale(
+    ckpt: CKPT = None,
+    by: Annotated[float, typer.Option("--by", metavar="F", help="The factor.")] = ...,
+    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
+    write: WriteOptions = None, plan: PlanOptions = None,
+):
+    """Multiply the selected tensors by a factor.
+
+    Example: paramsurgeon scale model.pt -p 'blocks.*.mlp.fc2.weight' --by 0.5 -o out.pt
+    """
+    _run("scale", ckpt, read, write, plan, lambda c: ops.plan_scale(
+        c, _targets("scale", c, select, every), by, follow=ties.follow_ties, untie=ties.untie))
+
+
+@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
+def cast(
+    ckpt: CKPT = None,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="D", help="float32, float16, bfloat16 or float64.")] = ...,
+    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
+    write: WriteOptions = None, plan: PlanOptions = None,
+):
+    """Change the dtype of the selected floating-point tensors (others are left as they are).
+
+    Example: paramsurgeon cast model.pt --all --dtype bfloat16 -o model-bf16.safetensors
+    """
+    name = dtype.removeprefix("torch.")
+    name = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32",
+            "fp64": "float64", "double": "float64"}.get(name, name)
+    if name not in ops.CAST_TARGETS:
+        raise UsageError(f"--dtype {dtype}: choose from {', '.join(ops.CAST_TARGETS)}")
+    _run("cast", ckpt, read, write, plan, lambda c: ops.plan_cast(
+        c, _targets("cast", c, select, every), name, follow=ties.follow_ties, untie=ties.untie))
+
+
+@options(READ, SELECT, TIES, WRITE, PLAN)
+def copy(
+    ckpt: CKPT = None,
+    from_: Annotated[Optional[str], typer.Option("--from", metavar="SRC", help="Source names (a glob).")] = None,
+    to: Annotated[Optional[str], typer.Option("--to", metavar="DST", help="Target names, with the same"
+                                              " wildcards as --from.")] = None,
+    source: Annotated[Optional[str], typer.Option(
+        "--source", metavar="OTHER", help="Read the sources from another checkpoint (e.g. pretrained weights);"
+        " without --from/--to, copy every tensor whose name is in both.")] = None,
+    source_key: Annotated[Optional[str], typer.Option(
+        "--source-key", metavar="KEY", help="--key for the --source checkpoint.")] = None,
+    skip_mismatched: Annotated[bool, typer.Option(
+        "--skip-mismatched", help="Skip (and report) pairs whose shapes differ instead of failing.")] = False,
+    read: ReadOptions = None, select: SelectOptions = None, ties: TieOptions = None, write: WriteOptions = None,
+    plan: PlanOptions = None,
+):
+    """Copy values into existing tensors: from other tensors, or from another checkpoint.
+
+    Example: paramsurgeon copy model.pt --source pretrained.pt --skip-mismatched -o init.pt
+    """
+    if (from_ is None) != (to is None):
+        raise UsageError("copy: pass --from and --to together")
+    if from_ is None and source is None:
+        raise UsageError("copy: pass --from SRC --to DST, or --source OTHER")
+
+    def build(c: Checkpoint) -> Plan:
+        other = c if source is None else formats.load(source, key=source_key,
+                                                      allow_globals=tuple(read.allow_global),
+                                                      unsafe_pickle=read.unsafe_pickle)
+        narrowed = selected_names(c, select) if (select.pattern or select.regex or select.kind) else None
+        pairs, lines = ops.copy_pairs(c, other, from_, to, narrowed)
+        return ops.plan_copy(c, other, pairs, skip_mismatched=skip_mismatched, follow=ties.follow_ties,
+                             untie=ties.untie, report=lines)
+
+    _run("copy", ckpt, read, write, plan, build)
+
+
+@options(READ, TIES, WRITE, PLAN)
+def tie(
+    ckpt: CKPT = None,
+    source: Annotated[str, typer.Option("--source", metavar="NAME", help="The tensor whose storage is shared.")] = ...,
+    target: Annotated[List[str], typer.Option("--target", metavar="GLOB", help="Tensors that take the source's"
+                                              " values and share its storage; repeatable.")] = ...,
+    read: ReadOptions = None, ties: TieOptions = None, write: WriteOptions = None, plan: PlanOptions = None,
+):
+    """Make tensors share one storage (e.g. tie an LM head to the token embedding).
+
+    Example: paramsurgeon tie gpt.pt --source wte.weight --target lm_head.weight -o tied.pt
+    """
+    def build(c: Checkpoint) -> Plan:
+        names = selected_names(c, SelectOptions(list(target), [], [], [], False))
+        return ops.plan_tie(c, source, names, follow=ties.follow_ties, untie=ties.untie)
+
+    _run("tie", ckpt, read, write, plan, build)
+
+
+@options(READ, SELECT, EVERY, WRITE, PLAN)
+def untie(
+    ckpt: CKPT = None,
+    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, write: WriteOptions = None,
+    plan: PlanOptions = None,
+):
+    """Give each selected tensor storage of its own; values do not change.
+
+    Example: paramsurgeon untie gpt.pt -p lm_head.weight -o untied.pt
+    """
+    _run("untie", ckpt, read, write, plan, lambda c: ops.plan_untie(c, _targets("untie", c, select, every)))
+
+
+@options(READ, WRITE, PLAN)
+def rename(
+    ckpt: CKPT = None,
+    from_: Annotated[str, typer.Option("--from", metavar="GLOB", help="Names to rename.")] = ...,
+    to: Annotated[str, typer.Option("--to", metavar="GLOB", help="New names, with the same wildcards.")] = ...,
+    read: ReadOptions = None, write: WriteOptions = None, plan: PlanOptions = None,
+):
+    """Rename tensors by wildcard mapping, e.g. strip DataParallel's 'module.' prefix.
+
+    Example: paramsurgeon rename model.pt --from 'module.*' --to '*' -o clean.pt
+    """
+    _run("rename", ckpt, read, write, plan, lambda c: ops.plan_rename(c, from_, to))
+
+
+@options(READ, SELECT, EVERY, WRITE, PLAN)
+def drop(
+    ckpt: CKPT = None,
+    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, write: WriteOptions = None,
+    plan: PlanOptions = None,
+):
+    """Remove the selected tensors.
+
+    Example: paramsurgeon drop model.pt -p 'fc.*' -o backbone.pt
+    """
+    _run("drop", ckpt, read, write, plan, lambda c: ops.plan_drop(c, _targets("drop", c, select, every)))

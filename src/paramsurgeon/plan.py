@@ -1,0 +1,140 @@
+"""A plan: every change an operation will make, checked before anything is computed or
+written, printable for --dry-run, then applied to the checkpoint in memory.
+
+Values are computed when the plan is applied, each into a new storage; loaded tensors
+are never modified. Tensors tied together receive one new storage, so the tie survives.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .checkpoint import Checkpoint, Tensor
+from .errors import PlanError
+
+HISTORY_KEY = "paramsurgeon.operations"
+
+
+@dataclass
+class Change:
+    """New values for ``names`` (one tensor, or a tie group that keeps sharing them)."""
+
+    names: list[str]
+    action: str
+    shape: tuple[int, ...]
+    dtype: str
+    compute: Callable | None = None  # () -> torch.Tensor
+
+
+@dataclass
+class Plan:
+    """What one operation does to a checkpoint."""
+
+    command: str
+    description: str
+    changes: list[Change] = field(default_factory=list)
+    aliases: list[tuple[str, str]] = field(default_factory=list)  # (target, source): target shares source
+    drops: list[str] = field(default_factory=list)
+    renames: dict[str, str] = field(default_factory=dict)
+    module_renames: dict[str, str] = field(default_factory=dict)  # prefixes in a state dict's _metadata
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def touched(self) -> list[str]:
+        """Every name whose value, storage, name or presence changes."""
+        names = [n for c in self.changes for n in c.names] + [t for t, _ in self.aliases]
+        return names + self.drops + list(self.renames)
+
+    def rows(self, ckpt: Checkpoint) -> list[dict]:
+        """One row per affected tensor: name, shape and dtype before, what happens."""
+        tensors = ckpt.tensors
+        rows = []
+        for change in self.changes:
+            for name in change.names:
+                rows.append(_row(name, tensors[name], change.action, change.shape, change.dtype))
+        for target, source in self.aliases:
+            rows.append(_row(target, tensors[target], f"tie to {source}", tensors[source].shape,
+                             tensors[source].dtype.name))
+        rows += [_row(n, tensors[n], "drop", None, None) for n in self.drops]
+        rows += [_row(old, tensors[old], f"rename to {new}", tensors[old].shape, tensors[old].dtype.name)
+                 for old, new in self.renames.items()]
+        return rows
+
+
+def _row(name: str, tensor: Tensor, action: str, shape, dtype) -> dict:
+    return {"name": name, "shape": list(tensor.shape), "dtype": tensor.dtype.name, "action": action,
+            "new_shape": list(shape) if shape is not None else None, "new_dtype": dtype}
+
+
+def tie_units(ckpt: Checkpoint, names: list[str], *, follow: bool, untie: bool, command: str) -> list[list[str]]:
+    """Group the selected names into units that receive the same new values.
+
+    A tensor tied to tensors that were not selected is an error, unless ``follow``
+    (change the whole group) or ``untie`` (the selected ones get storage of their own).
+    """
+    group_of = {n: g for g in ckpt.ties() for n in g}
+    selected = set(names)
+    units, seen, problems = [], set(), []
+    for name in names:
+        if name in seen:
+            continue
+        group = group_of.get(name)
+        if group is None or untie:
+            units.append([name])
+            seen.add(name)
+            continue
+        outside = [m for m in group if m not in selected]
+        if outside and not follow:
+            problems.append(f"'{name}' shares its storage with {', '.join(repr(m) for m in outside)}")
+        members = group if follow else [m for m in group if m in selected]
+        units.append(members)
+        seen.update(members)
+    if problems:
+        raise PlanError(f"{command}: {'; '.join(problems)}, which would change too; pass --follow-ties to change"
+                        " the whole group or --untie to give the selected tensors storage of their own")
+    return units
+
+
+def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None = None) -> None:
+    """Carry out ``plan`` on ``ckpt`` (new storages in memory; the input file is untouched)."""
+    from .tensors import from_torch
+
+    for change in plan.changes:
+        values = change.compute()
+        first = ckpt[change.names[0]]
+        fresh = from_torch(values, location=first.storage.location)
+        for name in change.names:
+            ckpt[name] = _like(ckpt[name], fresh.storage, fresh)
+        if progress is not None:
+            progress(fresh.nbytes)
+    for target, source in plan.aliases:
+        src = ckpt[source]
+        ckpt[target] = _like(ckpt[target], src.storage, src)
+    for name in plan.drops:
+        del ckpt[name]
+    if plan.renames:
+        rename(ckpt, plan.renames, plan.module_renames)
+    history = json.loads(ckpt.metadata.get(HISTORY_KEY, "[]"))
+    ckpt.metadata[HISTORY_KEY] = json.dumps(history + [plan.description], separators=(",", ":"))
+
+
+def _like(old: Tensor, storage, shape_from: Tensor) -> Tensor:
+    """A tensor viewing ``storage`` as ``shape_from`` does, pickled like ``old`` (a Parameter stays one)."""
+    tensor = Tensor(storage, shape_from.dtype, shape_from.shape, shape_from.stride, shape_from.offset)
+    tensor.parameter, tensor.requires_grad = old.parameter, old.requires_grad
+    return tensor
+
+
+def rename(ckpt: Checkpoint, renames: dict[str, str], module_renames: dict[str, str]) -> None:
+    """Rename entries in place, keeping their order, and the state dict's per-module _metadata."""
+    container = ckpt.container
+    items = [(renames.get(k, k), v) for k, v in container.items()]
+    container.clear()
+    container.update(items)
+    metadata = getattr(container, "_metadata", None)
+    if isinstance(metadata, dict) and module_renames:
+        moved = [(module_renames.get(prefix, prefix), value) for prefix, value in metadata.items()]
+        metadata.clear()
+        metadata.update(moved)
