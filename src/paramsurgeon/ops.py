@@ -269,7 +269,7 @@ def plan_rename(ckpt: Checkpoint, from_glob: str, to_glob: str) -> Plan:
     final: dict[str, list[str]] = {}
     for name in ckpt.container:
         final.setdefault(mapping.get(name, name), []).append(name)
-    clashes = [f"{' and '.join(repr(o) for o in olds)} would all be named '{new}'"
+    clashes = [f"{' and '.join(repr(o) for o in olds)} would {'both' if len(olds) == 2 else 'all'} be named '{new}'"
                for new, olds in final.items() if len(olds) > 1]
     _fail("rename", clashes)
     plan = Plan("rename", f"rename {from_glob} -> {to_glob}: {len(mapping)} tensors", renames=mapping)

@@ -1,0 +1,222 @@
+"""zero, scale, cast, copy, tie, untie, rename and drop: exactly the selected tensors change as
+specified, everything else stays bit-identical, ties and the rest of the file survive, and the
+real module still loads the result with strict=True."""
+
+import json
+
+import pytest
+import torch
+from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, run
+from safetensors.torch import load_file
+
+from test_formats import bits, load_torch
+
+
+def check(before: dict, after: dict, changed: dict):
+    """``changed`` maps names to their expected new values; every other tensor is untouched."""
+    for name, value in before.items():
+        if name in changed:
+            torch.testing.assert_close(after[name], changed[name], rtol=0, atol=0)
+        else:
+            assert bits(after[name]) == bits(value), f"{name} changed"
+
+
+def out_of(tmp_path, *args, name="out.pt"):
+    result = run(*args, "-o", tmp_path / name)
+    assert result.exit_code == 0, result.stderr
+    return tmp_path / name, result
+
+
+def test_zero_and_prune(tmp_path, resnet_pt, resnet):
+    before = resnet.state_dict()
+    path, result = out_of(tmp_path, "zero", resnet_pt, "-p", "layer*.1.bn2.weight")
+    names = [f"layer{i}.1.bn2.weight" for i in range(1, 5)]
+    check(before, load_torch(path), {n: torch.zeros_like(before[n]) for n in names})
+    assert "zero: 4 x zero; wrote" in result.stderr
+    ResNet().load_state_dict(load_torch(path), strict=True)
+    pruned, _ = out_of(tmp_path, "zero", resnet_pt, "-p", "conv1.weight", "--below", "0.05", name="pruned.pt")
+    w = before["conv1.weight"]
+    check(before, load_torch(pruned), {"conv1.weight": torch.where(w.abs() < 0.05, torch.zeros(()), w)})
+
+
+def test_scale(tmp_path, resnet_pt, resnet):
+    before = resnet.state_dict()
+    path, _ = out_of(tmp_path, "scale", resnet_pt, "-p", "fc.*", "--by", "0.5")
+    check(before, load_torch(path), {"fc.weight": before["fc.weight"] * 0.5, "fc.bias": before["fc.bias"] * 0.5})
+    bad = run("scale", resnet_pt, "-o", tmp_path / "x.pt", "-p", "*num_batches_tracked", "--by", "0.5")
+    assert bad.exit_code == 2 and "is int64, and scaling it by 0.5 would truncate" in bad.stderr
+
+
+def test_cast_changes_floats_only(tmp_path, resnet_pt, resnet):
+    before = resnet.state_dict()
+    path, result = out_of(tmp_path, "cast", resnet_pt, "--all", "--dtype", "bf16", name="half.safetensors")
+    after = load_file(path)
+    for name, value in before.items():
+        if value.is_floating_point():
+            assert after[name].dtype == torch.bfloat16 and torch.equal(after[name], value.to(torch.bfloat16))
+        else:
+            assert bits(after[name]) == bits(value)
+    assert "left 20 non-floating-point tensors as they are" in result.stderr
+    bad = run("cast", resnet_pt, "--all", "--dtype", "int8")
+    assert bad.exit_code == 2 and "choose from float32, float16, bfloat16, float64" in bad.stderr
+
+
+def test_copy_between_layers_casts_to_the_target(tmp_path, resnet_pt, resnet):
+    before = resnet.state_dict()
+    path, _ = out_of(tmp_path, "copy", resnet_pt, "--from", "layer1.0.*", "--to", "layer1.1.*")
+    expected = {n.replace("layer1.0.", "layer1.1."): v for n, v in before.items() if n.startswith("layer1.0.")}
+    check(before, load_torch(path), expected)
+    mismatch = run("copy", resnet_pt, "-o", tmp_path / "x.pt", "--from", "layer1.0.conv1.weight",
+                   "--to", "layer2.0.conv1.weight")
+    assert mismatch.exit_code == 2
+    assert "shape mismatch for 'layer1.0.conv1.weight' [8, 8, 3, 3] -> 'layer2.0.conv1.weight' [16, 8, 3, 3];" \
+           " pass --skip-mismatched" in mismatch.stderr
+    missing = run("copy", resnet_pt, "-o", tmp_path / "x.pt", "--from", "fc.*", "--to", "head.*")
+    assert missing.exit_code == 2 and "no target tensor named 'head.weight'" in missing.stderr
+
+
+def test_copy_from_pretrained_keeps_the_new_head(tmp_path, resnet_pt, resnet):
+    torch.manual_seed(5)
+    fresh = ResNet(num_classes=5)
+    target = tmp_path / "fresh.pt"
+    torch.save(fresh.state_dict(), target)
+    refused = run("copy", target, "-o", tmp_path / "x.pt", "--source", resnet_pt)
+    assert refused.exit_code == 2 and "shape mismatch for 'fc.weight' [10, 32] -> 'fc.weight' [5, 32]" in refused.stderr
+    path, result = out_of(tmp_path, "copy", target, "--source", resnet_pt, "--skip-mismatched")
+    after = load_torch(path)
+    pretrained = resnet.state_dict()
+    for name, value in fresh.state_dict().items():
+        expected = value if name.startswith("fc.") else pretrained[name]
+        assert bits(after[name]) == bits(expected), name
+    assert "skipped 2 with a shape mismatch: fc.weight [5, 32] vs [10, 32], fc.bias [5] vs [10]" in result.stderr
+    ResNet(num_classes=5).load_state_dict(after, strict=True)
+
+
+def test_copy_reports_names_on_one_side_only(tmp_path, resnet_pt):
+    source = tmp_path / "partial.safetensors"
+    assert run("drop", resnet_pt, "-p", "layer4.*", "-o", source).exit_code == 0
+    extra = tmp_path / "extra.pt"
+    state = torch.load(resnet_pt, weights_only=True)
+    torch.save({**state, "aux.weight": torch.ones(2)}, extra)
+    _, result = out_of(tmp_path, "copy", extra, "--source", source)
+    assert "only in the target, kept (31): layer4.0.conv1.weight" in result.stderr  # 30 of layer4, and aux
+
+
+def test_tie_and_untie(tmp_path, resnet_pt, resnet):
+    before = resnet.state_dict()
+    tied, result = out_of(tmp_path, "tie", resnet_pt, "--source", "layer1.0.conv1.weight",
+                          "--target", "layer1.*.conv2.weight")
+    after = load_torch(tied)
+    for name in ("layer1.0.conv2.weight", "layer1.1.conv2.weight"):
+        assert after[name].untyped_storage().data_ptr() == after["layer1.0.conv1.weight"].untyped_storage().data_ptr()
+    check(before, after, {n: before["layer1.0.conv1.weight"] for n in ("layer1.0.conv2.weight", "layer1.1.conv2.weight")})
+    document = json.loads(run("inspect", tied, "--json", "--no-stats").stdout)
+    assert document["ties"] == [["layer1.0.conv1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight"]]
+    assert document["totals"]["parameters"] == sum(p.numel() for p in resnet.parameters()) - 2 * 576
+    untied, _ = out_of(tmp_path, "untie", tied, "-p", "layer1.1.conv2.weight", name="untied.pt")
+    document = json.loads(run("inspect", untied, "--json", "--no-stats").stdout)
+    assert document["ties"] == [["layer1.0.conv1.weight", "layer1.0.conv2.weight"]]
+    assert bits(load_torch(untied)["layer1.1.conv2.weight"]) == bits(before["layer1.0.conv1.weight"])
+    mismatch = run("tie", resnet_pt, "-o", tmp_path / "x.pt", "--source", "fc.weight", "--target", "fc.bias")
+    assert mismatch.exit_code == 2 and "cannot share the storage of 'fc.weight'" in mismatch.stderr
+
+
+def test_tie_into_safetensors_records_the_tie(tmp_path, resnet_pt):
+    path, _ = out_of(tmp_path, "tie", resnet_pt, "--source", "layer1.0.conv1.weight", "--target", "layer1.0.conv2.weight",
+                     name="tied.safetensors")
+    header = json.loads(file_bytes(path)[8:8 + int.from_bytes(file_bytes(path)[:8], "little")])
+    assert json.loads(header["__metadata__"]["paramsurgeon.ties"]) == [["layer1.0.conv1.weight", "layer1.0.conv2.weight"]]
+    assert "tie to layer1.0.conv1.weight" in header["__metadata__"]["paramsurgeon.operations"]
+    back, _ = out_of(tmp_path, "convert", path, name="back.pt")
+    state = load_torch(back)
+    assert state["layer1.0.conv1.weight"].untyped_storage().data_ptr() == \
+        state["layer1.0.conv2.weight"].untyped_storage().data_ptr()
+
+
+def test_rename_strips_data_parallel_prefix(tmp_path, resnet):
+    wrapped = torch.nn.DataParallel(resnet)
+    path = tmp_path / "dp.pt"
+    torch.save(wrapped.state_dict(), path)
+    renamed, _ = out_of(tmp_path, "rename", path, "--from", "module.*", "--to", "*")
+    state = load_torch(renamed)
+    assert list(state) == list(resnet.state_dict())
+    assert "layer1.0.bn1" in state._metadata and "module.layer1.0.bn1" not in state._metadata
+    ResNet().load_state_dict(state, strict=True)
+    clash = run("rename", path, "-o", tmp_path / "x.pt", "--from", "module.*.weight", "--to", "module.*.bias")
+    assert clash.exit_code == 2
+    assert "'module.bn1.weight' and 'module.bn1.bias' would both be named 'module.bn1.bias'" in clash.stderr
+
+
+def test_drop_needs_a_selection(tmp_path, resnet_pt, resnet):
+    refused = run("drop", resnet_pt, "-o", tmp_path / "x.pt")
+    assert refused.exit_code == 2 and "choose tensors with -p/--pattern" in refused.stderr
+    path, _ = out_of(tmp_path, "drop", resnet_pt, "-p", "fc.*")
+    assert list(load_torch(path)) == [n for n in resnet.state_dict() if not n.startswith("fc.")]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, resnet_pt):
+    out = tmp_path / "never.pt"
+    result = run("cast", resnet_pt, "-p", "fc.*", "--dtype", "float16", "-o", out, "--dry-run")
+    assert result.exit_code == 0 and not out.exists()
+    lines = result.stdout.splitlines()
+    assert lines[0] == "cast: 2 tensors would change (dry run: nothing written)"
+    assert lines[3].split() == ["fc.weight", "10x32", "f32", "->", "f16", "cast", "to", "float16"]
+    document = json.loads(run("zero", resnet_pt, "-p", "fc.bias", "--dry-run", "--json").stdout)
+    assert document["changes"] == [{"name": "fc.bias", "shape": [10], "dtype": "float32", "action": "zero",
+                                    "new_shape": [10], "new_dtype": "float32"}]
+
+
+def test_optimizer_state_is_flagged_and_can_be_reset(tmp_path, training_pt):
+    path, result = out_of(tmp_path, "zero", training_pt, "-p", "fc.bias")
+    assert "also holds optimizer state at 'optimizer' (Adam state for 62 params" in result.stderr
+    assert "--reset-optimizer" in result.stderr
+    original = load_torch(training_pt)
+    assert load_torch(path)["optimizer"]["state"].keys() == original["optimizer"]["state"].keys()
+    reset, result = out_of(tmp_path, "zero", training_pt, "-p", "fc.bias", "--reset-optimizer", name="reset.pt")
+    state = load_torch(reset)
+    assert state["optimizer"]["state"] == {} and state["optimizer"]["param_groups"] == original["optimizer"]["param_groups"]
+    assert state["epoch"] == 7 and torch.equal(state["state_dict"]["fc.bias"], torch.zeros(10))
+    model = ResNet()
+    optimizer = torch.optim.Adam(model.parameters())
+    optimizer.load_state_dict(state["optimizer"])  # a clean restart still loads
+
+
+def test_pipeline_init_on_stdin_to_stdout(tmp_path, resnet_pt, resnet):
+    """paramsurgeon init --pattern 'layer1.*.bn*' --const 1 < a.pt > b.pt"""
+    import subprocess
+    import sys
+
+    with open(resnet_pt, "rb") as stdin, open(tmp_path / "b.pt", "wb") as stdout:
+        result = subprocess.run([sys.executable, "-m", "paramsurgeon", "init", "--pattern", "layer1.*.bn*", "--const", "1"],
+                                stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=120)
+    assert result.returncode == 0, result.stderr
+    before = resnet.state_dict()
+    expected = {n: torch.ones_like(v) for n, v in before.items() if n.startswith("layer1.") and ".bn" in n}
+    check(before, load_torch(tmp_path / "b.pt"), expected)
+
+
+def test_every_problem_is_reported_at_once(tmp_path, gpt_pt):
+    result = run("init", gpt_pt, "-o", tmp_path / "x.pt", "-p", "ln_f.*", "-p", "lm_head.*", "-p", "wpe.weight",
+                 "--scheme", "orthogonal", "--seed", "1")
+    assert result.exit_code == 2
+    assert "lm_head.weight' shares its storage" in result.stderr  # ties are checked first, for every tensor
+    result = run("init", gpt_pt, "-o", tmp_path / "x.pt", "-p", "ln_f.*", "-p", "wpe.weight", "--scheme", "orthogonal",
+                 "--seed", "1")
+    assert "'ln_f.weight' has 1 dimension" in result.stderr and "'ln_f.bias' has 1 dimension" in result.stderr
+
+
+def test_safetensors_output_records_the_operations(tmp_path):
+    path, _ = out_of(tmp_path, "zero", f"{SAMPLES}/gpt.safetensors", "-p", "ln_f.bias", name="z.safetensors")
+    again, _ = out_of(tmp_path, "scale", path, "-p", "wpe.weight", "--by", "2", name="s.safetensors")
+    header = json.loads(file_bytes(again)[8:8 + int.from_bytes(file_bytes(again)[:8], "little")])
+    assert json.loads(header["__metadata__"]["paramsurgeon.operations"]) == ["zero: ln_f.bias", "scale by 2: wpe.weight"]
+    TinyGPT().load_state_dict(load_file(again), strict=True)
+
+
+@pytest.mark.parametrize("args", [["zero", "-p", "h.0.*"], ["scale", "-p", "h.*.mlp.*", "--by", "3"],
+                                  ["cast", "-p", "wpe.weight", "--dtype", "float64"]])
+def test_gpt_still_loads_and_keeps_its_tie(tmp_path, gpt_pt, args):
+    path, _ = out_of(tmp_path, args[0], gpt_pt, *args[1:])
+    state = load_torch(path)
+    assert state["wte.weight"].untyped_storage().data_ptr() == state["lm_head.weight"].untyped_storage().data_ptr()
+    TinyGPT().load_state_dict(state, strict=True)
