@@ -181,16 +181,16 @@ def test_optimizer_state_is_flagged_and_can_be_reset(tmp_path, training_pt):
     optimizer.load_state_dict(state["optimizer"])  # a clean restart still loads
 
 
-def test_pipeline_init_on_stdin_to_stdout(tmp_path, resnet_pt, resnet):
-    """paramsurgeon init --pattern 'layer1.*.bn*' --const 1 < a.pt > b.pt"""
+def test_pipeline_init_on_stdin_to_stdout(tmp_path):
+    """paramsurgeon init --pattern 'layer1.*.bn*' --const 1 < a.pt > b.pt, on the ResNet sample."""
     import subprocess
     import sys
 
-    with open(resnet_pt, "rb") as stdin, open(tmp_path / "b.pt", "wb") as stdout:
+    with open(f"{SAMPLES}/resnet.pt", "rb") as stdin, open(tmp_path / "b.pt", "wb") as stdout:
         result = subprocess.run([sys.executable, "-m", "paramsurgeon", "init", "--pattern", "layer1.*.bn*", "--const", "1"],
                                 stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=120)
     assert result.returncode == 0, result.stderr
-    before = resnet.state_dict()
+    before = load_torch(f"{SAMPLES}/resnet.pt")
     expected = {n: torch.ones_like(v) for n, v in before.items() if n.startswith("layer1.") and ".bn" in n}
     check(before, load_torch(tmp_path / "b.pt"), expected)
 
@@ -220,3 +220,53 @@ def test_gpt_still_loads_and_keeps_its_tie(tmp_path, gpt_pt, args):
     state = load_torch(path)
     assert state["wte.weight"].untyped_storage().data_ptr() == state["lm_head.weight"].untyped_storage().data_ptr()
     TinyGPT().load_state_dict(state, strict=True)
+
+
+@pytest.fixture
+def gpt_training(tmp_path, gpt):
+    """A nested training checkpoint of the tied GPT: state_dict, AdamW state, epoch, hyper-parameters."""
+    optimizer = torch.optim.AdamW(gpt.parameters(), lr=3e-4)
+    gpt(torch.randint(0, 256, (2, 8))).sum().backward()
+    optimizer.step()
+    path = tmp_path / "gpt-training.pt"
+    torch.save({"state_dict": gpt.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3,
+                "hyper_parameters": {"lr": 3e-4, "layers": 2}}, path)
+    return path
+
+
+OPERATIONS = [
+    ["init", "-p", "h.0.mlp.*", "--scheme", "default", "--seed", "1"],
+    ["init", "-k", "layernorm", "--const", "1"],
+    ["zero", "-p", "h.1.ln_2.bias"],
+    ["zero", "-p", "h.*.mlp.0.weight", "--below", "0.01"],
+    ["scale", "-p", "wpe.weight", "--by", "0.5"],
+    ["cast", "-p", "h.0.*", "--dtype", "float64"],
+    ["copy", "--from", "h.0.ln_1.*", "--to", "h.1.ln_1.*"],
+    ["tie", "--source", "h.0.mlp.2.bias", "--target", "h.1.mlp.2.bias"],
+    ["untie", "-p", "lm_head.weight"],
+    ["rename", "--from", "h.*", "--to", "blocks.*"],
+    ["drop", "-p", "wpe.weight"],
+]
+
+
+@pytest.mark.parametrize("args", OPERATIONS, ids=[" ".join(a[:2]) for a in OPERATIONS])
+def test_every_operation_keeps_the_rest_of_the_file(tmp_path, gpt_training, args):
+    out = tmp_path / "out.pt"
+    result = run(args[0], gpt_training, *args[1:], "-o", out)
+    assert result.exit_code == 0, result.stderr
+    before, after = load_torch(gpt_training), load_torch(out)
+    assert list(after) == list(before) and after["epoch"] == 3 and after["hyper_parameters"] == before["hyper_parameters"]
+    assert after["optimizer"]["param_groups"] == before["optimizer"]["param_groups"]
+    for index, slots in before["optimizer"]["state"].items():
+        for slot, value in slots.items():
+            assert bits(after["optimizer"]["state"][index][slot]) == bits(value)
+    state = after["state_dict"]
+    if args[0] == "rename":
+        state = {k.replace("blocks.", "h.", 1) if k.startswith("blocks.") else k: v for k, v in state.items()}
+    if args[0] != "untie":
+        assert state["wte.weight"].untyped_storage().data_ptr() == state["lm_head.weight"].untyped_storage().data_ptr()
+    if args[0] == "drop":
+        assert "wpe.weight" not in state
+        return
+    TinyGPT().load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    assert "optimizer state at 'optimizer'" in result.stderr

@@ -1,0 +1,157 @@
+"""Each cookbook recipe in the README, run as written, does what its Python does."""
+
+import math
+import os
+import re
+
+import pytest
+import torch
+from conftest import SAMPLES
+from scipy import stats
+
+from test_formats import bits, load_torch
+from test_readme import README, execute, workspace
+
+P_MIN = 1e-4
+RECIPE = re.compile(r"<!-- recipe: ([\w-]+) -->.*?```console\n(.*?)```", re.S)
+
+
+def recipes() -> dict[str, list[str]]:
+    with open(README) as f:
+        text = f.read()
+    return {name: [line[2:] for line in block.splitlines() if line.startswith("$ ")]
+            for name, block in RECIPE.findall(text)}
+
+
+def sample(name: str) -> dict:
+    return torch.load(os.path.join(SAMPLES, name), weights_only=True)
+
+
+def ks(values, cdf) -> float:
+    return stats.kstest(values.double().flatten().numpy(), cdf).pvalue
+
+
+def unchanged_except(before: dict, after: dict, changed: set[str]):
+    assert list(after) == list(before)
+    for name, value in before.items():
+        if name not in changed:
+            assert bits(after[name]) == bits(value), f"{name} changed"
+
+
+VGG_CONVS = ["features.0.weight", "features.4.weight"]
+VGG_BN = ["features.1", "features.5"]
+VGG_LINEAR = ["classifier.1", "classifier.3"]
+
+
+def check_copy_conv(out):
+    before, after = sample("resnet.pt"), out("copied.pt")
+    unchanged_except(before, after, {"layer1.0.conv2.weight"})
+    assert bits(after["layer1.0.conv2.weight"]) == bits(before["layer1.0.conv1.weight"])
+
+
+def check_conv_ones(out):
+    before, after = sample("vgg.pt"), out("ones.pt")
+    unchanged_except(before, after, {"features.0.weight", "features.0.bias"})
+    assert torch.equal(after["features.0.weight"], torch.ones(16, 3, 3, 3))
+    assert torch.equal(after["features.0.bias"], torch.zeros(16))
+
+
+def check_dcgan(out):
+    before, after = sample("vgg.pt"), out("dcgan.pt")
+    unchanged_except(before, after, set(VGG_CONVS) | {f"{b}.weight" for b in VGG_BN} | {f"{b}.bias" for b in VGG_BN})
+    assert ks(torch.cat([after[n].flatten() for n in VGG_CONVS]), stats.norm(0, 0.02).cdf) > P_MIN
+    assert ks(torch.cat([after[f"{b}.weight"] for b in VGG_BN]), stats.norm(1, 0.02).cdf) > P_MIN
+    assert all(torch.equal(after[f"{b}.bias"], torch.zeros_like(before[f"{b}.bias"])) for b in VGG_BN)
+
+
+def check_xavier_bn(out):
+    before, after = sample("vgg.pt"), out("xavier.pt")
+    unchanged_except(before, after, set(VGG_CONVS) | {f"{b}.weight" for b in VGG_BN} | {f"{b}.bias" for b in VGG_BN})
+    for name in VGG_CONVS:
+        fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(before[name])
+        assert ks(after[name], stats.norm(0, math.sqrt(2 / (fan_in + fan_out))).cdf) > P_MIN
+    for block in VGG_BN:
+        assert torch.equal(after[f"{block}.weight"], torch.ones_like(before[f"{block}.weight"]))
+        assert torch.equal(after[f"{block}.bias"], torch.zeros_like(before[f"{block}.bias"]))
+
+
+def check_he(out):
+    before, after = sample("vgg.pt"), out("he.pt")
+    linear = {f"{m}.{leaf}" for m in VGG_LINEAR for leaf in ("weight", "bias")}
+    unchanged_except(before, after, set(VGG_CONVS) | linear)
+    for name in VGG_CONVS:
+        out_channels, _, kh, kw = before[name].shape
+        assert ks(after[name], stats.norm(0, math.sqrt(2.0 / (kh * kw * out_channels))).cdf) > P_MIN
+    assert ks(torch.cat([after[f"{m}.weight"].flatten() for m in VGG_LINEAR]), stats.norm(0, 0.01).cdf) > P_MIN
+    assert all(torch.equal(after[f"{m}.bias"], torch.ones_like(before[f"{m}.bias"])) for m in VGG_LINEAR)
+
+
+def check_uniform_prune(out):
+    before, after = sample("vgg.pt"), out("pruned.pt")
+    unchanged_except(before, after, {"classifier.1.weight"})
+    values = after["classifier.1.weight"]
+    kept = values[values != 0]
+    assert kept.abs().min() >= 5 and kept.abs().max() <= 10
+    assert 0.4 < (values == 0).float().mean() < 0.6  # half of uniform(-10, 10) lies within (-5, 5)
+    assert ks(kept.abs(), stats.uniform(5, 5).cdf) > P_MIN
+
+
+def check_xavier_linear(out):
+    before, after = sample("vgg.pt"), out("linear.pt")
+    unchanged_except(before, after, {f"{m}.{leaf}" for m in VGG_LINEAR for leaf in ("weight", "bias")})
+    for module in VGG_LINEAR:
+        fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(before[f"{module}.weight"])
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert ks(after[f"{module}.weight"], stats.uniform(-bound, 2 * bound).cdf) > P_MIN
+        assert torch.equal(after[f"{module}.bias"], torch.full_like(before[f"{module}.bias"], 0.1))
+
+
+def check_trunc_normal(out):
+    before, after = sample("gpt.pt"), out("gpt-init.pt")
+    linear = [n for n in before if n.endswith("weight") and (".mlp." in n or "proj" in n)]
+    assert len(linear) == 8  # in_proj, out_proj and two MLP layers in each of two blocks
+    unchanged_except(before, after, set(linear))
+    assert ks(torch.cat([after[n].flatten() for n in linear]), stats.truncnorm(-100, 100, 0, 0.02).cdf) > P_MIN
+    assert after["lm_head.weight"].untyped_storage().data_ptr() == after["wte.weight"].untyped_storage().data_ptr()
+
+
+def check_pretrained(out):
+    pretrained, fresh, after = sample("resnet.pt"), sample("resnet-5class.pt"), out("finetune.pt")
+    for name in fresh:
+        expected = fresh[name] if name.startswith("fc.") else pretrained[name]
+        assert bits(after[name]) == bits(expected), name
+
+
+def check_share_linear(out):
+    before, after = sample("gpt.pt"), out("shared.pt")
+    unchanged_except(before, after, {"h.1.mlp.0.weight", "h.1.mlp.0.bias"})
+    for leaf in ("weight", "bias"):
+        assert bits(after[f"h.1.mlp.0.{leaf}"]) == bits(before[f"h.0.mlp.0.{leaf}"])
+        assert after[f"h.1.mlp.0.{leaf}"].untyped_storage().data_ptr() == \
+            after[f"h.0.mlp.0.{leaf}"].untyped_storage().data_ptr()
+
+
+def check_zero_gamma(out):
+    before, after = sample("resnet.pt"), out("zero-gamma.pt")
+    gammas = {f"layer{i}.{j}.bn2.weight" for i in range(1, 5) for j in range(2)}
+    unchanged_except(before, after, gammas)
+    assert all(torch.equal(after[n], torch.zeros_like(before[n])) for n in gammas)
+
+
+CHECKS = {"copy-conv": check_copy_conv, "conv-ones": check_conv_ones, "dcgan": check_dcgan,
+          "xavier-bn": check_xavier_bn, "he": check_he, "uniform-prune": check_uniform_prune,
+          "xavier-linear": check_xavier_linear, "trunc-normal": check_trunc_normal, "pretrained": check_pretrained,
+          "share-linear": check_share_linear, "zero-gamma": check_zero_gamma}
+
+
+def test_every_recipe_has_a_check():
+    assert sorted(recipes()) == sorted(CHECKS)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_recipe(tmp_path, name):
+    cwd = workspace(str(tmp_path))
+    for command in recipes()[name]:
+        output = execute(command, cwd)
+        assert "error" not in output, output
+    CHECKS[name](lambda filename: load_torch(tmp_path / filename))
