@@ -270,3 +270,11 @@ def test_every_operation_keeps_the_rest_of_the_file(tmp_path, gpt_training, args
         return
     TinyGPT().load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     assert "optimizer state at 'optimizer'" in result.stderr
+
+
+def test_tie_to_safetensors_with_dedupe(tmp_path, resnet_pt):
+    path, _ = out_of(tmp_path, "tie", resnet_pt, "--source", "layer1.0.conv1.weight", "--target", "layer1.0.conv2.weight",
+                     "--dedupe", name="tied.safetensors")
+    assert "layer1.0.conv2.weight" not in load_file(path)
+    document = json.loads(run("inspect", path, "--json", "--no-stats").stdout)
+    assert document["ties"] == [["layer1.0.conv1.weight", "layer1.0.conv2.weight"]]

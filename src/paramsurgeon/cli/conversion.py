@@ -17,10 +17,6 @@ def convert(
     max_shard_size: Annotated[Optional[str], typer.Option(
         "--max-shard-size", metavar="SIZE", help="Write a Hugging Face sharded directory with shards of at most"
         " SIZE (5GB = 5*10^9 bytes, as the hub counts).")] = None,
-    dedupe: Annotated[bool, typer.Option(
-        "--dedupe", help="safetensors: write tied tensors once (as Hugging Face does); ties are recorded.")] = False,
-    tensors_only: Annotated[bool, typer.Option(
-        "--tensors-only", help="Write only the tensors of a nested checkpoint (what safetensors can hold).")] = False,
     read: ReadOptions = None,
     write: WriteOptions = None,
 ):
@@ -38,5 +34,5 @@ def convert(
         note(f"would write {len(tensors)} tensors ({human_bytes(size)}) to {where} as {layout}")
         return
     with progress(size, "writing") as advance:
-        formats.save(checkpoint, target, dedupe=dedupe, tensors_only=tensors_only, progress=advance)
+        formats.save(checkpoint, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
     note(f"wrote {where} ({layout}, {len(tensors)} tensors, {human_bytes(size)})")

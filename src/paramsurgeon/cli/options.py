@@ -35,6 +35,8 @@ class WriteOptions:
     format: Optional[str]
     in_place: bool
     dry_run: bool
+    dedupe: bool
+    tensors_only: bool
 
 
 @dataclass
@@ -104,6 +106,12 @@ WRITE = OptionGroup("write", WriteOptions, [
         "--in-place", help="Rewrite the input checkpoint (atomically).", rich_help_panel="Output")], False),
     _param("dry_run", Annotated[bool, typer.Option(
         "--dry-run", help="Print what would be written; write nothing.", rich_help_panel="Output")], False),
+    _param("dedupe", Annotated[bool, typer.Option(
+        "--dedupe", help="safetensors: write tied tensors once (as Hugging Face does); the ties are recorded.",
+        rich_help_panel="Output")], False),
+    _param("tensors_only", Annotated[bool, typer.Option(
+        "--tensors-only", help="Write only the tensors of a nested checkpoint (all that safetensors can hold).",
+        rich_help_panel="Output")], False),
 ])
 
 

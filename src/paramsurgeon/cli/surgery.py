@@ -50,7 +50,7 @@ def _run(command: str, path: Optional[str], read: ReadOptions, write: WriteOptio
         apply(ckpt, plan, advance)
     tensors = ckpt.tensors
     with progress(sum(t.nbytes for t in tensors.values()), "writing") as advance:
-        formats.save(ckpt, target, progress=advance)
+        formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
     where = target.path or "standard output"
     note(f"{command}: {_summary(plan)}; wrote {where} ({len(tensors)} tensors,"
          f" {human_bytes(sum(t.nbytes for t in tensors.values()))})")
