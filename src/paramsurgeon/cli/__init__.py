@@ -28,7 +28,7 @@ class _Group(TyperGroup):
         except typer._click.exceptions.UsageError as e:
             where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             code = _fail(f"{e.format_message()}{where}", 2, debug)
-        except typer._click.exceptions.Abort:
+        except typer.Abort:
             code = 130
         except KeyboardInterrupt:
             code = _fail("interrupted; nothing was written", 130, debug)

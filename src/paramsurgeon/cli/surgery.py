@@ -10,11 +10,10 @@ from typing import Annotated, Callable, List, Optional
 
 import typer
 
-from .. import formats, ops, report, schemes
+from .. import formats, ops, report, steps
 from ..checkpoint import Checkpoint
 from ..errors import OutputError, UsageError
 from ..extras import summarize
-from ..kinds import LAYER_KINDS
 from ..plan import Plan, apply
 from ..units import human_bytes
 from .common import color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width
@@ -87,19 +86,37 @@ def _warn_about_optimizer(command: str, ckpt: Checkpoint, plan: Plan, reset: boo
          " longer matches the changed tensors; pass --reset-optimizer to clear its moments")
 
 
-def _targets(command: str, ckpt: Checkpoint, select: SelectOptions, every: bool) -> list[str]:
-    if not (select.pattern or select.regex or select.kind or every):
-        raise UsageError(f"{command}: choose tensors with -p/--pattern, --regex or -k/--kind, or pass --all"
-                         " for every tensor")
-    return selected_names(ckpt, select)
+def _step(op: str, path: Optional[str], read: ReadOptions, write: WriteOptions, plan: PlanOptions,
+          **options) -> None:
+    """Run ``op`` with the given options (None values left out) through the library's steps."""
+    chosen = steps.normalize(op, {k: v for k, v in options.items() if v is not None and v != []
+                                  and v is not False}, op)
+    if steps.needs_seed(op, chosen) and "seed" not in chosen and not write.dry_run:
+        chosen["seed"] = secrets.randbelow(2**31)
+        note(f"{op}: seed {chosen['seed']} (pass --seed {chosen['seed']} to repeat this exactly)")
+
+    def load(source: str, key: Optional[str]) -> Checkpoint:
+        return formats.load(source, key=key, allow_globals=tuple(read.allow_global), unsafe_pickle=read.unsafe_pickle)
+
+    _run(op, path, read, write, plan, lambda ckpt: steps.build_plan(ckpt, op, chosen, load))
 
 
-def _number(text: str, option: str) -> float:
+def _number(text: str, option: str):
+    """'1' -> 1, '0.5' -> 0.5: an integral value stays an int, so that it fits integer tensors."""
     try:
         value = float(text)
     except ValueError:
         raise UsageError(f"{option} {text}: expected a number") from None
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def _selection(select: SelectOptions) -> dict:
+    return {"pattern": select.pattern, "regex": select.regex, "exclude": select.exclude, "kind": select.kind,
+            "allow_empty": select.allow_empty}
+
+
+def _ties(ties: TieOptions) -> dict:
+    return {"follow_ties": ties.follow_ties, "untie": ties.untie}
 
 
 @options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
@@ -121,18 +138,8 @@ def init(
 
     Example: paramsurgeon init model.pt -p 'fc.*' --scheme 'xavier_uniform(gain=relu)' --seed 3 -o out.pt
     """
-    if (const is None) == (scheme is None):
-        raise UsageError("init: pass either --const V or --scheme SPEC")
-    chosen = schemes.Scheme("constant", {"val": _number(const, "--const")}) if const is not None \
-        else schemes.parse(scheme)
-    if layer is not None and layer not in LAYER_KINDS:
-        raise UsageError(f"--layer {layer}: choose from {', '.join(LAYER_KINDS)}")
-    if seed is None and chosen.random and not write.dry_run:
-        seed = secrets.randbelow(2**31)
-        note(f"init: seed {seed} (pass --seed {seed} to repeat this exactly)")
-    _run("init", ckpt, read, write, plan, lambda c: ops.plan_init(
-        c, _targets("init", c, select, every), chosen, seed or 0, layer=layer, follow=ties.follow_ties,
-        untie=ties.untie))
+    _step("init", ckpt, read, write, plan, **_selection(select), **_ties(ties), all=every,
+          const=_number(const, "--const") if const is not None else None, scheme=scheme, seed=seed, layer=layer)
 
 
 @options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
@@ -147,8 +154,7 @@ def zero(
 
     Example: paramsurgeon zero model.pt -p 'layer*.1.bn2.weight' -o out.pt
     """
-    _run("zero", ckpt, read, write, plan, lambda c: ops.plan_zero(
-        c, _targets("zero", c, select, every), below=below, follow=ties.follow_ties, untie=ties.untie))
+    _step("zero", ckpt, read, write, plan, **_selection(select), **_ties(ties), all=every, below=below)
 
 
 @options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
@@ -162,8 +168,7 @@ def scale(
 
     Example: paramsurgeon scale model.pt -p 'blocks.*.mlp.fc2.weight' --by 0.5 -o out.pt
     """
-    _run("scale", ckpt, read, write, plan, lambda c: ops.plan_scale(
-        c, _targets("scale", c, select, every), by, follow=ties.follow_ties, untie=ties.untie))
+    _step("scale", ckpt, read, write, plan, **_selection(select), **_ties(ties), all=every, by=by)
 
 
 @options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
@@ -177,13 +182,7 @@ def cast(
 
     Example: paramsurgeon cast model.pt --all --dtype bfloat16 -o model-bf16.safetensors
     """
-    name = dtype.removeprefix("torch.")
-    name = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32",
-            "fp64": "float64", "double": "float64"}.get(name, name)
-    if name not in ops.CAST_TARGETS:
-        raise UsageError(f"--dtype {dtype}: choose from {', '.join(ops.CAST_TARGETS)}")
-    _run("cast", ckpt, read, write, plan, lambda c: ops.plan_cast(
-        c, _targets("cast", c, select, every), name, follow=ties.follow_ties, untie=ties.untie))
+    _step("cast", ckpt, read, write, plan, **_selection(select), **_ties(ties), all=every, dtype=dtype)
 
 
 @options(READ, SELECT, TIES, WRITE, PLAN)
@@ -206,21 +205,8 @@ def copy(
 
     Example: paramsurgeon copy model.pt --source pretrained.pt --skip-mismatched -o init.pt
     """
-    if (from_ is None) != (to is None):
-        raise UsageError("copy: pass --from and --to together")
-    if from_ is None and source is None:
-        raise UsageError("copy: pass --from SRC --to DST, or --source OTHER")
-
-    def build(c: Checkpoint) -> Plan:
-        other = c if source is None else formats.load(source, key=source_key,
-                                                      allow_globals=tuple(read.allow_global),
-                                                      unsafe_pickle=read.unsafe_pickle)
-        narrowed = selected_names(c, select) if (select.pattern or select.regex or select.kind) else None
-        pairs, lines = ops.copy_pairs(c, other, from_, to, narrowed)
-        return ops.plan_copy(c, other, pairs, skip_mismatched=skip_mismatched, follow=ties.follow_ties,
-                             untie=ties.untie, report=lines)
-
-    _run("copy", ckpt, read, write, plan, build)
+    _step("copy", ckpt, read, write, plan, **_selection(select), **_ties(ties), source=source, source_key=source_key,
+          skip_mismatched=skip_mismatched, **{"from": from_, "to": to})
 
 
 @options(READ, TIES, WRITE, PLAN)
@@ -235,11 +221,7 @@ def tie(
 
     Example: paramsurgeon tie gpt.pt --source wte.weight --target lm_head.weight -o tied.pt
     """
-    def build(c: Checkpoint) -> Plan:
-        names = selected_names(c, SelectOptions(list(target), [], [], [], False))
-        return ops.plan_tie(c, source, names, follow=ties.follow_ties, untie=ties.untie)
-
-    _run("tie", ckpt, read, write, plan, build)
+    _step("tie", ckpt, read, write, plan, **_ties(ties), source=source, target=target)
 
 
 @options(READ, SELECT, EVERY, WRITE, PLAN)
@@ -252,7 +234,7 @@ def untie(
 
     Example: paramsurgeon untie gpt.pt -p lm_head.weight -o untied.pt
     """
-    _run("untie", ckpt, read, write, plan, lambda c: ops.plan_untie(c, _targets("untie", c, select, every)))
+    _step("untie", ckpt, read, write, plan, **_selection(select), all=every)
 
 
 @options(READ, WRITE, PLAN)
@@ -266,7 +248,7 @@ def rename(
 
     Example: paramsurgeon rename model.pt --from 'module.*' --to '*' -o clean.pt
     """
-    _run("rename", ckpt, read, write, plan, lambda c: ops.plan_rename(c, from_, to))
+    _step("rename", ckpt, read, write, plan, **{"from": from_, "to": to})
 
 
 @options(READ, SELECT, EVERY, WRITE, PLAN)
@@ -279,4 +261,4 @@ def drop(
 
     Example: paramsurgeon drop model.pt -p 'fc.*' -o backbone.pt
     """
-    _run("drop", ckpt, read, write, plan, lambda c: ops.plan_drop(c, _targets("drop", c, select, every)))
+    _step("drop", ckpt, read, write, plan, **_selection(select), all=every)

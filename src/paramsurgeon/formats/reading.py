@@ -42,6 +42,25 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
     return ckpt
 
 
+def sharded_index(path: str | None) -> str | None:
+    """The index file of ``path`` if it names a sharded checkpoint (a directory or an index)."""
+    if path in (None, "-"):
+        return None
+    if os.path.isdir(path):
+        indexes = sorted(e for e in os.listdir(path) if e.endswith(".index.json"))
+        if not indexes:
+            return None
+        preferred = sharded.INDEX_NAMES["safetensors"]
+        return os.path.join(path, preferred if preferred in indexes else indexes[0])
+    return path if path.endswith(".index.json") and os.path.isfile(path) else None
+
+
+def verify_shards(path: str, allow_globals: tuple[str, ...] = (), unsafe_pickle: bool = False) -> list[dict]:
+    """Disagreements between a sharded checkpoint's index and its shards (see sharded.verify)."""
+    options = {"allow": frozenset(allow_globals), "unsafe": unsafe_pickle}
+    return sharded.verify(sharded_index(path), lambda shard: _read_file(open_input(shard), options, shard))
+
+
 def _read_file(file: InputFile, options: dict, path: str | None) -> Checkpoint:
     kind = sniff(file)
     if kind == "index":
@@ -88,10 +107,9 @@ def _read_directory(path: str, options: dict) -> Checkpoint:
     if ".metadata" in entries:
         raise NotACheckpointError(f"{path}: a torch.distributed.checkpoint (DCP) directory, which this"
                                   " version cannot read yet")
-    indexes = [e for e in entries if e.endswith(".index.json")]
-    if indexes:
-        chosen = sharded.INDEX_NAMES["safetensors"] if sharded.INDEX_NAMES["safetensors"] in indexes else indexes[0]
-        return sharded.read(os.path.join(path, chosen), lambda f: _read_file(f, options, f.path), open_input)
+    index = sharded_index(path)
+    if index:
+        return sharded.read(index, lambda f: _read_file(f, options, f.path), open_input)
     weights = [e for e in entries if e.endswith(_WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(path, e))]
     preferred = [e for e in weights if e in sharded.SINGLE_NAMES.values()]
     if len(weights) == 1 or len(preferred) >= 1:

@@ -126,3 +126,39 @@ def write(tensors: dict[str, Tensor], metadata: dict[str, str], folder: str, fam
             sink.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
         written.append(index_name)
     return written
+
+
+def verify(index_path: str, read_shard: Callable[[str], Checkpoint]) -> list[dict]:
+    """Every way the index and the shards disagree: missing or unreadable shards, tensors not
+    where the index says, sizes that do not add up. Never raises for the shards' sake."""
+    folder = os.path.dirname(index_path)
+    index_metadata, weight_map = read_index(index_path)
+    problems: list[dict] = []
+    found: dict[str, str] = {}
+    total = 0
+    for shard in sorted(set(weight_map.values())):
+        listed = [n for n, s in weight_map.items() if s == shard]
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            problems.append({"name": None, "message": f"shard {shard} is missing ({len(listed)} tensors listed for it)"})
+            continue
+        try:
+            part = read_shard(path)
+        except (CorruptCheckpointError, NotACheckpointError, InputError) as e:
+            problems.append({"name": None, "message": f"shard {shard} is unreadable: {e}"})
+            continue
+        for name, tensor in part.tensors.items():
+            found[name] = shard
+            total += tensor.nbytes
+            if weight_map.get(name) != shard:
+                where = weight_map.get(name)
+                problems.append({"name": name, "message": f"is in {shard} but the index lists it"
+                                                          f" {'for ' + where if where else 'nowhere'}"})
+    for name, shard in weight_map.items():
+        if name not in found and os.path.isfile(os.path.join(folder, shard)):
+            problems.append({"name": name, "message": f"is listed for {shard} but {shard} does not hold it"})
+    claimed = index_metadata.get("total_size")
+    if isinstance(claimed, int) and not any(p["name"] is None for p in problems) and claimed != total:
+        problems.append({"name": None, "message": f"the index says total_size {claimed} but the shards hold"
+                                                  f" {total} bytes of tensors"})
+    return problems

@@ -1,0 +1,120 @@
+"""Rules a checkpoint must satisfy in CI: finite values, a bound on magnitudes, the same
+names, shapes and dtypes as a reference, expected tensors. Each rule reports every
+violation, not just the first."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .checkpoint import Checkpoint
+from .errors import UsageError
+from .stats import tensor_stats
+
+
+@dataclass
+class RuleResult:
+    """One rule and what broke it (an empty list: the rule holds)."""
+
+    rule: str
+    violations: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def add(self, name: str | None, message: str) -> None:
+        self.violations.append({"name": name, "message": message})
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'64x3x7x7', '[64, 3, 7, 7]' or '()' -> (64, 3, 7, 7)."""
+    cleaned = text.strip().strip("[]()")
+    if cleaned in ("", "scalar"):
+        return ()
+    parts = re.split(r"\s*[x,]\s*", cleaned)
+    if not all(p.isdigit() for p in parts):
+        raise UsageError(f"shape '{text}': expected dimensions like 64x3x7x7 or [64, 3, 7, 7]")
+    return tuple(int(p) for p in parts)
+
+
+def parse_expectations(lines: list[str], where: str) -> dict[str, tuple]:
+    """'NAME', 'NAME=SHAPE' or 'NAME SHAPE [DTYPE]' lines -> name: (shape or None, dtype or None)."""
+    expected = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, _, rest = line.replace("=", " ", 1).partition(" ")
+        fields = rest.split()
+        shape = parse_shape(fields[0]) if fields else None
+        dtype = fields[1] if len(fields) > 1 else None
+        if len(fields) > 2:
+            raise UsageError(f"{where}:{number}: expected NAME [SHAPE] [DTYPE], got '{line}'")
+        expected[name] = (shape, dtype)
+    return expected
+
+
+def run_rules(ckpt: Checkpoint, names: list[str], *, finite: bool = False, max_abs: float | None = None,
+              like: Checkpoint | None = None, expect: dict[str, tuple] | None = None, dtype: str | None = None,
+              progress: Callable[[int], None] | None = None) -> list[RuleResult]:
+    """Check every rule asked for; values are read once, in bounded memory, only if a rule needs them."""
+    tensors = ckpt.tensors
+    results = []
+    if like is not None:
+        results.append(_like(ckpt, names, like))
+    if expect:
+        results.append(_expect(ckpt, expect))
+    if dtype is not None:
+        rule = RuleResult(f"dtype {dtype}")
+        for name in names:
+            if tensors[name].dtype.floating and tensors[name].dtype.name != dtype:
+                rule.add(name, f"is {tensors[name].dtype}, not {dtype}")
+        results.append(rule)
+    if finite or max_abs is not None:
+        finite_rule, bound_rule = RuleResult("finite"), RuleResult(f"max-abs {max_abs:g}" if max_abs is not None else "")
+        for name in names:
+            tensor = tensors[name]
+            stats = tensor_stats(tensor) if tensor.dtype.floating or max_abs is not None else None
+            if progress is not None:
+                progress(tensor.nbytes)
+            if stats is None:
+                continue
+            if finite and (stats.nan or stats.inf):
+                finite_rule.add(name, f"has {stats.nan} NaN and {stats.inf} Inf of {tensor.numel} values")
+            if max_abs is not None and stats.abs_max is not None and not stats.abs_max <= max_abs:
+                bound_rule.add(name, f"reaches |x| = {stats.abs_max:g} > {max_abs:g}")
+        results += [finite_rule] if finite else []
+        results += [bound_rule] if max_abs is not None else []
+    return results
+
+
+def _like(ckpt: Checkpoint, names: list[str], other: Checkpoint) -> RuleResult:
+    rule = RuleResult(f"like {other.source}")
+    mine, theirs = ckpt.tensors, other.tensors
+    chosen = set(names)
+    for name in names:
+        if name not in theirs:
+            rule.add(name, f"is not in {other.source}")
+        elif (mine[name].shape, mine[name].dtype) != (theirs[name].shape, theirs[name].dtype):
+            rule.add(name, f"is {list(mine[name].shape)} {mine[name].dtype} but {list(theirs[name].shape)}"
+                           f" {theirs[name].dtype} in {other.source}")
+    for name in theirs:
+        if name not in mine and (name in chosen or len(chosen) == len(mine)):
+            rule.add(name, f"is missing (it is in {other.source})")
+    return rule
+
+
+def _expect(ckpt: Checkpoint, expect: dict[str, tuple]) -> RuleResult:
+    rule = RuleResult("expect")
+    tensors = ckpt.tensors
+    for name, (shape, dtype) in expect.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            rule.add(name, "is missing")
+        elif shape is not None and tensor.shape != shape:
+            rule.add(name, f"has shape {list(tensor.shape)}, expected {list(shape)}")
+        elif dtype is not None and tensor.dtype.name != dtype.removeprefix("torch."):
+            rule.add(name, f"is {tensor.dtype}, expected {dtype}")
+    return rule

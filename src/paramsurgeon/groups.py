@@ -1,0 +1,36 @@
+"""Parameter groups for weight decay, as training code builds them by hand: biases,
+normalisation weights and PReLU weights go without decay, every other parameter with it.
+Buffers are not parameters and go in neither; a tied parameter appears once."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from .checkpoint import Checkpoint
+from .kinds import NORMS, infer_kinds
+
+
+def decay_groups(ckpt: Checkpoint, names: list[str], *, no_decay: tuple[str, ...] = (),
+                 decay: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """{'decay': [...], 'no_decay': [...], 'buffers': [...]} over ``names``, in file order.
+
+    ``no_decay`` and ``decay`` globs override the rules (``no_decay`` first).
+    """
+    kinds = infer_kinds(ckpt.tensors)
+    aliases = {n for group in ckpt.ties() for n in group[1:]}
+    groups: dict[str, list[str]] = {"decay": [], "no_decay": [], "buffers": []}
+    for name in names:
+        if name in aliases:
+            continue
+        kind = kinds[name]
+        if kind.role == "buffer":
+            groups["buffers"].append(name)
+        elif any(fnmatch.fnmatchcase(name, p) for p in no_decay):
+            groups["no_decay"].append(name)
+        elif any(fnmatch.fnmatchcase(name, p) for p in decay):
+            groups["decay"].append(name)
+        elif kind.role == "bias" or kind.layer in NORMS or kind.layer == "prelu":
+            groups["no_decay"].append(name)
+        else:
+            groups["decay"].append(name)
+    return groups
