@@ -8,10 +8,12 @@ are never modified. Tensors tied together receive one new storage, so the tie su
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .checkpoint import Checkpoint, Tensor
+from . import dtypes
+from .checkpoint import Checkpoint, Storage, Tensor
 from .errors import PlanError
 
 HISTORY_KEY = "paramsurgeon.operations"
@@ -97,14 +99,22 @@ def tie_units(ckpt: Checkpoint, names: list[str], *, follow: bool, untie: bool, 
     return units
 
 
-def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None = None) -> None:
-    """Carry out ``plan`` on ``ckpt`` (new storages in memory; the input file is untouched)."""
-    from .tensors import from_torch
+def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None = None,
+          simulate: bool = False) -> None:
+    """Carry out ``plan`` on ``ckpt`` (new storages in memory; the input file is untouched).
 
+    With ``simulate``, no value is computed: changed tensors get empty storages of the right
+    size, enough to plan later steps against names, shapes, dtypes and ties.
+    """
     for change in plan.changes:
-        values = change.compute()
         first = ckpt[change.names[0]]
-        fresh = from_torch(values, location=first.storage.location)
+        if simulate:
+            dtype = dtypes.BY_NAME[change.dtype]
+            fresh = Tensor(Storage(math.prod(change.shape) * dtype.itemsize), dtype, change.shape)
+        else:
+            from .tensors import from_torch
+
+            fresh = from_torch(change.compute(), location=first.storage.location)
         for name in change.names:
             ckpt[name] = _like(ckpt[name], fresh.storage, fresh)
         if progress is not None:

@@ -221,7 +221,14 @@ def plan_document(plan, rows: list[dict], ckpt, output: str | None, dry_run: boo
             "output": output, "dry_run": dry_run, "changes": rows, "notes": plan.notes}
 
 
-def plan_text(plan, rows: list[dict], width: int | None, color: bool) -> str:
+def recipe_document(planned, ckpt, output: str | None, dry_run: bool) -> dict:
+    """The JSON document of an ``apply`` plan: each step's changes."""
+    return {"schema_version": SCHEMA_VERSION, "command": "apply", "source": ckpt.source, "output": output,
+            "dry_run": dry_run, "steps": [{"step": step.number, "op": step.op, "changes": rows, "notes": plan.notes}
+                                          for step, plan, rows in planned]}
+
+
+def plan_text(plan, rows: list[dict], width: int | None, color: bool, prefix: str = "") -> str:
     """The --dry-run table: each affected tensor, its shape and dtype, and what happens to it."""
     out = io.StringIO()
     console = Console(file=out, width=width or 100_000, no_color=not color, highlight=False, force_terminal=color)
@@ -235,7 +242,90 @@ def plan_text(plan, rows: list[dict], width: int | None, color: bool) -> str:
         if row["new_dtype"] is not None and row["new_dtype"] != row["dtype"]:
             dtype += f" -> {BY_NAME[row['new_dtype']].short}"
         table.add_row(escape(row["name"]), shape, dtype, escape(row["action"]))
-    console.print(f"[bold]{plan.command}[/bold]: {_plural(len(rows), 'tensor')} would change (dry run: nothing"
-                  " written)", soft_wrap=True)
+    console.print(f"{escape(prefix)}[bold]{plan.command}[/bold]: {_plural(len(rows), 'tensor')} would change"
+                  " (dry run: nothing written)", soft_wrap=True)
     console.print(table)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
+
+
+def diff_document(result) -> dict:
+    """The ``diff --json`` document."""
+    def entry(d) -> dict:
+        return {"name": d.name, "status": d.status, "shape_a": list(d.shape_a), "shape_b": list(d.shape_b),
+                "dtype_a": d.dtype_a, "dtype_b": d.dtype_b, "max_abs": number(d.max_abs),
+                "max_rel": number(d.max_rel), "mismatched": d.mismatched if d.max_abs is not None else None}
+
+    return {"schema_version": SCHEMA_VERSION, "command": "diff", "a": result.source_a, "b": result.source_b,
+            "equal": result.equal, "atol": result.atol, "rtol": result.rtol, "values_compared": result.values,
+            "identical": result.identical, "only_a": result.only_a, "only_b": result.only_b,
+            "changed": [entry(d) for d in result.diffs], "extras": result.extras}
+
+
+def diff_text(result, width: int | None, color: bool) -> str:
+    """The ``diff`` report: a summary line, then each difference."""
+    out = io.StringIO()
+    console = Console(file=out, width=width or 100_000, no_color=not color, highlight=False, force_terminal=color)
+    counts = [f"{result.identical} {'identical' if result.values else 'alike (values not compared)'}"]
+    for status, label in (("different", "different"), ("close", "within tolerance"), ("shape", "reshaped"),
+                          ("dtype", "retyped")):
+        if result.of(status):
+            counts.append(f"{len(result.of(status))} {label}")
+    counts += [f"{len(result.only_a)} only in A", f"{len(result.only_b)} only in B"]
+    verdict = "[green]equal[/green]" if result.equal else "[red]different[/red]"
+    console.print(f"{escape(result.source_a)} (A) vs {escape(result.source_b)} (B): {verdict}: "
+                  + ", ".join(counts), soft_wrap=True)
+    if result.diffs:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
+        for header, justify in (("name", "left"), ("change", "left"), ("shape", "right"), ("dtype", "left"),
+                                ("max |a-b|", "right"), ("max rel", "right"), ("mismatched", "right")):
+            table.add_column(header, justify=justify, overflow="fold")
+        for d in result.diffs:
+            shape = shape_text(d.shape_a) + ("" if d.shape_a == d.shape_b else f" -> {shape_text(d.shape_b)}")
+            dtype = BY_NAME[d.dtype_a].short + ("" if d.dtype_a == d.dtype_b else f" -> {BY_NAME[d.dtype_b].short}")
+            mismatched = f"{d.mismatched:,}/{d.numel:,}" if d.max_abs is not None else "-"
+            table.add_row(escape(d.name), d.status, shape, dtype, short_number(d.max_abs), short_number(d.max_rel),
+                          mismatched)
+        console.print(table)
+    for label, names in (("only in A", result.only_a), ("only in B", result.only_b)):
+        if names:
+            console.print(f"{label} ({len(names)}):", soft_wrap=True)
+            for name in names:
+                console.print(f"  {escape(name)}", soft_wrap=True)
+    for e in result.extras:
+        console.print(f"other entry {escape(e['path'])}: {escape(str(e['a']))} -> {escape(str(e['b']))}",
+                      soft_wrap=True)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
+
+
+def check_document(source: str, rules) -> dict:
+    """The ``check --json`` document."""
+    return {"schema_version": SCHEMA_VERSION, "command": "check", "source": source, "ok": all(r.ok for r in rules),
+            "rules": [{"rule": r.rule, "ok": r.ok, "violations": r.violations} for r in rules]}
+
+
+def check_text(source: str, rules) -> str:
+    """The ``check`` report: one line per rule, then one per violation."""
+    ok = all(r.ok for r in rules)
+    lines = [f"{source}: {'every rule holds' if ok else 'FAILED'}"
+             f" ({sum(not r.ok for r in rules)} of {len(rules)} rules broken)"]
+    for rule in rules:
+        lines.append(f"  {'ok  ' if rule.ok else 'FAIL'} {rule.rule}"
+                     + ("" if rule.ok else f": {len(rule.violations)} violation{'s' if len(rule.violations) != 1 else ''}"))
+        lines += [f"       {v['name'] + ' ' if v['name'] else ''}{v['message']}" for v in rule.violations]
+    return "\n".join(lines) + "\n"
+
+
+def groups_document(source: str, groups: dict) -> dict:
+    """The ``groups --json`` document: names for each weight-decay group."""
+    return {"schema_version": SCHEMA_VERSION, "command": "groups", "source": source, **groups}
+
+
+def groups_text(ckpt, groups: dict) -> str:
+    tensors = ckpt.tensors
+    lines = []
+    for label in ("decay", "no_decay", "buffers"):
+        names = groups[label]
+        title = {"buffers": "not parameters (buffers)"}.get(label, label)
+        lines.append(f"{title}: {_plural(len(names), 'tensor')}, {sum(tensors[n].numel for n in names):,} values")
+        lines += [f"  {n}" for n in names]
+    return "\n".join(lines) + "\n"

@@ -4,14 +4,15 @@ turns its errors into one line on stderr and an exit code."""
 import os
 import sys
 import traceback
+from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
 from ..errors import ParamSurgeonError
 from .conversion import convert
-from .reports import inspect
-from .surgery import cast, copy, drop, init, rename, scale, tie, untie, zero
+from .reports import check, diff, groups, inspect
+from .surgery import apply_recipe, cast, copy, drop, init, rename, scale, tie, untie, zero
 
 
 class _Group(TyperGroup):
@@ -25,6 +26,8 @@ class _Group(TyperGroup):
             code = code if isinstance(code, int) else 0
         except ParamSurgeonError as e:
             code = _fail(str(e), e.exit_code, debug)
+        except typer._click.exceptions.NoArgsIsHelpError:
+            code = 2  # the help has been printed
         except typer._click.exceptions.UsageError as e:
             where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             code = _fail(f"{e.format_message()}{where}", 2, debug)
@@ -52,15 +55,33 @@ def _fail(message: str, code: int, debug: bool) -> int:
 app = typer.Typer(
     cls=_Group,
     name="paramsurgeon",
-    help="Model surgery on PyTorch checkpoints: inspect, re-initialise, copy, tie and convert tensors"
-         " without writing a script.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for command in (inspect, init, zero, scale, cast, copy, tie, untie, rename, drop, convert):
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"paramsurgeon {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Model surgery on PyTorch checkpoints: inspect, re-initialise, copy, tie and convert tensors
+    without writing a script. Every command's --help has an example."""
+
+
+for command in (inspect, diff, check, groups, init, zero, scale, cast, copy, tie, untie, rename, drop, convert):
     app.command()(command)
+app.command("apply")(apply_recipe)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Callable, List, Optional
 
 import typer
 
-from .. import formats, ops, report, steps
+from .. import formats, ops, recipes, report, steps
 from ..checkpoint import Checkpoint
 from ..errors import OutputError, UsageError
 from ..extras import summarize
@@ -22,9 +22,9 @@ from .options import (EVERY, PLAN, READ, SELECT, TIES, WRITE, PlanOptions, ReadO
 from .reports import CKPT
 
 
-def _run(command: str, path: Optional[str], read: ReadOptions, write: WriteOptions, plan_options: PlanOptions,
-         build: Callable[[Checkpoint], Plan]) -> None:
-    """Open, plan, then print the plan (--dry-run) or apply it and write the result."""
+def _open_for_writing(path: Optional[str], read: ReadOptions, write: WriteOptions,
+                      plan_options: PlanOptions) -> tuple[Checkpoint, formats.Target]:
+    """The checkpoint and where its result goes, refusing impossible outputs before any work."""
     ckpt = open_checkpoint(path, read)
     target = formats.resolve_target(ckpt, write.output, write.format, write.in_place)
     if target.path is None and not write.dry_run:
@@ -34,6 +34,22 @@ def _run(command: str, path: Optional[str], read: ReadOptions, write: WriteOptio
         if plan_options.json:
             raise UsageError("--json prints the plan on standard output, where the checkpoint is going;"
                              " pass -o PATH or --dry-run")
+    return ckpt, target
+
+
+def _write_result(command: str, ckpt: Checkpoint, target: formats.Target, write: WriteOptions, summary: str) -> None:
+    tensors = ckpt.tensors
+    size = sum(t.nbytes for t in tensors.values())
+    with progress(size, "writing") as advance:
+        formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
+    note(f"{command}: {summary}; wrote {target.path or 'standard output'} ({len(tensors)} tensors,"
+         f" {human_bytes(size)})")
+
+
+def _run(command: str, path: Optional[str], read: ReadOptions, write: WriteOptions, plan_options: PlanOptions,
+         build: Callable[[Checkpoint], Plan]) -> None:
+    """Open, plan, then print the plan (--dry-run) or apply it and write the result."""
+    ckpt, target = _open_for_writing(path, read, write, plan_options)
     plan = build(ckpt)
     for message in plan.notes:
         note(f"{command}: {message}")
@@ -44,15 +60,10 @@ def _run(command: str, path: Optional[str], read: ReadOptions, write: WriteOptio
         emit(report.plan_text(plan, rows, terminal_width(), color_on_stdout()))
     if write.dry_run:
         return
-    _warn_about_optimizer(command, ckpt, plan, plan_options.reset_optimizer)
+    _warn_about_optimizer(command, ckpt, plan.touched, plan_options.reset_optimizer)
     with progress(sum(ckpt[c.names[0]].nbytes for c in plan.changes), "computing") as advance:
         apply(ckpt, plan, advance)
-    tensors = ckpt.tensors
-    with progress(sum(t.nbytes for t in tensors.values()), "writing") as advance:
-        formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
-    where = target.path or "standard output"
-    note(f"{command}: {_summary(plan)}; wrote {where} ({len(tensors)} tensors,"
-         f" {human_bytes(sum(t.nbytes for t in tensors.values()))})")
+    _write_result(command, ckpt, target, write, _summary(plan))
 
 
 def _summary(plan: Plan) -> str:
@@ -68,9 +79,9 @@ def _summary(plan: Plan) -> str:
     return ", ".join(parts) if parts else "nothing changed"
 
 
-def _warn_about_optimizer(command: str, ckpt: Checkpoint, plan: Plan, reset: bool) -> None:
+def _warn_about_optimizer(command: str, ckpt: Checkpoint, touched: list[str], reset: bool) -> None:
     paths = ops.optimizer_paths(ckpt)
-    if not paths or not plan.touched:
+    if not paths or not touched:
         if reset:
             note(f"{command}: no optimizer state to reset")
         return
@@ -262,3 +273,53 @@ def drop(
     Example: paramsurgeon drop model.pt -p 'fc.*' -o backbone.pt
     """
     _step("drop", ckpt, read, write, plan, **_selection(select), all=every)
+
+
+@options(READ, WRITE, PLAN)
+def apply_recipe(
+    paths: Annotated[List[str], typer.Argument(
+        metavar="[CKPT] RECIPE", help="The checkpoint ('-' or omitted: standard input) and the TOML recipe.",
+        show_default=False)],
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for the steps that draw values and name"
+                                                " none (a recipe's own seed comes first).")] = None,
+    read: ReadOptions = None, write: WriteOptions = None, plan: PlanOptions = None,
+):
+    """Run the operations of a TOML recipe in order, with one read and one write.
+
+    Example: paramsurgeon apply model.pt recipe.toml -o out.pt
+    """
+    if len(paths) > 2:
+        raise UsageError("apply: pass the checkpoint and one recipe")
+    path, recipe_path = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
+    try:
+        with open(recipe_path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read recipe '{recipe_path}': {e.strerror}") from e
+    recipe = recipes.parse(text, recipe_path, seed)
+    if recipes.unseeded(recipe) and not write.dry_run:
+        drawn = secrets.randbelow(2**31)
+        recipe = recipes.parse(text, recipe_path, drawn)
+        note(f"apply: seed {drawn} (pass --seed {drawn} to repeat this exactly)")
+
+    def load(source: str, key: Optional[str]) -> Checkpoint:
+        return formats.load(source, key=key, allow_globals=tuple(read.allow_global), unsafe_pickle=read.unsafe_pickle)
+
+    ckpt, target = _open_for_writing(path, read, write, plan)
+    planned = recipes.check(ckpt, recipe, load, recipe_path)
+    for step, step_plan, _ in planned:
+        for message in step_plan.notes:
+            note(f"apply: step {step.number} ({step.op}): {message}")
+    if plan.json:
+        emit(report.to_json(report.recipe_document(planned, ckpt, target.path, write.dry_run)))
+    elif write.dry_run:
+        emit("".join(report.plan_text(p, rows, terminal_width(), color_on_stdout(), f"step {s.number}: ")
+                     for s, p, rows in planned))
+    if write.dry_run:
+        return
+    _warn_about_optimizer("apply", ckpt, [n for _, p, _ in planned for n in p.touched], plan.reset_optimizer)
+    with progress(sum(ckpt[c.names[0]].nbytes for _, p, _ in planned for c in p.changes if c.names[0] in ckpt.tensors),
+                  "computing") as advance:
+        done = recipes.run(ckpt, recipe, load, recipe_path, advance)
+    _write_result("apply", ckpt, target, write, "; ".join(f"step {i} {p.command}: {_summary(p)}"
+                                                           for i, p in enumerate(done, 1)))
