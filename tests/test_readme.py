@@ -17,13 +17,16 @@ BLOCK = re.compile(r"```console\n(.*?)```", re.S)
 
 def examples(text: str) -> list[tuple[str, str]]:
     """(command, expected output) for each '$ ' line of each console block."""
-    found = []
-    for block in BLOCK.findall(text):
-        parts = re.split(r"^\$ ", block, flags=re.M)[1:]
-        for part in parts:
-            command, _, output = part.partition("\n")
-            found.append((command, output))
-    return found
+    return [split(part) for block in BLOCK.findall(text) for part in re.split(r"^\$ ", block, flags=re.M)[1:]]
+
+
+def split(part: str) -> tuple[str, str]:
+    """A transcript entry: the command (with its '> ' continuation lines, as a shell shows them) and its output."""
+    lines = part.split("\n")
+    command = [lines[0]]
+    while len(lines) > len(command) and (lines[len(command)] == ">" or lines[len(command)].startswith("> ")):
+        command.append(lines[len(command)][2:])
+    return "\n".join(command), "\n".join(lines[len(command):])
 
 
 def execute(command: str, cwd: str) -> str:
@@ -68,8 +71,10 @@ def update() -> None:
             parts = re.split(r"^\$ ", match.group(1), flags=re.M)[1:]
             out = []
             for part in parts:
-                command = part.partition("\n")[0]
-                out.append(f"$ {command}\n{execute(command, cwd)}")
+                command = split(part)[0]
+                shown = "\n".join(line if i == 0 else (f"> {line}" if line else ">")
+                                  for i, line in enumerate(command.split("\n")))
+                out.append(f"$ {shown}\n{execute(command, cwd)}")
             return "```console\n" + "".join(out) + "```"
 
         text = BLOCK.sub(render, text)

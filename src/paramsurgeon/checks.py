@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import dtypes
 from .checkpoint import Checkpoint
 from .errors import UsageError
 from .stats import tensor_stats
@@ -39,6 +40,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+_EXPECTATION = re.compile(r"(\S+?)(?:[=\s]\s*(\[[^\]]*\]|\([^)]*\)|[^\s\[(]\S*))?(?:\s+(\S+))?")
+
+
 def parse_expectations(lines: list[str], where: str) -> dict[str, tuple]:
     """'NAME', 'NAME=SHAPE' or 'NAME SHAPE [DTYPE]' lines -> name: (shape or None, dtype or None)."""
     expected = {}
@@ -46,13 +50,16 @@ def parse_expectations(lines: list[str], where: str) -> dict[str, tuple]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        name, _, rest = line.replace("=", " ", 1).partition(" ")
-        fields = rest.split()
-        shape = parse_shape(fields[0]) if fields else None
-        dtype = fields[1] if len(fields) > 1 else None
-        if len(fields) > 2:
+        match = _EXPECTATION.fullmatch(line)
+        if not match:
             raise UsageError(f"{where}:{number}: expected NAME [SHAPE] [DTYPE], got '{line}'")
-        expected[name] = (shape, dtype)
+        name, shape, dtype = match.groups()
+        if dtype is not None:
+            try:
+                dtype = dtypes.by_name(dtype).name
+            except KeyError:
+                raise UsageError(f"{where}:{number}: unknown dtype '{dtype}'") from None
+        expected[name] = (parse_shape(shape) if shape else None, dtype)
     return expected
 
 
@@ -115,6 +122,6 @@ def _expect(ckpt: Checkpoint, expect: dict[str, tuple]) -> RuleResult:
             rule.add(name, "is missing")
         elif shape is not None and tensor.shape != shape:
             rule.add(name, f"has shape {list(tensor.shape)}, expected {list(shape)}")
-        elif dtype is not None and tensor.dtype.name != dtype.removeprefix("torch."):
+        elif dtype is not None and tensor.dtype.name != dtype:
             rule.add(name, f"is {tensor.dtype}, expected {dtype}")
     return rule

@@ -91,6 +91,12 @@ def suggest(pattern: str, names: list[str], key: tuple = ()) -> str:
         return f"; names are relative to '{prefix}', so drop that prefix: '{pattern[len(prefix) + 1:]}'"
     if not any(c in pattern for c in "*?[") and any(n.startswith(pattern + ".") for n in names):
         return f"; a pattern matches whole names, did you mean '{pattern}.*'?"
+    parts = {part for name in names for part in name.split(".")}
+    for piece in pattern.split("."):
+        if piece and not any(c in piece for c in "*?[") and piece not in parts:
+            close = difflib.get_close_matches(piece, sorted(parts), n=1, cutoff=0.7)
+            if close:
+                return f"; no name has a part '{piece}': did you mean '{close[0]}'?"
     scored = sorted(names, key=lambda n: -difflib.SequenceMatcher(None, pattern, n).ratio())
     close = [n for n in scored[:3] if difflib.SequenceMatcher(None, pattern, n).ratio() >= 0.5]
     return f"; closest names: {', '.join(close)}" if close else ""

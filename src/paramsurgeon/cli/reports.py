@@ -117,7 +117,7 @@ def check(
 
     Example: paramsurgeon check model.safetensors --finite --max-abs 100 --like reference.pt
     """
-    expectations = parse_expectations([e.replace("=", " ", 1) for e in expect], "--expect")
+    expectations = parse_expectations(expect, "--expect")
     if expect_file is not None:
         try:
             with open(expect_file, encoding="utf-8") as f:

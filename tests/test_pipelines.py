@@ -1,0 +1,333 @@
+"""diff, check, apply and groups: exit codes, reports and JSON documents for CI."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from importlib import resources
+
+import jsonschema
+import pytest
+import torch
+from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, run, run_process
+
+from test_formats import load_torch
+
+
+def validate(document: dict, schema: str) -> dict:
+    with resources.files("paramsurgeon").joinpath(f"schemas/{schema}.json").open() as f:
+        jsonschema.validate(document, json.load(f))
+    return document
+
+
+def json_of(*args, schema: str, code: int = 0) -> dict:
+    result = run(*args, "--json")
+    assert result.exit_code == code, result.stderr
+    return validate(json.loads(result.stdout), schema)
+
+
+# diff
+
+
+def test_diff_identical_across_formats(tmp_path, resnet_pt):
+    st = tmp_path / "m.safetensors"
+    run("convert", resnet_pt, "-o", st)
+    document = json_of("diff", resnet_pt, st, schema="diff")
+    assert document["equal"] and document["identical"] == 122 and document["changed"] == []
+    assert run("diff", resnet_pt, st).stdout.startswith(f"{resnet_pt} (A) vs {st} (B): equal: 122 identical")
+
+
+def test_diff_reports_changed_values_as_torch_computes_them(tmp_path, resnet_pt, resnet):
+    changed = tmp_path / "changed.pt"
+    run("scale", resnet_pt, "-p", "fc.weight", "--by", "1.5", "-o", changed)
+    document = json_of("diff", resnet_pt, changed, schema="diff", code=1)
+    (entry,) = document["changed"]
+    a = resnet.state_dict()["fc.weight"].double()
+    b = (resnet.state_dict()["fc.weight"] * 1.5).double()
+    assert entry["name"] == "fc.weight" and entry["status"] == "different"
+    assert entry["max_abs"] == pytest.approx((a - b).abs().max().item())
+    assert entry["max_rel"] == pytest.approx(((a - b).abs() / b.abs()).max().item())
+    assert entry["mismatched"] == int((a != b).sum())
+    loose = json_of("diff", resnet_pt, changed, "--rtol", "0.34", schema="diff")
+    assert loose["equal"] and loose["changed"][0]["status"] == "close"
+
+
+def test_diff_names_shapes_and_dtypes(tmp_path, resnet_pt):
+    other = tmp_path / "other.pt"
+    state = torch.load(resnet_pt, weights_only=True)
+    del state["fc.bias"]
+    state["conv1.weight"] = state["conv1.weight"].half()
+    state["fc.weight"] = torch.zeros(3, 32)
+    state["extra"] = torch.ones(2)
+    torch.save(state, other)
+    document = json_of("diff", resnet_pt, other, schema="diff", code=1)
+    assert document["only_a"] == ["fc.bias"] and document["only_b"] == ["extra"]
+    status = {c["name"]: c["status"] for c in document["changed"]}
+    assert status == {"conv1.weight": "dtype", "fc.weight": "shape"}
+    headers_only = json_of("diff", resnet_pt, other, "--no-values", schema="diff", code=1)
+    assert headers_only["values_compared"] is False and headers_only["identical"] == 119
+
+
+def test_diff_with_nans(tmp_path):
+    values = torch.tensor([1.0, float("nan"), 3.0])
+    for name, tensor in (("a.pt", values), ("b.pt", values.clone()), ("c.pt", torch.tensor([1.0, 2.0, 3.0]))):
+        torch.save({"w": tensor}, tmp_path / name)
+    assert json_of("diff", tmp_path / "a.pt", tmp_path / "b.pt", schema="diff")["equal"]  # NaN where NaN
+    document = json_of("diff", tmp_path / "a.pt", tmp_path / "c.pt", "--atol", "10", schema="diff", code=1)
+    assert document["changed"][0]["max_abs"] == "inf" and document["changed"][0]["mismatched"] == 1
+
+
+def test_diff_selection_and_other_entries(training_pt, tmp_path):
+    later = tmp_path / "later.pt"
+    state = torch.load(training_pt, weights_only=True)
+    state["epoch"] = 8
+    torch.save(state, later)
+    document = json_of("diff", training_pt, later, "-p", "fc.*", schema="diff")
+    assert document["identical"] == 2 and document["equal"]
+    assert {"path": "epoch", "a": "7", "b": "8"} in document["extras"]
+
+
+# check
+
+
+def test_check_finite_on_good_and_bad(tmp_path, resnet_pt):
+    assert json_of("check", resnet_pt, schema="check")["rules"] == [{"rule": "finite", "ok": True, "violations": []}]
+    bad = tmp_path / "nan.pt"
+    state = torch.load(resnet_pt, weights_only=True)
+    state["fc.weight"][0, 0] = float("nan")
+    state["layer1.0.bn1.bias"][3] = float("inf")
+    torch.save(state, bad)
+    result = run("check", bad, "--finite")
+    assert result.exit_code == 1
+    assert "FAIL finite: 2 violations" in result.stdout
+    assert "layer1.0.bn1.bias has 0 NaN and 1 Inf of 8 values" in result.stdout
+    document = json_of("check", bad, "--finite", schema="check", code=1)
+    assert [v["name"] for v in document["rules"][0]["violations"]] == ["layer1.0.bn1.bias", "fc.weight"]
+
+
+def test_check_bounds_shapes_and_references(tmp_path, resnet_pt, gpt_pt):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# the head\nfc.weight 10x32 float32\nfc.bias [10]\nconv1.weight 8x3x7x7 float16\nmissing.weight\n")
+    document = json_of("check", resnet_pt, "--max-abs", "0.3", "--expect", "fc.weight=10x32", "--expect",
+                       "conv1.weight=[8, 3, 5, 5]", "--expect-file", keys, "--like", gpt_pt, "--dtype", "float32",
+                       schema="check", code=1)
+    rules = {r["rule"]: r for r in document["rules"]}
+    assert not rules["max-abs 0.3"]["ok"] and rules["dtype float32"]["ok"]
+    expect = {v["name"]: v["message"] for v in rules["expect"]["violations"]}
+    assert expect == {"conv1.weight": "is float32, expected float16", "missing.weight": "is missing"}
+    like = rules[f"like {gpt_pt}"]["violations"]
+    assert {"name": "wte.weight", "message": f"is missing (it is in {gpt_pt})"} in like
+    assert json_of("check", resnet_pt, "--like", resnet_pt, "--max-abs", "10", schema="check")["ok"]
+
+
+def sharded_copy(tmp_path) -> str:
+    folder = tmp_path / "sharded"
+    shutil.copytree(os.path.join(SAMPLES, "resnet-sharded"), folder)
+    return folder
+
+
+def test_check_sharded_integrity(tmp_path):
+    folder = sharded_copy(tmp_path)
+    assert json_of("check", folder, schema="check")["ok"]
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+
+    os.remove(folder / "model-00002-of-00003.safetensors")
+    document = json_of("check", folder, schema="check", code=1)
+    assert document["rules"][0]["rule"] == "shards"
+    assert "shard model-00002-of-00003.safetensors is missing" in document["rules"][0]["violations"][0]["message"]
+
+    shutil.rmtree(folder)
+    folder = sharded_copy(tmp_path)
+    moved = next(n for n, s in index["weight_map"].items() if s.startswith("model-00001"))
+    index["weight_map"][moved] = "model-00003-of-00003.safetensors"
+    index["metadata"]["total_size"] += 4
+    index_path.write_text(json.dumps(index))
+    messages = [v["message"] for v in json_of("check", folder, schema="check", code=1)["rules"][0]["violations"]]
+    assert f"is in model-00001-of-00003.safetensors but the index lists it for model-00003-of-00003.safetensors" in messages
+    assert "the index says total_size 273452 but the shards hold 273448 bytes of tensors" in messages
+
+    shutil.rmtree(folder)
+    folder = sharded_copy(tmp_path)
+    shard = folder / "model-00003-of-00003.safetensors"
+    shard.write_bytes(file_bytes(shard)[:-100])
+    result = run("check", folder)
+    assert result.exit_code == 1 and "shard model-00003-of-00003.safetensors is unreadable: " in result.stdout
+    assert run("inspect", folder).exit_code == 2  # reading it is an input error; checking it is a finding
+
+
+# apply
+
+RECIPE = """
+seed = 3
+
+[[step]]
+op = "init"
+kind = "conv"
+pattern = "*.weight"
+scheme = "kaiming_normal(mode=fan_out, nonlinearity=relu)"
+
+[[step]]
+op = "zero"
+pattern = ["layer*.*.bn2.weight"]
+
+[[step]]
+op = "cast"
+pattern = "fc.*"
+dtype = "float16"
+
+[[step]]
+op = "rename"
+from = "layer*"
+to = "stage*"
+"""
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_apply_equals_the_commands_one_after_another(tmp_path, resnet_pt, suffix):
+    steps = [["init", "-k", "conv", "-p", "*.weight", "--scheme", "kaiming_normal(mode=fan_out, nonlinearity=relu)",
+              "--seed", "3"], ["zero", "-p", "layer*.*.bn2.weight"], ["cast", "-p", "fc.*", "--dtype", "float16"],
+             ["rename", "--from", "layer*", "--to", "stage*"]]
+    current = resnet_pt
+    for i, step in enumerate(steps):
+        folder = tmp_path / f"step{i}"
+        folder.mkdir()
+        result = run(step[0], current, *step[1:], "-o", folder / f"out{suffix}")
+        assert result.exit_code == 0, result.stderr
+        current = folder / f"out{suffix}"
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE)
+    (tmp_path / "applied").mkdir()
+    applied = tmp_path / "applied" / f"out{suffix}"
+    result = run("apply", resnet_pt, recipe, "-o", applied)
+    assert result.exit_code == 0, result.stderr
+    assert file_bytes(applied) == file_bytes(current)
+
+
+def test_apply_reads_once_and_writes_once_through_a_pipe(tmp_path, resnet_pt):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE)
+    with open(resnet_pt, "rb") as stdin:
+        result = run_process("apply", recipe, stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "out.pt").write_bytes(result.stdout)
+    state = load_torch(tmp_path / "out.pt")
+    assert "stage1.0.conv1.weight" in state and state["fc.weight"].dtype == torch.float16
+    assert torch.equal(state["stage1.1.bn2.weight"], torch.zeros(8))
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ('[[step]]\nop = "zero"\npatern = "fc.*"\n', "step 1 (zero): zero has no option 'patern'"),
+    ('[[step]]\nop = "squash"\n', "step 1 (squash): unknown op 'squash'; choose from init, zero"),
+    ('[[step]]\nop = "scale"\npattern = "fc.*"\nby = "two"\n', "step 1 (scale): 'by' must be a number"),
+    ('[[step]]\nop = "zero"\npattern = "fc.*"\n[[step]]\nop = "drop"\npattern = "fc.*"\n'
+     '[[step]]\nop = "zero"\npattern = "fc.weight"\n', "step 3 (zero): --pattern 'fc.weight' matches no tensor"),
+    ('[[step]]\nop = "init"\npattern = "fc.bias"\nscheme = "orthogonal"\n',
+     "step 1 (init): init: 'fc.bias' has 1 dimension"),
+    ("[[step]\n", "not valid TOML"),
+    ('speed = 3\n[[step]]\nop = "zero"\n', "unknown top-level key 'speed'"),
+])
+def test_apply_checks_the_whole_recipe_first(tmp_path, resnet_pt, recipe, message):
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe)
+    out = tmp_path / "out.pt"
+    result = run("apply", resnet_pt, path, "-o", out)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_apply_dry_run_lists_every_step(tmp_path, resnet_pt):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE)
+    document = json_of("apply", resnet_pt, recipe, "--dry-run", schema="plan")
+    assert [s["op"] for s in document["steps"]] == ["init", "zero", "cast", "rename"]
+    assert document["steps"][3]["changes"][0] == {"name": "layer1.0.conv1.weight", "shape": [8, 8, 3, 3],
+                                                  "dtype": "float32", "action": "rename to stage1.0.conv1.weight",
+                                                  "new_shape": [8, 8, 3, 3], "new_dtype": "float32"}
+
+
+# groups
+
+
+def test_groups_match_hand_written_training_code(gpt_pt, gpt):
+    document = json_of("groups", gpt_pt, schema="groups")
+    decay, no_decay = [], []
+    for module_name, module in gpt.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            exempt = name.endswith("bias") or isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))
+            (no_decay if exempt else decay).append(full)
+    named = dict(gpt.named_parameters())  # tied weights appear once, under their first name
+    assert sorted(document["decay"]) == sorted(n for n in decay if n in named)
+    assert sorted(document["no_decay"]) == sorted(n for n in no_decay if n in named)
+    params = dict(gpt.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": [params[n] for n in document["decay"]], "weight_decay": 0.1},
+                                   {"params": [params[n] for n in document["no_decay"]], "weight_decay": 0.0}])
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
+
+
+def test_groups_rules_can_be_adjusted(resnet_pt, resnet):
+    document = json_of("groups", resnet_pt, "--no-decay", "fc.weight", "--decay", "bn1.*", schema="groups")
+    assert "fc.weight" in document["no_decay"] and "bn1.weight" in document["decay"]
+    assert "layer1.0.bn1.running_mean" in document["buffers"]
+    assert len(document["decay"]) + len(document["no_decay"]) == len(list(resnet.parameters()))
+
+
+# documents and shell ergonomics
+
+
+def test_every_json_document_validates(tmp_path, resnet_pt, gpt_pt, training_pt):
+    validate(json.loads(run("inspect", training_pt, "--json", "--tree", "--hash").stdout), "inspect")
+    validate(json.loads(run("inspect", os.path.join(SAMPLES, "resnet-sharded"), "--json").stdout), "inspect")
+    for args in (["zero", gpt_pt, "-p", "wpe.weight"], ["copy", resnet_pt, "--from", "fc.*", "--to", "fc.*"],
+                 ["tie", gpt_pt, "--source", "h.0.mlp.0.bias", "--target", "h.1.mlp.0.bias"],
+                 ["rename", resnet_pt, "--from", "fc.*", "--to", "head.*"]):
+        validate(json.loads(run(*args, "--dry-run", "--json").stdout), "plan")
+    written = run("drop", resnet_pt, "-p", "fc.*", "-o", tmp_path / "x.pt", "--json")
+    assert validate(json.loads(written.stdout), "plan")["dry_run"] is False
+
+
+def test_version_and_examples_in_every_help():
+    from paramsurgeon import __version__
+
+    assert run("--version").stdout == f"paramsurgeon {__version__}\n"
+    commands = re.findall(r"│ (\w+)\s{2,}", run("--help").stdout)
+    assert len(commands) >= 15
+    for command in commands:
+        assert "Example: paramsurgeon " + command in run(command, "--help").stdout, command
+
+
+def test_plain_output_without_a_terminal_or_with_no_color(tmp_path, resnet_pt):
+    import pty
+
+    def terminal_output(env: dict) -> bytes:
+        leader, follower = pty.openpty()
+        subprocess.run([sys.executable, "-m", "paramsurgeon", "inspect", str(resnet_pt), "-p", "fc.*"],
+                       stdout=follower, stderr=follower, env={**os.environ, **env}, timeout=120)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        return b"".join(chunks)
+
+    assert b"\x1b[" in terminal_output({"TERM": "xterm"})  # colour on a terminal...
+    assert b"\x1b[" not in terminal_output({"TERM": "xterm", "NO_COLOR": "1"})  # ...but not with NO_COLOR
+    assert b"\x1b[" not in run_process("inspect", resnet_pt, env={"TERM": "xterm"}).stdout  # nor in a pipe
+
+
+def test_models_load_after_a_recipe(tmp_path, gpt_pt):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[step]]\nop = "init"\nkind = "linear"\npattern = "*weight"\nexclude = "lm_head.weight"\n'
+                      'scheme = "trunc_normal(std=0.02)"\nseed = 1\n[[step]]\nop = "untie"\npattern = "lm_head.weight"\n')
+    assert run("apply", gpt_pt, recipe, "-o", tmp_path / "o.pt").exit_code == 0
+    TinyGPT().load_state_dict(load_torch(tmp_path / "o.pt"), strict=True)
+    ResNet()  # the sample modules import cleanly alongside
