@@ -19,7 +19,8 @@ class Storage:
     """The bytes behind one or more tensors.
 
     Either ``nbytes`` bytes of ``file`` starting at ``offset`` (``crc32`` known when the
-    file recorded it), or ``values``, a contiguous torch tensor made by an operation.
+    file recorded it), or ``values`` made by an operation: a contiguous torch tensor, or a
+    bytearray when no computation was needed (zeros).
     """
 
     __slots__ = ("nbytes", "file", "offset", "crc32", "values", "location")
@@ -38,6 +39,8 @@ class Storage:
 
     def view(self) -> memoryview:
         """The storage's bytes, without copying."""
+        if isinstance(self.values, bytearray):
+            return memoryview(self.values)
         if self.values is not None:
             from .tensors import memory_of
 

@@ -15,7 +15,7 @@ from .errors import PlanError, SelectionError
 from .kinds import infer_kinds
 from .plan import Change, Plan, tie_units
 from .schemes import Scheme
-from .select import suggest, wildcard_map
+from .selection import suggest, wildcard_map
 
 CAST_TARGETS = ("float32", "float16", "bfloat16", "float64")
 
@@ -91,14 +91,11 @@ def plan_zero(ckpt: Checkpoint, names: list[str], *, below: float | None = None,
               untie: bool = False) -> Plan:
     """Set ``names`` to zero, or with ``below`` only the entries whose magnitude is under it."""
     def change_for(unit: list[str], tensor: Tensor):
-        shape, dtype = tensor.shape, _torch_dtype(tensor.dtype)
-        if below is None:
-            import torch
-
-            return Change(unit, "zero", shape, tensor.dtype.name, lambda: torch.zeros(shape, dtype=dtype))
+        if below is None:  # zero is all-zero bytes in every dtype: no torch needed
+            return Change(unit, "zero", tensor.shape, tensor.dtype.name, lambda: bytearray(tensor.nbytes))
         if tensor.dtype.name == "bool" or tensor.dtype.complex:
             return f"is {tensor.dtype}, which has no magnitude to compare with --below"
-        return Change(unit, f"zero where |x| < {below:g}", shape, tensor.dtype.name,
+        return Change(unit, f"zero where |x| < {below:g}", tensor.shape, tensor.dtype.name,
                       lambda: _prune(_values(tensor), below))
 
     what = f"zero |x| < {below:g}" if below is not None else "zero"

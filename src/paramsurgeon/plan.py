@@ -27,7 +27,7 @@ class Change:
     action: str
     shape: tuple[int, ...]
     dtype: str
-    compute: Callable | None = None  # () -> torch.Tensor
+    compute: Callable | None = None  # () -> torch.Tensor, or a bytearray of the raw values
 
 
 @dataclass
@@ -108,13 +108,18 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
     """
     for change in plan.changes:
         first = ckpt[change.names[0]]
+        dtype = dtypes.BY_NAME[change.dtype]
         if simulate:
-            dtype = dtypes.BY_NAME[change.dtype]
             fresh = Tensor(Storage(math.prod(change.shape) * dtype.itemsize), dtype, change.shape)
         else:
-            from .tensors import from_torch
+            values = change.compute()
+            if isinstance(values, bytearray):  # raw bytes: no torch needed
+                fresh = Tensor(Storage(len(values), values=values, location=first.storage.location), dtype,
+                               change.shape)
+            else:
+                from .tensors import from_torch
 
-            fresh = from_torch(change.compute(), location=first.storage.location)
+                fresh = from_torch(values, location=first.storage.location)
         for name in change.names:
             ckpt[name] = _like(ckpt[name], fresh.storage, fresh)
         if progress is not None:

@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint
 from .errors import UsageError
 from .kinds import LAYER_KINDS
 from .plan import Plan
-from .select import Selector, select
+from .selection import Selector, select
 
 SELECTION = {"pattern": list, "regex": list, "exclude": list, "kind": list, "allow_empty": bool}
 TIES = {"follow_ties": bool, "untie": bool}

@@ -18,7 +18,9 @@ def to_torch(tensor: Tensor) -> torch.Tensor:
     if tensor.numel == 0:
         return torch.empty(tensor.shape, dtype=dtype)
     storage = tensor.storage
-    if storage.values is not None:
+    if isinstance(storage.values, bytearray):
+        base = torch.frombuffer(storage.values, dtype=torch.uint8).view(dtype)
+    elif storage.values is not None:
         base = storage.values.reshape(-1).view(torch.uint8).view(dtype)
     else:
         raw = storage.view()

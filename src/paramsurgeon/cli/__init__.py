@@ -3,16 +3,14 @@ turns its errors into one line on stderr and an exit code."""
 
 import os
 import sys
-import traceback
 from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
 from ..errors import ParamSurgeonError
-from .conversion import convert
-from .reports import check, diff, groups, inspect
-from .surgery import apply_recipe, cast, copy, drop, init, rename, scale, tie, untie, zero
+from .commands import (apply_recipe, cast, check, convert, copy, diff, drop, groups, init, inspect, rename, scale, tie,
+                       untie, zero)
 
 
 class _Group(TyperGroup):
@@ -47,6 +45,8 @@ class _Group(TyperGroup):
 
 def _fail(message: str, code: int, debug: bool) -> int:
     if debug:
+        import traceback
+
         traceback.print_exc()
     sys.stderr.write(f"paramsurgeon: error: {message}\n")
     return code

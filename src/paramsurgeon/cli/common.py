@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from .. import formats
 from ..checkpoint import Checkpoint
-from ..select import Selector, select
+from ..selection import Selector, select
 from .options import ReadOptions, SelectOptions
 
 

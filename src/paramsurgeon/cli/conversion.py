@@ -1,29 +1,12 @@
-"""convert: change the format or the sharding of a checkpoint, nothing else."""
-
-from typing import Annotated, Optional
-
-import typer
+"""What convert does: change the format or the sharding of a checkpoint, nothing else."""
 
 from .. import formats
 from ..units import human_bytes
 from .common import note, open_checkpoint, progress
-from .options import READ, WRITE, ReadOptions, WriteOptions, options
-from .reports import CKPT
 
 
-@options(READ, WRITE)
-def convert(
-    ckpt: CKPT = None,
-    max_shard_size: Annotated[Optional[str], typer.Option(
-        "--max-shard-size", metavar="SIZE", help="Write a Hugging Face sharded directory with shards of at most"
-        " SIZE (5GB = 5*10^9 bytes, as the hub counts).")] = None,
-    read: ReadOptions = None,
-    write: WriteOptions = None,
-):
-    """Convert between torch and safetensors, single file and sharded directory; values are untouched.
-
-    Example: paramsurgeon convert samples/resnet.pt -o resnet.safetensors
-    """
+def convert(ckpt, max_shard_size, read, write):
+    """Convert between torch and safetensors, single file and sharded directory; values are untouched."""
     checkpoint = open_checkpoint(ckpt, read)
     target = formats.resolve_target(checkpoint, write.output, write.format, write.in_place, max_shard_size)
     tensors = checkpoint.tensors

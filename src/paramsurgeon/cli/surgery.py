@@ -1,14 +1,11 @@
-"""Commands that change tensors: init, zero, scale, cast, copy, tie, untie, rename, drop.
-
-Each parses its options, builds a Plan through the library (every check made before
+"""What the commands that change tensors do: init, zero, scale, cast, copy, tie, untie,
+rename, drop and apply. Each builds a Plan through the library (every check made before
 anything is computed), then prints it (--dry-run) or applies and writes it.
 """
 
 import secrets
 import sys
-from typing import Annotated, Callable, List, Optional
-
-import typer
+from typing import Callable, Optional
 
 from .. import formats, ops, recipes, report, steps
 from ..checkpoint import Checkpoint
@@ -17,9 +14,7 @@ from ..extras import summarize
 from ..plan import Plan, apply
 from ..units import human_bytes
 from .common import color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width
-from .options import (EVERY, PLAN, READ, SELECT, TIES, WRITE, PlanOptions, ReadOptions, SelectOptions, TieOptions,
-                      WriteOptions, options)
-from .reports import CKPT
+from .options import PlanOptions, ReadOptions, SelectOptions, TieOptions, WriteOptions
 
 
 def _open_for_writing(path: Optional[str], read: ReadOptions, write: WriteOptions,
@@ -130,164 +125,55 @@ def _ties(ties: TieOptions) -> dict:
     return {"follow_ties": ties.follow_ties, "untie": ties.untie}
 
 
-@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
-def init(
-    ckpt: CKPT = None,
-    const: Annotated[Optional[str], typer.Option("--const", metavar="V", help="Fill with this value.")] = None,
-    scheme: Annotated[Optional[str], typer.Option(
-        "--scheme", metavar="SPEC", help="A torch.nn.init scheme with keyword arguments, e.g."
-        " 'normal(std=0.02)', 'xavier_uniform(gain=relu)', 'kaiming_normal(mode=fan_out, nonlinearity=relu)';"
-        " or 'default' for what each layer's reset_parameters gives.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Make the values reproducible (each tensor's"
-                                                " generator comes from the seed and its name).")] = None,
-    layer: Annotated[Optional[str], typer.Option(
-        "--layer", metavar="KIND", help="With --scheme default: the layer kind, when it cannot be inferred.")] = None,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
-    write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Re-initialise the selected tensors with a constant or a torch.nn.init scheme.
-
-    Example: paramsurgeon init model.pt -p 'fc.*' --scheme 'xavier_uniform(gain=relu)' --seed 3 -o out.pt
-    """
+def init(ckpt, const, scheme, seed, layer, read, select, every, ties, write, plan):
+    """Re-initialise the selected tensors with a constant or a torch.nn.init scheme."""
     _step("init", ckpt, read, write, plan, **_selection(select), **_ties(ties), all=every,
           const=_number(const, "--const") if const is not None else None, scheme=scheme, seed=seed, layer=layer)
 
 
-@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
-def zero(
-    ckpt: CKPT = None,
-    below: Annotated[Optional[float], typer.Option(
-        "--below", metavar="T", min=0, help="Zero only the entries with |x| < T (magnitude pruning).")] = None,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
-    write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Set the selected tensors to zero, or only their small entries with --below.
-
-    Example: paramsurgeon zero model.pt -p 'layer*.1.bn2.weight' -o out.pt
-    """
+def zero(ckpt, below, read, select, every, ties, write, plan):
+    """Set the selected tensors to zero, or only their small entries with --below."""
     _step("zero", ckpt, read, write, plan, **_selection(select), **_ties(ties), all=every, below=below)
 
 
-@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
-def scale(
-    ckpt: CKPT = None,
-    by: Annotated[float, typer.Option("--by", metavar="F", help="The factor.")] = ...,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
-    write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Multiply the selected tensors by a factor.
-
-    Example: paramsurgeon scale model.pt -p 'blocks.*.mlp.fc2.weight' --by 0.5 -o out.pt
-    """
+def scale(ckpt, by, read, select, every, ties, write, plan):
+    """Multiply the selected tensors by a factor."""
     _step("scale", ckpt, read, write, plan, **_selection(select), **_ties(ties), all=every, by=by)
 
 
-@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
-def cast(
-    ckpt: CKPT = None,
-    dtype: Annotated[str, typer.Option("--dtype", metavar="D", help="float32, float16, bfloat16 or float64.")] = ...,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
-    write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Change the dtype of the selected floating-point tensors (others are left as they are).
-
-    Example: paramsurgeon cast model.pt --all --dtype bfloat16 -o model-bf16.safetensors
-    """
+def cast(ckpt, dtype, read, select, every, ties, write, plan):
+    """Change the dtype of the selected floating-point tensors (others are left as they are)."""
     _step("cast", ckpt, read, write, plan, **_selection(select), **_ties(ties), all=every, dtype=dtype)
 
 
-@options(READ, SELECT, TIES, WRITE, PLAN)
-def copy(
-    ckpt: CKPT = None,
-    from_: Annotated[Optional[str], typer.Option("--from", metavar="SRC", help="Source names (a glob).")] = None,
-    to: Annotated[Optional[str], typer.Option("--to", metavar="DST", help="Target names, with the same"
-                                              " wildcards as --from.")] = None,
-    source: Annotated[Optional[str], typer.Option(
-        "--source", metavar="OTHER", help="Read the sources from another checkpoint (e.g. pretrained weights);"
-        " without --from/--to, copy every tensor whose name is in both.")] = None,
-    source_key: Annotated[Optional[str], typer.Option(
-        "--source-key", metavar="KEY", help="--key for the --source checkpoint.")] = None,
-    skip_mismatched: Annotated[bool, typer.Option(
-        "--skip-mismatched", help="Skip (and report) pairs whose shapes differ instead of failing.")] = False,
-    read: ReadOptions = None, select: SelectOptions = None, ties: TieOptions = None, write: WriteOptions = None,
-    plan: PlanOptions = None,
-):
-    """Copy values into existing tensors: from other tensors, or from another checkpoint.
-
-    Example: paramsurgeon copy model.pt --source pretrained.pt --skip-mismatched -o init.pt
-    """
+def copy(ckpt, from_, to, source, source_key, skip_mismatched, read, select, ties, write, plan):
+    """Copy values into existing tensors: from other tensors, or from another checkpoint."""
     _step("copy", ckpt, read, write, plan, **_selection(select), **_ties(ties), source=source, source_key=source_key,
           skip_mismatched=skip_mismatched, **{"from": from_, "to": to})
 
 
-@options(READ, TIES, WRITE, PLAN)
-def tie(
-    ckpt: CKPT = None,
-    source: Annotated[str, typer.Option("--source", metavar="NAME", help="The tensor whose storage is shared.")] = ...,
-    target: Annotated[List[str], typer.Option("--target", metavar="GLOB", help="Tensors that take the source's"
-                                              " values and share its storage; repeatable.")] = ...,
-    read: ReadOptions = None, ties: TieOptions = None, write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Make tensors share one storage (e.g. tie an LM head to the token embedding).
-
-    Example: paramsurgeon tie gpt.pt --source wte.weight --target lm_head.weight -o tied.pt
-    """
+def tie(ckpt, source, target, read, ties, write, plan):
+    """Make tensors share one storage (e.g. tie an LM head to the token embedding)."""
     _step("tie", ckpt, read, write, plan, **_ties(ties), source=source, target=target)
 
 
-@options(READ, SELECT, EVERY, WRITE, PLAN)
-def untie(
-    ckpt: CKPT = None,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, write: WriteOptions = None,
-    plan: PlanOptions = None,
-):
-    """Give each selected tensor storage of its own; values do not change.
-
-    Example: paramsurgeon untie gpt.pt -p lm_head.weight -o untied.pt
-    """
+def untie(ckpt, read, select, every, write, plan):
+    """Give each selected tensor storage of its own; values do not change."""
     _step("untie", ckpt, read, write, plan, **_selection(select), all=every)
 
 
-@options(READ, WRITE, PLAN)
-def rename(
-    ckpt: CKPT = None,
-    from_: Annotated[str, typer.Option("--from", metavar="GLOB", help="Names to rename.")] = ...,
-    to: Annotated[str, typer.Option("--to", metavar="GLOB", help="New names, with the same wildcards.")] = ...,
-    read: ReadOptions = None, write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Rename tensors by wildcard mapping, e.g. strip DataParallel's 'module.' prefix.
-
-    Example: paramsurgeon rename model.pt --from 'module.*' --to '*' -o clean.pt
-    """
+def rename(ckpt, from_, to, read, write, plan):
+    """Rename tensors by wildcard mapping, e.g. strip DataParallel's 'module.' prefix."""
     _step("rename", ckpt, read, write, plan, **{"from": from_, "to": to})
 
 
-@options(READ, SELECT, EVERY, WRITE, PLAN)
-def drop(
-    ckpt: CKPT = None,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, write: WriteOptions = None,
-    plan: PlanOptions = None,
-):
-    """Remove the selected tensors.
-
-    Example: paramsurgeon drop model.pt -p 'fc.*' -o backbone.pt
-    """
+def drop(ckpt, read, select, every, write, plan):
+    """Remove the selected tensors."""
     _step("drop", ckpt, read, write, plan, **_selection(select), all=every)
 
 
-@options(READ, WRITE, PLAN)
-def apply_recipe(
-    paths: Annotated[List[str], typer.Argument(
-        metavar="[CKPT] RECIPE", help="The checkpoint ('-' or omitted: standard input) and the TOML recipe.",
-        show_default=False)],
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for the steps that draw values and name"
-                                                " none (a recipe's own seed comes first).")] = None,
-    read: ReadOptions = None, write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Run the operations of a TOML recipe in order, with one read and one write.
-
-    Example: paramsurgeon apply model.pt recipe.toml -o out.pt
-    """
+def apply_recipe(paths, seed, read, write, plan):
+    """Run the operations of a TOML recipe in order, with one read and one write."""
     if len(paths) > 2:
         raise UsageError("apply: pass the checkpoint and one recipe")
     path, recipe_path = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])

@@ -1,0 +1,194 @@
+"""Benchmark paramsurgeon on a 2 GiB float32 checkpoint, side by side with the physical limit
+(cp) and the scripts people write today, and write the results into the README.
+
+    python bench/run.py                # 5 runs each, prints the table
+    python bench/run.py --update-readme
+
+Each measurement runs a fresh process; wall time is measured around it and peak anonymous
+memory (RssAnon, the memory a process really allocates, not the file pages it maps) is
+sampled from /proc every 5 ms. Medians over the runs; this machine is shared and noisy.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(os.path.dirname(HERE), "README.md")
+BIN = os.path.dirname(sys.executable)
+TENSORS, SIDE = 128, 2048  # 128 float32 tensors of 2048 x 2048 = 16 MiB each: 2 GiB
+MiB = 1 << 20
+
+MAKE = """
+import sys, torch
+from safetensors.torch import save_file
+torch.manual_seed(0)
+state = {f"blocks.{i}.weight": torch.randn(%d, %d) for i in range(%d)}
+torch.save(state, sys.argv[1] + "/model.pt")
+save_file(state, sys.argv[1] + "/model.safetensors")
+""" % (SIDE, SIDE, TENSORS)
+
+SCRIPT_ZERO_PT = """
+import sys, torch
+state = torch.load(sys.argv[1], weights_only=True)
+state["blocks.5.weight"].zero_()
+torch.save(state, sys.argv[2])
+"""
+SCRIPT_ZERO_ST = """
+import sys
+from safetensors.torch import load_file, save_file
+state = load_file(sys.argv[1])
+state["blocks.5.weight"].zero_()
+save_file(state, sys.argv[2])
+"""
+SCRIPT_STATS = """
+import sys, torch
+from safetensors.torch import load_file
+state = load_file(sys.argv[1]) if sys.argv[1].endswith(".safetensors") else torch.load(sys.argv[1], weights_only=True)
+for name, t in state.items():
+    x = t.double()
+    print(name, list(t.shape), t.dtype, t.numel(), x.mean().item(), x.std().item(), x.min().item(), x.max().item(),
+          x.abs().max().item(), (t == 0).sum().item(), torch.isnan(t).sum().item(), torch.isinf(t).sum().item())
+"""
+
+
+def peak_anon(pid: int, stop: threading.Event, result: list) -> None:
+    peak = 0
+    while not stop.is_set():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        stop.wait(0.005)
+    result.append(peak)
+
+
+def measure(command: list[str], cwd: str) -> tuple[float, int]:
+    """(wall seconds, peak RssAnon bytes) of one run of ``command``."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stop, peak = threading.Event(), []
+    sampler = threading.Thread(target=peak_anon, args=(process.pid, stop, peak))
+    sampler.start()
+    _, err = process.communicate()
+    wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {err.decode()}")
+    return wall, peak[0] if peak else 0
+
+
+def python(code: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", code, *args]
+
+
+def tool(*args: str) -> list[str]:
+    return [os.path.join(BIN, "paramsurgeon"), *args]
+
+
+def cases(folder: str) -> list[tuple[str, str, list[str], str]]:
+    """(group, label, command, output file to delete after each run)."""
+    rows = []
+    for fmt, ext in (("safetensors", "safetensors"), ("torch zip", "pt")):
+        source, out = f"model.{ext}", f"out.{ext}"
+        zero_script = SCRIPT_ZERO_ST if ext == "safetensors" else SCRIPT_ZERO_PT
+        group = f"zero one 16 MiB tensor ({fmt})"
+        rows += [(group, "cp (the physical limit)", ["cp", source, out], out),
+                 (group, "cp, then sync (the limit, durable)", ["sh", "-c", f"cp {source} {out} && sync"], out),
+                 (group, "paramsurgeon zero (atomic, fsync'd)", tool("zero", source, "-p", "blocks.5.weight", "-o", out), out),
+                 (group, "script: load, zero_(), save", python(zero_script, source, out), out)]
+    for fmt, ext in (("safetensors", "safetensors"), ("torch zip", "pt")):
+        group = f"inspect with statistics ({fmt})"
+        rows += [(group, "paramsurgeon inspect", tool("inspect", f"model.{ext}"), ""),
+                 (group, "script: load, then torch reductions", python(SCRIPT_STATS, f"model.{ext}"), "")]
+    rows += [("header only", "paramsurgeon inspect --no-stats (safetensors)",
+              tool("inspect", "--no-stats", "model.safetensors"), ""),
+             ("header only", "paramsurgeon --help", tool("--help"), "")]
+    return rows
+
+
+TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory limit)
+    "zero one 16 MiB tensor (safetensors)": ("cp (the physical limit)", 1.25, 256 * MiB),
+    "zero one 16 MiB tensor (torch zip)": ("cp (the physical limit)", 1.5, 256 * MiB),
+    "inspect with statistics (safetensors)": ("script: load, then torch reductions", 1.0, 400 * MiB),
+    "inspect with statistics (torch zip)": ("script: load, then torch reductions", 1.0, 400 * MiB),
+}
+
+
+def run(folder: str, runs: int) -> list[dict]:
+    results = []
+    for group, label, command, out in cases(folder):
+        walls, peaks = [], []
+        for _ in range(runs):
+            subprocess.run(["sync"], check=False)
+            wall, peak = measure(command, folder)
+            walls.append(wall)
+            peaks.append(peak)
+            if out and os.path.exists(os.path.join(folder, out)):
+                os.remove(os.path.join(folder, out))
+        results.append({"group": group, "label": label, "wall": statistics.median(walls),
+                        "anon": statistics.median(peaks), "walls": walls})
+        print(f"{group:40s} {label:42s} {statistics.median(walls):7.2f} s {statistics.median(peaks) / MiB:8.0f} MiB",
+              flush=True)
+    return results
+
+
+def table(results: list[dict], runs: int) -> str:
+    lines = [f"Medians of {runs} runs on a 2 GiB float32 checkpoint ({TENSORS} tensors of {SIDE}x{SIDE});"
+             f" peak anonymous memory (RssAnon). Measured by `python bench/run.py`.", "",
+             "| task | command | wall | ratio | peak anon memory | target | met |", "|---|---|---|---|---|---|---|"]
+    by_label = {(r["group"], r["label"]): r for r in results}
+    for r in results:
+        target, ratio, met = "", "", ""
+        if r["group"] in TARGETS and r["label"].startswith("paramsurgeon"):
+            base_label, limit, memory = TARGETS[r["group"]]
+            base = by_label[(r["group"], base_label)]
+            ratio = f"{r['wall'] / base['wall']:.2f}x {'cp' if base_label.startswith('cp') else 'script'}"
+            target = f"<= {limit}x, <= {memory // MiB} MiB"
+            met = "yes" if r["wall"] <= limit * base["wall"] and r["anon"] <= memory else "no"
+        elif r["group"] == "header only":
+            target, met = "<= 0.25 s", "yes" if r["wall"] <= 0.25 else "no"
+        lines.append(f"| {r['group']} | {r['label']} | {r['wall']:.2f} s | {ratio} | {r['anon'] / MiB:.0f} MiB"
+                     f" | {target} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dir", default=None, help="where to put the 4 GiB of test files (default: a temp dir)")
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    folder = args.dir or tempfile.mkdtemp(prefix="paramsurgeon-bench-", dir=os.path.dirname(HERE))
+    os.makedirs(folder, exist_ok=True)
+    try:
+        if not os.path.exists(os.path.join(folder, "model.safetensors")):
+            subprocess.run(python(MAKE, folder), check=True)
+        results = run(folder, args.runs)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    text = table(results, args.runs)
+    print(text)
+    if args.update_readme:
+        with open(README) as f:
+            readme = f.read()
+        readme = re.sub(r"(<!-- bench:start -->\n).*?(<!-- bench:end -->)", lambda m: m.group(1) + text + m.group(2),
+                        readme, flags=re.S)
+        with open(README, "w") as f:
+            f.write(readme)
+
+
+if __name__ == "__main__":
+    main()
