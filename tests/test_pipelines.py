@@ -293,7 +293,7 @@ def test_version_and_examples_in_every_help():
     from paramsurgeon import __version__
 
     assert run("--version").stdout == f"paramsurgeon {__version__}\n"
-    commands = re.findall(r"│ (\w+)\s{2,}", run("--help").stdout)
+    commands = re.findall(r"^  (\w+)  ", run("--help").stdout.split("Commands:")[1], re.M)
     assert len(commands) >= 15
     for command in commands:
         assert "Example: paramsurgeon " + command in run(command, "--help").stdout, command

@@ -1,23 +1,17 @@
-"""The only place that renders: rich tables for people, JSON documents for programs.
+"""The only place that renders: text reports for people, JSON documents for programs.
 
-Functions here build text; printing is the caller's. Tables fit the terminal they are
-shown on (low-priority columns give way, long names fold, nothing is cut); piped, they
-keep every column on one line per tensor so that grep and awk work.
+Functions here build text; printing is the caller's. ``width`` is the terminal's (tables
+fit it, see tables.py) or None when piped (plain columns, one line per row).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from .dtypes import BY_NAME
 from .inspection import Inspection, Row
+from .tables import Column, render
 from .units import human_bytes
 
 SCHEMA_VERSION = 1
@@ -94,20 +88,21 @@ def shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) if shape else "scalar"
 
 
-def _columns(result: Inspection) -> list[tuple[str, str, callable]]:
-    """(header, justify, cell) for each column, most important first."""
-    cols = [("name", "left", lambda r: escape(r.name)), ("kind", "left", lambda r: r.kind),
-            ("shape", "right", lambda r: shape_text(r.shape)), ("dtype", "left", lambda r: BY_NAME[r.dtype].short)]
+def _columns(result: Inspection) -> list[tuple[Column, callable]]:
+    """Each column and how to fill it, most important first."""
+    cols = [(Column("name"), lambda r: r.name), (Column("kind"), lambda r: r.kind),
+            (Column("shape", True), lambda r: shape_text(r.shape)), (Column("dtype"), lambda r: BY_NAME[r.dtype].short)]
     if result.stats:
-        stats = [("mean", "mean"), ("std", "std"), ("min", "min"), ("max", "max")]
         if any(r.stats and (r.stats.nan or r.stats.inf) for r in result.rows):
-            cols += [("nan", "right", lambda r: _count(r, "nan")), ("inf", "right", lambda r: _count(r, "inf"))]
-        cols += [(h, "right", lambda r, k=k: short_number(getattr(r.stats, k)) if r.stats else "-") for h, k in stats]
-        cols.append(("zeros", "right", lambda r: f"{100 * r.stats.zeros / r.numel:.1f}%" if r.stats and r.numel else "-"))
-        cols.append(("|max|", "right", lambda r: short_number(r.stats.abs_max) if r.stats else "-"))
+            cols += [(Column("nan", True), lambda r: _count(r, "nan")), (Column("inf", True), lambda r: _count(r, "inf"))]
+        for key in ("mean", "std", "min", "max"):
+            cols.append((Column(key, True), lambda r, k=key: short_number(getattr(r.stats, k)) if r.stats else "-"))
+        cols.append((Column("zeros", True),
+                     lambda r: f"{100 * r.stats.zeros / r.numel:.1f}%" if r.stats and r.numel else "-"))
+        cols.append((Column("|max|", True), lambda r: short_number(r.stats.abs_max) if r.stats else "-"))
     if any(r.sha256 for r in result.rows):
-        cols.insert(4, ("sha256", "left", lambda r: r.sha256 or ""))
-    cols.append(("numel", "right", lambda r: f"{r.numel:,}"))
+        cols.insert(4, (Column("sha256"), lambda r: r.sha256 or ""))
+    cols.append((Column("numel", True), lambda r: f"{r.numel:,}"))
     return cols
 
 
@@ -118,61 +113,19 @@ def _count(row: Row, field: str) -> str:
 
 def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
     """The ``inspect`` report: a header line, the table, ties, totals, other entries."""
-    out = io.StringIO()
-    console = Console(file=out, width=width or 100_000, no_color=not color, highlight=False,
-                      force_terminal=color, soft_wrap=width is None)
     totals = result.totals
-    key = f" [dim]({escape(result.key)})[/dim]" if result.key else ""
-    console.print(f"[bold]{escape(result.source)}[/bold]{key}: {_FORMAT_NAMES.get(result.format, result.format)},"
-                  f" {_plural(totals['tensors'], 'tensor')}, {totals['parameters']:,} parameters"
-                  + (f" + {totals['buffers']:,} in buffers" if totals["buffers"] else "")
-                  + f", {human_bytes(totals['bytes'])}", soft_wrap=True)
-    table, hidden = _table(result, width)
-    console.print(table)
-    if hidden:
-        console.print(f"[dim](not shown at this width: {', '.join(hidden)}; --json has every field)[/dim]",
-                      soft_wrap=True)
-    for line in footer_lines(result):
-        console.print(line, soft_wrap=True)
-    return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
-
-
-def _table(result: Inspection, width: int | None) -> tuple[Table, list[str]]:
-    """The per-tensor table. On a terminal, low-priority columns give way until it fits;
-    before mean, std, min or max would go, long names fold instead (nothing is cut)."""
+    key = f" ({result.key})" if result.key else ""
+    lines = [f"{result.source}{key}: {_FORMAT_NAMES.get(result.format, result.format)},"
+             f" {_plural(totals['tensors'], 'tensor')}, {totals['parameters']:,} parameters"
+             + (f" + {totals['buffers']:,} in buffers" if totals["buffers"] else "") + f", {human_bytes(totals['bytes'])}"]
     cols = _columns(result)
-    cells = [[cell(r) for _, _, cell in cols] for r in result.rows]
-    headers = [h for h, _, _ in cols]
-    core = headers.index("max") + 1 if "max" in headers else 4
-    natural = max([len(headers[0])] + [len(row[0]) for row in cells])
-    keep = list(range(len(cols)))
-    while True:
-        table = _build(cols, cells, keep, None)
-        excess = 0 if width is None else _width(table) - width
-        if excess <= 0:
-            break
-        if len(keep) <= core and (natural - excess >= 24 or len(keep) == 4):
-            table = _build(cols, cells, keep, max(24, natural - excess))
-            break
-        keep.pop()
-    return table, [headers[i] for i in range(len(cols)) if i not in keep]
-
-
-def _build(cols, cells, keep, name_width: int | None) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0),
-                  header_style="bold", expand=False)
-    for i in keep:
-        header, justify, _ = cols[i]
-        table.add_column(header, justify=justify, overflow="fold", no_wrap=i != 0,
-                         max_width=name_width if i == 0 else None)
-    for row in cells:
-        table.add_row(*(row[i] for i in keep))
-    return table
-
-
-def _width(table: Table) -> int:
-    console = Console(width=100_000)
-    return console.measure(table).maximum
+    headers = [c.header for c, _ in cols]
+    table, hidden = render([c for c, _ in cols], [[cell(r) for _, cell in cols] for r in result.rows], width, color,
+                           core=headers.index("max") + 1 if "max" in headers else 4)
+    lines.append(table.rstrip("\n"))
+    if hidden:
+        lines.append(f"(not shown at this width: {', '.join(hidden)}; --json has every field)")
+    return "\n".join(lines + footer_lines(result)) + "\n"
 
 
 def footer_lines(result: Inspection) -> list[str]:
@@ -181,38 +134,32 @@ def footer_lines(result: Inspection) -> list[str]:
     if len(by_dtype) > 1:
         lines.append("by dtype: " + "; ".join(f"{d} {_plural(v['tensors'], 'tensor')}, {v['numel']:,} elements,"
                                               f" {human_bytes(v['bytes'])}" for d, v in by_dtype.items()))
-    for group in result.ties:
-        lines.append("tied (one storage): " + " = ".join(escape(n) for n in group))
+    lines += ["tied (one storage): " + " = ".join(group) for group in result.ties]
     if result.extras:
         lines.append("other entries:")
-        lines += [f"  {escape(e['path'])}: {escape(e['summary'])}" for e in result.extras]
+        lines += [f"  {e['path']}: {e['summary']}" for e in result.extras]
     if result.metadata:
-        lines.append("metadata: " + ", ".join(f"{escape(k)}={escape(v[:60])}" for k, v in result.metadata.items()))
-    lines += [f"note: {escape(n)}" for n in result.notes]
-    return lines
+        lines.append("metadata: " + ", ".join(f"{k}={v[:60]}" for k, v in result.metadata.items()))
+    return lines + [f"note: {n}" for n in result.notes]
 
 
 def tree_text(tree: dict, depth: int | None, width: int | None, color: bool) -> str:
     """The ``inspect --tree`` report: parameters and buffers per module, indented."""
-    out = io.StringIO()
-    console = Console(file=out, width=width or 100_000, no_color=not color, highlight=False, force_terminal=color)
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
-    for header, justify in (("module", "left"), ("parameters", "right"), ("buffers", "right"), ("bytes", "right"),
-                            ("share", "right")):
-        table.add_column(header, justify=justify, overflow="fold" if header == "module" else "ellipsis")
+    rows = []
     total = max(tree["parameters"], 1)
 
     def add(node: dict, level: int) -> None:
         label = "(all)" if level == 0 else "  " * (level - 1) + node["name"].rpartition(".")[2]
-        table.add_row(escape(label), f"{node['parameters']:,}", f"{node['buffers']:,}" if node["buffers"] else "",
-                      human_bytes(node["bytes"]), f"{100 * node['parameters'] / total:.1f}%")
+        rows.append([label, f"{node['parameters']:,}", f"{node['buffers']:,}" if node["buffers"] else "",
+                     human_bytes(node["bytes"]), f"{100 * node['parameters'] / total:.1f}%"])
         if depth is None or level < depth:
             for child in node["children"]:
                 add(child, level + 1)
 
     add(tree, 0)
-    console.print(table)
-    return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
+    columns = [Column("module"), Column("parameters", True), Column("buffers", True), Column("bytes", True),
+               Column("share", True)]
+    return render(columns, rows, width, color)[0]
 
 
 def plan_document(plan, rows: list[dict], ckpt, output: str | None, dry_run: bool) -> dict:
@@ -230,22 +177,17 @@ def recipe_document(planned, ckpt, output: str | None, dry_run: bool) -> dict:
 
 def plan_text(plan, rows: list[dict], width: int | None, color: bool, prefix: str = "") -> str:
     """The --dry-run table: each affected tensor, its shape and dtype, and what happens to it."""
-    out = io.StringIO()
-    console = Console(file=out, width=width or 100_000, no_color=not color, highlight=False, force_terminal=color)
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
-    for header, justify in (("name", "left"), ("shape", "right"), ("dtype", "left"), ("action", "left")):
-        table.add_column(header, justify=justify, overflow="fold")
+    cells = []
     for row in rows:
         shape, dtype = shape_text(tuple(row["shape"])), BY_NAME[row["dtype"]].short
         if row["new_shape"] is not None and row["new_shape"] != row["shape"]:
             shape += f" -> {shape_text(tuple(row['new_shape']))}"
         if row["new_dtype"] is not None and row["new_dtype"] != row["dtype"]:
             dtype += f" -> {BY_NAME[row['new_dtype']].short}"
-        table.add_row(escape(row["name"]), shape, dtype, escape(row["action"]))
-    console.print(f"{escape(prefix)}[bold]{plan.command}[/bold]: {_plural(len(rows), 'tensor')} would change"
-                  " (dry run: nothing written)", soft_wrap=True)
-    console.print(table)
-    return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
+        cells.append([row["name"], shape, dtype, row["action"]])
+    columns = [Column("name"), Column("shape", True), Column("dtype"), Column("action")]
+    title = f"{prefix}{plan.command}: {_plural(len(rows), 'tensor')} would change (dry run: nothing written)\n"
+    return title + render(columns, cells, width, color)[0]
 
 
 def diff_document(result) -> dict:
@@ -263,38 +205,29 @@ def diff_document(result) -> dict:
 
 def diff_text(result, width: int | None, color: bool) -> str:
     """The ``diff`` report: a summary line, then each difference."""
-    out = io.StringIO()
-    console = Console(file=out, width=width or 100_000, no_color=not color, highlight=False, force_terminal=color)
     counts = [f"{result.identical} {'identical' if result.values else 'alike (values not compared)'}"]
     for status, label in (("different", "different"), ("close", "within tolerance"), ("shape", "reshaped"),
                           ("dtype", "retyped")):
         if result.of(status):
             counts.append(f"{len(result.of(status))} {label}")
     counts += [f"{len(result.only_a)} only in A", f"{len(result.only_b)} only in B"]
-    verdict = "[green]equal[/green]" if result.equal else "[red]different[/red]"
-    console.print(f"{escape(result.source_a)} (A) vs {escape(result.source_b)} (B): {verdict}: "
-                  + ", ".join(counts), soft_wrap=True)
+    lines = [f"{result.source_a} (A) vs {result.source_b} (B): {'equal' if result.equal else 'different'}: "
+             + ", ".join(counts)]
     if result.diffs:
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
-        for header, justify in (("name", "left"), ("change", "left"), ("shape", "right"), ("dtype", "left"),
-                                ("max |a-b|", "right"), ("max rel", "right"), ("mismatched", "right")):
-            table.add_column(header, justify=justify, overflow="fold")
+        rows = []
         for d in result.diffs:
             shape = shape_text(d.shape_a) + ("" if d.shape_a == d.shape_b else f" -> {shape_text(d.shape_b)}")
             dtype = BY_NAME[d.dtype_a].short + ("" if d.dtype_a == d.dtype_b else f" -> {BY_NAME[d.dtype_b].short}")
             mismatched = f"{d.mismatched:,}/{d.numel:,}" if d.max_abs is not None else "-"
-            table.add_row(escape(d.name), d.status, shape, dtype, short_number(d.max_abs), short_number(d.max_rel),
-                          mismatched)
-        console.print(table)
+            rows.append([d.name, d.status, shape, dtype, short_number(d.max_abs), short_number(d.max_rel), mismatched])
+        columns = [Column("name"), Column("change"), Column("shape", True), Column("dtype"), Column("max |a-b|", True),
+                   Column("max rel", True), Column("mismatched", True)]
+        lines.append(render(columns, rows, width, color)[0].rstrip("\n"))
     for label, names in (("only in A", result.only_a), ("only in B", result.only_b)):
         if names:
-            console.print(f"{label} ({len(names)}):", soft_wrap=True)
-            for name in names:
-                console.print(f"  {escape(name)}", soft_wrap=True)
-    for e in result.extras:
-        console.print(f"other entry {escape(e['path'])}: {escape(str(e['a']))} -> {escape(str(e['b']))}",
-                      soft_wrap=True)
-    return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
+            lines += [f"{label} ({len(names)}):"] + [f"  {name}" for name in names]
+    lines += [f"other entry {e['path']}: {e['a']} -> {e['b']}" for e in result.extras]
+    return "\n".join(lines) + "\n"
 
 
 def check_document(source: str, rules) -> dict:

@@ -58,6 +58,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -79,9 +80,9 @@ def _main(
     without writing a script. Every command's --help has an example."""
 
 
-for command in (inspect, diff, check, groups, init, zero, scale, cast, copy, tie, untie, rename, drop, convert):
-    app.command()(command)
-app.command("apply")(apply_recipe)
+for command in (inspect, diff, check, groups, init, zero, scale, cast, copy, tie, untie, rename, drop, convert,
+                apply_recipe):
+    app.command(command.__name__.removesuffix("_recipe"), short_help=command.__doc__.split("\n")[0])(command)
 
 
 def main() -> None:

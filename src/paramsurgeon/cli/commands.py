@@ -34,6 +34,7 @@ def inspect(
 ):
     """Show every tensor (name, kind, shape, dtype, statistics), ties, totals and the rest of the file.
 
+    \b
     Example: paramsurgeon inspect samples/resnet.pt -p 'layer1.*'
     """
     _act("reports", "inspect", locals())
@@ -53,6 +54,7 @@ def diff(
 ):
     """Compare two checkpoints tensor by tensor; exit 0 when they are equal, 1 when they differ.
 
+    \b
     Example: paramsurgeon diff before.pt after.safetensors --atol 1e-6
     """
     _act("reports", "diff", locals())
@@ -80,6 +82,7 @@ def check(
 
     A sharded checkpoint is also checked for agreement between its index and its shards.
 
+    \b
     Example: paramsurgeon check model.safetensors --finite --max-abs 100 --like reference.pt
     """
     _act("reports", "check", locals())
@@ -98,6 +101,7 @@ def groups(
 ):
     """Split parameters into weight-decay groups: biases, norm and PReLU weights get none.
 
+    \b
     Example: paramsurgeon groups model.pt --json > groups.json
     """
     _act("reports", "groups", locals())
@@ -114,6 +118,7 @@ def convert(
 ):
     """Convert between torch and safetensors, single file and sharded directory; values are untouched.
 
+    \b
     Example: paramsurgeon convert samples/resnet.pt -o resnet.safetensors
     """
     _act("conversion", "convert", locals())
@@ -136,6 +141,7 @@ def init(
 ):
     """Re-initialise the selected tensors with a constant or a torch.nn.init scheme.
 
+    \b
     Example: paramsurgeon init model.pt -p 'fc.*' --scheme 'xavier_uniform(gain=relu)' --seed 3 -o out.pt
     """
     _act("surgery", "init", locals())
@@ -151,6 +157,7 @@ def zero(
 ):
     """Set the selected tensors to zero, or only their small entries with --below.
 
+    \b
     Example: paramsurgeon zero model.pt -p 'layer*.1.bn2.weight' -o out.pt
     """
     _act("surgery", "zero", locals())
@@ -165,6 +172,7 @@ def scale(
 ):
     """Multiply the selected tensors by a factor.
 
+    \b
     Example: paramsurgeon scale model.pt -p 'blocks.*.mlp.fc2.weight' --by 0.5 -o out.pt
     """
     _act("surgery", "scale", locals())
@@ -179,6 +187,7 @@ def cast(
 ):
     """Change the dtype of the selected floating-point tensors (others are left as they are).
 
+    \b
     Example: paramsurgeon cast model.pt --all --dtype bfloat16 -o model-bf16.safetensors
     """
     _act("surgery", "cast", locals())
@@ -202,6 +211,7 @@ def copy(
 ):
     """Copy values into existing tensors: from other tensors, or from another checkpoint.
 
+    \b
     Example: paramsurgeon copy model.pt --source pretrained.pt --skip-mismatched -o init.pt
     """
     _act("surgery", "copy", locals())
@@ -217,6 +227,7 @@ def tie(
 ):
     """Make tensors share one storage (e.g. tie an LM head to the token embedding).
 
+    \b
     Example: paramsurgeon tie gpt.pt --source wte.weight --target lm_head.weight -o tied.pt
     """
     _act("surgery", "tie", locals())
@@ -230,6 +241,7 @@ def untie(
 ):
     """Give each selected tensor storage of its own; values do not change.
 
+    \b
     Example: paramsurgeon untie gpt.pt -p lm_head.weight -o untied.pt
     """
     _act("surgery", "untie", locals())
@@ -244,6 +256,7 @@ def rename(
 ):
     """Rename tensors by wildcard mapping, e.g. strip DataParallel's 'module.' prefix.
 
+    \b
     Example: paramsurgeon rename model.pt --from 'module.*' --to '*' -o clean.pt
     """
     _act("surgery", "rename", locals())
@@ -257,6 +270,7 @@ def drop(
 ):
     """Remove the selected tensors.
 
+    \b
     Example: paramsurgeon drop model.pt -p 'fc.*' -o backbone.pt
     """
     _act("surgery", "drop", locals())
@@ -273,6 +287,7 @@ def apply_recipe(
 ):
     """Run the operations of a TOML recipe in order, with one read and one write.
 
+    \b
     Example: paramsurgeon apply model.pt recipe.toml -o out.pt
     """
     _act("surgery", "apply_recipe", locals())

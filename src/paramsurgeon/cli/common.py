@@ -7,22 +7,16 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
-from rich.console import Console
-from rich.markup import escape
-
 from .. import formats
 from ..checkpoint import Checkpoint
 from ..selection import Selector, select
 from .options import ReadOptions, SelectOptions
 
 
-def stderr() -> Console:
-    """The console for notes, warnings and progress (never the results)."""
-    return Console(stderr=True, highlight=False, no_color="NO_COLOR" in os.environ or None)
-
-
 def note(message: str) -> None:
-    stderr().print(escape(message), soft_wrap=True)
+    """A note, warning or summary line: standard error, never the results."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def stdout_is_terminal() -> bool:
@@ -68,6 +62,7 @@ def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
     if not sys.stderr.isatty() or "NO_COLOR" in os.environ or total <= 0:
         yield lambda n: None
         return
+    from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
@@ -78,7 +73,7 @@ def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
         state["done"] += nbytes
         if state["bar"] is None and time.monotonic() - started > 1.0:
             bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                           TimeRemainingColumn(), console=stderr(), transient=True)
+                           TimeRemainingColumn(), console=Console(stderr=True), transient=True)
             bar.start()
             state["bar"], state["task"] = bar, bar.add_task(label, total=total)
         if state["bar"] is not None:

@@ -1,6 +1,18 @@
-"""Checkpoint formats: detection and lazy reading, streaming atomic writing."""
+"""Checkpoint formats: detection and lazy reading, streaming atomic writing.
 
-from .reading import load, sharded_index, verify_shards
-from .writing import Target, resolve_target, save
+Submodules load on first use (zipfile alone costs 20 ms), so a safetensors header is read
+without importing the torch readers.
+"""
 
-__all__ = ["load", "save", "resolve_target", "Target", "sharded_index", "verify_shards"]
+_EXPORTS = {"load": "reading", "sharded_index": "reading", "verify_shards": "reading",
+            "save": "writing", "resolve_target": "writing", "Target": "writing"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)

@@ -7,7 +7,7 @@ import os
 
 from ..checkpoint import Checkpoint, find_container
 from ..errors import NotACheckpointError, SelectionError
-from . import safetensors, sharded, torchlegacy, torchzip
+from . import safetensors, sharded
 from .files import InputFile, open_input
 
 _SIGNATURES = [
@@ -70,7 +70,11 @@ def _read_file(file: InputFile, options: dict, path: str | None) -> Checkpoint:
     if kind == "safetensors":
         return safetensors.read(file)
     if kind == "torch-legacy":
+        from . import torchlegacy
+
         return torchlegacy.read(file, **options)
+    from . import torchzip
+
     return torchzip.read(file, **options)
 
 
@@ -87,6 +91,8 @@ def sniff(file: InputFile) -> str:
     if safetensors.looks_like(head, file.size):
         return "safetensors"
     if head[:1] == b"\x80":
+        from . import torchlegacy
+
         if torchlegacy.is_legacy(file):
             return "torch-legacy"
         raise NotACheckpointError(f"{file.name}: a plain Python pickle, not a torch checkpoint")

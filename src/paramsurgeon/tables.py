@@ -1,0 +1,71 @@
+"""Tables as text. Piped, a table is plain aligned columns, one line per row, every column
+kept (for grep and awk; rich is not even imported). On a terminal, rich draws it to fit
+the width: the rightmost columns give way, and before the ``core`` ones would, the first
+column folds its long values (nothing is cut)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_MIN_FOLD = 24
+
+
+@dataclass
+class Column:
+    header: str
+    right: bool = False  # right-justified (numbers)
+
+
+def render(columns: list[Column], rows: list[list[str]], width: int | None = None, color: bool = False,
+           core: int | None = None) -> tuple[str, list[str]]:
+    """The table, and the headers of the columns left out to fit ``width``."""
+    if width is None:
+        return _plain(columns, rows), []
+    return _fitted(columns, rows, width, color, core or len(columns))
+
+
+def _plain(columns: list[Column], rows: list[list[str]]) -> str:
+    widths = [max([len(c.header)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.rjust(w) if c.right else cell.ljust(w)
+                         for cell, w, c in zip(cells, widths, columns)).rstrip()
+
+    return "\n".join([line([c.header for c in columns]), "─" * (sum(widths) + 2 * (len(widths) - 1))]
+                     + [line(r) for r in rows]) + "\n"
+
+
+def _fitted(columns: list[Column], rows: list[list[str]], width: int, color: bool, core: int) -> tuple[str, list[str]]:
+    import io
+
+    from rich.console import Console
+
+    natural = max([len(columns[0].header)] + [len(r[0]) for r in rows])
+    keep = list(range(len(columns)))
+    while True:
+        table = _rich_table(columns, rows, keep, None)
+        excess = Console(width=100_000).measure(table).maximum - width
+        if excess <= 0:
+            break
+        if len(keep) <= core and (natural - excess >= _MIN_FOLD or len(keep) <= 2):
+            table = _rich_table(columns, rows, keep, max(_MIN_FOLD, natural - excess))
+            break
+        keep.pop()
+    out = io.StringIO()
+    Console(file=out, width=width, no_color=not color, force_terminal=color, highlight=False).print(table)
+    text = "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
+    return text, [columns[i].header for i in range(len(columns)) if i not in keep]
+
+
+def _rich_table(columns: list[Column], rows: list[list[str]], keep: list[int], fold: int | None):
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
+    for i in keep:
+        table.add_column(columns[i].header, justify="right" if columns[i].right else "left", overflow="fold",
+                         no_wrap=i != 0, max_width=fold if i == 0 else None)
+    for row in rows:
+        table.add_row(*(Text(row[i]) for i in keep))
+    return table
