@@ -19,32 +19,34 @@ class Storage:
     """The bytes behind one or more tensors.
 
     Either ``nbytes`` bytes of ``file`` starting at ``offset`` (``crc32`` known when the
-    file recorded it), or ``values`` made by an operation: a contiguous torch tensor, or a
-    bytearray when no computation was needed (zeros).
+    file recorded it); or ``values`` made by an operation: a contiguous torch tensor, or a
+    bytearray when no computation was needed (zeros); or a ``loader`` that reads the values
+    (through torch) each time they are needed, for formats that cannot be memory-mapped.
     """
 
-    __slots__ = ("nbytes", "file", "offset", "crc32", "values", "location")
+    __slots__ = ("nbytes", "file", "offset", "crc32", "values", "loader", "location")
 
     def __init__(self, nbytes: int, *, file=None, offset: int = 0, crc32: int | None = None,
-                 values=None, location: str = "cpu"):
+                 values=None, loader=None, location: str = "cpu"):
         self.nbytes, self.file, self.offset = nbytes, file, offset
-        self.crc32, self.values, self.location = crc32, values, location
+        self.crc32, self.values, self.loader, self.location = crc32, values, loader, location
 
     def __setstate__(self, state):
         raise CorruptCheckpointError("a pickle tried to overwrite a storage")
 
     @property
     def in_memory(self) -> bool:
-        return self.values is not None
+        """Whether the bytes are not a span of an input file (and so must be written out, not copied)."""
+        return self.file is None
 
     def view(self) -> memoryview:
-        """The storage's bytes, without copying."""
+        """The storage's bytes (without copying, unless a loader must read them)."""
         if isinstance(self.values, bytearray):
             return memoryview(self.values)
-        if self.values is not None:
+        if self.values is not None or self.loader is not None:
             from .tensors import memory_of
 
-            return memory_of(self.values)
+            return memory_of(self.values if self.values is not None else self.loader().contiguous())
         return self.file.view(self.offset, self.nbytes)
 
 
@@ -174,7 +176,12 @@ class Checkpoint:
 
     def has_extras(self) -> bool:
         """Whether the file holds anything besides the named tensors."""
-        return bool(self.key) or any(not isinstance(v, Tensor) for v in self.container.values())
+        node = self.root
+        for part in self.key:
+            if len(node) > 1:
+                return True
+            node = node[part]
+        return any(not isinstance(v, Tensor) for v in self.container.values())
 
 
 def tie_groups(tensors: dict[str, Tensor]) -> list[list[str]]:

@@ -20,8 +20,9 @@ def to_torch(tensor: Tensor) -> torch.Tensor:
     storage = tensor.storage
     if isinstance(storage.values, bytearray):
         base = torch.frombuffer(storage.values, dtype=torch.uint8).view(dtype)
-    elif storage.values is not None:
-        base = storage.values.reshape(-1).view(torch.uint8).view(dtype)
+    elif storage.values is not None or storage.loader is not None:
+        values = storage.values if storage.values is not None else storage.loader().contiguous()
+        base = values.reshape(-1).view(torch.uint8).view(dtype)
     else:
         raw = storage.view()
         base = torch.frombuffer(raw, dtype=torch.uint8)

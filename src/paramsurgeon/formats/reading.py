@@ -33,7 +33,7 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
     else:
         file = open_input(path)
         ckpt = _read_file(file, options, path)
-    if ckpt.format.startswith("torch") and not ckpt.format.endswith("sharded"):
+    if ckpt.format in ("torch", "torch-legacy", "dcp"):
         ckpt.key, ckpt.notes = find_container(ckpt.root, key, ckpt.source)
     elif key:
         raise SelectionError(f"{ckpt.source}: --key applies to torch files; a {ckpt.format} checkpoint"
@@ -111,8 +111,9 @@ def sniff(file: InputFile) -> str:
 def _read_directory(path: str, options: dict) -> Checkpoint:
     entries = sorted(os.listdir(path))
     if ".metadata" in entries:
-        raise NotACheckpointError(f"{path}: a torch.distributed.checkpoint (DCP) directory, which this"
-                                  " version cannot read yet")
+        from . import dcp
+
+        return dcp.read(path, **options)
     index = sharded_index(path)
     if index:
         return sharded.read(index, lambda f: _read_file(f, options, f.path), open_input)

@@ -14,7 +14,7 @@ from ..units import parse_size
 from . import safetensors, sharded, torchzip
 from .files import Sink, atomic_file, stdout_sink
 
-FORMATS = {"pt": "torch", "torch": "torch", "safetensors": "safetensors"}
+FORMATS = {"pt": "torch", "torch": "torch", "safetensors": "safetensors", "dcp": "dcp"}
 _EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
                ".ckpt": "torch", ".tar": "torch"}
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -34,7 +34,7 @@ def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None,
                    max_shard_size: str | None = None) -> Target:
     """Decide the output place and format from the options, the output name and the input."""
     if fmt is not None and fmt not in FORMATS:
-        raise UsageError(f"--format {fmt}: expected pt or safetensors")
+        raise UsageError(f"--format {fmt}: expected pt, safetensors or dcp")
     if in_place:
         if output not in (None, "-") and not _same(ckpt.path, output):
             raise UsageError("--in-place rewrites the input; do not also pass -o")
@@ -47,11 +47,18 @@ def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None,
     if output in (None, "-"):
         if max_shard_size:
             raise UsageError("--max-shard-size writes a directory; pass -o DIR")
-        return Target(None, FORMATS.get(fmt or "", input_family))
+        family = FORMATS.get(fmt or "", input_family)
+        if family == "dcp":
+            if fmt:
+                raise UsageError("--format dcp writes a directory; pass -o DIR")
+            family = "torch"  # a DCP input piped on is written as one torch file
+        return Target(None, family)
     extension = os.path.splitext(output)[1].lower()
     directory = bool(max_shard_size) or os.path.isdir(output) or output.endswith(os.sep) \
         or (ckpt.format.endswith("sharded") and extension not in _EXTENSIONS)
     family = FORMATS.get(fmt or "") or (None if directory else _EXTENSIONS.get(extension)) or input_family
+    if family == "dcp" or (directory and input_family == "dcp" and not max_shard_size):
+        return Target(output.rstrip(os.sep) or output, "dcp")
     size = parse_size(max_shard_size) if max_shard_size else DEFAULT_SHARD_SIZE
     return Target(output.rstrip(os.sep) or output, family, directory, size)
 
@@ -68,6 +75,11 @@ def _same(a: str | None, b: str) -> bool:
 def save(ckpt: Checkpoint, target: Target, *, dedupe: bool = False, tensors_only: bool = False,
          progress: Callable[[int], None] | None = None) -> None:
     """Write ``ckpt`` to ``target``; nothing appears at the target unless the write completes."""
+    if target.family == "dcp":
+        from . import dcp
+
+        dcp.write(ckpt if not tensors_only else _tensors_only(ckpt), target.path)
+        return
     if target.family == "safetensors" and ckpt.has_extras() and not tensors_only:
         raise OutputError(f"safetensors stores only tensors, but {ckpt.source} also holds"
                           f" {extras_list(ckpt)}; pass --tensors-only to write just its"
@@ -104,6 +116,12 @@ def _write_tensors(tensors: dict, metadata: dict, family: str, sink: Sink, dedup
         torchzip.write(OrderedDict(tensors), sink, archive, progress)
     else:
         safetensors.write(tensors, {"format": "pt", **metadata}, sink, dedupe=dedupe, progress=progress)
+
+
+def _tensors_only(ckpt: Checkpoint) -> Checkpoint:
+    import dataclasses
+
+    return dataclasses.replace(ckpt, root=OrderedDict(ckpt.tensors), key=())
 
 
 def _archive_name(path: str | None) -> str:
