@@ -73,10 +73,14 @@ def peak_anon(pid: int, stop: threading.Event, result: list) -> None:
     result.append(peak)
 
 
+# As an installed package runs: with compiled bytecode (an editable install only has it once written).
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def measure(command: list[str], cwd: str) -> tuple[float, int]:
     """(wall seconds, peak RssAnon bytes) of one run of ``command``."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     stop, peak = threading.Event(), []
     sampler = threading.Thread(target=peak_anon, args=(process.pid, stop, peak))
     sampler.start()
@@ -115,6 +119,10 @@ def cases(folder: str) -> list[tuple[str, str, list[str], str]]:
     rows += [("header only", "paramsurgeon inspect --no-stats (safetensors)",
               tool("inspect", "--no-stats", "model.safetensors"), ""),
              ("header only", "paramsurgeon --help", tool("--help"), "")]
+    rows += [("DCP (torch.distributed.checkpoint)", "paramsurgeon convert safetensors -> DCP",
+              tool("convert", "model.safetensors", "-o", "dcp-out", "--format", "dcp"), "dcp-out"),
+             ("DCP (torch.distributed.checkpoint)", "paramsurgeon convert DCP -> torch zip",
+              tool("convert", "model-dcp", "-o", "from-dcp.pt"), "from-dcp.pt")]
     return rows
 
 
@@ -124,6 +132,7 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
     "inspect with statistics (safetensors)": ("script: load, then torch reductions", 1.0, 400 * MiB),
     "inspect with statistics (torch zip)": ("script: load, then torch reductions", 1.0, 400 * MiB),
 }
+# DCP has no target: dcp.save needs every tensor at once, dcp.load copies what it reads; measured and shown.
 
 
 def run(folder: str, runs: int) -> list[dict]:
@@ -135,7 +144,9 @@ def run(folder: str, runs: int) -> list[dict]:
             wall, peak = measure(command, folder)
             walls.append(wall)
             peaks.append(peak)
-            if out and os.path.exists(os.path.join(folder, out)):
+            if out and os.path.isdir(os.path.join(folder, out)):
+                shutil.rmtree(os.path.join(folder, out))
+            elif out and os.path.exists(os.path.join(folder, out)):
                 os.remove(os.path.join(folder, out))
         results.append({"group": group, "label": label, "wall": statistics.median(walls),
                         "anon": statistics.median(peaks), "walls": walls})
@@ -175,6 +186,10 @@ def main() -> None:
     try:
         if not os.path.exists(os.path.join(folder, "model.safetensors")):
             subprocess.run(python(MAKE, folder), check=True)
+        if not os.path.exists(os.path.join(folder, "model-dcp")):
+            subprocess.run(tool("convert", "model.safetensors", "-o", "model-dcp", "--format", "dcp"), cwd=folder,
+                           check=True, env=ENV, capture_output=True)
+        subprocess.run(tool("--help"), check=True, env=ENV, capture_output=True)  # writes bytecode if missing
         results = run(folder, args.runs)
     finally:
         if args.dir is None:
