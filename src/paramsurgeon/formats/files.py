@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import re
 import secrets
+import shutil
 import stat
 import sys
 import tempfile
@@ -200,9 +202,45 @@ def stdout_sink() -> Sink:
 
 
 def temporary_name(target: str) -> str:
-    """A hidden name beside ``target`` that marks a write in progress by this process."""
+    """A hidden name beside ``target`` that marks a write in progress by this process.
+
+    Leftovers of writes whose process died (killed, or the machine went down) are removed
+    first, so a crash leaves nothing behind after the next run.
+    """
     folder, base = os.path.split(os.path.abspath(target))
+    remove_stale(folder, base)
     return os.path.join(folder, f".{base}.paramsurgeon-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale(folder: str, base: str) -> list[str]:
+    """Remove temporary files (or directories) for ``base`` left by processes that no longer run."""
+    pattern = re.compile(rf"\.{re.escape(base)}\.paramsurgeon-(\d+)-[0-9a-f]{{8}}\.tmp(\.old)?")
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.fullmatch(name)
+        if not match or _alive(int(match.group(1))):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _unlink_quietly(path)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
