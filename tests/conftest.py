@@ -1,5 +1,6 @@
 """Fixtures: small real checkpoints written into tmp_path, and a way to run the CLI."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -45,6 +46,43 @@ def file_bytes(path) -> bytes:
         return f.read()
 
 
+INPUTS = pytest.StashKey[list]()
+
+
+def digest(path) -> str:
+    """sha256 of a file, or of every file under a directory."""
+    sha = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for item in paths:
+        sha.update(os.fsencode(os.path.relpath(item, path)))
+        with open(item, "rb") as f:
+            sha.update(f.read())
+    return sha.hexdigest()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "rewrites_input: the test rewrites an input on purpose (--in-place)")
+
+
+@pytest.fixture(autouse=True)
+def inputs_unchanged(request):
+    """Every test leaves its inputs byte-identical: the samples, and each checkpoint a fixture wrote."""
+    registered: list = []
+    request.node.stash[INPUTS] = registered
+    samples = digest(SAMPLES)
+    yield
+    assert digest(SAMPLES) == samples, "a sample file changed"
+    if request.node.get_closest_marker("rewrites_input") is None:
+        for path, before in registered:
+            assert digest(path) == before, f"input {path} changed"
+
+
+def register_input(request, path):
+    """Record ``path`` as an input of the running test: it must not change."""
+    request.node.stash[INPUTS].append((path, digest(path)))
+    return path
+
+
 @pytest.fixture
 def resnet():
     """A ResNet after two training-mode forward passes (real BatchNorm statistics)."""
@@ -64,21 +102,21 @@ def gpt():
 
 
 @pytest.fixture
-def resnet_pt(tmp_path, resnet):
+def resnet_pt(request, tmp_path, resnet):
     path = tmp_path / "resnet.pt"
     torch.save(resnet.state_dict(), path)
-    return path
+    return register_input(request, path)
 
 
 @pytest.fixture
-def gpt_pt(tmp_path, gpt):
+def gpt_pt(request, tmp_path, gpt):
     path = tmp_path / "gpt.pt"
     torch.save(gpt.state_dict(), path)
-    return path
+    return register_input(request, path)
 
 
 @pytest.fixture
-def training_pt(tmp_path, resnet):
+def training_pt(request, tmp_path, resnet):
     optimizer = torch.optim.Adam(resnet.parameters(), lr=1e-3)
     loss = resnet(torch.randn(2, 3, 32, 32)).sum()
     loss.backward()
@@ -86,4 +124,4 @@ def training_pt(tmp_path, resnet):
     path = tmp_path / "training.pt"
     torch.save({"state_dict": resnet.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 7,
                 "hyper_parameters": {"lr": 1e-3, "widths": [8, 16, 24, 32], "name": "narrow"}}, path)
-    return path
+    return register_input(request, path)

@@ -217,6 +217,7 @@ def test_output_is_never_the_input(resnet_pt):
     assert file_bytes(resnet_pt) == before
 
 
+@pytest.mark.rewrites_input
 def test_in_place_rewrites_atomically(tmp_path, resnet_pt, resnet):
     assert run("convert", resnet_pt, "--in-place", "--format", "safetensors").exit_code == 0
     assert_same_state(load_file(resnet_pt), resnet.state_dict(), ordered=False)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import file_bytes, run
+from conftest import file_bytes, register_input, run
 from safetensors.torch import load_file
 from scipy import stats
 from torch import nn
@@ -33,7 +33,7 @@ class Layers(nn.Module):
 
 
 @pytest.fixture(params=[".pt", ".safetensors"])
-def layers_file(request, tmp_path):
+def layers_file(request, tmp_path):  # registered as an input below
     torch.manual_seed(0)
     state = Layers().state_dict()
     path = tmp_path / f"layers{request.param}"
@@ -43,7 +43,7 @@ def layers_file(request, tmp_path):
         from safetensors.torch import save_file
 
         save_file(state, path)
-    return path, state
+    return register_input(request, path), state
 
 
 def reload(path) -> dict:

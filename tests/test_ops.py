@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, run
+from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, register_input, run
 from safetensors.torch import load_file
 
 from test_formats import bits, load_torch
@@ -223,7 +223,7 @@ def test_gpt_still_loads_and_keeps_its_tie(tmp_path, gpt_pt, args):
 
 
 @pytest.fixture
-def gpt_training(tmp_path, gpt):
+def gpt_training(request, tmp_path, gpt):
     """A nested training checkpoint of the tied GPT: state_dict, AdamW state, epoch, hyper-parameters."""
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=3e-4)
     gpt(torch.randint(0, 256, (2, 8))).sum().backward()
@@ -231,7 +231,7 @@ def gpt_training(tmp_path, gpt):
     path = tmp_path / "gpt-training.pt"
     torch.save({"state_dict": gpt.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3,
                 "hyper_parameters": {"lr": 3e-4, "layers": 2}}, path)
-    return path
+    return register_input(request, path)
 
 
 OPERATIONS = [

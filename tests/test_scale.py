@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ResNet, run, run_process
+from conftest import ResNet, register_input, run, run_process
 from safetensors.torch import save_file
 
 from test_formats import assert_same_state, load_torch
@@ -44,13 +44,20 @@ def peak_anon(args: list[str]) -> tuple[int, subprocess.CompletedProcess]:
 
 
 @pytest.fixture(scope="module")
-def big(tmp_path_factory):
+def big_files(tmp_path_factory):
     """A 384 MiB checkpoint (96 tensors of 4 MiB) in both formats: larger than every budget below."""
     folder = tmp_path_factory.mktemp("big")
     state = {f"blocks.{i}.weight": torch.full((1024, 1024), float(i)) for i in range(96)}
     torch.save(state, folder / "big.pt")
     save_file(state, folder / "big.safetensors")
     return folder
+
+
+@pytest.fixture
+def big(request, big_files):
+    register_input(request, big_files / "big.pt")
+    register_input(request, big_files / "big.safetensors")
+    return big_files
 
 
 @pytest.mark.parametrize("name", ["big.pt", "big.safetensors"])
