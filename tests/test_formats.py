@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import ResNet, TinyGPT, file_bytes, run, run_process
+from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, run, run_process
 from safetensors.torch import load_file, save_file
 
 import paramsurgeon
@@ -283,3 +283,22 @@ def test_binary_output_to_a_terminal_is_refused(tmp_path, resnet_pt):
         os.close(leader)
     assert result.returncode == 2
     assert b"refusing to write a binary checkpoint to the terminal" in result.stderr
+
+
+def test_sharded_directory_in_place(tmp_path):
+    import shutil
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "samples", "resnet-sharded"), folder)
+    (folder / "config.json").write_text("{}")
+    result = run("zero", folder, "-p", "layer4.*.bn2.weight", "--in-place")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == sorted(os.listdir(os.path.join(SAMPLES, "resnet-sharded"))
+                                                             + ["config.json"])  # the same shards, kept
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    original = json.loads(open(os.path.join(SAMPLES, "resnet-sharded", "model.safetensors.index.json")).read())
+    assert index["weight_map"] == original["weight_map"]
+    shard = load_file(folder / index["weight_map"]["layer4.1.bn2.weight"])
+    assert shard["layer4.1.bn2.weight"].abs().sum() == 0
+    assert run("convert", folder, "-o", tmp_path / "resharded", "--max-shard-size", "150KB").exit_code == 0
+    assert len([p for p in (tmp_path / "resharded").iterdir() if p.suffix == ".safetensors"]) == 2

@@ -60,7 +60,7 @@ def summarize(value: Any) -> str:
             return "; ".join(optimizers)
         if len(value) <= 4 and all(isinstance(v, (int, float, str, bool)) or v is None for v in value):
             return repr(value)
-        return f"{type(value).__name__} of {len(value)} items"
+        return f"{type(value).__name__} of {len(value)} item{'s' if len(value) != 1 else ''}"
     if isinstance(value, (bytes, bytearray)):
         return f"{len(value)} bytes"
     if isinstance(value, Opaque):

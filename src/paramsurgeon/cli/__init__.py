@@ -48,7 +48,9 @@ def _fail(message: str, code: int, debug: bool) -> int:
         import traceback
 
         traceback.print_exc()
-    sys.stderr.write(f"paramsurgeon: error: {message}\n")
+    from ..units import printable
+
+    sys.stderr.write(f"paramsurgeon: error: {printable(message)}\n")
     return code
 
 

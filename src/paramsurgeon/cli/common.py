@@ -9,13 +9,14 @@ from typing import Callable, Iterator, Optional
 
 from .. import formats
 from ..checkpoint import Checkpoint
+from ..units import printable
 from ..selection import Selector, select
 from .options import ReadOptions, SelectOptions
 
 
 def note(message: str) -> None:
     """A note, warning or summary line: standard error, never the results."""
-    sys.stderr.write(message + "\n")
+    sys.stderr.write(printable(message) + "\n")
     sys.stderr.flush()
 
 
@@ -32,9 +33,9 @@ def terminal_width() -> Optional[int]:
     return shutil.get_terminal_size().columns if stdout_is_terminal() else None
 
 
-def emit(text: str) -> None:
-    """Write a result to standard output."""
-    sys.stdout.write(text)
+def emit(text: str, raw: bool = False) -> None:
+    """Write a result to standard output (control characters escaped, unless it is JSON)."""
+    sys.stdout.write(text if raw else "\n".join(printable(line) for line in text.split("\n")))
     sys.stdout.flush()
 
 

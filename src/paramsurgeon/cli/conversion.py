@@ -12,7 +12,9 @@ def convert(ckpt, max_shard_size, read, write):
     tensors = checkpoint.tensors
     size = sum(t.nbytes for t in tensors.values())
     where = target.path or "standard output"
-    layout = f"{target.family}, sharded by {human_bytes(target.max_shard_size)}" if target.sharded else target.family
+    layout = target.family
+    if target.sharded:
+        layout += f", sharded by {human_bytes(target.max_shard_size)}" if target.max_shard_size else ", sharded as before"
     if write.dry_run:
         note(f"would write {len(tensors)} tensors ({human_bytes(size)}) to {where} as {layout}")
         return

@@ -27,7 +27,7 @@ def inspect(ckpt, no_stats, json_, tree, depth, hash_, read, select):
         result = inspect_checkpoint(checkpoint, names, stats=stats, hashes=hash_, tree=tree,
                                     progress=advance if reads_data else None)
     if json_:
-        emit(report.to_json(report.inspection_document(result)))
+        emit(report.to_json(report.inspection_document(result)), raw=True)
     elif tree:
         emit(report.tree_text(result.tree, depth, terminal_width(), color_on_stdout()))
     else:
@@ -54,7 +54,7 @@ def diff(a, b, atol, rtol, no_values, json_, read, select):
         result = compare(first, second, names_a, names_b, atol=atol, rtol=rtol, values=not no_values,
                          progress=advance)
     if json_:
-        emit(report.to_json(report.diff_document(result)))
+        emit(report.to_json(report.diff_document(result)), raw=True)
     else:
         emit(report.diff_text(result, terminal_width(), color_on_stdout()))
     raise typer.Exit(0 if result.equal else 1)
@@ -92,7 +92,7 @@ def check(ckpt, finite, max_abs, like, expect, expect_file, dtype, json_, read, 
 
 def _report_check(source: str, rules: list, json_: bool):
     if json_:
-        emit(report.to_json(report.check_document(source, rules)))
+        emit(report.to_json(report.check_document(source, rules)), raw=True)
     else:
         emit(report.check_text(source, rules))
     raise typer.Exit(0 if all(rule.ok for rule in rules) else 1)
@@ -104,6 +104,6 @@ def groups(ckpt, no_decay, decay, json_, read, select):
     names = selected_names(checkpoint, select)
     result = decay_groups(checkpoint, names, no_decay=tuple(no_decay), decay=tuple(decay))
     if json_:
-        emit(report.to_json(report.groups_document(checkpoint.source, result)))
+        emit(report.to_json(report.groups_document(checkpoint.source, result)), raw=True)
     else:
         emit(report.groups_text(checkpoint, result))

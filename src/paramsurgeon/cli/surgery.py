@@ -50,7 +50,7 @@ def _run(command: str, path: Optional[str], read: ReadOptions, write: WriteOptio
         note(f"{command}: {message}")
     rows = plan.rows(ckpt)
     if plan_options.json:
-        emit(report.to_json(report.plan_document(plan, rows, ckpt, target.path, write.dry_run)))
+        emit(report.to_json(report.plan_document(plan, rows, ckpt, target.path, write.dry_run)), raw=True)
     elif write.dry_run:
         emit(report.plan_text(plan, rows, terminal_width(), color_on_stdout()))
     if write.dry_run:
@@ -197,7 +197,7 @@ def apply_recipe(paths, seed, read, write, plan):
         for message in step_plan.notes:
             note(f"apply: step {step.number} ({step.op}): {message}")
     if plan.json:
-        emit(report.to_json(report.recipe_document(planned, ckpt, target.path, write.dry_run)))
+        emit(report.to_json(report.recipe_document(planned, ckpt, target.path, write.dry_run)), raw=True)
     elif write.dry_run:
         emit("".join(report.plan_text(p, rows, terminal_width(), color_on_stdout(), f"step {s.number}: ")
                      for s, p, rows in planned))

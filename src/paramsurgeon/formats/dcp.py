@@ -157,7 +157,10 @@ def write(ckpt: Checkpoint, folder: str) -> None:
 
     from .files import temporary_name
 
-    state = _materialize(ckpt.root, ckpt.source)
+    try:
+        state = _materialize(ckpt.root, ckpt.source)
+    except RecursionError as e:
+        raise OutputError(f"{ckpt.source}: its objects nest too deeply for a DCP checkpoint; pass --tensors-only") from e
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise OutputError(f"'{folder}' exists and is not a directory; a DCP checkpoint is a directory")
     staging = temporary_name(folder)
@@ -183,9 +186,11 @@ def _materialize(node: Any, source: str, seen: dict | None = None) -> Any:
     if isinstance(node, Tensor):
         result = to_torch(node)
     elif isinstance(node, dict):
-        result = {k: _materialize(v, source, seen) for k, v in node.items()}
+        result = seen[id(node)] = {}  # registered first: a pickle may hold cycles
+        result.update((k, _materialize(v, source, seen)) for k, v in node.items())
     elif isinstance(node, list):
-        result = [_materialize(v, source, seen) for v in node]
+        result = seen[id(node)] = []
+        result.extend(_materialize(v, source, seen) for v in node)
     elif isinstance(node, tuple):
         result = tuple(_materialize(v, source, seen) for v in node)
     elif isinstance(node, (pickles.Opaque, pickles.GlobalMeta)):

@@ -20,7 +20,7 @@ import io
 import pickle
 from typing import Any, BinaryIO, Callable
 
-from ..errors import CorruptCheckpointError, UnsafePickleError
+from ..errors import CorruptCheckpointError, OutputError, UnsafePickleError
 
 # torch's weights-only allowlist (torch._weights_only_unpickler._get_allowed_globals).
 _TORCH_STORAGES = [
@@ -141,9 +141,11 @@ class GlobalName:
         raise TypeError(f"{self.module}.{self.name} is only a name")
 
 
-def describe(obj: Any, limit: int = 80) -> str:
-    """A short, safe description of a value read from a pickle."""
-    if isinstance(obj, GlobalMeta):
+def describe(obj: Any, limit: int = 80, depth: int = 0) -> str:
+    """A short, safe description of a value read from a pickle (nested at most two levels)."""
+    if isinstance(obj, Opaque) and depth >= 2:
+        text = f"{type(obj).full_name}(...)"
+    elif isinstance(obj, GlobalMeta):
         text = obj.full_name
     elif isinstance(obj, Opaque):
         name = type(obj).full_name
@@ -152,7 +154,7 @@ def describe(obj: Any, limit: int = 80) -> str:
         elif name == "torch.device" and obj.args:
             text = f"device({obj.args[0]!r})"
         elif isinstance(obj.state, dict) and obj.state:
-            fields = ", ".join(f"{k}={describe(v, 20)}" for k, v in list(obj.state.items())[:6])
+            fields = ", ".join(f"{k}={describe(v, 20, depth + 1)}" for k, v in list(obj.state.items())[:6])
             text = f"{name}({fields})"
         else:
             text = f"{name}(...)"
@@ -286,6 +288,10 @@ class TreePickler(pickle._Pickler):
 def to_pickle(root: Any, *, reduce_object: Callable, persistent_id: Callable) -> bytes:
     """Pickle ``root`` at protocol 2."""
     buffer = io.BytesIO()
-    TreePickler(buffer, reduce_object=reduce_object, persistent_id=persistent_id).dump(root)
+    try:
+        TreePickler(buffer, reduce_object=reduce_object, persistent_id=persistent_id).dump(root)
+    except RecursionError as e:
+        raise OutputError("the checkpoint's objects nest too deeply to be pickled again; pass --tensors-only"
+                          " to write just its tensors") from e
     return buffer.getvalue()
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import OrderedDict
 from typing import Callable
 
 from ..checkpoint import Checkpoint, Tensor, tie_groups
 from ..errors import CorruptCheckpointError, InputError, NotACheckpointError, OutputError
 from . import safetensors as st
-from .files import InputFile, Sink, atomic_file
+from .files import InputFile, Sink, atomic_file, temporary_name
 
 INDEX_NAMES = {"safetensors": "model.safetensors.index.json", "torch": "pytorch_model.bin.index.json"}
 SINGLE_NAMES = {"safetensors": "model.safetensors", "torch": "pytorch_model.bin"}
@@ -96,21 +97,57 @@ def split(entries: list[tuple[str, Tensor]], max_size: int) -> list[list[tuple[s
     return shards
 
 
+def keep(entries: list[tuple[str, Tensor]], layout: dict[str, str]) -> list[list[tuple[str, Tensor]]]:
+    """The input's grouping: each tensor in its old shard (a new name joins the tensor before it)."""
+    groups: dict[str, list] = {}
+    current = None
+    for name, tensor in entries:
+        current = layout.get(name, current) or next(iter(layout.values()), "")
+        groups.setdefault(current, []).append((name, tensor))
+    return [groups[shard] for shard in sorted(groups)]
+
+
 def write(tensors: dict[str, Tensor], metadata: dict[str, str], folder: str, family: str, max_size: int,
-          write_file: Callable[[dict, dict, Sink], None], dedupe: bool = False) -> list[str]:
-    """Write ``tensors`` into ``folder`` as shards plus an index; return the files written."""
+          write_file: Callable[[dict, dict, Sink], None], dedupe: bool = False,
+          layout: dict[str, str] | None = None) -> list[str]:
+    """Write ``tensors`` into ``folder`` as shards plus an index; return the files written.
+
+    With ``layout`` (name -> shard file of the input), each tensor goes back to its shard;
+    otherwise shards are cut at ``max_size``.
+    """
     if family == "safetensors":
         entries, metadata = st.plan(tensors, metadata, dedupe)
     else:
         entries = list(tensors.items())
-    shards = split(entries, max_size)
+    shards = keep(entries, layout) if layout else split(entries, max_size)
     index_name, single_name = INDEX_NAMES[family], SINGLE_NAMES[family]
     stem, suffix = single_name.rsplit(".", 1)
     names = [single_name] if len(shards) == 1 else [f"{stem}-{i:05d}-of-{len(shards):05d}.{suffix}"
                                                      for i in range(1, len(shards) + 1)]
-    os.makedirs(folder, exist_ok=True)
-    if not os.path.isdir(folder):
+    if os.path.exists(folder) and not os.path.isdir(folder):
         raise OutputError(f"'{folder}' is not a directory")
+    if not os.path.exists(folder):  # a new directory appears whole, or not at all
+        staging = temporary_name(folder)
+        os.mkdir(staging)
+        try:
+            written = _write_into(staging, names, shards, entries, tensors, metadata, family, index_name, write_file)
+            os.rename(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return written
+    previous = set(read_index(os.path.join(folder, index_name))[1].values()) \
+        if os.path.isfile(os.path.join(folder, index_name)) else set()
+    written = _write_into(folder, names, shards, entries, tensors, metadata, family, index_name, write_file)
+    for stale in previous - set(written):  # shards of the old layout that the new index no longer names
+        os.remove(os.path.join(folder, stale))
+    if len(shards) == 1 and os.path.isfile(os.path.join(folder, index_name)):
+        os.remove(os.path.join(folder, index_name))
+    return written
+
+
+def _write_into(folder, names, shards, entries, tensors, metadata, family, index_name, write_file) -> list[str]:
+    """Each shard and the index, each file written atomically."""
     for name, shard in zip(names, shards):
         shard_metadata = {k: v for k, v in metadata.items() if k != st.TIES_KEY}
         with atomic_file(os.path.join(folder, name)) as sink:

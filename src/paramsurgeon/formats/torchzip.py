@@ -34,8 +34,8 @@ class ZipRecords:
         try:
             with os.fdopen(os.dup(file.fd), "rb") as handle:
                 infos = zipfile.ZipFile(handle).infolist()
-        except (zipfile.BadZipFile, OSError, ValueError, struct.error, EOFError, OverflowError) as e:
-            raise CorruptCheckpointError(f"{file.name}: not a readable zip archive ({e});"
+        except Exception as e:  # zipfile parsing untrusted bytes can fail in many ways; all mean "damaged"
+            raise CorruptCheckpointError(f"{file.name}: not a readable zip archive ({type(e).__name__}: {e});"
                                          " the file is probably truncated or damaged") from e
         if not infos:
             raise NotACheckpointError(f"{file.name}: an empty zip archive, not a torch checkpoint")

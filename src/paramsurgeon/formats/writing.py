@@ -27,7 +27,7 @@ class Target:
     path: str | None
     family: str
     sharded: bool = False
-    max_shard_size: int = DEFAULT_SHARD_SIZE
+    max_shard_size: int | None = None  # None: keep the input's shards, else split by DEFAULT_SHARD_SIZE
 
 
 def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None, in_place: bool = False,
@@ -59,7 +59,7 @@ def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None,
     family = FORMATS.get(fmt or "") or (None if directory else _EXTENSIONS.get(extension)) or input_family
     if family == "dcp" or (directory and input_family == "dcp" and not max_shard_size):
         return Target(output.rstrip(os.sep) or output, "dcp")
-    size = parse_size(max_shard_size) if max_shard_size else DEFAULT_SHARD_SIZE
+    size = parse_size(max_shard_size) if max_shard_size else None
     return Target(output.rstrip(os.sep) or output, family, directory, size)
 
 
@@ -88,14 +88,22 @@ def save(ckpt: Checkpoint, target: Target, *, dedupe: bool = False, tensors_only
         if ckpt.has_extras() and not tensors_only:
             raise OutputError(f"a sharded checkpoint stores only tensors, but {ckpt.source} also holds"
                               f" {extras_list(ckpt)}; pass --tensors-only to shard just its tensors")
-        sharded.write(ckpt.tensors, ckpt.metadata, target.path, target.family, target.max_shard_size,
+        layout = ckpt.shards if target.max_shard_size is None else None
+        sharded.write(ckpt.tensors, ckpt.metadata, target.path, target.family,
+                      target.max_shard_size or DEFAULT_SHARD_SIZE,
                       lambda tensors, metadata, sink: _write_tensors(tensors, metadata, target.family, sink,
                                                                      dedupe, "archive", progress),
-                      dedupe=dedupe)
+                      dedupe=dedupe, layout=layout)
         return
     archive = _archive_name(target.path)
     if target.path is None:
-        _write(ckpt, target.family, stdout_sink(), dedupe, tensors_only, archive, progress)
+        try:
+            _write(ckpt, target.family, stdout_sink(), dedupe, tensors_only, archive, progress)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(f"cannot write to standard output: {e.strerror or e}; what was written is"
+                              " incomplete") from e
         return
     mode_from = target.path if os.path.exists(target.path) else None
     with atomic_file(target.path, mode_from) as sink:
