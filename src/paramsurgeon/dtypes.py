@@ -60,7 +60,6 @@ _SHORT = {
 BY_NAME = {d.name: d for d in _TABLE}
 BY_STORAGE_CLASS = {d.storage_class: d for d in _TABLE if d.storage_class}
 BY_SAFETENSORS = {d.safetensors: d for d in _TABLE if d.safetensors}
-UNTYPED = DType("uint8", 1, None, "U8")  # the element view of an UntypedStorage
 
 # Aliases users type on the command line.
 _ALIASES = {

@@ -20,7 +20,7 @@ class _Group(TyperGroup):
         args = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in args or os.environ.get("PARAMSURGEON_DEBUG") == "1"
         try:
-            code = super().main(args, "paramsurgeon", complete_var, standalone_mode=False, **extra)
+            code = super().main(args, prog_name or "paramsurgeon", complete_var, standalone_mode=False, **extra)
             code = code if isinstance(code, int) else 0
         except ParamSurgeonError as e:
             code = _fail(str(e), e.exit_code, debug)

@@ -72,14 +72,6 @@ class InputFile:
             self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
         return memoryview(self._map)[offset:offset + n]
 
-    def same_file(self, path: str) -> bool:
-        try:
-            other = os.stat(path)
-        except OSError:
-            return False
-        mine = os.fstat(self.fd)
-        return (mine.st_dev, mine.st_ino) == (other.st_dev, other.st_ino)
-
 
 def open_input(path: str | None) -> InputFile:
     """Open ``path``, or standard input for None or '-'."""
