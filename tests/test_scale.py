@@ -169,3 +169,33 @@ def test_dcp_output_replaces_a_dcp_directory_only(tmp_path, resnet_pt):
 def test_processes_report_sizes(tmp_path, big):
     result = run_process("inspect", big / "big.pt", "--no-stats")
     assert result.returncode == 0 and b"96 tensors, 100,663,296 parameters" in result.stdout
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path, big):
+    """A bar with bytes and throughput on a terminal's stderr; nothing in a pipe or with NO_COLOR."""
+    import pty
+
+    def stderr_of(env: dict, terminal: bool) -> bytes:
+        leader, follower = pty.openpty()
+        target = follower if terminal else subprocess.PIPE
+        result = subprocess.run([sys.executable, "-m", "paramsurgeon", "convert", str(big / "big.pt"), "-o",
+                                 str(tmp_path / "copy.safetensors")], stderr=target, stdout=subprocess.DEVNULL,
+                                env={**os.environ, "TERM": "xterm", "PARAMSURGEON_PROGRESS_DELAY": "0", **env},
+                                timeout=300)
+        os.close(follower)
+        chunks = []
+        while terminal:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        return b"".join(chunks) if terminal else result.stderr
+
+    shown = stderr_of({}, terminal=True)
+    assert b"writing" in shown and b"/s" in shown and b"402.7 MB" in shown
+    assert b"writing" not in stderr_of({"NO_COLOR": "1"}, terminal=True)
+    assert stderr_of({}, terminal=False).startswith(b"wrote ")

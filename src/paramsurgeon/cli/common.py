@@ -57,6 +57,9 @@ def selected_names(ckpt: Checkpoint, options: SelectOptions) -> list[str]:
     return names
 
 
+PROGRESS_DELAY = float(os.environ.get("PARAMSURGEON_PROGRESS_DELAY", "1.0"))  # seconds before a bar shows
+
+
 @contextmanager
 def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
     """An ``advance(nbytes)`` callback; a bar appears on a terminal after about a second."""
@@ -72,7 +75,7 @@ def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
 
     def advance(nbytes: int) -> None:
         state["done"] += nbytes
-        if state["bar"] is None and time.monotonic() - started > 1.0:
+        if state["bar"] is None and time.monotonic() - started >= PROGRESS_DELAY:
             bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
             bar.start()
