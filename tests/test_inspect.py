@@ -118,9 +118,9 @@ def test_nan_and_inf_are_counted_and_reported(tmp_path):
 
 
 def test_large_tensor_stats_are_exact_across_chunks(tmp_path, monkeypatch):
-    from paramsurgeon import stats
+    from paramsurgeon import tensors
 
-    monkeypatch.setattr(stats, "CHUNK", 1000)
+    monkeypatch.setattr(tensors, "CHUNK", 1000)
     torch.manual_seed(3)
     state = {"big": torch.randn(37, 101) * 3 + 5, "ints": torch.randint(-5, 5, (4099,)),
              "strided": torch.randn(50, 40).t(), "half": torch.randn(2001).half(), "one": torch.tensor([2.5])}

@@ -331,3 +331,19 @@ def test_models_load_after_a_recipe(tmp_path, gpt_pt):
     assert run("apply", gpt_pt, recipe, "-o", tmp_path / "o.pt").exit_code == 0
     TinyGPT().load_state_dict(load_torch(tmp_path / "o.pt"), strict=True)
     ResNet()  # the sample modules import cleanly alongside
+
+
+def test_diff_compares_across_chunks_and_layouts(tmp_path, monkeypatch):
+    """A non-contiguous tensor against its contiguous copy, compared piece by piece."""
+    from paramsurgeon import tensors
+
+    monkeypatch.setattr(tensors, "CHUNK", 100)
+    base = torch.randn(64, 50)
+    torch.save({"w": base.t()}, tmp_path / "a.pt")
+    changed = base.t().contiguous()
+    changed[37, 11] += 0.5
+    torch.save({"w": changed}, tmp_path / "b.pt")
+    torch.save({"w": base.t().contiguous()}, tmp_path / "c.pt")
+    assert json_of("diff", tmp_path / "a.pt", tmp_path / "c.pt", schema="diff")["identical"] == 1
+    (entry,) = json_of("diff", tmp_path / "a.pt", tmp_path / "b.pt", schema="diff", code=1)["changed"]
+    assert entry["mismatched"] == 1 and entry["max_abs"] == pytest.approx(0.5, rel=1e-6)

@@ -13,9 +13,7 @@ from typing import Callable
 
 from .checkpoint import Checkpoint, Tensor
 from .extras import extras
-
-CHUNK = 1 << 22
-
+from .formats.files import blocks
 
 @dataclass
 class TensorDiff:
@@ -98,19 +96,18 @@ def _same_bytes(a: Tensor, b: Tensor) -> bool:
     va, vb = a.contiguous_bytes(), b.contiguous_bytes()
     if va is None or vb is None:
         return False
-    step = 64 << 20
-    return all(va[i:i + step] == vb[i:i + step] for i in range(0, len(va), step))
+    return len(va) == len(vb) and all(x == y for x, y in zip(blocks(va), blocks(vb)))
 
 
 def _measure(diff: TensorDiff, a: Tensor, b: Tensor, atol: float, rtol: float) -> None:
     """Largest |a-b| and |a-b|/|b|, and how many entries break |a-b| <= atol + rtol*|b| (NaNs equal)."""
     import torch
 
-    from .tensors import to_torch
+    from .tensors import chunks, to_torch
 
     max_abs = max_rel = 0.0
     mismatched = 0
-    for ca, cb in _paired_chunks(to_torch(a), to_torch(b)):
+    for ca, cb in chunks(to_torch(a), to_torch(b)):
         ca, cb = _comparable(ca), _comparable(cb)
         both_nan = torch.isnan(ca) & torch.isnan(cb)
         same_inf = torch.isinf(ca) & (ca == cb)
@@ -130,23 +127,6 @@ def _comparable(values):
     if values.is_complex():
         return torch.view_as_real(values).double().reshape(-1)
     return values.double() if values.dtype != torch.float64 else values
-
-
-def _paired_chunks(a, b):
-    """Matching flat pieces of two same-shaped tensors, at most CHUNK elements each."""
-    if a.numel() <= CHUNK or a.dim() == 0:
-        yield a.reshape(-1), b.reshape(-1)
-    elif a.is_contiguous() and b.is_contiguous():
-        fa, fb = a.reshape(-1), b.reshape(-1)
-        for start in range(0, fa.numel(), CHUNK):
-            yield fa[start:start + CHUNK], fb[start:start + CHUNK]
-    elif a[0].numel() > CHUNK:
-        for row_a, row_b in zip(a, b):
-            yield from _paired_chunks(row_a, row_b)
-    else:
-        rows = max(1, CHUNK // max(1, a[0].numel()))
-        for start in range(0, a.shape[0], rows):
-            yield a[start:start + rows].reshape(-1), b[start:start + rows].reshape(-1)
 
 
 def _extras_diff(a: Checkpoint, b: Checkpoint) -> list[dict]:

@@ -1,6 +1,6 @@
 """Per-tensor statistics and digests, computed in bounded memory.
 
-Values are read in chunks of at most ``CHUNK`` elements straight from the memory-mapped
+Values are read in chunks (tensors.chunks) straight from the memory-mapped
 file; means and variances of the chunks are merged exactly (Chan et al.), so memory
 does not grow with the tensor beyond one chunk of scratch space. Results follow torch's own reductions: ``std`` is the
 sample standard deviation, and a NaN anywhere makes mean, std, min and max NaN.
@@ -11,12 +11,9 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 from .checkpoint import Tensor
-
-CHUNK = 1 << 22
-
+from .formats.files import blocks
 
 @dataclass
 class Stats:
@@ -41,14 +38,14 @@ def tensor_stats(tensor: Tensor) -> Stats | None:
         return None
     import torch
 
-    from .tensors import to_torch
+    from .tensors import chunks, to_torch
 
     values = to_torch(tensor)
     count, mean, m2 = 0, 0.0, 0.0
     low, high = math.inf, -math.inf
     zeros = nan = inf = 0
     scratch = None
-    for chunk in _chunks(values):
+    for (chunk,) in chunks(values):
         if chunk.dtype == torch.bool or not chunk.is_floating_point():
             chunk = chunk.double()
         elif chunk.dtype not in (torch.float32, torch.float64):
@@ -92,23 +89,6 @@ def _nan_max(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
-def _chunks(values) -> Iterator:
-    """Flat pieces of at most CHUNK elements (views when contiguous, small copies otherwise)."""
-    if values.numel() == 0:
-        return
-    if values.is_contiguous():
-        flat = values.reshape(-1)
-        for start in range(0, flat.numel(), CHUNK):
-            yield flat[start:start + CHUNK]
-    elif values.dim() <= 1 or values[0].numel() <= CHUNK:
-        rows = max(1, CHUNK // max(1, values[0].numel()))
-        for start in range(0, values.shape[0], rows):
-            yield values[start:start + rows].reshape(-1)
-    else:
-        for row in values:
-            yield from _chunks(row)
-
-
 def sha256(tensor: Tensor) -> str:
     """sha256 of the tensor's values in row-major order (the bytes safetensors would store)."""
     digest = hashlib.sha256()
@@ -117,6 +97,6 @@ def sha256(tensor: Tensor) -> str:
         from .tensors import contiguous_memory
 
         view = contiguous_memory(tensor)
-    for start in range(0, len(view), 64 << 20):
-        digest.update(view[start:start + (64 << 20)])
+    for block in blocks(view):
+        digest.update(block)
     return digest.hexdigest()

@@ -5,10 +5,13 @@ and new torch values become in-memory storages. The only core module that import
 from __future__ import annotations
 
 import ctypes
+from typing import Iterator
 
 import torch
 
 from .checkpoint import Storage, Tensor
+
+CHUNK = 1 << 22  # elements per piece when a tensor is reduced in bounded memory
 from . import dtypes
 
 
@@ -51,3 +54,24 @@ def memory_of(values: torch.Tensor) -> memoryview:
 def contiguous_memory(tensor: Tensor) -> memoryview:
     """The values of ``tensor`` in row-major order (a copy only when it is not contiguous)."""
     return memory_of(to_torch(tensor).contiguous())
+
+
+def chunks(*values: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Matching flat pieces of same-shaped tensors, at most CHUNK elements each: views when
+    contiguous, copies of a few rows otherwise, so memory does not grow with the tensor."""
+    first = values[0]
+    if first.numel() == 0:
+        return
+    if first.numel() <= CHUNK or first.dim() == 0:
+        yield tuple(v.reshape(-1) for v in values)
+    elif all(v.is_contiguous() for v in values):
+        flat = [v.reshape(-1) for v in values]
+        for start in range(0, first.numel(), CHUNK):
+            yield tuple(f[start:start + CHUNK] for f in flat)
+    elif first[0].numel() > CHUNK:
+        for rows in zip(*values):
+            yield from chunks(*rows)
+    else:
+        step = max(1, CHUNK // first[0].numel())
+        for start in range(0, first.shape[0], step):
+            yield tuple(v[start:start + step].reshape(-1) for v in values)

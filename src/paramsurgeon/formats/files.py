@@ -39,6 +39,12 @@ def _sync_file_range():
 _START_WRITEBACK = _sync_file_range()
 
 
+def blocks(view: memoryview, size: int = _COPY_CHUNK) -> Iterator[memoryview]:
+    """``view`` in consecutive slices of at most ``size`` bytes (for checksums and comparisons)."""
+    for start in range(0, len(view), size):
+        yield view[start:start + size]
+
+
 class InputFile:
     """An input opened read-only: ``read`` by offset, ``view`` through a private memory map."""
 

@@ -15,7 +15,7 @@ import zlib
 from ..checkpoint import Checkpoint, Storage
 from ..errors import CorruptCheckpointError, NotACheckpointError
 from . import pickles
-from .files import InputFile, Sink
+from .files import InputFile, Sink, blocks
 from .torchpickle import TensorPickling, interpreter
 
 ALIGNMENT = 64
@@ -199,7 +199,7 @@ class _ZipWriter:
 
 
 def _crc_of(storage: Storage) -> int:
-    crc, view = 0, storage.view()
-    for start in range(0, len(view), 64 << 20):
-        crc = zlib.crc32(view[start:start + (64 << 20)], crc)
+    crc = 0
+    for block in blocks(storage.view()):
+        crc = zlib.crc32(block, crc)
     return crc
