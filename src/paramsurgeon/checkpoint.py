@@ -144,10 +144,11 @@ class Checkpoint:
 
     @property
     def container(self) -> dict:
-        node = self.root
-        for part in self.key:
-            node = node[part]
-        return node
+        return self.at(self.key)
+
+    def at(self, path: tuple) -> Any:
+        """The entry of the file at ``path`` (a tuple of keys from the root)."""
+        return _at(self.root, path)
 
     @property
     def tensors(self) -> dict[str, Tensor]:
@@ -174,14 +175,21 @@ class Checkpoint:
         """Groups of names whose tensors share storage bytes, in file order."""
         return tie_groups(self.tensors)
 
+    def extra_items(self) -> Iterator[tuple[str, Any]]:
+        """(dotted path, value) of everything in the file besides the named tensors."""
+        node = self.root
+        for depth, part in enumerate(self.key):
+            for k, v in node.items():
+                if k != part:
+                    yield ".".join(map(str, (*self.key[:depth], k))), v
+            node = node[part]
+        for k, v in self.container.items():
+            if not isinstance(v, Tensor):
+                yield str(k), v
+
     def has_extras(self) -> bool:
         """Whether the file holds anything besides the named tensors."""
-        node = self.root
-        for part in self.key:
-            if len(node) > 1:
-                return True
-            node = node[part]
-        return any(not isinstance(v, Tensor) for v in self.container.values())
+        return next(self.extra_items(), None) is not None
 
 
 def tie_groups(tensors: dict[str, Tensor]) -> list[list[str]]:

@@ -20,17 +20,7 @@ _OPTIMIZERS = [
 
 def extras(ckpt: Checkpoint) -> list[dict]:
     """One entry per non-tensor item: {'path', 'summary'} and 'value' for plain scalars."""
-    found = []
-    node = ckpt.root
-    for depth, part in enumerate(ckpt.key):
-        for k, v in node.items():
-            if k != part:
-                found.append(_entry(".".join(map(str, (*ckpt.key[:depth], k))), v))
-        node = node[part]
-    for k, v in ckpt.container.items():
-        if not isinstance(v, Tensor):
-            found.append(_entry(str(k), v))
-    return found
+    return [_entry(path, value) for path, value in ckpt.extra_items()]
 
 
 def _entry(path: str, value: Any) -> dict:
@@ -63,14 +53,18 @@ def summarize(value: Any) -> str:
         return f"{type(value).__name__} of {len(value)} item{'s' if len(value) != 1 else ''}"
     if isinstance(value, (bytes, bytearray)):
         return f"{len(value)} bytes"
-    if isinstance(value, Opaque):
-        return describe(value)
     return describe(value)
+
+
+def is_optimizer_state(value: Any) -> bool:
+    """Whether ``value`` looks like ``optimizer.state_dict()``: per-parameter state and param groups."""
+    return isinstance(value, dict) and isinstance(value.get("state"), dict) \
+        and isinstance(value.get("param_groups"), list)
 
 
 def _optimizer(state: dict) -> str | None:
     """'Adam state for 62 params, 1 param group (lr 0.001)' for an optimizer state_dict."""
-    if not (isinstance(state.get("state"), dict) and isinstance(state.get("param_groups"), list)):
+    if not is_optimizer_state(state):
         return None
     slots = set()
     for per_param in state["state"].values():

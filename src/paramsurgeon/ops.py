@@ -12,6 +12,7 @@ from typing import Callable
 from . import dtypes, schemes
 from .checkpoint import Checkpoint, Tensor
 from .errors import PlanError, SelectionError
+from .extras import is_optimizer_state
 from .kinds import infer_kinds
 from .plan import Change, Plan, tie_units
 from .schemes import Scheme
@@ -24,10 +25,6 @@ def _values(tensor: Tensor):
     from .tensors import to_torch
 
     return to_torch(tensor)
-
-
-def _torch_dtype(dtype):
-    return dtypes.torch_dtype(dtype)
 
 
 def _fail(command: str, problems: list[str]) -> None:
@@ -76,7 +73,7 @@ def plan_init(ckpt: Checkpoint, names: list[str], scheme: Scheme, seed: int, *, 
             return problem
         if tensor.dtype.name == "bool" and resolved.name == "constant" and resolved.kwargs["val"] not in (0, 1):
             return "is boolean; only --const 0 or 1 fits it"
-        shape, dtype = tensor.shape, _torch_dtype(tensor.dtype)
+        shape, dtype = tensor.shape, dtypes.torch_dtype(tensor.dtype)
         return Change(unit, str(resolved), shape, tensor.dtype.name,
                       lambda: schemes.fill(resolved, shape, dtype, seed, name))
 
@@ -118,7 +115,7 @@ def plan_scale(ckpt: Checkpoint, names: list[str], factor: float, *, follow: boo
             return f"is {tensor.dtype}, and scaling it by {factor:g} would truncate"
         by = factor if tensor.dtype.floating or tensor.dtype.complex else int(factor)
         return Change(unit, f"scale by {factor:g}", tensor.shape, tensor.dtype.name,
-                      lambda: (_values(tensor) * by).to(_torch_dtype(tensor.dtype)))
+                      lambda: (_values(tensor) * by).to(dtypes.torch_dtype(tensor.dtype)))
 
     return _value_plan("scale", f"scale by {factor:g}: {_names_list(names)}", ckpt, names, follow, untie, change_for)
 
@@ -132,7 +129,7 @@ def plan_cast(ckpt: Checkpoint, names: list[str], dtype: str, *, follow: bool = 
 
     def change_for(unit: list[str], tensor: Tensor):
         return Change(unit, f"cast to {dtype}", tensor.shape, dtype,
-                      lambda: _values(tensor).to(_torch_dtype(target)))
+                      lambda: _values(tensor).to(dtypes.torch_dtype(target)))
 
     plan = _value_plan("cast", f"cast to {dtype}: {_names_list(chosen)}", ckpt, chosen, follow, untie, change_for)
     if skipped:
@@ -200,7 +197,7 @@ def plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, sk
         origin = theirs[sources[0]]
         where = "" if source is ckpt else f" of {source.source}"
         return Change(unit, f"copy from {sources[0]}{where}", tensor.shape, tensor.dtype.name,
-                      lambda: _values(origin).to(_torch_dtype(tensor.dtype)))
+                      lambda: _values(origin).to(dtypes.torch_dtype(tensor.dtype)))
 
     origin = "" if source is ckpt else f" from {source.source}"
     plan = _value_plan("copy", f"copy{origin}: {_names_list([f'{s}->{t}' for t, s in pairs.items()])}", ckpt,
@@ -260,9 +257,10 @@ def plan_untie(ckpt: Checkpoint, names: list[str]) -> Plan:
 def plan_rename(ckpt: Checkpoint, from_glob: str, to_glob: str) -> Plan:
     """Rename by wildcard mapping (``--from 'module.*' --to '*'``); collisions are errors."""
     names = list(ckpt.tensors)
-    mapping = {old: new for old, new in wildcard_map(from_glob, to_glob, names).items() if old != new}
-    if not mapping and not wildcard_map(from_glob, to_glob, names):
+    matched = wildcard_map(from_glob, to_glob, names)
+    if not matched:
         raise SelectionError(f"rename: --from '{from_glob}' matches no tensor{suggest(from_glob, names)}")
+    mapping = {old: new for old, new in matched.items() if old != new}
     final: dict[str, list[str]] = {}
     for name in ckpt.container:
         final.setdefault(mapping.get(name, name), []).append(name)
@@ -296,8 +294,7 @@ def optimizer_paths(ckpt: Checkpoint) -> list[tuple]:
     def visit(node, path: tuple) -> None:
         if path and path == ckpt.key:
             return
-        if isinstance(node, dict) and isinstance(node.get("state"), dict) \
-                and isinstance(node.get("param_groups"), list):
+        if is_optimizer_state(node):
             found.append(path)
         elif len(path) < 3 and isinstance(node, (dict, list)):
             for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
@@ -312,10 +309,7 @@ def reset_optimizer(ckpt: Checkpoint) -> list[str]:
     """Empty the per-parameter state (moments) of every optimizer, keeping its param groups."""
     reset = []
     for path in optimizer_paths(ckpt):
-        node = ckpt.root
-        for part in path:
-            node = node[part]
-        node["state"] = {}
+        ckpt.at(path)["state"] = {}
         reset.append(".".join(map(str, path)))
     return reset
 

@@ -85,10 +85,7 @@ def _warn_about_optimizer(command: str, ckpt: Checkpoint, touched: list[str], re
             note(f"{command}: cleared the per-parameter state of '{path}' (param groups kept)")
         return
     where = ", ".join(".".join(map(str, p)) for p in paths)
-    node = ckpt.root
-    for part in paths[0]:
-        node = node[part]
-    note(f"{command}: note: {ckpt.source} also holds optimizer state at '{where}' ({summarize(node)}), which no"
+    note(f"{command}: note: {ckpt.source} also holds optimizer state at '{where}' ({summarize(ckpt.at(paths[0]))}), which no"
          " longer matches the changed tensors; pass --reset-optimizer to clear its moments")
 
 

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from ..checkpoint import Checkpoint, Tensor
+from ..checkpoint import Checkpoint
 from ..errors import OutputError, UsageError
 from ..units import parse_size
 from . import safetensors, sharded, torchzip
@@ -142,11 +142,6 @@ def _archive_name(path: str | None) -> str:
 
 def extras_list(ckpt: Checkpoint) -> str:
     """The non-tensor entries of a checkpoint, named briefly ('optimizer, epoch')."""
-    names = []
-    node = ckpt.root
-    for depth, part in enumerate(ckpt.key):
-        names += [".".join(map(str, (*ckpt.key[:depth], k))) for k in node if k != part]
-        node = node[part]
-    names += [str(k) for k, v in ckpt.container.items() if not isinstance(v, Tensor)]
+    names = [path for path, _ in ckpt.extra_items()]
     shown = ", ".join(names[:5])
     return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
