@@ -111,7 +111,7 @@ def test_check_bounds_shapes_and_references(tmp_path, resnet_pt, gpt_pt):
     keys = tmp_path / "keys.txt"
     keys.write_text("# the head\nfc.weight 10x32 float32\nfc.bias [10]\nconv1.weight 8x3x7x7 float16\nmissing.weight\n")
     document = json_of("check", resnet_pt, "--max-abs", "0.3", "--expect", "fc.weight=10x32", "--expect",
-                       "conv1.weight=[8, 3, 5, 5]", "--expect-file", keys, "--like", gpt_pt, "--dtype", "float32",
+                       "conv1.weight=[8, 3, 5, 5]", "--expect-file", keys, "--like", gpt_pt, "--dtype", "fp32",
                        schema="check", code=1)
     rules = {r["rule"]: r for r in document["rules"]}
     assert not rules["max-abs 0.3"]["ok"] and rules["dtype float32"]["ok"]

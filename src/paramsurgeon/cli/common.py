@@ -48,10 +48,25 @@ def open_checkpoint(path: Optional[str], read: ReadOptions) -> Checkpoint:
     return ckpt
 
 
-def selected_names(ckpt: Checkpoint, options: SelectOptions) -> list[str]:
-    """The names the selection flags pick (every tensor when none narrows it)."""
+def source_loader(read: ReadOptions) -> Callable[[str, Optional[str]], Checkpoint]:
+    """``load(path, key)`` for --source checkpoints, each opened once however often a plan asks."""
+    opened: dict = {}
+
+    def load(path: str, key: Optional[str]) -> Checkpoint:
+        if (path, key) not in opened:
+            opened[path, key] = formats.load(path, key=key, allow_globals=tuple(read.allow_global),
+                                             unsafe_pickle=read.unsafe_pickle)
+        return opened[path, key]
+
+    return load
+
+
+def selected_names(ckpt: Checkpoint, options: SelectOptions, tensors: Optional[dict] = None) -> list[str]:
+    """The names the selection flags pick among ``tensors`` (default: the checkpoint's; every
+    tensor when no flag narrows it). --allow-empty's warnings go to stderr."""
     selector = Selector(options.pattern, options.regex, options.exclude, options.kind)
-    names, warnings = select(ckpt.tensors, selector, allow_empty=options.allow_empty, key=ckpt.key)
+    names, warnings = select(ckpt.tensors if tensors is None else tensors, selector,
+                             allow_empty=options.allow_empty, key=ckpt.key)
     for warning in warnings:
         note(f"warning: {warning}")
     return names

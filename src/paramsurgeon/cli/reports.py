@@ -6,13 +6,11 @@ from .. import formats, report
 from ..checkpoint import Checkpoint
 from ..checks import RuleResult, parse_expectations, run_rules
 from ..compare import compare
-from ..dtypes import BY_NAME
+from .. import dtypes
 from ..errors import UsageError
 from ..groups import decay_groups
 from ..inspection import inspect as inspect_checkpoint
-from ..selection import Selector
-from ..selection import select as choose
-from .common import color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width
+from .common import color_on_stdout, emit, open_checkpoint, progress, selected_names, terminal_width
 from .options import SelectOptions
 
 
@@ -36,12 +34,7 @@ def inspect(ckpt, no_stats, json_, tree, depth, hash_, read, select):
 
 def _union_names(a: Checkpoint, b: Checkpoint, select: SelectOptions) -> tuple[list[str], list[str]]:
     """The selection applied to both sides (a selector must match something on one of them)."""
-    union = {**b.tensors, **a.tensors}
-    selector = Selector(select.pattern, select.regex, select.exclude, select.kind)
-    chosen, warnings = choose(union, selector, allow_empty=select.allow_empty)
-    for warning in warnings:
-        note(f"warning: {warning}")
-    picked = set(chosen)
+    picked = set(selected_names(a, select, {**b.tensors, **a.tensors}))
     return [n for n in a.tensors if n in picked], [n for n in b.tensors if n in picked]
 
 
@@ -69,8 +62,11 @@ def check(ckpt, finite, max_abs, like, expect, expect_file, dtype, json_, read, 
                 expectations.update(parse_expectations(f.read().splitlines(), expect_file))
         except OSError as e:
             raise UsageError(f"cannot read '{expect_file}': {e.strerror}") from e
-    if dtype is not None and dtype.removeprefix("torch.") not in BY_NAME:
-        raise UsageError(f"--dtype {dtype}: unknown dtype")
+    if dtype is not None:
+        try:
+            dtype = dtypes.by_name(dtype).name
+        except KeyError:
+            raise UsageError(f"--dtype {dtype}: unknown dtype; e.g. float32, bfloat16, int64") from None
     rules: list[RuleResult] = []
     index = formats.sharded_index(ckpt)
     if index is not None:
@@ -86,7 +82,7 @@ def check(ckpt, finite, max_abs, like, expect, expect_file, dtype, json_, read, 
     tensors = checkpoint.tensors
     with progress(sum(tensors[n].nbytes for n in names), "checking") as advance:
         rules += run_rules(checkpoint, names, finite=finite or default, max_abs=max_abs, like=other,
-                           expect=expectations, dtype=dtype and dtype.removeprefix("torch."), progress=advance)
+                           expect=expectations, dtype=dtype, progress=advance)
     _report_check(checkpoint.source, rules, json_)
 
 

@@ -4,16 +4,16 @@ anything is computed), then prints it (--dry-run) or applies and writes it.
 """
 
 import secrets
-import sys
 from typing import Callable, Optional
 
 from .. import formats, ops, recipes, report, steps
 from ..checkpoint import Checkpoint
-from ..errors import OutputError, UsageError
+from ..errors import UsageError
+from ..formats.files import refuse_terminal
 from ..extras import summarize
 from ..plan import Plan, apply
 from ..units import human_bytes
-from .common import color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width
+from .common import color_on_stdout, emit, note, open_checkpoint, progress, source_loader, terminal_width
 from .options import PlanOptions, ReadOptions, SelectOptions, TieOptions, WriteOptions
 
 
@@ -23,9 +23,7 @@ def _open_for_writing(path: Optional[str], read: ReadOptions, write: WriteOption
     ckpt = open_checkpoint(path, read)
     target = formats.resolve_target(ckpt, write.output, write.format, write.in_place)
     if target.path is None and not write.dry_run:
-        if sys.stdout.isatty():
-            raise OutputError("refusing to write a binary checkpoint to the terminal; redirect it (> out.pt),"
-                              " pipe it, or pass -o PATH")
+        refuse_terminal()  # before any value is computed
         if plan_options.json:
             raise UsageError("--json prints the plan on standard output, where the checkpoint is going;"
                              " pass -o PATH or --dry-run")
@@ -97,10 +95,7 @@ def _step(op: str, path: Optional[str], read: ReadOptions, write: WriteOptions, 
     if steps.needs_seed(op, chosen) and "seed" not in chosen and not write.dry_run:
         chosen["seed"] = secrets.randbelow(2**31)
         note(f"{op}: seed {chosen['seed']} (pass --seed {chosen['seed']} to repeat this exactly)")
-
-    def load(source: str, key: Optional[str]) -> Checkpoint:
-        return formats.load(source, key=key, allow_globals=tuple(read.allow_global), unsafe_pickle=read.unsafe_pickle)
-
+    load = source_loader(read)
     _run(op, path, read, write, plan, lambda ckpt: steps.build_plan(ckpt, op, chosen, load))
 
 
@@ -184,10 +179,7 @@ def apply_recipe(paths, seed, read, write, plan):
         drawn = secrets.randbelow(2**31)
         recipe = recipes.parse(text, recipe_path, drawn)
         note(f"apply: seed {drawn} (pass --seed {drawn} to repeat this exactly)")
-
-    def load(source: str, key: Optional[str]) -> Checkpoint:
-        return formats.load(source, key=key, allow_globals=tuple(read.allow_global), unsafe_pickle=read.unsafe_pickle)
-
+    load = source_loader(read)
     ckpt, target = _open_for_writing(path, read, write, plan)
     planned = recipes.check(ckpt, recipe, load, recipe_path)
     for step, step_plan, _ in planned:

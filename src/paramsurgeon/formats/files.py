@@ -185,12 +185,17 @@ class Sink:
             view = view[written:]
 
 
-def stdout_sink() -> Sink:
-    """A sink on standard output; refuses a terminal."""
-    stream = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
+def refuse_terminal() -> None:
+    """Standard output must not be a terminal when a checkpoint is going there."""
     if sys.stdout.isatty():
         raise OutputError("refusing to write a binary checkpoint to the terminal;"
                           " redirect it (> out.pt), pipe it, or pass -o PATH")
+
+
+def stdout_sink() -> Sink:
+    """A sink on standard output; refuses a terminal."""
+    stream = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
+    refuse_terminal()
     sys.stdout.flush()
     try:
         fd = stream.fileno()
