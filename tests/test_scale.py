@@ -81,7 +81,7 @@ def test_statistics_memory_does_not_grow_with_the_file(big):
     assert stats["blocks.5.weight"]["mean"] == 5.0 and stats["blocks.5.weight"]["std"] == 0.0
 
 
-def test_header_only_commands_never_import_torch(tmp_path, resnet_pt):
+def test_commands_that_compute_nothing_never_import_torch(tmp_path, resnet_pt, gpt_pt):
     dcp_dir = tmp_path / "dcp"
     assert run("convert", resnet_pt, "-o", dcp_dir, "--format", "dcp").exit_code == 0
     code = ("import sys\nfrom paramsurgeon.cli import main\nsys.argv = ['paramsurgeon'] + sys.argv[1:]\n"
@@ -91,6 +91,10 @@ def test_header_only_commands_never_import_torch(tmp_path, resnet_pt):
     run("convert", resnet_pt, "-o", st)
     for args in (["inspect", "--no-stats", st], ["inspect", "--no-stats", dcp_dir], ["diff", "--no-values", resnet_pt, st],
                  ["zero", resnet_pt, "-p", "fc.bias", "-o", tmp_path / "z.pt"], ["--help"],
+                 ["untie", gpt_pt, "-p", "lm_head.weight", "-o", tmp_path / "u.pt"],
+                 ["copy", resnet_pt, "--from", "layer1.0.*", "--to", "layer1.1.*", "-o", tmp_path / "c.pt"],
+                 ["tie", gpt_pt, "--source", "h.0.ln_1.weight", "--target", "h.1.ln_1.weight", "-o", tmp_path / "t.pt"],
+                 ["rename", resnet_pt, "--from", "fc.*", "--to", "head.*", "-o", tmp_path / "r.safetensors"],
                  ["check", "--like", st, "--expect", "fc.bias=10", resnet_pt, "--dtype", "float32"]):
         result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120)
         assert result.stderr.strip().endswith("NO-TORCH"), (args, result.stderr)

@@ -27,6 +27,14 @@ def _values(tensor: Tensor):
     return to_torch(tensor)
 
 
+def _copy_of(tensor: Tensor, dtype) -> Callable:
+    """What computes ``tensor``'s values as ``dtype``: its bytes, copied, when nothing converts
+    (no torch needed), else torch's cast."""
+    if tensor.dtype == dtype and tensor.is_contiguous:
+        return lambda: bytearray(tensor.contiguous_bytes())
+    return lambda: _values(tensor).to(dtypes.torch_dtype(dtype))
+
+
 def _fail(command: str, problems: list[str]) -> None:
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
@@ -128,8 +136,7 @@ def plan_cast(ckpt: Checkpoint, names: list[str], dtype: str, *, follow: bool = 
     chosen = [n for n in names if n not in skipped and n not in already]
 
     def change_for(unit: list[str], tensor: Tensor):
-        return Change(unit, f"cast to {dtype}", tensor.shape, dtype,
-                      lambda: _values(tensor).to(dtypes.torch_dtype(target)))
+        return Change(unit, f"cast to {dtype}", tensor.shape, dtype, _copy_of(tensor, target))
 
     plan = _value_plan("cast", f"cast to {dtype}: {_names_list(chosen)}", ckpt, chosen, follow, untie, change_for)
     if skipped:
@@ -197,7 +204,7 @@ def plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, sk
         origin = theirs[sources[0]]
         where = "" if source is ckpt else f" of {source.source}"
         return Change(unit, f"copy from {sources[0]}{where}", tensor.shape, tensor.dtype.name,
-                      lambda: _values(origin).to(dtypes.torch_dtype(tensor.dtype)))
+                      _copy_of(origin, tensor.dtype))
 
     origin = "" if source is ckpt else f" from {source.source}"
     plan = _value_plan("copy", f"copy{origin}: {_names_list([f'{s}->{t}' for t, s in pairs.items()])}", ckpt,
@@ -245,7 +252,7 @@ def plan_untie(ckpt: Checkpoint, names: list[str]) -> Plan:
         for name in chosen[1:] if keep_first else chosen:
             tensor = ckpt[name]
             plan.changes.append(Change([name], "untie (own copy)", tensor.shape, tensor.dtype.name,
-                                       lambda t=tensor: _values(t).clone()))
+                                       _copy_of(tensor, tensor.dtype)))
     untied = set(n for c in plan.changes for n in c.names)
     if not plan.changes:
         plan.notes.append("none of the selected tensors shares its storage; nothing to untie")

@@ -27,7 +27,8 @@ class Change:
     action: str
     shape: tuple[int, ...]
     dtype: str
-    compute: Callable | None = None  # () -> torch.Tensor, or a bytearray of the raw values
+    compute: Callable | None = None  # () -> new values: a torch.Tensor of its own (not a view of the
+    # input, unless non-contiguous), or a bytearray of the raw bytes
 
 
 @dataclass
@@ -119,7 +120,7 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
             else:
                 from .tensors import from_torch
 
-                fresh = from_torch(values, location=first.storage.location)
+                fresh = from_torch(values, location=first.storage.location, owned=True)
         for name in change.names:
             ckpt[name] = _like(ckpt[name], fresh.storage, fresh)
         if progress is not None:

@@ -34,9 +34,12 @@ def to_torch(tensor: Tensor) -> torch.Tensor:
     return base.as_strided(tensor.shape, tensor.stride, tensor.offset)
 
 
-def from_torch(values: torch.Tensor, location: str = "cpu") -> Tensor:
-    """A lazy Tensor holding ``values`` (copied into a fresh contiguous storage)."""
-    values = values.detach().to("cpu").contiguous().clone()
+def from_torch(values: torch.Tensor, location: str = "cpu", owned: bool = False) -> Tensor:
+    """A lazy Tensor holding ``values``, copied into a fresh contiguous storage unless ``owned``
+    says they are already the caller's own new values (then only made contiguous)."""
+    values = values.detach().to("cpu").contiguous()
+    if not owned:
+        values = values.clone()
     storage = Storage(values.numel() * values.element_size(), values=values, location=location)
     return Tensor(storage, dtypes.from_torch(values.dtype), tuple(values.shape))
 
