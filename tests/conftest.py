@@ -41,6 +41,34 @@ def run_process(*args, stdin=None, env=None) -> subprocess.CompletedProcess:
                           capture_output=True, env={**os.environ, **(env or {})}, timeout=300)
 
 
+def run_on_terminal(*args, terminal=("stdout", "stderr"), env=None) -> tuple[int, bytes, bytes]:
+    """Run ``python -m paramsurgeon ARGS`` with the named streams on a pseudo-terminal.
+
+    Returns (exit code, what the terminal showed, what the piped streams carried).
+    """
+    import pty
+
+    leader, follower = pty.openpty()
+    streams = {name: follower if name in terminal else subprocess.PIPE for name in ("stdout", "stderr")}
+    try:
+        result = subprocess.run([sys.executable, "-m", "paramsurgeon", *map(str, args)], **streams,
+                                env={**os.environ, "TERM": "xterm", **(env or {})}, timeout=300)
+    finally:
+        os.close(follower)
+    shown = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal is closed once everything is read
+            break
+        if not chunk:
+            break
+        shown.append(chunk)
+    os.close(leader)
+    piped = (result.stdout or b"") + (result.stderr or b"")
+    return result.returncode, b"".join(shown), piped
+
+
 def file_bytes(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()

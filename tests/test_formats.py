@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, run, run_process
+from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, run, run_on_terminal, run_process
 from safetensors.torch import load_file, save_file
 
 import paramsurgeon
@@ -269,20 +269,12 @@ def test_safetensors_written_by_the_library_reads_back(tmp_path):
     assert_same_state({k: load_file(out)[k] for k in ckpt.names}, {k: tensors[k] for k in ckpt.names})
 
 
-def test_binary_output_to_a_terminal_is_refused(tmp_path, resnet_pt):
-    import pty
-    import subprocess
-    import sys
-
-    leader, follower = pty.openpty()
-    try:
-        result = subprocess.run([sys.executable, "-m", "paramsurgeon", "convert", str(resnet_pt)], stdout=follower,
-                                stderr=subprocess.PIPE, timeout=120)
-    finally:
-        os.close(follower)
-        os.close(leader)
-    assert result.returncode == 2
-    assert b"refusing to write a binary checkpoint to the terminal" in result.stderr
+@pytest.mark.parametrize("command", [["convert"], ["zero", "-p", "fc.bias"]])
+def test_binary_output_to_a_terminal_is_refused(resnet_pt, command):
+    code, shown, errors = run_on_terminal(command[0], resnet_pt, *command[1:], terminal=("stdout",))
+    assert code == 2 and shown == b""
+    assert errors == b"paramsurgeon: error: refusing to write a binary checkpoint to the terminal; redirect it" \
+                     b" (> out.pt), pipe it, or pass -o PATH\n"
 
 
 def test_sharded_directory_in_place(tmp_path):

@@ -4,14 +4,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from importlib import resources
 
 import jsonschema
 import pytest
 import torch
-from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, run, run_process
+from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, run, run_on_terminal, run_process
 
 from test_formats import load_torch
 
@@ -146,7 +144,7 @@ def test_check_sharded_integrity(tmp_path):
     index["metadata"]["total_size"] += 4
     index_path.write_text(json.dumps(index))
     messages = [v["message"] for v in json_of("check", folder, schema="check", code=1)["rules"][0]["violations"]]
-    assert f"is in model-00001-of-00003.safetensors but the index lists it for model-00003-of-00003.safetensors" in messages
+    assert "is in model-00001-of-00003.safetensors but the index lists it for model-00003-of-00003.safetensors" in messages
     assert "the index says total_size 273452 but the shards hold 273448 bytes of tensors" in messages
 
     shutil.rmtree(folder)
@@ -299,29 +297,11 @@ def test_version_and_examples_in_every_help():
         assert "Example: paramsurgeon " + command in run(command, "--help").stdout, command
 
 
-def test_plain_output_without_a_terminal_or_with_no_color(tmp_path, resnet_pt):
-    import pty
-
-    def terminal_output(env: dict) -> bytes:
-        leader, follower = pty.openpty()
-        subprocess.run([sys.executable, "-m", "paramsurgeon", "inspect", str(resnet_pt), "-p", "fc.*"],
-                       stdout=follower, stderr=follower, env={**os.environ, **env}, timeout=120)
-        os.close(follower)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(leader)
-        return b"".join(chunks)
-
-    assert b"\x1b[" in terminal_output({"TERM": "xterm"})  # colour on a terminal...
-    assert b"\x1b[" not in terminal_output({"TERM": "xterm", "NO_COLOR": "1"})  # ...but not with NO_COLOR
-    assert b"\x1b[" not in run_process("inspect", resnet_pt, env={"TERM": "xterm"}).stdout  # nor in a pipe
+def test_plain_output_without_a_terminal_or_with_no_color(resnet_pt):
+    args = ("inspect", resnet_pt, "-p", "fc.*")
+    assert b"\x1b[" in run_on_terminal(*args)[1]  # colour on a terminal...
+    assert b"\x1b[" not in run_on_terminal(*args, env={"NO_COLOR": "1"})[1]  # ...but not with NO_COLOR
+    assert b"\x1b[" not in run_on_terminal(*args, terminal=())[2]  # nor in a pipe
 
 
 def test_models_load_after_a_recipe(tmp_path, gpt_pt):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ResNet, register_input, run, run_process
+from conftest import ResNet, register_input, run, run_on_terminal, run_process
 from safetensors.torch import save_file
 
 from test_formats import assert_same_state, load_torch
@@ -177,29 +177,9 @@ def test_processes_report_sizes(tmp_path, big):
 
 def test_progress_bar_on_a_terminal_only(tmp_path, big):
     """A bar with bytes and throughput on a terminal's stderr; nothing in a pipe or with NO_COLOR."""
-    import pty
-
-    def stderr_of(env: dict, terminal: bool) -> bytes:
-        leader, follower = pty.openpty()
-        target = follower if terminal else subprocess.PIPE
-        result = subprocess.run([sys.executable, "-m", "paramsurgeon", "convert", str(big / "big.pt"), "-o",
-                                 str(tmp_path / "copy.safetensors")], stderr=target, stdout=subprocess.DEVNULL,
-                                env={**os.environ, "TERM": "xterm", "PARAMSURGEON_PROGRESS_DELAY": "0", **env},
-                                timeout=300)
-        os.close(follower)
-        chunks = []
-        while terminal:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(leader)
-        return b"".join(chunks) if terminal else result.stderr
-
-    shown = stderr_of({}, terminal=True)
+    args = ("convert", big / "big.pt", "-o", tmp_path / "copy.safetensors")
+    now = {"PARAMSURGEON_PROGRESS_DELAY": "0"}
+    shown = run_on_terminal(*args, terminal=("stderr",), env=now)[1]
     assert b"writing" in shown and b"/s" in shown and b"402.7 MB" in shown
-    assert b"writing" not in stderr_of({"NO_COLOR": "1"}, terminal=True)
-    assert stderr_of({}, terminal=False).startswith(b"wrote ")
+    assert b"writing" not in run_on_terminal(*args, terminal=("stderr",), env={**now, "NO_COLOR": "1"})[1]
+    assert run_on_terminal(*args, terminal=(), env=now)[2].startswith(b"wrote ")
