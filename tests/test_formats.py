@@ -294,3 +294,25 @@ def test_sharded_directory_in_place(tmp_path):
     assert shard["layer4.1.bn2.weight"].abs().sum() == 0
     assert run("convert", folder, "-o", tmp_path / "resharded", "--max-shard-size", "150KB").exit_code == 0
     assert len([p for p in (tmp_path / "resharded").iterdir() if p.suffix == ".safetensors"]) == 2
+
+
+def test_dash_means_standard_input_and_output(resnet_pt, resnet):
+    result = run("zero", "-", "-p", "fc.bias", "-o", "-", input=file_bytes(resnet_pt))
+    assert result.exit_code == 0, result.stderr
+    import io
+
+    state = torch.load(io.BytesIO(result.stdout_bytes), weights_only=True)
+    assert torch.equal(state["fc.bias"], torch.zeros(10)) and torch.equal(state["fc.weight"], resnet.state_dict()["fc.weight"])
+
+
+def test_output_format_option_then_extension_then_input(tmp_path, resnet_pt):
+    st = tmp_path / "in.safetensors"
+    run("convert", resnet_pt, "-o", st)
+    piped = run("zero", st, "-p", "fc.bias")  # no -o, no --format: the input's format
+    assert piped.exit_code == 0 and piped.stdout_bytes[8:9] == b"{"
+    run("zero", st, "-p", "fc.bias", "-o", tmp_path / "by-extension.pt")
+    assert zipfile.is_zipfile(tmp_path / "by-extension.pt")
+    run("zero", resnet_pt, "-p", "fc.bias", "-o", tmp_path / "forced.pt", "--format", "safetensors")
+    assert not zipfile.is_zipfile(tmp_path / "forced.pt") and load_file(tmp_path / "forced.pt")["fc.bias"].sum() == 0
+    unknown = run("convert", resnet_pt, "-o", tmp_path / "weights.data")  # an unknown extension: the input's format
+    assert unknown.exit_code == 0 and zipfile.is_zipfile(tmp_path / "weights.data")

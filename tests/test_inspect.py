@@ -208,3 +208,25 @@ def test_modules_from_samples_have_the_expected_names():
     assert "layer2.0.downsample.1.num_batches_tracked" in ResNet().state_dict()
     gpt = TinyGPT()
     assert gpt.lm_head.weight is gpt.wte.weight
+
+
+def test_key_picks_the_tensors_of_a_nested_checkpoint(tmp_path, resnet):
+    state = resnet.state_dict()
+    path = tmp_path / "ema.pt"
+    torch.save({"model": state, "ema": {k: v * 2 for k, v in state.items()}, "step": 3}, path)
+    preferred = run("inspect", path, "--json", "--no-stats")
+    assert json.loads(preferred.stdout)["key"] == "model"  # a well-known name wins, and the user is told
+    assert "note: using 'model'; the file also holds tensors in ema (pick with --key)" in preferred.stderr
+    chosen = run("zero", path, "--key", "ema", "-p", "fc.bias", "-o", tmp_path / "out.pt")
+    assert chosen.exit_code == 0, chosen.stderr
+    written = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.equal(written["ema"]["fc.bias"], torch.zeros(10)) and written["step"] == 3
+    assert torch.equal(written["model"]["fc.bias"], state["fc.bias"])
+    ambiguous = tmp_path / "ambiguous.pt"
+    torch.save({"student": state, "teacher": state}, ambiguous)
+    result = run("inspect", ambiguous)
+    assert result.exit_code == 2
+    assert result.stderr == (f"paramsurgeon: error: {ambiguous}: several entries hold tensors (student, teacher);"
+                             " pick one with --key, e.g. --key student\n")
+    wrong = run("inspect", path, "--key", "emma")
+    assert wrong.exit_code == 2 and "no entry 'emma' in the top level (it has: model, ema, step)" in wrong.stderr

@@ -278,3 +278,11 @@ def test_tie_to_safetensors_with_dedupe(tmp_path, resnet_pt):
     assert "layer1.0.conv2.weight" not in load_file(path)
     document = json.loads(run("inspect", path, "--json", "--no-stats").stdout)
     assert document["ties"] == [["layer1.0.conv1.weight", "layer1.0.conv2.weight"]]
+
+
+def test_allow_empty_on_a_writing_command(tmp_path, resnet_pt, resnet):
+    path, result = out_of(tmp_path, "zero", resnet_pt, "-p", "no.such.*", "-p", "fc.bias", "--allow-empty")
+    assert "zero: warning: --pattern 'no.such.*' matches no tensor" in result.stderr
+    check(resnet.state_dict(), load_torch(path), {"fc.bias": torch.zeros(10)})
+    refused = run("zero", resnet_pt, "-p", "no.such.*", "-p", "fc.bias", "-o", tmp_path / "x.pt")
+    assert refused.exit_code == 2 and not (tmp_path / "x.pt").exists()
