@@ -236,7 +236,7 @@ def test_samples_load_into_their_modules():
     for name, model in (("resnet.pt", ResNet()), ("resnet.safetensors", ResNet()), ("resnet-legacy.pt", ResNet()),
                         ("resnet-sharded", ResNet()), ("gpt.pt", TinyGPT()), ("gpt.safetensors", TinyGPT())):
         ckpt = paramsurgeon.load(os.path.join(samples, name))
-        from paramsurgeon.tensors import to_torch
+        from paramsurgeon.checkpoint.values import to_torch
 
         model.load_state_dict({n: to_torch(t) for n, t in ckpt.tensors.items()}, strict=True)
 

@@ -13,7 +13,7 @@ import torch
 from conftest import SAMPLES, ResNet, TinyGPT, run
 
 import paramsurgeon
-from paramsurgeon.tensors import to_torch
+from paramsurgeon.checkpoint.values import to_torch
 
 SAMPLE_FILES = ["resnet.pt", "resnet.safetensors", "resnet-legacy.pt", "resnet-sharded", "training.pt", "gpt.pt",
                 "gpt-bf16.pt", "gpt.safetensors"]
@@ -118,7 +118,7 @@ def test_nan_and_inf_are_counted_and_reported(tmp_path):
 
 
 def test_large_tensor_stats_are_exact_across_chunks(tmp_path, monkeypatch):
-    from paramsurgeon import tensors
+    from paramsurgeon.checkpoint import values as tensors
 
     monkeypatch.setattr(tensors, "CHUNK", 1000)
     torch.manual_seed(3)

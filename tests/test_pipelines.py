@@ -315,7 +315,7 @@ def test_models_load_after_a_recipe(tmp_path, gpt_pt):
 
 def test_diff_compares_across_chunks_and_layouts(tmp_path, monkeypatch):
     """A non-contiguous tensor against its contiguous copy, compared piece by piece."""
-    from paramsurgeon import tensors
+    from paramsurgeon.checkpoint import values as tensors
 
     monkeypatch.setattr(tensors, "CHUNK", 100)
     base = torch.randn(64, 50)

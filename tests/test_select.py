@@ -8,7 +8,7 @@ from torch import nn
 
 import paramsurgeon
 from conftest import run
-from paramsurgeon.kinds import infer_kinds
+from paramsurgeon.checkpoint.kinds import infer_kinds
 
 
 def kinds_of(module: nn.Module, tmp_path) -> dict[str, tuple[str, str]]:

@@ -16,7 +16,7 @@ from typing import Mapping
 
 from .checkpoint import Tensor
 from .errors import SelectionError, UsageError
-from .kinds import LAYER_KINDS, ROLES, Kind, infer_kinds
+from .checkpoint.kinds import LAYER_KINDS, ROLES, Kind, infer_kinds
 
 
 @dataclass

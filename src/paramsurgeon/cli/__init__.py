@@ -48,7 +48,7 @@ def _fail(message: str, code: int, debug: bool) -> int:
         import traceback
 
         traceback.print_exc()
-    from ..units import printable
+    from ..report.escape import printable
 
     sys.stderr.write(f"paramsurgeon: error: {printable(message)}\n")
     return code

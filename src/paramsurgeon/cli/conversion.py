@@ -1,8 +1,8 @@
 """What convert does: change the format or the sharding of a checkpoint, nothing else."""
 
 from .. import formats
-from ..units import human_bytes
-from .common import note, open_checkpoint, progress
+from ..sizes import human_bytes
+from .console import note, open_checkpoint, progress
 
 
 def convert(ckpt, max_shard_size, read, write):

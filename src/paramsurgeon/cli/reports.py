@@ -2,15 +2,16 @@
 
 import typer
 
-from .. import formats, report
+from .. import formats
+from ..report import render as report
 from ..checkpoint import Checkpoint
-from ..checks import RuleResult, parse_expectations, run_rules
-from ..compare import compare
+from ..analysis.checks import RuleResult, parse_expectations, run_rules
+from ..analysis.compare import compare
 from .. import dtypes
 from ..errors import UsageError
-from ..groups import decay_groups
-from ..inspection import inspect as inspect_checkpoint
-from .common import color_on_stdout, emit, open_checkpoint, progress, selected_names, terminal_width
+from ..analysis.groups import decay_groups
+from ..analysis.inspection import inspect as inspect_checkpoint
+from .console import color_on_stdout, emit, open_checkpoint, progress, selected_names, terminal_width
 from .options import SelectOptions
 
 

@@ -6,14 +6,16 @@ anything is computed), then prints it (--dry-run) or applies and writes it.
 import secrets
 from typing import Callable, Optional
 
-from .. import formats, ops, recipes, report, steps
+from .. import formats
+from ..ops import recipes, spec as steps, values as ops
+from ..report import render as report
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
 from ..formats.files import refuse_terminal
-from ..extras import summarize
-from ..plan import Plan, apply
-from ..units import human_bytes
-from .common import color_on_stdout, emit, note, open_checkpoint, progress, source_loader, terminal_width
+from ..checkpoint.extras import summarize
+from ..ops.plan import Plan, apply
+from ..sizes import human_bytes
+from .console import color_on_stdout, emit, note, open_checkpoint, progress, source_loader, terminal_width
 from .options import PlanOptions, ReadOptions, SelectOptions, TieOptions, WriteOptions
 
 

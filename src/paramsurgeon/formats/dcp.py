@@ -178,7 +178,7 @@ def write(ckpt: Checkpoint, folder: str) -> None:
 
 def _materialize(node: Any, source: str, seen: dict | None = None) -> Any:
     """The tree with torch tensors in place of lazy ones (views of the input where possible)."""
-    from ..tensors import to_torch
+    from ..checkpoint.values import to_torch
 
     seen = {} if seen is None else seen
     if id(node) in seen:

@@ -16,6 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator
 
+from ..checkpoint.tensor import blocks  # noqa: F401 (re-exported for the writers)
 from ..errors import CorruptCheckpointError, InputError, OutputError
 
 _COPY_CHUNK = 64 << 20
@@ -37,12 +38,6 @@ def _sync_file_range():
 
 
 _START_WRITEBACK = _sync_file_range()
-
-
-def blocks(view: memoryview, size: int = _COPY_CHUNK) -> Iterator[memoryview]:
-    """``view`` in consecutive slices of at most ``size`` bytes (for checksums and comparisons)."""
-    for start in range(0, len(view), size):
-        yield view[start:start + size]
 
 
 class InputFile:

@@ -192,7 +192,7 @@ def write_tensor_bytes(tensor: Tensor, sink: Sink) -> None:
         return
     view = tensor.contiguous_bytes()
     if view is None:
-        from ..tensors import contiguous_memory
+        from ..checkpoint.values import contiguous_memory
 
         view = contiguous_memory(tensor)
     sink.write_large(view)

@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..checkpoint import Checkpoint
 from ..errors import OutputError, UsageError
-from ..units import parse_size
+from ..sizes import parse_size
 from . import safetensors, sharded, torchzip
 from .files import Sink, atomic_file, stdout_sink
 

@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import dtypes
-from .checkpoint import Checkpoint, Storage, Tensor
-from .errors import PlanError
+from .. import dtypes
+from ..checkpoint import Checkpoint, Storage, Tensor
+from ..errors import PlanError
 
 HISTORY_KEY = "paramsurgeon.operations"
 
@@ -118,7 +118,7 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
                 fresh = Tensor(Storage(len(values), values=values, location=first.storage.location), dtype,
                                change.shape)
             else:
-                from .tensors import from_torch
+                from ..checkpoint.values import from_torch
 
                 fresh = from_torch(values, location=first.storage.location, owned=True)
         for name in change.names:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint import Checkpoint, Tensor
-from .formats.pickles import Opaque, describe
-from .units import human_bytes
+from ..formats.pickles import Opaque, describe
+from ..sizes import human_bytes
+from .checkpoint import Checkpoint
+from .tensor import Tensor
 
 _OPTIMIZERS = [
     ({"exp_avg", "exp_avg_sq"}, "Adam"),

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .checkpoint import Checkpoint, Tensor
-from .extras import extras
-from .formats.files import blocks
+from ..checkpoint import Checkpoint, Tensor
+from ..checkpoint.extras import extras
+from ..checkpoint.tensor import blocks
 
 @dataclass
 class TensorDiff:
@@ -103,7 +103,7 @@ def _measure(diff: TensorDiff, a: Tensor, b: Tensor, atol: float, rtol: float) -
     """Largest |a-b| and |a-b|/|b|, and how many entries break |a-b| <= atol + rtol*|b| (NaNs equal)."""
     import torch
 
-    from .tensors import chunks, to_torch
+    from ..checkpoint.values import chunks, to_torch
 
     max_abs = max_rel = 0.0
     mismatched = 0

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-from .checkpoint import Tensor
+from .tensor import Tensor
 
 LAYER_KINDS = ("conv", "linear", "batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm", "embedding", "prelu")
 ROLES = ("weight", "bias", "buffer")

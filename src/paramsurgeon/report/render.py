@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import math
 
-from .dtypes import BY_NAME
-from .inspection import Inspection, Row
+from ..dtypes import BY_NAME
+from ..analysis.inspection import Inspection, Row
 from .tables import Column, render
-from .units import human_bytes
+from ..sizes import human_bytes
 
 SCHEMA_VERSION = 1
 _FORMAT_NAMES = {"torch": "torch zip", "torch-legacy": "torch legacy pickle", "safetensors": "safetensors",

@@ -8,9 +8,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import dtypes
-from .checkpoint import Checkpoint
-from .errors import UsageError
+from .. import dtypes
+from ..checkpoint import Checkpoint
+from ..errors import UsageError
 from .stats import tensor_stats
 
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError
 
 # name -> (keyword defaults, required keywords, minimum dims, exact dims, random)
 _SCHEMES: dict[str, tuple[dict, tuple, int, tuple, bool]] = {

@@ -19,9 +19,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import steps
-from .checkpoint import Checkpoint
-from .errors import ParamSurgeonError, UsageError
+from . import spec as steps
+from ..checkpoint import Checkpoint
+from ..errors import ParamSurgeonError, UsageError
 from .plan import Plan, apply
 
 if sys.version_info >= (3, 11):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from . import ops, schemes
-from .checkpoint import Checkpoint
-from .errors import UsageError
-from .kinds import LAYER_KINDS
+from . import schemes
+from . import values as ops
+from ..checkpoint import Checkpoint
+from ..errors import UsageError
+from ..checkpoint.kinds import LAYER_KINDS
 from .plan import Plan
-from .selection import Selector, select
+from ..selection import Selector, select
 
 SELECTION = {"pattern": list, "regex": list, "exclude": list, "kind": list, "allow_empty": bool}
 TIES = {"follow_ties": bool, "untie": bool}

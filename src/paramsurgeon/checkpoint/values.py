@@ -1,18 +1,17 @@
 """The bridge to torch: lazy tensors become torch tensors over the memory-mapped file,
-and new torch values become in-memory storages. The only core module that imports torch.
+and new torch values become in-memory storages. The core's one module that imports torch.
 """
 
 from __future__ import annotations
 
-import ctypes
 from typing import Iterator
 
 import torch
 
-from .checkpoint import Storage, Tensor
+from .. import dtypes
+from .tensor import Storage, Tensor, memory_of
 
 CHUNK = 1 << 22  # elements per piece when a tensor is reduced in bounded memory
-from . import dtypes
 
 
 def to_torch(tensor: Tensor) -> torch.Tensor:
@@ -42,16 +41,6 @@ def from_torch(values: torch.Tensor, location: str = "cpu", owned: bool = False)
         values = values.clone()
     storage = Storage(values.numel() * values.element_size(), values=values, location=location)
     return Tensor(storage, dtypes.from_torch(values.dtype), tuple(values.shape))
-
-
-def memory_of(values: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without copying."""
-    nbytes = values.numel() * values.element_size()
-    if nbytes == 0:
-        return memoryview(b"")
-    buffer = (ctypes.c_char * nbytes).from_address(values.data_ptr())
-    buffer._owner = values  # keep the tensor alive as long as the view
-    return memoryview(buffer).cast("B")
 
 
 def contiguous_memory(tensor: Tensor) -> memoryview:

@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Optional
 
 from .. import formats
 from ..checkpoint import Checkpoint
-from ..units import printable
+from ..report.escape import printable
 from ..selection import Selector, select
 from .options import ReadOptions, SelectOptions
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .checkpoint import Checkpoint
-from .extras import extras
-from .kinds import infer_kinds
+from ..checkpoint import Checkpoint
+from ..checkpoint.extras import extras
+from ..checkpoint.kinds import infer_kinds
 from .stats import Stats, sha256, tensor_stats
 
 

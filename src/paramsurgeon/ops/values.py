@@ -9,20 +9,21 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import dtypes, schemes
-from .checkpoint import Checkpoint, Tensor
-from .errors import PlanError, SelectionError
-from .extras import is_optimizer_state
-from .kinds import infer_kinds
+from .. import dtypes
+from . import schemes
+from ..checkpoint import Checkpoint, Tensor
+from ..errors import PlanError, SelectionError
+from ..checkpoint.extras import is_optimizer_state
+from ..checkpoint.kinds import infer_kinds
 from .plan import Change, Plan, tie_units
 from .schemes import Scheme
-from .selection import suggest, wildcard_map
+from ..selection import suggest, wildcard_map
 
 CAST_TARGETS = ("float32", "float16", "bfloat16", "float64")
 
 
 def _values(tensor: Tensor):
-    from .tensors import to_torch
+    from ..checkpoint.values import to_torch
 
     return to_torch(tensor)
 

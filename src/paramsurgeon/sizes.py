@@ -1,4 +1,4 @@
-"""Byte sizes and text as people write and read them."""
+"""Byte sizes as people write and read them (5GB, 46.8 MB)."""
 
 from __future__ import annotations
 
@@ -27,11 +27,3 @@ def human_bytes(nbytes: int) -> str:
         if nbytes >= size:
             return f"{nbytes / size:.1f} {unit}"
     return f"{nbytes} B"
-
-
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters escaped: a name from a file cannot break a line or drive a terminal."""
-    return text.translate(_CONTROL)

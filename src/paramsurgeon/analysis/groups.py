@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import fnmatch
 
-from .checkpoint import Checkpoint
-from .kinds import NORMS, infer_kinds
+from ..checkpoint import Checkpoint
+from ..checkpoint.kinds import NORMS, infer_kinds
 
 
 def decay_groups(ckpt: Checkpoint, names: list[str], *, no_decay: tuple[str, ...] = (),

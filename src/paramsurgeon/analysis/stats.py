@@ -12,8 +12,8 @@ import hashlib
 import math
 from dataclasses import asdict, dataclass
 
-from .checkpoint import Tensor
-from .formats.files import blocks
+from ..checkpoint import Tensor
+from ..checkpoint.tensor import blocks
 
 @dataclass
 class Stats:
@@ -38,7 +38,7 @@ def tensor_stats(tensor: Tensor) -> Stats | None:
         return None
     import torch
 
-    from .tensors import chunks, to_torch
+    from ..checkpoint.values import chunks, to_torch
 
     values = to_torch(tensor)
     count, mean, m2 = 0, 0.0, 0.0
@@ -94,7 +94,7 @@ def sha256(tensor: Tensor) -> str:
     digest = hashlib.sha256()
     view = tensor.contiguous_bytes()
     if view is None:
-        from .tensors import contiguous_memory
+        from ..checkpoint.values import contiguous_memory
 
         view = contiguous_memory(tensor)
     for block in blocks(view):

@@ -1,0 +1,13 @@
+"""The checkpoint model, torch-free: lazy tensors by name, the rest of the file, ties.
+
+    tensor.py       Storage and Tensor: views into file spans or new values
+    checkpoint.py   Checkpoint, and finding the tensors inside a nested file
+    kinds.py        which layer a tensor belongs to (conv, linear, batchnorm, ...)
+    extras.py       everything besides the tensors (epoch, optimizer state), summarised
+    values.py       the bridge to torch (imported only where values are computed)
+"""
+
+from .checkpoint import Checkpoint, find_container
+from .tensor import Storage, Tensor, check_view, tie_groups
+
+__all__ = ["Checkpoint", "Storage", "Tensor", "check_view", "find_container", "tie_groups"]

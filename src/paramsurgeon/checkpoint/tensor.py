@@ -1,0 +1,162 @@
+"""The lazy tensor: a view (offset, shape, stride, dtype) into a ``Storage``, which is a span
+of an input file or new values held in memory. Nothing here imports torch or reads data
+until asked; tensors that share a storage over overlapping bytes are tied.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from typing import Iterator
+
+from ..dtypes import DType
+from ..errors import CorruptCheckpointError
+
+BLOCK = 64 << 20  # bytes per piece when raw bytes are checksummed or compared
+
+
+class Storage:
+    """The bytes behind one or more tensors.
+
+    Either ``nbytes`` bytes of ``file`` starting at ``offset`` (``crc32`` known when the
+    file recorded it); or ``values`` made by an operation: a contiguous torch tensor, or a
+    bytearray when no computation was needed (zeros); or a ``loader`` that reads the values
+    (through torch) each time they are needed, for formats that cannot be memory-mapped.
+    """
+
+    __slots__ = ("nbytes", "file", "offset", "crc32", "values", "loader", "location")
+
+    def __init__(self, nbytes: int, *, file=None, offset: int = 0, crc32: int | None = None,
+                 values=None, loader=None, location: str = "cpu"):
+        self.nbytes, self.file, self.offset = nbytes, file, offset
+        self.crc32, self.values, self.loader, self.location = crc32, values, loader, location
+
+    def __setstate__(self, state):
+        raise CorruptCheckpointError("a pickle tried to overwrite a storage")
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the bytes are not a span of an input file (and so must be written out, not copied)."""
+        return self.file is None
+
+    def view(self) -> memoryview:
+        """The storage's bytes (without copying, unless a loader must read them)."""
+        if isinstance(self.values, bytearray):
+            return memoryview(self.values)
+        if self.values is not None or self.loader is not None:
+            return memory_of(self.values if self.values is not None else self.loader().contiguous())
+        return self.file.view(self.offset, self.nbytes)
+
+
+class Tensor:
+    """A lazy tensor: ``shape`` and ``stride`` (in elements) into ``storage`` at ``offset``.
+
+    ``requires_grad``, ``parameter`` and ``metadata`` are kept only so that a
+    torch output pickles the tensor exactly as the input did.
+    """
+
+    __slots__ = ("storage", "offset", "shape", "stride", "dtype", "requires_grad", "parameter",
+                 "metadata")
+
+    def __init__(self, storage: Storage, dtype: DType, shape: tuple[int, ...],
+                 stride: tuple[int, ...] | None = None, offset: int = 0):
+        self.storage, self.dtype, self.offset = storage, dtype, offset
+        self.shape = tuple(shape)
+        self.stride = tuple(stride) if stride is not None else contiguous_stride(self.shape)
+        self.requires_grad, self.parameter, self.metadata = False, False, None
+
+    def __setstate__(self, state):
+        raise CorruptCheckpointError("a pickle tried to overwrite a tensor")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_contiguous(self) -> bool:
+        return all(s == c for s, c, n in zip(self.stride, contiguous_stride(self.shape), self.shape)
+                   if n != 1)
+
+    def byte_span(self) -> tuple[int, int]:
+        """The half-open byte range of the storage this tensor reads."""
+        if self.numel == 0:
+            start = self.offset * self.dtype.itemsize
+            return start, start
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        return self.offset * self.dtype.itemsize, (last + 1) * self.dtype.itemsize
+
+    def contiguous_bytes(self) -> memoryview | None:
+        """The tensor's values in row-major order without copying, or None if not contiguous."""
+        if not self.is_contiguous:
+            return None
+        start = self.offset * self.dtype.itemsize
+        return self.storage.view()[start:start + self.nbytes]
+
+    def __repr__(self) -> str:
+        return f"Tensor({list(self.shape)}, {self.dtype.name})"
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, step = [], 1
+    for n in reversed(shape):
+        stride.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(stride))
+
+
+def check_view(tensor: Tensor, storage_numel: int, where: str) -> None:
+    """Refuse a tensor whose view reads outside its storage (a corrupt or hostile file)."""
+    if any(n < 0 for n in tensor.shape) or any(s < 0 for s in tensor.stride) or tensor.offset < 0:
+        raise CorruptCheckpointError(f"{where}: negative size, stride or offset")
+    start, end = tensor.byte_span()
+    if tensor.numel and end > storage_numel * tensor.dtype.itemsize:
+        raise CorruptCheckpointError(
+            f"{where}: shape {list(tensor.shape)} at offset {tensor.offset} reads past its storage"
+            f" of {storage_numel} elements")
+
+
+def tie_groups(tensors: dict[str, Tensor]) -> list[list[str]]:
+    """Group names whose tensors read overlapping bytes of one storage."""
+    by_storage: dict[int, list[str]] = {}
+    for name, tensor in tensors.items():
+        by_storage.setdefault(id(tensor.storage), []).append(name)
+    order = {name: i for i, name in enumerate(tensors)}
+    groups = []
+    for names in by_storage.values():
+        if len(names) < 2:
+            continue
+        spans = sorted(names, key=lambda n: tensors[n].byte_span())
+        current, previous = [spans[0]], tensors[spans[0]].byte_span()
+        end = previous[1]
+        for name in spans[1:]:
+            span = tensors[name].byte_span()
+            if span[0] < end or span == previous:
+                current.append(name)
+                end = max(end, span[1])
+            else:
+                groups.append(current)
+                current, end = [name], span[1]
+            previous = span
+        groups.append(current)
+    groups = [sorted(g, key=order.__getitem__) for g in groups if len(g) > 1]
+    return sorted(groups, key=lambda g: order[g[0]])
+
+
+def memory_of(values) -> memoryview:
+    """The bytes of a contiguous CPU torch tensor, without copying (and without importing torch)."""
+    nbytes = values.numel() * values.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    buffer = (ctypes.c_char * nbytes).from_address(values.data_ptr())
+    buffer._owner = values  # keep the tensor alive as long as the view
+    return memoryview(buffer).cast("B")
+
+
+def blocks(view: memoryview, size: int = BLOCK) -> Iterator[memoryview]:
+    """``view`` in consecutive slices of at most ``size`` bytes (for checksums and comparisons)."""
+    for start in range(0, len(view), size):
+        yield view[start:start + size]

@@ -1,0 +1,6 @@
+"""Rendering, the only place that formats results: text tables for people, JSON for programs.
+
+    render.py   reports and plans as text or JSON documents
+    tables.py   plain columns when piped, fitted rich tables on a terminal
+    escape.py   control characters in names escaped for the terminal
+"""
