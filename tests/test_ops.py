@@ -269,7 +269,9 @@ def test_every_operation_keeps_the_rest_of_the_file(tmp_path, gpt_training, args
         assert "wpe.weight" not in state
         return
     TinyGPT().load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    assert "optimizer state at 'optimizer'" in result.stderr
+    # Adam's moments no longer match new values; renaming and untying keep every value
+    advised = "optimizer state at 'optimizer'" in result.stderr
+    assert advised == (args[0] not in ("rename", "untie")), result.stderr
 
 
 def test_tie_to_safetensors_with_dedupe(tmp_path, resnet_pt):

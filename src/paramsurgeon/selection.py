@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .checkpoint import Tensor
+from .declare import option
 from .errors import SelectionError, UsageError
 from .checkpoint.kinds import LAYER_KINDS, ROLES, Kind, infer_kinds
 
@@ -146,3 +147,26 @@ def wildcard_map(source_glob: str, target_glob: str, names: list[str], option: s
         mapping[name] = "".join(next(groups) if kind == "wild" else re.sub(r"\\(.)", r"\1", text)
                                 for kind, text in target)
     return mapping
+
+
+@dataclass(kw_only=True)
+class Selection:
+    """The selection options, declared once for every command that selects tensors."""
+
+    pattern: list[str] = option([], "-p", "--pattern", metavar="GLOB",
+                                help="Select names matching the glob ('*' crosses dots); repeatable.")
+    regex: list[str] = option([], "--regex", metavar="RE", help="Select names the regex matches in full; repeatable.")
+    exclude: list[str] = option([], "-x", "--exclude", metavar="GLOB",
+                                help="Leave out names matching the glob; repeatable.")
+    kind: list[str] = option([], "-k", "--kind", metavar="KIND",
+                             help="Select by layer: conv, linear, batchnorm, layernorm, groupnorm, rmsnorm, norm,"
+                                  " embedding, prelu; or role: weight, bias, buffer. Repeatable.")
+    allow_empty: bool = option(False, "--allow-empty", help="Warn instead of failing when a selector matches nothing.")
+
+    @property
+    def selector(self) -> Selector:
+        return Selector(list(self.pattern), list(self.regex), list(self.exclude), list(self.kind))
+
+    def choose(self, tensors: Mapping[str, Tensor], key: tuple = ()) -> tuple[list[str], list[str]]:
+        """The selected names among ``tensors`` (every one when nothing narrows), and warnings."""
+        return select(tensors, self.selector, allow_empty=self.allow_empty, key=key)

@@ -3,14 +3,20 @@ turns its errors into one line on stderr and an exit code."""
 
 import os
 import sys
+import typing
 from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
 from ..errors import ParamSurgeonError
-from .commands import (apply_recipe, cast, check, convert, copy, diff, drop, groups, init, inspect, rename, scale, tie,
-                       untie, zero)
+from . import commands
+from .build import command, described
+
+
+# The usage error of the click that typer runs on (typer >= 0.20 vendors its own): the base
+# class of the public typer.BadParameter, found without importing a private module.
+_CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 class _Group(TyperGroup):
@@ -24,11 +30,12 @@ class _Group(TyperGroup):
             code = code if isinstance(code, int) else 0
         except ParamSurgeonError as e:
             code = _fail(str(e), e.exit_code, debug)
-        except typer._click.exceptions.NoArgsIsHelpError:
-            code = 2  # the help has been printed
-        except typer._click.exceptions.UsageError as e:
-            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            code = _fail(f"{e.format_message()}{where}", 2, debug)
+        except _CLICK_USAGE_ERROR as e:
+            if type(e).__name__ == "NoArgsIsHelpError":
+                code = 2  # the help has been printed
+            else:
+                where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+                code = _fail(f"{e.format_message()}{where}", 2, debug)
         except typer.Abort:
             code = 130
         except KeyboardInterrupt:
@@ -82,9 +89,37 @@ def _main(
     without writing a script. Every command's --help has an example."""
 
 
-for command in (inspect, diff, check, groups, init, zero, scale, cast, copy, tie, untie, rename, drop, convert,
-                apply_recipe):
-    app.command(command.__name__.removesuffix("_recipe"), short_help=command.__doc__.split("\n")[0])(command)
+def _groups(function) -> list[type]:
+    """The option groups a command function takes: its parameters' annotated types."""
+    hints = typing.get_type_hints(function)
+    return [hints[name] for name in function.__code__.co_varnames[:function.__code__.co_argcount]]
+
+
+for _function, _example in commands.EXAMPLES.items():
+    command(app, _function.__name__, _groups(_function), _function, described(_function.__doc__, _example))
+
+
+def _operation_command(name: str):
+    def run(given, operation, read, write, surgery) -> None:
+        from .operations import run_operation
+
+        run_operation(given.ckpt, operation, read, write, surgery)
+    return run
+
+
+def _register_operations() -> None:
+    from ..ops import OPERATIONS
+    from .operations import Recipe, apply_recipe
+    from .options import Input, Read, Surgery, Write
+
+    for name, operation in OPERATIONS.items():
+        command(app, name, [Input, operation, Read, Write, Surgery], _operation_command(name),
+                described(operation.__doc__, operation.example))
+    command(app, "apply", [Recipe, Read, Write, Surgery], apply_recipe,
+            described(apply_recipe.__doc__, "paramsurgeon apply model.pt recipe.toml -o out.pt"))
+
+
+_register_operations()
 
 
 def main() -> None:

@@ -1,293 +1,193 @@
-"""The command line: every command's name, options and --help, and nothing else.
-
-Each body hands its arguments to the module that does the work, imported only then, so
-that --help and header-only commands start without loading what they do not use.
+"""The commands that read: inspect, diff, check, groups, and convert. Each is its options
+(a dataclass, declared once) and a function that opens, calls the library, and prints;
+the library is imported when the command runs, so --help starts fast.
 """
 
-import importlib
-from typing import Annotated, List, Optional
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 import typer
 
-from .options import (EVERY, PLAN, READ, SELECT, TIES, WRITE, PlanOptions, ReadOptions, SelectOptions, TieOptions,
-                      WriteOptions, options)
-
-CKPT = Annotated[Optional[str], typer.Argument(
-    metavar="CKPT", help="Checkpoint file, sharded directory or index; '-' or omitted: standard input.",
-    show_default=False)]
+from ..declare import argument, option
+from ..selection import Selection
+from .console import color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width
+from .options import Input, Json, Pair, Read, Write
 
 
-def _act(module: str, name: str, arguments: dict) -> None:
-    getattr(importlib.import_module(f".{module}", __package__), name)(**arguments)
+@dataclass(kw_only=True)
+class InspectOptions:
+    no_stats: bool = option(False, "--no-stats", help="Shapes and dtypes only: reads no tensor data.")
+    tree: bool = option(False, "--tree", help="Parameter counts per module instead of per tensor.")
+    depth: int | None = option(None, "--depth", minimum=0, help="With --tree: levels to show.")
+    hash: bool = option(False, "--hash", help="Add the sha256 of each tensor's values.")
 
 
-@options(READ, SELECT)
-def inspect(
-    ckpt: CKPT = None,
-    no_stats: Annotated[bool, typer.Option("--no-stats", help="Shapes and dtypes only: reads no tensor data.")] = False,
-    json_: Annotated[bool, typer.Option("--json", help="Print one JSON document (schema in the README).")] = False,
-    tree: Annotated[bool, typer.Option("--tree", help="Parameter counts per module instead of per tensor.")] = False,
-    depth: Annotated[Optional[int], typer.Option("--depth", min=0, help="With --tree: levels to show.")] = None,
-    hash_: Annotated[bool, typer.Option("--hash", help="Add the sha256 of each tensor's values.")] = False,
-    read: ReadOptions = None,
-    select: SelectOptions = None,
-):
-    """Show every tensor (name, kind, shape, dtype, statistics), ties, totals and the rest of the file.
+def inspect(given: Input, options: InspectOptions, output: Json, read: Read, select: Selection) -> None:
+    """Show every tensor (name, kind, shape, dtype, statistics), ties, totals and the rest of the file."""
+    from ..analysis.inspection import inspect as inspect_checkpoint
+    from ..report import render
 
-    \b
-    Example: paramsurgeon inspect samples/resnet.pt -p 'layer1.*'
-    """
-    _act("reports", "inspect", locals())
-
-
-@options(READ, SELECT)
-def diff(
-    a: Annotated[str, typer.Argument(metavar="A", help="The first checkpoint.", show_default=False)],
-    b: Annotated[str, typer.Argument(metavar="B", help="The second checkpoint.", show_default=False)],
-    atol: Annotated[float, typer.Option("--atol", min=0, help="Values within atol + rtol*|b| count as equal.")] = 0.0,
-    rtol: Annotated[float, typer.Option("--rtol", min=0, help="Relative tolerance (see --atol).")] = 0.0,
-    no_values: Annotated[bool, typer.Option("--no-values", help="Compare names, shapes and dtypes only (reads"
-                                            " no tensor data).")] = False,
-    json_: Annotated[bool, typer.Option("--json", help="Print one JSON document (schema in the README).")] = False,
-    read: ReadOptions = None,
-    select: SelectOptions = None,
-):
-    """Compare two checkpoints tensor by tensor; exit 0 when they are equal, 1 when they differ.
-
-    \b
-    Example: paramsurgeon diff before.pt after.safetensors --atol 1e-6
-    """
-    _act("reports", "diff", locals())
+    checkpoint = open_checkpoint(given.ckpt, read)
+    names = selected_names(checkpoint, select)
+    stats = not (options.no_stats or options.tree)
+    reads_data = stats or options.hash
+    tensors = checkpoint.tensors
+    with progress(sum(tensors[n].nbytes for n in names) if reads_data else 0, "reading") as advance:
+        result = inspect_checkpoint(checkpoint, names, stats=stats, hashes=options.hash, tree=options.tree,
+                                    progress=advance if reads_data else None)
+    if output.json:
+        emit(render.to_json(render.inspection_document(result)), raw=True)
+    elif options.tree:
+        emit(render.tree_text(result.tree, options.depth, terminal_width(), color_on_stdout()))
+    else:
+        emit(render.inspection_text(result, terminal_width(), color_on_stdout()))
 
 
-@options(READ, SELECT)
-def check(
-    ckpt: CKPT = None,
-    finite: Annotated[bool, typer.Option("--finite", help="No NaN or Inf in any floating-point tensor"
-                                         " (the rule when none is given).")] = False,
-    max_abs: Annotated[Optional[float], typer.Option("--max-abs", metavar="X", help="Every |value| <= X.")] = None,
-    like: Annotated[Optional[str], typer.Option("--like", metavar="OTHER", help="Same names, shapes and dtypes"
-                                                " as OTHER.")] = None,
-    expect: Annotated[List[str], typer.Option("--expect", metavar="NAME=SHAPE", help="This tensor exists, with"
-                                              " this shape (64x3x7x7); repeatable.")] = [],
-    expect_file: Annotated[Optional[str], typer.Option(
-        "--expect-file", metavar="FILE", help="Expected tensors, one 'NAME [SHAPE] [DTYPE]' per line.")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="D", help="Every floating-point tensor is"
-                                                 " of dtype D.")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print one JSON document (schema in the README).")] = False,
-    read: ReadOptions = None,
-    select: SelectOptions = None,
-):
+@dataclass(kw_only=True)
+class DiffOptions:
+    atol: float = option(0.0, "--atol", minimum=0, help="Values within atol + rtol*|b| count as equal.")
+    rtol: float = option(0.0, "--rtol", minimum=0, help="Relative tolerance (see --atol).")
+    no_values: bool = option(False, "--no-values", help="Compare names, shapes and dtypes only (reads no tensor"
+                                                        " data).")
+
+
+def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, select: Selection) -> None:
+    """Compare two checkpoints tensor by tensor; exit 0 when they are equal, 1 when they differ."""
+    from ..analysis.compare import compare
+    from ..report import render
+
+    first, second = open_checkpoint(pair.a, read), open_checkpoint(pair.b, read)
+    picked = set(selected_names(first, select, {**second.tensors, **first.tensors}))
+    names_a = [n for n in first.tensors if n in picked]
+    names_b = [n for n in second.tensors if n in picked]
+    size = 0 if options.no_values else sum(first.tensors[n].nbytes for n in names_a)
+    with progress(2 * size, "comparing") as advance:
+        result = compare(first, second, names_a, names_b, atol=options.atol, rtol=options.rtol,
+                         values=not options.no_values, progress=advance)
+    if output.json:
+        emit(render.to_json(render.diff_document(result)), raw=True)
+    else:
+        emit(render.diff_text(result, terminal_width(), color_on_stdout()))
+    raise typer.Exit(0 if result.equal else 1)
+
+
+@dataclass(kw_only=True)
+class CheckOptions:
+    finite: bool = option(False, "--finite", help="No NaN or Inf in any floating-point tensor (the rule when none"
+                                                  " is given).")
+    max_abs: float | None = option(None, "--max-abs", metavar="X", help="Every |value| <= X.")
+    like: str | None = option(None, "--like", metavar="OTHER", help="Same names, shapes and dtypes as OTHER.")
+    expect: list[str] = option([], "--expect", metavar="NAME=SHAPE", help="This tensor exists, with this shape"
+                                                                          " (64x3x7x7); repeatable.")
+    expect_file: str | None = option(None, "--expect-file", metavar="FILE",
+                                     help="Expected tensors, one 'NAME [SHAPE] [DTYPE]' per line.")
+    dtype: str | None = option(None, "--dtype", metavar="D", help="Every floating-point tensor is of dtype D.")
+
+
+def check(given: Input, options: CheckOptions, output: Json, read: Read, select: Selection) -> None:
     """Check rules for CI: exit 0 when every rule holds, 1 with a report of each violation.
 
     A sharded checkpoint is also checked for agreement between its index and its shards.
-
-    \b
-    Example: paramsurgeon check model.safetensors --finite --max-abs 100 --like reference.pt
     """
-    _act("reports", "check", locals())
+    from .. import dtypes, formats
+    from ..analysis.checks import RuleResult, parse_expectations, run_rules
+    from ..errors import UsageError
+
+    expectations = parse_expectations(options.expect, "--expect")
+    if options.expect_file is not None:
+        try:
+            with open(options.expect_file, encoding="utf-8") as f:
+                expectations.update(parse_expectations(f.read().splitlines(), options.expect_file))
+        except OSError as e:
+            raise UsageError(f"cannot read '{options.expect_file}': {e.strerror}") from e
+    dtype = options.dtype
+    if dtype is not None:
+        try:
+            dtype = dtypes.by_name(dtype).name
+        except KeyError:
+            raise UsageError(f"--dtype {dtype}: unknown dtype; e.g. float32, bfloat16, int64") from None
+    rules: list[RuleResult] = []
+    index = formats.sharded_index(given.ckpt)
+    if index is not None:
+        shards = RuleResult("shards")
+        shards.violations = formats.verify_shards(given.ckpt, tuple(read.allow_global), read.unsafe_pickle)
+        rules.append(shards)
+        if not shards.ok:
+            _report_check(given.ckpt, rules, output.json)
+    checkpoint = open_checkpoint(given.ckpt, read)
+    names = selected_names(checkpoint, select)
+    other = open_checkpoint(options.like, read) if options.like is not None else None
+    default = not (options.finite or options.max_abs is not None or other or expectations or dtype)
+    with progress(sum(checkpoint.tensors[n].nbytes for n in names), "checking") as advance:
+        rules += run_rules(checkpoint, names, finite=options.finite or default, max_abs=options.max_abs, like=other,
+                           expect=expectations, dtype=dtype, progress=advance)
+    _report_check(checkpoint.source, rules, output.json)
 
 
-@options(READ, SELECT)
-def groups(
-    ckpt: CKPT = None,
-    no_decay: Annotated[List[str], typer.Option("--no-decay", metavar="GLOB", help="Also exempt these names"
-                                                " from weight decay; repeatable.")] = [],
-    decay: Annotated[List[str], typer.Option("--decay", metavar="GLOB", help="Decay these names whatever the"
-                                             " rules say; repeatable.")] = [],
-    json_: Annotated[bool, typer.Option("--json", help='Print {"decay": [...], "no_decay": [...]}.')] = False,
-    read: ReadOptions = None,
-    select: SelectOptions = None,
-):
-    """Split parameters into weight-decay groups: biases, norm and PReLU weights get none.
+def _report_check(source: str, rules: list, json: bool) -> None:
+    from ..report import render
 
-    \b
-    Example: paramsurgeon groups model.pt --json > groups.json
-    """
-    _act("reports", "groups", locals())
+    emit(render.to_json(render.check_document(source, rules)), raw=True) if json \
+        else emit(render.check_text(source, rules))
+    raise typer.Exit(0 if all(rule.ok for rule in rules) else 1)
 
 
-@options(READ, WRITE)
-def convert(
-    ckpt: CKPT = None,
-    max_shard_size: Annotated[Optional[str], typer.Option(
-        "--max-shard-size", metavar="SIZE", help="Write a Hugging Face sharded directory with shards of at most"
-        " SIZE (5GB = 5*10^9 bytes, as the hub counts).")] = None,
-    read: ReadOptions = None,
-    write: WriteOptions = None,
-):
-    """Convert between torch and safetensors, single file and sharded directory; values are untouched.
-
-    \b
-    Example: paramsurgeon convert samples/resnet.pt -o resnet.safetensors
-    """
-    _act("conversion", "convert", locals())
+@dataclass(kw_only=True)
+class GroupRules:
+    no_decay: list[str] = option([], "--no-decay", metavar="GLOB",
+                                 help="Also exempt these names from weight decay; repeatable.")
+    decay: list[str] = option([], "--decay", metavar="GLOB", help="Decay these names whatever the rules say;"
+                                                                  " repeatable.")
 
 
-@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
-def init(
-    ckpt: CKPT = None,
-    const: Annotated[Optional[str], typer.Option("--const", metavar="V", help="Fill with this value.")] = None,
-    scheme: Annotated[Optional[str], typer.Option(
-        "--scheme", metavar="SPEC", help="A torch.nn.init scheme with keyword arguments, e.g."
-        " 'normal(std=0.02)', 'xavier_uniform(gain=relu)', 'kaiming_normal(mode=fan_out, nonlinearity=relu)';"
-        " or 'default' for what each layer's reset_parameters gives.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Make the values reproducible (each tensor's"
-                                                " generator comes from the seed and its name).")] = None,
-    layer: Annotated[Optional[str], typer.Option(
-        "--layer", metavar="KIND", help="With --scheme default: the layer kind, when it cannot be inferred.")] = None,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
-    write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Re-initialise the selected tensors with a constant or a torch.nn.init scheme.
+def groups(given: Input, rules: GroupRules, output: Json, read: Read, select: Selection) -> None:
+    """Split parameters into weight-decay groups: biases, norm and PReLU weights get none."""
+    from ..analysis.groups import decay_groups
+    from ..report import render
 
-    \b
-    Example: paramsurgeon init model.pt -p 'fc.*' --scheme 'xavier_uniform(gain=relu)' --seed 3 -o out.pt
-    """
-    _act("surgery", "init", locals())
+    checkpoint = open_checkpoint(given.ckpt, read)
+    names = selected_names(checkpoint, select)
+    result = decay_groups(checkpoint, names, no_decay=tuple(rules.no_decay), decay=tuple(rules.decay))
+    if output.json:
+        emit(render.to_json(render.groups_document(checkpoint.source, result)), raw=True)
+    else:
+        emit(render.groups_text(checkpoint, result))
 
 
-@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
-def zero(
-    ckpt: CKPT = None,
-    below: Annotated[Optional[float], typer.Option(
-        "--below", metavar="T", min=0, help="Zero only the entries with |x| < T (magnitude pruning).")] = None,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
-    write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Set the selected tensors to zero, or only their small entries with --below.
-
-    \b
-    Example: paramsurgeon zero model.pt -p 'layer*.1.bn2.weight' -o out.pt
-    """
-    _act("surgery", "zero", locals())
+@dataclass(kw_only=True)
+class Sharding:
+    max_shard_size: str | None = option(None, "--max-shard-size", metavar="SIZE", help="Write a Hugging Face"
+                                        " sharded directory with shards of at most SIZE (5GB = 5*10^9 bytes, as the"
+                                        " hub counts).")
 
 
-@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
-def scale(
-    ckpt: CKPT = None,
-    by: Annotated[float, typer.Option("--by", metavar="F", help="The factor.")] = ...,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
-    write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Multiply the selected tensors by a factor.
+def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
+    """Convert between torch and safetensors, single file and sharded directory; values are untouched."""
+    from .. import formats
+    from ..sizes import human_bytes
 
-    \b
-    Example: paramsurgeon scale model.pt -p 'blocks.*.mlp.fc2.weight' --by 0.5 -o out.pt
-    """
-    _act("surgery", "scale", locals())
-
-
-@options(READ, SELECT, EVERY, TIES, WRITE, PLAN)
-def cast(
-    ckpt: CKPT = None,
-    dtype: Annotated[str, typer.Option("--dtype", metavar="D", help="float32, float16, bfloat16 or float64.")] = ...,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, ties: TieOptions = None,
-    write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Change the dtype of the selected floating-point tensors (others are left as they are).
-
-    \b
-    Example: paramsurgeon cast model.pt --all --dtype bfloat16 -o model-bf16.safetensors
-    """
-    _act("surgery", "cast", locals())
+    checkpoint = open_checkpoint(given.ckpt, read)
+    target = formats.resolve_target(checkpoint, write.output, write.format, write.in_place, sharding.max_shard_size)
+    tensors = checkpoint.tensors
+    size = sum(t.nbytes for t in tensors.values())
+    where = target.path or "standard output"
+    layout = target.family
+    if target.sharded:
+        layout += f", sharded by {human_bytes(target.max_shard_size)}" if target.max_shard_size \
+            else ", sharded as before"
+    if write.dry_run:
+        note(f"would write {len(tensors)} tensors ({human_bytes(size)}) to {where} as {layout}")
+        return
+    with progress(size, "writing") as advance:
+        formats.save(checkpoint, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
+    note(f"wrote {where} ({layout}, {len(tensors)} tensors, {human_bytes(size)})")
 
 
-@options(READ, SELECT, TIES, WRITE, PLAN)
-def copy(
-    ckpt: CKPT = None,
-    from_: Annotated[Optional[str], typer.Option("--from", metavar="SRC", help="Source names (a glob).")] = None,
-    to: Annotated[Optional[str], typer.Option("--to", metavar="DST", help="Target names, with the same"
-                                              " wildcards as --from.")] = None,
-    source: Annotated[Optional[str], typer.Option(
-        "--source", metavar="OTHER", help="Read the sources from another checkpoint (e.g. pretrained weights);"
-        " without --from/--to, copy every tensor whose name is in both.")] = None,
-    source_key: Annotated[Optional[str], typer.Option(
-        "--source-key", metavar="KEY", help="--key for the --source checkpoint.")] = None,
-    skip_mismatched: Annotated[bool, typer.Option(
-        "--skip-mismatched", help="Skip (and report) pairs whose shapes differ instead of failing.")] = False,
-    read: ReadOptions = None, select: SelectOptions = None, ties: TieOptions = None, write: WriteOptions = None,
-    plan: PlanOptions = None,
-):
-    """Copy values into existing tensors: from other tensors, or from another checkpoint.
-
-    \b
-    Example: paramsurgeon copy model.pt --source pretrained.pt --skip-mismatched -o init.pt
-    """
-    _act("surgery", "copy", locals())
-
-
-@options(READ, TIES, WRITE, PLAN)
-def tie(
-    ckpt: CKPT = None,
-    source: Annotated[str, typer.Option("--source", metavar="NAME", help="The tensor whose storage is shared.")] = ...,
-    target: Annotated[List[str], typer.Option("--target", metavar="GLOB", help="Tensors that take the source's"
-                                              " values and share its storage; repeatable.")] = ...,
-    read: ReadOptions = None, ties: TieOptions = None, write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Make tensors share one storage (e.g. tie an LM head to the token embedding).
-
-    \b
-    Example: paramsurgeon tie gpt.pt --source wte.weight --target lm_head.weight -o tied.pt
-    """
-    _act("surgery", "tie", locals())
-
-
-@options(READ, SELECT, EVERY, WRITE, PLAN)
-def untie(
-    ckpt: CKPT = None,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, write: WriteOptions = None,
-    plan: PlanOptions = None,
-):
-    """Give each selected tensor storage of its own; values do not change.
-
-    \b
-    Example: paramsurgeon untie gpt.pt -p lm_head.weight -o untied.pt
-    """
-    _act("surgery", "untie", locals())
-
-
-@options(READ, WRITE, PLAN)
-def rename(
-    ckpt: CKPT = None,
-    from_: Annotated[str, typer.Option("--from", metavar="GLOB", help="Names to rename.")] = ...,
-    to: Annotated[str, typer.Option("--to", metavar="GLOB", help="New names, with the same wildcards.")] = ...,
-    read: ReadOptions = None, write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Rename tensors by wildcard mapping, e.g. strip DataParallel's 'module.' prefix.
-
-    \b
-    Example: paramsurgeon rename model.pt --from 'module.*' --to '*' -o clean.pt
-    """
-    _act("surgery", "rename", locals())
-
-
-@options(READ, SELECT, EVERY, WRITE, PLAN)
-def drop(
-    ckpt: CKPT = None,
-    read: ReadOptions = None, select: SelectOptions = None, every: bool = False, write: WriteOptions = None,
-    plan: PlanOptions = None,
-):
-    """Remove the selected tensors.
-
-    \b
-    Example: paramsurgeon drop model.pt -p 'fc.*' -o backbone.pt
-    """
-    _act("surgery", "drop", locals())
-
-
-@options(READ, WRITE, PLAN)
-def apply_recipe(
-    paths: Annotated[List[str], typer.Argument(
-        metavar="[CKPT] RECIPE", help="The checkpoint ('-' or omitted: standard input) and the TOML recipe.",
-        show_default=False)],
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for the steps that draw values and name"
-                                                " none (a recipe's own seed comes first).")] = None,
-    read: ReadOptions = None, write: WriteOptions = None, plan: PlanOptions = None,
-):
-    """Run the operations of a TOML recipe in order, with one read and one write.
-
-    \b
-    Example: paramsurgeon apply model.pt recipe.toml -o out.pt
-    """
-    _act("surgery", "apply_recipe", locals())
+EXAMPLES = {
+    inspect: "paramsurgeon inspect samples/resnet.pt -p 'layer1.*'",
+    diff: "paramsurgeon diff before.pt after.safetensors --atol 1e-6",
+    check: "paramsurgeon check model.safetensors --finite --max-abs 100 --like reference.pt",
+    groups: "paramsurgeon groups model.pt --json > groups.json",
+    convert: "paramsurgeon convert samples/resnet.pt -o resnet.safetensors",
+}

@@ -10,8 +10,8 @@ from typing import Callable, Iterator, Optional
 from .. import formats
 from ..checkpoint import Checkpoint
 from ..report.escape import printable
-from ..selection import Selector, select
-from .options import ReadOptions, SelectOptions
+from ..selection import Selection
+from .options import Read
 
 
 def note(message: str) -> None:
@@ -39,7 +39,7 @@ def emit(text: str, raw: bool = False) -> None:
     sys.stdout.flush()
 
 
-def open_checkpoint(path: Optional[str], read: ReadOptions) -> Checkpoint:
+def open_checkpoint(path: Optional[str], read: Read) -> Checkpoint:
     """Open ``path`` with the reading options; notes (e.g. which --key was chosen) go to stderr."""
     ckpt = formats.load(path, key=read.key, allow_globals=tuple(read.allow_global),
                         unsafe_pickle=read.unsafe_pickle)
@@ -48,7 +48,7 @@ def open_checkpoint(path: Optional[str], read: ReadOptions) -> Checkpoint:
     return ckpt
 
 
-def source_loader(read: ReadOptions) -> Callable[[str, Optional[str]], Checkpoint]:
+def source_loader(read: Read) -> Callable[[str, Optional[str]], Checkpoint]:
     """``load(path, key)`` for --source checkpoints, each opened once however often a plan asks."""
     opened: dict = {}
 
@@ -61,12 +61,10 @@ def source_loader(read: ReadOptions) -> Callable[[str, Optional[str]], Checkpoin
     return load
 
 
-def selected_names(ckpt: Checkpoint, options: SelectOptions, tensors: Optional[dict] = None) -> list[str]:
+def selected_names(ckpt: Checkpoint, selection: Selection, tensors: Optional[dict] = None) -> list[str]:
     """The names the selection flags pick among ``tensors`` (default: the checkpoint's; every
     tensor when no flag narrows it). --allow-empty's warnings go to stderr."""
-    selector = Selector(options.pattern, options.regex, options.exclude, options.kind)
-    names, warnings = select(ckpt.tensors if tensors is None else tensors, selector,
-                             allow_empty=options.allow_empty, key=ckpt.key)
+    names, warnings = selection.choose(ckpt.tensors if tensors is None else tensors, ckpt.key)
     for warning in warnings:
         note(f"warning: {warning}")
     return names

@@ -29,6 +29,7 @@ class Change:
     dtype: str
     compute: Callable | None = None  # () -> new values: a torch.Tensor of its own (not a view of the
     # input, unless non-contiguous), or a bytearray of the raw bytes
+    same_values: bool = False  # a new storage for the same values (untie)
 
 
 @dataclass
@@ -64,6 +65,36 @@ class Plan:
         rows += [_row(old, tensors[old], f"rename to {new}", tensors[old].shape, tensors[old].dtype.name)
                  for old, new in self.renames.items()]
         return rows
+
+
+    def summary(self) -> str:
+        """'3 x zero, 1 tied' for the line after a write."""
+        actions: dict[str, int] = {}
+        for change in self.changes:
+            action = change.action.split(" from ")[0]
+            actions[action] = actions.get(action, 0) + len(change.names)
+        parts = [f"{n} x {action}" for action, n in actions.items()]
+        parts += [f"{len(self.aliases)} tied"] if self.aliases else []
+        parts += [f"{len(self.drops)} dropped"] if self.drops else []
+        parts += [f"{len(self.renames)} renamed"] if self.renames else []
+        return ", ".join(parts) if parts else "nothing changed"
+
+    @property
+    def changes_values(self) -> bool:
+        """Whether any tensor gets new values (renames and drops keep every value)."""
+        return bool(self.aliases) or any(not c.same_values for c in self.changes)
+
+
+def fail(command: str, problems: list[str]) -> None:
+    """Raise one PlanError listing ``problems`` (the first eight, and how many more)."""
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise PlanError(f"{command}: {shown}")
+
+
+def names_list(names: list[str], limit: int = 6) -> str:
+    """'a, b, c and 4 more'."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _row(name: str, tensor: Tensor, action: str, shape, dtype) -> dict:

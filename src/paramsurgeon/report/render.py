@@ -171,8 +171,8 @@ def plan_document(plan, rows: list[dict], ckpt, output: str | None, dry_run: boo
 def recipe_document(planned, ckpt, output: str | None, dry_run: bool) -> dict:
     """The JSON document of an ``apply`` plan: each step's changes."""
     return {"schema_version": SCHEMA_VERSION, "command": "apply", "source": ckpt.source, "output": output,
-            "dry_run": dry_run, "steps": [{"step": step.number, "op": step.op, "changes": rows, "notes": plan.notes}
-                                          for step, plan, rows in planned]}
+            "dry_run": dry_run, "steps": [{"step": number, "op": plan.command, "changes": rows, "notes": plan.notes}
+                                          for number, (_, plan, rows) in enumerate(planned, 1)]}
 
 
 def plan_text(plan, rows: list[dict], width: int | None, color: bool, prefix: str = "") -> str:

@@ -1,0 +1,78 @@
+"""Commands built from declared options (declare.py): each command is the option groups it
+takes and a function that receives one instance of each.
+
+Typer reads a command's parameters from a callable's signature; here that callable is a
+dataclass made from the groups' fields, so its signature is the real ``__init__`` of its
+fields, each annotated with the typer option the declaration describes. Values reach the
+groups as text and are converted by the declaration (one message style, no pydantic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Annotated, Any, Callable, List, Optional
+
+import typer
+
+from .. import declare
+
+
+def command(app: typer.Typer, name: str, groups: list[type], run: Callable[..., Any], doc: str) -> None:
+    """Add command ``name`` to ``app``: its parameters are the declared fields of ``groups``,
+    and ``run`` receives one instance of each group, in order. ``doc`` is its --help."""
+    fields = [(group, d) for group in groups for d in _own_first(group)]
+    names = [d.name for _, d in fields]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise TypeError(f"{name}: options declared twice: {', '.join(duplicated)}")
+
+    def post_init(self) -> None:
+        values = {d.name: _value(d, getattr(self, d.name)) for _, d in fields}
+        run(*(group(**{d.name: values[d.name] for d in declare.declared(group)}) for group in groups))
+
+    spec = [(d.name, _annotation(d), dataclasses.field(default=_default(d))) for _, d in fields]
+    callback = dataclasses.make_dataclass(f"{name.title()}Command", spec, kw_only=True,
+                                          namespace={"__post_init__": post_init, "__doc__": doc})
+    app.command(name, help=doc, short_help=doc.split("\n")[0])(callback)
+
+
+def _own_first(group: type) -> list[declare.Declared]:
+    """A group's fields, those it declares itself before those it inherits (--below before -p)."""
+    own = vars(group).get("__annotations__", {})
+    return sorted(declare.declared(group), key=lambda d: d.name not in own)
+
+
+def _annotation(d: declare.Declared) -> Any:
+    """The type typer sees: flags stay bool, repeatable options a list, all else text."""
+    flag = d.flag
+    if not flag.flags:
+        kind = List[str] if d.repeatable else (str if d.default is declare.REQUIRED else Optional[str])
+        return Annotated[kind, typer.Argument(metavar=flag.metavar, help=flag.help, show_default=False)]
+    kind = bool if d.type is bool else (List[str] if d.repeatable else (
+        str if d.default is declare.REQUIRED else Optional[str]))
+    return Annotated[kind, typer.Option(*flag.flags, metavar=flag.metavar, help=flag.help, show_default=False)]
+
+
+def _default(d: declare.Declared) -> Any:
+    if d.default is declare.REQUIRED:
+        return dataclasses.MISSING
+    if d.repeatable:
+        return None  # typer gives an empty list
+    return d.default if d.type is bool else None
+
+
+def _value(d: declare.Declared, given: Any) -> Any:
+    """What the declaration wants from what typer parsed."""
+    if d.type is bool:
+        return given
+    if d.repeatable:
+        return list(given or [])
+    if given is None:
+        return d.default
+    return declare.from_text(d, given)
+
+
+def described(doc: str, example: str) -> str:
+    """A command's --help: its summary, then one example."""
+    return f"{inspect.cleandoc(doc)}\n\n\b\nExample: {example}"

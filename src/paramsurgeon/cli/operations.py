@@ -1,0 +1,104 @@
+"""The commands that change tensors: one per operation (built from its declaration), and
+apply for a recipe of them. Each rehearses every step (all checks before anything is
+computed), then prints the plan (--dry-run) or performs it and writes the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .. import formats
+from ..checkpoint import Checkpoint
+from ..declare import REQUIRED, argument, option
+from ..errors import UsageError
+from ..formats.files import refuse_terminal
+from ..ops import OPERATIONS, Operation
+from ..ops.surgery import Step, draw_seeds, perform, rehearse
+from ..report import render
+from ..sizes import human_bytes
+from .console import color_on_stdout, emit, note, open_checkpoint, progress, source_loader, terminal_width
+from .options import Read, Surgery, Write
+
+
+def run_operation(ckpt_path: Optional[str], operation: Operation, read: Read, write: Write,
+                  surgery: Surgery) -> None:
+    """One command: a one-step run."""
+    _run(operation.name, ckpt_path, [Step(operation)], None, read, write, surgery)
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """apply's own arguments."""
+
+    paths: list[str] = argument(REQUIRED, metavar="[CKPT] RECIPE",
+                                help="The checkpoint ('-' or omitted: standard input) and the TOML recipe.")
+    seed: int | None = option(None, "--seed", help="Seed for the steps that draw values and name none (a recipe's"
+                                                   " own seed comes first).")
+
+
+def apply_recipe(recipe: Recipe, read: Read, write: Write, surgery: Surgery) -> None:
+    """Run the operations of a TOML recipe in order, with one read and one write."""
+    from ..ops import recipes
+
+    if len(recipe.paths) > 2:
+        raise UsageError("apply: pass the checkpoint and one recipe")
+    path, recipe_path = (recipe.paths[0], recipe.paths[1]) if len(recipe.paths) == 2 else (None, recipe.paths[0])
+    steps, seed = recipes.parse(recipes.read(recipe_path), recipe_path)
+    _run("apply", path, steps, seed if seed is not None else recipe.seed, read, write, surgery)
+
+
+def _run(command: str, path: Optional[str], steps: list[Step], seed: Optional[int], read: Read, write: Write,
+         surgery: Surgery) -> None:
+    steps, notes = draw_seeds(steps, seed)
+    for message in notes:
+        note(f"{command}: {message}")
+    sources = source_loader(read)
+    ckpt, target = _open_for_writing(path, read, write, surgery)
+    planned = rehearse(ckpt, steps, sources)
+    for step, plan, _ in planned:
+        for message in plan.notes:
+            note(f"{command}: {step.short + ': ' if step.short else ''}{message}")
+    if surgery.json:
+        document = render.plan_document(planned[0][1], planned[0][2], ckpt, target.path, write.dry_run) \
+            if command != "apply" else render.recipe_document(planned, ckpt, target.path, write.dry_run)
+        emit(render.to_json(document), raw=True)
+    elif write.dry_run:
+        emit("".join(render.plan_text(plan, rows, terminal_width(), color_on_stdout(),
+                                      f"step {number}: " if command == "apply" else "")
+                     for number, (_, plan, rows) in enumerate(planned, 1)))
+    if write.dry_run:
+        return
+    size = sum(ckpt[c.names[0]].nbytes for _, p, _ in planned for c in p.changes if c.names[0] in ckpt.tensors)
+    with progress(size, "computing") as advance:
+        plans, notes = perform(ckpt, steps, sources, reset_optimizer=surgery.reset_optimizer, progress=advance)
+    for message in notes:
+        note(f"{command}: {message}")
+    summary = plans[0].summary() if command != "apply" else \
+        "; ".join(f"step {i} {p.command}: {p.summary()}" for i, p in enumerate(plans, 1))
+    _write_result(command, ckpt, target, write, summary)
+
+
+def _open_for_writing(path: Optional[str], read: Read, write: Write,
+                      surgery: Surgery) -> tuple[Checkpoint, formats.Target]:
+    """The checkpoint and where its result goes, refusing impossible outputs before any work."""
+    ckpt = open_checkpoint(path, read)
+    target = formats.resolve_target(ckpt, write.output, write.format, write.in_place)
+    if target.path is None and not write.dry_run:
+        refuse_terminal()  # before any value is computed
+        if surgery.json:
+            raise UsageError("--json prints the plan on standard output, where the checkpoint is going;"
+                             " pass -o PATH or --dry-run")
+    return ckpt, target
+
+
+def _write_result(command: str, ckpt: Checkpoint, target: formats.Target, write: Write, summary: str) -> None:
+    tensors = ckpt.tensors
+    size = sum(t.nbytes for t in tensors.values())
+    with progress(size, "writing") as advance:
+        formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
+    note(f"{command}: {summary}; wrote {target.path or 'standard output'} ({len(tensors)} tensors,"
+         f" {human_bytes(size)})")
+
+
+__all__ = ["OPERATIONS", "Recipe", "apply_recipe", "run_operation"]

@@ -1,0 +1,90 @@
+"""Running operations on a checkpoint: seeds, a rehearsal that checks every step before
+anything is computed, then the real run, and what it means for the optimizer state.
+
+One command is a one-step run; a recipe is a run of several steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..checkpoint import Checkpoint
+from ..errors import ParamSurgeonError
+from .optimizer import optimizer_notes
+from .plan import Plan, apply
+from .spec import Operation, Sources
+
+
+@dataclass
+class Step:
+    """An operation to run, and how errors and notes name it ('' for a lone command)."""
+
+    operation: Operation
+    label: str = ""
+    short: str = ""
+
+
+def draw_seeds(steps: list[Step], seed: int | None) -> tuple[list[Step], list[str]]:
+    """Give ``seed`` to every step that draws values and names no seed; without one, draw it
+    (and say which, so that the run can be repeated exactly)."""
+    unseeded = [s for s in steps if s.operation.random and s.operation.seed is None]
+    if not unseeded:
+        return steps, []
+    notes = []
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+        notes.append(f"seed {seed} (pass --seed {seed} to repeat this exactly)")
+    return [dataclasses.replace(s, operation=s.operation.seeded(seed)) if s in unseeded else s for s in steps], notes
+
+
+def rehearse(ckpt: Checkpoint, steps: list[Step], sources: Sources) -> list[tuple[Step, Plan, list[dict]]]:
+    """Plan every step against a simulation of the ones before it (names, shapes, dtypes and
+    ties, no values): (step, plan, rows) each. ``ckpt`` is not changed."""
+    simulated = structural_copy(ckpt)
+    planned = []
+    for step in steps:
+        plan = _plan(simulated, step, sources)
+        planned.append((step, plan, plan.rows(simulated)))
+        apply(simulated, plan, simulate=True)
+    return planned
+
+
+def perform(ckpt: Checkpoint, steps: list[Step], sources: Sources, *, reset_optimizer: bool = False,
+            progress: Callable[[int], None] | None = None) -> tuple[list[Plan], list[str]]:
+    """Plan and apply each step in turn on ``ckpt`` (rehearse first to check them all);
+    returns the plans and notes about the optimizer state."""
+    plans = []
+    for step in steps:
+        plan = _plan(ckpt, step, sources)
+        apply(ckpt, plan, progress)
+        plans.append(plan)
+    return plans, optimizer_notes(ckpt, plans, reset_optimizer)
+
+
+def _plan(ckpt: Checkpoint, step: Step, sources: Sources) -> Plan:
+    try:
+        return step.operation.plan(ckpt, sources)
+    except ParamSurgeonError as e:
+        if step.label:
+            e.args = (f"{step.label}: {e}", *e.args[1:])
+        raise
+
+
+def structural_copy(ckpt: Checkpoint) -> Checkpoint:
+    """A copy whose containers can be changed without touching ``ckpt`` (tensors are shared)."""
+    return dataclasses.replace(ckpt, root=_copy_along(ckpt.root, ckpt.key), metadata=dict(ckpt.metadata),
+                               notes=list(ckpt.notes))
+
+
+def _copy_along(node: Any, path: tuple) -> Any:
+    clone = copy.copy(node)
+    if not path:
+        if isinstance(getattr(node, "_metadata", None), dict):
+            clone._metadata = dict(node._metadata)
+        return clone
+    clone[path[0]] = _copy_along(node[path[0]], path[1:])
+    return clone
