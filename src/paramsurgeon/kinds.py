@@ -16,7 +16,8 @@ from typing import Mapping
 from .checkpoint import Tensor
 
 LAYER_KINDS = ("conv", "linear", "batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm", "embedding", "prelu")
-ROLES = ("weight", "bias", "buffer")
+KINDS = LAYER_KINDS + ("unknown",)
+ROLES = ("weight", "bias", "buffer", "parameter")
 NORMS = ("batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm")
 KNOWN_BUFFERS = {"running_mean", "running_var", "num_batches_tracked", "position_ids", "inv_freq",
                  "masked_bias", "token_type_ids"}
@@ -42,9 +43,18 @@ class Kind:
         """Whether this is what ``--kind wanted`` selects."""
         if wanted == "norm":
             return self.layer in NORMS
+        if wanted == "parameter":
+            return self.role != "buffer"
         if wanted in ROLES:
             return self.role == wanted
         return self.layer == wanted
+
+    def matches_all(self, wanted: list[str]) -> bool:
+        """Whether this is what ``-k`` for each of ``wanted`` selects: any of the layer
+        kinds asked for (when any is), and any of the roles asked for (when any is)."""
+        layers = [w for w in wanted if w not in ROLES]
+        roles = [w for w in wanted if w in ROLES]
+        return all(not family or any(self.matches(w) for w in family) for family in (layers, roles))
 
 
 def split_name(name: str) -> tuple[str, str]:
