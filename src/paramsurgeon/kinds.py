@@ -1,9 +1,10 @@
 """Which layer a tensor belongs to, inferred from its name, its shape and its siblings.
 
 Tensors are grouped by module (the name without its last part). The module's kind
-follows from the tensors it holds: running statistics make a BatchNorm; a 3-5-D weight a
-convolution; a 2-D weight with a matching bias a Linear; a 1-D weight with a bias of the
-same size a normalisation. Where shapes cannot tell (a 2-D weight alone may be a Linear
+follows from the tensors it holds: running statistics make a BatchNorm; weight_ih and
+weight_hh pairs an LSTM, GRU or RNN (or one of their cells); a 3-5-D weight a convolution;
+a 2-D weight with a matching bias a Linear; a 1-D weight with a bias of the same size a
+normalisation. Where shapes cannot tell (a 2-D weight alone may be a Linear
 or an Embedding), the module's name must say so, or the kind is 'unknown'.
 """
 
@@ -15,7 +16,8 @@ from typing import Mapping
 
 from .checkpoint import Tensor
 
-LAYER_KINDS = ("conv", "linear", "batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm", "embedding", "prelu")
+LAYER_KINDS = ("conv", "linear", "batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm", "embedding", "prelu",
+               "rnn")
 KINDS = LAYER_KINDS + ("unknown",)
 ROLES = ("weight", "bias", "buffer", "parameter")
 NORMS = ("batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm")
@@ -30,6 +32,8 @@ _GROUPNORM = re.compile(r"(groupnorm|group_norm|gn\d*)$")
 _RMSNORM = re.compile(r"(rmsnorm|rms_norm)\w*$")
 _NORM = re.compile(r"norm")
 _PRELU = re.compile(r"prelu")
+# nn.LSTM/GRU/RNN: weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0 (proj_size); their cells: weight_ih, bias_hh
+RECURRENT = re.compile(r"(weight|bias)_(ih|hh|hr)(_l\d+(_reverse)?)?")
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ def role(leaf: str, tensor: Tensor) -> str:
         return "weight"
     if (leaf == "bias" or leaf.endswith("_bias")) and len(tensor.shape) <= 1:
         return "bias"
+    recurrent = RECURRENT.fullmatch(leaf)
+    if recurrent and len(tensor.shape) == {"weight": 2, "bias": 1}[recurrent.group(1)]:
+        return recurrent.group(1)
     return "other"
 
 
@@ -98,7 +105,7 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
     if {"running_mean", "running_var"} & leaves.keys() and (weight is None or len(weight.shape) == 1):
         return "batchnorm"
     if weight is None:
-        return "unknown"
+        return "rnn" if _recurrent(leaves) else "unknown"
     ndim = len(weight.shape)
     bias_ok = bias is None or (len(bias.shape) == 1 and bias.shape[0] in _bias_sizes(weight))
     if ndim in (3, 4, 5) and bias_ok:
@@ -116,6 +123,17 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
             return "prelu"
         return _norm_kind(component) or "unknown"
     return "unknown"
+
+
+def _recurrent(leaves: Mapping[str, Tensor]) -> bool:
+    """Whether ``leaves`` are an LSTM/GRU/RNN's: every weight_ih has a weight_hh of as many
+    gate rows, and every leaf is one of theirs."""
+    if not all(RECURRENT.fullmatch(leaf) for leaf in leaves):
+        return False
+    pairs = [(w, leaves.get("weight_hh" + leaf[len("weight_ih"):])) for leaf, w in leaves.items()
+             if leaf.startswith("weight_ih")]
+    return bool(pairs) and all(hh is not None and len(w.shape) == len(hh.shape) == 2 and w.shape[0] == hh.shape[0]
+                               for w, hh in pairs)
 
 
 def _bias_sizes(weight: Tensor) -> tuple[int, ...]:
