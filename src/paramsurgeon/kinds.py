@@ -107,7 +107,7 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
     if weight is None:
         return "rnn" if _recurrent(leaves) else "unknown"
     ndim = len(weight.shape)
-    bias_ok = bias is None or (len(bias.shape) == 1 and bias.shape[0] in _bias_sizes(weight))
+    bias_ok = bias is None or (len(bias.shape) == 1 and _conv_bias_fits(weight, bias.shape[0]))
     if ndim in (3, 4, 5) and bias_ok:
         return "conv"
     if ndim == 2:
@@ -136,9 +136,15 @@ def _recurrent(leaves: Mapping[str, Tensor]) -> bool:
                                for w, hh in pairs)
 
 
-def _bias_sizes(weight: Tensor) -> tuple[int, ...]:
-    """Bias sizes a convolution weight admits: out channels, or in*groups for transposed ones."""
-    return (weight.shape[0], weight.shape[1]) if len(weight.shape) > 1 else (weight.shape[0],)
+def _conv_bias_fits(weight: Tensor, size: int) -> bool:
+    """Whether a convolution weight admits a bias of ``size``: its out channels (dim 0), or for
+    a transposed one (in, out/groups, ...) dim 1 times a number of groups dividing dim 0."""
+    if size == weight.shape[0]:
+        return True
+    if len(weight.shape) < 2 or not weight.shape[1] or size % weight.shape[1]:
+        return False
+    groups = size // weight.shape[1]
+    return groups > 0 and weight.shape[0] % groups == 0
 
 
 def _norm_kind(component: str) -> str | None:
