@@ -115,6 +115,10 @@ def test_two_models_of_similar_size_are_ambiguous(tmp_path, resnet):
     assert result.exit_code == 2
     assert "several entries hold tensors" in result.stderr and "student" in result.stderr
     assert "teacher" in result.stderr and "--key" in result.stderr
+    named = tmp_path / "named.pt"
+    torch.save({"model": resnet.state_dict(), "state_dict": resnet.state_dict(), "step": torch.tensor(1)}, named)
+    both = run("inspect", named)
+    assert both.exit_code == 2 and "several entries hold tensors (model, state_dict)" in both.stderr
 
 
 def test_key_dot_picks_the_root(imagenet_pt):

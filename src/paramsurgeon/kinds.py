@@ -4,8 +4,8 @@ Tensors are grouped by module (the name without its last part). The module's kin
 follows from the tensors it holds: running statistics make a BatchNorm; weight_ih and
 weight_hh pairs an LSTM, GRU or RNN (or one of their cells); a 3-5-D weight a convolution;
 a 2-D weight with a matching bias a Linear; a 1-D weight with a bias of the same size a
-normalisation. Where shapes cannot tell (a 2-D weight alone may be a Linear
-or an Embedding), the module's name must say so, or the kind is 'unknown'.
+normalisation. Where shapes cannot tell (a 2-D weight alone may be a Linear or an
+Embedding), the module's name must say so, or the kind is 'unknown'.
 """
 
 from __future__ import annotations
