@@ -221,7 +221,7 @@ def test_seed_gives_byte_identical_files(tmp_path, layers_file):
     for i in range(2):
         out = tmp_path / f"run{i}" / f"out{path.suffix}"
         out.parent.mkdir()
-        assert run("init", path, "-o", out, "-k", "weight", "-x", "step", "--scheme", "normal(std=0.02)",
+        assert run("init", path, "-o", out, "-k", "weight", "--scheme", "normal(std=0.02)",
                    "--seed", "11").exit_code == 0
         outputs.append(file_bytes(out))
     assert outputs[0] == outputs[1]

@@ -2,8 +2,9 @@
 
 A glob or regex matches the whole dotted name (``*`` crosses dots). A tensor is selected
 when it matches any pattern or regex (every tensor when none is given), has one of the
-kinds (when given), and matches no exclusion. A pattern that matches nothing is an error
-that suggests the closest names: a typo in CI must not pass silently.
+layer kinds and one of the roles asked for (each family when given), and matches no
+exclusion. A pattern that matches nothing, or an exclusion that takes nothing out of the
+selection, is an error that suggests the closest names: a typo in CI must not pass silently.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import difflib
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from .checkpoint import Tensor
 from .declare import option
 from .errors import SelectionError, UsageError
-from .checkpoint.kinds import LAYER_KINDS, ROLES, Kind, infer_kinds
+from .checkpoint.kinds import KINDS, ROLES, Kind, infer_kinds
 
 
 @dataclass
@@ -39,25 +40,27 @@ def select(tensors: Mapping[str, Tensor], selector: Selector, *, allow_empty: bo
            kinds: Mapping[str, Kind] | None = None, key: tuple = ()) -> tuple[list[str], list[str]]:
     """The selected names in checkpoint order, and warnings (with ``allow_empty``).
 
-    Raises SelectionError for a pattern, regex or kind that matches nothing.
+    Raises SelectionError for a pattern, regex or kind that matches nothing, and for an
+    exclusion that leaves out none of the tensors the other selectors picked.
     """
     names = list(tensors)
     regexes = _compile(selector.regexes)
-    bad_kinds = [k for k in selector.kinds if k not in LAYER_KINDS + ROLES]
+    bad_kinds = [k for k in selector.kinds if k not in KINDS + ROLES]
     if bad_kinds:
-        raise UsageError(f"--kind {bad_kinds[0]}: unknown kind; choose from {', '.join(LAYER_KINDS + ROLES)}")
+        raise UsageError(f"--kind {', '.join(bad_kinds)}: unknown kind{'s' if len(bad_kinds) > 1 else ''};"
+                         f" choose layer kinds from {', '.join(KINDS)} and roles from {', '.join(ROLES)}")
     kinds = kinds if kinds is not None else (infer_kinds(tensors) if selector.kinds else {})
-    problems = []
-    for pattern in selector.patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            problems.append(f"--pattern '{pattern}' matches no tensor{suggest(pattern, names, key)}")
+    problems = unmatched(names, selector.patterns, "--pattern", key)
     for text, regex in zip(selector.regexes, regexes):
         if not any(regex.fullmatch(n) for n in names):
             problems.append(f"--regex '{text}' matches no tensor{suggest(text, names, key)}")
     for wanted in selector.kinds:
         if not any(kinds[n].matches(wanted) for n in names):
             problems.append(f"--kind {wanted} matches no tensor (run 'paramsurgeon inspect' to see each tensor's kind)")
-    chosen = [n for n in names if _chosen(n, selector, regexes, kinds)]
+    picked = [n for n in names if _picked(n, selector, regexes, kinds)]
+    if picked:
+        problems += _idle_excludes(names, picked, selector.excludes, key)
+    chosen = [n for n in picked if not any(fnmatch.fnmatchcase(n, x) for x in selector.excludes)]
     if not chosen and not problems:
         problems.append("the selection is empty (every match is excluded or has another kind)")
     if problems and not allow_empty:
@@ -65,23 +68,46 @@ def select(tensors: Mapping[str, Tensor], selector: Selector, *, allow_empty: bo
     return chosen, problems
 
 
-def _chosen(name: str, selector: Selector, regexes: list[re.Pattern], kinds: Mapping[str, Kind]) -> bool:
+def unmatched(names: list[str], globs: Iterable[str], option: str, key: tuple = ()) -> list[str]:
+    """A message for each glob of ``option`` that matches none of ``names``, with suggestions."""
+    return [f"{option} '{glob}' matches no tensor{suggest(glob, names, key)}" for glob in globs
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names)]
+
+
+def _idle_excludes(names: list[str], picked: list[str], excludes: list[str], key: tuple) -> list[str]:
+    """A message for each exclusion that leaves out none of the ``picked`` names."""
+    problems = []
+    for glob in excludes:
+        if any(fnmatch.fnmatchcase(n, glob) for n in picked):
+            continue
+        elsewhere = [n for n in names if fnmatch.fnmatchcase(n, glob)]
+        if elsewhere:
+            shown = ", ".join(elsewhere[:3]) + (", ..." if len(elsewhere) > 3 else "")
+            problems.append(f"--exclude '{glob}' excludes nothing: it matches {len(elsewhere)}"
+                            f" tensor{'s' if len(elsewhere) > 1 else ''} ({shown}) but none of the selected ones")
+        else:
+            problems.append(f"--exclude '{glob}' matches no tensor{suggest(glob, picked, key)}")
+    return problems
+
+
+def _picked(name: str, selector: Selector, regexes: list[re.Pattern], kinds: Mapping[str, Kind]) -> bool:
+    """Whether the patterns, regexes and kinds pick ``name`` (before exclusions)."""
     if selector.patterns or regexes:
         if not (any(fnmatch.fnmatchcase(name, p) for p in selector.patterns)
                 or any(r.fullmatch(name) for r in regexes)):
             return False
-    if selector.kinds and not any(kinds[name].matches(k) for k in selector.kinds):
-        return False
-    return not any(fnmatch.fnmatchcase(name, x) for x in selector.excludes)
+    return not selector.kinds or kinds[name].matches_all(selector.kinds)
 
 
 def _compile(regexes: list[str]) -> list[re.Pattern]:
-    compiled = []
+    compiled, problems = [], []
     for text in regexes:
         try:
             compiled.append(re.compile(text))
         except re.error as e:
-            raise UsageError(f"--regex '{text}' is not a valid regular expression: {e}") from e
+            problems.append(f"--regex '{text}' is not a valid regular expression: {e}")
+    if problems:
+        raise UsageError("; ".join(problems))
     return compiled
 
 
@@ -159,8 +185,9 @@ class Selection:
     exclude: list[str] = option([], "-x", "--exclude", metavar="GLOB",
                                 help="Leave out names matching the glob; repeatable.")
     kind: list[str] = option([], "-k", "--kind", metavar="KIND",
-                             help="Select by layer: conv, linear, batchnorm, layernorm, groupnorm, rmsnorm, norm,"
-                                  " embedding, prelu; or role: weight, bias, buffer. Repeatable.")
+                             help="Select by layer kind: conv, linear, batchnorm, layernorm, groupnorm, rmsnorm, norm,"
+                                  " embedding, prelu, rnn, unknown; or role: weight, bias, buffer, parameter."
+                                  " Repeatable: kinds of one family combine with OR, the two families with AND.")
     allow_empty: bool = option(False, "--allow-empty", help="Warn instead of failing when a selector matches nothing.")
 
     @property

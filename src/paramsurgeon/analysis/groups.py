@@ -8,14 +8,23 @@ import fnmatch
 
 from ..checkpoint import Checkpoint
 from ..checkpoint.kinds import NORMS, infer_kinds
+from ..errors import SelectionError
+from ..selection import unmatched
 
 
 def decay_groups(ckpt: Checkpoint, names: list[str], *, no_decay: tuple[str, ...] = (),
-                 decay: tuple[str, ...] = ()) -> dict[str, list[str]]:
+                 decay: tuple[str, ...] = (), warnings: list[str] | None = None) -> dict[str, list[str]]:
     """{'decay': [...], 'no_decay': [...], 'buffers': [...]} over ``names``, in file order.
 
-    ``no_decay`` and ``decay`` globs override the rules (``no_decay`` first).
+    ``no_decay`` and ``decay`` globs override the rules (``no_decay`` first). A glob that
+    matches none of ``names`` raises SelectionError, or with ``warnings`` (--allow-empty)
+    is reported there.
     """
+    problems = unmatched(names, no_decay, "--no-decay", ckpt.key) + unmatched(names, decay, "--decay", ckpt.key)
+    if problems and warnings is None:
+        raise SelectionError("; ".join(problems) + "; pass --allow-empty to go on anyway")
+    if warnings is not None:
+        warnings += problems
     kinds = infer_kinds(ckpt.tensors)
     aliases = {n for group in ckpt.ties() for n in group[1:]}
     groups: dict[str, list[str]] = {"decay": [], "no_decay": [], "buffers": []}

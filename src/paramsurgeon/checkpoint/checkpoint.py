@@ -84,34 +84,41 @@ class Checkpoint:
 def find_container(root: Any, key: str | None, source: str) -> tuple[tuple, list[str]]:
     """The path to the mapping of tensors inside ``root``, and notes for the user.
 
-    With ``key`` ('a.b'), follow it. Otherwise take the root when it holds tensors, else
-    the nearest mapping that does; among several, the one with a well-known name.
+    With ``key`` ('a.b', or '.' for the root itself), follow it. Otherwise, among the
+    mappings that hold tensors (optimizer state aside), take the one with a well-known name,
+    else the one holding most of the file's elements. Mappings of loose scalars ('best_acc1',
+    'step') are not the model while a mapping with a larger tensor exists.
     """
     if key:
         return _follow_key(root, key, source), []
-    if _holds_tensors(root):
-        return (), []
-    for depth in (1, 2, 3):
-        candidates = [path for path in _mapping_paths(root, depth) if _holds_tensors(_at(root, path))]
-        if not candidates:
-            continue
-        if len(candidates) == 1:
-            return candidates[0], []
-        preferred = [p for p in candidates if str(p[-1]) in PREFERRED_KEYS]
-        shown = ", ".join(_dotted(p) for p in candidates)
-        if len(preferred) == 1:
-            others = ", ".join(_dotted(p) for p in candidates if p != preferred[0])
-            return preferred[0], [f"using '{_dotted(preferred[0])}'; the file also holds tensors in"
-                                  f" {others} (pick with --key)"]
-        raise SelectionError(f"{source}: several entries hold tensors ({shown}); pick one with --key,"
-                             f" e.g. --key {_dotted(candidates[0])}")
-    raise SelectionError(f"{source}: found no mapping of names to tensors"
-                         f" (top-level: {_describe_keys(root)}); pass --key to point at one")
+    candidates = [path for depth in range(4) for path in _mapping_paths(root, depth)
+                  if _holds_tensors(_at(root, path))]
+    if not candidates:
+        raise SelectionError(f"{source}: found no mapping of names to tensors"
+                             f" (top-level: {_describe_keys(root)}); pass --key to point at one")
+    models = [p for p in candidates if not _loose_scalars(_at(root, p))] or candidates
+    preferred = [p for p in models if p and str(p[-1]) in PREFERRED_KEYS]
+    if preferred:
+        models = [p for p in preferred if len(p) == len(preferred[0])]
+    if len(models) > 1:
+        sizes = sorted(((_elements(_at(root, p)), p) for p in models), key=lambda s: -s[0])
+        if preferred or sizes[0][0] < 2 * sizes[1][0]:
+            shown = ", ".join(_dotted(p) or "the top level" for p in models)
+            raise SelectionError(f"{source}: several entries hold tensors ({shown}); pick one with --key,"
+                                 f" e.g. --key {_dotted(models[0]) or '.'}")
+        models = [sizes[0][1]]
+    chosen = models[0]
+    others = [p for p in candidates if p != chosen and len(p) <= max(len(chosen), 1)
+              and not _loose_scalars(_at(root, p))]
+    if not others:
+        return chosen, []
+    return chosen, [f"using '{_dotted(chosen) or '.'}'; the file also holds tensors in"
+                    f" {', '.join(_dotted(p) or '. (the top level)' for p in others)} (pick with --key)"]
 
 
 def _follow_key(root: Any, key: str, source: str) -> tuple:
     path, node = [], root
-    for part in key.split("."):
+    for part in key.split(".") if key != "." else ():
         if isinstance(node, dict) and part in node:
             step = part
         elif isinstance(node, dict) and part.isdigit() and int(part) in node:
@@ -135,16 +142,24 @@ def _holds_tensors(node: Any) -> bool:
 
 
 def _mapping_paths(root: Any, depth: int) -> Iterator[tuple]:
-    if not isinstance(root, dict):
+    """Paths ``depth`` deep to mappings inside ``root``, not into an optimizer's state."""
+    if not isinstance(root, dict) or {"state", "param_groups"} <= root.keys():
+        return
+    if depth == 0:
+        yield ()
         return
     for k, v in root.items():
-        if not isinstance(v, dict):
-            continue
-        if depth == 1:
-            yield (k,)
-        else:
-            for rest in _mapping_paths(v, depth - 1):
-                yield (k, *rest)
+        for rest in _mapping_paths(v, depth - 1):
+            yield (k, *rest)
+
+
+def _loose_scalars(node: dict) -> bool:
+    """Whether every tensor of ``node`` holds at most one element (a step, an accuracy)."""
+    return all(v.numel <= 1 for v in node.values() if isinstance(v, Tensor))
+
+
+def _elements(node: dict) -> int:
+    return sum(v.numel for v in node.values() if isinstance(v, Tensor))
 
 
 def _at(root: Any, path: tuple) -> Any:

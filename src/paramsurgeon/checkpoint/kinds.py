@@ -1,10 +1,11 @@
 """Which layer a tensor belongs to, inferred from its name, its shape and its siblings.
 
 Tensors are grouped by module (the name without its last part). The module's kind
-follows from the tensors it holds: running statistics make a BatchNorm; a 3-5-D weight a
-convolution; a 2-D weight with a matching bias a Linear; a 1-D weight with a bias of the
-same size a normalisation. Where shapes cannot tell (a 2-D weight alone may be a Linear
-or an Embedding), the module's name must say so, or the kind is 'unknown'.
+follows from the tensors it holds: running statistics make a BatchNorm; weight_ih and
+weight_hh pairs an LSTM, GRU or RNN (or one of their cells); a 3-5-D weight a convolution;
+a 2-D weight with a matching bias a Linear; a 1-D weight with a bias of the same size a
+normalisation. Where shapes cannot tell (a 2-D weight alone may be a Linear or an
+Embedding), the module's name must say so, or the kind is 'unknown'.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Mapping
 
 from .tensor import Tensor
 
-LAYER_KINDS = ("conv", "linear", "batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm", "embedding", "prelu")
-ROLES = ("weight", "bias", "buffer")
+LAYER_KINDS = ("conv", "linear", "batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm", "embedding", "prelu",
+               "rnn")
+KINDS = LAYER_KINDS + ("unknown",)
+ROLES = ("weight", "bias", "buffer", "parameter")
 NORMS = ("batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm")
 KNOWN_BUFFERS = {"running_mean", "running_var", "num_batches_tracked", "position_ids", "inv_freq",
                  "masked_bias", "token_type_ids"}
@@ -29,6 +32,8 @@ _GROUPNORM = re.compile(r"(groupnorm|group_norm|gn\d*)$")
 _RMSNORM = re.compile(r"(rmsnorm|rms_norm)\w*$")
 _NORM = re.compile(r"norm")
 _PRELU = re.compile(r"prelu")
+# nn.LSTM/GRU/RNN: weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0 (proj_size); their cells: weight_ih, bias_hh
+RECURRENT = re.compile(r"(weight|bias)_(ih|hh|hr)(_l\d+(_reverse)?)?")
 
 
 @dataclass(frozen=True)
@@ -42,9 +47,18 @@ class Kind:
         """Whether this is what ``--kind wanted`` selects."""
         if wanted == "norm":
             return self.layer in NORMS
+        if wanted == "parameter":
+            return self.role != "buffer"
         if wanted in ROLES:
             return self.role == wanted
         return self.layer == wanted
+
+    def matches_all(self, wanted: list[str]) -> bool:
+        """Whether this is what ``-k`` for each of ``wanted`` selects: any of the layer
+        kinds asked for (when any is), and any of the roles asked for (when any is)."""
+        layers = [w for w in wanted if w not in ROLES]
+        roles = [w for w in wanted if w in ROLES]
+        return all(not family or any(self.matches(w) for w in family) for family in (layers, roles))
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -78,6 +92,9 @@ def role(leaf: str, tensor: Tensor) -> str:
         return "weight"
     if (leaf == "bias" or leaf.endswith("_bias")) and len(tensor.shape) <= 1:
         return "bias"
+    recurrent = RECURRENT.fullmatch(leaf)
+    if recurrent and len(tensor.shape) == {"weight": 2, "bias": 1}[recurrent.group(1)]:
+        return recurrent.group(1)
     return "other"
 
 
@@ -88,9 +105,9 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
     if {"running_mean", "running_var"} & leaves.keys() and (weight is None or len(weight.shape) == 1):
         return "batchnorm"
     if weight is None:
-        return "unknown"
+        return "rnn" if _recurrent(leaves) else "unknown"
     ndim = len(weight.shape)
-    bias_ok = bias is None or (len(bias.shape) == 1 and bias.shape[0] in _bias_sizes(weight))
+    bias_ok = bias is None or (len(bias.shape) == 1 and _conv_bias_fits(weight, bias.shape[0]))
     if ndim in (3, 4, 5) and bias_ok:
         return "conv"
     if ndim == 2:
@@ -108,9 +125,26 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
     return "unknown"
 
 
-def _bias_sizes(weight: Tensor) -> tuple[int, ...]:
-    """Bias sizes a convolution weight admits: out channels, or in*groups for transposed ones."""
-    return (weight.shape[0], weight.shape[1]) if len(weight.shape) > 1 else (weight.shape[0],)
+def _recurrent(leaves: Mapping[str, Tensor]) -> bool:
+    """Whether ``leaves`` are an LSTM/GRU/RNN's: every weight_ih has a weight_hh of as many
+    gate rows, and every leaf is one of theirs."""
+    if not all(RECURRENT.fullmatch(leaf) for leaf in leaves):
+        return False
+    pairs = [(w, leaves.get("weight_hh" + leaf[len("weight_ih"):])) for leaf, w in leaves.items()
+             if leaf.startswith("weight_ih")]
+    return bool(pairs) and all(hh is not None and len(w.shape) == len(hh.shape) == 2 and w.shape[0] == hh.shape[0]
+                               for w, hh in pairs)
+
+
+def _conv_bias_fits(weight: Tensor, size: int) -> bool:
+    """Whether a convolution weight admits a bias of ``size``: its out channels (dim 0), or for
+    a transposed one (in, out/groups, ...) dim 1 times a number of groups dividing dim 0."""
+    if size == weight.shape[0]:
+        return True
+    if len(weight.shape) < 2 or not weight.shape[1] or size % weight.shape[1]:
+        return False
+    groups = size // weight.shape[1]
+    return groups > 0 and weight.shape[0] % groups == 0
 
 
 def _norm_kind(component: str) -> str | None:

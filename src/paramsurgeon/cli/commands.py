@@ -148,7 +148,11 @@ def groups(given: Input, rules: GroupRules, output: Json, read: Read, select: Se
 
     checkpoint = open_checkpoint(given.ckpt, read)
     names = selected_names(checkpoint, select)
-    result = decay_groups(checkpoint, names, no_decay=tuple(rules.no_decay), decay=tuple(rules.decay))
+    warnings: list[str] | None = [] if select.allow_empty else None
+    result = decay_groups(checkpoint, names, no_decay=tuple(rules.no_decay), decay=tuple(rules.decay),
+                          warnings=warnings)
+    for warning in warnings or []:
+        note(f"warning: {warning}")
     if output.json:
         emit(render.to_json(render.groups_document(checkpoint.source, result)), raw=True)
     else:

@@ -29,7 +29,8 @@ class Read:
     """How checkpoints are opened."""
 
     key: str | None = option(None, "--key", metavar="KEY",
-                             help="Path to the tensors inside a nested checkpoint, e.g. state_dict or model.ema.")
+                             help="Path to the tensors inside a nested checkpoint, e.g. state_dict or model.ema;"
+                             " '.' for the top level.")
     unsafe_pickle: bool = option(False, "--unsafe-pickle",
                                  help="Accept any pickled global in a file you trust (nothing is executed).")
     allow_global: list[str] = option([], "--allow-global", metavar="MODULE.NAME",

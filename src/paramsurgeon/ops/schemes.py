@@ -15,7 +15,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from ..errors import UsageError
 
@@ -198,12 +198,63 @@ def fill(scheme: Scheme, shape: tuple[int, ...], dtype, seed: int, name: str):
     return values.to(dtype)
 
 
+def default_for(name: str, tensors: Mapping[str, Any], layer: str) -> Scheme | str:
+    """What ``reset_parameters`` gives tensor ``name`` of a ``layer``, or why it is unknown.
+
+    The tensors beside it (``tensors``: name -> Tensor) give a bias its fan-in, a recurrent
+    layer its hidden size, and show the parts nn.MultiheadAttention initialises itself.
+    """
+    if layer in ("linear", "unknown"):
+        attention = _attention_default(name, tensors)
+        if attention is not None:
+            return attention
+    prefix, _, leaf = name.rpartition(".")
+    if layer == "rnn":
+        return _recurrent_default(prefix, leaf, tensors)
+    weight = tensors.get(name[: -len("bias")] + "weight") if name.endswith("bias") else tensors[name]
+    return layer_default(layer, leaf, weight.shape if weight is not None else None)
+
+
+def _attention_default(name: str, tensors: Mapping[str, Any]) -> Scheme | None:
+    """nn.MultiheadAttention._reset_parameters: xavier_uniform projections, zero biases
+    (out_proj's too, though it is a Linear), xavier_normal bias_k and bias_v."""
+    prefix, _, leaf = name.rpartition(".")
+    if leaf in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        return Scheme("xavier_uniform")
+    if leaf == "in_proj_bias":
+        return Scheme("zeros")
+    module, _, component = prefix.rpartition(".")
+    if component == "out_proj" and leaf == "bias" and _is_attention(module, tensors):
+        return Scheme("zeros")
+    if leaf in ("bias_k", "bias_v") and _is_attention(prefix, tensors):
+        return Scheme("xavier_normal")
+    return None
+
+
+def _is_attention(module: str, tensors: Mapping[str, Any]) -> bool:
+    """Whether ``module`` holds nn.MultiheadAttention's own projection weights."""
+    return any((f"{module}.{leaf}" if module else leaf) in tensors for leaf in ("in_proj_weight", "q_proj_weight"))
+
+
+def _recurrent_default(prefix: str, leaf: str, tensors: Mapping[str, Any]) -> Scheme | str:
+    """RNNBase and RNNCellBase: every tensor uniform(+-1/sqrt(hidden_size))."""
+    from ..checkpoint.kinds import RECURRENT
+
+    match = RECURRENT.fullmatch(leaf)
+    if match is None:
+        return f"is '{leaf}' of an rnn layer, which has no default"
+    suffix = match.group(3) or ""
+    sibling = {part: tensors.get(f"{prefix}.weight_{part}{suffix}" if prefix else f"weight_{part}{suffix}")
+               for part in ("hr", "hh")}
+    source = sibling["hr"] if sibling["hr"] is not None else sibling["hh"]  # (proj, hidden) or (gates*hidden, hidden)
+    if source is None or len(source.shape) != 2:
+        return f"has no weight_hh{suffix} beside it to take the hidden size from"
+    bound = 1 / math.sqrt(source.shape[1]) if source.shape[1] > 0 else 0.0
+    return Scheme("uniform", {"a": -bound, "b": bound})
+
+
 def layer_default(layer: str, leaf: str, weight_shape: tuple[int, ...] | None) -> Scheme | str:
     """What ``reset_parameters`` gives tensor ``leaf`` of a ``layer``, or why it is unknown."""
-    if layer == "linear" and leaf == "in_proj_weight":  # nn.MultiheadAttention._reset_parameters
-        return Scheme("xavier_uniform")
-    if layer == "linear" and leaf == "in_proj_bias":
-        return Scheme("zeros")
     leaf = {"in_proj_weight": "weight", "in_proj_bias": "bias"}.get(leaf, leaf)
     if layer in ("conv", "linear"):
         if leaf == "weight":

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..checkpoint import Checkpoint, Tensor
 from ..declare import REQUIRED, option
 from ..errors import SelectionError, UsageError
-from ..selection import Selection, Selector, select, suggest, wildcard_map
+from ..selection import Selection, Selector, select, suggest, unmatched, wildcard_map
 from .plan import Change, Plan, fail, names_list
 from .spec import Operation, Sources, Targets, TiePolicy, with_warnings
 from .values import copy_of, value_plan
@@ -61,6 +61,9 @@ class Tie(TiePolicy, Operation):
                                help="Tensors that take the source's values and share its storage; repeatable.")
 
     def plan(self, ckpt: Checkpoint, sources: Sources) -> Plan:
+        problems = unmatched(list(ckpt.tensors), self.target, "--target", ckpt.key)
+        if problems:
+            raise SelectionError("tie: " + "; ".join(problems))
         names, _ = select(ckpt.tensors, Selector(patterns=list(self.target)))
         return _plan_tie(ckpt, self.source, names, follow=self.follow_ties, untie=self.untie)
 

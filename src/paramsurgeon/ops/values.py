@@ -93,9 +93,7 @@ class Init(Targets, TiePolicy, Operation):
             name = unit[0]
             resolved = scheme
             if scheme.name == "default":
-                weight = tensors.get(name[: -len("bias")] + "weight") if name.endswith("bias") else tensor
-                resolved = schemes.layer_default(self.layer or kinds[name].layer, name.rpartition(".")[2],
-                                                 weight.shape if weight else None)
+                resolved = schemes.default_for(name, tensors, self.layer or kinds[name].layer)
                 if isinstance(resolved, str):
                     return resolved
             problem = resolved.problem(tensor.shape, tensor.dtype.floating)
