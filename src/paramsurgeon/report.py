@@ -1,7 +1,9 @@
 """The only place that renders: text reports for people, JSON documents for programs.
 
 Functions here build text; printing is the caller's. ``width`` is the terminal's (tables
-fit it, see tables.py) or None when piped (plain columns, one line per row).
+fit it, see tables.py) or None when piped (plain columns, one line per row). Text that came
+from a file (names, entries, metadata) is escaped here, before it is styled: tables escape
+their cells, and ``_escaped`` the other lines.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 from .dtypes import BY_NAME
 from .inspection import Inspection, Row
 from .tables import Column, render
-from .units import human_bytes
+from .units import human_bytes, printable
 
 SCHEMA_VERSION = 1
 _FORMAT_NAMES = {"torch": "torch zip", "torch-legacy": "torch legacy pickle", "safetensors": "safetensors",
@@ -122,10 +124,13 @@ def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
     headers = [c.header for c, _ in cols]
     table, hidden = render([c for c, _ in cols], [[cell(r) for _, cell in cols] for r in result.rows], width, color,
                            core=headers.index("max") + 1 if "max" in headers else 4)
-    lines.append(table.rstrip("\n"))
-    if hidden:
-        lines.append(f"(not shown at this width: {', '.join(hidden)}; --json has every field)")
-    return "\n".join(lines + footer_lines(result)) + "\n"
+    notes = [f"(not shown at this width: {', '.join(hidden)}; --json has every field)"] if hidden else []
+    return "\n".join(_escaped(lines) + [table.rstrip("\n")] + _escaped(notes + footer_lines(result))) + "\n"
+
+
+def _escaped(lines: list[str]) -> list[str]:
+    """Plain report lines with control characters escaped (tables escape their own cells)."""
+    return [printable(line) for line in lines]
 
 
 def footer_lines(result: Inspection) -> list[str]:
@@ -187,7 +192,7 @@ def plan_text(plan, rows: list[dict], width: int | None, color: bool, prefix: st
         cells.append([row["name"], shape, dtype, row["action"]])
     columns = [Column("name"), Column("shape", True), Column("dtype"), Column("action")]
     title = f"{prefix}{plan.command}: {_plural(len(rows), 'tensor')} would change (dry run: nothing written)\n"
-    return title + render(columns, cells, width, color)[0]
+    return printable(title) + render(columns, cells, width, color)[0]
 
 
 def diff_document(result) -> dict:
@@ -211,8 +216,8 @@ def diff_text(result, width: int | None, color: bool) -> str:
         if result.of(status):
             counts.append(f"{len(result.of(status))} {label}")
     counts += [f"{len(result.only_a)} only in A", f"{len(result.only_b)} only in B"]
-    lines = [f"{result.source_a} (A) vs {result.source_b} (B): {'equal' if result.equal else 'different'}: "
-             + ", ".join(counts)]
+    lines = _escaped([f"{result.source_a} (A) vs {result.source_b} (B): {'equal' if result.equal else 'different'}: "
+                      + ", ".join(counts)])
     if result.diffs:
         rows = []
         for d in result.diffs:
@@ -225,8 +230,8 @@ def diff_text(result, width: int | None, color: bool) -> str:
         lines.append(render(columns, rows, width, color)[0].rstrip("\n"))
     for label, names in (("only in A", result.only_a), ("only in B", result.only_b)):
         if names:
-            lines += [f"{label} ({len(names)}):"] + [f"  {name}" for name in names]
-    lines += [f"other entry {e['path']}: {e['a']} -> {e['b']}" for e in result.extras]
+            lines += _escaped([f"{label} ({len(names)}):"] + [f"  {name}" for name in names])
+    lines += _escaped([f"other entry {e['path']}: {e['a']} -> {e['b']}" for e in result.extras])
     return "\n".join(lines) + "\n"
 
 
@@ -245,7 +250,7 @@ def check_text(source: str, rules) -> str:
         lines.append(f"  {'ok  ' if rule.ok else 'FAIL'} {rule.rule}"
                      + ("" if rule.ok else f": {len(rule.violations)} violation{'s' if len(rule.violations) != 1 else ''}"))
         lines += [f"       {v['name'] + ' ' if v['name'] else ''}{v['message']}" for v in rule.violations]
-    return "\n".join(lines) + "\n"
+    return "\n".join(_escaped(lines)) + "\n"
 
 
 def groups_document(source: str, groups: dict) -> dict:
@@ -261,4 +266,4 @@ def groups_text(ckpt, groups: dict) -> str:
         title = {"buffers": "not parameters (buffers)"}.get(label, label)
         lines.append(f"{title}: {_plural(len(names), 'tensor')}, {sum(tensors[n].numel for n in names):,} values")
         lines += [f"  {n}" for n in names]
-    return "\n".join(lines) + "\n"
+    return "\n".join(_escaped(lines)) + "\n"
