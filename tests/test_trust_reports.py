@@ -63,3 +63,103 @@ def test_no_progress_bar_for_a_tiny_file_after_a_slow_start(monkeypatch):
 
 def test_progress_bar_for_work_that_takes_seconds(monkeypatch):
     assert _bar_shown(monkeypatch, [(0.3 * i, 10) for i in range(1, 11)], 100)
+
+
+# 5. check: rules about values look at floating-point tensors
+
+
+@pytest.fixture
+def trained_pt(tmp_path):
+    """A ResNet after 100 training-mode batches: every BatchNorm's num_batches_tracked is 100."""
+    torch.manual_seed(0)
+    model = ResNet().train()
+    with torch.no_grad():
+        for _ in range(100):
+            model(torch.randn(2, 3, 16, 16))
+    path = tmp_path / "trained.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_check_max_abs_ignores_step_counters(trained_pt):
+    state = torch.load(trained_pt, weights_only=True)
+    assert state["bn1.num_batches_tracked"].item() == 100
+    assert max(t.abs().max().item() for t in state.values() if t.is_floating_point()) <= 50
+    result = run("check", trained_pt, "--max-abs", "50", "--finite")
+    assert result.exit_code == 0, result.stdout
+    assert "every rule holds" in result.stdout
+
+
+def test_check_max_abs_lists_floating_point_offenders_only(trained_pt):
+    state = torch.load(trained_pt, weights_only=True)
+    offenders = [n for n, t in state.items() if t.is_floating_point() and t.abs().max().item() > 1]
+    document = json_of("check", trained_pt, "--max-abs", "1", schema="check", code=1)
+    (rule,) = document["rules"]
+    assert [v["name"] for v in rule["violations"]] == offenders
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--dtype", "int64"), "--dtype int64: check --dtype is about floating-point tensors"),
+    (("--max-abs", "-1"), "--max-abs -1: a bound on |x| must be 0 or more"),
+    (("--max-abs", "nan"), "--max-abs nan: a bound on |x| must be 0 or more"),
+])
+def test_check_refuses_rules_that_cannot_hold(resnet_pt, args, message):
+    result = run("check", resnet_pt, *args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"paramsurgeon: error: {message}")
+
+
+# 16. Wording
+
+
+def test_counts_are_singular_for_one(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 1)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "one.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    assert len(torch.load(path, weights_only=True)["optimizer"]["state"]) == 1
+    out = run("inspect", path).stdout
+    assert "1 tensor, 1 parameter," in out
+    assert "Adam state for 1 param (" in out
+    assert "1 parameters" not in out and "1 tensors" not in out and "1 params" not in out
+    groups = run("groups", path).stdout
+    assert "decay: 1 tensor, 1 value" in groups
+
+
+def test_round_numbers_print_without_a_trailing_point(tmp_path):
+    path = tmp_path / "round.pt"
+    torch.save({"w": torch.tensor([0.0, 100.0, 25.0, 50.0])}, path)
+    values = torch.load(path, weights_only=True)["w"]
+    assert values.max().item() == 100.0 and values.mean().item() == 43.75
+    out = run("inspect", path).stdout
+    assert "100." not in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("w "))
+    assert row[3:8] == ["43.8", "43.3", "0", "100", "25.0%"]
+
+
+def test_expect_takes_shapes_as_torch_prints_them(resnet_pt, resnet):
+    weight, bias = resnet.fc.weight.shape, resnet.fc.bias.shape
+    forms = [f"fc.weight={weight}", f"fc.weight={list(weight)}", f"fc.bias={tuple(bias)}", "fc.weight=10x32",
+             f"fc.bias {bias} float32", "fc.weight=(10, 32)"]
+    assert str(weight) == "torch.Size([10, 32])" and str(tuple(bias)) == "(10,)"
+    args = [a for form in forms for a in ("--expect", form)]
+    result = run("check", resnet_pt, *args)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    wrong = run("check", resnet_pt, "--expect", "fc.weight=torch.Size([32, 10])")
+    assert wrong.exit_code == 1 and "fc.weight has shape [10, 32], expected [32, 10]" in wrong.stdout
+
+
+def test_check_text_caps_the_violations_json_keeps_them_all(resnet_pt):
+    state = torch.load(resnet_pt, weights_only=True)
+    offenders = [n for n, t in state.items() if t.is_floating_point() and t.abs().max().item() > 0]
+    assert len(offenders) > 30
+    document = json_of("check", resnet_pt, "--max-abs", "0", schema="check", code=1)
+    assert [v["name"] for v in document["rules"][0]["violations"]] == offenders
+    lines = run("check", resnet_pt, "--max-abs", "0").stdout.splitlines()
+    assert f"FAIL max-abs 0: {len(offenders)} violations" in lines[1]
+    shown = [line.split()[0] for line in lines[2:-1]]
+    assert shown == offenders[:20]
+    assert lines[-1].strip() == f"... and {len(offenders) - 20} more (--json lists every one)"

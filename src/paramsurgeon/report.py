@@ -241,15 +241,20 @@ def check_document(source: str, rules) -> dict:
             "rules": [{"rule": r.rule, "ok": r.ok, "violations": r.violations} for r in rules]}
 
 
+SHOWN_VIOLATIONS = 20  # per rule in the text report; --json lists every one
+
+
 def check_text(source: str, rules) -> str:
-    """The ``check`` report: one line per rule, then one per violation."""
-    ok = all(r.ok for r in rules)
-    lines = [f"{source}: {'every rule holds' if ok else 'FAILED'}"
-             f" ({sum(not r.ok for r in rules)} of {len(rules)} rules broken)"]
+    """The ``check`` report: one line per rule, then one per violation (at most SHOWN_VIOLATIONS)."""
+    broken = sum(not r.ok for r in rules)
+    lines = [f"{source}: {'FAILED' if broken else 'every rule holds'} ({broken} of {_plural(len(rules), 'rule')} broken)"]
     for rule in rules:
-        lines.append(f"  {'ok  ' if rule.ok else 'FAIL'} {rule.rule}"
-                     + ("" if rule.ok else f": {len(rule.violations)} violation{'s' if len(rule.violations) != 1 else ''}"))
-        lines += [f"       {v['name'] + ' ' if v['name'] else ''}{v['message']}" for v in rule.violations]
+        lines.append(f"  {'FAIL' if rule.violations else 'ok  '} {rule.rule}"
+                     + (f": {_plural(len(rule.violations), 'violation')}" if rule.violations else ""))
+        lines += [f"       {v['name'] + ' ' if v['name'] else ''}{v['message']}"
+                  for v in rule.violations[:SHOWN_VIOLATIONS]]
+        if len(rule.violations) > SHOWN_VIOLATIONS:
+            lines.append(f"       ... and {len(rule.violations) - SHOWN_VIOLATIONS} more (--json lists every one)")
     return "\n".join(_escaped(lines)) + "\n"
 
 

@@ -4,9 +4,8 @@ import typer
 
 from .. import formats, report
 from ..checkpoint import Checkpoint
-from ..checks import RuleResult, parse_expectations, run_rules
+from ..checks import RuleResult, parse_expectations, run_rules, validate_rules
 from ..compare import compare
-from .. import dtypes
 from ..errors import UsageError
 from ..groups import decay_groups
 from ..inspection import inspect as inspect_checkpoint
@@ -55,6 +54,7 @@ def diff(a, b, atol, rtol, no_values, json_, read, select):
 
 def check(ckpt, finite, max_abs, like, expect, expect_file, dtype, json_, read, select):
     """Check rules for CI: exit 0 when every rule holds, 1 with a report of each violation."""
+    dtype = validate_rules(max_abs, dtype)
     expectations = parse_expectations(expect, "--expect")
     if expect_file is not None:
         try:
@@ -62,11 +62,6 @@ def check(ckpt, finite, max_abs, like, expect, expect_file, dtype, json_, read, 
                 expectations.update(parse_expectations(f.read().splitlines(), expect_file))
         except OSError as e:
             raise UsageError(f"cannot read '{expect_file}': {e.strerror}") from e
-    if dtype is not None:
-        try:
-            dtype = dtypes.by_name(dtype).name
-        except KeyError:
-            raise UsageError(f"--dtype {dtype}: unknown dtype; e.g. float32, bfloat16, int64") from None
     rules: list[RuleResult] = []
     index = formats.sharded_index(ckpt)
     if index is not None:
