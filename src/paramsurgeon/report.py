@@ -14,7 +14,7 @@ import math
 from .dtypes import BY_NAME
 from .inspection import Inspection, Row
 from .tables import Column, render
-from .units import human_bytes, printable
+from .units import human_bytes, plural, printable
 
 SCHEMA_VERSION = 1
 _FORMAT_NAMES = {"torch": "torch zip", "torch-legacy": "torch legacy pickle", "safetensors": "safetensors",
@@ -63,7 +63,7 @@ def inspection_document(result: Inspection) -> dict:
 
 
 def short_number(value) -> str:
-    """Numbers in at most about 8 characters: 0.0678, -0.349, 1234, -1.02e-4, 3.5e6."""
+    """Numbers in at most about 8 characters: 0.0678, -0.349, 100, 1234, -1.02e-4, 3.5e6."""
     if value is None:
         return "-"
     if isinstance(value, int):
@@ -75,15 +75,11 @@ def short_number(value) -> str:
     if value == 0:
         return "0"
     if 1e-3 <= abs(value) < 1e3:
-        return f"{value:#.3g}"
+        return f"{value:#.3g}".removesuffix(".")  # 3 significant digits kept: 0.100, 1.50, 100
     if 1e3 <= abs(value) < 1e4:
         return f"{value:.0f}"
     mantissa, exponent = f"{value:.2e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -118,7 +114,7 @@ def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
     totals = result.totals
     key = f" ({result.key})" if result.key else ""
     lines = [f"{result.source}{key}: {_FORMAT_NAMES.get(result.format, result.format)},"
-             f" {_plural(totals['tensors'], 'tensor')}, {totals['parameters']:,} parameters"
+             f" {plural(totals['tensors'], 'tensor')}, {plural(totals['parameters'], 'parameter')}"
              + (f" + {totals['buffers']:,} in buffers" if totals["buffers"] else "") + f", {human_bytes(totals['bytes'])}"]
     cols = _columns(result)
     headers = [c.header for c, _ in cols]
@@ -137,7 +133,7 @@ def footer_lines(result: Inspection) -> list[str]:
     lines = []
     by_dtype = result.totals["by_dtype"]
     if len(by_dtype) > 1:
-        lines.append("by dtype: " + "; ".join(f"{d} {_plural(v['tensors'], 'tensor')}, {v['numel']:,} elements,"
+        lines.append("by dtype: " + "; ".join(f"{d} {plural(v['tensors'], 'tensor')}, {plural(v['numel'], 'element')},"
                                               f" {human_bytes(v['bytes'])}" for d, v in by_dtype.items()))
     lines += ["tied (one storage): " + " = ".join(group) for group in result.ties]
     if result.extras:
@@ -191,7 +187,7 @@ def plan_text(plan, rows: list[dict], width: int | None, color: bool, prefix: st
             dtype += f" -> {BY_NAME[row['new_dtype']].short}"
         cells.append([row["name"], shape, dtype, row["action"]])
     columns = [Column("name"), Column("shape", True), Column("dtype"), Column("action")]
-    title = f"{prefix}{plan.command}: {_plural(len(rows), 'tensor')} would change (dry run: nothing written)\n"
+    title = f"{prefix}{plan.command}: {plural(len(rows), 'tensor')} would change (dry run: nothing written)\n"
     return printable(title) + render(columns, cells, width, color)[0]
 
 
@@ -247,10 +243,11 @@ SHOWN_VIOLATIONS = 20  # per rule in the text report; --json lists every one
 def check_text(source: str, rules) -> str:
     """The ``check`` report: one line per rule, then one per violation (at most SHOWN_VIOLATIONS)."""
     broken = sum(not r.ok for r in rules)
-    lines = [f"{source}: {'FAILED' if broken else 'every rule holds'} ({broken} of {_plural(len(rules), 'rule')} broken)"]
+    verdict = "FAILED" if broken else "every rule holds"
+    lines = [f"{source}: {verdict} ({broken} of {plural(len(rules), 'rule')} broken)"]
     for rule in rules:
         lines.append(f"  {'FAIL' if rule.violations else 'ok  '} {rule.rule}"
-                     + (f": {_plural(len(rule.violations), 'violation')}" if rule.violations else ""))
+                     + (f": {plural(len(rule.violations), 'violation')}" if rule.violations else ""))
         lines += [f"       {v['name'] + ' ' if v['name'] else ''}{v['message']}"
                   for v in rule.violations[:SHOWN_VIOLATIONS]]
         if len(rule.violations) > SHOWN_VIOLATIONS:
@@ -269,6 +266,7 @@ def groups_text(ckpt, groups: dict) -> str:
     for label in ("decay", "no_decay", "buffers"):
         names = groups[label]
         title = {"buffers": "not parameters (buffers)"}.get(label, label)
-        lines.append(f"{title}: {_plural(len(names), 'tensor')}, {sum(tensors[n].numel for n in names):,} values")
+        values = plural(sum(tensors[n].numel for n in names), "value")
+        lines.append(f"{title}: {plural(len(names), 'tensor')}, {values}")
         lines += [f"  {n}" for n in names]
     return "\n".join(_escaped(lines)) + "\n"

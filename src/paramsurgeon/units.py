@@ -29,6 +29,11 @@ def human_bytes(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 tensor', '2 tensors', '1,024 parameters'."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
 
