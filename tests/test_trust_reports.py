@@ -163,3 +163,36 @@ def test_check_text_caps_the_violations_json_keeps_them_all(resnet_pt):
     shown = [line.split()[0] for line in lines[2:-1]]
     assert shown == offenders[:20]
     assert lines[-1].strip() == f"... and {len(offenders) - 20} more (--json lists every one)"
+
+
+# 6. Only paramsurgeon's lines on stderr
+
+
+@pytest.fixture
+def without_numpy(tmp_path):
+    """An environment in which ``import numpy`` fails as in a venv without it (numpy is a test extra)."""
+    shim = tmp_path / "no-numpy"
+    shim.mkdir()
+    (shim / "numpy.py").write_text('raise ModuleNotFoundError("No module named \'numpy\'", name="numpy")\n')
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))}
+    probe = subprocess.run([sys.executable, "-c", "import numpy"], capture_output=True, env={**os.environ, **env})
+    assert b"ModuleNotFoundError" in probe.stderr
+    return env
+
+
+def test_no_library_warnings_without_numpy(tmp_path, resnet_pt, without_numpy):
+    from conftest import run_process
+
+    runs = {
+        ("inspect", resnet_pt, "-p", "fc.*"): 0,
+        ("check", resnet_pt, "--finite"): 0,
+        ("diff", resnet_pt, resnet_pt): 0,
+        ("scale", resnet_pt, "-p", "fc.*", "--by", "2", "-o", tmp_path / "scaled.pt"): 0,
+    }
+    for args, code in runs.items():
+        result = run_process(*args, env=without_numpy)
+        assert result.returncode == code, result.stderr
+        assert b"Warning" not in result.stderr and b"NumPy" not in result.stderr, (args, result.stderr)
+    scaled = torch.load(tmp_path / "scaled.pt", weights_only=True)
+    original = torch.load(resnet_pt, weights_only=True)
+    torch.testing.assert_close(scaled["fc.weight"], 2 * original["fc.weight"])
