@@ -196,3 +196,70 @@ def test_no_library_warnings_without_numpy(tmp_path, resnet_pt, without_numpy):
     scaled = torch.load(tmp_path / "scaled.pt", weights_only=True)
     original = torch.load(resnet_pt, weights_only=True)
     torch.testing.assert_close(scaled["fc.weight"], 2 * original["fc.weight"])
+
+
+# 7. diff compares the whole file
+
+
+def _training_state(resnet) -> dict:
+    """A training checkpoint with real Adam moments after one step."""
+    optimizer = torch.optim.Adam(resnet.parameters(), lr=1e-3)
+    resnet(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    return {"state_dict": resnet.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 7}
+
+
+def test_diff_sees_another_epoch(tmp_path, resnet):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    state = _training_state(resnet)
+    torch.save(state, a)
+    torch.save({**state, "epoch": 8}, b)
+    assert [torch.load(p, weights_only=True)["epoch"] for p in (a, b)] == [7, 8]
+    result = run("diff", a, b)
+    assert result.exit_code == 1
+    assert result.stdout.startswith(f"{a} (A) vs {b} (B): different: 122 identical, 0 only in A, 0 only in B;"
+                                    " rest of the file: ")
+    assert "  epoch: 7 -> 8" in result.stdout.splitlines()
+    document = json_of("diff", a, b, schema="diff", code=1)
+    assert not document["equal"] and document["extras"] == [{"path": "epoch", "a": "7", "b": "8"}]
+    assert run("diff", a, b, "--tensors-only").exit_code == 0
+    assert json_of("diff", a, a, schema="diff")["equal"]
+
+
+def test_diff_sees_a_changed_adam_moment(tmp_path, resnet):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    state = _training_state(resnet)
+    torch.save(state, a)
+    moment = state["optimizer"]["state"][3]["exp_avg"]
+    changed = moment.clone()
+    changed.view(-1)[5] += 0.25
+    state["optimizer"]["state"][3] = {**state["optimizer"]["state"][3], "exp_avg": changed}
+    torch.save(state, b)
+    loaded = [torch.load(p, weights_only=True)["optimizer"]["state"][3]["exp_avg"] for p in (a, b)]
+    expected = (loaded[0] - loaded[1]).abs().max().item()
+    assert expected > 0 and int((loaded[0] != loaded[1]).sum()) == 1
+    document = json_of("diff", a, b, schema="diff", code=1)
+    assert document["changed"] == [] and document["extras"] == []
+    (entry,) = document["extra_tensors"]
+    assert entry["name"] == "optimizer.state.3.exp_avg" and entry["status"] == "different"
+    assert entry["max_abs"] == pytest.approx(expected) and entry["mismatched"] == 1
+    text = run("diff", a, b)
+    assert text.exit_code == 1 and "optimizer.state.3.exp_avg" in text.stdout
+    assert run("diff", a, b, "--tensors-only").exit_code == 0
+    assert json_of("diff", a, b, "--atol", "1", schema="diff")["equal"]  # the tolerances apply here too
+
+
+def test_diff_sees_tied_and_untied_storage(tmp_path, gpt):
+    tied, untied = tmp_path / "tied.pt", tmp_path / "untied.pt"
+    torch.save(gpt.state_dict(), tied)
+    torch.save({k: v.clone() for k, v in gpt.state_dict().items()}, untied)
+    ptr = {p: {k: v.untyped_storage().data_ptr() for k, v in torch.load(p, weights_only=True).items()}
+           for p in (tied, untied)}
+    assert ptr[tied]["lm_head.weight"] == ptr[tied]["wte.weight"]
+    assert ptr[untied]["lm_head.weight"] != ptr[untied]["wte.weight"]
+    document = json_of("diff", tied, untied, schema="diff", code=1)
+    assert document["changed"] == [] and document["only_a"] == document["only_b"] == []
+    assert document["ties"] == {"only_a": [["wte.weight", "lm_head.weight"]], "only_b": []}
+    text = run("diff", untied, tied)
+    assert text.exit_code == 1 and "tied in B only: wte.weight = lm_head.weight" in text.stdout
+    assert run("diff", tied, tied).exit_code == 0

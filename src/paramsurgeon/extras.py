@@ -74,11 +74,11 @@ def _optimizer(state: dict) -> str | None:
     groups = state["param_groups"]
     lrs = [g.get("lr") for g in groups if isinstance(g, dict) and isinstance(g.get("lr"), (int, float))]
     lr = f", lr {lrs[0]:g}" if lrs else ""
-    size = human_bytes(sum(t.nbytes for t in _tensors_in(state["state"])))
+    size = human_bytes(sum(t.nbytes for t in tensors_in(state["state"])))
     return f"{name} state for {plural(len(state['state']), 'param')} ({size}), {plural(len(groups), 'param group')}{lr}"
 
 
-def _tensors_in(value: Any, seen: set | None = None) -> list[Tensor]:
+def tensors_in(value: Any, seen: set | None = None) -> list[Tensor]:
     """Every Tensor reachable from ``value`` (each shared object visited once)."""
     seen = set() if seen is None else seen
     if id(value) in seen:
@@ -94,8 +94,8 @@ def _tensors_in(value: Any, seen: set | None = None) -> list[Tensor]:
         items = [*value.args, value.state, *value.items, *(v for _, v in value.dictitems)]
     else:
         return []
-    return [t for item in items for t in _tensors_in(item, seen)]
+    return [t for item in items for t in tensors_in(item, seen)]
 
 
 def _count_tensors(value: Any) -> int:
-    return len(_tensors_in(value))
+    return len(tensors_in(value))

@@ -200,35 +200,60 @@ def diff_document(result) -> dict:
 
     return {"schema_version": SCHEMA_VERSION, "command": "diff", "a": result.source_a, "b": result.source_b,
             "equal": result.equal, "atol": result.atol, "rtol": result.rtol, "values_compared": result.values,
-            "identical": result.identical, "only_a": result.only_a, "only_b": result.only_b,
-            "changed": [entry(d) for d in result.diffs], "extras": result.extras}
+            "whole_file": result.whole, "identical": result.identical, "only_a": result.only_a,
+            "only_b": result.only_b, "changed": [entry(d) for d in result.diffs],
+            "ties": {"only_a": result.ties_a, "only_b": result.ties_b}, "extras": result.extras,
+            "extra_tensors": [entry(d) for d in result.extra_diffs], "extra_identical": result.extra_identical}
 
 
 def diff_text(result, width: int | None, color: bool) -> str:
     """The ``diff`` report: a summary line, then each difference."""
-    counts = [f"{result.identical} {'identical' if result.values else 'alike (values not compared)'}"]
+    counts = [f"{result.identical:,} {'identical' if result.values else 'alike (values not compared)'}"]
     for status, label in (("different", "different"), ("close", "within tolerance"), ("shape", "reshaped"),
                           ("dtype", "retyped")):
         if result.of(status):
-            counts.append(f"{len(result.of(status))} {label}")
-    counts += [f"{len(result.only_a)} only in A", f"{len(result.only_b)} only in B"]
-    lines = _escaped([f"{result.source_a} (A) vs {result.source_b} (B): {'equal' if result.equal else 'different'}: "
-                      + ", ".join(counts)])
+            counts.append(f"{len(result.of(status)):,} {label}")
+    counts += [f"{len(result.only_a):,} only in A", f"{len(result.only_b):,} only in B"]
+    summary = f"{result.source_a} (A) vs {result.source_b} (B): {'equal' if result.equal else 'different'}: " \
+              + ", ".join(counts)
+    if result.extra_identical or result.extras or result.extra_diffs:
+        close = sum(d.status == "close" for d in result.extra_diffs)
+        different = len(result.extras) + len(result.extra_diffs) - close
+        rest = [f"{result.extra_identical:,} identical"] + ([f"{different:,} different"] if different else []) \
+            + ([f"{close:,} within tolerance"] if close else [])
+        summary += "; rest of the file: " + ", ".join(rest)
+        summary += "; ties differ" if result.ties_a or result.ties_b else ""
+    lines = _escaped([summary])
     if result.diffs:
-        rows = []
-        for d in result.diffs:
-            shape = shape_text(d.shape_a) + ("" if d.shape_a == d.shape_b else f" -> {shape_text(d.shape_b)}")
-            dtype = BY_NAME[d.dtype_a].short + ("" if d.dtype_a == d.dtype_b else f" -> {BY_NAME[d.dtype_b].short}")
-            mismatched = f"{d.mismatched:,}/{d.numel:,}" if d.max_abs is not None else "-"
-            rows.append([d.name, d.status, shape, dtype, short_number(d.max_abs), short_number(d.max_rel), mismatched])
-        columns = [Column("name"), Column("change"), Column("shape", True), Column("dtype"), Column("max |a-b|", True),
-                   Column("max rel", True), Column("mismatched", True)]
-        lines.append(render(columns, rows, width, color)[0].rstrip("\n"))
+        lines.append(_diff_table(result.diffs, "name", width, color))
     for label, names in (("only in A", result.only_a), ("only in B", result.only_b)):
         if names:
-            lines += _escaped([f"{label} ({len(names)}):"] + [f"  {name}" for name in names])
-    lines += _escaped([f"other entry {e['path']}: {e['a']} -> {e['b']}" for e in result.extras])
+            lines += _escaped([f"{label} ({len(names):,}):"] + [f"  {name}" for name in names])
+    if result.extras or result.extra_diffs:
+        lines += _escaped(["rest of the file:"] + [f"  {e['path']}: {_side(e['a'])} -> {_side(e['b'])}"
+                                                   for e in result.extras])
+    if result.extra_diffs:
+        lines.append(_diff_table(result.extra_diffs, "path", width, color))
+    lines += _escaped([f"tied in {side} only: " + " = ".join(group)
+                       for side, groups in (("A", result.ties_a), ("B", result.ties_b)) for group in groups])
     return "\n".join(lines) + "\n"
+
+
+def _side(summary: str | None) -> str:
+    return "(absent)" if summary is None else summary
+
+
+def _diff_table(diffs, first: str, width: int | None, color: bool) -> str:
+    """One row per tensor that differs: its change, shape, dtype and the largest differences."""
+    rows = []
+    for d in diffs:
+        shape = shape_text(d.shape_a) + ("" if d.shape_a == d.shape_b else f" -> {shape_text(d.shape_b)}")
+        dtype = BY_NAME[d.dtype_a].short + ("" if d.dtype_a == d.dtype_b else f" -> {BY_NAME[d.dtype_b].short}")
+        mismatched = f"{d.mismatched:,}/{d.numel:,}" if d.max_abs is not None else "-"
+        rows.append([d.name, d.status, shape, dtype, short_number(d.max_abs), short_number(d.max_rel), mismatched])
+    columns = [Column(first), Column("change"), Column("shape", True), Column("dtype"), Column("max |a-b|", True),
+               Column("max rel", True), Column("mismatched", True)]
+    return render(columns, rows, width, color)[0].rstrip("\n")
 
 
 def check_document(source: str, rules) -> dict:

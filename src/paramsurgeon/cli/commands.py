@@ -48,11 +48,16 @@ def diff(
     rtol: Annotated[float, typer.Option("--rtol", min=0, help="Relative tolerance (see --atol).")] = 0.0,
     no_values: Annotated[bool, typer.Option("--no-values", help="Compare names, shapes and dtypes only (reads"
                                             " no tensor data).")] = False,
+    tensors_only: Annotated[bool, typer.Option("--tensors-only", help="Compare the named tensors only, not the"
+                                               " rest of the file (optimizer state, epoch) nor ties.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON document (schema in the README).")] = False,
     read: ReadOptions = None,
     select: SelectOptions = None,
 ):
-    """Compare two checkpoints tensor by tensor; exit 0 when they are equal, 1 when they differ.
+    """Compare two checkpoints: tensors, the rest of the file and ties; exit 0 when equal, 1 when not.
+
+    The rest of the file (optimizer moments, EMA copies, the epoch) is compared by path, and ties
+    (shared storage) by name; --tensors-only, or a selection, compares the chosen tensors only.
 
     \b
     Example: paramsurgeon diff before.pt after.safetensors --atol 1e-6

@@ -5,7 +5,7 @@ import typer
 from .. import formats, report
 from ..checkpoint import Checkpoint
 from ..checks import RuleResult, parse_expectations, run_rules, validate_rules
-from ..compare import compare
+from ..compare import bytes_to_compare, compare
 from ..errors import UsageError
 from ..groups import decay_groups
 from ..inspection import inspect as inspect_checkpoint
@@ -37,13 +37,15 @@ def _union_names(a: Checkpoint, b: Checkpoint, select: SelectOptions) -> tuple[l
     return [n for n in a.tensors if n in picked], [n for n in b.tensors if n in picked]
 
 
-def diff(a, b, atol, rtol, no_values, json_, read, select):
-    """Compare two checkpoints tensor by tensor; exit 0 when they are equal, 1 when they differ."""
+def diff(a, b, atol, rtol, no_values, tensors_only, json_, read, select):
+    """Compare two checkpoints: tensors, the rest of the file and ties; exit 0 when equal, 1 when not.
+    A selection (or --tensors-only) limits the comparison to the tensors it picks, without ties."""
     first, second = open_checkpoint(a, read), open_checkpoint(b, read)
     names_a, names_b = _union_names(first, second, select)
-    size = 0 if no_values else sum(first.tensors[n].nbytes for n in names_a)
+    whole = not (tensors_only or select.pattern or select.regex or select.exclude or select.kind)
+    size = 0 if no_values else bytes_to_compare(first, names_a, whole)
     with progress(2 * size, "comparing") as advance:
-        result = compare(first, second, names_a, names_b, atol=atol, rtol=rtol, values=not no_values,
+        result = compare(first, second, names_a, names_b, atol=atol, rtol=rtol, values=not no_values, whole=whole,
                          progress=advance)
     if json_:
         emit(report.to_json(report.diff_document(result)), raw=True)
