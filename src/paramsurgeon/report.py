@@ -187,8 +187,8 @@ def plan_text(plan, rows: list[dict], width: int | None, color: bool, prefix: st
             dtype += f" -> {BY_NAME[row['new_dtype']].short}"
         cells.append([row["name"], shape, dtype, row["action"]])
     columns = [Column("name"), Column("shape", True), Column("dtype"), Column("action")]
-    title = f"{prefix}{plan.command}: {plural(len(rows), 'tensor')} would change (dry run: nothing written)\n"
-    return printable(title) + render(columns, cells, width, color)[0]
+    title = f"{prefix}{plan.command}: {plural(len(rows), 'tensor')} would change (dry run: nothing written)"
+    return printable(title) + "\n" + render(columns, cells, width, color)[0]
 
 
 def diff_document(result) -> dict:
