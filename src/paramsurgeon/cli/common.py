@@ -34,8 +34,8 @@ def terminal_width() -> Optional[int]:
 
 
 def emit(text: str, raw: bool = False) -> None:
-    """Write a result to standard output as rendered: report.py escaped what came from the file
-    before styling it. (``raw``, once "JSON: do not escape", is ignored; callers can drop it.)"""
+    """Write a result to standard output as rendered (report.py escaped what came from the file
+    before styling it). ``raw`` is ignored: kept only until surgery.py's calls drop it."""
     sys.stdout.write(text)
     sys.stdout.flush()
 
