@@ -2,14 +2,13 @@
 checked against torch's own view of the files."""
 
 import io
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ResNet, TinyGPT, run, run_on_terminal
+from conftest import ResNet, run, run_on_terminal
 
 from test_pipelines import json_of
 
