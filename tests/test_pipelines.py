@@ -82,9 +82,11 @@ def test_diff_selection_and_other_entries(training_pt, tmp_path):
     state = torch.load(training_pt, weights_only=True)
     state["epoch"] = 8
     torch.save(state, later)
-    document = json_of("diff", training_pt, later, "-p", "fc.*", schema="diff")
-    assert document["identical"] == 2 and document["equal"]
-    assert {"path": "epoch", "a": "7", "b": "8"} in document["extras"]
+    document = json_of("diff", training_pt, later, "-p", "fc.*", schema="diff")  # those tensors only
+    assert document["identical"] == 2 and document["equal"] and not document["whole_file"]
+    assert document["extras"] == []
+    whole = json_of("diff", training_pt, later, schema="diff", code=1)
+    assert whole["whole_file"] and whole["extras"] == [{"path": "epoch", "a": "7", "b": "8"}]
 
 
 # check

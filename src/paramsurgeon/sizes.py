@@ -1,4 +1,4 @@
-"""Byte sizes as people write and read them (5GB, 46.8 MB)."""
+"""Sizes and counts as people write and read them (5GB, 46.8 MB, 1 tensor)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,8 @@ def human_bytes(nbytes: int) -> str:
         if nbytes >= size:
             return f"{nbytes / size:.1f} {unit}"
     return f"{nbytes} B"
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 tensor', '2 tensors', '1,024 parameters'."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")

@@ -30,17 +30,38 @@ class RuleResult:
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """'64x3x7x7', '[64, 3, 7, 7]' or '()' -> (64, 3, 7, 7)."""
-    cleaned = text.strip().strip("[]()")
+    """A shape as people and torch write it: '64x3x7x7', '[64, 3, 7, 7]', '(10,)',
+    'torch.Size([10, 32])'; '()', '[]' and 'scalar' are the empty shape."""
+    cleaned = re.sub(r"^torch\.Size\((.*)\)$", r"\1", text.strip()).strip().strip("[]()").strip()
     if cleaned in ("", "scalar"):
         return ()
-    parts = re.split(r"\s*[x,]\s*", cleaned)
+    parts = re.split(r"\s*[x,]\s*", cleaned.removesuffix(",").strip())
     if not all(p.isdigit() for p in parts):
-        raise UsageError(f"shape '{text}': expected dimensions like 64x3x7x7 or [64, 3, 7, 7]")
+        raise UsageError(f"shape '{text}': expected dimensions like 64x3x7x7, [64, 3, 7, 7], (10,)"
+                         f" or torch.Size([64, 3, 7, 7])")
     return tuple(int(p) for p in parts)
 
 
-_EXPECTATION = re.compile(r"(\S+?)(?:[=\s]\s*(\[[^\]]*\]|\([^)]*\)|[^\s\[(]\S*))?(?:\s+(\S+))?")
+_SHAPE = r"torch\.Size\(\s*(?:\[[^\]]*\]|\([^)]*\))\s*\)|\[[^\]]*\]|\([^)]*\)|[^\s\[(]\S*"
+_EXPECTATION = re.compile(rf"(\S+?)(?:[=\s]\s*({_SHAPE}))?(?:\s+(\S+))?")
+
+
+def validate_rules(max_abs: float | None, dtype: str | None) -> str | None:
+    """Refuse a bound or dtype no floating-point tensor could be meant to meet; returns the
+    dtype's canonical name."""
+    if max_abs is not None and not max_abs >= 0:
+        raise UsageError(f"--max-abs {max_abs:g}: a bound on |x| must be 0 or more")
+    if dtype is None:
+        return None
+    try:
+        resolved = dtypes.by_name(dtype)
+    except KeyError:
+        raise UsageError(f"--dtype {dtype}: unknown dtype; e.g. float32, bfloat16, float16") from None
+    if not resolved.floating:
+        raise UsageError(f"--dtype {dtype}: check --dtype is about floating-point tensors (integer buffers"
+                         f" such as num_batches_tracked are not checked); give float32, bfloat16, float16 or"
+                         f" float64")
+    return resolved.name
 
 
 def parse_expectations(lines: list[str], where: str) -> dict[str, tuple]:
@@ -66,7 +87,9 @@ def parse_expectations(lines: list[str], where: str) -> dict[str, tuple]:
 def run_rules(ckpt: Checkpoint, names: list[str], *, finite: bool = False, max_abs: float | None = None,
               like: Checkpoint | None = None, expect: dict[str, tuple] | None = None, dtype: str | None = None,
               progress: Callable[[int], None] | None = None) -> list[RuleResult]:
-    """Check every rule asked for; values are read once, in bounded memory, only if a rule needs them."""
+    """Check every rule asked for; values are read once, in bounded memory, only if a rule needs them.
+    The rules about values (finite, max-abs, dtype) look at floating-point tensors only: integer
+    step counters such as num_batches_tracked are not weights."""
     tensors = ckpt.tensors
     results = []
     if like is not None:
@@ -83,7 +106,7 @@ def run_rules(ckpt: Checkpoint, names: list[str], *, finite: bool = False, max_a
         finite_rule, bound_rule = RuleResult("finite"), RuleResult(f"max-abs {max_abs:g}" if max_abs is not None else "")
         for name in names:
             tensor = tensors[name]
-            stats = tensor_stats(tensor) if tensor.dtype.floating or max_abs is not None else None
+            stats = tensor_stats(tensor) if tensor.dtype.floating else None
             if progress is not None:
                 progress(tensor.nbytes)
             if stats is None:

@@ -1,4 +1,5 @@
-"""Comparing two checkpoints tensor by tensor, in bounded memory.
+"""Comparing two checkpoints: the named tensors, tensors and values in the rest of the file
+(optimizer moments, EMA copies, the epoch), and which tensors share storage; in bounded memory.
 
 Names, shapes and dtypes come from the headers alone. Values are compared as raw bytes
 first (no torch needed when they are identical); only tensors whose bytes differ are read
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from ..checkpoint import Checkpoint, Tensor
-from ..checkpoint.extras import extras
+from ..checkpoint.extras import summarize, tensors_in
 from ..checkpoint.tensor import blocks
+from ..formats.pickles import Opaque
+
 
 @dataclass
 class TensorDiff:
@@ -40,55 +43,155 @@ class TensorDiff:
 
 @dataclass
 class Comparison:
+    """What differs. ``whole`` says whether the rest of the file and the ties were compared; then
+    ``extras`` are its non-tensor entries that differ (by summary; None: absent on that side),
+    ``extra_diffs`` its tensors that differ (named by path), ``ties_a``/``ties_b`` the groups
+    of shared storage on one side only."""
+
     source_a: str
     source_b: str
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
     diffs: list[TensorDiff] = field(default_factory=list)
     identical: int = 0
-    extras: list[dict] = field(default_factory=list)
     atol: float = 0.0
     rtol: float = 0.0
     values: bool = True
+    whole: bool = True
+    extras: list[dict] = field(default_factory=list)
+    extra_diffs: list[TensorDiff] = field(default_factory=list)
+    extra_identical: int = 0
+    ties_a: list[list[str]] = field(default_factory=list)
+    ties_b: list[list[str]] = field(default_factory=list)
 
     def of(self, status: str) -> list[TensorDiff]:
         return [d for d in self.diffs if d.status == status]
 
     @property
     def equal(self) -> bool:
-        """No tensor missing, reshaped, retyped or beyond the tolerances."""
-        return not (self.only_a or self.only_b or any(d.status != "close" for d in self.diffs))
+        """Nothing missing, reshaped, retyped, beyond the tolerances, changed or tied differently."""
+        return not (self.only_a or self.only_b or self.extras or self.ties_a or self.ties_b
+                    or any(d.status != "close" for d in self.diffs + self.extra_diffs))
 
 
 def compare(a: Checkpoint, b: Checkpoint, names_a: list[str], names_b: list[str], *, atol: float = 0.0,
-            rtol: float = 0.0, values: bool = True, progress: Callable[[int], None] | None = None) -> Comparison:
-    """Compare the tensors ``names_a`` of ``a`` with ``names_b`` of ``b``."""
-    result = Comparison(a.source, b.source, atol=atol, rtol=rtol, values=values)
+            rtol: float = 0.0, values: bool = True, whole: bool = True,
+            progress: Callable[[int], None] | None = None) -> Comparison:
+    """Compare the tensors ``names_a`` of ``a`` with ``names_b`` of ``b``; with ``whole``, also
+    which of them share storage, and everything else in the two files, by path."""
+    result = Comparison(a.source, b.source, atol=atol, rtol=rtol, values=values, whole=whole)
     tensors_a, tensors_b = a.tensors, b.tensors
-    in_b = set(names_b)
+    in_a, in_b = set(names_a), set(names_b)
     result.only_a = [n for n in names_a if n not in in_b]
-    in_a = set(names_a)
     result.only_b = [n for n in names_b if n not in in_a]
-    for name in (n for n in names_a if n in in_b):
-        ta, tb = tensors_a[name], tensors_b[name]
-        diff = TensorDiff(name, ta.shape, tb.shape, ta.dtype.name, tb.dtype.name, numel=ta.numel)
-        if ta.shape == tb.shape and values:
-            if ta.dtype == tb.dtype and _same_bytes(ta, tb):
-                result.identical += 1
-            else:
-                _measure(diff, ta, tb, atol, rtol)
-                if diff.max_abs == 0 and ta.dtype == tb.dtype:
-                    result.identical += 1  # equal values in another layout
-                else:
-                    result.diffs.append(diff)
-            if progress is not None:
-                progress(ta.nbytes + tb.nbytes)
-        elif ta.shape != tb.shape or ta.dtype != tb.dtype:
-            result.diffs.append(diff)
+    common = [n for n in names_a if n in in_b]
+    for name in common:
+        diff = _compare_tensors(name, tensors_a[name], tensors_b[name], atol, rtol, values, progress)
+        if diff is None:
+            result.identical += 1
         else:
-            result.identical += 1  # same name, shape and dtype; values not compared
-    result.extras = _extras_diff(a, b)
+            result.diffs.append(diff)
+    if whole:
+        result.ties_a, result.ties_b = _tie_changes(a, b, common)
+        _compare_entries(result, dict(a.extra_items()), dict(b.extra_items()), "", progress, set())
     return result
+
+
+def bytes_to_compare(a: Checkpoint, names: list[str], whole: bool) -> int:
+    """The bytes of ``a`` that a comparison of values may read (for a progress bar)."""
+    tensors = a.tensors
+    extra = sum(t.nbytes for _, value in a.extra_items() for t in tensors_in(value)) if whole else 0
+    return sum(tensors[n].nbytes for n in names) + extra
+
+
+def _compare_tensors(name: str, ta: Tensor, tb: Tensor, atol: float, rtol: float, values: bool,
+                     progress: Callable[[int], None] | None) -> TensorDiff | None:
+    """How ``ta`` and ``tb`` differ, or None when they hold the same values in the same dtype."""
+    diff = TensorDiff(name, ta.shape, tb.shape, ta.dtype.name, tb.dtype.name, numel=ta.numel)
+    if ta.shape != tb.shape or not values:
+        return None if (ta.shape, ta.dtype) == (tb.shape, tb.dtype) else diff
+    if progress is not None:
+        progress(ta.nbytes + tb.nbytes)
+    if ta.dtype == tb.dtype and _same_bytes(ta, tb):
+        return None
+    _measure(diff, ta, tb, atol, rtol)
+    return None if diff.max_abs == 0 and ta.dtype == tb.dtype else diff  # equal values in another layout
+
+
+def _tie_changes(a: Checkpoint, b: Checkpoint, names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Groups of ``names`` sharing storage in ``a`` only, and in ``b`` only."""
+    ga, gb = _tie_groups(a, names), _tie_groups(b, names)
+    return [g for g in ga if g not in gb], [g for g in gb if g not in ga]
+
+
+def _tie_groups(ckpt: Checkpoint, names: list[str]) -> list[list[str]]:
+    """``ckpt``'s groups of tied tensors restricted to ``names``, in their order."""
+    position = {n: i for i, n in enumerate(names)}
+    groups = [sorted((n for n in group if n in position), key=position.__getitem__) for group in ckpt.ties()]
+    return sorted((g for g in groups if len(g) > 1), key=lambda g: position[g[0]])
+
+
+def _compare_entries(result: Comparison, left: dict, right: dict, prefix: str,
+                     progress: Callable[[int], None] | None, seen: set) -> None:
+    """Compare two containers of the rest of the files key by key; an entry on one side only is
+    reported once, where it starts (a missing optimizer is one entry, not one per moment)."""
+    for key in list(left) + [k for k in right if k not in left]:
+        path = f"{prefix}{key}"
+        if key in left and key in right:
+            _compare_value(result, path, left[key], right[key], progress, seen)
+        else:
+            result.extras.append({"path": path, "a": summarize(left[key]) if key in left else None,
+                                  "b": summarize(right[key]) if key in right else None})
+
+
+def _compare_value(result: Comparison, path: str, va: Any, vb: Any, progress: Callable[[int], None] | None,
+                   seen: set) -> None:
+    """Tensors by value, containers of one kind entry by entry, anything else as a whole."""
+    if isinstance(va, Tensor) and isinstance(vb, Tensor):
+        diff = _compare_tensors(path, va, vb, result.atol, result.rtol, result.values, progress)
+        if diff is None:
+            result.extra_identical += 1
+        else:
+            result.extra_diffs.append(diff)
+        return
+    parts_a, parts_b = _parts(va), _parts(vb)
+    if parts_a is not None and parts_b is not None and _kind(va) == _kind(vb):
+        if (id(va), id(vb)) not in seen:  # each shared object once: a file of shared references stays linear
+            seen.add((id(va), id(vb)))
+            _compare_entries(result, parts_a, parts_b, f"{path}.", progress, seen)
+    elif _same_value(va, vb):
+        result.extra_identical += 1
+    else:
+        result.extras.append({"path": path, "a": summarize(va), "b": summarize(vb)})
+
+
+def _parts(value: Any) -> dict | None:
+    """The named parts of a container or of an object a pickle recorded; None for anything else."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, (list, tuple)):
+        return dict(enumerate(value))
+    if isinstance(value, Opaque):
+        state = value.state if isinstance(value.state, dict) else {"state": value.state}
+        parts = {**state, "args": list(value.args), "items": value.items, "dictitems": value.dictitems}
+        return {k: v for k, v in parts.items() if v is not None and not (isinstance(v, list) and not v)}
+    return None
+
+
+def _kind(value: Any) -> str:
+    return type(value).full_name if isinstance(value, Opaque) else "mapping" if isinstance(value, dict) else "sequence"
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, bytearray, type(None))
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal plain values of one type (NaN equals NaN); other objects by their summaries."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b if isinstance(a, _PLAIN) else summarize(a) == summarize(b)
 
 
 def _same_bytes(a: Tensor, b: Tensor) -> bool:
@@ -127,11 +230,3 @@ def _comparable(values):
     if values.is_complex():
         return torch.view_as_real(values).double().reshape(-1)
     return values.double() if values.dtype != torch.float64 else values
-
-
-def _extras_diff(a: Checkpoint, b: Checkpoint) -> list[dict]:
-    """Non-tensor entries that differ, by their one-line summaries."""
-    left = {e["path"]: e["summary"] for e in extras(a)}
-    right = {e["path"]: e["summary"] for e in extras(b)}
-    return [{"path": p, "a": left.get(p), "b": right.get(p)}
-            for p in list(left) + [p for p in right if p not in left] if left.get(p) != right.get(p)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..formats.pickles import Opaque, describe
-from ..sizes import human_bytes
+from ..sizes import human_bytes, plural
 from .checkpoint import Checkpoint
 from .tensor import Tensor
 
@@ -41,17 +41,17 @@ def summarize(value: Any) -> str:
             return optimizer
         tensors = _count_tensors(value)
         if tensors and len(value) and all(isinstance(v, Tensor) for v in value.values()):
-            return f"{len(value)} tensors ({human_bytes(sum(v.nbytes for v in value.values()))})"
+            return f"{plural(len(value), 'tensor')} ({human_bytes(sum(v.nbytes for v in value.values()))})"
         shown = ", ".join(f"{k}={describe(v, 24)}" for k, v in list(value.items())[:5])
         more = ", ..." if len(value) > 5 else ""
-        return f"{{{shown}{more}}}" + (f" with {tensors} tensors" if tensors else "")
+        return f"{{{shown}{more}}}" + (f" with {plural(tensors, 'tensor')}" if tensors else "")
     if isinstance(value, (list, tuple)):
         optimizers = [_optimizer(v) for v in value if isinstance(v, dict)]
         if value and all(optimizers) and len(optimizers) == len(value):
             return "; ".join(optimizers)
         if len(value) <= 4 and all(isinstance(v, (int, float, str, bool)) or v is None for v in value):
             return repr(value)
-        return f"{type(value).__name__} of {len(value)} item{'s' if len(value) != 1 else ''}"
+        return f"{type(value).__name__} of {plural(len(value), 'item')}"
     if isinstance(value, (bytes, bytearray)):
         return f"{len(value)} bytes"
     return describe(value)
@@ -75,12 +75,11 @@ def _optimizer(state: dict) -> str | None:
     groups = state["param_groups"]
     lrs = [g.get("lr") for g in groups if isinstance(g, dict) and isinstance(g.get("lr"), (int, float))]
     lr = f", lr {lrs[0]:g}" if lrs else ""
-    size = human_bytes(sum(t.nbytes for t in _tensors_in(state["state"])))
-    plural = "s" if len(groups) != 1 else ""
-    return f"{name} state for {len(state['state'])} params ({size}), {len(groups)} param group{plural}{lr}"
+    size = human_bytes(sum(t.nbytes for t in tensors_in(state["state"])))
+    return f"{name} state for {plural(len(state['state']), 'param')} ({size}), {plural(len(groups), 'param group')}{lr}"
 
 
-def _tensors_in(value: Any, seen: set | None = None) -> list[Tensor]:
+def tensors_in(value: Any, seen: set | None = None) -> list[Tensor]:
     """Every Tensor reachable from ``value`` (each shared object visited once)."""
     seen = set() if seen is None else seen
     if id(value) in seen:
@@ -96,8 +95,8 @@ def _tensors_in(value: Any, seen: set | None = None) -> list[Tensor]:
         items = [*value.args, value.state, *value.items, *(v for _, v in value.dictitems)]
     else:
         return []
-    return [t for item in items for t in _tensors_in(item, seen)]
+    return [t for item in items for t in tensors_in(item, seen)]
 
 
 def _count_tensors(value: Any) -> int:
-    return len(_tensors_in(value))
+    return len(tensors_in(value))

@@ -4,6 +4,7 @@ turns its errors into one line on stderr and an exit code."""
 import os
 import sys
 import typing
+import warnings
 from typing import Annotated
 
 import typer
@@ -26,7 +27,11 @@ class _Group(TyperGroup):
         args = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in args or os.environ.get("PARAMSURGEON_DEBUG") == "1"
         try:
-            code = super().main(args, prog_name or "paramsurgeon", complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                # torch warns on import when numpy is missing (torch lists it as optional, and so do
+                # we: no tensor here goes to numpy); stderr carries paramsurgeon's lines only.
+                warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+                code = super().main(args, prog_name or "paramsurgeon", complete_var, standalone_mode=False, **extra)
             code = code if isinstance(code, int) else 0
         except ParamSurgeonError as e:
             code = _fail(str(e), e.exit_code, debug)

@@ -37,7 +37,7 @@ def inspect(given: Input, options: InspectOptions, output: Json, read: Read, sel
         result = inspect_checkpoint(checkpoint, names, stats=stats, hashes=options.hash, tree=options.tree,
                                     progress=advance if reads_data else None)
     if output.json:
-        emit(render.to_json(render.inspection_document(result)), raw=True)
+        emit(render.to_json(render.inspection_document(result)), )
     elif options.tree:
         emit(render.tree_text(result.tree, options.depth, terminal_width(), color_on_stdout()))
     else:
@@ -50,23 +50,30 @@ class DiffOptions:
     rtol: float = option(0.0, "--rtol", minimum=0, help="Relative tolerance (see --atol).")
     no_values: bool = option(False, "--no-values", help="Compare names, shapes and dtypes only (reads no tensor"
                                                         " data).")
+    tensors_only: bool = option(False, "--tensors-only", help="Compare the named tensors only, not the rest of the"
+                                                              " file (optimizer state, epoch) nor ties.")
 
 
 def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, select: Selection) -> None:
-    """Compare two checkpoints tensor by tensor; exit 0 when they are equal, 1 when they differ."""
-    from ..analysis.compare import compare
+    """Compare two checkpoints: tensors, the rest of the file and ties; exit 0 when equal, 1 when not.
+
+    The rest of the file (optimizer moments, EMA copies, the epoch) is compared by path, and ties
+    (shared storage) by name; --tensors-only, or a selection, compares the chosen tensors only.
+    """
+    from ..analysis.compare import bytes_to_compare, compare
     from ..report import render
 
     first, second = open_checkpoint(pair.a, read), open_checkpoint(pair.b, read)
     picked = set(selected_names(first, select, {**second.tensors, **first.tensors}))
     names_a = [n for n in first.tensors if n in picked]
     names_b = [n for n in second.tensors if n in picked]
-    size = 0 if options.no_values else sum(first.tensors[n].nbytes for n in names_a)
+    whole = not (options.tensors_only or select.selector.narrows or select.exclude)
+    size = 0 if options.no_values else bytes_to_compare(first, names_a, whole)
     with progress(2 * size, "comparing") as advance:
         result = compare(first, second, names_a, names_b, atol=options.atol, rtol=options.rtol,
-                         values=not options.no_values, progress=advance)
+                         values=not options.no_values, whole=whole, progress=advance)
     if output.json:
-        emit(render.to_json(render.diff_document(result)), raw=True)
+        emit(render.to_json(render.diff_document(result)), )
     else:
         emit(render.diff_text(result, terminal_width(), color_on_stdout()))
     raise typer.Exit(0 if result.equal else 1)
@@ -90,10 +97,11 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
 
     A sharded checkpoint is also checked for agreement between its index and its shards.
     """
-    from .. import dtypes, formats
-    from ..analysis.checks import RuleResult, parse_expectations, run_rules
+    from .. import formats
+    from ..analysis.checks import RuleResult, parse_expectations, run_rules, validate_rules
     from ..errors import UsageError
 
+    dtype = validate_rules(options.max_abs, options.dtype)
     expectations = parse_expectations(options.expect, "--expect")
     if options.expect_file is not None:
         try:
@@ -101,12 +109,6 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
                 expectations.update(parse_expectations(f.read().splitlines(), options.expect_file))
         except OSError as e:
             raise UsageError(f"cannot read '{options.expect_file}': {e.strerror}") from e
-    dtype = options.dtype
-    if dtype is not None:
-        try:
-            dtype = dtypes.by_name(dtype).name
-        except KeyError:
-            raise UsageError(f"--dtype {dtype}: unknown dtype; e.g. float32, bfloat16, int64") from None
     rules: list[RuleResult] = []
     index = formats.sharded_index(given.ckpt)
     if index is not None:
@@ -128,7 +130,7 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
 def _report_check(source: str, rules: list, json: bool) -> None:
     from ..report import render
 
-    emit(render.to_json(render.check_document(source, rules)), raw=True) if json \
+    emit(render.to_json(render.check_document(source, rules))) if json \
         else emit(render.check_text(source, rules))
     raise typer.Exit(0 if all(rule.ok for rule in rules) else 1)
 
@@ -154,7 +156,7 @@ def groups(given: Input, rules: GroupRules, output: Json, read: Read, select: Se
     for warning in warnings or []:
         note(f"warning: {warning}")
     if output.json:
-        emit(render.to_json(render.groups_document(checkpoint.source, result)), raw=True)
+        emit(render.to_json(render.groups_document(checkpoint.source, result)), )
     else:
         emit(render.groups_text(checkpoint, result))
 

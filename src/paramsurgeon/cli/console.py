@@ -3,8 +3,8 @@
 import os
 import shutil
 import sys
-import time
 from contextlib import contextmanager
+from time import monotonic
 from typing import Callable, Iterator, Optional
 
 from .. import formats
@@ -33,9 +33,10 @@ def terminal_width() -> Optional[int]:
     return shutil.get_terminal_size().columns if stdout_is_terminal() else None
 
 
-def emit(text: str, raw: bool = False) -> None:
-    """Write a result to standard output (control characters escaped, unless it is JSON)."""
-    sys.stdout.write(text if raw else "\n".join(printable(line) for line in text.split("\n")))
+def emit(text: str) -> None:
+    """Write a result to standard output as rendered (report/ escaped what came from the file
+    before styling it)."""
+    sys.stdout.write(text)
     sys.stdout.flush()
 
 
@@ -75,24 +76,24 @@ PROGRESS_DELAY = float(os.environ.get("PARAMSURGEON_PROGRESS_DELAY", "1.0"))  # 
 
 @contextmanager
 def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """An ``advance(nbytes)`` callback; a bar appears on a terminal after about a second."""
+    """An ``advance(nbytes)`` callback that shows a bar on a terminal for work that takes about a
+    second: once PROGRESS_DELAY has passed and, at the rate measured since the first advance, at
+    least half of that delay of work remains (a small file read after a slow start shows none)."""
     if not sys.stderr.isatty() or "NO_COLOR" in os.environ or total <= 0:
         yield lambda n: None
         return
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    started = time.monotonic()
-    state: dict = {"bar": None, "done": 0}
+    started = monotonic()
+    state: dict = {"bar": None, "done": 0, "first": None}
 
     def advance(nbytes: int) -> None:
         state["done"] += nbytes
-        if state["bar"] is None and time.monotonic() - started >= PROGRESS_DELAY:
-            bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                           TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-            bar.start()
-            state["bar"], state["task"] = bar, bar.add_task(label, total=total)
+        now = monotonic()
+        if state["bar"] is None and state["first"] is not None and now - started >= PROGRESS_DELAY:
+            first_time, first_done = state["first"]
+            remaining = (total - state["done"]) * (now - first_time) / max(state["done"] - first_done, 1)
+            if remaining >= PROGRESS_DELAY / 2:
+                state["bar"], state["task"] = _bar(label, total)
+        state["first"] = state["first"] or (now, state["done"])
         if state["bar"] is not None:
             state["bar"].update(state["task"], completed=state["done"])
 
@@ -101,3 +102,15 @@ def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
     finally:
         if state["bar"] is not None:
             state["bar"].stop()
+
+
+def _bar(label: str, total: int):
+    """A started rich progress bar on standard error, and its task."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    bar.start()
+    return bar, bar.add_task(label, total=total)

@@ -62,7 +62,7 @@ def _run(command: str, path: Optional[str], steps: list[Step], seed: Optional[in
     if surgery.json:
         document = render.plan_document(planned[0][1], planned[0][2], ckpt, target.path, write.dry_run) \
             if command != "apply" else render.recipe_document(planned, ckpt, target.path, write.dry_run)
-        emit(render.to_json(document), raw=True)
+        emit(render.to_json(document))
     elif write.dry_run:
         emit("".join(render.plan_text(plan, rows, terminal_width(), color_on_stdout(),
                                       f"step {number}: " if command == "apply" else "")

@@ -1,7 +1,9 @@
 """The only place that renders: text reports for people, JSON documents for programs.
 
 Functions here build text; printing is the caller's. ``width`` is the terminal's (tables
-fit it, see tables.py) or None when piped (plain columns, one line per row).
+fit it, see tables.py) or None when piped (plain columns, one line per row). Text that came
+from a file (names, entries, metadata) is escaped here, before it is styled: tables escape
+their cells, and ``_escaped`` the other lines.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import math
 from ..dtypes import BY_NAME
 from ..analysis.inspection import Inspection, Row
 from .tables import Column, render
-from ..sizes import human_bytes
+from ..sizes import human_bytes, plural
+from .escape import printable
 
 SCHEMA_VERSION = 1
 _FORMAT_NAMES = {"torch": "torch zip", "torch-legacy": "torch legacy pickle", "safetensors": "safetensors",
@@ -61,7 +64,7 @@ def inspection_document(result: Inspection) -> dict:
 
 
 def short_number(value) -> str:
-    """Numbers in at most about 8 characters: 0.0678, -0.349, 1234, -1.02e-4, 3.5e6."""
+    """Numbers in at most about 8 characters: 0.0678, -0.349, 100, 1234, -1.02e-4, 3.5e6."""
     if value is None:
         return "-"
     if isinstance(value, int):
@@ -73,15 +76,11 @@ def short_number(value) -> str:
     if value == 0:
         return "0"
     if 1e-3 <= abs(value) < 1e3:
-        return f"{value:#.3g}"
+        return f"{value:#.3g}".removesuffix(".")  # 3 significant digits kept: 0.100, 1.50, 100
     if 1e3 <= abs(value) < 1e4:
         return f"{value:.0f}"
     mantissa, exponent = f"{value:.2e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -116,23 +115,26 @@ def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
     totals = result.totals
     key = f" ({result.key})" if result.key else ""
     lines = [f"{result.source}{key}: {_FORMAT_NAMES.get(result.format, result.format)},"
-             f" {_plural(totals['tensors'], 'tensor')}, {totals['parameters']:,} parameters"
+             f" {plural(totals['tensors'], 'tensor')}, {plural(totals['parameters'], 'parameter')}"
              + (f" + {totals['buffers']:,} in buffers" if totals["buffers"] else "") + f", {human_bytes(totals['bytes'])}"]
     cols = _columns(result)
     headers = [c.header for c, _ in cols]
     table, hidden = render([c for c, _ in cols], [[cell(r) for _, cell in cols] for r in result.rows], width, color,
                            core=headers.index("max") + 1 if "max" in headers else 4)
-    lines.append(table.rstrip("\n"))
-    if hidden:
-        lines.append(f"(not shown at this width: {', '.join(hidden)}; --json has every field)")
-    return "\n".join(lines + footer_lines(result)) + "\n"
+    notes = [f"(not shown at this width: {', '.join(hidden)}; --json has every field)"] if hidden else []
+    return "\n".join(_escaped(lines) + [table.rstrip("\n")] + _escaped(notes + footer_lines(result))) + "\n"
+
+
+def _escaped(lines: list[str]) -> list[str]:
+    """Plain report lines with control characters escaped (tables escape their own cells)."""
+    return [printable(line) for line in lines]
 
 
 def footer_lines(result: Inspection) -> list[str]:
     lines = []
     by_dtype = result.totals["by_dtype"]
     if len(by_dtype) > 1:
-        lines.append("by dtype: " + "; ".join(f"{d} {_plural(v['tensors'], 'tensor')}, {v['numel']:,} elements,"
+        lines.append("by dtype: " + "; ".join(f"{d} {plural(v['tensors'], 'tensor')}, {plural(v['numel'], 'element')},"
                                               f" {human_bytes(v['bytes'])}" for d, v in by_dtype.items()))
     lines += ["tied (one storage): " + " = ".join(group) for group in result.ties]
     if result.extras:
@@ -186,8 +188,8 @@ def plan_text(plan, rows: list[dict], width: int | None, color: bool, prefix: st
             dtype += f" -> {BY_NAME[row['new_dtype']].short}"
         cells.append([row["name"], shape, dtype, row["action"]])
     columns = [Column("name"), Column("shape", True), Column("dtype"), Column("action")]
-    title = f"{prefix}{plan.command}: {_plural(len(rows), 'tensor')} would change (dry run: nothing written)\n"
-    return title + render(columns, cells, width, color)[0]
+    title = f"{prefix}{plan.command}: {plural(len(rows), 'tensor')} would change (dry run: nothing written)"
+    return printable(title) + "\n" + render(columns, cells, width, color)[0]
 
 
 def diff_document(result) -> dict:
@@ -199,35 +201,60 @@ def diff_document(result) -> dict:
 
     return {"schema_version": SCHEMA_VERSION, "command": "diff", "a": result.source_a, "b": result.source_b,
             "equal": result.equal, "atol": result.atol, "rtol": result.rtol, "values_compared": result.values,
-            "identical": result.identical, "only_a": result.only_a, "only_b": result.only_b,
-            "changed": [entry(d) for d in result.diffs], "extras": result.extras}
+            "whole_file": result.whole, "identical": result.identical, "only_a": result.only_a,
+            "only_b": result.only_b, "changed": [entry(d) for d in result.diffs],
+            "ties": {"only_a": result.ties_a, "only_b": result.ties_b}, "extras": result.extras,
+            "extra_tensors": [entry(d) for d in result.extra_diffs], "extra_identical": result.extra_identical}
 
 
 def diff_text(result, width: int | None, color: bool) -> str:
     """The ``diff`` report: a summary line, then each difference."""
-    counts = [f"{result.identical} {'identical' if result.values else 'alike (values not compared)'}"]
+    counts = [f"{result.identical:,} {'identical' if result.values else 'alike (values not compared)'}"]
     for status, label in (("different", "different"), ("close", "within tolerance"), ("shape", "reshaped"),
                           ("dtype", "retyped")):
         if result.of(status):
-            counts.append(f"{len(result.of(status))} {label}")
-    counts += [f"{len(result.only_a)} only in A", f"{len(result.only_b)} only in B"]
-    lines = [f"{result.source_a} (A) vs {result.source_b} (B): {'equal' if result.equal else 'different'}: "
-             + ", ".join(counts)]
+            counts.append(f"{len(result.of(status)):,} {label}")
+    counts += [f"{len(result.only_a):,} only in A", f"{len(result.only_b):,} only in B"]
+    summary = f"{result.source_a} (A) vs {result.source_b} (B): {'equal' if result.equal else 'different'}: " \
+              + ", ".join(counts)
+    if result.extra_identical or result.extras or result.extra_diffs:
+        close = sum(d.status == "close" for d in result.extra_diffs)
+        different = len(result.extras) + len(result.extra_diffs) - close
+        rest = [f"{result.extra_identical:,} identical"] + ([f"{different:,} different"] if different else []) \
+            + ([f"{close:,} within tolerance"] if close else [])
+        summary += "; rest of the file: " + ", ".join(rest)
+        summary += "; ties differ" if result.ties_a or result.ties_b else ""
+    lines = _escaped([summary])
     if result.diffs:
-        rows = []
-        for d in result.diffs:
-            shape = shape_text(d.shape_a) + ("" if d.shape_a == d.shape_b else f" -> {shape_text(d.shape_b)}")
-            dtype = BY_NAME[d.dtype_a].short + ("" if d.dtype_a == d.dtype_b else f" -> {BY_NAME[d.dtype_b].short}")
-            mismatched = f"{d.mismatched:,}/{d.numel:,}" if d.max_abs is not None else "-"
-            rows.append([d.name, d.status, shape, dtype, short_number(d.max_abs), short_number(d.max_rel), mismatched])
-        columns = [Column("name"), Column("change"), Column("shape", True), Column("dtype"), Column("max |a-b|", True),
-                   Column("max rel", True), Column("mismatched", True)]
-        lines.append(render(columns, rows, width, color)[0].rstrip("\n"))
+        lines.append(_diff_table(result.diffs, "name", width, color))
     for label, names in (("only in A", result.only_a), ("only in B", result.only_b)):
         if names:
-            lines += [f"{label} ({len(names)}):"] + [f"  {name}" for name in names]
-    lines += [f"other entry {e['path']}: {e['a']} -> {e['b']}" for e in result.extras]
+            lines += _escaped([f"{label} ({len(names):,}):"] + [f"  {name}" for name in names])
+    if result.extras or result.extra_diffs:
+        lines += _escaped(["rest of the file:"] + [f"  {e['path']}: {_side(e['a'])} -> {_side(e['b'])}"
+                                                   for e in result.extras])
+    if result.extra_diffs:
+        lines.append(_diff_table(result.extra_diffs, "path", width, color))
+    lines += _escaped([f"tied in {side} only: " + " = ".join(group)
+                       for side, groups in (("A", result.ties_a), ("B", result.ties_b)) for group in groups])
     return "\n".join(lines) + "\n"
+
+
+def _side(summary: str | None) -> str:
+    return "(absent)" if summary is None else summary
+
+
+def _diff_table(diffs, first: str, width: int | None, color: bool) -> str:
+    """One row per tensor that differs: its change, shape, dtype and the largest differences."""
+    rows = []
+    for d in diffs:
+        shape = shape_text(d.shape_a) + ("" if d.shape_a == d.shape_b else f" -> {shape_text(d.shape_b)}")
+        dtype = BY_NAME[d.dtype_a].short + ("" if d.dtype_a == d.dtype_b else f" -> {BY_NAME[d.dtype_b].short}")
+        mismatched = f"{d.mismatched:,}/{d.numel:,}" if d.max_abs is not None else "-"
+        rows.append([d.name, d.status, shape, dtype, short_number(d.max_abs), short_number(d.max_rel), mismatched])
+    columns = [Column(first), Column("change"), Column("shape", True), Column("dtype"), Column("max |a-b|", True),
+               Column("max rel", True), Column("mismatched", True)]
+    return render(columns, rows, width, color)[0].rstrip("\n")
 
 
 def check_document(source: str, rules) -> dict:
@@ -236,16 +263,22 @@ def check_document(source: str, rules) -> dict:
             "rules": [{"rule": r.rule, "ok": r.ok, "violations": r.violations} for r in rules]}
 
 
+SHOWN_VIOLATIONS = 20  # per rule in the text report; --json lists every one
+
+
 def check_text(source: str, rules) -> str:
-    """The ``check`` report: one line per rule, then one per violation."""
-    ok = all(r.ok for r in rules)
-    lines = [f"{source}: {'every rule holds' if ok else 'FAILED'}"
-             f" ({sum(not r.ok for r in rules)} of {len(rules)} rules broken)"]
+    """The ``check`` report: one line per rule, then one per violation (at most SHOWN_VIOLATIONS)."""
+    broken = sum(not r.ok for r in rules)
+    verdict = "FAILED" if broken else "every rule holds"
+    lines = [f"{source}: {verdict} ({broken} of {plural(len(rules), 'rule')} broken)"]
     for rule in rules:
-        lines.append(f"  {'ok  ' if rule.ok else 'FAIL'} {rule.rule}"
-                     + ("" if rule.ok else f": {len(rule.violations)} violation{'s' if len(rule.violations) != 1 else ''}"))
-        lines += [f"       {v['name'] + ' ' if v['name'] else ''}{v['message']}" for v in rule.violations]
-    return "\n".join(lines) + "\n"
+        lines.append(f"  {'FAIL' if rule.violations else 'ok  '} {rule.rule}"
+                     + (f": {plural(len(rule.violations), 'violation')}" if rule.violations else ""))
+        lines += [f"       {v['name'] + ' ' if v['name'] else ''}{v['message']}"
+                  for v in rule.violations[:SHOWN_VIOLATIONS]]
+        if len(rule.violations) > SHOWN_VIOLATIONS:
+            lines.append(f"       ... and {len(rule.violations) - SHOWN_VIOLATIONS} more (--json lists every one)")
+    return "\n".join(_escaped(lines)) + "\n"
 
 
 def groups_document(source: str, groups: dict) -> dict:
@@ -259,6 +292,7 @@ def groups_text(ckpt, groups: dict) -> str:
     for label in ("decay", "no_decay", "buffers"):
         names = groups[label]
         title = {"buffers": "not parameters (buffers)"}.get(label, label)
-        lines.append(f"{title}: {_plural(len(names), 'tensor')}, {sum(tensors[n].numel for n in names):,} values")
+        values = plural(sum(tensors[n].numel for n in names), "value")
+        lines.append(f"{title}: {plural(len(names), 'tensor')}, {values}")
         lines += [f"  {n}" for n in names]
-    return "\n".join(lines) + "\n"
+    return "\n".join(_escaped(lines)) + "\n"

@@ -1,11 +1,14 @@
 """Tables as text. Piped, a table is plain aligned columns, one line per row, every column
 kept (for grep and awk; rich is not even imported). On a terminal, rich draws it to fit
 the width: the rightmost columns give way, and before the ``core`` ones would, the first
-column folds its long values (nothing is cut)."""
+column folds its long values (nothing is cut). Cells are escaped (control characters shown
+as ``\\x1b``) before they are drawn, so a name from a file cannot drive the terminal."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .escape import printable
 
 _MIN_FOLD = 24
 
@@ -19,6 +22,7 @@ class Column:
 def render(columns: list[Column], rows: list[list[str]], width: int | None = None, color: bool = False,
            core: int | None = None) -> tuple[str, list[str]]:
     """The table, and the headers of the columns left out to fit ``width``."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     if width is None:
         return _plain(columns, rows), []
     return _fitted(columns, rows, width, color, core or len(columns))
