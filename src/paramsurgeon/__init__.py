@@ -1,17 +1,22 @@
-"""paramsurgeon: model surgery on PyTorch checkpoints.
+"""paramsurgeon: model surgery on PyTorch checkpoints, as a library.
 
-    ckpt = paramsurgeon.load("model.pt")           # lazy: tensors stay on disk
-    names = paramsurgeon.select(ckpt, ["fc.*"])
-    paramsurgeon.save(ckpt, "model.safetensors")
+    import paramsurgeon as ps
+    ckpt = ps.load("model.pt")                     # lazy: tensors stay on disk
+    ps.zero(ckpt, pattern=["fc.*"], below=1e-3)    # every command is a function with its options
+    ps.save(ckpt, "model.safetensors")
 
+The data flows formats -> checkpoint -> selection -> ops -> formats (write) / analysis -> report.
 Modules are imported on first use, so that the command line starts fast.
 """
 
 from .errors import ParamSurgeonError
 
-__all__ = ["Checkpoint", "Tensor", "ParamSurgeonError", "Selector", "load", "save", "select", "__version__"]
+_OPERATIONS = ("init", "zero", "scale", "cast", "copy", "tie", "untie", "rename", "drop", "apply",
+               "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename", "Drop", "Plan")
+_LAZY = {"Checkpoint": "checkpoint", "Tensor": "checkpoint", "Selector": "selection", "load": "formats",
+         "to_torch": "checkpoint.values", **{name: "ops" for name in _OPERATIONS}}
 
-_LAZY = {"Checkpoint": "checkpoint", "Tensor": "checkpoint", "Selector": "selection", "load": "formats"}
+__all__ = ["ParamSurgeonError", "save", "select", "__version__", *_LAZY]
 
 
 def save(ckpt, path: str | None = None, *, format: str | None = None, in_place: bool = False) -> None:

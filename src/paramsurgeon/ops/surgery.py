@@ -65,6 +65,22 @@ def perform(ckpt: Checkpoint, steps: list[Step], sources: Sources, *, reset_opti
     return plans, optimizer_notes(ckpt, plans, reset_optimizer)
 
 
+def run(ckpt: Checkpoint, steps: list[Step], *, seed: int | None = None, sources: Sources | None = None,
+        reset_optimizer: bool = False) -> list[Plan]:
+    """The library's way to run ``steps`` on ``ckpt`` in memory: seeds drawn where none is named,
+    every step checked first, then applied; notes (the seed drawn, the optimizer state) are
+    added to the last plan's notes."""
+    if sources is None:
+        from ..formats import load
+
+        sources = lambda path, key: load(path, key=key)  # noqa: E731
+    steps, notes = draw_seeds(steps, seed)
+    rehearse(ckpt, steps, sources)
+    plans, after = perform(ckpt, steps, sources, reset_optimizer=reset_optimizer)
+    plans[-1].notes += notes + after
+    return plans
+
+
 def _plan(ckpt: Checkpoint, step: Step, sources: Sources) -> Plan:
     try:
         return step.operation.plan(ckpt, sources)
