@@ -224,3 +224,16 @@ def test_dcp_output_keeps_files_beside_the_checkpoint(tmp_path, resnet_pt, train
     dcp_to_torch_save(folder, tmp_path / "back.pt")
     assert sorted(load_torch(tmp_path / "back.pt")) == sorted(load_torch(resnet_pt))
     assert [p for p in os.listdir(tmp_path) if ".paramsurgeon-" in p] == []
+
+
+def test_a_directory_output_may_not_swallow_the_input(tmp_path, resnet_pt):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    single = folder / "model.safetensors"
+    assert run("convert", resnet_pt, "-o", single).exit_code == 0
+    before = file_bytes(single)
+    result = run("convert", single, "-o", folder, "--max-shard-size", "100KB")
+    assert result.exit_code == 2
+    assert result.stderr == (f"paramsurgeon: error: -o {folder} holds the input checkpoint {single}, which the new"
+                             " checkpoint would replace; pass another directory\n")
+    assert os.listdir(folder) == ["model.safetensors"] and file_bytes(single) == before

@@ -159,27 +159,25 @@ def atomic_directory(target: str, carry: Callable[[str], bool]) -> Iterator[str]
     except OSError as e:
         _remove(staging)
         raise OutputError(f"cannot replace '{where}': {e.strerror or e}; it is unchanged") from e
+    fsync_directory(os.path.dirname(target))
     if old is not None:
         _remove(old)  # a crash while removing it leaves the rest to recover()
 
 
 def _swap(staging: str, target: str) -> str | None:
     """Put ``staging`` at ``target`` in one step; return where the old ``target`` now is."""
-    folder = os.path.dirname(os.path.abspath(target))
-    old = None
     if not os.path.lexists(target):
         os.rename(staging, target)
-    elif _exchange(staging, target):
-        old = staging
-    else:
-        old = staging + ".old"
-        os.rename(target, old)  # a crash from here to the next rename: recover() restores it
-        try:
-            os.rename(staging, target)
-        except OSError:
-            os.rename(old, target)
-            raise
-    fsync_directory(folder)
+        return None
+    if _exchange(staging, target):
+        return staging
+    old = staging + ".old"
+    os.rename(target, old)  # a crash from here to the next rename: recover() restores it
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(old, target)
+        raise
     return old
 
 
