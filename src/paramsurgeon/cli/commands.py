@@ -175,6 +175,8 @@ def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
 
     checkpoint = open_checkpoint(given.ckpt, read)
     target = formats.resolve_target(checkpoint, write.output, write.format, write.in_place, sharding.max_shard_size)
+    for message in target.notes:
+        note(f"note: {message}")
     tensors = checkpoint.tensors
     size = sum(t.nbytes for t in tensors.values())
     where = target.path or "standard output"

@@ -84,6 +84,8 @@ def _open_for_writing(path: Optional[str], read: Read, write: Write,
     """The checkpoint and where its result goes, refusing impossible outputs before any work."""
     ckpt = open_checkpoint(path, read)
     target = formats.resolve_target(ckpt, write.output, write.format, write.in_place)
+    for message in target.notes:
+        note(f"note: {message}")
     if target.path is None and not write.dry_run:
         refuse_terminal()  # before any value is computed
         if surgery.json:

@@ -5,7 +5,7 @@ without importing the torch readers.
 """
 
 _EXPORTS = {"load": "reading", "sharded_index": "reading", "verify_shards": "reading",
-            "save": "writing", "resolve_target": "writing", "Target": "writing"}
+            "save": "writing", "resolve_target": "target", "Target": "target"}
 
 __all__ = list(_EXPORTS)
 

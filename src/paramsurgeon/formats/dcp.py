@@ -21,6 +21,7 @@ from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
 from ..errors import CorruptCheckpointError, NotACheckpointError, OutputError
 from . import pickles
+from .atomic import atomic_directory
 from .files import InputFile
 
 _DCP = "torch.distributed.checkpoint"
@@ -151,29 +152,33 @@ def _unflatten(flat: dict[str, Any], layout: dict) -> dict:
     return root
 
 
-def write(ckpt: Checkpoint, folder: str) -> None:
-    """Save ``ckpt`` (every entry of the file) as a DCP directory, through dcp.save."""
-    import torch.distributed.checkpoint as dcp
+class Writer:
+    """A DCP directory written by dcp.save, replaced as a whole (atomic.atomic_directory);
+    files beside the checkpoint in the old directory are carried over."""
 
-    from .files import temporary_name
+    def __init__(self, folder: str):
+        self.folder = folder
 
-    try:
-        state = _materialize(ckpt.root, ckpt.source)
-    except RecursionError as e:
-        raise OutputError(f"{ckpt.source}: its objects nest too deeply for a DCP checkpoint; pass --tensors-only") from e
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise OutputError(f"'{folder}' exists and is not a directory; a DCP checkpoint is a directory")
-    staging = temporary_name(folder)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-            dcp.save(state, checkpoint_id=staging)
-        _replace_directory(staging, folder)
-    except BaseException:
-        import shutil
+    def write(self, ckpt: Checkpoint) -> None:
+        """Save ``ckpt`` (every entry of the file) as a DCP directory."""
+        import torch.distributed.checkpoint as dcp
 
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        try:
+            state = _materialize(ckpt.root, ckpt.source)
+        except RecursionError as e:
+            raise OutputError(f"{ckpt.source}: its objects nest too deeply for a DCP checkpoint;"
+                              " pass --tensors-only") from e
+        if os.path.isdir(self.folder) and not is_dcp(self.folder) and os.listdir(self.folder):
+            raise OutputError(f"'{self.folder}' is a directory that is not a DCP checkpoint; refusing to replace it")
+        with atomic_directory(self.folder, carry=lambda name: not is_own_file(name)) as staging:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+                dcp.save(state, checkpoint_id=staging)
+
+
+def is_own_file(name: str) -> bool:
+    """Whether a file name in a directory is part of a DCP checkpoint."""
+    return name == ".metadata" or name.endswith(".distcp")
 
 
 def _materialize(node: Any, source: str, seen: dict | None = None) -> Any:
@@ -200,18 +205,3 @@ def _materialize(node: Any, source: str, seen: dict | None = None) -> Any:
         result = node
     seen[id(node)] = result
     return result
-
-
-def _replace_directory(staging: str, folder: str) -> None:
-    """Put ``staging`` at ``folder``; an existing DCP checkpoint there is swapped out, then removed."""
-    import shutil
-
-    if not os.path.exists(folder):
-        os.rename(staging, folder)
-        return
-    if not is_dcp(folder) and os.listdir(folder):
-        raise OutputError(f"'{folder}' is a directory that is not a DCP checkpoint; refusing to replace it")
-    old = staging + ".old"
-    os.rename(folder, old)
-    os.rename(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,5 +1,5 @@
 """Bytes in and out: input files read by offset and memory-mapped on demand, and output
-sinks that stream, copy unchanged spans in the kernel, and replace files atomically.
+sinks that stream and copy unchanged spans in the kernel (atomic replacement: atomic.py).
 """
 
 from __future__ import annotations
@@ -7,16 +7,11 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import re
-import secrets
-import shutil
 import stat
 import sys
 import tempfile
-from contextlib import contextmanager
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
-from ..checkpoint.tensor import blocks  # noqa: F401 (re-exported for the writers)
 from ..errors import CorruptCheckpointError, InputError, OutputError
 
 _COPY_CHUNK = 64 << 20
@@ -180,6 +175,66 @@ class Sink:
             view = view[written:]
 
 
+def reproduces(path: str, write: Callable[[Sink], None]) -> bool:
+    """Whether ``write`` would write exactly the file at ``path``, copying every span it copies
+    from that very file at the same offset. Costs a read of the bytes written from memory
+    (headers, pickles), none of the copied ones."""
+    try:
+        file = open_input(path)
+    except InputError:
+        return False
+    rehearsal = _Rehearsal(file)
+    try:
+        write(rehearsal)
+    except _Differs:
+        return False
+    finally:
+        os.close(file.fd)
+    return rehearsal.position == file.size
+
+
+class _Differs(Exception):
+    """A rehearsed write departs from the file."""
+
+
+class _Rehearsal:
+    """A sink that writes nothing and raises _Differs where the output would depart from ``file``."""
+
+    def __init__(self, file: InputFile):
+        self.file, self.position = file, 0
+        self._identity = _identity(file.fd)
+
+    def write(self, data) -> None:
+        n = len(data)
+        if self.position + n > self.file.size or self.file.read(self.position, n) != bytes(data):
+            raise _Differs
+        self.position += n
+
+    def write_large(self, data: memoryview) -> None:
+        raise _Differs  # bytes computed in memory: a changed tensor
+
+    def copy(self, source: InputFile, offset: int, n: int) -> None:
+        if offset != self.position or _identity(source.fd) != self._identity:
+            raise _Differs
+        self.position += n
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+
+def same_file(file: InputFile | None, path: str) -> bool:
+    """Whether ``file`` is open on the file at ``path`` (not merely one of the same name)."""
+    try:
+        return file is not None and _identity(file.fd) == _identity(path)
+    except OSError:
+        return False
+
+
+def _identity(fd_or_path: int | str) -> tuple[int, int]:
+    status = os.stat(fd_or_path)
+    return status.st_dev, status.st_ino
+
+
 def refuse_terminal() -> None:
     """Standard output must not be a terminal when a checkpoint is going there."""
     if sys.stdout.isatty():
@@ -197,96 +252,3 @@ def stdout_sink() -> Sink:
     except (AttributeError, OSError, ValueError):
         fd = None
     return Sink(stream=stream, fd=fd)
-
-
-def temporary_name(target: str) -> str:
-    """A hidden name beside ``target`` that marks a write in progress by this process.
-
-    Leftovers of writes whose process died (killed, or the machine went down) are removed
-    first, so a crash leaves nothing behind after the next run.
-    """
-    folder, base = os.path.split(os.path.abspath(target))
-    remove_stale(folder, base)
-    return os.path.join(folder, f".{base}.paramsurgeon-{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def remove_stale(folder: str, base: str) -> list[str]:
-    """Remove temporary files (or directories) for ``base`` left by processes that no longer run."""
-    pattern = re.compile(rf"\.{re.escape(base)}\.paramsurgeon-(\d+)-[0-9a-f]{{8}}\.tmp(\.old)?")
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for name in names:
-        match = pattern.fullmatch(name)
-        if not match or _alive(int(match.group(1))):
-            continue
-        path = os.path.join(folder, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            _unlink_quietly(path)
-        removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextmanager
-def atomic_file(target: str, mode_from: str | None = None) -> Iterator[Sink]:
-    """Write ``target`` through a temporary file beside it: flushed, fsynced, renamed.
-
-    On any failure the temporary file is removed and ``target`` is untouched.
-    """
-    tmp = temporary_name(target)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise OutputError(f"cannot write '{target}': {e.strerror}") from e
-    try:
-        if mode_from is not None:
-            os.chmod(tmp, stat.S_IMODE(os.stat(mode_from).st_mode))
-        sink = Sink(fd=fd, name=target)
-        yield sink
-        sink.flush()
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, target)
-        _fsync_dir(os.path.dirname(os.path.abspath(target)))
-    except BaseException as e:
-        if fd >= 0:
-            os.close(fd)
-        _unlink_quietly(tmp)
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write '{target}': {e.strerror or e}; nothing was written") from e
-        raise
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

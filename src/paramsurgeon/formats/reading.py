@@ -8,6 +8,7 @@ import os
 from ..checkpoint import Checkpoint, find_container
 from ..errors import NotACheckpointError, SelectionError
 from . import safetensors, sharded
+from .atomic import recover
 from .files import InputFile, open_input
 
 _SIGNATURES = [
@@ -28,6 +29,8 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
     Tensors stay on disk; ``key`` ('a.b') picks the tensors inside a nested torch file.
     """
     options = {"allow": frozenset(allow_globals), "unsafe": unsafe_pickle}
+    if path not in (None, "-") and not os.path.lexists(path):
+        recover(path)  # a replacement that died between its two renames left it aside
     if path not in (None, "-") and os.path.isdir(path):
         ckpt = _read_directory(path, options)
     else:
@@ -48,10 +51,10 @@ def sharded_index(path: str | None) -> str | None:
         return None
     if os.path.isdir(path):
         indexes = sorted(e for e in os.listdir(path) if e.endswith(".index.json"))
-        if not indexes:
-            return None
-        preferred = sharded.INDEX_NAMES["safetensors"]
-        return os.path.join(path, preferred if preferred in indexes else indexes[0])
+        if len(indexes) > 1:
+            raise NotACheckpointError(f"{path}: a directory with several shard indexes ({', '.join(indexes)});"
+                                      f" pass the one you mean ({os.path.join(path, indexes[0])})")
+        return os.path.join(path, indexes[0]) if indexes else None
     return path if path.endswith(".index.json") and os.path.isfile(path) else None
 
 

@@ -172,17 +172,22 @@ def _aliases(tensors: dict[str, Tensor], group: list[str]) -> bool:
                for t in (tensors[n] for n in group))
 
 
-def write(tensors: dict[str, Tensor], metadata: dict[str, str], sink: Sink, *, dedupe: bool = False,
-          progress=None) -> None:
-    """Stream ``tensors`` to ``sink`` as a safetensors file."""
-    entries, metadata = plan(tensors, metadata, dedupe)
-    header, _ = header_bytes(entries, metadata)
-    sink.write(header)
-    for _, tensor in entries:
-        write_tensor_bytes(tensor, sink)
-        if progress is not None:
-            progress(tensor.nbytes)
-    sink.flush()
+class Writer:
+    """One safetensors file on ``sink``: the checkpoint's tensors, its metadata, its ties
+    (written once with ``dedupe``); each tensor's bytes streamed after the header."""
+
+    def __init__(self, sink: Sink, *, dedupe: bool = False, progress=None):
+        self.sink, self.dedupe, self.progress = sink, dedupe, progress
+
+    def write(self, ckpt: Checkpoint) -> None:
+        entries, metadata = plan(ckpt.tensors, {"format": "pt", **ckpt.metadata}, self.dedupe)
+        header, _ = header_bytes(entries, metadata)
+        self.sink.write(header)
+        for _, tensor in entries:
+            write_tensor_bytes(tensor, self.sink)
+            if self.progress is not None:
+                self.progress(tensor.nbytes)
+        self.sink.flush()
 
 
 def write_tensor_bytes(tensor: Tensor, sink: Sink) -> None:

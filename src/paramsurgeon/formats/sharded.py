@@ -1,23 +1,26 @@
 """Hugging Face sharded checkpoints: a directory of shards and a ``*.index.json`` whose
 ``weight_map`` says which shard holds each tensor. Read as one checkpoint; written
-shard by shard, in the hub's names and with its splitting rule.
+shard by shard, in the hub's names and with its splitting rule, the directory replaced whole.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 from collections import OrderedDict
 from typing import Callable
 
 from ..checkpoint import Checkpoint, Tensor, tie_groups
-from ..errors import CorruptCheckpointError, InputError, NotACheckpointError, OutputError
+from ..errors import CorruptCheckpointError, InputError, NotACheckpointError
 from . import safetensors as st
-from .files import InputFile, Sink, atomic_file, temporary_name
+from .atomic import atomic_directory, link_or_copy, new_file
+from .files import InputFile, reproduces, same_file
 
 INDEX_NAMES = {"safetensors": "model.safetensors.index.json", "torch": "pytorch_model.bin.index.json"}
 SINGLE_NAMES = {"safetensors": "model.safetensors", "torch": "pytorch_model.bin"}
+DEFAULT_SHARD_SIZE = 5 * 10**9
+_HUB_NAME = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)")
 
 
 def read_index(path: str) -> tuple[dict, dict[str, str]]:
@@ -76,8 +79,7 @@ def read(index_path: str, read_shard: Callable[[InputFile], Checkpoint], open_fi
                                      " run 'paramsurgeon check' for the full list")
     if len(formats) > 1:
         raise NotACheckpointError(f"{index_path}: shards mix formats ({', '.join(sorted(formats))})")
-    if st.TIES_KEY in index_metadata:
-        metadata[st.TIES_KEY] = str(index_metadata[st.TIES_KEY])
+    metadata.update((k, v) for k, v in index_metadata.items() if isinstance(v, str))  # the whole checkpoint's
     st.restore_ties(index_path, tensors, metadata)
     family = formats.pop() if formats else "safetensors"
     return Checkpoint(source=index_path, format=f"{family}-sharded", root=tensors, key=(),
@@ -107,62 +109,95 @@ def keep(entries: list[tuple[str, Tensor]], layout: dict[str, str]) -> list[list
     return [groups[shard] for shard in sorted(groups)]
 
 
-def write(tensors: dict[str, Tensor], metadata: dict[str, str], folder: str, family: str, max_size: int,
-          write_file: Callable[[dict, dict, Sink], None], dedupe: bool = False,
-          layout: dict[str, str] | None = None) -> list[str]:
-    """Write ``tensors`` into ``folder`` as shards plus an index; return the files written.
+class Writer:
+    """A Hugging Face sharded directory, replaced as a whole (atomic.atomic_directory).
 
-    With ``layout`` (name -> shard file of the input), each tensor goes back to its shard;
-    otherwise shards are cut at ``max_size``.
+    Each shard is written by the file writer of its format, ``file_writer(sink, name,
+    progress)``; a shard that would come out identical to the file of its name in the old
+    directory (its tensors untouched, still read from that file) is hard-linked from it.
+    Files beside the checkpoint (config.json, tokenizer) are carried over; every file of
+    the old checkpoint, of either format or DCP, goes with it.
     """
-    if family == "safetensors":
-        entries, metadata = st.plan(tensors, metadata, dedupe)
-    else:
-        entries = list(tensors.items())
-    shards = keep(entries, layout) if layout else split(entries, max_size)
-    index_name, single_name = INDEX_NAMES[family], SINGLE_NAMES[family]
-    stem, suffix = single_name.rsplit(".", 1)
-    names = [single_name] if len(shards) == 1 else [f"{stem}-{i:05d}-of-{len(shards):05d}.{suffix}"
-                                                     for i in range(1, len(shards) + 1)]
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise OutputError(f"'{folder}' is not a directory")
-    if not os.path.exists(folder):  # a new directory appears whole, or not at all
-        staging = temporary_name(folder)
-        os.mkdir(staging)
-        try:
-            written = _write_into(staging, names, shards, entries, tensors, metadata, family, index_name, write_file)
-            os.rename(staging, folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return written
-    previous = set(read_index(os.path.join(folder, index_name))[1].values()) \
-        if os.path.isfile(os.path.join(folder, index_name)) else set()
-    written = _write_into(folder, names, shards, entries, tensors, metadata, family, index_name, write_file)
-    for stale in previous - set(written):  # shards of the old layout that the new index no longer names
-        os.remove(os.path.join(folder, stale))
-    if len(shards) == 1 and os.path.isfile(os.path.join(folder, index_name)):
-        os.remove(os.path.join(folder, index_name))
-    return written
 
+    def __init__(self, folder: str, family: str, file_writer: Callable, *, max_size: int | None = None,
+                 dedupe: bool = False, progress=None):
+        self.folder, self.family, self.file_writer = folder, family, file_writer
+        self.max_size, self.dedupe, self.progress = max_size, dedupe, progress
 
-def _write_into(folder, names, shards, entries, tensors, metadata, family, index_name, write_file) -> list[str]:
-    """Each shard and the index, each file written atomically."""
-    for name, shard in zip(names, shards):
-        shard_metadata = {k: v for k, v in metadata.items() if k != st.TIES_KEY}
-        with atomic_file(os.path.join(folder, name)) as sink:
-            write_file(OrderedDict(shard), shard_metadata, sink)
-    written = list(names)
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.nbytes for _, t in entries)},
+    def write(self, ckpt: Checkpoint) -> None:
+        """Shard ``ckpt``'s tensors: as its input shards were (no ``max_size``), else by size."""
+        if self.family == "safetensors":
+            entries, metadata = st.plan(ckpt.tensors, ckpt.metadata, self.dedupe)
+        else:
+            entries, metadata = list(ckpt.tensors.items()), {}
+        layout = ckpt.shards if self.max_size is None else None
+        shards = keep(entries, layout) if layout else split(entries, self.max_size or DEFAULT_SHARD_SIZE)
+        names = shard_names(self.family, len(shards))
+        metadata = {k: v for k, v in metadata.items() if k != st.TIES_KEY}
+        # Several shards: the checkpoint's metadata (the operations applied) goes in the index,
+        # so that a shard whose tensors did not change stays the same file.
+        shard_metadata = metadata if len(shards) == 1 else {k: v for k, v in metadata.items() if k == "format"}
+        owned = checkpoint_files(self.folder)
+        with atomic_directory(self.folder, carry=lambda name: name not in owned) as staging:
+            for name, shard in zip(names, shards):
+                part = Checkpoint(source=os.path.join(self.folder, name), format=self.family,
+                                  root=OrderedDict(shard), metadata=shard_metadata)
+                self._write_shard(part, name, staging)
+            if len(shards) > 1:
+                self._write_index(entries, shards, names, ckpt.tensors, metadata, staging)
+
+    def _write_shard(self, part: Checkpoint, name: str, staging: str) -> None:
+        old = os.path.join(self.folder, name)
+        if _still_in(part, old) and reproduces(old, lambda sink: self.file_writer(sink, name, None).write(part)):
+            link_or_copy(old, os.path.join(staging, name))
+            if self.progress is not None:
+                self.progress(sum(t.nbytes for t in part.tensors.values()))
+            return
+        with new_file(os.path.join(staging, name), like=old) as sink:
+            self.file_writer(sink, name, self.progress).write(part)
+
+    def _write_index(self, entries, shards, names, tensors, metadata, staging) -> None:
+        index_name = INDEX_NAMES[self.family]
+        index = {"metadata": {**{k: v for k, v in metadata.items() if k != "format"},
+                              "total_size": sum(t.nbytes for _, t in entries)},
                  "weight_map": {n: names[i] for i, shard in enumerate(shards) for n, _ in shard}}
         groups = tie_groups(tensors)
-        if groups and family == "safetensors":
+        if groups and self.family == "safetensors":
             index["metadata"][st.TIES_KEY] = json.dumps(groups, separators=(",", ":"))
-        with atomic_file(os.path.join(folder, index_name)) as sink:
+        with new_file(os.path.join(staging, index_name), like=os.path.join(self.folder, index_name)) as sink:
             sink.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-        written.append(index_name)
-    return written
+
+
+def shard_names(family: str, count: int) -> list[str]:
+    """The hub's file names: model.safetensors alone, else model-00001-of-00003.safetensors, ..."""
+    single = SINGLE_NAMES[family]
+    if count == 1:
+        return [single]
+    stem, suffix = single.rsplit(".", 1)
+    return [f"{stem}-{i:05d}-of-{count:05d}.{suffix}" for i in range(1, count + 1)]
+
+
+def checkpoint_files(folder: str) -> set[str]:
+    """Names in ``folder`` that belong to a checkpoint: every index and the shards it names,
+    hub-named weight files, DCP files. Writing a checkpoint there replaces them all."""
+    from .dcp import is_own_file as dcp_file
+
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+    owned = {n for n in names if n.endswith(".index.json") or _HUB_NAME.fullmatch(n) or dcp_file(n)}
+    for index in [n for n in owned if n.endswith(".index.json")]:
+        try:
+            owned |= set(read_index(os.path.join(folder, index))[1].values())
+        except InputError:
+            continue  # a damaged index names no shards
+    return owned
+
+
+def _still_in(part: Checkpoint, path: str) -> bool:
+    """Whether every tensor of ``part`` is still read, untouched, from the file at ``path``."""
+    return all(not t.storage.in_memory and same_file(t.storage.file, path) for t in part.tensors.values())
 
 
 def verify(index_path: str, read_shard: Callable[[str], Checkpoint]) -> list[dict]:

@@ -15,7 +15,8 @@ import zlib
 from ..checkpoint import Checkpoint, Storage
 from ..errors import CorruptCheckpointError, NotACheckpointError
 from . import pickles
-from .files import InputFile, Sink, blocks
+from ..checkpoint.tensor import blocks
+from .files import InputFile, Sink
 from .torchpickle import TensorPickling, interpreter
 
 ALIGNMENT = 64
@@ -112,22 +113,28 @@ def read(file: InputFile, *, allow: frozenset[str], unsafe: bool) -> Checkpoint:
     return Checkpoint(source=file.name, format="torch", root=root, key=())
 
 
-def write(root, sink: Sink, archive: str = "archive", progress=None) -> None:
-    """Stream ``root`` (a tree holding lazy Tensors) to ``sink`` as torch.save would."""
-    pickling = TensorPickling()
-    data_pkl = pickles.to_pickle(root, reduce_object=pickling.reduce, persistent_id=pickling.persistent_id)
-    writer = _ZipWriter(sink, archive)
-    writer.add_bytes("data.pkl", data_pkl)
-    writer.add_bytes(".format_version", b"1")
-    writer.add_bytes(".storage_alignment", str(ALIGNMENT).encode())
-    writer.add_bytes("byteorder", b"little")
-    for key, storage in pickling.storages:
-        writer.add_storage(f"data/{key}", storage, progress)
-    writer.add_bytes("version", b"3\n")
-    writer.finish()
+class Writer:
+    """One torch zip file on ``sink``: the checkpoint's whole object (the rest of the file
+    too) pickled as torch.save pickles it, then each storage streamed into its record."""
+
+    def __init__(self, sink: Sink, archive: str = "archive", progress=None):
+        self.sink, self.archive, self.progress = sink, archive, progress
+
+    def write(self, ckpt: Checkpoint) -> None:
+        pickling = TensorPickling()
+        data_pkl = pickles.to_pickle(ckpt.root, reduce_object=pickling.reduce, persistent_id=pickling.persistent_id)
+        records = _Records(self.sink, self.archive)
+        records.add_bytes("data.pkl", data_pkl)
+        records.add_bytes(".format_version", b"1")
+        records.add_bytes(".storage_alignment", str(ALIGNMENT).encode())
+        records.add_bytes("byteorder", b"little")
+        for key, storage in pickling.storages:
+            records.add_storage(f"data/{key}", storage, self.progress)
+        records.add_bytes("version", b"3\n")
+        records.finish()
 
 
-class _ZipWriter:
+class _Records:
     """Stored zip records laid out as miniz lays them out for torch."""
 
     def __init__(self, sink: Sink, archive: str):

@@ -1,0 +1,256 @@
+"""Atomic replacement of files and directories, in one place.
+
+A new file or directory is built under a hidden name beside its target, made durable, then
+put in place in one step: a file by rename, a directory by an atomic exchange with the old
+one (Linux ``renameat2(RENAME_EXCHANGE)``), after which the old one, now under the hidden
+name, is removed. Where the exchange is unavailable, two renames are used and the old
+directory waits under a ``.old`` name between them. After a crash at any step the target
+is the old checkpoint or the new one; the next write or read of it (``recover``) removes
+what the dead process left and, if it died between the two renames, restores the old one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import secrets
+import shutil
+import stat
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from ..errors import OutputError
+from .files import Sink
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _renameat2():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def temporary_name(target: str) -> str:
+    """A hidden name beside ``target`` that marks a write in progress by this process.
+
+    What earlier writes of ``target`` left when their process died is cleared first.
+    """
+    folder, base = os.path.split(os.path.abspath(target))
+    recover(target)
+    return os.path.join(folder, f".{base}.paramsurgeon-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def recover(target: str) -> list[str]:
+    """Clear the leftovers of dead processes' writes of ``target``; return the paths removed.
+
+    A directory moved aside as ``.old`` while ``target`` is missing is a replacement that
+    died between its two renames: it is the complete old checkpoint, and goes back in place.
+    """
+    folder, base = os.path.split(os.path.abspath(target))
+    pattern = re.compile(rf"\.{re.escape(base)}\.paramsurgeon-(\d+)-[0-9a-f]{{8}}\.tmp(\.old)?")
+    try:
+        names = sorted(os.listdir(folder), key=lambda n: not n.endswith(".old"))  # restore first
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if not match or _alive(int(match.group(1))):
+            continue
+        path = os.path.join(folder, name)
+        if match.group(2) and not os.path.lexists(target):
+            try:
+                os.rename(path, target)
+                fsync_directory(folder)
+            except OSError:
+                pass  # left as it is, for a run that may restore it
+            continue
+        _remove(path)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def atomic_file(target: str) -> Iterator[Sink]:
+    """Write ``target`` through a temporary file beside it: flushed, fsynced, renamed.
+
+    A file it replaces keeps its mode (and owner, where permitted). On any failure the
+    temporary file is removed and ``target`` is untouched.
+    """
+    tmp = temporary_name(target)
+    try:
+        with new_file(tmp, like=target) as sink:
+            yield sink
+            sink.flush()
+            os.fsync(sink.fd)
+        os.replace(tmp, target)
+        fsync_directory(os.path.dirname(os.path.abspath(target)))
+    except BaseException as e:
+        _remove(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write '{target}': {e.strerror or e}; nothing was written") from e
+        raise
+
+
+@contextmanager
+def new_file(path: str, like: str | None = None) -> Iterator[Sink]:
+    """A new file at ``path`` (which must not exist), with the mode and owner of ``like`` if it exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise OutputError(f"cannot write '{like or path}': {e.strerror}") from e
+    try:
+        _keep_attributes(path, like)
+        sink = Sink(fd=fd, name=like or path)
+        yield sink
+        sink.flush()
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_directory(target: str, carry: Callable[[str], bool]) -> Iterator[str]:
+    """Build the new ``target`` directory in the staging directory yielded, then swap it in whole.
+
+    Entries of the old directory for which ``carry(name)`` is true (a config.json beside
+    the shards) are carried over by hard link, unless the new directory holds that name.
+    On failure before the swap the staging directory is removed and ``target`` is untouched.
+    """
+    where, target = target, os.path.abspath(target)  # "." cannot be renamed, its full path can
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise OutputError(f"'{where}' exists and is not a directory; a sharded or DCP checkpoint is a directory")
+    staging = temporary_name(target)
+    try:
+        os.mkdir(staging)
+        _keep_attributes(staging, target)
+        yield staging
+        if os.path.isdir(target):
+            for name in sorted(os.listdir(target)):
+                if carry(name) and not os.path.lexists(os.path.join(staging, name)):
+                    link_or_copy(os.path.join(target, name), os.path.join(staging, name))
+        _fsync_tree(staging)
+    except BaseException as e:
+        _remove(staging)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write '{where}': {e.strerror or e}; nothing was written") from e
+        raise
+    try:
+        old = _swap(staging, target)
+    except OSError as e:
+        _remove(staging)
+        raise OutputError(f"cannot replace '{where}': {e.strerror or e}; it is unchanged") from e
+    fsync_directory(os.path.dirname(target))
+    if old is not None:
+        _remove(old)  # a crash while removing it leaves the rest to recover()
+
+
+def _swap(staging: str, target: str) -> str | None:
+    """Put ``staging`` at ``target`` in one step; return where the old ``target`` now is."""
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        return None
+    if _exchange(staging, target):
+        return staging
+    old = staging + ".old"
+    os.rename(target, old)  # a crash from here to the next rename: recover() restores it
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(old, target)
+        raise
+    return old
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step; False where the kernel or the file system cannot."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+def link_or_copy(source: str, destination: str) -> None:
+    """``source`` at ``destination`` too: a symlink as a symlink, a file by hard link (else copied),
+    a directory entry by entry."""
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), destination)
+    elif os.path.isdir(source):
+        shutil.copytree(source, destination, symlinks=True, copy_function=link_or_copy)
+    else:
+        try:
+            os.link(source, destination)
+        except OSError:  # a file system without hard links, or a file we may not link (protected_hardlinks)
+            shutil.copy2(source, destination)
+
+
+def _keep_attributes(path: str, like: str | None) -> None:
+    """Give ``path`` the owner, group and mode of ``like``, the file it will replace."""
+    if like is None or not os.path.exists(like):
+        return
+    old, new = os.stat(like), os.stat(path)
+    if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+        try:
+            os.chown(path, old.st_uid, old.st_gid)
+        except PermissionError:
+            pass  # -o over another user's file makes a file of our own; --in-place refuses that first
+    os.chmod(path, stat.S_IMODE(old.st_mode))
+
+
+def fsync_directory(folder: str) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF):  # file systems that cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: str) -> None:
+    """Every file and directory under ``folder`` on disk (written, linked or copied into it)."""
+    for parent, directories, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_directory(parent)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

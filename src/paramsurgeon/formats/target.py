@@ -1,0 +1,159 @@
+"""Where and how a checkpoint is written: the output place and format, decided from the
+options, the output's name and the input, with every contradiction refused before any work."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from ..checkpoint import Checkpoint
+from ..errors import OutputError, UsageError
+from ..sizes import parse_size
+
+FORMATS = {"pt": "torch", "torch": "torch", "safetensors": "safetensors", "dcp": "dcp"}
+_EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
+               ".ckpt": "torch", ".tar": "torch"}
+
+
+@dataclass
+class Target:
+    """Where and how a checkpoint is written: ``path`` None means standard output.
+
+    ``notes`` say what the write does that the user may not expect (for the CLI to show).
+    """
+
+    path: str | None
+    family: str
+    sharded: bool = False
+    max_shard_size: int | None = None  # None: keep the input's shards, else split by sharded.DEFAULT_SHARD_SIZE
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None, in_place: bool = False,
+                   max_shard_size: str | None = None) -> Target:
+    """Decide the output place and format from the options, the output name and the input.
+
+    Raises:
+        UsageError: options that contradict each other or the output's name.
+        OutputError: the output is the input without ``in_place``, or the input may not be rewritten.
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"--format {fmt}: expected pt, safetensors or dcp")
+    size = parse_size(max_shard_size) if max_shard_size else None
+    if in_place:
+        return _in_place(ckpt, output, fmt, size)
+    if output in (None, "-"):
+        return _to_stdout(ckpt, fmt, size)
+    if _is_input(ckpt, output):
+        raise OutputError(f"-o {output} is the input checkpoint; pass --in-place to rewrite it")
+    return _to_path(ckpt, output, fmt, size)
+
+
+def _to_stdout(ckpt: Checkpoint, fmt: str | None, size: int | None) -> Target:
+    if size:
+        raise UsageError("--max-shard-size writes a directory; pass -o DIR")
+    family = FORMATS.get(fmt or "", _family(ckpt))
+    if family == "dcp":
+        if fmt:
+            raise UsageError("--format dcp writes a directory; pass -o DIR")
+        family = "torch"  # a DCP input piped on is written as one torch file
+    return Target(None, family)
+
+
+def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -> Target:
+    named = _EXTENSIONS.get(os.path.splitext(output)[1].lower())
+    wanted = FORMATS.get(fmt or "")
+    if named and wanted and named != wanted:
+        fix = "a directory name" if wanted == "dcp" else os.path.splitext(output)[0] + \
+            (".safetensors" if wanted == "safetensors" else ".pt")
+        raise UsageError(f"-o {output} names a {named} file but --format {fmt} asks for {wanted};"
+                         f" drop --format, or name the output {fix}")
+    if size and named and not os.path.isdir(output):
+        raise UsageError(f"--max-shard-size writes a directory, but -o {output} names a {named} file;"
+                         f" pass a directory (-o {os.path.splitext(output)[0]})")
+    directory = bool(size) or os.path.isdir(output) or output.endswith(os.sep) \
+        or (ckpt.format.endswith("sharded") and not named)
+    family = wanted or (None if directory else named) or _family(ckpt)
+    path = output.rstrip(os.sep) or output
+    if directory and _holds_input(path, ckpt):
+        raise OutputError(f"-o {output} holds the input checkpoint {_place(ckpt)}, which the new checkpoint would"
+                          " replace; pass another directory")
+    if family == "dcp" or (directory and _family(ckpt) == "dcp" and not size):
+        if size:
+            raise UsageError("--max-shard-size writes a Hugging Face sharded directory, not DCP; drop one of them")
+        return Target(path, "dcp")
+    return Target(path, family, directory, size)
+
+
+def _in_place(ckpt: Checkpoint, output: str | None, fmt: str | None, size: int | None) -> Target:
+    """The input's own place and format; refuses a change of format and an input we may not rewrite."""
+    if output not in (None, "-") and not _is_input(ckpt, output):
+        raise UsageError("--in-place rewrites the input; do not also pass -o")
+    if ckpt.path is None:
+        raise UsageError("--in-place needs a checkpoint path, not standard input")
+    place, family, sharded = _place(ckpt), _family(ckpt), ckpt.format.endswith("sharded")
+    wanted = FORMATS.get(fmt or "")
+    if wanted and wanted != family:
+        raise UsageError(f"--in-place keeps the input's format ({family}); --format {fmt} would change it;"
+                         f" write the {wanted} checkpoint elsewhere with -o PATH")
+    if size and not sharded:
+        raise UsageError(f"--in-place keeps the input's format, but --max-shard-size would make {place} a sharded"
+                         " directory; write it elsewhere with -o DIR")
+    _check_rewritable(ckpt, place)
+    notes = [f"{place} was a legacy (non-zip) torch file; it is rewritten in the zip format torch.save has"
+             " written since PyTorch 1.6"] if ckpt.format == "torch-legacy" else []
+    return Target(place, family, sharded, size, notes)
+
+
+def _check_rewritable(ckpt: Checkpoint, place: str) -> None:
+    """--in-place puts a new file (or directory) of ours where the input was. Refuse inputs that
+    are read-only (their mode says: do not change me), and, unless we are root and can give a
+    new file its old owner, inputs of another user (they would silently become ours)."""
+    paths = [place]
+    if ckpt.format.endswith("sharded"):
+        paths += [ckpt.source] + [os.path.join(place, s) for s in sorted(set((ckpt.shards or {}).values()))]
+    root = os.geteuid() == 0
+    modes = {p: os.stat(p) for p in paths}
+    read_only = [p for p, s in modes.items() if not s.st_mode & (0o222 if root else stat.S_IWUSR)]
+    if read_only:
+        shown = ", ".join(f"'{p}' (mode {stat.S_IMODE(modes[p].st_mode):04o})" for p in read_only)
+        raise OutputError(f"--in-place: {shown} {'is' if len(read_only) == 1 else 'are'} read-only; nothing was"
+                          " written; make it writable (chmod u+w) or write the result elsewhere with -o")
+    foreign = [p for p, s in modes.items() if not root and s.st_uid != os.geteuid()]
+    if foreign:
+        shown = ", ".join(f"'{p}' (uid {modes[p].st_uid})" for p in foreign)
+        raise OutputError(f"--in-place: {shown} {'belongs' if len(foreign) == 1 else 'belong'} to another user,"
+                          " and a rewrite would make it yours; nothing was written; write the result elsewhere"
+                          " with -o")
+
+
+def _family(ckpt: Checkpoint) -> str:
+    """'torch', 'safetensors' or 'dcp': the input's format without its variant."""
+    return ckpt.format.split("-")[0]
+
+
+def _place(ckpt: Checkpoint) -> str:
+    """What the input is on disk: its file, or its directory (a sharded or DCP checkpoint)."""
+    return os.path.dirname(ckpt.source) if ckpt.format.endswith("sharded") else ckpt.source
+
+
+def _is_input(ckpt: Checkpoint, output: str) -> bool:
+    return ckpt.path is not None and (_same(ckpt.path, output) or _same(_place(ckpt), output))
+
+
+def _holds_input(folder: str, ckpt: Checkpoint) -> bool:
+    """Whether writing a checkpoint into ``folder`` would remove the input (model.safetensors in it)."""
+    if ckpt.path is None or not os.path.isdir(folder):
+        return False
+    from .sharded import checkpoint_files
+
+    place = _place(ckpt)
+    return _same(os.path.dirname(os.path.abspath(place)), folder) and os.path.basename(place) in checkpoint_files(folder)
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
