@@ -384,3 +384,17 @@ def test_names_shapes_and_dtypes_that_differ(request, tmp_path, resnet):
                                other["layer1.0.conv1.weight"] / 2)
     assert "extra.weight" not in after
     assert "because the inputs differ (--skip-mismatched)" in result.stderr
+
+
+def test_values_are_computed_when_written_one_tensor_at_a_time(tmp_path, three, monkeypatch):
+    """Streaming: merging computes nothing; the writer computes each merged tensor once, in turn."""
+    from paramsurgeon.ops.merge import methods
+
+    calls = []
+    real = methods.linear
+    monkeypatch.setattr(methods, "linear", lambda *a, **k: calls.append(a[0][0].shape) or real(*a, **k))
+    (base_pt, ft1, _), (base, _, _) = three
+    ckpt = ps.merge([str(base_pt), str(ft1)])
+    assert calls == []
+    ps.save(ckpt, str(tmp_path / "streamed.safetensors"))
+    assert len(calls) == sum(v.is_floating_point() for v in base.values())
