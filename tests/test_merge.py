@@ -272,6 +272,11 @@ def test_nested_training_checkpoint(request, tmp_path, training_pt):
         if value.is_floating_point():
             torch.testing.assert_close(after["state_dict"][name], (value + other["state_dict"][name]) / 2)
     assert "also holds optimizer state at 'optimizer'" in result.stderr
+    flat = tmp_path / "other.safetensors"  # --key applies to the torch inputs; safetensors is already flat
+    save_file({k: v.contiguous() for k, v in other["state_dict"].items()}, flat)
+    keyed, _ = merged(tmp_path, training_pt, register_input(request, flat), "--key", "state_dict", name="keyed.pt")
+    for name, value in after["state_dict"].items():
+        assert bits(load_torch(keyed)["state_dict"][name]) == bits(value), name
 
 
 def test_ties_are_merged_once_and_stay_tied(request, tmp_path, gpt):
