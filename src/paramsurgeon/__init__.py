@@ -14,7 +14,8 @@ from .errors import ParamSurgeonError
 _OPERATIONS = ("init", "zero", "scale", "cast", "copy", "tie", "untie", "rename", "drop", "apply",
                "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename", "Drop", "Plan")
 _LAZY = {"Checkpoint": "checkpoint", "Tensor": "checkpoint", "Selector": "selection", "load": "formats",
-         "to_torch": "checkpoint.values", **{name: "ops" for name in _OPERATIONS}}
+         "to_torch": "checkpoint.values", "merge": "ops.merge", "Merge": "ops.merge",
+         **{name: "ops" for name in _OPERATIONS}}
 
 __all__ = ["ParamSurgeonError", "save", "select", "__version__", *_LAZY]
 

@@ -123,6 +123,11 @@ def _register_operations() -> None:
     command(app, "apply", [Recipe, Read, Write, Surgery], apply_recipe,
             described(apply_recipe.__doc__, "paramsurgeon apply model.pt recipe.toml -o out.pt"))
 
+    from ..ops.merge import Merge
+    from .merging import EXAMPLE, run_merge
+
+    command(app, "merge", [Merge, Read, Write, Surgery], run_merge, described(run_merge.__doc__, EXAMPLE))
+
 
 _register_operations()
 

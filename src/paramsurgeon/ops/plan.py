@@ -30,6 +30,8 @@ class Change:
     compute: Callable | None = None  # () -> new values: a torch.Tensor of its own (not a view of the
     # input, unless non-contiguous), or a bytearray of the raw bytes
     same_values: bool = False  # a new storage for the same values (untie)
+    lazy: bool = False  # computed when the values are read (by the writer), not when the plan is applied,
+    # so that a change of every tensor (merge) holds one result in memory at a time
 
 
 @dataclass
@@ -143,6 +145,9 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         dtype = dtypes.BY_NAME[change.dtype]
         if simulate:
             fresh = Tensor(Storage(math.prod(change.shape) * dtype.itemsize), dtype, change.shape)
+        elif change.lazy:
+            fresh = Tensor(Storage(math.prod(change.shape) * dtype.itemsize, loader=change.compute,
+                                   location=first.storage.location), dtype, change.shape)
         else:
             values = change.compute()
             if isinstance(values, bytearray):  # raw bytes: no torch needed

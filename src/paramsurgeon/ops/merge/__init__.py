@@ -1,0 +1,187 @@
+"""merge: combine checkpoints tensor by tensor (linear, slerp, task arithmetic, TIES, DARE).
+
+    __init__.py   Merge: the options, checked before any file is read, and the library call
+    planning.py   the plan: names, shapes, dtypes and ties of every input checked at once;
+                  one lazy Change per merged tensor (or tie group)
+    methods.py    the formulas, in torch
+
+The first input (the base, for the task methods) is the checkpoint that is written: every
+tensor that is not merged, and the rest of the file, come from it. A merged tensor's values
+are computed when the writer reaches it, from memory-mapped views of every input, so memory
+holds one tensor of each input at a time, never whole checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ...declare import REQUIRED, argument, option
+from ...errors import UsageError
+from ...selection import Selection
+from ..plan import Plan
+from ..spec import Operation, Sources, TiePolicy
+
+METHODS = ("linear", "slerp", "task-arithmetic", "ties", "dare-linear", "dare-ties")
+TASK_METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
+SPARSE_METHODS = ("ties", "dare-linear", "dare-ties")
+RANDOM_METHODS = ("dare-linear", "dare-ties")
+NORMALIZED = ("linear", "ties", "dare-ties")  # methods that divide by the weights unless --no-normalize
+
+
+@dataclass(kw_only=True)
+class Merge(Selection, TiePolicy, Operation):
+    """Combine checkpoints tensor by tensor: average, interpolate, or add task vectors to a base.
+
+    The first checkpoint (the --base for task methods) is the one written: tensors that are not
+    merged (integers, unselected) and the rest of the file come from it.
+    """
+
+    name: ClassVar[str] = "merge"
+    example: ClassVar[str] = "paramsurgeon merge run/epoch-8.pt run/epoch-9.pt run/epoch-10.pt -o averaged.pt"
+
+    inputs: list[str] = argument(REQUIRED, metavar="CKPT",
+                                 help="Two or more checkpoints to merge (one may be '-': standard input).")
+    method: str = option("linear", "--method", metavar="M", help="linear (default), slerp, task-arithmetic, ties,"
+                         " dare-linear or dare-ties.")
+    weights: str | None = option(None, "--weights", metavar="W,W,...", help="One weight per checkpoint (default: equal"
+                                 " for linear, 1 for task methods).")
+    base: str | None = option(None, "--base", metavar="BASE", help="The base model of the task methods (the checkpoint"
+                              " written, and one of the two or more that take part).")
+    t: float | None = option(None, "--t", metavar="T", help="slerp: where between the first (0) and the second (1)"
+                             " checkpoint; default 0.5.")
+    lambda_: float | None = option(None, "--lambda", metavar="L", help="Task methods: the factor of the merged task"
+                                   " vector; default 1.")
+    density: float | None = option(None, "--density", metavar="D", help="ties, dare-*: the fraction of each task vector"
+                                   " kept, in (0, 1]; default 0.5.")
+    normalize: bool | None = option(None, "--normalize/--no-normalize", help="Divide by the sum of the weights (default:"
+                                    " yes for linear, ties and dare-ties, no for task-arithmetic and dare-linear).")
+    seed: int | None = option(None, "--seed", help="dare-*: make the random drops reproducible (each tensor's generator"
+                              " comes from the seed and its name).")
+    skip_mismatched: bool = option(False, "--skip-mismatched", help="Take tensors whose names, shapes or ties differ"
+                                   " between the inputs from the first input (with a note) instead of failing.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, (list, tuple)):  # a library call may pass numbers
+            self.weights = ",".join(repr(float(w)) for w in self.weights)
+        super().__post_init__()
+        problems = self._problems()
+        if problems:
+            raise UsageError(f"merge: {'; '.join(problems)}")
+
+    def _problems(self) -> list[str]:
+        method, inputs = self.method, list(self.inputs)
+        if method not in METHODS:
+            return [f"--method {method}: choose from {', '.join(METHODS)}"]
+        problems = []
+        task = method in TASK_METHODS
+        taking_part = len(inputs) + (self.base is not None)
+        if taking_part < 2:
+            problems.append(f"needs at least two checkpoints ({taking_part} given)"
+                            + ("; the task methods also take --base BASE" if task else ""))
+        if method == "slerp" and len(inputs) != 2:
+            problems.append(f"slerp interpolates between exactly two checkpoints ({len(inputs)} given)")
+        if task and self.base is None:
+            problems.append(f"{method} adds task vectors to a base model: pass --base BASE")
+        if not task and self.base is not None:
+            problems.append(f"--base applies to {', '.join(TASK_METHODS)}; {method} treats every checkpoint alike"
+                            " (pass them all as CKPT)")
+        not_for = [(self.t is not None and method != "slerp", "--t", "slerp"),
+                   (self.lambda_ is not None and not task, "--lambda", ", ".join(TASK_METHODS)),
+                   (self.density is not None and method not in SPARSE_METHODS, "--density", ", ".join(SPARSE_METHODS)),
+                   (self.weights is not None and method == "slerp", "--weights", "every method but slerp (use --t)"),
+                   (self.normalize is not None and method == "slerp", "--normalize", "every method but slerp")]
+        problems += [f"{flag} applies to {which}, not {method}" for wrong, flag, which in not_for if wrong]
+        if self.t is not None and not 0 <= self.t <= 1:
+            problems.append(f"--t must be between 0 and 1, not {self.t:g}")
+        if self.density is not None and not 0 < self.density <= 1:
+            problems.append(f"--density must be in (0, 1] (the fraction of each task vector kept), not {self.density:g}")
+        stdin = [p for p in inputs + [self.base] if p in ("-",)]
+        if len(stdin) > 1:
+            problems.append("only one checkpoint can come from standard input ('-')")
+        if self.weights is not None and method != "slerp":
+            try:
+                weights = self.weight_values
+            except ValueError as e:
+                problems.append(str(e))
+            else:
+                if len(weights) != len(inputs):
+                    what = "fine-tuned checkpoint (the base takes none)" if task else "checkpoint"
+                    problems.append(f"--weights has {len(weights)} values for {len(inputs)} checkpoints; pass one per"
+                                    f" {what}")
+                elif self.normalizes and not task and math.fsum(weights) == 0:
+                    problems.append("--weights sum to 0, so they cannot be normalised; pass --no-normalize")
+        return problems
+
+    @property
+    def weight_values(self) -> list[float]:
+        """The weights, one per checkpoint in ``inputs`` (defaults filled in)."""
+        if self.weights is None:
+            return [1.0] * len(self.inputs)
+        values = []
+        for text in self.weights.split(","):
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"--weights {self.weights}: '{text.strip()}' is not a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"--weights {self.weights}: {text.strip()} is not a finite number")
+            values.append(value)
+        return values
+
+    @property
+    def normalizes(self) -> bool:
+        return self.normalize if self.normalize is not None else self.method in NORMALIZED
+
+    @property
+    def random(self) -> bool:
+        return self.method in RANDOM_METHODS
+
+    @property
+    def written(self) -> str:
+        """The checkpoint whose file is written: the base for task methods, else the first input."""
+        return self.base if self.base is not None else self.inputs[0]
+
+    @property
+    def others(self) -> list[str]:
+        """The checkpoints read besides the one written, in order."""
+        return list(self.inputs) if self.base is not None else list(self.inputs[1:])
+
+    def plan(self, ckpt, sources: Sources) -> Plan:
+        """Check every input against ``ckpt`` (the one written) and plan one Change per merged unit."""
+        from .planning import plan_merge
+
+        return plan_merge(self, ckpt, [sources(path, None) for path in self.others])
+
+
+def merge(inputs: list[Any], *, base: Any = None, key: str | None = None, reset_optimizer: bool = False,
+          **options) -> Any:
+    """Merge checkpoints (paths, or Checkpoints already loaded) and return the result, a Checkpoint
+    whose merged tensors are computed when they are read or saved (``ps.save``).
+
+    Options: the fields of Merge (method, weights, t, lambda_, density, normalize, seed, ...);
+    the plan's notes (kept tensors, optimizer state, the seed drawn) are added to the result's notes.
+    """
+    from ...formats import load
+    from ..surgery import Step, run
+
+    loaded = {}
+    paths = []
+    for item in list(inputs) + ([base] if base is not None else []):
+        path = item if isinstance(item, str) else f"<checkpoint {len(loaded) + 1}>"
+        if not isinstance(item, str):
+            loaded[path] = item
+        paths.append(path)
+    if base is not None:
+        options["base"] = paths.pop()
+    operation = Merge(inputs=paths, **options)
+    opened = {p: loaded.get(p) or load(p, key=key) for p in dict.fromkeys([operation.written] + operation.others)}
+    ckpt = opened[operation.written]
+    plans = run(ckpt, [Step(operation)], seed=operation.seed, sources=lambda path, _: opened[path],
+                reset_optimizer=reset_optimizer)
+    ckpt.notes += plans[-1].notes
+    return ckpt
+
+
+__all__ = ["METHODS", "Merge", "merge"]

@@ -1,0 +1,209 @@
+"""The merge plan: every input checked against the checkpoint written (names, shapes, dtypes,
+ties), every problem reported at once; then one lazy Change per merged tensor or tie group."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ...checkpoint import Checkpoint, Tensor
+from ...errors import PlanError
+from ..plan import Change, Plan, names_list, tie_units
+from ..schemes import tensor_seed
+from ..spec import with_warnings
+from . import NORMALIZED, RANDOM_METHODS, TASK_METHODS
+
+
+@dataclass
+class MergePlan(Plan):
+    """A merge's plan, with what a dry run shows beside the changes."""
+
+    method: str = ""
+    inputs: list[str] = field(default_factory=list)
+    base: str | None = None
+    weights: list[float] = field(default_factory=list)
+    kept: list[dict] = field(default_factory=list)  # {"name", "reason"}: taken from the first input
+
+    def document(self) -> dict:
+        """The merge's own entries of the --json plan."""
+        return {"method": self.method, "inputs": self.inputs, "base": self.base, "weights": self.weights,
+                "kept": self.kept}
+
+
+def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint]) -> MergePlan:
+    """The plan of ``merge`` (a Merge) writing ``ckpt``, with ``others`` read beside it."""
+    warnings: list[str] = []
+    tensors = ckpt.tensors
+    selected, problems = merge.choose(tensors, ckpt.key)
+    warnings += problems
+    first = ckpt.source
+    kept: list[dict] = []
+    unselected = [n for n in tensors if n not in set(selected)]
+    kept += [{"name": n, "reason": "not selected"} for n in unselected]
+
+    hard, mismatched = [], []  # problems: never allowed / allowed with --skip-mismatched
+    floats = []
+    for name in selected:
+        tensor = tensors[name]
+        kinds = [(other.source, other.tensors[name]) for other in others if name in other.tensors]
+        odd = [f"{t.dtype} in {src}" for src, t in kinds if t.dtype.floating != tensor.dtype.floating]
+        if odd:
+            hard.append(f"'{name}' is {tensor.dtype} in {first} but {', '.join(odd)} (integer tensors are never"
+                        " combined with floating-point ones)")
+        elif tensor.dtype.floating:
+            floats.append(name)
+        else:
+            kept.append({"name": name, "reason": f"{tensor.dtype} (not combined)"})
+
+    units = tie_units(ckpt, floats, follow=merge.follow_ties, untie=merge.untie, command="merge")
+    ties = [_tie_map(c) for c in [ckpt] + others] if not merge.untie else None
+    merged_units = []
+    for unit in units:
+        found = _mismatches(unit, ckpt, others, ties)
+        if found:
+            mismatched += found
+            kept += [{"name": n, "reason": "; ".join(found)} for n in unit]
+        else:
+            merged_units.append(unit)
+    if not merge.selector.narrows:
+        everywhere = set(tensors)
+        for other in others:
+            extra = [n for n in other.tensors if n not in everywhere
+                     and not any(fnmatch.fnmatchcase(n, x) for x in merge.exclude)]
+            if extra:
+                mismatched.append(f"{other.source} has {len(extra)} tensor{'s' if len(extra) > 1 else ''} that"
+                                  f" {first} lacks: {', '.join(extra)}")
+    if mismatched and not merge.skip_mismatched:
+        hard += mismatched
+        hard.append(f"pass --skip-mismatched to take those from {first}")
+    if hard:
+        raise PlanError(f"merge: {'; '.join(hard)}")
+
+    weights = merge.weight_values
+    plan = MergePlan("merge", _description(merge, ckpt, others, weights), method=merge.method,
+                     inputs=[ckpt.source] + [o.source for o in others] if merge.base is None
+                     else [o.source for o in others], base=ckpt.source if merge.base is not None else None,
+                     weights=weights if merge.method != "slerp" else [], kept=kept)
+    for unit in merged_units:
+        tensor = tensors[unit[0]]
+        values = [tensor] + [other.tensors[unit[0]] for other in others]
+        plan.changes.append(Change(unit, merge.method, tensor.shape, tensor.dtype.name,
+                                   _compute(merge, unit[0], values, weights, tensor), lazy=True))
+    plan.notes += _notes(kept, first, mismatched if merge.skip_mismatched else [])
+    return with_warnings(plan, warnings)
+
+
+def _tie_map(ckpt: Checkpoint) -> dict[str, frozenset]:
+    """Each tied name -> the names tied together with it (itself included)."""
+    return {n: frozenset(g) for g in ckpt.ties() for n in g}
+
+
+def _mismatches(unit: list[str], ckpt: Checkpoint, others: list[Checkpoint],
+                ties: list[dict] | None) -> list[str]:
+    """How the other inputs differ from ``ckpt`` for the names of ``unit`` (one tie group);
+    ``ties``: the tie maps of ckpt and the others, or None not to compare ties (--untie)."""
+    found = []
+    for index, other in enumerate(others, 1):
+        for name in unit:
+            theirs = other.tensors.get(name)
+            if theirs is None:
+                found.append(f"'{name}' is missing from {other.source}")
+            elif theirs.shape != ckpt[name].shape:
+                found.append(f"'{name}' is {list(ckpt[name].shape)} in {ckpt.source} but {list(theirs.shape)} in"
+                             f" {other.source}")
+        if ties is not None and not found:
+            mine, theirs_group = ties[0].get(unit[0], frozenset()), ties[index].get(unit[0], frozenset())
+            if mine != theirs_group:
+                found.append(_tie_difference(unit[0], ckpt.source, mine, other.source, theirs_group))
+    return found
+
+
+def _tie_difference(name: str, first: str, mine: frozenset, other: str, theirs: frozenset) -> str:
+    def shown(group: frozenset) -> str:
+        return ", ".join(sorted(group))
+
+    if not theirs:
+        return f"'{name}' is tied ({shown(mine)}) in {first} but not in {other}"
+    if not mine:
+        return f"'{name}' is tied ({shown(theirs)}) in {other} but not in {first}"
+    return f"'{name}' is tied to {shown(mine)} in {first} but to {shown(theirs)} in {other}"
+
+
+def _compute(merge, name: str, values: list[Tensor], weights: list[float], like: Tensor) -> Callable:
+    """What computes the merged values of ``name`` from the lazy ``values`` (one per input, the
+    written one first), cast back to ``like``'s dtype."""
+    method, seed = merge.method, merge.seed or 0
+    lambda_ = merge.lambda_ if merge.lambda_ is not None else 1.0
+    density = merge.density if merge.density is not None else 0.5
+    t = merge.t if merge.t is not None else 0.5
+    normalize = merge.normalizes
+
+    def compute():
+        import torch
+
+        from ...checkpoint.values import to_torch
+        from . import methods
+
+        views = [to_torch(v) for v in values]
+        work = methods.working_dtype(views)
+        if method == "linear":
+            result = methods.linear(views, weights, normalize, work)
+        elif method == "slerp":
+            result = methods.slerp(t, views[0], views[1], work)
+        else:
+            generator = torch.Generator().manual_seed(tensor_seed(seed, name)) if method in RANDOM_METHODS \
+                else None
+            if method in ("task-arithmetic", "dare-linear"):
+                result = methods.task_arithmetic(views[0], views[1:], weights, lambda_, normalize, work,
+                                                 density if generator is not None else None, generator)
+            else:
+                result = methods.ties(views[0], views[1:], weights, lambda_, density, normalize, work, generator)
+        return result.to(views[0].dtype)
+
+    return compute
+
+
+def _description(merge, ckpt: Checkpoint, others: list[Checkpoint], weights: list[float]) -> str:
+    """'merge ties of a.pt, b.pt over base.pt (weights 1, 1; density 0.5; lambda 1)' for the file's history."""
+    method = merge.method
+    if merge.base is not None:
+        what = f"{', '.join(o.source for o in others)} over {ckpt.source}"
+    else:
+        what = ", ".join([ckpt.source] + [o.source for o in others])
+    details = []
+    if method == "slerp":
+        details.append(f"t {merge.t if merge.t is not None else 0.5:g}")
+    else:
+        details.append(f"weights {', '.join(f'{w:g}' for w in weights)}")
+        if merge.normalize is not None and merge.normalize != (method in NORMALIZED):
+            details.append("normalised" if merge.normalize else "not normalised")
+    if method in TASK_METHODS[1:]:
+        details.append(f"density {merge.density if merge.density is not None else 0.5:g}")
+    if method in TASK_METHODS:
+        details.append(f"lambda {merge.lambda_ if merge.lambda_ is not None else 1:g}")
+    if method in RANDOM_METHODS:
+        details.append(f"seed {merge.seed or 0}")
+    return f"merge {method} of {what} ({'; '.join(details)})"
+
+
+def _notes(kept: list[dict], first: str, mismatched: list[str]) -> list[str]:
+    """One note per reason a tensor is taken from the first input."""
+    by_reason: dict[str, list[str]] = {}
+    for entry in kept:
+        reason = entry["reason"]
+        key = "integer" if reason.endswith("(not combined)") else ("mismatched" if reason != "not selected"
+                                                                   else reason)
+        by_reason.setdefault(key, []).append(entry["name"])
+    notes = []
+    if "integer" in by_reason:
+        names = by_reason["integer"]
+        notes.append(f"note: took {len(names)} integer tensor{'s' if len(names) > 1 else ''} from {first} (step"
+                     f" counters are not combined): {names_list(names, 3)}")
+    if "not selected" in by_reason:
+        names = by_reason["not selected"]
+        notes.append(f"took {len(names)} unselected tensor{'s' if len(names) > 1 else ''} from {first}:"
+                     f" {names_list(names, 3)}")
+    if mismatched:
+        notes.append(f"note: took from {first}, because the inputs differ (--skip-mismatched): {'; '.join(mismatched)}")
+    return notes
