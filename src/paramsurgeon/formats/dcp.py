@@ -6,21 +6,20 @@ every name, shape, dtype, chunk and where each chunk lies. Each entry is then re
 offset in the ``.distcp`` files (dcpchunks): a tensor stored as one chunk is a span of its
 file, one stored in several chunks is reassembled when its values are needed.
 
-Writing goes through ``dcp.save`` without a process group; DCP needs every tensor at
-once, handed to it as views of the memory-mapped input.
+Writing (dcpwriter) lays the checkpoint out with DCP's own planner and writes one tensor
+at a time, so memory holds one tensor, not the model.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
 from ..errors import CorruptCheckpointError, OutputError
-from . import dcpchunks, pickles
+from . import dcpchunks, dcpwriter, pickles
 from .atomic import atomic_directory
 
 _DCP = "torch.distributed.checkpoint"
@@ -152,55 +151,20 @@ def _unflatten(flat: dict[str, Any], layout: dict) -> dict:
 
 
 class Writer:
-    """A DCP directory written by dcp.save, replaced as a whole (atomic.atomic_directory);
-    files beside the checkpoint in the old directory are carried over."""
+    """A DCP directory written tensor by tensor (dcpwriter), replaced as a whole
+    (atomic.atomic_directory); files beside the checkpoint in the old directory are carried over."""
 
     def __init__(self, folder: str):
         self.folder = folder
 
     def write(self, ckpt: Checkpoint) -> None:
         """Save ``ckpt`` (every entry of the file) as a DCP directory."""
-        import torch.distributed.checkpoint as dcp
-
-        try:
-            state = _materialize(ckpt.root, ckpt.source)
-        except RecursionError as e:
-            raise OutputError(f"{ckpt.source}: its objects nest too deeply for a DCP checkpoint;"
-                              " pass --tensors-only") from e
         if os.path.isdir(self.folder) and not is_dcp(self.folder) and os.listdir(self.folder):
             raise OutputError(f"'{self.folder}' is a directory that is not a DCP checkpoint; refusing to replace it")
         with atomic_directory(self.folder, carry=lambda name: not is_own_file(name)) as staging:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-                dcp.save(state, checkpoint_id=staging)
+            dcpwriter.write(staging, ckpt.root, ckpt.source)
 
 
 def is_own_file(name: str) -> bool:
     """Whether a file name in a directory is part of a DCP checkpoint."""
     return name == ".metadata" or name.endswith(".distcp")
-
-
-def _materialize(node: Any, source: str, seen: dict | None = None) -> Any:
-    """The tree with torch tensors in place of lazy ones (views of the input where possible)."""
-    from ..checkpoint.values import to_torch
-
-    seen = {} if seen is None else seen
-    if id(node) in seen:
-        return seen[id(node)]
-    if isinstance(node, Tensor):
-        result = to_torch(node)
-    elif isinstance(node, dict):
-        result = seen[id(node)] = {}  # registered first: a pickle may hold cycles
-        result.update((k, _materialize(v, source, seen)) for k, v in node.items())
-    elif isinstance(node, list):
-        result = seen[id(node)] = []
-        result.extend(_materialize(v, source, seen) for v in node)
-    elif isinstance(node, tuple):
-        result = tuple(_materialize(v, source, seen) for v in node)
-    elif isinstance(node, (pickles.Opaque, pickles.GlobalMeta)):
-        raise OutputError(f"{source} holds {pickles.describe(node, 40)}, which a DCP checkpoint cannot store;"
-                          " pass --tensors-only, or write a torch file")
-    else:
-        result = node
-    seen[id(node)] = result
-    return result
