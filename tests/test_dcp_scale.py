@@ -203,3 +203,44 @@ def test_hostile_metadata_is_a_corrupt_checkpoint(tmp_path, four_ranks_dir, dama
         assert result.exit_code == 2 and message in result.stderr, (command, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_dcp_output_has_dcp_saves_metadata_and_is_reproducible(tmp_path, training_pt):
+    """Our .metadata lays the checkpoint out as dcp.save does for one process; two writes are identical."""
+    ours, again, theirs = tmp_path / "ours", tmp_path / "again", tmp_path / "theirs"
+    assert run("convert", training_pt, "-o", ours, "--format", "dcp").exit_code == 0
+    assert run("convert", training_pt, "-o", again, "--format", "dcp").exit_code == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(load_torch(training_pt), checkpoint_id=str(theirs))
+    mine, reference = (pickle.loads((folder / ".metadata").read_bytes()) for folder in (ours, theirs))
+    assert mine.state_dict_metadata == reference.state_dict_metadata and mine.planner_data == reference.planner_data
+    assert set(mine.storage_data) == set(reference.storage_data)
+    assert all((ours / n).read_bytes() == (again / n).read_bytes() for n in (".metadata", "__0_0.distcp"))
+    assert_same_file(torch_reading(ours, tmp_path / "a.pt"), torch_reading(theirs, tmp_path / "b.pt"))
+
+
+def test_dcp_writer_holds_one_computed_tensor_at_a_time(tmp_path):
+    """Values computed on demand (a lazy change, a reassembled chunk) are made one by one and let go."""
+    import weakref
+
+    import paramsurgeon as ps
+    from paramsurgeon import formats
+    from paramsurgeon.checkpoint import Storage, Tensor
+
+    torch.save({f"w{i}": torch.zeros(8, 8) for i in range(20)}, tmp_path / "in.pt")
+    ckpt, alive, most = ps.load(str(tmp_path / "in.pt")), set(), [0]
+
+    def compute(i):
+        values = torch.full((8, 8), float(i))
+        alive.add(id(values))
+        weakref.finalize(values, alive.discard, id(values))
+        most[0] = max(most[0], len(alive))
+        return values
+
+    for i, (name, tensor) in enumerate(list(ckpt.tensors.items())):
+        ckpt[name] = Tensor(Storage(tensor.nbytes, loader=lambda i=i: compute(i)), tensor.dtype, tensor.shape)
+    formats.save(ckpt, formats.resolve_target(ckpt, str(tmp_path / "out"), "dcp", False))
+    assert most[0] == 1
+    written = torch_reading(tmp_path / "out", tmp_path / "back.pt")
+    assert all(torch.equal(written[f"w{i}"], torch.full((8, 8), float(i))) for i in range(20))
