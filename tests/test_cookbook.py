@@ -6,10 +6,9 @@ import re
 
 import pytest
 import torch
-from conftest import SAMPLES
+from helpers import SAMPLES, bits, load_torch
 from scipy import stats
 
-from test_formats import bits, load_torch
 from test_readme import README, execute, workspace
 
 P_MIN = 1e-4

@@ -12,10 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import file_bytes, register_input, run
+from helpers import file_bytes, load_torch, register_input, run
 from safetensors.torch import load_file, save_file
-
-from test_formats import load_torch
 
 KILLS = 12
 

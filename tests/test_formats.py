@@ -7,35 +7,18 @@ import zipfile
 
 import pytest
 import torch
-from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, run, run_on_terminal, run_process
+from helpers import SAMPLES, assert_same_state, file_bytes, load_torch, run, run_on_terminal, run_process
+from models import ResNet, TinyGPT
 from safetensors.torch import load_file, save_file
 
 import paramsurgeon
 from paramsurgeon.formats import torchzip
 
 
-def assert_same_state(got: dict, expected: dict, ordered: bool = True):
-    """Same names (in the same order, unless the reader does not keep it), dtypes, shapes, bits."""
-    assert list(got) == list(expected) if ordered else sorted(got) == sorted(expected)
-    for name, value in expected.items():
-        assert got[name].dtype == value.dtype, name
-        assert got[name].shape == value.shape, name
-        assert bits(got[name]) == bits(value), name
-
-
-def bits(tensor: torch.Tensor) -> bytes:
-    """The raw bytes of a tensor's values, so that NaNs and -0.0 compare exactly."""
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-
-
 def header_names(data: bytes) -> list[str]:
     """Tensor names in the order a safetensors header lists them."""
     length = int.from_bytes(data[:8], "little")
     return [k for k in json.loads(data[8:8 + length]) if k != "__metadata__"]
-
-
-def load_torch(path):
-    return torch.load(path, weights_only=True)
 
 
 def test_torch_to_torch_is_what_torch_save_writes(tmp_path, resnet):

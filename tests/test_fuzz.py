@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import run
+from helpers import run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 import torch
-from conftest import SAMPLES, ResNet, TinyGPT, run
+from helpers import SAMPLES, run
+from models import ResNet, TinyGPT
 
 import paramsurgeon
 from paramsurgeon.checkpoint.values import to_torch

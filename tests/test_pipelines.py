@@ -4,26 +4,11 @@ import json
 import os
 import re
 import shutil
-from importlib import resources
 
-import jsonschema
 import pytest
 import torch
-from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, run, run_on_terminal, run_process
-
-from test_formats import load_torch
-
-
-def validate(document: dict, schema: str) -> dict:
-    with resources.files("paramsurgeon").joinpath(f"schemas/{schema}.json").open() as f:
-        jsonschema.validate(document, json.load(f))
-    return document
-
-
-def json_of(*args, schema: str, code: int = 0) -> dict:
-    result = run(*args, "--json")
-    assert result.exit_code == code, result.stderr
-    return validate(json.loads(result.stdout), schema)
+from helpers import SAMPLES, file_bytes, json_of, load_torch, run, run_on_terminal, run_process, validate
+from models import ResNet, TinyGPT
 
 
 # diff

@@ -10,10 +10,9 @@ import time
 
 import pytest
 import torch
-from conftest import ResNet, register_input, run, run_on_terminal, run_process
+from helpers import assert_same_state, load_torch, register_input, run, run_on_terminal, run_process
+from models import ResNet
 from safetensors.torch import save_file
-
-from test_formats import assert_same_state, load_torch
 
 MiB = 1 << 20
 
