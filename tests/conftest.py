@@ -1,9 +1,10 @@
-"""Fixtures: small real checkpoints written into tmp_path, and the check that every test leaves its
-inputs unchanged. Helpers live in helpers.py."""
+"""Fixtures: small real checkpoints written into tmp_path, one large file shared by the session, and the
+check that every test leaves its inputs unchanged. Helpers live in helpers.py."""
 
 import pytest
 import torch
 from helpers import INPUTS, SAMPLES, digest, register_input
+from safetensors.torch import save_file
 
 from models import ResNet, TinyGPT
 
@@ -67,3 +68,15 @@ def training_pt(request, tmp_path, resnet):
     torch.save({"state_dict": resnet.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 7,
                 "hyper_parameters": {"lr": 1e-3, "widths": [8, 16, 24, 32], "name": "narrow"}}, path)
     return register_input(request, path)
+
+
+@pytest.fixture(scope="session")
+def large(tmp_path_factory):
+    """A folder with large.pt and large.safetensors: 384 MiB each (96 tensors of 4 MiB; blocks.i.weight is
+    all i), larger than every memory budget and slow enough to write that a kill lands mid-write.
+    Written once per session; a test registers the file it reads with ``register_input``."""
+    folder = tmp_path_factory.mktemp("large")
+    state = {f"blocks.{i}.weight": torch.full((1024, 1024), float(i)) for i in range(96)}
+    torch.save(state, folder / "large.pt")
+    save_file(state, folder / "large.safetensors")
+    return folder
