@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers import (SAMPLES, assert_only_changed, assert_same_state, bits, file_bytes, load_torch, register_input,
-                     run, safetensors_metadata, same_storage)
+from helpers import (SAMPLES, assert_only_changed, assert_same_state, bits, load_torch, register_input, run,
+                     safetensors_metadata, same_storage)
 from models import ResNet, TinyGPT
 from safetensors.torch import load_file
 

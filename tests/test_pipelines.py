@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 import torch
-from helpers import SAMPLES, file_bytes, json_of, load_torch, run, run_on_terminal, run_process, validate
-from models import ResNet, TinyGPT
+from helpers import (SAMPLES, bits, file_bytes, json_of, load_torch, run, run_on_terminal, run_process, same_storage,
+                     validate)
+from models import TinyGPT
 
 
 # diff
@@ -291,13 +292,17 @@ def test_plain_output_without_a_terminal_or_with_no_color(resnet_pt):
     assert b"\x1b[" not in run_on_terminal(*args, terminal=())[2]  # nor in a pipe
 
 
-def test_models_load_after_a_recipe(tmp_path, gpt_pt):
+def test_apply_then_untie_loads_into_the_model(tmp_path, gpt_pt, gpt):
+    """A recipe on a tied model: the tie is undone as a step says, and the model loads the result."""
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[step]]\nop = "init"\nkind = "linear"\npattern = "*weight"\nexclude = "lm_head.weight"\n'
                       'scheme = "trunc_normal(std=0.02)"\nseed = 1\n[[step]]\nop = "untie"\npattern = "lm_head.weight"\n')
     assert run("apply", gpt_pt, recipe, "-o", tmp_path / "o.pt").exit_code == 0
-    TinyGPT().load_state_dict(load_torch(tmp_path / "o.pt"), strict=True)
-    ResNet()  # the sample modules import cleanly alongside
+    state = load_torch(tmp_path / "o.pt")
+    assert not same_storage(state, "wte.weight", "lm_head.weight")
+    assert bits(state["lm_head.weight"]) == bits(gpt.state_dict()["wte.weight"])  # untied, values kept
+    assert not torch.equal(state["h.0.mlp.0.weight"], gpt.state_dict()["h.0.mlp.0.weight"])  # initialised
+    TinyGPT().load_state_dict(state, strict=True)
 
 
 def test_diff_compares_across_chunks_and_layouts(tmp_path, monkeypatch):
