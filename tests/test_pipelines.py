@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import shutil
 
 import pytest
@@ -275,14 +274,10 @@ def test_every_json_document_validates(tmp_path, resnet_pt, gpt_pt, training_pt)
     assert validate(json.loads(written.stdout), "plan")["dry_run"] is False
 
 
-def test_version_and_examples_in_every_help():
+def test_version():  # every command's --help example: test_docs.py
     from paramsurgeon import __version__
 
     assert run("--version").stdout == f"paramsurgeon {__version__}\n"
-    commands = re.findall(r"^  (\w+)  ", run("--help").stdout.split("Commands:")[1], re.M)
-    assert len(commands) >= 15
-    for command in commands:
-        assert "Example: paramsurgeon " + command in run(command, "--help").stdout, command
 
 
 def test_plain_output_without_a_terminal_or_with_no_color(resnet_pt):
