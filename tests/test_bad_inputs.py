@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import file_bytes, run, run_process
+from helpers import file_bytes, run, run_process
 
 
 def assert_refused(result, *words):

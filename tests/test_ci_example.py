@@ -6,19 +6,16 @@ import subprocess
 import sys
 
 import yaml
-
-from test_readme import README, workspace
+from helpers import readme_text, workspace
 
 
 def workflow_steps() -> list[str]:
-    with open(README) as f:
-        text = f.read()
-    job = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    job = yaml.safe_load(re.search(r"```yaml\n(.*?)```", readme_text(), re.S).group(1))
     return [step["run"] for step in job["jobs"]["gate"]["steps"] if "run" in step and "pip install" not in step["run"]]
 
 
 def test_ci_example_runs_as_written(tmp_path):
-    cwd = workspace(str(tmp_path))
+    cwd = workspace(tmp_path)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     outputs = []
     for script in workflow_steps():
@@ -31,7 +28,7 @@ def test_ci_example_runs_as_written(tmp_path):
 
 
 def test_the_gate_fails_on_a_bad_checkpoint(tmp_path):
-    cwd = workspace(str(tmp_path))
+    cwd = workspace(tmp_path)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     gate = workflow_steps()[0].replace("samples/resnet.pt", "broken.pt")
     subprocess.run(["paramsurgeon", "scale", "samples/resnet.pt", "-p", "fc.bias", "--by", "1e39", "-o", "broken.pt"],

@@ -1,26 +1,29 @@
-"""Each cookbook recipe in the README, run as written, does what its Python does."""
+"""Each cookbook recipe in the README, run as written, prints what the README shows and does what its
+Python does.
+
+Who owns what: this file runs the README's cookbook blocks (each console block under a
+``<!-- recipe: name -->`` marker), once each; tests/test_readme.py runs every other console block.
+"""
 
 import math
 import os
-import re
 
 import pytest
 import torch
-from conftest import SAMPLES
+from helpers import SAMPLES, assert_only_changed, assert_same_state, bits, execute, load_torch, readme_examples, \
+    same_storage, workspace
 from scipy import stats
 
-from test_formats import bits, load_torch
-from test_readme import README, execute, workspace
-
 P_MIN = 1e-4
-RECIPE = re.compile(r"<!-- recipe: ([\w-]+) -->.*?```console\n(.*?)```", re.S)
 
 
-def recipes() -> dict[str, list[str]]:
-    with open(README) as f:
-        text = f.read()
-    return {name: [line[2:] for line in block.splitlines() if line.startswith("$ ")]
-            for name, block in RECIPE.findall(text)}
+def recipes() -> dict[str, list]:
+    """recipe name -> the examples of its console block, in order."""
+    found: dict[str, list] = {}
+    for example in readme_examples():
+        if example.recipe is not None:
+            found.setdefault(example.recipe, []).append(example)
+    return found
 
 
 def sample(name: str) -> dict:
@@ -31,13 +34,6 @@ def ks(values, cdf) -> float:
     return stats.kstest(values.double().flatten().numpy(), cdf).pvalue
 
 
-def unchanged_except(before: dict, after: dict, changed: set[str]):
-    assert list(after) == list(before)
-    for name, value in before.items():
-        if name not in changed:
-            assert bits(after[name]) == bits(value), f"{name} changed"
-
-
 VGG_CONVS = ["features.0.weight", "features.4.weight"]
 VGG_BN = ["features.1", "features.5"]
 VGG_LINEAR = ["classifier.1", "classifier.3"]
@@ -45,20 +41,20 @@ VGG_LINEAR = ["classifier.1", "classifier.3"]
 
 def check_copy_conv(out):
     before, after = sample("resnet.pt"), out("copied.pt")
-    unchanged_except(before, after, {"layer1.0.conv2.weight"})
+    assert_only_changed(before, after, {"layer1.0.conv2.weight"})
     assert bits(after["layer1.0.conv2.weight"]) == bits(before["layer1.0.conv1.weight"])
 
 
 def check_conv_ones(out):
     before, after = sample("vgg.pt"), out("ones.pt")
-    unchanged_except(before, after, {"features.0.weight", "features.0.bias"})
+    assert_only_changed(before, after, {"features.0.weight", "features.0.bias"})
     assert torch.equal(after["features.0.weight"], torch.ones(16, 3, 3, 3))
     assert torch.equal(after["features.0.bias"], torch.zeros(16))
 
 
 def check_dcgan(out):
     before, after = sample("vgg.pt"), out("dcgan.pt")
-    unchanged_except(before, after, set(VGG_CONVS) | {f"{b}.weight" for b in VGG_BN} | {f"{b}.bias" for b in VGG_BN})
+    assert_only_changed(before, after, set(VGG_CONVS) | {f"{b}.weight" for b in VGG_BN} | {f"{b}.bias" for b in VGG_BN})
     assert ks(torch.cat([after[n].flatten() for n in VGG_CONVS]), stats.norm(0, 0.02).cdf) > P_MIN
     assert ks(torch.cat([after[f"{b}.weight"] for b in VGG_BN]), stats.norm(1, 0.02).cdf) > P_MIN
     assert all(torch.equal(after[f"{b}.bias"], torch.zeros_like(before[f"{b}.bias"])) for b in VGG_BN)
@@ -66,7 +62,7 @@ def check_dcgan(out):
 
 def check_xavier_bn(out):
     before, after = sample("vgg.pt"), out("xavier.pt")
-    unchanged_except(before, after, set(VGG_CONVS) | {f"{b}.weight" for b in VGG_BN} | {f"{b}.bias" for b in VGG_BN})
+    assert_only_changed(before, after, set(VGG_CONVS) | {f"{b}.weight" for b in VGG_BN} | {f"{b}.bias" for b in VGG_BN})
     for name in VGG_CONVS:
         fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(before[name])
         assert ks(after[name], stats.norm(0, math.sqrt(2 / (fan_in + fan_out))).cdf) > P_MIN
@@ -78,7 +74,7 @@ def check_xavier_bn(out):
 def check_he(out):
     before, after = sample("vgg.pt"), out("he.pt")
     linear = {f"{m}.{leaf}" for m in VGG_LINEAR for leaf in ("weight", "bias")}
-    unchanged_except(before, after, set(VGG_CONVS) | linear)
+    assert_only_changed(before, after, set(VGG_CONVS) | linear)
     for name in VGG_CONVS:
         out_channels, _, kh, kw = before[name].shape
         assert ks(after[name], stats.norm(0, math.sqrt(2.0 / (kh * kw * out_channels))).cdf) > P_MIN
@@ -88,7 +84,7 @@ def check_he(out):
 
 def check_uniform_prune(out):
     before, after = sample("vgg.pt"), out("pruned.pt")
-    unchanged_except(before, after, {"classifier.1.weight"})
+    assert_only_changed(before, after, {"classifier.1.weight"})
     values = after["classifier.1.weight"]
     kept = values[values != 0]
     assert kept.abs().min() >= 5 and kept.abs().max() <= 10
@@ -98,7 +94,7 @@ def check_uniform_prune(out):
 
 def check_xavier_linear(out):
     before, after = sample("vgg.pt"), out("linear.pt")
-    unchanged_except(before, after, {f"{m}.{leaf}" for m in VGG_LINEAR for leaf in ("weight", "bias")})
+    assert_only_changed(before, after, {f"{m}.{leaf}" for m in VGG_LINEAR for leaf in ("weight", "bias")})
     for module in VGG_LINEAR:
         fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(before[f"{module}.weight"])
         bound = math.sqrt(6 / (fan_in + fan_out))
@@ -110,31 +106,28 @@ def check_trunc_normal(out):
     before, after = sample("gpt.pt"), out("gpt-init.pt")
     linear = [n for n in before if n.endswith("weight") and (".mlp." in n or "proj" in n)]
     assert len(linear) == 8  # in_proj, out_proj and two MLP layers in each of two blocks
-    unchanged_except(before, after, set(linear))
+    assert_only_changed(before, after, set(linear))
     assert ks(torch.cat([after[n].flatten() for n in linear]), stats.truncnorm(-100, 100, 0, 0.02).cdf) > P_MIN
-    assert after["lm_head.weight"].untyped_storage().data_ptr() == after["wte.weight"].untyped_storage().data_ptr()
+    assert same_storage(after, "lm_head.weight", "wte.weight")
 
 
 def check_pretrained(out):
     pretrained, fresh, after = sample("resnet.pt"), sample("resnet-5class.pt"), out("finetune.pt")
-    for name in fresh:
-        expected = fresh[name] if name.startswith("fc.") else pretrained[name]
-        assert bits(after[name]) == bits(expected), name
+    assert_same_state(after, {n: v if n.startswith("fc.") else pretrained[n] for n, v in fresh.items()})
 
 
 def check_share_linear(out):
     before, after = sample("gpt.pt"), out("shared.pt")
-    unchanged_except(before, after, {"h.1.mlp.0.weight", "h.1.mlp.0.bias"})
+    assert_only_changed(before, after, {"h.1.mlp.0.weight", "h.1.mlp.0.bias"})
     for leaf in ("weight", "bias"):
         assert bits(after[f"h.1.mlp.0.{leaf}"]) == bits(before[f"h.0.mlp.0.{leaf}"])
-        assert after[f"h.1.mlp.0.{leaf}"].untyped_storage().data_ptr() == \
-            after[f"h.0.mlp.0.{leaf}"].untyped_storage().data_ptr()
+        assert same_storage(after, f"h.1.mlp.0.{leaf}", f"h.0.mlp.0.{leaf}")
 
 
 def check_zero_gamma(out):
     before, after = sample("resnet.pt"), out("zero-gamma.pt")
     gammas = {f"layer{i}.{j}.bn2.weight" for i in range(1, 5) for j in range(2)}
-    unchanged_except(before, after, gammas)
+    assert_only_changed(before, after, gammas)
     assert all(torch.equal(after[n], torch.zeros_like(before[n])) for n in gammas)
 
 
@@ -150,8 +143,7 @@ def test_every_recipe_has_a_check():
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_recipe(tmp_path, name):
-    cwd = workspace(str(tmp_path))
-    for command in recipes()[name]:
-        output = execute(command, cwd)
-        assert "error" not in output, output
+    cwd = workspace(tmp_path)
+    for example in recipes()[name]:
+        assert execute(example.command, cwd) == example.expected, example.command
     CHECKS[name](lambda filename: load_torch(tmp_path / filename))

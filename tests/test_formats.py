@@ -7,35 +7,19 @@ import zipfile
 
 import pytest
 import torch
-from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, run, run_on_terminal, run_process
+from helpers import (SAMPLES, assert_same_state, file_bytes, load_torch, run, run_on_terminal, run_process,
+                     safetensors_metadata, same_storage)
+from models import ResNet, TinyGPT
 from safetensors.torch import load_file, save_file
 
 import paramsurgeon
 from paramsurgeon.formats import torchzip
 
 
-def assert_same_state(got: dict, expected: dict, ordered: bool = True):
-    """Same names (in the same order, unless the reader does not keep it), dtypes, shapes, bits."""
-    assert list(got) == list(expected) if ordered else sorted(got) == sorted(expected)
-    for name, value in expected.items():
-        assert got[name].dtype == value.dtype, name
-        assert got[name].shape == value.shape, name
-        assert bits(got[name]) == bits(value), name
-
-
-def bits(tensor: torch.Tensor) -> bytes:
-    """The raw bytes of a tensor's values, so that NaNs and -0.0 compare exactly."""
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-
-
 def header_names(data: bytes) -> list[str]:
     """Tensor names in the order a safetensors header lists them."""
     length = int.from_bytes(data[:8], "little")
     return [k for k in json.loads(data[8:8 + length]) if k != "__metadata__"]
-
-
-def load_torch(path):
-    return torch.load(path, weights_only=True)
 
 
 def test_torch_to_torch_is_what_torch_save_writes(tmp_path, resnet):
@@ -146,11 +130,14 @@ def test_ties_survive_every_format(tmp_path, gpt_pt, gpt):
 
 
 def test_dedupe_writes_tied_tensor_once_and_restores_it(tmp_path, gpt_pt, gpt):
-    st = tmp_path / "gpt.safetensors"
+    st, back = tmp_path / "gpt.safetensors", tmp_path / "back.pt"
     assert run("convert", gpt_pt, "-o", st, "--dedupe").exit_code == 0
     assert "lm_head.weight" not in load_file(st)
-    ckpt = paramsurgeon.load(str(st))
-    assert ckpt.ties() == [["wte.weight", "lm_head.weight"]]
+    assert json.loads(safetensors_metadata(st)["paramsurgeon.ties"]) == [["wte.weight", "lm_head.weight"]]
+    assert run("convert", st, "-o", back).exit_code == 0
+    state = load_torch(back)
+    assert same_storage(state, "wte.weight", "lm_head.weight")
+    assert_same_state(state, gpt.state_dict())
 
 
 def test_safetensors_save_model_alias_is_a_tie(tmp_path, gpt):
@@ -161,6 +148,8 @@ def test_safetensors_save_model_alias_is_a_tie(tmp_path, gpt):
     ckpt = paramsurgeon.load(str(path))
     assert sorted(ckpt.names) == sorted(gpt.state_dict())
     assert len(ckpt.ties()) == 1
+    assert run("convert", path, "-o", tmp_path / "back.pt").exit_code == 0
+    assert same_storage(load_torch(tmp_path / "back.pt"), "wte.weight", "lm_head.weight")
 
 
 def test_legacy_format_converts_to_zip(tmp_path, resnet):

@@ -6,19 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import SAMPLES, ResNet, TinyGPT, file_bytes, register_input, run
+from helpers import (SAMPLES, assert_only_changed, assert_same_state, bits, load_torch, register_input, run,
+                     safetensors_metadata, same_storage)
+from models import ResNet, TinyGPT
 from safetensors.torch import load_file
-
-from test_formats import bits, load_torch
-
-
-def check(before: dict, after: dict, changed: dict):
-    """``changed`` maps names to their expected new values; every other tensor is untouched."""
-    for name, value in before.items():
-        if name in changed:
-            torch.testing.assert_close(after[name], changed[name], rtol=0, atol=0)
-        else:
-            assert bits(after[name]) == bits(value), f"{name} changed"
 
 
 def out_of(tmp_path, *args, name="out.pt"):
@@ -31,18 +22,18 @@ def test_zero_and_prune(tmp_path, resnet_pt, resnet):
     before = resnet.state_dict()
     path, result = out_of(tmp_path, "zero", resnet_pt, "-p", "layer*.1.bn2.weight")
     names = [f"layer{i}.1.bn2.weight" for i in range(1, 5)]
-    check(before, load_torch(path), {n: torch.zeros_like(before[n]) for n in names})
+    assert_only_changed(before, load_torch(path), {n: torch.zeros_like(before[n]) for n in names})
     assert "zero: 4 x zero; wrote" in result.stderr
     ResNet().load_state_dict(load_torch(path), strict=True)
     pruned, _ = out_of(tmp_path, "zero", resnet_pt, "-p", "conv1.weight", "--below", "0.05", name="pruned.pt")
     w = before["conv1.weight"]
-    check(before, load_torch(pruned), {"conv1.weight": torch.where(w.abs() < 0.05, torch.zeros(()), w)})
+    assert_only_changed(before, load_torch(pruned), {"conv1.weight": torch.where(w.abs() < 0.05, torch.zeros(()), w)})
 
 
 def test_scale(tmp_path, resnet_pt, resnet):
     before = resnet.state_dict()
     path, _ = out_of(tmp_path, "scale", resnet_pt, "-p", "fc.*", "--by", "0.5")
-    check(before, load_torch(path), {"fc.weight": before["fc.weight"] * 0.5, "fc.bias": before["fc.bias"] * 0.5})
+    assert_only_changed(before, load_torch(path), {"fc.weight": before["fc.weight"] * 0.5, "fc.bias": before["fc.bias"] * 0.5})
     bad = run("scale", resnet_pt, "-o", tmp_path / "x.pt", "-p", "*num_batches_tracked", "--by", "0.5")
     assert bad.exit_code == 2 and "is int64, and scaling it by 0.5 would truncate" in bad.stderr
 
@@ -50,12 +41,8 @@ def test_scale(tmp_path, resnet_pt, resnet):
 def test_cast_changes_floats_only(tmp_path, resnet_pt, resnet):
     before = resnet.state_dict()
     path, result = out_of(tmp_path, "cast", resnet_pt, "--all", "--dtype", "bf16", name="half.safetensors")
-    after = load_file(path)
-    for name, value in before.items():
-        if value.is_floating_point():
-            assert after[name].dtype == torch.bfloat16 and torch.equal(after[name], value.to(torch.bfloat16))
-        else:
-            assert bits(after[name]) == bits(value)
+    cast = {n: v.to(torch.bfloat16) for n, v in before.items() if v.is_floating_point()}
+    assert_only_changed(before, load_file(path), cast, ordered=False)
     assert "left 20 non-floating-point tensors as they are" in result.stderr
     bad = run("cast", resnet_pt, "--all", "--dtype", "int8")
     assert bad.exit_code == 2 and "choose from float32, float16, bfloat16, float64" in bad.stderr
@@ -65,7 +52,7 @@ def test_copy_between_layers_casts_to_the_target(tmp_path, resnet_pt, resnet):
     before = resnet.state_dict()
     path, _ = out_of(tmp_path, "copy", resnet_pt, "--from", "layer1.0.*", "--to", "layer1.1.*")
     expected = {n.replace("layer1.0.", "layer1.1."): v for n, v in before.items() if n.startswith("layer1.0.")}
-    check(before, load_torch(path), expected)
+    assert_only_changed(before, load_torch(path), expected)
     mismatch = run("copy", resnet_pt, "-o", tmp_path / "x.pt", "--from", "layer1.0.conv1.weight",
                    "--to", "layer2.0.conv1.weight")
     assert mismatch.exit_code == 2
@@ -85,9 +72,7 @@ def test_copy_from_pretrained_keeps_the_new_head(tmp_path, resnet_pt, resnet):
     path, result = out_of(tmp_path, "copy", target, "--source", resnet_pt, "--skip-mismatched")
     after = load_torch(path)
     pretrained = resnet.state_dict()
-    for name, value in fresh.state_dict().items():
-        expected = value if name.startswith("fc.") else pretrained[name]
-        assert bits(after[name]) == bits(expected), name
+    assert_same_state(after, {n: v if n.startswith("fc.") else pretrained[n] for n, v in fresh.state_dict().items()})
     assert "skipped 2 with a shape mismatch: fc.weight [5, 32] vs [10, 32], fc.bias [5] vs [10]" in result.stderr
     ResNet(num_classes=5).load_state_dict(after, strict=True)
 
@@ -107,16 +92,16 @@ def test_tie_and_untie(tmp_path, resnet_pt, resnet):
     tied, result = out_of(tmp_path, "tie", resnet_pt, "--source", "layer1.0.conv1.weight",
                           "--target", "layer1.*.conv2.weight")
     after = load_torch(tied)
-    for name in ("layer1.0.conv2.weight", "layer1.1.conv2.weight"):
-        assert after[name].untyped_storage().data_ptr() == after["layer1.0.conv1.weight"].untyped_storage().data_ptr()
-    check(before, after, {n: before["layer1.0.conv1.weight"] for n in ("layer1.0.conv2.weight", "layer1.1.conv2.weight")})
+    assert same_storage(after, "layer1.0.conv1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight")
+    targets = ("layer1.0.conv2.weight", "layer1.1.conv2.weight")
+    assert_only_changed(before, after, {n: before["layer1.0.conv1.weight"] for n in targets})
     document = json.loads(run("inspect", tied, "--json", "--no-stats").stdout)
-    assert document["ties"] == [["layer1.0.conv1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight"]]
     assert document["totals"]["parameters"] == sum(p.numel() for p in resnet.parameters()) - 2 * 576
     untied, _ = out_of(tmp_path, "untie", tied, "-p", "layer1.1.conv2.weight", name="untied.pt")
-    document = json.loads(run("inspect", untied, "--json", "--no-stats").stdout)
-    assert document["ties"] == [["layer1.0.conv1.weight", "layer1.0.conv2.weight"]]
-    assert bits(load_torch(untied)["layer1.1.conv2.weight"]) == bits(before["layer1.0.conv1.weight"])
+    state = load_torch(untied)
+    assert same_storage(state, "layer1.0.conv1.weight", "layer1.0.conv2.weight")
+    assert not same_storage(state, "layer1.0.conv1.weight", "layer1.1.conv2.weight")
+    assert_same_state(state, after)  # untying keeps every value
     mismatch = run("tie", resnet_pt, "-o", tmp_path / "x.pt", "--source", "fc.weight", "--target", "fc.bias")
     assert mismatch.exit_code == 2 and "cannot share the storage of 'fc.weight'" in mismatch.stderr
 
@@ -124,13 +109,11 @@ def test_tie_and_untie(tmp_path, resnet_pt, resnet):
 def test_tie_into_safetensors_records_the_tie(tmp_path, resnet_pt):
     path, _ = out_of(tmp_path, "tie", resnet_pt, "--source", "layer1.0.conv1.weight", "--target", "layer1.0.conv2.weight",
                      name="tied.safetensors")
-    header = json.loads(file_bytes(path)[8:8 + int.from_bytes(file_bytes(path)[:8], "little")])
-    assert json.loads(header["__metadata__"]["paramsurgeon.ties"]) == [["layer1.0.conv1.weight", "layer1.0.conv2.weight"]]
-    assert "tie to layer1.0.conv1.weight" in header["__metadata__"]["paramsurgeon.operations"]
+    metadata = safetensors_metadata(path)
+    assert json.loads(metadata["paramsurgeon.ties"]) == [["layer1.0.conv1.weight", "layer1.0.conv2.weight"]]
+    assert "tie to layer1.0.conv1.weight" in metadata["paramsurgeon.operations"]
     back, _ = out_of(tmp_path, "convert", path, name="back.pt")
-    state = load_torch(back)
-    assert state["layer1.0.conv1.weight"].untyped_storage().data_ptr() == \
-        state["layer1.0.conv2.weight"].untyped_storage().data_ptr()
+    assert same_storage(load_torch(back), "layer1.0.conv1.weight", "layer1.0.conv2.weight")
 
 
 def test_rename_strips_data_parallel_prefix(tmp_path, resnet):
@@ -192,7 +175,7 @@ def test_pipeline_init_on_stdin_to_stdout(tmp_path):
     assert result.returncode == 0, result.stderr
     before = load_torch(f"{SAMPLES}/resnet.pt")
     expected = {n: torch.ones_like(v) for n, v in before.items() if n.startswith("layer1.") and ".bn" in n}
-    check(before, load_torch(tmp_path / "b.pt"), expected)
+    assert_only_changed(before, load_torch(tmp_path / "b.pt"), expected)
 
 
 def test_every_problem_is_reported_at_once(tmp_path, gpt_pt):
@@ -208,8 +191,8 @@ def test_every_problem_is_reported_at_once(tmp_path, gpt_pt):
 def test_safetensors_output_records_the_operations(tmp_path):
     path, _ = out_of(tmp_path, "zero", f"{SAMPLES}/gpt.safetensors", "-p", "ln_f.bias", name="z.safetensors")
     again, _ = out_of(tmp_path, "scale", path, "-p", "wpe.weight", "--by", "2", name="s.safetensors")
-    header = json.loads(file_bytes(again)[8:8 + int.from_bytes(file_bytes(again)[:8], "little")])
-    assert json.loads(header["__metadata__"]["paramsurgeon.operations"]) == ["zero: ln_f.bias", "scale by 2: wpe.weight"]
+    operations = safetensors_metadata(again)["paramsurgeon.operations"]
+    assert json.loads(operations) == ["zero: ln_f.bias", "scale by 2: wpe.weight"]
     TinyGPT().load_state_dict(load_file(again), strict=True)
 
 
@@ -278,13 +261,15 @@ def test_tie_to_safetensors_with_dedupe(tmp_path, resnet_pt):
     path, _ = out_of(tmp_path, "tie", resnet_pt, "--source", "layer1.0.conv1.weight", "--target", "layer1.0.conv2.weight",
                      "--dedupe", name="tied.safetensors")
     assert "layer1.0.conv2.weight" not in load_file(path)
-    document = json.loads(run("inspect", path, "--json", "--no-stats").stdout)
-    assert document["ties"] == [["layer1.0.conv1.weight", "layer1.0.conv2.weight"]]
+    assert json.loads(safetensors_metadata(path)["paramsurgeon.ties"]) == [["layer1.0.conv1.weight",
+                                                                            "layer1.0.conv2.weight"]]
+    back, _ = out_of(tmp_path, "convert", path, name="back.pt")  # the dropped name comes back, tied
+    assert same_storage(load_torch(back), "layer1.0.conv1.weight", "layer1.0.conv2.weight")
 
 
 def test_allow_empty_on_a_writing_command(tmp_path, resnet_pt, resnet):
     path, result = out_of(tmp_path, "zero", resnet_pt, "-p", "no.such.*", "-p", "fc.bias", "--allow-empty")
     assert "zero: warning: --pattern 'no.such.*' matches no tensor" in result.stderr
-    check(resnet.state_dict(), load_torch(path), {"fc.bias": torch.zeros(10)})
+    assert_only_changed(resnet.state_dict(), load_torch(path), {"fc.bias": torch.zeros(10)})
     refused = run("zero", resnet_pt, "-p", "no.such.*", "-p", "fc.bias", "-o", tmp_path / "x.pt")
     assert refused.exit_code == 2 and not (tmp_path / "x.pt").exists()

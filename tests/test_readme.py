@@ -1,83 +1,84 @@
-"""Every console example in the README runs and prints what the README shows.
+"""Every console example in the README runs and prints what the README shows: one test per example.
+
+Who owns what: this file runs every console block except the cookbook's (the blocks under a
+``<!-- recipe: name -->`` marker); tests/test_cookbook.py runs those, checks their output against the
+README the same way and then checks the files they write against torch. Each example runs once.
+
+Each console block runs in a directory of its own, its commands in order (a later command may read what
+an earlier one wrote); a test selected alone first runs the commands before it in its block.
 
 Run ``python tests/test_readme.py --update`` to rewrite the outputs in place after a change.
 """
 
 import os
 import re
-import subprocess
 import sys
+import tempfile
 
 import pytest
+from helpers import (CONSOLE, README, ROOT, Example, execute, readme_examples, readme_text, split_example,
+                     transcript_parts, workspace)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
-BLOCK = re.compile(r"```console\n(.*?)```", re.S)
-
-
-def examples(text: str) -> list[tuple[str, str]]:
-    """(command, expected output) for each '$ ' line of each console block."""
-    return [split(part) for block in BLOCK.findall(text) for part in re.split(r"^\$ ", block, flags=re.M)[1:]]
+EXAMPLES = readme_examples()
+OWNED = [e for e in EXAMPLES if e.recipe is None]  # the cookbook's blocks belong to test_cookbook.py
 
 
-def split(part: str) -> tuple[str, str]:
-    """A transcript entry: the command (with its '> ' continuation lines, as a shell shows them) and its output."""
-    lines = part.split("\n")
-    command = [lines[0]]
-    while len(lines) > len(command) and (lines[len(command)] == ">" or lines[len(command)].startswith("> ")):
-        command.append(lines[len(command)][2:])
-    return "\n".join(command), "\n".join(lines[len(command):])
+class Session:
+    """The README's shell session: one directory per console block, its commands run in order."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp_path_factory = tmp_path_factory
+        self.blocks: dict[int, tuple[str, int]] = {}  # block -> (directory, commands run there)
+
+    def run(self, example: Example) -> str:
+        cwd, done = self.blocks.get(example.block, (None, 0))
+        if cwd is None or done > example.position:  # a fresh directory, if this block ran past the example
+            cwd, done = workspace(self.tmp_path_factory.mktemp(f"block{example.block}")), 0
+        for earlier in EXAMPLES:  # what the commands before it in its block write, when it runs alone
+            if earlier.block == example.block and done <= earlier.position < example.position:
+                execute(earlier.command, cwd)
+        self.blocks[example.block] = (cwd, example.position + 1)
+        return execute(example.command, cwd)
 
 
-def execute(command: str, cwd: str) -> str:
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-           "NO_COLOR": "1", "COLUMNS": "200"}
-    result = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    return result.stdout + result.stderr
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    return Session(tmp_path_factory)
 
 
-def workspace(tmp: str) -> str:
-    os.symlink(os.path.join(ROOT, "samples"), os.path.join(tmp, "samples"))
-    return tmp
+def test_the_readme_has_examples_and_recipes():
+    assert len(OWNED) >= 8 and len(EXAMPLES) > len(OWNED)
 
 
-def test_readme_examples(tmp_path):
-    with open(README) as f:
-        text = f.read()
-    cases = examples(text)
-    assert len(cases) >= 8
-    cwd = workspace(str(tmp_path))
-    for command, expected in cases:
-        assert execute(command, cwd) == expected, command
+@pytest.mark.parametrize("example", OWNED, ids=[e.title for e in OWNED])
+def test_readme_example(session, example):
+    assert session.run(example) == example.expected
 
 
 def test_ci_runs_the_readme_test_command():
-    with open(README) as f:
-        text = f.read()
-    command = re.search(r"^(python3 -m venv .*pytest.*)$", text, re.M).group(1)
+    command = re.search(r"^(python3 -m venv .*pytest.*)$", readme_text(), re.M).group(1)
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         assert command in f.read()
 
 
 def update() -> None:
-    import tempfile
-
-    with open(README) as f:
-        text = f.read()
+    """Rewrite every console block's outputs (the cookbook's too) with what its commands print now."""
+    text = readme_text()
     with tempfile.TemporaryDirectory() as tmp:
-        cwd = workspace(tmp)
+        counter = iter(range(10**6))
 
         def render(match):
-            parts = re.split(r"^\$ ", match.group(1), flags=re.M)[1:]
+            cwd = tempfile.mkdtemp(prefix=f"block{next(counter)}-", dir=tmp)
+            workspace(cwd)
             out = []
-            for part in parts:
-                command = split(part)[0]
+            for part in transcript_parts(match.group(1)):
+                command = split_example(part)[0]
                 shown = "\n".join(line if i == 0 else (f"> {line}" if line else ">")
                                   for i, line in enumerate(command.split("\n")))
                 out.append(f"$ {shown}\n{execute(command, cwd)}")
             return "```console\n" + "".join(out) + "```"
 
-        text = BLOCK.sub(render, text)
+        text = CONSOLE.sub(render, text)
     with open(README, "w") as f:
         f.write(text)
 

@@ -6,18 +6,8 @@ import json
 import pytest
 import torch
 
-from conftest import register_input, run
+from helpers import assert_same_state, load_torch, register_input, run
 from models import ResNet
-
-
-def load(path):
-    return torch.load(path, weights_only=True)
-
-
-def assert_same(actual: dict, expected: dict):
-    assert list(actual) == list(expected)
-    for name, value in expected.items():
-        assert actual[name].dtype == value.dtype and torch.equal(actual[name], value), name
 
 
 @pytest.fixture
@@ -41,9 +31,9 @@ def test_imagenet_layout_is_the_whole_model(imagenet_pt, resnet, tmp_path):
     zeroed = tmp_path / "zeroed.pt"
     result = run("zero", imagenet_pt, "-p", "fc.*", "-o", zeroed)
     assert result.exit_code == 0, result.stderr
-    before, after = load(imagenet_pt), load(zeroed)
+    before, after = load_torch(imagenet_pt), load_torch(zeroed)
     expected = {n: torch.zeros_like(v) if n.startswith("fc.") else v for n, v in state.items()}
-    assert_same(after["state_dict"], expected)
+    assert_same_state(after["state_dict"], expected)
     assert torch.equal(after["best_acc1"], before["best_acc1"]) and after["arch"] == "resnet18"
     assert after["epoch"] == 7 and after["scheduler"] == {"last_epoch": 7}
     for index, moments in before["optimizer"]["state"].items():
@@ -51,10 +41,10 @@ def test_imagenet_layout_is_the_whole_model(imagenet_pt, resnet, tmp_path):
     tensors = tmp_path / "tensors.pt"
     result = run("convert", imagenet_pt, "--tensors-only", "-o", tensors)
     assert result.exit_code == 0, result.stderr
-    assert_same(load(tensors), state)
+    assert_same_state(load_torch(tensors), state)
     torch.manual_seed(3)
     fresh = ResNet()
-    fresh.load_state_dict(load(tensors))  # strict: every key of the model, nothing else
+    fresh.load_state_dict(load_torch(tensors))  # strict: every key of the model, nothing else
 
 
 def test_dcp_with_a_step_counter_is_the_whole_model(tmp_path, resnet):
@@ -68,14 +58,14 @@ def test_dcp_with_a_step_counter_is_the_whole_model(tmp_path, resnet):
     out = tmp_path / "out.pt"
     result = run("zero", folder, "-p", "fc.*", "-o", out)
     assert result.exit_code == 0, result.stderr
-    written = load(out)
-    assert_same(written["model"], {n: torch.zeros_like(v) if n.startswith("fc.") else v for n, v in state.items()})
+    written = load_torch(out)
+    assert_same_state(written["model"], {n: torch.zeros_like(v) if n.startswith("fc.") else v for n, v in state.items()})
     assert torch.equal(written["step"], torch.tensor(3))
     tensors = tmp_path / "tensors.safetensors"
     assert run("convert", folder, "--tensors-only", "-o", tensors).exit_code == 0
     from safetensors.torch import load_file
 
-    assert_same(load_file(tensors), state)
+    assert_same_state(load_file(tensors), state)
 
 
 def test_lightning_layout_keeps_working(tmp_path, resnet):
@@ -91,8 +81,8 @@ def test_lightning_layout_keeps_working(tmp_path, resnet):
     assert document["key"] == "state_dict" and [t["name"] for t in document["tensors"]] == list(state)
     out = tmp_path / "out.ckpt"
     assert run("zero", path, "-p", "model.fc.*", "-o", out).exit_code == 0
-    written = load(out)
-    assert_same(written["state_dict"], {n: torch.zeros_like(v) if ".fc." in n else v for n, v in state.items()})
+    written = load_torch(out)
+    assert_same_state(written["state_dict"], {n: torch.zeros_like(v) if ".fc." in n else v for n, v in state.items()})
     assert written["global_step"] == 120 and len(written["optimizer_states"]) == 1
 
 

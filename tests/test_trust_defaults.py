@@ -10,7 +10,7 @@ from scipy import stats
 from torch import nn
 
 import paramsurgeon
-from conftest import run
+from helpers import run
 from paramsurgeon.ops import schemes
 from paramsurgeon.checkpoint.kinds import infer_kinds
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import paramsurgeon
-from conftest import run
+from helpers import run
 from paramsurgeon.checkpoint.kinds import infer_kinds
 
 

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ResNet, run, run_on_terminal
-
-from test_pipelines import json_of
+from helpers import json_of, run, run_on_terminal
+from models import ResNet
 
 COLOR = {"TERM": "xterm-256color"}
 
@@ -180,7 +179,7 @@ def without_numpy(tmp_path):
 
 
 def test_no_library_warnings_without_numpy(tmp_path, resnet_pt, without_numpy):
-    from conftest import run_process
+    from helpers import run_process
 
     runs = {
         ("inspect", resnet_pt, "-p", "fc.*"): 0,
