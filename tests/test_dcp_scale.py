@@ -11,11 +11,10 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import register_input, run
+from helpers import assert_same_state, load_torch, register_input, run
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
-from test_formats import assert_same_state, load_torch
 
 HELPER = os.path.join(os.path.dirname(__file__), "dcp_four_ranks.py")
 

@@ -14,9 +14,9 @@ import time
 
 import pytest
 import torch
-from helpers import file_bytes, register_input, run
+from helpers import file_bytes, load_torch, register_input, run
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 KILLS = 12
 

@@ -8,11 +8,10 @@ import os
 
 import pytest
 import torch
-from conftest import ResNet, TinyGPT, file_bytes, register_input, run
+from helpers import bits, file_bytes, load_torch, register_input, run, validate
+from models import ResNet, TinyGPT
 from safetensors.torch import load_file, save_file
 
-from test_formats import bits, load_torch
-from test_pipelines import validate
 
 import paramsurgeon as ps
 

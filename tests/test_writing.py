@@ -11,12 +11,11 @@ import zipfile
 
 import pytest
 import torch
-from conftest import SAMPLES, file_bytes, run
+from helpers import SAMPLES, assert_same_state, file_bytes, load_torch, run
 from safetensors.torch import load_file
 
 import paramsurgeon
 from paramsurgeon.formats import resolve_target
-from test_formats import assert_same_state, load_torch
 
 
 def sharded_state(folder) -> dict:
