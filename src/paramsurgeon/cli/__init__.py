@@ -49,7 +49,8 @@ class _Group(TyperGroup):
             sys.stderr.close()
             code = 141
         except Exception as e:  # a bug in paramsurgeon, not a user error
-            code = _fail(f"internal error: {type(e).__name__}: {e}; rerun with --debug and report it", 3, debug)
+            code = _fail(f"internal error (a bug in paramsurgeon): {type(e).__name__}: {e}; please report it, with the"
+                         " traceback --debug shows", 3, debug)
         if standalone_mode:
             sys.exit(code)
         return code

@@ -14,7 +14,7 @@ from ..declare import REQUIRED, argument, option
 from ..errors import UsageError
 from ..formats.files import refuse_terminal
 from ..ops import OPERATIONS, Operation
-from ..ops.surgery import Step, draw_seeds, perform, rehearse
+from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
 from ..sizes import human_bytes
 from .console import color_on_stdout, emit, note, open_checkpoint, progress, source_loader, terminal_width
@@ -59,6 +59,8 @@ def _run(command: str, path: Optional[str], steps: list[Step], seed: Optional[in
     for step, plan, _ in planned:
         for message in plan.notes:
             note(f"{command}: {step.short + ': ' if step.short else ''}{message}")
+    if write.dry_run:
+        check_values(ckpt, steps, sources, [plan for _, plan, _ in planned])
     if surgery.json:
         document = render.plan_document(planned[0][1], planned[0][2], ckpt, target.path, write.dry_run) \
             if command != "apply" else render.recipe_document(planned, ckpt, target.path, write.dry_run)

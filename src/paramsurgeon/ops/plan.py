@@ -30,6 +30,8 @@ class Change:
     compute: Callable | None = None  # () -> new values: a torch.Tensor of its own (not a view of the
     # input, unless non-contiguous), or a bytearray of the raw bytes
     same_values: bool = False  # a new storage for the same values (untie)
+    guarded: bool = False  # the values may leave the dtype's range: new Inf/NaN are an error
+    origin: Tensor | None = None  # what guarded values derive from, element by element (its Inf/NaN stay)
 
 
 @dataclass
@@ -138,6 +140,7 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
     With ``simulate``, no value is computed: changed tensors get empty storages of the right
     size, enough to plan later steps against names, shapes, dtypes and ties.
     """
+    overflows = []
     for change in plan.changes:
         first = ckpt[change.names[0]]
         dtype = dtypes.BY_NAME[change.dtype]
@@ -145,6 +148,8 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
             fresh = Tensor(Storage(math.prod(change.shape) * dtype.itemsize), dtype, change.shape)
         else:
             values = change.compute()
+            if change.guarded:
+                overflows += _overflow(change, values, dtype)
             if isinstance(values, bytearray):  # raw bytes: no torch needed
                 fresh = Tensor(Storage(len(values), values=values, location=first.storage.location), dtype,
                                change.shape)
@@ -156,6 +161,9 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
             ckpt[name] = _like(ckpt[name], fresh.storage, fresh)
         if progress is not None:
             progress(fresh.nbytes)
+    if overflows:
+        raise PlanError(f"{plan.command}: {'; '.join(overflows)}; nothing was written; pass --allow-overflow to"
+                        " write them anyway")
     for target, source in plan.aliases:
         src = ckpt[source]
         ckpt[target] = _like(ckpt[target], src.storage, src)
@@ -165,6 +173,17 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         rename(ckpt, plan.renames, plan.module_renames)
     history = json.loads(ckpt.metadata.get(HISTORY_KEY, "[]"))
     ckpt.metadata[HISTORY_KEY] = json.dumps(history + [plan.description], separators=(",", ":"))
+
+
+def _overflow(change: Change, values, dtype) -> list[str]:
+    """'name' and how many of its values became Inf or NaN ([] when none did)."""
+    from ..checkpoint.values import new_nonfinite
+
+    count = new_nonfinite(values, change.origin)
+    if not count:
+        return []
+    return [f"{count:,} of {math.prod(change.shape):,} values of '{change.names[0]}' would become Inf or NaN"
+            f" ({dtype} holds |x| <= {dtype.largest:g})"]
 
 
 def _like(old: Tensor, storage, shape_from: Tensor) -> Tensor:

@@ -73,6 +73,14 @@ class TiePolicy:
     untie: bool = option(False, "--untie", help="Give the selected tensors storage of their own before changing them.")
 
 
+@dataclass(kw_only=True)
+class Overflow:
+    """Whether values that become Inf or NaN may be written (for operations that compute values)."""
+
+    allow_overflow: bool = option(False, "--allow-overflow", help="Write values that became Inf or NaN (out of"
+                                  " the dtype's range, e.g. float16 above 65504) instead of failing.")
+
+
 def with_warnings(plan: Plan, warnings: list[str]) -> Plan:
     """``plan`` with the selection's warnings first among its notes."""
     plan.notes[:0] = [f"warning: {w}" for w in warnings]

@@ -10,12 +10,12 @@ from ..declare import REQUIRED, option
 from ..errors import SelectionError, UsageError
 from ..selection import Selection, Selector, select, suggest, unmatched, wildcard_map
 from .plan import Change, Plan, fail, names_list
-from .spec import Operation, Sources, Targets, TiePolicy, with_warnings
-from .values import copy_of, value_plan
+from .spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnings
+from .values import copy_of, narrows, value_plan
 
 
 @dataclass(kw_only=True)
-class Copy(Selection, TiePolicy, Operation):
+class Copy(Selection, TiePolicy, Overflow, Operation):
     """Copy values into existing tensors: from other tensors, or from another checkpoint."""
 
     name = "copy"
@@ -46,7 +46,7 @@ class Copy(Selection, TiePolicy, Operation):
             warnings += problems
         pairs, report = copy_pairs(ckpt, other, self.from_, self.to, narrowed)
         return with_warnings(_plan_copy(ckpt, other, pairs, skip_mismatched=self.skip_mismatched, ties=self,
-                                        report=report), warnings)
+                                        report=report, guard=not self.allow_overflow), warnings)
 
 
 @dataclass(kw_only=True)
@@ -141,7 +141,7 @@ def copy_pairs(ckpt: Checkpoint, source: Checkpoint, from_glob: str | None, to_g
 
 
 def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, skip_mismatched: bool,
-               ties: TiePolicy, report: list[str]) -> Plan:
+               ties: TiePolicy, report: list[str], guard: bool) -> Plan:
     """Copy values from ``source`` (maybe ``ckpt`` itself) by ``pairs`` (target -> source name),
     cast to each target's dtype. Shapes must match unless ``skip_mismatched``."""
     theirs = source.tensors
@@ -164,7 +164,8 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
         origin = theirs[sources[0]]
         where = "" if source is ckpt else f" of {source.source}"
         return Change(unit, f"copy from {sources[0]}{where}", tensor.shape, tensor.dtype.name,
-                      copy_of(origin, tensor.dtype))
+                      copy_of(origin, tensor.dtype), guarded=guard and narrows(origin.dtype, tensor.dtype),
+                      origin=origin)
 
     origin = "" if source is ckpt else f" from {source.source}"
     plan = value_plan("copy", f"copy{origin}: {names_list([f'{s}->{t}' for t, s in pairs.items()])}", ckpt,
