@@ -37,7 +37,8 @@ class _Group(TyperGroup):
             code = _fail(str(e), e.exit_code, debug)
         except _CLICK_USAGE_ERROR as e:
             if type(e).__name__ == "NoArgsIsHelpError":
-                code = 2  # the help has been printed
+                e.show()  # no command: the help, on stderr, and exit 2 as for any incomplete command line
+                code = 2
             else:
                 where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
                 code = _fail(f"{e.format_message()}{where}", 2, debug)

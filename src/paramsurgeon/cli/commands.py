@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import typer
 
 from ..declare import argument, option
+from ..errors import UsageError
 from ..selection import Selection
 from .console import color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width
 from .options import Input, Json, Pair, Read, Write
@@ -21,6 +22,10 @@ class InspectOptions:
     tree: bool = option(False, "--tree", help="Parameter counts per module instead of per tensor.")
     depth: int | None = option(None, "--depth", minimum=0, help="With --tree: levels to show.")
     hash: bool = option(False, "--hash", help="Add the sha256 of each tensor's values.")
+
+    def __post_init__(self) -> None:
+        if self.depth is not None and not self.tree:
+            raise UsageError(f"--depth {self.depth} limits the levels of --tree; pass --tree --depth {self.depth}")
 
 
 def inspect(given: Input, options: InspectOptions, output: Json, read: Read, select: Selection) -> None:
@@ -99,7 +104,6 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
     """
     from .. import formats
     from ..analysis.checks import RuleResult, parse_expectations, run_rules, validate_rules
-    from ..errors import UsageError
 
     dtype = validate_rules(options.max_abs, options.dtype)
     expectations = parse_expectations(options.expect, "--expect")

@@ -125,8 +125,10 @@ def copy_pairs(ckpt: Checkpoint, source: Checkpoint, from_glob: str | None, to_g
         if only_target:
             report.append(f"only in the target, kept ({len(only_target)}): {names_list(only_target)}")
         if not pairs:
-            raise SelectionError(f"copy: no tensor name is in both {source.source} and {ckpt.source}"
-                                 f"{suggest(next(iter(theirs), ''), list(mine))}; map names with --from/--to")
+            hint = prefix_mapping(list(theirs), list(mine))
+            hint = f"; they differ by a prefix: pass {hint}" if hint else \
+                f"{suggest(next(iter(theirs), ''), list(mine))}; map names with --from/--to"
+            raise SelectionError(f"copy: no tensor name is in both {source.source} and {ckpt.source}{hint}")
         return pairs, report
     mapping = wildcard_map(from_glob, to_glob, list(theirs))
     if not mapping:
@@ -138,6 +140,24 @@ def copy_pairs(ckpt: Checkpoint, source: Checkpoint, from_glob: str | None, to_g
                              f" {ckpt.source}{suggest(missing[0], list(mine))}; copy writes into existing tensors")
     pairs = {t: s for s, t in mapping.items() if targets is None or t in targets}
     return pairs, []
+
+
+def prefix_mapping(sources: list[str], targets: list[str]) -> str | None:
+    """"--from 'module.*' --to '*'" when stripping (or adding) one prefix makes source names target names."""
+    wanted = set(targets)
+    for prefix in _prefixes(sources):
+        if any(n[len(prefix):] in wanted for n in sources if n.startswith(prefix)):
+            return f"--from '{prefix}*' --to '*'"
+    for prefix in _prefixes(targets):
+        if any(prefix + n in wanted for n in sources):
+            return f"--from '*' --to '{prefix}*'"
+    return None
+
+
+def _prefixes(names: list[str]) -> list[str]:
+    """The dotted prefixes of the first name: 'a.', 'a.b.', ..."""
+    first = names[0] if names else ""
+    return [first[:i + 1] for i, c in enumerate(first) if c == "."]
 
 
 def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, skip_mismatched: bool,
