@@ -175,6 +175,7 @@ class Sharding:
 def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
     """Convert between torch and safetensors, single file and sharded directory; values are untouched."""
     from .. import formats
+    from ..checkpoint.locations import to_cpu
     from ..sizes import human_bytes
 
     checkpoint = open_checkpoint(given.ckpt, read)
@@ -189,6 +190,8 @@ def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
     if write.dry_run:
         note(f"would write {len(tensors)} tensors ({human_bytes(size)}) to {where} as {layout}")
         return
+    if write.device:
+        to_cpu(checkpoint)
     with progress(size, "writing") as advance:
         formats.save(checkpoint, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
     note(f"wrote {where} ({layout}, {len(tensors)} tensors, {human_bytes(size)})")

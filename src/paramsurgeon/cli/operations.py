@@ -10,6 +10,7 @@ from typing import Optional
 
 from .. import formats
 from ..checkpoint import Checkpoint
+from ..checkpoint.locations import to_cpu
 from ..declare import REQUIRED, argument, option
 from ..errors import UsageError
 from ..formats.files import refuse_terminal
@@ -95,6 +96,8 @@ def _open_for_writing(path: Optional[str], read: Read, write: Write,
 
 
 def _write_result(command: str, ckpt: Checkpoint, target: formats.Target, write: Write, summary: str) -> None:
+    if write.device:
+        to_cpu(ckpt)
     tensors = ckpt.tensors
     size = sum(t.nbytes for t in tensors.values())
     with progress(size, "writing") as advance:

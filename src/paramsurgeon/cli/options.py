@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..declare import REQUIRED, argument, option
+from ..errors import UsageError
 
 
 @dataclass(kw_only=True)
@@ -52,6 +53,13 @@ class Write:
                                                   " the ties are recorded.")
     tensors_only: bool = option(False, "--tensors-only", help="Write only the tensors of a nested checkpoint (all"
                                                               " that safetensors can hold).")
+    device: str | None = option(None, "--device", metavar="cpu", help="Record every tensor's storage as on the cpu"
+                                " (a file saved on a GPU then loads without one).")
+
+    def __post_init__(self) -> None:
+        if self.device not in (None, "cpu"):
+            raise UsageError(f"--device {self.device}: only --device cpu is supported (it makes a file saved on a"
+                             " GPU load on any machine)")
 
 
 @dataclass(kw_only=True)
