@@ -12,7 +12,8 @@ import typer
 from ..declare import argument, option
 from ..errors import UsageError
 from ..selection import Selection
-from .console import color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width
+from .console import (color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width,
+                      written)
 from .options import Input, Json, Pair, Read, Write
 
 
@@ -180,21 +181,20 @@ def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
 
     checkpoint = open_checkpoint(given.ckpt, read)
     target = formats.resolve_target(checkpoint, write.output, write.format, write.in_place, sharding.max_shard_size)
-    tensors = checkpoint.tensors
-    size = sum(t.nbytes for t in tensors.values())
+    if write.device:
+        to_cpu(checkpoint)
+    count, size = written(checkpoint, target, write.dedupe)
     where = target.path or "standard output"
     layout = target.family
     if target.sharded:
         layout += f", sharded by {human_bytes(target.max_shard_size)}" if target.max_shard_size \
             else ", sharded as before"
     if write.dry_run:
-        note(f"would write {len(tensors)} tensors ({human_bytes(size)}) to {where} as {layout}")
+        note(f"would write {count} tensors ({human_bytes(size)}) to {where} as {layout}")
         return
-    if write.device:
-        to_cpu(checkpoint)
     with progress(size, "writing") as advance:
         formats.save(checkpoint, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
-    note(f"wrote {where} ({layout}, {len(tensors)} tensors, {human_bytes(size)})")
+    note(f"wrote {where} ({layout}, {count} tensors, {human_bytes(size)})")
 
 
 EXAMPLES = {

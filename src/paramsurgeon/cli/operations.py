@@ -18,7 +18,8 @@ from ..ops import OPERATIONS, Operation
 from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
 from ..sizes import human_bytes
-from .console import color_on_stdout, emit, note, open_checkpoint, progress, source_loader, terminal_width
+from .console import (color_on_stdout, emit, note, open_checkpoint, progress, source_loader, terminal_width,
+                      written)
 from .options import Read, Surgery, Write
 
 
@@ -98,12 +99,10 @@ def _open_for_writing(path: Optional[str], read: Read, write: Write,
 def _write_result(command: str, ckpt: Checkpoint, target: formats.Target, write: Write, summary: str) -> None:
     if write.device:
         to_cpu(ckpt)
-    tensors = ckpt.tensors
-    size = sum(t.nbytes for t in tensors.values())
+    count, size = written(ckpt, target, write.dedupe)
     with progress(size, "writing") as advance:
         formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
-    note(f"{command}: {summary}; wrote {target.path or 'standard output'} ({len(tensors)} tensors,"
-         f" {human_bytes(size)})")
+    note(f"{command}: {summary}; wrote {target.path or 'standard output'} ({count} tensors, {human_bytes(size)})")
 
 
 __all__ = ["OPERATIONS", "Recipe", "apply_recipe", "run_operation"]

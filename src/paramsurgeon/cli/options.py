@@ -49,8 +49,8 @@ class Write:
                                 help="Output format (default: from the output's extension, else the input's).")
     in_place: bool = option(False, "--in-place", help="Rewrite the input checkpoint (atomically).")
     dry_run: bool = option(False, "--dry-run", help="Print what would be written; write nothing.")
-    dedupe: bool = option(False, "--dedupe", help="safetensors: write tied tensors once (as Hugging Face does);"
-                                                  " the ties are recorded.")
+    dedupe: bool = option(False, "--dedupe", help="safetensors: write tied tensors once, as safetensors' save_model"
+                                                  " does and its load_model expects; the ties are recorded.")
     tensors_only: bool = option(False, "--tensors-only", help="Write only the tensors of a nested checkpoint (all"
                                                               " that safetensors can hold).")
     device: str | None = option(None, "--device", metavar="cpu", help="Record every tensor's storage as on the cpu"

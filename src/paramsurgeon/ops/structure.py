@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint, Tensor
+from ..checkpoint.tensor import same_values
 from ..declare import REQUIRED, option
 from ..errors import SelectionError, UsageError
 from ..selection import Selection, Selector, select, suggest, unmatched, wildcard_map
@@ -219,6 +220,11 @@ def _plan_tie(ckpt: Checkpoint, source: str, targets: list[str], *, follow: bool
         if follow:
             plan.aliases += [(m, source) for m in others if (m, source) not in plan.aliases]
     fail("tie", problems)
+    differ = [t for t, _ in plan.aliases if src.storage.readable and tensors[t].storage.readable
+              and not same_values(tensors[t], src)]
+    if differ:
+        plan.notes.append(f"'{source}' replaces the different values of {len(differ)} target"
+                          f"{'s' if len(differ) > 1 else ''}: {names_list(differ)}")
     return plan
 
 

@@ -118,7 +118,7 @@ class Init(Targets, TiePolicy, Overflow, Operation):
         what = str(scheme) if scheme.name != "constant" else f"constant {scheme.kwargs['val']}"
         seeded = f", seed {seed}" if scheme.random else ""
         plan = value_plan("init", f"init {what}{seeded}: {names_list(names)}", ckpt, names, self, change_for)
-        return with_warnings(plan, warnings)
+        return with_warnings(self.buffer_note(ckpt, plan), warnings)
 
 
 def _constant_problem(value, dtype: DType, allow_overflow: bool) -> str | None:
@@ -159,8 +159,8 @@ class Zero(Targets, TiePolicy, Operation):
                           lambda: _prune(torch_values(tensor), below))
 
         what = f"zero |x| < {below:g}" if below is not None else "zero"
-        return with_warnings(value_plan("zero", f"{what}: {names_list(names)}", ckpt, names, self, change_for),
-                             warnings)
+        plan = value_plan("zero", f"{what}: {names_list(names)}", ckpt, names, self, change_for)
+        return with_warnings(self.buffer_note(ckpt, plan), warnings)
 
 
 def _prune(values, below: float):
@@ -198,8 +198,8 @@ class Scale(Targets, TiePolicy, Overflow, Operation):
                           lambda: (torch_values(tensor) * by).to(dtypes.torch_dtype(tensor.dtype)),
                           guarded=floating and abs(by) > 1 and not self.allow_overflow, origin=tensor)
 
-        return with_warnings(value_plan("scale", f"scale by {factor:g}: {names_list(names)}", ckpt, names, self,
-                                        change_for), warnings)
+        plan = value_plan("scale", f"scale by {factor:g}: {names_list(names)}", ckpt, names, self, change_for)
+        return with_warnings(self.buffer_note(ckpt, plan), warnings)
 
 
 @dataclass(kw_only=True)
