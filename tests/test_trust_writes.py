@@ -326,3 +326,32 @@ def test_copy_from_a_dataparallel_file_hints_the_mapping(tmp_path, resnet_pt):
                    "--from 'module.*' --to '*'")
     one_line_error(*cli("copy", source, "--source", resnet_pt, "-o", tmp_path / "o.pt")[::2],
                    "--from '*' --to 'module.*'")
+
+
+def test_odd_option_values_never_reach_an_internal_error(tmp_path):
+    """Every value option of every writing command, given odd values: exit 0 or 2, never 3."""
+    from paramsurgeon import declare
+    from paramsurgeon.cli.commands import Sharding
+    from paramsurgeon.cli.options import Read, Surgery, Write
+    from paramsurgeon.ops import OPERATIONS
+
+    base = {"init": ["-p", "fc.*", "--const", "0"], "scale": ["-p", "fc.*", "--by", "2"],
+            "cast": ["-p", "fc.*", "--dtype", "float16"], "copy": ["--from", "layer1.0.*", "--to", "layer1.1.*"],
+            "tie": ["--source", "layer1.0.bn1.weight", "--target", "layer1.0.bn2.weight"],
+            "rename": ["--from", "fc.*", "--to", "head.*"]}
+    commands = {name: [op, Read, Write, Surgery] for name, op in OPERATIONS.items()} | {"convert": [Sharding, Read, Write]}
+    found = []
+    for command, groups in commands.items():
+        flags = [d.flag.flags[-1] for g in groups for d in declare.declared(g) if d.flag.flags and d.type is not bool]
+        for flag in (f for f in flags if f != "--output"):
+            for value in ("-1", "1e400", "", "ü", "1" + "0" * 30, "uniform(a=0, b=1e40)"):
+                args = list(base.get(command, ["-p", "fc.*"] if command != "convert" else []))
+                if flag in args:
+                    del args[args.index(flag):args.index(flag) + 2]
+                if flag == "--scheme":
+                    del args[args.index("--const"):args.index("--const") + 2]
+                code, _, err = cli(command, os.path.join(ROOT, "samples", "resnet.pt"), *args, flag, value, "-o",
+                                   tmp_path / "o.pt")
+                if code == 3:
+                    found.append((command, flag, value, err))
+    assert not found

@@ -60,6 +60,18 @@ class Scheme:
         args = ", ".join(f"{k}={_show(v)}" for k, v in self.kwargs.items())
         return f"{self.name}({args})"
 
+    def reach(self) -> float:
+        """An upper bound of the |values| this scheme gives, whatever the shape (fans are at least 1;
+        a normal draw stays within 10 std, as torch's Box-Muller cannot go beyond about 8.6)."""
+        k = {**_SCHEMES[self.name][0], **self.kwargs}
+        if self.name in ("uniform", "trunc_normal"):
+            return max(abs(k["a"]), abs(k["b"]))
+        if self.name in ("normal", "sparse"):
+            return abs(k.get("mean", 0.0)) + 10 * k["std"]
+        if self.name == "constant":
+            return abs(k["val"])
+        return 10 * abs(k.get("gain", 2.0))  # xavier, orthogonal (|gain|); kaiming (gain <= 2); 0/1 fills
+
     def problem(self, shape: tuple[int, ...], floating: bool) -> str | None:
         """Why this scheme cannot fill a tensor of ``shape`` (None when it can)."""
         _, _, min_dims, exact, random = _SCHEMES[self.name]

@@ -109,11 +109,14 @@ class Init(Targets, TiePolicy, Overflow, Operation):
                 problem = _constant_problem(resolved.kwargs["val"], tensor.dtype, self.allow_overflow)
                 if problem:
                     return problem
+            work = tensor.dtype if tensor.dtype.name == "float64" else dtypes.BY_NAME["float32"]
+            if resolved.name in ("uniform", "trunc_normal") and resolved.reach() > work.largest:
+                return f"draws its values in {work}, and {resolved} reaches beyond its range (|x| <=" \
+                       f" {work.largest:g})"
             shape, dtype = tensor.shape, dtypes.torch_dtype(tensor.dtype)
-            drawn_in_float32 = resolved.random and narrows(dtypes.BY_NAME["float32"], tensor.dtype)
             return Change(unit, str(resolved), shape, tensor.dtype.name,
                           lambda: schemes.fill(resolved, shape, dtype, seed, name),
-                          guarded=drawn_in_float32 and not self.allow_overflow)
+                          guarded=resolved.reach() > tensor.dtype.largest and not self.allow_overflow)
 
         what = str(scheme) if scheme.name != "constant" else f"constant {scheme.kwargs['val']}"
         seeded = f", seed {seed}" if scheme.random else ""
