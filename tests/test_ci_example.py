@@ -31,7 +31,8 @@ def test_the_gate_fails_on_a_bad_checkpoint(tmp_path):
     cwd = workspace(tmp_path)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     gate = workflow_steps()[0].replace("samples/resnet.pt", "broken.pt")
-    subprocess.run(["paramsurgeon", "scale", "samples/resnet.pt", "-p", "fc.bias", "--by", "1e39", "-o", "broken.pt"],
+    subprocess.run(["paramsurgeon", "scale", "samples/resnet.pt", "-p", "fc.bias", "--by", "1e39", "--allow-overflow",
+                    "-o", "broken.pt"],
                    cwd=cwd, env=env, check=True, capture_output=True)
     result = subprocess.run(["bash", "-e", "-c", gate], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "FAIL finite" in result.stdout

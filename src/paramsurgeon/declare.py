@@ -122,7 +122,7 @@ def _problem(d: Declared, value: Any) -> str | None:
         return None if isinstance(value, str) else "must be a string"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (d.type is int and not isinstance(value, int)):
         return "must be a whole number" if d.type is int else "must be a number"
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, not {value}"
     if d.flag.minimum is not None and value < d.flag.minimum:
         return f"must be at least {d.flag.minimum:g}, not {value:g}"
@@ -166,13 +166,15 @@ def from_text(d: Declared, text: str) -> Any:
         return text
     if d.type is int or (d.type == Number and _integral(text)):
         try:
-            return int(text)
+            value = int(text)
         except ValueError:
-            raise UsageError(f"{d.flag.shown} {text}: expected a whole number") from None
+            raise UsageError(f"{d.flag.shown} {text:.40}: expected a whole number") from None
+        if d.type is int or abs(value) < 2**63:
+            return value  # else beyond every integer dtype: a float (or inf, which is refused)
     try:
         value = float(text)
     except ValueError:
-        raise UsageError(f"{d.flag.shown} {text}: expected a number") from None
+        raise UsageError(f"{d.flag.shown} {text:.40}: expected a number") from None
     return value
 
 

@@ -23,6 +23,17 @@ class DType:
     def short(self) -> str:
         return _SHORT.get(self.name, self.name)
 
+    @property
+    def largest(self) -> float:
+        """The largest finite value (float8_e8m0fnu, complex: of each part)."""
+        return _LARGEST[self.name]
+
+    @property
+    def lowest(self) -> float:
+        """The most negative value (0 for unsigned integers and bool)."""
+        unsigned = self.name.startswith("uint") or self.name in ("bool", "float8_e8m0fnu")
+        return 0 if unsigned else (-self.largest - 1 if self.name.startswith("int") else -self.largest)
+
     def __str__(self) -> str:
         return self.name
 
@@ -55,6 +66,14 @@ _SHORT = {
     "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8",
     "uint16": "u16", "uint32": "u32", "uint64": "u64", "complex64": "c64",
     "complex128": "c128", "float8_e4m3fn": "f8e4m3", "float8_e5m2": "f8e5m2",
+}
+
+_F32, _F64 = 3.4028234663852886e38, 1.7976931348623157e308
+_LARGEST = {
+    "float32": _F32, "float64": _F64, "float16": 65504.0, "bfloat16": 3.3895313892515355e38,
+    "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0, "float8_e4m3fnuz": 240.0, "float8_e5m2fnuz": 57344.0,
+    "float8_e8m0fnu": 1.7014118346046923e38, "complex64": _F32, "complex128": _F64, "bool": 1,
+    **{f"int{b}": 2 ** (b - 1) - 1 for b in (8, 16, 32, 64)}, **{f"uint{b}": 2**b - 1 for b in (8, 16, 32, 64)},
 }
 
 BY_NAME = {d.name: d for d in _TABLE}

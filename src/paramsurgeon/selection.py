@@ -118,6 +118,9 @@ def suggest(pattern: str, names: list[str], key: tuple = ()) -> str:
         return f"; names are relative to '{prefix}', so drop that prefix: '{pattern[len(prefix) + 1:]}'"
     if not any(c in pattern for c in "*?[") and any(n.startswith(pattern + ".") for n in names):
         return f"; a pattern matches whole names, did you mean '{pattern}.*'?"
+    prefixed = _prefixed(pattern, names)
+    if prefixed:
+        return f"; did you mean '{prefixed}{pattern}'? (every match is under '{prefixed}')"
     parts = {part for name in names for part in name.split(".")}
     for piece in pattern.split("."):
         if piece and not any(c in piece for c in "*?[") and piece not in parts:
@@ -127,6 +130,14 @@ def suggest(pattern: str, names: list[str], key: tuple = ()) -> str:
     scored = sorted(names, key=lambda n: -difflib.SequenceMatcher(None, pattern, n).ratio())
     close = [n for n in scored[:3] if difflib.SequenceMatcher(None, pattern, n).ratio() >= 0.5]
     return f"; closest names: {', '.join(close)}" if close else ""
+
+
+def _prefixed(pattern: str, names: list[str]) -> str | None:
+    """The module prefix ('model.') under which ``pattern`` would match, when one prefix takes them all."""
+    prefixes = {name[:i + 1] for name in names for i, c in enumerate(name)
+                if c == "." and fnmatch.fnmatchcase(name[i + 1:], pattern)}
+    shortest = sorted(prefixes, key=len)
+    return shortest[0] if shortest and all(p.startswith(shortest[0]) for p in shortest) else None
 
 
 def _tokens(glob: str) -> list[tuple[str, str]]:

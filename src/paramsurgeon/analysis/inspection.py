@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 from ..checkpoint import Checkpoint
 from ..checkpoint.extras import extras
 from ..checkpoint.kinds import infer_kinds
+from ..checkpoint.locations import off_cpu
 from .stats import Stats, sha256, tensor_stats
 
 
@@ -21,6 +22,7 @@ class Row:
     nbytes: int
     kind: str
     role: str
+    device: str = "cpu"  # the storage's location tag, as torch.load restores it
     tied: list[str] = field(default_factory=list)
     stats: Stats | None = None
     sha256: str | None = None
@@ -52,7 +54,7 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     for name in names:
         tensor, kind = tensors[name], kinds[name]
         row = Row(name, tensor.shape, tensor.dtype.name, tensor.numel, tensor.nbytes, kind.layer, kind.role,
-                  tied_with.get(name, []))
+                  tensor.storage.location, tied_with.get(name, []))
         if stats:
             row.stats = tensor_stats(tensor)
         if hashes:
@@ -65,7 +67,17 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     return Inspection(
         source=ckpt.source, format=ckpt.format, key=".".join(map(str, ckpt.key)) or None, rows=rows,
         ties=relevant_ties, totals=totals(rows, relevant_ties), extras=extras(ckpt), metadata=dict(ckpt.metadata),
-        notes=list(ckpt.notes), stats=stats, tree=module_tree(rows, relevant_ties) if tree else None)
+        notes=list(ckpt.notes) + _device_notes(ckpt), stats=stats, tree=module_tree(rows, relevant_ties) if tree else None)
+
+
+def _device_notes(ckpt: Checkpoint) -> list[str]:
+    """A note when storages record a device other than the cpu (torch.load needs that device)."""
+    elsewhere = off_cpu(ckpt)
+    if not elsewhere:
+        return []
+    where = ", ".join(f"{count} on {location}" for location, count in elsewhere.items())
+    return [f"storages saved on a GPU ({where}): torch.load needs that device or map_location='cpu'; pass"
+            " --device cpu to any writing command (e.g. convert) to record them as on the cpu"]
 
 
 def _aliases(ties: list[list[str]]) -> set[str]:

@@ -35,6 +35,11 @@ class Storage:
         raise CorruptCheckpointError("a pickle tried to overwrite a storage")
 
     @property
+    def readable(self) -> bool:
+        """Whether the bytes exist (a rehearsal's stand-in for values yet to be computed has none)."""
+        return self.file is not None or self.values is not None or self.loader is not None
+
+    @property
     def in_memory(self) -> bool:
         """Whether the bytes are not a span of an input file (and so must be written out, not copied)."""
         return self.file is None
@@ -144,6 +149,19 @@ def tie_groups(tensors: dict[str, Tensor]) -> list[list[str]]:
         groups.append(current)
     groups = [sorted(g, key=order.__getitem__) for g in groups if len(g) > 1]
     return sorted(groups, key=lambda g: order[g[0]])
+
+
+def same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same bytes (NaNs included)."""
+    views = []
+    for tensor in (a, b):
+        view = tensor.contiguous_bytes()
+        if view is None:
+            from .values import contiguous_memory
+
+            view = contiguous_memory(tensor)
+        views.append(view)
+    return all(bytes(x) == bytes(y) for x, y in zip(blocks(views[0]), blocks(views[1])))
 
 
 def memory_of(values) -> memoryview:

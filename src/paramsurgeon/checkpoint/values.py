@@ -43,6 +43,16 @@ def from_torch(values: torch.Tensor, location: str = "cpu", owned: bool = False)
     return Tensor(storage, dtypes.from_torch(values.dtype), tuple(values.shape))
 
 
+def new_nonfinite(values: torch.Tensor, origin: Tensor | None) -> int:
+    """How many of ``values`` are Inf or NaN where ``origin`` (same shape; None: all finite) is not."""
+    if not (values.is_floating_point() or values.is_complex()):
+        return 0
+    bad = ~torch.isfinite(values)
+    if origin is not None:
+        bad &= torch.isfinite(to_torch(origin))
+    return int(bad.sum())
+
+
 def contiguous_memory(tensor: Tensor) -> memoryview:
     """The values of ``tensor`` in row-major order (a copy only when it is not contiguous)."""
     return memory_of(to_torch(tensor).contiguous())

@@ -37,7 +37,8 @@ class _Group(TyperGroup):
             code = _fail(str(e), e.exit_code, debug)
         except _CLICK_USAGE_ERROR as e:
             if type(e).__name__ == "NoArgsIsHelpError":
-                code = 2  # the help has been printed
+                e.show()  # no command: the help, on stderr, and exit 2 as for any incomplete command line
+                code = 2
             else:
                 where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
                 code = _fail(f"{e.format_message()}{where}", 2, debug)
@@ -49,7 +50,8 @@ class _Group(TyperGroup):
             sys.stderr.close()
             code = 141
         except Exception as e:  # a bug in paramsurgeon, not a user error
-            code = _fail(f"internal error: {type(e).__name__}: {e}; rerun with --debug and report it", 3, debug)
+            code = _fail(f"internal error (a bug in paramsurgeon): {type(e).__name__}: {e}; please report it, with the"
+                         " traceback --debug shows", 3, debug)
         if standalone_mode:
             sys.exit(code)
         return code

@@ -14,8 +14,21 @@ import inspect
 from typing import Annotated, Any, Callable, List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from .. import declare
+
+
+class _Command(TyperCommand):
+    """A command whose usage line names its arguments as declared: 'diff [OPTIONS] A B'."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                shown = param.metavar or param.name.upper()
+                pieces.append(shown if param.required or param.nargs != 1 else f"[{shown}]")
+        return pieces
 
 
 def command(app: typer.Typer, name: str, groups: list[type], run: Callable[..., Any], doc: str) -> None:
@@ -34,7 +47,7 @@ def command(app: typer.Typer, name: str, groups: list[type], run: Callable[..., 
     spec = [(d.name, _annotation(d), dataclasses.field(default=_default(d))) for _, d in fields]
     callback = dataclasses.make_dataclass(f"{name.title()}Command", spec, kw_only=True,
                                           namespace={"__post_init__": post_init, "__doc__": doc})
-    app.command(name, help=doc, short_help=doc.split("\n")[0])(callback)
+    app.command(name, cls=_Command, help=doc, short_help=doc.split("\n")[0])(callback)
 
 
 def _own_first(group: type) -> list[declare.Declared]:

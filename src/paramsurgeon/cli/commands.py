@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import typer
 
 from ..declare import argument, option
+from ..errors import UsageError
 from ..selection import Selection
-from .console import color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width
+from .console import (color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width,
+                      written)
 from .options import Input, Json, Pair, Read, Write
 
 
@@ -21,6 +23,10 @@ class InspectOptions:
     tree: bool = option(False, "--tree", help="Parameter counts per module instead of per tensor.")
     depth: int | None = option(None, "--depth", minimum=0, help="With --tree: levels to show.")
     hash: bool = option(False, "--hash", help="Add the sha256 of each tensor's values.")
+
+    def __post_init__(self) -> None:
+        if self.depth is not None and not self.tree:
+            raise UsageError(f"--depth {self.depth} limits the levels of --tree; pass --tree --depth {self.depth}")
 
 
 def inspect(given: Input, options: InspectOptions, output: Json, read: Read, select: Selection) -> None:
@@ -99,7 +105,6 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
     """
     from .. import formats
     from ..analysis.checks import RuleResult, parse_expectations, run_rules, validate_rules
-    from ..errors import UsageError
 
     dtype = validate_rules(options.max_abs, options.dtype)
     expectations = parse_expectations(options.expect, "--expect")
@@ -171,25 +176,27 @@ class Sharding:
 def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
     """Convert between torch and safetensors, single file and sharded directory; values are untouched."""
     from .. import formats
+    from ..checkpoint.locations import to_cpu
     from ..sizes import human_bytes
 
     checkpoint = open_checkpoint(given.ckpt, read)
     target = formats.resolve_target(checkpoint, write.output, write.format, write.in_place, sharding.max_shard_size)
     for message in target.notes:
         note(f"note: {message}")
-    tensors = checkpoint.tensors
-    size = sum(t.nbytes for t in tensors.values())
+    if write.device:
+        to_cpu(checkpoint)
+    count, size = written(checkpoint, target, write.dedupe)
     where = target.path or "standard output"
     layout = target.family
     if target.sharded:
         layout += f", sharded by {human_bytes(target.max_shard_size)}" if target.max_shard_size \
             else ", sharded as before"
     if write.dry_run:
-        note(f"would write {len(tensors)} tensors ({human_bytes(size)}) to {where} as {layout}")
+        note(f"would write {count} tensors ({human_bytes(size)}) to {where} as {layout}")
         return
     with progress(size, "writing") as advance:
         formats.save(checkpoint, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
-    note(f"wrote {where} ({layout}, {len(tensors)} tensors, {human_bytes(size)})")
+    note(f"wrote {where} ({layout}, {count} tensors, {human_bytes(size)})")
 
 
 EXAMPLES = {

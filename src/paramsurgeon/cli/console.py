@@ -71,6 +71,19 @@ def selected_names(ckpt: Checkpoint, selection: Selection, tensors: Optional[dic
     return names
 
 
+def written(ckpt: Checkpoint, target: formats.Target, dedupe: bool) -> tuple[int, int]:
+    """How many tensors the output holds and their bytes: a torch file stores shared storage once,
+    a safetensors file writes every name, or one per tie group with --dedupe."""
+    tensors = ckpt.tensors
+    if target.family == "safetensors":
+        from ..formats.safetensors import plan
+
+        entries, _ = plan(tensors, {}, dedupe)
+        return len(entries), sum(t.nbytes for _, t in entries)
+    aliases = {n for group in ckpt.ties() for n in group[1:]} if target.family == "torch" else set()
+    return len(tensors), sum(t.nbytes for n, t in tensors.items() if n not in aliases)
+
+
 PROGRESS_DELAY = float(os.environ.get("PARAMSURGEON_PROGRESS_DELAY", "1.0"))  # seconds before a bar shows
 
 

@@ -10,14 +10,16 @@ from typing import Optional
 
 from .. import formats
 from ..checkpoint import Checkpoint
+from ..checkpoint.locations import to_cpu
 from ..declare import REQUIRED, argument, option
 from ..errors import UsageError
 from ..formats.files import refuse_terminal
 from ..ops import OPERATIONS, Operation
-from ..ops.surgery import Step, draw_seeds, perform, rehearse
+from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
 from ..sizes import human_bytes
-from .console import color_on_stdout, emit, note, open_checkpoint, progress, source_loader, terminal_width
+from .console import (color_on_stdout, emit, note, open_checkpoint, progress, source_loader, terminal_width,
+                      written)
 from .options import Read, Surgery, Write
 
 
@@ -59,6 +61,8 @@ def _run(command: str, path: Optional[str], steps: list[Step], seed: Optional[in
     for step, plan, _ in planned:
         for message in plan.notes:
             note(f"{command}: {step.short + ': ' if step.short else ''}{message}")
+    if write.dry_run:
+        check_values(ckpt, steps, sources, [plan for _, plan, _ in planned])
     if surgery.json:
         document = render.plan_document(planned[0][1], planned[0][2], ckpt, target.path, write.dry_run) \
             if command != "apply" else render.recipe_document(planned, ckpt, target.path, write.dry_run)
@@ -95,12 +99,12 @@ def _open_for_writing(path: Optional[str], read: Read, write: Write,
 
 
 def _write_result(command: str, ckpt: Checkpoint, target: formats.Target, write: Write, summary: str) -> None:
-    tensors = ckpt.tensors
-    size = sum(t.nbytes for t in tensors.values())
+    if write.device:
+        to_cpu(ckpt)
+    count, size = written(ckpt, target, write.dedupe)
     with progress(size, "writing") as advance:
         formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
-    note(f"{command}: {summary}; wrote {target.path or 'standard output'} ({len(tensors)} tensors,"
-         f" {human_bytes(size)})")
+    note(f"{command}: {summary}; wrote {target.path or 'standard output'} ({count} tensors, {human_bytes(size)})")
 
 
 __all__ = ["OPERATIONS", "Recipe", "apply_recipe", "run_operation"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..declare import REQUIRED, argument, option
+from ..errors import UsageError
 
 
 @dataclass(kw_only=True)
@@ -48,10 +49,17 @@ class Write:
                                 help="Output format (default: from the output's extension, else the input's).")
     in_place: bool = option(False, "--in-place", help="Rewrite the input checkpoint (atomically).")
     dry_run: bool = option(False, "--dry-run", help="Print what would be written; write nothing.")
-    dedupe: bool = option(False, "--dedupe", help="safetensors: write tied tensors once (as Hugging Face does);"
-                                                  " the ties are recorded.")
+    dedupe: bool = option(False, "--dedupe", help="safetensors: write tied tensors once, as safetensors' save_model"
+                                                  " does and its load_model expects; the ties are recorded.")
     tensors_only: bool = option(False, "--tensors-only", help="Write only the tensors of a nested checkpoint (all"
                                                               " that safetensors can hold).")
+    device: str | None = option(None, "--device", metavar="cpu", help="Record every tensor's storage as on the cpu"
+                                " (a file saved on a GPU then loads without one).")
+
+    def __post_init__(self) -> None:
+        if self.device not in (None, "cpu"):
+            raise UsageError(f"--device {self.device}: only --device cpu is supported (it makes a file saved on a"
+                             " GPU load on any machine)")
 
 
 @dataclass(kw_only=True)

@@ -32,6 +32,8 @@ class Change:
     same_values: bool = False  # a new storage for the same values (untie)
     lazy: bool = False  # computed when the values are read (by the writer), not when the plan is applied,
     # so that a change of every tensor (merge) holds one result in memory at a time
+    guarded: bool = False  # the values may leave the dtype's range: new Inf/NaN are an error
+    origin: Tensor | None = None  # what guarded values derive from, element by element (its Inf/NaN stay)
 
 
 @dataclass
@@ -140,6 +142,7 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
     With ``simulate``, no value is computed: changed tensors get empty storages of the right
     size, enough to plan later steps against names, shapes, dtypes and ties.
     """
+    overflows = []
     for change in plan.changes:
         first = ckpt[change.names[0]]
         dtype = dtypes.BY_NAME[change.dtype]
@@ -150,6 +153,8 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
                                    location=first.storage.location), dtype, change.shape)
         else:
             values = change.compute()
+            if change.guarded:
+                overflows += _overflow(change, values, dtype)
             if isinstance(values, bytearray):  # raw bytes: no torch needed
                 fresh = Tensor(Storage(len(values), values=values, location=first.storage.location), dtype,
                                change.shape)
@@ -161,6 +166,9 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
             ckpt[name] = _like(ckpt[name], fresh.storage, fresh)
         if progress is not None:
             progress(fresh.nbytes)
+    if overflows:
+        raise PlanError(f"{plan.command}: {'; '.join(overflows)}; nothing was written; pass --allow-overflow to"
+                        " write them anyway")
     for target, source in plan.aliases:
         src = ckpt[source]
         ckpt[target] = _like(ckpt[target], src.storage, src)
@@ -170,6 +178,17 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         rename(ckpt, plan.renames, plan.module_renames)
     history = json.loads(ckpt.metadata.get(HISTORY_KEY, "[]"))
     ckpt.metadata[HISTORY_KEY] = json.dumps(history + [plan.description], separators=(",", ":"))
+
+
+def _overflow(change: Change, values, dtype) -> list[str]:
+    """'name' and how many of its values became Inf or NaN ([] when none did)."""
+    from ..checkpoint.values import new_nonfinite
+
+    count = new_nonfinite(values, change.origin)
+    if not count:
+        return []
+    return [f"{count:,} of {math.prod(change.shape):,} values of '{change.names[0]}' would become Inf or NaN"
+            f" ({dtype} holds |x| <= {dtype.largest:g})"]
 
 
 def _like(old: Tensor, storage, shape_from: Tensor) -> Tensor:

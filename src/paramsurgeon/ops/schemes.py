@@ -60,6 +60,18 @@ class Scheme:
         args = ", ".join(f"{k}={_show(v)}" for k, v in self.kwargs.items())
         return f"{self.name}({args})"
 
+    def reach(self) -> float:
+        """An upper bound of the |values| this scheme gives, whatever the shape (fans are at least 1;
+        a normal draw stays within 10 std, as torch's Box-Muller cannot go beyond about 8.6)."""
+        k = {**_SCHEMES[self.name][0], **self.kwargs}
+        if self.name in ("uniform", "trunc_normal"):
+            return max(abs(k["a"]), abs(k["b"]))
+        if self.name in ("normal", "sparse"):
+            return abs(k.get("mean", 0.0)) + 10 * k["std"]
+        if self.name == "constant":
+            return abs(k["val"])
+        return 10 * abs(k.get("gain", 2.0))  # xavier, orthogonal (|gain|); kaiming (gain <= 2); 0/1 fills
+
     def problem(self, shape: tuple[int, ...], floating: bool) -> str | None:
         """Why this scheme cannot fill a tensor of ``shape`` (None when it can)."""
         _, _, min_dims, exact, random = _SCHEMES[self.name]
@@ -98,7 +110,7 @@ def parse(spec: str) -> Scheme:
     missing = [k for k in required if k not in kwargs]
     if missing:
         raise UsageError(f"--scheme '{spec}': {name} needs {', '.join(missing)}=..., e.g. {name}({missing[0]}=0.1)")
-    return Scheme(name, {k: _check(spec, name, k, v) for k, v in kwargs.items()})
+    return Scheme(name, _ordered(spec, name, {k: _check(spec, name, k, v) for k, v in kwargs.items()}))
 
 
 def _arguments(spec: str, body: str) -> dict:
@@ -130,7 +142,11 @@ def _literal(spec: str, node: ast.AST) -> Any:
 
 def _check(spec: str, name: str, key: str, value: Any) -> Any:
     if key == "gain":
-        return gain(spec, value)
+        resolved = gain(spec, value)
+        if resolved < 0 and name.startswith("xavier"):
+            raise UsageError(f"--scheme '{spec}': gain must not be negative for {name} (its bound or std is the"
+                             " gain times a positive number)")
+        return resolved
     if key == "mode":
         if value not in ("fan_in", "fan_out"):
             raise UsageError(f"--scheme '{spec}': mode must be fan_in or fan_out")
@@ -143,31 +159,57 @@ def _check(spec: str, name: str, key: str, value: Any) -> Any:
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"--scheme '{spec}': groups must be a positive whole number")
         return value
-    if not isinstance(value, (int, float)):
-        raise UsageError(f"--scheme '{spec}': {key} must be a number, not '{value}'")
+    value = _number(spec, key, value)
     if key == "sparsity" and not 0 <= value <= 1:
         raise UsageError(f"--scheme '{spec}': sparsity is a fraction between 0 and 1")
-    if key == "std" and value < 0:
-        raise UsageError(f"--scheme '{spec}': std must not be negative")
-    if name in ("uniform", "trunc_normal") and key in ("a", "b"):
-        return float(value)
-    return float(value) if key != "val" else value
+    if key == "std" and (value < 0 or (value == 0 and name == "trunc_normal")):
+        raise UsageError(f"--scheme '{spec}': std must be {'more than 0' if name == 'trunc_normal' else 'at least 0'}")
+    if key == "a" and name.startswith("kaiming") and abs(value) > 1e150:
+        raise UsageError(f"--scheme '{spec}': a is the negative slope of leaky_relu; {value:g} is too large for"
+                         " torch's calculate_gain")
+    if key == "val" and isinstance(value, int) and abs(value) < 2**63:
+        return value  # an integral constant stays an int, to fit integer tensors
+    return float(value)
+
+
+def _number(spec: str, key: str, value: Any) -> int | float:
+    """``value`` if it is a finite number (one torch can take), else a UsageError."""
+    if not isinstance(value, (int, float)):
+        raise UsageError(f"--scheme '{spec}': {key} must be a number, not '{value}'")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise UsageError(f"--scheme '{spec}': {key} must be a finite number")
+    return value
+
+
+def _ordered(spec: str, name: str, kwargs: dict) -> dict:
+    """``kwargs``, refused when the interval [a, b] of uniform or trunc_normal is reversed (as torch refuses it)."""
+    if name in ("uniform", "trunc_normal"):
+        a, b = (kwargs.get(k, _SCHEMES[name][0][k]) for k in ("a", "b"))
+        if a > b:
+            raise UsageError(f"--scheme '{spec}': a={a:g} is more than b={b:g}; {name} draws from [a, b]")
+    return kwargs
 
 
 def gain(spec: str, value: Any) -> float:
     """A gain given as a number or a nonlinearity name, resolved as torch's calculate_gain does."""
     if isinstance(value, (int, float)):
-        return float(value)
+        return float(_number(spec, "gain", value))
     nonlinearity, param = value if isinstance(value, tuple) else (value, None)
     if nonlinearity not in _NONLINEARITIES:
         raise UsageError(f"--scheme '{spec}': gain must be a number or one of {', '.join(_NONLINEARITIES)}")
+    if param is not None:
+        param = _number(spec, f"the slope of {nonlinearity}", param)
     if nonlinearity == "tanh":
         return 5.0 / 3
     if nonlinearity == "relu":
         return math.sqrt(2.0)
     if nonlinearity == "leaky_relu":
         slope = 0.01 if param is None else float(param)
-        return math.sqrt(2.0 / (1 + slope**2))
+        return math.sqrt(2.0 / (1 + slope * slope))
     if nonlinearity == "selu":
         return 3.0 / 4
     return 1.0

@@ -14,6 +14,7 @@ from typing import Callable, ClassVar
 
 from .. import declare
 from ..checkpoint import Checkpoint
+from ..checkpoint.kinds import ROLES, infer_kinds
 from ..declare import option
 from ..errors import UsageError
 from ..selection import Selection
@@ -63,6 +64,20 @@ class Targets(Selection):
         warnings += problems
         return names
 
+    def buffer_note(self, ckpt: Checkpoint, plan: Plan) -> Plan:
+        """``plan`` with a note saying how many changed tensors are buffers (running statistics, step
+        counters), unless -k chose by role."""
+        if any(k in ROLES for k in self.kind):
+            return plan
+        changed = [n for change in plan.changes for n in change.names]
+        kinds = infer_kinds(ckpt.tensors)
+        buffers = [n for n in changed if kinds[n].role == "buffer"]
+        if buffers:
+            leaves = ", ".join(dict.fromkeys(n.rpartition(".")[2] for n in buffers))
+            plan.notes.append(f"{len(buffers)} of the {len(changed)} changed tensors are buffers ({leaves}), not"
+                              " parameters; add -k parameter to leave them out")
+        return plan
+
 
 @dataclass(kw_only=True)
 class TiePolicy:
@@ -71,6 +86,14 @@ class TiePolicy:
     follow_ties: bool = option(False, "--follow-ties",
                                help="Change every tensor tied to a selected one, as the model would see it.")
     untie: bool = option(False, "--untie", help="Give the selected tensors storage of their own before changing them.")
+
+
+@dataclass(kw_only=True)
+class Overflow:
+    """Whether values that become Inf or NaN may be written (for operations that compute values)."""
+
+    allow_overflow: bool = option(False, "--allow-overflow", help="Write values that became Inf or NaN (out of"
+                                  " the dtype's range, e.g. float16 above 65504) instead of failing.")
 
 
 def with_warnings(plan: Plan, warnings: list[str]) -> Plan:

@@ -6,16 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint, Tensor
+from ..checkpoint.tensor import same_values
 from ..declare import REQUIRED, option
 from ..errors import SelectionError, UsageError
 from ..selection import Selection, Selector, select, suggest, unmatched, wildcard_map
 from .plan import Change, Plan, fail, names_list
-from .spec import Operation, Sources, Targets, TiePolicy, with_warnings
-from .values import copy_of, value_plan
+from .spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnings
+from .values import copy_of, narrows, value_plan
 
 
 @dataclass(kw_only=True)
-class Copy(Selection, TiePolicy, Operation):
+class Copy(Selection, TiePolicy, Overflow, Operation):
     """Copy values into existing tensors: from other tensors, or from another checkpoint."""
 
     name = "copy"
@@ -46,7 +47,7 @@ class Copy(Selection, TiePolicy, Operation):
             warnings += problems
         pairs, report = copy_pairs(ckpt, other, self.from_, self.to, narrowed)
         return with_warnings(_plan_copy(ckpt, other, pairs, skip_mismatched=self.skip_mismatched, ties=self,
-                                        report=report), warnings)
+                                        report=report, guard=not self.allow_overflow), warnings)
 
 
 @dataclass(kw_only=True)
@@ -125,8 +126,10 @@ def copy_pairs(ckpt: Checkpoint, source: Checkpoint, from_glob: str | None, to_g
         if only_target:
             report.append(f"only in the target, kept ({len(only_target)}): {names_list(only_target)}")
         if not pairs:
-            raise SelectionError(f"copy: no tensor name is in both {source.source} and {ckpt.source}"
-                                 f"{suggest(next(iter(theirs), ''), list(mine))}; map names with --from/--to")
+            hint = prefix_mapping(list(theirs), list(mine))
+            hint = f"; they differ by a prefix: pass {hint}" if hint else \
+                f"{suggest(next(iter(theirs), ''), list(mine))}; map names with --from/--to"
+            raise SelectionError(f"copy: no tensor name is in both {source.source} and {ckpt.source}{hint}")
         return pairs, report
     mapping = wildcard_map(from_glob, to_glob, list(theirs))
     if not mapping:
@@ -140,8 +143,26 @@ def copy_pairs(ckpt: Checkpoint, source: Checkpoint, from_glob: str | None, to_g
     return pairs, []
 
 
+def prefix_mapping(sources: list[str], targets: list[str]) -> str | None:
+    """"--from 'module.*' --to '*'" when stripping (or adding) one prefix makes source names target names."""
+    wanted = set(targets)
+    for prefix in _prefixes(sources):
+        if any(n[len(prefix):] in wanted for n in sources if n.startswith(prefix)):
+            return f"--from '{prefix}*' --to '*'"
+    for prefix in _prefixes(targets):
+        if any(prefix + n in wanted for n in sources):
+            return f"--from '*' --to '{prefix}*'"
+    return None
+
+
+def _prefixes(names: list[str]) -> list[str]:
+    """The dotted prefixes of the first name: 'a.', 'a.b.', ..."""
+    first = names[0] if names else ""
+    return [first[:i + 1] for i, c in enumerate(first) if c == "."]
+
+
 def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, skip_mismatched: bool,
-               ties: TiePolicy, report: list[str]) -> Plan:
+               ties: TiePolicy, report: list[str], guard: bool) -> Plan:
     """Copy values from ``source`` (maybe ``ckpt`` itself) by ``pairs`` (target -> source name),
     cast to each target's dtype. Shapes must match unless ``skip_mismatched``."""
     theirs = source.tensors
@@ -164,7 +185,8 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
         origin = theirs[sources[0]]
         where = "" if source is ckpt else f" of {source.source}"
         return Change(unit, f"copy from {sources[0]}{where}", tensor.shape, tensor.dtype.name,
-                      copy_of(origin, tensor.dtype))
+                      copy_of(origin, tensor.dtype), guarded=guard and narrows(origin.dtype, tensor.dtype),
+                      origin=origin)
 
     origin = "" if source is ckpt else f" from {source.source}"
     plan = value_plan("copy", f"copy{origin}: {names_list([f'{s}->{t}' for t, s in pairs.items()])}", ckpt,
@@ -198,6 +220,11 @@ def _plan_tie(ckpt: Checkpoint, source: str, targets: list[str], *, follow: bool
         if follow:
             plan.aliases += [(m, source) for m in others if (m, source) not in plan.aliases]
     fail("tie", problems)
+    differ = [t for t, _ in plan.aliases if src.storage.readable and tensors[t].storage.readable
+              and not same_values(tensors[t], src)]
+    if differ:
+        plan.notes.append(f"'{source}' replaces the different values of {len(differ)} target"
+                          f"{'s' if len(differ) > 1 else ''}: {names_list(differ)}")
     return plan
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError
@@ -60,7 +61,8 @@ def perform(ckpt: Checkpoint, steps: list[Step], sources: Sources, *, reset_opti
     plans = []
     for step in steps:
         plan = _plan(ckpt, step, sources)
-        apply(ckpt, plan, progress)
+        with _named(step):
+            apply(ckpt, plan, progress)
         plans.append(plan)
     return plans, optimizer_notes(ckpt, plans, reset_optimizer)
 
@@ -81,9 +83,23 @@ def run(ckpt: Checkpoint, steps: list[Step], *, seed: int | None = None, sources
     return plans
 
 
+def check_values(ckpt: Checkpoint, steps: list[Step], sources: Sources, plans: list[Plan]) -> None:
+    """What a dry run must refuse as the real run would, though only computed values show it
+    (new Inf/NaN): when any change may overflow, the steps are performed on a copy, nothing kept."""
+    if any(change.guarded for plan in plans for change in plan.changes):
+        perform(structural_copy(ckpt), steps, sources)
+
+
 def _plan(ckpt: Checkpoint, step: Step, sources: Sources) -> Plan:
-    try:
+    with _named(step):
         return step.operation.plan(ckpt, sources)
+
+
+@contextmanager
+def _named(step: Step) -> Iterator[None]:
+    """Errors inside carry the step's label (a recipe's 'r.toml: step 2 (init)')."""
+    try:
+        yield
     except ParamSurgeonError as e:
         if step.label:
             e.args = (f"{step.label}: {e}", *e.args[1:])

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import dtypes
+from ..dtypes import DType
 from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.kinds import LAYER_KINDS, infer_kinds
 from ..declare import REQUIRED, Number, option
 from ..errors import UsageError
 from . import schemes
 from .plan import Change, Plan, fail, names_list, tie_units
-from .spec import Operation, Sources, Targets, TiePolicy, with_warnings
+from .spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnings
 
 CAST_TARGETS = ("float32", "float16", "bfloat16", "float64")
 
@@ -36,6 +37,11 @@ def copy_of(tensor: Tensor, dtype) -> Callable:
     return lambda: torch_values(tensor).to(dtypes.torch_dtype(dtype))
 
 
+def narrows(source: DType, target: DType) -> bool:
+    """Whether floating-point values of ``source`` may not fit ``target`` (float32 -> float16)."""
+    return (target.floating or target.complex) and target.largest < source.largest
+
+
 def value_plan(command: str, description: str, ckpt: Checkpoint, names: list[str], ties: TiePolicy,
                change_for: Callable[[list[str], Tensor], Change | str | None]) -> Plan:
     """A plan changing the values of ``names``, one Change per tie unit (or a problem string)."""
@@ -52,7 +58,7 @@ def value_plan(command: str, description: str, ckpt: Checkpoint, names: list[str
 
 
 @dataclass(kw_only=True)
-class Init(Targets, TiePolicy, Operation):
+class Init(Targets, TiePolicy, Overflow, Operation):
     """Re-initialise the selected tensors with a constant or a torch.nn.init scheme."""
 
     name = "init"
@@ -99,16 +105,37 @@ class Init(Targets, TiePolicy, Operation):
             problem = resolved.problem(tensor.shape, tensor.dtype.floating)
             if problem:
                 return problem
-            if tensor.dtype.name == "bool" and resolved.name == "constant" and resolved.kwargs["val"] not in (0, 1):
-                return "is boolean; only --const 0 or 1 fits it"
+            if resolved.name == "constant":
+                problem = _constant_problem(resolved.kwargs["val"], tensor.dtype, self.allow_overflow)
+                if problem:
+                    return problem
+            work = tensor.dtype if tensor.dtype.name == "float64" else dtypes.BY_NAME["float32"]
+            if resolved.name in ("uniform", "trunc_normal") and resolved.reach() > work.largest:
+                return f"draws its values in {work}, and {resolved} reaches beyond its range (|x| <=" \
+                       f" {work.largest:g})"
             shape, dtype = tensor.shape, dtypes.torch_dtype(tensor.dtype)
             return Change(unit, str(resolved), shape, tensor.dtype.name,
-                          lambda: schemes.fill(resolved, shape, dtype, seed, name))
+                          lambda: schemes.fill(resolved, shape, dtype, seed, name),
+                          guarded=resolved.reach() > tensor.dtype.largest and not self.allow_overflow)
 
         what = str(scheme) if scheme.name != "constant" else f"constant {scheme.kwargs['val']}"
         seeded = f", seed {seed}" if scheme.random else ""
         plan = value_plan("init", f"init {what}{seeded}: {names_list(names)}", ckpt, names, self, change_for)
-        return with_warnings(plan, warnings)
+        return with_warnings(self.buffer_note(ckpt, plan), warnings)
+
+
+def _constant_problem(value, dtype: DType, allow_overflow: bool) -> str | None:
+    """Why ``value`` cannot fill a tensor of ``dtype`` (None when it can)."""
+    if dtype.name == "bool":
+        return None if value in (0, 1) else "is boolean; only --const 0 or 1 fits it"
+    if dtype.floating or dtype.complex:
+        if abs(value) <= dtype.largest or allow_overflow:
+            return None
+        return f"is {dtype}, which holds |x| <= {dtype.largest:g}, so --const {value:g} would be Inf; pass" \
+               " --allow-overflow to write Inf anyway"
+    if dtype.lowest <= value <= dtype.largest:
+        return None
+    return f"is {dtype}, which holds {dtype.lowest} to {dtype.largest}, not {value:g}"
 
 
 @dataclass(kw_only=True)
@@ -135,8 +162,8 @@ class Zero(Targets, TiePolicy, Operation):
                           lambda: _prune(torch_values(tensor), below))
 
         what = f"zero |x| < {below:g}" if below is not None else "zero"
-        return with_warnings(value_plan("zero", f"{what}: {names_list(names)}", ckpt, names, self, change_for),
-                             warnings)
+        plan = value_plan("zero", f"{what}: {names_list(names)}", ckpt, names, self, change_for)
+        return with_warnings(self.buffer_note(ckpt, plan), warnings)
 
 
 def _prune(values, below: float):
@@ -146,7 +173,7 @@ def _prune(values, below: float):
 
 
 @dataclass(kw_only=True)
-class Scale(Targets, TiePolicy, Operation):
+class Scale(Targets, TiePolicy, Overflow, Operation):
     """Multiply the selected tensors by a factor."""
 
     name = "scale"
@@ -163,18 +190,23 @@ class Scale(Targets, TiePolicy, Operation):
         def change_for(unit: list[str], tensor: Tensor):
             if tensor.dtype.name == "bool":
                 return "is boolean and cannot be scaled"
-            if not (tensor.dtype.floating or tensor.dtype.complex) and factor != int(factor):
+            floating = tensor.dtype.floating or tensor.dtype.complex
+            if not floating and factor != int(factor):
                 return f"is {tensor.dtype}, and scaling it by {factor:g} would truncate"
-            by = factor if tensor.dtype.floating or tensor.dtype.complex else int(factor)
+            if not floating and not tensor.dtype.lowest <= factor <= tensor.dtype.largest:
+                return f"is {tensor.dtype}, which holds {tensor.dtype.lowest} to {tensor.dtype.largest}, so scaling" \
+                       f" it by {factor:g} would overflow"
+            by = float(factor) if floating else int(factor)
             return Change(unit, f"scale by {factor:g}", tensor.shape, tensor.dtype.name,
-                          lambda: (torch_values(tensor) * by).to(dtypes.torch_dtype(tensor.dtype)))
+                          lambda: (torch_values(tensor) * by).to(dtypes.torch_dtype(tensor.dtype)),
+                          guarded=floating and abs(by) > 1 and not self.allow_overflow, origin=tensor)
 
-        return with_warnings(value_plan("scale", f"scale by {factor:g}: {names_list(names)}", ckpt, names, self,
-                                        change_for), warnings)
+        plan = value_plan("scale", f"scale by {factor:g}: {names_list(names)}", ckpt, names, self, change_for)
+        return with_warnings(self.buffer_note(ckpt, plan), warnings)
 
 
 @dataclass(kw_only=True)
-class Cast(Targets, TiePolicy, Operation):
+class Cast(Targets, TiePolicy, Overflow, Operation):
     """Change the dtype of the selected floating-point tensors (others are left as they are)."""
 
     name = "cast"
@@ -200,7 +232,8 @@ class Cast(Targets, TiePolicy, Operation):
         chosen = [n for n in names if n not in skipped and n not in already]
 
         def change_for(unit: list[str], tensor: Tensor):
-            return Change(unit, f"cast to {target}", tensor.shape, target.name, copy_of(tensor, target))
+            return Change(unit, f"cast to {target}", tensor.shape, target.name, copy_of(tensor, target),
+                          guarded=narrows(tensor.dtype, target) and not self.allow_overflow, origin=tensor)
 
         plan = value_plan("cast", f"cast to {target}: {names_list(chosen)}", ckpt, chosen, self, change_for)
         if skipped:

@@ -49,7 +49,7 @@ def inspection_document(result: Inspection) -> dict:
     tensors = []
     for row in result.rows:
         entry = {"name": row.name, "shape": list(row.shape), "dtype": row.dtype, "numel": row.numel,
-                 "nbytes": row.nbytes, "kind": row.kind, "role": row.role, "tied_to": row.tied,
+                 "nbytes": row.nbytes, "kind": row.kind, "role": row.role, "device": row.device, "tied_to": row.tied,
                  "stats": {k: number(v) for k, v in row.stats.as_dict().items()} if row.stats else None}
         if row.sha256 is not None:
             entry["sha256"] = row.sha256
@@ -91,6 +91,8 @@ def _columns(result: Inspection) -> list[tuple[Column, callable]]:
     """Each column and how to fill it, most important first."""
     cols = [(Column("name"), lambda r: r.name), (Column("kind"), lambda r: r.kind),
             (Column("shape", True), lambda r: shape_text(r.shape)), (Column("dtype"), lambda r: BY_NAME[r.dtype].short)]
+    if any(r.device != "cpu" for r in result.rows):
+        cols.append((Column("device"), lambda r: r.device))
     if result.stats:
         if any(r.stats and (r.stats.nan or r.stats.inf) for r in result.rows):
             cols += [(Column("nan", True), lambda r: _count(r, "nan")), (Column("inf", True), lambda r: _count(r, "inf"))]

@@ -1,0 +1,49 @@
+"""Where a checkpoint's storages say they live: torch's location tags ('cpu', 'cuda:0'),
+which ``torch.load`` restores, so a file saved on a GPU needs one to load (or map_location)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..formats.pickles import Opaque
+from .checkpoint import Checkpoint
+from .tensor import Storage, Tensor
+
+
+def storages(root: Any) -> list[Storage]:
+    """Every storage of a tensor anywhere in ``root`` (the model, optimizer state, ...), each once."""
+    found: dict[int, Storage] = {}
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, Tensor):
+            found.setdefault(id(node.storage), node.storage)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif isinstance(node, Opaque):
+            stack += [*node.args, node.state, *node.items, *(v for _, v in node.dictitems)]
+    return list(found.values())
+
+
+def off_cpu(ckpt: Checkpoint) -> dict[str, int]:
+    """How many storages record each location other than cpu."""
+    counts: dict[str, int] = {}
+    for storage in storages(ckpt.root):
+        if storage.location != "cpu":
+            counts[storage.location] = counts.get(storage.location, 0) + 1
+    return counts
+
+
+def to_cpu(ckpt: Checkpoint) -> int:
+    """Record every storage as on the cpu (what ``torch.load(map_location='cpu')`` would do);
+    returns how many were elsewhere."""
+    moved = [s for s in storages(ckpt.root) if s.location != "cpu"]
+    for storage in moved:
+        storage.location = "cpu"
+    return len(moved)
