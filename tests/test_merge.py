@@ -319,7 +319,7 @@ def test_dry_run_and_json(tmp_path, three):
     lines = result.stdout.splitlines()
     assert lines[0] == (f"merge ties of {ft1}, {ft2} over {base_pt} (weights 1, 1; density 0.5; lambda 1)")
     assert "merge: 102 tensors would change (dry run: nothing written)" in result.stdout
-    assert f"taken from {base_pt} as they are: 20 tensors" in result.stdout
+    assert "left as they are: 20 tensors" in result.stdout
     assert "int64 (not combined)" in result.stdout
     document = validate(json.loads(run("merge", ft1, ft2, "--base", base_pt, "--method", "ties", "--dry-run",
                                        "--json").stdout), "plan")

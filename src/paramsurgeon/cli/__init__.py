@@ -3,7 +3,6 @@ turns its errors into one line on stderr and an exit code."""
 
 import os
 import sys
-import typing
 import warnings
 from typing import Annotated
 
@@ -12,7 +11,7 @@ from typer.core import TyperGroup
 
 from ..errors import ParamSurgeonError
 from . import commands
-from .build import command, described
+from .build import command, described, groups_of
 
 
 # The usage error of the click that typer runs on (typer >= 0.20 vendors its own): the base
@@ -96,42 +95,25 @@ def _main(
     without writing a script. Every command's --help has an example."""
 
 
-def _groups(function) -> list[type]:
-    """The option groups a command function takes: its parameters' annotated types."""
-    hints = typing.get_type_hints(function)
-    return [hints[name] for name in function.__code__.co_varnames[:function.__code__.co_argcount]]
-
-
-for _function, _example in commands.EXAMPLES.items():
-    command(app, _function.__name__, _groups(_function), _function, described(_function.__doc__, _example))
-
-
-def _operation_command(name: str):
-    def run(given, operation, read, write, surgery) -> None:
-        from .operations import run_operation
-
-        run_operation(given.ckpt, operation, read, write, surgery)
-    return run
-
-
-def _register_operations() -> None:
+def _register() -> None:
+    """Every command: the reading ones, one per operation, apply and merge."""
     from ..ops import OPERATIONS
-    from .operations import Recipe, apply_recipe
+    from ..ops.merge import Merge
+    from .merging import EXAMPLE, run_merge
+    from .operations import Recipe, apply_recipe, run_operation
     from .options import Input, Read, Surgery, Write
 
+    for function, example in commands.EXAMPLES.items():
+        command(app, function.__name__, groups_of(function), function, described(function.__doc__, example))
     for name, operation in OPERATIONS.items():
-        command(app, name, [Input, operation, Read, Write, Surgery], _operation_command(name),
+        command(app, name, [Input, operation, Read, Write, Surgery], run_operation,
                 described(operation.__doc__, operation.example))
     command(app, "apply", [Recipe, Read, Write, Surgery], apply_recipe,
             described(apply_recipe.__doc__, "paramsurgeon apply model.pt recipe.toml -o out.pt"))
-
-    from ..ops.merge import Merge
-    from .merging import EXAMPLE, run_merge
-
     command(app, "merge", [Merge, Read, Write, Surgery], run_merge, described(run_merge.__doc__, EXAMPLE))
 
 
-_register_operations()
+_register()
 
 
 def main() -> None:

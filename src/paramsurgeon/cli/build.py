@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from typing import Annotated, Any, Callable, List, Optional
 
 import typer
@@ -84,6 +85,12 @@ def _value(d: declare.Declared, given: Any) -> Any:
     if given is None:
         return d.default
     return declare.from_text(d, given)
+
+
+def groups_of(function: Callable) -> list[type]:
+    """The option groups a command function takes: its parameters' annotated types, in order."""
+    hints = typing.get_type_hints(function)
+    return [hints[name] for name in function.__code__.co_varnames[:function.__code__.co_argcount]]
 
 
 def described(doc: str, example: str) -> str:

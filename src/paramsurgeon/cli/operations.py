@@ -15,18 +15,18 @@ from ..declare import REQUIRED, argument, option
 from ..errors import UsageError
 from ..formats.files import refuse_terminal
 from ..ops import OPERATIONS, Operation
+from ..ops.spec import Sources
 from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
 from ..sizes import human_bytes
-from .console import (color_on_stdout, emit, note, open_checkpoint, progress, source_loader, terminal_width,
+from .console import (color_on_stdout, emit, note, progress, source_loader, terminal_width,
                       written)
-from .options import Read, Surgery, Write
+from .options import Input, Read, Surgery, Write
 
 
-def run_operation(ckpt_path: Optional[str], operation: Operation, read: Read, write: Write,
-                  surgery: Surgery) -> None:
+def run_operation(given: Input, operation: Operation, read: Read, write: Write, surgery: Surgery) -> None:
     """One command: a one-step run."""
-    _run(operation.name, ckpt_path, [Step(operation)], None, read, write, surgery)
+    run_steps(operation.name, given.ckpt, [Step(operation)], None, read, write, surgery)
 
 
 @dataclass(kw_only=True)
@@ -47,16 +47,18 @@ def apply_recipe(recipe: Recipe, read: Read, write: Write, surgery: Surgery) -> 
         raise UsageError("apply: pass the checkpoint and one recipe")
     path, recipe_path = (recipe.paths[0], recipe.paths[1]) if len(recipe.paths) == 2 else (None, recipe.paths[0])
     steps, seed = recipes.parse(recipes.read(recipe_path), recipe_path)
-    _run("apply", path, steps, seed if seed is not None else recipe.seed, read, write, surgery)
+    run_steps("apply", path, steps, seed if seed is not None else recipe.seed, read, write, surgery)
 
 
-def _run(command: str, path: Optional[str], steps: list[Step], seed: Optional[int], read: Read, write: Write,
-         surgery: Surgery) -> None:
+def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Optional[int], read: Read, write: Write,
+              surgery: Surgery, sources: Optional[Sources] = None) -> None:
+    """Rehearse ``steps`` on the checkpoint at ``path``, then print the plan (--dry-run, --json) or
+    perform it and write the result; ``sources`` opens the other checkpoints the steps read."""
     steps, notes = draw_seeds(steps, seed)
     for message in notes:
         note(f"{command}: {message}")
-    sources = source_loader(read)
-    ckpt, target = _open_for_writing(path, read, write, surgery)
+    sources = sources or source_loader(read)
+    ckpt, target = _open_for_writing(sources(path, read.key), write, surgery)
     planned = rehearse(ckpt, steps, sources)
     for step, plan, _ in planned:
         for message in plan.notes:
@@ -83,10 +85,10 @@ def _run(command: str, path: Optional[str], steps: list[Step], seed: Optional[in
     _write_result(command, ckpt, target, write, summary)
 
 
-def _open_for_writing(path: Optional[str], read: Read, write: Write,
-                      surgery: Surgery) -> tuple[Checkpoint, formats.Target]:
+def _open_for_writing(ckpt: Checkpoint, write: Write, surgery: Surgery) -> tuple[Checkpoint, formats.Target]:
     """The checkpoint and where its result goes, refusing impossible outputs before any work."""
-    ckpt = open_checkpoint(path, read)
+    for message in ckpt.notes:
+        note(f"note: {message}")
     target = formats.resolve_target(ckpt, write.output, write.format, write.in_place)
     for message in target.notes:
         note(f"note: {message}")

@@ -48,6 +48,12 @@ class Plan:
     renames: dict[str, str] = field(default_factory=dict)
     module_renames: dict[str, str] = field(default_factory=dict)  # prefixes in a state dict's _metadata
     notes: list[str] = field(default_factory=list)
+    kept: list[dict] = field(default_factory=list)  # {"name", "reason"}: left as they are, and why
+    heading: str = ""  # a line a dry run shows above the table (e.g. a merge's method and inputs)
+
+    def document(self) -> dict:
+        """Entries of its own for the --json plan (none for most operations)."""
+        return {}
 
     @property
     def touched(self) -> list[str]:

@@ -169,7 +169,7 @@ def tree_text(tree: dict, depth: int | None, width: int | None, color: bool) -> 
 def plan_document(plan, rows: list[dict], ckpt, output: str | None, dry_run: bool) -> dict:
     """The JSON document of a writing command's plan (--json)."""
     return {"schema_version": SCHEMA_VERSION, "command": plan.command, "source": ckpt.source,
-            "output": output, "dry_run": dry_run, "changes": rows, "notes": plan.notes}
+            "output": output, "dry_run": dry_run, "changes": rows, "notes": plan.notes, **plan.document()}
 
 
 def recipe_document(planned, ckpt, output: str | None, dry_run: bool) -> dict:
@@ -191,7 +191,13 @@ def plan_text(plan, rows: list[dict], width: int | None, color: bool, prefix: st
         cells.append([row["name"], shape, dtype, row["action"]])
     columns = [Column("name"), Column("shape", True), Column("dtype"), Column("action")]
     title = f"{prefix}{plan.command}: {plural(len(rows), 'tensor')} would change (dry run: nothing written)"
-    return printable(title) + "\n" + render(columns, cells, width, color)[0]
+    text = "".join(printable(line) + "\n" for line in (plan.heading, title) if line)
+    text += render(columns, cells, width, color)[0]
+    if plan.kept:
+        cells = [[k["name"], shape_text(tuple(k["shape"])), BY_NAME[k["dtype"]].short, k["reason"]] for k in plan.kept]
+        text += printable(f"left as they are: {plural(len(plan.kept), 'tensor')}") + "\n"
+        text += render([Column("name"), Column("shape", True), Column("dtype"), Column("why")], cells, width, color)[0]
+    return text
 
 
 def diff_document(result) -> dict:

@@ -41,7 +41,7 @@ class Merge(Selection, TiePolicy, Operation):
     name: ClassVar[str] = "merge"
     example: ClassVar[str] = "paramsurgeon merge run/epoch-8.pt run/epoch-9.pt run/epoch-10.pt -o averaged.pt"
 
-    inputs: list[str] = argument(REQUIRED, metavar="CKPT",
+    inputs: list[str] = argument(REQUIRED, metavar="CKPT...",
                                  help="Two or more checkpoints to merge (one may be '-': standard input).")
     method: str = option("linear", "--method", metavar="M", help="linear (default), slerp, task-arithmetic, ties,"
                          " dare-linear or dare-ties.")

@@ -23,7 +23,6 @@ class MergePlan(Plan):
     inputs: list[str] = field(default_factory=list)
     base: str | None = None
     weights: list[float] = field(default_factory=list)
-    kept: list[dict] = field(default_factory=list)  # {"name", "reason"}: taken from the first input
 
     def document(self) -> dict:
         """The merge's own entries of the --json plan."""
@@ -81,10 +80,13 @@ def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint]) -> MergePlan:
         raise PlanError(f"merge: {'; '.join(hard)}")
 
     weights = merge.weight_values
-    plan = MergePlan("merge", _description(merge, ckpt, others, weights), method=merge.method,
+    description = _description(merge, ckpt, others, weights)
+    plan = MergePlan("merge", description, heading=description, method=merge.method,
                      inputs=[ckpt.source] + [o.source for o in others] if merge.base is None
                      else [o.source for o in others], base=ckpt.source if merge.base is not None else None,
-                     weights=weights if merge.method != "slerp" else [], kept=kept)
+                     weights=weights if merge.method != "slerp" else [],
+                     kept=[{**k, "shape": list(tensors[k["name"]].shape), "dtype": tensors[k["name"]].dtype.name}
+                           for k in kept])
     for unit in merged_units:
         tensor = tensors[unit[0]]
         values = [tensor] + [other.tensors[unit[0]] for other in others]
