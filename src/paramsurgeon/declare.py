@@ -138,6 +138,13 @@ def check(obj: Any, where: str) -> None:
         raise UsageError(f"{where}: {'; '.join(found)}")
 
 
+def check_all(objects: list[Any], where: str) -> None:
+    """Raise one UsageError naming every wrong declared field of any of ``objects``."""
+    found = [p for obj in objects for p in problems(obj)]
+    if found:
+        raise UsageError(f"{where}: {'; '.join(found)}")
+
+
 def from_mapping(cls: type, values: Mapping[str, Any], where: str) -> Any:
     """``cls`` built from a recipe step's keys (a repeatable option may be one string)."""
     fields = {d.key: d for d in declared(cls)}

@@ -46,11 +46,8 @@ _SHAPE = r"torch\.Size\(\s*(?:\[[^\]]*\]|\([^)]*\))\s*\)|\[[^\]]*\]|\([^)]*\)|[^
 _EXPECTATION = re.compile(rf"(\S+?)(?:[=\s]\s*({_SHAPE}))?(?:\s+(\S+))?")
 
 
-def validate_rules(max_abs: float | None, dtype: str | None) -> str | None:
-    """Refuse a bound or dtype no floating-point tensor could be meant to meet; returns the
-    dtype's canonical name."""
-    if max_abs is not None and not max_abs >= 0:
-        raise UsageError(f"--max-abs {max_abs:g}: a bound on |x| must be 0 or more")
+def validate_dtype(dtype: str | None) -> str | None:
+    """Refuse a dtype no floating-point tensor could be meant to have; returns its canonical name."""
     if dtype is None:
         return None
     try:

@@ -43,7 +43,9 @@ def command(app: typer.Typer, name: str, groups: list[type], run: Callable[..., 
 
     def post_init(self) -> None:
         values = {d.name: _value(d, getattr(self, d.name)) for _, d in fields}
-        run(*(group(**{d.name: values[d.name] for d in declare.declared(group)}) for group in groups))
+        instances = [group(**{d.name: values[d.name] for d in declare.declared(group)}) for group in groups]
+        declare.check_all(instances, name)  # bounds of every group (operations check their own too)
+        run(*instances)
 
     spec = [(d.name, _annotation(d), dataclasses.field(default=_default(d))) for _, d in fields]
     callback = dataclasses.make_dataclass(f"{name.title()}Command", spec, kw_only=True,

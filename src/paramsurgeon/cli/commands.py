@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import typer
 
+from .. import declare
 from ..declare import argument, option
 from ..errors import UsageError
 from ..selection import Selection
@@ -25,6 +26,7 @@ class InspectOptions:
     hash: bool = option(False, "--hash", help="Add the sha256 of each tensor's values.")
 
     def __post_init__(self) -> None:
+        declare.check(self, "inspect")
         if self.depth is not None and not self.tree:
             raise UsageError(f"--depth {self.depth} limits the levels of --tree; pass --tree --depth {self.depth}")
 
@@ -89,7 +91,7 @@ def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, select: Sel
 class CheckOptions:
     finite: bool = option(False, "--finite", help="No NaN or Inf in any floating-point tensor (the rule when none"
                                                   " is given).")
-    max_abs: float | None = option(None, "--max-abs", metavar="X", help="Every |value| <= X.")
+    max_abs: float | None = option(None, "--max-abs", metavar="X", minimum=0, help="Every |value| <= X.")
     like: str | None = option(None, "--like", metavar="OTHER", help="Same names, shapes and dtypes as OTHER.")
     expect: list[str] = option([], "--expect", metavar="NAME=SHAPE", help="This tensor exists, with this shape"
                                                                           " (64x3x7x7); repeatable.")
@@ -104,9 +106,9 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
     A sharded checkpoint is also checked for agreement between its index and its shards.
     """
     from .. import formats
-    from ..analysis.checks import RuleResult, parse_expectations, run_rules, validate_rules
+    from ..analysis.checks import RuleResult, parse_expectations, run_rules, validate_dtype
 
-    dtype = validate_rules(options.max_abs, options.dtype)
+    dtype = validate_dtype(options.dtype)
     expectations = parse_expectations(options.expect, "--expect")
     if options.expect_file is not None:
         try:
