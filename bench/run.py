@@ -56,6 +56,12 @@ state = load_file(sys.argv[1])
 state["blocks.5.weight"].zero_()
 save_file(state, sys.argv[2])
 """
+SCRIPT_MERGE = """
+import sys, torch
+from safetensors.torch import load_file
+states = [load_file(p) if p.endswith(".safetensors") else torch.load(p, weights_only=True) for p in sys.argv[1:4]]
+torch.save({name: sum(s[name] for s in states) / len(states) for name in states[0]}, sys.argv[4])
+"""
 SCRIPT_STATS = """
 import sys, torch
 from safetensors.torch import load_file
@@ -131,6 +137,11 @@ def cases(folder: str) -> list[tuple[str, str, list[str], str]]:
               tool("convert", "model.safetensors", "-o", "dcp-out", "--format", "dcp"), "dcp-out"),
              ("DCP (torch.distributed.checkpoint)", "paramsurgeon convert DCP -> torch zip",
               tool("convert", "model-dcp", "-o", "from-dcp.pt"), "from-dcp.pt")]
+    group = "merge three 2 GiB checkpoints (linear)"
+    inputs = ["model.pt", "model.safetensors", "model-c.safetensors"]
+    rows += [(group, "paramsurgeon merge (streaming)", tool("merge", *inputs, "-o", "merged.pt"), "merged.pt"),
+             (group, "script: torch.load the three, average, save", python(SCRIPT_MERGE, *inputs, "merged.pt"),
+              "merged.pt")]
     for n in MANY:
         group = f"DCP of {n:,} tensors of 64x64 -> torch zip"
         rows += [(group, "paramsurgeon convert", tool("convert", f"dcp-{n}", "-o", "many.pt"), "many.pt"),
@@ -145,7 +156,8 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
     "zero one 16 MiB tensor (torch zip)": ("cp (the physical limit)", 1.5, 256 * MiB),
     "inspect with statistics (safetensors)": ("script: load, then torch reductions", 1.0, 400 * MiB),
     "inspect with statistics (torch zip)": ("script: load, then torch reductions", 1.0, 400 * MiB),
-}
+    "merge three 2 GiB checkpoints (linear)": ("script: torch.load the three, average, save", None, 320 * MiB),
+}  # merge: 256 MiB plus a few 16 MiB tensors; no limit on time
 # DCP has no target yet; measured and shown.
 
 
@@ -180,8 +192,8 @@ def table(results: list[dict], runs: int) -> str:
             base_label, limit, memory = TARGETS[r["group"]]
             base = by_label[(r["group"], base_label)]
             ratio = f"{r['wall'] / base['wall']:.2f}x {'cp' if base_label.startswith('cp') else 'script'}"
-            target = f"<= {limit}x, <= {memory // MiB} MiB"
-            met = "yes" if r["wall"] <= limit * base["wall"] and r["anon"] <= memory else "no"
+            target = (f"<= {limit}x, " if limit else "") + f"<= {memory // MiB} MiB"
+            met = "yes" if (limit is None or r["wall"] <= limit * base["wall"]) and r["anon"] <= memory else "no"
         elif r["group"] == "header only":
             target, met = "<= 0.25 s", "yes" if r["wall"] <= 0.25 else "no"
         lines.append(f"| {r['group']} | {r['label']} | {r['wall']:.2f} s | {ratio} | {r['anon'] / MiB:.0f} MiB"
@@ -225,6 +237,8 @@ def prepare(folder: str) -> None:
     """The 2 GiB checkpoint in each format, made once."""
     if not os.path.exists(os.path.join(folder, "model.safetensors")):
         subprocess.run(python(MAKE, folder), check=True)
+    if not os.path.exists(os.path.join(folder, "model-c.safetensors")):  # a third input for merge
+        os.link(os.path.join(folder, "model.safetensors"), os.path.join(folder, "model-c.safetensors"))
     if not os.path.exists(os.path.join(folder, "model-dcp")):
         subprocess.run(tool("convert", "model.safetensors", "-o", "model-dcp", "--format", "dcp"), cwd=folder,
                        check=True, env=ENV, capture_output=True)
