@@ -402,3 +402,23 @@ def test_values_are_computed_when_written_one_tensor_at_a_time(tmp_path, three, 
     assert calls == []
     ps.save(ckpt, str(tmp_path / "streamed.safetensors"))
     assert len(calls) == sum(v.is_floating_point() for v in base.values())
+
+
+def test_values_that_overflow_their_dtype_are_refused_unless_allowed(tmp_path):
+    """Task arithmetic scaled far past float16's range: an error naming the tensor and the count,
+    in the dry run too, no output file; --allow-overflow writes the Inf values."""
+    base = {"w": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16), "b": torch.tensor([0.5], dtype=torch.float16)}
+    tuned = {"w": torch.tensor([1.0, 2.5, 3.0], dtype=torch.float16), "b": torch.tensor([0.5], dtype=torch.float16)}
+    torch.save(base, tmp_path / "base.pt")
+    torch.save(tuned, tmp_path / "tuned.pt")
+    args = ("merge", tmp_path / "tuned.pt", "--base", tmp_path / "base.pt", "--method", "task-arithmetic",
+            "--lambda", "1e6", "-o", tmp_path / "out.pt")
+    refused, dry = run(*args), run(*args, "--dry-run")
+    for result in (refused, dry):  # the dry run refuses what the run refuses
+        assert result.exit_code == 2, result.stderr
+        assert "1 of 3 values of 'w' would become Inf or NaN" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["base.pt", "tuned.pt"]
+    assert run(*args, "--allow-overflow").exit_code == 0
+    written = load_torch(tmp_path / "out.pt")
+    expected = (base["w"].float() + 1e6 * (tuned["w"].float() - base["w"].float())).half()
+    assert torch.equal(written["w"], expected) and torch.isinf(written["w"]).sum() == 1

@@ -87,7 +87,9 @@ def check_values(ckpt: Checkpoint, steps: list[Step], sources: Sources, plans: l
     """What a dry run must refuse as the real run would, though only computed values show it
     (new Inf/NaN): when any change may overflow, the steps are performed on a copy, nothing kept."""
     if any(change.guarded for plan in plans for change in plan.changes):
-        perform(structural_copy(ckpt), steps, sources)
+        done, _ = perform(structural_copy(ckpt), steps, sources)
+        for change in (c for plan in done for c in plan.changes if c.lazy and c.guarded):
+            change.compute()  # a lazy change checks its values when they are computed
 
 
 def _plan(ckpt: Checkpoint, step: Step, sources: Sources) -> Plan:

@@ -21,7 +21,7 @@ from ...declare import REQUIRED, argument, option
 from ...errors import UsageError
 from ...selection import Selection
 from ..plan import Plan
-from ..spec import Operation, Sources, TiePolicy
+from ..spec import Operation, Overflow, Sources, TiePolicy
 
 METHODS = ("linear", "slerp", "task-arithmetic", "ties", "dare-linear", "dare-ties")
 TASK_METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
@@ -31,7 +31,7 @@ NORMALIZED = ("linear", "ties", "dare-ties")  # methods that divide by the weigh
 
 
 @dataclass(kw_only=True)
-class Merge(Selection, TiePolicy, Operation):
+class Merge(Selection, TiePolicy, Overflow, Operation):
     """Combine checkpoints tensor by tensor: average, interpolate, or add task vectors to a base.
 
     The first checkpoint (the --base for task methods) is the one written: tensors that are not

@@ -87,11 +87,14 @@ def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint]) -> MergePlan:
                      weights=weights if merge.method != "slerp" else [],
                      kept=[{**k, "shape": list(tensors[k["name"]].shape), "dtype": tensors[k["name"]].dtype.name}
                            for k in kept])
+    # a normalised average with weights >= 0 stays within its inputs' range; anything else may not
+    guarded = not merge.allow_overflow and (merge.method != "linear" or not merge.normalizes
+                                            or any(w < 0 for w in weights))
     for unit in merged_units:
         tensor = tensors[unit[0]]
         values = [tensor] + [other.tensors[unit[0]] for other in others]
         plan.changes.append(Change(unit, merge.method, tensor.shape, tensor.dtype.name,
-                                   _compute(merge, unit[0], values, weights, tensor), lazy=True))
+                                   _compute(merge, unit[0], values, weights, tensor), lazy=True, guarded=guarded))
     plan.notes += _notes(kept, first, mismatched if merge.skip_mismatched else [])
     return with_warnings(plan, warnings)
 
@@ -132,6 +135,22 @@ def _tie_difference(name: str, first: str, mine: frozenset, other: str, theirs: 
     return f"'{name}' is tied to {shown(mine)} in {first} but to {shown(theirs)} in {other}"
 
 
+def _refuse_overflow(name: str, merged, views: list) -> None:
+    """Merged values that became Inf or NaN where every input was finite are an error (raised while
+    the writer streams: a file output is then never renamed into place)."""
+    import torch
+
+    bad = ~torch.isfinite(merged)
+    if merged.is_floating_point() and bool(bad.any()):
+        for view in views:
+            bad &= torch.isfinite(view)
+        count = int(bad.sum())
+        if count:
+            raise PlanError(f"merge: {count:,} of {merged.numel():,} values of '{name}' would become Inf or NaN"
+                            f" ({str(merged.dtype).removeprefix('torch.')} cannot hold them); nothing was written;"
+                            " pass --allow-overflow to write them anyway")
+
+
 def _compute(merge, name: str, values: list[Tensor], weights: list[float], like: Tensor) -> Callable:
     """What computes the merged values of ``name`` from the lazy ``values`` (one per input, the
     written one first), cast back to ``like``'s dtype."""
@@ -161,7 +180,10 @@ def _compute(merge, name: str, values: list[Tensor], weights: list[float], like:
                                                  density if generator is not None else None, generator)
             else:
                 result = methods.ties(views[0], views[1:], weights, lambda_, density, normalize, work, generator)
-        return result.to(views[0].dtype)
+        merged = result.to(views[0].dtype)
+        if not merge.allow_overflow:
+            _refuse_overflow(name, merged, views)
+        return merged
 
     return compute
 
