@@ -4,7 +4,6 @@ KS test where they are random."""
 
 import math
 
-import pytest
 import torch
 from scipy import stats
 from torch import nn

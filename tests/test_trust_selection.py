@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from helpers import assert_only_changed, run
-from models import ResNet
 
 
 def names_of(resnet: nn.Module, classes, members=("parameters", "buffers")) -> list[str]:

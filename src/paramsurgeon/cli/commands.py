@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import typer
 
 from .. import declare
-from ..declare import argument, option
+from ..declare import option
 from ..errors import UsageError
 from ..selection import Selection
-from .console import (color_on_stdout, emit, note, open_checkpoint, progress, selected_names, terminal_width,
-                      written)
+from .console import (color_on_stdout, emit, note, open_checkpoint, output_target, progress, selected_names,
+                      terminal_width, write_checkpoint, written)
 from .options import Input, Json, Pair, Read, Write
 
 
@@ -177,28 +177,20 @@ class Sharding:
 
 def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
     """Convert between torch and safetensors, single file and sharded directory; values are untouched."""
-    from .. import formats
-    from ..checkpoint.locations import to_cpu
     from ..sizes import human_bytes
 
     checkpoint = open_checkpoint(given.ckpt, read)
-    target = formats.resolve_target(checkpoint, write.output, write.format, write.in_place, sharding.max_shard_size)
-    for message in target.notes:
-        note(f"note: {message}")
-    if write.device:
-        to_cpu(checkpoint)
-    count, size = written(checkpoint, target, write.dedupe)
+    target = output_target(checkpoint, write, sharding.max_shard_size)
     where = target.path or "standard output"
     layout = target.family
     if target.sharded:
         layout += f", sharded by {human_bytes(target.max_shard_size)}" if target.max_shard_size \
             else ", sharded as before"
     if write.dry_run:
+        count, size = written(checkpoint, target, write.dedupe)
         note(f"would write {count} tensors ({human_bytes(size)}) to {where} as {layout}")
         return
-    with progress(size, "writing") as advance:
-        formats.save(checkpoint, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
-    note(f"wrote {where} ({layout}, {count} tensors, {human_bytes(size)})")
+    note(f"wrote {where} ({layout}, {write_checkpoint(checkpoint, target, write)})")
 
 
 EXAMPLES = {

@@ -84,6 +84,28 @@ def written(ckpt: Checkpoint, target: formats.Target, dedupe: bool) -> tuple[int
     return len(tensors), sum(t.nbytes for n, t in tensors.items() if n not in aliases)
 
 
+def output_target(ckpt: Checkpoint, write, max_shard_size: Optional[str] = None) -> formats.Target:
+    """Where and in which format ``ckpt`` is written (the Write options); its notes go to stderr."""
+    target = formats.resolve_target(ckpt, write.output, write.format, write.in_place, max_shard_size)
+    for message in target.notes:
+        note(f"note: {message}")
+    return target
+
+
+def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write) -> str:
+    """Write ``ckpt`` (every storage moved to the cpu first with --device cpu), with a progress
+    bar; returns what was written: '122 tensors, 273.4 kB'."""
+    from ..checkpoint.locations import to_cpu
+    from ..sizes import human_bytes
+
+    if write.device:
+        to_cpu(ckpt)
+    count, size = written(ckpt, target, write.dedupe)
+    with progress(size, "writing") as advance:
+        formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
+    return f"{count} tensors, {human_bytes(size)}"
+
+
 PROGRESS_DELAY = float(os.environ.get("PARAMSURGEON_PROGRESS_DELAY", "1.0"))  # seconds before a bar shows
 
 

@@ -10,7 +10,6 @@ from typing import Optional
 
 from .. import formats
 from ..checkpoint import Checkpoint
-from ..checkpoint.locations import to_cpu
 from ..declare import REQUIRED, argument, option
 from ..errors import UsageError
 from ..formats.files import refuse_terminal
@@ -18,9 +17,8 @@ from ..ops import OPERATIONS, Operation
 from ..ops.spec import Sources
 from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
-from ..sizes import human_bytes
-from .console import (color_on_stdout, emit, note, progress, source_loader, terminal_width,
-                      written)
+from .console import (color_on_stdout, emit, note, output_target, progress, source_loader, terminal_width,
+                      write_checkpoint)
 from .options import Input, Read, Surgery, Write
 
 
@@ -89,9 +87,7 @@ def _open_for_writing(ckpt: Checkpoint, write: Write, surgery: Surgery) -> tuple
     """The checkpoint and where its result goes, refusing impossible outputs before any work."""
     for message in ckpt.notes:
         note(f"note: {message}")
-    target = formats.resolve_target(ckpt, write.output, write.format, write.in_place)
-    for message in target.notes:
-        note(f"note: {message}")
+    target = output_target(ckpt, write)
     if target.path is None and not write.dry_run:
         refuse_terminal()  # before any value is computed
         if surgery.json:
@@ -101,12 +97,8 @@ def _open_for_writing(ckpt: Checkpoint, write: Write, surgery: Surgery) -> tuple
 
 
 def _write_result(command: str, ckpt: Checkpoint, target: formats.Target, write: Write, summary: str) -> None:
-    if write.device:
-        to_cpu(ckpt)
-    count, size = written(ckpt, target, write.dedupe)
-    with progress(size, "writing") as advance:
-        formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
-    note(f"{command}: {summary}; wrote {target.path or 'standard output'} ({count} tensors, {human_bytes(size)})")
+    what = write_checkpoint(ckpt, target, write)
+    note(f"{command}: {summary}; wrote {target.path or 'standard output'} ({what})")
 
 
 __all__ = ["OPERATIONS", "Recipe", "apply_recipe", "run_operation"]

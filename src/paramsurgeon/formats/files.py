@@ -10,7 +10,7 @@ import os
 import stat
 import sys
 import tempfile
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable
 
 from ..errors import CorruptCheckpointError, InputError, OutputError
 
