@@ -374,7 +374,7 @@ def test_names_shapes_and_dtypes_that_differ(request, tmp_path, resnet):
     message = refused(tmp_path, a, b)
     assert f"'fc.weight' is [10, 32] in {a} but [5, 32] in {b}" in message
     assert f"'fc.bias' is [10] in {a} but [5] in {b}" in message
-    assert f"'conv1.weight' is missing from {b}" in message
+    assert f"1 tensor of {a} is missing from {b}: conv1.weight" in message
     assert f"{b} has 1 tensor that {a} lacks: extra.weight" in message
     assert f"'bn1.running_mean' is float32 in {a} but int64 in {b}" in message
     assert "pass --skip-mismatched" in message

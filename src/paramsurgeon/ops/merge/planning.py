@@ -9,6 +9,7 @@ from typing import Callable
 
 from ...checkpoint import Checkpoint, Tensor
 from ...errors import PlanError
+from ...sizes import plural
 from ..plan import Change, Plan, names_list, tie_units
 from ..schemes import tensor_seed
 from ..spec import with_warnings
@@ -58,26 +59,31 @@ def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint]) -> MergePlan:
     units = tie_units(ckpt, floats, follow=merge.follow_ties, untie=merge.untie, command="merge")
     ties = [_tie_map(c) for c in [ckpt] + others] if not merge.untie else None
     merged_units = []
+    missing = {other.source: [n for unit in units for n in unit if n not in other.tensors] for other in others}
     for unit in units:
         found = _mismatches(unit, ckpt, others, ties)
         if found:
-            mismatched += found
+            mismatched += [f for f in found if not any(n in missing[o.source] for o in others for n in unit)]
             kept += [{"name": n, "reason": "; ".join(found)} for n in unit]
         else:
             merged_units.append(unit)
+    mismatched[:0] = [f"{plural(len(names), 'tensor')} of {first} {'is' if len(names) == 1 else 'are'} missing"
+                      f" from {source}: {names_list(names)}" for source, names in missing.items() if names]
     if not merge.selector.narrows:
         everywhere = set(tensors)
         for other in others:
             extra = [n for n in other.tensors if n not in everywhere
                      and not any(fnmatch.fnmatchcase(n, x) for x in merge.exclude)]
             if extra:
-                mismatched.append(f"{other.source} has {len(extra)} tensor{'s' if len(extra) > 1 else ''} that"
-                                  f" {first} lacks: {', '.join(extra)}")
+                mismatched.append(f"{other.source} has {plural(len(extra), 'tensor')} that {first} lacks:"
+                                  f" {names_list(extra)}")
     if mismatched and not merge.skip_mismatched:
         hard += mismatched
-        hard.append(f"pass --skip-mismatched to take those from {first}")
     if hard:
-        raise PlanError(f"merge: {'; '.join(hard)}")
+        shown = "; ".join(hard[:8]) + (f"; and {len(hard) - 8} more" if len(hard) > 8 else "")
+        fix = f"; pass --skip-mismatched to take those from {first}" if mismatched and not merge.skip_mismatched \
+            else ""
+        raise PlanError(f"merge: {shown}{fix}")
 
     weights = merge.weight_values
     description = _description(merge, ckpt, others, weights)
