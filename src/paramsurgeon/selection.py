@@ -1,6 +1,8 @@
 """Selecting tensors: globs, regular expressions, exclusions and layer kinds -> names.
 
-A glob or regex matches the whole dotted name (``*`` crosses dots). A tensor is selected
+A glob or regex matches the whole dotted name (``*`` crosses dots). A glob may hold
+numeric ranges and alternatives, expanded as a shell expands them: ``layers.{20..23}.*``
+is four globs, ``*.{q,k,v}_proj.weight`` three; each must match a tensor. A tensor is selected
 when it matches any pattern or regex (every tensor when none is given), has one of the
 layer kinds and one of the roles asked for (each family when given), and matches no
 exclusion. A pattern that matches nothing, or an exclusion that takes nothing out of the
@@ -13,6 +15,7 @@ import difflib
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterable, Mapping
 
 from .checkpoint import Tensor
@@ -60,7 +63,7 @@ def select(tensors: Mapping[str, Tensor], selector: Selector, *, allow_empty: bo
     picked = [n for n in names if _picked(n, selector, regexes, kinds)]
     if picked:
         problems += _idle_excludes(names, picked, selector.excludes, key)
-    chosen = [n for n in picked if not any(fnmatch.fnmatchcase(n, x) for x in selector.excludes)]
+    chosen = [n for n in picked if not any(matches(n, x) for x in selector.excludes)]
     if not chosen and not problems:
         problems.append("the selection is empty (every match is excluded or has another kind)")
     if problems and not allow_empty:
@@ -69,18 +72,32 @@ def select(tensors: Mapping[str, Tensor], selector: Selector, *, allow_empty: bo
 
 
 def unmatched(names: list[str], globs: Iterable[str], option: str, key: tuple = ()) -> list[str]:
-    """A message for each glob of ``option`` that matches none of ``names``, with suggestions."""
-    return [f"{option} '{glob}' matches no tensor{suggest(glob, names, key)}" for glob in globs
-            if not any(fnmatch.fnmatchcase(n, glob) for n in names)]
+    """A message for each glob of ``option`` that matches none of ``names`` (for a glob with braces,
+    each of its expansions that matches none), with suggestions."""
+    problems = []
+    for glob in globs:
+        idle = [g for g in expand(glob) if not any(matches(n, g) for n in names)]
+        if len(idle) == 1 and idle[0] == glob:
+            problems.append(f"{option} '{glob}' matches no tensor{suggest(glob, names, key)}")
+        elif idle:
+            shown = ", ".join(f"'{g}'" for g in idle[:4]) + (f" and {len(idle) - 4} more" if len(idle) > 4 else "")
+            problems.append(f"{option} '{glob}': {shown} match{'es' if len(idle) == 1 else ''} no tensor"
+                            f"{suggest(idle[0], names, key)}")
+    return problems
 
 
 def _idle_excludes(names: list[str], picked: list[str], excludes: list[str], key: tuple) -> list[str]:
     """A message for each exclusion that leaves out none of the ``picked`` names."""
     problems = []
     for glob in excludes:
-        if any(fnmatch.fnmatchcase(n, glob) for n in picked):
+        if any(matches(n, glob) for n in picked):
+            idle = [g for g in expand(glob) if not any(matches(n, g) for n in picked)]
+            if idle:
+                problems.append(f"--exclude '{glob}': {', '.join(repr(g) for g in idle[:4])}"
+                                f"{' and more' if len(idle) > 4 else ''} exclude{'s' if len(idle) == 1 else ''}"
+                                " nothing")
             continue
-        elsewhere = [n for n in names if fnmatch.fnmatchcase(n, glob)]
+        elsewhere = [n for n in names if matches(n, glob)]
         if elsewhere:
             shown = ", ".join(elsewhere[:3]) + (", ..." if len(elsewhere) > 3 else "")
             problems.append(f"--exclude '{glob}' excludes nothing: it matches {len(elsewhere)}"
@@ -93,10 +110,95 @@ def _idle_excludes(names: list[str], picked: list[str], excludes: list[str], key
 def _picked(name: str, selector: Selector, regexes: list[re.Pattern], kinds: Mapping[str, Kind]) -> bool:
     """Whether the patterns, regexes and kinds pick ``name`` (before exclusions)."""
     if selector.patterns or regexes:
-        if not (any(fnmatch.fnmatchcase(name, p) for p in selector.patterns)
+        if not (any(matches(name, p) for p in selector.patterns)
                 or any(r.fullmatch(name) for r in regexes)):
             return False
     return not selector.kinds or kinds[name].matches_all(selector.kinds)
+
+
+MAX_EXPANSIONS = 10_000
+_BRACE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+
+
+def expand(glob: str) -> list[str]:
+    """The globs a glob with braces stands for, in order, as a shell expands them:
+    ``{20..23}`` is 20, 21, 22, 23 (``{23..20}`` counts down, ``{0..10..5}`` steps, ``{01..10}``
+    keeps the width), ``{q,k,v}`` each alternative; braces nest and combine left to right.
+    A brace with neither a comma nor a range, or inside ``[...]``, is literal."""
+    found = _first_brace(glob)
+    if found is None:
+        return [glob]
+    start, end, items = found
+    result: list[str] = []
+    for item in items:
+        for rest in expand(glob[:start] + item + glob[end + 1:]):
+            result.append(rest)
+            if len(result) > MAX_EXPANSIONS:
+                raise UsageError(f"'{glob}' expands to more than {MAX_EXPANSIONS:,} globs; narrow its ranges")
+    return result
+
+
+def _first_brace(glob: str) -> tuple[int, int, list[str]] | None:
+    """(start, end, alternatives) of the first expandable {...} of ``glob``, or None."""
+    i, in_set = 0, False
+    while i < len(glob):
+        c = glob[i]
+        if in_set:
+            in_set = c != "]"
+        elif c == "[":
+            in_set = True
+            i += 1 if glob[i + 1:i + 2] in ("!", "]") else 0
+            i += 1 if glob[i + 1:i + 2] == "]" else 0
+        elif c == "{":
+            end = _closing(glob, i)
+            if end is not None:
+                items = _alternatives(glob[i:end + 1])
+                if items is not None:
+                    return i, end, items
+        i += 1
+    return None
+
+
+def _closing(glob: str, start: int) -> int | None:
+    depth = 0
+    for j in range(start, len(glob)):
+        depth += {"{": 1, "}": -1}.get(glob[j], 0)
+        if depth == 0:
+            return j
+    return None
+
+
+def _alternatives(brace: str) -> list[str] | None:
+    """The items of '{a,b}' or '{1..3}' (None: not an expansion, a literal brace)."""
+    ranged = _BRACE.fullmatch(brace)
+    if ranged:
+        first, last, step = ranged.group(1), ranged.group(2), ranged.group(3)
+        a, b, by = int(first), int(last), abs(int(step or 1)) or 1
+        if (b - a) // by + 1 > MAX_EXPANSIONS:
+            raise UsageError(f"'{brace}' is a range of more than {MAX_EXPANSIONS:,} numbers; narrow it")
+        width = max(len(first.lstrip("-")), len(last.lstrip("-"))) \
+            if any(s.lstrip("-").startswith("0") and len(s.lstrip("-")) > 1 for s in (first, last)) else 0
+        numbers = range(a, b + 1, by) if a <= b else range(a, b - 1, -by)
+        return [f"{'-' if n < 0 else ''}{abs(n):0{width}d}" for n in numbers]
+    body, items, depth, current = brace[1:-1], [], 0, ""
+    for c in body:
+        if c == "," and depth == 0:
+            items.append(current)
+            current = ""
+            continue
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        current += c
+    return items + [current] if items else None
+
+
+@lru_cache(maxsize=1024)
+def _glob_regex(glob: str) -> re.Pattern:
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in expand(glob)))
+
+
+def matches(name: str, glob: str) -> bool:
+    """Whether ``glob`` (braces expanded) matches the whole of ``name``."""
+    return _glob_regex(glob).match(name) is not None
 
 
 def _compile(regexes: list[str]) -> list[re.Pattern]:
@@ -135,7 +237,7 @@ def suggest(pattern: str, names: list[str], key: tuple = ()) -> str:
 def _prefixed(pattern: str, names: list[str]) -> str | None:
     """The module prefix ('model.') under which ``pattern`` would match, when one prefix takes them all."""
     prefixes = {name[:i + 1] for name in names for i, c in enumerate(name)
-                if c == "." and fnmatch.fnmatchcase(name[i + 1:], pattern)}
+                if c == "." and matches(name[i + 1:], pattern)}
     shortest = sorted(prefixes, key=len)
     return shortest[0] if shortest and all(p.startswith(shortest[0]) for p in shortest) else None
 
@@ -165,7 +267,23 @@ def wildcard_map(source_glob: str, target_glob: str, names: list[str], option: s
     """Map each name matching ``source_glob`` to ``target_glob`` with its wildcards filled in order.
 
     ``copy --from 'layer1.0.*' --to 'layer1.1.*'`` maps layer1.0.conv1.weight to layer1.1.conv1.weight.
+    Braces expand on both sides and pair up in order: ``--from 'layers.{0..3}.*' --to
+    'layers.{4..7}.*'`` maps layer 0 to 4, 1 to 5, ...; a ``--to`` without braces takes every
+    expansion of ``--from``. A name that several expansions match maps by the first.
     """
+    sources, targets = expand(source_glob), expand(target_glob)
+    if len(targets) not in (1, len(sources)):
+        raise UsageError(f"{option}: '{source_glob}' expands to {len(sources)} globs but '{target_glob}' to"
+                         f" {len(targets)}; braces pair up in order, so they must expand to as many (or --to to one)")
+    mapping: dict[str, str] = {}
+    for source, target in zip(sources, targets * len(sources) if len(targets) == 1 else targets):
+        for name, new in _map_one(source, target, names, option).items():
+            mapping.setdefault(name, new)
+    return mapping
+
+
+def _map_one(source_glob: str, target_glob: str, names: list[str], option: str) -> dict[str, str]:
+    """``wildcard_map`` of one glob without braces."""
     source = _tokens(source_glob)
     target = _tokens(target_glob)
     if any(kind == "wild" and text.startswith("([") for kind, text in target):

@@ -4,12 +4,11 @@ Buffers are not parameters and go in neither; a tied parameter appears once."""
 
 from __future__ import annotations
 
-import fnmatch
 
 from ..checkpoint import Checkpoint
 from ..checkpoint.kinds import NORMS, infer_kinds
 from ..errors import SelectionError
-from ..selection import unmatched
+from ..selection import matches, unmatched
 
 
 def decay_groups(ckpt: Checkpoint, names: list[str], *, no_decay: tuple[str, ...] = (),
@@ -34,9 +33,9 @@ def decay_groups(ckpt: Checkpoint, names: list[str], *, no_decay: tuple[str, ...
         kind = kinds[name]
         if kind.role == "buffer":
             groups["buffers"].append(name)
-        elif any(fnmatch.fnmatchcase(name, p) for p in no_decay):
+        elif any(matches(name, p) for p in no_decay):
             groups["no_decay"].append(name)
-        elif any(fnmatch.fnmatchcase(name, p) for p in decay):
+        elif any(matches(name, p) for p in decay):
             groups["decay"].append(name)
         elif kind.role == "bias" or kind.layer in NORMS or kind.layer == "prelu":
             groups["no_decay"].append(name)

@@ -3,12 +3,12 @@ ties), every problem reported at once; then one lazy Change per merged tensor or
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ...checkpoint import Checkpoint, Tensor
 from ...errors import PlanError
+from ...selection import matches
 from ...sizes import plural
 from ..plan import Change, Plan, names_list, tie_units
 from ..schemes import tensor_seed
@@ -73,7 +73,7 @@ def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint]) -> MergePlan:
         everywhere = set(tensors)
         for other in others:
             extra = [n for n in other.tensors if n not in everywhere
-                     and not any(fnmatch.fnmatchcase(n, x) for x in merge.exclude)]
+                     and not any(matches(n, x) for x in merge.exclude)]
             if extra:
                 mismatched.append(f"{other.source} has {plural(len(extra), 'tensor')} that {first} lacks:"
                                   f" {names_list(extra)}")
