@@ -11,8 +11,9 @@ Modules are imported on first use, so that the command line starts fast.
 
 from .errors import ParamSurgeonError
 
-_OPERATIONS = ("init", "zero", "scale", "cast", "copy", "tie", "untie", "rename", "drop", "apply",
-               "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename", "Drop", "Plan")
+_OPERATIONS = ("init", "zero", "scale", "cast", "copy", "tie", "untie", "rename", "drop", "resize", "split", "concat",
+               "transpose", "apply", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename", "Drop",
+               "Resize", "Split", "Concat", "Transpose", "Plan")
 _LAZY = {"Checkpoint": "checkpoint", "Tensor": "checkpoint", "Selector": "selection", "load": "formats",
          "to_torch": "checkpoint.values", "merge": "ops.merge", "Merge": "ops.merge",
          **{name: "ops" for name in _OPERATIONS}}

@@ -37,6 +37,7 @@ class Flag:
     metavar: str | None = None
     minimum: float | None = None
     above: float | None = None  # exclusive lower bound
+    greedy: bool = False  # a repeatable option that also takes the values after it: --to a b c
 
     @property
     def shown(self) -> str:
@@ -45,9 +46,10 @@ class Flag:
 
 
 def option(default: Any = MISSING, *flags: str, help: str, metavar: str | None = None,
-           minimum: float | None = None, above: float | None = None) -> Any:
-    """A dataclass field declared as a command-line option (``[]`` as default: a repeatable one)."""
-    flag = Flag(tuple(flags), help, metavar, minimum, above)
+           minimum: float | None = None, above: float | None = None, greedy: bool = False) -> Any:
+    """A dataclass field declared as a command-line option (``[]`` as default: a repeatable one;
+    ``greedy``: one that also takes the values after it, up to the next option)."""
+    flag = Flag(tuple(flags), help, metavar, minimum, above, greedy)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"flag": flag})
     return dataclasses.field(default=default, metadata={"flag": flag})

@@ -21,7 +21,23 @@ from .. import declare
 
 
 class _Command(TyperCommand):
-    """A command whose usage line names its arguments as declared: 'diff [OPTIONS] A B'."""
+    """A command whose usage line names its arguments as declared: 'diff [OPTIONS] A B', and whose
+    greedy options take every value up to the next option ('--to a b c' is '--to a --to b --to c')."""
+
+    greedy: tuple[str, ...] = ()
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        spread, taking = [], None
+        for index, arg in enumerate(args):
+            if arg == "--":
+                spread += args[index:]
+                break
+            if arg.startswith("-") and arg != "-":
+                taking = arg.split("=", 1)[0] if arg.split("=", 1)[0] in self.greedy else None
+            elif taking is not None and spread[-1] != taking:
+                spread.append(taking)
+            spread.append(arg)
+        return super().parse_args(ctx, spread)
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -50,7 +66,9 @@ def command(app: typer.Typer, name: str, groups: list[type], run: Callable[..., 
     spec = [(d.name, _annotation(d), dataclasses.field(default=_default(d))) for _, d in fields]
     callback = dataclasses.make_dataclass(f"{name.title()}Command", spec, kw_only=True,
                                           namespace={"__post_init__": post_init, "__doc__": doc})
-    app.command(name, cls=_Command, help=doc, short_help=doc.split("\n")[0])(callback)
+    greedy = tuple(f for _, d in fields if d.flag.greedy for f in d.flag.flags)
+    cls = type(f"{name.title()}Click", (_Command,), {"greedy": greedy}) if greedy else _Command
+    app.command(name, cls=cls, help=doc, short_help=doc.split("\n")[0])(callback)
 
 
 def _own_first(group: type) -> list[declare.Declared]:

@@ -3,6 +3,7 @@
     spec.py        Operation, and the option groups operations share (selection, ties)
     values.py      init, zero, scale, cast: new values for the selected tensors
     structure.py   copy, tie, untie, rename, drop
+    shapes.py      resize, split, concat, transpose
     plan.py        Plan: what an operation changes, checked before anything is computed
     surgery.py     seeds, the rehearsal of every step, the run, optimizer notes
     recipes.py     TOML recipes: steps of the operations above
@@ -16,12 +17,13 @@ from typing import Callable
 
 from ..checkpoint import Checkpoint
 from .plan import Plan
+from .shapes import Concat, Resize, Split, Transpose
 from .spec import Operation
 from .structure import Copy, Drop, Rename, Tie, Untie
 from .values import Cast, Init, Scale, Zero
 
 OPERATIONS: dict[str, type[Operation]] = {op.name: op for op in (Init, Zero, Scale, Cast, Copy, Tie, Untie,
-                                                                   Rename, Drop)}
+                                                                   Rename, Drop, Resize, Split, Concat, Transpose)}
 
 
 def _function(operation: type[Operation]) -> Callable[..., Plan]:
@@ -39,6 +41,7 @@ def _function(operation: type[Operation]) -> Callable[..., Plan]:
 
 init, zero, scale, cast = _function(Init), _function(Zero), _function(Scale), _function(Cast)
 copy, tie, untie, rename, drop = _function(Copy), _function(Tie), _function(Untie), _function(Rename), _function(Drop)
+resize, split, concat, transpose = _function(Resize), _function(Split), _function(Concat), _function(Transpose)
 
 
 def apply(ckpt: Checkpoint, recipe: str, *, seed: int | None = None, reset_optimizer: bool = False) -> list[Plan]:
@@ -51,4 +54,5 @@ def apply(ckpt: Checkpoint, recipe: str, *, seed: int | None = None, reset_optim
 
 
 __all__ = ["OPERATIONS", "Operation", "Plan", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename",
-           "Drop", "init", "zero", "scale", "cast", "copy", "tie", "untie", "rename", "drop", "apply"]
+           "Drop", "Resize", "Split", "Concat", "Transpose", "init", "zero", "scale", "cast", "copy", "tie", "untie",
+           "rename", "drop", "resize", "split", "concat", "transpose", "apply"]

@@ -47,6 +47,8 @@ class Plan:
     drops: list[str] = field(default_factory=list)
     renames: dict[str, str] = field(default_factory=dict)
     module_renames: dict[str, str] = field(default_factory=dict)  # prefixes in a state dict's _metadata
+    adds: dict[str, str] = field(default_factory=dict)  # new name -> the name it is placed before (and
+    # takes its Parameter flags from); a Change then gives it values (split, concat)
     notes: list[str] = field(default_factory=list)
     kept: list[dict] = field(default_factory=list)  # {"name", "reason"}: left as they are, and why
     heading: str = ""  # a line a dry run shows above the table (e.g. a merge's method and inputs)
@@ -67,7 +69,7 @@ class Plan:
         rows = []
         for change in self.changes:
             for name in change.names:
-                rows.append(_row(name, tensors[name], change.action, change.shape, change.dtype))
+                rows.append(_row(name, tensors.get(name), change.action, change.shape, change.dtype))
         for target, source in self.aliases:
             rows.append(_row(target, tensors[target], f"tie to {source}", tensors[source].shape,
                              tensors[source].dtype.name))
@@ -107,7 +109,10 @@ def names_list(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _row(name: str, tensor: Tensor, action: str, shape, dtype) -> dict:
+def _row(name: str, tensor: Tensor | None, action: str, shape, dtype) -> dict:
+    if tensor is None:  # a new tensor
+        return {"name": name, "shape": list(shape), "dtype": dtype, "action": action, "new_shape": list(shape),
+                "new_dtype": dtype}
     return {"name": name, "shape": list(tensor.shape), "dtype": tensor.dtype.name, "action": action,
             "new_shape": list(shape) if shape is not None else None, "new_dtype": dtype}
 
@@ -148,6 +153,8 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
     With ``simulate``, no value is computed: changed tensors get empty storages of the right
     size, enough to plan later steps against names, shapes, dtypes and ties.
     """
+    if plan.adds:
+        _insert(ckpt, plan.adds)
     overflows = []
     for change in plan.changes:
         first = ckpt[change.names[0]]
@@ -202,6 +209,17 @@ def _like(old: Tensor, storage, shape_from: Tensor) -> Tensor:
     tensor = Tensor(storage, shape_from.dtype, shape_from.shape, shape_from.stride, shape_from.offset)
     tensor.parameter, tensor.requires_grad = old.parameter, old.requires_grad
     return tensor
+
+
+def _insert(ckpt: Checkpoint, adds: dict[str, str]) -> None:
+    """Place each new name before its anchor, standing in for it until a Change gives it values."""
+    container = ckpt.container
+    before: dict[str, list[str]] = {}
+    for new, anchor in adds.items():
+        before.setdefault(anchor, []).append(new)
+    items = [(new, value) for k, value in container.items() for new in before.get(k, []) + [k]]
+    container.clear()
+    container.update(items)
 
 
 def rename(ckpt: Checkpoint, renames: dict[str, str], module_renames: dict[str, str]) -> None:
