@@ -99,13 +99,23 @@ class Resize(Targets, TiePolicy, Overflow, Operation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        problems = []
         if self.size is None and self.keep is None and self.pad_to_multiple is None:
-            raise UsageError("resize: pass --size N, --keep I,J,... or --pad-to-multiple M")
-        self._keep = _numbers(self.keep, "--keep") if self.keep is not None else None
+            problems.append("pass --size N, --keep I,J,... or --pad-to-multiple M")
+        self._keep = self._fill = None
+        try:
+            self._keep = _numbers(self.keep, "--keep") if self.keep is not None else None
+        except UsageError as e:
+            problems.append(str(e))
         if self._keep is not None and self.size is not None and self.size < len(self._keep):
-            raise UsageError(f"resize: --keep lists {len(self._keep)} slices but --size is {self.size}; pass a"
-                             " --size of at least as many, or keep fewer")
-        self._fill = _parse_fill(self.fill)
+            problems.append(f"--keep lists {len(self._keep)} slices but --size is {self.size}; pass a --size of at"
+                            " least as many, or keep fewer")
+        try:
+            self._fill = _parse_fill(self.fill)
+        except UsageError as e:
+            problems.append(str(e))
+        if problems:
+            raise UsageError(f"resize: {'; '.join(problems)}")
 
     @property
     def random(self) -> bool:
