@@ -131,10 +131,78 @@ def check_zero_gamma(out):
     assert all(torch.equal(after[n], torch.zeros_like(before[n])) for n in gammas)
 
 
+def check_head_subset(out):
+    from models import ResNet
+
+    before, after = out("resnet-1000.pt"), out("resnet-10.pt")
+    keep = torch.tensor([1, 9, 96, 207, 281, 285, 291, 340, 388, 949])
+    expected = {**before, "fc.weight": before["fc.weight"][keep], "fc.bias": before["fc.bias"][keep]}
+    assert_same_state(after, expected)
+    model = ResNet(num_classes=10).eval()
+    model.load_state_dict(after, strict=True)
+    big = ResNet(num_classes=1000).eval()
+    big.load_state_dict(before, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), big(x)[:, keep])
+
+
+def check_new_tokens(out):
+    from models import TinyGPT
+
+    before, after = sample("gpt.pt"), out("gpt-264.pt")
+    wte = before["wte.weight"]
+    grown = torch.cat([wte, wte.mean(0, keepdim=True).expand(8, -1)])
+    torch.testing.assert_close(after["wte.weight"], grown, rtol=0, atol=1e-7)
+    assert bits(after["wte.weight"][:256]) == bits(wte)
+    assert after["wte.weight"].untyped_storage().data_ptr() == after["lm_head.weight"].untyped_storage().data_ptr()
+    assert_same_state({n: v for n, v in after.items() if n not in ("wte.weight", "lm_head.weight")},
+                      {n: v for n, v in before.items() if n not in ("wte.weight", "lm_head.weight")})
+    TinyGPT(vocab=264).load_state_dict(after, strict=True)
+
+
+def check_gpt2_linear(out):
+    before, after = out("gpt2.pt"), out("gpt2-linear.pt")
+    x = torch.randn(3, 64)
+    for i in range(2):
+        fused = x @ before[f"h.{i}.attn.c_attn.weight"] + before[f"h.{i}.attn.c_attn.bias"]  # Conv1D: x W + b
+        for part, leaf in enumerate("qkv"):
+            layer = torch.nn.Linear(64, 64)
+            layer.load_state_dict({"weight": after[f"h.{i}.attn.{leaf}_proj.weight"],
+                                   "bias": after[f"h.{i}.attn.{leaf}_proj.bias"]}, strict=True)
+            torch.testing.assert_close(layer(x), fused[:, 64 * part:64 * (part + 1)])
+            assert bits(after[f"h.{i}.attn.{leaf}_proj.weight"]) == \
+                bits(before[f"h.{i}.attn.c_attn.weight"][:, 64 * part:64 * (part + 1)].t().contiguous())
+        fc = torch.nn.Linear(64, 256)
+        fc.load_state_dict({"weight": after[f"h.{i}.mlp.c_fc.weight"], "bias": after[f"h.{i}.mlp.c_fc.bias"]})
+        torch.testing.assert_close(fc(x), x @ before[f"h.{i}.mlp.c_fc.weight"] + before[f"h.{i}.mlp.c_fc.bias"])
+    assert sorted(after) == sorted([f"h.{i}.attn.{p}_proj.{leaf}" for i in range(2) for p in "qkv"
+                                    for leaf in ("weight", "bias")] + [f"h.{i}.mlp.c_fc.{leaf}" for i in range(2)
+                                                                       for leaf in ("weight", "bias")])
+
+
+def check_bert_top4(out):
+    before, after = out("bert.pt"), out("bert-top4.pt")
+    top = {n for n in before if int(n.split(".")[2]) >= 8}
+    assert_only_changed(before, after, top)
+    for fan_in in (64, 256):  # Linear weights and biases: U(+-1/sqrt(in_features)), pooled by fan-in
+        bound = 1 / math.sqrt(fan_in)
+        weights = [after[n] for n in top if n.endswith("dense.weight") or n.split(".")[-2] in ("query", "key", "value")
+                   if n.endswith("weight") and after[n].shape[1] == fan_in]
+        biases = [after[n] for n in top if n.endswith("bias") and "LayerNorm" not in n
+                  and after[n[:-4] + "weight"].shape[1] == fan_in]
+        for values in (weights, biases):
+            assert ks(torch.cat([v.flatten() for v in values]), stats.uniform(-bound, 2 * bound).cdf) > P_MIN
+    for name in top:
+        if "LayerNorm" in name:
+            expected = torch.ones(64) if name.endswith("weight") else torch.zeros(64)
+            assert torch.equal(after[name], expected)
+
+
 CHECKS = {"copy-conv": check_copy_conv, "conv-ones": check_conv_ones, "dcgan": check_dcgan,
           "xavier-bn": check_xavier_bn, "he": check_he, "uniform-prune": check_uniform_prune,
           "xavier-linear": check_xavier_linear, "trunc-normal": check_trunc_normal, "pretrained": check_pretrained,
-          "share-linear": check_share_linear, "zero-gamma": check_zero_gamma}
+          "share-linear": check_share_linear, "zero-gamma": check_zero_gamma, "head-subset": check_head_subset,
+          "new-tokens": check_new_tokens, "gpt2-linear": check_gpt2_linear, "bert-top4": check_bert_top4}
 
 
 def test_every_recipe_has_a_check():

@@ -205,7 +205,7 @@ def test_dry_run_recipe_and_library(head, tmp_path):
     path, before = head
     result = run("resize", path, "-p", "2.*", "--keep", "3,7", "--dry-run")
     assert result.exit_code == 0
-    assert "2.weight  1000x32 -> 2x32" in result.stdout and "resize from 1000 to 2 along dim 0" in result.stdout
+    assert "2.weight  1000x32 -> 2x32" in result.stdout and "resize 1000 -> 2 along dim 0 (keep 3,7)" in result.stdout
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[step]]\nop = "resize"\npattern = "2.*"\nkeep = "3,7"\n'
                       '[[step]]\nop = "transpose"\npattern = "2.weight"\n')

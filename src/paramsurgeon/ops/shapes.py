@@ -18,7 +18,7 @@ from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.kinds import infer_kinds
 from ..declare import REQUIRED, option
 from ..errors import SelectionError, UsageError
-from ..selection import unmatched, wildcard_map
+from ..selection import expand, unmatched, wildcard_map
 from . import schemes
 from .plan import Change, Plan, fail, names_list, tie_units
 from .spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnings
@@ -164,7 +164,7 @@ class Resize(Targets, TiePolicy, Overflow, Operation):
                 problem = _fill_problem(fill, shape, tensor, self.allow_overflow)
                 if problem:
                     return problem
-            action = f"resize from {old} to {shape[dim]} along dim {dim}"
+            action = f"resize {old} -> {shape[dim]} along dim {dim}"
             details = ([f"keep {self.keep}"] if self._keep is not None else []) + \
                 ([f"{shape[dim] - kept} new: {_shown(fill)}"] if shape[dim] > kept else [])
             guarded = isinstance(fill, schemes.Scheme) and fill.reach() > tensor.dtype.largest \
@@ -313,18 +313,19 @@ class Split(TiePolicy, Operation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len(self.to) < 2:
-            raise UsageError(f"split: --to names {len(self.to)} part; name two or more (--to A B ...)")
+        self._to = _parts(self.to, self.from_)
+        if len(self._to) < 2:
+            raise UsageError(f"split: --to names {len(self._to)} part; name two or more (--to A B ...)")
         self._sizes = _numbers(self.sizes, "--sizes") if self.sizes is not None else None
-        if self._sizes is not None and len(self._sizes) != len(self.to):
-            raise UsageError(f"split: --sizes has {len(self._sizes)} values for {len(self.to)} --to names; pass one"
+        if self._sizes is not None and len(self._sizes) != len(self._to):
+            raise UsageError(f"split: --sizes has {len(self._sizes)} values for {len(self._to)} parts; pass one"
                              " per part")
 
     def plan(self, ckpt: Checkpoint, sources: Sources) -> Plan:
         tensors = ckpt.tensors
         names = list(tensors)
         _must_match(names, [self.from_], "split", ckpt.key)
-        maps = [wildcard_map(self.from_, to, names) for to in self.to]
+        maps = [wildcard_map(self.from_, to, names) for to in self._to]
         parts = {source: [m[source] for m in maps] for source in maps[0]}
         problems = _destination_problems(ckpt, {d: s for s, ds in parts.items() for d in ds},
                                          [d for ds in parts.values() for d in ds])
@@ -334,7 +335,7 @@ class Split(TiePolicy, Operation):
             if dim is None:
                 problems.append(f"'{source}' {_no_dim(tensor, self.dim)}")
                 continue
-            length, count = tensor.shape[dim], len(self.to)
+            length, count = tensor.shape[dim], len(self._to)
             sizes = self._sizes or ([length // count] * count if length % count == 0 else None)
             if sizes is None:
                 problems.append(f"'{source}' has {length} along dim {dim}, which does not cut into {count} equal"
@@ -348,7 +349,7 @@ class Split(TiePolicy, Operation):
         problems += [f"'{u[0]}' shares its storage with {', '.join(u[1:])} through views of other shapes; pass"
                      " --untie" for u in units if len({tensors[n].shape for n in u}) > 1]
         fail("split", problems)
-        plan = Plan("split", f"split {self.from_} along dim {self.dim} into {', '.join(self.to)}",
+        plan = Plan("split", f"split {self.from_} along dim {self.dim} into {', '.join(self._to)}",
                     drops=[] if self.keep_source else list(parts))
         for unit in units:
             tensor, (dim, sizes) = tensors[unit[0]], cuts[unit[0]]
@@ -386,23 +387,24 @@ class Concat(TiePolicy, Operation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len(self.from_) < 2:
-            raise UsageError(f"concat: --from names {len(self.from_)} part; name two or more (--from A B ...)")
+        self._from = _parts(self.from_, self.to)
+        if len(self._from) < 2:
+            raise UsageError(f"concat: --from names {len(self._from)} part; name two or more (--from A B ...)")
 
     def plan(self, ckpt: Checkpoint, sources: Sources) -> Plan:
         tensors = ckpt.tensors
         names = list(tensors)
-        _must_match(names, self.from_, "concat", ckpt.key)
+        _must_match(names, self._from, "concat", ckpt.key)
         joined: dict[str, list] = {}
         problems = []
-        for index, glob in enumerate(self.from_):
+        for index, glob in enumerate(self._from):
             for source, dest in wildcard_map(glob, self.to, names).items():
-                slots = joined.setdefault(dest, [None] * len(self.from_))
+                slots = joined.setdefault(dest, [None] * len(self._from))
                 if slots[index] is not None:
                     problems.append(f"'{dest}' gets two parts from --from '{glob}': {slots[index]} and {source}")
                 slots[index] = source
         for dest, slots in joined.items():
-            missing = [self.from_[i] for i, s in enumerate(slots) if s is None]
+            missing = [self._from[i] for i, s in enumerate(slots) if s is None]
             if missing:
                 problems.append(f"'{dest}' gets no part from --from {', '.join(repr(m) for m in missing)}")
         complete = {d: s for d, s in joined.items() if None not in s}
@@ -414,7 +416,7 @@ class Concat(TiePolicy, Operation):
             problems += _join_problems(dest, [tensors[s] for s in slots], slots, self.dim)
         _units(ckpt, used, self, "concat", problems)
         fail("concat", problems)
-        plan = Plan("concat", f"concat {', '.join(self.from_)} along dim {self.dim} into {self.to}",
+        plan = Plan("concat", f"concat {', '.join(self._from)} along dim {self.dim} into {self.to}",
                     drops=[] if self.keep_source else used)
         group_of = {n: frozenset(g) for g in ckpt.ties() for n in g}
         together: dict[tuple, list[str]] = {}
@@ -459,6 +461,14 @@ def _join_problems(dest: str, parts: list[Tensor], names: list[str], dim: int) -
         problems.append(f"'{dest}': the parts differ off dim {d} (in dim {', '.join(map(str, off))}): "
                         + ", ".join(f"'{n}' {list(p.shape)}" for n, p in zip(names, parts)))
     return problems
+
+
+def _parts(globs: list[str], other: str) -> list[str]:
+    """The parts ``globs`` name: with braces on this side only, one part per expansion
+    ('h.*.{q,k,v}.weight' is three); with braces on both sides, they pair up as in rename."""
+    if len(expand(other)) > 1:
+        return list(globs)
+    return [e for glob in globs for e in expand(glob)]
 
 
 def _must_match(names: list[str], globs: list[str], command: str, key: tuple) -> None:
