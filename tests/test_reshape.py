@@ -252,3 +252,18 @@ def test_resize_and_transpose_stream_lazily(head):
     ckpt = ps.load(str(path))
     ps.resize(ckpt, pattern=["2.*"], size=3)
     assert ckpt["2.weight"].storage.loader is not None and ckpt["2.weight"].storage.values is None
+
+
+def test_a_fill_out_of_the_dtype_range_is_refused_by_the_dry_run_too(request, tmp_path):
+    path = tmp_path / "h.pt"
+    torch.save({"e.weight": torch.randn(4, 3).half()}, path)
+    register_input(request, path)
+    out = tmp_path / "o.pt"
+    for extra in (["--dry-run"], ["-o", out]):
+        result = run("resize", path, "-p", "e.weight", "--size", "100", "--fill", "normal(std=1e5)", "--seed", "0",
+                     *extra)
+        assert result.exit_code == 2 and "of 'e.weight' would become Inf or NaN" in result.stderr
+    result = run("resize", path, "-p", "e.weight", "--size", "9", "--fill", "1e6", "-o", out)
+    assert result.exit_code == 2 and "so --fill 1e+06 would be Inf" in result.stderr and not out.exists()
+    assert run("resize", path, "-p", "e.weight", "--size", "9", "--fill", "1e6", "--allow-overflow", "-o", out).exit_code == 0
+    assert torch.isinf(load_torch(out)["e.weight"][4:]).all()

@@ -199,7 +199,7 @@ def _parse_fill(text: str):
 
 
 def _shown(fill) -> str:
-    return fill if isinstance(fill, str) else (f"{fill.kwargs['val']}" if fill.name == "constant" else str(fill))
+    return fill if isinstance(fill, str) else (f"constant {fill.kwargs['val']}" if fill.name == "constant" else str(fill))
 
 
 def _fill_problem(fill, shape: tuple[int, ...], tensor: Tensor, allow_overflow: bool) -> str | None:
@@ -209,7 +209,8 @@ def _fill_problem(fill, shape: tuple[int, ...], tensor: Tensor, allow_overflow: 
             return f"is {tensor.dtype}, which has no mean to fill with; pass --fill zeros or a number"
         return None
     if fill.name == "constant":
-        return _constant_problem(fill.kwargs["val"], tensor.dtype, allow_overflow)
+        problem = _constant_problem(fill.kwargs["val"], tensor.dtype, allow_overflow)
+        return problem.replace("--const", "--fill") if problem else None
     return fill.problem(shape, tensor.dtype.floating)
 
 
