@@ -235,7 +235,8 @@ def _resized(tensor: Tensor, dim: int, shape: tuple[int, ...], keep: list[int] |
                 (torch.complex64 if values.is_complex() else torch.float32)
             new = values.to(work).mean(dim=dim, keepdim=True).expand(part).to(values.dtype)
         elif fill.name == "constant":
-            new = torch.full(part, fill.kwargs["val"], dtype=values.dtype)
+            wide = torch.float64 if values.is_floating_point() else values.dtype  # beyond float16: inf, as asked
+            new = torch.full(part, fill.kwargs["val"], dtype=wide).to(values.dtype)
         else:  # drawn for the whole tensor of the new size (fans are the layer's), then its new slices
             new = schemes.fill(fill, shape, values.dtype, seed, name).narrow(dim, kept.shape[dim], extra)
         return torch.cat([kept, new], dim=dim)
