@@ -195,3 +195,19 @@ def test_dry_run_recipe_and_library(gpt2, tmp_path):
     ckpt = ps.load(str(gpt2))
     ps.split(ckpt, from_="wte.weight", to=["wte.a", "wte.b"], sizes="10,40")
     assert ckpt["wte.b"].shape == (40, DIM) and "wte.weight" not in ckpt.tensors
+
+
+def test_names_after_to_and_from_run_up_to_the_next_option_or_the_checkpoint(gpt2, tmp_path):
+    expected = torch.split(gpt2_state()["h.0.attn.c_attn.bias"], DIM)
+    spellings = [["--to", "q", "k", "v", str(gpt2)], [str(gpt2), "--to", "q", "--to", "k", "--to", "v"],
+                 [str(gpt2), "--to=q", "k", "v"]]
+    for number, spelling in enumerate(spellings):
+        out = tmp_path / f"{number}.pt"
+        result = run("split", "--from", "h.0.attn.c_attn.bias", *spelling, "-o", out)
+        assert result.exit_code == 0, (spelling, result.stderr)
+        after = load_torch(out)
+        assert [bits(after[n]) for n in "qkv"] == [bits(e) for e in expected]
+    out = tmp_path / "c.pt"
+    result = run("concat", "--from", "h.0.attn.c_attn.bias", "h.1.attn.c_attn.bias", gpt2, "--to", "both", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert load_torch(out)["both"].shape == (6 * DIM,)

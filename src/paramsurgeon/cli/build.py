@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import typing
 from typing import Annotated, Any, Callable, List, Optional
 
@@ -22,7 +23,8 @@ from .. import declare
 
 class _Command(TyperCommand):
     """A command whose usage line names its arguments as declared: 'diff [OPTIONS] A B', and whose
-    greedy options take every value up to the next option ('--to a b c' is '--to a --to b --to c')."""
+    greedy options take every value up to the next option ('--to a b c' is '--to a --to b --to c'),
+    or up to a path that exists (the checkpoint, given after them: '--to a b model.pt')."""
 
     greedy: tuple[str, ...] = ()
 
@@ -35,7 +37,10 @@ class _Command(TyperCommand):
             if arg.startswith("-") and arg != "-":
                 taking = arg.split("=", 1)[0] if arg.split("=", 1)[0] in self.greedy else None
             elif taking is not None and spread[-1] != taking:
-                spread.append(taking)
+                if os.path.exists(arg):
+                    taking = None
+                else:
+                    spread.append(taking)
             spread.append(arg)
         return super().parse_args(ctx, spread)
 
