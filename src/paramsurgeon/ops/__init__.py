@@ -3,7 +3,7 @@
     spec.py        Operation, and the option groups operations share (selection, ties)
     values.py      init, zero, scale, cast: new values for the selected tensors
     structure.py   copy, tie, untie, rename, drop
-    shapes.py      resize, split, concat, transpose
+    reshape/       resize, split, concat, transpose
     plan.py        Plan: what an operation changes, checked before anything is computed
     surgery.py     seeds, the rehearsal of every step, the run, optimizer notes
     recipes.py     TOML recipes: steps of the operations above
@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..checkpoint import Checkpoint
 from .plan import Plan
-from .shapes import Concat, Resize, Split, Transpose
+from .reshape import Concat, Resize, Split, Transpose
 from .spec import Operation
 from .structure import Copy, Drop, Rename, Tie, Untie
 from .values import Cast, Init, Scale, Zero
