@@ -267,3 +267,10 @@ def test_a_fill_out_of_the_dtype_range_is_refused_by_the_dry_run_too(request, tm
     assert result.exit_code == 2 and "so --fill 1e+06 would be Inf" in result.stderr and not out.exists()
     assert run("resize", path, "-p", "e.weight", "--size", "9", "--fill", "1e6", "--allow-overflow", "-o", out).exit_code == 0
     assert torch.isinf(load_torch(out)["e.weight"][4:]).all()
+
+
+def test_a_layer_resized_in_part_is_noted(head):
+    path, _ = head
+    result = run("resize", path, "-p", "2.weight", "--size", "5", "--dry-run")
+    assert result.exit_code == 0
+    assert "'2.bias' keeps 1000 along dim 0 though '2.weight' beside it becomes 5; select it too" in result.stderr
