@@ -23,7 +23,8 @@ def test_expansion_is_what_bash_gives(glob):
 
 def test_matching_and_literal_braces():
     assert matches("layers.21.mlp.w", "layers.{20..23}.*") and not matches("layers.24.mlp", "layers.{20..23}.*")
-    assert matches("h.k_proj.weight", "*.{q,k,v}_proj.weight") and not matches("h.o_proj.weight", "*.{q,k,v}_proj.weight")
+    assert matches("h.k_proj.weight", "*.{q,k,v}_proj.weight")
+    assert not matches("h.o_proj.weight", "*.{q,k,v}_proj.weight")
     assert matches("a{b}", "a{b}") and matches("{", "[{]")
 
 

@@ -265,7 +265,8 @@ def test_a_fill_out_of_the_dtype_range_is_refused_by_the_dry_run_too(request, tm
         assert result.exit_code == 2 and "of 'e.weight' would become Inf or NaN" in result.stderr
     result = run("resize", path, "-p", "e.weight", "--size", "9", "--fill", "1e6", "-o", out)
     assert result.exit_code == 2 and "so --fill 1e+06 would be Inf" in result.stderr and not out.exists()
-    assert run("resize", path, "-p", "e.weight", "--size", "9", "--fill", "1e6", "--allow-overflow", "-o", out).exit_code == 0
+    result = run("resize", path, "-p", "e.weight", "--size", "9", "--fill", "1e6", "--allow-overflow", "-o", out)
+    assert result.exit_code == 0
     assert torch.isinf(load_torch(out)["e.weight"][4:]).all()
 
 
@@ -274,3 +275,16 @@ def test_a_layer_resized_in_part_is_noted(head):
     result = run("resize", path, "-p", "2.weight", "--size", "5", "--dry-run")
     assert result.exit_code == 0
     assert "'2.bias' keeps 1000 along dim 0 though '2.weight' beside it becomes 5; select it too" in result.stderr
+
+
+def test_sizes_that_cannot_be_meant(request, tmp_path):
+    path = tmp_path / "e.pt"
+    torch.save({"e.weight": torch.empty(0, 3), "f.weight": torch.ones(2, 3)}, path)
+    register_input(request, path)
+    result = run("resize", path, "-p", "e.weight", "--size", "2", "--dry-run")
+    assert result.exit_code == 2 and "'e.weight' has no slices along dim 0 to take the mean of" in result.stderr
+    result = run("resize", path, "-p", "f.weight", "--size", str(10**14), "--dry-run")
+    assert result.exit_code == 2 and "'f.weight' would become [100000000000000, 3], more than 1 TiB" in result.stderr
+    out = tmp_path / "o.pt"
+    assert run("resize", path, "-p", "e.weight", "--size", "2", "--fill", "zeros", "-o", out).exit_code == 0
+    assert torch.equal(load_torch(out)["e.weight"], torch.zeros(2, 3))

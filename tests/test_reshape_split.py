@@ -184,7 +184,8 @@ def test_dry_run_recipe_and_library(gpt2, tmp_path):
     recipe.write_text('[[step]]\nop = "split"\nfrom = "h.*.attn.c_attn.weight"\n'
                       'to = ["h.*.attn.q.weight", "h.*.attn.k.weight", "h.*.attn.v.weight"]\ndim = 1\n'
                       '[[step]]\nop = "transpose"\npattern = "h.*.attn.{q,k,v}.weight"\n'
-                      '[[step]]\nop = "concat"\nfrom = ["h.*.attn.q.weight", "h.*.attn.k.weight", "h.*.attn.v.weight"]\n'
+                      '[[step]]\nop = "concat"\n'
+                      'from = ["h.*.attn.q.weight", "h.*.attn.k.weight", "h.*.attn.v.weight"]\n'
                       'to = "h.*.attn.in_proj_weight"\n')
     out = tmp_path / "r.pt"
     result = run("apply", gpt2, recipe, "-o", out)

@@ -18,6 +18,8 @@ from ..spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnin
 from ..values import _constant_problem, value_plan
 from .common import dim_of, no_dim, numbers, own, torch_of
 
+LARGEST = 1 << 40  # bytes of one resized tensor: beyond, a typo in --size rather than a model
+
 
 @dataclass(kw_only=True)
 class Resize(Targets, TiePolicy, Overflow, Operation):
@@ -90,6 +92,8 @@ class Resize(Targets, TiePolicy, Overflow, Operation):
                 shown = names_list(list(map(str, outside)))
                 problems.append(f"'{name}' has {old} slices along dim {dim}, so --keep {shown} is out of range")
             shapes[name] = tensor.shape[:dim] + (self.new_size(old),) + tensor.shape[dim + 1:]
+            if math.prod(shapes[name]) * tensor.dtype.itemsize > LARGEST:
+                problems.append(f"'{name}' would become {list(shapes[name])}, more than {LARGEST >> 40} TiB")
         fail("resize", problems)
         resized = {**{n: t for n, t in tensors.items()}, **{n: SimpleNamespace(shape=s) for n, s in shapes.items()}}
         kinds = infer_kinds(tensors) if self._fill == schemes.Scheme("default") else {}
@@ -108,6 +112,9 @@ class Resize(Targets, TiePolicy, Overflow, Operation):
                     if isinstance(fill, str):
                         return f"{fill}, so --fill default does not apply; choose another --fill"
                 problem = _fill_problem(fill, shape, tensor, self.allow_overflow)
+                if fill == "mean" and not old:
+                    problem = f"has no slices along dim {dim} to take the mean of; pass --fill zeros, a number or" \
+                              " a scheme"
                 if problem:
                     return problem
             action = f"resize {old} -> {shape[dim]} along dim {dim}"
