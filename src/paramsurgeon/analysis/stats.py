@@ -4,16 +4,32 @@ Values are read in chunks (tensors.chunks) straight from the memory-mapped
 file; means and variances of the chunks are merged exactly (Chan et al.), so memory
 does not grow with the tensor beyond one chunk of scratch space. Results follow torch's own reductions: ``std`` is the
 sample standard deviation, and a NaN anywhere makes mean, std, min and max NaN.
+
+The same pass can count values into bfloat16-wide buckets (buckets.py: quantiles of |x|,
+distances to an initialisation) and draw a histogram between min and max: exact (the
+bins numpy.histogram draws over float32 edges) when the tensor is one chunk, from the
+buckets when it is longer (a value within 1/128 of its magnitude of an edge may be
+counted in the next bin). Nothing is read twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 from ..checkpoint import Tensor
 from ..checkpoint.tensor import blocks
+
+@dataclass
+class Histogram:
+    """``len(counts)`` bins between ``edges``; the last bin holds its upper edge. NaN is not
+    counted; an infinity is counted in the first or last bin."""
+
+    edges: list[float]
+    counts: list[int]
+    exact: bool
+
 
 @dataclass
 class Stats:
@@ -27,20 +43,27 @@ class Stats:
     zeros: int
     nan: int
     inf: int
+    histogram: Histogram | None = field(default=None, repr=False)
+    buckets: object | None = field(default=None, repr=False)  # buckets.Buckets when asked for
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The statistics inspect --json prints (not the histogram nor the buckets)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("histogram", "buckets")}
 
 
-def tensor_stats(tensor: Tensor) -> Stats | None:
-    """Statistics of ``tensor``'s values; None for complex tensors."""
+def tensor_stats(tensor: Tensor, bins: int | None = None, buckets: bool = False) -> Stats | None:
+    """Statistics of ``tensor``'s values; None for complex tensors. ``bins``: also a histogram
+    of that many bins; ``buckets``: also the bucket counts (Stats.buckets)."""
     if tensor.dtype.complex:
         return None
     import torch
 
-    from ..checkpoint.values import chunks, to_torch
+    from ..checkpoint.values import CHUNK, chunks, to_torch
+    from .buckets import Buckets
 
     values = to_torch(tensor)
+    spread = Buckets() if buckets or (bins and values.numel() > CHUNK) else None
+    whole = None  # the one chunk of a short tensor, for an exact histogram
     count, mean, m2 = 0, 0.0, 0.0
     low, high = math.inf, -math.inf
     zeros = nan = inf = 0
@@ -70,15 +93,44 @@ def tensor_stats(tensor: Tensor) -> Stats | None:
                 and math.isfinite(float(chunk_high))):
             nan += int(torch.isnan(chunk).sum())
             inf += int(torch.isinf(chunk).sum())
+        if spread is not None:
+            spread.add(chunk)
+        if bins and values.numel() <= CHUNK:
+            whole = chunk
     if count == 0:
-        return Stats(None, None, None, None, None, 0, 0, 0)
+        return Stats(None, None, None, None, None, 0, 0, 0, Histogram([], [], True) if bins else None, spread)
+    histogram = _histogram(whole, spread, bins, low, high, nan or inf) if bins else None
     if nan:
         mean = low = high = math.nan
     std = math.sqrt(m2 / (count - 1)) if count > 1 and not nan else (math.nan if nan and count > 1 else None)
     abs_max = math.nan if nan else max(abs(low), abs(high))
     if not tensor.dtype.floating:  # integer and bool tensors have integer extremes
         low, high, abs_max = int(low), int(high), int(abs_max)
-    return Stats(mean, std, low, high, abs_max, zeros, nan, inf)
+    return Stats(mean, std, low, high, abs_max, zeros, nan, inf, histogram, spread)
+
+
+def _histogram(whole, spread, bins: int, low: float, high: float, nonfinite: int) -> Histogram:
+    """``bins`` bins over [low, high] of the finite values (numpy's range rule when low == high)."""
+    import torch
+
+    finite = whole
+    if nonfinite and whole is not None:
+        finite = whole[torch.isfinite(whole)]
+        low, high = torch.aminmax(finite) if finite.numel() else (0.0, 0.0)
+        low, high = float(low), float(high)
+    elif nonfinite:
+        low, high = spread.finite_range() or (0.0, 0.0)
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    if whole is None:
+        edges = torch.linspace(low, high, bins + 1, dtype=torch.float64).tolist()
+        return Histogram(edges, spread.histogram(bins, low, high), False)
+    counts, edges = torch.histogram(finite, bins=bins, range=(low, high))
+    counts = counts.long()
+    if nonfinite:  # infinities at the ends, as Histogram says
+        counts[0] += int(torch.isneginf(whole).sum())
+        counts[-1] += int(torch.isposinf(whole).sum())
+    return Histogram(edges.double().tolist(), counts.tolist(), True)
 
 
 def _nan_min(a: float, b: float) -> float:

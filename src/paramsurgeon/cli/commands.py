@@ -24,11 +24,19 @@ class InspectOptions:
     tree: bool = option(False, "--tree", help="Parameter counts per module instead of per tensor.")
     depth: int | None = option(None, "--depth", minimum=0, help="With --tree: levels to show.")
     hash: bool = option(False, "--hash", help="Add the sha256 of each tensor's values.")
+    hist: bool = option(False, "--hist", help="Add a histogram of each tensor's values (a sparkline; --json: edges"
+                                              " and counts).")
+    bins: int | None = option(None, "--bins", metavar="N", minimum=1, help="With --hist: bins between min and max"
+                                                                           " (default 32).")
 
     def __post_init__(self) -> None:
         declare.check(self, "inspect")
         if self.depth is not None and not self.tree:
             raise UsageError(f"--depth {self.depth} limits the levels of --tree; pass --tree --depth {self.depth}")
+        if self.bins is not None and not self.hist:
+            raise UsageError(f"--bins {self.bins} sets the bins of --hist; pass --hist --bins {self.bins}")
+        if self.hist and (self.no_stats or self.tree):
+            raise UsageError("--hist reads the values; it does not go with --no-stats or --tree")
 
 
 def inspect(given: Input, options: InspectOptions, output: Json, read: Read, select: Selection) -> None:
@@ -43,7 +51,8 @@ def inspect(given: Input, options: InspectOptions, output: Json, read: Read, sel
     tensors = checkpoint.tensors
     with progress(sum(tensors[n].nbytes for n in names) if reads_data else 0, "reading") as advance:
         result = inspect_checkpoint(checkpoint, names, stats=stats, hashes=options.hash, tree=options.tree,
-                                    progress=advance if reads_data else None)
+                                    progress=advance if reads_data else None,
+                                    bins=(options.bins or 32) if options.hist else None)
     if output.json:
         emit(render.to_json(render.inspection_document(result)), )
     elif options.tree:
@@ -98,6 +107,8 @@ class CheckOptions:
     expect_file: str | None = option(None, "--expect-file", metavar="FILE",
                                      help="Expected tensors, one 'NAME [SHAPE] [DTYPE]' per line.")
     dtype: str | None = option(None, "--dtype", metavar="D", help="Every floating-point tensor is of dtype D.")
+    health: bool = option(False, "--health", help="Diagnose the float parameters: dead, constant, spike, exploding,"
+                                                  " untrained (README: the rules and their thresholds).")
 
 
 def check(given: Input, options: CheckOptions, output: Json, read: Read, select: Selection) -> None:
@@ -106,6 +117,7 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
     A sharded checkpoint is also checked for agreement between its index and its shards.
     """
     from .. import formats
+    from ..analysis import health
     from ..analysis.checks import RuleResult, parse_expectations, run_rules, validate_dtype
 
     dtype = validate_dtype(options.dtype)
@@ -127,18 +139,40 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
     checkpoint = open_checkpoint(given.ckpt, read)
     names = selected_names(checkpoint, select)
     other = open_checkpoint(options.like, read) if options.like is not None else None
-    default = not (options.finite or options.max_abs is not None or other or expectations or dtype)
-    with progress(sum(checkpoint.tensors[n].nbytes for n in names), "checking") as advance:
+    default = not (options.finite or options.max_abs is not None or other or expectations or dtype or options.health)
+    values = options.finite or default or options.max_abs is not None
+    diagnosed = health.checked_names(checkpoint, names) if options.health else []
+    size = sum(checkpoint.tensors[n].nbytes for n in names) * values + sum(checkpoint.tensors[n].nbytes
+                                                                           for n in diagnosed)
+    with progress(size, "checking") as advance:
         rules += run_rules(checkpoint, names, finite=options.finite or default, max_abs=options.max_abs, like=other,
                            expect=expectations, dtype=dtype, progress=advance)
-    _report_check(checkpoint.source, rules, output.json)
+        findings = health.diagnose(checkpoint, health.measure(checkpoint, diagnosed, progress=advance)) \
+            if options.health else None
+    if findings is not None:
+        rules += health_rules(findings)
+    _report_check(checkpoint.source, rules, output.json, findings)
 
 
-def _report_check(source: str, rules: list, json: bool) -> None:
-    from ..report import render
+def health_rules(findings: list) -> list:
+    """The failing health rules as check rules (the warnings are reported beside them)."""
+    from ..analysis.checks import RuleResult
+    from ..analysis.health import FAILING
 
-    emit(render.to_json(render.check_document(source, rules))) if json \
-        else emit(render.check_text(source, rules))
+    rules = [RuleResult(f"health {rule}") for rule in FAILING]
+    for finding in findings:
+        if finding.fails:
+            rules[FAILING.index(finding.rule)].add(finding.name, finding.message)
+    return rules
+
+
+def _report_check(source: str, rules: list, json: bool, findings: list | None = None) -> None:
+    from ..report import diagnosis, render
+
+    if json:
+        emit(render.to_json(diagnosis.with_findings(render.check_document(source, rules), findings)))
+    else:
+        emit(render.check_text(source, rules) + diagnosis.warning_text(findings))
     raise typer.Exit(0 if all(rule.ok for rule in rules) else 1)
 
 
