@@ -1,4 +1,7 @@
-"""A tensor's values counted by their top 16 bits as float32 (sign, exponent and 7 bits of
+"""The spread of a tensor's values, gathered in the statistics' one pass: ``Sorted`` keeps the
+finite values of a short tensor (exact answers), ``Buckets`` counts a long one's.
+
+``Buckets``: values counted by their top 16 bits as float32 (sign, exponent and 7 bits of
 mantissa: the value truncated to bfloat16), in one streaming pass and a fixed 512 KiB.
 
 Each of the 65,536 buckets is a range of values 1/128 of its magnitude wide; from the
@@ -32,6 +35,11 @@ class Buckets:
         values = chunk if chunk.dtype == torch.float32 else chunk.float()
         keys = values.contiguous().view(torch.int16)[_HIGH].to(torch.int32).add_(32768)
         self.counts += torch.bincount(keys, minlength=65536)
+
+    @property
+    def count(self) -> int:
+        """How many values were counted (NaN left out)."""
+        return int(self.magnitudes().sum())
 
     def magnitudes(self) -> torch.Tensor:
         """Counts by magnitude code 0 .. infinity (NaN left out): negative at 0..32767, positive above."""
@@ -87,3 +95,36 @@ class Buckets:
         where = torch.nonzero(finite).flatten()
         lowers = torch.cat([uppers[:1], uppers[:-1]])
         return float(lowers[where[0]]), float(uppers[where[-1]])
+
+
+SHORT = 1 << 16  # tensors of at most this many values keep them, sorted, instead of counting buckets
+
+
+class Sorted:
+    """The finite values of a short tensor, sorted: exact quantiles and KS distances (``add`` once)."""
+
+    def __init__(self) -> None:
+        self.values = torch.empty(0, dtype=torch.float64)
+
+    def add(self, chunk: torch.Tensor) -> None:
+        values = chunk.double()
+        self.values = torch.cat([self.values, values[torch.isfinite(values)]]).sort().values
+
+    @property
+    def count(self) -> int:
+        return self.values.numel()
+
+    def abs_quantile(self, q: float) -> float | None:
+        """The q-quantile of |x|: the order statistic q*(n-1) rounds down to (torch.quantile's 'lower')."""
+        if not self.count:
+            return None
+        return float(self.values.abs().sort().values[int(q * (self.count - 1))])
+
+    def ks_distance(self, cdf) -> float:
+        """The exact Kolmogorov-Smirnov distance sup |F_n - cdf|."""
+        n = self.count
+        if n == 0:
+            return 0.0
+        expected = cdf(self.values)
+        steps = torch.arange(1, n + 1, dtype=torch.float64) / n
+        return float(torch.maximum(steps - expected, expected - (steps - 1 / n)).max())

@@ -119,7 +119,7 @@ def fan_in(shape: tuple[int, ...]) -> int:
 
 def _untrained(shape: tuple[int, ...], s: Stats) -> tuple[float, float, str] | None:
     """(statistic, threshold, message) when the values look like a fresh init, else None."""
-    n = int(s.buckets.magnitudes().sum())
+    n = s.buckets.count
     bound = 1 / math.sqrt(fan_in(shape))
     uniform = math.sqrt(n) * s.buckets.ks_distance(lambda t: ((t + bound) / (2 * bound)).clamp(0, 1))
     if uniform <= UNTRAINED_KS and s.abs_max <= bound * (1 + 1e-6):

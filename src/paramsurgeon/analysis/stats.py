@@ -44,7 +44,7 @@ class Stats:
     nan: int
     inf: int
     histogram: Histogram | None = field(default=None, repr=False)
-    buckets: object | None = field(default=None, repr=False)  # buckets.Buckets when asked for
+    buckets: object | None = field(default=None, repr=False)  # buckets.Buckets or Sorted, when asked for
 
     def as_dict(self) -> dict:
         """The statistics inspect --json prints (not the histogram nor the buckets)."""
@@ -59,10 +59,12 @@ def tensor_stats(tensor: Tensor, bins: int | None = None, buckets: bool = False)
     import torch
 
     from ..checkpoint.values import CHUNK, chunks, to_torch
-    from .buckets import Buckets
+    from .buckets import SHORT, Buckets, Sorted
 
     values = to_torch(tensor)
     spread = Buckets() if buckets or (bins and values.numel() > CHUNK) else None
+    if buckets and values.numel() <= SHORT:
+        spread = Sorted()
     whole = None  # the one chunk of a short tensor, for an exact histogram
     count, mean, m2 = 0, 0.0, 0.0
     low, high = math.inf, -math.inf

@@ -5,12 +5,13 @@ the library is imported when the command runs, so --help starts fast.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import typer
 
 from .. import declare
-from ..declare import option
+from ..declare import REQUIRED, option
 from ..errors import UsageError
 from ..selection import Selection
 from .console import (color_on_stdout, emit, note, open_checkpoint, output_target, progress, selected_names,
@@ -227,10 +228,60 @@ def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
     note(f"wrote {where} ({layout}, {write_checkpoint(checkpoint, target, write)})")
 
 
+@dataclass(kw_only=True)
+class ReportOptions:
+    output: str = option(REQUIRED, "-o", "--output", metavar="PATH", help="The HTML file to write ('-': standard"
+                                                                           " output).")
+    against: str | None = option(None, "--against", metavar="OTHER", help="Also show how far each tensor moved"
+                                                                          " from OTHER: ||a - b|| / ||b||.")
+
+
+def report(given: Input, options: ReportOptions, read: Read, select: Selection) -> None:
+    """Write one self-contained HTML page: statistics along the depth, health findings, histograms.
+
+    The page loads nothing from the network; with --against, each tensor's relative change
+    shows which layers fine-tuning moved. Needs matplotlib (pip install 'paramsurgeon[report]').
+    """
+    from ..analysis import drift, health
+    from ..analysis.inspection import inspect as inspect_checkpoint
+    from ..dtypes import BY_NAME
+    from ..formats.atomic import atomic_file
+    from ..report import html
+    from ..sizes import human_bytes
+
+    html.require_matplotlib()
+    checkpoint = open_checkpoint(given.ckpt, read)
+    names = selected_names(checkpoint, select)
+    other = open_checkpoint(options.against, read) if options.against is not None else None
+    result = inspect_checkpoint(checkpoint, names, stats=False)
+    floats = [r.name for r in result.rows if BY_NAME[r.dtype].floating]
+    size = sum(checkpoint.tensors[n].nbytes for n in floats) * (3 if other else 1)
+    with progress(size, "reading") as advance:
+        stats = health.measure(checkpoint, floats, bins=HISTOGRAM_BINS, progress=advance)
+        changes = drift.relative_changes(checkpoint, other, floats, advance) if other is not None else None
+    for row in result.rows:
+        row.stats = stats.get(row.name)
+    result.stats = True
+    findings = health.diagnose(checkpoint, {n: stats[n] for n in health.checked_names(checkpoint, floats)})
+    page = html.report_page(result, findings, changes, other.source if other else None).encode()
+    if options.output == "-":
+        sys.stdout.buffer.write(page)
+        sys.stdout.flush()
+        return
+    with atomic_file(options.output) as sink:
+        sink.write(page)
+    note(f"wrote {options.output} ({human_bytes(len(page))}: {len(result.rows):,} tensors,"
+         f" {len(findings):,} findings)")
+
+
+HISTOGRAM_BINS = 32
+
+
 EXAMPLES = {
     inspect: "paramsurgeon inspect samples/resnet.pt -p 'layer1.*'",
     diff: "paramsurgeon diff before.pt after.safetensors --atol 1e-6",
     check: "paramsurgeon check model.safetensors --finite --max-abs 100 --like reference.pt",
     groups: "paramsurgeon groups model.pt --json > groups.json",
     convert: "paramsurgeon convert samples/resnet.pt -o resnet.safetensors",
+    report: "paramsurgeon report tuned.pt --against base.pt -o report.html",
 }
