@@ -85,17 +85,6 @@ class Buckets:
         index = ((middle - low) / width * bins).floor().clamp(0, bins - 1).long()
         return torch.zeros(bins, dtype=torch.int64).scatter_add_(0, index, counts[present]).tolist()
 
-    def finite_range(self) -> tuple[float, float] | None:
-        """(lowest, highest) finite bucket bounds holding values; None when none is finite."""
-        uppers, counts = self.ordered()
-        finite = (counts > 0) & torch.isfinite(uppers)
-        finite[0] = False  # the bucket of -inf
-        if not bool(finite.any()):
-            return None
-        where = torch.nonzero(finite).flatten()
-        lowers = torch.cat([uppers[:1], uppers[:-1]])
-        return float(lowers[where[0]]), float(uppers[where[-1]])
-
 
 SHORT = 1 << 16  # tensors of at most this many values keep them, sorted, instead of counting buckets
 

@@ -68,6 +68,7 @@ def tensor_stats(tensor: Tensor, bins: int | None = None, buckets: bool = False)
     whole = None  # the one chunk of a short tensor, for an exact histogram
     count, mean, m2 = 0, 0.0, 0.0
     low, high = math.inf, -math.inf
+    finite_low, finite_high = math.inf, -math.inf  # the histogram's range
     zeros = nan = inf = 0
     scratch = None
     for (chunk,) in chunks(values):
@@ -90,18 +91,22 @@ def tensor_stats(tensor: Tensor, bins: int | None = None, buckets: bool = False)
         m2 += var * n + delta * delta * count * n / total
         count = total
         low, high = _nan_min(low, float(chunk_low)), _nan_max(high, float(chunk_high))
+        chunk_range = float(chunk_low), float(chunk_high)
         zeros += n - int(torch.count_nonzero(chunk))
         if not (math.isfinite(chunk_mean) and math.isfinite(var) and math.isfinite(float(chunk_low))
                 and math.isfinite(float(chunk_high))):
             nan += int(torch.isnan(chunk).sum())
             inf += int(torch.isinf(chunk).sum())
+            finite = chunk[torch.isfinite(chunk)]
+            chunk_range = tuple(map(float, torch.aminmax(finite))) if finite.numel() else (math.inf, -math.inf)
+        finite_low, finite_high = min(finite_low, chunk_range[0]), max(finite_high, chunk_range[1])
         if spread is not None:
             spread.add(chunk)
         if bins and values.numel() <= CHUNK:
             whole = chunk
     if count == 0:
         return Stats(None, None, None, None, None, 0, 0, 0, Histogram([], [], True) if bins else None, spread)
-    histogram = _histogram(whole, spread, bins, low, high, nan or inf) if bins else None
+    histogram = _histogram(whole, spread, bins, finite_low, finite_high, bool(nan or inf)) if bins else None
     if nan:
         mean = low = high = math.nan
     std = math.sqrt(m2 / (count - 1)) if count > 1 and not nan else (math.nan if nan and count > 1 else None)
@@ -111,22 +116,18 @@ def tensor_stats(tensor: Tensor, bins: int | None = None, buckets: bool = False)
     return Stats(mean, std, low, high, abs_max, zeros, nan, inf, histogram, spread)
 
 
-def _histogram(whole, spread, bins: int, low: float, high: float, nonfinite: int) -> Histogram:
-    """``bins`` bins over [low, high] of the finite values (numpy's range rule when low == high)."""
+def _histogram(whole, spread, bins: int, low: float, high: float, nonfinite: bool) -> Histogram:
+    """``bins`` bins over [low, high], the range of the finite values (numpy's rule when low == high)."""
     import torch
 
-    finite = whole
-    if nonfinite and whole is not None:
-        finite = whole[torch.isfinite(whole)]
-        low, high = torch.aminmax(finite) if finite.numel() else (0.0, 0.0)
-        low, high = float(low), float(high)
-    elif nonfinite:
-        low, high = spread.finite_range() or (0.0, 0.0)
+    if low > high:  # no finite value
+        low = high = 0.0
     if low == high:
         low, high = low - 0.5, high + 0.5
     if whole is None:
         edges = torch.linspace(low, high, bins + 1, dtype=torch.float64).tolist()
         return Histogram(edges, spread.histogram(bins, low, high), False)
+    finite = whole[torch.isfinite(whole)] if nonfinite else whole
     counts, edges = torch.histogram(finite, bins=bins, range=(low, high))
     counts = counts.long()
     if nonfinite:  # infinities at the ends, as Histogram says
