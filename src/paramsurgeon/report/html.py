@@ -114,7 +114,8 @@ def _depth_ticks(ax, names: list[str]) -> None:
 
 
 def _depth_chart(layers: list[Row]) -> str:
-    figure = _figure(11, 8, left=0.08, right=0.99, top=0.98, bottom=0.25, hspace=0.08)
+    label = _label_inches(layers)
+    figure = _figure(11, 6 + label, left=0.08, right=0.99, top=0.98, bottom=label / (6 + label), hspace=0.08)
     axes = figure.subplots(3, 1, sharex=True)
     colors = [_COLORS.get(r.kind, "#555555") for r in layers]
     series = [("std", [r.stats.std or 0.0 for r in layers]), ("max |x|", [r.stats.abs_max for r in layers]),
@@ -130,6 +131,12 @@ def _depth_chart(layers: list[Row]) -> str:
     axes[0].legend(handles=[_marker(k) for k in kinds], loc="upper right", fontsize=7, ncols=min(len(kinds), 6))
     _depth_ticks(axes[-1], [r.name for r in layers])
     return _svg(figure)
+
+
+def _label_inches(rows: list) -> float:
+    """Room for the names under a chart (written upright, 6 pt)."""
+    longest = max(len(r if isinstance(r, str) else r.name) for r in rows)
+    return min(3.0, 0.25 + 0.055 * longest)
 
 
 def _marker(kind: str):
@@ -148,15 +155,16 @@ def _change_section(result: Inspection, changes: dict) -> str:
     compared = [(r.name, changes[r.name]) for r in result.rows if changes.get(r.name) is not None]
     if not compared:
         return "<p>No tensor has the same name, shape and a floating dtype in both checkpoints.</p>"
-    figure = _figure(11, 4, left=0.08, right=0.99, top=0.97, bottom=0.45)
+    label = _label_inches([n for n, _ in compared])
+    figure = _figure(11, 2.5 + label, left=0.08, right=0.99, top=0.97, bottom=label / (2.5 + label))
     ax = figure.subplots()
-    values = [v if math.isfinite(v) else float("nan") for _, v in compared]
-    ax.bar(range(len(compared)), [max(v, 1e-12) for v in values], color="#1f77b4", width=0.8)
+    values = [v if math.isfinite(v) and v > 0 else float("nan") for _, v in compared]  # log scale: 0 not drawn
+    ax.bar(range(len(compared)), values, color="#1f77b4", width=0.8)
     ax.set_yscale("log")
     ax.set_ylabel("||a - b|| / ||b||")
     ax.grid(True, axis="y", alpha=0.3)
     _depth_ticks(ax, [n for n, _ in compared])
-    ranked = sorted(compared, key=lambda item: -item[1])[:20]
+    ranked = sorted([item for item in compared if item[1] != 0], key=lambda item: -item[1])[:20]
     table = ["<table><tr><th>most moved</th><th>relative change</th></tr>"]
     table += [f"<tr><td>{_e(n)}</td><td class=n>{_e(short_number(v))}</td></tr>" for n, v in ranked]
     unchanged = sum(v == 0 for _, v in compared)
