@@ -247,7 +247,7 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     from ..dtypes import BY_NAME
     from ..formats.atomic import atomic_file
     from ..report import html
-    from ..sizes import human_bytes
+    from ..sizes import human_bytes, plural
 
     html.require_matplotlib()
     checkpoint = open_checkpoint(given.ckpt, read)
@@ -270,8 +270,8 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
         return
     with atomic_file(options.output) as sink:
         sink.write(page)
-    note(f"wrote {options.output} ({human_bytes(len(page))}: {len(result.rows):,} tensors,"
-         f" {len(findings):,} findings)")
+    note(f"wrote {options.output} ({human_bytes(len(page))}: {plural(len(result.rows), 'tensor')},"
+         f" {plural(len(findings), 'finding')})")
 
 
 HISTOGRAM_BINS = 32
