@@ -196,3 +196,29 @@ def test_untrained_statistic_on_fresh_layers_of_any_size(shape):
         stats = tensor_stats(from_torch(layer.weight.detach()), buckets=True)
         assert health._untrained(shape, stats) is not None, (shape, seed)
         assert math.isclose(1 / math.sqrt(health.fan_in(shape)), 1 / math.sqrt(layer.weight[0].numel()))
+
+
+def test_rules_on_tensors_counted_into_buckets():
+    """Over 65,536 values the spread comes from buckets, counted only when the statistics allow a finding."""
+    torch.manual_seed(2)
+    spiked = torch.randn(400, 300)
+    spiked[7, 7] = 1000.0
+    fresh = nn.Linear(400, 300).weight.detach()
+    normal = torch.randn(300, 400) * 0.02
+    found = _findings({"a.fc.weight": spiked, "b.fc.weight": fresh, "c.fc.weight": normal,
+                       "d.fc.weight": torch.randn(300, 400) * 0.05})
+    p99 = float(torch.quantile(spiked.abs().flatten().double(), 0.99, interpolation="lower"))
+    assert found["spike"][0] == "a.fc.weight"
+    assert found["spike"][1] == pytest.approx(1000.0 / p99, rel=1 / 200)
+    assert sorted(name for name, _ in found["untrained"]) == ["b.fc.weight", "c.fc.weight"]
+
+
+def _findings(state: dict) -> dict:
+    from paramsurgeon.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(source="test", format="torch", root={n: from_torch(v) for n, v in state.items()})
+    found: dict = {}
+    for f in health.diagnose(ckpt, health.measure(ckpt, list(state))):
+        found.setdefault(f.rule, [])
+        found[f.rule] += [f.name, f.value] if f.rule == "spike" else [(f.name, f.value)]
+    return found

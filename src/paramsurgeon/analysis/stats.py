@@ -51,9 +51,12 @@ class Stats:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("histogram", "buckets")}
 
 
-def tensor_stats(tensor: Tensor, bins: int | None = None, buckets: bool = False) -> Stats | None:
+def tensor_stats(tensor: Tensor, bins: int | None = None, buckets=False) -> Stats | None:
     """Statistics of ``tensor``'s values; None for complex tensors. ``bins``: also a histogram
-    of that many bins; ``buckets``: also the bucket counts (Stats.buckets)."""
+    of that many bins; ``buckets``: also the spread of the values (Stats.buckets), True or a
+    function of the statistics saying whether it is needed. A tensor of one chunk is still in
+    memory when its statistics are known: its spread is counted only if needed; a longer one's
+    always is (it cannot be known before the end)."""
     if tensor.dtype.complex:
         return None
     import torch
@@ -62,10 +65,11 @@ def tensor_stats(tensor: Tensor, bins: int | None = None, buckets: bool = False)
     from .buckets import SHORT, Buckets, Sorted
 
     values = to_torch(tensor)
-    spread = Buckets() if buckets or (bins and values.numel() > CHUNK) else None
+    single = values.numel() <= CHUNK
+    spread = Buckets() if (buckets or bins) and not single else None
     if buckets and values.numel() <= SHORT:
         spread = Sorted()
-    whole = None  # the one chunk of a short tensor, for an exact histogram
+    whole = None  # the one chunk of a short tensor, for an exact histogram or a spread counted afterwards
     count, mean, m2 = 0, 0.0, 0.0
     low, high = math.inf, -math.inf
     finite_low, finite_high = math.inf, -math.inf  # the histogram's range
@@ -102,7 +106,7 @@ def tensor_stats(tensor: Tensor, bins: int | None = None, buckets: bool = False)
         finite_low, finite_high = min(finite_low, chunk_range[0]), max(finite_high, chunk_range[1])
         if spread is not None:
             spread.add(chunk)
-        if bins and values.numel() <= CHUNK:
+        if single:
             whole = chunk
     if count == 0:
         return Stats(None, None, None, None, None, 0, 0, 0, Histogram([], [], True) if bins else None, spread)
@@ -113,7 +117,11 @@ def tensor_stats(tensor: Tensor, bins: int | None = None, buckets: bool = False)
     abs_max = math.nan if nan else max(abs(low), abs(high))
     if not tensor.dtype.floating:  # integer and bool tensors have integer extremes
         low, high, abs_max = int(low), int(high), int(abs_max)
-    return Stats(mean, std, low, high, abs_max, zeros, nan, inf, histogram, spread)
+    stats = Stats(mean, std, low, high, abs_max, zeros, nan, inf, histogram, spread)
+    if spread is None and buckets and (buckets is True or buckets(stats)):
+        stats.buckets = Buckets()
+        stats.buckets.add(whole)
+    return stats
 
 
 def _histogram(whole, spread, bins: int, low: float, high: float, nonfinite: bool) -> Histogram:

@@ -159,7 +159,8 @@ def _change_section(result: Inspection, changes: dict) -> str:
     figure = _figure(11, 2.5 + label, left=0.08, right=0.99, top=0.97, bottom=label / (2.5 + label))
     ax = figure.subplots()
     values = [v if math.isfinite(v) and v > 0 else float("nan") for _, v in compared]  # log scale: 0 not drawn
-    ax.bar(range(len(compared)), values, color="#1f77b4", width=0.8)
+    ax.vlines(range(len(compared)), min((v for v in values if v == v), default=1.0) / 2, values, color="#1f77b4",
+              linewidth=max(0.5, min(8.0, 600 / len(compared))))  # one collection, however many tensors
     ax.set_yscale("log")
     ax.set_ylabel("||a - b|| / ||b||")
     ax.grid(True, axis="y", alpha=0.3)
