@@ -65,15 +65,19 @@ def checked_names(ckpt: Checkpoint, names: list[str]) -> list[str]:
     return [n for n in names if ckpt.tensors[n].dtype.floating and kinds[n].role != "buffer"]
 
 
-def measure(ckpt: Checkpoint, names: list[str], bins: int | None = None,
+def measure(ckpt: Checkpoint, names: list[str], bins: int | None = None, drawn: set[str] | None = None,
             progress: Callable[[int], None] | None = None) -> dict[str, Stats]:
-    """Statistics (and histograms of ``bins``) of ``names``, each read once, with the spread of
-    the values wherever a rule may need it (see ``_needs_spread``)."""
+    """Statistics of ``names``, each read once, with the spread of the values wherever a rule may
+    need it (see ``_needs_spread``), and histograms of ``bins`` bins: of every tensor, or with
+    ``drawn``, of those and of any tensor the statistics say may have a finding."""
     kinds = infer_kinds(ckpt.tensors)
     result = {}
     for name in names:
         tensor = ckpt.tensors[name]
-        result[name] = tensor_stats(tensor, bins=bins, buckets=lambda s: _needs_spread(tensor.shape, kinds[name], s))
+        histogram = bins if drawn is None or name in drawn or not bins else \
+            (lambda s: bins if _suspect(tensor.shape, kinds[name], s) else None)
+        result[name] = tensor_stats(tensor, bins=histogram,
+                                    buckets=lambda s: _needs_spread(tensor.shape, kinds[name], s))
         if progress is not None:
             progress(tensor.nbytes)
     return result
@@ -87,6 +91,12 @@ def _needs_spread(shape: tuple[int, ...], kind, s: Stats) -> bool:
     n = math.prod(shape)
     return _spike_possible(s, n) or (_weight(shape, kind) and (
         s.abs_max <= _bound(shape) * (1 + 1e-6) or _near_normal(s, n)))
+
+
+def _suspect(shape: tuple[int, ...], kind, s: Stats) -> bool:
+    """Whether any rule but exploding (which needs every tensor) could fire on these statistics."""
+    n = math.prod(shape)
+    return bool(s.nan or s.inf or s.zeros >= DEAD * n or s.min == s.max or _needs_spread(shape, kind, s))
 
 
 def _spike_possible(s: Stats, n: int) -> bool:

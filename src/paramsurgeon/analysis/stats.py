@@ -51,9 +51,10 @@ class Stats:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("histogram", "buckets")}
 
 
-def tensor_stats(tensor: Tensor, bins: int | None = None, buckets=False) -> Stats | None:
+def tensor_stats(tensor: Tensor, bins=None, buckets=False) -> Stats | None:
     """Statistics of ``tensor``'s values; None for complex tensors. ``bins``: also a histogram
-    of that many bins; ``buckets``: also the spread of the values (Stats.buckets), True or a
+    of that many bins (or a function of the statistics giving that number, or None for none);
+    ``buckets``: also the spread of the values (Stats.buckets), True or a
     function of the statistics saying whether it is needed. A tensor of one chunk is still in
     memory when its statistics are known: its spread is counted only if needed; a longer one's
     always is (it cannot be known before the end)."""
@@ -110,14 +111,16 @@ def tensor_stats(tensor: Tensor, bins: int | None = None, buckets=False) -> Stat
             whole = chunk
     if count == 0:
         return Stats(None, None, None, None, None, 0, 0, 0, Histogram([], [], True) if bins else None, spread)
-    histogram = _histogram(whole, spread, bins, finite_low, finite_high, bool(nan or inf)) if bins else None
     if nan:
         mean = low = high = math.nan
     std = math.sqrt(m2 / (count - 1)) if count > 1 and not nan else (math.nan if nan and count > 1 else None)
     abs_max = math.nan if nan else max(abs(low), abs(high))
     if not tensor.dtype.floating:  # integer and bool tensors have integer extremes
         low, high, abs_max = int(low), int(high), int(abs_max)
-    stats = Stats(mean, std, low, high, abs_max, zeros, nan, inf, histogram, spread)
+    stats = Stats(mean, std, low, high, abs_max, zeros, nan, inf, None, spread)
+    wanted = bins(stats) if callable(bins) else bins
+    if wanted:
+        stats.histogram = _histogram(whole, spread, wanted, finite_low, finite_high, bool(nan or inf))
     if spread is None and buckets and (buckets is True or buckets(stats)):
         stats.buckets = Buckets()
         stats.buckets.add(whole)

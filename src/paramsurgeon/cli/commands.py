@@ -257,7 +257,8 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     floats = [r.name for r in result.rows if BY_NAME[r.dtype].floating]
     size = sum(checkpoint.tensors[n].nbytes for n in floats) * (3 if other else 1)
     with progress(size, "reading") as advance:
-        stats = health.measure(checkpoint, floats, bins=HISTOGRAM_BINS, progress=advance)
+        stats = health.measure(checkpoint, floats, bins=HISTOGRAM_BINS, drawn=html.drawn(result.rows),
+                               progress=advance)
         changes = drift.relative_changes(checkpoint, other, floats, advance) if other is not None else None
     for row in result.rows:
         row.stats = stats.get(row.name)

@@ -10,6 +10,7 @@ import io
 import math
 
 from ..analysis.inspection import Inspection, Row
+from ..dtypes import BY_NAME
 from ..errors import UsageError
 from ..sizes import human_bytes, plural
 from .render import shape_text, short_number
@@ -44,11 +45,11 @@ def report_page(result: Inspection, findings: list, changes: dict | None, agains
         parts += ["<h2>Along the depth (weight matrices and kernels, in file order)</h2>", _depth_chart(layers)]
     if changes is not None:
         parts += [f"<h2>Relative change against {_e(against)}: ||a - b|| / ||b||</h2>", _change_section(result, changes)]
-    chosen = _histogram_rows(rows, layers, findings)
+    chosen = _histogram_rows(rows, findings)
     if chosen:
         note = "" if len(chosen) == len(rows) else (f"<p class=note>{len(chosen)} of {len(rows)} tensors: those with"
                                                     " findings, then weight matrices and kernels evenly spaced along"
-                                                    " the file, then the others.</p>")
+                                                    " the file, then other parameters.</p>")
         parts += ["<h2>Histograms (between each tensor's min and max)</h2>", note, _histograms(chosen)]
     parts += ["<h2>Every tensor</h2>", _tensor_table(result.rows, changes)]
     body = "\n".join(parts)
@@ -173,18 +174,28 @@ def _change_section(result: Inspection, changes: dict) -> str:
         f"<p class=note>{plural(len(compared), 'tensor')} compared, {unchanged:,} unchanged.</p>"
 
 
-def _histogram_rows(rows: list[Row], layers: list[Row], findings: list) -> list[Row]:
-    """At most MAX_HISTOGRAMS: tensors with findings, then layers evenly spaced, then the others."""
-    flagged = {f.name for f in findings}
-    chosen = [r for r in rows if r.name in flagged][:MAX_HISTOGRAMS]
-    for pool in (layers, rows):
-        rest = [r for r in pool if r not in chosen and r.stats.histogram and r.stats.histogram.counts]
+def drawn(rows: list[Row]) -> set[str]:
+    """The tensors whose histograms the page shows besides those with findings: weight matrices
+    and kernels, then the other floating-point parameters, evenly spaced (known before reading)."""
+    floats = [r for r in rows if BY_NAME[r.dtype].floating and r.role != "buffer" and r.numel]
+    chosen: list[Row] = []
+    for pool in ([r for r in floats if r.role == "weight" and len(r.shape) >= 2], floats):
+        rest = [r for r in pool if r not in chosen]
         room = MAX_HISTOGRAMS - len(chosen)
         if room > 0 and rest:
             step = max(1, len(rest) / room)
             chosen += [rest[int(i * step)] for i in range(min(room, len(rest)))]
-    order = {r.name: i for i, r in enumerate(rows)}
-    return sorted({r.name: r for r in chosen}.values(), key=lambda r: order[r.name])
+    return {r.name for r in chosen}
+
+
+def _histogram_rows(rows: list[Row], findings: list) -> list[Row]:
+    """At most MAX_HISTOGRAMS, in file order: tensors with findings, then those ``drawn`` chose."""
+    flagged = {f.name for f in findings}
+    drawable = [r for r in rows if r.stats.histogram and r.stats.histogram.counts]
+    chosen = [r for r in drawable if r.name in flagged]
+    chosen += [r for r in drawable if r.name not in flagged][:max(0, MAX_HISTOGRAMS - len(chosen))]
+    chosen = chosen[:MAX_HISTOGRAMS]
+    return sorted(chosen, key=rows.index)
 
 
 def _histograms(rows: list[Row]) -> str:
