@@ -142,6 +142,15 @@ def cases(folder: str) -> list[tuple[str, str, list[str], str]]:
     rows += [(group, "paramsurgeon merge (streaming)", tool("merge", *inputs, "-o", "merged.pt"), "merged.pt"),
              (group, "script: torch.load the three, average, save", python(SCRIPT_MERGE, *inputs, "merged.pt"),
               "merged.pt")]
+    reference = "inspect, statistics only (the reference)"
+    for group, label, extra in (("inspect --hist (2 GiB safetensors)", "paramsurgeon inspect --hist", ["--hist"]),
+                                ("check --health (2 GiB safetensors)", "paramsurgeon check --health", [])):
+        command = tool("inspect", "model.safetensors", *extra) if extra else tool("check", "model.safetensors",
+                                                                                  "--health")
+        rows += [(group, reference, tool("inspect", "model.safetensors"), ""), (group, label, command, "")]
+    rows += [("report (2 GiB safetensors)", reference, tool("inspect", "model.safetensors"), ""),
+             ("report (2 GiB safetensors)", "paramsurgeon report", tool("report", "model.safetensors", "-o",
+                                                                        "report.html"), "report.html")]
     for n in MANY:
         group = f"DCP of {n:,} tensors of 64x64 -> torch zip"
         rows += [(group, "paramsurgeon convert", tool("convert", f"dcp-{n}", "-o", "many.pt"), "many.pt"),
@@ -157,6 +166,9 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
     "inspect with statistics (safetensors)": ("script: load, then torch reductions", 1.0, 400 * MiB),
     "inspect with statistics (torch zip)": ("script: load, then torch reductions", 1.0, 400 * MiB),
     "merge three 2 GiB checkpoints (linear)": ("script: torch.load the three, average, save", None, 320 * MiB),
+    "inspect --hist (2 GiB safetensors)": ("inspect, statistics only (the reference)", 1.2, 400 * MiB),
+    "check --health (2 GiB safetensors)": ("inspect, statistics only (the reference)", 1.2, 400 * MiB),
+    "report (2 GiB safetensors)": ("inspect, statistics only (the reference)", 2.0, 512 * MiB),
 }  # merge: 256 MiB plus a few 16 MiB tensors; no limit on time
 # DCP has no target yet; measured and shown.
 
@@ -191,7 +203,8 @@ def table(results: list[dict], runs: int) -> str:
         if r["group"] in TARGETS and r["label"].startswith("paramsurgeon"):
             base_label, limit, memory = TARGETS[r["group"]]
             base = by_label[(r["group"], base_label)]
-            ratio = f"{r['wall'] / base['wall']:.2f}x {'cp' if base_label.startswith('cp') else 'script'}"
+            against = "cp" if base_label.startswith("cp") else ("inspect" if "reference" in base_label else "script")
+            ratio = f"{r['wall'] / base['wall']:.2f}x {against}"
             target = (f"<= {limit}x, " if limit else "") + f"<= {memory // MiB} MiB"
             met = "yes" if (limit is None or r["wall"] <= limit * base["wall"]) and r["anon"] <= memory else "no"
         elif r["group"] == "header only":

@@ -44,8 +44,9 @@ class Inspection:
 
 
 def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashes: bool = False,
-            tree: bool = False, progress: Callable[[int], None] | None = None) -> Inspection:
-    """Inspect the tensors ``names`` of ``ckpt`` (stats and hashes read every value once)."""
+            tree: bool = False, progress: Callable[[int], None] | None = None, bins: int | None = None) -> Inspection:
+    """Inspect the tensors ``names`` of ``ckpt`` (stats and hashes read every value once; ``bins``:
+    a histogram of that many bins from the same pass)."""
     tensors = ckpt.tensors
     kinds = infer_kinds(tensors)
     ties = ckpt.ties()
@@ -56,7 +57,7 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
         row = Row(name, tensor.shape, tensor.dtype.name, tensor.numel, tensor.nbytes, kind.layer, kind.role,
                   tensor.storage.location, tied_with.get(name, []))
         if stats:
-            row.stats = tensor_stats(tensor)
+            row.stats = tensor_stats(tensor, bins=bins)
         if hashes:
             row.sha256 = sha256(tensor)
         if progress is not None:

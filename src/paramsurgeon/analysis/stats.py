@@ -4,16 +4,32 @@ Values are read in chunks (tensors.chunks) straight from the memory-mapped
 file; means and variances of the chunks are merged exactly (Chan et al.), so memory
 does not grow with the tensor beyond one chunk of scratch space. Results follow torch's own reductions: ``std`` is the
 sample standard deviation, and a NaN anywhere makes mean, std, min and max NaN.
+
+The same pass can count values into bfloat16-wide buckets (buckets.py: quantiles of |x|,
+distances to an initialisation) and draw a histogram between min and max: exact (the
+bins numpy.histogram draws over float32 edges) when the tensor is one chunk, from the
+buckets when it is longer (a value within 1/128 of its magnitude of an edge may be
+counted in the next bin). Nothing is read twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 from ..checkpoint import Tensor
 from ..checkpoint.tensor import blocks
+
+@dataclass
+class Histogram:
+    """``len(counts)`` bins between ``edges``; the last bin holds its upper edge. NaN is not
+    counted; an infinity is counted in the first or last bin."""
+
+    edges: list[float]
+    counts: list[int]
+    exact: bool
+
 
 @dataclass
 class Stats:
@@ -27,22 +43,37 @@ class Stats:
     zeros: int
     nan: int
     inf: int
+    histogram: Histogram | None = field(default=None, repr=False)
+    buckets: object | None = field(default=None, repr=False)  # buckets.Buckets or Sorted, when asked for
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The statistics inspect --json prints (not the histogram nor the buckets)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("histogram", "buckets")}
 
 
-def tensor_stats(tensor: Tensor) -> Stats | None:
-    """Statistics of ``tensor``'s values; None for complex tensors."""
+def tensor_stats(tensor: Tensor, bins=None, buckets=False) -> Stats | None:
+    """Statistics of ``tensor``'s values; None for complex tensors. ``bins``: also a histogram
+    of that many bins (or a function of the statistics giving that number, or None for none);
+    ``buckets``: also the spread of the values (Stats.buckets), True or a
+    function of the statistics saying whether it is needed. A tensor of one chunk is still in
+    memory when its statistics are known: its spread is counted only if needed; a longer one's
+    always is (it cannot be known before the end)."""
     if tensor.dtype.complex:
         return None
     import torch
 
-    from ..checkpoint.values import chunks, to_torch
+    from ..checkpoint.values import CHUNK, chunks, to_torch
+    from .buckets import SHORT, Buckets, Sorted
 
     values = to_torch(tensor)
+    single = values.numel() <= CHUNK
+    spread = Buckets() if (buckets or bins) and not single else None
+    if buckets and values.numel() <= SHORT:
+        spread = Sorted()
+    whole = None  # the one chunk of a short tensor, for an exact histogram or a spread counted afterwards
     count, mean, m2 = 0, 0.0, 0.0
     low, high = math.inf, -math.inf
+    finite_low, finite_high = math.inf, -math.inf  # the histogram's range
     zeros = nan = inf = 0
     scratch = None
     for (chunk,) in chunks(values):
@@ -65,20 +96,55 @@ def tensor_stats(tensor: Tensor) -> Stats | None:
         m2 += var * n + delta * delta * count * n / total
         count = total
         low, high = _nan_min(low, float(chunk_low)), _nan_max(high, float(chunk_high))
+        chunk_range = float(chunk_low), float(chunk_high)
         zeros += n - int(torch.count_nonzero(chunk))
         if not (math.isfinite(chunk_mean) and math.isfinite(var) and math.isfinite(float(chunk_low))
                 and math.isfinite(float(chunk_high))):
             nan += int(torch.isnan(chunk).sum())
             inf += int(torch.isinf(chunk).sum())
+            finite = chunk[torch.isfinite(chunk)]
+            chunk_range = tuple(map(float, torch.aminmax(finite))) if finite.numel() else (math.inf, -math.inf)
+        finite_low, finite_high = min(finite_low, chunk_range[0]), max(finite_high, chunk_range[1])
+        if spread is not None:
+            spread.add(chunk)
+        if single:
+            whole = chunk
     if count == 0:
-        return Stats(None, None, None, None, None, 0, 0, 0)
+        return Stats(None, None, None, None, None, 0, 0, 0, Histogram([], [], True) if bins else None, spread)
     if nan:
         mean = low = high = math.nan
     std = math.sqrt(m2 / (count - 1)) if count > 1 and not nan else (math.nan if nan and count > 1 else None)
     abs_max = math.nan if nan else max(abs(low), abs(high))
     if not tensor.dtype.floating:  # integer and bool tensors have integer extremes
         low, high, abs_max = int(low), int(high), int(abs_max)
-    return Stats(mean, std, low, high, abs_max, zeros, nan, inf)
+    stats = Stats(mean, std, low, high, abs_max, zeros, nan, inf, None, spread)
+    wanted = bins(stats) if callable(bins) else bins
+    if wanted:
+        stats.histogram = _histogram(whole, spread, wanted, finite_low, finite_high, bool(nan or inf))
+    if spread is None and buckets and (buckets is True or buckets(stats)):
+        stats.buckets = Buckets()
+        stats.buckets.add(whole)
+    return stats
+
+
+def _histogram(whole, spread, bins: int, low: float, high: float, nonfinite: bool) -> Histogram:
+    """``bins`` bins over [low, high], the range of the finite values (numpy's rule when low == high)."""
+    import torch
+
+    if low > high:  # no finite value
+        low = high = 0.0
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    if whole is None:
+        edges = torch.linspace(low, high, bins + 1, dtype=torch.float64).tolist()
+        return Histogram(edges, spread.histogram(bins, low, high), False)
+    finite = whole[torch.isfinite(whole)] if nonfinite else whole
+    counts, edges = torch.histogram(finite, bins=bins, range=(low, high))
+    counts = counts.long()
+    if nonfinite:  # infinities at the ends, as Histogram says
+        counts[0] += int(torch.isneginf(whole).sum())
+        counts[-1] += int(torch.isposinf(whole).sum())
+    return Histogram(edges.double().tolist(), counts.tolist(), True)
 
 
 def _nan_min(a: float, b: float) -> float:

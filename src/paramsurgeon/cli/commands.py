@@ -5,12 +5,13 @@ the library is imported when the command runs, so --help starts fast.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import typer
 
 from .. import declare
-from ..declare import option
+from ..declare import REQUIRED, option
 from ..errors import UsageError
 from ..selection import Selection
 from .console import (color_on_stdout, emit, note, open_checkpoint, output_target, progress, selected_names,
@@ -24,11 +25,19 @@ class InspectOptions:
     tree: bool = option(False, "--tree", help="Parameter counts per module instead of per tensor.")
     depth: int | None = option(None, "--depth", minimum=0, help="With --tree: levels to show.")
     hash: bool = option(False, "--hash", help="Add the sha256 of each tensor's values.")
+    hist: bool = option(False, "--hist", help="Add a histogram of each tensor's values (a sparkline; --json: edges"
+                                              " and counts).")
+    bins: int | None = option(None, "--bins", metavar="N", minimum=1, help="With --hist: bins between min and max"
+                                                                           " (default 32).")
 
     def __post_init__(self) -> None:
         declare.check(self, "inspect")
         if self.depth is not None and not self.tree:
             raise UsageError(f"--depth {self.depth} limits the levels of --tree; pass --tree --depth {self.depth}")
+        if self.bins is not None and not self.hist:
+            raise UsageError(f"--bins {self.bins} sets the bins of --hist; pass --hist --bins {self.bins}")
+        if self.hist and (self.no_stats or self.tree):
+            raise UsageError("--hist reads the values; it does not go with --no-stats or --tree")
 
 
 def inspect(given: Input, options: InspectOptions, output: Json, read: Read, select: Selection) -> None:
@@ -43,7 +52,8 @@ def inspect(given: Input, options: InspectOptions, output: Json, read: Read, sel
     tensors = checkpoint.tensors
     with progress(sum(tensors[n].nbytes for n in names) if reads_data else 0, "reading") as advance:
         result = inspect_checkpoint(checkpoint, names, stats=stats, hashes=options.hash, tree=options.tree,
-                                    progress=advance if reads_data else None)
+                                    progress=advance if reads_data else None,
+                                    bins=(options.bins or 32) if options.hist else None)
     if output.json:
         emit(render.to_json(render.inspection_document(result)), )
     elif options.tree:
@@ -98,6 +108,8 @@ class CheckOptions:
     expect_file: str | None = option(None, "--expect-file", metavar="FILE",
                                      help="Expected tensors, one 'NAME [SHAPE] [DTYPE]' per line.")
     dtype: str | None = option(None, "--dtype", metavar="D", help="Every floating-point tensor is of dtype D.")
+    health: bool = option(False, "--health", help="Diagnose the float parameters: dead, constant, spike, exploding,"
+                                                  " untrained (README: the rules and their thresholds).")
 
 
 def check(given: Input, options: CheckOptions, output: Json, read: Read, select: Selection) -> None:
@@ -106,6 +118,7 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
     A sharded checkpoint is also checked for agreement between its index and its shards.
     """
     from .. import formats
+    from ..analysis import health
     from ..analysis.checks import RuleResult, parse_expectations, run_rules, validate_dtype
 
     dtype = validate_dtype(options.dtype)
@@ -127,18 +140,40 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
     checkpoint = open_checkpoint(given.ckpt, read)
     names = selected_names(checkpoint, select)
     other = open_checkpoint(options.like, read) if options.like is not None else None
-    default = not (options.finite or options.max_abs is not None or other or expectations or dtype)
-    with progress(sum(checkpoint.tensors[n].nbytes for n in names), "checking") as advance:
+    default = not (options.finite or options.max_abs is not None or other or expectations or dtype or options.health)
+    values = options.finite or default or options.max_abs is not None
+    diagnosed = health.checked_names(checkpoint, names) if options.health else []
+    size = sum(checkpoint.tensors[n].nbytes for n in names) * values + sum(checkpoint.tensors[n].nbytes
+                                                                           for n in diagnosed)
+    with progress(size, "checking") as advance:
         rules += run_rules(checkpoint, names, finite=options.finite or default, max_abs=options.max_abs, like=other,
                            expect=expectations, dtype=dtype, progress=advance)
-    _report_check(checkpoint.source, rules, output.json)
+        findings = health.diagnose(checkpoint, health.measure(checkpoint, diagnosed, progress=advance)) \
+            if options.health else None
+    if findings is not None:
+        rules += health_rules(findings)
+    _report_check(checkpoint.source, rules, output.json, findings)
 
 
-def _report_check(source: str, rules: list, json: bool) -> None:
-    from ..report import render
+def health_rules(findings: list) -> list:
+    """The failing health rules as check rules (the warnings are reported beside them)."""
+    from ..analysis.checks import RuleResult
+    from ..analysis.health import FAILING
 
-    emit(render.to_json(render.check_document(source, rules))) if json \
-        else emit(render.check_text(source, rules))
+    rules = [RuleResult(f"health {rule}") for rule in FAILING]
+    for finding in findings:
+        if finding.fails:
+            rules[FAILING.index(finding.rule)].add(finding.name, finding.message)
+    return rules
+
+
+def _report_check(source: str, rules: list, json: bool, findings: list | None = None) -> None:
+    from ..report import diagnosis, render
+
+    if json:
+        emit(render.to_json(diagnosis.with_findings(render.check_document(source, rules), findings)))
+    else:
+        emit(render.check_text(source, rules) + diagnosis.warning_text(findings))
     raise typer.Exit(0 if all(rule.ok for rule in rules) else 1)
 
 
@@ -193,10 +228,61 @@ def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
     note(f"wrote {where} ({layout}, {write_checkpoint(checkpoint, target, write)})")
 
 
+@dataclass(kw_only=True)
+class ReportOptions:
+    output: str = option(REQUIRED, "-o", "--output", metavar="PATH", help="The HTML file to write ('-': standard"
+                                                                           " output).")
+    against: str | None = option(None, "--against", metavar="OTHER", help="Also show how far each tensor moved"
+                                                                          " from OTHER: ||a - b|| / ||b||.")
+
+
+def report(given: Input, options: ReportOptions, read: Read, select: Selection) -> None:
+    """Write one self-contained HTML page: statistics along the depth, health findings, histograms.
+
+    The page loads nothing from the network; with --against, each tensor's relative change
+    shows which layers fine-tuning moved. Needs matplotlib (pip install 'paramsurgeon[report]').
+    """
+    from ..analysis import drift, health
+    from ..analysis.inspection import inspect as inspect_checkpoint
+    from ..dtypes import BY_NAME
+    from ..formats.atomic import atomic_file
+    from ..report import html
+    from ..sizes import human_bytes, plural
+
+    html.require_matplotlib()
+    checkpoint = open_checkpoint(given.ckpt, read)
+    names = selected_names(checkpoint, select)
+    other = open_checkpoint(options.against, read) if options.against is not None else None
+    result = inspect_checkpoint(checkpoint, names, stats=False)
+    floats = [r.name for r in result.rows if BY_NAME[r.dtype].floating]
+    size = sum(checkpoint.tensors[n].nbytes for n in floats) * (3 if other else 1)
+    with progress(size, "reading") as advance:
+        stats = health.measure(checkpoint, floats, bins=HISTOGRAM_BINS, drawn=html.drawn(result.rows),
+                               progress=advance)
+        changes = drift.relative_changes(checkpoint, other, floats, advance) if other is not None else None
+    for row in result.rows:
+        row.stats = stats.get(row.name)
+    result.stats = True
+    findings = health.diagnose(checkpoint, {n: stats[n] for n in health.checked_names(checkpoint, floats)})
+    page = html.report_page(result, findings, changes, other.source if other else None).encode()
+    if options.output == "-":
+        sys.stdout.buffer.write(page)
+        sys.stdout.flush()
+        return
+    with atomic_file(options.output) as sink:
+        sink.write(page)
+    note(f"wrote {options.output} ({human_bytes(len(page))}: {plural(len(result.rows), 'tensor')},"
+         f" {plural(len(findings), 'finding')})")
+
+
+HISTOGRAM_BINS = 32
+
+
 EXAMPLES = {
     inspect: "paramsurgeon inspect samples/resnet.pt -p 'layer1.*'",
     diff: "paramsurgeon diff before.pt after.safetensors --atol 1e-6",
     check: "paramsurgeon check model.safetensors --finite --max-abs 100 --like reference.pt",
     groups: "paramsurgeon groups model.pt --json > groups.json",
     convert: "paramsurgeon convert samples/resnet.pt -o resnet.safetensors",
+    report: "paramsurgeon report tuned.pt --against base.pt -o report.html",
 }

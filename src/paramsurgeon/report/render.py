@@ -15,6 +15,7 @@ from ..dtypes import BY_NAME
 from ..analysis.inspection import Inspection, Row
 from .tables import Column, render
 from ..sizes import human_bytes, plural
+from .diagnosis import histogram_document, sparkline
 from .escape import printable
 
 SCHEMA_VERSION = 1
@@ -53,6 +54,8 @@ def inspection_document(result: Inspection) -> dict:
                  "stats": {k: number(v) for k, v in row.stats.as_dict().items()} if row.stats else None}
         if row.sha256 is not None:
             entry["sha256"] = row.sha256
+        if row.stats and row.stats.histogram is not None:
+            entry["histogram"] = histogram_document(row.stats.histogram)
         tensors.append(entry)
     document = {"schema_version": SCHEMA_VERSION, "command": "inspect", "source": result.source,
                 "format": result.format, "key": result.key, "tensors": tensors, "ties": result.ties,
@@ -101,6 +104,9 @@ def _columns(result: Inspection) -> list[tuple[Column, callable]]:
         cols.append((Column("zeros", True),
                      lambda r: f"{100 * r.stats.zeros / r.numel:.1f}%" if r.stats and r.numel else "-"))
         cols.append((Column("|max|", True), lambda r: short_number(r.stats.abs_max) if r.stats else "-"))
+        if any(r.stats and r.stats.histogram for r in result.rows):
+            cols.append((Column("histogram"), lambda r: sparkline(r.stats.histogram.counts)
+                         if r.stats and r.stats.histogram else ""))
     if any(r.sha256 for r in result.rows):
         cols.insert(4, (Column("sha256"), lambda r: r.sha256 or ""))
     cols.append((Column("numel", True), lambda r: f"{r.numel:,}"))

@@ -1,0 +1,235 @@
+"""The ``report`` page: one self-contained HTML file (inline SVG drawn by matplotlib, inline
+CSS, no script, nothing fetched when opened) with the statistics along the network's depth,
+the health findings, per-tensor histograms and, against another checkpoint, how far each
+tensor moved."""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+
+from ..analysis.inspection import Inspection, Row
+from ..dtypes import BY_NAME
+from ..errors import UsageError
+from ..sizes import human_bytes, plural
+from .render import shape_text, short_number
+
+MAX_HISTOGRAMS = 48  # small multiples: tensors with findings first, then spread along the depth
+_STYLE = """body{font:14px system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;background:#fff}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:12px}td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #eee}
+td.n{text-align:right;font-variant-numeric:tabular-nums}.fail{color:#b00020;font-weight:600}.warning{color:#a05a00}
+svg{max-width:100%;height:auto}.note{color:#555}"""
+_COLORS = {"conv": "#1f77b4", "linear": "#ff7f0e", "embedding": "#2ca02c", "batchnorm": "#d62728",
+           "layernorm": "#9467bd", "groupnorm": "#8c564b", "rmsnorm": "#e377c2", "norm": "#7f7f7f", "prelu": "#bcbd22",
+           "rnn": "#17becf", "unknown": "#555555"}
+
+
+def require_matplotlib() -> None:
+    """Refuse early, with the fix, when the plotting library is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("report draws its charts with matplotlib, which is not installed; install it with"
+                         " pip install 'paramsurgeon[report]' (or pip install matplotlib)") from None
+
+
+def report_page(result: Inspection, findings: list, changes: dict | None, against: str | None) -> str:
+    """The whole page as text; ``result.rows`` carry stats with histograms (floating tensors)."""
+    rows = [r for r in result.rows if r.stats is not None and r.numel and _finite(r)]
+    layers = [r for r in rows if r.role == "weight" and len(r.shape) >= 2] or [r for r in rows if r.role != "buffer"]
+    parts = [f"<h1>{_e(result.source)}</h1>", _summary(result, findings, against)]
+    parts += ["<h2>Health</h2>", _findings_table(findings)]
+    if layers:
+        parts += ["<h2>Along the depth (weight matrices and kernels, in file order)</h2>", _depth_chart(layers)]
+    if changes is not None:
+        parts += [f"<h2>Relative change against {_e(against)}: ||a - b|| / ||b||</h2>", _change_section(result, changes)]
+    chosen = _histogram_rows(rows, findings)
+    if chosen:
+        note = "" if len(chosen) == len(rows) else (f"<p class=note>{len(chosen)} of {len(rows)} tensors: those with"
+                                                    " findings, then weight matrices and kernels evenly spaced along"
+                                                    " the file, then other parameters.</p>")
+        parts += ["<h2>Histograms (between each tensor's min and max)</h2>", note, _histograms(chosen)]
+    parts += ["<h2>Every tensor</h2>", _tensor_table(result.rows, changes)]
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>paramsurgeon report:"
+            f" {_e(result.source)}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def _e(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _finite(row: Row) -> bool:
+    return not (row.stats.nan or row.stats.inf)
+
+
+def _summary(result: Inspection, findings: list, against: str | None) -> str:
+    totals = result.totals
+    failing = sum(f.fails for f in findings)
+    verdict = (f"<span class=fail>{plural(failing, 'failing finding')}</span>" if failing else "no failing finding") + \
+        f", {plural(len(findings) - failing, 'warning')}"
+    compared = f"; compared with {_e(against)}" if against else ""
+    return (f"<p>{_e(result.format)}, {plural(totals['tensors'], 'tensor')}, {plural(totals['parameters'], 'parameter')}"
+            f", {human_bytes(totals['bytes'])}; health: {verdict}{compared}.</p>")
+
+
+def _findings_table(findings: list) -> str:
+    if not findings:
+        return "<p>No rule is broken (dead, constant, spike, exploding, untrained, nonfinite).</p>"
+    lines = ["<table><tr><th>rule</th><th>severity</th><th>tensor</th><th>value</th><th>threshold</th><th>finding</th>"
+             "</tr>"]
+    for f in findings:
+        severity = "fail" if f.fails else "warning"
+        lines.append(f"<tr><td class={severity}>{f.rule}</td><td class={severity}>{severity}</td><td>{_e(f.name)}</td>"
+                     f"<td class=n>{_e(short_number(f.value))}</td><td class=n>{_e(short_number(f.threshold))}</td>"
+                     f"<td>{_e(f.message)}</td></tr>")
+    return "\n".join(lines) + "</table>"
+
+
+def _svg(figure) -> str:
+    """The figure as inline SVG (text as text, fixed ids, no metadata)."""
+    import matplotlib
+
+    out = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "paramsurgeon"}):
+        figure.savefig(out, format="svg", metadata={"Date": None, "Creator": None, "Type": None, "Format": None})
+    text = out.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _figure(width: float, height: float, **margins):
+    """A figure with fixed margins (a layout engine would measure every label: seconds per page)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    figure.subplots_adjust(**margins)
+    return figure
+
+
+def _depth_ticks(ax, names: list[str]) -> None:
+    step = max(1, math.ceil(len(names) / 24))
+    ax.set_xticks(range(0, len(names), step), [names[i] for i in range(0, len(names), step)], rotation=90,
+                  fontsize=6)
+
+
+def _depth_chart(layers: list[Row]) -> str:
+    label = _label_inches(layers)
+    figure = _figure(11, 6 + label, left=0.08, right=0.99, top=0.98, bottom=label / (6 + label), hspace=0.08)
+    axes = figure.subplots(3, 1, sharex=True)
+    colors = [_COLORS.get(r.kind, "#555555") for r in layers]
+    series = [("std", [r.stats.std or 0.0 for r in layers]), ("max |x|", [r.stats.abs_max for r in layers]),
+              ("L2 norm", [_norm(r) for r in layers])]
+    for ax, (label, values) in zip(axes, series):
+        ax.plot(range(len(layers)), values, color="#bbbbbb", linewidth=0.8, zorder=1)
+        ax.scatter(range(len(layers)), values, c=colors, s=10, zorder=2)
+        ax.set_ylabel(label)
+        if any(v > 0 for v in values):
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    kinds = list(dict.fromkeys(r.kind for r in layers))
+    axes[0].legend(handles=[_marker(k) for k in kinds], loc="upper right", fontsize=7, ncols=min(len(kinds), 6))
+    _depth_ticks(axes[-1], [r.name for r in layers])
+    return _svg(figure)
+
+
+def _label_inches(rows: list) -> float:
+    """Room for the names under a chart (written upright, 6 pt)."""
+    longest = max(len(r if isinstance(r, str) else r.name) for r in rows)
+    return min(3.0, 0.25 + 0.055 * longest)
+
+
+def _marker(kind: str):
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], marker="o", linestyle="", color=_COLORS.get(kind, "#555555"), label=kind)
+
+
+def _norm(row: Row) -> float:
+    """sqrt(sum x^2) from the mean and the sample variance."""
+    s = row.stats
+    return math.sqrt(max(0.0, (row.numel - 1) * (s.std or 0.0) ** 2 + row.numel * s.mean ** 2))
+
+
+def _change_section(result: Inspection, changes: dict) -> str:
+    compared = [(r.name, changes[r.name]) for r in result.rows if changes.get(r.name) is not None]
+    if not compared:
+        return "<p>No tensor has the same name, shape and a floating dtype in both checkpoints.</p>"
+    label = _label_inches([n for n, _ in compared])
+    figure = _figure(11, 2.5 + label, left=0.08, right=0.99, top=0.97, bottom=label / (2.5 + label))
+    ax = figure.subplots()
+    values = [v if math.isfinite(v) and v > 0 else float("nan") for _, v in compared]  # log scale: 0 not drawn
+    ax.vlines(range(len(compared)), min((v for v in values if v == v), default=1.0) / 2, values, color="#1f77b4",
+              linewidth=max(0.5, min(8.0, 600 / len(compared))))  # one collection, however many tensors
+    ax.set_yscale("log")
+    ax.set_ylabel("||a - b|| / ||b||")
+    ax.grid(True, axis="y", alpha=0.3)
+    _depth_ticks(ax, [n for n, _ in compared])
+    ranked = sorted([item for item in compared if item[1] != 0], key=lambda item: -item[1])[:20]
+    table = ["<table><tr><th>most moved</th><th>relative change</th></tr>"]
+    table += [f"<tr><td>{_e(n)}</td><td class=n>{_e(short_number(v))}</td></tr>" for n, v in ranked]
+    unchanged = sum(v == 0 for _, v in compared)
+    return _svg(figure) + "\n" + "\n".join(table) + "</table>" + \
+        f"<p class=note>{plural(len(compared), 'tensor')} compared, {unchanged:,} unchanged.</p>"
+
+
+def drawn(rows: list[Row]) -> set[str]:
+    """The tensors whose histograms the page shows besides those with findings: weight matrices
+    and kernels, then the other floating-point parameters, evenly spaced (known before reading)."""
+    floats = [r for r in rows if BY_NAME[r.dtype].floating and r.role != "buffer" and r.numel]
+    chosen: list[Row] = []
+    for pool in ([r for r in floats if r.role == "weight" and len(r.shape) >= 2], floats):
+        rest = [r for r in pool if r not in chosen]
+        room = MAX_HISTOGRAMS - len(chosen)
+        if room > 0 and rest:
+            step = max(1, len(rest) / room)
+            chosen += [rest[int(i * step)] for i in range(min(room, len(rest)))]
+    return {r.name for r in chosen}
+
+
+def _histogram_rows(rows: list[Row], findings: list) -> list[Row]:
+    """At most MAX_HISTOGRAMS, in file order: tensors with findings, then those ``drawn`` chose."""
+    flagged = {f.name for f in findings}
+    drawable = [r for r in rows if r.stats.histogram and r.stats.histogram.counts]
+    chosen = [r for r in drawable if r.name in flagged]
+    chosen += [r for r in drawable if r.name not in flagged][:max(0, MAX_HISTOGRAMS - len(chosen))]
+    chosen = chosen[:MAX_HISTOGRAMS]
+    return sorted(chosen, key=rows.index)
+
+
+def _histograms(rows: list[Row]) -> str:
+    columns = 4
+    lines = math.ceil(len(rows) / columns)
+    figure = _figure(11, 1.3 * lines, left=0.01, right=0.99, top=1 - 0.3 / lines / 1.3, bottom=0.02, hspace=0.6,
+                     wspace=0.05)
+    axes = figure.subplots(lines, columns, squeeze=False).flatten()
+    for ax, row in zip(axes, rows):
+        histogram = row.stats.histogram
+        ax.stairs(histogram.counts, histogram.edges, fill=True, color=_COLORS.get(row.kind, "#555555"))
+        ax.set_title(f"{_shorten(row.name, 44)}\n[{short_number(histogram.edges[0])},"
+                     f" {short_number(histogram.edges[-1])}]", fontsize=7)
+        ax.set_xticks([])  # the range is in the title: ticks cost a layout each
+        ax.set_yticks([])
+    for ax in axes[len(rows):]:
+        ax.set_visible(False)
+    return _svg(figure)
+
+
+def _shorten(name: str, width: int) -> str:
+    return name if len(name) <= width else name[:width // 2 - 1] + "…" + name[-(width // 2 - 1):]
+
+
+def _tensor_table(rows: list[Row], changes: dict | None) -> str:
+    head = ["name", "kind", "shape", "dtype", "mean", "std", "max |x|", "zeros"] + (["change"] if changes else [])
+    lines = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    for r in rows:
+        s = r.stats
+        cells = [_e(r.name), r.kind, shape_text(r.shape), r.dtype]
+        numbers = [s.mean, s.std, s.abs_max] if s else [None] * 3
+        cells += [f"<td class=n>{_e(short_number(v))}</td>" for v in numbers]
+        cells.append(f"<td class=n>{100 * s.zeros / r.numel:.1f}%</td>" if s and r.numel else "<td></td>")
+        if changes:
+            cells.append(f"<td class=n>{_e(short_number(changes.get(r.name)))}</td>")
+        lines.append("<tr>" + "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in cells) + "</tr>")
+    return "\n".join(lines) + "</table>"

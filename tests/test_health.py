@@ -1,0 +1,224 @@
+"""check --health: checkpoints damaged on purpose (a zeroed layer, a spiked weight, an exploded
+variance, a constant, NaN), each finding and its value computed again with torch; the thresholds at
+their boundaries; buffers left alone; and the untrained rule on real modules, fresh and trained."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import json_of, register_input, run, validate
+
+from paramsurgeon.analysis import health
+from paramsurgeon.analysis.stats import tensor_stats
+from paramsurgeon.checkpoint.values import from_torch
+
+
+class Net(nn.Module):
+    """Three convs, a BatchNorm, a LayerNorm, two Linears: enough of each kind to have a median."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.norm = nn.LayerNorm(32)
+        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 10)
+
+
+def looks_trained(seed=0) -> dict:
+    """Net's tensors with values no init gives: normal with std 0.05 (beyond the uniform bound, not 0.02)."""
+    torch.manual_seed(seed)
+    state = Net().state_dict()
+    for name, value in state.items():
+        if value.is_floating_point() and "running" not in name:
+            state[name] = torch.randn(value.shape) * 0.05 + (1.0 if name.startswith("norm.weight") else 0.0)
+    state["bn.running_mean"] = torch.zeros(8)  # a buffer: zeros here are not a dead layer
+    return state
+
+
+def saved(request, path, state):
+    torch.save(state, path)
+    return register_input(request, path)
+
+
+def findings_of(path, code):
+    document = json_of("check", path, "--health", schema="check", code=code)
+    return document, {(f["rule"], f["name"]): f for f in document["findings"]}
+
+
+def test_a_healthy_checkpoint_passes(tmp_path, request):
+    path = saved(request, tmp_path / "ok.pt", looks_trained())
+    document, findings = findings_of(path, 0)
+    assert findings == {} and document["ok"]
+
+
+def test_damaged_checkpoint(tmp_path, request):
+    state = looks_trained()
+    state["conv2.weight"] = torch.zeros_like(state["conv2.weight"])  # dead
+    spiked = state["fc1.weight"].clone()
+    spiked[3, 4] = 50.0  # spike
+    state["fc1.weight"] = spiked
+    state["conv3.weight"] = state["conv3.weight"] * 5  # exploding: 25x the variance
+    state["norm.weight"] = torch.full((32,), 0.5)  # constant
+    broken = state["fc2.bias"].clone()
+    broken[1] = float("nan")
+    state["fc2.bias"] = broken  # nonfinite
+    path = saved(request, tmp_path / "damaged.pt", state)
+    document, findings = findings_of(path, 1)
+    assert set(findings) == {("dead", "conv2.weight"), ("spike", "fc1.weight"), ("exploding", "conv3.weight"),
+                             ("constant", "norm.weight"), ("nonfinite", "fc2.bias")}
+    assert findings[("dead", "conv2.weight")]["value"] == 1.0
+    p99 = torch.quantile(spiked.abs().flatten().double(), 0.99, interpolation="lower")
+    assert findings[("spike", "fc1.weight")]["value"] == pytest.approx(50.0 / float(p99), rel=1e-9)
+    variances = [float(state[f"conv{i}.weight"].double().var()) for i in (1, 2, 3)]
+    ratio = variances[2] / sorted(variances)[1]
+    assert findings[("exploding", "conv3.weight")]["value"] == pytest.approx(ratio, rel=1e-6)
+    assert {f["severity"] for f in document["findings"] if f["rule"] in ("constant", "exploding")} == {"warning"}
+    failed = {r["rule"]: [v["name"] for v in r["violations"]] for r in document["rules"] if not r["ok"]}
+    assert failed == {"health nonfinite": ["fc2.bias"], "health dead": ["conv2.weight"],
+                      "health spike": ["fc1.weight"]}
+    text = run("check", path, "--health")
+    assert text.exit_code == 1
+    assert "FAIL health dead: 1 violation" in text.stdout
+    assert "exploding: conv3.weight variance" in text.stdout and "constant: norm.weight every value is 0.5" in text.stdout
+
+
+def test_warnings_alone_pass(tmp_path, request):
+    state = looks_trained()
+    state["norm.weight"] = torch.ones(32)
+    path = saved(request, tmp_path / "warn.pt", state)
+    document, findings = findings_of(path, 0)
+    assert set(findings) == {("constant", "norm.weight")}
+
+
+@pytest.mark.parametrize("nonzero, dead", [(1, True), (2, False)])
+def test_dead_threshold(nonzero, dead):
+    """>= 99.99% exact zeros: 1 value in 10,000 is dead, 2 are not."""
+    values = torch.zeros(100, 100)
+    values.view(-1)[:nonzero] = 0.3
+    assert (_rules({"fc.weight": values}) == {"dead"}) is dead
+
+
+@pytest.mark.parametrize("peak, spike", [(101.0, True), (99.0, False)])
+def test_spike_threshold(peak, spike):
+    """max |x| / p99 of |x| >= 100: 999 values of magnitude 1 and one peak."""
+    values = torch.ones(1000) * torch.tensor([1.0, -1.0]).repeat(500)
+    values[17] = peak
+    assert ("spike" in _rules({"fc.weight": values.reshape(10, 100)})) is spike
+
+
+def _rules(state: dict) -> set[str]:
+    from paramsurgeon.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(source="test", format="torch", root={n: from_torch(v) for n, v in state.items()})
+    measured = health.measure(ckpt, health.checked_names(ckpt, list(state)))
+    return {f.rule for f in health.diagnose(ckpt, measured)}
+
+
+# ---- untrained, on real modules -------------------------------------------------------------
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 12, 3, padding=1),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 4))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def trained(seed: int, steps: int = 300) -> Small:
+    """A few hundred SGD steps on a small synthetic task: which quadrant of an 8x8 image is brightest."""
+    torch.manual_seed(seed)
+    model = Small()
+    images = torch.randn(512, 1, 8, 8)
+    quadrants = torch.stack([images[:, 0, :4, :4], images[:, 0, :4, 4:], images[:, 0, 4:, :4], images[:, 0, 4:, 4:]], 1)
+    labels = quadrants.mean((2, 3)).argmax(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        batch = torch.randint(0, 512, (64,))
+        loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        accuracy = (model(images).argmax(1) == labels).float().mean()
+    assert accuracy > 0.6, "the task was learnt"
+    return model
+
+
+def untrained_names(model: nn.Module, tmp_path, request) -> list[str]:
+    path = saved(request, tmp_path / "model.pt", model.state_dict())
+    result = run("check", path, "--health", "--json")
+    document = validate(json.loads(result.stdout), "check")
+    assert result.exit_code == (1 if any(f["severity"] == "fail" for f in document["findings"]) else 0)
+    return sorted(f["name"] for f in document["findings"] if f["rule"] == "untrained")
+
+
+WEIGHTS = ["features.0.weight", "features.2.weight", "head.0.weight", "head.2.weight"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fresh_layers_are_untrained(seed, tmp_path, request):
+    torch.manual_seed(seed)
+    assert untrained_names(Small(), tmp_path, request) == sorted(WEIGHTS)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_trained_layers_are_not(seed, tmp_path, request):
+    assert untrained_names(trained(seed), tmp_path, request) == []
+
+
+def test_a_layer_left_fresh_in_a_trained_model(tmp_path, request):
+    """The failure this rule is for: a partial load left one layer at its init."""
+    model = trained(0)
+    torch.manual_seed(9)
+    model.head[2].reset_parameters()
+    assert untrained_names(model, tmp_path, request) == ["head.2.weight"]
+
+
+def test_normal_002_init_is_untrained(tmp_path, request):
+    torch.manual_seed(0)
+    model = trained(1, steps=200)
+    nn.init.normal_(model.head[0].weight, std=0.02)
+    assert untrained_names(model, tmp_path, request) == ["head.0.weight"]
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (4, 1, 1, 1), (256, 512), (64, 32, 3, 3)])
+def test_untrained_statistic_on_fresh_layers_of_any_size(shape):
+    """Small layers have little KS power, but a fresh layer is always flagged: its statistic stays small."""
+    for seed in range(20):
+        torch.manual_seed(seed)
+        layer = (nn.Linear(shape[1], shape[0]) if len(shape) == 2 else nn.Conv2d(shape[1], shape[0], shape[2:]))
+        stats = tensor_stats(from_torch(layer.weight.detach()), buckets=True)
+        assert health._untrained(shape, stats) is not None, (shape, seed)
+        assert math.isclose(1 / math.sqrt(health.fan_in(shape)), 1 / math.sqrt(layer.weight[0].numel()))
+
+
+def test_rules_on_tensors_counted_into_buckets():
+    """Over 65,536 values the spread comes from buckets, counted only when the statistics allow a finding."""
+    torch.manual_seed(2)
+    spiked = torch.randn(400, 300)
+    spiked[7, 7] = 1000.0
+    fresh = nn.Linear(400, 300).weight.detach()
+    normal = torch.randn(300, 400) * 0.02
+    found = _findings({"a.fc.weight": spiked, "b.fc.weight": fresh, "c.fc.weight": normal,
+                       "d.fc.weight": torch.randn(300, 400) * 0.05})
+    p99 = float(torch.quantile(spiked.abs().flatten().double(), 0.99, interpolation="lower"))
+    assert found["spike"][0] == "a.fc.weight"
+    assert found["spike"][1] == pytest.approx(1000.0 / p99, rel=1 / 200)
+    assert sorted(name for name, _ in found["untrained"]) == ["b.fc.weight", "c.fc.weight"]
+
+
+def _findings(state: dict) -> dict:
+    from paramsurgeon.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(source="test", format="torch", root={n: from_torch(v) for n, v in state.items()})
+    found: dict = {}
+    for f in health.diagnose(ckpt, health.measure(ckpt, list(state))):
+        found.setdefault(f.rule, [])
+        found[f.rule] += [f.name, f.value] if f.rule == "spike" else [(f.name, f.value)]
+    return found

@@ -1,0 +1,152 @@
+"""report: the HTML page holds the findings, the charts and the relative changes computed again with
+torch; it references nothing outside itself; and headless Chromium renders it (not blank) without one
+network request. Without chromium the browser test skips, unless PARAMSURGEON_REQUIRE_CHROMIUM=1 (CI)."""
+
+import html.parser
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, register_input, run
+
+import paramsurgeon as ps
+from paramsurgeon.analysis.drift import relative_changes
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+REQUIRED = os.environ.get("PARAMSURGEON_REQUIRE_CHROMIUM") == "1"
+# With PARAMSURGEON_SCREENSHOT=docs/report.png the browser test keeps its screenshot there (the README's).
+SCREENSHOT = os.environ.get("PARAMSURGEON_SCREENSHOT")
+
+
+@pytest.fixture
+def pair(tmp_path, request):
+    """A base and a 'fine-tuned' copy: the head moved a lot, one conv a little, one layer zeroed, one spiked."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_health import looks_trained
+
+    base = looks_trained(0)
+    tuned = {name: value.clone() for name, value in base.items()}
+    tuned["fc2.weight"] += torch.randn(10, 32) * 0.05
+    tuned["conv1.weight"] += torch.randn(8, 3, 3, 3) * 0.001
+    tuned["conv2.weight"].zero_()
+    tuned["fc1.weight"][0, 0] = 40.0
+    paths = tmp_path / "base.pt", tmp_path / "tuned.pt"
+    torch.save(base, paths[0])
+    torch.save(tuned, paths[1])
+    return register_input(request, paths[0]), register_input(request, paths[1]), base, tuned
+
+
+class Tags(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.references = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.references += [value for name, value in attrs if name in ("src", "href", "xlink:href", "action", "data")
+                            and value]
+
+
+def external_references(page: str) -> list[str]:
+    """Everything in the page a browser could fetch from elsewhere: attributes, CSS url()/@import, scripts."""
+    parser = Tags()
+    parser.feed(page)
+    outside = [r for r in parser.references if not r.startswith("#")]
+    outside += re.findall(r"url\(\s*['\"]?(?!#)([^)'\"]+)", page) + re.findall(r"@import", page)
+    outside += [t for t in parser.tags if t in ("script", "link", "iframe", "img", "object", "embed")]
+    return outside
+
+
+def test_page_content(pair, tmp_path):
+    base_path, tuned_path, base, tuned = pair
+    out = tmp_path / "report.html"
+    result = run("report", tuned_path, "--against", base_path, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "" and f"wrote {out}" in result.stderr
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 3  # depth, change, histograms
+    assert external_references(page) == []
+    for rule, name in (("dead", "conv2.weight"), ("spike", "fc1.weight")):
+        assert re.search(rf"<td class=fail>{rule}</td>.*?<td>{re.escape(name)}</td>", page)
+    moved = {name: float((tuned[name].double() - base[name].double()).norm() / base[name].double().norm())
+             for name in ("fc2.weight", "conv1.weight")}
+    from paramsurgeon.report.render import short_number
+
+    for name, value in moved.items():  # the 'most moved' table, largest first
+        assert f"<tr><td>{name}</td><td class=n>{short_number(value)}</td></tr>" in page
+    assert page.index("<td>conv2.weight</td><td class=n>1.00</td>") < page.index("<td>fc2.weight</td><td class=n>")
+
+
+def test_relative_changes_against_torch(pair):
+    base_path, tuned_path, base, tuned = pair
+    changes = relative_changes(ps.load(str(tuned_path)), ps.load(str(base_path)), list(tuned))
+    for name, value in changes.items():
+        if not tuned[name].is_floating_point():
+            assert value is None
+            continue
+        a, b = tuned[name].double(), base[name].double()
+        expected = float((a - b).norm() / b.norm()) if b.norm() else (float("inf") if (a - b).norm() else 0.0)
+        assert value == pytest.approx(expected, rel=1e-12, abs=0), name
+
+
+def test_standard_output_and_errors(tmp_path):
+    result = run("report", "samples/resnet.pt", "-o", "-")
+    assert result.exit_code == 0 and result.stdout.startswith("<!DOCTYPE html>")
+    missing = run("report", "samples/resnet.pt")
+    assert missing.exit_code == 2 and "-o" in missing.stderr
+    absent = run("report", "samples/resnet.pt", "--against", "samples/nothing.pt", "-o", tmp_path / "r.html")
+    assert absent.exit_code == 2 and not (tmp_path / "r.html").exists()
+
+
+def test_without_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import raises ImportError
+    result = run("report", "samples/resnet.pt", "-o", tmp_path / "r.html")
+    assert result.exit_code == 2
+    assert "pip install 'paramsurgeon[report]'" in result.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+def chromium(page, folder, png):
+    """Render ``page`` headless to ``png``, with every host name unresolvable; the URLs the page requested,
+    from the net log (the browser's own calls home, made for no page, are not the page's)."""
+    log = folder / f"{png.stem}-net.json"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+                    f"--user-data-dir={folder / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
+                    f"--log-net-log={log}", "--window-size=1280,2200", f"--screenshot={png}", page.as_uri()],
+                   capture_output=True, timeout=180, check=True)
+    text = log.read_text(errors="replace").rstrip().rstrip(",")
+    events = json.loads(text if text.endswith("}") else text + "]}")["events"]  # killed browsers leave it open
+    return [e["params"]["url"] for e in events
+            if "file://" in e.get("params", {}).get("network_isolation_key", "")
+            and re.match(r"(https?|wss?|ftp)://", e["params"].get("url", ""))]
+
+
+def test_chromium_renders_the_report_offline(pair, tmp_path, monkeypatch):
+    if CHROMIUM is None:
+        message = "chromium is not installed (apt-get install chromium)"
+        pytest.fail(message + " and PARAMSURGEON_REQUIRE_CHROMIUM=1") if REQUIRED else pytest.skip(message)
+    from PIL import Image, ImageStat
+
+    base_path, tuned_path, _, _ = pair
+    page = tmp_path / "report.html"
+    monkeypatch.chdir(tmp_path)  # short names in the page (and the README's screenshot)
+    assert run("report", tuned_path.name, "--against", base_path.name, "-o", page).exit_code == 0
+    png = tmp_path / "report.png"
+    requested = chromium(page, tmp_path, png)
+    assert requested == []
+    image = Image.open(png).convert("L")
+    assert image.size == (1280, 2200)
+    assert ImageStat.Stat(image).stddev[0] > 20  # not blank: text and charts on white
+    dark = sum(image.histogram()[:128]) / (image.size[0] * image.size[1])
+    assert 0.005 < dark < 0.5
+    # The net log does record requests: a page with an outside image shows it.
+    control = tmp_path / "control.html"
+    control.write_text('<!DOCTYPE html><img src="http://example.invalid/pixel.png">')
+    assert "http://example.invalid/pixel.png" in chromium(control, tmp_path, tmp_path / "control.png")
+    if SCREENSHOT:
+        shutil.copyfile(png, os.path.join(ROOT, SCREENSHOT))
