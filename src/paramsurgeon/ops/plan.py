@@ -210,6 +210,7 @@ def rename(ckpt: Checkpoint, renames: dict[str, str], module_renames: dict[str, 
     items = [(renames.get(k, k), v) for k, v in container.items()]
     container.clear()
     container.update(items)
+    ckpt.forget()
     metadata = getattr(container, "_metadata", None)
     if isinstance(metadata, dict) and module_renames:
         moved = [(module_renames.get(prefix, prefix), value) for prefix, value in metadata.items()]
