@@ -21,8 +21,9 @@ class Storage:
 
     Either ``nbytes`` bytes of ``file`` starting at ``offset`` (``crc32`` known when the
     file recorded it); or ``values`` made by an operation: a contiguous torch tensor, or a
-    bytearray when no computation was needed (zeros); or a ``loader`` that reads the values
-    (through torch) each time they are needed, for formats that cannot be memory-mapped.
+    bytearray when no computation was needed (zeros); or a ``loader`` that reads or computes
+    the values (either kind) each time they are needed: chunks a format cannot memory-map,
+    an operation's new values.
     """
 
     __slots__ = ("nbytes", "file", "offset", "crc32", "values", "loader", "location")
@@ -47,10 +48,11 @@ class Storage:
 
     def view(self) -> memoryview:
         """The storage's bytes (without copying, unless a loader must read them)."""
-        if isinstance(self.values, bytearray):
-            return memoryview(self.values)
-        if self.values is not None or self.loader is not None:
-            return memory_of(self.values if self.values is not None else self.loader().contiguous())
+        values = self.values if self.values is not None or self.loader is None else self.loader()
+        if isinstance(values, bytearray):
+            return memoryview(values)
+        if values is not None:
+            return memory_of(values.contiguous())
         return self.file.view(self.offset, self.nbytes)
 
 
