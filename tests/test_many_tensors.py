@@ -1,6 +1,6 @@
 """A checkpoint of 100,000 small tensors (the per-tensor cost of every stage shows at this count):
-every name listed, one tensor zeroed, a round trip through torch; checked with safetensors and
-torch themselves. Counted, not timed (speed is the benchmark's job)."""
+every name listed, one tensor zeroed, a round trip through a torch zip; checked with the safetensors
+library itself. Counted, not timed (speed is the benchmark's job)."""
 
 import zipfile
 
