@@ -43,6 +43,29 @@ dcp.save({f"layers.{i}.weight": torch.randn(64, 64) for i in range(int(sys.argv[
 """
 MANY = (1000, 10000)  # DCP directories of this many 64x64 float32 tensors: reading cost per tensor
 
+MAKE_MANY_ST = """
+import sys, torch
+from safetensors.torch import save_file
+torch.manual_seed(0)
+save_file({f"layers.{i}.weight": torch.randn(16, 16) for i in range(int(sys.argv[2]))}, sys.argv[1])
+"""
+MANY_ST = (1000, 10000, 100000)  # safetensors files of this many 16x16 float32 tensors: cost per tensor
+SAFE_OPEN_KEYS = """
+import sys
+from safetensors import safe_open
+with safe_open(sys.argv[1], "np") as f:
+    print(len(list(f.keys())))
+"""
+SCRIPT_INIT_DCP = """
+import sys, warnings, torch, torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+warnings.simplefilter("ignore")
+state = load_file(sys.argv[1])
+for name, t in state.items():
+    torch.nn.init.normal_(t, std=0.02)
+dcp.save(state, checkpoint_id=sys.argv[2])
+"""
+
 SCRIPT_ZERO_PT = """
 import sys, torch
 state = torch.load(sys.argv[1], weights_only=True)
@@ -157,6 +180,27 @@ def cases(folder: str) -> list[tuple[str, str, list[str], str]]:
                  (group, "torch format_utils dcp_to_torch",
                   [sys.executable, "-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch", f"dcp-{n}",
                    "many.pt"], "many.pt")]
+    many = f"many-{MANY_ST[-1]}.safetensors"
+    for group, label, args in ((f"{MANY_ST[-1]:,} tensors of 16x16: list names (safetensors)",
+                                "paramsurgeon inspect --no-stats", ["inspect", "--no-stats", many]),
+                               (f"{MANY_ST[-1]:,} tensors of 16x16: zero one, write all (safetensors)",
+                                "paramsurgeon zero one tensor", ["zero", many, "-p", "layers.5.weight", "-o",
+                                                                 "many-out.safetensors"])):
+        rows += [(group, "safetensors safe_open().keys()", python(SAFE_OPEN_KEYS, many), ""),
+                 (group, label, tool(*args), "many-out.safetensors")]
+    # how the cost grows with the number of tensors
+    rows += [("scaling: inspect --no-stats (safetensors)", f"paramsurgeon, {n:,} tensors",
+              tool("inspect", "--no-stats", f"many-{n}.safetensors"), "") for n in MANY_ST]
+    rows += [("scaling: zero one tensor (safetensors)", f"paramsurgeon, {n:,} tensors",
+              tool("zero", f"many-{n}.safetensors", "-p", "layers.5.weight", "-o", "many-out.safetensors"),
+              "many-out.safetensors") for n in MANY_ST]
+    group = "init --all into DCP (2 GiB, 16 MiB tensors)"
+    scheme = ["--all", "--scheme", "normal(std=0.02)", "--seed", "1", "-o", "init-dcp", "--format", "dcp"]
+    rows += [(group, "paramsurgeon init --all, safetensors -> DCP", tool("init", "model.safetensors", *scheme),
+              "init-dcp"),
+             (group, "paramsurgeon init --all, DCP -> DCP", tool("init", "model-dcp", *scheme), "init-dcp"),
+             (group, "script: load_file, normal_, dcp.save", python(SCRIPT_INIT_DCP, "model.safetensors", "init-dcp"),
+              "init-dcp")]
     return rows
 
 
@@ -169,7 +213,11 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
     "inspect --hist (2 GiB safetensors)": ("inspect, statistics only (the reference)", 1.2, 400 * MiB),
     "check --health (2 GiB safetensors)": ("inspect, statistics only (the reference)", 1.2, 400 * MiB),
     "report (2 GiB safetensors)": ("inspect, statistics only (the reference)", 2.0, 512 * MiB),
-}  # merge: 256 MiB plus a few 16 MiB tensors; no limit on time
+    f"{MANY_ST[-1]:,} tensors of 16x16: list names (safetensors)": ("safetensors safe_open().keys()", 3.0, 256 * MiB),
+    f"{MANY_ST[-1]:,} tensors of 16x16: zero one, write all (safetensors)": ("safetensors safe_open().keys()", 4.0,
+                                                                             256 * MiB),
+    "init --all into DCP (2 GiB, 16 MiB tensors)": ("script: load_file, normal_, dcp.save", None, 272 * MiB),
+}  # merge: 256 MiB plus a few 16 MiB tensors; no limit on time; init into DCP: 256 MiB plus one tensor
 # DCP has no target yet; measured and shown.
 
 
@@ -193,6 +241,13 @@ def run(folder: str, runs: int, selected: list[tuple]) -> list[dict]:
     return results
 
 
+def short(label: str) -> str:
+    """How a ratio names what it compares with: 'cp', 'script', 'inspect', 'safe_open().keys()'."""
+    if "reference" in label:
+        return label.split(",")[0]
+    return label.split(":")[0].split(" (")[0].split(",")[0].split()[-1]
+
+
 def table(results: list[dict], runs: int) -> str:
     lines = [f"Medians of {runs} runs on a 2 GiB float32 checkpoint ({TENSORS} tensors of {SIDE}x{SIDE});"
              f" peak anonymous memory (RssAnon). Measured by `python bench/run.py`.", "",
@@ -203,8 +258,7 @@ def table(results: list[dict], runs: int) -> str:
         if r["group"] in TARGETS and r["label"].startswith("paramsurgeon"):
             base_label, limit, memory = TARGETS[r["group"]]
             base = by_label[(r["group"], base_label)]
-            against = "cp" if base_label.startswith("cp") else ("inspect" if "reference" in base_label else "script")
-            ratio = f"{r['wall'] / base['wall']:.2f}x {against}"
+            ratio = f"{r['wall'] / base['wall']:.2f}x {short(base_label)}"
             target = (f"<= {limit}x, " if limit else "") + f"<= {memory // MiB} MiB"
             met = "yes" if (limit is None or r["wall"] <= limit * base["wall"]) and r["anon"] <= memory else "no"
         elif r["group"] == "header only":
@@ -228,7 +282,11 @@ def main() -> None:
         for n in MANY:
             if not os.path.exists(os.path.join(folder, f"dcp-{n}")):
                 subprocess.run(python(MAKE_MANY_DCP, os.path.join(folder, f"dcp-{n}"), str(n)), check=True)
-        if any(not group.startswith("DCP of") for group, *_ in selected):
+        for n in MANY_ST:
+            path = os.path.join(folder, f"many-{n}.safetensors")
+            if not os.path.exists(path) and any(f"many-{n}.safetensors" in command for _, _, command, _ in selected):
+                subprocess.run(python(MAKE_MANY_ST, path, str(n)), check=True)
+        if any(any(a.startswith("model") for a in command) for _, _, command, _ in selected):
             prepare(folder)
         subprocess.run(tool("--help"), check=True, env=ENV, capture_output=True)  # writes bytecode if missing
         results = run(folder, args.runs, selected)

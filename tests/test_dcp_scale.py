@@ -243,3 +243,28 @@ def test_dcp_writer_holds_one_computed_tensor_at_a_time(tmp_path):
     assert most[0] == 1
     written = torch_reading(tmp_path / "out", tmp_path / "back.pt")
     assert all(torch.equal(written[f"w{i}"], torch.full((8, 8), float(i))) for i in range(20))
+
+
+@pytest.mark.parametrize("source_format", ["pt", "dcp"])
+def test_values_changed_tensor_by_tensor_are_right_in_a_dcp_output(tmp_path, training_pt, source_format):
+    """init --all and scale --all into DCP (each value computed when written): dcp.load reads what
+    torch computes, and the rest of the file (optimizer state, epoch) is untouched."""
+    plain = tmp_path / "in-dcp"  # as DCP stores the file unchanged (its optimizer state keys become strings)
+    assert run("convert", training_pt, "-o", plain, "--format", "dcp").exit_code == 0
+    source = plain if source_format == "dcp" else training_pt
+    original, reference = load_torch(training_pt), torch_reading(plain, tmp_path / "plain.pt")
+    model = original["state_dict"]
+    for args, expected in ((["init", "--const", "3"], {k: torch.full_like(v, 3) for k, v in model.items()}),
+                           (["scale", "--by", "-2"], {k: v * -2 for k, v in model.items()})):
+        out = tmp_path / f"{args[0]}-out"
+        result = run(args[0], source, "--all", *args[1:], "-o", out, "--format", "dcp")
+        assert result.exit_code == 0, result.stderr
+        state = {"state_dict": {k: torch.empty_like(v) for k, v in model.items()}, "epoch": 0}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, checkpoint_id=str(out), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        assert state["epoch"] == 7
+        assert_same_state(state["state_dict"], expected)
+        whole = torch_reading(out, tmp_path / f"{args[0]}.pt")
+        assert_same_file(whole["optimizer"], reference["optimizer"])
+        assert whole["hyper_parameters"] == original["hyper_parameters"] and list(whole) == list(reference)

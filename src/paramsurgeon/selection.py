@@ -60,10 +60,17 @@ def select(tensors: Mapping[str, Tensor], selector: Selector, *, allow_empty: bo
     for wanted in selector.kinds:
         if not any(kinds[n].matches(wanted) for n in names):
             problems.append(f"--kind {wanted} matches no tensor (run 'paramsurgeon inspect' to see each tensor's kind)")
-    picked = [n for n in names if _picked(n, selector, regexes, kinds)]
+    if not selector.narrows:
+        picked = names
+    elif selector.patterns and not regexes and not selector.kinds:  # globs alone: one compiled regex for them all
+        glob = re.compile("|".join(_glob_regex(p).pattern for p in selector.patterns)).fullmatch
+        picked = [n for n in names if glob(n)]
+    else:
+        picked = [n for n in names if _picked(n, selector, regexes, kinds)]
     if picked:
         problems += _idle_excludes(names, picked, selector.excludes, key)
-    chosen = [n for n in picked if not any(matches(n, x) for x in selector.excludes)]
+    chosen = [n for n in picked if not any(matches(n, x) for x in selector.excludes)] \
+        if selector.excludes else picked
     if not chosen and not problems:
         problems.append("the selection is empty (every match is excluded or has another kind)")
     if problems and not allow_empty:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from ..bulk import paused_gc
 from ..checkpoint import Checkpoint
 from ..checkpoint.extras import extras
 from ..checkpoint.kinds import infer_kinds
@@ -43,6 +44,7 @@ class Inspection:
     tree: dict | None = None
 
 
+@paused_gc()
 def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashes: bool = False,
             tree: bool = False, progress: Callable[[int], None] | None = None, bins: int | None = None) -> Inspection:
     """Inspect the tensors ``names`` of ``ckpt`` (stats and hashes read every value once; ``bins``:
@@ -90,20 +92,24 @@ def totals(rows: list[Row], ties: list[list[str]]) -> dict:
     """Counts over the rows; a tie group counts once (it is one parameter)."""
     shown = {r.name for r in rows}
     aliases = _aliases([[n for n in g if n in shown] for g in ties])
-    unique = [r for r in rows if r.name not in aliases]
+    unique = [r for r in rows if r.name not in aliases] if aliases else rows
     by_dtype: dict[str, dict] = {}
+    buffers = 0
     for r in unique:
-        entry = by_dtype.setdefault(r.dtype, {"tensors": 0, "numel": 0, "bytes": 0})
+        entry = by_dtype.get(r.dtype) or by_dtype.setdefault(r.dtype, {"tensors": 0, "numel": 0, "bytes": 0})
         entry["tensors"] += 1
         entry["numel"] += r.numel
         entry["bytes"] += r.nbytes
+        if r.role == "buffer":
+            buffers += r.numel
+    numel = sum(entry["numel"] for entry in by_dtype.values())
     return {
         "tensors": len(rows),
         "unique_tensors": len(unique),
-        "numel": sum(r.numel for r in unique),
-        "parameters": sum(r.numel for r in unique if r.role != "buffer"),
-        "buffers": sum(r.numel for r in unique if r.role == "buffer"),
-        "bytes": sum(r.nbytes for r in unique),
+        "numel": numel,
+        "parameters": numel - buffers,
+        "buffers": buffers,
+        "bytes": sum(entry["bytes"] for entry in by_dtype.values()),
         "by_dtype": by_dtype,
     }
 

@@ -41,8 +41,20 @@ class Checkpoint:
 
     @property
     def tensors(self) -> dict[str, Tensor]:
-        """Name -> tensor, in file order."""
-        return {k: v for k, v in self.container.items() if isinstance(v, Tensor)}
+        """Name -> tensor, in file order (do not change it: change the checkpoint, ``ckpt[name] = t``).
+
+        Kept between calls while the container is the same object of the same size; setting or
+        deleting through the checkpoint, or ``forget``, makes it afresh."""
+        container = self.container
+        cached = self.__dict__.get("_tensors")
+        if cached is None or cached[0] is not container or cached[1] != len(container):
+            cached = (container, len(container), {k: v for k, v in container.items() if isinstance(v, Tensor)})
+            self.__dict__["_tensors"] = cached
+        return cached[2]
+
+    def forget(self) -> None:
+        """Drop what ``tensors`` kept, after the container was changed in place (renamed entries)."""
+        self.__dict__.pop("_tensors", None)
 
     @property
     def names(self) -> list[str]:
@@ -56,9 +68,11 @@ class Checkpoint:
 
     def __setitem__(self, name: str, tensor: Tensor) -> None:
         self.container[name] = tensor
+        self.forget()
 
     def __delitem__(self, name: str) -> None:
         del self.container[name]
+        self.forget()
 
     def ties(self) -> list[list[str]]:
         """Groups of names whose tensors share storage bytes, in file order."""

@@ -10,10 +10,12 @@ Embedding), the module's name must say so, or the kind is 'unknown'.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from ..bulk import paused_gc
 from .tensor import Tensor
 
 LAYER_KINDS = ("conv", "linear", "batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm", "embedding", "prelu",
@@ -64,24 +66,40 @@ class Kind:
 def split_name(name: str) -> tuple[str, str]:
     """(module, leaf) of a tensor name; 'attn.in_proj_weight' is leaf 'weight' of module 'attn.in_proj'."""
     prefix, _, leaf = name.rpartition(".")
-    for suffix in ("_weight", "_bias"):
-        if leaf.endswith(suffix) and len(leaf) > len(suffix):
-            stem = leaf[: -len(suffix)]
-            return (f"{prefix}.{stem}" if prefix else stem), suffix[1:]
+    if leaf.endswith(_SUFFIXES):
+        for suffix in _SUFFIXES:
+            if leaf.endswith(suffix) and len(leaf) > len(suffix):
+                stem = leaf[: -len(suffix)]
+                return (f"{prefix}.{stem}" if prefix else stem), suffix[1:]
     return prefix, leaf
 
 
+_SUFFIXES = ("_weight", "_bias")
+
+
+@paused_gc()
 def infer_kinds(tensors: Mapping[str, Tensor]) -> dict[str, Kind]:
     """The kind of every tensor, in the same order."""
     modules: dict[str, dict[str, Tensor]] = {}
+    split = []
     for name, tensor in tensors.items():
-        prefix, leaf = split_name(name)
-        modules.setdefault(prefix, {})[leaf] = tensor
+        prefix, _, leaf = name.rpartition(".")
+        if leaf.endswith(_SUFFIXES):
+            prefix, leaf = split_name(name)
+        leaves = modules.get(prefix)
+        if leaves is None:
+            modules[prefix] = leaves = {}
+        leaves[leaf] = tensor
+        split.append(prefix)
     layer_of = {prefix: module_kind(prefix, leaves) for prefix, leaves in modules.items()}
-    kinds = {}
-    for name, tensor in tensors.items():
-        kinds[name] = Kind(layer_of[split_name(name)[0]], role(name.rpartition(".")[2], tensor))
-    return kinds
+    return {name: _kind(layer_of[prefix], role(name.rpartition(".")[2], tensor))
+            for (name, tensor), prefix in zip(tensors.items(), split)}
+
+
+@functools.cache
+def _kind(layer: str, role: str) -> Kind:
+    """One Kind object per (layer, role): a checkpoint of 100,000 tensors holds a few dozen distinct ones."""
+    return Kind(layer, role)
 
 
 def role(leaf: str, tensor: Tensor) -> str:
@@ -102,7 +120,7 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
     """The layer kind of the module ``prefix`` holding ``leaves`` (leaf name -> tensor)."""
     component = prefix.rpartition(".")[2].lower()
     weight, bias = leaves.get("weight"), leaves.get("bias")
-    if {"running_mean", "running_var"} & leaves.keys() and (weight is None or len(weight.shape) == 1):
+    if ("running_mean" in leaves or "running_var" in leaves) and (weight is None or len(weight.shape) == 1):
         return "batchnorm"
     if weight is None:
         return "rnn" if _recurrent(leaves) else "unknown"
@@ -113,9 +131,7 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
     if ndim == 2:
         if bias is not None:
             return "linear" if len(bias.shape) == 1 and bias.shape[0] == weight.shape[0] else "unknown"
-        if _EMBEDDING.search(component):
-            return "embedding"
-        return "linear" if _LINEAR.search(component) else "unknown"
+        return _named_2d(component)
     if ndim == 1:
         if bias is not None and bias.shape == weight.shape:
             return _norm_kind(component) or "norm"
@@ -123,6 +139,14 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
             return "prelu"
         return _norm_kind(component) or "unknown"
     return "unknown"
+
+
+@functools.lru_cache(maxsize=4096)
+def _named_2d(component: str) -> str:
+    """The kind of a lone 2-D weight, from its module's name (names repeat across layers: cached)."""
+    if _EMBEDDING.search(component):
+        return "embedding"
+    return "linear" if _LINEAR.search(component) else "unknown"
 
 
 def _recurrent(leaves: Mapping[str, Tensor]) -> bool:

@@ -23,7 +23,11 @@ def storages(root: Any) -> list[Storage]:
         if isinstance(node, Tensor):
             found.setdefault(id(node.storage), node.storage)
         elif isinstance(node, dict):
-            stack.extend(node.values())
+            for value in node.values():  # a model's tensors, taken here rather than one by one off the stack
+                if type(value) is Tensor:
+                    found.setdefault(id(value.storage), value.storage)
+                else:
+                    stack.append(value)
         elif isinstance(node, (list, tuple)):
             stack.extend(node)
         elif isinstance(node, Opaque):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections import Counter
 from typing import Iterator
 
 from ..dtypes import DType
@@ -20,8 +21,9 @@ class Storage:
 
     Either ``nbytes`` bytes of ``file`` starting at ``offset`` (``crc32`` known when the
     file recorded it); or ``values`` made by an operation: a contiguous torch tensor, or a
-    bytearray when no computation was needed (zeros); or a ``loader`` that reads the values
-    (through torch) each time they are needed, for formats that cannot be memory-mapped.
+    bytearray when no computation was needed (zeros); or a ``loader`` that reads or computes
+    the values (either kind) each time they are needed: chunks a format cannot memory-map,
+    an operation's new values.
     """
 
     __slots__ = ("nbytes", "file", "offset", "crc32", "values", "loader", "location")
@@ -46,10 +48,11 @@ class Storage:
 
     def view(self) -> memoryview:
         """The storage's bytes (without copying, unless a loader must read them)."""
-        if isinstance(self.values, bytearray):
-            return memoryview(self.values)
-        if self.values is not None or self.loader is not None:
-            return memory_of(self.values if self.values is not None else self.loader().contiguous())
+        values = self.values if self.values is not None or self.loader is None else self.loader()
+        if isinstance(values, bytearray):
+            return memoryview(values)
+        if values is not None:
+            return memory_of(values.contiguous())
         return self.file.view(self.offset, self.nbytes)
 
 
@@ -60,37 +63,38 @@ class Tensor:
     torch output pickles the tensor exactly as the input did.
     """
 
-    __slots__ = ("storage", "offset", "shape", "stride", "dtype", "requires_grad", "parameter",
+    __slots__ = ("storage", "offset", "shape", "_stride", "dtype", "numel", "nbytes", "requires_grad", "parameter",
                  "metadata")
 
     def __init__(self, storage: Storage, dtype: DType, shape: tuple[int, ...],
                  stride: tuple[int, ...] | None = None, offset: int = 0):
         self.storage, self.dtype, self.offset = storage, dtype, offset
-        self.shape = tuple(shape)
-        self.stride = tuple(stride) if stride is not None else contiguous_stride(self.shape)
+        self.shape = shape if type(shape) is tuple else tuple(shape)
+        self._stride = tuple(stride) if stride is not None else None  # None: contiguous, computed when asked
+        self.numel = math.prod(self.shape)
+        self.nbytes = self.numel * dtype.itemsize
         self.requires_grad, self.parameter, self.metadata = False, False, None
 
     def __setstate__(self, state):
         raise CorruptCheckpointError("a pickle tried to overwrite a tensor")
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+    def stride(self) -> tuple[int, ...]:
+        """Steps in elements along each dimension."""
+        return self._stride if self._stride is not None else contiguous_stride(self.shape)
 
     @property
     def is_contiguous(self) -> bool:
-        return all(s == c for s, c, n in zip(self.stride, contiguous_stride(self.shape), self.shape)
+        if self._stride is None:
+            return True
+        return all(s == c for s, c, n in zip(self._stride, contiguous_stride(self.shape), self.shape)
                    if n != 1)
 
     def byte_span(self) -> tuple[int, int]:
         """The half-open byte range of the storage this tensor reads."""
-        if self.numel == 0:
+        if self._stride is None or self.numel == 0:
             start = self.offset * self.dtype.itemsize
-            return start, start
+            return start, start + self.nbytes
         last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
         return self.offset * self.dtype.itemsize, (last + 1) * self.dtype.itemsize
 
@@ -126,14 +130,16 @@ def check_view(tensor: Tensor, storage_numel: int, where: str) -> None:
 
 def tie_groups(tensors: dict[str, Tensor]) -> list[list[str]]:
     """Group names whose tensors read overlapping bytes of one storage."""
+    if len({id(t.storage) for t in tensors.values()}) == len(tensors):
+        return []  # every storage has one tensor (the common case)
+    counts = Counter(id(t.storage) for t in tensors.values())
     by_storage: dict[int, list[str]] = {}
     for name, tensor in tensors.items():
-        by_storage.setdefault(id(tensor.storage), []).append(name)
+        if counts[id(tensor.storage)] > 1:
+            by_storage.setdefault(id(tensor.storage), []).append(name)
     order = {name: i for i, name in enumerate(tensors)}
     groups = []
     for names in by_storage.values():
-        if len(names) < 2:
-            continue
         spans = sorted(names, key=lambda n: tensors[n].byte_span())
         current, previous = [spans[0]], tensors[spans[0]].byte_span()
         end = previous[1]

@@ -20,11 +20,11 @@ def to_torch(tensor: Tensor) -> torch.Tensor:
     if tensor.numel == 0:
         return torch.empty(tensor.shape, dtype=dtype)
     storage = tensor.storage
-    if isinstance(storage.values, bytearray):
-        base = torch.frombuffer(storage.values, dtype=torch.uint8).view(dtype)
-    elif storage.values is not None or storage.loader is not None:
-        values = storage.values if storage.values is not None else storage.loader().contiguous()
-        base = values.reshape(-1).view(torch.uint8).view(dtype)
+    values = storage.values if storage.values is not None or storage.loader is None else storage.loader()
+    if isinstance(values, bytearray):
+        base = torch.frombuffer(values, dtype=torch.uint8).view(dtype)
+    elif values is not None:
+        base = values.contiguous().reshape(-1).view(torch.uint8).view(dtype)
     else:
         raw = storage.view()
         base = torch.frombuffer(raw, dtype=torch.uint8)

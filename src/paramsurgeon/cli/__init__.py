@@ -1,6 +1,7 @@
 """The command-line interface: a thin layer that parses options, calls the library, and
 turns its errors into one line on stderr and an exit code."""
 
+import gc
 import os
 import sys
 import warnings
@@ -118,4 +119,7 @@ _register()
 
 def main() -> None:
     """Entry point of the ``paramsurgeon`` console script."""
+    # A command builds a few small objects per tensor (100,000s on a large checkpoint) and almost no
+    # cycles: the cycle collector's default pace would re-scan them all again and again.
+    gc.set_threshold(100_000, 50, 100)
     app()

@@ -12,6 +12,7 @@ import struct
 from collections import OrderedDict
 
 from .. import dtypes
+from ..bulk import paused_gc
 from ..checkpoint import Checkpoint, Storage, Tensor, tie_groups
 from ..errors import CorruptCheckpointError, NotACheckpointError
 from .files import InputFile, Sink
@@ -39,7 +40,8 @@ def read_header(file: InputFile) -> tuple[int, dict]:
         raise CorruptCheckpointError(f"{file.name}: truncated: the safetensors header claims {n} bytes"
                                      f" but the file has {file.size - 8} after the length")
     try:
-        header = json.loads(file.read(8, n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+        with paused_gc():
+            header = json.loads(file.read(8, n).decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptCheckpointError(f"{file.name}: the safetensors header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
@@ -47,13 +49,14 @@ def read_header(file: InputFile) -> tuple[int, dict]:
     return 8 + n, header
 
 
-def _no_duplicates(pairs):
-    seen = OrderedDict()
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key '{key}'")
-        seen[key] = value
-    return seen
+def _no_duplicates(pairs: list) -> dict:
+    """A JSON object as a dict; a key given twice is an error (which value counts would be a guess)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"duplicate key '{twice}'")
+    return obj
 
 
 def read(file: InputFile) -> Checkpoint:
@@ -64,34 +67,39 @@ def read(file: InputFile) -> Checkpoint:
         raise CorruptCheckpointError(f"{file.name}: __metadata__ must map strings to strings")
     tensors: dict[str, Tensor] = OrderedDict()
     spans = []
-    for name, entry in header.items():
-        dtype, shape, (begin, end) = _entry(file.name, name, entry)
-        tensor = Tensor(Storage(end - begin, file=file, offset=start + begin), dtype, shape)
-        if tensor.nbytes != end - begin:
-            raise CorruptCheckpointError(
-                f"{file.name}: tensor '{name}' of shape {list(shape)} and dtype {dtype} needs"
-                f" {tensor.nbytes} bytes but its data_offsets span {end - begin}")
-        tensors[name] = tensor
-        spans.append((begin, end, name))
-    _check_coverage(file, start, spans)
+    with paused_gc():
+        for name, entry in header.items():
+            dtype, shape, (begin, end) = _entry(file.name, name, entry)
+            tensor = Tensor(Storage(end - begin, file=file, offset=start + begin), dtype, shape)
+            if tensor.nbytes != end - begin:
+                raise CorruptCheckpointError(
+                    f"{file.name}: tensor '{name}' of shape {list(shape)} and dtype {dtype} needs"
+                    f" {tensor.nbytes} bytes but its data_offsets span {end - begin}")
+            tensors[name] = tensor
+            spans.append((begin, end, name))
+        _check_coverage(file, start, spans)
     restore_ties(file.name, tensors, metadata)
     metadata = {k: v for k, v in metadata.items() if k != TIES_KEY}  # now in the structure itself
     return Checkpoint(source=file.name, format="safetensors", root=tensors, key=(), metadata=metadata)
 
 
+_INT = {int}
+
+
 def _entry(source: str, name: str, entry) -> tuple:
-    if not isinstance(entry, dict):
+    if type(entry) is not dict:
         raise CorruptCheckpointError(f"{source}: header entry '{name}' is not an object")
     code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if code not in dtypes.BY_SAFETENSORS:
+    dtype = dtypes.BY_SAFETENSORS.get(code) if type(code) is str else None
+    if dtype is None:
         raise CorruptCheckpointError(f"{source}: tensor '{name}' has unknown dtype {code!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    # type() is int excludes bool; the sets of types are built in C, one per list
+    if type(shape) is not list or (shape and (set(map(type, shape)) != _INT or min(shape) < 0)):
         raise CorruptCheckpointError(f"{source}: tensor '{name}' has a malformed shape {shape!r:.60}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
-            and offsets[0] <= offsets[1]):
+    if not (type(offsets) is list and len(offsets) == 2 and set(map(type, offsets)) == _INT
+            and 0 <= offsets[0] <= offsets[1]):
         raise CorruptCheckpointError(f"{source}: tensor '{name}' has malformed data_offsets {offsets!r:.60}")
-    return dtypes.BY_SAFETENSORS[code], tuple(shape), tuple(offsets)
+    return dtype, tuple(shape), offsets
 
 
 def _check_coverage(file: InputFile, start: int, spans: list) -> None:
@@ -143,14 +151,15 @@ def header_bytes(entries: list[tuple[str, Tensor]], metadata: dict[str, str]) ->
     if metadata:
         header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
     position = 0
-    for name, tensor in entries:
-        code = tensor.dtype.safetensors
-        if code is None:
-            raise NotACheckpointError(f"safetensors cannot store dtype {tensor.dtype} (tensor '{name}')")
-        header[name] = {"dtype": code, "shape": list(tensor.shape),
-                        "data_offsets": [position, position + tensor.nbytes]}
-        position += tensor.nbytes
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    with paused_gc():
+        for name, tensor in entries:
+            code = tensor.dtype.safetensors
+            if code is None:
+                raise NotACheckpointError(f"safetensors cannot store dtype {tensor.dtype} (tensor '{name}')")
+            end = position + tensor.nbytes
+            header[name] = {"dtype": code, "shape": tensor.shape, "data_offsets": (position, end)}
+            position = end
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * ((-len(text)) % 8)
     return struct.pack("<Q", len(text)) + text, position
 
@@ -162,7 +171,7 @@ def plan(tensors: dict[str, Tensor], metadata: dict[str, str], dedupe: bool = Fa
     dropped = {name for g in groups for name in g[1:]} if dedupe else set()
     if groups:
         metadata[TIES_KEY] = json.dumps(groups, separators=(",", ":"))
-    entries = [(n, t) for n, t in tensors.items() if n not in dropped]
+    entries = [(n, t) for n, t in tensors.items() if n not in dropped] if dropped else list(tensors.items())
     return entries, metadata
 
 
@@ -183,11 +192,45 @@ class Writer:
         entries, metadata = plan(ckpt.tensors, {"format": "pt", **ckpt.metadata}, self.dedupe)
         header, _ = header_bytes(entries, metadata)
         self.sink.write(header)
+        spans = Spans(self.sink, self.progress)
         for _, tensor in entries:
-            write_tensor_bytes(tensor, self.sink)
-            if self.progress is not None:
-                self.progress(tensor.nbytes)
+            spans.add(tensor)
+        spans.close()
         self.sink.flush()
+
+
+class Spans:
+    """Appends tensors' values to ``sink``: tensors that lie one after the other in an input
+    file are copied as one span (100,000 small tensors are a few copies, not 100,000)."""
+
+    LIMIT = 64 << 20  # bytes per copied span, so that progress advances on large files
+
+    def __init__(self, sink: Sink, progress=None):
+        self.sink, self.progress = sink, progress
+        self.file, self.start, self.length = None, 0, 0
+
+    def add(self, tensor: Tensor) -> None:
+        storage = tensor.storage
+        if storage.file is not None and tensor.is_contiguous:
+            offset = storage.offset + tensor.offset * tensor.dtype.itemsize
+            if storage.file is self.file and offset == self.start + self.length and self.length < self.LIMIT:
+                self.length += tensor.nbytes
+                return
+            self.close()
+            self.file, self.start, self.length = storage.file, offset, tensor.nbytes
+            return
+        self.close()
+        write_tensor_bytes(tensor, self.sink)
+        if self.progress is not None:
+            self.progress(tensor.nbytes)
+
+    def close(self) -> None:
+        """Copy the span gathered so far."""
+        if self.file is not None:
+            self.sink.copy(self.file, self.start, self.length)
+            if self.progress is not None:
+                self.progress(self.length)
+        self.file, self.length = None, 0
 
 
 def write_tensor_bytes(tensor: Tensor, sink: Sink) -> None:

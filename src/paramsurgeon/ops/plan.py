@@ -1,8 +1,9 @@
 """A plan: every change an operation will make, checked before anything is computed or
 written, printable for --dry-run, then applied to the checkpoint in memory.
 
-Values are computed when the plan is applied, each into a new storage; loaded tensors
-are never modified. Tensors tied together receive one new storage, so the tie survives.
+Applying gives each change a new storage whose values are computed when they are read;
+loaded tensors are never modified. Tensors tied together receive one new storage, so the
+tie survives.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ class Change:
     compute: Callable | None = None  # () -> new values: a torch.Tensor of its own (not a view of the
     # input, unless non-contiguous), or a bytearray of the raw bytes
     same_values: bool = False  # a new storage for the same values (untie)
-    lazy: bool = False  # computed when the values are read (by the writer), not when the plan is applied,
-    # so that a change of every tensor (merge) holds one result in memory at a time
+    lazy: bool = False  # its values are checked only when computed (by the writer), not when the plan is
+    # applied (every change is computed when read, so memory holds one result at a time)
     guarded: bool = False  # the values may leave the dtype's range: new Inf/NaN are an error
     origin: Tensor | None = None  # what guarded values derive from, element by element (its Inf/NaN stay)
 
@@ -148,10 +149,13 @@ def tie_units(ckpt: Checkpoint, names: list[str], *, follow: bool, untie: bool, 
 
 def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None = None,
           simulate: bool = False) -> None:
-    """Carry out ``plan`` on ``ckpt`` (new storages in memory; the input file is untouched).
+    """Carry out ``plan`` on ``ckpt`` (new storages; the input file is untouched).
 
-    With ``simulate``, no value is computed: changed tensors get empty storages of the right
-    size, enough to plan later steps against names, shapes, dtypes and ties.
+    New values are computed when they are read (by the writer: one tensor at a time, then let
+    go), so memory does not grow with the number of changes; values that may overflow are
+    computed once more here, to refuse them before anything is written. With ``simulate``,
+    changed tensors get empty storages of the right size, enough to plan later steps against
+    names, shapes, dtypes and ties.
     """
     if plan.adds:
         _insert(ckpt, plan.adds)
@@ -159,22 +163,14 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
     for change in plan.changes:
         first = ckpt[change.names[0]]
         dtype = dtypes.BY_NAME[change.dtype]
+        nbytes = math.prod(change.shape) * dtype.itemsize
         if simulate:
-            fresh = Tensor(Storage(math.prod(change.shape) * dtype.itemsize), dtype, change.shape)
-        elif change.lazy:
-            fresh = Tensor(Storage(math.prod(change.shape) * dtype.itemsize, loader=change.compute,
-                                   location=first.storage.location), dtype, change.shape)
+            fresh = Tensor(Storage(nbytes), dtype, change.shape)
         else:
-            values = change.compute()
-            if change.guarded:
-                overflows += _overflow(change, values, dtype)
-            if isinstance(values, bytearray):  # raw bytes: no torch needed
-                fresh = Tensor(Storage(len(values), values=values, location=first.storage.location), dtype,
-                               change.shape)
-            else:
-                from ..checkpoint.values import from_torch
-
-                fresh = from_torch(values, location=first.storage.location, owned=True)
+            if change.guarded and not change.lazy:  # refused before anything is written
+                overflows += _overflow(change, change.compute(), dtype)
+            fresh = Tensor(Storage(nbytes, loader=change.compute, location=first.storage.location), dtype,
+                           change.shape)
         for name in change.names:
             ckpt[name] = _like(ckpt[name], fresh.storage, fresh)
         if progress is not None:
@@ -228,6 +224,7 @@ def rename(ckpt: Checkpoint, renames: dict[str, str], module_renames: dict[str, 
     items = [(renames.get(k, k), v) for k, v in container.items()]
     container.clear()
     container.update(items)
+    ckpt.forget()
     metadata = getattr(container, "_metadata", None)
     if isinstance(metadata, dict) and module_renames:
         moved = [(module_renames.get(prefix, prefix), value) for prefix, value in metadata.items()]

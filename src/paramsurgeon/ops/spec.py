@@ -14,7 +14,7 @@ from typing import Callable, ClassVar
 
 from .. import declare
 from ..checkpoint import Checkpoint
-from ..checkpoint.kinds import ROLES, infer_kinds
+from ..checkpoint.kinds import ROLES, role
 from ..declare import option
 from ..errors import UsageError
 from ..selection import Selection
@@ -70,8 +70,7 @@ class Targets(Selection):
         if any(k in ROLES for k in self.kind):
             return plan
         changed = [n for change in plan.changes for n in change.names]
-        kinds = infer_kinds(ckpt.tensors)
-        buffers = [n for n in changed if kinds[n].role == "buffer"]
+        buffers = [n for n in changed if role(n.rpartition(".")[2], ckpt[n]) == "buffer"]  # no sibling needed
         if buffers:
             leaves = ", ".join(dict.fromkeys(n.rpartition(".")[2] for n in buffers))
             plan.notes.append(f"{len(buffers)} of the {len(changed)} changed tensors are buffers ({leaves}), not"

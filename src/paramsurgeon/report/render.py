@@ -8,9 +8,12 @@ their cells, and ``_escaped`` the other lines.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from operator import attrgetter
 
+from ..bulk import paused_gc
 from ..dtypes import BY_NAME
 from ..analysis.inspection import Inspection, Row
 from .tables import Column, render
@@ -86,13 +89,14 @@ def short_number(value) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+@functools.lru_cache(maxsize=4096)
 def shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) if shape else "scalar"
 
 
 def _columns(result: Inspection) -> list[tuple[Column, callable]]:
     """Each column and how to fill it, most important first."""
-    cols = [(Column("name"), lambda r: r.name), (Column("kind"), lambda r: r.kind),
+    cols = [(Column("name"), attrgetter("name")), (Column("kind"), attrgetter("kind")),
             (Column("shape", True), lambda r: shape_text(r.shape)), (Column("dtype"), lambda r: BY_NAME[r.dtype].short)]
     if any(r.device != "cpu" for r in result.rows):
         cols.append((Column("device"), lambda r: r.device))
@@ -118,6 +122,7 @@ def _count(row: Row, field: str) -> str:
     return f"{value:,}" if value else ""
 
 
+@paused_gc()
 def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
     """The ``inspect`` report: a header line, the table, ties, totals, other entries."""
     totals = result.totals
@@ -127,7 +132,8 @@ def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
              + (f" + {totals['buffers']:,} in buffers" if totals["buffers"] else "") + f", {human_bytes(totals['bytes'])}"]
     cols = _columns(result)
     headers = [c.header for c, _ in cols]
-    table, hidden = render([c for c, _ in cols], [[cell(r) for _, cell in cols] for r in result.rows], width, color,
+    cells = list(zip(*(map(cell, result.rows) for _, cell in cols)))  # column by column: a map each
+    table, hidden = render([c for c, _ in cols], cells, width, color,
                            core=headers.index("max") + 1 if "max" in headers else 4)
     notes = [f"(not shown at this width: {', '.join(hidden)}; --json has every field)"] if hidden else []
     return "\n".join(_escaped(lines) + [table.rstrip("\n")] + _escaped(notes + footer_lines(result))) + "\n"

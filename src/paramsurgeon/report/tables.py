@@ -22,21 +22,20 @@ class Column:
 def render(columns: list[Column], rows: list[list[str]], width: int | None = None, color: bool = False,
            core: int | None = None) -> tuple[str, list[str]]:
     """The table, and the headers of the columns left out to fit ``width``."""
-    rows = [[printable(cell) for cell in row] for row in rows]
+    if not "".join(map("".join, rows)).isprintable():  # one pass over every cell; most tables need no escape
+        rows = [[printable(cell) for cell in row] for row in rows]
     if width is None:
         return _plain(columns, rows), []
     return _fitted(columns, rows, width, color, core or len(columns))
 
 
 def _plain(columns: list[Column], rows: list[list[str]]) -> str:
-    widths = [max([len(c.header)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(cell.rjust(w) if c.right else cell.ljust(w)
-                         for cell, w, c in zip(cells, widths, columns)).rstrip()
-
-    return "\n".join([line([c.header for c in columns]), "─" * (sum(widths) + 2 * (len(widths) - 1))]
-                     + [line(r) for r in rows]) + "\n"
+    cells = list(zip(*rows)) or [()] * len(columns)
+    widths = [max(len(c.header), max(map(len, column), default=0)) for c, column in zip(columns, cells)]
+    pattern = "  ".join(f"{{:{'>' if c.right else '<'}{w}}}" for c, w in zip(columns, widths))
+    lines = [pattern.format(*(c.header for c in columns)).rstrip(), "─" * (sum(widths) + 2 * (len(widths) - 1))]
+    lines += [pattern.format(*row).rstrip() for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _fitted(columns: list[Column], rows: list[list[str]], width: int, color: bool, core: int) -> tuple[str, list[str]]:
