@@ -215,3 +215,107 @@ def test_errors(tmp_path, llama_base):
     assert refused(tmp_path, base, tmp_path / "missing") == (
         f"'{tmp_path / 'missing'}' is not a directory; an adapter is the directory save_pretrained writes, with"
         " adapter_config.json and adapter_model.safetensors")
+
+
+# ---- extract-lora: PEFT loads what it writes, and merging it recovers the fine-tune ----------------
+
+
+def low_rank(shape, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    return 0.1 * torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+
+
+def extracted(tmp_path, base, tuned, *args):
+    out = tmp_path / "extracted"
+    result = run("extract-lora", base, tuned, "-o", out, *args)
+    assert result.exit_code == 0, result.stderr
+    return out, result
+
+
+def test_extract_llama_recovers_a_low_rank_fine_tune(request, tmp_path, llama_base):
+    from peft import PeftModel
+
+    model, base = llama_base
+    tuned = state(model)
+    tuned["model.layers.0.self_attn.q_proj.weight"] += low_rank((32, 32), 3, 1)
+    tuned["model.layers.1.mlp.down_proj.weight"] += low_rank((32, 48), 2, 2)
+    tuned["model.embed_tokens.weight"] += low_rank((96, 32), 3, 3)
+    tuned["model.layers.1.input_layernorm.weight"] += 0.5
+    tuned_path = tmp_path / "tuned.safetensors"
+    save_file(tuned, tuned_path)
+    register_input(request, tuned_path)
+    adapter, result = extracted(tmp_path, base, tuned_path, "--rank", "4", "--alpha", "8")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    assert sorted(config["target_modules"]) == ["model.embed_tokens", "model.layers.0.self_attn.q_proj",
+                                                "model.layers.1.mlp.down_proj"]
+    assert config["modules_to_save"] == ["model.layers.1.input_layernorm"]
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["tensor", "shape", "layout", "rank", "error"]
+    errors = {line.split()[0]: line.split()[-1] for line in lines[2:]}
+    assert all(float(errors[f"{m}.weight"]) < 1e-5 for m in config["target_modules"])
+    merged = PeftModel.from_pretrained(llama(), adapter).merge_and_unload().state_dict()
+    for name, expected in tuned.items():
+        torch.testing.assert_close(merged[name], expected, msg=name, atol=1e-5, rtol=1e-4)
+    # and merge-lora agrees with PEFT on the extracted adapter
+    got, _ = merge_lora(tmp_path, base, adapter)
+    for name, expected in tuned.items():
+        torch.testing.assert_close(got[name], expected, msg=name, atol=1e-5, rtol=1e-4)
+
+
+def test_extract_truncates_to_the_best_rank_r_approximation(request, tmp_path, llama_base):
+    model, base = llama_base
+    tuned = state(model)
+    name = "model.layers.0.mlp.up_proj.weight"
+    delta = low_rank((48, 32), 6, 4)
+    tuned[name] = tuned[name] + delta
+    tuned_path = tmp_path / "tuned.safetensors"
+    save_file(tuned, tuned_path)
+    register_input(request, tuned_path)
+    dry = run("extract-lora", base, tuned_path, "-o", tmp_path / "dry", "--rank", "2", "--dry-run")
+    assert dry.exit_code == 0 and not (tmp_path / "dry").exists()
+    assert dry.stdout.splitlines()[3].split() == [name, "48x32", "linear", "2"]
+    adapter, result = extracted(tmp_path, base, tuned_path, "--rank", "2")
+    u, s, vh = torch.linalg.svd((tuned[name] - state(model)[name]).double())
+    best = state(model)[name].double() + (u[:, :2] * s[:2]) @ vh[:2]
+    error = float(s[2:].norm() / s.norm())
+    assert float(result.stdout.splitlines()[2].split()[-1]) == pytest.approx(error, rel=1e-3)
+    got, _ = merge_lora(tmp_path, base, adapter)
+    torch.testing.assert_close(got[name].double(), best, atol=1e-5, rtol=1e-4)
+
+
+def test_extract_gpt2_conv1d_with_bias_and_convs(request, tmp_path):
+    from peft import PeftModel
+
+    for build, weights, extra in ((gpt2, ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"],
+                                   ["--fan-in-fan-out"]),
+                                  (convs, ["c3.weight", "c1.weight", "d1.weight", "d3.weight", "head.weight"], [])):
+        model = build()
+        before = state(model)
+        tuned = {k: v.clone() for k, v in before.items()}
+        for i, name in enumerate(weights):
+            shape = tuned[name].shape
+            tuned[name] += low_rank((shape[0], tuned[name].numel() // shape[0]), 2, i).reshape(shape)
+            tuned[name.replace("weight", "bias")] += 0.1
+        folder = tmp_path / build.__name__
+        folder.mkdir()
+        torch.save(before, folder / "base.pt")
+        torch.save(tuned, folder / "tuned.pt")
+        adapter, _ = extracted(folder, folder / "base.pt", folder / "tuned.pt", "--rank", "2", *extra)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["bias"] == "lora_only" and config["modules_to_save"] is None
+        merged = PeftModel.from_pretrained(build(), adapter).merge_and_unload().state_dict()
+        for name, expected in tuned.items():
+            torch.testing.assert_close(merged[name], expected, msg=name, atol=1e-5, rtol=1e-4)
+
+
+def test_extract_errors(request, tmp_path, llama_base):
+    model, base = llama_base
+    tuned = state(model)
+    tuned.pop("lm_head.weight")
+    path = tmp_path / "short.safetensors"
+    save_file(tuned, path)
+    result = run("extract-lora", base, path, "-o", tmp_path / "out", "--rank", "2")
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    assert result.stderr == (f"paramsurgeon: error: extract-lora: 1 tensor of {base} missing from {path}:"
+                             " lm_head.weight\n")

@@ -31,9 +31,7 @@ def merged(layout: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
     m = magnitude.float().reshape(-1)
     if layout == "linear":
         norm, shape = torch.linalg.norm(result, dim=1), (-1, 1)
-    elif layout == "transposed":
-        norm, shape = torch.linalg.norm(result, dim=0), (1, -1)
-    elif layout == "embedding":
+    elif layout in ("transposed", "embedding"):  # stored (in, out) / (num, dim): one column per output
         norm, shape = torch.linalg.norm(result, dim=0), (1, -1)
     else:
         norm, shape = result.norm(p=2, dim=tuple(range(1, result.dim()))), (-1,) + (1,) * (result.dim() - 1)
