@@ -213,7 +213,7 @@ def test_errors(tmp_path, llama_base):
         f"merge-lora: {tmp_path / 'rank'}: 'model.layers.0.self_attn.q_proj' has rank 4 in the file but r 8 in the"
         " config; 'model.layers.1.self_attn.q_proj' has rank 4 in the file but r 8 in the config")
     assert refused(tmp_path, base, tmp_path / "missing") == (
-        f"'{tmp_path / 'missing'}' is not a directory; an adapter is the directory save_pretrained writes, with"
+        f"merge-lora: '{tmp_path / 'missing'}' is not a directory; an adapter is the directory save_pretrained writes, with"
         " adapter_config.json and adapter_model.safetensors")
 
 

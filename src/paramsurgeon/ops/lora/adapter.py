@@ -83,23 +83,27 @@ def read_adapter(path: str, load) -> Adapter:
         PlanError: config features that merging cannot apply exactly, patterns that match no module,
             keys that are not LoRA pairs, ranks that disagree with the config.
     """
+    if os.path.isfile(path) and os.path.basename(path) in (CONFIG, *WEIGHTS):
+        path = os.path.dirname(path) or "."  # a file of the adapter names its directory
     if not os.path.isdir(path):
-        raise InputError(f"'{path}' is not a directory; an adapter is the directory save_pretrained writes,"
-                         f" with {CONFIG} and {WEIGHTS[0]}")
+        raise InputError(f"merge-lora: '{path}' is not a directory; an adapter is the directory save_pretrained"
+                         f" writes, with {CONFIG} and {WEIGHTS[0]}")
     config_path = os.path.join(path, CONFIG)
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
     except FileNotFoundError:
-        raise InputError(f"'{path}' has no {CONFIG}; an adapter is the directory save_pretrained writes") from None
+        raise InputError(f"merge-lora: '{path}' has no {CONFIG}; an adapter is the directory save_pretrained"
+                         " writes") from None
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read '{config_path}': {e}") from e
+        raise InputError(f"merge-lora: cannot read '{config_path}': {e}") from e
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise InputError(f"'{config_path}' is not a LoRA adapter's config (peft_type {kind!r}, expected 'LORA')")
+        raise InputError(f"merge-lora: '{config_path}' is not a LoRA adapter's config (peft_type {kind!r},"
+                         " expected 'LORA')")
     weights = [os.path.join(path, name) for name in WEIGHTS if os.path.isfile(os.path.join(path, name))]
     if not weights:
-        raise InputError(f"'{path}' has no {' or '.join(WEIGHTS)}")
+        raise InputError(f"merge-lora: '{path}' has no {' or '.join(WEIGHTS)}")
     ckpt: Checkpoint = load(weights[0])
     problems = _unsupported(config)
     pairs, whole, more = _group(ckpt.tensors, ckpt.source)

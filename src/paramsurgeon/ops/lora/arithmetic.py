@@ -8,27 +8,80 @@ weight (out, in, *kernel), A (r, in, *kernel), B (out, r, 1...)). DoRA rescales 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def delta(layout: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``dW`` in the base weight's own layout, float32."""
+CHUNK = 1 << 22  # elements of a weight merged at a time (16 MiB of float32)
+
+
+def delta(layout: str, a: torch.Tensor, b: torch.Tensor, scaling: float, rows: slice = slice(None)) -> torch.Tensor:
+    """Rows ``rows`` of ``dW`` in the base weight's own layout, float32."""
     a, b = a.float(), b.float()
     if layout == "conv":
         r = a.shape[0]
-        product = (b.reshape(b.shape[0], r) @ a.reshape(r, -1)).reshape(b.shape[0], *a.shape[1:])
+        part = b[rows]
+        product = (part.reshape(part.shape[0], r) @ a.reshape(r, -1)).reshape(part.shape[0], *a.shape[1:])
+    elif layout in ("transposed", "embedding"):
+        product = a[:, rows].T @ b.T  # (B @ A).T, contiguous
     else:
-        product = a.T @ b.T if layout in ("transposed", "embedding") else b @ a  # (B @ A).T, contiguous
+        product = b[rows] @ a
     return product.mul_(scaling)
 
 
+def merge(layout: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+          magnitude: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
+    """The merged weight in ``dtype``, computed in float32 a block of rows at a time (a DoRA
+    magnitude over columns needs them all at once), and its float32 minimum and maximum."""
+    low, high = math.inf, -math.inf
+    if magnitude is not None and layout in ("transposed", "embedding"):
+        blocks = [slice(None)]
+    else:
+        per = max(1, CHUNK // max(1, weight[0].numel())) if weight.dim() else 1
+        blocks = [slice(i, i + per) for i in range(0, weight.shape[0], per)]
+    out = torch.empty(weight.shape, dtype=dtype)
+    for rows in blocks:
+        values = merged(layout, weight[rows], a, b, scaling, magnitude, rows)
+        if values.numel():
+            least, most = torch.aminmax(values)
+            low, high = min(low, float(least)), max(high, float(most))
+            if math.isnan(float(least)) or math.isnan(float(most)):
+                low = high = math.nan
+        out[rows] = values
+    del values
+    _release()
+    return out, low, high
+
+
+def _release() -> None:
+    """Give the freed float32 blocks back to the system (glibc keeps them in its heap otherwise, and
+    the resident memory of a merge would grow with the number of tensors)."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
+def _malloc_trim():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
 def merged(layout: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-           magnitude: torch.Tensor | None = None) -> torch.Tensor:
-    """``W + dW`` in float32, or with a DoRA ``magnitude``, ``m / ||W + dW|| * (W + dW)``."""
-    result = delta(layout, a, b, scaling).add_(weight)
+           magnitude: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
+    """Rows ``rows`` of ``W + dW`` in float32 (``weight``: those rows), or with a DoRA ``magnitude``,
+    ``m / ||W + dW|| * (W + dW)``."""
+    result = delta(layout, a, b, scaling, rows).add_(weight)
     if magnitude is None:
         return result
     m = magnitude.float().reshape(-1)
+    m = m if layout in ("transposed", "embedding") else m[rows]
     if layout == "linear":
         norm, shape = torch.linalg.norm(result, dim=1), (-1, 1)
     elif layout in ("transposed", "embedding"):  # stored (in, out) / (num, dim): one column per output

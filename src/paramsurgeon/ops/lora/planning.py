@@ -100,9 +100,10 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
         problems.append(f"{names_list(integers)} {'is' if len(integers) == 1 else 'are'} not floating-point")
     fail("merge-lora", problems)
 
-    description = f"merge-lora {adapter.path} into {ckpt.source}" + (f" (scale {op.scale:g})" if op.scale != 1 else "")
+    description = f"merge-lora {adapter.path} into {ckpt.source} ({_settings(adapter, op.scale)})"
     plan = LoraPlan("merge-lora", description, heading=description, adapter=adapter.path, modules=modules)
-    units, notes = _units(ckpt, list(folds), op.follow_ties)
+    order = {name: i for i, name in enumerate(tensors)}
+    units, notes = _units(ckpt, sorted(folds, key=order.__getitem__), op.follow_ties)
     for unit in units:
         fold, tensor = folds[unit[0]], tensors[unit[0]]
         plan.changes.append(Change(unit, fold.action, tensor.shape, tensor.dtype.name,
@@ -116,6 +117,19 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
     if replaced and op.scale != 1:
         plan.notes.append(f"note: --scale does not apply to the {len(replaced)} tensors the adapter replaces whole")
     return plan
+
+
+def _settings(adapter: Adapter, scale: float) -> str:
+    """'r 8, alpha 16: scaling 2; rank_pattern 2 keys; DoRA; scale 0.5' for the plan's heading."""
+    config = adapter.config
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    scaling = alpha / (r ** 0.5 if adapter.rslora else r)
+    parts = [f"r {r}, alpha {alpha:g}: scaling {scaling:g}{' (rslora)' if adapter.rslora else ''}"]
+    parts += [f"{key} {len(config[key])} key{'s' if len(config[key]) > 1 else ''}"
+              for key in ("rank_pattern", "alpha_pattern") if config.get(key)]
+    parts += ["DoRA"] if any(p.dora for p in adapter.pairs.values()) else []
+    parts += [f"scale {scale:g}"] if scale != 1 else []
+    return "; ".join(parts)
 
 
 def _base_name(tensors: dict[str, Tensor], name: str) -> str | None:
@@ -205,12 +219,14 @@ def _compute(fold: Fold, like: Tensor, allow_overflow: bool) -> Callable:
         pair = {role: to_torch(t) for role, t in fold.pair.tensors.items()}
         if fold.role == "bias":
             result = arithmetic.bias(start, pair["bias"], fold.scaling)
+            low, high = (float(x) for x in torch.aminmax(result)) if result.numel() else (0.0, 0.0)
+            values = result.to(dtype)
         else:
-            result = arithmetic.merged(fold.layout, start, pair["A"], pair["B"], fold.scaling, pair.get("magnitude"))
-        values = result.to(dtype)
-        if not allow_overflow:
-            bad = ~torch.isfinite(values) & torch.isfinite(start)
-            count = int(bad.sum())
+            values, low, high = arithmetic.merge(fold.layout, start, pair["A"], pair["B"], fold.scaling,
+                                                 pair.get("magnitude"), dtype)
+        # only when a value is out of range (or NaN, which fails both comparisons) look closer: it is slow
+        if not allow_overflow and not -like.dtype.largest <= low <= high <= like.dtype.largest:
+            count = int((~torch.isfinite(values) & torch.isfinite(start)).sum())
             if count:
                 raise PlanError(f"merge-lora: {count:,} of {values.numel():,} values of '{fold.name}' would become Inf"
                                 f" or NaN ({like.dtype.name} cannot hold them); nothing was written; pass"
