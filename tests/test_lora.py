@@ -195,10 +195,9 @@ def test_errors(tmp_path, llama_base):
     other = tmp_path / "other.safetensors"
     save_file({k.replace("layers.", "blocks."): v for k, v in state(model).items()}, other)
     assert refused(tmp_path, other, adapter) == (
-        f"merge-lora: 2 adapter tensors match no tensor of {other}: base_model.model.model.layers.0."
-        "self_attn.q_proj.lora_A.weight, base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight (looked for"
-        " the name without 'base_model.model.', with and without '.base_layer'); is this the adapter's base model?"
-    )
+        f"merge-lora: 2 adapted modules match no tensor of {other}: model.layers.0.self_attn.q_proj,"
+        " model.layers.1.self_attn.q_proj (looked for '<module>.weight' and '<module>.base_layer.weight'); is this"
+        " the adapter's base model?")
     assert refused(tmp_path, base, variant("pattern", rank_pattern={"k_proj": 2})) == (
         f"merge-lora: {tmp_path / 'pattern'}: rank_pattern key 'k_proj' matches no adapted module")
     assert refused(tmp_path, base, variant("pissa", init_lora_weights="pissa")) == (

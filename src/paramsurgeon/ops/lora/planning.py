@@ -49,7 +49,7 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
     problems: list[str] = []
     folds: dict[str, Fold] = {}
     replaced: dict[str, Tensor] = {}
-    unmatched = []
+    unmatched, unmatched_modules = [], []
     for name, (key, tensor) in adapter.whole.items():
         target = _base_name(tensors, name)
         if target is None:
@@ -66,7 +66,7 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
     for module, pair in adapter.pairs.items():
         weight = _base_name(tensors, f"{module}.weight")
         if weight is None:
-            unmatched.append(pair.keys["A"])
+            unmatched_modules.append(module)
             continue
         layout, problem = _layout(pair, tensors[weight], fan_in_fan_out)
         if problem:
@@ -91,10 +91,16 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
         out = tensors[weight].shape[1] if layout in ("transposed", "embedding") else tensors[weight].shape[0]
         if magnitude is not None and magnitude.numel != out:
             problems.append(f"'{pair.keys['magnitude']}' has {magnitude.numel} values for {out} output features")
+    if unmatched_modules:
+        n = len(unmatched_modules)
+        problems.insert(0, f"{n} adapted module{'s match' if n > 1 else ' matches'} no tensor of {ckpt.source}:"
+                        f" {names_list(unmatched_modules, 4)} (looked for '<module>.weight' and"
+                        " '<module>.base_layer.weight'); is this the adapter's base model?")
     if unmatched:
-        problems.insert(0, f"{len(unmatched)} adapter tensor{'s match' if len(unmatched) > 1 else ' matches'} no"
-                        f" tensor of {ckpt.source}: {names_list(unmatched, 4)} (looked for the name without"
-                        " 'base_model.model.', with and without '.base_layer'); is this the adapter's base model?")
+        n = len(unmatched)
+        problems.insert(0, f"{n} tensor{'s' if n > 1 else ''} of the adapter saved whole match{'' if n > 1 else 'es'}"
+                        f" no tensor of {ckpt.source}: {names_list(unmatched, 4)} (looked for the name without"
+                        " 'base_model.model.', with and without '.base_layer')")
     integers = [n for n in folds if not tensors[n].dtype.floating]
     if integers:
         problems.append(f"{names_list(integers)} {'is' if len(integers) == 1 else 'are'} not floating-point")
