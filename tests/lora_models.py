@@ -58,13 +58,13 @@ def state(model) -> dict:
 
 
 def make_adapter(model, folder, seed=1, **config):
-    """Train nothing, but make every adapter tensor non-zero (seeded), as training would, and save it
+    """Train nothing, but move every trainable tensor (seeded), as training would, and save the adapter
     with PEFT's save_pretrained into ``folder``."""
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**config))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if any(part in name for part in ("lora_", "modules_to_save")):
+            if param.requires_grad:  # what training would change: LoRA pairs, modules_to_save, biases
                 noise = torch.randn(param.shape, generator=g).to(param.dtype)
                 if "lora_magnitude_vector" in name:
                     param.mul_(1 + 0.1 * noise)

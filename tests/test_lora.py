@@ -86,11 +86,11 @@ def test_gpt2_conv1d_fan_in_fan_out_lora_bias_and_modules_to_save(request, tmp_p
     torch.save(state(model), base)  # wte and lm_head tied, as GPT-2 saves them
     register_input(request, base)
     adapter = make_adapter(model, tmp_path / "adapter", r=4, lora_alpha=6, target_modules=["c_attn", "c_proj", "c_fc"],
-                           lora_bias=True, modules_to_save=["ln_f"])
+                           lora_bias=True, modules_to_save=["ln_f"], bias="all")
     assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"]  # PEFT forced it
     got, _ = merge_lora(tmp_path, base, adapter, out="merged.pt")
     # attn.c_proj is square (24x24): its layout comes from the config; the others from their shapes
-    assert_merged(got, peft_merged(model, adapter), state(model), 2 * 3 * 2 + 2)
+    assert_merged(got, peft_merged(model, adapter), state(model), 2 * 3 * 2 + 2 + 2 * 2)  # + LayerNorm biases
     assert got["lm_head.weight"].data_ptr() == got["transformer.wte.weight"].data_ptr()  # untouched tie kept
 
 
@@ -318,3 +318,68 @@ def test_extract_errors(request, tmp_path, llama_base):
     assert result.exit_code == 2 and not (tmp_path / "out").exists()
     assert result.stderr == (f"paramsurgeon: error: extract-lora: 1 tensor of {base} missing from {path}:"
                              " lm_head.weight\n")
+    torch.save({"pos_embed": torch.zeros(4, 8), "fc.weight": torch.zeros(3, 8)}, tmp_path / "vit.pt")
+    torch.save({"pos_embed": torch.ones(4, 8), "fc.weight": torch.ones(3, 8), "new.weight": torch.ones(3)},
+               tmp_path / "vit-tuned.pt")
+    result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit-tuned.pt", "-o", tmp_path / "out", "--rank", "2")
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    assert result.stderr == (f"paramsurgeon: error: extract-lora: 1 tensor of {tmp_path / 'vit-tuned.pt'} missing"
+                             f" from {tmp_path / 'vit.pt'}: new.weight\n")
+    result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit-tuned.pt", "-o", tmp_path / "out", "--rank", "2",
+                 "-x", "new.*")
+    assert result.stderr == ("paramsurgeon: error: extract-lora: pos_embed changed but is not a module's .weight,"
+                             " which LoRA adapts; leave it out with -x\n")
+    result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit-tuned.pt", "-o", tmp_path / "out", "--rank", "2",
+                 "-x", "new.*", "-x", "pos_embed")
+    assert result.exit_code == 0 and (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_json_plan_stdin_and_overflow(tmp_path, llama_base):
+    from helpers import validate
+
+    model, base = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["o_proj"])
+    result = run("merge-lora", base, adapter, "--dry-run", "--json")
+    document = validate(json.loads(result.stdout), "plan")
+    assert [c["name"] for c in document["changes"]] == [f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)]
+    assert {m["module"]: (m["r"], m["scaling"]) for m in document["modules"]} == {
+        f"model.layers.{i}.self_attn.o_proj": (4, 2.0) for i in (0, 1)}
+    piped = run("merge-lora", "-", adapter, "--format", "safetensors", input=open(base, "rb").read())
+    assert piped.exit_code == 0, piped.stderr
+    from safetensors.torch import load
+    assert_merged(load(piped.stdout_bytes), peft_merged(model, adapter), state(model), 2)
+    # float16: an update beyond 65504 is refused, in the dry run too, unless --allow-overflow
+    half = {k: v.half() for k, v in state(model).items()}
+    save_file(half, tmp_path / "half.safetensors")
+    big = tmp_path / "big"
+    shutil.copytree(adapter, big)
+    config = json.loads((big / "adapter_config.json").read_text())
+    (big / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 4e6}))
+    message = refused(tmp_path, tmp_path / "half.safetensors", big)
+    assert message.startswith("merge-lora: ") and "values of 'model.layers.0.self_attn.o_proj.weight' would become Inf"\
+        " or NaN (float16 cannot hold them); nothing was written; pass --allow-overflow to write them anyway" in message
+    got, _ = merge_lora(tmp_path, tmp_path / "half.safetensors", big, "--allow-overflow")
+    assert torch.isinf(got["model.layers.0.self_attn.o_proj.weight"]).any()
+
+
+def test_lora_bias_without_a_base_bias(tmp_path, llama_base):
+    model, base = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["q_proj"], lora_bias=True)
+    assert refused(tmp_path, base, adapter) == (
+        "merge-lora: 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias' (lora_bias) has no base bias to"
+        " update: 'model.layers.0.self_attn.q_proj.bias' does not exist (PEFT cannot merge it either);"
+        " 'base_model.model.model.layers.1.self_attn.q_proj.lora_B.bias' (lora_bias) has no base bias to update:"
+        " 'model.layers.1.self_attn.q_proj.bias' does not exist (PEFT cannot merge it either)")
+
+
+def test_library_calls(tmp_path, llama_base):
+    import paramsurgeon as ps
+
+    model, base = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["gate_proj"])
+    ps.save(ps.merge_lora(str(base), str(adapter), scale=0.5), str(tmp_path / "half.safetensors"))
+    assert_merged(load_file(tmp_path / "half.safetensors"), peft_merged(model, adapter, scale=0.5), state(model), 2)
+    tuned = tmp_path / "half.safetensors"
+    rows = ps.extract_lora(str(base), str(tuned), str(tmp_path / "back"), rank=4)
+    assert [(r["tensor"], r["rank"]) for r in rows] == [(f"model.layers.{i}.mlp.gate_proj.weight", 4) for i in (0, 1)]
+    assert all(r["error"] < 1e-5 for r in rows)

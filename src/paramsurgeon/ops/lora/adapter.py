@@ -141,7 +141,11 @@ def _group(tensors: dict[str, Tensor], source: str) -> tuple[dict[str, Pair], di
                 pair.embedding = pair.embedding or suffix.startswith("lora_embedding")
                 break
         else:
-            whole[_strip(name)] = (key, tensor)
+            if ".original_module." in name:  # the module modules_to_save replaced (bias='all' saves it too)
+                continue
+            stripped = _strip(name)
+            if stripped not in whole or name == stripped:  # PEFT loads the plain key of a module to save
+                whole[stripped] = (key, tensor)
     problems = []
     for module, pair in pairs.items():
         missing = [role for role in ("A", "B") if role not in pair.tensors]
@@ -152,7 +156,7 @@ def _group(tensors: dict[str, Tensor], source: str) -> tuple[dict[str, Pair], di
 
 def _strip(name: str) -> str:
     """A whole tensor's name without PEFT's wrapper parts (``base_layer``, ``modules_to_save``)."""
-    return re.sub(r"\.(base_layer|modules_to_save|original_module)(?=\.)", "", name)
+    return re.sub(r"\.(base_layer|modules_to_save)(?=\.)", "", name)
 
 
 def pattern_key(patterns, module: str) -> str | None:

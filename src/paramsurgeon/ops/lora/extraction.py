@@ -63,13 +63,17 @@ class Extraction:
 
 def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = True) -> Extraction:
     """Check the inputs, find what changed and, with ``compute``, take each delta's SVD."""
-    names, warnings = op.choose(base.tensors, base.key)
     theirs = tuned.tensors
+    universe = {**base.tensors, **{n: t for n, t in theirs.items() if n not in base.tensors}}
+    names, warnings = op.choose(universe, base.key)
     problems = []
-    missing = [n for n in names if n not in theirs]
-    if missing:
-        problems.append(f"{len(missing)} tensor{'s' if len(missing) > 1 else ''} of {base.source} missing from"
-                        f" {tuned.source}: {names_list(missing)}")
+    for ours, source, others, where in ((base.tensors, base.source, theirs, tuned.source),
+                                        (theirs, tuned.source, base.tensors, base.source)):
+        missing = [n for n in names if n in ours and n not in others]
+        if missing:
+            problems.append(f"{len(missing)} tensor{'s' if len(missing) > 1 else ''} of {source} missing from"
+                            f" {where}: {names_list(missing)}")
+    names = [n for n in names if n in base.tensors and n in theirs]
     shapes = [f"'{n}' is {list(base[n].shape)} in {base.source} but {list(theirs[n].shape)} in {tuned.source}"
               for n in names if n in theirs and tuple(theirs[n].shape) != tuple(base[n].shape)]
     problems += shapes
@@ -89,8 +93,9 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
         else:
             others.append(name)
     if others:
-        raise PlanError(f"extract-lora: {names_list(others)} changed but {'is' if len(others) == 1 else 'are'} not a"
-                        " module's .weight, which LoRA adapts; leave them out with -x")
+        one = len(others) == 1
+        raise PlanError(f"extract-lora: {names_list(others)} changed but {'is' if one else 'are'} not a module's"
+                        f" .weight, which LoRA adapts; leave {'it' if one else 'them'} out with -x")
     targets = {m.name for m in modules}
     whole: dict[str, Tensor] = OrderedDict()
     saved = []

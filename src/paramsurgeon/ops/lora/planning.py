@@ -113,7 +113,8 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
     for unit in units:
         fold, tensor = folds[unit[0]], tensors[unit[0]]
         plan.changes.append(Change(unit, fold.action, tensor.shape, tensor.dtype.name,
-                                   _compute(fold, tensor, op.allow_overflow), lazy=True))
+                                   _compute(fold, tensor, op.allow_overflow), lazy=True,
+                                   guarded=not op.allow_overflow and _may_overflow(fold, tensor)))
     plan.notes += notes
     if against_config:
         plan.notes.append(f"note: {len(against_config)} weight{'s are' if len(against_config) > 1 else ' is'} stored"
@@ -206,6 +207,28 @@ def _units(ckpt: Checkpoint, names: list[str], follow: bool) -> tuple[list[list[
     if problems:
         raise PlanError(f"merge-lora: {'; '.join(problems)}")
     return units, notes
+
+
+def _may_overflow(fold: Fold, like: Tensor) -> bool:
+    """Whether ``fold``'s values might leave ``like``'s range (then a dry run computes them to check):
+    always for float16 and float8 (narrow ranges); otherwise (bfloat16, float32) when a bound of the
+    update, from the adapter's small tensors, is not below half the range (or not finite)."""
+    if like.dtype.largest < 1e6:
+        return True
+    if fold.role == "replace":
+        return fold.start.dtype.itemsize > like.dtype.itemsize
+    from ...checkpoint.values import to_torch
+
+    def largest(role: str) -> float:
+        return float(to_torch(fold.pair.tensors[role]).float().abs().max())
+
+    if fold.role == "bias":
+        bound = abs(fold.scaling) * largest("bias")
+    elif fold.pair.dora:
+        bound = largest("magnitude")  # each value of m / ||row|| * row is at most m
+    else:
+        bound = abs(fold.scaling) * fold.pair.r * largest("A") * largest("B")
+    return not bound <= like.dtype.largest / 2
 
 
 def _compute(fold: Fold, like: Tensor, allow_overflow: bool) -> Callable:
