@@ -106,7 +106,7 @@ def read_adapter(path: str, load) -> Adapter:
         raise InputError(f"merge-lora: '{path}' has no {' or '.join(WEIGHTS)}")
     ckpt: Checkpoint = load(weights[0])
     problems = _unsupported(config)
-    pairs, whole, more = _group(ckpt.tensors, ckpt.source)
+    pairs, whole, more = _group(ckpt.tensors)
     problems += more
     problems += _resolve_ranks(config, pairs)
     if problems:
@@ -127,7 +127,7 @@ def _unsupported(config: dict) -> list[str]:
     return found
 
 
-def _group(tensors: dict[str, Tensor], source: str) -> tuple[dict[str, Pair], dict, list[str]]:
+def _group(tensors: dict[str, Tensor]) -> tuple[dict[str, Pair], dict, list[str]]:
     """The LoRA pairs by module name, the whole tensors by base-side name, and problems."""
     pairs: dict[str, Pair] = {}
     whole: dict[str, tuple[str, Tensor]] = {}
