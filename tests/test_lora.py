@@ -383,3 +383,15 @@ def test_library_calls(tmp_path, llama_base):
     rows = ps.extract_lora(str(base), str(tuned), str(tmp_path / "back"), rank=4)
     assert [(r["tensor"], r["rank"]) for r in rows] == [(f"model.layers.{i}.mlp.gate_proj.weight", 4) for i in (0, 1)]
     assert all(r["error"] < 1e-5 for r in rows)
+
+
+def test_adapter_of_a_resized_vocabulary(tmp_path, llama_base):
+    model, base = llama_base
+    resized = llama()
+    resized.resize_token_embeddings(100)
+    adapter = make_adapter(resized, tmp_path / "adapter", r=4, target_modules=["embed_tokens", "q_proj"])
+    assert refused(tmp_path, base, adapter) == (
+        "merge-lora: 'base_model.model.model.embed_tokens.base_layer.weight' is [100, 32] but the base's"
+        " 'model.embed_tokens.weight' is [96, 32]; the adapter was trained on a model with another vocabulary:"
+        " resize the base the same way first; 'model.embed_tokens': lora_embedding_A [4, 100] and lora_embedding_B"
+        " [32, 4] do not fit the weight [96, 32]")

@@ -55,8 +55,11 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
         if target is None:
             unmatched.append(key)
         elif tuple(tensor.shape) != tuple(tensors[target].shape):
+            rows = tensor.shape[1:] == tensors[target].shape[1:] and tensor.shape[:1] != tensors[target].shape[:1]
             problems.append(f"'{key}' is {list(tensor.shape)} but the base's '{target}' is"
-                            f" {list(tensors[target].shape)}")
+                            f" {list(tensors[target].shape)}" + ("; the adapter was trained on a model with"
+                                                                 " another vocabulary: resize the base the same way"
+                                                                 " first" if rows else ""))
         else:
             replaced[target] = tensor
             folds[target] = Fold(target, tensor, "replace")
