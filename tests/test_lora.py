@@ -332,6 +332,10 @@ def test_extract_errors(request, tmp_path, llama_base):
     result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit-tuned.pt", "-o", tmp_path / "out", "--rank", "2",
                  "-x", "new.*", "-x", "pos_embed")
     assert result.exit_code == 0 and (tmp_path / "out" / "adapter_config.json").exists()
+    result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit-tuned.pt", "-o", tmp_path, "--rank", "2")
+    assert result.exit_code == 2 and result.stderr == (f"paramsurgeon: error: extract-lora: -o {tmp_path} would"
+                                                       f" replace the directory holding {tmp_path / 'vit.pt'};"
+                                                       " write the adapter elsewhere\n")
 
 
 def test_json_plan_stdin_and_overflow(tmp_path, llama_base):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from ...checkpoint import Checkpoint, Tensor
 from ...checkpoint.kinds import infer_kinds, split_name
 from ...checkpoint.tensor import same_values
-from ...errors import PlanError
+from ...errors import PlanError, UsageError
 from ..plan import fail, names_list
 from .adapter import CONFIG, PREFIX, WEIGHTS
 
@@ -63,6 +63,11 @@ class Extraction:
 
 def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = True) -> Extraction:
     """Check the inputs, find what changed and, with ``compute``, take each delta's SVD."""
+    folder = os.path.realpath(op.output)
+    inside = [p for p in (base.path, tuned.path) if p and os.path.commonpath([folder, os.path.realpath(p)]) == folder]
+    if inside:
+        raise UsageError(f"extract-lora: -o {op.output} would replace the directory holding {inside[0]}; write the"
+                         " adapter elsewhere")
     theirs = tuned.tensors
     universe = {**base.tensors, **{n: t for n, t in theirs.items() if n not in base.tensors}}
     names, warnings = op.choose(universe, base.key)
