@@ -95,6 +95,54 @@ for name, t in state.items():
           x.abs().max().item(), (t == 0).sum().item(), torch.isnan(t).sum().item(), torch.isinf(t).sum().item())
 """
 
+LORA_GROUP = "merge a rank-16 LoRA into a 1 GiB bf16 Llama-like checkpoint"
+MAKE_LORA = """
+import json, os, sys, torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+folder = sys.argv[1]
+config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                     num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+os.makedirs(folder + "/llama", exist_ok=True)
+config.save_pretrained(folder + "/llama")
+g = torch.Generator().manual_seed(0)
+h, i = config.hidden_size, config.intermediate_size
+shapes = {"model.embed_tokens.weight": (config.vocab_size, h)}
+linear = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
+          "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+for layer in range(config.num_hidden_layers):
+    for name, shape in linear.items():
+        shapes[f"model.layers.{layer}.{name}.weight"] = shape
+    shapes[f"model.layers.{layer}.input_layernorm.weight"] = (h,)
+    shapes[f"model.layers.{layer}.post_attention_layernorm.weight"] = (h,)
+shapes["model.norm.weight"] = (h,)
+shapes["lm_head.weight"] = (config.vocab_size, h)
+state = {k: (0.02 * torch.randn(s, generator=g)).to(torch.bfloat16) for k, s in shapes.items()}
+save_file(state, folder + "/llama/model.safetensors", metadata={"format": "pt"})
+del state
+r = 16  # PEFT's key names and config, as save_pretrained writes them for target_modules=all linear layers
+adapter = {}
+for layer in range(config.num_hidden_layers):
+    for name, (out, inn) in linear.items():
+        key = f"base_model.model.model.layers.{layer}.{name}"
+        adapter[key + ".lora_A.weight"] = 0.01 * torch.randn(r, inn, generator=g)
+        adapter[key + ".lora_B.weight"] = 0.01 * torch.randn(out, r, generator=g)
+os.makedirs(folder + "/adapter", exist_ok=True)
+save_file(adapter, folder + "/adapter/adapter_model.safetensors", metadata={"format": "pt"})
+json.dump({"peft_type": "LORA", "r": r, "lora_alpha": 32, "target_modules": sorted({n.split(".")[-1] for n in linear}),
+           "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "task_type": "CAUSAL_LM",
+           "base_model_name_or_path": None}, open(folder + "/adapter/adapter_config.json", "w"))
+"""
+SCRIPT_PEFT_MERGE = """
+import sys, torch
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+model = LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, sys.argv[2])
+assert model.base_model.model.model.layers[7].mlp.down_proj.lora_B["default"].weight.abs().sum() > 0  # loaded
+model.merge_and_unload().save_pretrained(sys.argv[3])
+"""
+
 
 def peak_anon(pid: int, stop: threading.Event, result: list) -> None:
     peak = 0
@@ -174,6 +222,11 @@ def cases(folder: str) -> list[tuple[str, str, list[str], str]]:
     rows += [("report (2 GiB safetensors)", reference, tool("inspect", "model.safetensors"), ""),
              ("report (2 GiB safetensors)", "paramsurgeon report", tool("report", "model.safetensors", "-o",
                                                                         "report.html"), "report.html")]
+    rows += [(LORA_GROUP, "paramsurgeon merge-lora (streaming)",
+              tool("merge-lora", "lora/llama/model.safetensors", "lora/adapter", "-o", "lora-merged.safetensors"),
+              "lora-merged.safetensors"),
+             (LORA_GROUP, "PEFT: from_pretrained, merge_and_unload, save_pretrained",
+              python(SCRIPT_PEFT_MERGE, "lora/llama", "lora/adapter", "peft-merged"), "peft-merged")]
     for n in MANY:
         group = f"DCP of {n:,} tensors of 64x64 -> torch zip"
         rows += [(group, "paramsurgeon convert", tool("convert", f"dcp-{n}", "-o", "many.pt"), "many.pt"),
@@ -217,7 +270,9 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
     f"{MANY_ST[-1]:,} tensors of 16x16: zero one, write all (safetensors)": ("safetensors safe_open().keys()", 4.0,
                                                                              256 * MiB),
     "init --all into DCP (2 GiB, 16 MiB tensors)": ("script: load_file, normal_, dcp.save", None, 272 * MiB),
-}  # merge: 256 MiB plus a few 16 MiB tensors; no limit on time; init into DCP: 256 MiB plus one tensor
+    LORA_GROUP: ("PEFT: from_pretrained, merge_and_unload, save_pretrained", 1.0, 320 * MiB),
+}  # merge: 256 MiB plus a few 16 MiB tensors; no limit on time; init into DCP: 256 MiB plus one tensor;
+# merge-lora: 256 MiB plus a few float32 copies of its largest adapted tensor (5632x2048: 44 MiB, 16 MiB at a time)
 # DCP has no target yet; measured and shown.
 
 
@@ -288,6 +343,8 @@ def main() -> None:
                 subprocess.run(python(MAKE_MANY_ST, path, str(n)), check=True)
         if any(any(a.startswith("model") for a in command) for _, _, command, _ in selected):
             prepare(folder)
+        if any(group == LORA_GROUP for group, *_ in selected) and not os.path.exists(os.path.join(folder, "lora")):
+            subprocess.run(python(MAKE_LORA, os.path.join(folder, "lora")), check=True)
         subprocess.run(tool("--help"), check=True, env=ENV, capture_output=True)  # writes bytecode if missing
         results = run(folder, args.runs, selected)
     finally:

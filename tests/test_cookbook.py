@@ -198,11 +198,22 @@ def check_bert_top4(out):
             assert torch.equal(after[name], expected)
 
 
+def check_merge_lora(out):
+    before, after = sample("gpt.pt"), out("merged.pt")
+    names = [f"h.{i}.mlp.2.weight" for i in range(2)]
+    assert_only_changed(before, after, set(names))
+    g = torch.Generator().manual_seed(1)  # the adapter the recipe writes, drawn again in its order
+    for name in names:
+        a, b = 0.1 * torch.randn((4, 256), generator=g), 0.1 * torch.randn((64, 4), generator=g)
+        torch.testing.assert_close(after[name], before[name] + 8 / 4 * b @ a)
+
+
 CHECKS = {"copy-conv": check_copy_conv, "conv-ones": check_conv_ones, "dcgan": check_dcgan,
           "xavier-bn": check_xavier_bn, "he": check_he, "uniform-prune": check_uniform_prune,
           "xavier-linear": check_xavier_linear, "trunc-normal": check_trunc_normal, "pretrained": check_pretrained,
           "share-linear": check_share_linear, "zero-gamma": check_zero_gamma, "head-subset": check_head_subset,
-          "new-tokens": check_new_tokens, "gpt2-linear": check_gpt2_linear, "bert-top4": check_bert_top4}
+          "new-tokens": check_new_tokens, "gpt2-linear": check_gpt2_linear, "bert-top4": check_bert_top4,
+          "merge-lora": check_merge_lora}
 
 
 def test_every_recipe_has_a_check():

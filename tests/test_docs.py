@@ -10,7 +10,7 @@ from helpers import readme_text, run
 def commands() -> list[str]:
     """The commands ``paramsurgeon --help`` lists."""
     listing = run("--help").stdout.split("Commands:")[1]
-    return re.findall(r"^  (\w+)  ", listing, re.M)
+    return re.findall(r"^  ([\w-]+)  ", listing, re.M)
 
 
 COMMANDS = commands()

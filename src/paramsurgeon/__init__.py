@@ -16,6 +16,7 @@ _OPERATIONS = ("init", "zero", "scale", "cast", "copy", "tie", "untie", "rename"
                "Resize", "Split", "Concat", "Transpose", "Plan")
 _LAZY = {"Checkpoint": "checkpoint", "Tensor": "checkpoint", "Selector": "selection", "load": "formats",
          "to_torch": "checkpoint.values", "merge": "ops.merge", "Merge": "ops.merge",
+         **{name: "ops.lora" for name in ("merge_lora", "extract_lora", "MergeLora", "ExtractLora")},
          **{name: "ops" for name in _OPERATIONS}}
 
 __all__ = ["ParamSurgeonError", "save", "select", "__version__", *_LAZY]

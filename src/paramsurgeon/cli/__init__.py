@@ -100,6 +100,8 @@ def _register() -> None:
     """Every command: the reading ones, one per operation, apply and merge."""
     from ..ops import OPERATIONS
     from ..ops.merge import Merge
+    from ..ops.lora import ExtractLora, MergeLora
+    from .lora import ExtractRun, run_extract_lora, run_merge_lora
     from .merging import EXAMPLE, run_merge
     from .operations import Recipe, apply_recipe, run_operation
     from .options import Input, Read, Surgery, Write
@@ -112,6 +114,10 @@ def _register() -> None:
     command(app, "apply", [Recipe, Read, Write, Surgery], apply_recipe,
             described(apply_recipe.__doc__, "paramsurgeon apply model.pt recipe.toml -o out.pt"))
     command(app, "merge", [Merge, Read, Write, Surgery], run_merge, described(run_merge.__doc__, EXAMPLE))
+    command(app, "merge-lora", [MergeLora, Read, Write, Surgery], run_merge_lora,
+            described(run_merge_lora.__doc__, MergeLora.example))
+    command(app, "extract-lora", [ExtractLora, Read, ExtractRun], run_extract_lora,
+            described(run_extract_lora.__doc__, ExtractLora.example))
 
 
 _register()

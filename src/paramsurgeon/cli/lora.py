@@ -1,0 +1,79 @@
+"""merge-lora (a one-step run whose plan reads the adapter) and extract-lora (which writes an adapter
+directory, not a checkpoint, and prints each module's reconstruction error)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..declare import option
+from ..ops.lora import ExtractLora, MergeLora
+from ..ops.surgery import Step
+from ..report import render
+from ..report.tables import Column
+from ..report.tables import render as table
+from ..sizes import human_bytes, plural
+from .console import color_on_stdout, emit, note, source_loader, terminal_width
+from .operations import run_steps
+from .options import Read, Surgery, Write
+
+
+def run_merge_lora(merge: MergeLora, read: Read, write: Write, surgery: Surgery) -> None:
+    """Fold a PEFT LoRA adapter into its base checkpoint, with PEFT's own arithmetic (merge_and_unload).
+
+    Scale alpha/r (alpha/sqrt(r) with use_rslora), rank_pattern/alpha_pattern; Linear, GPT-2 Conv1D,
+    Embedding, Conv1d/2d/3d, DoRA, lora_bias, modules_to_save. Computed in float32, written in the
+    base's dtypes, one tensor at a time.
+    """
+    run_steps("merge-lora", merge.ckpt, [Step(merge)], None, read, write, surgery)
+
+
+@dataclass(kw_only=True)
+class ExtractRun:
+    """What extract-lora prints and whether it writes."""
+
+    dry_run: bool = option(False, "--dry-run", help="Print the modules and ranks; compute and write nothing.")
+    json: bool = option(False, "--json", help="Print the modules as JSON on standard output.")
+
+
+def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
+    """A PEFT LoRA adapter whose merge into BASE approximates TUNED: a truncated SVD of each changed
+    weight's delta (B = U_r sqrt(S_r), A = sqrt(S_r) Vh_r), loadable by PeftModel.from_pretrained.
+
+    Unchanged tensors are skipped; changed 1-D tensors are saved whole (modules_to_save, or a
+    targeted module's bias). Prints each module's relative reconstruction error.
+    """
+    from ..ops.lora.extraction import plan_extraction, write_adapter
+
+    load = source_loader(read)
+    base, tuned = load(extract.base, read.key), load(extract.tuned, read.key)
+    extraction = plan_extraction(extract, base, tuned, compute=not run.dry_run)
+    for message in extraction.notes:
+        note(f"extract-lora: {message}")
+    rows = extraction.rows
+    if run.json:
+        emit(render.to_json({"command": "extract-lora", "base": extract.base, "tuned": extract.tuned,
+                             "output": extract.output, "dry_run": run.dry_run, "config": extraction.config,
+                             "modules": rows}))
+    else:
+        cells = [[r["tensor"], "x".join(map(str, r["shape"])), r["layout"], str(r["rank"] or "-"),
+                  "-" if r["error"] is None or r["rank"] is None else f"{r['error']:.3g}"] for r in rows]
+        columns = [Column("tensor"), Column("shape", True), Column("layout"), Column("rank", True),
+                   Column("error", True)]
+        if run.dry_run:
+            emit(f"extract-lora: {plural(len(rows), 'tensor')} would go into {extract.output} (dry run: nothing"
+                 " written)\n")
+        emit(table(columns[:-1] if run.dry_run else columns, [c[:-1] for c in cells] if run.dry_run else cells,
+                   terminal_width(), color_on_stdout())[0])
+    if run.dry_run:
+        return
+    write_adapter(extraction, extract.output)
+    size = sum(os.path.getsize(os.path.join(extract.output, n)) for n in os.listdir(extract.output))
+    whole = len(extraction.whole)
+    note(f"extract-lora: {plural(len(extraction.modules), 'module')} (rank {extract.rank})"
+         + (f", {plural(whole, 'tensor')} saved whole" if whole else "")
+         + (f", {plural(len(extraction.skipped), 'unchanged tensor')} skipped" if extraction.skipped else "")
+         + f"; wrote {extract.output} ({human_bytes(size)})")
+
+
+__all__ = ["ExtractRun", "run_extract_lora", "run_merge_lora"]

@@ -1,0 +1,105 @@
+"""merge-lora and extract-lora: PEFT LoRA adapters folded into a checkpoint, or extracted from a fine-tune.
+
+    __init__.py    MergeLora, ExtractLora: the options, and the library calls
+    adapter.py     an adapter directory read: its config (what cannot be merged exactly is refused),
+                   its tensors grouped by module, ranks and alphas from PEFT's patterns
+    planning.py    merge-lora's plan: adapter names mapped to base tensors, one lazy Change per tensor
+    arithmetic.py  PEFT's formulas in float32 (Linear, Conv1D, Embedding, ConvNd, DoRA, lora_bias), and the SVD
+    extraction.py  extract-lora: the deltas, their truncated SVDs, the adapter directory written
+
+The base is streamed like every command's input: each updated tensor is computed when the writer
+reaches it, from memory-mapped views of the base tensor and its adapter pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ...declare import REQUIRED, argument, option
+from ...selection import Selection
+from ..plan import Plan
+from ..spec import Operation, Overflow, Sources
+
+
+@dataclass(kw_only=True)
+class MergeLora(Overflow, Operation):
+    """Fold a PEFT LoRA adapter into its base checkpoint, with PEFT's own arithmetic (merge_and_unload).
+
+    Linear, GPT-2 Conv1D, Embedding, Conv1d/2d/3d, DoRA, lora_bias and modules_to_save; computed in
+    float32 and written in the base's dtypes, one tensor at a time.
+    """
+
+    name: ClassVar[str] = "merge-lora"
+    example: ClassVar[str] = "paramsurgeon merge-lora base.safetensors my-adapter/ -o merged.safetensors"
+
+    ckpt: str = argument(REQUIRED, metavar="CKPT", help="The base checkpoint (a file, a sharded directory, '-').")
+    adapter: str = argument(REQUIRED, metavar="ADAPTER", help="The adapter directory save_pretrained wrote"
+                            " (adapter_config.json and adapter_model.safetensors or .bin).")
+    scale: float = option(1.0, "--scale", metavar="S", help="Multiply the adapter's effect (0.5: half), as PEFT's"
+                          " set_scale does.")
+    follow_ties: bool = option(False, "--follow-ties", help="Give tensors tied to an adapted one the merged values"
+                               " too (default: the tie is broken and they keep the base values, with a note).")
+
+    def plan(self, ckpt, sources: Sources) -> Plan:
+        """Read the adapter and plan one Change per base tensor it updates."""
+        from ...formats import load
+        from .adapter import read_adapter
+        from .planning import plan_merge_lora
+
+        return plan_merge_lora(self, ckpt, read_adapter(self.adapter, load))
+
+
+@dataclass(kw_only=True)
+class ExtractLora(Selection):
+    """A PEFT LoRA adapter whose merge into BASE approximates TUNED (truncated SVD of each delta)."""
+
+    name: ClassVar[str] = "extract-lora"
+    example: ClassVar[str] = "paramsurgeon extract-lora base.safetensors tuned.safetensors -o adapter/ --rank 16"
+
+    base: str = argument(REQUIRED, metavar="BASE", help="The base checkpoint.")
+    tuned: str = argument(REQUIRED, metavar="TUNED", help="The fine-tuned checkpoint (same names and shapes).")
+    output: str = option(REQUIRED, "-o", "--output", metavar="ADAPTER_DIR", help="The adapter directory to write"
+                         " (replaced whole if it exists).")
+    rank: int = option(REQUIRED, "--rank", metavar="R", minimum=1, help="The LoRA rank (smaller for a module whose"
+                       " delta has fewer dimensions; recorded in rank_pattern).")
+    alpha: float | None = option(None, "--alpha", metavar="A", above=0, help="lora_alpha of the config (default:"
+                                 " the rank, so that the scaling is 1).")
+    fan_in_fan_out: bool = option(False, "--fan-in-fan-out", help="2-D weights are stored (in, out), as GPT-2's"
+                                  " Conv1D stores them.")
+
+    def __post_init__(self) -> None:
+        from ...declare import check
+
+        check(self, self.name)
+
+
+def merge_lora(ckpt: Any, adapter: str, *, key: str | None = None, **options) -> Any:
+    """Fold the adapter directory ``adapter`` into ``ckpt`` (a path, or a Checkpoint already loaded)
+    and return the result, whose updated tensors are computed when read or saved (``ps.save``).
+
+    Options: the fields of MergeLora (scale, follow_ties, allow_overflow).
+    """
+    from ...formats import load
+    from ..surgery import Step, run
+
+    path = ckpt if isinstance(ckpt, str) else "<checkpoint>"
+    loaded = load(ckpt, key=key) if isinstance(ckpt, str) else ckpt
+    plans = run(loaded, [Step(MergeLora(ckpt=path, adapter=adapter, **options))], sources=lambda p, _: loaded)
+    loaded.notes += plans[-1].notes
+    return loaded
+
+
+def extract_lora(base: str, tuned: str, output: str, *, rank: int, key: str | None = None, **options) -> list[dict]:
+    """Write to ``output`` a LoRA adapter whose merge into ``base`` approximates ``tuned``; returns one
+    entry per module (module, rank, relative reconstruction error) and per tensor saved whole."""
+    from ...formats import load
+    from .extraction import plan_extraction, write_adapter
+
+    operation = ExtractLora(base=base, tuned=tuned, output=output, rank=rank, **options)
+    extraction = plan_extraction(operation, load(base, key=key), load(tuned, key=key))
+    write_adapter(extraction, output)
+    return extraction.rows
+
+
+__all__ = ["ExtractLora", "MergeLora", "extract_lora", "merge_lora"]

@@ -1,0 +1,182 @@
+"""extract-lora: the delta of each selected weight, its truncated SVD as a LoRA pair, and the adapter
+directory PEFT's ``PeftModel.from_pretrained`` loads (``adapter_config.json``, ``adapter_model.safetensors``).
+
+A weight's delta ``TUNED - BASE`` (float32) becomes ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) Vh_r``
+(B divided by the scaling ``alpha / r`` when ``--alpha`` is not the rank), laid out as PEFT lays out
+the module: nn.Linear (out, in); GPT-2 Conv1D with ``--fan-in-fan-out`` (the delta is transposed);
+Embedding (``lora_embedding_A`` (r, num), ``lora_embedding_B`` (dim, r): the delta transposed); a
+convolution's kernel goes to A, B is (out, r, 1, ...). A tensor whose delta is zero is skipped. A
+changed 1-D tensor is saved whole: a targeted module's bias as ``<module>.base_layer.bias``, any
+other module's tensors (a norm) as ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ...checkpoint import Checkpoint, Tensor
+from ...checkpoint.kinds import infer_kinds, split_name
+from ...checkpoint.tensor import same_values
+from ...errors import PlanError, UsageError
+from ..plan import fail, names_list
+from .adapter import CONFIG, PREFIX, WEIGHTS
+
+
+@dataclass
+class Module:
+    """One module to extract: its weight's name, layout, rank, and once computed, A, B and the error."""
+
+    name: str
+    weight: str
+    layout: str
+    rank: int
+    shape: tuple
+    a: object = None
+    b: object = None
+    error: float | None = None
+
+
+@dataclass
+class Extraction:
+    """What extract-lora writes: the modules, the whole tensors (adapter key -> tensor), the config."""
+
+    modules: list[Module]
+    whole: dict[str, Tensor]
+    saved: list[str]  # modules_to_save
+    config: dict
+    skipped: list[str] = field(default_factory=list)  # selected tensors that did not change
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[dict]:
+        """One row per module (module, weight, shape, layout, rank, error) and per whole tensor."""
+        rows = [{"module": m.name, "tensor": m.weight, "shape": list(m.shape), "layout": m.layout, "rank": m.rank,
+                 "error": m.error} for m in self.modules]
+        rows += [{"module": None, "tensor": key.removeprefix(PREFIX), "shape": list(t.shape), "layout": "whole",
+                  "rank": None, "error": 0.0} for key, t in self.whole.items()]
+        return rows
+
+
+def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = True) -> Extraction:
+    """Check the inputs, find what changed and, with ``compute``, take each delta's SVD."""
+    folder = os.path.realpath(op.output)
+    inside = [p for p in (base.path, tuned.path) if p and os.path.commonpath([folder, os.path.realpath(p)]) == folder]
+    if inside:
+        raise UsageError(f"extract-lora: -o {op.output} would replace the directory holding {inside[0]}; write the"
+                         " adapter elsewhere")
+    theirs = tuned.tensors
+    universe = {**base.tensors, **{n: t for n, t in theirs.items() if n not in base.tensors}}
+    names, warnings = op.choose(universe, base.key)
+    problems = []
+    for ours, source, others, where in ((base.tensors, base.source, theirs, tuned.source),
+                                        (theirs, tuned.source, base.tensors, base.source)):
+        missing = [n for n in names if n in ours and n not in others]
+        if missing:
+            problems.append(f"{len(missing)} tensor{'s' if len(missing) > 1 else ''} of {source} missing from"
+                            f" {where}: {names_list(missing)}")
+    names = [n for n in names if n in base.tensors and n in theirs]
+    shapes = [f"'{n}' is {list(base[n].shape)} in {base.source} but {list(theirs[n].shape)} in {tuned.source}"
+              for n in names if n in theirs and tuple(theirs[n].shape) != tuple(base[n].shape)]
+    problems += shapes
+    fail("extract-lora", problems)
+    kinds = infer_kinds(base.tensors)
+    changed = [n for n in names if base[n].dtype.floating and not same_values(base[n], theirs[n])]
+    modules, ones, others = [], [], []
+    for name in changed:
+        tensor = base[name]
+        module, leaf = split_name(name)
+        if leaf == "weight" and 2 <= len(tensor.shape) <= 5:
+            layout = _layout(tensor, kinds[name].layer, op.fan_in_fan_out)
+            dims = (tensor.shape[0], tensor.numel // tensor.shape[0])
+            modules.append(Module(module, name, layout, min(op.rank, *dims), tuple(tensor.shape)))
+        elif len(tensor.shape) <= 1:
+            ones.append(name)
+        else:
+            others.append(name)
+    if others:
+        one = len(others) == 1
+        raise PlanError(f"extract-lora: {names_list(others)} changed but {'is' if one else 'are'} not a module's"
+                        f" .weight, which LoRA adapts; leave {'it' if one else 'them'} out with -x")
+    targets = {m.name for m in modules}
+    whole: dict[str, Tensor] = OrderedDict()
+    saved = []
+    for name in ones:
+        module, leaf = split_name(name)
+        if module in targets:
+            whole[f"{PREFIX}{module}.base_layer.{leaf}"] = theirs[name]
+        elif module not in saved:
+            saved.append(module)
+    for module in saved:
+        for name, tensor in theirs.items():
+            if split_name(name)[0] == module:
+                whole[f"{PREFIX}{name}"] = tensor
+    extraction = Extraction(modules, whole, saved, _config(op, modules, saved, ones, targets),
+                            [n for n in names if n not in set(changed)], [f"warning: {w}" for w in warnings])
+    if compute:
+        for module in modules:
+            _extract(module, base[module.weight], theirs[module.weight], extraction.config["lora_alpha"])
+    return extraction
+
+
+def _layout(tensor: Tensor, kind: str, fan_in_fan_out: bool) -> str:
+    if len(tensor.shape) > 2:
+        return "conv"
+    if kind == "embedding":
+        return "embedding"
+    return "transposed" if fan_in_fan_out else "linear"
+
+
+def _config(op, modules: list[Module], saved: list[str], ones: list[str], targets: set[str]) -> dict:
+    """The adapter_config.json PEFT reads (LoraConfig's fields; the rest keep their defaults)."""
+    alpha = op.alpha if op.alpha is not None else op.rank
+    biases = any(split_name(n)[0] in targets for n in ones)
+    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+            "r": op.rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "target_modules": [m.name for m in modules], "lora_dropout": 0.0, "fan_in_fan_out": op.fan_in_fan_out,
+            "bias": "lora_only" if biases else "none", "use_rslora": False, "use_dora": False,
+            "modules_to_save": saved or None, "init_lora_weights": True,
+            "rank_pattern": {f"^{re.escape(m.name)}": m.rank for m in modules if m.rank != op.rank},
+            "alpha_pattern": {}}
+
+
+def _extract(module: Module, base: Tensor, tuned: Tensor, alpha: float) -> None:
+    """``module``'s A, B (float32, PEFT's layout) and relative reconstruction error."""
+    from ...checkpoint.values import to_torch
+    from .arithmetic import svd_pair
+
+    delta = to_torch(tuned).float() - to_torch(base).float()
+    out = delta.shape[0]
+    if module.layout in ("transposed", "embedding"):
+        delta = delta.T
+    b, a, module.error = svd_pair(delta.reshape(delta.shape[0], -1), module.rank)
+    b = b / (alpha / module.rank)
+    if module.layout == "conv":
+        kernel = tuple(module.shape[2:])
+        a, b = a.reshape(module.rank, module.shape[1], *kernel), b.reshape(out, module.rank, *(1,) * len(kernel))
+    module.a, module.b = a.contiguous(), b.contiguous()
+
+
+def write_adapter(extraction: Extraction, folder: str) -> None:
+    """Write the adapter directory ``folder`` whole (replacing what was there)."""
+    from ...checkpoint.values import from_torch
+    from ...formats import safetensors
+    from ...formats.atomic import atomic_directory, new_file
+
+    tensors: dict[str, Tensor] = OrderedDict()
+    for m in extraction.modules:
+        a, b = ("lora_embedding_A", "lora_embedding_B") if m.layout == "embedding" else ("lora_A.weight",
+                                                                                          "lora_B.weight")
+        tensors[f"{PREFIX}{m.name}.{a}"] = from_torch(m.a, owned=True)
+        tensors[f"{PREFIX}{m.name}.{b}"] = from_torch(m.b, owned=True)
+    tensors.update(extraction.whole)
+    adapter = Checkpoint(source=folder, format="safetensors", root=tensors)
+    with atomic_directory(folder, carry=lambda name: False) as staging:
+        with new_file(os.path.join(staging, WEIGHTS[0])) as sink:
+            safetensors.Writer(sink).write(adapter)
+        with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as f:
+            json.dump(extraction.config, f, indent=2)
+            f.write("\n")

@@ -1,0 +1,401 @@
+"""merge-lora and extract-lora against PEFT itself: adapters written by PEFT's save_pretrained (every
+trained part non-zero), the ground truth PEFT's merge_and_unload of the same adapter into the same model
+(PeftModel.from_pretrained); every output reloaded with torch or safetensors, untouched tensors bit-identical."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from helpers import bits, load_torch, register_input, run
+from lora_models import convs, gpt2, llama, make_adapter, peft_merged, state
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("peft")
+
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def merge_lora(tmp_path, base, adapter, *args, out="merged.safetensors"):
+    result = run("merge-lora", base, adapter, "-o", tmp_path / out, *args)
+    assert result.exit_code == 0, result.stderr
+    path = tmp_path / out
+    return (load_file(path) if out.endswith(".safetensors") else load_torch(path)), result
+
+
+def assert_merged(got: dict, truth: dict, base: dict, changed_at_least: int):
+    """Every tensor as PEFT merged it; the ones PEFT left alone bit-identical to the base."""
+    assert sorted(got) == sorted(truth)
+    changed = 0
+    for name, expected in truth.items():
+        assert got[name].dtype == base[name].dtype, name
+        if torch.equal(expected, base[name]):
+            assert bits(got[name]) == bits(base[name]), f"{name} changed"
+        else:
+            changed += 1
+            torch.testing.assert_close(got[name], expected, msg=name)
+    assert changed >= changed_at_least
+
+
+@pytest.fixture
+def llama_base(request, tmp_path):
+    model = llama()
+    path = tmp_path / "llama.safetensors"
+    save_file(state(model), path)
+    return model, register_input(request, path)
+
+
+# ---- PEFT's arithmetic -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [
+    {"r": 4, "lora_alpha": 8},
+    {"r": 4, "lora_alpha": 8, "use_rslora": True},
+    {"r": 4, "lora_alpha": 8, "use_dora": True},
+    {"r": 8, "lora_alpha": 16, "rank_pattern": {"v_proj": 2, "layers.1.mlp.down_proj": 3},
+     "alpha_pattern": {"layers.0.self_attn.q_proj": 5, "q_proj": 7}},
+], ids=["lora", "rslora", "dora", "patterns"])
+def test_llama_linear_and_embedding_match_peft(tmp_path, llama_base, options):
+    model, base = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", target_modules=LLAMA_LINEAR + ["embed_tokens"], **options)
+    got, _ = merge_lora(tmp_path, base, adapter)
+    assert_merged(got, peft_merged(model, adapter), state(model), 2 * 7 + 1)
+
+
+def test_bf16_base_is_computed_in_float32_and_written_in_bf16(request, tmp_path):
+    model = llama(torch.bfloat16)
+    base = tmp_path / "bf16.pt"
+    torch.save(state(model), base)
+    register_input(request, base)
+    adapter = make_adapter(model, tmp_path / "adapter", r=8, lora_alpha=16, target_modules=LLAMA_LINEAR)
+    got, _ = merge_lora(tmp_path, base, adapter, out="merged.pt")
+    truth = peft_merged(model, adapter)
+    assert_merged(got, truth, state(model), 14)
+    # the update is W + BA computed in float32, rounded once
+    sd = load_file(adapter / "adapter_model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    a, b = sd[f"base_model.model.{name}.lora_A.weight"].float(), sd[f"base_model.model.{name}.lora_B.weight"].float()
+    expected = (state(model)[f"{name}.weight"].float() + b @ a * 2).to(torch.bfloat16)
+    assert torch.equal(got[f"{name}.weight"], expected)
+
+
+def test_gpt2_conv1d_fan_in_fan_out_lora_bias_and_modules_to_save(request, tmp_path):
+    model = gpt2()
+    base = tmp_path / "gpt2.pt"
+    torch.save(state(model), base)  # wte and lm_head tied, as GPT-2 saves them
+    register_input(request, base)
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, lora_alpha=6, target_modules=["c_attn", "c_proj", "c_fc"],
+                           lora_bias=True, modules_to_save=["ln_f"], bias="all")
+    assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"]  # PEFT forced it
+    got, _ = merge_lora(tmp_path, base, adapter, out="merged.pt")
+    # attn.c_proj is square (24x24): its layout comes from the config; the others from their shapes
+    assert_merged(got, peft_merged(model, adapter), state(model), 2 * 3 * 2 + 2 + 2 * 2)  # + LayerNorm biases
+    assert got["lm_head.weight"].data_ptr() == got["transformer.wte.weight"].data_ptr()  # untouched tie kept
+
+
+def test_conv1d_2d_3d_dora_and_scale(request, tmp_path):
+    model = convs()
+    base = tmp_path / "convs.pt"
+    torch.save(state(model), base)
+    register_input(request, base)
+    targets = ["c3", "c1", "d1", "d3", "head"]
+    for dora in (False, True):
+        adapter = make_adapter(model, tmp_path / f"adapter-{dora}", r=4, lora_alpha=4, target_modules=targets,
+                               use_dora=dora, modules_to_save=["norm"])
+        got, _ = merge_lora(tmp_path, base, adapter, out=f"merged-{dora}.pt")
+        assert_merged(got, peft_merged(model, adapter), state(model), 5 + 2)
+        half, _ = merge_lora(tmp_path, base, adapter, "--scale", "0.5", out=f"half-{dora}.pt")
+        assert_merged(half, peft_merged(model, adapter, scale=0.5), state(model), 5 + 2)
+
+
+def test_grouped_conv_is_refused_as_peft_refuses_it(request, tmp_path):
+    model = convs()
+    base = tmp_path / "convs.pt"
+    torch.save(state(model), base)
+    register_input(request, base)
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["grouped", "c1"])
+    with pytest.raises(NotImplementedError):
+        peft_merged(model, adapter)
+    result = run("merge-lora", base, adapter, "-o", tmp_path / "out.pt")
+    assert result.exit_code == 2
+    assert result.stderr == ("paramsurgeon: error: merge-lora: 'grouped': a grouped convolution (groups=2): its LoRA"
+                             " update mixes every input channel, which the grouped weight cannot hold (PEFT refuses to"
+                             " merge it too)\n")
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_sharded_base_and_bin_adapter(tmp_path, llama_base):
+    model, base = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["q_proj", "up_proj"])
+    truth = peft_merged(model, adapter)
+    sharded = tmp_path / "sharded"
+    assert run("convert", base, "-o", sharded, "--max-shard-size", "20kB").exit_code == 0
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    os.remove(adapter / "adapter_model.safetensors")
+    got, _ = merge_lora(tmp_path, sharded, adapter)
+    assert_merged(got, truth, state(model), 4)
+
+
+def test_peft_wrapped_base_layer_names(tmp_path, llama_base):
+    """A base saved from an unmerged PeftModel names its weights '<module>.base_layer.weight'."""
+    model, _ = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["q_proj"])
+    wrapped = {k.replace("q_proj.weight", "q_proj.base_layer.weight"): v for k, v in state(model).items()}
+    save_file(wrapped, tmp_path / "wrapped.safetensors")
+    got, _ = merge_lora(tmp_path, tmp_path / "wrapped.safetensors", adapter)
+    truth = peft_merged(model, adapter)
+    for name, tensor in truth.items():
+        torch.testing.assert_close(got[name.replace("q_proj.weight", "q_proj.base_layer.weight")], tensor)
+
+
+# ---- ties ----------------------------------------------------------------------------------------
+
+
+def test_tied_embedding_adapted_on_one_side(request, tmp_path):
+    model = llama(tie=True)
+    base = tmp_path / "tied.pt"
+    torch.save(state(model), base)
+    register_input(request, base)
+    before = state(model)
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["embed_tokens"])
+    got, result = merge_lora(tmp_path, base, adapter, out="untied.pt")
+    embed = peft_merged(model, adapter)["model.embed_tokens.weight"]
+    torch.testing.assert_close(got["model.embed_tokens.weight"], embed)
+    assert bits(got["lm_head.weight"]) == bits(before["lm_head.weight"])  # what the adapted model computes
+    assert "note: 'model.embed_tokens.weight' was tied to 'lm_head.weight'; the tie is broken" in result.stderr
+    kept, result = merge_lora(tmp_path, base, adapter, "--follow-ties", out="tied-out.pt")
+    assert kept["lm_head.weight"].data_ptr() == kept["model.embed_tokens.weight"].data_ptr()
+    torch.testing.assert_close(kept["lm_head.weight"], embed)  # as PEFT's merge_and_unload leaves it
+
+
+# ---- errors: exit 2, one line naming the offender, nothing written ----------------------------------
+
+
+def refused(tmp_path, base, adapter, *args) -> str:
+    out = tmp_path / "refused.safetensors"
+    for extra in ([], ["--dry-run"]):
+        result = run("merge-lora", base, adapter, "-o", out, *args, *extra)
+        assert result.exit_code == 2, result.stderr
+        assert not out.exists()
+    return result.stderr.removeprefix("paramsurgeon: error: ").strip()
+
+
+def test_errors(tmp_path, llama_base):
+    model, base = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["q_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+
+    def variant(name, **changes):
+        folder = tmp_path / name
+        shutil.copytree(adapter, folder)
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        return folder
+
+    other = tmp_path / "other.safetensors"
+    save_file({k.replace("layers.", "blocks."): v for k, v in state(model).items()}, other)
+    assert refused(tmp_path, other, adapter) == (
+        f"merge-lora: 2 adapted modules match no tensor of {other}: model.layers.0.self_attn.q_proj,"
+        " model.layers.1.self_attn.q_proj (looked for '<module>.weight' and '<module>.base_layer.weight'); is this"
+        " the adapter's base model?")
+    assert refused(tmp_path, base, variant("pattern", rank_pattern={"k_proj": 2})) == (
+        f"merge-lora: {tmp_path / 'pattern'}: rank_pattern key 'k_proj' matches no adapted module")
+    assert refused(tmp_path, base, variant("pissa", init_lora_weights="pissa")) == (
+        f"merge-lora: {tmp_path / 'pissa'}: init_lora_weights 'pissa' changed the base weights during training;"
+        " convert the adapter first (save_pretrained with path_initial_model_for_weight_conversion), then merge it")
+    message = refused(tmp_path, base, variant("features", layer_replication=[[0, 1], [1, 2]],
+                                              trainable_token_indices=[1, 2]))
+    assert message == (f"merge-lora: {tmp_path / 'features'}: layer_replication (the adapted model repeats base"
+                       " layers) cannot be merged exactly; trainable_token_indices (trainable-token deltas are not"
+                       " LoRA pairs) cannot be merged exactly")
+    assert refused(tmp_path, base, variant("rank", r=8)) == (
+        f"merge-lora: {tmp_path / 'rank'}: 'model.layers.0.self_attn.q_proj' has rank 4 in the file but r 8 in the"
+        " config; 'model.layers.1.self_attn.q_proj' has rank 4 in the file but r 8 in the config")
+    assert refused(tmp_path, base, tmp_path / "missing") == (
+        f"merge-lora: '{tmp_path / 'missing'}' is not a directory; an adapter is the directory save_pretrained writes, with"
+        " adapter_config.json and adapter_model.safetensors")
+
+
+# ---- extract-lora: PEFT loads what it writes, and merging it recovers the fine-tune ----------------
+
+
+def low_rank(shape, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    return 0.1 * torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+
+
+def extracted(tmp_path, base, tuned, *args):
+    out = tmp_path / "extracted"
+    result = run("extract-lora", base, tuned, "-o", out, *args)
+    assert result.exit_code == 0, result.stderr
+    return out, result
+
+
+def test_extract_llama_recovers_a_low_rank_fine_tune(request, tmp_path, llama_base):
+    from peft import PeftModel
+
+    model, base = llama_base
+    tuned = state(model)
+    tuned["model.layers.0.self_attn.q_proj.weight"] += low_rank((32, 32), 3, 1)
+    tuned["model.layers.1.mlp.down_proj.weight"] += low_rank((32, 48), 2, 2)
+    tuned["model.embed_tokens.weight"] += low_rank((96, 32), 3, 3)
+    tuned["model.layers.1.input_layernorm.weight"] += 0.5
+    tuned_path = tmp_path / "tuned.safetensors"
+    save_file(tuned, tuned_path)
+    register_input(request, tuned_path)
+    adapter, result = extracted(tmp_path, base, tuned_path, "--rank", "4", "--alpha", "8")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    assert sorted(config["target_modules"]) == ["model.embed_tokens", "model.layers.0.self_attn.q_proj",
+                                                "model.layers.1.mlp.down_proj"]
+    assert config["modules_to_save"] == ["model.layers.1.input_layernorm"]
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["tensor", "shape", "layout", "rank", "error"]
+    errors = {line.split()[0]: line.split()[-1] for line in lines[2:]}
+    assert all(float(errors[f"{m}.weight"]) < 1e-5 for m in config["target_modules"])
+    merged = PeftModel.from_pretrained(llama(), adapter).merge_and_unload().state_dict()
+    for name, expected in tuned.items():
+        torch.testing.assert_close(merged[name], expected, msg=name, atol=1e-5, rtol=1e-4)
+    # and merge-lora agrees with PEFT on the extracted adapter
+    got, _ = merge_lora(tmp_path, base, adapter)
+    for name, expected in tuned.items():
+        torch.testing.assert_close(got[name], expected, msg=name, atol=1e-5, rtol=1e-4)
+
+
+def test_extract_truncates_to_the_best_rank_r_approximation(request, tmp_path, llama_base):
+    model, base = llama_base
+    tuned = state(model)
+    name = "model.layers.0.mlp.up_proj.weight"
+    delta = low_rank((48, 32), 6, 4)
+    tuned[name] = tuned[name] + delta
+    tuned_path = tmp_path / "tuned.safetensors"
+    save_file(tuned, tuned_path)
+    register_input(request, tuned_path)
+    dry = run("extract-lora", base, tuned_path, "-o", tmp_path / "dry", "--rank", "2", "--dry-run")
+    assert dry.exit_code == 0 and not (tmp_path / "dry").exists()
+    assert dry.stdout.splitlines()[3].split() == [name, "48x32", "linear", "2"]
+    adapter, result = extracted(tmp_path, base, tuned_path, "--rank", "2")
+    u, s, vh = torch.linalg.svd((tuned[name] - state(model)[name]).double())
+    best = state(model)[name].double() + (u[:, :2] * s[:2]) @ vh[:2]
+    error = float(s[2:].norm() / s.norm())
+    assert float(result.stdout.splitlines()[2].split()[-1]) == pytest.approx(error, rel=1e-3)
+    got, _ = merge_lora(tmp_path, base, adapter)
+    torch.testing.assert_close(got[name].double(), best, atol=1e-5, rtol=1e-4)
+
+
+def test_extract_gpt2_conv1d_with_bias_and_convs(request, tmp_path):
+    from peft import PeftModel
+
+    for build, weights, extra in ((gpt2, ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"],
+                                   ["--fan-in-fan-out"]),
+                                  (convs, ["c3.weight", "c1.weight", "d1.weight", "d3.weight", "head.weight"], [])):
+        model = build()
+        before = state(model)
+        tuned = {k: v.clone() for k, v in before.items()}
+        for i, name in enumerate(weights):
+            shape = tuned[name].shape
+            tuned[name] += low_rank((shape[0], tuned[name].numel() // shape[0]), 2, i).reshape(shape)
+            tuned[name.replace("weight", "bias")] += 0.1
+        folder = tmp_path / build.__name__
+        folder.mkdir()
+        torch.save(before, folder / "base.pt")
+        torch.save(tuned, folder / "tuned.pt")
+        adapter, _ = extracted(folder, folder / "base.pt", folder / "tuned.pt", "--rank", "2", *extra)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["bias"] == "lora_only" and config["modules_to_save"] is None
+        merged = PeftModel.from_pretrained(build(), adapter).merge_and_unload().state_dict()
+        for name, expected in tuned.items():
+            torch.testing.assert_close(merged[name], expected, msg=name, atol=1e-5, rtol=1e-4)
+
+
+def test_extract_errors(request, tmp_path, llama_base):
+    model, base = llama_base
+    tuned = state(model)
+    tuned.pop("lm_head.weight")
+    path = tmp_path / "short.safetensors"
+    save_file(tuned, path)
+    result = run("extract-lora", base, path, "-o", tmp_path / "out", "--rank", "2")
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    assert result.stderr == (f"paramsurgeon: error: extract-lora: 1 tensor of {base} missing from {path}:"
+                             " lm_head.weight\n")
+    torch.save({"pos_embed": torch.zeros(4, 8), "fc.weight": torch.zeros(3, 8)}, tmp_path / "vit.pt")
+    torch.save({"pos_embed": torch.ones(4, 8), "fc.weight": torch.ones(3, 8), "new.weight": torch.ones(3)},
+               tmp_path / "vit-tuned.pt")
+    result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit-tuned.pt", "-o", tmp_path / "out", "--rank", "2")
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    assert result.stderr == (f"paramsurgeon: error: extract-lora: 1 tensor of {tmp_path / 'vit-tuned.pt'} missing"
+                             f" from {tmp_path / 'vit.pt'}: new.weight\n")
+    result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit-tuned.pt", "-o", tmp_path / "out", "--rank", "2",
+                 "-x", "new.*")
+    assert result.stderr == ("paramsurgeon: error: extract-lora: pos_embed changed but is not a module's .weight,"
+                             " which LoRA adapts; leave it out with -x\n")
+    result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit-tuned.pt", "-o", tmp_path / "out", "--rank", "2",
+                 "-x", "new.*", "-x", "pos_embed")
+    assert result.exit_code == 0 and (tmp_path / "out" / "adapter_config.json").exists()
+    result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit-tuned.pt", "-o", tmp_path, "--rank", "2")
+    assert result.exit_code == 2 and result.stderr == (f"paramsurgeon: error: extract-lora: -o {tmp_path} would"
+                                                       f" replace the directory holding {tmp_path / 'vit.pt'};"
+                                                       " write the adapter elsewhere\n")
+
+
+def test_json_plan_stdin_and_overflow(tmp_path, llama_base):
+    from helpers import validate
+
+    model, base = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["o_proj"])
+    result = run("merge-lora", base, adapter, "--dry-run", "--json")
+    document = validate(json.loads(result.stdout), "plan")
+    assert [c["name"] for c in document["changes"]] == [f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)]
+    assert {m["module"]: (m["r"], m["scaling"]) for m in document["modules"]} == {
+        f"model.layers.{i}.self_attn.o_proj": (4, 2.0) for i in (0, 1)}
+    piped = run("merge-lora", "-", adapter, "--format", "safetensors", input=open(base, "rb").read())
+    assert piped.exit_code == 0, piped.stderr
+    from safetensors.torch import load
+    assert_merged(load(piped.stdout_bytes), peft_merged(model, adapter), state(model), 2)
+    # float16: an update beyond 65504 is refused, in the dry run too, unless --allow-overflow
+    half = {k: v.half() for k, v in state(model).items()}
+    save_file(half, tmp_path / "half.safetensors")
+    big = tmp_path / "big"
+    shutil.copytree(adapter, big)
+    config = json.loads((big / "adapter_config.json").read_text())
+    (big / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 4e6}))
+    message = refused(tmp_path, tmp_path / "half.safetensors", big)
+    assert message.startswith("merge-lora: ") and "values of 'model.layers.0.self_attn.o_proj.weight' would become Inf"\
+        " or NaN (float16 cannot hold them); nothing was written; pass --allow-overflow to write them anyway" in message
+    got, _ = merge_lora(tmp_path, tmp_path / "half.safetensors", big, "--allow-overflow")
+    assert torch.isinf(got["model.layers.0.self_attn.o_proj.weight"]).any()
+
+
+def test_lora_bias_without_a_base_bias(tmp_path, llama_base):
+    model, base = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["q_proj"], lora_bias=True)
+    assert refused(tmp_path, base, adapter) == (
+        "merge-lora: 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias' (lora_bias) has no base bias to"
+        " update: 'model.layers.0.self_attn.q_proj.bias' does not exist (PEFT cannot merge it either);"
+        " 'base_model.model.model.layers.1.self_attn.q_proj.lora_B.bias' (lora_bias) has no base bias to update:"
+        " 'model.layers.1.self_attn.q_proj.bias' does not exist (PEFT cannot merge it either)")
+
+
+def test_library_calls(tmp_path, llama_base):
+    import paramsurgeon as ps
+
+    model, base = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["gate_proj"])
+    ps.save(ps.merge_lora(str(base), str(adapter), scale=0.5), str(tmp_path / "half.safetensors"))
+    assert_merged(load_file(tmp_path / "half.safetensors"), peft_merged(model, adapter, scale=0.5), state(model), 2)
+    tuned = tmp_path / "half.safetensors"
+    rows = ps.extract_lora(str(base), str(tuned), str(tmp_path / "back"), rank=4)
+    assert [(r["tensor"], r["rank"]) for r in rows] == [(f"model.layers.{i}.mlp.gate_proj.weight", 4) for i in (0, 1)]
+    assert all(r["error"] < 1e-5 for r in rows)
+
+
+def test_adapter_of_a_resized_vocabulary(tmp_path, llama_base):
+    model, base = llama_base
+    resized = llama()
+    resized.resize_token_embeddings(100)
+    adapter = make_adapter(resized, tmp_path / "adapter", r=4, target_modules=["embed_tokens", "q_proj"])
+    assert refused(tmp_path, base, adapter) == (
+        "merge-lora: 'base_model.model.model.embed_tokens.base_layer.weight' is [100, 32] but the base's"
+        " 'model.embed_tokens.weight' is [96, 32]; the adapter was trained on a model with another vocabulary:"
+        " resize the base the same way first; 'model.embed_tokens': lora_embedding_A [4, 100] and lora_embedding_B"
+        " [32, 4] do not fit the weight [96, 32]")
