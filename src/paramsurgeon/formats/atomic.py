@@ -10,7 +10,7 @@ what the dead process left and, if it died between the two renames, restores the
 
 Freeing a replaced file of gigabytes (its blocks, its cached pages) takes the kernel a
 good part of a second, in whichever process drops the file's last reference. A small
-process (``release``) takes that reference over, until this one has exited.
+process (``release``) takes that reference over for a while, so that it is not this one.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from .files import Sink
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _RELEASE_SIZE = 64 << 20  # a replaced file this large is freed by another process
-_HOLD_SECONDS = 10  # how long that process waits for this one to exit
-_holders: list[tuple[subprocess.Popen, int]] = []
+_HOLD_SECONDS = 2  # how long that process holds it: longer than this one takes to exit after a write
+_holders: list[subprocess.Popen] = []
 
 
 def _renameat2():
@@ -223,23 +223,18 @@ def _hold(path: str) -> int | None:
 
 def release(fds: list[int]) -> None:
     """Close ``fds``, on files already replaced, without freeing them here: a process of its own
-    holds them until this one exits (at most _HOLD_SECONDS), then frees them as it ends. Where it
-    cannot be started they are closed (and freed) here."""
+    holds them for _HOLD_SECONDS and frees them as it ends (a process that still has one open
+    frees it when it closes it). Where that process cannot be started they are freed here."""
     if not fds:
         return
-    for holder, write in list(_holders):  # earlier holders that have ended
-        if holder.poll() is not None:
-            os.close(write)
-            _holders.remove((holder, write))
-    read, write = os.pipe()  # not inherited: the holder sees its end close when this process exits
+    _holders[:] = [holder for holder in _holders if holder.poll() is None]  # reap those that ended
     try:
-        holder = subprocess.Popen(["timeout", str(_HOLD_SECONDS), "cat"], stdin=read, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, pass_fds=fds, start_new_session=True)
-        _holders.append((holder, write))
+        _holders.append(subprocess.Popen(["sleep", str(_HOLD_SECONDS)], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=fds,
+                                         start_new_session=True))
     except OSError:
-        os.close(write)
+        pass
     finally:
-        os.close(read)
         for fd in fds:
             os.close(fd)
 
