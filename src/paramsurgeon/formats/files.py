@@ -116,8 +116,14 @@ class Sink:
         self._buffer = bytearray()
         self._pending: tuple[InputFile, int, int] | None = None  # a copy not yet made: source, offset, n
         self._regular = fd is not None and stat.S_ISREG(os.fstat(fd).st_mode)
+        self._start = os.lseek(fd, 0, os.SEEK_CUR) if self._regular else 0  # where position 0 is in the file
         self._out = 0  # bytes handed to the kernel
         self._synced = 0
+
+    @property
+    def offset(self) -> int:
+        """Where the next byte goes in the file (``position`` counts from where the sink began)."""
+        return self._start + self.position
 
     def write(self, data) -> None:
         self._copy_pending()
@@ -191,7 +197,7 @@ class Sink:
         """Ask the kernel to start writing what is done, so that the closing fsync has little left."""
         self._out += n
         if self._regular and _START_WRITEBACK is not None and self._out - self._synced >= _WRITEBACK:
-            _START_WRITEBACK(self.fd, self._synced, self._out - self._synced, 2)  # SYNC_FILE_RANGE_WRITE
+            _START_WRITEBACK(self.fd, self._start + self._synced, self._out - self._synced, 2)  # SYNC_FILE_RANGE_WRITE
             self._synced = self._out
 
 
@@ -223,6 +229,10 @@ class _Rehearsal:
     def __init__(self, file: InputFile):
         self.file, self.position = file, 0
         self._identity = _identity(file.fd)
+
+    @property
+    def offset(self) -> int:
+        return self.position
 
     def write(self, data) -> None:
         n = len(data)

@@ -182,7 +182,7 @@ class Writer:
     def write(self, ckpt: Checkpoint) -> None:
         entries, metadata = plan(ckpt.tensors, {"format": "pt", **ckpt.metadata}, self.dedupe)
         header, _ = header_bytes(entries, metadata)
-        self.sink.write(_aligned(header, entries))
+        self.sink.write(_aligned(header, entries, self.sink.offset))
         for _, tensor in entries:
             write_tensor_bytes(tensor, self.sink)
             if self.progress is not None:
@@ -190,10 +190,10 @@ class Writer:
         self.sink.flush()
 
 
-def _aligned(header: bytes, entries: list[tuple[str, Tensor]]) -> bytes:
-    """``header`` padded with spaces so that most of the bytes copied from files land at their
-    offsets there modulo files.ALIGN (the kernel then copies whole page-cache folios), when
-    that costs at most 1/64 of those bytes."""
+def _aligned(header: bytes, entries: list[tuple[str, Tensor]], start: int) -> bytes:
+    """``header``, to be written at ``start``, padded with spaces so that most of the bytes copied
+    from files land at their offsets there modulo files.ALIGN (the kernel then copies whole
+    page-cache folios), when that costs at most 1/64 of those bytes."""
     weights: dict[int, int] = {}
     position = 0
     for _, tensor in entries:
@@ -205,8 +205,8 @@ def _aligned(header: bytes, entries: list[tuple[str, Tensor]]) -> bytes:
     if not weights:
         return header
     residue = max(weights, key=weights.get)
-    extra = (residue - len(header)) % ALIGN
-    if residue % 8 or weights[residue] < 64 * extra:  # the data buffer stays 8-aligned
+    extra = (residue - start - len(header)) % ALIGN
+    if (residue - start) % 8 or weights[residue] < 64 * extra:  # the data buffer stays 8-aligned
         return header
     text = header[8:] + b" " * extra
     return struct.pack("<Q", len(text)) + text

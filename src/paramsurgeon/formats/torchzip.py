@@ -170,8 +170,9 @@ class _Records:
             zip64 = struct.pack("<HH", 1, 8 * len(values)) + struct.pack(f"<{len(values)}Q", *values)
         start = offset + _LOCAL.size + len(full) + len(zip64) + 4
         padding = (-start) % ALIGNMENT
-        if source is not None and source % ALIGNMENT == 0:
-            matched = (source - start) % FOLIO_ALIGN
+        base = self.sink.offset - self.sink.position  # where the archive begins in its file
+        if source is not None and (source - base) % ALIGNMENT == 0:
+            matched = (source - base - start) % FOLIO_ALIGN
             if 64 * matched <= size and len(zip64) + 4 + matched <= 0xFFFF:
                 padding = matched
         extra = zip64 + b"FB" + struct.pack("<H", padding) + b"Z" * padding
