@@ -174,6 +174,7 @@ def run(folder: str, runs: int, selected: list[tuple]) -> list[dict]:
         walls, peaks = [], []
         for _ in range(runs):
             if setup:
+                time.sleep(2.5)  # a file the last run replaced is freed by another process within 2 s
                 shutil.rmtree(os.path.join(folder, setup[0][-1]), ignore_errors=True)
                 subprocess.run(setup[0], cwd=folder, check=True)
             subprocess.run(["sync"], check=False)
