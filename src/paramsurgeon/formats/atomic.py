@@ -7,6 +7,10 @@ name, is removed. Where the exchange is unavailable, two renames are used and th
 directory waits under a ``.old`` name between them. After a crash at any step the target
 is the old checkpoint or the new one; the next write or read of it (``recover``) removes
 what the dead process left and, if it died between the two renames, restores the old one.
+
+Freeing a replaced file of gigabytes (its blocks, its cached pages) takes the kernel a
+good part of a second, in whichever process drops the file's last reference. A small
+process (``release``) takes that reference over for a while, so that it is not this one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import re
 import secrets
 import shutil
 import stat
+import subprocess
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -26,6 +31,9 @@ from .files import Sink
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+_RELEASE_SIZE = 64 << 20  # a replaced file this large is freed by another process
+_HOLD_SECONDS = 2  # how long that process holds it: longer than this one takes to exit after a write
+_holders: list[subprocess.Popen] = []
 
 
 def _renameat2():
@@ -103,8 +111,12 @@ def atomic_file(target: str) -> Iterator[Sink]:
             yield sink
             sink.flush()
             os.fsync(sink.fd)
-        os.replace(tmp, target)
-        fsync_directory(os.path.dirname(os.path.abspath(target)))
+        old = _hold(target)
+        try:
+            os.replace(tmp, target)
+            fsync_directory(os.path.dirname(os.path.abspath(target)))
+        finally:
+            release([old] if old is not None else [])
     except BaseException as e:
         _remove(tmp)
         if isinstance(e, OSError):
@@ -161,7 +173,9 @@ def atomic_directory(target: str, carry: Callable[[str], bool]) -> Iterator[str]
         raise OutputError(f"cannot replace '{where}': {e.strerror or e}; it is unchanged") from e
     fsync_directory(os.path.dirname(target))
     if old is not None:
+        held = [fd for fd in (_hold(os.path.join(old, name)) for name in sorted(os.listdir(old))) if fd is not None]
         _remove(old)  # a crash while removing it leaves the rest to recover()
+        release(held)
 
 
 def _swap(staging: str, target: str) -> str | None:
@@ -191,6 +205,38 @@ def _exchange(a: str, b: str) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(code, os.strerror(code), b)
+
+
+def _hold(path: str) -> int | None:
+    """A descriptor on the file at ``path``, about to be replaced, if it is large and has no other
+    name (freeing it would cost time); else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    status = os.fstat(fd)
+    if stat.S_ISREG(status.st_mode) and status.st_nlink == 1 and status.st_size >= _RELEASE_SIZE:
+        return fd
+    os.close(fd)
+    return None
+
+
+def release(fds: list[int]) -> None:
+    """Close ``fds``, on files already replaced, without freeing them here: a process of its own
+    holds them for _HOLD_SECONDS and frees them as it ends (a process that still has one open
+    frees it when it closes it). Where that process cannot be started they are freed here."""
+    if not fds:
+        return
+    _holders[:] = [holder for holder in _holders if holder.poll() is None]  # reap those that ended
+    try:
+        _holders.append(subprocess.Popen(["sleep", str(_HOLD_SECONDS)], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=fds,
+                                         start_new_session=True))
+    except OSError:
+        pass
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def link_or_copy(source: str, destination: str) -> None:

@@ -15,8 +15,10 @@ from typing import BinaryIO, Callable
 from ..errors import CorruptCheckpointError, InputError, OutputError
 
 _COPY_CHUNK = 64 << 20
+_COPY_CALL = 1 << 30
 _BUFFER = 1 << 20
 _WRITEBACK = 256 << 20  # start writing dirty pages to disk every this many bytes
+ALIGN = 64 << 10  # an output laid out at its input's offsets modulo this is copied in whole folios
 
 
 def _sync_file_range():
@@ -106,16 +108,25 @@ def _open_stdin() -> InputFile:
 
 class Sink:
     """A sequential output: small writes are buffered, spans of input files are copied
-    by the kernel when both ends are regular files."""
+    by the kernel when both ends are regular files, adjacent spans in one call."""
 
     def __init__(self, stream: BinaryIO | None = None, fd: int | None = None, name: str = "<stdout>"):
         self.stream, self.fd, self.name = stream, fd, name
         self.position = 0
         self._buffer = bytearray()
+        self._pending: tuple[InputFile, int, int] | None = None  # a copy not yet made: source, offset, n
         self._regular = fd is not None and stat.S_ISREG(os.fstat(fd).st_mode)
+        self._start = os.lseek(fd, 0, os.SEEK_CUR) if self._regular else 0  # where position 0 is in the file
+        self._out = 0  # bytes handed to the kernel
         self._synced = 0
 
+    @property
+    def offset(self) -> int:
+        """Where the next byte goes in the file (``position`` counts from where the sink began)."""
+        return self._start + self.position
+
     def write(self, data) -> None:
+        self._copy_pending()
         self._buffer += data
         self.position += len(data)
         if len(self._buffer) >= _BUFFER:
@@ -126,44 +137,51 @@ class Sink:
         self.flush()
         self._write_out(data)
         self.position += len(data)
-        self._start_writeback()
 
     def copy(self, source: InputFile, offset: int, n: int) -> None:
-        """Append ``n`` bytes of ``source`` starting at ``offset``."""
-        self.flush()
-        done = 0
-        if self._regular:
-            done = self._copy_file_range(source, offset, n)
-        while done < n:
-            step = min(_COPY_CHUNK, n - done)
-            self._write_out(source.view(offset + done, step))
-            done += step
+        """Append ``n`` bytes of ``source`` starting at ``offset`` (made by ``flush`` at the latest)."""
+        pending = self._pending
+        if pending is not None and pending[0] is source and pending[1] + pending[2] == offset:
+            self._pending = (source, pending[1], pending[2] + n)
+        else:
+            self.flush()
+            self._pending = (source, offset, n)
         self.position += n
-        self._start_writeback()
-
-    def _start_writeback(self) -> None:
-        """Ask the kernel to begin writing what is done, so that the closing fsync overlaps the copy."""
-        if self._regular and _START_WRITEBACK is not None and self.position - self._synced >= _WRITEBACK:
-            _START_WRITEBACK(self.fd, self._synced, self.position - self._synced, 2)  # SYNC_FILE_RANGE_WRITE
-            self._synced = self.position
-
-    def _copy_file_range(self, source: InputFile, offset: int, n: int) -> int:
-        done = 0
-        try:
-            while done < n:
-                copied = os.copy_file_range(source.fd, self.fd, min(n - done, 1 << 30), offset + done)
-                if copied == 0:
-                    raise CorruptCheckpointError(f"{source.name}: truncated while copying byte {offset + done}")
-                done += copied
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
-                raise
-        return done
+        if self._pending[2] >= _WRITEBACK:
+            self._copy_pending()
 
     def flush(self) -> None:
         if self._buffer:
             self._write_out(memoryview(self._buffer))
             self._buffer = bytearray()
+        self._copy_pending()
+
+    def _copy_pending(self) -> None:
+        if self._pending is None:
+            return
+        source, offset, n = self._pending
+        self._pending = None
+        done = self._copy_file_range(source, offset, n) if self._regular else 0
+        self._wrote(done)
+        if done < n:
+            self._write_out(source.view(offset + done, n - done))
+
+    def _copy_file_range(self, source: InputFile, offset: int, n: int) -> int:
+        """Copy in the kernel; each call but the first starts at a multiple of ALIGN in ``source``
+        (with the output at the same offset modulo ALIGN, whole folios are copied)."""
+        done = 0
+        step = min(n, -offset % ALIGN) or min(n, _COPY_CALL)
+        try:
+            while done < n:
+                copied = os.copy_file_range(source.fd, self.fd, step, offset + done)
+                if copied == 0:
+                    raise CorruptCheckpointError(f"{source.name}: truncated while copying byte {offset + done}")
+                done += copied
+                step = min(n - done, _COPY_CALL)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+        return done
 
     def _write_out(self, data: memoryview) -> None:
         if self.fd is None:
@@ -173,6 +191,14 @@ class Sink:
         while len(view):
             written = os.write(self.fd, view[:_COPY_CHUNK])
             view = view[written:]
+            self._wrote(written)
+
+    def _wrote(self, n: int) -> None:
+        """Ask the kernel to start writing what is done, so that the closing fsync has little left."""
+        self._out += n
+        if self._regular and _START_WRITEBACK is not None and self._out - self._synced >= _WRITEBACK:
+            _START_WRITEBACK(self.fd, self._start + self._synced, self._out - self._synced, 2)  # SYNC_FILE_RANGE_WRITE
+            self._synced = self._out
 
 
 def reproduces(path: str, write: Callable[[Sink], None]) -> bool:
@@ -203,6 +229,10 @@ class _Rehearsal:
     def __init__(self, file: InputFile):
         self.file, self.position = file, 0
         self._identity = _identity(file.fd)
+
+    @property
+    def offset(self) -> int:
+        return self.position
 
     def write(self, data) -> None:
         n = len(data)

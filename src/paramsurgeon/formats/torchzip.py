@@ -16,7 +16,7 @@ from ..checkpoint import Checkpoint, Storage
 from ..errors import CorruptCheckpointError, NotACheckpointError
 from . import pickles
 from ..checkpoint.tensor import blocks
-from .files import InputFile, Sink
+from .files import ALIGN as FOLIO_ALIGN, InputFile, Sink
 from .torchpickle import TensorPickling, interpreter
 
 ALIGNMENT = 64
@@ -147,7 +147,7 @@ class _Records:
         self._footer(name, zlib.crc32(data), len(data))
 
     def add_storage(self, name: str, storage: Storage, progress=None) -> None:
-        self._header(name, storage.nbytes)
+        self._header(name, storage.nbytes, None if storage.in_memory else storage.offset)
         if storage.in_memory:
             view = storage.view()
             crc = zlib.crc32(view)
@@ -159,7 +159,9 @@ class _Records:
             progress(storage.nbytes)
         self._footer(name, crc, storage.nbytes)
 
-    def _header(self, name: str, size: int) -> None:
+    def _header(self, name: str, size: int, source: int | None = None) -> None:
+        """The local header; the payload 64-aligned and, for a payload copied from ``source`` in
+        a file, at the same offset modulo files.ALIGN where the padding is at most 1/64 of it."""
         full = f"{self.archive}/{name}".encode()
         offset = self.sink.position
         zip64 = b""
@@ -168,6 +170,11 @@ class _Records:
             zip64 = struct.pack("<HH", 1, 8 * len(values)) + struct.pack(f"<{len(values)}Q", *values)
         start = offset + _LOCAL.size + len(full) + len(zip64) + 4
         padding = (-start) % ALIGNMENT
+        base = self.sink.offset - self.sink.position  # where the archive begins in its file
+        if source is not None and (source - base) % ALIGNMENT == 0:
+            matched = (source - base - start) % FOLIO_ALIGN
+            if 64 * matched <= size and len(zip64) + 4 + matched <= 0xFFFF:
+                padding = matched
         extra = zip64 + b"FB" + struct.pack("<H", padding) + b"Z" * padding
         self.sink.write(_LOCAL.pack(0x04034B50, 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(full), len(extra)))
         self.sink.write(full + extra)

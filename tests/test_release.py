@@ -1,0 +1,77 @@
+"""A large file replaced by a write is freed by a process of its own, a little later, so that
+freeing its blocks and cached pages does not delay the writer; the target holds the new file
+at once, and nothing is left beside it."""
+
+import os
+import subprocess
+import sys
+import time
+
+from helpers import run
+
+WRITER = """
+import os, sys
+from paramsurgeon.formats import atomic
+with atomic.atomic_file(sys.argv[1]) as sink:
+    sink.write(b"new")
+holders = [holder.pid for holder in atomic._holders]
+print(" ".join(map(str, holders)), flush=True)
+sys.stdin.read()  # stay alive until the test has looked
+"""
+
+
+def holding(pid: int, inode: int) -> bool:
+    """Whether process ``pid`` has a descriptor on the file ``inode`` (device, inode number)."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # ended, or not ours to look at
+        return False
+    for name in names:
+        try:
+            status = os.stat(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if (status.st_dev, status.st_ino) == inode:
+            return True
+    return False
+
+
+def test_replaced_large_file_is_freed_by_another_process(tmp_path):
+    target = tmp_path / "out.bin"
+    with open(target, "wb") as f:
+        f.truncate(100 << 20)  # sparse: large by size, cheap to make
+    status = os.stat(target)
+    inode = status.st_dev, status.st_ino
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    holders = [int(p) for p in writer.stdout.readline().split()]
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+    assert len(holders) == 1
+    processes = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    assert [p for p in processes if holding(p, inode)] == holders  # the old file, held by the holder alone
+    writer.communicate("")
+    deadline = time.monotonic() + 10
+    while holding(holders[0], inode) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not holding(holders[0], inode)  # and let go
+
+
+def test_small_replaced_file_is_freed_in_place(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    writer = subprocess.run([sys.executable, "-c", WRITER, str(target)], input="", capture_output=True, text=True)
+    assert writer.returncode == 0 and writer.stdout.split() == []
+    assert target.read_bytes() == b"new"
+
+
+def test_zero_over_an_existing_output_replaces_it_whole(tmp_path, large):
+    out = tmp_path / "out.safetensors"
+    assert run("zero", large / "large.safetensors", "-p", "blocks.3.weight", "-o", out).exit_code == 0
+    first = os.stat(out).st_ino
+    assert run("zero", large / "large.safetensors", "-p", "blocks.4.weight", "-o", out).exit_code == 0
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as f:
+        assert f.get_tensor("blocks.4.weight").abs().sum().item() == 0
+        assert f.get_tensor("blocks.3.weight").unique().tolist() == [3.0]
+    assert os.stat(out).st_ino != first and os.listdir(tmp_path) == ["out.safetensors"]
