@@ -339,7 +339,7 @@ def table(results: list[dict], runs: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--dir", default=None, help="where to put the 4 GiB of test files (default: a temp dir)")
+    parser.add_argument("--dir", default=None, help="where to put the 12 GiB of test files (default: a temp dir)")
     parser.add_argument("--only", default="", help="run only the tasks whose name contains this text")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
@@ -352,9 +352,9 @@ def main() -> None:
                 subprocess.run(python(MAKE_MANY_DCP, os.path.join(folder, f"dcp-{n}"), str(n)), check=True)
         for n in MANY_ST:
             path = os.path.join(folder, f"many-{n}.safetensors")
-            if not os.path.exists(path) and any(f"many-{n}.safetensors" in command for _, _, command, _ in selected):
+            if not os.path.exists(path) and any(f"many-{n}.safetensors" in command for _, _, command, *_ in selected):
                 subprocess.run(python(MAKE_MANY_ST, path, str(n)), check=True)
-        if any(any(a.startswith("model") for a in command) for _, _, command, _ in selected):
+        if any(any(a.startswith(("model", "sharded")) for a in command) for _, _, command, *_ in selected):
             prepare(folder)
         if any(group == LORA_GROUP for group, *_ in selected) and not os.path.exists(os.path.join(folder, "lora")):
             subprocess.run(python(MAKE_LORA, os.path.join(folder, "lora")), check=True)
