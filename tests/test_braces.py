@@ -81,3 +81,12 @@ def test_an_expansion_that_matches_nothing_is_an_error(bert, tmp_path):
     assert run("zero", path, "-p", "encoder.layer.{10..13}.*", "--allow-empty", "-o", out).exit_code == 0
     result = run("zero", path, "-p", "layers.{0..99999999}", "-o", out)
     assert result.exit_code == 2 and "more than 10,000" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["rename", "copy"])
+def test_a_mapping_expansion_that_matches_nothing_is_an_error(bert, tmp_path, command):
+    path, _ = bert
+    out = tmp_path / "m.pt"
+    result = run(command, path, "--from", "encoder.layer.{11..12}.*", "--to", "encoder.layer.{0..1}.*", "-o", out)
+    assert result.exit_code == 2 and not out.exists()
+    assert f"{command}: --from 'encoder.layer.{{11..12}}.*': 'encoder.layer.12.*' matches no tensor" in result.stderr

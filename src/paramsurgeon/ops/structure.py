@@ -135,6 +135,7 @@ def copy_pairs(ckpt: Checkpoint, source: Checkpoint, from_glob: str | None, to_g
     if not mapping:
         raise SelectionError(f"copy: --from '{from_glob}' matches no tensor in {source.source}"
                              f"{suggest(from_glob, list(theirs))}")
+    fail("copy", unmatched(list(theirs), [from_glob], "--from"))  # a brace expansion that matches nothing
     missing = [t for t in mapping.values() if t not in mine]
     if missing:
         raise SelectionError(f"copy: no target tensor named {names_list([repr(m) for m in missing])} in"
@@ -253,6 +254,7 @@ def _plan_rename(ckpt: Checkpoint, from_glob: str, to_glob: str) -> Plan:
     matched = wildcard_map(from_glob, to_glob, names)
     if not matched:
         raise SelectionError(f"rename: --from '{from_glob}' matches no tensor{suggest(from_glob, names)}")
+    fail("rename", unmatched(names, [from_glob], "--from"))  # a brace expansion that matches nothing
     mapping = {old: new for old, new in matched.items() if old != new}
     final: dict[str, list[str]] = {}
     for name in ckpt.container:
