@@ -19,7 +19,7 @@ from paramsurgeon.analysis.drift import relative_changes
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 REQUIRED = os.environ.get("PARAMSURGEON_REQUIRE_CHROMIUM") == "1"
-# With PARAMSURGEON_SCREENSHOT=docs/report.png the browser test keeps its screenshot there (the README's).
+# With PARAMSURGEON_SCREENSHOT=samples/report.png the browser test keeps its screenshot there (the README's).
 SCREENSHOT = os.environ.get("PARAMSURGEON_SCREENSHOT")
 
 
