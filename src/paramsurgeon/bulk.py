@@ -7,10 +7,15 @@ import gc
 from contextlib import contextmanager
 from typing import Iterator
 
+# Set by the command line: a process that ends when its command does may exempt what it built from
+# later collection (gc.freeze). A library caller's process is left as it was.
+FREEZE = False
+
 
 @contextmanager
 def paused_gc() -> Iterator[None]:
-    """The cyclic garbage collector off inside (if it was on), back on after."""
+    """The cyclic garbage collector off inside (if it was on), back on after; under FREEZE, what was
+    built meanwhile is frozen first, so the next collection does not scan it all at once."""
     if not gc.isenabled():
         yield
         return
@@ -18,4 +23,6 @@ def paused_gc() -> Iterator[None]:
     try:
         yield
     finally:
+        if FREEZE:
+            gc.freeze()
         gc.enable()
