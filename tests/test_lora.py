@@ -336,6 +336,11 @@ def test_extract_errors(request, tmp_path, llama_base):
     assert result.exit_code == 2 and result.stderr == (f"paramsurgeon: error: extract-lora: -o {tmp_path} would"
                                                        f" replace the directory holding {tmp_path / 'vit.pt'};"
                                                        " write the adapter elsewhere\n")
+    result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit.pt", "-o", tmp_path / "same", "--rank", "2")
+    assert result.exit_code == 2 and not (tmp_path / "same").exists()
+    assert result.stderr == (f"paramsurgeon: error: extract-lora: {tmp_path / 'vit.pt'} and {tmp_path / 'vit.pt'} hold"
+                             " the same values in all 2 selected tensors; there is no fine-tune to extract (is TUNED"
+                             " the fine-tuned checkpoint?)\n")
 
 
 def test_json_plan_stdin_and_overflow(tmp_path, llama_base):

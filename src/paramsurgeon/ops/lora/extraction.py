@@ -97,6 +97,9 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
             ones.append(name)
         else:
             others.append(name)
+    if not changed:
+        raise PlanError(f"extract-lora: {base.source} and {tuned.source} hold the same values in all {len(names)}"
+                        " selected tensors; there is no fine-tune to extract (is TUNED the fine-tuned checkpoint?)")
     if others:
         one = len(others) == 1
         raise PlanError(f"extract-lora: {names_list(others)} changed but {'is' if one else 'are'} not a module's"
