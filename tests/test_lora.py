@@ -404,3 +404,22 @@ def test_adapter_of_a_resized_vocabulary(tmp_path, llama_base):
         " 'model.embed_tokens.weight' is [96, 32]; the adapter was trained on a model with another vocabulary:"
         " resize the base the same way first; 'model.embed_tokens': lora_embedding_A [4, 100] and lora_embedding_B"
         " [32, 4] do not fit the weight [96, 32]")
+
+
+def test_merge_lora_as_a_recipe_step(tmp_path, llama_base):
+    """op = "merge-lora" in apply: PEFT's merge, then the next step on the merged values."""
+    model, base = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["o_proj"])
+    recipe = tmp_path / "deploy.toml"
+    recipe.write_text(f'[[step]]\nop = "merge-lora"\nadapter = "{adapter}"\n\n'
+                      '[[step]]\nop = "scale"\npattern = ["model.layers.0.self_attn.o_proj.weight"]\nby = 2\n')
+    result = run("apply", base, recipe, "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 0, result.stderr
+    got, truth = load_file(tmp_path / "out.safetensors"), peft_merged(model, adapter)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    torch.testing.assert_close(got[name], 2 * truth[name])
+    assert_merged({**got, name: truth[name]}, truth, state(model), 1)
+    (tmp_path / "bad.toml").write_text('[[step]]\nop = "merge-lora"\n')
+    result = run("apply", base, tmp_path / "bad.toml", "-o", tmp_path / "bad.safetensors")
+    assert result.exit_code == 2 and "step 1 (merge-lora): needs 'adapter'" in result.stderr
+    assert not (tmp_path / "bad.safetensors").exists()

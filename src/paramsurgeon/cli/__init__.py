@@ -98,25 +98,24 @@ def _main(
 
 
 def _register() -> None:
-    """Every command: the reading ones, one per operation, apply and merge."""
+    """Every command: the reading ones, one per operation (merge-lora among them), apply, merge and extract-lora."""
     from ..ops import OPERATIONS
     from ..ops.merge import Merge
-    from ..ops.lora import ExtractLora, MergeLora
-    from .lora import ExtractRun, run_extract_lora, run_merge_lora
+    from ..ops.lora import ExtractLora
+    from .lora import ExtractRun, run_extract_lora
     from .merging import EXAMPLE, run_merge
     from .operations import Recipe, apply_recipe, run_operation
-    from .options import Input, Read, Surgery, Write
+    from .options import Input, NamedInput, Read, Surgery, Write
 
     for function, example in commands.EXAMPLES.items():
         command(app, function.__name__, groups_of(function), function, described(function.__doc__, example))
     for name, operation in OPERATIONS.items():
-        command(app, name, [Input, operation, Read, Write, Surgery], run_operation,
+        given = NamedInput if operation.named_input else Input
+        command(app, name, [given, operation, Read, Write, Surgery], run_operation,
                 described(operation.__doc__, operation.example))
     command(app, "apply", [Recipe, Read, Write, Surgery], apply_recipe,
             described(apply_recipe.__doc__, "paramsurgeon apply model.pt recipe.toml -o out.pt"))
     command(app, "merge", [Merge, Read, Write, Surgery], run_merge, described(run_merge.__doc__, EXAMPLE))
-    command(app, "merge-lora", [MergeLora, Read, Write, Surgery], run_merge_lora,
-            described(run_merge_lora.__doc__, MergeLora.example))
     command(app, "extract-lora", [ExtractLora, Read, ExtractRun], run_extract_lora,
             described(run_extract_lora.__doc__, ExtractLora.example))
 

@@ -1,5 +1,5 @@
-"""merge-lora (a one-step run whose plan reads the adapter) and extract-lora (which writes an adapter
-directory, not a checkpoint, and prints each module's reconstruction error)."""
+"""extract-lora, which writes an adapter directory, not a checkpoint, and prints each module's
+reconstruction error (merge-lora is an operation like the others: cli/operations.py runs it)."""
 
 from __future__ import annotations
 
@@ -7,25 +7,13 @@ import os
 from dataclasses import dataclass
 
 from ..declare import option
-from ..ops.lora import ExtractLora, MergeLora
-from ..ops.surgery import Step
+from ..ops.lora import ExtractLora
 from ..report import render
 from ..report.tables import Column
 from ..report.tables import render as table
 from ..sizes import human_bytes, plural
 from .console import color_on_stdout, emit, note, source_loader, terminal_width
-from .operations import run_steps
-from .options import Read, Surgery, Write
-
-
-def run_merge_lora(merge: MergeLora, read: Read, write: Write, surgery: Surgery) -> None:
-    """Fold a PEFT LoRA adapter into its base checkpoint, with PEFT's own arithmetic (merge_and_unload).
-
-    Scale alpha/r (alpha/sqrt(r) with use_rslora), rank_pattern/alpha_pattern; Linear, GPT-2 Conv1D,
-    Embedding, Conv1d/2d/3d, DoRA, lora_bias, modules_to_save. Computed in float32, written in the
-    base's dtypes, one tensor at a time.
-    """
-    run_steps("merge-lora", merge.ckpt, [Step(merge)], None, read, write, surgery)
+from .options import Read
 
 
 @dataclass(kw_only=True)
@@ -76,4 +64,4 @@ def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
          + f"; wrote {extract.output} ({human_bytes(size)})")
 
 
-__all__ = ["ExtractRun", "run_extract_lora", "run_merge_lora"]
+__all__ = ["ExtractRun", "run_extract_lora"]

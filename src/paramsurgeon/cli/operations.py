@@ -19,10 +19,10 @@ from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
 from .console import (color_on_stdout, emit, note, output_target, progress, source_loader, terminal_width,
                       write_checkpoint)
-from .options import Input, Read, Surgery, Write
+from .options import Input, NamedInput, Read, Surgery, Write
 
 
-def run_operation(given: Input, operation: Operation, read: Read, write: Write, surgery: Surgery) -> None:
+def run_operation(given: Input | NamedInput, operation: Operation, read: Read, write: Write, surgery: Surgery) -> None:
     """One command: a one-step run."""
     run_steps(operation.name, given.ckpt, [Step(operation)], None, read, write, surgery)
 

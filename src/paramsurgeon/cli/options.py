@@ -18,6 +18,14 @@ class Input:
 
 
 @dataclass(kw_only=True)
+class NamedInput:
+    """The checkpoint a command reads, named before the command's own arguments."""
+
+    ckpt: str = argument(REQUIRED, metavar="CKPT", help="Checkpoint file, sharded directory or index; '-':"
+                         " standard input.")
+
+
+@dataclass(kw_only=True)
 class Pair:
     """The two checkpoints diff compares."""
 

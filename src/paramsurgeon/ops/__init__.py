@@ -4,6 +4,7 @@
     values.py      init, zero, scale, cast: new values for the selected tensors
     structure.py   copy, tie, untie, rename, drop
     reshape/       resize, split, concat, transpose
+    lora/          merge-lora (an operation like the others) and extract-lora (writes an adapter)
     plan.py        Plan: what an operation changes, checked before anything is computed
     surgery.py     seeds, the rehearsal of every step, the run, optimizer notes
     recipes.py     TOML recipes: steps of the operations above
@@ -16,6 +17,7 @@ Nothing here reads or writes a file.
 from typing import Callable
 
 from ..checkpoint import Checkpoint
+from .lora import MergeLora
 from .plan import Plan
 from .reshape import Concat, Resize, Split, Transpose
 from .spec import Operation
@@ -23,7 +25,8 @@ from .structure import Copy, Drop, Rename, Tie, Untie
 from .values import Cast, Init, Scale, Zero
 
 OPERATIONS: dict[str, type[Operation]] = {op.name: op for op in (Init, Zero, Scale, Cast, Copy, Tie, Untie,
-                                                                   Rename, Drop, Resize, Split, Concat, Transpose)}
+                                                                   Rename, Drop, Resize, Split, Concat, Transpose,
+                                                                   MergeLora)}
 
 
 def _function(operation: type[Operation]) -> Callable[..., Plan]:

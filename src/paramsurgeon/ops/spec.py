@@ -27,11 +27,14 @@ Sources = Callable[[str, "str | None"], Checkpoint]  # load(path, key): other ch
 class Operation:
     """One operation's options; ``plan`` checks them against a checkpoint and says what changes.
 
-    Subclasses set ``name`` (the command) and ``example`` (a command line for --help).
+    Subclasses set ``name`` (the command) and ``example`` (a command line for --help); one that
+    takes an argument of its own after the checkpoint sets ``named_input`` (the checkpoint must then
+    be named, '-' for standard input).
     """
 
     name: ClassVar[str]
     example: ClassVar[str]
+    named_input: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         declare.check(self, self.name)

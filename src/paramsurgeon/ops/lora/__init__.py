@@ -32,8 +32,8 @@ class MergeLora(Overflow, Operation):
 
     name: ClassVar[str] = "merge-lora"
     example: ClassVar[str] = "paramsurgeon merge-lora base.safetensors my-adapter/ -o merged.safetensors"
+    named_input: ClassVar[bool] = True  # CKPT ADAPTER: the base comes first, '-' for standard input
 
-    ckpt: str = argument(REQUIRED, metavar="CKPT", help="The base checkpoint (a file, a sharded directory, '-').")
     adapter: str = argument(REQUIRED, metavar="ADAPTER", help="The adapter directory save_pretrained wrote"
                             " (adapter_config.json and adapter_model.safetensors or .bin).")
     scale: float = option(1.0, "--scale", metavar="S", help="Multiply the adapter's effect (0.5: half), as PEFT's"
@@ -83,9 +83,8 @@ def merge_lora(ckpt: Any, adapter: str, *, key: str | None = None, **options) ->
     from ...formats import load
     from ..surgery import Step, run
 
-    path = ckpt if isinstance(ckpt, str) else "<checkpoint>"
     loaded = load(ckpt, key=key) if isinstance(ckpt, str) else ckpt
-    plans = run(loaded, [Step(MergeLora(ckpt=path, adapter=adapter, **options))], sources=lambda p, _: loaded)
+    plans = run(loaded, [Step(MergeLora(adapter=adapter, **options))], sources=lambda p, _: loaded)
     loaded.notes += plans[-1].notes
     return loaded
 
