@@ -1,5 +1,5 @@
-"""inspect --hist: histograms against numpy.histogram on the same values, exact for tensors of one
-chunk and within the stated bound for longer ones; counts sum to numel minus NaN; the sparkline; the
+"""inspect --hist: histograms against numpy.histogram on the same values, exact for tensors of up to
+65,536 values and for values bfloat16 holds, within the stated bound for longer float32 ones; counts sum to numel minus NaN; the sparkline; the
 |x| quantiles and KS distances the health rules use, against torch.quantile and scipy."""
 
 import math
@@ -92,6 +92,56 @@ def test_long_tensors_are_counted_from_buckets_within_the_bound(monkeypatch, tmp
         near = sum(int((np.abs(x - e) <= abs(e) / 64).sum()) for e in edges[i:i + 2])
         assert abs(got - want) <= near, (i, got, want, near)
     assert np.abs(np.array(histogram["counts"]) - exact).sum() <= 0.02 * len(x)
+
+
+@pytest.fixture
+def long_st(request, tmp_path):
+    """Tensors of more than 65,536 values (one chunk each), whose histograms come from the buckets."""
+    torch.manual_seed(7)
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e-45, -1e-45, 2.0 ** -140])
+    state = {"bf16": torch.cat([torch.randn(150_000), specials, torch.linspace(-3, 3, 33)]).bfloat16(),
+             "int8": torch.randint(-128, 128, (70_000,), dtype=torch.int8),
+             "f8": torch.randn(80_000).to(torch.float8_e4m3fn),
+             "f32": torch.cat([torch.randn(300_000) * 0.02, specials, torch.zeros(1000)]),
+             "gamma": torch.distributions.Gamma(2.0, 3.0).sample((400_000,)) - 0.4,
+             "constant": torch.full((100_000,), -1.5)}
+    path = tmp_path / "long.safetensors"
+    save_file(state, path)
+    return register_input(request, path), state
+
+
+@pytest.mark.parametrize("bins", [32, 5, 1])
+def test_long_tensors_of_bfloat16_values_are_exact(long_st, bins):
+    """Values that bfloat16 holds exactly sit at their bucket's end: numpy's counts, edges and all."""
+    path, state = long_st
+    document = json_of("inspect", path, "--hist", "--bins", bins, "-p", "{bf16,int8,f8,constant}", schema="inspect")
+    assert len(document["tensors"]) == 4
+    for entry in document["tensors"]:
+        values, histogram = state[entry["name"]], entry["histogram"]
+        assert histogram["exact"] is (entry["name"] != "constant"), entry["name"]
+        assert histogram["counts"] == reference(values, histogram["edges"]), entry["name"]
+        x = values.double()
+        assert entry["stats"]["zeros"] == int((x == 0).sum())
+
+
+def test_long_float32_tensors_are_within_the_bound(long_st):
+    """float32 values in a bucket across an edge are shared out by width: counts sum to numel minus NaN,
+    a bin is off at most by the values near its edges, and in all a few in ten thousand."""
+    path, state = long_st
+    document = json_of("inspect", path, "--hist", "-p", "{f32,gamma}", schema="inspect")
+    for entry in document["tensors"]:
+        values, histogram = state[entry["name"]], entry["histogram"]
+        x = values.double().numpy()
+        finite = x[np.isfinite(x)]
+        assert histogram["exact"] is False
+        assert histogram["edges"][0] == finite.min() and histogram["edges"][-1] == finite.max()
+        exact = reference(values, histogram["edges"])
+        assert sum(histogram["counts"]) == sum(exact) == len(x) - int(np.isnan(x).sum())
+        for i, (got, want) in enumerate(zip(histogram["counts"], exact)):
+            near = sum(int((np.abs(finite - e) <= abs(e) / 64).sum()) for e in histogram["edges"][i:i + 2])
+            assert abs(got - want) <= near, (entry["name"], i, got, want, near)
+        assert np.abs(np.array(histogram["counts"]) - exact).sum() <= 1e-3 * len(x)
+        assert entry["stats"]["zeros"] == int((values.double() == 0).sum())
 
 
 def test_abs_quantile_against_torch_quantile():

@@ -5,23 +5,25 @@ finite values of a short tensor (exact answers), ``Buckets`` counts a long one's
 mantissa: the value truncated to bfloat16), in one streaming pass and a fixed 512 KiB.
 
 Each of the 65,536 buckets is a range of values 1/128 of its magnitude wide; from the
-counts come quantiles of |x| (to within one bucket), a histogram over any range (each
-bucket's values fall in the bin of its midpoint) and the Kolmogorov-Smirnov distance
+counts come quantiles of |x| (to within one bucket), a histogram over any range (a bucket
+across an edge shared out by width) and the Kolmogorov-Smirnov distance
 to a reference distribution (measured at the bucket boundaries: never more than the
 exact distance). Integer, float16 and float64 values are counted as float32.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-_HIGH = slice(1, None, 2) if sys.byteorder == "little" else slice(0, None, 2)
 _INF = 0x7F80  # the magnitude code of infinity; codes above it are NaN
 _CODES = torch.arange(_INF + 2, dtype=torch.int32).bitwise_left_shift(16).view(torch.float32).double()
 _LOW, _HIGH_EDGE = _CODES[:_INF + 1], _CODES[1:_INF + 2].clone()
 _HIGH_EDGE[_INF] = float("inf")
+# every bucket in increasing order of value (negative magnitudes reversed, then positive ones): its
+# ends, and the value a bfloat16 in it has (its end nearest zero)
+_UPPERS = torch.cat([-_LOW.flip(0), _HIGH_EDGE])
+_LOWERS = torch.cat([_UPPERS.new_full((1,), -float("inf")), _UPPERS[:-1]])
+_POINTS = torch.where(_UPPERS <= 0, _UPPERS, _LOWERS)
 
 
 class Buckets:
@@ -30,11 +32,16 @@ class Buckets:
     def __init__(self) -> None:
         self.counts = torch.zeros(65536, dtype=torch.int64)
 
-    def add(self, chunk: torch.Tensor) -> None:
-        """Count a flat, contiguous chunk of floating-point (or double-converted) values."""
-        values = chunk if chunk.dtype == torch.float32 else chunk.float()
-        keys = values.contiguous().view(torch.int16)[_HIGH].to(torch.int32).add_(32768)
-        self.counts += torch.bincount(keys, minlength=65536)
+    def add(self, chunk: torch.Tensor, scratch: torch.Tensor | None = None) -> int:
+        """Count a flat, contiguous chunk of floating-point (or double-converted) values; the keys
+        go into ``scratch`` (at least 4 bytes a value) when given, saving a fresh allocation.
+        Returns how many of them may be zero (0 means none is)."""
+        bits = (chunk if chunk.dtype == torch.float32 else chunk.float()).contiguous().view(torch.int32)
+        out = scratch.view(torch.int32)[:bits.numel()] if scratch is not None else None
+        keys = torch.bitwise_right_shift(bits, 16, out=out).add_(32768)
+        counts = torch.bincount(keys, minlength=65536)
+        self.counts += counts
+        return int(counts[0] + counts[32768])  # -0.0 and 0.0, with values below 2**-133 in magnitude
 
     @property
     def count(self) -> int:
@@ -61,8 +68,7 @@ class Buckets:
     def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(upper end, count) of every bucket in increasing order of value, NaN left out."""
         negative, positive = self.counts[:_INF + 1].flip(0), self.counts[32768:32768 + _INF + 1]
-        uppers = torch.cat([-_LOW.flip(0), _HIGH_EDGE])
-        return uppers, torch.cat([negative, positive])
+        return _UPPERS, torch.cat([negative, positive])
 
     def ks_distance(self, cdf) -> float:
         """sup |F_n(t) - cdf(t)| over the bucket boundaries t (a lower bound of the exact distance)."""
@@ -73,17 +79,38 @@ class Buckets:
         empirical = torch.cumsum(counts, 0).double() / total
         return float((empirical - cdf(uppers)).abs().max())
 
-    def histogram(self, bins: int, low: float, high: float) -> list[int]:
-        """Counts of ``bins`` equal bins over [low, high], each bucket in the bin of its midpoint
-        (clipped to the range): a count is off at most by the buckets straddling its edges."""
-        uppers, counts = self.ordered()
-        lowers = torch.cat([uppers[:1].new_full((1,), -float("inf")), uppers[:-1]])
-        present = counts > 0
-        middle = torch.where(torch.isinf(lowers) | torch.isinf(uppers), torch.where(uppers < 0, lowers, uppers),
-                             (lowers + uppers) / 2)[present].clamp(low, high)
-        width = (high - low) or 1.0
-        index = ((middle - low) / width * bins).floor().clamp(0, bins - 1).long()
-        return torch.zeros(bins, dtype=torch.int64).scatter_add_(0, index, counts[present]).tolist()
+    def histogram(self, edges: torch.Tensor, low: float, high: float, points: bool) -> list[int]:
+        """Counts between ``edges`` (float64, increasing; a value on an edge counts in the bin
+        above it, as in numpy) of values lying in [low, high] (their finite range; infinities at
+        its ends). ``points``: every value is its bucket's end nearest zero (the values were
+        bfloat16 or narrower), and the counts are exact. Otherwise a bucket that straddles an
+        edge is shared out in proportion to its width on either side, rounded along the running
+        total so that every value is counted once: only values within 1/128 of their magnitude
+        of an edge may be counted in the neighbouring bin."""
+        _, counts = self.ordered()
+        present = counts.nonzero().squeeze(1)
+        counts = counts[present]
+        if points:
+            running = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+            inside = running[torch.searchsorted(_POINTS[present], edges[1:-1])]
+            return torch.cat([running[:1], inside, running[-1:]]).diff().tolist()
+        if not counts.numel():
+            return [0] * (edges.numel() - 1)
+        lowers, uppers = _LOWERS[present].clamp(low, high), _UPPERS[present].clamp(low, high)
+        before = torch.cumsum(counts, 0) - counts  # values in the buckets below each one
+        inner = edges[1:-1]
+        index = torch.searchsorted(uppers, inner).clamp(max=counts.numel() - 1)
+        width = uppers[index] - lowers[index]
+        share = torch.where(width > 0, (inner - lowers[index]) / width, (inner > uppers[index]).double())
+        below = before[index] + counts[index] * share.clamp(0, 1)
+        ends = torch.tensor([0.0, float(counts.sum())], dtype=torch.float64)
+        running = torch.cat([ends[:1], (below + 0.5).floor(), ends[1:]]).long()
+        return running.diff().tolist()
+
+
+# Element types whose every value is a bfloat16: counted into buckets without rounding.
+EXACT_IN_BFLOAT16 = {"bfloat16", "int8", "uint8", "bool", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                     "float8_e5m2fnuz", "float8_e8m0fnu"}
 
 
 SHORT = 1 << 16  # tensors of at most this many values keep them, sorted, instead of counting buckets

@@ -7,9 +7,9 @@ sample standard deviation, and a NaN anywhere makes mean, std, min and max NaN.
 
 The same pass can count values into bfloat16-wide buckets (buckets.py: quantiles of |x|,
 distances to an initialisation) and draw a histogram between min and max: exact (the
-bins numpy.histogram draws over float32 edges) when the tensor is one chunk, from the
-buckets when it is longer (a value within 1/128 of its magnitude of an edge may be
-counted in the next bin). Nothing is read twice.
+bins numpy.histogram draws) for a tensor of up to 65,536 values, from the buckets for a
+longer one (exact for bfloat16 values; for wider ones a value within 1/128 of its
+magnitude of an edge may be counted in the next bin). Nothing is read twice.
 """
 
 from __future__ import annotations
@@ -57,19 +57,21 @@ def tensor_stats(tensor: Tensor, bins=None, buckets=False) -> Stats | None:
     ``buckets``: also the spread of the values (Stats.buckets), True or a
     function of the statistics saying whether it is needed. A tensor of one chunk is still in
     memory when its statistics are known: its spread is counted only if needed; a longer one's
-    always is (it cannot be known before the end)."""
+    always is (it cannot be known before the end). Histograms of more than SHORT values come
+    from the spread (buckets.Buckets.histogram), shorter ones are exact."""
     if tensor.dtype.complex:
         return None
     import torch
 
     from ..checkpoint.values import CHUNK, chunks, to_torch
-    from .buckets import SHORT, Buckets, Sorted
+    from .buckets import EXACT_IN_BFLOAT16, SHORT, Buckets, Sorted
 
     values = to_torch(tensor)
-    single = values.numel() <= CHUNK
-    spread = Buckets() if (buckets or bins) and not single else None
-    if buckets and values.numel() <= SHORT:
-        spread = Sorted()
+    short, single = values.numel() <= SHORT, values.numel() <= CHUNK
+    # a long tensor's spread is counted in the pass; so is a one-chunk tensor's when its histogram is
+    # surely wanted and comes from the buckets (which then also count its zeros)
+    in_pass = (buckets or bins) and not single or (bins and not callable(bins) and not short)
+    spread = Sorted() if buckets and short else Buckets() if in_pass else None
     whole = None  # the one chunk of a short tensor, for an exact histogram or a spread counted afterwards
     count, mean, m2 = 0, 0.0, 0.0
     low, high = math.inf, -math.inf
@@ -97,7 +99,14 @@ def tensor_stats(tensor: Tensor, bins=None, buckets=False) -> Stats | None:
         count = total
         low, high = _nan_min(low, float(chunk_low)), _nan_max(high, float(chunk_high))
         chunk_range = float(chunk_low), float(chunk_high)
-        zeros += n - int(torch.count_nonzero(chunk))
+        if isinstance(spread, Buckets):
+            near_zero = spread.add(chunk, scratch)
+        else:
+            near_zero = n
+            if spread is not None:
+                spread.add(chunk)
+        if near_zero:
+            zeros += n - int(torch.count_nonzero(chunk))
         if not (math.isfinite(chunk_mean) and math.isfinite(var) and math.isfinite(float(chunk_low))
                 and math.isfinite(float(chunk_high))):
             nan += int(torch.isnan(chunk).sum())
@@ -105,39 +114,44 @@ def tensor_stats(tensor: Tensor, bins=None, buckets=False) -> Stats | None:
             finite = chunk[torch.isfinite(chunk)]
             chunk_range = tuple(map(float, torch.aminmax(finite))) if finite.numel() else (math.inf, -math.inf)
         finite_low, finite_high = min(finite_low, chunk_range[0]), max(finite_high, chunk_range[1])
-        if spread is not None:
-            spread.add(chunk)
         if single:
             whole = chunk
     if count == 0:
-        return Stats(None, None, None, None, None, 0, 0, 0, Histogram([], [], True) if bins else None, spread)
+        return Stats(None, None, None, None, None, 0, 0, 0, Histogram([], [], True) if bins else None,
+                     spread if buckets else None)
     if nan:
         mean = low = high = math.nan
     std = math.sqrt(m2 / (count - 1)) if count > 1 and not nan else (math.nan if nan and count > 1 else None)
     abs_max = math.nan if nan else max(abs(low), abs(high))
     if not tensor.dtype.floating:  # integer and bool tensors have integer extremes
         low, high, abs_max = int(low), int(high), int(abs_max)
-    stats = Stats(mean, std, low, high, abs_max, zeros, nan, inf, None, spread)
+    stats = Stats(mean, std, low, high, abs_max, zeros, nan, inf)
     wanted = bins(stats) if callable(bins) else bins
+    if spread is None and ((wanted and not short) or (buckets and (buckets is True or buckets(stats)))):
+        spread = Buckets()
+        spread.add(whole, scratch)
     if wanted:
-        stats.histogram = _histogram(whole, spread, wanted, finite_low, finite_high, bool(nan or inf))
-    if spread is None and buckets and (buckets is True or buckets(stats)):
-        stats.buckets = Buckets()
-        stats.buckets.add(whole)
+        points = tensor.dtype.name in EXACT_IN_BFLOAT16
+        stats.histogram = _histogram(whole if short else None, spread, wanted, finite_low, finite_high,
+                                     bool(nan or inf), points)
+    if buckets:
+        stats.buckets = spread
     return stats
 
 
-def _histogram(whole, spread, bins: int, low: float, high: float, nonfinite: bool) -> Histogram:
-    """``bins`` bins over [low, high], the range of the finite values (numpy's rule when low == high)."""
+def _histogram(whole, spread, bins: int, low: float, high: float, nonfinite: bool, points: bool) -> Histogram:
+    """``bins`` bins over [low, high], the range of the finite values (numpy's rule when low == high):
+    from ``whole`` when given, else from ``spread`` (exact when ``points``, see Buckets.histogram)."""
     import torch
 
     if low > high:  # no finite value
         low = high = 0.0
+    if whole is None:
+        start, stop = (low - 0.5, high + 0.5) if low == high else (low, high)
+        edges = torch.linspace(start, stop, bins + 1, dtype=torch.float64)
+        return Histogram(edges.tolist(), spread.histogram(edges, low, high, points), points)
     if low == high:
         low, high = low - 0.5, high + 0.5
-    if whole is None:
-        edges = torch.linspace(low, high, bins + 1, dtype=torch.float64).tolist()
-        return Histogram(edges, spread.histogram(bins, low, high), False)
     finite = whole[torch.isfinite(whole)] if nonfinite else whole
     counts, edges = torch.histogram(finite, bins=bins, range=(low, high))
     counts = counts.long()
