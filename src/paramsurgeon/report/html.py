@@ -125,13 +125,27 @@ def _depth_chart(layers: list[Row]) -> str:
         ax.plot(range(len(layers)), values, color="#bbbbbb", linewidth=0.8, zorder=1)
         ax.scatter(range(len(layers)), values, c=colors, s=10, zorder=2)
         ax.set_ylabel(label)
-        if any(v > 0 for v in values):
-            ax.set_yscale("log")
+        _y_scale(ax, values)
         ax.grid(True, alpha=0.3)
     kinds = list(dict.fromkeys(r.kind for r in layers))
     axes[0].legend(handles=[_marker(k) for k in kinds], loc="upper right", fontsize=7, ncols=min(len(kinds), 6))
     _depth_ticks(axes[-1], [r.name for r in layers])
     return _svg(figure)
+
+
+def _y_scale(ax, values: list[float]) -> bool:
+    """A log y axis when the positive values span more than a decade (labelled in plain text, 1e-05
+    or 0.02: matplotlib's default 10^x labels go through its TeX parser, a third of a second per
+    page); else the linear one. Returns whether it is logarithmic."""
+    from matplotlib.ticker import LogFormatter
+
+    positive = [v for v in values if v > 0]
+    if not positive or max(positive) <= 10 * min(positive):
+        return False
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    return True
 
 
 def _label_inches(rows: list) -> float:
@@ -160,9 +174,10 @@ def _change_section(result: Inspection, changes: dict) -> str:
     figure = _figure(11, 2.5 + label, left=0.08, right=0.99, top=0.97, bottom=label / (2.5 + label))
     ax = figure.subplots()
     values = [v if math.isfinite(v) and v > 0 else float("nan") for _, v in compared]  # log scale: 0 not drawn
-    ax.vlines(range(len(compared)), min((v for v in values if v == v), default=1.0) / 2, values, color="#1f77b4",
+    logarithmic = _y_scale(ax, values)
+    bottom = min((v for v in values if v == v), default=1.0) / 2 if logarithmic else 0.0
+    ax.vlines(range(len(compared)), bottom, values, color="#1f77b4",
               linewidth=max(0.5, min(8.0, 600 / len(compared))))  # one collection, however many tensors
-    ax.set_yscale("log")
     ax.set_ylabel("||a - b|| / ||b||")
     ax.grid(True, axis="y", alpha=0.3)
     _depth_ticks(ax, [n for n, _ in compared])
