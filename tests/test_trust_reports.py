@@ -35,6 +35,21 @@ def test_control_characters_in_names_are_escaped_on_a_colour_terminal(tmp_path):
     assert "evil\\x1b[31m.weight" in piped and "\x1b" not in piped
 
 
+def test_line_breaks_bidi_overrides_and_c1_controls_in_names_are_escaped(tmp_path):
+    """U+0085 and U+2028 break lines for Python and some terminals, U+009B starts an escape sequence on
+    8-bit terminals, U+202E prints the rest of a name backwards: each shows as its code."""
+    names = ["a\x85b.weight", "c\u2028d.weight", "e\x9b31mf.weight", "g\u202egnp.exe.weight", "h\u2066i.weight"]
+    path = tmp_path / "evil.pt"
+    torch.save({name: torch.ones(3) for name in names}, path)
+    assert list(torch.load(path, weights_only=True)) == names
+    piped = run("inspect", path).stdout
+    for shown in ("a\\x85b.weight", "c\\u2028d.weight", "e\\x9b31mf.weight", "g\\u202egnp.exe.weight",
+                  "h\\u2066i.weight"):
+        assert shown in piped
+    assert not any(c in piped for c in "\x85\u2028\x9b\u202e\u2066")
+    assert piped.splitlines() == piped.rstrip("\n").split("\n")  # no line break but the table's own
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
