@@ -38,6 +38,29 @@ def test_scale(tmp_path, resnet_pt, resnet):
     assert bad.exit_code == 2 and "is int64, and scaling it by 0.5 would truncate" in bad.stderr
 
 
+@pytest.mark.parametrize("dtype, values, factor, out", [
+    (torch.int8, [100, -100, 5, -128, 42], 3, 3), (torch.int8, [100, -100, 5, -128, 42], -1, 1),
+    (torch.uint16, [1, 40000, 32767, 32768], 2, 2), (torch.int64, [2**62, -2**62, 5], 2, 1),
+    (torch.uint64, [1, 2**63, 2**63 - 1], 2, 1), (torch.int32, [2**30, -2**30], -2, 1)])
+def test_integer_scale_that_would_wrap_is_refused(tmp_path, dtype, values, factor, out):
+    """torch wraps integers around silently (int8 100 * 3 is 44): scale refuses, naming how many
+    values, and writes torch's wrapped product only with --allow-overflow."""
+    source = tmp_path / "ints.pt"
+    original = torch.tensor(values, dtype=dtype)
+    torch.save({"q": original, "w": torch.ones(2)}, source)
+    target = tmp_path / "scaled.pt"
+    refused = run("scale", source, "-p", "q", "--by", factor, "-o", target)
+    assert refused.exit_code == 2 and not target.exists()
+    exact = [v * factor for v in values]
+    info = torch.iinfo(dtype)
+    assert sum(not info.min <= v <= info.max for v in exact) == out
+    assert f"{out} of its {len(values)} values would leave that range multiplied by {factor}" in refused.stderr
+    assert run("scale", source, "-p", "q", "--by", factor, "-o", target, "--allow-overflow").exit_code == 0
+    assert torch.equal(load_torch(target)["q"], original * factor)
+    fits = run("scale", source, "-p", "q", "--by", 1, "-o", target)
+    assert fits.exit_code == 0 and torch.equal(load_torch(target)["q"], original)
+
+
 def test_cast_changes_floats_only(tmp_path, resnet_pt, resnet):
     before = resnet.state_dict()
     path, result = out_of(tmp_path, "cast", resnet_pt, "--all", "--dtype", "bf16", name="half.safetensors")

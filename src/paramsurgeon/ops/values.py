@@ -197,12 +197,34 @@ class Scale(Targets, TiePolicy, Overflow, Operation):
                 return f"is {tensor.dtype}, which holds {tensor.dtype.lowest} to {tensor.dtype.largest}, so scaling" \
                        f" it by {factor:g} would overflow"
             by = float(factor) if floating else int(factor)
+            if not floating and not self.allow_overflow and by not in (0, 1):
+                problem = _wraps(tensor, by)
+                if problem:
+                    return problem
             return Change(unit, f"scale by {factor:g}", tensor.shape, tensor.dtype.name,
                           lambda: (torch_values(tensor) * by).to(dtypes.torch_dtype(tensor.dtype)),
                           guarded=floating and abs(by) > 1 and not self.allow_overflow, origin=tensor)
 
         plan = value_plan("scale", f"scale by {factor:g}: {names_list(names)}", ckpt, names, self, change_for)
         return with_warnings(self.buffer_note(ckpt, plan), warnings)
+
+
+def _wraps(tensor: Tensor, by: int) -> str | None:
+    """Why scaling integer ``tensor`` by ``by`` would wrap around (None when every value fits):
+    reads its values once, before anything is written."""
+    lowest, largest = tensor.dtype.lowest, tensor.dtype.largest
+    # the values v with lowest <= v * by <= largest, by exact integer division
+    low, high = (-(-lowest // by), largest // by) if by > 0 else (-(largest // -by), lowest // by)
+    values = torch_values(tensor)
+    if tensor.dtype.name in ("uint16", "uint32"):  # torch compares these only as wider integers
+        values = values.long()
+    elif tensor.dtype.name == "uint64":  # as int64, values from 2**63 up are negative: out once doubled
+        values = values.view(dtypes.torch_dtype(dtypes.BY_NAME["int64"]))
+    out = int(((values < max(low, lowest)) | (values > min(high, largest))).sum())
+    if not out:
+        return None
+    return f"is {tensor.dtype}, which holds {lowest} to {largest}; {out:,} of its {values.numel():,} values would" \
+           f" leave that range multiplied by {by} and wrap around; pass --allow-overflow to write them wrapped"
 
 
 @dataclass(kw_only=True)
