@@ -281,6 +281,11 @@ def test_extract_truncates_to_the_best_rank_r_approximation(request, tmp_path, l
     assert float(result.stdout.splitlines()[2].split()[-1]) == pytest.approx(error, rel=1e-3)
     got, _ = merge_lora(tmp_path, base, adapter)
     torch.testing.assert_close(got[name].double(), best, atol=1e-5, rtol=1e-4)
+    from helpers import json_of
+    document = json_of("extract-lora", base, tuned_path, "-o", tmp_path / "again", "--rank", "2", schema="extract-lora")
+    assert [(m["tensor"], m["rank"]) for m in document["modules"]] == [(name, 2)]
+    assert document["modules"][0]["error"] == pytest.approx(error, rel=1e-3)
+    assert document["config"] == json.loads((tmp_path / "again" / "adapter_config.json").read_text())
 
 
 def test_extract_gpt2_conv1d_with_bias_and_convs(request, tmp_path):

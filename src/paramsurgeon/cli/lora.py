@@ -40,7 +40,7 @@ def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
         note(f"extract-lora: {message}")
     rows = extraction.rows
     if run.json:
-        emit(render.to_json({"command": "extract-lora", "base": extract.base, "tuned": extract.tuned,
+        emit(render.to_json({"schema_version": render.SCHEMA_VERSION, "command": "extract-lora", "base": extract.base, "tuned": extract.tuned,
                              "output": extract.output, "dry_run": run.dry_run, "config": extraction.config,
                              "modules": rows}))
     else:
