@@ -26,11 +26,14 @@ _LOWERS = torch.cat([_UPPERS.new_full((1,), -float("inf")), _UPPERS[:-1]])
 _POINTS = torch.where(_UPPERS <= 0, _UPPERS, _LOWERS)
 
 
+_NOTHING = torch.zeros(65536, dtype=torch.int64)  # the counts before any value (shared, never written)
+
+
 class Buckets:
     """Counts of values by their bfloat16 truncation; ``add`` each chunk, then ask."""
 
     def __init__(self) -> None:
-        self.counts = torch.zeros(65536, dtype=torch.int64)
+        self.counts = _NOTHING
 
     def add(self, chunk: torch.Tensor, scratch: torch.Tensor | None = None) -> int:
         """Count a flat, contiguous chunk of floating-point (or double-converted) values; the keys
@@ -40,7 +43,7 @@ class Buckets:
         out = scratch.view(torch.int32)[:bits.numel()] if scratch is not None else None
         keys = torch.bitwise_right_shift(bits, 16, out=out).add_(32768)
         counts = torch.bincount(keys, minlength=65536)
-        self.counts += counts
+        self.counts = counts if self.counts is _NOTHING else self.counts.add_(counts)
         return int(counts[0] + counts[32768])  # -0.0 and 0.0, with values below 2**-133 in magnitude
 
     @property
