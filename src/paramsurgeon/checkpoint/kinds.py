@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+from operator import attrgetter
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -79,27 +80,46 @@ _SUFFIXES = ("_weight", "_bias")
 
 @paused_gc()
 def infer_kinds(tensors: Mapping[str, Tensor]) -> dict[str, Kind]:
-    """The kind of every tensor, in the same order."""
+    """The kind of every tensor, in the same order.
+
+    A checkpoint of 100,000 tensors repeats a few module shapes: a module's layer kind is worked
+    out once per (its name's last part, leaf names, shapes), and a tensor's kind once per
+    (layer kind, leaf, floating or not, number of dimensions); numbered modules ('layers.7',
+    a Sequential's '0') have no name to go by and share one."""
     modules: dict[str, dict[str, Tensor]] = {}
-    split = []
+    prefixes, leaves_of = [], []
     for name, tensor in tensors.items():
         prefix, _, leaf = name.rpartition(".")
+        leaves_of.append(leaf)
         if leaf.endswith(_SUFFIXES):
             prefix, leaf = split_name(name)
         leaves = modules.get(prefix)
         if leaves is None:
             modules[prefix] = leaves = {}
         leaves[leaf] = tensor
-        split.append(prefix)
-    layer_of = {prefix: module_kind(prefix, leaves) for prefix, leaves in modules.items()}
-    return {name: _kind(layer_of[prefix], role(name.rpartition(".")[2], tensor))
-            for (name, tensor), prefix in zip(tensors.items(), split)}
+        prefixes.append(prefix)
+    layers: dict[tuple, str] = {}
+    layer_of = {}
+    for prefix, leaves in modules.items():
+        component = prefix.rpartition(".")[2]
+        key = ("" if component.isdigit() else component, *leaves, *map(_SHAPE, leaves.values()))
+        layer = layers.get(key)
+        if layer is None:
+            layers[key] = layer = module_kind(key[0], leaves)
+        layer_of[prefix] = layer
+    kinds: dict[tuple, Kind] = {}
+    found = []
+    for prefix, leaf, tensor in zip(prefixes, leaves_of, tensors.values()):
+        dtype = tensor.dtype
+        key = (layer_of[prefix], leaf, dtype.floating or dtype.complex, len(tensor.shape))
+        kind = kinds.get(key)
+        if kind is None:
+            kinds[key] = kind = Kind(key[0], role(leaf, tensor))
+        found.append(kind)
+    return dict(zip(tensors, found))
 
 
-@functools.cache
-def _kind(layer: str, role: str) -> Kind:
-    """One Kind object per (layer, role): a checkpoint of 100,000 tensors holds a few dozen distinct ones."""
-    return Kind(layer, role)
+_SHAPE = attrgetter("shape")
 
 
 def role(leaf: str, tensor: Tensor) -> str:
