@@ -186,23 +186,35 @@ def restore_ties(source: str, tensors: dict[str, Tensor], metadata: dict) -> Non
                 tensors[name] = Tensor(first.storage, first.dtype, first.shape)
 
 
-def header_bytes(entries: list[tuple[str, Tensor]], metadata: dict[str, str]) -> tuple[bytes, list]:
-    """The length-prefixed header for ``entries`` and each entry's data offsets."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+def header_bytes(entries: list[tuple[str, Tensor]], metadata: dict[str, str]) -> tuple[bytes, int]:
+    """The length-prefixed header for ``entries`` and the size of their data: the text json.dumps
+    writes for it, each entry formatted as a string (a 100,000-entry header is 100,000 short
+    strings, not 100,000 dicts to encode)."""
+    parts, shapes = [], {}
     position = 0
-    with paused_gc():
-        for name, tensor in entries:
-            code = tensor.dtype.safetensors
-            if code is None:
-                raise NotACheckpointError(f"safetensors cannot store dtype {tensor.dtype} (tensor '{name}')")
-            end = position + tensor.nbytes
-            header[name] = {"dtype": code, "shape": tensor.shape, "data_offsets": (position, end)}
-            position = end
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    for name, tensor in entries:
+        code = tensor.dtype.safetensors
+        if code is None:
+            raise NotACheckpointError(f"safetensors cannot store dtype {tensor.dtype} (tensor '{name}')")
+        if name == "__metadata__":
+            raise NotACheckpointError("safetensors cannot store a tensor named '__metadata__' (the key of the"
+                                      " file's metadata); rename it first")
+        shape = shapes.get(tensor.shape)
+        if shape is None:
+            shapes[tensor.shape] = shape = "[" + ",".join(map(int.__repr__, tensor.shape)) + "]"
+        end = position + tensor.nbytes
+        parts.append(f'{_quoted(name)}:{{"dtype":"{code}","shape":{shape},"data_offsets":[{position},{end}]}}')
+        position = end
+    head = "{"
+    if metadata:
+        head = json.dumps({"__metadata__": {k: metadata[k] for k in sorted(metadata)}}, separators=(",", ":"),
+                          ensure_ascii=False)[:-1] + ("," if parts else "")
+    text = (head + ",".join(parts) + "}").encode("utf-8")
     text += b" " * ((-len(text)) % 8)
     return struct.pack("<Q", len(text)) + text, position
+
+
+_quoted = json.encoder.encode_basestring  # a string as json.dumps(ensure_ascii=False) writes it
 
 
 def plan(tensors: dict[str, Tensor], metadata: dict[str, str], dedupe: bool = False):
@@ -232,10 +244,12 @@ class Writer:
     def write(self, ckpt: Checkpoint) -> None:
         entries, metadata = plan(ckpt.tensors, {"format": "pt", **ckpt.metadata}, self.dedupe)
         header, _ = header_bytes(entries, metadata)
-        self.sink.write(_aligned(header, entries, self.sink.offset))
+        tensors = [tensor for _, tensor in entries]
+        sources = list(map(_source_offset, tensors))
+        self.sink.write(_aligned(header, tensors, sources, self.sink.offset))
         spans = Spans(self.sink, self.progress)
-        for _, tensor in entries:
-            spans.add(tensor)
+        for tensor, source in zip(tensors, sources):
+            spans.add(tensor, source)
         spans.close()
         self.sink.flush()
 
@@ -250,8 +264,8 @@ class Spans:
         self.sink, self.progress = sink, progress
         self.file, self.start, self.length = None, 0, 0
 
-    def add(self, tensor: Tensor) -> None:
-        offset = _source_offset(tensor)
+    def add(self, tensor: Tensor, offset: int | None) -> None:
+        """Append ``tensor``, which lies at ``offset`` in its file (None: its values are not there as they are)."""
         if offset is not None:
             if tensor.storage.file is self.file and offset == self.start + self.length and self.length < self.LIMIT:
                 self.length += tensor.nbytes
@@ -273,18 +287,19 @@ class Spans:
         self.file, self.length = None, 0
 
 
-def _aligned(header: bytes, entries: list[tuple[str, Tensor]], start: int) -> bytes:
+def _aligned(header: bytes, tensors: list[Tensor], sources: list[int | None], start: int) -> bytes:
     """``header``, to be written at ``start``, padded with spaces so that most of the bytes copied
-    from files land at their offsets there modulo files.ALIGN (the kernel then copies whole
-    page-cache folios), when that costs at most 1/64 of those bytes."""
+    from files (``tensors`` from the ``sources`` offsets) land at their offsets there modulo
+    files.ALIGN (the kernel then copies whole page-cache folios), when that costs at most 1/64
+    of those bytes."""
     weights: dict[int, int] = {}
     position = 0
-    for _, tensor in entries:
-        source = _source_offset(tensor)
+    for tensor, source in zip(tensors, sources):
+        nbytes = tensor.nbytes
         if source is not None:
             residue = (source - position) % ALIGN
-            weights[residue] = weights.get(residue, 0) + tensor.nbytes
-        position += tensor.nbytes
+            weights[residue] = weights.get(residue, 0) + nbytes
+        position += nbytes
     if not weights:
         return header
     residue = max(weights, key=weights.get)
@@ -297,8 +312,9 @@ def _aligned(header: bytes, entries: list[tuple[str, Tensor]], start: int) -> by
 
 def _source_offset(tensor: Tensor) -> int | None:
     """Where the tensor's bytes are in its file, if they are copied from there as they are."""
-    if tensor.is_contiguous and not tensor.storage.in_memory:
-        return tensor.storage.offset + tensor.offset * tensor.dtype.itemsize
+    storage = tensor.storage
+    if storage.file is not None and tensor.is_contiguous:
+        return storage.offset + tensor.offset * tensor.dtype.itemsize
     return None
 
 
