@@ -12,7 +12,7 @@ import math
 import struct
 from collections import OrderedDict
 from itertools import chain, repeat
-from operator import attrgetter, gt, itemgetter, mul, sub
+from operator import add, attrgetter, gt, itemgetter, mul, sub
 
 from .. import dtypes
 from ..bulk import paused_gc
@@ -103,8 +103,9 @@ def _in_bulk(file: InputFile, start: int, header: dict) -> dict[str, Tensor] | N
     # the data buffer covered exactly: in file order (as writers lay it out), else sorted
     if not (begins[0] == 0 and begins[1:] == ends[:-1] and start + ends[-1] == file.size):
         _check_coverage(file, start, list(zip(begins, ends, header)))
-    return OrderedDict([(name, Tensor(Storage(size, file=file, offset=start + begin), dtype, tuple(shape)))
-                        for name, size, begin, dtype, shape in zip(header, sizes, begins, kinds, shapes)])
+    tensors = [Tensor(Storage(size, file=file, offset=offset), dtype, shape) for size, offset, dtype, shape
+               in zip(sizes, map(add, begins, repeat(start)), kinds, map(tuple, shapes))]
+    return OrderedDict(zip(header, tensors))
 
 
 def _one_by_one(file: InputFile, start: int, header: dict) -> dict[str, Tensor]:
