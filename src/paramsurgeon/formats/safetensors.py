@@ -245,62 +245,60 @@ class Writer:
     def write(self, ckpt: Checkpoint) -> None:
         entries, metadata = plan(ckpt.tensors, {"format": "pt", **ckpt.metadata}, self.dedupe)
         header, _ = header_bytes(entries, metadata)
-        tensors = [tensor for _, tensor in entries]
-        sources = list(map(_source_offset, tensors))
-        self.sink.write(_aligned(header, tensors, sources, self.sink.offset))
-        spans = Spans(self.sink, self.progress)
-        for tensor, source in zip(tensors, sources):
-            spans.add(tensor, source)
-        spans.close()
+        pieces, weights = _layout([tensor for _, tensor in entries])
+        self.sink.write(_aligned(header, weights, self.sink.offset))
+        for piece in pieces:
+            if type(piece) is tuple:
+                self.sink.copy(*piece)
+                nbytes = piece[2]
+            else:
+                write_tensor_bytes(piece, self.sink)
+                nbytes = piece.nbytes
+            if self.progress is not None:
+                self.progress(nbytes)
         self.sink.flush()
 
 
-class Spans:
-    """Appends tensors' values to ``sink``: tensors that lie one after the other in an input
-    file are copied as one span (100,000 small tensors are a few copies, not 100,000)."""
-
-    LIMIT = 64 << 20  # bytes per copied span, so that progress advances on large files
-
-    def __init__(self, sink: Sink, progress=None):
-        self.sink, self.progress = sink, progress
-        self.file, self.start, self.length = None, 0, 0
-
-    def add(self, tensor: Tensor, offset: int | None) -> None:
-        """Append ``tensor``, which lies at ``offset`` in its file (None: its values are not there as they are)."""
-        if offset is not None:
-            if tensor.storage.file is self.file and offset == self.start + self.length and self.length < self.LIMIT:
-                self.length += tensor.nbytes
-                return
-            self.close()
-            self.file, self.start, self.length = tensor.storage.file, offset, tensor.nbytes
-            return
-        self.close()
-        write_tensor_bytes(tensor, self.sink)
-        if self.progress is not None:
-            self.progress(tensor.nbytes)
-
-    def close(self) -> None:
-        """Copy the span gathered so far."""
-        if self.file is not None:
-            self.sink.copy(self.file, self.start, self.length)
-            if self.progress is not None:
-                self.progress(self.length)
-        self.file, self.length = None, 0
+SPAN_LIMIT = 64 << 20  # bytes per copied span, so that progress advances on large files
 
 
-def _aligned(header: bytes, tensors: list[Tensor], sources: list[int | None], start: int) -> bytes:
-    """``header``, to be written at ``start``, padded with spaces so that most of the bytes copied
-    from files (``tensors`` from the ``sources`` offsets) land at their offsets there modulo
-    files.ALIGN (the kernel then copies whole page-cache folios), when that costs at most 1/64
-    of those bytes."""
+def _layout(tensors: list[Tensor]) -> tuple[list, dict[int, int]]:
+    """What to append for ``tensors``, in order: (file, offset, length) spans of bytes copied from a
+    file, tensors that lie one after the other there copied as one span (100,000 small tensors are
+    a few copies, not 100,000), or a tensor whose values are written from memory; and how many of
+    the copied bytes sit at each offset modulo files.ALIGN from where they go (for ``_aligned``).
+    One pass over the tensors."""
+    pieces: list = []
     weights: dict[int, int] = {}
-    position = 0
-    for tensor, source in zip(tensors, sources):
+    file, begin, length, position = None, 0, 0, 0
+    for tensor in tensors:
         nbytes = tensor.nbytes
-        if source is not None:
+        source = _source_offset(tensor)
+        if source is None:
+            if file is not None:
+                pieces.append((file, begin, length))
+                file = None
+            pieces.append(tensor)
+        else:
             residue = (source - position) % ALIGN
             weights[residue] = weights.get(residue, 0) + nbytes
+            if tensor.storage.file is file and source == begin + length and length < SPAN_LIMIT:
+                length += nbytes
+            else:
+                if file is not None:
+                    pieces.append((file, begin, length))
+                file, begin, length = tensor.storage.file, source, nbytes
         position += nbytes
+    if file is not None:
+        pieces.append((file, begin, length))
+    return pieces, weights
+
+
+def _aligned(header: bytes, weights: dict[int, int], start: int) -> bytes:
+    """``header``, to be written at ``start``, padded with spaces so that most of the bytes copied
+    from files (``weights``: how many sit at each offset modulo files.ALIGN from where they go)
+    land at their offsets there modulo files.ALIGN (the kernel then copies whole page-cache
+    folios), when that costs at most 1/64 of those bytes."""
     if not weights:
         return header
     residue = max(weights, key=weights.get)
