@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import re
-from operator import attrgetter
+from itertools import repeat
+from operator import attrgetter, itemgetter
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -88,38 +89,47 @@ def infer_kinds(tensors: Mapping[str, Tensor]) -> dict[str, Kind]:
     a Sequential's '0') have no name to go by and share one."""
     modules: dict[str, dict[str, Tensor]] = {}
     prefixes, leaves_of = [], []
+    add_prefix, add_leaf, module = prefixes.append, leaves_of.append, modules.get
     for name, tensor in tensors.items():
         prefix, _, leaf = name.rpartition(".")
-        leaves_of.append(leaf)
+        add_leaf(leaf)
         if leaf.endswith(_SUFFIXES):
             prefix, leaf = split_name(name)
-        leaves = modules.get(prefix)
+        leaves = module(prefix)
         if leaves is None:
-            modules[prefix] = leaves = {}
-        leaves[leaf] = tensor
-        prefixes.append(prefix)
+            modules[prefix] = {leaf: tensor}
+        else:
+            leaves[leaf] = tensor
+        add_prefix(prefix)
     layers: dict[tuple, str] = {}
-    layer_of = {}
-    for prefix, leaves in modules.items():
-        component = prefix.rpartition(".")[2]
-        key = ("" if component.isdigit() else component, *leaves, *map(_SHAPE, leaves.values()))
+    found = []
+    for leaves, component in zip(modules.values(), map(_LAST, map(str.rpartition, modules, repeat(".")))):
+        if component.isdigit():
+            component = ""
+        if len(leaves) == 1:
+            [(leaf, tensor)] = leaves.items()
+            key = (component, leaf, tensor.shape)
+        else:
+            key = (component, *leaves, *map(_SHAPE, leaves.values()))
         layer = layers.get(key)
         if layer is None:
-            layers[key] = layer = module_kind(key[0], leaves)
-        layer_of[prefix] = layer
+            layers[key] = layer = module_kind(component, leaves)
+        found.append(layer)
+    layer_of = dict(zip(modules, found))
     kinds: dict[tuple, Kind] = {}
     found = []
-    for prefix, leaf, tensor in zip(prefixes, leaves_of, tensors.values()):
+    add, known = found.append, kinds.get
+    for layer, leaf, tensor in zip(map(layer_of.__getitem__, prefixes), leaves_of, tensors.values()):
         dtype = tensor.dtype
-        key = (layer_of[prefix], leaf, dtype.floating or dtype.complex, len(tensor.shape))
-        kind = kinds.get(key)
+        key = (layer, leaf, dtype.floating or dtype.complex, len(tensor.shape))
+        kind = known(key)
         if kind is None:
-            kinds[key] = kind = Kind(key[0], role(leaf, tensor))
-        found.append(kind)
+            kinds[key] = kind = Kind(layer, role(leaf, tensor))
+        add(kind)
     return dict(zip(tensors, found))
 
 
-_SHAPE = attrgetter("shape")
+_SHAPE, _LAST = attrgetter("shape"), itemgetter(2)
 
 
 def role(leaf: str, tensor: Tensor) -> str:
