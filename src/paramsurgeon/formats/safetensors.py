@@ -136,13 +136,14 @@ def _in_bulk(file: InputFile, start: int, header: dict) -> dict[str, Tensor] | N
     check one pass in C over all entries: a 100,000-entry header costs a few dozen passes, not
     100,000 calls); None when any check fails, so that the entries are checked one by one."""
     entries = list(header.values())
-    if not entries or set(map(type, entries)) != {dict}:
-        return None
-    codes = list(map(dict.get, entries, repeat("dtype")))
-    shapes = list(map(dict.get, entries, repeat("shape")))
-    offsets = list(map(dict.get, entries, repeat("data_offsets")))
-    if set(map(type, codes)) != {str} or set(map(type, shapes)) != {list} or set(map(type, offsets)) != {list} \
-            or not set(codes) <= dtypes.BY_SAFETENSORS.keys():
+    try:  # dict.get refuses an entry that is no object, a set a code that is a list: TypeError
+        codes = list(map(dict.get, entries, repeat("dtype")))
+        shapes = list(map(dict.get, entries, repeat("shape")))
+        offsets = list(map(dict.get, entries, repeat("data_offsets")))
+        if not entries or set(map(type, shapes)) != {list} or set(map(type, offsets)) != {list} \
+                or not set(codes) <= dtypes.BY_SAFETENSORS.keys():
+            return None
+    except TypeError:
         return None
     kinds = list(map(dtypes.BY_SAFETENSORS.__getitem__, codes))
     dims = list(chain.from_iterable(shapes))
