@@ -97,7 +97,7 @@ def _aliases(ties: list[list[str]]) -> set[str]:
 
 def totals(rows: list[Row], ties: list[list[str]]) -> dict:
     """Counts over the rows; a tie group counts once (it is one parameter)."""
-    shown = {r.name for r in rows}
+    shown = {r.name for r in rows} if ties else set()
     aliases = _aliases([[n for n in g if n in shown] for g in ties])
     unique = [r for r in rows if r.name not in aliases] if aliases else rows
     by_dtype: dict[str, dict] = {}
