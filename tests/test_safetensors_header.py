@@ -110,3 +110,15 @@ def test_entries_out_of_file_order_read(tmp_path):
         got = {name: f.get_tensor(name) for name in f.keys()}
     assert not got.pop("t7").any() and expected.pop("t7").any()
     assert got.keys() == expected.keys() and all(np.array_equal(got[n], expected[n]) for n in got)
+
+
+def test_a_tensor_named_like_the_metadata_key_is_refused(tmp_path):
+    """safetensors keeps the file's metadata under '__metadata__': such a tensor would overwrite it."""
+    import torch
+
+    source = tmp_path / "odd.pt"
+    torch.save({"__metadata__": torch.ones(2), "w": torch.zeros(3)}, source)
+    out = tmp_path / "odd.safetensors"
+    result = run("convert", source, "-o", out)
+    assert result.exit_code == 2 and "'__metadata__'" in result.stderr and not out.exists()
+    assert run("convert", source, "-o", tmp_path / "fine.pt").exit_code == 0
