@@ -70,3 +70,39 @@ def test_round_trip_through_torch_is_bit_identical(tmp_path, many):
     assert len(records) == COUNT  # one storage record per tensor, as torch.save writes them
     assert run("convert", pt, "-o", back).exit_code == 0
     assert same_arrays(load_file(str(back)), load_file(str(many)))
+
+
+def test_kinds_of_many_numbered_blocks_follow_their_torch_modules(tmp_path):
+    """Kinds are worked out once per module shape: 300 numbered blocks, each of a conv, a layer norm, a
+    Linear with and without bias, an embedding, an LSTM and an MHA, get the kind of the torch
+    module that holds each tensor, in every block (the first block's answer is not reused for a
+    block that differs: every third has a bias-free head, every fifth a 'proj' that is a convolution)."""
+    import torch
+    from torch import nn
+
+    from paramsurgeon.checkpoint.kinds import infer_kinds
+    import paramsurgeon
+
+    def block(i: int) -> nn.Module:
+        return nn.ModuleDict({"conv": nn.Conv2d(2, 3, 3), "ln": nn.LayerNorm(3), "embed": nn.Embedding(5, 3),
+                              "head": nn.Linear(3, 4, bias=i % 3 != 0), "proj": nn.Conv1d(3, 2, 1, bias=False) if i % 5 == 0 else nn.Linear(3, 2, bias=False),
+                              "lstm": nn.LSTM(3, 2), "attn": nn.MultiheadAttention(4, 2),
+                              "seq": nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))})
+
+    expected_layer = [(nn.Conv2d, "conv"), (nn.Conv1d, "conv"), (nn.LayerNorm, "layernorm"), (nn.Embedding, "embedding"),
+                      (nn.Linear, "linear"), (nn.LSTM, "rnn"), (nn.BatchNorm1d, "batchnorm"),
+                      (nn.MultiheadAttention, "linear")]
+    model = nn.ModuleDict({str(i): block(i) for i in range(300)})
+    truth = {}
+    for prefix, module in model.named_modules():
+        layer = next((kind for cls, kind in expected_layer if isinstance(module, cls)), None)
+        if layer is None:
+            continue
+        for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            truth[f"{prefix}.{name}"] = layer
+    path = tmp_path / "blocks.pt"
+    torch.save(model.state_dict(), path)
+    kinds = infer_kinds(paramsurgeon.load(str(path)).tensors)
+    assert len(truth) == len(kinds) and {n: kinds[n].layer for n in truth} == truth
+    assert kinds["0.head.weight"].role == "weight" and kinds["1.head.bias"].role == "bias"
+    assert kinds["7.seq.1.num_batches_tracked"].role == "buffer"

@@ -64,7 +64,7 @@ def select(tensors: Mapping[str, Tensor], selector: Selector, *, allow_empty: bo
         picked = names
     elif selector.patterns and not regexes and not selector.kinds:  # globs alone: one compiled regex for them all
         glob = re.compile("|".join(_glob_regex(p).pattern for p in selector.patterns)).fullmatch
-        picked = [n for n in names if glob(n)]
+        picked = list(filter(glob, names))
     else:
         picked = [n for n in names if _picked(n, selector, regexes, kinds)]
     if picked:
@@ -83,7 +83,7 @@ def unmatched(names: list[str], globs: Iterable[str], option: str, key: tuple = 
     each of its expansions that matches none), with suggestions."""
     problems = []
     for glob in globs:
-        idle = [g for g in expand(glob) if not any(matches(n, g) for n in names)]
+        idle = [g for g in expand(glob) if next(filter(_glob_regex(g).match, names), None) is None]  # a pass in C
         if len(idle) == 1 and idle[0] == glob:
             problems.append(f"{option} '{glob}' matches no tensor{suggest(glob, names, key)}")
         elif idle:

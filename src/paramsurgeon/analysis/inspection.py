@@ -4,6 +4,7 @@ the file, and a per-module tree. Rendering lives in report.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Callable, Iterable
 
 from ..bulk import paused_gc
@@ -14,7 +15,7 @@ from ..checkpoint.locations import off_cpu
 from .stats import Stats, sha256, tensor_stats
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     name: str
     shape: tuple[int, ...]
@@ -53,24 +54,30 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     kinds = infer_kinds(tensors)
     ties = ckpt.ties()
     tied_with = {n: [m for m in g if m != n] for g in ties for n in g}
-    rows = []
-    for name in names:
-        tensor, kind = tensors[name], kinds[name]
-        row = Row(name, tensor.shape, tensor.dtype.name, tensor.numel, tensor.nbytes, kind.layer, kind.role,
-                  tensor.storage.location, tied_with.get(name, []))
-        if stats:
-            row.stats = tensor_stats(tensor, bins=bins)
-        if hashes:
-            row.sha256 = sha256(tensor)
-        if progress is not None:
-            progress(tensor.nbytes)
-        rows.append(row)
-    chosen = {r.name for r in rows}
-    relevant_ties = [g for g in ties if any(n in chosen for n in g)]
+    names = list(names)
+    chosen, found = list(map(tensors.__getitem__, names)), list(map(kinds.__getitem__, names))
+    # column by column, each a pass in C: 100,000 tensors are 100,000 rows
+    rows = list(map(Row, names, map(_SHAPE, chosen), map(_DTYPE, chosen), map(_NUMEL, chosen), map(_NBYTES, chosen),
+                    map(_LAYER, found), map(_ROLE, found), map(_LOCATION, chosen),
+                    [tied_with.get(n, []) for n in names] if tied_with else [[] for _ in names]))
+    if stats or hashes or progress is not None:
+        for row, tensor in zip(rows, chosen):
+            if stats:
+                row.stats = tensor_stats(tensor, bins=bins)
+            if hashes:
+                row.sha256 = sha256(tensor)
+            if progress is not None:
+                progress(tensor.nbytes)
+    shown = set(names) if ties else set()
+    relevant_ties = [g for g in ties if any(n in shown for n in g)]
     return Inspection(
         source=ckpt.source, format=ckpt.format, key=".".join(map(str, ckpt.key)) or None, rows=rows,
         ties=relevant_ties, totals=totals(rows, relevant_ties), extras=extras(ckpt), metadata=dict(ckpt.metadata),
         notes=list(ckpt.notes) + _device_notes(ckpt), stats=stats, tree=module_tree(rows, relevant_ties) if tree else None)
+
+
+_SHAPE, _DTYPE, _NUMEL, _NBYTES = attrgetter("shape"), attrgetter("dtype.name"), attrgetter("numel"), attrgetter("nbytes")
+_LAYER, _ROLE, _LOCATION = attrgetter("layer"), attrgetter("role"), attrgetter("storage.location")
 
 
 def _device_notes(ckpt: Checkpoint) -> list[str]:
@@ -90,7 +97,7 @@ def _aliases(ties: list[list[str]]) -> set[str]:
 
 def totals(rows: list[Row], ties: list[list[str]]) -> dict:
     """Counts over the rows; a tie group counts once (it is one parameter)."""
-    shown = {r.name for r in rows}
+    shown = {r.name for r in rows} if ties else set()
     aliases = _aliases([[n for n in g if n in shown] for g in ties])
     unique = [r for r in rows if r.name not in aliases] if aliases else rows
     by_dtype: dict[str, dict] = {}

@@ -4,6 +4,7 @@ ties and metadata; and how the mapping of tensors is found inside a nested file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Iterator
 
 from ..errors import SelectionError
@@ -48,7 +49,8 @@ class Checkpoint:
         container = self.container
         cached = self.__dict__.get("_tensors")
         if cached is None or cached[0] is not container or cached[1] != len(container):
-            cached = (container, len(container), {k: v for k, v in container.items() if isinstance(v, Tensor)})
+            cached = (container, len(container), dict(container) if _all_tensors(container.values()) else
+                      {k: v for k, v in container.items() if isinstance(v, Tensor)})
             self.__dict__["_tensors"] = cached
         return cached[2]
 
@@ -86,13 +88,20 @@ class Checkpoint:
                 if k != part:
                     yield ".".join(map(str, (*self.key[:depth], k))), v
             node = node[part]
-        for k, v in self.container.items():
+        container = self.container
+        if _all_tensors(container.values()):  # the common case, told in one pass in C
+            return
+        for k, v in container.items():
             if not isinstance(v, Tensor):
                 yield str(k), v
 
     def has_extras(self) -> bool:
         """Whether the file holds anything besides the named tensors."""
         return next(self.extra_items(), None) is not None
+
+
+def _all_tensors(values) -> bool:
+    return all(map(isinstance, values, repeat(Tensor)))
 
 
 def find_container(root: Any, key: str | None, source: str) -> tuple[tuple, list[str]]:

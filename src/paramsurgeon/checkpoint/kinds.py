@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import re
+from itertools import repeat
+from operator import attrgetter, itemgetter
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -79,27 +81,55 @@ _SUFFIXES = ("_weight", "_bias")
 
 @paused_gc()
 def infer_kinds(tensors: Mapping[str, Tensor]) -> dict[str, Kind]:
-    """The kind of every tensor, in the same order."""
+    """The kind of every tensor, in the same order.
+
+    A checkpoint of 100,000 tensors repeats a few module shapes: a module's layer kind is worked
+    out once per (its name's last part, leaf names, shapes), and a tensor's kind once per
+    (layer kind, leaf, floating or not, number of dimensions); numbered modules ('layers.7',
+    a Sequential's '0') have no name to go by and share one."""
     modules: dict[str, dict[str, Tensor]] = {}
-    split = []
+    prefixes, leaves_of = [], []
+    add_prefix, add_leaf, module = prefixes.append, leaves_of.append, modules.get
     for name, tensor in tensors.items():
         prefix, _, leaf = name.rpartition(".")
+        add_leaf(leaf)
         if leaf.endswith(_SUFFIXES):
             prefix, leaf = split_name(name)
-        leaves = modules.get(prefix)
+        leaves = module(prefix)
         if leaves is None:
-            modules[prefix] = leaves = {}
-        leaves[leaf] = tensor
-        split.append(prefix)
-    layer_of = {prefix: module_kind(prefix, leaves) for prefix, leaves in modules.items()}
-    return {name: _kind(layer_of[prefix], role(name.rpartition(".")[2], tensor))
-            for (name, tensor), prefix in zip(tensors.items(), split)}
+            modules[prefix] = {leaf: tensor}
+        else:
+            leaves[leaf] = tensor
+        add_prefix(prefix)
+    layers: dict[tuple, str] = {}
+    found = []
+    for leaves, component in zip(modules.values(), map(_LAST, map(str.rpartition, modules, repeat(".")))):
+        if component.isdigit():
+            component = ""
+        if len(leaves) == 1:
+            [(leaf, tensor)] = leaves.items()
+            key = (component, leaf, tensor.shape)
+        else:
+            key = (component, *leaves, *map(_SHAPE, leaves.values()))
+        layer = layers.get(key)
+        if layer is None:
+            layers[key] = layer = module_kind(component, leaves)
+        found.append(layer)
+    layer_of = dict(zip(modules, found))
+    kinds: dict[tuple, Kind] = {}
+    found = []
+    add, known = found.append, kinds.get
+    for layer, leaf, tensor in zip(map(layer_of.__getitem__, prefixes), leaves_of, tensors.values()):
+        dtype = tensor.dtype
+        key = (layer, leaf, dtype.floating or dtype.complex, len(tensor.shape))
+        kind = known(key)
+        if kind is None:
+            kinds[key] = kind = Kind(layer, role(leaf, tensor))
+        add(kind)
+    return dict(zip(tensors, found))
 
 
-@functools.cache
-def _kind(layer: str, role: str) -> Kind:
-    """One Kind object per (layer, role): a checkpoint of 100,000 tensors holds a few dozen distinct ones."""
-    return Kind(layer, role)
+_SHAPE, _LAST = attrgetter("shape"), itemgetter(2)
 
 
 def role(leaf: str, tensor: Tensor) -> str:

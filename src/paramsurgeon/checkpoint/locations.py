@@ -3,11 +3,15 @@ which ``torch.load`` restores, so a file saved on a GPU needs one to load (or ma
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 from ..formats.pickles import Opaque
 from .checkpoint import Checkpoint
 from .tensor import Storage, Tensor
+
+
+_LOCATION = attrgetter("storage.location")
 
 
 def storages(root: Any) -> list[Storage]:
@@ -37,6 +41,8 @@ def storages(root: Any) -> list[Storage]:
 
 def off_cpu(ckpt: Checkpoint) -> dict[str, int]:
     """How many storages record each location other than cpu."""
+    if not ckpt.key and not ckpt.has_extras() and set(map(_LOCATION, ckpt.tensors.values())) <= {"cpu"}:
+        return {}  # the file is its tensors, all on the cpu: told in two passes in C
     counts: dict[str, int] = {}
     for storage in storages(ckpt.root):
         if storage.location != "cpu":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import math
 from collections import Counter
+from operator import attrgetter
 from typing import Iterator
 
 from ..dtypes import DType
@@ -130,8 +131,8 @@ def check_view(tensor: Tensor, storage_numel: int, where: str) -> None:
 
 def tie_groups(tensors: dict[str, Tensor]) -> list[list[str]]:
     """Group names whose tensors read overlapping bytes of one storage."""
-    if len({id(t.storage) for t in tensors.values()}) == len(tensors):
-        return []  # every storage has one tensor (the common case)
+    if len(set(map(id, map(_STORAGE, tensors.values())))) == len(tensors):
+        return []  # every storage has one tensor (the common case, told in one pass in C)
     counts = Counter(id(t.storage) for t in tensors.values())
     by_storage: dict[int, list[str]] = {}
     for name, tensor in tensors.items():
@@ -155,6 +156,9 @@ def tie_groups(tensors: dict[str, Tensor]) -> list[list[str]]:
         groups.append(current)
     groups = [sorted(g, key=order.__getitem__) for g in groups if len(g) > 1]
     return sorted(groups, key=lambda g: order[g[0]])
+
+
+_STORAGE = attrgetter("storage")
 
 
 def same_values(a: Tensor, b: Tensor) -> bool:

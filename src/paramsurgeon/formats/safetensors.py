@@ -8,8 +8,11 @@ Ties, which safetensors cannot express, are recorded in ``__metadata__`` under
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections import OrderedDict
+from itertools import chain, repeat
+from operator import add, attrgetter, gt, itemgetter, mul, sub
 
 from .. import dtypes
 from ..bulk import paused_gc
@@ -31,6 +34,12 @@ def looks_like(head: bytes, size: int) -> bool:
 
 def read_header(file: InputFile) -> tuple[int, dict]:
     """(start of the data buffer, header as parsed JSON), checked for consistency."""
+    start, text = _header_text(file)
+    return start, _parsed(file, text, _no_duplicates)
+
+
+def _header_text(file: InputFile) -> tuple[int, str]:
+    """(start of the data buffer, the header's text)."""
     if file.size < 8:
         raise CorruptCheckpointError(f"{file.name}: truncated: {file.size} bytes is too short for safetensors")
     n = struct.unpack("<Q", file.read(0, 8))[0]
@@ -40,13 +49,21 @@ def read_header(file: InputFile) -> tuple[int, dict]:
         raise CorruptCheckpointError(f"{file.name}: truncated: the safetensors header claims {n} bytes"
                                      f" but the file has {file.size - 8} after the length")
     try:
+        return 8 + n, file.read(8, n).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptCheckpointError(f"{file.name}: the safetensors header is not valid JSON ({e})") from e
+
+
+def _parsed(file: InputFile, text: str, hook=None) -> dict:
+    """The header's JSON object (``hook``: json's object_pairs_hook)."""
+    try:
         with paused_gc():
-            header = json.loads(file.read(8, n).decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+            header = json.loads(text, object_pairs_hook=hook)
+    except ValueError as e:
         raise CorruptCheckpointError(f"{file.name}: the safetensors header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{file.name}: the safetensors header is not a JSON object")
-    return 8 + n, header
+    return header
 
 
 def _no_duplicates(pairs: list) -> dict:
@@ -61,26 +78,106 @@ def _no_duplicates(pairs: list) -> dict:
 
 def read(file: InputFile) -> Checkpoint:
     """Read a safetensors file's header; tensors stay in the file until needed."""
-    start, header = read_header(file)
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CorruptCheckpointError(f"{file.name}: __metadata__ must map strings to strings")
-    tensors: dict[str, Tensor] = OrderedDict()
-    spans = []
+    start, text = _header_text(file)
     with paused_gc():
-        for name, entry in header.items():
-            dtype, shape, (begin, end) = _entry(file.name, name, entry)
-            tensor = Tensor(Storage(end - begin, file=file, offset=start + begin), dtype, shape)
-            if tensor.nbytes != end - begin:
-                raise CorruptCheckpointError(
-                    f"{file.name}: tensor '{name}' of shape {list(shape)} and dtype {dtype} needs"
-                    f" {tensor.nbytes} bytes but its data_offsets span {end - begin}")
-            tensors[name] = tensor
-            spans.append((begin, end, name))
-        _check_coverage(file, start, spans)
+        found = _at_once(file, start, text)
+        if found is None:  # a key given twice, or an entry to name: parsed again, refusing duplicate keys
+            header = _parsed(file, text, _no_duplicates)
+            metadata = _metadata(file, header)
+            tensors = _in_bulk(file, start, header)
+            if tensors is None:  # some entry is wrong: found and named one by one
+                tensors = _one_by_one(file, start, header)
+        else:
+            metadata, tensors = found
     restore_ties(file.name, tensors, metadata)
     metadata = {k: v for k, v in metadata.items() if k != TIES_KEY}  # now in the structure itself
     return Checkpoint(source=file.name, format="safetensors", root=tensors, key=(), metadata=metadata)
+
+
+def _metadata(file: InputFile, header: dict) -> dict[str, str]:
+    """``__metadata__``, taken out of ``header``."""
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpointError(f"{file.name}: __metadata__ must map strings to strings")
+    return metadata
+
+
+def _at_once(file: InputFile, start: int, text: str) -> tuple[dict, dict] | None:
+    """(metadata, tensors) when the header holds, from a parse that keeps no pair per JSON object
+    (json's C code builds the dicts, 30% faster than with a hook), or None.
+
+    A key given twice would keep only its last value there: it is ruled out by counting. Each
+    pair of the text has one colon outside strings, so its colons are the pairs written plus the
+    colons inside its strings; without \\u escapes (which can spell a colon the text does not show)
+    they equal the pairs kept plus the colons in the strings kept only when nothing was dropped.
+    When the entries hold (three keys each, no strings but the dtype codes), the strings kept are
+    the names and the metadata."""
+    if "\\u" in text:
+        return None
+    try:
+        header = _parsed(file, text)
+        pairs = len(header) + 3 * (len(header) - ("__metadata__" in header))
+        metadata = _metadata(file, header)
+        if set(map(len, header.values())) != {3}:
+            return None
+    except (CorruptCheckpointError, TypeError):  # the strict parse says what is wrong
+        return None
+    pairs += len(metadata) + "".join(header).count(":")
+    if metadata:
+        pairs += "".join(metadata).count(":") + "".join(metadata.values()).count(":")
+    if text.count(":") != pairs:
+        return None
+    tensors = _in_bulk(file, start, header)  # when it holds, so does the count (it ends with the coverage)
+    return None if tensors is None else (metadata, tensors)
+
+
+def _in_bulk(file: InputFile, start: int, header: dict) -> dict[str, Tensor] | None:
+    """The tensors, when every entry holds (what ``_entry`` and ``_check_coverage`` check, each
+    check one pass in C over all entries: a 100,000-entry header costs a few dozen passes, not
+    100,000 calls); None when any check fails, so that the entries are checked one by one."""
+    entries = list(header.values())
+    try:  # dict.get refuses an entry that is no object, a set a code that is a list: TypeError
+        codes = list(map(dict.get, entries, repeat("dtype")))
+        shapes = list(map(dict.get, entries, repeat("shape")))
+        offsets = list(map(dict.get, entries, repeat("data_offsets")))
+        if not entries or set(map(type, shapes)) != {list} or set(map(type, offsets)) != {list} \
+                or not set(codes) <= dtypes.BY_SAFETENSORS.keys():
+            return None
+    except TypeError:
+        return None
+    kinds = list(map(dtypes.BY_SAFETENSORS.__getitem__, codes))
+    dims = list(chain.from_iterable(shapes))
+    if (dims and (set(map(type, dims)) != _INT or min(dims) < 0)) or set(map(len, offsets)) != {2}:
+        return None
+    begins, ends = list(map(itemgetter(0), offsets)), list(map(itemgetter(1), offsets))
+    if set(map(type, begins)) | set(map(type, ends)) != _INT or min(begins) < 0 or any(map(gt, begins, ends)):
+        return None
+    sizes = list(map(sub, ends, begins))
+    if sizes != list(map(mul, map(math.prod, shapes), map(attrgetter("itemsize"), kinds))):
+        return None
+    # the data buffer covered exactly: in file order (as writers lay it out), else sorted
+    if not (begins[0] == 0 and begins[1:] == ends[:-1] and start + ends[-1] == file.size):
+        _check_coverage(file, start, list(zip(begins, ends, header)))
+    tensors = [Tensor(Storage(size, file=file, offset=offset), dtype, shape) for size, offset, dtype, shape
+               in zip(sizes, map(add, begins, repeat(start)), kinds, map(tuple, shapes))]
+    return OrderedDict(zip(header, tensors))
+
+
+def _one_by_one(file: InputFile, start: int, header: dict) -> dict[str, Tensor]:
+    """The tensors, each entry checked in turn: the first wrong one is named."""
+    tensors: dict[str, Tensor] = OrderedDict()
+    spans = []
+    for name, entry in header.items():
+        dtype, shape, (begin, end) = _entry(file.name, name, entry)
+        tensor = Tensor(Storage(end - begin, file=file, offset=start + begin), dtype, shape)
+        if tensor.nbytes != end - begin:
+            raise CorruptCheckpointError(
+                f"{file.name}: tensor '{name}' of shape {list(shape)} and dtype {dtype} needs"
+                f" {tensor.nbytes} bytes but its data_offsets span {end - begin}")
+        tensors[name] = tensor
+        spans.append((begin, end, name))
+    _check_coverage(file, start, spans)
+    return tensors
 
 
 _INT = {int}
@@ -145,23 +242,35 @@ def restore_ties(source: str, tensors: dict[str, Tensor], metadata: dict) -> Non
                 tensors[name] = Tensor(first.storage, first.dtype, first.shape)
 
 
-def header_bytes(entries: list[tuple[str, Tensor]], metadata: dict[str, str]) -> tuple[bytes, list]:
-    """The length-prefixed header for ``entries`` and each entry's data offsets."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+def header_bytes(entries: list[tuple[str, Tensor]], metadata: dict[str, str]) -> tuple[bytes, int]:
+    """The length-prefixed header for ``entries`` and the size of their data: the text json.dumps
+    writes for it, each entry formatted as a string (a 100,000-entry header is 100,000 short
+    strings, not 100,000 dicts to encode)."""
+    parts, shapes = [], {}
     position = 0
-    with paused_gc():
-        for name, tensor in entries:
-            code = tensor.dtype.safetensors
-            if code is None:
-                raise NotACheckpointError(f"safetensors cannot store dtype {tensor.dtype} (tensor '{name}')")
-            end = position + tensor.nbytes
-            header[name] = {"dtype": code, "shape": tensor.shape, "data_offsets": (position, end)}
-            position = end
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    for name, tensor in entries:
+        code = tensor.dtype.safetensors
+        if code is None:
+            raise NotACheckpointError(f"safetensors cannot store dtype {tensor.dtype} (tensor '{name}')")
+        if name == "__metadata__":
+            raise NotACheckpointError("safetensors cannot store a tensor named '__metadata__' (the key of the"
+                                      " file's metadata); rename it first")
+        shape = shapes.get(tensor.shape)
+        if shape is None:
+            shapes[tensor.shape] = shape = "[" + ",".join(map(int.__repr__, tensor.shape)) + "]"
+        end = position + tensor.nbytes
+        parts.append(f'{_quoted(name)}:{{"dtype":"{code}","shape":{shape},"data_offsets":[{position},{end}]}}')
+        position = end
+    head = "{"
+    if metadata:
+        head = json.dumps({"__metadata__": {k: metadata[k] for k in sorted(metadata)}}, separators=(",", ":"),
+                          ensure_ascii=False)[:-1] + ("," if parts else "")
+    text = (head + ",".join(parts) + "}").encode("utf-8")
     text += b" " * ((-len(text)) % 8)
     return struct.pack("<Q", len(text)) + text, position
+
+
+_quoted = json.encoder.encode_basestring  # a string as json.dumps(ensure_ascii=False) writes it
 
 
 def plan(tensors: dict[str, Tensor], metadata: dict[str, str], dedupe: bool = False):
@@ -191,59 +300,60 @@ class Writer:
     def write(self, ckpt: Checkpoint) -> None:
         entries, metadata = plan(ckpt.tensors, {"format": "pt", **ckpt.metadata}, self.dedupe)
         header, _ = header_bytes(entries, metadata)
-        self.sink.write(_aligned(header, entries, self.sink.offset))
-        spans = Spans(self.sink, self.progress)
-        for _, tensor in entries:
-            spans.add(tensor)
-        spans.close()
+        pieces, weights = _layout([tensor for _, tensor in entries])
+        self.sink.write(_aligned(header, weights, self.sink.offset))
+        for piece in pieces:
+            if type(piece) is tuple:
+                self.sink.copy(*piece)
+                nbytes = piece[2]
+            else:
+                write_tensor_bytes(piece, self.sink)
+                nbytes = piece.nbytes
+            if self.progress is not None:
+                self.progress(nbytes)
         self.sink.flush()
 
 
-class Spans:
-    """Appends tensors' values to ``sink``: tensors that lie one after the other in an input
-    file are copied as one span (100,000 small tensors are a few copies, not 100,000)."""
-
-    LIMIT = 64 << 20  # bytes per copied span, so that progress advances on large files
-
-    def __init__(self, sink: Sink, progress=None):
-        self.sink, self.progress = sink, progress
-        self.file, self.start, self.length = None, 0, 0
-
-    def add(self, tensor: Tensor) -> None:
-        offset = _source_offset(tensor)
-        if offset is not None:
-            if tensor.storage.file is self.file and offset == self.start + self.length and self.length < self.LIMIT:
-                self.length += tensor.nbytes
-                return
-            self.close()
-            self.file, self.start, self.length = tensor.storage.file, offset, tensor.nbytes
-            return
-        self.close()
-        write_tensor_bytes(tensor, self.sink)
-        if self.progress is not None:
-            self.progress(tensor.nbytes)
-
-    def close(self) -> None:
-        """Copy the span gathered so far."""
-        if self.file is not None:
-            self.sink.copy(self.file, self.start, self.length)
-            if self.progress is not None:
-                self.progress(self.length)
-        self.file, self.length = None, 0
+SPAN_LIMIT = 64 << 20  # bytes per copied span, so that progress advances on large files
 
 
-def _aligned(header: bytes, entries: list[tuple[str, Tensor]], start: int) -> bytes:
-    """``header``, to be written at ``start``, padded with spaces so that most of the bytes copied
-    from files land at their offsets there modulo files.ALIGN (the kernel then copies whole
-    page-cache folios), when that costs at most 1/64 of those bytes."""
+def _layout(tensors: list[Tensor]) -> tuple[list, dict[int, int]]:
+    """What to append for ``tensors``, in order: (file, offset, length) spans of bytes copied from a
+    file, tensors that lie one after the other there copied as one span (100,000 small tensors are
+    a few copies, not 100,000), or a tensor whose values are written from memory; and how many of
+    the copied bytes sit at each offset modulo files.ALIGN from where they go (for ``_aligned``).
+    One pass over the tensors."""
+    pieces: list = []
     weights: dict[int, int] = {}
-    position = 0
-    for _, tensor in entries:
+    file, begin, length, position = None, 0, 0, 0
+    for tensor in tensors:
+        nbytes = tensor.nbytes
         source = _source_offset(tensor)
-        if source is not None:
+        if source is None:
+            if file is not None:
+                pieces.append((file, begin, length))
+                file = None
+            pieces.append(tensor)
+        else:
             residue = (source - position) % ALIGN
-            weights[residue] = weights.get(residue, 0) + tensor.nbytes
-        position += tensor.nbytes
+            weights[residue] = weights.get(residue, 0) + nbytes
+            if tensor.storage.file is file and source == begin + length and length < SPAN_LIMIT:
+                length += nbytes
+            else:
+                if file is not None:
+                    pieces.append((file, begin, length))
+                file, begin, length = tensor.storage.file, source, nbytes
+        position += nbytes
+    if file is not None:
+        pieces.append((file, begin, length))
+    return pieces, weights
+
+
+def _aligned(header: bytes, weights: dict[int, int], start: int) -> bytes:
+    """``header``, to be written at ``start``, padded with spaces so that most of the bytes copied
+    from files (``weights``: how many sit at each offset modulo files.ALIGN from where they go)
+    land at their offsets there modulo files.ALIGN (the kernel then copies whole page-cache
+    folios), when that costs at most 1/64 of those bytes."""
     if not weights:
         return header
     residue = max(weights, key=weights.get)
@@ -256,8 +366,9 @@ def _aligned(header: bytes, entries: list[tuple[str, Tensor]], start: int) -> by
 
 def _source_offset(tensor: Tensor) -> int | None:
     """Where the tensor's bytes are in its file, if they are copied from there as they are."""
-    if tensor.is_contiguous and not tensor.storage.in_memory:
-        return tensor.storage.offset + tensor.offset * tensor.dtype.itemsize
+    storage = tensor.storage
+    if storage.file is not None and tensor.is_contiguous:
+        return storage.offset + tensor.offset * tensor.dtype.itemsize
     return None
 
 
