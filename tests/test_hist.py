@@ -144,6 +144,15 @@ def test_long_float32_tensors_are_within_the_bound(long_st):
         assert entry["stats"]["zeros"] == int((values.double() == 0).sum())
 
 
+def test_long_tensors_of_infinities_count_them_at_the_ends():
+    """No finite value: the range is numpy's [-0.5, 0.5], -inf in the first bin and +inf in the last."""
+    values = torch.tensor([float("inf")] * 40_000 + [float("-inf")] * 30_000 + [float("nan")] * 5)
+    for dtype in (torch.float32, torch.bfloat16):
+        histogram = tensor_stats(from_torch(values.to(dtype)), bins=8).histogram
+        assert histogram.edges[0] == -0.5 and histogram.edges[-1] == 0.5
+        assert histogram.counts == [30_000, 0, 0, 0, 0, 0, 0, 40_000]
+
+
 def test_abs_quantile_against_torch_quantile():
     torch.manual_seed(5)
     for values in (torch.randn(200_000), torch.distributions.StudentT(2.0).sample((100_000,)), torch.rand(70_000)):

@@ -99,7 +99,12 @@ class Buckets:
             return torch.cat([running[:1], inside, running[-1:]]).diff().tolist()
         if not counts.numel():
             return [0] * (edges.numel() - 1)
-        lowers, uppers = _LOWERS[present].clamp(low, high), _UPPERS[present].clamp(low, high)
+        first, last = float(edges[0]), float(edges[-1])
+
+        def within(ends: torch.Tensor) -> torch.Tensor:  # finite ends into the values' range, infinite ones out
+            return torch.where(ends.isinf(), ends.clamp(first, last), ends.clamp(low, high))
+
+        lowers, uppers = within(_LOWERS[present]), within(_UPPERS[present])
         before = torch.cumsum(counts, 0) - counts  # values in the buckets below each one
         inner = edges[1:-1]
         index = torch.searchsorted(uppers, inner).clamp(max=counts.numel() - 1)
