@@ -3,6 +3,7 @@ specified, everything else stays bit-identical, ties and the rest of the file su
 real module still loads the result with strict=True."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -59,6 +60,31 @@ def test_integer_scale_that_would_wrap_is_refused(tmp_path, dtype, values, facto
     assert torch.equal(load_torch(target)["q"], original * factor)
     fits = run("scale", source, "-p", "q", "--by", 1, "-o", target)
     assert fits.exit_code == 0 and torch.equal(load_torch(target)["q"], original)
+
+
+@pytest.mark.parametrize("source, target, out", [
+    (torch.tensor([1000.5, 5.0, -3.0, float("nan")]), torch.int8, 2),  # 1000.5 and NaN
+    (torch.tensor([2.5, 1.0, 0.0, -1.0]), torch.uint8, 2),  # 2.5 and -1
+    (torch.tensor([1000, 5, -128, 127]), torch.int8, 1), (torch.tensor([2**40, 5, -1, 0]), torch.int32, 1),
+    (torch.tensor([1, 0, 2, 1]), torch.bool, 1), (torch.tensor([-1, 0, 255, 256], dtype=torch.int16), torch.uint8, 2)])
+def test_copy_into_an_integer_tensor_that_cannot_hold_the_values_is_refused(tmp_path, source, target, out):
+    """torch's copy_ wraps and truncates into integer dtypes (int8 of 1000 is -24): copy refuses, naming how
+    many values do not fit, and writes torch's cast only with --allow-overflow."""
+    path = tmp_path / "pair.pt"
+    torch.save({"src": source, "dst": torch.zeros(4, dtype=target)}, path)
+    low, high = (0, 1) if target == torch.bool else (torch.iinfo(target).min, torch.iinfo(target).max)
+    fits = [math.isfinite(v) and v == int(v) and low <= v <= high for v in source.double().tolist()]
+    assert fits.count(False) == out
+    result = run("copy", path, "--from", "src", "--to", "dst", "-o", tmp_path / "out.pt")
+    assert result.exit_code == 2 and not (tmp_path / "out.pt").exists()
+    assert f"and {out} of the 4 {str(source.dtype).removeprefix('torch.')} values of 'src' do not fit it" in result.stderr
+    forced = run("copy", path, "--from", "src", "--to", "dst", "-o", tmp_path / "out.pt", "--allow-overflow")
+    assert forced.exit_code == 0, forced.stderr
+    assert torch.equal(load_torch(tmp_path / "out.pt")["dst"][torch.tensor(fits)], source[torch.tensor(fits)].to(target))
+    narrow = tmp_path / "narrow.pt"
+    torch.save({"src": source[torch.tensor(fits)], "dst": torch.zeros(4 - out, dtype=target)}, narrow)
+    assert run("copy", narrow, "--from", "src", "--to", "dst", "-o", tmp_path / "ok.pt").exit_code == 0
+    assert torch.equal(load_torch(tmp_path / "ok.pt")["dst"], source[torch.tensor(fits)].to(target))
 
 
 def test_cast_changes_floats_only(tmp_path, resnet_pt, resnet):

@@ -12,7 +12,7 @@ from ..errors import SelectionError, UsageError
 from ..selection import Selection, Selector, select, suggest, unmatched, wildcard_map
 from .plan import Change, Plan, fail, names_list
 from .spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnings
-from .values import copy_of, narrows, value_plan
+from .values import copy_of, may_misfit, misfits, narrows, value_plan
 
 
 @dataclass(kw_only=True)
@@ -185,6 +185,12 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
             return f"is tied to {', '.join(unit[1:])}, and they would get different values; pass --untie"
         origin = theirs[sources[0]]
         where = "" if source is ckpt else f" of {source.source}"
+        if guard and may_misfit(origin.dtype, tensor.dtype):
+            out = misfits(origin, tensor.dtype)
+            if out:
+                return f"is {tensor.dtype} ({tensor.dtype.lowest} to {tensor.dtype.largest}), and {out:,} of the" \
+                       f" {origin.numel:,} {origin.dtype} values of '{sources[0]}'{where} do not fit it (out of range" \
+                       " or not whole); pass --allow-overflow to write torch's cast of them"
         return Change(unit, f"copy from {sources[0]}{where}", tensor.shape, tensor.dtype.name,
                       copy_of(origin, tensor.dtype), guarded=guard and narrows(origin.dtype, tensor.dtype),
                       origin=origin)

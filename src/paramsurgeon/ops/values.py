@@ -42,6 +42,38 @@ def narrows(source: DType, target: DType) -> bool:
     return (target.floating or target.complex) and target.largest < source.largest
 
 
+def whole(dtype: DType) -> bool:
+    """Whether ``dtype`` holds integers (bool included)."""
+    return not (dtype.floating or dtype.complex)
+
+
+def may_misfit(source: DType, target: DType) -> bool:
+    """Whether real values of ``source`` may not fit the integer ``target`` (float -> int8, int64 -> uint8)."""
+    return whole(target) and not source.complex and (
+        source.floating or source.lowest < target.lowest or source.largest > target.largest)
+
+
+def misfits(tensor: Tensor, target: DType, by: int = 1) -> int:
+    """How many values of ``tensor``, times ``by``, the integer ``target`` cannot hold: outside
+    its range or, from floating point, not whole or not finite. torch wraps or truncates them
+    without a word (int8 100 * 3 is 44). Reads the values once, before anything is written."""
+    import torch
+
+    values = torch_values(tensor)
+    lowest, largest = target.lowest, target.largest
+    if tensor.dtype.floating:
+        wide = values.double() * by
+        return int((~torch.isfinite(wide) | (wide != wide.trunc()) | (wide < lowest) | (wide >= largest + 1)).sum())
+    # the values v with lowest <= v * by <= largest, by exact integer division, within the source's range
+    low, high = (-(-lowest // by), largest // by) if by > 0 else (-(largest // -by), lowest // by)
+    low, high = max(low, tensor.dtype.lowest), min(high, tensor.dtype.largest)
+    if tensor.dtype.name in ("uint16", "uint32", "bool"):  # torch compares these only as wider integers
+        values = values.long()
+    elif tensor.dtype.name == "uint64":  # as int64, values from 2**63 up are negative, below any low
+        values = values.view(torch.int64)
+    return int(((values < low) | (values > high)).sum())
+
+
 def value_plan(command: str, description: str, ckpt: Checkpoint, names: list[str], ties: TiePolicy,
                change_for: Callable[[list[str], Tensor], Change | str | None]) -> Plan:
     """A plan changing the values of ``names``, one Change per tie unit (or a problem string)."""
@@ -198,33 +230,17 @@ class Scale(Targets, TiePolicy, Overflow, Operation):
                        f" it by {factor:g} would overflow"
             by = float(factor) if floating else int(factor)
             if not floating and not self.allow_overflow and by not in (0, 1):
-                problem = _wraps(tensor, by)
-                if problem:
-                    return problem
+                out = misfits(tensor, tensor.dtype, by)
+                if out:
+                    return f"is {tensor.dtype}, which holds {tensor.dtype.lowest} to {tensor.dtype.largest}; {out:,}" \
+                           f" of its {tensor.numel:,} values would leave that range multiplied by {by} and wrap" \
+                           " around; pass --allow-overflow to write them wrapped"
             return Change(unit, f"scale by {factor:g}", tensor.shape, tensor.dtype.name,
                           lambda: (torch_values(tensor) * by).to(dtypes.torch_dtype(tensor.dtype)),
                           guarded=floating and abs(by) > 1 and not self.allow_overflow, origin=tensor)
 
         plan = value_plan("scale", f"scale by {factor:g}: {names_list(names)}", ckpt, names, self, change_for)
         return with_warnings(self.buffer_note(ckpt, plan), warnings)
-
-
-def _wraps(tensor: Tensor, by: int) -> str | None:
-    """Why scaling integer ``tensor`` by ``by`` would wrap around (None when every value fits):
-    reads its values once, before anything is written."""
-    lowest, largest = tensor.dtype.lowest, tensor.dtype.largest
-    # the values v with lowest <= v * by <= largest, by exact integer division
-    low, high = (-(-lowest // by), largest // by) if by > 0 else (-(largest // -by), lowest // by)
-    values = torch_values(tensor)
-    if tensor.dtype.name in ("uint16", "uint32"):  # torch compares these only as wider integers
-        values = values.long()
-    elif tensor.dtype.name == "uint64":  # as int64, values from 2**63 up are negative: out once doubled
-        values = values.view(dtypes.torch_dtype(dtypes.BY_NAME["int64"]))
-    out = int(((values < max(low, lowest)) | (values > min(high, largest))).sum())
-    if not out:
-        return None
-    return f"is {tensor.dtype}, which holds {lowest} to {largest}; {out:,} of its {values.numel():,} values would" \
-           f" leave that range multiplied by {by} and wrap around; pass --allow-overflow to write them wrapped"
 
 
 @dataclass(kw_only=True)
