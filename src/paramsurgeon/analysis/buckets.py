@@ -130,9 +130,12 @@ class Sorted:
     def __init__(self) -> None:
         self.values = torch.empty(0, dtype=torch.float64)
 
-    def add(self, chunk: torch.Tensor) -> None:
+    def add(self, chunk: torch.Tensor, scratch: torch.Tensor | None = None) -> int:
+        """Keep a chunk's finite values (``scratch`` is not needed); returns how many are zero, as
+        Buckets.add says how many may be."""
         values = chunk.double()
         self.values = torch.cat([self.values, values[torch.isfinite(values)]]).sort().values
+        return int((values == 0).sum())
 
     @property
     def count(self) -> int:

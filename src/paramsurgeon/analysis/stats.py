@@ -70,7 +70,8 @@ def tensor_stats(tensor: Tensor, bins=None, buckets=False) -> Stats | None:
     short, single = values.numel() <= SHORT, values.numel() <= CHUNK
     # a long tensor's spread is counted in the pass; so is a one-chunk tensor's when its histogram is
     # surely wanted and comes from the buckets (which then also count its zeros)
-    in_pass = (buckets or bins) and not single or (bins and not callable(bins) and not short)
+    surely_from_buckets = bins and not callable(bins) and not short
+    in_pass = surely_from_buckets or ((buckets or bins) and not single)
     spread = Sorted() if buckets and short else Buckets() if in_pass else None
     whole = None  # the one chunk of a short tensor, for an exact histogram or a spread counted afterwards
     count, mean, m2 = 0, 0.0, 0.0
@@ -99,12 +100,7 @@ def tensor_stats(tensor: Tensor, bins=None, buckets=False) -> Stats | None:
         count = total
         low, high = _nan_min(low, float(chunk_low)), _nan_max(high, float(chunk_high))
         chunk_range = float(chunk_low), float(chunk_high)
-        if isinstance(spread, Buckets):
-            near_zero = spread.add(chunk, scratch)
-        else:
-            near_zero = n
-            if spread is not None:
-                spread.add(chunk)
+        near_zero = n if spread is None else spread.add(chunk, scratch)
         if near_zero:
             zeros += n - int(torch.count_nonzero(chunk))
         if not (math.isfinite(chunk_mean) and math.isfinite(var) and math.isfinite(float(chunk_low))
