@@ -5,7 +5,7 @@ import gc
 import os
 import sys
 import warnings
-from typing import Annotated
+from typing import Annotated, Callable
 
 import typer
 from typer.core import TyperGroup
@@ -69,17 +69,6 @@ def _fail(message: str, code: int, debug: bool) -> int:
     return code
 
 
-app = typer.Typer(
-    cls=_Group,
-    name="paramsurgeon",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
 def _print_version(value: bool) -> None:
     if value:
         from .. import __version__
@@ -88,7 +77,6 @@ def _print_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
-@app.callback()
 def _main(
     version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
                                           help="Print the version and exit.")] = False,
@@ -97,8 +85,9 @@ def _main(
     without writing a script. Every command's --help has an example."""
 
 
-def _register() -> None:
-    """Every command: the reading ones, one per operation (merge-lora among them), apply, merge and extract-lora."""
+def _commands() -> dict[str, Callable[[typer.Typer], None]]:
+    """Every command's name and how to add it to an app: the reading ones, one per operation
+    (merge-lora among them), apply, merge and extract-lora."""
     from ..ops import OPERATIONS
     from ..ops.merge import Merge
     from ..ops.lora import ExtractLora
@@ -107,20 +96,51 @@ def _register() -> None:
     from .operations import Recipe, apply_recipe, run_operation
     from .options import Input, NamedInput, Read, Surgery, Write
 
-    for function, example in commands.EXAMPLES.items():
-        command(app, function.__name__, groups_of(function), function, described(function.__doc__, example))
-    for name, operation in OPERATIONS.items():
-        given = NamedInput if operation.named_input else Input
-        command(app, name, [given, operation, Read, Write, Surgery], run_operation,
-                described(operation.__doc__, operation.example))
-    command(app, "apply", [Recipe, Read, Write, Surgery], apply_recipe,
-            described(apply_recipe.__doc__, "paramsurgeon apply model.pt recipe.toml -o out.pt"))
-    command(app, "merge", [Merge, Read, Write, Surgery], run_merge, described(run_merge.__doc__, EXAMPLE))
-    command(app, "extract-lora", [ExtractLora, Read, ExtractRun], run_extract_lora,
-            described(run_extract_lora.__doc__, ExtractLora.example))
+    def reading(function: Callable, example: str) -> Callable[[typer.Typer], None]:
+        return lambda app: command(app, function.__name__, groups_of(function), function,
+                                   described(function.__doc__, example))
+
+    def operation(name: str, op: type) -> Callable[[typer.Typer], None]:
+        given = NamedInput if op.named_input else Input
+        return lambda app: command(app, name, [given, op, Read, Write, Surgery], run_operation,
+                                   described(op.__doc__, op.example))
+
+    return {
+        **{function.__name__: reading(function, example) for function, example in commands.EXAMPLES.items()},
+        **{name: operation(name, op) for name, op in OPERATIONS.items()},
+        "apply": lambda app: command(app, "apply", [Recipe, Read, Write, Surgery], apply_recipe, described(
+            apply_recipe.__doc__, "paramsurgeon apply model.pt recipe.toml -o out.pt")),
+        "merge": lambda app: command(app, "merge", [Merge, Read, Write, Surgery], run_merge,
+                                     described(run_merge.__doc__, EXAMPLE)),
+        "extract-lora": lambda app: command(app, "extract-lora", [ExtractLora, Read, ExtractRun], run_extract_lora,
+                                            described(run_extract_lora.__doc__, ExtractLora.example)),
+    }
 
 
-_register()
+def build_app(only: str | None = None) -> typer.Typer:
+    """The typer app with every command, or with the command ``only`` alone when there is one of
+    that name: a run needs the one it names, and building all 25 (their options, typer's click
+    commands) costs a tenth of a second."""
+    built = typer.Typer(
+        cls=_Group,
+        name="paramsurgeon",
+        no_args_is_help=True,
+        add_completion=True,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    built.callback()(_main)
+    table = _commands()
+    for add in [table[only]] if only in table else table.values():
+        add(built)
+    return built
+
+
+def __getattr__(name: str):
+    if name == "app":  # the whole app, for CliRunner and library callers
+        return build_app()
+    raise AttributeError(name)
 
 
 def main() -> None:
@@ -129,4 +149,6 @@ def main() -> None:
     # cycles: the cycle collector's default pace would re-scan them all again and again.
     gc.set_threshold(100_000, 50, 100)
     bulk.FREEZE = True  # and the 100,000s built at once are not scanned at all (a fifth of inspect's time)
-    app()
+    # The group's own options take no value: the first word that is not an option names the command.
+    named = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    build_app(named)()
