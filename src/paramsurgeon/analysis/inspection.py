@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 from ..bulk import paused_gc
 from ..checkpoint import Checkpoint
 from ..checkpoint.extras import extras
-from ..checkpoint.kinds import infer_kinds
+from ..checkpoint.kinds import kinds_in_order
 from ..checkpoint.locations import off_cpu
 from .stats import Stats, sha256, tensor_stats
 
@@ -51,11 +51,12 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     """Inspect the tensors ``names`` of ``ckpt`` (stats and hashes read every value once; ``bins``:
     a histogram of that many bins from the same pass)."""
     tensors = ckpt.tensors
-    kinds = infer_kinds(tensors)
+    kinds = kinds_in_order(tensors)
     ties = ckpt.ties()
     tied_with = {n: [m for m in g if m != n] for g in ties for n in g}
     names = list(names)
-    chosen, found = list(map(tensors.__getitem__, names)), list(map(kinds.__getitem__, names))
+    chosen = list(map(tensors.__getitem__, names))
+    found = kinds if names == list(tensors) else list(map(dict(zip(tensors, kinds)).__getitem__, names))
     # column by column, each a pass in C: 100,000 tensors are 100,000 rows
     rows = list(map(Row, names, map(_SHAPE, chosen), map(_DTYPE, chosen), map(_NUMEL, chosen), map(_NBYTES, chosen),
                     map(_LAYER, found), map(_ROLE, found), map(_LOCATION, chosen),

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 import re
-from itertools import repeat
-from operator import attrgetter, itemgetter
+from collections import Counter
+from itertools import compress, repeat
+from operator import attrgetter, itemgetter, not_
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -79,57 +80,65 @@ def split_name(name: str) -> tuple[str, str]:
 _SUFFIXES = ("_weight", "_bias")
 
 
-@paused_gc()
 def infer_kinds(tensors: Mapping[str, Tensor]) -> dict[str, Kind]:
-    """The kind of every tensor, in the same order.
+    """The kind of every tensor, by name, in the same order."""
+    return dict(zip(tensors, kinds_in_order(tensors)))
 
-    A checkpoint of 100,000 tensors repeats a few module shapes: a module's layer kind is worked
-    out once per (its name's last part, leaf names, shapes), and a tensor's kind once per
-    (layer kind, leaf, floating or not, number of dimensions); numbered modules ('layers.7',
-    a Sequential's '0') have no name to go by and share one."""
-    modules: dict[str, dict[str, Tensor]] = {}
-    prefixes, leaves_of = [], []
-    add_prefix, add_leaf, module = prefixes.append, leaves_of.append, modules.get
-    for name, tensor in tensors.items():
-        prefix, _, leaf = name.rpartition(".")
-        add_leaf(leaf)
-        if leaf.endswith(_SUFFIXES):
-            prefix, leaf = split_name(name)
-        leaves = module(prefix)
-        if leaves is None:
-            modules[prefix] = {leaf: tensor}
-        else:
-            leaves[leaf] = tensor
-        add_prefix(prefix)
-    layers: dict[tuple, str] = {}
-    found = []
-    for leaves, component in zip(modules.values(), map(_LAST, map(str.rpartition, modules, repeat(".")))):
-        if component.isdigit():
-            component = ""
-        if len(leaves) == 1:
-            [(leaf, tensor)] = leaves.items()
-            key = (component, leaf, tensor.shape)
-        else:
-            key = (component, *leaves, *map(_SHAPE, leaves.values()))
-        layer = layers.get(key)
+
+@paused_gc()
+def kinds_in_order(tensors: Mapping[str, Tensor]) -> list[Kind]:
+    """The kind of each tensor, in order.
+
+    A checkpoint of 100,000 tensors repeats a few module shapes, and each step here is a pass in
+    C over all tensors. A module of one tensor (most of a large model's) is told by (its name's
+    last part, the leaf, shape and dtype); a module of several by its last part, leaves and
+    shapes, grouped one by one. Numbered modules ('layers.7', a Sequential's '0') have no name
+    to go by and share one."""
+    names, values = list(tensors), list(tensors.values())
+    parts = list(map(str.rpartition, names, repeat(".")))
+    prefixes, leaves = list(map(_FIRST, parts)), list(map(_LAST, parts))
+    module_leaves = leaves
+    if any(map(str.endswith, leaves, repeat(_SUFFIXES))):  # 'in_proj_weight' is leaf 'weight' of 'in_proj'
+        pairs = list(map(split_name, names))
+        prefixes, module_leaves = list(map(_FIRST, pairs)), list(map(_SECOND, pairs))
+    components = list(map(_LAST, map(str.rpartition, prefixes, repeat("."))))
+    numbered = dict.fromkeys(filter(str.isdigit, components), "")
+    if numbered:  # a list's or Sequential's index says nothing of the module
+        components = list(map(numbered.get, components, components))
+    shapes, dtypes = list(map(_SHAPE, values)), list(map(_DTYPE_NAME, values))
+    if len(set(prefixes)) == len(prefixes):
+        alone = None  # every module holds one tensor
+    else:
+        sizes = Counter(prefixes)
+        alone = list(map(_ONE, map(sizes.__getitem__, prefixes)))
+    keys = list(compress(zip(components, module_leaves, leaves, shapes, dtypes), alone or repeat(True)))
+    kind_of = {key: Kind(module_kind(key[0], {key[1]: tensor}), role(key[2], tensor))
+               for key, tensor in dict(zip(keys, compress(values, alone or repeat(True)))).items()}
+    singles = map(kind_of.__getitem__, keys)
+    if alone is None:
+        return list(singles)
+    together: dict[str, dict[str, Tensor]] = {}
+    for prefix, leaf, tensor in compress(zip(prefixes, module_leaves, values), map(not_, alone)):
+        together.setdefault(prefix, {})[leaf] = tensor
+    components_of, layer_of_key, layer_of = dict(zip(prefixes, components)), {}, {}
+    for prefix, held in together.items():
+        key = (components_of[prefix], *held, *map(_SHAPE, held.values()))
+        layer = layer_of_key.get(key)
         if layer is None:
-            layers[key] = layer = module_kind(component, leaves)
-        found.append(layer)
-    layer_of = dict(zip(modules, found))
-    kinds: dict[tuple, Kind] = {}
-    found = []
-    add, known = found.append, kinds.get
-    for layer, leaf, tensor in zip(map(layer_of.__getitem__, prefixes), leaves_of, tensors.values()):
-        dtype = tensor.dtype
-        key = (layer, leaf, dtype.floating or dtype.complex, len(tensor.shape))
-        kind = known(key)
-        if kind is None:
-            kinds[key] = kind = Kind(layer, role(leaf, tensor))
-        add(kind)
-    return dict(zip(tensors, found))
+            layer_of_key[key] = layer = module_kind(key[0], held)
+        layer_of[prefix] = layer
+    several = list(map(not_, alone))
+    keys = list(zip(map(layer_of.__getitem__, compress(prefixes, several)), compress(leaves, several),
+                    compress(dtypes, several), map(len, compress(shapes, several))))
+    kind_of = {key: Kind(key[0], role(key[1], tensor))
+               for key, tensor in dict(zip(keys, compress(values, several))).items()}
+    grouped = map(kind_of.__getitem__, keys)
+    return [next(singles) if one else next(grouped) for one in alone]
 
 
-_SHAPE, _LAST = attrgetter("shape"), itemgetter(2)
+_SHAPE, _FIRST, _SECOND, _LAST = attrgetter("shape"), itemgetter(0), itemgetter(1), itemgetter(2)
+_DTYPE_NAME = attrgetter("dtype.name")
+_ONE = (1).__eq__
 
 
 def role(leaf: str, tensor: Tensor) -> str:
