@@ -55,8 +55,9 @@ class Checkpoint:
         return cached[2]
 
     def forget(self) -> None:
-        """Drop what ``tensors`` kept, after the container was changed in place (renamed entries)."""
+        """Drop what ``tensors`` and ``ties`` kept, after the container was changed in place (renamed entries)."""
         self.__dict__.pop("_tensors", None)
+        self.__dict__.pop("_ties", None)
 
     @property
     def names(self) -> list[str]:
@@ -77,8 +78,14 @@ class Checkpoint:
         self.forget()
 
     def ties(self) -> list[list[str]]:
-        """Groups of names whose tensors share storage bytes, in file order."""
-        return tie_groups(self.tensors)
+        """Groups of names whose tensors share storage bytes, in file order (worked out once for
+        what ``tensors`` keeps: a command asks several times, at 100,000 tensors a pass each)."""
+        tensors = self.tensors
+        cached = self.__dict__.get("_ties")
+        if cached is None or cached[0] is not tensors:
+            cached = (tensors, tie_groups(tensors))
+            self.__dict__["_ties"] = cached
+        return [list(group) for group in cached[1]]
 
     def extra_items(self) -> Iterator[tuple[str, Any]]:
         """(dotted path, value) of everything in the file besides the named tensors."""

@@ -78,7 +78,7 @@ def written(ckpt: Checkpoint, target: formats.Target, dedupe: bool) -> tuple[int
     if target.family == "safetensors":
         from ..formats.safetensors import plan
 
-        entries, _ = plan(tensors, {}, dedupe)
+        entries, _ = plan(ckpt, {}, dedupe)
         return len(entries), sum(t.nbytes for _, t in entries)
     aliases = {n for group in ckpt.ties() for n in group[1:]} if target.family == "torch" else set()
     return len(tensors), sum(t.nbytes for n, t in tensors.items() if n not in aliases)

@@ -16,7 +16,8 @@ from operator import add, attrgetter, gt, itemgetter, mul, sub
 
 from .. import dtypes
 from ..bulk import paused_gc
-from ..checkpoint import Checkpoint, Storage, Tensor, tie_groups
+from ..checkpoint import Checkpoint, Storage, Tensor
+from ..checkpoint.tensor import file_spans
 from ..errors import CorruptCheckpointError, NotACheckpointError
 from .files import ALIGN, InputFile, Sink
 
@@ -152,14 +153,13 @@ def _in_bulk(file: InputFile, start: int, header: dict) -> dict[str, Tensor] | N
     begins, ends = list(map(itemgetter(0), offsets)), list(map(itemgetter(1), offsets))
     if set(map(type, begins)) | set(map(type, ends)) != _INT or min(begins) < 0 or any(map(gt, begins, ends)):
         return None
-    sizes = list(map(sub, ends, begins))
-    if sizes != list(map(mul, map(math.prod, shapes), map(attrgetter("itemsize"), kinds))):
+    sizes, numels = list(map(sub, ends, begins)), list(map(math.prod, shapes))
+    if sizes != list(map(mul, numels, map(attrgetter("itemsize"), kinds))):
         return None
     # the data buffer covered exactly: in file order (as writers lay it out), else sorted
     if not (begins[0] == 0 and begins[1:] == ends[:-1] and start + ends[-1] == file.size):
         _check_coverage(file, start, list(zip(begins, ends, header)))
-    tensors = [Tensor(Storage(size, file=file, offset=offset), dtype, shape) for size, offset, dtype, shape
-               in zip(sizes, map(add, begins, repeat(start)), kinds, map(tuple, shapes))]
+    tensors = file_spans(file, list(map(add, begins, repeat(start))), sizes, kinds, list(map(tuple, shapes)), numels)
     return OrderedDict(zip(header, tensors))
 
 
@@ -273,10 +273,11 @@ def header_bytes(entries: list[tuple[str, Tensor]], metadata: dict[str, str]) ->
 _quoted = json.encoder.encode_basestring  # a string as json.dumps(ensure_ascii=False) writes it
 
 
-def plan(tensors: dict[str, Tensor], metadata: dict[str, str], dedupe: bool = False):
-    """Which names to write and the metadata to write with them (ties recorded)."""
+def plan(ckpt: Checkpoint, metadata: dict[str, str], dedupe: bool = False):
+    """Which of ``ckpt``'s names to write and the metadata to write with them (ties recorded)."""
+    tensors = ckpt.tensors
     metadata = {k: v for k, v in metadata.items() if k != TIES_KEY}
-    groups = [g for g in tie_groups(tensors) if _aliases(tensors, g)]
+    groups = [g for g in ckpt.ties() if _aliases(tensors, g)]
     dropped = {name for g in groups for name in g[1:]} if dedupe else set()
     if groups:
         metadata[TIES_KEY] = json.dumps(groups, separators=(",", ":"))
@@ -298,7 +299,7 @@ class Writer:
         self.sink, self.dedupe, self.progress = sink, dedupe, progress
 
     def write(self, ckpt: Checkpoint) -> None:
-        entries, metadata = plan(ckpt.tensors, {"format": "pt", **ckpt.metadata}, self.dedupe)
+        entries, metadata = plan(ckpt, {"format": "pt", **ckpt.metadata}, self.dedupe)
         header, _ = header_bytes(entries, metadata)
         pieces, weights = _layout([tensor for _, tensor in entries])
         self.sink.write(_aligned(header, weights, self.sink.offset))

@@ -127,7 +127,7 @@ class Writer:
     def write(self, ckpt: Checkpoint) -> None:
         """Shard ``ckpt``'s tensors: as its input shards were (no ``max_size``), else by size."""
         if self.family == "safetensors":
-            entries, metadata = st.plan(ckpt.tensors, ckpt.metadata, self.dedupe)
+            entries, metadata = st.plan(ckpt, ckpt.metadata, self.dedupe)
         else:
             entries, metadata = list(ckpt.tensors.items()), {}
         layout = ckpt.shards if self.max_size is None else None
