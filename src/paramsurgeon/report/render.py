@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-from itertools import repeat
 from operator import attrgetter
 
 from ..bulk import paused_gc
@@ -125,8 +124,15 @@ def _columns(result: Inspection) -> list[tuple[Column, callable]]:
                                                    if r.stats and r.stats.histogram else "")))
     if any(map(_SHA256, rows)):
         cols.insert(4, (Column("sha256"), each(lambda r: r.sha256 or "")))
-    cols.append((Column("numel", True), lambda rows: list(map(format, map(_NUMEL, rows), repeat(",")))))
+    cols.append((Column("numel", True), _numels))
     return cols
+
+
+def _numels(rows: list[Row]) -> list[str]:
+    """'1,024' for each row: formatted once per distinct count (a large model repeats a few)."""
+    counts = list(map(_NUMEL, rows))
+    shown = {n: f"{n:,}" for n in set(counts)}
+    return list(map(shown.__getitem__, counts))
 
 
 def _field(get):
