@@ -85,9 +85,19 @@ def _main(
     without writing a script. Every command's --help has an example."""
 
 
-def _commands() -> dict[str, Callable[[typer.Typer], None]]:
-    """Every command's name and how to add it to an app: the reading ones, one per operation
-    (merge-lora among them), apply, merge and extract-lora."""
+def _reading_commands() -> dict[str, Callable[[typer.Typer], None]]:
+    """The commands that write no checkpoint (inspect, diff, ...): name -> how to add it to an app."""
+
+    def reading(function: Callable, example: str) -> Callable[[typer.Typer], None]:
+        return lambda app: command(app, function.__name__, groups_of(function), function,
+                                   described(function.__doc__, example))
+
+    return {function.__name__: reading(function, example) for function, example in commands.EXAMPLES.items()}
+
+
+def _writing_commands() -> dict[str, Callable[[typer.Typer], None]]:
+    """One command per operation (merge-lora among them), apply, merge and extract-lora (their
+    modules are imported only for them)."""
     from ..ops import OPERATIONS
     from ..ops.merge import Merge
     from ..ops.lora import ExtractLora
@@ -96,17 +106,12 @@ def _commands() -> dict[str, Callable[[typer.Typer], None]]:
     from .operations import Recipe, apply_recipe, run_operation
     from .options import Input, NamedInput, Read, Surgery, Write
 
-    def reading(function: Callable, example: str) -> Callable[[typer.Typer], None]:
-        return lambda app: command(app, function.__name__, groups_of(function), function,
-                                   described(function.__doc__, example))
-
     def operation(name: str, op: type) -> Callable[[typer.Typer], None]:
         given = NamedInput if op.named_input else Input
         return lambda app: command(app, name, [given, op, Read, Write, Surgery], run_operation,
                                    described(op.__doc__, op.example))
 
     return {
-        **{function.__name__: reading(function, example) for function, example in commands.EXAMPLES.items()},
         **{name: operation(name, op) for name, op in OPERATIONS.items()},
         "apply": lambda app: command(app, "apply", [Recipe, Read, Write, Surgery], apply_recipe, described(
             apply_recipe.__doc__, "paramsurgeon apply model.pt recipe.toml -o out.pt")),
@@ -131,7 +136,9 @@ def build_app(only: str | None = None) -> typer.Typer:
         context_settings={"help_option_names": ["-h", "--help"]},
     )
     built.callback()(_main)
-    table = _commands()
+    table = _reading_commands()
+    if only not in table:
+        table.update(_writing_commands())
     for add in [table[only]] if only in table else table.values():
         add(built)
     return built
