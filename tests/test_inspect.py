@@ -205,3 +205,17 @@ def test_key_picks_the_tensors_of_a_nested_checkpoint(tmp_path, resnet):
                              " pick one with --key, e.g. --key student\n")
     wrong = run("inspect", path, "--key", "emma")
     assert wrong.exit_code == 2 and "no entry 'emma' in the top level (it has: model, ema, step)" in wrong.stderr
+
+
+def test_json_values_are_written_as_json_dumps_writes_them():
+    """The --json writer's fast path for strings, ints and shapes gives json.dumps' own text."""
+    import json
+
+    from paramsurgeon.report.render import to_json
+
+    values = ["a\"\\x\u00e9\n\u2028", 3, -5, 10**30, True, False, None, 1.5, -0.0, [1, 2], [], [True, 1], ["a"],
+              [1.0, 2], "nan"]
+    document = {"values": [{"v": v} for v in values]}
+    assert [json.loads(line.split(": ", 1)[1]) for line in to_json(document).split("\n") if '"v"' in line] == values
+    assert [line.split(": ", 1)[1] for line in to_json(document).split("\n") if '"v"' in line] == \
+        [json.dumps(v, ensure_ascii=False) for v in values]
