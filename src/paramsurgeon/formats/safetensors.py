@@ -322,31 +322,37 @@ def _layout(tensors: list[Tensor]) -> tuple[list, dict[int, int]]:
     """What to append for ``tensors``, in order: (file, offset, length) spans of bytes copied from a
     file, tensors that lie one after the other there copied as one span (100,000 small tensors are
     a few copies, not 100,000), or a tensor whose values are written from memory; and how many of
-    the copied bytes sit at each offset modulo files.ALIGN from where they go (for ``_aligned``).
-    One pass over the tensors."""
+    the copied bytes sit at each offset modulo files.ALIGN from where they go (for ``_aligned``:
+    within a span, the same offset). One pass over the tensors."""
     pieces: list = []
     weights: dict[int, int] = {}
+
+    def close(file, begin: int, length: int, position: int) -> None:  # the span ending at ``position``
+        pieces.append((file, begin, length))
+        residue = (begin - (position - length)) % ALIGN
+        weights[residue] = weights.get(residue, 0) + length
+
     file, begin, length, position = None, 0, 0, 0
     for tensor in tensors:
         nbytes = tensor.nbytes
-        source = _source_offset(tensor)
+        storage = tensor.storage
+        # where its bytes are in its file, if copied from there as they are (_source_offset, inlined)
+        source = storage.offset + tensor.offset * tensor.dtype.itemsize \
+            if storage.file is not None and (tensor._stride is None or tensor.is_contiguous) else None
         if source is None:
             if file is not None:
-                pieces.append((file, begin, length))
+                close(file, begin, length, position)
                 file = None
             pieces.append(tensor)
+        elif storage.file is file and source == begin + length and length < SPAN_LIMIT:
+            length += nbytes
         else:
-            residue = (source - position) % ALIGN
-            weights[residue] = weights.get(residue, 0) + nbytes
-            if tensor.storage.file is file and source == begin + length and length < SPAN_LIMIT:
-                length += nbytes
-            else:
-                if file is not None:
-                    pieces.append((file, begin, length))
-                file, begin, length = tensor.storage.file, source, nbytes
+            if file is not None:
+                close(file, begin, length, position)
+            file, begin, length = storage.file, source, nbytes
         position += nbytes
     if file is not None:
-        pieces.append((file, begin, length))
+        close(file, begin, length, position)
     return pieces, weights
 
 

@@ -9,6 +9,8 @@ from ..checkpoint.extras import is_optimizer_state, summarize
 
 def optimizer_paths(ckpt: Checkpoint) -> list[tuple]:
     """Paths of optimizer state dicts in the file (``optimizer``, Lightning's ``optimizer_states.0``)."""
+    if not ckpt.has_extras():  # a file of tensors alone (told in C: 100,000 tensors are not visited one by one)
+        return []
     found = []
 
     def visit(node, path: tuple) -> None:
