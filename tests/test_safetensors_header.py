@@ -122,3 +122,25 @@ def test_a_tensor_named_like_the_metadata_key_is_refused(tmp_path):
     result = run("convert", source, "-o", out)
     assert result.exit_code == 2 and "'__metadata__'" in result.stderr and not out.exists()
     assert run("convert", source, "-o", tmp_path / "fine.pt").exit_code == 0
+
+
+def test_tensors_read_in_bulk_are_the_tensors_their_init_makes(tmp_path):
+    """The bulk reader fills tensors without ``__init__``: every slot of each is what
+    ``Tensor(Storage(size, file=..., offset=...), dtype, shape)`` sets, and its values are safetensors'."""
+    import paramsurgeon
+    from paramsurgeon.checkpoint import Storage, Tensor
+    from paramsurgeon.checkpoint.tensor import Tensor as TensorClass
+
+    arrays = {f"layers.{i}.weight": np.arange(i * 6, dtype=np.float32).reshape(i, 2, 3) for i in range(COUNT)}
+    arrays["scalar"] = np.array(3.5, dtype=np.float16)
+    save_file(arrays, tmp_path / "many.safetensors")
+    read = paramsurgeon.load(str(tmp_path / "many.safetensors")).tensors
+    with safe_open(tmp_path / "many.safetensors", "np") as f:
+        for name, tensor in read.items():
+            made = Tensor(Storage(tensor.nbytes, file=tensor.storage.file, offset=tensor.storage.offset), tensor.dtype,
+                          tuple(f.get_slice(name).get_shape()))
+            assert {s: getattr(tensor, s) for s in TensorClass.__slots__ if s != "storage"} == \
+                   {s: getattr(made, s) for s in TensorClass.__slots__ if s != "storage"}
+            assert {s: getattr(tensor.storage, s) for s in Storage.__slots__} == \
+                   {s: getattr(made.storage, s) for s in Storage.__slots__}
+            assert bytes(tensor.contiguous_bytes()) == f.get_tensor(name).tobytes()
