@@ -60,7 +60,7 @@ def _parsed(file: InputFile, text: str, hook=None) -> dict:
     try:
         with paused_gc():
             header = json.loads(text, object_pairs_hook=hook)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # json's parser recurses: a hostile header nests deeper than it can
         raise CorruptCheckpointError(f"{file.name}: the safetensors header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{file.name}: the safetensors header is not a JSON object")
@@ -219,7 +219,7 @@ def restore_ties(source: str, tensors: dict[str, Tensor], metadata: dict) -> Non
     """Make tensors recorded as tied share one storage again, if their bytes agree."""
     try:
         groups = json.loads(metadata.get(TIES_KEY, "[]"))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{source}: metadata {TIES_KEY} is not valid JSON") from e
     groups = groups if isinstance(groups, list) else []
     # safetensors' save_model drops a tied name and records metadata[dropped] = kept.

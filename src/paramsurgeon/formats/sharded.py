@@ -30,7 +30,7 @@ def read_index(path: str) -> tuple[dict, dict[str, str]]:
             index = json.loads(handle.read().decode("utf-8"))
     except OSError as e:
         raise InputError(f"cannot read '{path}': {e.strerror}") from e
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: the shard index is not valid JSON ({e})") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)

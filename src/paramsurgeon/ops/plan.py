@@ -185,8 +185,20 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         del ckpt[name]
     if plan.renames:
         rename(ckpt, plan.renames, plan.module_renames)
-    history = json.loads(ckpt.metadata.get(HISTORY_KEY, "[]"))
-    ckpt.metadata[HISTORY_KEY] = json.dumps(history + [plan.description], separators=(",", ":"))
+    ckpt.metadata[HISTORY_KEY] = json.dumps(_history(ckpt.metadata) + [plan.description], separators=(",", ":"))
+
+
+def _history(metadata: dict[str, str]) -> list:
+    """The operations recorded so far; a value another tool wrote that is no JSON list is kept as
+    the history's first entry (the file's metadata is never lost)."""
+    text = metadata.get(HISTORY_KEY)
+    if text is None:
+        return []
+    try:
+        history = json.loads(text)
+    except (ValueError, RecursionError):
+        history = None
+    return history if isinstance(history, list) else [text]
 
 
 def _overflow(change: Change, values, dtype) -> list[str]:

@@ -95,7 +95,7 @@ def read_adapter(path: str, load) -> Adapter:
     except FileNotFoundError:
         raise InputError(f"merge-lora: '{path}' has no {CONFIG}; an adapter is the directory save_pretrained"
                          " writes") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise InputError(f"merge-lora: cannot read '{config_path}': {e}") from e
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
