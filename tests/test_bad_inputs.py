@@ -2,6 +2,7 @@
 and no pickled code ever executed."""
 
 import argparse
+import json
 import os
 import struct
 import zipfile
@@ -199,3 +200,68 @@ def test_usage_errors_are_one_line(resnet_pt):
     assert_refused(run("inspect", resnet_pt, "--regex", "("), "--regex")
     assert_refused(run("inspect", resnet_pt, "--kind", "lstm"), "lstm", "conv")
     assert_refused(run("convert", resnet_pt, "--max-shard-size", "lots", "-o", "x"), "--max-shard-size")
+
+
+DEPTH = 100_000  # far deeper than Python recurses
+
+
+def safetensors_with_header(path, header: bytes) -> None:
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+def test_json_nested_deeper_than_python_recurses_is_refused(tmp_path, out):
+    """json's parser recurses: a header, the ties in its metadata, or a shard index nested 100,000 deep
+    is a corrupt file (exit 2), not an internal error."""
+    deep = b"[" * DEPTH + b"]" * DEPTH
+    safetensors_with_header(tmp_path / "header.safetensors", b'{"a":' + deep + b"}")
+    assert_refused(run("convert", tmp_path / "header.safetensors", "-o", out), "header.safetensors", "not valid JSON")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(2)}, tmp_path / "ties.safetensors", metadata={"paramsurgeon.ties": deep.decode()})
+    assert_refused(run("convert", tmp_path / "ties.safetensors", "-o", out), "paramsurgeon.ties", "not valid JSON")
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    (shards / "model.safetensors.index.json").write_bytes(b'{"weight_map":' + deep + b"}")
+    assert_refused(run("convert", shards, "-o", out), "index", "not valid JSON")
+
+
+def test_an_operations_history_that_is_no_list_is_kept(tmp_path):
+    """Another tool's value under paramsurgeon.operations does not stop surgery: it becomes the
+    history's first entry."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for foreign in ("not json", '{"a": 1}', "[" * DEPTH):
+        save_file({"a": torch.ones(2)}, tmp_path / "in.safetensors", metadata={"paramsurgeon.operations": foreign})
+        result = run("zero", tmp_path / "in.safetensors", "-p", "a", "-o", tmp_path / "out.safetensors")
+        assert result.exit_code == 0, result.stderr
+        with safe_open(tmp_path / "out.safetensors", "np") as f:
+            assert json.loads(f.metadata()["paramsurgeon.operations"]) == [foreign, "zero: a"]
+            assert (f.get_tensor("a") == 0).all()
+
+
+def torch_file_with_deep_list(path, innermost: int) -> None:
+    """A torch zip whose entry 'x' is a list nested DEPTH deep around ``innermost`` (pickle opcodes
+    written by hand: Python's pickler cannot nest that deep)."""
+    torch.save({"a": torch.ones(2), "x": 7}, path)
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    name = next(n for n in files if n.endswith("data.pkl"))
+    at = files[name].index(b"K\x07")  # BININT1 7
+    files[name] = files[name][:at] + b"]" * DEPTH + bytes([ord("K"), innermost]) + b"a" * DEPTH + files[name][at + 2:]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+
+
+def test_diff_of_entries_nested_deeper_than_python_recurses(tmp_path):
+    torch_file_with_deep_list(tmp_path / "seven.pt", 7)
+    torch_file_with_deep_list(tmp_path / "eight.pt", 8)
+    same = run("diff", tmp_path / "seven.pt", tmp_path / "seven.pt")
+    assert same.exit_code == 0 and "rest of the file: 1 identical" in same.stdout, same.stderr
+    different = run("diff", tmp_path / "seven.pt", tmp_path / "eight.pt")
+    assert different.exit_code == 1 and different.stderr == "", different.stderr
+    [line] = [line for line in different.stdout.splitlines() if line.startswith("  x.")]
+    first, *indices = line.strip().split(":")[0].split(".")  # the path stops growing some levels down
+    assert line.endswith(": 7 -> 8") and first == "x" and set(indices) == {"0"} and 32 <= len(indices) <= 100

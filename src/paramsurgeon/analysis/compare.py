@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.extras import summarize, tensors_in
@@ -93,7 +93,7 @@ def compare(a: Checkpoint, b: Checkpoint, names_a: list[str], names_b: list[str]
             result.diffs.append(diff)
     if whole:
         result.ties_a, result.ties_b = _tie_changes(a, b, common)
-        _compare_entries(result, dict(a.extra_items()), dict(b.extra_items()), "", progress, set())
+        _compare_entries(result, dict(a.extra_items()), dict(b.extra_items()), progress)
     return result
 
 
@@ -131,38 +131,49 @@ def _tie_groups(ckpt: Checkpoint, names: list[str]) -> list[list[str]]:
     return sorted((g for g in groups if len(g) > 1), key=lambda g: position[g[0]])
 
 
-def _compare_entries(result: Comparison, left: dict, right: dict, prefix: str,
-                     progress: Callable[[int], None] | None, seen: set) -> None:
-    """Compare two containers of the rest of the files key by key; an entry on one side only is
-    reported once, where it starts (a missing optimizer is one entry, not one per moment)."""
-    for key in list(left) + [k for k in right if k not in left]:
+def _compare_entries(result: Comparison, left: dict, right: dict, progress: Callable[[int], None] | None) -> None:
+    """Compare the rest of two files path by path, depth first: tensors by value, containers of one
+    kind entry by entry (each pair of shared objects once: a file of shared references stays
+    linear), anything else as a whole. An entry on one side only is reported once, where it starts
+    (a missing optimizer is one entry, not one per moment). Nested entries wait on a stack, not in
+    recursion: a hostile file may nest deeper than Python recurses; below MAX_DEPTH levels their
+    paths stop growing (they name the deepest key under the path MAX_DEPTH levels down)."""
+    seen: set = set()
+    stack = [_pairs("", left, right)]
+    while stack:
+        pair = next(stack[-1], None)
+        if pair is None:
+            stack.pop()
+            continue
+        prefix, key, va, vb = pair
         path = f"{prefix}{key}"
-        if key in left and key in right:
-            _compare_value(result, path, left[key], right[key], progress, seen)
-        else:
-            result.extras.append({"path": path, "a": summarize(left[key]) if key in left else None,
-                                  "b": summarize(right[key]) if key in right else None})
-
-
-def _compare_value(result: Comparison, path: str, va: Any, vb: Any, progress: Callable[[int], None] | None,
-                   seen: set) -> None:
-    """Tensors by value, containers of one kind entry by entry, anything else as a whole."""
-    if isinstance(va, Tensor) and isinstance(vb, Tensor):
-        diff = _compare_tensors(path, va, vb, result.atol, result.rtol, result.values, progress)
-        if diff is None:
+        if va is _MISSING or vb is _MISSING:
+            result.extras.append({"path": path, "a": None if va is _MISSING else summarize(va),
+                                  "b": None if vb is _MISSING else summarize(vb)})
+        elif isinstance(va, Tensor) and isinstance(vb, Tensor):
+            diff = _compare_tensors(path, va, vb, result.atol, result.rtol, result.values, progress)
+            if diff is None:
+                result.extra_identical += 1
+            else:
+                result.extra_diffs.append(diff)
+        elif (parts_a := _parts(va)) is not None and (parts_b := _parts(vb)) is not None and _kind(va) == _kind(vb):
+            if (id(va), id(vb)) not in seen:
+                seen.add((id(va), id(vb)))
+                stack.append(_pairs(f"{path}." if len(stack) < MAX_DEPTH else prefix, parts_a, parts_b))
+        elif _same_value(va, vb):
             result.extra_identical += 1
         else:
-            result.extra_diffs.append(diff)
-        return
-    parts_a, parts_b = _parts(va), _parts(vb)
-    if parts_a is not None and parts_b is not None and _kind(va) == _kind(vb):
-        if (id(va), id(vb)) not in seen:  # each shared object once: a file of shared references stays linear
-            seen.add((id(va), id(vb)))
-            _compare_entries(result, parts_a, parts_b, f"{path}.", progress, seen)
-    elif _same_value(va, vb):
-        result.extra_identical += 1
-    else:
-        result.extras.append({"path": path, "a": summarize(va), "b": summarize(vb)})
+            result.extras.append({"path": path, "a": summarize(va), "b": summarize(vb)})
+
+
+_MISSING = object()  # an entry that one side does not have
+MAX_DEPTH = 64  # levels of containers named in full in a path (optimizer moments are 3 deep)
+
+
+def _pairs(prefix: str, left: dict, right: dict) -> Iterator[tuple[str, Any, Any, Any]]:
+    """(prefix, key, left value, right value) for every key of either, left's order first."""
+    for key in list(left) + [k for k in right if k not in left]:
+        yield prefix, key, left.get(key, _MISSING), right.get(key, _MISSING)
 
 
 def _parts(value: Any) -> dict | None:

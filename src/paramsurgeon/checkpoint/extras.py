@@ -79,23 +79,28 @@ def _optimizer(state: dict) -> str | None:
     return f"{name} state for {plural(len(state['state']), 'param')} ({size}), {plural(len(groups), 'param group')}{lr}"
 
 
-def tensors_in(value: Any, seen: set | None = None) -> list[Tensor]:
-    """Every Tensor reachable from ``value`` (each shared object visited once)."""
-    seen = set() if seen is None else seen
-    if id(value) in seen:
-        return []
-    seen.add(id(value))
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, dict):
-        items = value.values()
-    elif isinstance(value, (list, tuple)):
-        items = value
-    elif isinstance(value, Opaque):
-        items = [*value.args, value.state, *value.items, *(v for _, v in value.dictitems)]
-    else:
-        return []
-    return [t for item in items for t in tensors_in(item, seen)]
+def tensors_in(value: Any) -> list[Tensor]:
+    """Every Tensor reachable from ``value``, depth first (each shared object visited once; by a
+    stack, not recursion: a hostile file's lists may nest deeper than Python recurses)."""
+    found, seen, stack = [], set(), [value]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, Tensor):
+            found.append(value)
+            continue
+        if isinstance(value, dict):
+            items = list(value.values())
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        elif isinstance(value, Opaque):
+            items = [*value.args, value.state, *value.items, *(v for _, v in value.dictitems)]
+        else:
+            continue
+        stack.extend(reversed(items))
+    return found
 
 
 def _count_tensors(value: Any) -> int:
