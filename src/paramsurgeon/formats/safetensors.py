@@ -14,6 +14,8 @@ from collections import OrderedDict
 from itertools import chain, repeat
 from operator import add, attrgetter, gt, itemgetter, mul, sub
 
+import orjson
+
 from .. import dtypes
 from ..bulk import paused_gc
 from ..checkpoint import Checkpoint, Storage, Tensor
@@ -105,7 +107,7 @@ def _metadata(file: InputFile, header: dict) -> dict[str, str]:
 
 def _at_once(file: InputFile, start: int, text: str) -> tuple[dict, dict] | None:
     """(metadata, tensors) when the header holds, from a parse that keeps no pair per JSON object
-    (json's C code builds the dicts, 30% faster than with a hook), or None.
+    (orjson's, twice as fast as json's with a hook), or None.
 
     A key given twice would keep only its last value there: it is ruled out by counting. Each
     pair of the text has one colon outside strings, so its colons are the pairs written plus the
@@ -116,7 +118,13 @@ def _at_once(file: InputFile, start: int, text: str) -> tuple[dict, dict] | None
     if "\\u" in text:
         return None
     try:
-        header = _parsed(file, text)
+        with paused_gc():
+            header = orjson.loads(text)
+    except orjson.JSONDecodeError:  # also what json would take (NaN, integers over 64 bits): parsed strictly
+        return None
+    if type(header) is not dict:
+        return None
+    try:
         pairs = len(header) + 3 * (len(header) - ("__metadata__" in header))
         metadata = _metadata(file, header)
         if set(map(len, header.values())) != {3}:
