@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections import OrderedDict
 from itertools import chain, repeat
 from operator import add, attrgetter, gt, itemgetter, mul, sub
 
@@ -80,7 +79,8 @@ def _no_duplicates(pairs: list) -> dict:
 
 
 def read(file: InputFile) -> Checkpoint:
-    """Read a safetensors file's header; tensors stay in the file until needed."""
+    """Read a safetensors file's header; tensors stay in the file until needed. They are a plain
+    dict, as safetensors' ``load_file`` gives them (a torch file written from them holds a dict)."""
     start, text = _header_text(file)
     with paused_gc():
         found = _at_once(file, start, text)
@@ -168,12 +168,12 @@ def _in_bulk(file: InputFile, start: int, header: dict) -> dict[str, Tensor] | N
     if not (begins[0] == 0 and begins[1:] == ends[:-1] and start + ends[-1] == file.size):
         _check_coverage(file, start, list(zip(begins, ends, header)))
     tensors = file_spans(file, list(map(add, begins, repeat(start))), sizes, kinds, list(map(tuple, shapes)), numels)
-    return OrderedDict(zip(header, tensors))
+    return dict(zip(header, tensors))
 
 
 def _one_by_one(file: InputFile, start: int, header: dict) -> dict[str, Tensor]:
     """The tensors, each entry checked in turn: the first wrong one is named."""
-    tensors: dict[str, Tensor] = OrderedDict()
+    tensors: dict[str, Tensor] = {}
     spans = []
     for name, entry in header.items():
         dtype, shape, (begin, end) = _entry(file.name, name, entry)
