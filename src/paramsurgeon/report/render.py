@@ -16,7 +16,7 @@ from operator import attrgetter
 from ..bulk import paused_gc
 from ..dtypes import BY_NAME
 from ..analysis.inspection import Inspection, Row
-from .tables import Column, render
+from .tables import Column, render, render_columns
 from ..sizes import human_bytes, plural
 from .diagnosis import histogram_document, sparkline
 from .escape import printable
@@ -176,8 +176,8 @@ def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
              + (f" + {totals['buffers']:,} in buffers" if totals["buffers"] else "") + f", {human_bytes(totals['bytes'])}"]
     cols = _columns(result)
     headers = [c.header for c, _ in cols]
-    cells = list(zip(*(fill(result.rows) for _, fill in cols)))
-    table, hidden = render([c for c, _ in cols], cells, width, color,
+    cells = [fill(result.rows) for _, fill in cols]
+    table, hidden = render_columns([c for c, _ in cols], cells, width, color,
                            core=headers.index("max") + 1 if "max" in headers else 4)
     notes = [f"(not shown at this width: {', '.join(hidden)}; --json has every field)"] if hidden else []
     return "\n".join(_escaped(lines) + [table.rstrip("\n")] + _escaped(notes + footer_lines(result))) + "\n"

@@ -29,37 +29,44 @@ class Column:
 
 def render(columns: list[Column], rows: list[list[str]], width: int | None = None, color: bool = False,
            core: int | None = None) -> tuple[str, list[str]]:
-    """The table, and the headers of the columns left out to fit ``width``."""
+    """The table of ``rows`` (a list of cells each), and the headers of the columns left out to fit ``width``."""
+    return render_columns(columns, [list(column) for column in zip(*rows)] or [[] for _ in columns], width, color,
+                          core)
+
+
+def render_columns(columns: list[Column], cells: list[list[str]], width: int | None = None, color: bool = False,
+                   core: int | None = None) -> tuple[str, list[str]]:
+    """``render`` of the table whose cells come column by column (``cells[i]``: column i's, top down)."""
     if width is None:
-        lines = _plain(columns, rows)
+        lines = _plain(columns, cells)
         if not all(map(str.isprintable, lines)):  # most tables need no escape: told from the lines made anyway
-            lines = _plain(columns, _escaped(rows))
+            lines = _plain(columns, _escaped(cells))
         return "\n".join(lines) + "\n", []
-    text = "".join(map("".join, rows))  # one pass over every cell
+    text = "".join(map("".join, cells))  # one pass over every cell
     if not text.isprintable():
-        rows = _escaped(rows)
-    lines, heading, kept = _fitted(columns, rows, width, core or len(columns), len if text.isascii() else _cells)
+        cells = _escaped(cells)
+    lines, heading, kept = _fitted(columns, cells, width, core or len(columns), len if text.isascii() else _cells)
     if color:
         lines[:heading] = [_BOLD + line + _RESET for line in lines[:heading]]
     return "\n".join(lines) + "\n", [c.header for c in columns[kept:]]
 
 
-def _escaped(rows: list[list[str]]) -> list[list[str]]:
-    return [[printable(cell) for cell in row] for row in rows]
+def _escaped(cells: list[list[str]]) -> list[list[str]]:
+    return [list(map(printable, column)) for column in cells]
 
 
-def _plain(columns: list[Column], rows: list[list[str]]) -> list[str]:
+def _plain(columns: list[Column], cells: list[list[str]]) -> list[str]:
     """The lines of the table, without their line ends."""
-    grid = _grid(columns, rows)
+    grid = _grid(columns, cells)
     widths = [max(map(len, column)) for column in grid]
     header, *lines = _lines(columns, grid, widths, len)
     return [header, _rule(widths), *lines]
 
 
-def _fitted(columns: list[Column], rows: list[list[str]], width: int, core: int, measure) -> tuple[list[str], int, int]:
+def _fitted(columns: list[Column], cells: list[list[str]], width: int, core: int, measure) -> tuple[list[str], int, int]:
     """The lines of the table fitted to ``width`` terminal cells (``measure`` counts a text's),
     how many of them are the header, and how many columns are kept."""
-    grid = _grid(columns, rows)
+    grid = _grid(columns, cells)
     widths = [max(map(measure, column)) for column in grid]
     kept, fold = _fit(widths, width, core)
     if fold == widths[0]:
@@ -77,9 +84,9 @@ def _fitted(columns: list[Column], rows: list[list[str]], width: int, core: int,
     return lines, len(header), kept
 
 
-def _grid(columns: list[Column], rows: list[list[str]]) -> list[list[str]]:
-    """The cells column by column, each headed by its header."""
-    return [[c.header, *column] for c, column in zip(columns, zip(*rows))] or [[c.header] for c in columns]
+def _grid(columns: list[Column], cells: list[list[str]]) -> list[list[str]]:
+    """Each column's cells headed by its header."""
+    return [[c.header, *column] for c, column in zip(columns, cells)]
 
 
 def _lines(columns: list[Column], grid: list[list[str]], widths: list[int], measure) -> list[str]:
