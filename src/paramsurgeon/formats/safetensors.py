@@ -343,21 +343,18 @@ def _layout(tensors: list[Tensor]) -> tuple[list, dict[int, int]]:
     file, begin, length, position = None, 0, 0, 0
     for tensor in tensors:
         nbytes = tensor.nbytes
-        storage = tensor.storage
-        # where its bytes are in its file, if copied from there as they are (_source_offset, inlined)
-        source = storage.offset + tensor.offset * tensor.dtype.itemsize \
-            if storage.file is not None and (tensor._stride is None or tensor.is_contiguous) else None
+        source = _source_offset(tensor)
         if source is None:
             if file is not None:
                 close(file, begin, length, position)
                 file = None
             pieces.append(tensor)
-        elif storage.file is file and source == begin + length and length < SPAN_LIMIT:
+        elif tensor.storage.file is file and source == begin + length and length < SPAN_LIMIT:
             length += nbytes
         else:
             if file is not None:
                 close(file, begin, length, position)
-            file, begin, length = storage.file, source, nbytes
+            file, begin, length = tensor.storage.file, source, nbytes
         position += nbytes
     if file is not None:
         close(file, begin, length, position)
