@@ -115,32 +115,24 @@ def _columns(result: Inspection) -> list[tuple[Column, callable]]:
     """Each column and how to fill it from all the rows at once (a pass in C each, where the cells
     are the rows' own fields: 100,000 tensors are 100,000 rows), most important first."""
     rows = result.rows
-
-    def each(cell):  # a column whose cells need Python, row by row
-        return lambda rows: list(map(cell, rows))
-
-    def dtypes(rows):
-        short = {name: BY_NAME[name].short for name in set(map(_DTYPE, rows))}
-        return list(map(short.__getitem__, map(_DTYPE, rows)))
-
-    cols = [(Column("name"), _field(_NAME)), (Column("kind"), _field(_KIND)),
-            (Column("shape", True), lambda rows: list(map(shape_text, map(_SHAPE, rows)))), (Column("dtype"), dtypes)]
+    cols = [(Column("name"), _each(_NAME)), (Column("kind"), _each(_KIND)),
+            (Column("shape", True), lambda rows: list(map(shape_text, map(_SHAPE, rows)))), (Column("dtype"), _dtypes)]
     if set(map(_DEVICE, rows)) - {"cpu"}:
-        cols.append((Column("device"), _field(_DEVICE)))
+        cols.append((Column("device"), _each(_DEVICE)))
     if result.stats:
         if any(r.stats and (r.stats.nan or r.stats.inf) for r in rows):
-            cols += [(Column("nan", True), each(lambda r: _count(r, "nan"))),
-                     (Column("inf", True), each(lambda r: _count(r, "inf")))]
+            cols += [(Column("nan", True), _each(lambda r: _count(r, "nan"))),
+                     (Column("inf", True), _each(lambda r: _count(r, "inf")))]
         for key in ("mean", "std", "min", "max"):
-            cols.append((Column(key, True), each(lambda r, k=key: short_number(getattr(r.stats, k)) if r.stats else "-")))
+            cols.append((Column(key, True), _each(lambda r, k=key: short_number(getattr(r.stats, k)) if r.stats else "-")))
         cols.append((Column("zeros", True),
-                     each(lambda r: f"{100 * r.stats.zeros / r.numel:.1f}%" if r.stats and r.numel else "-")))
-        cols.append((Column("|max|", True), each(lambda r: short_number(r.stats.abs_max) if r.stats else "-")))
+                     _each(lambda r: f"{100 * r.stats.zeros / r.numel:.1f}%" if r.stats and r.numel else "-")))
+        cols.append((Column("|max|", True), _each(lambda r: short_number(r.stats.abs_max) if r.stats else "-")))
         if any(r.stats and r.stats.histogram for r in rows):
-            cols.append((Column("histogram"), each(lambda r: sparkline(r.stats.histogram.counts)
+            cols.append((Column("histogram"), _each(lambda r: sparkline(r.stats.histogram.counts)
                                                    if r.stats and r.stats.histogram else "")))
     if any(map(_SHA256, rows)):
-        cols.insert(4, (Column("sha256"), each(lambda r: r.sha256 or "")))
+        cols.insert(4, (Column("sha256"), _each(lambda r: r.sha256 or "")))
     cols.append((Column("numel", True), _numels))
     return cols
 
@@ -152,8 +144,15 @@ def _numels(rows: list[Row]) -> list[str]:
     return list(map(shown.__getitem__, counts))
 
 
-def _field(get):
-    return lambda rows: list(map(get, rows))
+def _each(cell):
+    """A column filled with ``cell(row)`` for every row."""
+    return lambda rows: list(map(cell, rows))
+
+
+def _dtypes(rows: list[Row]) -> list[str]:
+    """'f32' for each row: looked up once per dtype."""
+    short = {name: BY_NAME[name].short for name in set(map(_DTYPE, rows))}
+    return list(map(short.__getitem__, map(_DTYPE, rows)))
 
 
 _NAME, _KIND, _SHAPE, _DTYPE, _NUMEL = (attrgetter("name"), attrgetter("kind"), attrgetter("shape"), attrgetter("dtype"),
