@@ -6,9 +6,9 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import Any
 
-from ..formats.pickles import Opaque
 from .checkpoint import Checkpoint
-from .tensor import Storage, Tensor
+from .extras import tensors_in
+from .tensor import Storage
 
 
 _LOCATION = attrgetter("storage.location")
@@ -16,27 +16,7 @@ _LOCATION = attrgetter("storage.location")
 
 def storages(root: Any) -> list[Storage]:
     """Every storage of a tensor anywhere in ``root`` (the model, optimizer state, ...), each once."""
-    found: dict[int, Storage] = {}
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, Tensor):
-            found.setdefault(id(node.storage), node.storage)
-        elif isinstance(node, dict):
-            for value in node.values():  # a model's tensors, taken here rather than one by one off the stack
-                if type(value) is Tensor:
-                    found.setdefault(id(value.storage), value.storage)
-                else:
-                    stack.append(value)
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-        elif isinstance(node, Opaque):
-            stack += [*node.args, node.state, *node.items, *(v for _, v in node.dictitems)]
-    return list(found.values())
+    return list({id(t.storage): t.storage for t in tensors_in(root)}.values())
 
 
 def off_cpu(ckpt: Checkpoint) -> dict[str, int]:
