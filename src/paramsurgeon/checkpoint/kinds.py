@@ -117,8 +117,9 @@ def kinds_in_order(tensors: Mapping[str, Tensor]) -> list[Kind]:
     singles = map(kind_of.__getitem__, keys)
     if alone is None:
         return list(singles)
+    several = list(map(not_, alone))
     together: dict[str, dict[str, Tensor]] = {}
-    for prefix, leaf, tensor in compress(zip(prefixes, module_leaves, values), map(not_, alone)):
+    for prefix, leaf, tensor in compress(zip(prefixes, module_leaves, values), several):
         together.setdefault(prefix, {})[leaf] = tensor
     components_of, layer_of_key, layer_of = dict(zip(prefixes, components)), {}, {}
     for prefix, held in together.items():
@@ -127,7 +128,6 @@ def kinds_in_order(tensors: Mapping[str, Tensor]) -> list[Kind]:
         if layer is None:
             layer_of_key[key] = layer = module_kind(key[0], held)
         layer_of[prefix] = layer
-    several = list(map(not_, alone))
     keys = list(zip(map(layer_of.__getitem__, compress(prefixes, several)), compress(leaves, several),
                     compress(dtypes, several), map(len, compress(shapes, several))))
     kind_of = {key: Kind(key[0], role(key[1], tensor))
