@@ -34,3 +34,19 @@ def test_command_has_a_readme_section(command):
 def test_command_help_has_an_example(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and f"Example: paramsurgeon {command}" in result.stdout, result.stdout
+
+
+def test_the_console_script_builds_the_command_it_runs():
+    """``paramsurgeon`` (main) builds only the command it is given: its --help, the listing and a
+    misspelt name still come out as from the whole app."""
+    from helpers import run_process
+
+    listing = run_process("--help")
+    assert listing.returncode == 0 and re.findall(r"^  ([\w-]+)  ", listing.stdout.decode().split("Commands:")[1],
+                                                  re.M) == COMMANDS
+    for command in ("inspect", "zero", "merge", "extract-lora"):
+        shown = run_process(command, "--help").stdout.decode()
+        assert f"Usage: paramsurgeon {command} [OPTIONS]" in shown and f"Example: paramsurgeon {command}" in shown
+    misspelt = run_process("inspectt", "x.pt")
+    assert misspelt.returncode == 2 and b"No such command 'inspectt'. Did you mean 'inspect'?" in misspelt.stderr
+    assert run_process("--version").stdout.decode().startswith("paramsurgeon ")

@@ -86,6 +86,9 @@ def test_headers_the_count_cannot_vouch_for_still_read(tmp_path):
     (lambda t: t.replace('"shape":[2]', '"shape":[-2]', 1), ["'layers.1234.weight'", "malformed shape"]),
     (lambda t: t.replace('"shape":[2]', '"shape":[true]', 1), ["'layers.1234.weight'", "malformed shape"]),
     (lambda t: t.replace("[9872,9880]", "[9860,9868]", 1), ["'layers.1234.weight'", "overlaps"]),
+    # JSON that orjson refuses and json takes: parsed again by json, and named
+    (lambda t: t.replace('"shape":[2]', '"shape":[NaN]', 1), ["'layers.1234.weight'", "malformed shape"]),
+    (lambda t: t.replace("[9872,9880]", f"[9872,{2**70}]", 1), ["'layers.1234.weight'", "needs 8 bytes"]),
 ])
 def test_one_wrong_entry_among_thousands_is_named(tmp_path, lie, words):
     names = [f"layers.{i}.weight" for i in range(COUNT)]
