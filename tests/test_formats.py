@@ -45,6 +45,9 @@ def test_torch_safetensors_torch_round_trip(tmp_path, resnet_pt, resnet):
     assert run("convert", st, "-o", back).exit_code == 0
     assert_same_state(load_torch(back), resnet.state_dict())
     ResNet().load_state_dict(torch.load(back, weights_only=True, mmap=True), strict=True)
+    # what load_file gives, saved by torch: a plain dict of the file's names in the file's order
+    loaded = torch.load(back, weights_only=True)
+    assert type(loaded) is type(load_file(st)) is dict and list(loaded) == header_names(file_bytes(st))
 
 
 def test_single_sharded_single_round_trip(tmp_path, resnet_pt, resnet):
