@@ -58,22 +58,23 @@ def contiguous_memory(tensor: Tensor) -> memoryview:
     return memory_of(to_torch(tensor).contiguous())
 
 
-def chunks(*values: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Matching flat pieces of same-shaped tensors, at most CHUNK elements each: views when
-    contiguous, copies of a few rows otherwise, so memory does not grow with the tensor."""
+def chunks(*values: torch.Tensor, size: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Matching flat pieces of same-shaped tensors, at most ``size`` (default CHUNK) elements each:
+    views when contiguous, copies of a few rows otherwise, so memory does not grow with the tensor."""
+    size = size or CHUNK
     first = values[0]
     if first.numel() == 0:
         return
-    if first.numel() <= CHUNK or first.dim() == 0:
+    if first.numel() <= size or first.dim() == 0:
         yield tuple(v.reshape(-1) for v in values)
     elif all(v.is_contiguous() for v in values):
         flat = [v.reshape(-1) for v in values]
-        for start in range(0, first.numel(), CHUNK):
-            yield tuple(f[start:start + CHUNK] for f in flat)
-    elif first[0].numel() > CHUNK:
+        for start in range(0, first.numel(), size):
+            yield tuple(f[start:start + size] for f in flat)
+    elif first[0].numel() > size:
         for rows in zip(*values):
-            yield from chunks(*rows)
+            yield from chunks(*rows, size=size)
     else:
-        step = max(1, CHUNK // first[0].numel())
+        step = max(1, size // first[0].numel())
         for start in range(0, first.shape[0], step):
             yield tuple(v[start:start + step].reshape(-1) for v in values)
