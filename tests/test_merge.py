@@ -422,3 +422,90 @@ def test_values_that_overflow_their_dtype_are_refused_unless_allowed(tmp_path):
     written = load_torch(tmp_path / "out.pt")
     expected = (base["w"].float() + 1e6 * (tuned["w"].float() - base["w"].float())).half()
     assert torch.equal(written["w"], expected) and torch.isinf(written["w"]).sum() == 1
+
+
+# ---- one piece at a time: the same values as whole tensors ----------------------------------------
+
+
+def top_fraction_first(d, density):
+    """TIES' trim with DESIGN's tie rule: the top max(1, int(density*numel)) magnitudes, and among
+    equal magnitudes the first in row-major order (a stable sort keeps that order)."""
+    k = max(1, int(density * d.numel()))
+    keep = torch.zeros(d.numel(), dtype=torch.bool)
+    keep[torch.sort(d.abs().flatten(), descending=True, stable=True).indices[:k]] = True
+    return d * keep.view(d.shape)
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Pieces of 1,000 values: a tensor of a few thousand spans several, as a large one spans 4 Mi."""
+    monkeypatch.setattr("paramsurgeon.checkpoint.values.CHUNK", 1000)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_ties_trims_across_pieces_with_ties_at_the_threshold(request, tmp_path, small_pieces, dtype):
+    """Task vectors of small integers (most magnitudes tie), 4,999 values in five pieces, no
+    contiguous layout: the kept entries at the threshold are the first in row-major order, over
+    the pieces, exactly as the whole-tensor rule keeps them."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(-3, 4, (4999,), generator=g).to(dtype)
+    fts = [base + torch.randint(-2, 3, (4999,), generator=g).to(dtype) for _ in range(2)]
+    state = lambda t: {"w": t, "t": t.reshape(4999, 1).t()}  # noqa: E731  ('t': a transposed, strided view)
+    paths = [save(request, tmp_path / f"{n}.pt", state(t)) for n, t in (("base", base), ("a", fts[0]), ("b", fts[1]))]
+    for density in (0.3, 0.5, 0.77):
+        out, _ = merged(tmp_path, paths[1], paths[2], "--base", paths[0], "--method", "ties", "--density",
+                        str(density), "--weights", "1,0.5", name=f"{density}.pt")
+        expected = ref_ties_first(base, fts, [1, 0.5], density)
+        after = load_torch(out)
+        assert bits(after["w"]) == bits(expected.to(dtype)), density
+        assert bits(after["t"].contiguous()) == bits(expected.to(dtype).reshape(4999, 1).t().contiguous())
+
+
+def ref_ties_first(base, xs, ws, density):
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    base = base.to(work)
+    deltas = torch.stack([w * top_fraction_first(x.to(work) - base, density) for x, w in zip(xs, ws)])
+    elected = deltas.sum(0) >= 0
+    agree = torch.where(elected, deltas > 0, deltas < 0)
+    divisor = (torch.tensor(ws, dtype=work).view(-1, 1) * agree).sum(0)
+    return base + (deltas * agree).sum(0) / torch.where(divisor == 0, torch.ones((), dtype=work), divisor)
+
+
+def test_ties_with_an_infinite_task_vector_entry_keeps_it(request, tmp_path, small_pieces):
+    """An Inf in a fine-tune (so in its task vector) ranks above every finite magnitude: it is kept,
+    and the merged value is Inf where that input was Inf (not an overflow of the merge)."""
+    base = torch.linspace(-1, 1, 3000)
+    a, b = base + 0.01 * torch.arange(3000.0).sin(), base - 0.02 * torch.arange(3000.0).cos()
+    a[1234] = float("inf")
+    paths = [save(request, tmp_path / f"{n}.pt", {"w": t}) for n, t in (("base", base), ("a", a), ("b", b))]
+    out, _ = merged(tmp_path, paths[1], paths[2], "--base", paths[0], "--method", "ties", "--density", "0.4")
+    got = load_torch(out)["w"]
+    assert got[1234] == float("inf")
+    finite = torch.arange(3000) != 1234
+    expected = ref_ties_first(base, [a, b], [1, 1], 0.4)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["dare-linear", "dare-ties"])
+def test_dare_drops_drawn_in_pieces_are_one_draw_per_task_vector(request, tmp_path, small_pieces, method):
+    """Each task vector's drops are those of one torch.rand over the whole tensor, the task
+    vectors drawing one after another from the tensor's generator (seed and name), as documented;
+    drawing them a piece at a time changes nothing."""
+    from paramsurgeon.ops.schemes import tensor_seed
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(3, 1700, generator=g)
+    fts = [base + 0.1 * torch.randn(3, 1700, generator=g) for _ in range(2)]
+    paths = [save(request, tmp_path / f"{n}.pt", {"w": t}) for n, t in (("base", base), ("a", fts[0]), ("b", fts[1]))]
+    out, _ = merged(tmp_path, paths[1], paths[2], "--base", paths[0], "--method", method, "--density", "0.3",
+                    "--seed", "9")
+    draws = torch.Generator().manual_seed(tensor_seed(9, "w"))
+    deltas = [(x - base) * (torch.rand(base.shape, generator=draws) < 0.3) / 0.3 for x in fts]
+    if method == "dare-linear":
+        expected = base + deltas[0] + deltas[1]
+    else:
+        stacked = torch.stack(deltas)
+        agree = torch.where(stacked.sum(0) >= 0, stacked > 0, stacked < 0)
+        divisor = agree.sum(0).float()
+        expected = base + (stacked * agree).sum(0) / torch.where(divisor == 0, 1.0, divisor)
+    torch.testing.assert_close(load_torch(out)["w"], expected)

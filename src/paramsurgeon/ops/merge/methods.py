@@ -1,100 +1,149 @@
 """The merge formulas, tensor by tensor (the binding rules of DESIGN.md, after mergekit).
 
 Each function takes torch views of one tensor of every input (memory-mapped, not yet copied,
-and never written to), converts one input at a time to the working dtype (float32, or float64 when an input is
-float64), and returns the merged values in the working dtype; the caller casts them back.
-The task methods hold one task vector per input at a time (ties and dare-ties hold all of
-them, as the sign election needs every one).
+and never written to) and returns the merged values in ``dtype`` (the written tensor's). The
+arithmetic runs in the working dtype (float32, or float64 when an input is float64) a piece at
+a time (``assembled``): memory holds the result and a few pieces of the inputs, whatever the
+tensor's size. Every formula is elementwise once a few numbers are known: slerp's angle (float64
+dot products over the pieces) and each ties task vector's trimming threshold (a radix select
+over the pieces, ``Cut``). DARE's drops (``Drop``) are drawn piece after piece, task vector by
+task vector, from where one draw per whole task vector would take them: a seed gives the drops it
+always gave. Only ties with an infinite or NaN task-vector entry holds the task vectors whole.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+
+from ...checkpoint import values as _values
+from ...checkpoint.values import chunks
 
 DOT_THRESHOLD = 0.9995  # slerp: above this |cos| the two tensors are colinear and lerp is used
 EPS = 1e-8  # slerp: a norm at most this leaves its tensor unnormalised
 _PIECE = 1 << 20  # elements per piece of a float64 dot product
 
 
-def linear(values: list[torch.Tensor], weights: list[float], normalize: bool, work: torch.dtype) -> torch.Tensor:
+def assembled(views: list[torch.Tensor], dtype: torch.dtype, formula: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """A new tensor of ``dtype`` holding ``formula`` of matching flat pieces of ``views``, piece after
+    piece in row-major order (each piece cast as ``.to`` casts the whole)."""
+    result = torch.empty(views[0].shape, dtype=dtype)
+    flat, start = result.view(-1), 0
+    # a quarter of the usual chunk: a formula makes a dozen float32 temporaries of a piece
+    for pieces in chunks(*views, size=max(1, _values.CHUNK // 4)):
+        values = formula(*pieces)
+        flat[start:start + values.numel()] = values
+        start += values.numel()
+    return result
+
+
+def linear(values: list[torch.Tensor], weights: list[float], normalize: bool, work: torch.dtype,
+           dtype: torch.dtype) -> torch.Tensor:
     """``sum w_i x_i``, divided by ``sum w_i`` when ``normalize``."""
-    total = torch.zeros(values[0].shape, dtype=work)
-    for x, w in zip(values, weights):
-        total.add_(x.to(work), alpha=w)
-    if normalize:
-        total.div_(math.fsum(weights))
-    return total
+    divisor = math.fsum(weights)
+
+    def formula(*pieces: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(pieces[0].shape, dtype=work)
+        for x, w in zip(pieces, weights):
+            total.add_(x.to(work), alpha=w)
+        return total.div_(divisor) if normalize else total
+
+    return assembled(values, dtype, formula)
 
 
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor, work: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
     """Spherical interpolation from ``a`` (t=0) to ``b`` (t=1), as mergekit does it: the angle from
     the normalised, flattened tensors; nearly colinear tensors (|cos| > 0.9995) fall back to lerp;
     the result combines the tensors as they are (not normalised)."""
-    a, b = a.to(work), b.to(work)
-    norm_a, norm_b = math.sqrt(_dot(a, a)), math.sqrt(_dot(b, b))
-    cos = _dot(a, b) / ((norm_a if norm_a > EPS else 1.0) * (norm_b if norm_b > EPS else 1.0))
+    aa, bb, ab = _dots(a, b, work)
+    norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
+    cos = ab / ((norm_a if norm_a > EPS else 1.0) * (norm_b if norm_b > EPS else 1.0))
     if abs(cos) > DOT_THRESHOLD:
         s0, s1 = 1.0 - t, t
     else:
         theta = math.acos(cos)
         s0, s1 = math.sin(theta - theta * t) / math.sin(theta), math.sin(theta * t) / math.sin(theta)
-    return torch.mul(a, s0).add_(b, alpha=s1)
+    return assembled([a, b], dtype, lambda x, y: torch.mul(x.to(work), s0).add_(y.to(work), alpha=s1))
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The dot product of the flattened tensors, accumulated in float64 piece by piece."""
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    return math.fsum(torch.dot(flat_a[i:i + _PIECE].double(), flat_b[i:i + _PIECE].double()).item()
-                     for i in range(0, flat_a.numel(), _PIECE))
+def _dots(a: torch.Tensor, b: torch.Tensor, work: torch.dtype) -> tuple[float, float, float]:
+    """a.a, b.b and a.b of the flattened tensors (their values in ``work``), accumulated in float64
+    piece by piece."""
+    aa, bb, ab = [], [], []
+    for x, y in chunks(a, b):
+        for i in range(0, x.numel(), _PIECE):
+            px, py = x[i:i + _PIECE].to(work).double(), y[i:i + _PIECE].to(work).double()
+            aa.append(torch.dot(px, px).item())
+            bb.append(torch.dot(py, py).item())
+            ab.append(torch.dot(px, py).item())
+    return math.fsum(aa), math.fsum(bb), math.fsum(ab)
 
 
 def task_arithmetic(base: torch.Tensor, values: list[torch.Tensor], weights: list[float], lambda_: float,
-                    normalize: bool, work: torch.dtype, density: float | None = None,
+                    normalize: bool, work: torch.dtype, dtype: torch.dtype, density: float | None = None,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """``base + lambda * sum w_i (x_i - base)`` (divided by ``sum w_i`` when ``normalize``); with
-    ``density``, each task vector goes through DARE first (dare-linear)."""
-    base = base.to(work)
-    total = torch.zeros(base.shape, dtype=work)
-    for x, w in zip(values, weights):
-        delta = torch.sub(x.to(work), base)
-        if density is not None:
-            delta = dare(delta, density, generator)
-        total.add_(delta, alpha=w)
-    if normalize:
-        divisor = math.fsum(weights)
-        total.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
-    return total.mul_(lambda_).add_(base)
+    ``density`` and a ``generator``, each task vector goes through DARE first (dare-linear)."""
+    divisor = math.fsum(weights) if normalize else 1.0
+    divisor = divisor if abs(divisor) >= 1e-8 else 1.0
+    drops = Drop.each(generator, density, base.numel(), work, len(values)) if density is not None else None
+
+    def formula(base: torch.Tensor, *pieces: torch.Tensor) -> torch.Tensor:
+        base = base.to(work)
+        total = torch.zeros(base.shape, dtype=work)
+        for i, (x, w) in enumerate(zip(pieces, weights)):
+            delta = torch.sub(x.to(work), base)
+            total.add_(drops[i].apply(delta) if drops else delta, alpha=w)
+        if normalize:
+            total.div_(divisor)
+        return total.mul_(lambda_).add_(base)
+
+    return assembled([base, *values], dtype, formula)
 
 
 def ties(base: torch.Tensor, values: list[torch.Tensor], weights: list[float], lambda_: float, density: float,
-         normalize: bool, work: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+         normalize: bool, work: torch.dtype, dtype: torch.dtype, generator: torch.Generator | None = None
+         ) -> torch.Tensor:
     """TIES: each task vector trimmed to its top-``density`` entries by magnitude (or, with a
     ``generator``, dropped at random by DARE: dare-ties) and multiplied by its weight; the sign
     of their sum elects a sign per entry (zero counts as +); the entries agreeing with it are
     averaged weighted by w (``sum mask*w*d / sum mask*w``, a zero divisor counts as 1; no
     division without ``normalize``); the result is ``base + lambda * merged``."""
-    base = base.to(work)
-    weighted = []
-    for x, w in zip(values, weights):
-        delta = torch.sub(x.to(work), base)
-        delta = dare(delta, density, generator) if generator is not None else trim(delta, density)
-        weighted.append(delta.mul_(w))
-    positive = torch.zeros(base.shape, dtype=work)
+    if generator is not None:
+        sifts = Drop.each(generator, density, base.numel(), work, len(values))
+    else:
+        sifts = [Cut.of(base, x, density, work) for x in values]
+    if not all(sifts):  # a task vector with an infinite or NaN entry: trimmed whole, as kthvalue orders them
+        base = base.to(work)
+        weighted = [trim(torch.sub(x.to(work), base), density).mul_(w) for x, w in zip(values, weights)]
+        return _elected(weighted, weights, normalize, work).mul_(lambda_).add_(base).to(dtype)
+
+    def formula(base: torch.Tensor, *pieces: torch.Tensor) -> torch.Tensor:
+        base = base.to(work)
+        weighted = [sift.apply(torch.sub(x.to(work), base)).mul_(w) for x, w, sift in zip(pieces, weights, sifts)]
+        return _elected(weighted, weights, normalize, work).mul_(lambda_).add_(base)
+
+    return assembled([base, *values], dtype, formula)
+
+
+def _elected(weighted: list[torch.Tensor], weights: list[float], normalize: bool, work: torch.dtype) -> torch.Tensor:
+    """The sign election and the weighted mean of the agreeing entries (elementwise, so a piece
+    at a time gives the same values as the whole)."""
+    positive = torch.zeros(weighted[0].shape, dtype=work)
     for delta in weighted:
         positive.add_(delta)
     positive = positive >= 0
-    merged = torch.zeros(base.shape, dtype=work)
-    divisor = torch.zeros(base.shape, dtype=work)
+    merged = torch.zeros(weighted[0].shape, dtype=work)
+    divisor = torch.zeros(weighted[0].shape, dtype=work)
     for delta, w in zip(weighted, weights):
         agrees = torch.where(positive, delta > 0, delta < 0)
         merged.add_(torch.where(agrees, delta, 0.0))
         divisor.add_(agrees.to(work), alpha=w)
-    del weighted
     if normalize:
         merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
-    return merged.mul_(lambda_).add_(base)
+    return merged
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -113,10 +162,82 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta.mul_(kept.reshape(delta.shape))
 
 
-def dare(delta: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """DARE: each entry kept with probability ``density`` and rescaled by ``1/density``, else 0."""
-    kept = torch.rand(delta.shape, generator=generator, dtype=delta.dtype) < density
-    return delta.mul_(kept).div_(density)
+class Cut:
+    """What ``trim`` keeps of one task vector ``x - base``, found without holding it whole: entries
+    above ``threshold`` (the kthvalue trim takes), and the first ``equal`` entries equal to it in
+    row-major order. ``apply`` trims its pieces, in order."""
+
+    def __init__(self, threshold: torch.Tensor | None, equal: int) -> None:
+        self.threshold, self.equal = threshold, equal
+
+    @classmethod
+    def of(cls, base: torch.Tensor, x: torch.Tensor, density: float, work: torch.dtype) -> Cut | None:
+        """The cut of ``x - base`` at ``density`` by a radix select over the bits of the
+        magnitudes (16 bits a pass; finite non-negative floats order as their bits do); None
+        when a magnitude is infinite or NaN (trim handles those, on the whole tensor)."""
+        numel = base.numel()
+        keep = max(1, int(density * numel))
+        if keep >= numel:
+            return cls(None, 0)
+        width = 32 if work == torch.float32 else 64
+        bits = torch.int32 if width == 32 else torch.int64
+        infinite = (torch.tensor(float("inf"), dtype=work).view(bits) >> (width - 16)).item()
+        rank, prefix, equal = numel - keep + 1, 0, 0  # the rank-th smallest magnitude, as kthvalue's k
+        for shift in range(width - 16, -1, -16):
+            counts = torch.zeros(1 << 16, dtype=torch.int64)
+            for b, y in chunks(base, x):
+                keys = torch.sub(y.to(work), b.to(work)).abs_().view(bits)
+                if shift < width - 16:
+                    keys = keys[(keys >> (shift + 16)) == prefix]
+                counts += torch.bincount((keys >> shift) & 0xFFFF, minlength=1 << 16)
+            if shift == width - 16 and counts[infinite:].any():
+                return None
+            below = torch.cumsum(counts, 0)
+            digit = int(torch.searchsorted(below, rank))
+            rank -= int(below[digit - 1]) if digit else 0
+            prefix, equal = (prefix << 16) | digit, int(counts[digit])
+        threshold = torch.tensor(prefix, dtype=bits).view(work)
+        return cls(threshold, equal - rank + 1)  # entries equal to it, up to the rank-th, are kept
+
+    def apply(self, delta: torch.Tensor) -> torch.Tensor:
+        """Trim the next piece of the task vector (in place)."""
+        if self.threshold is None:
+            return delta
+        magnitude = delta.abs()
+        kept = magnitude > self.threshold
+        if self.equal:
+            ties = (magnitude == self.threshold).nonzero().reshape(-1)[:self.equal]
+            kept[ties] = True
+            self.equal -= ties.numel()
+        return delta.mul_(kept)
+
+
+class Drop:
+    """DARE on one task vector, a piece at a time: each entry kept with probability ``density`` and
+    rescaled by ``1/density``, else 0. The draws come from a generator that starts where the
+    task vector's draws start in the shared stream (task vector i after i*numel draws), and
+    draws in pieces continue one another: the drops are those of one draw per whole task vector."""
+
+    def __init__(self, generator: torch.Generator, density: float, work: torch.dtype) -> None:
+        self.generator, self.density, self.work = generator, density, work
+
+    @classmethod
+    def each(cls, generator: torch.Generator, density: float, numel: int, work: torch.dtype,
+             count: int) -> list[Drop]:
+        """One Drop per task vector, in order, sharing ``generator``'s stream."""
+        drops = []
+        for i in range(count):
+            drops.append(cls(torch.Generator().set_state(generator.get_state()), density, work))
+            if i < count - 1:
+                step = _values.CHUNK
+                for start in range(0, numel, step):  # the draws of this task vector, discarded
+                    torch.rand(min(step, numel - start), generator=generator, dtype=work)
+        return drops
+
+    def apply(self, delta: torch.Tensor) -> torch.Tensor:
+        """Drop entries of the next piece of the task vector (in place)."""
+        kept = torch.rand(delta.shape, generator=self.generator, dtype=self.work) < self.density
+        return delta.mul_(kept).div_(self.density)
 
 
 def working_dtype(values: list[torch.Tensor]) -> torch.dtype:

@@ -143,18 +143,25 @@ def _tie_difference(name: str, first: str, mine: frozenset, other: str, theirs: 
 
 def _refuse_overflow(name: str, merged, views: list) -> None:
     """Merged values that became Inf or NaN where every input was finite are an error (raised while
-    the writer streams: a file output is then never renamed into place)."""
+    the writer streams: a file output is then never renamed into place). Checked a piece at a time."""
     import torch
 
-    bad = ~torch.isfinite(merged)
-    if merged.is_floating_point() and bool(bad.any()):
-        for view in views:
-            bad &= torch.isfinite(view)
-        count = int(bad.sum())
-        if count:
-            raise PlanError(f"merge: {count:,} of {merged.numel():,} values of '{name}' would become Inf or NaN"
-                            f" ({str(merged.dtype).removeprefix('torch.')} cannot hold them); nothing was written;"
-                            " pass --allow-overflow to write them anyway")
+    from ...checkpoint.values import chunks
+
+    if not merged.is_floating_point():
+        return
+    count = 0
+    for piece, *inputs in chunks(merged, *views):
+        if bool(torch.isfinite(piece).all()):
+            continue
+        bad = ~torch.isfinite(piece)
+        for values in inputs:
+            bad &= torch.isfinite(values)
+        count += int(bad.sum())
+    if count:
+        raise PlanError(f"merge: {count:,} of {merged.numel():,} values of '{name}' would become Inf or NaN"
+                        f" ({str(merged.dtype).removeprefix('torch.')} cannot hold them); nothing was written;"
+                        " pass --allow-overflow to write them anyway")
 
 
 def _compute(merge, name: str, values: list[Tensor], weights: list[float], like: Tensor) -> Callable:
@@ -173,20 +180,20 @@ def _compute(merge, name: str, values: list[Tensor], weights: list[float], like:
         from . import methods
 
         views = [to_torch(v) for v in values]
-        work = methods.working_dtype(views)
+        work, dtype = methods.working_dtype(views), views[0].dtype
         if method == "linear":
-            result = methods.linear(views, weights, normalize, work)
+            merged = methods.linear(views, weights, normalize, work, dtype)
         elif method == "slerp":
-            result = methods.slerp(t, views[0], views[1], work)
+            merged = methods.slerp(t, views[0], views[1], work, dtype)
         else:
             generator = torch.Generator().manual_seed(tensor_seed(seed, name)) if method in RANDOM_METHODS \
                 else None
             if method in ("task-arithmetic", "dare-linear"):
-                result = methods.task_arithmetic(views[0], views[1:], weights, lambda_, normalize, work,
+                merged = methods.task_arithmetic(views[0], views[1:], weights, lambda_, normalize, work, dtype,
                                                  density if generator is not None else None, generator)
             else:
-                result = methods.ties(views[0], views[1:], weights, lambda_, density, normalize, work, generator)
-        merged = result.to(views[0].dtype)
+                merged = methods.ties(views[0], views[1:], weights, lambda_, density, normalize, work, dtype,
+                                      generator)
         if not merge.allow_overflow:
             _refuse_overflow(name, merged, views)
         return merged
