@@ -95,6 +95,35 @@ for name, t in state.items():
           x.abs().max().item(), (t == 0).sum().item(), torch.isnan(t).sum().item(), torch.isinf(t).sum().item())
 """
 
+TIES_GROUP = "merge ties: one 250 MiB bf16 embedding (32000x4096) of three checkpoints"
+MAKE_TIES = """
+import sys, torch
+from safetensors.torch import save_file
+g = torch.Generator().manual_seed(0)
+base = torch.randn(32000, 4096, generator=g).mul_(0.02)
+save_file({"embed.weight": base.to(torch.bfloat16)}, sys.argv[1] + "/ties-base.safetensors")
+for i in (1, 2):
+    tuned = base + 0.002 * torch.randn(32000, 4096, generator=g)
+    save_file({"embed.weight": tuned.to(torch.bfloat16)}, sys.argv[1] + f"/ties-{i}.safetensors")
+"""
+SCRIPT_TIES = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+# TIES as mergekit computes it (whole task vectors: topk magnitudes, stacked, sign consensus), in float32
+base, *tuned = [load_file(p)["embed.weight"].float() for p in sys.argv[1:4]]
+deltas = []
+for x in tuned:
+    d = (x - base).view(-1)
+    mask = torch.zeros_like(d, dtype=torch.bool)
+    mask[d.abs().topk(int(0.5 * d.numel())).indices] = True
+    deltas.append((d * mask).view(base.shape))
+stacked = torch.stack(deltas)
+agree = stacked.sign() == torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+divisor = agree.float().sum(0)
+merged = (stacked * agree).sum(0) / torch.where(divisor.abs() < 1e-8, 1.0, divisor)
+save_file({"embed.weight": (base + merged).to(torch.bfloat16)}, sys.argv[4])
+"""
+
 LORA_GROUP = "merge a rank-16 LoRA into a 1 GiB bf16 Llama-like checkpoint"
 MAKE_LORA = """
 import json, os, sys, torch
@@ -233,6 +262,12 @@ def cases(folder: str) -> list[tuple]:
               "lora-merged.safetensors"),
              (LORA_GROUP, "PEFT: from_pretrained, merge_and_unload, save_pretrained",
               python(SCRIPT_PEFT_MERGE, "lora/llama", "lora/adapter", "peft-merged"), "peft-merged")]
+    ties = ["ties-1.safetensors", "ties-2.safetensors", "ties-base.safetensors"]
+    rows += [(TIES_GROUP, "paramsurgeon merge --method ties (streaming)",
+              tool("merge", *ties[:2], "--base", ties[2], "--method", "ties", "-o", "ties-out.safetensors"),
+              "ties-out.safetensors"),
+             (TIES_GROUP, "script: TIES as mergekit computes it (whole tensors)",
+              python(SCRIPT_TIES, ties[2], *ties[:2], "ties-out.safetensors"), "ties-out.safetensors")]
     for n in MANY:
         group = f"DCP of {n:,} tensors of 64x64 -> torch zip"
         rows += [(group, "paramsurgeon convert", tool("convert", f"dcp-{n}", "-o", "many.pt"), "many.pt"),
@@ -278,8 +313,10 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
                                                                              256 * MiB),
     "init --all into DCP (2 GiB, 16 MiB tensors)": ("script: load_file, normal_, dcp.save", None, 272 * MiB),
     LORA_GROUP: ("PEFT: from_pretrained, merge_and_unload, save_pretrained", 1.0, 320 * MiB),
+    TIES_GROUP: ("script: TIES as mergekit computes it (whole tensors)", 1.0, 576 * MiB),
 }  # merge: 256 MiB plus a few 16 MiB tensors; no limit on time; init into DCP: 256 MiB plus one tensor;
-# merge-lora: 256 MiB plus a few float32 copies of its largest adapted tensor (5632x2048: 44 MiB, 16 MiB at a time)
+# merge-lora: 256 MiB plus a few float32 copies of its largest adapted tensor (5632x2048: 44 MiB, 16 MiB at a time);
+# merge ties: 256 MiB, the merged tensor (250 MiB) and a few 16 MiB pieces
 # DCP has no target yet; measured and shown.
 
 
@@ -356,6 +393,9 @@ def main() -> None:
                 subprocess.run(python(MAKE_MANY_ST, path, str(n)), check=True)
         if any(any(a.startswith(("model", "sharded")) for a in command) for _, _, command, *_ in selected):
             prepare(folder)
+        if any(group == TIES_GROUP for group, *_ in selected) and not os.path.exists(
+                os.path.join(folder, "ties-base.safetensors")):
+            subprocess.run(python(MAKE_TIES, folder), check=True)
         if any(group == LORA_GROUP for group, *_ in selected) and not os.path.exists(os.path.join(folder, "lora")):
             subprocess.run(python(MAKE_LORA, os.path.join(folder, "lora")), check=True)
         subprocess.run(tool("--help"), check=True, env=ENV, capture_output=True)  # writes bytecode if missing
