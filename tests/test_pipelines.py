@@ -314,3 +314,35 @@ def test_diff_compares_across_chunks_and_layouts(tmp_path, monkeypatch):
     assert json_of("diff", tmp_path / "a.pt", tmp_path / "c.pt", schema="diff")["identical"] == 1
     (entry,) = json_of("diff", tmp_path / "a.pt", tmp_path / "b.pt", schema="diff", code=1)["changed"]
     assert entry["mismatched"] == 1 and entry["max_abs"] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_diff_counts_as_torch_isclose_does_with_infinities_and_nans(tmp_path, monkeypatch):
+    """mismatched is the count torch.isclose(equal_nan=True) rejects, over pieces (a piece holding
+    a finite value against an infinity and another piece do not hide each other); a value
+    infinite or NaN on one side only differs by inf, absolutely and relatively."""
+    monkeypatch.setattr("paramsurgeon.checkpoint.values.CHUNK", 4000)  # pieces of 1,000 values
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5000, generator=g)
+    b = a + 1e-3 * torch.randn(5000, generator=g)
+    b[::7] = a[::7]
+    special = {10: (float("inf"), 1.0), 11: (2.0, float("-inf")), 12: (float("nan"), 3.0), 13: (4.0, float("nan")),
+               14: (float("nan"), float("nan")), 15: (float("inf"), float("inf")), 16: (float("inf"), float("-inf")),
+               17: (5.0, 0.0), 18: (0.0, 0.0), 2500: (1.0, 1e-30)}
+    for i, (x, y) in special.items():
+        a[i], b[i] = x, y
+    torch.save({"w": a}, tmp_path / "a.pt")
+    torch.save({"w": b}, tmp_path / "b.pt")
+    for atol, rtol in ((0.0, 0.0), (1e-3, 1e-2), (1.0, 0.0)):
+        change = json_of("diff", tmp_path / "a.pt", tmp_path / "b.pt", "--atol", str(atol), "--rtol", str(rtol),
+                         schema="diff", code=1)["changed"][0]
+        expected = int((~torch.isclose(a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True)).sum())
+        assert change["mismatched"] == expected, (atol, rtol)
+    assert change["max_abs"] == "inf" and change["max_rel"] == "inf"
+    finite = torch.tensor([i not in special for i in range(5000)])
+    torch.save({"w": a[finite]}, tmp_path / "fa.pt")
+    torch.save({"w": b[finite]}, tmp_path / "fb.pt")
+    change = json_of("diff", tmp_path / "fa.pt", tmp_path / "fb.pt", schema="diff", code=1)["changed"][0]
+    gap = (a[finite].double() - b[finite].double()).abs()
+    assert change["max_abs"] == float(gap.max())
+    rel = torch.where(gap == 0, 0.0, gap / b[finite].double().abs())
+    assert change["max_rel"] == float(rel.max())

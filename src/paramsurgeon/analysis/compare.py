@@ -214,25 +214,39 @@ def _same_bytes(a: Tensor, b: Tensor) -> bool:
 
 
 def _measure(diff: TensorDiff, a: Tensor, b: Tensor, atol: float, rtol: float) -> None:
-    """Largest |a-b| and |a-b|/|b|, and how many entries break |a-b| <= atol + rtol*|b| (NaNs equal)."""
+    """Largest |a-b| and |a-b|/|b|, and how many entries break |a-b| <= atol + rtol*|b| (as
+    torch.isclose with equal_nan: NaN equals NaN, an infinity only itself; a value that is
+    infinite or NaN on one side only differs by inf), in float64, a piece at a time."""
     import torch
 
-    from ..checkpoint.values import chunks, to_torch
+    from ..checkpoint.values import CHUNK, chunks, to_torch
 
     max_abs = max_rel = 0.0
     mismatched = 0
-    for ca, cb in chunks(to_torch(a), to_torch(b)):
+    for ca, cb in chunks(to_torch(a), to_torch(b), size=CHUNK // 4):  # float64 pieces: a few 8 MiB temporaries
         ca, cb = _comparable(ca), _comparable(cb)
-        both_nan = torch.isnan(ca) & torch.isnan(cb)
-        same_inf = torch.isinf(ca) & (ca == cb)
-        gap = torch.where(both_nan | same_inf, torch.zeros((), dtype=ca.dtype), (ca - cb).abs())
-        gap = torch.where(torch.isnan(gap), torch.full((), math.inf, dtype=ca.dtype), gap)
-        scale = cb.abs()
-        rel = torch.where(gap == 0, torch.zeros((), dtype=ca.dtype), gap / scale)
-        max_abs = max(max_abs, float(gap.max()) if gap.numel() else 0.0)
-        max_rel = max(max_rel, float(rel.max()) if rel.numel() else 0.0)
-        mismatched += int((gap > atol + rtol * scale).sum())
+        gap, scale, one_sided = _gap(ca, cb)
+        max_abs = max(max_abs, float(gap.max()))
+        tolerance = scale.mul(rtol).add_(atol)
+        broken = gap > tolerance if one_sided is None else (gap > tolerance) | one_sided
+        mismatched += int(broken.sum())
+        rel = torch.where(gap == 0, 0.0, gap.div(scale)).nan_to_num_(nan=math.inf)  # inf/inf: one side infinite
+        max_rel = max(max_rel, float(rel.max()))
     diff.max_abs, diff.max_rel, diff.mismatched = max_abs, max_rel, mismatched
+
+
+def _gap(ca: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(|a-b|, |b|, where a value is infinite or NaN on one side only: None when all are finite).
+    Equal infinities and NaN against NaN are a gap of 0; any other non-finite pair, inf."""
+    import torch
+
+    gap = torch.sub(ca, cb).abs_()
+    if bool(torch.isfinite(gap).all()):
+        return gap, cb.abs(), None
+    same = (torch.isnan(ca) & torch.isnan(cb)) | (torch.isinf(ca) & (ca == cb))
+    one_sided = ~(torch.isfinite(ca) & torch.isfinite(cb)) & ~same
+    gap.masked_fill_(same, 0.0).masked_fill_(one_sided, math.inf)
+    return gap, cb.abs(), one_sided
 
 
 def _comparable(values):
