@@ -43,14 +43,20 @@ def from_torch(values: torch.Tensor, location: str = "cpu", owned: bool = False)
     return Tensor(storage, dtypes.from_torch(values.dtype), tuple(values.shape))
 
 
-def new_nonfinite(values: torch.Tensor, origin: Tensor | None) -> int:
-    """How many of ``values`` are Inf or NaN where ``origin`` (same shape; None: all finite) is not."""
+def new_nonfinite(values: torch.Tensor, *origins: torch.Tensor) -> int:
+    """How many of ``values`` are Inf or NaN where every one of ``origins`` (same shape) is finite,
+    counted a piece at a time (a whole-tensor mask would be as large as the values)."""
     if not (values.is_floating_point() or values.is_complex()):
         return 0
-    bad = ~torch.isfinite(values)
-    if origin is not None:
-        bad &= torch.isfinite(to_torch(origin))
-    return int(bad.sum())
+    count = 0
+    for piece, *before in chunks(values, *origins):
+        if bool(torch.isfinite(piece).all()):
+            continue
+        bad = ~torch.isfinite(piece)
+        for earlier in before:
+            bad &= torch.isfinite(earlier)
+        count += int(bad.sum())
+    return count
 
 
 def contiguous_memory(tensor: Tensor) -> memoryview:

@@ -203,9 +203,9 @@ def _history(metadata: dict[str, str]) -> list:
 
 def _overflow(change: Change, values, dtype) -> list[str]:
     """'name' and how many of its values became Inf or NaN ([] when none did)."""
-    from ..checkpoint.values import new_nonfinite
+    from ..checkpoint.values import new_nonfinite, to_torch
 
-    count = new_nonfinite(values, change.origin)
+    count = new_nonfinite(values, *([to_torch(change.origin)] if change.origin is not None else []))
     if not count:
         return []
     return [f"{count:,} of {math.prod(change.shape):,} values of '{change.names[0]}' would become Inf or NaN"

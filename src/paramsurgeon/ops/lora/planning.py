@@ -240,7 +240,7 @@ def _compute(fold: Fold, like: Tensor, allow_overflow: bool) -> Callable:
     def compute():
         import torch
 
-        from ...checkpoint.values import to_torch
+        from ...checkpoint.values import new_nonfinite, to_torch
         from ... import dtypes
         from . import arithmetic
 
@@ -258,7 +258,7 @@ def _compute(fold: Fold, like: Tensor, allow_overflow: bool) -> Callable:
                                                  pair.get("magnitude"), dtype)
         # only when a value is out of range (or NaN, which fails both comparisons) look closer: it is slow
         if not allow_overflow and not -like.dtype.largest <= low <= high <= like.dtype.largest:
-            count = int((~torch.isfinite(values) & torch.isfinite(start)).sum())
+            count = new_nonfinite(values, start)
             if count:
                 raise PlanError(f"merge-lora: {count:,} of {values.numel():,} values of '{fold.name}' would become Inf"
                                 f" or NaN ({like.dtype.name} cannot hold them); nothing was written; pass"

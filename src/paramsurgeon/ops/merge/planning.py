@@ -143,21 +143,10 @@ def _tie_difference(name: str, first: str, mine: frozenset, other: str, theirs: 
 
 def _refuse_overflow(name: str, merged, views: list) -> None:
     """Merged values that became Inf or NaN where every input was finite are an error (raised while
-    the writer streams: a file output is then never renamed into place). Checked a piece at a time."""
-    import torch
+    the writer streams: a file output is then never renamed into place)."""
+    from ...checkpoint.values import new_nonfinite
 
-    from ...checkpoint.values import chunks
-
-    if not merged.is_floating_point():
-        return
-    count = 0
-    for piece, *inputs in chunks(merged, *views):
-        if bool(torch.isfinite(piece).all()):
-            continue
-        bad = ~torch.isfinite(piece)
-        for values in inputs:
-            bad &= torch.isfinite(values)
-        count += int(bad.sum())
+    count = new_nonfinite(merged, *views)
     if count:
         raise PlanError(f"merge: {count:,} of {merged.numel():,} values of '{name}' would become Inf or NaN"
                         f" ({str(merged.dtype).removeprefix('torch.')} cannot hold them); nothing was written;"
