@@ -124,6 +124,17 @@ merged = (stacked * agree).sum(0) / torch.where(divisor.abs() < 1e-8, 1.0, divis
 save_file({"embed.weight": (base + merged).to(torch.bfloat16)}, sys.argv[4])
 """
 
+DIFF_GROUP = "diff two 250 MiB bf16 embeddings, every value changed (within --atol 1)"
+SCRIPT_DIFF = """
+import sys, torch
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+for name in a:  # what diff reports: largest |a-b| and |a-b|/|b|, and the count isclose rejects, in float64
+    x, y = a[name].double(), b[name].double()
+    gap = (x - y).abs()
+    print(name, float(gap.max()), float((gap / y.abs()).nan_to_num(0).max()),
+          int((~torch.isclose(x, y, atol=1.0, equal_nan=True)).sum()))
+"""
 LORA_GROUP = "merge a rank-16 LoRA into a 1 GiB bf16 Llama-like checkpoint"
 MAKE_LORA = """
 import json, os, sys, torch
@@ -268,6 +279,9 @@ def cases(folder: str) -> list[tuple]:
               "ties-out.safetensors"),
              (TIES_GROUP, "script: TIES as mergekit computes it (whole tensors)",
               python(SCRIPT_TIES, ties[2], *ties[:2], "ties-out.safetensors"), "ties-out.safetensors")]
+    rows += [(DIFF_GROUP, "paramsurgeon diff --atol 1", tool("diff", ties[0], ties[2], "--atol", "1"), ""),
+             (DIFF_GROUP, "script: load both, the same measures in float64", python(SCRIPT_DIFF, ties[0], ties[2]),
+              "")]
     for n in MANY:
         group = f"DCP of {n:,} tensors of 64x64 -> torch zip"
         rows += [(group, "paramsurgeon convert", tool("convert", f"dcp-{n}", "-o", "many.pt"), "many.pt"),
@@ -314,9 +328,10 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
     "init --all into DCP (2 GiB, 16 MiB tensors)": ("script: load_file, normal_, dcp.save", None, 272 * MiB),
     LORA_GROUP: ("PEFT: from_pretrained, merge_and_unload, save_pretrained", 1.0, 320 * MiB),
     TIES_GROUP: ("script: TIES as mergekit computes it (whole tensors)", 1.0, 576 * MiB),
+    DIFF_GROUP: ("script: load both, the same measures in float64", 1.0, 320 * MiB),
 }  # merge: 256 MiB plus a few 16 MiB tensors; no limit on time; init into DCP: 256 MiB plus one tensor;
 # merge-lora: 256 MiB plus a few float32 copies of its largest adapted tensor (5632x2048: 44 MiB, 16 MiB at a time);
-# merge ties: 256 MiB, the merged tensor (250 MiB) and a few 16 MiB pieces
+# merge ties: 256 MiB, the merged tensor (250 MiB) and a few 16 MiB pieces; diff: 256 MiB and a few 8 MiB pieces
 # DCP has no target yet; measured and shown.
 
 
@@ -393,7 +408,7 @@ def main() -> None:
                 subprocess.run(python(MAKE_MANY_ST, path, str(n)), check=True)
         if any(any(a.startswith(("model", "sharded")) for a in command) for _, _, command, *_ in selected):
             prepare(folder)
-        if any(group == TIES_GROUP for group, *_ in selected) and not os.path.exists(
+        if any(group in (TIES_GROUP, DIFF_GROUP) for group, *_ in selected) and not os.path.exists(
                 os.path.join(folder, "ties-base.safetensors")):
             subprocess.run(python(MAKE_TIES, folder), check=True)
         if any(group == LORA_GROUP for group, *_ in selected) and not os.path.exists(os.path.join(folder, "lora")):
