@@ -438,15 +438,16 @@ def top_fraction_first(d, density):
 
 @pytest.fixture
 def small_pieces(monkeypatch):
-    """Pieces of 1,000 values: a tensor of a few thousand spans several, as a large one spans 4 Mi."""
+    """Chunks of 1,000 values (merge's pieces: 250): a tensor of a few thousand spans many, as a
+    large one spans 4 Mi."""
     monkeypatch.setattr("paramsurgeon.checkpoint.values.CHUNK", 1000)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_ties_trims_across_pieces_with_ties_at_the_threshold(request, tmp_path, small_pieces, dtype):
-    """Task vectors of small integers (most magnitudes tie), 4,999 values in five pieces, no
-    contiguous layout: the kept entries at the threshold are the first in row-major order, over
-    the pieces, exactly as the whole-tensor rule keeps them."""
+    """Task vectors of small integers (most magnitudes tie), 4,999 values in many pieces, also as a
+    strided view: the kept entries at the threshold are the first in row-major order, over the
+    pieces, exactly as the whole-tensor rule keeps them."""
     g = torch.Generator().manual_seed(0)
     base = torch.randint(-3, 4, (4999,), generator=g).to(dtype)
     fts = [base + torch.randint(-2, 3, (4999,), generator=g).to(dtype) for _ in range(2)]
