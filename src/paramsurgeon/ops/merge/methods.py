@@ -8,7 +8,7 @@ tensor's size. Every formula is elementwise once a few numbers are known: slerp'
 dot products over the pieces) and each ties task vector's trimming threshold (a radix select
 over the pieces, ``Cut``). DARE's drops (``Drop``) are drawn piece after piece, task vector by
 task vector, from where one draw per whole task vector would take them: a seed gives the drops it
-always gave. Only ties with an infinite or NaN task-vector entry holds the task vectors whole.
+always gave.
 """
 
 from __future__ import annotations
@@ -115,10 +115,6 @@ def ties(base: torch.Tensor, values: list[torch.Tensor], weights: list[float], l
         sifts = Drop.each(generator, density, base.numel(), work, len(values))
     else:
         sifts = [Cut.of(base, x, density, work) for x in values]
-    if not all(sifts):  # a task vector with an infinite or NaN entry: trimmed whole, as kthvalue orders them
-        base = base.to(work)
-        weighted = [trim(torch.sub(x.to(work), base), density).mul_(w) for x, w in zip(values, weights)]
-        return _elected(weighted, weights, normalize, work).mul_(lambda_).add_(base).to(dtype)
 
     def formula(base: torch.Tensor, *pieces: torch.Tensor) -> torch.Tensor:
         base = base.to(work)
@@ -139,49 +135,33 @@ def _elected(weighted: list[torch.Tensor], weights: list[float], normalize: bool
     divisor = torch.zeros(weighted[0].shape, dtype=work)
     for delta, w in zip(weighted, weights):
         agrees = torch.where(positive, delta > 0, delta < 0)
-        merged.add_(torch.where(agrees, delta, 0.0))
+        merged.add_(delta * agrees)  # sum mask*w*d as written: a NaN entry stays NaN, as in mergekit
         divisor.add_(agrees.to(work), alpha=w)
     if normalize:
         merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
     return merged
 
 
-def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """``delta`` with all but its top ``max(1, int(density * numel))`` entries by magnitude set to 0;
-    among equal magnitudes at the threshold, the first in row-major order are kept."""
-    numel = delta.numel()
-    keep = max(1, int(density * numel))
-    if keep >= numel:
-        return delta
-    magnitude = delta.abs().reshape(-1)
-    threshold = magnitude.kthvalue(numel - keep + 1).values
-    kept = magnitude > threshold
-    missing = keep - int(kept.sum())
-    if missing > 0:
-        kept[(magnitude == threshold).nonzero().reshape(-1)[:missing]] = True
-    return delta.mul_(kept.reshape(delta.shape))
-
-
 class Cut:
-    """What ``trim`` keeps of one task vector ``x - base``, found without holding it whole: entries
-    above ``threshold`` (the kthvalue trim takes), and the first ``equal`` entries equal to it in
-    row-major order. ``apply`` trims its pieces, in order."""
+    """TIES' trim of one task vector ``x - base``, found without holding it whole: its top
+    ``max(1, int(density * numel))`` entries by magnitude, ranked as torch.kthvalue and topk rank
+    them (NaN above infinity above every number), and among equal magnitudes at the threshold the
+    first in row-major order. Magnitudes are compared as their bits, which order non-negative
+    floats, infinity and NaN alike. ``apply`` trims the task vector's pieces, in order."""
 
-    def __init__(self, threshold: torch.Tensor | None, equal: int) -> None:
-        self.threshold, self.equal = threshold, equal
+    def __init__(self, threshold: int | None, equal: int, bits: torch.dtype) -> None:
+        self.threshold, self.equal, self.bits = threshold, equal, bits
 
     @classmethod
-    def of(cls, base: torch.Tensor, x: torch.Tensor, density: float, work: torch.dtype) -> Cut | None:
-        """The cut of ``x - base`` at ``density`` by a radix select over the bits of the
-        magnitudes (16 bits a pass; finite non-negative floats order as their bits do); None
-        when a magnitude is infinite or NaN (trim handles those, on the whole tensor)."""
+    def of(cls, base: torch.Tensor, x: torch.Tensor, density: float, work: torch.dtype) -> Cut:
+        """The cut of ``x - base`` at ``density``, by a radix select over the magnitudes' bits
+        (16 bits a pass over the pieces)."""
         numel = base.numel()
         keep = max(1, int(density * numel))
-        if keep >= numel:
-            return cls(None, 0)
         width = 32 if work == torch.float32 else 64
         bits = torch.int32 if width == 32 else torch.int64
-        infinite = (torch.tensor(float("inf"), dtype=work).view(bits) >> (width - 16)).item()
+        if keep >= numel:
+            return cls(None, 0, bits)
         rank, prefix, equal = numel - keep + 1, 0, 0  # the rank-th smallest magnitude, as kthvalue's k
         for shift in range(width - 16, -1, -16):
             counts = torch.zeros(1 << 16, dtype=torch.int64)
@@ -190,23 +170,20 @@ class Cut:
                 if shift < width - 16:
                     keys = keys[(keys >> (shift + 16)) == prefix]
                 counts += torch.bincount((keys >> shift) & 0xFFFF, minlength=1 << 16)
-            if shift == width - 16 and counts[infinite:].any():
-                return None
             below = torch.cumsum(counts, 0)
             digit = int(torch.searchsorted(below, rank))
             rank -= int(below[digit - 1]) if digit else 0
             prefix, equal = (prefix << 16) | digit, int(counts[digit])
-        threshold = torch.tensor(prefix, dtype=bits).view(work)
-        return cls(threshold, equal - rank + 1)  # entries equal to it, up to the rank-th, are kept
+        return cls(prefix, equal - rank + 1, bits)  # entries equal to it, up to the rank-th, are kept
 
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
         """Trim the next piece of the task vector (in place)."""
         if self.threshold is None:
             return delta
-        magnitude = delta.abs()
-        kept = magnitude > self.threshold
+        keys = delta.abs().view(self.bits)
+        kept = keys > self.threshold
         if self.equal:
-            ties = (magnitude == self.threshold).nonzero().reshape(-1)[:self.equal]
+            ties = (keys == self.threshold).nonzero().reshape(-1)[:self.equal]
             kept[ties] = True
             self.equal -= ties.numel()
         return delta.mul_(kept)
