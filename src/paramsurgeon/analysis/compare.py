@@ -219,11 +219,11 @@ def _measure(diff: TensorDiff, a: Tensor, b: Tensor, atol: float, rtol: float) -
     infinite or NaN on one side only differs by inf), in float64, a piece at a time."""
     import torch
 
-    from ..checkpoint.values import CHUNK, chunks, to_torch
+    from ..checkpoint.values import pieces, to_torch
 
     max_abs = max_rel = 0.0
     mismatched = 0
-    for ca, cb in chunks(to_torch(a), to_torch(b), size=CHUNK // 4):  # float64 pieces: a few 8 MiB temporaries
+    for ca, cb in pieces(to_torch(a), to_torch(b)):
         ca, cb = _comparable(ca), _comparable(cb)
         gap, scale, one_sided = _gap(ca, cb)
         max_abs = max(max_abs, float(gap.max()))

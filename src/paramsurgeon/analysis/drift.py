@@ -15,7 +15,7 @@ def relative_changes(a: Checkpoint, b: Checkpoint, names: list[str],
     tensors (inf when b is zero and a is not, 0 when both are zero); None for the others."""
     import torch
 
-    from ..checkpoint.values import CHUNK, chunks, to_torch
+    from ..checkpoint.values import pieces, to_torch
 
     changes: dict[str, float | None] = {}
     for name in names:
@@ -24,8 +24,7 @@ def relative_changes(a: Checkpoint, b: Checkpoint, names: list[str],
             changes[name] = None
             continue
         moved = base = 0.0
-        # float64 pieces of a quarter chunk; b is widened inside the subtraction and the norm, a once
-        for x, y in chunks(to_torch(mine), to_torch(theirs), size=CHUNK // 4):
+        for x, y in pieces(to_torch(mine), to_torch(theirs)):  # b widened inside the subtraction and the norm
             moved += float(torch.linalg.vector_norm(torch.sub(x.double(), y))) ** 2
             base += float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
         changes[name] = math.sqrt(moved / base) if base else (math.inf if moved else 0.0)

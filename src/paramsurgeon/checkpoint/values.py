@@ -64,6 +64,12 @@ def contiguous_memory(tensor: Tensor) -> memoryview:
     return memory_of(to_torch(tensor).contiguous())
 
 
+def pieces(*values: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``chunks`` of a quarter of CHUNK, for arithmetic that makes several float32 or float64
+    temporaries of each piece (merge, diff, report --against): they stay a few MiB each."""
+    return chunks(*values, size=max(1, CHUNK // 4))
+
+
 def chunks(*values: torch.Tensor, size: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
     """Matching flat pieces of same-shaped tensors, at most ``size`` (default CHUNK) elements each:
     views when contiguous, copies of a few rows otherwise, so memory does not grow with the tensor."""

@@ -205,7 +205,8 @@ def _overflow(change: Change, values, dtype) -> list[str]:
     """'name' and how many of its values became Inf or NaN ([] when none did)."""
     from ..checkpoint.values import new_nonfinite, to_torch
 
-    count = new_nonfinite(values, *([to_torch(change.origin)] if change.origin is not None else []))
+    origins = [] if change.origin is None else [to_torch(change.origin)]
+    count = new_nonfinite(values, *origins)
     if not count:
         return []
     return [f"{count:,} of {math.prod(change.shape):,} values of '{change.names[0]}' would become Inf or NaN"

@@ -18,8 +18,7 @@ from typing import Callable
 
 import torch
 
-from ...checkpoint import values as _values
-from ...checkpoint.values import chunks
+from ...checkpoint.values import CHUNK, chunks, pieces
 
 DOT_THRESHOLD = 0.9995  # slerp: above this |cos| the two tensors are colinear and lerp is used
 EPS = 1e-8  # slerp: a norm at most this leaves its tensor unnormalised
@@ -31,9 +30,8 @@ def assembled(views: list[torch.Tensor], dtype: torch.dtype, formula: Callable[.
     piece in row-major order (each piece cast as ``.to`` casts the whole)."""
     result = torch.empty(views[0].shape, dtype=dtype)
     flat, start = result.view(-1), 0
-    # a quarter of the usual chunk: a formula makes a dozen float32 temporaries of a piece
-    for pieces in chunks(*views, size=max(1, _values.CHUNK // 4)):
-        values = formula(*pieces)
+    for piece in pieces(*views):
+        values = formula(*piece)
         flat[start:start + values.numel()] = values
         start += values.numel()
     return result
@@ -44,9 +42,9 @@ def linear(values: list[torch.Tensor], weights: list[float], normalize: bool, wo
     """``sum w_i x_i``, divided by ``sum w_i`` when ``normalize``."""
     divisor = math.fsum(weights)
 
-    def formula(*pieces: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(pieces[0].shape, dtype=work)
-        for x, w in zip(pieces, weights):
+    def formula(*inputs: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(inputs[0].shape, dtype=work)
+        for x, w in zip(inputs, weights):
             total.add_(x.to(work), alpha=w)
         return total.div_(divisor) if normalize else total
 
@@ -90,10 +88,10 @@ def task_arithmetic(base: torch.Tensor, values: list[torch.Tensor], weights: lis
     divisor = divisor if abs(divisor) >= 1e-8 else 1.0
     drops = Drop.each(generator, density, base.numel(), work, len(values)) if density is not None else None
 
-    def formula(base: torch.Tensor, *pieces: torch.Tensor) -> torch.Tensor:
+    def formula(base: torch.Tensor, *tuned: torch.Tensor) -> torch.Tensor:
         base = base.to(work)
         total = torch.zeros(base.shape, dtype=work)
-        for i, (x, w) in enumerate(zip(pieces, weights)):
+        for i, (x, w) in enumerate(zip(tuned, weights)):
             delta = torch.sub(x.to(work), base)
             total.add_(drops[i].apply(delta) if drops else delta, alpha=w)
         if normalize:
@@ -116,9 +114,9 @@ def ties(base: torch.Tensor, values: list[torch.Tensor], weights: list[float], l
     else:
         sifts = [Cut.of(base, x, density, work) for x in values]
 
-    def formula(base: torch.Tensor, *pieces: torch.Tensor) -> torch.Tensor:
+    def formula(base: torch.Tensor, *tuned: torch.Tensor) -> torch.Tensor:
         base = base.to(work)
-        weighted = [sift.apply(torch.sub(x.to(work), base)).mul_(w) for x, w, sift in zip(pieces, weights, sifts)]
+        weighted = [sift.apply(torch.sub(x.to(work), base)).mul_(w) for x, w, sift in zip(tuned, weights, sifts)]
         return _elected(weighted, weights, normalize, work).mul_(lambda_).add_(base)
 
     return assembled([base, *values], dtype, formula)
@@ -206,9 +204,8 @@ class Drop:
         for i in range(count):
             drops.append(cls(torch.Generator().set_state(generator.get_state()), density, work))
             if i < count - 1:
-                step = _values.CHUNK
-                for start in range(0, numel, step):  # the draws of this task vector, discarded
-                    torch.rand(min(step, numel - start), generator=generator, dtype=work)
+                for start in range(0, numel, CHUNK):  # the draws of this task vector, discarded
+                    torch.rand(min(CHUNK, numel - start), generator=generator, dtype=work)
         return drops
 
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
