@@ -69,6 +69,22 @@ def test_values_that_were_already_infinite_are_not_new(tmp_path):
     torch.testing.assert_close(load(out)["w"], torch.tensor([float("inf"), 2.0, float("nan")]), equal_nan=True)
 
 
+def test_new_infinities_are_counted_over_pieces(tmp_path, monkeypatch):
+    """The count in the refusal is the count torch gives, for a tensor spanning many pieces, some
+    values already infinite or NaN (not new) in pieces of their own and beside new ones."""
+    monkeypatch.setattr("paramsurgeon.checkpoint.values.CHUNK", 1000)
+    values = (torch.linspace(-0.1, 0.1, 5000) * torch.arange(5000.0).cos()).to(torch.float16)
+    values[[10, 2500, 4999]] = torch.tensor([float("inf"), float("nan"), -float("inf")], dtype=torch.float16)
+    path = tmp_path / "h.pt"
+    torch.save({"h": values}, path)
+    scaled = values * 7e5
+    expected = int((~torch.isfinite(scaled) & torch.isfinite(values)).sum())
+    assert 0 < expected < 5000
+    code, _, err = cli("scale", path, "-p", "h", "--by", "7e5", "-o", tmp_path / "o.pt")
+    one_line_error(code, err, "'h'", f"{expected:,} of 5,000 values")
+    assert not (tmp_path / "o.pt").exists()
+
+
 def test_const_that_does_not_fit_the_dtype_is_refused(tmp_path, big):
     code, _, err = cli("init", big, "-p", "h", "--const", "1e5", "--dry-run")
     one_line_error(code, err, "'h'", "float16", "--allow-overflow")
