@@ -226,6 +226,13 @@ def test_json_nested_deeper_than_python_recurses_is_refused(tmp_path, out):
     assert_refused(run("convert", shards, "-o", out), "index", "not valid JSON")
 
 
+def test_a_recipe_nested_deeper_than_python_recurses_is_refused(tmp_path, out, resnet_pt):
+    """tomllib recurses too: a recipe nesting arrays 100,000 deep is not valid TOML (exit 2)."""
+    recipe = tmp_path / "deep.toml"
+    recipe.write_text("seed = " + "[" * DEPTH + "]" * DEPTH + "\n")
+    assert_refused(run("apply", resnet_pt, recipe, "-o", out), "deep.toml", "not valid TOML")
+
+
 def test_an_operations_history_that_is_no_list_is_kept(tmp_path):
     """Another tool's value under paramsurgeon.operations does not stop surgery: it becomes the
     history's first entry."""

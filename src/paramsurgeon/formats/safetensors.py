@@ -20,6 +20,7 @@ from ..bulk import paused_gc
 from ..checkpoint import Checkpoint, Storage, Tensor
 from ..checkpoint.tensor import file_spans
 from ..errors import CorruptCheckpointError, NotACheckpointError
+from ..parsing import parse_document
 from .files import ALIGN, InputFile, Sink
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
@@ -60,8 +61,8 @@ def _parsed(file: InputFile, text: str, hook=None) -> dict:
     """The header's JSON object (``hook``: json's object_pairs_hook)."""
     try:
         with paused_gc():
-            header = json.loads(text, object_pairs_hook=hook)
-    except (ValueError, RecursionError) as e:  # json's parser recurses: a hostile header nests deeper than it can
+            header = parse_document(json.loads, text, object_pairs_hook=hook)
+    except ValueError as e:
         raise CorruptCheckpointError(f"{file.name}: the safetensors header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{file.name}: the safetensors header is not a JSON object")
@@ -226,8 +227,8 @@ def _check_coverage(file: InputFile, start: int, spans: list) -> None:
 def restore_ties(source: str, tensors: dict[str, Tensor], metadata: dict) -> None:
     """Make tensors recorded as tied share one storage again, if their bytes agree."""
     try:
-        groups = json.loads(metadata.get(TIES_KEY, "[]"))
-    except (ValueError, RecursionError) as e:
+        groups = parse_document(json.loads, metadata.get(TIES_KEY, "[]"))
+    except ValueError as e:
         raise CorruptCheckpointError(f"{source}: metadata {TIES_KEY} is not valid JSON") from e
     groups = groups if isinstance(groups, list) else []
     # safetensors' save_model drops a tied name and records metadata[dropped] = kept.

@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..checkpoint import Checkpoint, Tensor, tie_groups
 from ..errors import CorruptCheckpointError, InputError, NotACheckpointError
+from ..parsing import parse_document
 from . import safetensors as st
 from .atomic import atomic_directory, link_or_copy, new_file
 from .files import InputFile, reproduces, same_file
@@ -27,10 +28,10 @@ def read_index(path: str) -> tuple[dict, dict[str, str]]:
     """(index metadata, weight_map) of an index file, checked for shape."""
     try:
         with open(path, "rb") as handle:
-            index = json.loads(handle.read().decode("utf-8"))
+            index = parse_document(json.loads, handle.read().decode("utf-8"))
     except OSError as e:
         raise InputError(f"cannot read '{path}': {e.strerror}") from e
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    except ValueError as e:  # UnicodeDecodeError is one
         raise CorruptCheckpointError(f"{path}: the shard index is not valid JSON ({e})") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)

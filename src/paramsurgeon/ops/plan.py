@@ -16,6 +16,7 @@ from typing import Callable
 from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
 from ..errors import PlanError
+from ..parsing import parse_document
 
 HISTORY_KEY = "paramsurgeon.operations"
 
@@ -195,8 +196,8 @@ def _history(metadata: dict[str, str]) -> list:
     if text is None:
         return []
     try:
-        history = json.loads(text)
-    except (ValueError, RecursionError):
+        history = parse_document(json.loads, text)
+    except ValueError:
         history = None
     return history if isinstance(history, list) else [text]
 

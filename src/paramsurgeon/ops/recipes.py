@@ -16,6 +16,7 @@ import sys
 
 from .. import declare
 from ..errors import ParamSurgeonError, UsageError
+from ..parsing import parse_document
 from . import OPERATIONS
 from .surgery import Step
 
@@ -42,8 +43,8 @@ def read(path: str) -> str:
 def parse(text: str, where: str) -> tuple[list[Step], int | None]:
     """The steps of a recipe, each checked, and its top-level seed (None when it names none)."""
     try:
-        recipe = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        recipe = parse_document(tomllib.loads, text)
+    except ValueError as e:
         raise UsageError(f"{where}: not valid TOML ({e})") from e
     unknown = [k for k in recipe if k not in ("step", "seed")]
     if unknown:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ...checkpoint import Checkpoint, Tensor
 from ...errors import InputError, PlanError
+from ...parsing import parse_document
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -91,11 +92,11 @@ def read_adapter(path: str, load) -> Adapter:
     config_path = os.path.join(path, CONFIG)
     try:
         with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+            config = parse_document(json.loads, f.read())
     except FileNotFoundError:
         raise InputError(f"merge-lora: '{path}' has no {CONFIG}; an adapter is the directory save_pretrained"
                          " writes") from None
-    except (OSError, ValueError, RecursionError) as e:
+    except (OSError, ValueError) as e:
         raise InputError(f"merge-lora: cannot read '{config_path}': {e}") from e
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
