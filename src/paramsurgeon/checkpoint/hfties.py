@@ -33,6 +33,8 @@ _OMITTED = {
     "lm_head.decoder.weight": _EMBEDDINGS,
     "lm_head.decoder.bias": r"lm_head\.bias",
 }
+_PARTNER_ENDS = ("wte.weight", "embed_tokens.weight", "shared.weight", "embed_in.weight", "embeddings.weight",
+                 "predictions.bias", "lm_head.bias")
 _HEADS = ("LMHeadModel", "ForCausalLM", "ForMaskedLM", "ForConditionalGeneration", "ForPreTraining")
 
 
@@ -46,11 +48,13 @@ def restore_omitted(ckpt: Checkpoint, config: dict | None) -> None:
     if not ties_word_embeddings(config):
         return
     heads = _has_head(config)
-    for name, partners in _OMITTED.items():
-        if name in ckpt.container or not (heads or "embed_tokens" in name) or not _module_present(name, ckpt):
-            continue
-        partner = _partner(ckpt.tensors, re.compile(partners), config.get("vocab_size"))
-        if partner is None:
+    missing = [n for n in _OMITTED if n not in ckpt.container and (heads or "embed_tokens" in n)]
+    if not missing:
+        return
+    candidates = [n for n in ckpt.tensors if n.endswith(_PARTNER_ENDS)]  # one pass, then a few regexes
+    for name in missing:
+        partner = _partner(ckpt.tensors, candidates, re.compile(_OMITTED[name]), config.get("vocab_size"))
+        if partner is None or not _module_present(name, ckpt):
             continue
         ckpt[name] = _alias(ckpt.tensors[partner])
         ckpt.notes.append(f"{name} is not in the file: config.json ties it to {partner}; read as its alias")
@@ -72,10 +76,10 @@ def _module_present(name: str, ckpt: Checkpoint) -> bool:
     return any(n.startswith(prefix) for n in ckpt.tensors)
 
 
-def _partner(tensors: dict[str, Tensor], pattern: re.Pattern, vocab_size) -> str | None:
-    """The one name matching ``pattern`` (several count as one when they share a storage), with
-    one row per token of the config's ``vocab_size`` when it gives one."""
-    found = [n for n in tensors if pattern.fullmatch(n)]
+def _partner(tensors: dict[str, Tensor], candidates: list[str], pattern: re.Pattern, vocab_size) -> str | None:
+    """The one candidate matching ``pattern`` (several count as one when they share a storage),
+    with one row per token of the config's ``vocab_size`` when it gives one."""
+    found = [n for n in candidates if pattern.fullmatch(n)]
     if not found or len({view_key(tensors[n]) for n in found}) > 1:
         return None
     shape = tensors[found[0]].shape
