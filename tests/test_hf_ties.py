@@ -94,6 +94,24 @@ def test_diff_of_a_state_dict_and_its_saved_directory_is_equal(inputs):
     assert changed.exit_code == 1 and "only in" not in changed.stdout.split("\n", 1)[1]
 
 
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_models_leave_out_three_names(tmp_path, arch):
+    """T5 and BART tie the encoder's and decoder's embeddings and the LM head to the shared one."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                      num_heads=2)) if arch == "t5" else \
+        tf.BartForConditionalGeneration(tf.BartConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                      encoder_attention_heads=2, decoder_attention_heads=2,
+                                                      encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                                      max_position_embeddings=32))
+    directory, state = _save(model, tmp_path, arch)
+    result = run("diff", state, directory)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert result.stderr.count("is not in the file: config.json ties it to") == 3
+
+
 def test_check_like_a_saved_directory(inputs):
     directory, state = inputs["base"]
     for args in ((state, "--like", directory), (directory, "--like", state)):
