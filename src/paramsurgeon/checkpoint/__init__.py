@@ -4,6 +4,7 @@
     checkpoint.py   Checkpoint, and finding the tensors inside a nested file
     kinds.py        which layer a tensor belongs to (conv, linear, batchnorm, ...)
     extras.py       everything besides the tensors (epoch, optimizer state), summarised
+    hfties.py       the tied names a Hugging Face file leaves out, read back as aliases
     values.py       the bridge to torch (imported only where values are computed)
 """
 

@@ -148,6 +148,11 @@ def check_view(tensor: Tensor, storage_numel: int, where: str) -> None:
             f" of {storage_numel} elements")
 
 
+def view_key(tensor: Tensor) -> tuple:
+    """Equal for two tensors exactly when they are one view of one storage (aliases: one value)."""
+    return id(tensor.storage), tensor.offset, tensor.shape, tensor.stride, tensor.dtype
+
+
 def tie_groups(tensors: dict[str, Tensor]) -> list[list[str]]:
     """Group names whose tensors read overlapping bytes of one storage."""
     if len(set(map(id, map(_STORAGE, tensors.values())))) == len(tensors):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 
 from ..checkpoint import Checkpoint, find_container
+from ..checkpoint.hfties import restore_omitted
 from ..errors import NotACheckpointError, SelectionError
 from . import safetensors, sharded
 from .atomic import recover
 from .files import InputFile, open_input
+from .hfconfig import read_config
 
 _SIGNATURES = [
     (b"version https://git-lfs", "a Git LFS pointer, not the checkpoint itself; run 'git lfs pull' to fetch it"),
@@ -26,7 +28,8 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
          unsafe_pickle: bool = False) -> Checkpoint:
     """Open the checkpoint at ``path`` (a file, a sharded directory or index, or None/'-' for stdin).
 
-    Tensors stay on disk; ``key`` ('a.b') picks the tensors inside a nested torch file.
+    Tensors stay on disk; ``key`` ('a.b') picks the tensors inside a nested torch file. Names a
+    Hugging Face directory left out because its config.json ties them are read as aliases.
     """
     options = {"allow": frozenset(allow_globals), "unsafe": unsafe_pickle}
     if path not in (None, "-") and not os.path.lexists(path):
@@ -42,6 +45,7 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
         raise SelectionError(f"{ckpt.source}: --key applies to torch files; a {ckpt.format} checkpoint"
                              " is already a flat mapping of names to tensors")
     ckpt.path = None if path in (None, "-") else path
+    restore_omitted(ckpt, read_config(ckpt.path))  # tied names save_pretrained left out
     return ckpt
 
 

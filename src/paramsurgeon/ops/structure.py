@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint, Tensor
-from ..checkpoint.tensor import same_values
+from ..checkpoint.tensor import same_values, view_key
 from ..declare import REQUIRED, option
 from ..errors import SelectionError, UsageError
 from ..selection import Selection, Selector, select, suggest, unmatched, wildcard_map
@@ -180,7 +180,8 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
                                        for t, s in mismatched.items()], 4))
 
     def change_for(unit: list[str], tensor: Tensor):
-        sources = sorted({pairs[n] for n in unit if n in pairs})
+        # names of one view of one source storage (a tie there) give one value
+        sources = sorted({view_key(theirs[pairs[n]]): pairs[n] for n in unit if n in pairs}.values())
         if len(sources) > 1:
             return f"is tied to {', '.join(unit[1:])}, and they would get different values; pass --untie"
         origin = theirs[sources[0]]
