@@ -5,6 +5,7 @@
                    its tensors grouped by module, ranks and alphas from PEFT's patterns
     planning.py    merge-lora's plan: adapter names mapped to base tensors, one lazy Change per tensor
     arithmetic.py  PEFT's formulas in float32 (Linear, Conv1D, Embedding, ConvNd, DoRA, lora_bias), and the SVD
+    layouts.py     which way each 2-D weight is stored (nn.Linear or GPT-2 Conv1D), told per tensor
     extraction.py  extract-lora: the deltas, their truncated SVDs, the adapter directory written
 
 The base is streamed like every command's input: each updated tensor is computed when the writer
@@ -65,8 +66,9 @@ class ExtractLora(Selection):
                        " delta has fewer dimensions; recorded in rank_pattern).")
     alpha: float | None = option(None, "--alpha", metavar="A", above=0, help="lora_alpha of the config (default:"
                                  " the rank, so that the scaling is 1).")
-    fan_in_fan_out: bool = option(False, "--fan-in-fan-out", help="2-D weights are stored (in, out), as GPT-2's"
-                                  " Conv1D stores them.")
+    fan_in_fan_out: bool = option(False, "--fan-in-fan-out", help="Square 2-D weights whose layout the checkpoint"
+                                  " does not tell are stored (in, out), as GPT-2's Conv1D stores them (each"
+                                  " other weight's layout is told by its bias and neighbours).")
 
     def __post_init__(self) -> None:
         from ...declare import check

@@ -11,6 +11,7 @@ from ...checkpoint import Checkpoint, Tensor
 from ...errors import PlanError
 from ..plan import Change, Plan, fail, names_list
 from .adapter import Adapter, Pair
+from .layouts import weight_layouts
 
 
 @dataclass
@@ -64,6 +65,7 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
             replaced[target] = tensor
             folds[target] = Fold(target, tensor, "replace")
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
+    told = weight_layouts(tensors)
     against_config = []
     modules = []
     for module, pair in adapter.pairs.items():
@@ -71,12 +73,12 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
         if weight is None:
             unmatched_modules.append(module)
             continue
-        layout, problem = _layout(pair, tensors[weight], fan_in_fan_out)
+        layout, problem = _layout(pair, tensors[weight], told.get(weight) or
+                                  ("transposed" if fan_in_fan_out else "linear"))
         if problem:
             problems.append(f"'{module}': {problem}")
             continue
-        if layout in ("linear", "transposed") and pair.tensors["A"].shape[1] != pair.tensors["B"].shape[0] \
-                and (layout == "transposed") != fan_in_fan_out:
+        if layout in ("linear", "transposed") and (layout == "transposed") != fan_in_fan_out:
             against_config.append(module)
         scaling = adapter.scaling(pair) * op.scale
         start = replaced.get(weight, tensors[weight])
@@ -122,8 +124,9 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
     if against_config:
         plan.notes.append(f"note: {len(against_config)} weight{'s are' if len(against_config) > 1 else ' is'} stored"
                           f" {'(in, out)' if not fan_in_fan_out else '(out, in)'}, against the config's fan_in_fan_out"
-                          f" {str(fan_in_fan_out).lower()}: {names_list(against_config, 3)}; followed the"
-                          " shapes (square weights follow the config)")
+                          f" {str(fan_in_fan_out).lower()}: {names_list(against_config, 3)}; followed the base's"
+                          " layout, as PEFT does (a square weight whose layout the base does not tell follows the"
+                          " config)")
     if replaced and op.scale != 1:
         plan.notes.append(f"note: --scale does not apply to the {len(replaced)} tensors the adapter replaces whole")
     return plan
@@ -151,8 +154,9 @@ def _base_name(tensors: dict[str, Tensor], name: str) -> str | None:
     return wrapped if wrapped in tensors else None
 
 
-def _layout(pair: Pair, weight: Tensor, fan_in_fan_out: bool) -> tuple[str, str | None]:
-    """How ``pair`` lays over ``weight`` (see arithmetic.py), or a problem."""
+def _layout(pair: Pair, weight: Tensor, told: str) -> tuple[str, str | None]:
+    """How ``pair`` lays over ``weight`` (see arithmetic.py), or a problem; a square 2-D weight
+    takes the layout ``told`` (the base's, see layouts.py, else the config's)."""
     a, b = tuple(pair.tensors["A"].shape), tuple(pair.tensors["B"].shape)
     shape = tuple(weight.shape)
     r = a[0]
@@ -165,7 +169,7 @@ def _layout(pair: Pair, weight: Tensor, fan_in_fan_out: bool) -> tuple[str, str 
         if len(b) != 2 or b[1] != r:
             return "", f"lora_A {list(a)} and lora_B {list(b)} are not a pair"
         out, inn = b[0], a[1]
-        if shape == (out, inn) and (out != inn or not fan_in_fan_out):
+        if shape == (out, inn) and (out != inn or told == "linear"):
             return "linear", None
         if shape == (inn, out):
             return "transposed", None
