@@ -160,14 +160,39 @@ def test_tied_embedding_adapted_on_one_side(request, tmp_path):
     register_input(request, base)
     before = state(model)
     adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["embed_tokens"])
-    got, result = merge_lora(tmp_path, base, adapter, out="untied.pt")
     embed = peft_merged(model, adapter)["model.embed_tokens.weight"]
-    torch.testing.assert_close(got["model.embed_tokens.weight"], embed)
-    assert bits(got["lm_head.weight"]) == bits(before["lm_head.weight"])  # what the adapted model computes
-    assert "note: 'model.embed_tokens.weight' was tied to 'lm_head.weight'; the tie is broken" in result.stderr
-    kept, result = merge_lora(tmp_path, base, adapter, "--follow-ties", out="tied-out.pt")
-    assert kept["lm_head.weight"].data_ptr() == kept["model.embed_tokens.weight"].data_ptr()
+    kept, result = merge_lora(tmp_path, base, adapter, out="tied-out.pt")  # the default follows the tie
+    assert kept["lm_head.weight"].untyped_storage().data_ptr() == kept["model.embed_tokens.weight"].untyped_storage().data_ptr()
     torch.testing.assert_close(kept["lm_head.weight"], embed)  # as PEFT's merge_and_unload leaves it
+    assert "note: 'model.embed_tokens.weight' is tied to 'lm_head.weight': it takes the merged values too" in result.stderr
+    got, result = merge_lora(tmp_path, base, adapter, "--untie", out="untied.pt")
+    torch.testing.assert_close(got["model.embed_tokens.weight"], embed)
+    assert bits(got["lm_head.weight"]) == bits(before["lm_head.weight"])  # what the unmerged adapted model computes
+    assert got["lm_head.weight"].untyped_storage().data_ptr() != got["model.embed_tokens.weight"].untyped_storage().data_ptr()
+    assert "note: 'model.embed_tokens.weight' was tied to 'lm_head.weight'; the tie is broken (--untie)" in result.stderr
+    both = run("merge-lora", base, adapter, "--untie", "--follow-ties", "-o", tmp_path / "both.pt")
+    assert both.exit_code == 2 and not (tmp_path / "both.pt").exists()
+    assert both.stderr == "paramsurgeon: error: merge-lora: --untie and --follow-ties contradict each other; pass one\n"
+
+
+@pytest.mark.parametrize("target", ["lm_head", "wte"])
+def test_tied_gpt2_merges_as_merge_and_unload_and_stays_tied(request, tmp_path, target):
+    """A torch GPT-2 whose lm_head and wte share storage: by default the merge changes both, as PEFT's
+    merge_and_unload changes the shared weight, and the written file keeps them one storage."""
+    model = gpt2(tie=True)
+    base = tmp_path / "gpt2.pt"
+    torch.save(model.state_dict(), base)
+    register_input(request, base)
+    loaded = torch.load(base, weights_only=True)
+    assert loaded["lm_head.weight"].untyped_storage().data_ptr() == loaded["transformer.wte.weight"].untyped_storage().data_ptr()
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=[target])
+    truth = peft_merged(model, adapter)
+    assert not torch.equal(truth["lm_head.weight"], state(model)["lm_head.weight"])  # PEFT changed the shared weight
+    result = run("merge-lora", base, adapter, "-o", tmp_path / "merged.pt")
+    assert result.exit_code == 0, result.stderr
+    got = torch.load(tmp_path / "merged.pt", weights_only=True)
+    assert got["lm_head.weight"].untyped_storage().data_ptr() == got["transformer.wte.weight"].untyped_storage().data_ptr()
+    assert_merged(got, truth, state(model), 2)
 
 
 # ---- errors: exit 2, one line naming the offender, nothing written ----------------------------------

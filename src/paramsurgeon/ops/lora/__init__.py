@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ...declare import REQUIRED, argument, option
+from ...errors import UsageError
 from ...selection import Selection
 from ..plan import Plan
 from ..spec import Operation, Overflow, Sources
@@ -39,8 +40,16 @@ class MergeLora(Overflow, Operation):
                             " (adapter_config.json and adapter_model.safetensors or .bin).")
     scale: float = option(1.0, "--scale", metavar="S", help="Multiply the adapter's effect (0.5: half), as PEFT's"
                           " set_scale does.")
-    follow_ties: bool = option(False, "--follow-ties", help="Give tensors tied to an adapted one the merged values"
-                               " too (default: the tie is broken and they keep the base values, with a note).")
+    untie: bool = option(False, "--untie", help="Merge into the adapted tensor only: a tensor tied to it keeps the"
+                         " base values in storage of its own (default: the whole tie group takes the merged values"
+                         " and stays tied, as merge_and_unload leaves it).")
+    follow_ties: bool = option(False, "--follow-ties", help="The default (kept for older scripts): tensors tied to an"
+                               " adapted one take the merged values too.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.untie and self.follow_ties:
+            raise UsageError("merge-lora: --untie and --follow-ties contradict each other; pass one")
 
     def plan(self, ckpt, sources: Sources) -> Plan:
         """Read the adapter and plan one Change per base tensor it updates."""
@@ -80,7 +89,7 @@ def merge_lora(ckpt: Any, adapter: str, *, key: str | None = None, **options) ->
     """Fold the adapter directory ``adapter`` into ``ckpt`` (a path, or a Checkpoint already loaded)
     and return the result, whose updated tensors are computed when read or saved (``ps.save``).
 
-    Options: the fields of MergeLora (scale, follow_ties, allow_overflow).
+    Options: the fields of MergeLora (scale, untie, dtype, allow_overflow).
     """
     from ...formats import load
     from ..surgery import Step, run

@@ -114,7 +114,7 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
     description = f"merge-lora {adapter.path} into {ckpt.source} ({_settings(adapter, op.scale)})"
     plan = LoraPlan("merge-lora", description, heading=description, adapter=adapter.path, modules=modules)
     order = {name: i for i, name in enumerate(tensors)}
-    units, notes = _units(ckpt, sorted(folds, key=order.__getitem__), op.follow_ties)
+    units, notes = _units(ckpt, sorted(folds, key=order.__getitem__), not op.untie)
     for unit in units:
         fold, tensor = folds[unit[0]], tensors[unit[0]]
         plan.changes.append(Change(unit, fold.action, tensor.shape, tensor.dtype.name,
@@ -185,8 +185,9 @@ def _layout(pair: Pair, weight: Tensor, told: str) -> tuple[str, str | None]:
 
 
 def _units(ckpt: Checkpoint, names: list[str], follow: bool) -> tuple[list[list[str]], list[str]]:
-    """Each updated name with the names that take its values: alone (a tie to names the adapter does
-    not update is broken, with a note) or, with ``follow``, with its whole tie group."""
+    """Each updated name with the names that take its values: with ``follow`` (the default), its whole
+    tie group, as merge_and_unload changes the shared weight; else alone (--untie: a tie to names the
+    adapter does not update is broken, with a note)."""
     group_of = {n: g for g in ckpt.ties() for n in g}
     units, notes, problems = [], [], []
     updated = set(names)
@@ -199,15 +200,18 @@ def _units(ckpt: Checkpoint, names: list[str], follow: bool) -> tuple[list[list[
             both = [m for m in others if m in updated]
             if both:
                 problems.append(f"'{name}' and {', '.join(repr(m) for m in both)} are tied but the adapter updates"
-                                " each, differently; leave out --follow-ties to give each its own values")
+                                " each, differently; pass --untie to give each its own values")
             units.append([name] + others)
+            notes.append(f"note: '{name}' is tied to {', '.join(repr(m) for m in others)}:"
+                         f" {'they take' if len(others) > 1 else 'it takes'} the merged values too and the tie stays,"
+                         " as merge_and_unload leaves it (pass --untie to change only the adapted tensor)")
         else:
             units.append([name])
             kept = [m for m in others if m not in updated]
             if kept:
-                notes.append(f"note: '{name}' was tied to {', '.join(repr(m) for m in kept)}; the tie is broken:"
-                             f" {'they keep' if len(kept) > 1 else 'it keeps'} the base values, as the adapted model"
-                             " computes them (pass --follow-ties to give them the merged values too)")
+                notes.append(f"note: '{name}' was tied to {', '.join(repr(m) for m in kept)}; the tie is broken"
+                             f" (--untie): {'they keep' if len(kept) > 1 else 'it keeps'} the base values, as the"
+                             " unmerged adapted model computes them")
             else:
                 notes.append(f"note: '{name}' was tied to {', '.join(repr(m) for m in others)}; each gets its own"
                              " merged values")
