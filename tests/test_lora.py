@@ -442,6 +442,44 @@ def test_merge_lora_lays_each_module_as_peft_does_whatever_the_config_says(reque
         assert_merged(got, peft_merged(model, adapter), state(model), 2 * 3 + 1)
 
 
+def test_dtype_of_extracted_and_merged_outputs(request, tmp_path):
+    """bf16 in, bf16 out by default (the base's dtype); --dtype float32 writes float32: the adapter's
+    tensors, and every floating-point tensor of a merge (the merged ones rounded once, from float32)."""
+    from peft import PeftModel
+
+    model = llama(torch.bfloat16)
+    before = state(model)
+    tuned = {k: v.clone() for k, v in before.items()}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tuned[name] = (tuned[name].float() + low_rank((32, 32), 2, 1)).to(torch.bfloat16)
+    tuned["model.norm.weight"] += 0.5  # saved whole (modules_to_save)
+    base, tuned_path = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    save_file(before, base)
+    save_file(tuned, tuned_path)
+    register_input(request, base)
+    for flag, dtype in (([], torch.bfloat16), (["--dtype", "float32"], torch.float32)):
+        adapter, _ = extracted(tmp_path, base, tuned_path, "--rank", "2", *flag)
+        written = load_file(adapter / "adapter_model.safetensors")
+        assert sorted(written) == [f"base_model.model.{name[:-7]}.lora_A.weight",
+                                   f"base_model.model.{name[:-7]}.lora_B.weight", "base_model.model.model.norm.weight"]
+        assert {k: v.dtype for k, v in written.items()} == dict.fromkeys(written, dtype)
+        merged = PeftModel.from_pretrained(llama(torch.bfloat16), adapter).merge_and_unload().state_dict()
+        torch.testing.assert_close(merged[name], tuned[name], atol=2e-2, rtol=2e-2)  # bf16's resolution
+        assert torch.equal(merged["model.norm.weight"], tuned["model.norm.weight"])
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    got, _ = merge_lora(tmp_path, base, adapter, out="bf16.safetensors")
+    assert {v.dtype for v in got.values()} == {torch.bfloat16}
+    got, _ = merge_lora(tmp_path, base, adapter, "--dtype", "float32", out="f32.safetensors")
+    wide = llama().float()
+    wide.load_state_dict({k: v.float() for k, v in before.items()})
+    truth = peft_merged(wide, adapter)  # PEFT's merge into the bf16 values held as float32
+    assert {v.dtype for v in got.values()} == {torch.float32}
+    assert_merged(got, truth, state(wide), 4)
+    result = run("merge-lora", base, adapter, "--dtype", "int8", "-o", tmp_path / "int8.safetensors")
+    assert result.exit_code == 2 and not (tmp_path / "int8.safetensors").exists()
+    assert result.stderr == "paramsurgeon: error: --dtype int8: choose from float32, float16, bfloat16, float64\n"
+
+
 def test_extract_errors(request, tmp_path, llama_base):
     model, base = llama_base
     tuned = state(model)

@@ -22,6 +22,7 @@ from ...errors import UsageError
 from ...selection import Selection
 from ..plan import Plan
 from ..spec import Operation, Overflow, Sources
+from ..values import cast_target
 
 
 @dataclass(kw_only=True)
@@ -46,8 +47,14 @@ class MergeLora(Overflow, Operation):
     follow_ties: bool = option(False, "--follow-ties", help="The default (kept for older scripts): tensors tied to an"
                                " adapted one take the merged values too.")
 
+    dtype: str | None = option(None, "--dtype", metavar="D", help="Write every floating-point tensor as D (float32,"
+                               " float16, bfloat16 or float64; default: each keeps the base's dtype); the merged ones"
+                               " are rounded once, from float32.")
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dtype is not None:
+            cast_target(self.dtype)
         if self.untie and self.follow_ties:
             raise UsageError("merge-lora: --untie and --follow-ties contradict each other; pass one")
 
@@ -75,6 +82,8 @@ class ExtractLora(Selection):
                        " delta has fewer dimensions; recorded in rank_pattern).")
     alpha: float | None = option(None, "--alpha", metavar="A", above=0, help="lora_alpha of the config (default:"
                                  " the rank, so that the scaling is 1).")
+    dtype: str | None = option(None, "--dtype", metavar="D", help="The dtype of the adapter's tensors (float32,"
+                               " float16, bfloat16 or float64; default: the base tensor's).")
     fan_in_fan_out: bool = option(False, "--fan-in-fan-out", help="Square 2-D weights whose layout the checkpoint"
                                   " does not tell are stored (in, out), as GPT-2's Conv1D stores them (each"
                                   " other weight's layout is told by its bias and neighbours).")
@@ -83,6 +92,8 @@ class ExtractLora(Selection):
         from ...declare import check
 
         check(self, self.name)
+        if self.dtype is not None:
+            cast_target(self.dtype)
 
 
 def merge_lora(ckpt: Any, adapter: str, *, key: str | None = None, **options) -> Any:

@@ -19,11 +19,13 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from ...checkpoint import Checkpoint, Tensor
+from ...checkpoint import Checkpoint, Storage, Tensor
 from ...checkpoint.kinds import infer_kinds, split_name
 from ...checkpoint.tensor import same_values
+from ...dtypes import DType
 from ...errors import PlanError, UsageError
 from ..plan import fail, names_list
+from ..values import cast_target, copy_of
 from .adapter import CONFIG, PREFIX, WEIGHTS
 from .layouts import weight_layouts
 
@@ -37,6 +39,7 @@ class Module:
     layout: str
     rank: int
     shape: tuple
+    dtype: DType  # of A and B as written
     a: object = None
     b: object = None
     error: float | None = None
@@ -87,6 +90,7 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
     fail("extract-lora", problems)
     kinds = infer_kinds(base.tensors)
     told = weight_layouts(base.tensors)
+    target = cast_target(op.dtype) if op.dtype is not None else None
     changed = [n for n in names if base[n].dtype.floating and not same_values(base[n], theirs[n])]
     modules, ones, others, untold = [], [], [], []
     for name in changed:
@@ -97,7 +101,8 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
             if layout in ("linear", "transposed") and told.get(name) is None:
                 untold.append(name)
             dims = (tensor.shape[0], tensor.numel // tensor.shape[0])
-            modules.append(Module(module, name, layout, min(op.rank, *dims), tuple(tensor.shape)))
+            modules.append(Module(module, name, layout, min(op.rank, *dims), tuple(tensor.shape),
+                                  target or tensor.dtype))
         elif len(tensor.shape) <= 1:
             ones.append(name)
         else:
@@ -115,13 +120,13 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
     for name in ones:
         module, leaf = split_name(name)
         if module in targets:
-            whole[f"{PREFIX}{module}.base_layer.{leaf}"] = theirs[name]
+            whole[f"{PREFIX}{module}.base_layer.{leaf}"] = _cast(theirs[name], target or base[name].dtype)
         elif module not in saved:
             saved.append(module)
     for module in saved:
         for name, tensor in theirs.items():
             if split_name(name)[0] == module:
-                whole[f"{PREFIX}{name}"] = tensor
+                whole[f"{PREFIX}{name}"] = _cast(tensor, target or base[name].dtype)
     extraction = Extraction(modules, whole, saved, _config(op, modules, saved, ones, targets),
                             [n for n in names if n not in set(changed)], [f"warning: {w}" for w in warnings])
     extraction.notes += _layout_notes(untold, op.fan_in_fan_out)
@@ -168,17 +173,35 @@ def _config(op, modules: list[Module], saved: list[str], ones: list[str], target
             "alpha_pattern": {}}
 
 
+def _cast(tensor: Tensor, dtype: DType) -> Tensor:
+    """``tensor`` as ``dtype`` (converted when the writer reads it); other than floating point, as it is."""
+    if tensor.dtype == dtype or not tensor.dtype.floating:
+        return tensor
+    return Tensor(Storage(tensor.numel * dtype.itemsize, loader=copy_of(tensor, dtype)), dtype, tuple(tensor.shape))
+
+
 def _extract(module: Module, base: Tensor, tuned: Tensor, alpha: float) -> None:
-    """``module``'s A, B (float32, PEFT's layout) and relative reconstruction error."""
+    """``module``'s A, B (PEFT's layout, in ``module.dtype``) and the relative error of the update they
+    make (computed in float32, then rounded once)."""
+    import torch
+
     from ...checkpoint.values import to_torch
+    from ... import dtypes
     from .arithmetic import svd_pair
 
     delta = to_torch(tuned).float() - to_torch(base).float()
     out = delta.shape[0]
     if module.layout in ("transposed", "embedding"):
         delta = delta.T
-    b, a, module.error = svd_pair(delta.reshape(delta.shape[0], -1), module.rank)
-    b = b / (alpha / module.rank)
+    flat = delta.reshape(delta.shape[0], -1)
+    scaling = alpha / module.rank
+    b, a, module.error = svd_pair(flat, module.rank)
+    dtype = dtypes.torch_dtype(module.dtype)
+    b, a = (b / scaling).to(dtype), a.to(dtype)
+    if dtype != torch.float32:  # the rounded pair's own error
+        total = float(torch.linalg.norm(flat))
+        rest = float(torch.linalg.norm(flat - (b.float() * scaling) @ a.float()))
+        module.error = rest / total if total else 0.0
     if module.layout == "conv":
         kernel = tuple(module.shape[2:])
         a, b = a.reshape(module.rank, module.shape[1], *kernel), b.reshape(out, module.rank, *(1,) * len(kernel))

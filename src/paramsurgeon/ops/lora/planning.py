@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ...checkpoint import Checkpoint, Tensor
+from ...dtypes import DType
 from ...errors import PlanError
 from ..plan import Change, Plan, fail, names_list
+from ..values import cast_target, copy_of, narrows
 from .adapter import Adapter, Pair
 from .layouts import weight_layouts
 
@@ -115,11 +117,15 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
     plan = LoraPlan("merge-lora", description, heading=description, adapter=adapter.path, modules=modules)
     order = {name: i for i, name in enumerate(tensors)}
     units, notes = _units(ckpt, sorted(folds, key=order.__getitem__), not op.untie)
+    target = cast_target(op.dtype) if op.dtype is not None else None
     for unit in units:
         fold, tensor = folds[unit[0]], tensors[unit[0]]
-        plan.changes.append(Change(unit, fold.action, tensor.shape, tensor.dtype.name,
-                                   _compute(fold, tensor, op.allow_overflow), lazy=True,
-                                   guarded=not op.allow_overflow and _may_overflow(fold, tensor)))
+        dtype = target or tensor.dtype
+        plan.changes.append(Change(unit, fold.action, tensor.shape, dtype.name,
+                                   _compute(fold, dtype, op.allow_overflow), lazy=True,
+                                   guarded=not op.allow_overflow and _may_overflow(fold, dtype)))
+    if target is not None:
+        plan.changes += _casts(ckpt, {n for unit in units for n in unit}, target, op.allow_overflow)
     plan.notes += notes
     if against_config:
         plan.notes.append(f"note: {len(against_config)} weight{'s are' if len(against_config) > 1 else ' is'} stored"
@@ -220,14 +226,29 @@ def _units(ckpt: Checkpoint, names: list[str], follow: bool) -> tuple[list[list[
     return units, notes
 
 
-def _may_overflow(fold: Fold, like: Tensor) -> bool:
-    """Whether ``fold``'s values might leave ``like``'s range (then a dry run computes them to check):
+def _casts(ckpt: Checkpoint, merged: set[str], target: DType, allow_overflow: bool) -> list[Change]:
+    """--dtype: the floating-point tensors the merge leaves alone, cast to ``target`` (a tie group as one)."""
+    tensors = ckpt.tensors
+    group_of = {n: g for g in ckpt.ties() for n in g}
+    changes, done = [], set(merged)
+    for name, tensor in tensors.items():
+        if name in done or not tensor.dtype.floating or tensor.dtype == target:
+            continue
+        unit = [m for m in group_of.get(name, [name]) if m not in done]
+        done.update(unit)
+        changes.append(Change(unit, f"cast to {target}", tensor.shape, target.name, copy_of(tensor, target),
+                              guarded=narrows(tensor.dtype, target) and not allow_overflow, origin=tensor))
+    return changes
+
+
+def _may_overflow(fold: Fold, dtype: DType) -> bool:
+    """Whether ``fold``'s values might leave ``dtype``'s range (then a dry run computes them to check):
     always for float16 and float8 (narrow ranges); otherwise (bfloat16, float32) when a bound of the
     update, from the adapter's small tensors, is not below half the range (or not finite)."""
-    if like.dtype.largest < 1e6:
+    if dtype.largest < 1e6:
         return True
     if fold.role == "replace":
-        return fold.start.dtype.itemsize > like.dtype.itemsize
+        return fold.start.dtype.itemsize > dtype.itemsize
     from ...checkpoint.values import to_torch
 
     def largest(role: str) -> float:
@@ -239,11 +260,11 @@ def _may_overflow(fold: Fold, like: Tensor) -> bool:
         bound = largest("magnitude")  # each value of m / ||row|| * row is at most m
     else:
         bound = abs(fold.scaling) * fold.pair.r * largest("A") * largest("B")
-    return not bound <= like.dtype.largest / 2
+    return not bound <= dtype.largest / 2
 
 
-def _compute(fold: Fold, like: Tensor, allow_overflow: bool) -> Callable:
-    """What computes ``fold``'s values, in float32, cast to ``like``'s dtype."""
+def _compute(fold: Fold, target: DType, allow_overflow: bool) -> Callable:
+    """What computes ``fold``'s values, in float32, cast to ``target``."""
 
     def compute():
         import torch
@@ -252,7 +273,7 @@ def _compute(fold: Fold, like: Tensor, allow_overflow: bool) -> Callable:
         from ... import dtypes
         from . import arithmetic
 
-        dtype = dtypes.torch_dtype(like.dtype)
+        dtype = dtypes.torch_dtype(target)
         start = to_torch(fold.start)
         if fold.role == "replace":
             return start.to(dtype, copy=True)
@@ -265,11 +286,11 @@ def _compute(fold: Fold, like: Tensor, allow_overflow: bool) -> Callable:
             values, low, high = arithmetic.merge(fold.layout, start, pair["A"], pair["B"], fold.scaling,
                                                  pair.get("magnitude"), dtype)
         # only when a value is out of range (or NaN, which fails both comparisons) look closer: it is slow
-        if not allow_overflow and not -like.dtype.largest <= low <= high <= like.dtype.largest:
+        if not allow_overflow and not -target.largest <= low <= high <= target.largest:
             count = new_nonfinite(values, start)
             if count:
                 raise PlanError(f"merge-lora: {count:,} of {values.numel():,} values of '{fold.name}' would become Inf"
-                                f" or NaN ({like.dtype.name} cannot hold them); nothing was written; pass"
+                                f" or NaN ({target.name} cannot hold them); nothing was written; pass"
                                 " --allow-overflow to write them anyway")
         return values
 
