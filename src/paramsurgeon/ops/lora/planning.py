@@ -67,7 +67,7 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
             replaced[target] = tensor
             folds[target] = Fold(target, tensor, "replace")
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
-    told = weight_layouts(tensors)
+    told: dict[str, str | None] = {}  # the base's layouts, read when a square pair needs them
     against_config = []
     modules = []
     for module, pair in adapter.pairs.items():
@@ -75,6 +75,9 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
         if weight is None:
             unmatched_modules.append(module)
             continue
+        a, b = pair.tensors["A"].shape, pair.tensors["B"].shape
+        if not told and not pair.embedding and len(a) == 2 and a[1:] == b[:1]:
+            told.update(weight_layouts(tensors))
         layout, problem = _layout(pair, tensors[weight], told.get(weight) or
                                   ("transposed" if fan_in_fan_out else "linear"))
         if problem:
