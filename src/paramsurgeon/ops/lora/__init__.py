@@ -46,7 +46,6 @@ class MergeLora(Overflow, Operation):
                          " and stays tied, as merge_and_unload leaves it).")
     follow_ties: bool = option(False, "--follow-ties", help="The default (kept for older scripts): tensors tied to an"
                                " adapted one take the merged values too.")
-
     dtype: str | None = option(None, "--dtype", metavar="D", help="Write every floating-point tensor as D (float32,"
                                " float16, bfloat16 or float64; default: each keeps the base's dtype); the merged ones"
                                " are rounded once, from float32.")
