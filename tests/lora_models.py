@@ -18,13 +18,14 @@ def llama(dtype=torch.float32, tie=False):
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def gpt2():
+def gpt2(tie=True, dtype=torch.float32):
+    """GPT-2: Conv1D attention and MLP (attn.c_proj square, 24x24); untied, lm_head is an nn.Linear of its own."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=80, n_positions=32, n_embd=24, n_layer=2, n_head=2, bos_token_id=0,
-                        eos_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+                        eos_token_id=0, tie_word_embeddings=tie)
+    return GPT2LMHeadModel(config).to(dtype).eval()
 
 
 class Convs(nn.Module):

@@ -2,6 +2,7 @@
 trained part non-zero), the ground truth PEFT's merge_and_unload of the same adapter into the same model
 (PeftModel.from_pretrained); every output reloaded with torch or safetensors, untouched tensors bit-identical."""
 
+import copy
 import json
 import os
 import shutil
@@ -159,14 +160,39 @@ def test_tied_embedding_adapted_on_one_side(request, tmp_path):
     register_input(request, base)
     before = state(model)
     adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["embed_tokens"])
-    got, result = merge_lora(tmp_path, base, adapter, out="untied.pt")
     embed = peft_merged(model, adapter)["model.embed_tokens.weight"]
-    torch.testing.assert_close(got["model.embed_tokens.weight"], embed)
-    assert bits(got["lm_head.weight"]) == bits(before["lm_head.weight"])  # what the adapted model computes
-    assert "note: 'model.embed_tokens.weight' was tied to 'lm_head.weight'; the tie is broken" in result.stderr
-    kept, result = merge_lora(tmp_path, base, adapter, "--follow-ties", out="tied-out.pt")
-    assert kept["lm_head.weight"].data_ptr() == kept["model.embed_tokens.weight"].data_ptr()
+    kept, result = merge_lora(tmp_path, base, adapter, out="tied-out.pt")  # the default follows the tie
+    assert kept["lm_head.weight"].untyped_storage().data_ptr() == kept["model.embed_tokens.weight"].untyped_storage().data_ptr()
     torch.testing.assert_close(kept["lm_head.weight"], embed)  # as PEFT's merge_and_unload leaves it
+    assert "note: 'model.embed_tokens.weight' is tied to 'lm_head.weight': it takes the merged values too" in result.stderr
+    got, result = merge_lora(tmp_path, base, adapter, "--untie", out="untied.pt")
+    torch.testing.assert_close(got["model.embed_tokens.weight"], embed)
+    assert bits(got["lm_head.weight"]) == bits(before["lm_head.weight"])  # what the unmerged adapted model computes
+    assert got["lm_head.weight"].untyped_storage().data_ptr() != got["model.embed_tokens.weight"].untyped_storage().data_ptr()
+    assert "note: 'model.embed_tokens.weight' was tied to 'lm_head.weight'; the tie is broken (--untie)" in result.stderr
+    both = run("merge-lora", base, adapter, "--untie", "--follow-ties", "-o", tmp_path / "both.pt")
+    assert both.exit_code == 2 and not (tmp_path / "both.pt").exists()
+    assert both.stderr == "paramsurgeon: error: merge-lora: --untie and --follow-ties contradict each other; pass one\n"
+
+
+@pytest.mark.parametrize("target", ["lm_head", "wte"])
+def test_tied_gpt2_merges_as_merge_and_unload_and_stays_tied(request, tmp_path, target):
+    """A torch GPT-2 whose lm_head and wte share storage: by default the merge changes both, as PEFT's
+    merge_and_unload changes the shared weight, and the written file keeps them one storage."""
+    model = gpt2(tie=True)
+    base = tmp_path / "gpt2.pt"
+    torch.save(model.state_dict(), base)
+    register_input(request, base)
+    loaded = torch.load(base, weights_only=True)
+    assert loaded["lm_head.weight"].untyped_storage().data_ptr() == loaded["transformer.wte.weight"].untyped_storage().data_ptr()
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=[target])
+    truth = peft_merged(model, adapter)
+    assert not torch.equal(truth["lm_head.weight"], state(model)["lm_head.weight"])  # PEFT changed the shared weight
+    result = run("merge-lora", base, adapter, "-o", tmp_path / "merged.pt")
+    assert result.exit_code == 0, result.stderr
+    got = torch.load(tmp_path / "merged.pt", weights_only=True)
+    assert got["lm_head.weight"].untyped_storage().data_ptr() == got["transformer.wte.weight"].untyped_storage().data_ptr()
+    assert_merged(got, truth, state(model), 2)
 
 
 # ---- errors: exit 2, one line naming the offender, nothing written ----------------------------------
@@ -291,9 +317,8 @@ def test_extract_truncates_to_the_best_rank_r_approximation(request, tmp_path, l
 def test_extract_gpt2_conv1d_with_bias_and_convs(request, tmp_path):
     from peft import PeftModel
 
-    for build, weights, extra in ((gpt2, ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"],
-                                   ["--fan-in-fan-out"]),
-                                  (convs, ["c3.weight", "c1.weight", "d1.weight", "d3.weight", "head.weight"], [])):
+    for build, weights in ((gpt2, ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"]),
+                           (convs, ["c3.weight", "c1.weight", "d1.weight", "d3.weight", "head.weight"])):
         model = build()
         before = state(model)
         tuned = {k: v.clone() for k, v in before.items()}
@@ -305,12 +330,154 @@ def test_extract_gpt2_conv1d_with_bias_and_convs(request, tmp_path):
         folder.mkdir()
         torch.save(before, folder / "base.pt")
         torch.save(tuned, folder / "tuned.pt")
-        adapter, _ = extracted(folder, folder / "base.pt", folder / "tuned.pt", "--rank", "2", *extra)
+        adapter, _ = extracted(folder, folder / "base.pt", folder / "tuned.pt", "--rank", "2")
         config = json.loads((adapter / "adapter_config.json").read_text())
         assert config["bias"] == "lora_only" and config["modules_to_save"] is None
         merged = PeftModel.from_pretrained(build(), adapter).merge_and_unload().state_dict()
         for name, expected in tuned.items():
             torch.testing.assert_close(merged[name], expected, msg=name, atol=1e-5, rtol=1e-4)
+
+
+def tuned_gpt2(model, seed=5):
+    """A copy of ``model`` whose every 2-D weight but wpe moved by a rank-2 delta (attn.c_proj, square,
+    and the lm_head and wte when they are their own), with a Conv1D bias and ln_f moved too."""
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if param.dim() == 2 and "wpe" not in name:
+                param += 0.1 * torch.randn(param.shape[0], 2, generator=g) @ torch.randn(2, param.shape[1], generator=g)
+        tuned.transformer.h[0].attn.c_attn.bias += 0.1
+        tuned.transformer.ln_f.weight += 0.1
+    return tuned
+
+
+def test_extract_gpt2_tells_conv1d_from_linear_per_tensor(request, tmp_path):
+    """GPT-2 with an untied lm_head: Conv1D (in, out) attention and MLP, square attn.c_proj among them,
+    and an nn.Linear (out, in) lm_head in the same file. PEFT loads the adapter and computes the tuned
+    model's logits; merge_and_unload and merge-lora of it give the tuned weights."""
+    from peft import PeftModel
+
+    model = gpt2(tie=False)
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    tuned = tuned_gpt2(model)
+    model.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    base = register_input(request, tmp_path / "base")
+    tokens = torch.randint(0, 80, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tuned(tokens).logits
+    for flag in ([], ["--fan-in-fan-out"]):  # the flag changes nothing where the checkpoint tells
+        adapter, result = extracted(tmp_path, base, tmp_path / "tuned", "--rank", "3", *flag)
+        layouts = {line.split()[0]: line.split()[2] for line in result.stdout.splitlines()[2:]}
+        assert {n: layouts[n] for n in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+                                        "transformer.h.1.mlp.c_proj.weight", "lm_head.weight",
+                                        "transformer.wte.weight")} == {
+            "transformer.h.0.attn.c_attn.weight": "transposed", "transformer.h.0.attn.c_proj.weight": "transposed",
+            "transformer.h.1.mlp.c_proj.weight": "transposed", "lm_head.weight": "linear",
+            "transformer.wte.weight": "embedding"}
+        assert ("--fan-in-fan-out changed nothing" in result.stderr) == bool(flag)
+        loaded = PeftModel.from_pretrained(gpt2(tie=False), adapter).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+        merged = loaded.merge_and_unload().state_dict()
+        for name, weight in tuned.state_dict().items():
+            torch.testing.assert_close(merged[name], weight, msg=name, atol=1e-5, rtol=1e-4)
+        # paramsurgeon's own merge agrees with PEFT's (a round trip through the same mistake cannot pass)
+        got, _ = merge_lora(tmp_path, base, adapter)
+        for name, weight in state(tuned).items():
+            torch.testing.assert_close(got[name], weight, msg=name, atol=1e-5, rtol=1e-4)
+
+
+class LoneConv1D(torch.nn.Module):
+    """One square GPT-2 Conv1D and nothing near it that tells its layout."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.proj = Conv1D(8, 8)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_extract_square_weight_nothing_tells_follows_the_flag(request, tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = LoneConv1D().eval()
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        tuned.proj.weight += low_rank((8, 8), 2, 7)
+    torch.save(state(model), tmp_path / "base.pt")
+    torch.save(state(tuned), tmp_path / "tuned.pt")
+    register_input(request, tmp_path / "base.pt")
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    for flag, right in (([], False), (["--fan-in-fan-out"], True)):
+        adapter, result = extracted(tmp_path, tmp_path / "base.pt", tmp_path / "tuned.pt", "--rank", "2", *flag)
+        assumed = "GPT-2 Conv1D's (in, out) (--fan-in-fan-out)" if flag else \
+            "nn.Linear's (out, in); pass --fan-in-fan-out if they are GPT-2 Conv1D's (in, out)"
+        assert result.stderr.splitlines()[0] == (
+            "extract-lora: note: the checkpoint does not tell the layout of proj.weight (square, and no weight near it"
+            f" tells by its bias): took {assumed}")
+        with torch.no_grad():
+            got = PeftModel.from_pretrained(copy.deepcopy(model), adapter)(x)
+        assert torch.allclose(got, tuned(x), atol=1e-5) == right  # PEFT lays it as a Conv1D
+
+
+def test_merge_lora_lays_each_module_as_peft_does_whatever_the_config_says(request, tmp_path):
+    """PEFT forces fan_in_fan_out on for a Conv1D and off for an nn.Linear; the square attn.c_proj
+    follows the base's layout, not the config's flag."""
+    model = gpt2(tie=False)
+    base = tmp_path / "gpt2.safetensors"
+    save_file(state(model), base)
+    register_input(request, base)
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj",
+                                                                                          "lm_head"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    for flag in (False, True):
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": flag}))
+        got, _ = merge_lora(tmp_path, base, adapter, out=f"merged-{flag}.safetensors")
+        assert_merged(got, peft_merged(model, adapter), state(model), 2 * 3 + 1)
+
+
+def test_dtype_of_extracted_and_merged_outputs(request, tmp_path):
+    """bf16 in, bf16 out by default (the base's dtype); --dtype float32 writes float32: the adapter's
+    tensors, and every floating-point tensor of a merge (the merged ones rounded once, from float32)."""
+    from peft import PeftModel
+
+    model = llama(torch.bfloat16)
+    before = state(model)
+    tuned = {k: v.clone() for k, v in before.items()}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tuned[name] = (tuned[name].float() + low_rank((32, 32), 2, 1)).to(torch.bfloat16)
+    tuned["model.norm.weight"] += 0.5  # saved whole (modules_to_save)
+    base, tuned_path = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    save_file(before, base)
+    save_file(tuned, tuned_path)
+    register_input(request, base)
+    for flag, dtype in (([], torch.bfloat16), (["--dtype", "float32"], torch.float32)):
+        adapter, _ = extracted(tmp_path, base, tuned_path, "--rank", "2", *flag)
+        written = load_file(adapter / "adapter_model.safetensors")
+        assert sorted(written) == [f"base_model.model.{name[:-7]}.lora_A.weight",
+                                   f"base_model.model.{name[:-7]}.lora_B.weight", "base_model.model.model.norm.weight"]
+        assert {k: v.dtype for k, v in written.items()} == dict.fromkeys(written, dtype)
+        merged = PeftModel.from_pretrained(llama(torch.bfloat16), adapter).merge_and_unload().state_dict()
+        torch.testing.assert_close(merged[name], tuned[name], atol=2e-2, rtol=2e-2)  # bf16's resolution
+        assert torch.equal(merged["model.norm.weight"], tuned["model.norm.weight"])
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    got, _ = merge_lora(tmp_path, base, adapter, out="bf16.safetensors")
+    assert {v.dtype for v in got.values()} == {torch.bfloat16}
+    got, _ = merge_lora(tmp_path, base, adapter, "--dtype", "float32", out="f32.safetensors")
+    wide = llama().float()
+    wide.load_state_dict({k: v.float() for k, v in before.items()})
+    truth = peft_merged(wide, adapter)  # PEFT's merge into the bf16 values held as float32
+    assert {v.dtype for v in got.values()} == {torch.float32}
+    assert_merged(got, truth, state(wide), 4)
+    result = run("merge-lora", base, adapter, "--dtype", "int8", "-o", tmp_path / "int8.safetensors")
+    assert result.exit_code == 2 and not (tmp_path / "int8.safetensors").exists()
+    assert result.stderr == "paramsurgeon: error: --dtype int8: choose from float32, float16, bfloat16, float64\n"
 
 
 def test_extract_errors(request, tmp_path, llama_base):

@@ -29,6 +29,17 @@ def torch_values(tensor: Tensor):
     return to_torch(tensor)
 
 
+def cast_target(name: str) -> DType:
+    """The floating-point dtype ``--dtype name`` asks for (a UsageError naming the choices otherwise)."""
+    try:
+        target = dtypes.by_name(name)
+    except KeyError:
+        target = None
+    if target is None or target.name not in CAST_TARGETS:
+        raise UsageError(f"--dtype {name}: choose from {', '.join(CAST_TARGETS)}")
+    return target
+
+
 def copy_of(tensor: Tensor, dtype) -> Callable:
     """What computes ``tensor``'s values as ``dtype``: its bytes, copied, when nothing converts
     (no torch needed), else torch's cast."""
@@ -254,12 +265,7 @@ class Cast(Targets, TiePolicy, Overflow, Operation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        try:
-            self._target = dtypes.by_name(self.dtype)
-        except KeyError:
-            self._target = None
-        if self._target is None or self._target.name not in CAST_TARGETS:
-            raise UsageError(f"--dtype {self.dtype}: choose from {', '.join(CAST_TARGETS)}")
+        self._target = cast_target(self.dtype)
 
     def plan(self, ckpt: Checkpoint, sources: Sources) -> Plan:
         warnings: list[str] = []

@@ -5,6 +5,7 @@
                    its tensors grouped by module, ranks and alphas from PEFT's patterns
     planning.py    merge-lora's plan: adapter names mapped to base tensors, one lazy Change per tensor
     arithmetic.py  PEFT's formulas in float32 (Linear, Conv1D, Embedding, ConvNd, DoRA, lora_bias), and the SVD
+    layouts.py     which way each 2-D weight is stored (nn.Linear or GPT-2 Conv1D), told per tensor
     extraction.py  extract-lora: the deltas, their truncated SVDs, the adapter directory written
 
 The base is streamed like every command's input: each updated tensor is computed when the writer
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ...declare import REQUIRED, argument, option
+from ...errors import UsageError
 from ...selection import Selection
 from ..plan import Plan
 from ..spec import Operation, Overflow, Sources
+from ..values import cast_target
 
 
 @dataclass(kw_only=True)
@@ -38,8 +41,21 @@ class MergeLora(Overflow, Operation):
                             " (adapter_config.json and adapter_model.safetensors or .bin).")
     scale: float = option(1.0, "--scale", metavar="S", help="Multiply the adapter's effect (0.5: half), as PEFT's"
                           " set_scale does.")
-    follow_ties: bool = option(False, "--follow-ties", help="Give tensors tied to an adapted one the merged values"
-                               " too (default: the tie is broken and they keep the base values, with a note).")
+    untie: bool = option(False, "--untie", help="Merge into the adapted tensor only: a tensor tied to it keeps the"
+                         " base values in storage of its own (default: the whole tie group takes the merged values"
+                         " and stays tied, as merge_and_unload leaves it).")
+    follow_ties: bool = option(False, "--follow-ties", help="The default (kept for older scripts): tensors tied to an"
+                               " adapted one take the merged values too.")
+    dtype: str | None = option(None, "--dtype", metavar="D", help="Write every floating-point tensor as D (float32,"
+                               " float16, bfloat16 or float64; default: each keeps the base's dtype); the merged ones"
+                               " are rounded once, from float32.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dtype is not None:
+            cast_target(self.dtype)
+        if self.untie and self.follow_ties:
+            raise UsageError("merge-lora: --untie and --follow-ties contradict each other; pass one")
 
     def plan(self, ckpt, sources: Sources) -> Plan:
         """Read the adapter and plan one Change per base tensor it updates."""
@@ -65,20 +81,25 @@ class ExtractLora(Selection):
                        " delta has fewer dimensions; recorded in rank_pattern).")
     alpha: float | None = option(None, "--alpha", metavar="A", above=0, help="lora_alpha of the config (default:"
                                  " the rank, so that the scaling is 1).")
-    fan_in_fan_out: bool = option(False, "--fan-in-fan-out", help="2-D weights are stored (in, out), as GPT-2's"
-                                  " Conv1D stores them.")
+    dtype: str | None = option(None, "--dtype", metavar="D", help="The dtype of the adapter's tensors (float32,"
+                               " float16, bfloat16 or float64; default: the base tensor's).")
+    fan_in_fan_out: bool = option(False, "--fan-in-fan-out", help="Square 2-D weights whose layout the checkpoint"
+                                  " does not tell are stored (in, out), as GPT-2's Conv1D stores them (each"
+                                  " other weight's layout is told by its bias and neighbours).")
 
     def __post_init__(self) -> None:
         from ...declare import check
 
         check(self, self.name)
+        if self.dtype is not None:
+            cast_target(self.dtype)
 
 
 def merge_lora(ckpt: Any, adapter: str, *, key: str | None = None, **options) -> Any:
     """Fold the adapter directory ``adapter`` into ``ckpt`` (a path, or a Checkpoint already loaded)
     and return the result, whose updated tensors are computed when read or saved (``ps.save``).
 
-    Options: the fields of MergeLora (scale, follow_ties, allow_overflow).
+    Options: the fields of MergeLora (scale, untie, dtype, allow_overflow).
     """
     from ...formats import load
     from ..surgery import Step, run

@@ -3,7 +3,8 @@ directory PEFT's ``PeftModel.from_pretrained`` loads (``adapter_config.json``, `
 
 A weight's delta ``TUNED - BASE`` (float32) becomes ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) Vh_r``
 (B divided by the scaling ``alpha / r`` when ``--alpha`` is not the rank), laid out as PEFT lays out
-the module: nn.Linear (out, in); GPT-2 Conv1D with ``--fan-in-fan-out`` (the delta is transposed);
+the module: nn.Linear (out, in); GPT-2 Conv1D (the delta is transposed), each 2-D weight's layout
+told by the checkpoint (layouts.py; ``--fan-in-fan-out`` decides one it does not tell);
 Embedding (``lora_embedding_A`` (r, num), ``lora_embedding_B`` (dim, r): the delta transposed); a
 convolution's kernel goes to A, B is (out, r, 1, ...). A tensor whose delta is zero is skipped. A
 changed 1-D tensor is saved whole: a targeted module's bias as ``<module>.base_layer.bias``, any
@@ -18,12 +19,15 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from ...checkpoint import Checkpoint, Tensor
+from ...checkpoint import Checkpoint, Storage, Tensor
 from ...checkpoint.kinds import infer_kinds, split_name
 from ...checkpoint.tensor import same_values
+from ...dtypes import DType
 from ...errors import PlanError, UsageError
 from ..plan import fail, names_list
+from ..values import cast_target, copy_of
 from .adapter import CONFIG, PREFIX, WEIGHTS
+from .layouts import weight_layouts
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Module:
     layout: str
     rank: int
     shape: tuple
+    dtype: DType  # of A and B as written
     a: object = None
     b: object = None
     error: float | None = None
@@ -84,15 +89,20 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
     problems += shapes
     fail("extract-lora", problems)
     kinds = infer_kinds(base.tensors)
+    told = weight_layouts(base.tensors)
+    target = cast_target(op.dtype) if op.dtype is not None else None
     changed = [n for n in names if base[n].dtype.floating and not same_values(base[n], theirs[n])]
-    modules, ones, others = [], [], []
+    modules, ones, others, untold = [], [], [], []
     for name in changed:
         tensor = base[name]
         module, leaf = split_name(name)
         if leaf == "weight" and 2 <= len(tensor.shape) <= 5:
-            layout = _layout(tensor, kinds[name].layer, op.fan_in_fan_out)
+            layout = _layout(tensor, kinds[name].layer, told.get(name), op.fan_in_fan_out)
+            if layout in ("linear", "transposed") and told.get(name) is None:
+                untold.append(name)
             dims = (tensor.shape[0], tensor.numel // tensor.shape[0])
-            modules.append(Module(module, name, layout, min(op.rank, *dims), tuple(tensor.shape)))
+            modules.append(Module(module, name, layout, min(op.rank, *dims), tuple(tensor.shape),
+                                  target or tensor.dtype))
         elif len(tensor.shape) <= 1:
             ones.append(name)
         else:
@@ -110,27 +120,44 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
     for name in ones:
         module, leaf = split_name(name)
         if module in targets:
-            whole[f"{PREFIX}{module}.base_layer.{leaf}"] = theirs[name]
+            whole[f"{PREFIX}{module}.base_layer.{leaf}"] = _cast(theirs[name], target or base[name].dtype)
         elif module not in saved:
             saved.append(module)
     for module in saved:
         for name, tensor in theirs.items():
             if split_name(name)[0] == module:
-                whole[f"{PREFIX}{name}"] = tensor
+                whole[f"{PREFIX}{name}"] = _cast(tensor, target or base[name].dtype)
     extraction = Extraction(modules, whole, saved, _config(op, modules, saved, ones, targets),
                             [n for n in names if n not in set(changed)], [f"warning: {w}" for w in warnings])
+    extraction.notes += _layout_notes(untold, op.fan_in_fan_out)
     if compute:
         for module in modules:
             _extract(module, base[module.weight], theirs[module.weight], extraction.config["lora_alpha"])
     return extraction
 
 
-def _layout(tensor: Tensor, kind: str, fan_in_fan_out: bool) -> str:
+def _layout(tensor: Tensor, kind: str, told: str | None, fan_in_fan_out: bool) -> str:
+    """The layout PEFT gives ``tensor``'s module; ``fan_in_fan_out`` decides a 2-D weight the
+    checkpoint does not tell (see layouts.py)."""
     if len(tensor.shape) > 2:
         return "conv"
     if kind == "embedding":
         return "embedding"
-    return "transposed" if fan_in_fan_out else "linear"
+    return told or ("transposed" if fan_in_fan_out else "linear")
+
+
+def _layout_notes(untold: list[str], fan_in_fan_out: bool) -> list[str]:
+    """What was assumed for the weights whose layout the checkpoint does not tell, or that the
+    --fan-in-fan-out given was not needed."""
+    if untold:
+        assumed = "GPT-2 Conv1D's (in, out) (--fan-in-fan-out)" if fan_in_fan_out else \
+            "nn.Linear's (out, in); pass --fan-in-fan-out if they are GPT-2 Conv1D's (in, out)"
+        return [f"note: the checkpoint does not tell the layout of {names_list(untold, 3)} (square, and no weight"
+                f" near {'it' if len(untold) == 1 else 'them'} tells by its bias): took {assumed}"]
+    if fan_in_fan_out:
+        return ["note: --fan-in-fan-out changed nothing: the checkpoint tells the layout of every weight (GPT-2"
+                " Conv1D (in, out) or nn.Linear (out, in))"]
+    return []
 
 
 def _config(op, modules: list[Module], saved: list[str], ones: list[str], targets: set[str]) -> dict:
@@ -139,24 +166,42 @@ def _config(op, modules: list[Module], saved: list[str], ones: list[str], target
     biases = any(split_name(n)[0] in targets for n in ones)
     return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
             "r": op.rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-            "target_modules": [m.name for m in modules], "lora_dropout": 0.0, "fan_in_fan_out": op.fan_in_fan_out,
+            "target_modules": [m.name for m in modules], "lora_dropout": 0.0, "fan_in_fan_out": any(m.layout == "transposed" for m in modules),
             "bias": "lora_only" if biases else "none", "use_rslora": False, "use_dora": False,
             "modules_to_save": saved or None, "init_lora_weights": True,
             "rank_pattern": {f"^{re.escape(m.name)}": m.rank for m in modules if m.rank != op.rank},
             "alpha_pattern": {}}
 
 
+def _cast(tensor: Tensor, dtype: DType) -> Tensor:
+    """``tensor`` as ``dtype`` (converted when the writer reads it); other than floating point, as it is."""
+    if tensor.dtype == dtype or not tensor.dtype.floating:
+        return tensor
+    return Tensor(Storage(tensor.numel * dtype.itemsize, loader=copy_of(tensor, dtype)), dtype, tuple(tensor.shape))
+
+
 def _extract(module: Module, base: Tensor, tuned: Tensor, alpha: float) -> None:
-    """``module``'s A, B (float32, PEFT's layout) and relative reconstruction error."""
+    """``module``'s A, B (PEFT's layout, in ``module.dtype``) and the relative error of the update they
+    make (computed in float32, then rounded once)."""
+    import torch
+
     from ...checkpoint.values import to_torch
+    from ... import dtypes
     from .arithmetic import svd_pair
 
     delta = to_torch(tuned).float() - to_torch(base).float()
     out = delta.shape[0]
     if module.layout in ("transposed", "embedding"):
         delta = delta.T
-    b, a, module.error = svd_pair(delta.reshape(delta.shape[0], -1), module.rank)
-    b = b / (alpha / module.rank)
+    flat = delta.reshape(delta.shape[0], -1)
+    scaling = alpha / module.rank
+    b, a, module.error = svd_pair(flat, module.rank)
+    dtype = dtypes.torch_dtype(module.dtype)
+    b, a = (b / scaling).to(dtype), a.to(dtype)
+    if dtype != torch.float32:  # the rounded pair's own error
+        total = float(torch.linalg.norm(flat))
+        rest = float(torch.linalg.norm(flat - (b.float() * scaling) @ a.float()))
+        module.error = rest / total if total else 0.0
     if module.layout == "conv":
         kernel = tuple(module.shape[2:])
         a, b = a.reshape(module.rank, module.shape[1], *kernel), b.reshape(out, module.rank, *(1,) * len(kernel))

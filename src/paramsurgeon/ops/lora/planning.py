@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ...checkpoint import Checkpoint, Tensor
+from ...dtypes import DType
 from ...errors import PlanError
 from ..plan import Change, Plan, fail, names_list
+from ..values import cast_target, copy_of, narrows
 from .adapter import Adapter, Pair
+from .layouts import weight_layouts
 
 
 @dataclass
@@ -64,6 +67,7 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
             replaced[target] = tensor
             folds[target] = Fold(target, tensor, "replace")
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
+    told: dict[str, str | None] = {}  # the base's layouts, read when a square pair needs them
     against_config = []
     modules = []
     for module, pair in adapter.pairs.items():
@@ -71,12 +75,15 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
         if weight is None:
             unmatched_modules.append(module)
             continue
-        layout, problem = _layout(pair, tensors[weight], fan_in_fan_out)
+        a, b = pair.tensors["A"].shape, pair.tensors["B"].shape
+        if not told and not pair.embedding and len(a) == 2 and a[1:] == b[:1]:
+            told.update(weight_layouts(tensors))
+        layout, problem = _layout(pair, tensors[weight], told.get(weight) or
+                                  ("transposed" if fan_in_fan_out else "linear"))
         if problem:
             problems.append(f"'{module}': {problem}")
             continue
-        if layout in ("linear", "transposed") and pair.tensors["A"].shape[1] != pair.tensors["B"].shape[0] \
-                and (layout == "transposed") != fan_in_fan_out:
+        if layout in ("linear", "transposed") and (layout == "transposed") != fan_in_fan_out:
             against_config.append(module)
         scaling = adapter.scaling(pair) * op.scale
         start = replaced.get(weight, tensors[weight])
@@ -112,18 +119,23 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
     description = f"merge-lora {adapter.path} into {ckpt.source} ({_settings(adapter, op.scale)})"
     plan = LoraPlan("merge-lora", description, heading=description, adapter=adapter.path, modules=modules)
     order = {name: i for i, name in enumerate(tensors)}
-    units, notes = _units(ckpt, sorted(folds, key=order.__getitem__), op.follow_ties)
+    units, notes = _units(ckpt, sorted(folds, key=order.__getitem__), not op.untie)
+    target = cast_target(op.dtype) if op.dtype is not None else None
     for unit in units:
         fold, tensor = folds[unit[0]], tensors[unit[0]]
-        plan.changes.append(Change(unit, fold.action, tensor.shape, tensor.dtype.name,
-                                   _compute(fold, tensor, op.allow_overflow), lazy=True,
-                                   guarded=not op.allow_overflow and _may_overflow(fold, tensor)))
+        dtype = target or tensor.dtype
+        plan.changes.append(Change(unit, fold.action, tensor.shape, dtype.name,
+                                   _compute(fold, dtype, op.allow_overflow), lazy=True,
+                                   guarded=not op.allow_overflow and _may_overflow(fold, dtype)))
+    if target is not None:
+        plan.changes += _casts(ckpt, {n for unit in units for n in unit}, target, op.allow_overflow)
     plan.notes += notes
     if against_config:
         plan.notes.append(f"note: {len(against_config)} weight{'s are' if len(against_config) > 1 else ' is'} stored"
                           f" {'(in, out)' if not fan_in_fan_out else '(out, in)'}, against the config's fan_in_fan_out"
-                          f" {str(fan_in_fan_out).lower()}: {names_list(against_config, 3)}; followed the"
-                          " shapes (square weights follow the config)")
+                          f" {str(fan_in_fan_out).lower()}: {names_list(against_config, 3)}; followed the base's"
+                          " layout, as PEFT does (a square weight whose layout the base does not tell follows the"
+                          " config)")
     if replaced and op.scale != 1:
         plan.notes.append(f"note: --scale does not apply to the {len(replaced)} tensors the adapter replaces whole")
     return plan
@@ -151,8 +163,9 @@ def _base_name(tensors: dict[str, Tensor], name: str) -> str | None:
     return wrapped if wrapped in tensors else None
 
 
-def _layout(pair: Pair, weight: Tensor, fan_in_fan_out: bool) -> tuple[str, str | None]:
-    """How ``pair`` lays over ``weight`` (see arithmetic.py), or a problem."""
+def _layout(pair: Pair, weight: Tensor, told: str) -> tuple[str, str | None]:
+    """How ``pair`` lays over ``weight`` (see arithmetic.py), or a problem; a square 2-D weight
+    takes the layout ``told`` (the base's, see layouts.py, else the config's)."""
     a, b = tuple(pair.tensors["A"].shape), tuple(pair.tensors["B"].shape)
     shape = tuple(weight.shape)
     r = a[0]
@@ -165,7 +178,7 @@ def _layout(pair: Pair, weight: Tensor, fan_in_fan_out: bool) -> tuple[str, str 
         if len(b) != 2 or b[1] != r:
             return "", f"lora_A {list(a)} and lora_B {list(b)} are not a pair"
         out, inn = b[0], a[1]
-        if shape == (out, inn) and (out != inn or not fan_in_fan_out):
+        if shape == (out, inn) and (out != inn or told == "linear"):
             return "linear", None
         if shape == (inn, out):
             return "transposed", None
@@ -181,8 +194,9 @@ def _layout(pair: Pair, weight: Tensor, fan_in_fan_out: bool) -> tuple[str, str 
 
 
 def _units(ckpt: Checkpoint, names: list[str], follow: bool) -> tuple[list[list[str]], list[str]]:
-    """Each updated name with the names that take its values: alone (a tie to names the adapter does
-    not update is broken, with a note) or, with ``follow``, with its whole tie group."""
+    """Each updated name with the names that take its values: with ``follow`` (the default), its whole
+    tie group, as merge_and_unload changes the shared weight; else alone (--untie: a tie to names the
+    adapter does not update is broken, with a note)."""
     group_of = {n: g for g in ckpt.ties() for n in g}
     units, notes, problems = [], [], []
     updated = set(names)
@@ -195,15 +209,18 @@ def _units(ckpt: Checkpoint, names: list[str], follow: bool) -> tuple[list[list[
             both = [m for m in others if m in updated]
             if both:
                 problems.append(f"'{name}' and {', '.join(repr(m) for m in both)} are tied but the adapter updates"
-                                " each, differently; leave out --follow-ties to give each its own values")
+                                " each, differently; pass --untie to give each its own values")
             units.append([name] + others)
+            notes.append(f"note: '{name}' is tied to {', '.join(repr(m) for m in others)}:"
+                         f" {'they take' if len(others) > 1 else 'it takes'} the merged values too and the tie stays,"
+                         " as merge_and_unload leaves it (pass --untie to change only the adapted tensor)")
         else:
             units.append([name])
             kept = [m for m in others if m not in updated]
             if kept:
-                notes.append(f"note: '{name}' was tied to {', '.join(repr(m) for m in kept)}; the tie is broken:"
-                             f" {'they keep' if len(kept) > 1 else 'it keeps'} the base values, as the adapted model"
-                             " computes them (pass --follow-ties to give them the merged values too)")
+                notes.append(f"note: '{name}' was tied to {', '.join(repr(m) for m in kept)}; the tie is broken"
+                             f" (--untie): {'they keep' if len(kept) > 1 else 'it keeps'} the base values, as the"
+                             " unmerged adapted model computes them")
             else:
                 notes.append(f"note: '{name}' was tied to {', '.join(repr(m) for m in others)}; each gets its own"
                              " merged values")
@@ -212,14 +229,29 @@ def _units(ckpt: Checkpoint, names: list[str], follow: bool) -> tuple[list[list[
     return units, notes
 
 
-def _may_overflow(fold: Fold, like: Tensor) -> bool:
-    """Whether ``fold``'s values might leave ``like``'s range (then a dry run computes them to check):
+def _casts(ckpt: Checkpoint, merged: set[str], target: DType, allow_overflow: bool) -> list[Change]:
+    """--dtype: the floating-point tensors the merge leaves alone, cast to ``target`` (a tie group as one)."""
+    tensors = ckpt.tensors
+    group_of = {n: g for g in ckpt.ties() for n in g}
+    changes, done = [], set(merged)
+    for name, tensor in tensors.items():
+        if name in done or not tensor.dtype.floating or tensor.dtype == target:
+            continue
+        unit = [m for m in group_of.get(name, [name]) if m not in done]
+        done.update(unit)
+        changes.append(Change(unit, f"cast to {target}", tensor.shape, target.name, copy_of(tensor, target),
+                              guarded=narrows(tensor.dtype, target) and not allow_overflow, origin=tensor))
+    return changes
+
+
+def _may_overflow(fold: Fold, dtype: DType) -> bool:
+    """Whether ``fold``'s values might leave ``dtype``'s range (then a dry run computes them to check):
     always for float16 and float8 (narrow ranges); otherwise (bfloat16, float32) when a bound of the
     update, from the adapter's small tensors, is not below half the range (or not finite)."""
-    if like.dtype.largest < 1e6:
+    if dtype.largest < 1e6:
         return True
     if fold.role == "replace":
-        return fold.start.dtype.itemsize > like.dtype.itemsize
+        return fold.start.dtype.itemsize > dtype.itemsize
     from ...checkpoint.values import to_torch
 
     def largest(role: str) -> float:
@@ -231,11 +263,11 @@ def _may_overflow(fold: Fold, like: Tensor) -> bool:
         bound = largest("magnitude")  # each value of m / ||row|| * row is at most m
     else:
         bound = abs(fold.scaling) * fold.pair.r * largest("A") * largest("B")
-    return not bound <= like.dtype.largest / 2
+    return not bound <= dtype.largest / 2
 
 
-def _compute(fold: Fold, like: Tensor, allow_overflow: bool) -> Callable:
-    """What computes ``fold``'s values, in float32, cast to ``like``'s dtype."""
+def _compute(fold: Fold, target: DType, allow_overflow: bool) -> Callable:
+    """What computes ``fold``'s values, in float32, cast to ``target``."""
 
     def compute():
         import torch
@@ -244,7 +276,7 @@ def _compute(fold: Fold, like: Tensor, allow_overflow: bool) -> Callable:
         from ... import dtypes
         from . import arithmetic
 
-        dtype = dtypes.torch_dtype(like.dtype)
+        dtype = dtypes.torch_dtype(target)
         start = to_torch(fold.start)
         if fold.role == "replace":
             return start.to(dtype, copy=True)
@@ -257,11 +289,11 @@ def _compute(fold: Fold, like: Tensor, allow_overflow: bool) -> Callable:
             values, low, high = arithmetic.merge(fold.layout, start, pair["A"], pair["B"], fold.scaling,
                                                  pair.get("magnitude"), dtype)
         # only when a value is out of range (or NaN, which fails both comparisons) look closer: it is slow
-        if not allow_overflow and not -like.dtype.largest <= low <= high <= like.dtype.largest:
+        if not allow_overflow and not -target.largest <= low <= high <= target.largest:
             count = new_nonfinite(values, start)
             if count:
                 raise PlanError(f"merge-lora: {count:,} of {values.numel():,} values of '{fold.name}' would become Inf"
-                                f" or NaN ({like.dtype.name} cannot hold them); nothing was written; pass"
+                                f" or NaN ({target.name} cannot hold them); nothing was written; pass"
                                 " --allow-overflow to write them anyway")
         return values
 
