@@ -47,7 +47,8 @@ class Flag:
 
 
 def option(default: Any = MISSING, *flags: str, help: str, metavar: str | None = None,
-           minimum: float | None = None, above: float | None = None, greedy: bool = False, path: bool = False) -> Any:
+           minimum: float | None = None, above: float | None = None, greedy: bool = False,
+           path: bool = False) -> Any:
     """A dataclass field declared as a command-line option (``[]`` as default: a repeatable one;
     ``greedy``: one that also takes the values after it, up to the next option; ``path``: one
     whose values name files)."""

@@ -82,8 +82,8 @@ def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint], kept_in: str |
         hard += mismatched
     if hard:
         shown = "; ".join(hard[:8]) + (f"; and {len(hard) - 8} more" if len(hard) > 8 else "")
-        fix = f"; pass --skip-mismatched to take those from {kept_in or first}" if mismatched and not merge.skip_mismatched \
-            else ""
+        fix = f"; pass --skip-mismatched to take those from {kept_in or first}" \
+            if mismatched and not merge.skip_mismatched else ""
         raise PlanError(f"merge: {shown}{fix}")
 
     weights = merge.weight_values
