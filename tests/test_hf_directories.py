@@ -153,3 +153,10 @@ def test_in_place_updates_the_config_and_keeps_every_other_file(llama_dir):
     assert result.exit_code == 0, result.stderr
     assert read(os.path.join(llama_dir, "train.py")) == b"print('mine')\n"
     assert load_model(llama_dir).config.vocab_size == 100
+
+
+def test_a_dcp_output_carries_no_side_files(llama_dir, tmp_path):
+    out = tmp_path / "dcp"
+    result = run("convert", llama_dir, "--format", "dcp", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert ".metadata" in os.listdir(out) and not {"config.json", *TOKENIZER_FILES} & set(os.listdir(out))
