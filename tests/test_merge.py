@@ -511,3 +511,66 @@ def test_dare_drops_drawn_in_pieces_are_one_draw_per_task_vector(request, tmp_pa
         divisor = agree.sum(0).float()
         expected = base + (stacked * agree).sum(0) / torch.where(divisor == 0, 1.0, divisor)
     torch.testing.assert_close(load_torch(out)["w"], expected)
+
+
+# ---- merge as a recipe step ------------------------------------------------------------------------
+
+
+def recipe(folder, text):
+    folder.mkdir(exist_ok=True)
+    path = folder / "merge.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("method, step, options", [
+    ("linear", 'weights = "0.2,0.3,0.5"', ["--weights", "0.2,0.3,0.5"]),
+    ("ties", 'density = 0.3\nlambda = 0.9\nweights = "0.6,1.2"', ["--density", "0.3", "--lambda", "0.9",
+                                                                    "--weights", "0.6,1.2"]),
+])
+def test_recipe_merge_equals_the_command(tmp_path, three, monkeypatch, method, step, options):
+    (base_pt, ft1, ft2), (base, s1, s2) = three
+    recipe(tmp_path / "recipes", f'[[step]]\nop = "merge"\nmethod = "{method}"\n'
+                                 f'inputs = ["../ft1.pt", "../ft2.pt"]\n{step}\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the recipe's paths are relative to the recipe, not to here
+    out = tmp_path / "apply" / "out.pt"  # the same name as the command's: a torch file holds its stem
+    out.parent.mkdir()
+    result = run("apply", "../base.pt", "../recipes/merge.toml", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    inputs = ["../base.pt", "../ft1.pt", "../ft2.pt"] if method == "linear" else \
+        ["../ft1.pt", "../ft2.pt", "--base", "../base.pt"]
+    expected, _ = merged(tmp_path, *inputs, "--method", method, *options, name="command/out.pt")
+    assert file_bytes(out) == file_bytes(expected)
+    reference = (lambda b, f: ref_linear([b] + f, [0.2, 0.3, 0.5])) if method == "linear" else \
+        (lambda b, f: ref_ties(b, f, [0.6, 1.2], 0.9, 0.3))
+    after = load_torch(out)
+    for name, value in base.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(after[name], reference(value, [s1[name], s2[name]]), msg=name)
+
+
+def test_recipe_merge_over_a_base_it_names(tmp_path, three):
+    (base_pt, ft1, ft2), (base, s1, s2) = three
+    path = recipe(tmp_path / "recipes", '[[step]]\nop = "merge"\nmethod = "ties"\nbase = "../base.pt"\n'
+                                        'inputs = ["../ft2.pt"]\n[[step]]\nop = "scale"\npattern = ["fc.*"]\nby = 2\n')
+    out = tmp_path / "applied.pt"
+    result = run("apply", ft1, path, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    after = load_torch(out)
+    for name, value in base.items():
+        if value.is_floating_point():
+            expected = ref_ties(value, [s1[name], s2[name]], [1, 1]) * (2 if name.startswith("fc.") else 1)
+            torch.testing.assert_close(after[name], expected, msg=name)
+
+
+def test_recipe_merge_is_checked_against_the_steps_before_it(tmp_path, three):
+    (base_pt, ft1, ft2), _ = three
+    path = recipe(tmp_path / "recipes", '[[step]]\nop = "resize"\npattern = ["fc.*"]\nsize = 12\n'
+                                        '[[step]]\nop = "merge"\ninputs = ["../ft1.pt"]\n')
+    out = tmp_path / "applied.pt"
+    result = run("apply", base_pt, path, "--dry-run")
+    assert result.exit_code == 2
+    assert f"step 2 (merge): merge: 'fc.weight' is [12, 32] in {base_pt} but [10, 32] in {ft1}" in result.stderr
+    assert not out.exists()

@@ -233,6 +233,34 @@ def test_apply_dry_run_lists_every_step(tmp_path, resnet_pt):
                                                   "new_shape": [8, 8, 3, 3], "new_dtype": "float32"}
 
 
+def test_apply_reads_a_recipes_paths_beside_the_recipe(tmp_path, resnet_pt, resnet, monkeypatch):
+    project = tmp_path / "project"
+    (project / "weights").mkdir(parents=True)
+    pretrained = {k: v + 1 if v.is_floating_point() else v for k, v in resnet.state_dict().items()}
+    torch.save(pretrained, project / "weights" / "pretrained.pt")
+    recipe = project / "recipe.toml"
+    recipe.write_text('[[step]]\nop = "copy"\nsource = "weights/pretrained.pt"\npattern = ["fc.*"]\n'
+                      '[[step]]\nop = "merge"\ninputs = ["weights/pretrained.pt"]\npattern = ["conv1.*"]\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not where the recipe is
+    document = json_of("apply", resnet_pt, "../project/recipe.toml", "--dry-run", schema="plan")
+    assert [s["op"] for s in document["steps"]] == ["copy", "merge"]
+    result = run("apply", resnet_pt, "../project/recipe.toml", "-o", "out.pt")
+    assert result.exit_code == 0, result.stderr
+    after, before = load_torch(elsewhere / "out.pt"), resnet.state_dict()
+    for name, value in before.items():
+        expected = pretrained[name] if name.startswith("fc.") else \
+            (value + pretrained[name]) / 2 if name.startswith("conv1.") else value
+        torch.testing.assert_close(after[name], expected, rtol=0, atol=0 if not name.startswith("conv1.") else 1e-7,
+                                   msg=name)
+    absolute = tmp_path / "absolute.toml"
+    absolute.write_text(f'[[step]]\nop = "copy"\nsource = "{project / "weights" / "pretrained.pt"}"\n'
+                        'pattern = ["fc.*"]\n')
+    assert run("apply", resnet_pt, absolute, "-o", "abs.pt").exit_code == 0
+    assert torch.equal(load_torch(elsewhere / "abs.pt")["fc.weight"], pretrained["fc.weight"])
+
+
 # groups
 
 

@@ -20,7 +20,7 @@ import math
 import types
 import typing
 from dataclasses import MISSING, dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 from .errors import UsageError
 
@@ -38,6 +38,7 @@ class Flag:
     minimum: float | None = None
     above: float | None = None  # exclusive lower bound
     greedy: bool = False  # a repeatable option that also takes the values after it: --to a b c
+    path: bool = False  # its values name files (a recipe's are relative to the recipe)
 
     @property
     def shown(self) -> str:
@@ -46,18 +47,20 @@ class Flag:
 
 
 def option(default: Any = MISSING, *flags: str, help: str, metavar: str | None = None,
-           minimum: float | None = None, above: float | None = None, greedy: bool = False) -> Any:
+           minimum: float | None = None, above: float | None = None, greedy: bool = False,
+           path: bool = False) -> Any:
     """A dataclass field declared as a command-line option (``[]`` as default: a repeatable one;
-    ``greedy``: one that also takes the values after it, up to the next option)."""
-    flag = Flag(tuple(flags), help, metavar, minimum, above, greedy)
+    ``greedy``: one that also takes the values after it, up to the next option; ``path``: one
+    whose values name files)."""
+    flag = Flag(tuple(flags), help, metavar, minimum, above, greedy, path)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"flag": flag})
     return dataclasses.field(default=default, metadata={"flag": flag})
 
 
-def argument(default: Any = MISSING, *, metavar: str, help: str) -> Any:
-    """A dataclass field declared as a positional command-line argument."""
-    return dataclasses.field(default=default, metadata={"flag": Flag((), help, metavar)})
+def argument(default: Any = MISSING, *, metavar: str, help: str, path: bool = False) -> Any:
+    """A dataclass field declared as a positional command-line argument (``path``: naming files)."""
+    return dataclasses.field(default=default, metadata={"flag": Flag((), help, metavar, path=path)})
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,9 @@ def check_all(objects: list[Any], where: str) -> None:
         raise UsageError(f"{where}: {'; '.join(found)}")
 
 
-def from_mapping(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    """``cls`` built from a recipe step's keys (a repeatable option may be one string)."""
+def from_mapping(cls: type, values: Mapping[str, Any], where: str, path: Callable[[str], str] = str) -> Any:
+    """``cls`` built from a recipe step's keys (a repeatable option may be one string); ``path``
+    turns the values of options that name files into paths (a recipe's: beside the recipe)."""
     fields = {d.key: d for d in declared(cls)}
     unknown = [k for k in values if k.replace("-", "_") not in fields]
     if unknown:
@@ -161,12 +165,21 @@ def from_mapping(cls: type, values: Mapping[str, Any], where: str) -> Any:
     for key, value in values.items():
         d = fields[key.replace("-", "_")]
         chosen[d.name] = [value] if d.repeatable and isinstance(value, str) else value
+        if d.flag.path:
+            chosen[d.name] = _paths(chosen[d.name], path)
     missing = [f"needs '{d.key}'" for d in fields.values() if d.default is MISSING and d.name not in chosen]
     wrong = [f"'{d.key}' {_problem(d, chosen[d.name])}" for d in fields.values()
              if d.name in chosen and chosen[d.name] is not None and _problem(d, chosen[d.name])]
     if missing or wrong:
         raise UsageError(f"{where}: {'; '.join(missing + wrong)}")
     return cls(**chosen)
+
+
+def _paths(value: Any, path: Callable[[str], str]) -> Any:
+    """``value`` with ``path`` applied to its strings (anything else is left for the checks)."""
+    if isinstance(value, str):
+        return path(value)
+    return [path(v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 def from_text(d: Declared, text: str) -> Any:

@@ -102,7 +102,9 @@ def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write) -> str:
         to_cpu(ckpt)
     count, size = written(ckpt, target, write.dedupe)
     with progress(size, "writing") as advance:
-        formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
+        notes = formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
+    for message in notes:
+        note(message)
     return f"{count} tensors, {human_bytes(size)}"
 
 

@@ -15,6 +15,7 @@ from ..checkpoint import Checkpoint, Tensor, tie_groups
 from ..errors import CorruptCheckpointError, InputError, NotACheckpointError
 from ..parsing import parse_document
 from . import safetensors as st
+from . import sidefiles
 from .atomic import atomic_directory, link_or_copy, new_file
 from .files import InputFile, reproduces, same_file
 
@@ -117,7 +118,8 @@ class Writer:
     progress)``; a shard that would come out identical to the file of its name in the old
     directory (its tensors untouched, still read from that file) is hard-linked from it.
     Files beside the checkpoint (config.json, tokenizer) are carried over; every file of
-    the old checkpoint, of either format or DCP, goes with it.
+    the old checkpoint, of either format or DCP, goes with it. When the checkpoint was read
+    from another model directory, its side files come along (sidefiles.carry).
     """
 
     def __init__(self, folder: str, family: str, file_writer: Callable, *, max_size: int | None = None,
@@ -125,8 +127,9 @@ class Writer:
         self.folder, self.family, self.file_writer = folder, family, file_writer
         self.max_size, self.dedupe, self.progress = max_size, dedupe, progress
 
-    def write(self, ckpt: Checkpoint) -> None:
-        """Shard ``ckpt``'s tensors: as its input shards were (no ``max_size``), else by size."""
+    def write(self, ckpt: Checkpoint) -> list[str]:
+        """Shard ``ckpt``'s tensors: as its input shards were (no ``max_size``), else by size;
+        returns notes on the side files carried from its input directory."""
         if self.family == "safetensors":
             entries, metadata = st.plan(ckpt, ckpt.metadata, self.dedupe)
         else:
@@ -146,6 +149,8 @@ class Writer:
                 self._write_shard(part, name, staging)
             if len(shards) > 1:
                 self._write_index(entries, shards, names, ckpt.tensors, metadata, staging)
+            notes = sidefiles.carry(ckpt, staging, self.folder)
+        return notes
 
     def _write_shard(self, part: Checkpoint, name: str, staging: str) -> None:
         old = os.path.join(self.folder, name)

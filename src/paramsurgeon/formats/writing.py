@@ -26,13 +26,14 @@ Progress = Callable[[int], None]
 class Writer(Protocol):
     """Writes one whole checkpoint to one place; nothing appears there unless it completes."""
 
-    def write(self, ckpt: Checkpoint) -> None: ...
+    def write(self, ckpt: Checkpoint) -> list[str] | None: ...
 
 
 def save(ckpt: Checkpoint, target: Target, *, dedupe: bool = False, tensors_only: bool = False,
-         progress: Progress | None = None) -> None:
-    """Write ``ckpt`` to ``target``; nothing appears at the target unless the write completes."""
-    writer(target, dedupe=dedupe, progress=progress).write(_writable(ckpt, target, tensors_only))
+         progress: Progress | None = None) -> list[str]:
+    """Write ``ckpt`` to ``target``; nothing appears at the target unless the write completes.
+    Returns notes on what a directory output carried from the input's (sidefiles.carry)."""
+    return writer(target, dedupe=dedupe, progress=progress).write(_writable(ckpt, target, tensors_only)) or []
 
 
 def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = None) -> Writer:

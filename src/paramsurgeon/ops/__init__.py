@@ -7,7 +7,7 @@
     lora/          merge-lora (an operation like the others) and extract-lora (writes an adapter)
     plan.py        Plan: what an operation changes, checked before anything is computed
     surgery.py     seeds, the rehearsal of every step, the run, optimizer notes
-    recipes.py     TOML recipes: steps of the operations above
+    recipes.py     TOML recipes: steps of the operations above, and merge
     schemes.py     torch.nn.init schemes and layer defaults
     optimizer.py   optimizer state found and reset
 

@@ -6,24 +6,34 @@
     pattern = ["features.*.weight"] # that command's options, without the dashes
     scheme = "normal(std=0.02)"
 
+    [[step]]
+    op = "merge"                    # the recipe's checkpoint is the first input (the base of
+    inputs = ["../ft/b.safetensors"] # the task methods); inputs lists the others
+    method = "ties"
+
 Each step's keys are checked by the operation's own declaration (declare.from_mapping),
-so a step does exactly what the command with the same options does.
+so a step does exactly what the command with the same options does. Paths in a recipe
+(``source``, ``inputs``, ``base``, ``adapter``) are relative to the recipe's directory.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .. import declare
 from ..errors import ParamSurgeonError, UsageError
 from ..parsing import parse_document
 from . import OPERATIONS
+from .merge import OWN, TASK_METHODS, Merge
 from .surgery import Step
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+STEPS = {**OPERATIONS, "merge": Merge}  # what a step's op may name
 
 
 def read(path: str) -> str:
@@ -60,13 +70,42 @@ def parse(text: str, where: str) -> tuple[list[Step], int | None]:
     for number, table in enumerate(tables, 1):
         options = dict(table)
         op = options.pop("op", None)
-        if op not in OPERATIONS:
+        if op not in STEPS:
             shown = f" ({op}): unknown op '{op}'" if op is not None else ": missing op"
-            raise UsageError(f"{where}: step {number}{shown}; choose from {', '.join(OPERATIONS)}")
+            raise UsageError(f"{where}: step {number}{shown}; choose from {', '.join(STEPS)}")
         label = f"{where}: step {number} ({op})"
         try:
-            operation = declare.from_mapping(OPERATIONS[op], options, label)
+            operation = declare.from_mapping(STEPS[op], _own_first(options) if op == "merge" else options, label,
+                                             path=_beside(where))
         except ParamSurgeonError as e:
             raise type(e)(e.args[0] if str(e).startswith(label) else f"{label}: {e}") from e
         steps.append(Step(operation, label, f"step {number} ({op})"))
     return steps, seed
+
+
+def _own_first(options: dict) -> dict:
+    """A merge step's options with the recipe's checkpoint as its first input: the base of the
+    task methods unless the step names one, else the first checkpoint merged."""
+    inputs = options.get("inputs")
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(inputs, list):
+        return options  # missing, or not a list: declare reports it
+    if options.get("method") in TASK_METHODS and "base" not in options:
+        return {**options, "inputs": inputs, "base": OWN}
+    return {**options, "inputs": [OWN, *inputs]}
+
+
+def _beside(recipe: str):
+    """``path(value)``: a path of the recipe at ``recipe``, relative to the recipe's directory
+    (absolute paths, standard input '-' and URLs stay as they are); shown without 'dir/..'
+    where that names the same file."""
+    folder = os.path.dirname(recipe)
+
+    def path(value: str) -> str:
+        if value in ("-", OWN) or "://" in value:
+            return value
+        joined = os.path.join(folder, value)
+        short = os.path.normpath(joined)
+        return short if os.path.realpath(short) == os.path.realpath(joined) else joined
+
+    return path

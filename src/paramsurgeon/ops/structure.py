@@ -24,9 +24,9 @@ class Copy(Selection, TiePolicy, Overflow, Operation):
 
     from_: str | None = option(None, "--from", metavar="SRC", help="Source names (a glob).")
     to: str | None = option(None, "--to", metavar="DST", help="Target names, with the same wildcards as --from.")
-    source: str | None = option(None, "--source", metavar="OTHER", help="Read the sources from another checkpoint"
-                                " (e.g. pretrained weights); without --from/--to, copy every tensor whose name is in"
-                                " both.")
+    source: str | None = option(None, "--source", metavar="OTHER", path=True, help="Read the sources from another"
+                                " checkpoint (e.g. pretrained weights); without --from/--to, copy every tensor whose"
+                                " name is in both.")
     source_key: str | None = option(None, "--source-key", metavar="KEY", help="--key for the --source checkpoint.")
     skip_mismatched: bool = option(False, "--skip-mismatched",
                                    help="Skip (and report) pairs whose shapes differ instead of failing.")

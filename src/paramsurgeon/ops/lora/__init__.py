@@ -37,8 +37,8 @@ class MergeLora(Overflow, Operation):
     example: ClassVar[str] = "paramsurgeon merge-lora base.safetensors my-adapter/ -o merged.safetensors"
     named_input: ClassVar[bool] = True  # CKPT ADAPTER: the base comes first, '-' for standard input
 
-    adapter: str = argument(REQUIRED, metavar="ADAPTER", help="The adapter directory save_pretrained wrote"
-                            " (adapter_config.json and adapter_model.safetensors or .bin).")
+    adapter: str = argument(REQUIRED, metavar="ADAPTER", path=True, help="The adapter directory save_pretrained"
+                            " wrote (adapter_config.json and adapter_model.safetensors or .bin).")
     scale: float = option(1.0, "--scale", metavar="S", help="Multiply the adapter's effect (0.5: half), as PEFT's"
                           " set_scale does.")
     untie: bool = option(False, "--untie", help="Merge into the adapted tensor only: a tensor tied to it keeps the"

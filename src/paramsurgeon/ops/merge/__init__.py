@@ -28,6 +28,7 @@ TASK_METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
 SPARSE_METHODS = ("ties", "dare-linear", "dare-ties")
 RANDOM_METHODS = ("dare-linear", "dare-ties")
 NORMALIZED = ("linear", "ties", "dare-ties")  # methods that divide by the weights unless --no-normalize
+OWN = "<the recipe's checkpoint>"  # in a recipe's merge step: the checkpoint the recipe is applied to
 
 
 @dataclass(kw_only=True)
@@ -41,14 +42,14 @@ class Merge(Selection, TiePolicy, Overflow, Operation):
     name: ClassVar[str] = "merge"
     example: ClassVar[str] = "paramsurgeon merge run/epoch-8.pt run/epoch-9.pt run/epoch-10.pt -o averaged.pt"
 
-    inputs: list[str] = argument(REQUIRED, metavar="CKPT...",
+    inputs: list[str] = argument(REQUIRED, metavar="CKPT...", path=True,
                                  help="Two or more checkpoints to merge (one may be '-': standard input).")
     method: str = option("linear", "--method", metavar="M", help="linear (default), slerp, task-arithmetic, ties,"
                          " dare-linear or dare-ties.")
     weights: str | None = option(None, "--weights", metavar="W,W,...", help="One weight per checkpoint (default: equal"
                                  " for linear, 1 for task methods).")
-    base: str | None = option(None, "--base", metavar="BASE", help="The base model of the task methods (the checkpoint"
-                              " written, and one of the two or more that take part).")
+    base: str | None = option(None, "--base", metavar="BASE", path=True, help="The base model of the task methods (the"
+                              " checkpoint written, and one of the two or more that take part).")
     t: float | None = option(None, "--t", metavar="T", help="slerp: where between the first (0) and the second (1)"
                              " checkpoint; default 0.5.")
     lambda_: float | None = option(None, "--lambda", metavar="L", help="Task methods: the factor of the merged task"
@@ -149,10 +150,17 @@ class Merge(Selection, TiePolicy, Overflow, Operation):
         return list(self.inputs) if self.base is not None else list(self.inputs[1:])
 
     def plan(self, ckpt, sources: Sources) -> Plan:
-        """Check every input against ``ckpt`` (the one written) and plan one Change per merged unit."""
+        """Check every input against ``ckpt`` (the one written) and plan one Change per merged unit.
+
+        In a recipe (an input is OWN, ``ckpt``) with a ``base`` of its own, ``ckpt`` is the first
+        checkpoint merged over that base; its tensors that are not merged stay as they are.
+        """
         from .planning import plan_merge
 
-        return plan_merge(self, ckpt, [sources(path, None) for path in self.others])
+        if self.written == OWN or OWN not in self.inputs:
+            return plan_merge(self, ckpt, [sources(path, None) for path in self.others])
+        return plan_merge(self, sources(self.written, None),
+                          [ckpt if path == OWN else sources(path, None) for path in self.others], ckpt.source)
 
 
 def merge(inputs: list[Any], *, base: Any = None, key: str | None = None, reset_optimizer: bool = False,
@@ -184,4 +192,4 @@ def merge(inputs: list[Any], *, base: Any = None, key: str | None = None, reset_
     return ckpt
 
 
-__all__ = ["METHODS", "Merge", "merge"]
+__all__ = ["METHODS", "OWN", "Merge", "merge"]

@@ -31,8 +31,9 @@ class MergePlan(Plan):
                 "kept": self.kept}
 
 
-def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint]) -> MergePlan:
-    """The plan of ``merge`` (a Merge) writing ``ckpt``, with ``others`` read beside it."""
+def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint], kept_in: str | None = None) -> MergePlan:
+    """The plan of ``merge`` (a Merge) writing ``ckpt``, with ``others`` read beside it;
+    ``kept_in`` names where the tensors not merged stay, when not in ``ckpt`` (a recipe's own)."""
     warnings: list[str] = []
     tensors = ckpt.tensors
     selected, problems = merge.choose(tensors, ckpt.key)
@@ -81,8 +82,8 @@ def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint]) -> MergePlan:
         hard += mismatched
     if hard:
         shown = "; ".join(hard[:8]) + (f"; and {len(hard) - 8} more" if len(hard) > 8 else "")
-        fix = f"; pass --skip-mismatched to take those from {first}" if mismatched and not merge.skip_mismatched \
-            else ""
+        fix = f"; pass --skip-mismatched to take those from {kept_in or first}" \
+            if mismatched and not merge.skip_mismatched else ""
         raise PlanError(f"merge: {shown}{fix}")
 
     weights = merge.weight_values
@@ -101,7 +102,7 @@ def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint]) -> MergePlan:
         values = [tensor] + [other.tensors[unit[0]] for other in others]
         plan.changes.append(Change(unit, merge.method, tensor.shape, tensor.dtype.name,
                                    _compute(merge, unit[0], values, weights, tensor), lazy=True, guarded=guarded))
-    plan.notes += _notes(kept, first, mismatched if merge.skip_mismatched else [])
+    plan.notes += _notes(kept, kept_in or first, mismatched if merge.skip_mismatched else [])
     return with_warnings(plan, warnings)
 
 

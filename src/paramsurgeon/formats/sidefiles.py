@@ -1,0 +1,171 @@
+"""The files of a Hugging Face model directory besides its weights: its configuration,
+tokenizer, generation settings, custom code and model card. A directory output of a command
+whose input is such a directory carries them, with ``config.json`` updated where the surgery
+changed what it describes (``vocab_size``, ``tie_word_embeddings``).
+
+    SIDE_FILES      the kinds of file, as name patterns (what a model directory may hold)
+    carry(...)      copy the input's side files into the directory being written
+
+Subdirectories and files of other kinds (other checkpoints such as ``optimizer.pt``,
+``train.py``) are not carried; a note names them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+
+from ..checkpoint import Checkpoint
+from ..errors import ParamSurgeonError
+from ..parsing import parse_document
+
+SIDE_FILES = (
+    # configuration: config.json, generation_config.json, tokenizer_config.json, preprocessor_config.json, ...
+    "config.json", "*_config.json", "params.json",
+    # tokenizer
+    "tokenizer.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+    "merges.txt", "spiece.model", "sentencepiece*.model", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    # code that trust_remote_code loads, the model card, the licence
+    "modeling_*.py", "configuration_*.py", "tokenization_*.py", "processing_*.py", "image_processing_*.py",
+    "README.md", "LICENSE", "LICENSE.*", "NOTICE", "USE_POLICY.md", ".gitattributes",
+)
+CONFIG = "config.json"
+
+# (input embedding, output embedding) of the architectures whose configs name vocab_size and
+# tie_word_embeddings: the tensors those keys describe
+EMBEDDINGS = (
+    ("model.embed_tokens.weight", "lm_head.weight"),  # Llama, Mistral, Qwen, Gemma, Phi-3, ...
+    ("transformer.wte.weight", "lm_head.weight"),  # GPT-2, GPT-J, CodeGen
+    ("model.decoder.embed_tokens.weight", "lm_head.weight"),  # OPT, BART decoders
+    ("transformer.word_embeddings.weight", "lm_head.weight"),  # BLOOM, Falcon
+    ("gpt_neox.embed_in.weight", "embed_out.weight"),  # GPT-NeoX, Pythia
+    ("shared.weight", "lm_head.weight"),  # T5
+    ("model.shared.weight", "lm_head.weight"),  # BART, mBART
+    ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),  # BERT
+    ("model.language_model.embed_tokens.weight", "lm_head.weight"),  # vision-language models
+)
+
+
+def is_side_file(name: str) -> bool:
+    """Whether a file called ``name`` is one of the kinds a model directory holds beside its weights."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SIDE_FILES)
+
+
+def model_directory(ckpt: Checkpoint) -> str | None:
+    """The directory ``ckpt`` was read from, when it was given as a directory or a shard index."""
+    if ckpt.path is None:
+        return None
+    if os.path.isdir(ckpt.path):
+        return ckpt.path
+    return os.path.dirname(ckpt.source) if ckpt.format.endswith("sharded") else None
+
+
+def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
+    """Copy the side files of ``ckpt``'s input directory into ``staging`` (the new ``target``
+    directory), ``config.json`` updated; returns notes on what changed or stayed behind.
+
+    Where ``target`` is the input directory, its files are carried by the directory's
+    replacement; only an updated ``config.json`` is written here.
+    """
+    folder = model_directory(ckpt)
+    if folder is None:
+        return []
+    from .sharded import checkpoint_files
+
+    same, owned = _same(folder, target), checkpoint_files(folder)
+    notes, left = [], []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name == CONFIG and os.path.isfile(path):
+            notes += _write_config(path, os.path.join(staging, name), ckpt, same)
+        elif same or os.path.lexists(os.path.join(staging, name)):
+            continue
+        elif is_side_file(name) and os.path.isfile(path):
+            shutil.copy2(path, os.path.join(staging, name))  # the content, also of a link into a hub cache
+        elif name not in owned and ".paramsurgeon-" not in name:  # not the checkpoint, nor a write of ours
+            left.append(name + ("/" if os.path.isdir(path) else ""))
+    if left:
+        notes.append(f"note: not carried from {folder} (not model files): {', '.join(left[:6])}"
+                     + (f" and {len(left) - 6} more" if len(left) > 6 else ""))
+    return notes
+
+
+def _write_config(source: str, destination: str, ckpt: Checkpoint, same: bool) -> list[str]:
+    """``config.json`` at ``destination``, updated for ``ckpt`` (else copied byte for byte)."""
+    with open(source, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+        config = parse_document(json.loads, text)
+    except ValueError:
+        config = None
+    changes, notes = config_updates(config, ckpt) if isinstance(config, dict) else ({}, [])
+    if changes:
+        with open(destination, "wb") as handle:
+            handle.write(_dumps(_updated(config, changes), text).encode("utf-8"))
+        shown = ", ".join(f"{k} {json.dumps(config.get(k))} -> {json.dumps(v)}" for k, v in changes.items())
+        notes.append(f"note: {CONFIG}: {shown}")
+    elif not same:
+        shutil.copy2(source, destination)
+    return notes
+
+
+def config_updates(config: dict, after: Checkpoint) -> tuple[dict, list[str]]:
+    """The keys of ``config`` that ``after`` no longer matches, with their new values, and notes.
+
+    ``vocab_size`` follows the input embedding's rows when it equalled them before; the
+    ``tie_word_embeddings`` follows the tie of the output embedding to the input embedding
+    when the surgery tied or untied them. The input is read again (its headers: the shapes
+    and ties before the surgery).
+    """
+    from .reading import load
+
+    pair = next((p for p in EMBEDDINGS if p[0] in after.tensors), None)
+    if pair is None:
+        return {}, []
+    try:
+        before = load(after.path)
+    except ParamSurgeonError as e:
+        return {}, [f"note: {CONFIG} copied as it was: the input could not be read again to compare ({e})"]
+    changes, notes = {}, []
+    embedding, head = pair
+    vocab = config.get("vocab_size")
+    if embedding in before.tensors and isinstance(vocab, int) and not isinstance(vocab, bool):
+        rows, new = before[embedding].shape[0], after[embedding].shape[0]
+        if new != rows and vocab == rows:
+            changes["vocab_size"] = new
+        elif new != rows:
+            notes.append(f"note: {CONFIG}: vocab_size {vocab} left as it was: it did not match the {rows} rows of"
+                         f" {embedding} before (now {new})")
+    tied = [_tied(c, embedding, head) for c in (before, after)]
+    if tied[0] != tied[1] and config.get("tie_word_embeddings") is not tied[1]:
+        changes["tie_word_embeddings"] = tied[1]
+    return changes, notes
+
+
+def _tied(ckpt: Checkpoint, embedding: str, head: str) -> bool:
+    return any(embedding in group and head in group for group in ckpt.ties())
+
+
+def _updated(config: dict, changes: dict) -> dict:
+    """``config`` with ``changes``: a key it has keeps its place; a new one goes where sorted keys
+    (transformers writes them sorted) put it, else last."""
+    result = {**config, **changes}
+    return dict(sorted(result.items())) if list(config) == sorted(config) else result
+
+
+def _dumps(config: dict, like: str) -> str:
+    """``config`` as JSON laid out like the text it came from (transformers: indent 2, ASCII, a final newline)."""
+    indent = re.search(r"^([ \t]+)\S", like, re.M)
+    text = json.dumps(config, indent=indent.group(1) if indent else 2, ensure_ascii=like.isascii())
+    return text + ("\n" if like.endswith("\n") else "")
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
