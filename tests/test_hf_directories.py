@@ -71,7 +71,7 @@ def test_resize_output_loads_with_the_new_vocab_and_the_same_tokenizer(llama_dir
 
 def test_resize_of_a_tied_gpt2_embedding(gpt2_dir, tmp_path):
     out = tmp_path / "out"
-    result = run("resize", gpt2_dir, "-p", "transformer.wte.weight", "--size", 88, "-o", f"{out}/")
+    result = run("resize", gpt2_dir, "-p", "transformer.wte.weight", "--size", 88, "--follow-ties", "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
     model = load_model(out)
     assert model.config.vocab_size == 88 and model.lm_head.weight.shape == (88, 24)
