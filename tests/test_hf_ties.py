@@ -192,3 +192,27 @@ def test_no_alias_without_evidence(tmp_path):
     torch.save(classifier.state_dict(), tmp_path / "classifier.pt")
     result = run("diff", tmp_path / "classifier.pt", tmp_path / "classifier")
     assert result.exit_code == 0 and "lm_head" not in result.stdout + result.stderr
+
+
+def test_directory_output_leaves_the_tied_name_out_as_its_input_did(inputs, tmp_path):
+    """A surgery on a save_pretrained directory writes what save_pretrained writes: the tied name
+    stays out of the file while it is still tied, and transformers ties it again on loading."""
+    from safetensors import safe_open
+
+    directory, state = inputs["base"]
+    omitted, partner = TIED[inputs["arch"]]
+    out = tmp_path / "out"
+    result = run("scale", directory, "-p", partner, "--by", 2, "--follow-ties", "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert partner in f.keys() and omitted not in f.keys()
+    import transformers as tf
+
+    auto = tf.AutoModelForMaskedLM if inputs["arch"] == "bert" else tf.AutoModelForCausalLM
+    model = auto.from_pretrained(out)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    torch.testing.assert_close(model.get_input_embeddings().weight, 2 * load_torch(state)[partner], rtol=0, atol=0)
+    untied = tmp_path / "untied"
+    assert run("untie", directory, "-p", omitted, "-o", f"{untied}/").exit_code == 0
+    with safe_open(untied / "model.safetensors", "pt") as f:  # no longer tied: written under its own name
+        assert omitted in f.keys()

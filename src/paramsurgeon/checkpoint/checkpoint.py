@@ -21,6 +21,8 @@ class Checkpoint:
 
     ``root`` is the whole object the file holds; ``key`` the path to ``container``, the
     mapping of names to tensors inside it (``()`` when the root itself holds them).
+    ``omitted`` names aliases the file left out because its config ties them (hfties): a
+    safetensors output leaves them out again while they are still tied.
     """
 
     source: str
@@ -31,6 +33,7 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     shards: dict[str, str] | None = None
     path: str | None = None
+    omitted: set[str] = field(default_factory=set)  # aliases the file left out (tied in config.json)
 
     @property
     def container(self) -> dict:

@@ -57,6 +57,7 @@ def restore_omitted(ckpt: Checkpoint, config: dict | None) -> None:
         if partner is None or not _module_present(name, ckpt):
             continue
         ckpt[name] = _alias(ckpt.tensors[partner])
+        ckpt.omitted.add(name)
         ckpt.notes.append(f"{name} is not in the file: config.json ties it to {partner}; read as its alias")
 
 

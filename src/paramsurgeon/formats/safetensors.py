@@ -283,11 +283,17 @@ _quoted = json.encoder.encode_basestring  # a string as json.dumps(ensure_ascii=
 
 
 def plan(ckpt: Checkpoint, metadata: dict[str, str], dedupe: bool = False):
-    """Which of ``ckpt``'s names to write and the metadata to write with them (ties recorded)."""
+    """Which of ``ckpt``'s names to write and the metadata to write with them (ties recorded).
+
+    Every name of a tie group is written, or its first alone with ``dedupe``; a name the
+    input file left out because its config ties it stays out while it is still tied."""
     tensors = ckpt.tensors
     metadata = {k: v for k, v in metadata.items() if k != TIES_KEY}
     groups = [g for g in ckpt.ties() if _aliases(tensors, g)]
-    dropped = {name for g in groups for name in g[1:]} if dedupe else set()
+    if dedupe:
+        dropped = {name for g in groups for name in g[1:]}
+    else:
+        dropped = {name for g in groups for name in g if name in ckpt.omitted}
     if groups:
         metadata[TIES_KEY] = json.dumps(groups, separators=(",", ":"))
     entries = [(n, t) for n, t in tensors.items() if n not in dropped] if dropped else list(tensors.items())
