@@ -8,6 +8,7 @@ from time import monotonic
 from typing import Callable, Iterator, Optional
 
 from .. import formats
+from ..formats import inputs
 from ..checkpoint import Checkpoint
 from ..report.escape import printable
 from ..selection import Selection
@@ -40,8 +41,10 @@ def emit(text: str) -> None:
     sys.stdout.flush()
 
 
-def open_checkpoint(path: Optional[str], read: Read) -> Checkpoint:
-    """Open ``path`` with the reading options; notes (e.g. which --key was chosen) go to stderr."""
+def open_checkpoint(path: Optional[str], read: Read, role: Optional[str] = "the checkpoint") -> Checkpoint:
+    """Open ``path`` with the reading options, an input in the ``role`` the user gave it ('--against'),
+    which no output may overwrite; notes (e.g. which --key was chosen) go to stderr."""
+    inputs.record(path, role)
     ckpt = formats.load(path, key=read.key, allow_globals=tuple(read.allow_global),
                         unsafe_pickle=read.unsafe_pickle)
     for message in ckpt.notes:
@@ -55,6 +58,7 @@ def source_loader(read: Read) -> Callable[[str, Optional[str]], Checkpoint]:
 
     def load(path: str, key: Optional[str]) -> Checkpoint:
         if (path, key) not in opened:
+            inputs.record(path, "--source")  # unless it was named otherwise first
             opened[path, key] = formats.load(path, key=key, allow_globals=tuple(read.allow_global),
                                              unsafe_pickle=read.unsafe_pickle)
         return opened[path, key]

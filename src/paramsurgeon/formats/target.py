@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from ..checkpoint import Checkpoint
 from ..errors import OutputError, UsageError
 from ..sizes import parse_size
+from .directories import refuse_foreign
+from .files import output_kind
+from .inputs import permit, refuse_overwrite
 
 FORMATS = {"pt": "torch", "torch": "torch", "safetensors": "safetensors", "dcp": "dcp"}
 _EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
@@ -44,13 +47,17 @@ def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None,
     if in_place:
         return _in_place(ckpt, output, fmt, size)
     if output in (None, "-"):
-        return _to_stdout(ckpt, fmt, size)
+        return _to_stream(ckpt, None, fmt, size)
     if _is_input(ckpt, output):
         raise OutputError(f"-o {output} is the input checkpoint; pass --in-place to rewrite it")
+    if output_kind(output) == "stream":  # a FIFO or a device (/dev/null): written through like stdout
+        refuse_overwrite(output)
+        return _to_stream(ckpt, output, fmt, size)
     return _to_path(ckpt, output, fmt, size)
 
 
-def _to_stdout(ckpt: Checkpoint, fmt: str | None, size: int | None) -> Target:
+def _to_stream(ckpt: Checkpoint, path: str | None, fmt: str | None, size: int | None) -> Target:
+    """One file on standard output (``path`` None) or on a FIFO or device, whatever the input's layout."""
     if size:
         raise UsageError("--max-shard-size writes a directory; pass -o DIR")
     family = FORMATS.get(fmt or "", _family(ckpt))
@@ -58,10 +65,13 @@ def _to_stdout(ckpt: Checkpoint, fmt: str | None, size: int | None) -> Target:
         if fmt:
             raise UsageError("--format dcp writes a directory; pass -o DIR")
         family = "torch"  # a DCP input piped on is written as one torch file
-    return Target(None, family)
+    return Target(path, family)
 
 
 def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -> Target:
+    from .dcp import is_own_file as dcp_file
+    from .sharded import checkpoint_files
+
     named = _EXTENSIONS.get(os.path.splitext(output)[1].lower())
     wanted = FORMATS.get(fmt or "")
     if named and wanted and named != wanted:
@@ -79,10 +89,14 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -
     if directory and _holds_input(path, ckpt):
         raise OutputError(f"-o {output} holds the input checkpoint {_place(ckpt)}, which the new checkpoint would"
                           " replace; pass another directory")
+    refuse_overwrite(output)  # every other input of the command
     if family == "dcp" or (directory and _family(ckpt) == "dcp" and not size):
         if size:
             raise UsageError("--max-shard-size writes a Hugging Face sharded directory, not DCP; drop one of them")
+        refuse_foreign(output, path, dcp_file, "a DCP checkpoint")
         return Target(path, "dcp")
+    if directory:
+        refuse_foreign(output, path, checkpoint_files(path).__contains__, "a sharded checkpoint")
     return Target(path, family, directory, size)
 
 
@@ -101,6 +115,7 @@ def _in_place(ckpt: Checkpoint, output: str | None, fmt: str | None, size: int |
         raise UsageError(f"--in-place keeps the input's format, but --max-shard-size would make {place} a sharded"
                          " directory; write it elsewhere with -o DIR")
     _check_rewritable(ckpt, place)
+    permit(place)
     notes = [f"{place} was a legacy (non-zip) torch file; it is rewritten in the zip format torch.save has"
              " written since PyTorch 1.6"] if ckpt.format == "torch-legacy" else []
     return Target(place, family, sharded, size, notes)
