@@ -289,7 +289,8 @@ def test_a_model_directory_is_replaced_and_its_model_files_kept(tmp_path, resnet
     assert run("convert", resnet_pt, "-o", folder, "--max-shard-size", "100KB", "--format", "pt").exit_code == 0
     (folder / "config.json").write_text('{"model_type": "resnet"}')
     (folder / "tokenizer.json").write_text("{}")
-    assert run("convert", resnet_pt, "-o", folder, "--max-shard-size", "200KB", "--format", "safetensors").exit_code == 0
+    result = run("convert", resnet_pt, "-o", folder, "--max-shard-size", "200KB", "--format", "safetensors")
+    assert result.exit_code == 0, result.stderr
     names = os.listdir(folder)
     assert "config.json" in names and "tokenizer.json" in names
     assert not [n for n in names if n.startswith("pytorch_model")]

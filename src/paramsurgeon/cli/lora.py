@@ -31,11 +31,10 @@ def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
     Unchanged tensors are skipped; changed 1-D tensors are saved whole (modules_to_save, or a
     targeted module's bias). Prints each module's relative reconstruction error.
     """
-    from ..ops.lora.extraction import plan_extraction, write_adapter
-
     from ..formats import inputs
     from ..formats.directories import refuse_foreign
     from ..ops.lora.adapter import is_adapter_file
+    from ..ops.lora.extraction import plan_extraction, write_adapter
 
     inputs.record(extract.base, "base")
     inputs.record(extract.tuned, "tuned")

@@ -217,7 +217,8 @@ def write_adapter(extraction: Extraction, folder: str) -> None:
         tensors[f"{PREFIX}{m.name}.{b}"] = from_torch(m.b, owned=True)
     tensors.update(extraction.whole)
     adapter = Checkpoint(source=folder, format="safetensors", root=tensors)
-    with atomic_directory(folder, carry=lambda name: not is_adapter_file(name), owns=is_adapter_file, what="a PEFT adapter") as staging:
+    with atomic_directory(folder, carry=lambda name: not is_adapter_file(name), owns=is_adapter_file,
+                          what="a PEFT adapter") as staging:
         with new_file(os.path.join(staging, WEIGHTS[0])) as sink:
             safetensors.Writer(sink).write(adapter)
         with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as f:
