@@ -91,15 +91,15 @@ def test_link_to_a_device_is_followed_and_both_stay(tmp_path, resnet_pt):
     assert kind(link) == "link" and kind(null) == "char"
 
 
-def test_link_to_a_fifo_carries_the_checkpoint(tmp_path, resnet_pt):
-    fifo, link = tmp_path / "fifo", tmp_path / "out.pt"
+def test_link_to_a_fifo_carries_the_checkpoint_in_the_format_its_name_says(tmp_path, resnet_pt):
+    fifo, link = tmp_path / "fifo", tmp_path / "out.safetensors"
     os.mkfifo(fifo)
     os.symlink(fifo, link)
     thread, received = read_fifo(fifo)
     assert run("convert", resnet_pt, "-o", link).exit_code == 0
     thread.join(60)
     assert kind(link) == "link" and kind(fifo) == "fifo"
-    assert_same_values(torch.load(io.BytesIO(received[0]), weights_only=True), load_torch(resnet_pt))
+    assert_same_values(load_safetensors(received[0]), load_torch(resnet_pt))
 
 
 def test_link_to_a_regular_file_replaces_its_target_and_stays(tmp_path, resnet_pt):
@@ -314,3 +314,13 @@ def test_a_link_to_a_directory_output_stays_a_link(tmp_path, resnet_pt):
     os.symlink(folder, link)
     assert run("convert", resnet_pt, "-o", link, "--max-shard-size", "100KB").exit_code == 0
     assert kind(link) == "link" and any(n.endswith(".index.json") for n in os.listdir(folder))
+
+
+@pytest.mark.rewrites_input
+def test_in_place_keeps_a_model_directory_and_whatever_else_it_holds(tmp_path, resnet_pt):
+    folder = tmp_path / "clone"
+    assert run("convert", resnet_pt, "-o", folder, "--max-shard-size", "100KB").exit_code == 0
+    (folder / "notes.txt").write_text("mine")
+    result = run("zero", folder, "-p", "fc.bias", "--in-place")
+    assert result.exit_code == 0, result.stderr
+    assert (folder / "notes.txt").read_text() == "mine"

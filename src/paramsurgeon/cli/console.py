@@ -8,8 +8,8 @@ from time import monotonic
 from typing import Callable, Iterator, Optional
 
 from .. import formats
-from ..formats import inputs
 from ..checkpoint import Checkpoint
+from ..formats import inputs
 from ..report.escape import printable
 from ..selection import Selection
 from .options import Read

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import formats
-from ..formats import inputs
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError, SelectionError
+from ..formats import inputs
 from ..ops.merge import Merge
 from ..ops.surgery import Step
 from .operations import run_steps

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .. import formats
-from ..formats import inputs
 from ..checkpoint import Checkpoint
 from ..declare import REQUIRED, argument, option
 from ..errors import UsageError
+from ..formats import inputs
 from ..formats.files import refuse_terminal
 from ..ops import OPERATIONS, Operation
 from ..ops.spec import Sources

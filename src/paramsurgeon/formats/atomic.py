@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 from ..errors import OutputError
 from .directories import refuse_foreign
 from .files import Sink, output_kind
-from .inputs import refuse_overwrite
+from .inputs import permitted, refuse_overwrite
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -189,7 +189,8 @@ def atomic_directory(target: str, carry: Callable[[str], bool], owns: Callable[[
     where, target = target, os.path.realpath(target)  # "." cannot be renamed, its full path can
     if os.path.lexists(target) and not os.path.isdir(target):
         raise OutputError(f"'{where}' exists and is not a directory; a sharded or DCP checkpoint is a directory")
-    refuse_foreign(where, target, owns, what)
+    if not permitted(target):  # --in-place keeps what else the input's directory holds
+        refuse_foreign(where, target, owns, what)
     staging = temporary_name(target)
     try:
         os.mkdir(staging)

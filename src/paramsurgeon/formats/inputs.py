@@ -50,13 +50,18 @@ def permit(place: str) -> None:
     _permitted.add(os.path.realpath(place))
 
 
+def permitted(place: str) -> bool:
+    """Whether ``place`` is rewritten in place (what else its directory holds is carried over)."""
+    return os.path.realpath(place) in _permitted
+
+
 def refuse_overwrite(output: str) -> None:
     """Refuse ``output`` if writing it could change an input of the running command.
 
     Raises:
         OutputError: naming the output, the input and its role.
     """
-    if not _opened or os.path.realpath(output) in _permitted:
+    if not _opened or permitted(output):
         return
     out = os.path.realpath(output)
     for path, given in sorted(_opened.items(), key=lambda item: item[1] is None):

@@ -57,10 +57,12 @@ def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None,
 
 
 def _to_stream(ckpt: Checkpoint, path: str | None, fmt: str | None, size: int | None) -> Target:
-    """One file on standard output (``path`` None) or on a FIFO or device, whatever the input's layout."""
+    """One file on standard output (``path`` None) or on a FIFO or device (named by --format, else by
+    its extension, else the input's format), whatever the input's layout."""
     if size:
         raise UsageError("--max-shard-size writes a directory; pass -o DIR")
-    family = FORMATS.get(fmt or "", _family(ckpt))
+    named = _EXTENSIONS.get(os.path.splitext(path or "")[1].lower())
+    family = FORMATS.get(fmt or "", named or _family(ckpt))
     if family == "dcp":
         if fmt:
             raise UsageError("--format dcp writes a directory; pass -o DIR")
