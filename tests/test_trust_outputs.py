@@ -13,7 +13,7 @@ import threading
 
 import pytest
 import torch
-from helpers import digest, file_bytes, load_torch, register_input, run
+from helpers import digest, file_bytes, load_torch, register_input, run, run_process
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
@@ -100,6 +100,15 @@ def test_link_to_a_fifo_carries_the_checkpoint_in_the_format_its_name_says(tmp_p
     thread.join(60)
     assert kind(link) == "link" and kind(fifo) == "fifo"
     assert_same_values(load_safetensors(received[0]), load_torch(resnet_pt))
+
+
+def test_link_to_standard_output_writes_to_the_pipe(tmp_path, resnet_pt):
+    link = tmp_path / "link"
+    os.symlink("/proc/self/fd/1", link)
+    result = run_process("convert", resnet_pt, "-o", link)
+    assert result.returncode == 0, result.stderr
+    assert kind(link) == "link" and os.readlink(link) == "/proc/self/fd/1"
+    assert_same_values(torch.load(io.BytesIO(result.stdout), weights_only=True), load_torch(resnet_pt))
 
 
 def test_link_to_a_regular_file_replaces_its_target_and_stays(tmp_path, resnet_pt):
