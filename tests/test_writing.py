@@ -239,6 +239,6 @@ def test_a_directory_output_may_not_swallow_the_input(tmp_path, resnet_pt):
     before = file_bytes(single)
     result = run("convert", single, "-o", folder, "--max-shard-size", "100KB")
     assert result.exit_code == 2
-    assert result.stderr == (f"paramsurgeon: error: -o {folder} holds the input checkpoint {single}, which the new"
-                             " checkpoint would replace; pass another directory\n")
+    assert result.stderr == (f"paramsurgeon: error: -o {folder} holds the input {single} (the checkpoint); nothing"
+                             " was written; write elsewhere\n")
     assert os.listdir(folder) == ["model.safetensors"] and file_bytes(single) == before

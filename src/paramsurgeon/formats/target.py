@@ -88,10 +88,7 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -
         or (ckpt.format.endswith("sharded") and not named)
     family = wanted or (None if directory else named) or _family(ckpt)
     path = output.rstrip(os.sep) or output
-    if directory and _holds_input(path, ckpt):
-        raise OutputError(f"-o {output} holds the input checkpoint {_place(ckpt)}, which the new checkpoint would"
-                          " replace; pass another directory")
-    refuse_overwrite(output)  # every other input of the command
+    refuse_overwrite(output)  # every input of the command: the output, a directory holding one, inside one
     if family == "dcp" or (directory and _family(ckpt) == "dcp" and not size):
         if size:
             raise UsageError("--max-shard-size writes a Hugging Face sharded directory, not DCP; drop one of them")
@@ -157,16 +154,6 @@ def _place(ckpt: Checkpoint) -> str:
 
 def _is_input(ckpt: Checkpoint, output: str) -> bool:
     return ckpt.path is not None and (_same(ckpt.path, output) or _same(_place(ckpt), output))
-
-
-def _holds_input(folder: str, ckpt: Checkpoint) -> bool:
-    """Whether writing a checkpoint into ``folder`` would remove the input (model.safetensors in it)."""
-    if ckpt.path is None or not os.path.isdir(folder):
-        return False
-    from .sharded import checkpoint_files
-
-    place = _place(ckpt)
-    return _same(os.path.dirname(os.path.abspath(place)), folder) and os.path.basename(place) in checkpoint_files(folder)
 
 
 def _same(a: str, b: str) -> bool:
