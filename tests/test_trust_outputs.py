@@ -139,6 +139,18 @@ def test_a_full_device_is_exit_2_with_one_line(tmp_path, resnet_pt):
     assert kind(full) == "char"
 
 
+@pytest.mark.parametrize("command", [["zero", "-p", "fc.bias", "-o", "-"], ["inspect"], ["inspect", "--json"]],
+                         ids=["checkpoint", "table", "json"])
+def test_standard_output_on_a_full_device_is_exit_2_with_one_line(tmp_path, resnet_pt, command):
+    full = twin(tmp_path / "full", FULL)
+    with open(full, "wb") as stdout:
+        result = subprocess.run([sys.executable, "-m", "paramsurgeon", command[0], resnet_pt, *command[1:]],
+                                stdout=stdout, stderr=subprocess.PIPE, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == (b"paramsurgeon: error: cannot write to standard output: No space left on device; what"
+                             b" was written is incomplete\n")
+
+
 def test_a_socket_is_refused(tmp_path, resnet_pt):
     path = tmp_path / "sock"
     server = socket.socket(socket.AF_UNIX)

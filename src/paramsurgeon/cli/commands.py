@@ -5,7 +5,6 @@ the library is imported when the command runs, so --help starts fast.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import typer
@@ -269,8 +268,7 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     findings = health.diagnose(checkpoint, {n: stats[n] for n in health.checked_names(checkpoint, floats)})
     page = html.report_page(result, findings, changes, other.source if other else None).encode()
     if options.output == "-":
-        sys.stdout.buffer.write(page)
-        sys.stdout.flush()
+        emit(page)
         return
     with output_file(options.output) as sink:
         sink.write(page)

@@ -9,6 +9,7 @@ from typing import Callable, Iterator, Optional
 
 from .. import formats
 from ..checkpoint import Checkpoint
+from ..errors import OutputError
 from ..formats import inputs
 from ..report.escape import printable
 from ..selection import Selection
@@ -34,11 +35,19 @@ def terminal_width() -> Optional[int]:
     return shutil.get_terminal_size().columns if stdout_is_terminal() else None
 
 
-def emit(text: str) -> None:
+def emit(text: str | bytes) -> None:
     """Write a result to standard output as rendered (report/ escaped what came from the file
-    before styling it)."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    before styling it); a failed write (a full disk, a device error) is an OutputError."""
+    try:
+        if isinstance(text, bytes):
+            sys.stdout.buffer.write(text)
+        else:
+            sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise  # the reader went away: the command ends quietly
+    except OSError as e:
+        raise OutputError(f"cannot write to standard output: {e.strerror or e}; what was written is incomplete") from e
 
 
 def open_checkpoint(path: Optional[str], read: Read, role: Optional[str] = "the checkpoint") -> Checkpoint:
