@@ -17,8 +17,9 @@ MODEL_FILES = frozenset({
     "added_tokens.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
     "merges.txt", "preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json",
     "README.md", ".gitattributes", "LICENSE",
+    ".cache",  # huggingface_hub's record of a download into a local directory
 })
-_MODEL_PATTERNS = re.compile(r"vocab\.\w+|.*\.tiktoken|.*\.paramsurgeon-\d+-[0-9a-f]{8}\.tmp(\.old)?")
+_MODEL_PATTERNS = re.compile(r"tokenizer[\w.-]*|vocab\.\w+|.*\.spm|.*\.tiktoken")  # tokenizer.model.v3, vocab.bpe
 _SHOWN = 5
 
 
