@@ -79,5 +79,5 @@ def test_dcp_output_replaces_a_dcp_directory_only(tmp_path, resnet_pt):
     other.mkdir()
     (other / "cat.jpg").write_bytes(b"meow")
     refused = run("convert", resnet_pt, "-o", other, "--format", "dcp")
-    assert refused.exit_code == 2 and "not a DCP checkpoint" in refused.stderr
+    assert refused.exit_code == 2 and "holds cat.jpg, which is not part of a DCP checkpoint" in refused.stderr
     assert (other / "cat.jpg").read_bytes() == b"meow"

@@ -262,7 +262,7 @@ def test_sigkill_while_replacing_a_dcp_directory_leaves_old_or_new(request, tmp_
     folder = tmp_path / "dcp"
     states = {"medium.pt": state, "negated.pt": {n: -t for n, t in state.items()}}
     duration = timed("convert", source / "negated.pt", "-o", folder, "--format", "dcp")
-    (folder / "notes.txt").write_text("run 7")
+    (folder / "config.json").write_text("run 7")
     current = states["negated.pt"]
     rng = random.Random("dcp")
     for _ in range(KILLS // 2):
@@ -272,8 +272,8 @@ def test_sigkill_while_replacing_a_dcp_directory_leaves_old_or_new(request, tmp_
         loaded = dcp_state(folder, tmp_path / "scratch.pt")
         assert same(loaded, current) or same(loaded, states[name])
         current = loaded
-        assert (folder / "notes.txt").read_text() == "run 7"
-        assert sorted(p for p in os.listdir(folder) if not p.endswith(".distcp")) == [".metadata", "notes.txt"]
+        assert (folder / "config.json").read_text() == "run 7"
+        assert sorted(p for p in os.listdir(folder) if not p.endswith(".distcp")) == [".metadata", "config.json"]
     assert run("convert", source / "medium.pt", "-o", folder, "--format", "dcp").exit_code == 0
     assert same(dcp_state(folder, tmp_path / "scratch.pt"), state)
     assert temporaries(tmp_path) == []

@@ -505,9 +505,9 @@ def test_extract_errors(request, tmp_path, llama_base):
                  "-x", "new.*", "-x", "pos_embed")
     assert result.exit_code == 0 and (tmp_path / "out" / "adapter_config.json").exists()
     result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit-tuned.pt", "-o", tmp_path, "--rank", "2")
-    assert result.exit_code == 2 and result.stderr == (f"paramsurgeon: error: extract-lora: -o {tmp_path} would"
-                                                       f" replace the directory holding {tmp_path / 'vit.pt'};"
-                                                       " write the adapter elsewhere\n")
+    assert result.exit_code == 2 and result.stderr == (f"paramsurgeon: error: -o {tmp_path} holds the input"
+                                                       f" {tmp_path / 'vit.pt'} (base); nothing was written;"
+                                                       " write elsewhere\n")
     result = run("extract-lora", tmp_path / "vit.pt", tmp_path / "vit.pt", "-o", tmp_path / "same", "--rank", "2")
     assert result.exit_code == 2 and not (tmp_path / "same").exists()
     assert result.stderr == (f"paramsurgeon: error: extract-lora: {tmp_path / 'vit.pt'} and {tmp_path / 'vit.pt'} hold"

@@ -213,12 +213,17 @@ def test_a_directory_with_two_indexes_is_ambiguous(tmp_path, resnet_pt):
     assert run("inspect", "--no-stats", folder / "pytorch_model.bin.index.json").exit_code == 0
 
 
-def test_dcp_output_keeps_files_beside_the_checkpoint(tmp_path, resnet_pt, training_pt):
+def test_dcp_output_keeps_model_files_beside_the_checkpoint_and_refuses_others(tmp_path, resnet_pt, training_pt):
     folder = tmp_path / "dcp"
     assert run("convert", training_pt, "-o", folder, "--format", "dcp").exit_code == 0
     (folder / "notes.txt").write_text("run 7")
+    refused = run("convert", resnet_pt, "-o", folder, "--format", "dcp")
+    assert refused.exit_code == 2
+    assert refused.stderr == (f"paramsurgeon: error: -o {folder} holds notes.txt, which is not part of a DCP"
+                              " checkpoint; nothing was written; pass a new or empty directory\n")
+    os.rename(folder / "notes.txt", folder / "config.json")
     assert run("convert", resnet_pt, "-o", folder, "--format", "dcp").exit_code == 0
-    assert (folder / "notes.txt").read_text() == "run 7"
+    assert (folder / "config.json").read_text() == "run 7"
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     dcp_to_torch_save(folder, tmp_path / "back.pt")
@@ -234,6 +239,6 @@ def test_a_directory_output_may_not_swallow_the_input(tmp_path, resnet_pt):
     before = file_bytes(single)
     result = run("convert", single, "-o", folder, "--max-shard-size", "100KB")
     assert result.exit_code == 2
-    assert result.stderr == (f"paramsurgeon: error: -o {folder} holds the input checkpoint {single}, which the new"
-                             " checkpoint would replace; pass another directory\n")
+    assert result.stderr == (f"paramsurgeon: error: -o {folder} holds the input {single} (the checkpoint); nothing"
+                             " was written; write elsewhere\n")
     assert os.listdir(folder) == ["model.safetensors"] and file_bytes(single) == before

@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 
 from .. import bulk
 from ..errors import ParamSurgeonError
+from ..formats import inputs
 from . import commands
 from .build import command, described, groups_of
 
@@ -21,8 +22,20 @@ from .build import command, described, groups_of
 _CLICK_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
+class _PipeClosed(Exception):
+    """The reader of standard output (or of a FIFO output) went away: not an OSError, which click
+    would turn into exit 1, the code diff and check keep for findings."""
+
+
 class _Group(TyperGroup):
     """Runs a command and maps every failure to one stderr line and an exit code."""
+
+    def invoke(self, ctx):
+        with inputs.recording():  # what the command opens, no output of it may overwrite
+            try:
+                return super().invoke(ctx)
+            except BrokenPipeError as e:
+                raise _PipeClosed from e
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
@@ -47,15 +60,24 @@ class _Group(TyperGroup):
             code = 130
         except KeyboardInterrupt:
             code = _fail("interrupted; nothing was written", 130, debug)
-        except BrokenPipeError:
-            sys.stderr.close()
-            code = 141
+        except (BrokenPipeError, _PipeClosed):
+            _quiet_stdout()
+            code = 141  # as the shell reports a command ended by SIGPIPE
         except Exception as e:  # a bug in paramsurgeon, not a user error
             code = _fail(f"internal error (a bug in paramsurgeon): {type(e).__name__}: {e}; please report it, with the"
                          " traceback --debug shows", 3, debug)
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def _quiet_stdout() -> None:
+    """Standard output's reader is gone: point it at nothing, so that the flush at exit raises no
+    second BrokenPipeError (Python's documented way)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _fail(message: str, code: int, debug: bool) -> int:

@@ -5,7 +5,6 @@ the library is imported when the command runs, so --help starts fast.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import typer
@@ -245,14 +244,17 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     from ..analysis import drift, health
     from ..analysis.inspection import inspect as inspect_checkpoint
     from ..dtypes import BY_NAME
-    from ..formats.atomic import atomic_file
+    from ..formats.atomic import output_file
+    from ..formats.inputs import refuse_overwrite
     from ..report import html
     from ..sizes import human_bytes, plural
 
     html.require_matplotlib()
-    checkpoint = open_checkpoint(given.ckpt, read)
+    checkpoint = open_checkpoint(given.ckpt, read, "the checkpoint")
     names = selected_names(checkpoint, select)
-    other = open_checkpoint(options.against, read) if options.against is not None else None
+    other = open_checkpoint(options.against, read, "--against") if options.against is not None else None
+    if options.output != "-":
+        refuse_overwrite(options.output)  # before the work
     result = inspect_checkpoint(checkpoint, names, stats=False)
     floats = [r.name for r in result.rows if BY_NAME[r.dtype].floating]
     size = sum(checkpoint.tensors[n].nbytes for n in floats) * (3 if other else 1)
@@ -266,10 +268,9 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     findings = health.diagnose(checkpoint, {n: stats[n] for n in health.checked_names(checkpoint, floats)})
     page = html.report_page(result, findings, changes, other.source if other else None).encode()
     if options.output == "-":
-        sys.stdout.buffer.write(page)
-        sys.stdout.flush()
+        emit(page)
         return
-    with atomic_file(options.output) as sink:
+    with output_file(options.output) as sink:
         sink.write(page)
     note(f"wrote {options.output} ({human_bytes(len(page))}: {plural(len(result.rows), 'tensor')},"
          f" {plural(len(findings), 'finding')})")

@@ -9,6 +9,8 @@ from typing import Callable, Iterator, Optional
 
 from .. import formats
 from ..checkpoint import Checkpoint
+from ..errors import OutputError
+from ..formats import inputs
 from ..report.escape import printable
 from ..selection import Selection
 from .options import Read
@@ -33,15 +35,25 @@ def terminal_width() -> Optional[int]:
     return shutil.get_terminal_size().columns if stdout_is_terminal() else None
 
 
-def emit(text: str) -> None:
+def emit(text: str | bytes) -> None:
     """Write a result to standard output as rendered (report/ escaped what came from the file
-    before styling it)."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    before styling it); a failed write (a full disk, a device error) is an OutputError."""
+    try:
+        if isinstance(text, bytes):
+            sys.stdout.buffer.write(text)
+        else:
+            sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise  # the reader went away: the command ends quietly
+    except OSError as e:
+        raise OutputError(f"cannot write to standard output: {e.strerror or e}; what was written is incomplete") from e
 
 
-def open_checkpoint(path: Optional[str], read: Read) -> Checkpoint:
-    """Open ``path`` with the reading options; notes (e.g. which --key was chosen) go to stderr."""
+def open_checkpoint(path: Optional[str], read: Read, role: Optional[str] = "the checkpoint") -> Checkpoint:
+    """Open ``path`` with the reading options, an input in the ``role`` the user gave it ('--against'),
+    which no output may overwrite; notes (e.g. which --key was chosen) go to stderr."""
+    inputs.record(path, role)
     ckpt = formats.load(path, key=read.key, allow_globals=tuple(read.allow_global),
                         unsafe_pickle=read.unsafe_pickle)
     for message in ckpt.notes:
@@ -55,6 +67,7 @@ def source_loader(read: Read) -> Callable[[str, Optional[str]], Checkpoint]:
 
     def load(path: str, key: Optional[str]) -> Checkpoint:
         if (path, key) not in opened:
+            inputs.record(path, "--source")  # unless it was named otherwise first
             opened[path, key] = formats.load(path, key=key, allow_globals=tuple(read.allow_global),
                                              unsafe_pickle=read.unsafe_pickle)
         return opened[path, key]

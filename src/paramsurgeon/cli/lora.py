@@ -31,10 +31,17 @@ def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
     Unchanged tensors are skipped; changed 1-D tensors are saved whole (modules_to_save, or a
     targeted module's bias). Prints each module's relative reconstruction error.
     """
+    from ..formats import inputs
+    from ..formats.directories import refuse_foreign
+    from ..ops.lora.adapter import is_adapter_file
     from ..ops.lora.extraction import plan_extraction, write_adapter
 
+    inputs.record(extract.base, "base")
+    inputs.record(extract.tuned, "tuned")
     load = source_loader(read)
     base, tuned = load(extract.base, read.key), load(extract.tuned, read.key)
+    inputs.refuse_overwrite(extract.output)  # before the work, and with --dry-run as without
+    refuse_foreign(extract.output, extract.output, is_adapter_file, "a PEFT adapter")
     extraction = plan_extraction(extract, base, tuned, compute=not run.dry_run)
     for message in extraction.notes:
         note(f"extract-lora: {message}")

@@ -8,6 +8,7 @@ from typing import Optional
 from .. import formats
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError, SelectionError
+from ..formats import inputs
 from ..ops.merge import Merge
 from ..ops.surgery import Step
 from .operations import run_steps
@@ -25,6 +26,9 @@ def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery) -> None:
     The first checkpoint (the --base for task methods) is the one written: tensors that are not
     merged (integers, unselected) and the rest of the file come from it.
     """
+    for number, path in enumerate(merge.inputs, 1):
+        inputs.record(path, f"merge input {number}")
+    inputs.record(merge.base, "--base")
     run_steps("merge", merge.written, [Step(merge)], None, read, write, surgery, sources=_loader(read))
 
 

@@ -12,6 +12,7 @@ from .. import formats
 from ..checkpoint import Checkpoint
 from ..declare import REQUIRED, argument, option
 from ..errors import UsageError
+from ..formats import inputs
 from ..formats.files import refuse_terminal
 from ..ops import OPERATIONS, Operation
 from ..ops.spec import Sources
@@ -44,6 +45,7 @@ def apply_recipe(recipe: Recipe, read: Read, write: Write, surgery: Surgery) -> 
     if len(recipe.paths) > 2:
         raise UsageError("apply: pass the checkpoint and one recipe")
     path, recipe_path = (recipe.paths[0], recipe.paths[1]) if len(recipe.paths) == 2 else (None, recipe.paths[0])
+    inputs.record(recipe_path, "the recipe")
     steps, seed = recipes.parse(recipes.read(recipe_path), recipe_path)
     run_steps("apply", path, steps, seed if seed is not None else recipe.seed, read, write, surgery)
 
@@ -56,8 +58,11 @@ def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Option
     for message in notes:
         note(f"{command}: {message}")
     sources = sources or source_loader(read)
+    inputs.record(path, "the checkpoint")
     ckpt, target = _open_for_writing(sources(path, read.key), write, surgery)
     planned = rehearse(ckpt, steps, sources)
+    if target.path is not None:
+        inputs.refuse_overwrite(target.path)  # the inputs the steps opened (--source), as a real run
     for step, plan, _ in planned:
         for message in plan.notes:
             note(f"{command}: {step.short + ': ' if step.short else ''}{message}")

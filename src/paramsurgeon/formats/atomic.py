@@ -27,7 +27,9 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from ..errors import OutputError
-from .files import Sink
+from .directories import refuse_foreign
+from .files import Sink, output_kind
+from .inputs import permitted, refuse_overwrite
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -99,12 +101,44 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
+def output_file(target: str) -> Iterator[Sink]:
+    """The output file ``-o target``: a FIFO or character device (through any link) is written
+    through as a stream; a regular file, or a link to one, is replaced atomically (the link
+    stays); a new name becomes a regular file. Never an input of the running command."""
+    if output_kind(target) != "stream":
+        with atomic_file(target) as sink:
+            yield sink
+        return
+    refuse_overwrite(target)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise OutputError(f"cannot write '{target}': {e.strerror}; nothing was written") from e
+    try:
+        if os.isatty(fd):
+            raise OutputError(f"-o {target} is a terminal; refusing to write a binary checkpoint to it;"
+                              " redirect it (> out.pt), pipe it, or pass a file")
+        sink = Sink(fd=fd, name=target)
+        yield sink
+        sink.flush()
+    except BrokenPipeError:
+        raise  # the reader went away: the command ends quietly
+    except OSError as e:
+        raise OutputError(f"cannot write '{target}': {e.strerror or e}; what was written is incomplete") from e
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def atomic_file(target: str) -> Iterator[Sink]:
     """Write ``target`` through a temporary file beside it: flushed, fsynced, renamed.
 
-    A file it replaces keeps its mode (and owner, where permitted). On any failure the
-    temporary file is removed and ``target`` is untouched.
+    A file it replaces keeps its mode (and owner, where permitted); a symbolic link is
+    followed, and the file it names replaced. On any failure the temporary file is removed
+    and ``target`` is untouched.
     """
+    refuse_overwrite(target)
+    where, target = target, os.path.realpath(target) if os.path.islink(target) else target
     tmp = temporary_name(target)
     try:
         with new_file(tmp, like=target) as sink:
@@ -120,7 +154,7 @@ def atomic_file(target: str) -> Iterator[Sink]:
     except BaseException as e:
         _remove(tmp)
         if isinstance(e, OSError):
-            raise OutputError(f"cannot write '{target}': {e.strerror or e}; nothing was written") from e
+            raise OutputError(f"cannot write '{where}': {e.strerror or e}; nothing was written") from e
         raise
 
 
@@ -141,16 +175,22 @@ def new_file(path: str, like: str | None = None) -> Iterator[Sink]:
 
 
 @contextmanager
-def atomic_directory(target: str, carry: Callable[[str], bool]) -> Iterator[str]:
+def atomic_directory(target: str, carry: Callable[[str], bool], owns: Callable[[str], bool],
+                     what: str) -> Iterator[str]:
     """Build the new ``target`` directory in the staging directory yielded, then swap it in whole.
 
-    Entries of the old directory for which ``carry(name)`` is true (a config.json beside
-    the shards) are carried over by hard link, unless the new directory holds that name.
-    On failure before the swap the staging directory is removed and ``target`` is untouched.
+    The old directory may hold only ``what`` the new one replaces (``owns(name)``) and model
+    files (directories.MODEL_FILES), else it is refused. Entries for which ``carry(name)`` is
+    true (a config.json beside the shards) are carried over by hard link, unless the new
+    directory holds that name. A symbolic link is followed. On failure before the swap the
+    staging directory is removed and ``target`` is untouched.
     """
-    where, target = target, os.path.abspath(target)  # "." cannot be renamed, its full path can
+    refuse_overwrite(target)
+    where, target = target, os.path.realpath(target)  # "." cannot be renamed, its full path can
     if os.path.lexists(target) and not os.path.isdir(target):
         raise OutputError(f"'{where}' exists and is not a directory; a sharded or DCP checkpoint is a directory")
+    if not permitted(target):  # --in-place keeps what else the input's directory holds
+        refuse_foreign(where, target, owns, what)
     staging = temporary_name(target)
     try:
         os.mkdir(staging)

@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
-from ..errors import CorruptCheckpointError, OutputError
+from ..errors import CorruptCheckpointError
 from . import dcpchunks, dcpwriter, pickles
 from .atomic import atomic_directory
 
@@ -159,9 +159,8 @@ class Writer:
 
     def write(self, ckpt: Checkpoint) -> None:
         """Save ``ckpt`` (every entry of the file) as a DCP directory."""
-        if os.path.isdir(self.folder) and not is_dcp(self.folder) and os.listdir(self.folder):
-            raise OutputError(f"'{self.folder}' is a directory that is not a DCP checkpoint; refusing to replace it")
-        with atomic_directory(self.folder, carry=lambda name: not is_own_file(name)) as staging:
+        with atomic_directory(self.folder, carry=lambda name: not is_own_file(name), owns=is_own_file,
+                              what="a DCP checkpoint") as staging:
             dcpwriter.write(staging, ckpt.root, ckpt.source)
 
 

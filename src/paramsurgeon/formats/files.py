@@ -272,6 +272,26 @@ def refuse_terminal() -> None:
                           " redirect it (> out.pt), pipe it, or pass -o PATH")
 
 
+def output_kind(path: str) -> str:
+    """What ``-o path`` names, through any link: 'missing', 'file', 'directory' or 'stream' (a
+    FIFO or a character device, written through like standard output); refuses other kinds."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': {e.strerror}; nothing was written") from e
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        return "stream"
+    kind = "a socket" if stat.S_ISSOCK(mode) else "a block device" if stat.S_ISBLK(mode) else "a special file"
+    raise OutputError(f"-o {path} is {kind}; an output is a regular file, a directory, a FIFO or a character"
+                      " device; nothing was written")
+
+
 def stdout_sink() -> Sink:
     """A sink on standard output; refuses a terminal."""
     stream = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout

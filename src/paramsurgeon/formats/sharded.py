@@ -142,7 +142,8 @@ class Writer:
         # so that a shard whose tensors did not change stays the same file.
         shard_metadata = metadata if len(shards) == 1 else {k: v for k, v in metadata.items() if k == "format"}
         owned = checkpoint_files(self.folder)
-        with atomic_directory(self.folder, carry=lambda name: name not in owned) as staging:
+        with atomic_directory(self.folder, carry=lambda name: name not in owned, owns=owned.__contains__,
+                              what="a sharded checkpoint") as staging:
             for name, shard in zip(names, shards):
                 part = Checkpoint(source=os.path.join(self.folder, name), format=self.family,
                                   root=OrderedDict(shard), metadata=shard_metadata)

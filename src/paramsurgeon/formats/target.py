@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from ..checkpoint import Checkpoint
 from ..errors import OutputError, UsageError
 from ..sizes import parse_size
+from .directories import refuse_foreign
+from .files import output_kind
+from .inputs import permit, refuse_overwrite
 
 FORMATS = {"pt": "torch", "torch": "torch", "safetensors": "safetensors", "dcp": "dcp"}
 _EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
@@ -44,24 +47,33 @@ def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None,
     if in_place:
         return _in_place(ckpt, output, fmt, size)
     if output in (None, "-"):
-        return _to_stdout(ckpt, fmt, size)
+        return _to_stream(ckpt, None, fmt, size)
     if _is_input(ckpt, output):
         raise OutputError(f"-o {output} is the input checkpoint; pass --in-place to rewrite it")
+    if output_kind(output) == "stream":  # a FIFO or a device (/dev/null): written through like stdout
+        refuse_overwrite(output)
+        return _to_stream(ckpt, output, fmt, size)
     return _to_path(ckpt, output, fmt, size)
 
 
-def _to_stdout(ckpt: Checkpoint, fmt: str | None, size: int | None) -> Target:
+def _to_stream(ckpt: Checkpoint, path: str | None, fmt: str | None, size: int | None) -> Target:
+    """One file on standard output (``path`` None) or on a FIFO or device (named by --format, else by
+    its extension, else the input's format), whatever the input's layout."""
     if size:
         raise UsageError("--max-shard-size writes a directory; pass -o DIR")
-    family = FORMATS.get(fmt or "", _family(ckpt))
+    named = _EXTENSIONS.get(os.path.splitext(path or "")[1].lower())
+    family = FORMATS.get(fmt or "", named or _family(ckpt))
     if family == "dcp":
         if fmt:
             raise UsageError("--format dcp writes a directory; pass -o DIR")
         family = "torch"  # a DCP input piped on is written as one torch file
-    return Target(None, family)
+    return Target(path, family)
 
 
 def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -> Target:
+    from .dcp import is_own_file as dcp_file
+    from .sharded import checkpoint_files
+
     named = _EXTENSIONS.get(os.path.splitext(output)[1].lower())
     wanted = FORMATS.get(fmt or "")
     if named and wanted and named != wanted:
@@ -76,13 +88,14 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -
         or (ckpt.format.endswith("sharded") and not named)
     family = wanted or (None if directory else named) or _family(ckpt)
     path = output.rstrip(os.sep) or output
-    if directory and _holds_input(path, ckpt):
-        raise OutputError(f"-o {output} holds the input checkpoint {_place(ckpt)}, which the new checkpoint would"
-                          " replace; pass another directory")
+    refuse_overwrite(output)  # every input of the command: the output, a directory holding one, inside one
     if family == "dcp" or (directory and _family(ckpt) == "dcp" and not size):
         if size:
             raise UsageError("--max-shard-size writes a Hugging Face sharded directory, not DCP; drop one of them")
+        refuse_foreign(output, path, dcp_file, "a DCP checkpoint")
         return Target(path, "dcp")
+    if directory:
+        refuse_foreign(output, path, checkpoint_files(path).__contains__, "a sharded checkpoint")
     return Target(path, family, directory, size)
 
 
@@ -101,6 +114,7 @@ def _in_place(ckpt: Checkpoint, output: str | None, fmt: str | None, size: int |
         raise UsageError(f"--in-place keeps the input's format, but --max-shard-size would make {place} a sharded"
                          " directory; write it elsewhere with -o DIR")
     _check_rewritable(ckpt, place)
+    permit(place)
     notes = [f"{place} was a legacy (non-zip) torch file; it is rewritten in the zip format torch.save has"
              " written since PyTorch 1.6"] if ckpt.format == "torch-legacy" else []
     return Target(place, family, sharded, size, notes)
@@ -140,16 +154,6 @@ def _place(ckpt: Checkpoint) -> str:
 
 def _is_input(ckpt: Checkpoint, output: str) -> bool:
     return ckpt.path is not None and (_same(ckpt.path, output) or _same(_place(ckpt), output))
-
-
-def _holds_input(folder: str, ckpt: Checkpoint) -> bool:
-    """Whether writing a checkpoint into ``folder`` would remove the input (model.safetensors in it)."""
-    if ckpt.path is None or not os.path.isdir(folder):
-        return False
-    from .sharded import checkpoint_files
-
-    place = _place(ckpt)
-    return _same(os.path.dirname(os.path.abspath(place)), folder) and os.path.basename(place) in checkpoint_files(folder)
 
 
 def _same(a: str, b: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 from ..checkpoint import Checkpoint
 from ..errors import OutputError
 from . import dcp, safetensors, sharded, torchzip
-from .atomic import atomic_file
+from .atomic import output_file
 from .files import Sink, stdout_sink
 from .target import Target
 
@@ -48,7 +48,8 @@ def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = 
 
 
 class SingleFile:
-    """One file, at ``path`` (replaced atomically) or on standard output (``path`` None)."""
+    """One file, at ``path`` (replaced atomically, or written through if it is a FIFO or a device;
+    atomic.output_file) or on standard output (``path`` None)."""
 
     def __init__(self, path: str | None, file_writer: Callable[[Sink, str | None, Progress | None], Writer],
                  progress: Progress | None = None):
@@ -56,7 +57,7 @@ class SingleFile:
 
     def write(self, ckpt: Checkpoint) -> None:
         if self.path is not None:
-            with atomic_file(self.path) as sink:
+            with output_file(self.path) as sink:
                 self.file_writer(sink, self.path, self.progress).write(ckpt)
             return
         try:

@@ -113,12 +113,15 @@ def merge_lora(ckpt: Any, adapter: str, *, key: str | None = None, **options) ->
 def extract_lora(base: str, tuned: str, output: str, *, rank: int, key: str | None = None, **options) -> list[dict]:
     """Write to ``output`` a LoRA adapter whose merge into ``base`` approximates ``tuned``; returns one
     entry per module (module, rank, relative reconstruction error) and per tensor saved whole."""
-    from ...formats import load
+    from ...formats import inputs, load
     from .extraction import plan_extraction, write_adapter
 
     operation = ExtractLora(base=base, tuned=tuned, output=output, rank=rank, **options)
-    extraction = plan_extraction(operation, load(base, key=key), load(tuned, key=key))
-    write_adapter(extraction, output)
+    with inputs.recording():  # the adapter may not replace either input
+        inputs.record(base, "base")
+        inputs.record(tuned, "tuned")
+        extraction = plan_extraction(operation, load(base, key=key), load(tuned, key=key))
+        write_adapter(extraction, output)
     return extraction.rows
 
 

@@ -19,10 +19,18 @@ from dataclasses import dataclass, field
 
 from ...checkpoint import Checkpoint, Tensor
 from ...errors import InputError, PlanError
+from ...formats.inputs import record
 from ...parsing import parse_document
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def is_adapter_file(name: str) -> bool:
+    """Whether ``name`` in a directory is part of a PEFT adapter (what extract-lora replaces)."""
+    return name == CONFIG or name in WEIGHTS
+
+
 PREFIX = "base_model.model."
 _PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias", "lora_embedding_A": "A",
           "lora_embedding_B": "B", "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude"}
@@ -89,6 +97,7 @@ def read_adapter(path: str, load) -> Adapter:
     if not os.path.isdir(path):
         raise InputError(f"merge-lora: '{path}' is not a directory; an adapter is the directory save_pretrained"
                          f" writes, with {CONFIG} and {WEIGHTS[0]}")
+    record(path, "the adapter")
     config_path = os.path.join(path, CONFIG)
     try:
         with open(config_path, encoding="utf-8") as f:

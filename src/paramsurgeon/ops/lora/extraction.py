@@ -23,10 +23,10 @@ from ...checkpoint import Checkpoint, Storage, Tensor
 from ...checkpoint.kinds import infer_kinds, split_name
 from ...checkpoint.tensor import same_values
 from ...dtypes import DType
-from ...errors import PlanError, UsageError
+from ...errors import PlanError
 from ..plan import fail, names_list
 from ..values import cast_target, copy_of
-from .adapter import CONFIG, PREFIX, WEIGHTS
+from .adapter import CONFIG, PREFIX, WEIGHTS, is_adapter_file
 from .layouts import weight_layouts
 
 
@@ -68,11 +68,6 @@ class Extraction:
 
 def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = True) -> Extraction:
     """Check the inputs, find what changed and, with ``compute``, take each delta's SVD."""
-    folder = os.path.realpath(op.output)
-    inside = [p for p in (base.path, tuned.path) if p and os.path.commonpath([folder, os.path.realpath(p)]) == folder]
-    if inside:
-        raise UsageError(f"extract-lora: -o {op.output} would replace the directory holding {inside[0]}; write the"
-                         " adapter elsewhere")
     theirs = tuned.tensors
     universe = {**base.tensors, **{n: t for n, t in theirs.items() if n not in base.tensors}}
     names, warnings = op.choose(universe, base.key)
@@ -222,7 +217,8 @@ def write_adapter(extraction: Extraction, folder: str) -> None:
         tensors[f"{PREFIX}{m.name}.{b}"] = from_torch(m.b, owned=True)
     tensors.update(extraction.whole)
     adapter = Checkpoint(source=folder, format="safetensors", root=tensors)
-    with atomic_directory(folder, carry=lambda name: False) as staging:
+    with atomic_directory(folder, carry=lambda name: not is_adapter_file(name), owns=is_adapter_file,
+                          what="a PEFT adapter") as staging:
         with new_file(os.path.join(staging, WEIGHTS[0])) as sink:
             safetensors.Writer(sink).write(adapter)
         with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as f:
