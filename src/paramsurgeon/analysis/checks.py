@@ -110,7 +110,7 @@ def run_rules(ckpt: Checkpoint, names: list[str], *, finite: bool = False, max_a
             if stats is None:
                 continue
             if finite and (stats.nan or stats.inf):
-                finite_rule.add(name, f"has {stats.nan} NaN and {stats.inf} Inf of {tensor.numel} values")
+                finite_rule.add(name, f"has {stats.nan:,} NaN and {stats.inf:,} Inf of {plural(tensor.numel, 'value')}")
             broken = _beyond(stats, max_abs, tensor.numel) if max_abs is not None else None
             if broken:
                 bound_rule.add(name, broken)
@@ -156,5 +156,5 @@ def _beyond(stats, bound: float, numel: int) -> str | None:
     if stats.abs_max is not None and stats.abs_max > bound:
         return f"reaches |x| = {stats.abs_max:g} > {bound:g}"
     if stats.nan:
-        return f"has {plural(stats.nan, 'NaN')} of {numel:,} values: no bound holds"
+        return f"has {plural(stats.nan, 'NaN')} of {plural(numel, 'value')}: no bound holds"
     return None

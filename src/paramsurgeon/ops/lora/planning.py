@@ -9,6 +9,7 @@ from typing import Callable
 
 from ...checkpoint import Checkpoint, Tensor
 from ...errors import PlanError
+from ...sizes import plural
 from ..plan import Change, Plan, fail, names_list
 from .adapter import Adapter, Pair
 
@@ -93,7 +94,7 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
         magnitude = pair.tensors.get("magnitude")
         out = tensors[weight].shape[1] if layout in ("transposed", "embedding") else tensors[weight].shape[0]
         if magnitude is not None and magnitude.numel != out:
-            problems.append(f"'{pair.keys['magnitude']}' has {magnitude.numel} values for {out} output features")
+            problems.append(f"'{pair.keys['magnitude']}' has {plural(magnitude.numel, 'value')} for {plural(out, 'output feature')}")
     if unmatched_modules:
         n = len(unmatched_modules)
         problems.insert(0, f"{n} adapted module{'s match' if n > 1 else ' matches'} no tensor of {ckpt.source}:"
@@ -125,7 +126,7 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
                           f" {str(fan_in_fan_out).lower()}: {names_list(against_config, 3)}; followed the"
                           " shapes (square weights follow the config)")
     if replaced and op.scale != 1:
-        plan.notes.append(f"note: --scale does not apply to the {len(replaced)} tensors the adapter replaces whole")
+        plan.notes.append(f"note: --scale does not apply to {plural(len(replaced), 'tensor')} the adapter replaces whole")
     return plan
 
 
@@ -260,7 +261,7 @@ def _compute(fold: Fold, like: Tensor, allow_overflow: bool) -> Callable:
         if not allow_overflow and not -like.dtype.largest <= low <= high <= like.dtype.largest:
             count = new_nonfinite(values, start)
             if count:
-                raise PlanError(f"merge-lora: {count:,} of {values.numel():,} values of '{fold.name}' would become Inf"
+                raise PlanError(f"merge-lora: {count:,} of {plural(values.numel(), 'value')} of '{fold.name}' would become Inf"
                                 f" or NaN ({like.dtype.name} cannot hold them); nothing was written; pass"
                                 " --allow-overflow to write them anyway")
         return values
