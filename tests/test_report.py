@@ -225,12 +225,19 @@ def test_a_tensor_zero_in_the_base_gets_a_finite_change_marked_was_zero(gpt2_pai
         assert changes[name] == (pytest.approx(float((a - b).norm() / b.norm()), rel=1e-12), False)
 
 
-def test_every_drawn_bar_is_labelled(gpt2_pair, tmp_path):
+@pytest.mark.parametrize("most", [None, 50])
+def test_every_drawn_bar_is_labelled(gpt2_pair, tmp_path, monkeypatch, most):
+    from paramsurgeon.report import html as page
+
     base_path, tuned_path, base, tuned = gpt2_pair
+    if most:
+        monkeypatch.setattr(page, "MAX_BARS", most)  # a larger model: the chart shows some, evenly spaced
     out = tmp_path / "report.html"
     assert run("report", tuned_path, "--against", base_path, "-o", out).exit_code == 0
     change = out.read_text().split("<svg")[2]
     drawn, labels = bars(change), svg_labels(change, "y")
-    assert len(drawn) == len(base) == len(labels)  # every tensor moved: one bar and one label each
+    assert len(drawn) == len(labels) == (most or len(base))  # every tensor moved: one bar and one label each
     assert all(y in labels and labels[y] for y in drawn)
-    assert sorted(labels.values()) == sorted(base)
+    assert set(labels.values()) <= set(base) and (most or sorted(labels.values()) == sorted(base))
+    down = layer_numbers(labels)
+    assert down == sorted(down) and len(set(down)) == 12

@@ -18,6 +18,7 @@ from ..sizes import human_bytes, plural
 from .render import shape_text, short_number
 
 MAX_HISTOGRAMS = 48  # small multiples: tensors with findings first, then spread along the depth
+MAX_BARS = 256  # of the change chart, one labelled bar each: a 7B Llama's 291 tensors, its 256 evenly spaced
 _STYLE = """body{font:14px system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;background:#fff}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:12px}td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #eee}
@@ -190,7 +191,10 @@ def _change_section(result: Inspection, changes: dict[str, Change | None]) -> st
     was_zero = sum(c.was_zero for _, c in compared)
     note = (f"; {plural(was_zero, 'tensor')} all zeros in the other checkpoint (marked <i>was zero</i>): their"
             " change is RMS(a - b) / RMS(b), b's root mean square over every compared tensor" if was_zero else "")
-    return (_change_chart(moved) if moved else "") + "\n" + "\n".join(table) + "</table>" + \
+    bars = moved if len(moved) <= MAX_BARS else [moved[int(i * len(moved) / MAX_BARS)] for i in range(MAX_BARS)]
+    if len(bars) < len(moved):
+        note += f"; the chart shows {len(bars)} of the {len(moved):,} that moved, evenly spaced along the depth"
+    return (_change_chart(bars) if bars else "") + "\n" + "\n".join(table) + "</table>" + \
         f"<p class=note>{plural(len(compared), 'tensor')} compared, {len(compared) - len(moved):,} unchanged{note}.</p>"
 
 
