@@ -184,7 +184,7 @@ def _change_section(result: Inspection, changes: dict[str, Change | None]) -> st
     compared = [(n, changes[n]) for n in depth_order([r.name for r in result.rows if changes.get(r.name) is not None])]
     if not compared:
         return "<p>No tensor has the same name, shape and a floating dtype in both checkpoints.</p>"
-    moved = [(n, c) for n, c in compared if c.value > 0]
+    moved = [(n, c) for n, c in compared if 0 < c.value < math.inf]  # NaN or Inf in a tensor: no measure drawn
     ranked = sorted(moved, key=lambda item: -item[1].value)[:20]
     table = ["<table><tr><th>most moved</th><th>relative change</th></tr>"]
     table += [f"<tr><td>{_e(n)}</td><td class=n>{_change_text(c)}</td></tr>" for n, c in ranked]
@@ -195,7 +195,8 @@ def _change_section(result: Inspection, changes: dict[str, Change | None]) -> st
     if len(bars) < len(moved):
         note += f"; the chart shows {len(bars)} of the {len(moved):,} that moved, evenly spaced along the depth"
     return (_change_chart(bars) if bars else "") + "\n" + "\n".join(table) + "</table>" + \
-        f"<p class=note>{plural(len(compared), 'tensor')} compared, {len(compared) - len(moved):,} unchanged{note}.</p>"
+        f"<p class=note>{plural(len(compared), 'tensor')} compared, {sum(c.value == 0 for _, c in compared):,}" \
+        f" unchanged{note}.</p>"
 
 
 def _change_text(change: Change | None) -> str:
