@@ -69,6 +69,22 @@ def test_random_bytes(tmp_path, out):
     assert_refused(run("convert", path, "-o", out))
 
 
+def test_json_files_of_a_model_directory_say_they_are_json(tmp_path, out):
+    from peft import LoraConfig
+    from transformers import LlamaConfig
+
+    model, adapter = tmp_path / "model", tmp_path / "adapter"
+    LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(model)
+    LoraConfig(r=4, target_modules=["q_proj"]).save_pretrained(adapter)
+    (model / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}}}))
+    for path in (model / "config.json", model / "tokenizer.json", adapter / "adapter_config.json"):
+        for command in (("inspect", path), ("convert", path, "-o", out)):
+            assert_refused(run(*command), f"{path}: a JSON file", "not a checkpoint", f"the directory that holds it"
+                           f" ({path.parent})")
+    piped = run_process("inspect", "-", stdin=open(model / "config.json", "rb"))
+    assert piped.returncode == 2 and b"<stdin>: a JSON file" in piped.stderr and piped.stderr.count(b"\n") == 1
+
+
 def test_lfs_pointer(tmp_path, out):
     path = tmp_path / "model.safetensors"
     path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 123456\n")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from helpers import json_of, register_input, run
+from helpers import json_of, register_input, run, run_on_terminal
 from safetensors.torch import save_file
 
 from paramsurgeon.analysis import buckets as spread
@@ -198,6 +198,19 @@ def test_sparkline_column(tmp_path, request):
     start = lines[1].index("histogram")
     assert lines[3][start:start + 16] == "█" * 16  # flat (safetensors keeps names sorted)
     assert lines[4][start:start + 16] == "▁" + " " * 14 + "█"  # 10 at 0, 80 at 1: 8 levels up to the fullest
+
+
+@pytest.mark.parametrize("columns", [80, 100, 139])
+def test_the_sparkline_asked_for_outlasts_the_statistics_on_a_narrow_terminal(resnet_pt, columns):
+    code, shown, _ = run_on_terminal("inspect", resnet_pt, "-p", "layer1.0.*", "--hist", terminal=("stdout",),
+                                     env={"COLUMNS": str(columns), "NO_COLOR": "1"})
+    lines = shown.decode().splitlines()
+    assert code == 0 and "histogram" in lines[1], lines[1]
+    start = lines[1].index("histogram")
+    assert all(set(line[start:start + 16]) <= set("▁▂▃▄▅▆▇█ ") for line in lines[3:13])
+    assert all(len(line) <= columns for line in lines[1:13])
+    hidden = " ".join(line for line in lines if line.startswith("(not shown at this width:"))
+    assert "histogram" not in hidden and ("numel" in hidden or columns > 130)  # the statistics gave way instead
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,7 +8,8 @@ import os
 
 import pytest
 import torch
-from helpers import SAMPLES, run
+from helpers import SAMPLES, json_of, run
+from safetensors.torch import save_file
 
 import paramsurgeon
 from paramsurgeon.checkpoint.values import to_torch
@@ -110,9 +111,43 @@ def test_nan_and_inf_are_counted_and_reported(tmp_path):
     document = json.loads(run("inspect", path, "--json").stdout)
     stats = document["tensors"][0]["stats"]
     assert (stats["nan"], stats["inf"], stats["zeros"]) == (2, 1, 1)
-    assert stats["mean"] == "nan" and stats["max"] == "nan"  # as torch.mean / torch.max give
+    finite = values[torch.isfinite(values)]  # the statistics are the finite values', counts beside them
+    assert (stats["mean"], stats["max"], stats["min"]) == (pytest.approx(float(finite.mean())), 1.0, -2.0)
     table = run("inspect", path).stdout
     assert "nan" in table.splitlines()[1] and "inf" in table.splitlines()[1]
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_statistics_of_a_tensor_with_nan_or_inf_are_over_its_finite_values(tmp_path, monkeypatch, chunk):
+    from paramsurgeon.checkpoint import values as tensors
+
+    monkeypatch.setattr(tensors, "CHUNK", chunk)  # streaming: NaN and Inf in some chunks, none in others
+    torch.manual_seed(0)
+    state = {"one_bad": torch.randn(100), "holes": torch.randn(40, 25).half(), "all_nan": torch.full((5,), math.nan),
+             "inf_only": torch.tensor([float("inf"), 3.0, -1.0, float("-inf")] * 5)}
+    state["one_bad"][37] = math.nan
+    state["holes"][::3, 2] = math.nan
+    state["holes"][5, ::4] = math.inf
+    path = tmp_path / "holes.safetensors"
+    save_file(state, path)
+    document = json_of("inspect", path, "--hist", schema="inspect")
+    for entry in document["tensors"]:
+        t = state[entry["name"]].float().flatten()
+        finite, stats = t[torch.isfinite(t)], entry["stats"]
+        assert (stats["nan"], stats["inf"]) == (int(t.isnan().sum()), int(t.isinf().sum())), entry["name"]
+        assert sum(entry["histogram"]["counts"]) == t.numel() - stats["nan"]
+        if not finite.numel():
+            assert [stats[k] for k in ("mean", "std", "min", "max", "abs_max")] == [None] * 5
+            continue
+        assert stats["mean"] == pytest.approx(float(finite.double().mean()), rel=1e-6), entry["name"]
+        assert stats["std"] == pytest.approx(float(finite.double().std()), rel=1e-6), entry["name"]
+        assert (stats["min"], stats["max"]) == (float(finite.min()), float(finite.max()))
+        assert stats["abs_max"] == float(finite.abs().max())
+        edges = entry["histogram"]["edges"]
+        assert (edges[0], edges[-1]) == (float(finite.min()), float(finite.max()))  # --hist agrees
+    assert "nan" not in run("inspect", path, "-p", "one_bad").stdout.splitlines()[2]  # the table: numbers, a count
+    bound = json_of("check", path, "--max-abs", "100", schema="check", code=1)["rules"][0]["violations"]
+    assert sorted(v["name"] for v in bound) == ["all_nan", "holes", "inf_only", "one_bad"]  # NaN and Inf break any bound
 
 
 def test_large_tensor_stats_are_exact_across_chunks(tmp_path, monkeypatch):

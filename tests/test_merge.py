@@ -348,7 +348,7 @@ def test_usage_errors(tmp_path, three):
         refused(tmp_path, base_pt, ft1, ft2, "--method", "slerp")
     assert "ties adds task vectors to a base model: pass --base BASE" in refused(tmp_path, ft1, ft2, "--method", "ties")
     assert "--weights has 2 values for 3 checkpoints" in refused(tmp_path, base_pt, ft1, ft2, "--weights", "1,2")
-    assert "--weights has 1 values for 2 checkpoints; pass one per fine-tuned checkpoint" in \
+    assert "--weights has 1 value for 2 checkpoints; pass one per fine-tuned checkpoint" in \
         refused(tmp_path, ft1, ft2, "--base", base_pt, "--method", "task-arithmetic", "--weights", "1")
     for density in ("0", "1.5", "-0.1"):
         assert "--density must be in (0, 1]" in refused(tmp_path, ft1, ft2, "--base", base_pt, "--method", "ties",

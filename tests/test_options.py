@@ -32,3 +32,19 @@ def test_a_value_under_the_bound_is_refused(tmp_path, command, flag, value):
     assert result.exit_code == 2, result.stderr
     assert not (tmp_path / "out.pt").exists()
     assert result.stderr.count("\n") == 1 and f"{flag} must be at least" in result.stderr
+
+
+def commands() -> list[str]:
+    """Every command the top-level --help lists."""
+    listing = run("--help").stdout.split("Commands:")[1]
+    return [line.split()[0] for line in listing.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+
+
+def test_every_option_shows_what_it_takes_never_str():
+    helps = {command: run(command, "--help").stdout for command in commands()}
+    assert len(helps) > 20
+    for command, text in helps.items():
+        assert not [line for line in text.splitlines() if line.lstrip().startswith("-") and "<str>" in line], command
+    for command in ("init", "merge", "resize", "apply"):
+        assert "--seed INTEGER" in helps[command], command
+    assert "--depth INTEGER" in helps["inspect"] and "--atol NUMBER" in helps["diff"]

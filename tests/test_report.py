@@ -90,8 +90,8 @@ def test_relative_changes_against_torch(pair):
             assert value is None
             continue
         a, b = tuned[name].double(), base[name].double()
-        expected = float((a - b).norm() / b.norm()) if b.norm() else (float("inf") if (a - b).norm() else 0.0)
-        assert value == pytest.approx(expected, rel=1e-12, abs=0), name
+        expected = float((a - b).norm() / b.norm()) if b.norm() else 0.0  # no tensor moved from zeros here
+        assert value == (pytest.approx(expected, rel=1e-12, abs=0), False), name
 
 
 def test_standard_output_and_errors(tmp_path):
@@ -150,3 +150,94 @@ def test_chromium_renders_the_report_offline(pair, tmp_path, monkeypatch):
     assert "http://example.invalid/pixel.png" in chromium(control, tmp_path, tmp_path / "control.png")
     if SCREENSHOT:
         shutil.copyfile(png, os.path.join(ROOT, SCREENSHOT))
+
+
+@pytest.fixture
+def gpt2_pair(tmp_path, request):
+    """A fresh 12-layer GPT-2 (its biases all zeros, as transformers initialises them) and a 'fine-tuned'
+    copy where every tensor moved, both as safetensors (whose names are in alphabetical order)."""
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=12, n_head=2, bos_token_id=0, eos_token_id=0)
+    base = {k: v.clone() for k, v in GPT2LMHeadModel(config).state_dict().items() if k != "lm_head.weight"}
+    tuned = {k: v + 0.01 * torch.randn_like(v) for k, v in base.items()}
+    paths = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    save_file(base, paths[0])
+    save_file(tuned, paths[1])
+    return register_input(request, paths[0]), register_input(request, paths[1]), base, tuned
+
+
+def svg_labels(svg: str, axis: str) -> dict[float, str]:
+    """The tick labels matplotlib drew on ``axis`` ('x' or 'y') of one plot, by the position of their tick."""
+    found = {}
+    for tick in re.split(rf'<g id="{axis}tick_\d+">', svg)[1:]:  # each tick up to the next one
+        position = float(re.search(rf'<use [^>]*{axis}="([-\d.]+)"', tick).group(1))
+        found[round(position, 2)] = html.unescape(re.search(r"<text[^>]*>(.*?)</text>", tick, re.S).group(1))
+    return found
+
+
+def bars(svg: str) -> list[float]:
+    """The y of each bar of the change chart (a horizontal line each)."""
+    group = re.search(r'<g id="change-bars">(.*?)</g>', svg, re.S).group(1)
+    return [round(float(y), 2) for y in re.findall(r'<path d="M [-\d.]+ ([-\d.]+)', group)]
+
+
+def test_depth_follows_the_network_order_numbers_compare_as_numbers(gpt2_pair, tmp_path):
+    base_path, tuned_path, base, tuned = gpt2_pair
+    out = tmp_path / "report.html"
+    assert run("report", tuned_path, "--against", base_path, "-o", out).exit_code == 0
+    depth, change, _ = out.read_text().split("<svg")[1:]
+    across = layer_numbers(svg_labels(depth.split('<g id="axes_')[-1], "x"))  # the depth chart's (thinned), in
+    # its lowest plot, left to right
+    down = layer_numbers(svg_labels(change, "y"))  # every bar's label, top to bottom (SVG's y grows downwards)
+    assert down == sorted(down) and set(down) == set(range(12)), down  # alphabetical: 0, 1, 10, 11, 2, ...
+    assert across == sorted(across) and len(set(across)) >= 6, across
+
+
+def layer_numbers(labels: dict[float, str]) -> list[int]:
+    """The block number of each label naming one of GPT-2's blocks, in the order of their positions."""
+    found = (re.search(r"\.h\.(\d+)\.", labels[p]) for p in sorted(labels))
+    return [int(m.group(1)) for m in found if m]
+
+
+def test_a_tensor_zero_in_the_base_gets_a_finite_change_marked_was_zero(gpt2_pair, tmp_path):
+    base_path, tuned_path, base, tuned = gpt2_pair
+    out = tmp_path / "report.html"
+    assert run("report", tuned_path, "--against", base_path, "-o", out).exit_code == 0
+    page = out.read_text()
+    from paramsurgeon.report.render import short_number
+
+    # ground truth with torch: the change per value against the base's root mean square over every tensor
+    scale = (sum(float(b.double().square().sum()) for b in base.values()) / sum(b.numel() for b in base.values())) ** .5
+    zeros = [name for name, b in base.items() if not b.any()]
+    assert "transformer.h.11.attn.c_attn.bias" in zeros
+    for name in zeros:
+        value = float((tuned[name].double() - base[name].double()).square().mean().sqrt()) / scale
+        assert re.search(rf"<td>{re.escape(name)}</td>.*?<td class=n>{re.escape(short_number(value))} \(was zero\)</td>"
+                         r"</tr>", page), name
+    assert ">inf<" not in page and "inf (was zero)" not in page
+    changes = relative_changes(ps.load(str(tuned_path)), ps.load(str(base_path)), list(tuned))
+    assert {n for n, c in changes.items() if c.was_zero} == set(zeros)
+    for name in set(base) - set(zeros):
+        a, b = tuned[name].double(), base[name].double()
+        assert changes[name] == (pytest.approx(float((a - b).norm() / b.norm()), rel=1e-12), False)
+
+
+@pytest.mark.parametrize("most", [None, 50])
+def test_every_drawn_bar_is_labelled(gpt2_pair, tmp_path, monkeypatch, most):
+    from paramsurgeon.report import html as page
+
+    base_path, tuned_path, base, tuned = gpt2_pair
+    if most:
+        monkeypatch.setattr(page, "MAX_BARS", most)  # a larger model: the chart shows some, evenly spaced
+    out = tmp_path / "report.html"
+    assert run("report", tuned_path, "--against", base_path, "-o", out).exit_code == 0
+    change = out.read_text().split("<svg")[2]
+    drawn, labels = bars(change), svg_labels(change, "y")
+    assert len(drawn) == len(labels) == (most or len(base))  # every tensor moved: one bar and one label each
+    assert all(y in labels and labels[y] for y in drawn)
+    assert set(labels.values()) <= set(base) and (most or sorted(labels.values()) == sorted(base))
+    down = layer_numbers(labels)
+    assert down == sorted(down) and len(set(down)) == 12

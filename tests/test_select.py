@@ -63,7 +63,7 @@ def test_kinds_from_names_when_shapes_are_ambiguous(tmp_path, gpt):
 
     named = kinds_of(Named(), tmp_path)
     assert named["act_prelu.weight"][0] == "prelu"
-    assert named["final_norm.weight"][0] == "norm"
+    assert named["final_norm.weight"][0] == "rmsnorm"  # a norm's weight alone reads as RMSNorm (Llama's, T5's)
     assert named["rms_norm.weight"][0] == "rmsnorm"
     assert named["gn1.weight"][0] == "groupnorm"
 

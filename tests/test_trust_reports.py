@@ -276,3 +276,15 @@ def test_diff_sees_tied_and_untied_storage(tmp_path, gpt):
     text = run("diff", untied, tied)
     assert text.exit_code == 1 and "tied in B only: wte.weight = lm_head.weight" in text.stdout
     assert run("diff", tied, tied).exit_code == 0
+
+
+def test_messages_count_one_in_the_singular(tmp_path):
+    path = tmp_path / "one.pt"
+    torch.save({"w": torch.tensor([float("nan")]), "b": torch.ones(2)}, path)
+    writes = [run("zero", path, "-p", "w", "-o", tmp_path / "z.pt", "--dry-run"),
+              run("drop", path, "-p", "b", "-o", tmp_path / "d.pt")]
+    said = "\n".join(r.stderr + r.stdout for r in writes)
+    said += run("check", path, "--finite", "--max-abs", "1").stdout
+    said += run("merge", path, path, "--weights", "1", "-o", tmp_path / "m.pt").stderr
+    assert "1 tensors" not in said and "1 values" not in said and " 1 checkpoints" not in said, said
+    assert "of 1 value" in said and "1 tensor" in said, said

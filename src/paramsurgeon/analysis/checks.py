@@ -12,6 +12,7 @@ from .. import dtypes
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
 from .stats import tensor_stats
+from ..sizes import plural
 
 
 @dataclass
@@ -109,9 +110,10 @@ def run_rules(ckpt: Checkpoint, names: list[str], *, finite: bool = False, max_a
             if stats is None:
                 continue
             if finite and (stats.nan or stats.inf):
-                finite_rule.add(name, f"has {stats.nan} NaN and {stats.inf} Inf of {tensor.numel} values")
-            if max_abs is not None and stats.abs_max is not None and not stats.abs_max <= max_abs:
-                bound_rule.add(name, f"reaches |x| = {stats.abs_max:g} > {max_abs:g}")
+                finite_rule.add(name, f"has {stats.nan:,} NaN and {stats.inf:,} Inf of {plural(tensor.numel, 'value')}")
+            broken = _beyond(stats, max_abs, tensor.numel) if max_abs is not None else None
+            if broken:
+                bound_rule.add(name, broken)
         results += [finite_rule] if finite else []
         results += [bound_rule] if max_abs is not None else []
     return results
@@ -145,3 +147,14 @@ def _expect(ckpt: Checkpoint, expect: dict[str, tuple]) -> RuleResult:
         elif dtype is not None and tensor.dtype.name != dtype:
             rule.add(name, f"is {tensor.dtype}, expected {dtype}")
     return rule
+
+
+def _beyond(stats, bound: float, numel: int) -> str | None:
+    """Why a tensor breaks ``--max-abs bound`` (an infinity, a finite value beyond it, a NaN), or None."""
+    if stats.inf:
+        return f"reaches |x| = inf > {bound:g}"
+    if stats.abs_max is not None and stats.abs_max > bound:
+        return f"reaches |x| = {stats.abs_max:g} > {bound:g}"
+    if stats.nan:
+        return f"has {plural(stats.nan, 'NaN')} of {plural(numel, 'value')}: no bound holds"
+    return None

@@ -30,6 +30,7 @@ from typing import Callable
 from ..checkpoint import Checkpoint
 from ..checkpoint.kinds import infer_kinds
 from .stats import Stats, tensor_stats
+from ..sizes import plural
 
 FAILING = ("nonfinite", "dead", "spike", "untrained")
 RULES = ("nonfinite", "dead", "constant", "spike", "exploding", "untrained")
@@ -131,7 +132,7 @@ def diagnose(ckpt: Checkpoint, stats: dict[str, Stats]) -> list[Finding]:
             continue
         if s.nan or s.inf:
             findings.append(Finding("nonfinite", name, s.nan + s.inf, 0,
-                                    f"has {s.nan} NaN and {s.inf} Inf of {tensor.numel} values"))
+                                    f"has {s.nan:,} NaN and {s.inf:,} Inf of {plural(tensor.numel, 'value')}"))
             continue
         zeros = s.zeros / tensor.numel
         if zeros >= DEAD:

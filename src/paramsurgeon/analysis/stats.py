@@ -3,7 +3,8 @@
 Values are read in chunks (tensors.chunks) straight from the memory-mapped
 file; means and variances of the chunks are merged exactly (Chan et al.), so memory
 does not grow with the tensor beyond one chunk of scratch space. Results follow torch's own reductions: ``std`` is the
-sample standard deviation, and a NaN anywhere makes mean, std, min and max NaN.
+sample standard deviation. A tensor holding NaN or Inf has the statistics of its finite values,
+with the counts of NaN and Inf beside them.
 
 The same pass can count values into bfloat16-wide buckets (buckets.py: quantiles of |x|,
 distances to an initialisation) and draw a histogram between min and max: exact (the
@@ -76,7 +77,6 @@ def tensor_stats(tensor: Tensor, bins=None, buckets=False) -> Stats | None:
     whole = None  # the one chunk of a short tensor, for an exact histogram or a spread counted afterwards
     count, mean, m2 = 0, 0.0, 0.0
     low, high = math.inf, -math.inf
-    finite_low, finite_high = math.inf, -math.inf  # the histogram's range
     zeros = nan = inf = 0
     scratch = None
     for (chunk,) in chunks(values):
@@ -84,52 +84,41 @@ def tensor_stats(tensor: Tensor, bins=None, buckets=False) -> Stats | None:
             chunk = chunk.double()
         elif chunk.dtype not in (torch.float32, torch.float64):
             chunk = chunk.float()
-        n = chunk.numel()
-        # Centred sum of squares in the chunk's own precision with torch's cascade summation:
-        # three vectorised passes, where var_mean's Welford updates run three times slower.
-        chunk_mean = float(chunk.sum()) / n
-        if scratch is None or scratch.dtype != chunk.dtype or scratch.numel() < n:
-            scratch = torch.empty(n, dtype=chunk.dtype)
-        centred = torch.sub(chunk, chunk_mean, out=scratch[:n])
-        var = float(centred.mul_(centred).sum()) / n
-        chunk_low, chunk_high = torch.aminmax(chunk)
-        delta = chunk_mean - mean
-        total = count + n
-        mean += delta * n / total
-        m2 += var * n + delta * delta * count * n / total
-        count = total
-        low, high = _nan_min(low, float(chunk_low)), _nan_max(high, float(chunk_high))
-        chunk_range = float(chunk_low), float(chunk_high)
-        near_zero = n if spread is None else spread.add(chunk, scratch)
-        if near_zero:
-            zeros += n - int(torch.count_nonzero(chunk))
-        if not (math.isfinite(chunk_mean) and math.isfinite(var) and math.isfinite(float(chunk_low))
-                and math.isfinite(float(chunk_high))):
+        n, chunk_mean, var, chunk_low, chunk_high, scratch = _moments(chunk, scratch)
+        if not (math.isfinite(chunk_mean) and math.isfinite(var)):  # NaN or Inf: the finite values' statistics
             nan += int(torch.isnan(chunk).sum())
             inf += int(torch.isinf(chunk).sum())
-            finite = chunk[torch.isfinite(chunk)]
-            chunk_range = tuple(map(float, torch.aminmax(finite))) if finite.numel() else (math.inf, -math.inf)
-        finite_low, finite_high = min(finite_low, chunk_range[0]), max(finite_high, chunk_range[1])
+            n, chunk_mean, var, chunk_low, chunk_high, scratch = _moments(chunk[torch.isfinite(chunk)], scratch)
+        if chunk.numel() if spread is None else spread.add(chunk, scratch):  # some may be zero
+            zeros += chunk.numel() - int(torch.count_nonzero(chunk))
+        if n:
+            delta = chunk_mean - mean
+            total = count + n
+            mean += delta * n / total
+            m2 += var * n + delta * delta * count * n / total
+            count = total
+            low, high = min(low, chunk_low), max(high, chunk_high)
         if single:
             whole = chunk
-    if count == 0:
-        return Stats(None, None, None, None, None, 0, 0, 0, Histogram([], [], True) if bins else None,
-                     spread if buckets else None)
-    if nan:
-        mean = low = high = math.nan
-    std = math.sqrt(m2 / (count - 1)) if count > 1 and not nan else (math.nan if nan and count > 1 else None)
-    abs_max = math.nan if nan else max(abs(low), abs(high))
-    if not tensor.dtype.floating:  # integer and bool tensors have integer extremes
-        low, high, abs_max = int(low), int(high), int(abs_max)
-    stats = Stats(mean, std, low, high, abs_max, zeros, nan, inf)
+    if count == 0:  # no value, or none finite
+        stats = Stats(None, None, None, None, None, zeros, nan, inf)
+    else:
+        std = math.sqrt(m2 / (count - 1)) if count > 1 else None
+        abs_max = max(abs(low), abs(high))
+        if not tensor.dtype.floating:  # integer and bool tensors have integer extremes
+            low, high, abs_max = int(low), int(high), int(abs_max)
+        stats = Stats(mean, std, low, high, abs_max, zeros, nan, inf)
+    if not values.numel():
+        stats.histogram = Histogram([], [], True) if bins else None
+        stats.buckets = spread if buckets else None
+        return stats
     wanted = bins(stats) if callable(bins) else bins
     if spread is None and ((wanted and not short) or (buckets and (buckets is True or buckets(stats)))):
         spread = Buckets()
         spread.add(whole, scratch)
     if wanted:
         points = tensor.dtype.name in EXACT_IN_BFLOAT16
-        stats.histogram = _histogram(whole if short else None, spread, wanted, finite_low, finite_high,
-                                     bool(nan or inf), points)
+        stats.histogram = _histogram(whole if short else None, spread, wanted, low, high, bool(nan or inf), points)
     if buckets:
         stats.buckets = spread
     return stats
@@ -157,12 +146,23 @@ def _histogram(whole, spread, bins: int, low: float, high: float, nonfinite: boo
     return Histogram(edges.double().tolist(), counts.tolist(), True)
 
 
-def _nan_min(a: float, b: float) -> float:
-    return math.nan if math.isnan(a) or math.isnan(b) else min(a, b)
+def _moments(chunk, scratch):
+    """(count, mean, biased variance, min, max) of ``chunk``'s values, and the scratch space used.
 
+    The centred sum of squares is taken in the chunk's own precision with torch's cascade
+    summation: three vectorised passes, where var_mean's Welford updates run three times slower."""
+    import torch
 
-def _nan_max(a: float, b: float) -> float:
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+    n = chunk.numel()
+    if not n:
+        return 0, 0.0, 0.0, math.inf, -math.inf, scratch
+    chunk_mean = float(chunk.sum()) / n
+    if scratch is None or scratch.dtype != chunk.dtype or scratch.numel() < n:
+        scratch = torch.empty(n, dtype=chunk.dtype)
+    centred = torch.sub(chunk, chunk_mean, out=scratch[:n])
+    var = float(centred.mul_(centred).sum()) / n
+    low, high = torch.aminmax(chunk)
+    return n, chunk_mean, var, float(low), float(high), scratch
 
 
 def sha256(tensor: Tensor) -> str:

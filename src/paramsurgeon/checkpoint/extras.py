@@ -53,7 +53,7 @@ def summarize(value: Any) -> str:
             return repr(value)
         return f"{type(value).__name__} of {plural(len(value), 'item')}"
     if isinstance(value, (bytes, bytearray)):
-        return f"{len(value)} bytes"
+        return plural(len(value), 'byte')
     return describe(value)
 
 

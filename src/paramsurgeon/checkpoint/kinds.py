@@ -4,7 +4,7 @@ Tensors are grouped by module (the name without its last part). The module's kin
 follows from the tensors it holds: running statistics make a BatchNorm; weight_ih and
 weight_hh pairs an LSTM, GRU or RNN (or one of their cells); a 3-5-D weight a convolution;
 a 2-D weight with a matching bias a Linear; a 1-D weight with a bias of the same size a
-normalisation. Where shapes cannot tell (a 2-D weight alone may be a Linear or an
+normalisation, one with no bias in a norm's place an RMSNorm. Where shapes cannot tell (a 2-D weight alone may be a Linear or an
 Embedding), the module's name must say so, or the kind is 'unknown'.
 """
 
@@ -176,7 +176,7 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
             return _norm_kind(component) or "norm"
         if _PRELU.search(component):
             return "prelu"
-        return _norm_kind(component) or "unknown"
+        return _biasless_norm_kind(component) or "unknown"
     return "unknown"
 
 
@@ -208,6 +208,13 @@ def _conv_bias_fits(weight: Tensor, size: int) -> bool:
         return False
     groups = size // weight.shape[1]
     return groups > 0 and weight.shape[0] % groups == 0
+
+
+def _biasless_norm_kind(component: str) -> str | None:
+    """A norm's 1-D weight with no bias beside it: an RMSNorm (Llama's input_layernorm and
+    model.norm, T5's layer_norm, Mistral's), as LayerNorm always carries a bias; GroupNorm keeps its name."""
+    kind = _norm_kind(component)
+    return "rmsnorm" if kind in ("layernorm", "norm") else kind
 
 
 def _norm_kind(component: str) -> str | None:

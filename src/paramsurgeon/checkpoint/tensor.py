@@ -13,6 +13,7 @@ from typing import Iterator
 
 from ..dtypes import DType
 from ..errors import CorruptCheckpointError
+from ..sizes import plural
 
 BLOCK = 64 << 20  # bytes per piece when raw bytes are checksummed or compared
 
@@ -145,7 +146,7 @@ def check_view(tensor: Tensor, storage_numel: int, where: str) -> None:
     if tensor.numel and end > storage_numel * tensor.dtype.itemsize:
         raise CorruptCheckpointError(
             f"{where}: shape {list(tensor.shape)} at offset {tensor.offset} reads past its storage"
-            f" of {storage_numel} elements")
+            f" of {plural(storage_numel, 'element')}")
 
 
 def view_key(tensor: Tensor) -> tuple:

@@ -90,7 +90,11 @@ def _annotation(d: declare.Declared) -> Any:
         return Annotated[kind, typer.Argument(metavar=flag.metavar, help=flag.help, show_default=False)]
     kind = bool if d.type is bool else (List[str] if d.repeatable else (
         str if d.default is declare.REQUIRED else Optional[str]))
-    return Annotated[kind, typer.Option(*flag.flags, metavar=flag.metavar, help=flag.help, show_default=False)]
+    metavar = flag.metavar or _METAVARS.get(d.type)  # typer, given text, would show '<str>'
+    return Annotated[kind, typer.Option(*flag.flags, metavar=metavar, help=flag.help, show_default=False)]
+
+
+_METAVARS = {int: "INTEGER", float: "NUMBER", declare.Number: "NUMBER", str: "TEXT"}
 
 
 def _default(d: declare.Declared) -> Any:

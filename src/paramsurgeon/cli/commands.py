@@ -211,7 +211,7 @@ class Sharding:
 
 def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
     """Convert between torch and safetensors, single file and sharded directory; values are untouched."""
-    from ..sizes import human_bytes
+    from ..sizes import human_bytes, plural
 
     checkpoint = open_checkpoint(given.ckpt, read)
     target = output_target(checkpoint, write, sharding.max_shard_size)
@@ -222,7 +222,7 @@ def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
             else ", sharded as before"
     if write.dry_run:
         count, size = written(checkpoint, target, write.dedupe)
-        note(f"would write {count} tensors ({human_bytes(size)}) to {where} as {layout}")
+        note(f"would write {plural(count, 'tensor')} ({human_bytes(size)}) to {where} as {layout}")
         return
     note(f"wrote {where} ({layout}, {write_checkpoint(checkpoint, target, write)})")
 

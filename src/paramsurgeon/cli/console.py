@@ -109,7 +109,7 @@ def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write) -> str:
     """Write ``ckpt`` (every storage moved to the cpu first with --device cpu), with a progress
     bar; returns what was written: '122 tensors, 273.4 kB'."""
     from ..checkpoint.locations import to_cpu
-    from ..sizes import human_bytes
+    from ..sizes import human_bytes, plural
 
     if write.device:
         to_cpu(ckpt)
@@ -118,7 +118,7 @@ def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write) -> str:
         notes = formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
     for message in notes:
         note(message)
-    return f"{count} tensors, {human_bytes(size)}"
+    return f"{plural(count, 'tensor')}, {human_bytes(size)}"
 
 
 PROGRESS_DELAY = float(os.environ.get("PARAMSURGEON_PROGRESS_DELAY", "1.0"))  # seconds before a bar shows

@@ -108,6 +108,8 @@ def sniff(file: InputFile) -> str:
         raise NotACheckpointError(f"{file.name}: a plain Python pickle, not a torch checkpoint")
     if head.lstrip()[:1] == b"{" and b"weight_map" in file.read(0, min(file.size, 1 << 20)):
         return "index"
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"["):
+        raise NotACheckpointError(_json_file(file))
     if file.size > 262 and file.read(257, 5) == b"ustar":
         raise NotACheckpointError(f"{file.name}: a tar archive (torch < 0.4 used these); load it with an old"
                                   " torch and re-save it")
@@ -116,6 +118,14 @@ def sniff(file: InputFile) -> str:
                                   " the file is damaged")
     raise NotACheckpointError(f"{file.name}: not a checkpoint format paramsurgeon reads (first bytes"
                               f" {head[:8].hex(' ')}); expected torch.save output, safetensors or a shard index")
+
+
+def _json_file(file: InputFile) -> str:
+    """The message for a JSON file (a config.json, tokenizer.json, adapter_config.json) given as a checkpoint."""
+    instead = "a weights file (.safetensors, .bin, .pt)"
+    if file.path not in (None, "-"):
+        instead = f"the directory that holds it ({os.path.dirname(file.path) or '.'}) or {instead}"
+    return f"{file.name}: a JSON file (a config or tokenizer), not a checkpoint; pass {instead}"
 
 
 def _read_directory(path: str, options: dict) -> Checkpoint:

@@ -14,6 +14,7 @@ from typing import Callable
 from ..checkpoint import Checkpoint, Tensor, tie_groups
 from ..errors import CorruptCheckpointError, InputError, NotACheckpointError
 from ..parsing import parse_document
+from ..sizes import plural
 from . import safetensors as st
 from . import sidefiles
 from .atomic import atomic_directory, link_or_copy, new_file
@@ -219,7 +220,7 @@ def verify(index_path: str, read_shard: Callable[[str], Checkpoint]) -> list[dic
         listed = [n for n, s in weight_map.items() if s == shard]
         path = os.path.join(folder, shard)
         if not os.path.isfile(path):
-            problems.append({"name": None, "message": f"shard {shard} is missing ({len(listed)} tensors listed for it)"})
+            problems.append({"name": None, "message": f"shard {shard} is missing ({plural(len(listed), 'tensor')} listed for it)"})
             continue
         try:
             part = read_shard(path)

@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 
 from ..checkpoint import Checkpoint
 from ..errors import OutputError
+from ..sizes import plural
 from . import dcp, safetensors, sharded, torchzip
 from .atomic import output_file
 from .files import Sink, stdout_sink
@@ -84,7 +85,7 @@ def _writable(ckpt: Checkpoint, target: Target, tensors_only: bool) -> Checkpoin
     if target.family == "safetensors" and ckpt.has_extras():
         raise OutputError(f"safetensors stores only tensors, but {ckpt.source} also holds"
                           f" {extras_list(ckpt)}; pass --tensors-only to write just its"
-                          f" {len(ckpt.tensors)} tensors, or write a torch file")
+                          f" {plural(len(ckpt.tensors), 'tensor')}, or write a torch file")
     if target.sharded and ckpt.has_extras():
         raise OutputError(f"a sharded checkpoint stores only tensors, but {ckpt.source} also holds"
                           f" {extras_list(ckpt)}; pass --tensors-only to shard just its tensors")

@@ -17,6 +17,7 @@ from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
 from ..errors import PlanError
 from ..parsing import parse_document
+from ..sizes import plural
 
 HISTORY_KEY = "paramsurgeon.operations"
 
@@ -210,7 +211,7 @@ def _overflow(change: Change, values, dtype) -> list[str]:
     count = new_nonfinite(values, *origins)
     if not count:
         return []
-    return [f"{count:,} of {math.prod(change.shape):,} values of '{change.names[0]}' would become Inf or NaN"
+    return [f"{count:,} of {plural(math.prod(change.shape), 'value')} of '{change.names[0]}' would become Inf or NaN"
             f" ({dtype} holds |x| <= {dtype.largest:g})"]
 
 

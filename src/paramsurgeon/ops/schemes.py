@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import UsageError
+from ..sizes import plural
 
 # name -> (keyword defaults, required keywords, minimum dims, exact dims, random)
 _SCHEMES: dict[str, tuple[dict, tuple, int, tuple, bool]] = {
@@ -78,7 +79,7 @@ class Scheme:
         if random and not floating:
             return "is not floating point, and random values would be truncated"
         if exact and len(shape) not in exact:
-            return f"has {len(shape)} dimensions, but {self.name} needs {' or '.join(map(str, exact))}"
+            return f"has {plural(len(shape), 'dimension')}, but {self.name} needs {' or '.join(map(str, exact))}"
         if len(shape) < min_dims:
             return f"has {len(shape)} dimension{'s' if len(shape) != 1 else ''}, but {self.name} needs" \
                    f" at least {min_dims} (fan-in and fan-out)"

@@ -10,6 +10,7 @@ from ..checkpoint.tensor import same_values, view_key
 from ..declare import REQUIRED, option
 from ..errors import SelectionError, UsageError
 from ..selection import Selection, Selector, select, suggest, unmatched, wildcard_map
+from ..sizes import plural
 from .plan import Change, Plan, fail, names_list
 from .spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnings
 from .values import copy_of, may_misfit, misfits, narrows, value_plan
@@ -190,7 +191,7 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
             out = misfits(origin, tensor.dtype)
             if out:
                 return f"is {tensor.dtype} ({tensor.dtype.lowest} to {tensor.dtype.largest}), and {out:,} of the" \
-                       f" {origin.numel:,} {origin.dtype} values of '{sources[0]}'{where} do not fit it (out of range" \
+                       f" {origin.numel:,} {origin.dtype} value{'s' * (origin.numel != 1)} of '{sources[0]}'{where} do not fit it (out of range" \
                        " or not whole); pass --allow-overflow to write torch's cast of them"
         return Change(unit, f"copy from {sources[0]}{where}", tensor.shape, tensor.dtype.name,
                       copy_of(origin, tensor.dtype), guarded=guard and narrows(origin.dtype, tensor.dtype),
@@ -269,7 +270,7 @@ def _plan_rename(ckpt: Checkpoint, from_glob: str, to_glob: str) -> Plan:
     clashes = [f"{' and '.join(repr(o) for o in olds)} would {'both' if len(olds) == 2 else 'all'} be named '{new}'"
                for new, olds in final.items() if len(olds) > 1]
     fail("rename", clashes)
-    plan = Plan("rename", f"rename {from_glob} -> {to_glob}: {len(mapping)} tensors", renames=mapping)
+    plan = Plan("rename", f"rename {from_glob} -> {to_glob}: {plural(len(mapping), 'tensor')}", renames=mapping)
     metadata = getattr(ckpt.container, "_metadata", None)
     if isinstance(metadata, dict):
         probe = "\0"

@@ -15,6 +15,7 @@ from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.kinds import LAYER_KINDS, infer_kinds
 from ..declare import REQUIRED, Number, option
 from ..errors import UsageError
+from ..sizes import plural
 from . import schemes
 from .plan import Change, Plan, fail, names_list, tie_units
 from .spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnings
@@ -244,7 +245,7 @@ class Scale(Targets, TiePolicy, Overflow, Operation):
                 out = misfits(tensor, tensor.dtype, by)
                 if out:
                     return f"is {tensor.dtype}, which holds {tensor.dtype.lowest} to {tensor.dtype.largest}; {out:,}" \
-                           f" of its {tensor.numel:,} values would leave that range multiplied by {by} and wrap" \
+                           f" of its {plural(tensor.numel, 'value')} would leave that range multiplied by {by} and wrap" \
                            " around; pass --allow-overflow to write them wrapped"
             return Change(unit, f"scale by {factor:g}", tensor.shape, tensor.dtype.name,
                           lambda: (torch_values(tensor) * by).to(dtypes.torch_dtype(tensor.dtype)),
@@ -283,5 +284,5 @@ class Cast(Targets, TiePolicy, Overflow, Operation):
         if skipped:
             plan.notes.append(f"left {len(skipped)} non-floating-point tensors as they are ({names_list(skipped, 3)})")
         if already:
-            plan.notes.append(f"{len(already)} tensors are already {target}")
+            plan.notes.append(f"{plural(len(already), 'tensor')} {'is' if len(already) == 1 else 'are'} already {target}")
         return with_warnings(plan, warnings)

@@ -9,6 +9,8 @@ import html
 import io
 import math
 
+from ..analysis.depth import depth_order
+from ..analysis.drift import Change
 from ..analysis.inspection import Inspection, Row
 from ..dtypes import BY_NAME
 from ..errors import UsageError
@@ -16,6 +18,7 @@ from ..sizes import human_bytes, plural
 from .render import shape_text, short_number
 
 MAX_HISTOGRAMS = 48  # small multiples: tensors with findings first, then spread along the depth
+MAX_BARS = 256  # of the change chart, one labelled bar each: a 7B Llama's 291 tensors, its 256 evenly spaced
 _STYLE = """body{font:14px system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;background:#fff}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:12px}td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #eee}
@@ -39,10 +42,12 @@ def report_page(result: Inspection, findings: list, changes: dict | None, agains
     """The whole page as text; ``result.rows`` carry stats with histograms (floating tensors)."""
     rows = [r for r in result.rows if r.stats is not None and r.numel and _finite(r)]
     layers = [r for r in rows if r.role == "weight" and len(r.shape) >= 2] or [r for r in rows if r.role != "buffer"]
+    layers = _along_the_depth(layers)
     parts = [f"<h1>{_e(result.source)}</h1>", _summary(result, findings, against)]
     parts += ["<h2>Health</h2>", _findings_table(findings)]
     if layers:
-        parts += ["<h2>Along the depth (weight matrices and kernels, in file order)</h2>", _depth_chart(layers)]
+        parts += ["<h2>Along the depth (weight matrices and kernels, in the network's order)</h2>",
+                  _depth_chart(layers)]
     if changes is not None:
         parts += [f"<h2>Relative change against {_e(against)}: ||a - b|| / ||b||</h2>", _change_section(result, changes)]
     chosen = _histogram_rows(rows, findings)
@@ -55,6 +60,12 @@ def report_page(result: Inspection, findings: list, changes: dict | None, agains
     body = "\n".join(parts)
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>paramsurgeon report:"
             f" {_e(result.source)}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def _along_the_depth(rows: list[Row]) -> list[Row]:
+    """``rows`` in the network's order: numbers in names compare as numbers."""
+    by_name = {r.name: r for r in rows}
+    return [by_name[name] for name in depth_order(list(by_name))]
 
 
 def _e(text) -> str:
@@ -125,7 +136,7 @@ def _depth_chart(layers: list[Row]) -> str:
         ax.plot(range(len(layers)), values, color="#bbbbbb", linewidth=0.8, zorder=1)
         ax.scatter(range(len(layers)), values, c=colors, s=10, zorder=2)
         ax.set_ylabel(label)
-        _y_scale(ax, values)
+        _scale(ax, values)
         ax.grid(True, alpha=0.3)
     kinds = list(dict.fromkeys(r.kind for r in layers))
     axes[0].legend(handles=[_marker(k) for k in kinds], loc="upper right", fontsize=7, ncols=min(len(kinds), 6))
@@ -133,8 +144,8 @@ def _depth_chart(layers: list[Row]) -> str:
     return _svg(figure)
 
 
-def _y_scale(ax, values: list[float]) -> bool:
-    """A log y axis when the positive values span more than a decade (labelled in plain text, 1e-05
+def _scale(ax, values: list[float], axis: str = "y") -> bool:
+    """A log axis when the positive values span more than a decade (labelled in plain text, 1e-05
     or 0.02: matplotlib's default 10^x labels go through its TeX parser, a third of a second per
     page); else the linear one. Returns whether it is logarithmic."""
     from matplotlib.ticker import LogFormatter
@@ -142,16 +153,19 @@ def _y_scale(ax, values: list[float]) -> bool:
     positive = [v for v in values if v > 0]
     if not positive or max(positive) <= 10 * min(positive):
         return False
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(LogFormatter())
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    getattr(ax, f"set_{axis}scale")("log")
+    getattr(ax, f"{axis}axis").set_major_formatter(LogFormatter())
+    getattr(ax, f"{axis}axis").set_minor_formatter(LogFormatter(labelOnlyBase=False))
     return True
 
 
+_LABEL_CHARACTERS = 50  # a name longer than this is shortened in the middle where it labels a bar
+
+
 def _label_inches(rows: list) -> float:
-    """Room for the names under a chart (written upright, 6 pt)."""
-    longest = max(len(r if isinstance(r, str) else r.name) for r in rows)
-    return min(3.0, 0.25 + 0.055 * longest)
+    """Room for the names beside a chart (6 pt)."""
+    longest = min(_LABEL_CHARACTERS, max(len(r if isinstance(r, str) else r.name) for r in rows))
+    return 0.25 + 0.055 * longest
 
 
 def _marker(kind: str):
@@ -166,27 +180,54 @@ def _norm(row: Row) -> float:
     return math.sqrt(max(0.0, (row.numel - 1) * (s.std or 0.0) ** 2 + row.numel * s.mean ** 2))
 
 
-def _change_section(result: Inspection, changes: dict) -> str:
-    compared = [(r.name, changes[r.name]) for r in result.rows if changes.get(r.name) is not None]
+def _change_section(result: Inspection, changes: dict[str, Change | None]) -> str:
+    compared = [(n, changes[n]) for n in depth_order([r.name for r in result.rows if changes.get(r.name) is not None])]
     if not compared:
         return "<p>No tensor has the same name, shape and a floating dtype in both checkpoints.</p>"
-    label = _label_inches([n for n, _ in compared])
-    figure = _figure(11, 2.5 + label, left=0.08, right=0.99, top=0.97, bottom=label / (2.5 + label))
-    ax = figure.subplots()
-    values = [v if math.isfinite(v) and v > 0 else float("nan") for _, v in compared]  # log scale: 0 not drawn
-    logarithmic = _y_scale(ax, values)
-    bottom = min((v for v in values if v == v), default=1.0) / 2 if logarithmic else 0.0
-    ax.vlines(range(len(compared)), bottom, values, color="#1f77b4",
-              linewidth=max(0.5, min(8.0, 600 / len(compared))))  # one collection, however many tensors
-    ax.set_ylabel("||a - b|| / ||b||")
-    ax.grid(True, axis="y", alpha=0.3)
-    _depth_ticks(ax, [n for n, _ in compared])
-    ranked = sorted([item for item in compared if item[1] != 0], key=lambda item: -item[1])[:20]
+    moved = [(n, c) for n, c in compared if 0 < c.value < math.inf]  # NaN or Inf in a tensor: no measure drawn
+    ranked = sorted(moved, key=lambda item: -item[1].value)[:20]
     table = ["<table><tr><th>most moved</th><th>relative change</th></tr>"]
-    table += [f"<tr><td>{_e(n)}</td><td class=n>{_e(short_number(v))}</td></tr>" for n, v in ranked]
-    unchanged = sum(v == 0 for _, v in compared)
-    return _svg(figure) + "\n" + "\n".join(table) + "</table>" + \
-        f"<p class=note>{plural(len(compared), 'tensor')} compared, {unchanged:,} unchanged.</p>"
+    table += [f"<tr><td>{_e(n)}</td><td class=n>{_change_text(c)}</td></tr>" for n, c in ranked]
+    was_zero = sum(c.was_zero for _, c in compared)
+    note = (f"; {plural(was_zero, 'tensor')} all zeros in the other checkpoint (marked <i>was zero</i>): their"
+            " change is RMS(a - b) / RMS(b), b's root mean square over every compared tensor" if was_zero else "")
+    bars = moved if len(moved) <= MAX_BARS else [moved[int(i * len(moved) / MAX_BARS)] for i in range(MAX_BARS)]
+    if len(bars) < len(moved):
+        note += f"; the chart shows {len(bars)} of the {len(moved):,} that moved, evenly spaced along the depth"
+    return (_change_chart(bars) if bars else "") + "\n" + "\n".join(table) + "</table>" + \
+        f"<p class=note>{plural(len(compared), 'tensor')} compared, {sum(c.value == 0 for _, c in compared):,}" \
+        f" unchanged{note}.</p>"
+
+
+def _change_text(change: Change | None) -> str:
+    if change is None:
+        return "-"
+    return _e(short_number(change.value)) + (" (was zero)" if change.was_zero else "")
+
+
+def _change_chart(moved: list[tuple[str, Change]]) -> str:
+    """One horizontal bar per tensor that moved, top to bottom along the depth, each labelled
+    with its name; tensors that were zero in the other checkpoint in their own colour."""
+    label = _label_inches([n for n, _ in moved])
+    height = 0.8 + 0.14 * len(moved)
+    figure = _figure(11, height, left=label / 11, right=0.99, top=1 - 0.15 / height, bottom=0.5 / height)
+    ax = figure.subplots()
+    values = [c.value for _, c in moved]
+    logarithmic = _scale(ax, values, "x")
+    left = min(values) / 2 if logarithmic else 0.0
+    colors = ["#ff7f0e" if c.was_zero else "#1f77b4" for _, c in moved]
+    bars = ax.hlines(range(len(moved)), left, values, colors=colors, linewidth=max(0.5, min(8.0, 600 / len(moved))))
+    bars.set_gid("change-bars")  # one collection, however many tensors
+    ax.set_ylim(len(moved) - 0.5, -0.5)
+    ax.set_yticks(range(len(moved)), [_shorten(n, _LABEL_CHARACTERS) for n, _ in moved], fontsize=6)
+    ax.set_xlabel("||a - b|| / ||b||")
+    ax.grid(True, axis="x", alpha=0.3)
+    if any(c.was_zero for _, c in moved):
+        from matplotlib.lines import Line2D
+
+        ax.legend(handles=[Line2D([], [], color="#ff7f0e", label="was zero: RMS(a - b) / RMS(b)")], loc="lower right",
+                  fontsize=7)
+    return _svg(figure)
 
 
 def drawn(rows: list[Row]) -> set[str]:
@@ -245,6 +286,6 @@ def _tensor_table(rows: list[Row], changes: dict | None) -> str:
         cells += [f"<td class=n>{_e(short_number(v))}</td>" for v in numbers]
         cells.append(f"<td class=n>{100 * s.zeros / r.numel:.1f}%</td>" if s and r.numel else "<td></td>")
         if changes:
-            cells.append(f"<td class=n>{_e(short_number(changes.get(r.name)))}</td>")
+            cells.append(f"<td class=n>{_change_text(changes.get(r.name))}</td>")
         lines.append("<tr>" + "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in cells) + "</tr>")
     return "\n".join(lines) + "</table>"

@@ -113,26 +113,28 @@ def shape_text(shape: tuple[int, ...]) -> str:
 
 def _columns(result: Inspection) -> list[tuple[Column, callable]]:
     """Each column and how to fill it from all the rows at once (a pass in C each, where the cells
-    are the rows' own fields: 100,000 tensors are 100,000 rows), most important first."""
+    are the rows' own fields: 100,000 tensors are 100,000 rows); on a narrow terminal the columns
+    of priority 0 give way first, from the right (a histogram or digest asked for outlasts them)."""
     rows = result.rows
-    cols = [(Column("name"), _each(_NAME)), (Column("kind"), _each(_KIND)),
-            (Column("shape", True), lambda rows: list(map(shape_text, map(_SHAPE, rows)))), (Column("dtype"), _dtypes)]
+    cols = [(Column("name", priority=1), _each(_NAME)), (Column("kind", priority=1), _each(_KIND)),
+            (Column("shape", True, 1), lambda rows: list(map(shape_text, map(_SHAPE, rows)))),
+            (Column("dtype", priority=1), _dtypes)]
     if set(map(_DEVICE, rows)) - {"cpu"}:
-        cols.append((Column("device"), _each(_DEVICE)))
+        cols.append((Column("device", priority=1), _each(_DEVICE)))
     if result.stats:
         if any(r.stats and (r.stats.nan or r.stats.inf) for r in rows):
-            cols += [(Column("nan", True), _each(lambda r: _count(r, "nan"))),
-                     (Column("inf", True), _each(lambda r: _count(r, "inf")))]
+            cols += [(Column("nan", True, 1), _each(lambda r: _count(r, "nan"))),
+                     (Column("inf", True, 1), _each(lambda r: _count(r, "inf")))]
         for key in ("mean", "std", "min", "max"):
             cols.append((Column(key, True), _each(lambda r, k=key: short_number(getattr(r.stats, k)) if r.stats else "-")))
         cols.append((Column("zeros", True),
                      _each(lambda r: f"{100 * r.stats.zeros / r.numel:.1f}%" if r.stats and r.numel else "-")))
         cols.append((Column("|max|", True), _each(lambda r: short_number(r.stats.abs_max) if r.stats else "-")))
         if any(r.stats and r.stats.histogram for r in rows):
-            cols.append((Column("histogram"), _each(lambda r: sparkline(r.stats.histogram.counts)
+            cols.append((Column("histogram", priority=1), _each(lambda r: sparkline(r.stats.histogram.counts)
                                                    if r.stats and r.stats.histogram else "")))
     if any(map(_SHA256, rows)):
-        cols.insert(4, (Column("sha256"), _each(lambda r: r.sha256 or "")))
+        cols.insert(4, (Column("sha256", priority=1), _each(lambda r: r.sha256 or "")))
     cols.append((Column("numel", True), _numels))
     return cols
 
@@ -174,10 +176,10 @@ def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
              f" {plural(totals['tensors'], 'tensor')}, {plural(totals['parameters'], 'parameter')}"
              + (f" + {totals['buffers']:,} in buffers" if totals["buffers"] else "") + f", {human_bytes(totals['bytes'])}"]
     cols = _columns(result)
-    headers = [c.header for c, _ in cols]
     cells = [fill(result.rows) for _, fill in cols]
+    staying = [c.header for c, _ in sorted(cols, key=lambda col: -col[0].priority)]  # the order columns give way in
     table, hidden = render_columns([c for c, _ in cols], cells, width, color,
-                           core=headers.index("max") + 1 if "max" in headers else 4)
+                                   core=staying.index("max") + 1 if "max" in staying else 4)
     notes = [f"(not shown at this width: {', '.join(hidden)}; --json has every field)"] if hidden else []
     return "\n".join(_escaped(lines) + [table.rstrip("\n")] + _escaped(notes + footer_lines(result))) + "\n"
 

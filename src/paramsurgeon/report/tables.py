@@ -1,8 +1,8 @@
 """Tables as text, laid out with our own arithmetic in passes over the cells (rich took 40 s
 for 100,000 rows: a measure per column dropped, then the drawing). Piped, a table is aligned columns,
 one line per row, every column kept (for grep and awk). On a terminal it fits the width in
-cells (wide characters count two): the rightmost columns give way until only the ``core``
-ones are left, then the first column folds its long values onto continuation lines, every
+cells (wide characters count two): the rightmost columns give way (those of a lower ``priority``
+first) until only the ``core`` ones are left, then the first column folds its long values onto continuation lines, every
 character kept, to no less than _MIN_FOLD; when that is not enough more columns give way,
 and with two or fewer left the first folds as far as it must. Columns are two spaces apart,
 numbers right-justified, the header underlined with '─' and bold in colour, nothing else
@@ -25,6 +25,7 @@ _BOLD, _RESET = "\x1b[1m", "\x1b[0m"
 class Column:
     header: str
     right: bool = False  # right-justified (numbers)
+    priority: int = 0  # columns of a higher priority give way after those of a lower one, wherever they stand
 
 
 def render(columns: list[Column], rows: list[list[str]], width: int | None = None, color: bool = False,
@@ -45,10 +46,24 @@ def render_columns(columns: list[Column], cells: list[list[str]], width: int | N
     text = "".join(map("".join, cells))  # one pass over every cell
     if not text.isprintable():
         cells = _escaped(cells)
-    lines, heading, kept = _fitted(columns, cells, width, core or len(columns), len if text.isascii() else _cells)
+    measure = len if text.isascii() else _cells
+    columns, cells, core, hidden = _by_priority(columns, cells, width, core or len(columns), measure)
+    lines, heading, kept = _fitted(columns, cells, width, core, measure)
     if color:
         lines[:heading] = [_BOLD + line + _RESET for line in lines[:heading]]
-    return "\n".join(lines) + "\n", [c.header for c in columns[kept:]]
+    return "\n".join(lines) + "\n", hidden + [c.header for c in columns[kept:]]
+
+
+def _by_priority(columns: list[Column], cells: list[list[str]], width: int, core: int, measure):
+    """The columns that may stay at ``width`` when they give way in the order of their priority
+    (``core`` counted in that order), left in their places; the others' headers."""
+    order = sorted(range(len(columns)), key=lambda i: -columns[i].priority)  # stable: the rightmost go first
+    if order == sorted(order):
+        return columns, cells, core, []
+    kept, _ = _fit([max(map(measure, [columns[i].header, *cells[i]])) for i in order], width, core)
+    staying = sorted(order[:kept])
+    return ([columns[i] for i in staying], [cells[i] for i in staying], len(staying),
+            [columns[i].header for i in order[kept:]])
 
 
 def _escaped(cells: list[list[str]]) -> list[list[str]]:

@@ -10,6 +10,7 @@ from typing import Callable
 from ...checkpoint import Checkpoint, Tensor
 from ...dtypes import DType
 from ...errors import PlanError
+from ...sizes import plural
 from ..plan import Change, Plan, fail, names_list
 from ..values import cast_target, copy_of, narrows
 from .adapter import Adapter, Pair
@@ -100,7 +101,7 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
         magnitude = pair.tensors.get("magnitude")
         out = tensors[weight].shape[1] if layout in ("transposed", "embedding") else tensors[weight].shape[0]
         if magnitude is not None and magnitude.numel != out:
-            problems.append(f"'{pair.keys['magnitude']}' has {magnitude.numel} values for {out} output features")
+            problems.append(f"'{pair.keys['magnitude']}' has {plural(magnitude.numel, 'value')} for {plural(out, 'output feature')}")
     if unmatched_modules:
         n = len(unmatched_modules)
         problems.insert(0, f"{n} adapted module{'s match' if n > 1 else ' matches'} no tensor of {ckpt.source}:"
@@ -137,7 +138,7 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
                           " layout, as PEFT does (a square weight whose layout the base does not tell follows the"
                           " config)")
     if replaced and op.scale != 1:
-        plan.notes.append(f"note: --scale does not apply to the {len(replaced)} tensors the adapter replaces whole")
+        plan.notes.append(f"note: --scale does not apply to {plural(len(replaced), 'tensor')} the adapter replaces whole")
     return plan
 
 
@@ -292,8 +293,8 @@ def _compute(fold: Fold, target: DType, allow_overflow: bool) -> Callable:
         if not allow_overflow and not -target.largest <= low <= high <= target.largest:
             count = new_nonfinite(values, start)
             if count:
-                raise PlanError(f"merge-lora: {count:,} of {values.numel():,} values of '{fold.name}' would become Inf"
-                                f" or NaN ({target.name} cannot hold them); nothing was written; pass"
+                raise PlanError(f"merge-lora: {count:,} of {plural(values.numel(), 'value')} of '{fold.name}' would"
+                                f" become Inf or NaN ({target.name} cannot hold them); nothing was written; pass"
                                 " --allow-overflow to write them anyway")
         return values
 

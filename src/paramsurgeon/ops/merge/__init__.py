@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from ...declare import REQUIRED, argument, option
 from ...errors import UsageError
 from ...selection import Selection
+from ...sizes import plural
 from ..plan import Plan
 from ..spec import Operation, Overflow, Sources, TiePolicy
 
@@ -109,7 +110,7 @@ class Merge(Selection, TiePolicy, Overflow, Operation):
             else:
                 if len(weights) != len(inputs):
                     what = "fine-tuned checkpoint (the base takes none)" if task else "checkpoint"
-                    problems.append(f"--weights has {len(weights)} values for {len(inputs)} checkpoints; pass one per"
+                    problems.append(f"--weights has {plural(len(weights), 'value')} for {plural(len(inputs), 'checkpoint')}; pass one per"
                                     f" {what}")
                 elif self.normalizes and not task and math.fsum(weights) == 0:
                     problems.append("--weights sum to 0, so they cannot be normalised; pass --no-normalize")

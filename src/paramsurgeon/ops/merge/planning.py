@@ -149,7 +149,7 @@ def _refuse_overflow(name: str, merged, views: list) -> None:
 
     count = new_nonfinite(merged, *views)
     if count:
-        raise PlanError(f"merge: {count:,} of {merged.numel():,} values of '{name}' would become Inf or NaN"
+        raise PlanError(f"merge: {count:,} of {plural(merged.numel(), 'value')} of '{name}' would become Inf or NaN"
                         f" ({str(merged.dtype).removeprefix('torch.')} cannot hold them); nothing was written;"
                         " pass --allow-overflow to write them anyway")
 

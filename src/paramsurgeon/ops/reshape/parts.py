@@ -10,6 +10,7 @@ from ...checkpoint import Checkpoint, Tensor
 from ...declare import REQUIRED, option
 from ...errors import SelectionError, UsageError
 from ...selection import expand, unmatched, wildcard_map
+from ...sizes import plural
 from ..plan import Change, Plan, fail
 from ..spec import Operation, Sources, TiePolicy
 from .common import dim_of, no_dim, numbers, own, torch_of
@@ -41,7 +42,7 @@ class Split(TiePolicy, Operation):
             raise UsageError(f"split: --to names {len(self._to)} part; name two or more (--to A B ...)")
         self._sizes = numbers(self.sizes, "--sizes") if self.sizes is not None else None
         if self._sizes is not None and len(self._sizes) != len(self._to):
-            raise UsageError(f"split: --sizes has {len(self._sizes)} values for {len(self._to)} parts; pass one"
+            raise UsageError(f"split: --sizes has {plural(len(self._sizes), 'value')} for {plural(len(self._to), 'part')}; pass one"
                              " per part")
 
     def plan(self, ckpt: Checkpoint, sources: Sources) -> Plan:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ...checkpoint import Checkpoint, Tensor
 from ...declare import option
+from ...sizes import plural
 from ..plan import Change, Plan, names_list
 from ..spec import Operation, Sources, Targets, TiePolicy, with_warnings
 from ..values import value_plan
@@ -35,7 +36,7 @@ class Transpose(Targets, TiePolicy, Operation):
             if da is None or db is None:
                 return no_dim(tensor, a if da is None else b, "--dims")
             if da == db:
-                return f"has {len(tensor.shape)} dimensions, and --dims {a},{b} names one of them twice"
+                return f"has {plural(len(tensor.shape), 'dimension')}, and --dims {a},{b} names one of them twice"
             shape = list(tensor.shape)
             shape[da], shape[db] = shape[db], shape[da]
             return Change(unit, f"transpose dims {da},{db}", tuple(shape), tensor.dtype.name,
