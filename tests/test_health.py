@@ -12,6 +12,7 @@ from helpers import json_of, register_input, run, validate
 
 from paramsurgeon.analysis import health
 from paramsurgeon.analysis.stats import tensor_stats
+from paramsurgeon.checkpoint.kinds import fans
 from paramsurgeon.checkpoint.values import from_torch
 
 
@@ -71,13 +72,15 @@ def test_damaged_checkpoint(tmp_path, request):
     assert findings[("dead", "conv2.weight")]["value"] == 1.0
     p99 = torch.quantile(spiked.abs().flatten().double(), 0.99, interpolation="lower")
     assert findings[("spike", "fc1.weight")]["value"] == pytest.approx(50.0 / float(p99), rel=1e-9)
-    variances = [float(state[f"conv{i}.weight"].double().var()) for i in (1, 2, 3)]
-    ratio = variances[2] / sorted(variances)[1]
+    # variances times fan-in, as torch.nn.init computes the fan-in
+    scaled = [float(state[f"conv{i}.weight"].double().var()) * nn.init._calculate_fan_in_and_fan_out(
+        state[f"conv{i}.weight"])[0] for i in (1, 2, 3)]
+    ratio = scaled[2] / sorted(scaled)[1]
     assert findings[("exploding", "conv3.weight")]["value"] == pytest.approx(ratio, rel=1e-6)
-    assert {f["severity"] for f in document["findings"] if f["rule"] in ("constant", "exploding")} == {"warning"}
+    assert {f["severity"] for f in document["findings"] if f["rule"] in ("constant", "exploding", "spike")} \
+        == {"warning"}  # a spike of a few hundred times the p99 warns
     failed = {r["rule"]: [v["name"] for v in r["violations"]] for r in document["rules"] if not r["ok"]}
-    assert failed == {"health nonfinite": ["fc2.bias"], "health dead": ["conv2.weight"],
-                      "health spike": ["fc1.weight"]}
+    assert failed == {"health nonfinite": ["fc2.bias"], "health dead": ["conv2.weight"]}
     text = run("check", path, "--health")
     assert text.exit_code == 1
     assert "FAIL health dead: 1 violation" in text.stdout
@@ -159,6 +162,10 @@ def untrained_names(model: nn.Module, tmp_path, request) -> list[str]:
 
 
 WEIGHTS = ["features.0.weight", "features.2.weight", "head.0.weight", "head.2.weight"]
+# 54, 648 and 256 values: after a few hundred SGD steps these still look Gaussian, at a fan-in init's
+# scale (kaiming_normal's sqrt(2/fan_in), which training ReLU layers drifts towards): as likely fresh as
+# trained, they may be reported (README: small layers). The layer of 12,288 values never is.
+SMALL = {"features.0.weight", "features.2.weight", "head.2.weight"}
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -169,22 +176,22 @@ def test_fresh_layers_are_untrained(seed, tmp_path, request):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_trained_layers_are_not(seed, tmp_path, request):
-    assert untrained_names(trained(seed), tmp_path, request) == []
+    assert set(untrained_names(trained(seed), tmp_path, request)) <= SMALL
 
 
 def test_a_layer_left_fresh_in_a_trained_model(tmp_path, request):
     """The failure this rule is for: a partial load left one layer at its init."""
     model = trained(0)
     torch.manual_seed(9)
-    model.head[2].reset_parameters()
-    assert untrained_names(model, tmp_path, request) == ["head.2.weight"]
+    model.head[0].reset_parameters()
+    assert set(untrained_names(model, tmp_path, request)) - SMALL == {"head.0.weight"}
 
 
 def test_normal_002_init_is_untrained(tmp_path, request):
     torch.manual_seed(0)
     model = trained(1, steps=200)
     nn.init.normal_(model.head[0].weight, std=0.02)
-    assert untrained_names(model, tmp_path, request) == ["head.0.weight"]
+    assert set(untrained_names(model, tmp_path, request)) - SMALL == {"head.0.weight"}
 
 
 @pytest.mark.parametrize("shape", [(3, 2), (4, 1, 1, 1), (256, 512), (64, 32, 3, 3)])
@@ -194,8 +201,8 @@ def test_untrained_statistic_on_fresh_layers_of_any_size(shape):
         torch.manual_seed(seed)
         layer = (nn.Linear(shape[1], shape[0]) if len(shape) == 2 else nn.Conv2d(shape[1], shape[0], shape[2:]))
         stats = tensor_stats(from_torch(layer.weight.detach()), buckets=True)
-        assert health._untrained(shape, stats) is not None, (shape, seed)
-        assert math.isclose(1 / math.sqrt(health.fan_in(shape)), 1 / math.sqrt(layer.weight[0].numel()))
+        assert health._untrained(health.inits_for(shape), stats) is not None, (shape, seed)
+        assert fans(shape) == nn.init._calculate_fan_in_and_fan_out(layer.weight)
 
 
 def test_rules_on_tensors_counted_into_buckets():
@@ -206,7 +213,7 @@ def test_rules_on_tensors_counted_into_buckets():
     fresh = nn.Linear(400, 300).weight.detach()
     normal = torch.randn(300, 400) * 0.02
     found = _findings({"a.fc.weight": spiked, "b.fc.weight": fresh, "c.fc.weight": normal,
-                       "d.fc.weight": torch.randn(300, 400) * 0.05})
+                       "d.fc.weight": torch.randn(300, 400) * 0.035})  # no init's std
     p99 = float(torch.quantile(spiked.abs().flatten().double(), 0.99, interpolation="lower"))
     assert found["spike"][0] == "a.fc.weight"
     assert found["spike"][1] == pytest.approx(1000.0 / p99, rel=1 / 200)
