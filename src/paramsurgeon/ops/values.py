@@ -12,7 +12,7 @@ from typing import Callable
 from .. import dtypes
 from ..dtypes import DType
 from ..checkpoint import Checkpoint, Tensor
-from ..checkpoint.kinds import LAYER_KINDS, infer_kinds
+from ..checkpoint.kinds import LAYER_KINDS, infer_kinds, stored_in_out
 from ..declare import REQUIRED, Number, option
 from ..errors import UsageError
 from ..sizes import plural
@@ -137,13 +137,14 @@ class Init(Targets, TiePolicy, Overflow, Operation):
         names = self.targets(ckpt, "init", warnings)
         scheme, seed = self._scheme, self.seed or 0
         kinds = infer_kinds(ckpt.tensors) if scheme.name == "default" else {}
+        in_out = stored_in_out(ckpt.tensors) if scheme.name == "default" else set()
         tensors = ckpt.tensors
 
         def change_for(unit: list[str], tensor: Tensor):
             name = unit[0]
             resolved = scheme
             if scheme.name == "default":
-                resolved = schemes.default_for(name, tensors, self.layer or kinds[name].layer)
+                resolved = schemes.default_for(name, tensors, self.layer or kinds[name].layer, in_out)
                 if isinstance(resolved, str):
                     return resolved
             problem = resolved.problem(tensor.shape, tensor.dtype.floating)

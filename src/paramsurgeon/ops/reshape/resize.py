@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 from ...checkpoint import Checkpoint, Tensor
-from ...checkpoint.kinds import infer_kinds
+from ...checkpoint.kinds import infer_kinds, stored_in_out
 from ...declare import option
 from ...errors import UsageError
 from .. import schemes
@@ -97,6 +97,7 @@ class Resize(Targets, TiePolicy, Overflow, Operation):
         fail("resize", problems)
         resized = {**{n: t for n, t in tensors.items()}, **{n: SimpleNamespace(shape=s) for n, s in shapes.items()}}
         kinds = infer_kinds(tensors) if self._fill == schemes.Scheme("default") else {}
+        in_out = stored_in_out(tensors) if self._fill == schemes.Scheme("default") else set()
         seed = self.seed or 0
 
         def change_for(unit: list[str], tensor: Tensor):
@@ -108,7 +109,7 @@ class Resize(Targets, TiePolicy, Overflow, Operation):
             fill = self._fill
             if shape[dim] > kept:
                 if fill == schemes.Scheme("default"):
-                    fill = schemes.default_for(name, resized, kinds[name].layer)
+                    fill = schemes.default_for(name, resized, kinds[name].layer, in_out)
                     if isinstance(fill, str):
                         return f"{fill}, so --fill default does not apply; choose another --fill"
                 problem = _fill_problem(fill, shape, tensor, self.allow_overflow)
