@@ -229,3 +229,82 @@ def _findings(state: dict) -> dict:
         found.setdefault(f.rule, [])
         found[f.rule] += [f.name, f.value] if f.rule == "spike" else [(f.name, f.value)]
     return found
+
+
+# ---- the amended rules: exploding by fan-in, spike levels, --strict ---------------------------
+
+
+def cnn() -> nn.Sequential:
+    """A small CNN at PyTorch's default init: a first conv of fan-in 27 and later ones of fan-in 576."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3),
+                         nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.Flatten(),
+                         nn.Linear(64 * 2 * 2, 10))
+
+
+def test_a_fresh_cnn_first_conv_is_not_exploding(tmp_path, request):
+    """Its variance is 21x the later convs' (1/81 against 1/1728), as the default init makes it: the
+    variance times fan-in is the same for all (1/3)."""
+    model = cnn()
+    variances = [float(m.weight.detach().double().var()) for m in model if isinstance(m, nn.Conv2d)]
+    assert variances[0] / sorted(variances)[2] > 10  # the raw variances would warn
+    path = saved(request, tmp_path / "cnn.pt", model.state_dict())
+    _, findings = findings_of(path, 1)  # fresh: every weight is untrained
+    assert [name for rule, name in findings if rule == "exploding"] == []
+    assert sorted(name for rule, name in findings if rule == "untrained") == \
+        sorted(f"{i}.weight" for i, m in enumerate(model) if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def super_weight(ratio: float) -> tuple[dict, float]:
+    """looks_trained() with one entry of fc1.weight set to ``ratio`` times the 99th percentile of |x|, and
+    the ratio measured again with torch."""
+    state = looks_trained()
+    weight = state["fc1.weight"].clone()
+    p99 = float(torch.quantile(weight.abs().flatten().double(), 0.99, interpolation="lower"))
+    weight[5, 7] = ratio * p99
+    state["fc1.weight"] = weight
+    return state, float(weight[5, 7]) / float(torch.quantile(weight.abs().flatten().double(), 0.99, interpolation="lower"))
+
+
+def test_a_super_weight_warns_and_an_extreme_one_fails(tmp_path, request):
+    state, measured = super_weight(200)
+    path = saved(request, tmp_path / "super.pt", state)
+    document, findings = findings_of(path, 0)
+    assert set(findings) == {("spike", "fc1.weight")}
+    assert findings[("spike", "fc1.weight")]["severity"] == "warning"
+    assert findings[("spike", "fc1.weight")]["value"] == pytest.approx(measured, rel=1e-9)
+    text = run("check", path, "--health")
+    assert text.exit_code == 0 and "ok   health spike" in text.stdout and "spike: fc1.weight max |x|" in text.stdout
+    state, measured = super_weight(20_000)
+    path = saved(request, tmp_path / "extreme.pt", state)
+    document, findings = findings_of(path, 1)
+    assert findings[("spike", "fc1.weight")]["severity"] == "fail"
+    assert findings[("spike", "fc1.weight")]["value"] == pytest.approx(measured, rel=1e-9)
+    assert [r["violations"][0]["name"] for r in document["rules"] if not r["ok"]] == ["fc1.weight"]
+
+
+@pytest.mark.parametrize("peak, severity", [(10_001.0, "fail"), (9_999.0, "warning")])
+def test_spike_fail_threshold(peak, severity):
+    values = torch.ones(1000) * torch.tensor([1.0, -1.0]).repeat(500)
+    values[17] = peak
+    from paramsurgeon.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(source="test", format="torch", root={"fc.weight": from_torch(values.reshape(10, 100))})
+    found = health.diagnose(ckpt, health.measure(ckpt, ["fc.weight"]))
+    assert [(f.rule, f.severity) for f in found] == [("spike", severity)]
+
+
+def test_strict_makes_a_warning_fail_and_ignore_drops_it(tmp_path, request):
+    state, _ = super_weight(200)
+    path = saved(request, tmp_path / "super.pt", state)
+    document = json_of("check", path, "--health", "--strict", schema="check", code=1)
+    assert [(f["rule"], f["severity"]) for f in document["findings"]] == [("spike", "fail")]
+    failed = {r["rule"]: [v["name"] for v in r["violations"]] for r in document["rules"] if not r["ok"]}
+    assert failed == {"health spike": ["fc1.weight"]}
+    assert {r["rule"] for r in document["rules"]} >= {"health constant", "health exploding"}
+    text = run("check", path, "--health", "--strict")
+    assert text.exit_code == 1 and "FAIL health spike: 1 violation" in text.stdout
+    document = json_of("check", path, "--health", "--strict", "--ignore", "spike", schema="check", code=0)
+    assert document["findings"] == [] and document["ok"]
+    document = json_of("check", path, "--health", "--ignore", "spike:fc1.*", schema="check", code=0)
+    assert document["findings"] == []

@@ -6,8 +6,8 @@ parameters only (buffers such as running_var are not weights).
     constant   every value equal, and not zero (more than one value)        warning
     spike      max |x| / 99th percentile of |x| >= 100: warns; >= 10,000: fails (published
                models carry "super weights" of a few hundred times the p99)
-    exploding  variance x fan-in (conv/linear weights: the default init's scale; others: the
-               variance) >= 10x the median among tensors of the same kind and role   warning
+    exploding  variance x fan-in (of conv/linear weights and biases: the default init's scale;
+               of others, the variance) >= 10x the median of tensors of the same kind and role  warning
     untrained  a conv/linear weight indistinguishable from a fresh init     fails
 
 ``untrained`` compares the values with the initialisations in use, for the weight's fans (GPT-2's
@@ -89,6 +89,7 @@ class Layout:
     """What the rules know of each tensor besides its values: its kind, fans and depth."""
 
     def __init__(self, ckpt: Checkpoint):
+        self.tensors = ckpt.tensors
         self.kinds = infer_kinds(ckpt.tensors)
         self.in_out = stored_in_out(ckpt.tensors)
         self.depths = _depths(ckpt.tensors)
@@ -98,8 +99,14 @@ class Layout:
         kind = self.kinds[name]
         return kind.layer in ("conv", "linear") and kind.role == "weight" and len(shape) >= 2
 
-    def fan_in(self, name: str, shape: tuple[int, ...]) -> int:
-        return fans(shape, name in self.in_out)[0]
+    def fan_in(self, name: str) -> int | None:
+        """The fan-in that scales a conv/linear weight's default init, and its bias's (None for others)."""
+        kind = self.kinds[name]
+        if kind.layer not in ("conv", "linear") or kind.role not in ("weight", "bias"):
+            return None
+        weight = name[: -len("bias")] + "weight" if kind.role == "bias" else name
+        shape = self.tensors[weight].shape if weight in self.tensors else ()
+        return fans(shape, weight in self.in_out)[0] if len(shape) >= 2 else None
 
     def inits(self, name: str, shape: tuple[int, ...]) -> list[Init]:
         """The initialisations a conv/linear weight may have been left at ([] for other tensors)."""
@@ -224,8 +231,8 @@ def diagnose(ckpt: Checkpoint, stats: dict[str, Stats]) -> list[Finding]:
             findings.append(_spike(name, s.abs_max, p99))
         if s.std is not None:
             kind = layout.kinds[name]
-            scale = layout.fan_in(name, tensor.shape) if layout.weight(name, tensor.shape) else 1
-            variances.setdefault((kind.layer, kind.role), []).append((name, s.std ** 2 * scale, scale != 1))
+            fan_in = layout.fan_in(name)
+            variances.setdefault((kind.layer, kind.role), []).append((name, s.std ** 2 * (fan_in or 1), bool(fan_in)))
         inits = layout.inits(name, tensor.shape)
         untrained = _untrained(inits, s) if inits and s.buckets is not None else None
         if untrained is not None:
