@@ -163,3 +163,20 @@ def test_init_default_on_conv1d_is_its_constructor(tmp_path, request):
         reference = Conv1D(nf, nx)  # what transformers' own constructor draws for this module
         assert torch.equal(bias, reference.bias.detach()), leaf
         assert ks_2samp(weight.flatten().numpy(), reference.weight.detach().flatten().numpy()).pvalue > 1e-4, leaf
+
+
+def test_init_kaiming_on_conv1d_takes_its_fan_in(tmp_path, request):
+    """kaiming_uniform draws within sqrt(6/fan_in), the fan-in nx of the (nx, nf) Conv1D weight (dim 0)."""
+    from safetensors.torch import load_file
+
+    model = fresh()
+    path = saved(model, tmp_path, request)
+    name = "transformer.h.0.mlp.c_fc.weight"
+    result = run("init", path, "-p", name, "--scheme", "kaiming_uniform", "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 0, result.stderr
+    weight = load_file(tmp_path / "out.safetensors")[name]
+    module = model.transformer.h[0].mlp.c_fc
+    fan_in = torch.nn.init._calculate_fan_in_and_fan_out(module.weight.T)[0]  # as the nn.Linear it stands for
+    assert fan_in == module.nx == 64 and tuple(weight.shape) == (64, 256)
+    bound = (6 / fan_in) ** 0.5
+    assert bound * 0.99 < float(weight.abs().max()) <= bound  # sqrt(6/256), half of it, is what shape[1] gives

@@ -222,9 +222,14 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def fill(scheme: Scheme, shape: tuple[int, ...], dtype, seed: int, name: str):
-    """New values for a tensor of ``shape`` and torch ``dtype``, drawn as torch.nn.init draws them."""
+def fill(scheme: Scheme, shape: tuple[int, ...], dtype, seed: int, name: str, in_out: bool = False):
+    """New values for a tensor of ``shape`` and torch ``dtype``, drawn as torch.nn.init draws them;
+    ``in_out``: for a 2-D weight stored (in, out) (GPT-2's Conv1D), drawn as its (out, in)
+    transpose, so that a fan-based scheme takes dim 0 as the fan-in."""
     import torch
+
+    if in_out:
+        return fill(scheme, shape[::-1], dtype, seed, name).T.contiguous()
 
     work = dtype if dtype in (torch.float32, torch.float64) or not dtype.is_floating_point else torch.float32
     values = torch.empty(shape, dtype=work)

@@ -137,7 +137,8 @@ class Init(Targets, TiePolicy, Overflow, Operation):
         names = self.targets(ckpt, "init", warnings)
         scheme, seed = self._scheme, self.seed or 0
         kinds = infer_kinds(ckpt.tensors) if scheme.name == "default" else {}
-        in_out = stored_in_out(ckpt.tensors) if scheme.name == "default" else set()
+        fans = scheme.name == "default" or scheme.name.startswith("kaiming")
+        in_out = stored_in_out(ckpt.tensors) if fans else set()  # GPT-2's Conv1D: fan-in is dim 0
         tensors = ckpt.tensors
 
         def change_for(unit: list[str], tensor: Tensor):
@@ -159,8 +160,9 @@ class Init(Targets, TiePolicy, Overflow, Operation):
                 return f"draws its values in {work}, and {resolved} reaches beyond its range (|x| <=" \
                        f" {work.largest:g})"
             shape, dtype = tensor.shape, dtypes.torch_dtype(tensor.dtype)
+            flipped = name in in_out and resolved.name.startswith("kaiming")
             return Change(unit, str(resolved), shape, tensor.dtype.name,
-                          lambda: schemes.fill(resolved, shape, dtype, seed, name),
+                          lambda: schemes.fill(resolved, shape, dtype, seed, name, in_out=flipped),
                           guarded=resolved.reach() > tensor.dtype.largest and not self.allow_overflow)
 
         what = str(scheme) if scheme.name != "constant" else f"constant {scheme.kwargs['val']}"
