@@ -142,14 +142,14 @@ _NUMBERED = re.compile(r"(?:^|\.)(\d+)\.")
 def _depths(names) -> dict[str, int]:
     """The number of layers of the repeated block each name is in (``h.3.attn.c_proj.weight``: how
     many ``h.N`` there are); names in no numbered block are left out."""
-    found: dict[str, tuple[str, int]] = {}
-    indices: dict[str, set[int]] = {}
+    blocks: dict[str, str] = {}
+    indices: dict[str, set[str]] = {}
     for name in names:
         match = _NUMBERED.search(name)
         if match is not None:
-            found[name] = (name[:match.start()], int(match.group(1)))
-            indices.setdefault(found[name][0], set()).add(found[name][1])
-    return {name: len(indices[prefix]) for name, (prefix, _) in found.items()}
+            blocks[name] = name[:match.start()]
+            indices.setdefault(blocks[name], set()).add(match.group(1))
+    return {name: len(indices[block]) for name, block in blocks.items()}
 
 
 def checked_names(ckpt: Checkpoint, names: list[str]) -> list[str]:
