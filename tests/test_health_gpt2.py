@@ -180,3 +180,16 @@ def test_init_kaiming_on_conv1d_takes_its_fan_in(tmp_path, request):
     assert fan_in == module.nx == 64 and tuple(weight.shape) == (64, 256)
     bound = (6 / fan_in) ** 0.5
     assert bound * 0.99 < float(weight.abs().max()) <= bound  # sqrt(6/256), half of it, is what shape[1] gives
+
+
+def test_conv1d_is_kind_linear(tmp_path, request):
+    """-k linear selects every transformers Conv1D of GPT-2 (weight and bias), as it selects nn.Linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = fresh()
+    result = run("inspect", saved(model, tmp_path, request), "-k", "linear", "--json", "--no-stats")
+    assert result.exit_code == 0, result.stderr
+    got = sorted(t["name"] for t in validate(json.loads(result.stdout), "inspect")["tensors"])
+    expected = sorted(f"{name}.{leaf}" for name, module in model.named_modules() if isinstance(module, Conv1D)
+                      for leaf in ("weight", "bias"))
+    assert got == expected and len(got) == 32
