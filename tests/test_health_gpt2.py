@@ -165,8 +165,9 @@ def test_init_default_on_conv1d_is_its_constructor(tmp_path, request):
         assert ks_2samp(weight.flatten().numpy(), reference.weight.detach().flatten().numpy()).pvalue > 1e-4, leaf
 
 
-def test_init_kaiming_on_conv1d_takes_its_fan_in(tmp_path, request):
-    """kaiming_uniform draws within sqrt(6/fan_in), the fan-in nx of the (nx, nf) Conv1D weight (dim 0)."""
+def test_kaiming_on_conv1d_takes_its_fan_in(tmp_path, request):
+    """init and resize --fill kaiming_uniform draw within sqrt(6/fan_in), the fan-in nx of the (nx, nf)
+    Conv1D weight (dim 0)."""
     from safetensors.torch import load_file
 
     model = fresh()
@@ -180,6 +181,11 @@ def test_init_kaiming_on_conv1d_takes_its_fan_in(tmp_path, request):
     assert fan_in == module.nx == 64 and tuple(weight.shape) == (64, 256)
     bound = (6 / fan_in) ** 0.5
     assert bound * 0.99 < float(weight.abs().max()) <= bound  # sqrt(6/256), half of it, is what shape[1] gives
+    result = run("resize", path, "-p", name, "--dim", "1", "--size", "512", "--fill", "kaiming_uniform", "-o",
+                 tmp_path / "wider.safetensors")  # 256 more outputs; the fan-in stays nx
+    assert result.exit_code == 0, result.stderr
+    new = load_file(tmp_path / "wider.safetensors")[name][:, 256:]
+    assert tuple(new.shape) == (64, 256) and bound * 0.99 < float(new.abs().max()) <= bound
 
 
 def test_conv1d_is_kind_linear(tmp_path, request):
