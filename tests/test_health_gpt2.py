@@ -111,7 +111,7 @@ def test_exploding_takes_conv1d_fan_in_from_dim_0(trained, tmp_path, request):
     model.load_state_dict(trained.state_dict())
     with torch.no_grad():
         model.transformer.h[1].mlp.c_fc.weight.mul_(10)
-    code, findings = health(saved(model, tmp_path, request))
+    code, findings = health(saved(model, tmp_path, request))  # lm_head is wte's alias: diagnosed as wte
     scaled = {f"{name}.weight": float(m.weight.detach().double().var()) * m.nx
               for name, m in model.named_modules() if isinstance(m, Conv1D)}
     exploding = {f["name"]: f["value"] for f in findings if f["rule"] == "exploding"}
@@ -141,8 +141,9 @@ def test_bad_ignore_is_one_line(options, message, tmp_path, request):
     """An --ignore whose GLOB matches no checked tensor is an error with suggestions, as for any
     option that takes names; so is a rule that does not exist, or tuning without --health."""
     result = run("check", saved(fresh(), tmp_path, request), *options)
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("note: ")]  # the tied lm_head
     assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert len(errors) == 1 and message in errors[0], result.stderr
 
 
 def test_init_default_on_conv1d_is_its_constructor(tmp_path, request):
@@ -189,13 +190,15 @@ def test_kaiming_on_conv1d_takes_its_fan_in(tmp_path, request):
 
 
 def test_conv1d_is_kind_linear(tmp_path, request):
-    """-k linear selects every transformers Conv1D of GPT-2 (weight and bias), as it selects nn.Linear."""
+    """-k linear selects every transformers Conv1D of GPT-2 (weight and bias), as it selects the nn.Linear
+    LM head (left out of the file as tied to wte, read as its alias)."""
     from transformers.pytorch_utils import Conv1D
 
     model = fresh()
     result = run("inspect", saved(model, tmp_path, request), "-k", "linear", "--json", "--no-stats")
     assert result.exit_code == 0, result.stderr
     got = sorted(t["name"] for t in validate(json.loads(result.stdout), "inspect")["tensors"])
-    expected = sorted(f"{name}.{leaf}" for name, module in model.named_modules() if isinstance(module, Conv1D)
-                      for leaf in ("weight", "bias"))
-    assert got == expected and len(got) == 32
+    expected = sorted(f"{name}.{leaf}" for name, module in model.named_modules()
+                      if isinstance(module, (Conv1D, torch.nn.Linear)) for leaf in ("weight", "bias")
+                      if getattr(module, leaf, None) is not None)
+    assert got == expected and len(got) == 33

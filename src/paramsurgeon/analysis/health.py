@@ -34,7 +34,8 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..checkpoint import Checkpoint
-from ..checkpoint.kinds import fans, infer_kinds, stored_in_out
+from ..checkpoint.kinds import fans, infer_kinds
+from ..checkpoint.layouts import stored_in_out
 from ..errors import SelectionError, UsageError
 from ..selection import matches, unmatched
 from .stats import Stats, tensor_stats
@@ -153,9 +154,12 @@ def _depths(names) -> dict[str, int]:
 
 
 def checked_names(ckpt: Checkpoint, names: list[str]) -> list[str]:
-    """The floating-point parameters among ``names`` (buffers and integer tensors are not weights)."""
+    """The floating-point parameters among ``names`` (buffers and integer tensors are not weights),
+    each storage once: a tied name after the first of its group is the same values (a GPT-2 lm_head
+    is its wte, an embedding)."""
     kinds = infer_kinds(ckpt.tensors)
-    return [n for n in names if ckpt.tensors[n].dtype.floating and kinds[n].role != "buffer"]
+    aliases = {n for group in ckpt.ties() for n in group[1:]}
+    return [n for n in names if ckpt.tensors[n].dtype.floating and kinds[n].role != "buffer" and n not in aliases]
 
 
 def measure(ckpt: Checkpoint, names: list[str], bins: int | None = None, drawn: set[str] | None = None,

@@ -4,7 +4,7 @@ Tensors are grouped by module (the name without its last part). The module's kin
 follows from the tensors it holds: running statistics make a BatchNorm; weight_ih and
 weight_hh pairs an LSTM, GRU or RNN (or one of their cells); a 3-5-D weight a convolution;
 a 2-D weight with a matching bias a Linear (a bias of shape[1] entries: a Linear stored
-(in, out), as GPT-2's Conv1D stores it, which ``stored_in_out`` names); a 1-D weight with a bias
+(in, out), as GPT-2's Conv1D stores it: layouts.py tells which); a 1-D weight with a bias
 of the same size a normalisation, one with no bias in a norm's place an RMSNorm. Where shapes
 cannot tell (a 2-D weight alone may be a Linear or an Embedding), the module's name must say so,
 or the kind is 'unknown'.
@@ -181,26 +181,6 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
             return "prelu"
         return _biasless_norm_kind(component) or "unknown"
     return "unknown"
-
-
-def stored_in_out(tensors: Mapping[str, Tensor]) -> set[str]:
-    """The 2-D weights stored (in, out), as GPT-2's Conv1D stores them: a bias of shape[1] entries
-    where shape[0] differs; a square one when a module of the same last name elsewhere is (GPT-2's
-    attn.c_proj beside mlp.c_proj: for a square weight the layout changes no fan-in, only the init)."""
-    found, square = set(), {}
-    for name, tensor in tensors.items():
-        module, leaf = split_name(name)
-        if leaf != "weight" or len(tensor.shape) != 2:
-            continue
-        bias = tensors.get(f"{module}.bias" if module else "bias")
-        if bias is None or len(bias.shape) != 1 or bias.shape[0] != tensor.shape[1]:
-            continue
-        if tensor.shape[0] != tensor.shape[1]:
-            found.add(name)
-        else:
-            square.setdefault(module.rpartition(".")[2], []).append(name)
-    components = {split_name(name)[0].rpartition(".")[2] for name in found}
-    return found.union(*(square.get(c, ()) for c in components))
 
 
 def fans(shape: tuple[int, ...], in_out: bool = False) -> tuple[int, int]:

@@ -251,7 +251,7 @@ def default_for(name: str, tensors: Mapping[str, Any], layer: str, in_out: Colle
 
     The tensors beside it (``tensors``: name -> Tensor) give a bias its fan-in, a recurrent
     layer its hidden size, and show the parts nn.MultiheadAttention initialises itself.
-    ``in_out`` names the weights stored (in, out) (kinds.stored_in_out): GPT-2's Conv1D, which
+    ``in_out`` names the weights stored (in, out) (layouts.stored_in_out): GPT-2's Conv1D, which
     has no reset_parameters and whose constructor draws normal(0, 0.02) and zero biases.
     """
     weight_name = name[: -len("bias")] + "weight" if name.endswith("bias") else name

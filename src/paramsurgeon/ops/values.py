@@ -12,7 +12,8 @@ from typing import Callable
 from .. import dtypes
 from ..dtypes import DType
 from ..checkpoint import Checkpoint, Tensor
-from ..checkpoint.kinds import LAYER_KINDS, infer_kinds, stored_in_out
+from ..checkpoint.kinds import LAYER_KINDS, infer_kinds
+from ..checkpoint.layouts import stored_in_out
 from ..declare import REQUIRED, Number, option
 from ..errors import UsageError
 from ..sizes import plural

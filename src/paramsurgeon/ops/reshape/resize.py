@@ -9,7 +9,8 @@ from types import SimpleNamespace
 from typing import Callable
 
 from ...checkpoint import Checkpoint, Tensor
-from ...checkpoint.kinds import infer_kinds, stored_in_out
+from ...checkpoint.kinds import infer_kinds
+from ...checkpoint.layouts import stored_in_out
 from ...declare import option
 from ...errors import UsageError
 from .. import schemes
