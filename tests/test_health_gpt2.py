@@ -202,3 +202,19 @@ def test_conv1d_is_kind_linear(tmp_path, request):
                       if isinstance(module, (Conv1D, torch.nn.Linear)) for leaf in ("weight", "bias")
                       if getattr(module, leaf, None) is not None)
     assert got == expected and len(got) == 33
+
+
+def test_adam_flattened_weights_are_not_a_fresh_normal(trained, tmp_path, request):
+    """The trained embedding (4,096 values, std about 1/sqrt(64)): Adam's sign-like steps left it flatter
+    than a normal sample ever is (excess kurtosis far below 0), so it is not normal(0, 1/sqrt(fan_in)),
+    which a fresh draw of that std, as a Linear weight, is."""
+    from scipy.stats import kurtosis
+
+    weight = trained.transformer.wte.weight.detach().clone()
+    assert kurtosis(weight.flatten().double().numpy()) / (24 / weight.numel()) ** 0.5 < -6
+    torch.manual_seed(3)
+    fresh_draw = torch.nn.init.normal_(torch.empty(64, 64), std=1 / 64 ** 0.5)
+    path = tmp_path / "heads.pt"
+    torch.save({"trained.head.weight": weight, "fresh.head.weight": fresh_draw}, path)
+    code, findings = health(register_input(request, path))
+    assert named(findings, "untrained") == ["fresh.head.weight"]
