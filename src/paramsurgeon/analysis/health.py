@@ -28,6 +28,7 @@ spread counted (from the chunk still in memory: never a second read).
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 import statistics
@@ -111,20 +112,21 @@ class Layout:
         shape = self.tensors[weight].shape if weight in self.tensors else ()
         return fans(shape, weight in self.in_out)[0] if len(shape) >= 2 else None
 
-    def inits(self, name: str, shape: tuple[int, ...]) -> list[Init]:
-        """The initialisations a conv/linear weight may have been left at ([] for other tensors)."""
+    def inits(self, name: str, shape: tuple[int, ...]) -> tuple[Init, ...]:
+        """The initialisations a conv/linear weight may have been left at (none for other tensors)."""
         if not self.weight(name, shape):
-            return []
-        return inits_for(shape, name in self.in_out, self.depths.get(name))
+            return ()
+        return inits_for(tuple(shape), name in self.in_out, self.depths.get(name))
 
 
-def inits_for(shape: tuple[int, ...], in_out: bool = False, layers: int | None = None) -> list[Init]:
+@functools.lru_cache(maxsize=4096)
+def inits_for(shape: tuple[int, ...], in_out: bool = False, layers: int | None = None) -> tuple[Init, ...]:
     """The initialisations in use for a weight of ``shape`` (stored (in, out) with ``in_out``) in a
     block repeated ``layers`` times: PyTorch's default, xavier and kaiming, initializer_range,
     GPT-2's residual projections."""
     fan_in, fan_out = fans(shape, in_out)
     if not fan_in or not fan_out:
-        return []
+        return ()
     scales = [(True, 1 / math.sqrt(fan_in), f"1/sqrt({fan_in})", "PyTorch's default, kaiming_uniform(a=sqrt(5))"),
               (True, math.sqrt(6 / (fan_in + fan_out)), f"sqrt(6/({fan_in}+{fan_out}))", "xavier_uniform"),
               (True, math.sqrt(6 / fan_in), f"sqrt(6/{fan_in})", "kaiming_uniform"),
@@ -135,8 +137,8 @@ def inits_for(shape: tuple[int, ...], in_out: bool = False, layers: int | None =
     scales += [(False, 1 / math.sqrt(fan_in), f"1/sqrt({fan_in})", "LeCun"),
                (False, math.sqrt(2 / (fan_in + fan_out)), f"sqrt(2/({fan_in}+{fan_out}))", "xavier_normal"),
                (False, math.sqrt(2 / fan_in), f"sqrt(2/{fan_in})", "kaiming_normal")]
-    return [Init(uniform, scale, f"{'uniform(+-' if uniform else 'normal(0, '}{formula + ' = ' if formula else ''}"
-                                 f"{scale:.3g}), {source}") for uniform, scale, formula, source in scales]
+    return tuple(Init(uniform, scale, f"{'uniform(+-' if uniform else 'normal(0, '}{formula + ' = ' if formula else ''}"
+                                   f"{scale:.3g}), {source}") for uniform, scale, formula, source in scales)
 
 
 _NUMBERED = re.compile(r"(?:^|\.)(\d+)\.")
@@ -182,7 +184,7 @@ def measure(ckpt: Checkpoint, names: list[str], bins: int | None = None, drawn: 
     return result
 
 
-def _needs_spread(shape: tuple[int, ...], inits: list[Init], s: Stats) -> bool:
+def _needs_spread(shape: tuple[int, ...], inits: tuple[Init, ...], s: Stats) -> bool:
     """Whether spike or untrained could fire, from the statistics alone (else the values need no
     second look): a spike needs most of the energy in 1% of the values, an init its bound or std."""
     if s.nan or s.inf or not s.abs_max:
@@ -191,7 +193,7 @@ def _needs_spread(shape: tuple[int, ...], inits: list[Init], s: Stats) -> bool:
     return _spike_possible(s, n) or any(_possible(init, s, n) for init in inits)
 
 
-def _suspect(shape: tuple[int, ...], inits: list[Init], s: Stats) -> bool:
+def _suspect(shape: tuple[int, ...], inits: tuple[Init, ...], s: Stats) -> bool:
     """Whether any rule but exploding (which needs every tensor) could fire on these statistics."""
     n = math.prod(shape)
     return bool(s.nan or s.inf or s.zeros >= DEAD * n or s.min == s.max or _needs_spread(shape, inits, s))
@@ -286,23 +288,19 @@ def _flat(spread) -> bool:
     return m2 > 0 and (float(squares.square().mean()) / m2 ** 2 - 3) / math.sqrt(24 / values.numel()) < FLAT
 
 
-def _untrained(inits: list[Init], s: Stats) -> tuple[float, float, str] | None:
+def _untrained(inits: tuple[Init, ...], s: Stats) -> tuple[float, float, str] | None:
     """(statistic, threshold, message) when the values look like a fresh ``inits``, else None."""
     n = s.buckets.count
-    best = None
     flat = _flat(s.buckets)
-    for init in inits:
+    for init in inits:  # the first that fits: PyTorch's default first, the rarer ones after
         if not _possible(init, s, n) or (flat and not init.uniform):
             continue
         distance = math.sqrt(n) * s.buckets.ks_distance(init.cdf)
-        if distance <= UNTRAINED_KS and (best is None or distance < best[0]):
-            best = distance, init
-    if best is None:
-        return None
-    distance, init = best
-    outside = ", no value outside the bound" if init.uniform else ""
-    return distance, UNTRAINED_KS, (f"looks freshly initialised: {init.label} (KS sqrt(n)*D = {distance:.2f} <="
-                                    f" {UNTRAINED_KS:g}{outside})")
+        if distance <= UNTRAINED_KS:
+            outside = ", no value outside the bound" if init.uniform else ""
+            return distance, UNTRAINED_KS, (f"looks freshly initialised: {init.label} (KS sqrt(n)*D = {distance:.2f}"
+                                            f" <= {UNTRAINED_KS:g}{outside})")
+    return None
 
 
 def parse_ignores(specs: list[str], names: list[str] | None = None, key: tuple = ()) -> list[tuple[str, str]]:
