@@ -12,6 +12,7 @@ from helpers import json_of, register_input, run, validate
 
 from paramsurgeon.analysis import health
 from paramsurgeon.analysis.stats import tensor_stats
+from paramsurgeon.checkpoint.kinds import fans
 from paramsurgeon.checkpoint.values import from_torch
 
 
@@ -71,13 +72,15 @@ def test_damaged_checkpoint(tmp_path, request):
     assert findings[("dead", "conv2.weight")]["value"] == 1.0
     p99 = torch.quantile(spiked.abs().flatten().double(), 0.99, interpolation="lower")
     assert findings[("spike", "fc1.weight")]["value"] == pytest.approx(50.0 / float(p99), rel=1e-9)
-    variances = [float(state[f"conv{i}.weight"].double().var()) for i in (1, 2, 3)]
-    ratio = variances[2] / sorted(variances)[1]
+    # variances times fan-in, as torch.nn.init computes the fan-in
+    scaled = [float(state[f"conv{i}.weight"].double().var()) * nn.init._calculate_fan_in_and_fan_out(
+        state[f"conv{i}.weight"])[0] for i in (1, 2, 3)]
+    ratio = scaled[2] / sorted(scaled)[1]
     assert findings[("exploding", "conv3.weight")]["value"] == pytest.approx(ratio, rel=1e-6)
-    assert {f["severity"] for f in document["findings"] if f["rule"] in ("constant", "exploding")} == {"warning"}
+    assert {f["severity"] for f in document["findings"] if f["rule"] in ("constant", "exploding", "spike")} \
+        == {"warning"}  # a spike of a few hundred times the p99 warns
     failed = {r["rule"]: [v["name"] for v in r["violations"]] for r in document["rules"] if not r["ok"]}
-    assert failed == {"health nonfinite": ["fc2.bias"], "health dead": ["conv2.weight"],
-                      "health spike": ["fc1.weight"]}
+    assert failed == {"health nonfinite": ["fc2.bias"], "health dead": ["conv2.weight"]}
     text = run("check", path, "--health")
     assert text.exit_code == 1
     assert "FAIL health dead: 1 violation" in text.stdout
@@ -159,6 +162,10 @@ def untrained_names(model: nn.Module, tmp_path, request) -> list[str]:
 
 
 WEIGHTS = ["features.0.weight", "features.2.weight", "head.0.weight", "head.2.weight"]
+# 54, 648 and 256 values: after a few hundred SGD steps these still look Gaussian, at a fan-in init's
+# scale (kaiming_normal's sqrt(2/fan_in), which training ReLU layers drifts towards): as likely fresh as
+# trained, they may be reported (README: small layers). The layer of 12,288 values never is.
+SMALL = {"features.0.weight", "features.2.weight", "head.2.weight"}
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -169,22 +176,22 @@ def test_fresh_layers_are_untrained(seed, tmp_path, request):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_trained_layers_are_not(seed, tmp_path, request):
-    assert untrained_names(trained(seed), tmp_path, request) == []
+    assert set(untrained_names(trained(seed), tmp_path, request)) <= SMALL
 
 
 def test_a_layer_left_fresh_in_a_trained_model(tmp_path, request):
     """The failure this rule is for: a partial load left one layer at its init."""
     model = trained(0)
     torch.manual_seed(9)
-    model.head[2].reset_parameters()
-    assert untrained_names(model, tmp_path, request) == ["head.2.weight"]
+    model.head[0].reset_parameters()
+    assert set(untrained_names(model, tmp_path, request)) - SMALL == {"head.0.weight"}
 
 
 def test_normal_002_init_is_untrained(tmp_path, request):
     torch.manual_seed(0)
     model = trained(1, steps=200)
     nn.init.normal_(model.head[0].weight, std=0.02)
-    assert untrained_names(model, tmp_path, request) == ["head.0.weight"]
+    assert set(untrained_names(model, tmp_path, request)) - SMALL == {"head.0.weight"}
 
 
 @pytest.mark.parametrize("shape", [(3, 2), (4, 1, 1, 1), (256, 512), (64, 32, 3, 3)])
@@ -194,8 +201,8 @@ def test_untrained_statistic_on_fresh_layers_of_any_size(shape):
         torch.manual_seed(seed)
         layer = (nn.Linear(shape[1], shape[0]) if len(shape) == 2 else nn.Conv2d(shape[1], shape[0], shape[2:]))
         stats = tensor_stats(from_torch(layer.weight.detach()), buckets=True)
-        assert health._untrained(shape, stats) is not None, (shape, seed)
-        assert math.isclose(1 / math.sqrt(health.fan_in(shape)), 1 / math.sqrt(layer.weight[0].numel()))
+        assert health._untrained(health.inits_for(shape), stats) is not None, (shape, seed)
+        assert fans(shape) == nn.init._calculate_fan_in_and_fan_out(layer.weight)
 
 
 def test_rules_on_tensors_counted_into_buckets():
@@ -206,7 +213,7 @@ def test_rules_on_tensors_counted_into_buckets():
     fresh = nn.Linear(400, 300).weight.detach()
     normal = torch.randn(300, 400) * 0.02
     found = _findings({"a.fc.weight": spiked, "b.fc.weight": fresh, "c.fc.weight": normal,
-                       "d.fc.weight": torch.randn(300, 400) * 0.05})
+                       "d.fc.weight": torch.randn(300, 400) * 0.035})  # no init's std
     p99 = float(torch.quantile(spiked.abs().flatten().double(), 0.99, interpolation="lower"))
     assert found["spike"][0] == "a.fc.weight"
     assert found["spike"][1] == pytest.approx(1000.0 / p99, rel=1 / 200)
@@ -222,3 +229,82 @@ def _findings(state: dict) -> dict:
         found.setdefault(f.rule, [])
         found[f.rule] += [f.name, f.value] if f.rule == "spike" else [(f.name, f.value)]
     return found
+
+
+# ---- the amended rules: exploding by fan-in, spike levels, --strict ---------------------------
+
+
+def cnn() -> nn.Sequential:
+    """A small CNN at PyTorch's default init: a first conv of fan-in 27 and later ones of fan-in 576."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3),
+                         nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.Flatten(),
+                         nn.Linear(64 * 2 * 2, 10))
+
+
+def test_a_fresh_cnn_first_conv_is_not_exploding(tmp_path, request):
+    """Its variance is 21x the later convs' (1/81 against 1/1728), as the default init makes it: the
+    variance times fan-in is the same for all (1/3)."""
+    model = cnn()
+    variances = [float(m.weight.detach().double().var()) for m in model if isinstance(m, nn.Conv2d)]
+    assert variances[0] / sorted(variances)[2] > 10  # the raw variances would warn
+    path = saved(request, tmp_path / "cnn.pt", model.state_dict())
+    _, findings = findings_of(path, 1)  # fresh: every weight is untrained
+    assert [name for rule, name in findings if rule == "exploding"] == []
+    assert sorted(name for rule, name in findings if rule == "untrained") == \
+        sorted(f"{i}.weight" for i, m in enumerate(model) if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def super_weight(ratio: float) -> tuple[dict, float]:
+    """looks_trained() with one entry of fc1.weight set to ``ratio`` times the 99th percentile of |x|, and
+    the ratio measured again with torch."""
+    state = looks_trained()
+    weight = state["fc1.weight"].clone()
+    p99 = float(torch.quantile(weight.abs().flatten().double(), 0.99, interpolation="lower"))
+    weight[5, 7] = ratio * p99
+    state["fc1.weight"] = weight
+    return state, float(weight[5, 7]) / float(torch.quantile(weight.abs().flatten().double(), 0.99, interpolation="lower"))
+
+
+def test_a_super_weight_warns_and_an_extreme_one_fails(tmp_path, request):
+    state, measured = super_weight(200)
+    path = saved(request, tmp_path / "super.pt", state)
+    document, findings = findings_of(path, 0)
+    assert set(findings) == {("spike", "fc1.weight")}
+    assert findings[("spike", "fc1.weight")]["severity"] == "warning"
+    assert findings[("spike", "fc1.weight")]["value"] == pytest.approx(measured, rel=1e-9)
+    text = run("check", path, "--health")
+    assert text.exit_code == 0 and "ok   health spike" in text.stdout and "spike: fc1.weight max |x|" in text.stdout
+    state, measured = super_weight(20_000)
+    path = saved(request, tmp_path / "extreme.pt", state)
+    document, findings = findings_of(path, 1)
+    assert findings[("spike", "fc1.weight")]["severity"] == "fail"
+    assert findings[("spike", "fc1.weight")]["value"] == pytest.approx(measured, rel=1e-9)
+    assert [r["violations"][0]["name"] for r in document["rules"] if not r["ok"]] == ["fc1.weight"]
+
+
+@pytest.mark.parametrize("peak, severity", [(10_001.0, "fail"), (9_999.0, "warning")])
+def test_spike_fail_threshold(peak, severity):
+    values = torch.ones(1000) * torch.tensor([1.0, -1.0]).repeat(500)
+    values[17] = peak
+    from paramsurgeon.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(source="test", format="torch", root={"fc.weight": from_torch(values.reshape(10, 100))})
+    found = health.diagnose(ckpt, health.measure(ckpt, ["fc.weight"]))
+    assert [(f.rule, f.severity) for f in found] == [("spike", severity)]
+
+
+def test_strict_makes_a_warning_fail_and_ignore_drops_it(tmp_path, request):
+    state, _ = super_weight(200)
+    path = saved(request, tmp_path / "super.pt", state)
+    document = json_of("check", path, "--health", "--strict", schema="check", code=1)
+    assert [(f["rule"], f["severity"]) for f in document["findings"]] == [("spike", "fail")]
+    failed = {r["rule"]: [v["name"] for v in r["violations"]] for r in document["rules"] if not r["ok"]}
+    assert failed == {"health spike": ["fc1.weight"]}
+    assert {r["rule"] for r in document["rules"]} >= {"health constant", "health exploding"}
+    text = run("check", path, "--health", "--strict")
+    assert text.exit_code == 1 and "FAIL health spike: 1 violation" in text.stdout
+    document = json_of("check", path, "--health", "--strict", "--ignore", "spike", schema="check", code=0)
+    assert document["findings"] == [] and document["ok"]
+    document = json_of("check", path, "--health", "--ignore", "spike:fc1.*", schema="check", code=0)
+    assert document["findings"] == []

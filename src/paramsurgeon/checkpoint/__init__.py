@@ -3,6 +3,7 @@
     tensor.py       Storage and Tensor: views into file spans or new values
     checkpoint.py   Checkpoint, and finding the tensors inside a nested file
     kinds.py        which layer a tensor belongs to (conv, linear, batchnorm, ...)
+    layouts.py      which way each 2-D weight is stored (nn.Linear or GPT-2 Conv1D), told per tensor
     extras.py       everything besides the tensors (epoch, optimizer state), summarised
     hfties.py       the tied names a Hugging Face file leaves out, read back as aliases
     values.py       the bridge to torch (imported only where values are computed)

@@ -3,14 +3,17 @@
 Tensors are grouped by module (the name without its last part). The module's kind
 follows from the tensors it holds: running statistics make a BatchNorm; weight_ih and
 weight_hh pairs an LSTM, GRU or RNN (or one of their cells); a 3-5-D weight a convolution;
-a 2-D weight with a matching bias a Linear; a 1-D weight with a bias of the same size a
-normalisation, one with no bias in a norm's place an RMSNorm. Where shapes cannot tell (a 2-D weight alone may be a Linear or an
-Embedding), the module's name must say so, or the kind is 'unknown'.
+a 2-D weight with a matching bias a Linear (a bias of shape[1] entries: a Linear stored
+(in, out), as GPT-2's Conv1D stores it: layouts.py tells which); a 1-D weight with a bias
+of the same size a normalisation, one with no bias in a norm's place an RMSNorm. Where shapes
+cannot tell (a 2-D weight alone may be a Linear or an Embedding), the module's name must say so,
+or the kind is 'unknown'.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections import Counter
 from itertools import compress, repeat
@@ -169,7 +172,7 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
         return "conv"
     if ndim == 2:
         if bias is not None:
-            return "linear" if len(bias.shape) == 1 and bias.shape[0] == weight.shape[0] else "unknown"
+            return "linear" if len(bias.shape) == 1 and bias.shape[0] in weight.shape else "unknown"
         return _named_2d(component)
     if ndim == 1:
         if bias is not None and bias.shape == weight.shape:
@@ -178,6 +181,14 @@ def module_kind(prefix: str, leaves: Mapping[str, Tensor]) -> str:
             return "prelu"
         return _biasless_norm_kind(component) or "unknown"
     return "unknown"
+
+
+def fans(shape: tuple[int, ...], in_out: bool = False) -> tuple[int, int]:
+    """(fan_in, fan_out) as torch.nn.init computes them, for a weight stored (out, in, *kernel), or
+    with ``in_out`` (in, out) as GPT-2's Conv1D stores it."""
+    field = math.prod(shape[2:])
+    fan_in, fan_out = shape[1] * field, shape[0] * field
+    return (fan_out, fan_in) if in_out else (fan_in, fan_out)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -109,6 +109,17 @@ class CheckOptions:
     dtype: str | None = option(None, "--dtype", metavar="D", help="Every floating-point tensor is of dtype D.")
     health: bool = option(False, "--health", help="Diagnose the float parameters: dead, constant, spike, exploding,"
                                                   " untrained (README: the rules and their thresholds).")
+    ignore: list[str] = option([], "--ignore", metavar="RULE[:GLOB]", help="With --health: drop the findings of"
+                               " RULE (on the tensors matching GLOB); repeatable.")
+    strict: bool = option(False, "--strict", help="With --health: warnings fail the check too.")
+
+    def __post_init__(self) -> None:
+        from ..analysis.health import parse_ignores
+
+        if (self.ignore or self.strict) and not self.health:
+            shown = f"--ignore {self.ignore[0]}" if self.ignore else "--strict"
+            raise UsageError(f"{shown} tunes the rules of --health; pass --health {shown}")
+        parse_ignores(self.ignore)
 
 
 def check(given: Input, options: CheckOptions, output: Json, read: Read, select: Selection) -> None:
@@ -142,6 +153,7 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
     default = not (options.finite or options.max_abs is not None or other or expectations or dtype or options.health)
     values = options.finite or default or options.max_abs is not None
     diagnosed = health.checked_names(checkpoint, names) if options.health else []
+    ignores = health.parse_ignores(options.ignore, diagnosed, checkpoint.key)
     size = sum(checkpoint.tensors[n].nbytes for n in names) * values + sum(checkpoint.tensors[n].nbytes
                                                                            for n in diagnosed)
     with progress(size, "checking") as advance:
@@ -150,19 +162,23 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
         findings = health.diagnose(checkpoint, health.measure(checkpoint, diagnosed, progress=advance)) \
             if options.health else None
     if findings is not None:
-        rules += health_rules(findings)
+        findings = health.ignored(findings, ignores)
+        findings = health.strict(findings) if options.strict else findings
+        rules += health_rules(findings, options.strict)
     _report_check(checkpoint.source, rules, output.json, findings)
 
 
-def health_rules(findings: list) -> list:
-    """The failing health rules as check rules (the warnings are reported beside them)."""
+def health_rules(findings: list, strict: bool = False) -> list:
+    """The health rules that can fail as check rules (every rule with ``strict``; the warnings are
+    reported beside them)."""
     from ..analysis.checks import RuleResult
-    from ..analysis.health import FAILING
+    from ..analysis.health import FAILING, RULES
 
-    rules = [RuleResult(f"health {rule}") for rule in FAILING]
+    shown = RULES if strict else FAILING
+    rules = [RuleResult(f"health {rule}") for rule in shown]
     for finding in findings:
         if finding.fails:
-            rules[FAILING.index(finding.rule)].add(finding.name, finding.message)
+            rules[shown.index(finding.rule)].add(finding.name, finding.message)
     return rules
 
 

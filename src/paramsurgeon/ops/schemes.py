@@ -15,7 +15,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from ..errors import UsageError
 from ..sizes import plural
@@ -222,9 +222,14 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def fill(scheme: Scheme, shape: tuple[int, ...], dtype, seed: int, name: str):
-    """New values for a tensor of ``shape`` and torch ``dtype``, drawn as torch.nn.init draws them."""
+def fill(scheme: Scheme, shape: tuple[int, ...], dtype, seed: int, name: str, in_out: bool = False):
+    """New values for a tensor of ``shape`` and torch ``dtype``, drawn as torch.nn.init draws them;
+    ``in_out``: for a 2-D weight stored (in, out) (GPT-2's Conv1D), drawn as its (out, in)
+    transpose, so that a fan-based scheme takes dim 0 as the fan-in."""
     import torch
+
+    if in_out:
+        return fill(scheme, shape[::-1], dtype, seed, name).T.contiguous()
 
     work = dtype if dtype in (torch.float32, torch.float64) or not dtype.is_floating_point else torch.float32
     values = torch.empty(shape, dtype=work)
@@ -241,12 +246,17 @@ def fill(scheme: Scheme, shape: tuple[int, ...], dtype, seed: int, name: str):
     return values.to(dtype)
 
 
-def default_for(name: str, tensors: Mapping[str, Any], layer: str) -> Scheme | str:
+def default_for(name: str, tensors: Mapping[str, Any], layer: str, in_out: Collection[str] = ()) -> Scheme | str:
     """What ``reset_parameters`` gives tensor ``name`` of a ``layer``, or why it is unknown.
 
     The tensors beside it (``tensors``: name -> Tensor) give a bias its fan-in, a recurrent
     layer its hidden size, and show the parts nn.MultiheadAttention initialises itself.
+    ``in_out`` names the weights stored (in, out) (layouts.stored_in_out): GPT-2's Conv1D, which
+    has no reset_parameters and whose constructor draws normal(0, 0.02) and zero biases.
     """
+    weight_name = name[: -len("bias")] + "weight" if name.endswith("bias") else name
+    if layer == "linear" and weight_name in in_out:
+        return Scheme("zeros") if weight_name != name else Scheme("normal", {"mean": 0.0, "std": 0.02})
     if layer in ("linear", "unknown"):
         attention = _attention_default(name, tensors)
         if attention is not None:

@@ -13,6 +13,7 @@ from .. import dtypes
 from ..dtypes import DType
 from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.kinds import LAYER_KINDS, infer_kinds
+from ..checkpoint.layouts import stored_in_out
 from ..declare import REQUIRED, Number, option
 from ..errors import UsageError
 from ..sizes import plural
@@ -137,13 +138,15 @@ class Init(Targets, TiePolicy, Overflow, Operation):
         names = self.targets(ckpt, "init", warnings)
         scheme, seed = self._scheme, self.seed or 0
         kinds = infer_kinds(ckpt.tensors) if scheme.name == "default" else {}
+        fans = scheme.name == "default" or scheme.name.startswith("kaiming")
+        in_out = stored_in_out(ckpt.tensors) if fans else set()  # GPT-2's Conv1D: fan-in is dim 0
         tensors = ckpt.tensors
 
         def change_for(unit: list[str], tensor: Tensor):
             name = unit[0]
             resolved = scheme
             if scheme.name == "default":
-                resolved = schemes.default_for(name, tensors, self.layer or kinds[name].layer)
+                resolved = schemes.default_for(name, tensors, self.layer or kinds[name].layer, in_out)
                 if isinstance(resolved, str):
                     return resolved
             problem = resolved.problem(tensor.shape, tensor.dtype.floating)
@@ -158,8 +161,9 @@ class Init(Targets, TiePolicy, Overflow, Operation):
                 return f"draws its values in {work}, and {resolved} reaches beyond its range (|x| <=" \
                        f" {work.largest:g})"
             shape, dtype = tensor.shape, dtypes.torch_dtype(tensor.dtype)
+            flipped = name in in_out and resolved.name.startswith("kaiming")
             return Change(unit, str(resolved), shape, tensor.dtype.name,
-                          lambda: schemes.fill(resolved, shape, dtype, seed, name),
+                          lambda: schemes.fill(resolved, shape, dtype, seed, name, in_out=flipped),
                           guarded=resolved.reach() > tensor.dtype.largest and not self.allow_overflow)
 
         what = str(scheme) if scheme.name != "constant" else f"constant {scheme.kwargs['val']}"

@@ -5,7 +5,6 @@
                    its tensors grouped by module, ranks and alphas from PEFT's patterns
     planning.py    merge-lora's plan: adapter names mapped to base tensors, one lazy Change per tensor
     arithmetic.py  PEFT's formulas in float32 (Linear, Conv1D, Embedding, ConvNd, DoRA, lora_bias), and the SVD
-    layouts.py     which way each 2-D weight is stored (nn.Linear or GPT-2 Conv1D), told per tensor
     extraction.py  extract-lora: the deltas, their truncated SVDs, the adapter directory written
 
 The base is streamed like every command's input: each updated tensor is computed when the writer

@@ -4,7 +4,7 @@ directory PEFT's ``PeftModel.from_pretrained`` loads (``adapter_config.json``, `
 A weight's delta ``TUNED - BASE`` (float32) becomes ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) Vh_r``
 (B divided by the scaling ``alpha / r`` when ``--alpha`` is not the rank), laid out as PEFT lays out
 the module: nn.Linear (out, in); GPT-2 Conv1D (the delta is transposed), each 2-D weight's layout
-told by the checkpoint (layouts.py; ``--fan-in-fan-out`` decides one it does not tell);
+told by the checkpoint (checkpoint/layouts.py; ``--fan-in-fan-out`` decides one it does not tell);
 Embedding (``lora_embedding_A`` (r, num), ``lora_embedding_B`` (dim, r): the delta transposed); a
 convolution's kernel goes to A, B is (out, r, 1, ...). A tensor whose delta is zero is skipped. A
 changed 1-D tensor is saved whole: a targeted module's bias as ``<module>.base_layer.bias``, any
@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 from ...checkpoint import Checkpoint, Storage, Tensor
 from ...checkpoint.kinds import infer_kinds, split_name
+from ...checkpoint.layouts import weight_layouts
 from ...checkpoint.tensor import same_values
 from ...dtypes import DType
 from ...errors import PlanError
 from ..plan import fail, names_list
 from ..values import cast_target, copy_of
 from .adapter import CONFIG, PREFIX, WEIGHTS, is_adapter_file
-from .layouts import weight_layouts
 
 
 @dataclass
@@ -133,7 +133,7 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
 
 def _layout(tensor: Tensor, kind: str, told: str | None, fan_in_fan_out: bool) -> str:
     """The layout PEFT gives ``tensor``'s module; ``fan_in_fan_out`` decides a 2-D weight the
-    checkpoint does not tell (see layouts.py)."""
+    checkpoint does not tell (see checkpoint/layouts.py)."""
     if len(tensor.shape) > 2:
         return "conv"
     if kind == "embedding":

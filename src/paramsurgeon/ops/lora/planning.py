@@ -14,7 +14,7 @@ from ...sizes import plural
 from ..plan import Change, Plan, fail, names_list
 from ..values import cast_target, copy_of, narrows
 from .adapter import Adapter, Pair
-from .layouts import weight_layouts
+from ...checkpoint.layouts import weight_layouts
 
 
 @dataclass
@@ -166,7 +166,7 @@ def _base_name(tensors: dict[str, Tensor], name: str) -> str | None:
 
 def _layout(pair: Pair, weight: Tensor, told: str) -> tuple[str, str | None]:
     """How ``pair`` lays over ``weight`` (see arithmetic.py), or a problem; a square 2-D weight
-    takes the layout ``told`` (the base's, see layouts.py, else the config's)."""
+    takes the layout ``told`` (the base's, see checkpoint/layouts.py, else the config's)."""
     a, b = tuple(pair.tensors["A"].shape), tuple(pair.tensors["B"].shape)
     shape = tuple(weight.shape)
     r = a[0]

@@ -10,6 +10,7 @@ from typing import Callable
 
 from ...checkpoint import Checkpoint, Tensor
 from ...checkpoint.kinds import infer_kinds
+from ...checkpoint.layouts import stored_in_out
 from ...declare import option
 from ...errors import UsageError
 from .. import schemes
@@ -97,6 +98,9 @@ class Resize(Targets, TiePolicy, Overflow, Operation):
         fail("resize", problems)
         resized = {**{n: t for n, t in tensors.items()}, **{n: SimpleNamespace(shape=s) for n, s in shapes.items()}}
         kinds = infer_kinds(tensors) if self._fill == schemes.Scheme("default") else {}
+        fans = isinstance(self._fill, schemes.Scheme) and (self._fill.name == "default"
+                                                           or self._fill.name.startswith("kaiming"))
+        in_out = stored_in_out(tensors) if fans else set()  # GPT-2's Conv1D: fan-in is dim 0
         seed = self.seed or 0
 
         def change_for(unit: list[str], tensor: Tensor):
@@ -108,7 +112,7 @@ class Resize(Targets, TiePolicy, Overflow, Operation):
             fill = self._fill
             if shape[dim] > kept:
                 if fill == schemes.Scheme("default"):
-                    fill = schemes.default_for(name, resized, kinds[name].layer)
+                    fill = schemes.default_for(name, resized, kinds[name].layer, in_out)
                     if isinstance(fill, str):
                         return f"{fill}, so --fill default does not apply; choose another --fill"
                 problem = _fill_problem(fill, shape, tensor, self.allow_overflow)
@@ -122,7 +126,8 @@ class Resize(Targets, TiePolicy, Overflow, Operation):
                 ([f"{shape[dim] - kept} new: {_shown(fill)}"] if shape[dim] > kept else [])
             guarded = isinstance(fill, schemes.Scheme) and fill.reach() > tensor.dtype.largest \
                 and not self.allow_overflow
-            compute = _resized(tensor, dim, shape, self._keep, fill, seed, name)
+            flipped = name in in_out and isinstance(fill, schemes.Scheme) and fill.name.startswith("kaiming")
+            compute = _resized(tensor, dim, shape, self._keep, fill, seed, name, flipped)
             return Change(unit, action + (f" ({'; '.join(details)})" if details else ""), shape, tensor.dtype.name,
                           compute, lazy=not guarded, guarded=guarded)
 
@@ -170,8 +175,9 @@ def _fill_problem(fill, shape: tuple[int, ...], tensor: Tensor, allow_overflow: 
 
 
 def _resized(tensor: Tensor, dim: int, shape: tuple[int, ...], keep: list[int] | None, fill, seed: int,
-             name: str) -> Callable:
-    """What computes the resized values: the kept slices, then the new ones."""
+             name: str, in_out: bool = False) -> Callable:
+    """What computes the resized values: the kept slices, then the new ones (``in_out``: drawn as
+    for a weight stored (in, out), see schemes.fill)."""
     def compute():
         import torch
 
@@ -193,7 +199,7 @@ def _resized(tensor: Tensor, dim: int, shape: tuple[int, ...], keep: list[int] |
             wide = torch.float64 if values.is_floating_point() else values.dtype  # beyond float16: inf, as asked
             new = torch.full(part, fill.kwargs["val"], dtype=wide).to(values.dtype)
         else:  # drawn for the whole tensor of the new size (fans are the layer's), then its new slices
-            new = schemes.fill(fill, shape, values.dtype, seed, name).narrow(dim, kept.shape[dim], extra)
+            new = schemes.fill(fill, shape, values.dtype, seed, name, in_out).narrow(dim, kept.shape[dim], extra)
         return torch.cat([kept, new], dim=dim)
 
     return compute

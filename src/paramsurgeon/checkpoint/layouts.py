@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from ...checkpoint import Tensor
-from ...checkpoint.kinds import split_name
+from .kinds import split_name
+from .tensor import Tensor
 
 
 def weight_layouts(tensors: Mapping[str, Tensor]) -> dict[str, str | None]:
@@ -49,6 +49,11 @@ def weight_layouts(tensors: Mapping[str, Tensor]) -> dict[str, str | None]:
         found = next((near[p] for p in _ancestors(module) if p in near), set())
         layouts[name] = next(iter(found)) if len(found) == 1 else None
     return layouts
+
+
+def stored_in_out(tensors: Mapping[str, Tensor]) -> set[str]:
+    """The 2-D weights told to be stored (in, out), as GPT-2's Conv1D stores them: their fan-in is dim 0."""
+    return {name for name, layout in weight_layouts(tensors).items() if layout == "transposed"}
 
 
 def _ancestors(module: str):
