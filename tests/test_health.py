@@ -308,3 +308,18 @@ def test_strict_makes_a_warning_fail_and_ignore_drops_it(tmp_path, request):
     assert document["findings"] == [] and document["ok"]
     document = json_of("check", path, "--health", "--ignore", "spike:fc1.*", schema="check", code=0)
     assert document["findings"] == []
+
+
+def test_values_short_of_an_inits_reach_are_not_that_init():
+    """A 1x1 conv of 128 values moved just past its default bound (+-1/sqrt(8)) by a few steps: the KS
+    test alone cannot tell it from xavier_uniform (+-0.5) or LeCun's normal(0, 1/sqrt(8)), but 128
+    fresh values of either reach beyond |x| = 0.36 with probability 1 - 1e-18."""
+    torch.manual_seed(0)
+    bound = 1 / math.sqrt(8)
+    moved = (torch.rand(16, 8, 1, 1) * 2 - 1) * bound * 1.01
+    stats = tensor_stats(from_torch(moved), buckets=True)
+    inits = health.inits_for((16, 8, 1, 1))
+    assert {i.label.split(",")[-1].strip() for i in inits} >= {"xavier_uniform", "LeCun"}
+    assert health._untrained(inits, stats) is None
+    fresh = tensor_stats(from_torch(nn.init.xavier_uniform_(torch.empty(16, 8, 1, 1))), buckets=True)
+    assert "xavier_uniform" in health._untrained(inits, fresh)[2]

@@ -50,6 +50,7 @@ SPIKE = 100.0
 SPIKE_FAILS = 10_000.0
 EXPLODING = 10.0
 UNTRAINED_KS = 3.0
+SHORTFALL = math.log(1e-9)  # below this log-probability, no fresh init's largest |value| is so small
 FLAT = -6.0  # standard errors of the excess kurtosis below a normal sample's: flatter than any
 INITIALIZER_RANGE = 0.02
 
@@ -87,6 +88,12 @@ class Init:
         if self.uniform:
             return ((t + self.scale) / (2 * self.scale)).clamp(0, 1)
         return 0.5 * (1 + (t / (self.scale * math.sqrt(2))).erf())
+
+    def within(self, bound: float) -> float:
+        """P(|x| < bound) for one fresh value."""
+        if self.uniform:
+            return min(bound / self.scale, 1.0)
+        return math.erf(bound / (self.scale * math.sqrt(2)))
 
 
 class Layout:
@@ -209,10 +216,14 @@ def _spike_possible(s: Stats, n: int) -> bool:
 
 def _possible(init: Init, s: Stats, n: int) -> bool:
     """Whether values of these statistics may be a fresh ``init``: no value beyond a uniform's bound;
-    the std of a normal's within 8 standard errors (a fresh init: always)."""
-    if init.uniform:
-        return s.abs_max <= init.scale * (1 + 1e-6)
-    return s.std is not None and abs(s.std / init.scale - 1) <= 8 / math.sqrt(2 * n)
+    the std of a normal's within 8 standard errors; the largest |value| not short of what n fresh
+    values reach (all n within a with probability P(|x| < a)^n: below 1e-9, never)."""
+    if init.uniform and s.abs_max > init.scale * (1 + 1e-6):
+        return False
+    if not init.uniform and (s.std is None or abs(s.std / init.scale - 1) > 8 / math.sqrt(2 * n)):
+        return False
+    within = init.within(s.abs_max)
+    return within > 0 and n * math.log(within) >= SHORTFALL
 
 
 def diagnose(ckpt: Checkpoint, stats: dict[str, Stats]) -> list[Finding]:
