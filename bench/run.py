@@ -319,7 +319,7 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
     "inspect with statistics (safetensors)": ("script: load, then torch reductions", 1.0, 400 * MiB),
     "inspect with statistics (torch zip)": ("script: load, then torch reductions", 1.0, 400 * MiB),
     "merge three 2 GiB checkpoints (linear)": ("script: torch.load the three, average, save", None, 320 * MiB),
-    "inspect --hist (2 GiB safetensors)": ("inspect, statistics only (the reference)", 1.2, 400 * MiB),
+    "inspect --hist (2 GiB safetensors)": ("inspect, statistics only (the reference)", 1.35, 400 * MiB),
     "check --health (2 GiB safetensors)": ("inspect, statistics only (the reference)", 1.2, 400 * MiB),
     "report (2 GiB safetensors)": ("inspect, statistics only (the reference)", 2.0, 512 * MiB),
     f"{MANY_ST[-1]:,} tensors of 16x16: list names (safetensors)": ("safetensors safe_open().keys()", 3.0, 256 * MiB),
