@@ -1,0 +1,37 @@
+"""The merge methods: one module per method, one entry each in METHODS (after mergekit's
+merge_methods/registry.py). Everything that names a method (--method and its help, the checks,
+the plan, recipes, the plan schema's enum) reads this list; the first is the default.
+
+    base.py   MergeMethod (what a method declares) and Params (the numbers of one merge)
+"""
+
+from __future__ import annotations
+
+from .base import OPTIONS, MergeMethod, Params
+from .dare_linear import DareLinear
+from .dare_ties import DareTies
+from .linear import Linear
+from .slerp import Slerp
+from .task_arithmetic import TaskArithmetic
+from .ties import Ties
+
+METHODS: tuple[MergeMethod, ...] = (Linear(), Slerp(), TaskArithmetic(), Ties(), DareLinear(), DareTies())
+NAMES = tuple(m.name for m in METHODS)
+
+
+def find(name: object) -> MergeMethod | None:
+    """The method called ``name``, or None."""
+    return next((m for m in METHODS if m.name == name), None)
+
+
+def taking(option: str) -> list[str]:
+    """The names of the methods that take ``option`` (one of OPTIONS)."""
+    return [m.name for m in METHODS if option in m.takes]
+
+
+def choices(names: list[str] | tuple[str, ...], last: str = "or") -> str:
+    """'a, b, c or d'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
+
+
+__all__ = ["METHODS", "NAMES", "OPTIONS", "MergeMethod", "Params", "choices", "find", "taking"]
