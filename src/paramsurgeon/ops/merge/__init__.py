@@ -24,7 +24,7 @@ from ...selection import Selection
 from ...sizes import plural
 from ..plan import Plan
 from ..spec import Operation, Overflow, Sources, TiePolicy
-from .registry import METHODS, NAMES, MergeMethod, Params, choices, find, taking
+from .registry import METHODS, NAMES, MergeMethod, Params, choices, find, taking, who
 
 OWN = "<the recipe's checkpoint>"  # in a recipe's merge step: the checkpoint the recipe is applied to
 
@@ -47,16 +47,16 @@ class Merge(Selection, TiePolicy, Overflow, Operation):
                                  " for linear, 1 for task methods).")
     base: str | None = option(None, "--base", metavar="BASE", path=True, help="The base model of the task methods (the"
                               " checkpoint written, and one of the two or more that take part).")
-    t: float | None = option(None, "--t", metavar="T", help="slerp: where between the first (0) and the second (1)"
-                             " checkpoint; default 0.5.")
+    t: float | None = option(None, "--t", metavar="T", help=f"{who('t')}: where between the first (0) and the second"
+                             " (1) checkpoint; default 0.5.")
     lambda_: float | None = option(None, "--lambda", metavar="L", help="Task methods: the factor of the merged task"
                                    " vector; default 1.")
-    density: float | None = option(None, "--density", metavar="D", help="ties, dare-*: the fraction of each task vector"
-                                   " kept, in (0, 1]; default 0.5.")
+    density: float | None = option(None, "--density", metavar="D", help=f"{who('density')}: the fraction of each task"
+                                   " vector kept, in (0, 1]; default 0.5.")
     normalize: bool | None = option(None, "--normalize/--no-normalize", help="Divide by the sum of the weights (default:"
-                                    " yes for linear, ties and dare-ties, no for task-arithmetic and dare-linear).")
-    seed: int | None = option(None, "--seed", help="dare-*: make the random drops reproducible (each tensor's generator"
-                              " comes from the seed and its name).")
+                                    f" yes for {who('normalize', True)}, no for {who('normalize', False)}).")
+    seed: int | None = option(None, "--seed", help=f"{who('seed')}: make the random drops reproducible (each tensor's"
+                              " generator comes from the seed and its name).")
     skip_mismatched: bool = option(False, "--skip-mismatched", help="Take tensors whose names, shapes or ties differ"
                                    " between the inputs from the first input (with a note) instead of failing.")
 

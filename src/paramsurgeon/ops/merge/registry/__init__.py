@@ -7,7 +7,7 @@ the plan, recipes, the plan schema's enum) reads this list; the first is the def
 
 from __future__ import annotations
 
-from .base import OPTIONS, MergeMethod, Params
+from .base import MergeMethod, Params
 from .dare_linear import DareLinear
 from .dare_ties import DareTies
 from .linear import Linear
@@ -25,7 +25,7 @@ def find(name: object) -> MergeMethod | None:
 
 
 def taking(option: str) -> list[str]:
-    """The names of the methods that take ``option`` (one of OPTIONS)."""
+    """The names of the methods that take ``option`` (the key of one of Merge's options)."""
     return [m.name for m in METHODS if option in m.takes]
 
 
@@ -34,4 +34,20 @@ def choices(names: list[str] | tuple[str, ...], last: str = "or") -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
 
 
-__all__ = ["METHODS", "NAMES", "OPTIONS", "MergeMethod", "Params", "choices", "find", "taking"]
+def who(option: str, normalized: bool | None = None) -> str:
+    """The methods taking ``option`` as --help names them: 'ties, dare-*' (a family whole as
+    'dare-*'); ``normalized``: only those that normalise by default (True) or not (False),
+    as 'a, b and c'."""
+    names = [m.name for m in METHODS if option in m.takes and normalized in (None, m.normalized)]
+    if normalized is not None:
+        return choices(names, "and")
+    shown: list[str] = []
+    for name in names:
+        family = [n for n in NAMES if n.split("-")[0] == name.split("-")[0]]
+        short = f"{name.split('-')[0]}-*" if len(family) > 1 and set(family) <= set(names) else name
+        if short not in shown:
+            shown.append(short)
+    return ", ".join(shown)
+
+
+__all__ = ["METHODS", "NAMES", "MergeMethod", "Params", "choices", "find", "taking", "who"]

@@ -6,10 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-# the options a method may take, as their flags name them
-OPTIONS = ("weights", "normalize", "t", "density", "lambda", "seed")
-
-
 @dataclass(frozen=True)
 class Params:
     """The numbers of one merge, defaults filled in, as the formulas take them."""
@@ -26,7 +22,7 @@ class MergeMethod:
     """One merge method; a subclass per method, listed once in the registry (registry/__init__.py)."""
 
     name: ClassVar[str]
-    takes: ClassVar[frozenset[str]] = frozenset({"weights", "normalize"})  # of OPTIONS
+    takes: ClassVar[frozenset[str]] = frozenset({"weights", "normalize"})  # keys of Merge's options
     task: ClassVar[bool] = False  # adds task vectors to a base model: --base required
     normalized: ClassVar[bool] = False  # divides by the weights unless --no-normalize
     hints: ClassVar[dict[str, str]] = {}  # flag -> what to pass instead, when the method refuses it
