@@ -1,6 +1,7 @@
 """The merge methods: one module per method, one entry each in METHODS (after mergekit's
 merge_methods/registry.py). Everything that names a method (--method and its help, the checks,
-the plan, recipes, the plan schema's enum) reads this list; the first is the default.
+the plan, recipe steps) reads this list, the first being the default; tests/test_merge.py holds
+the plan schema's enum to it. A new method: a module here, an entry below, the schema's enum.
 
     base.py   MergeMethod (what a method declares) and Params (the numbers of one merge)
 """

@@ -11,11 +11,11 @@ class Params:
     """The numbers of one merge, defaults filled in, as the formulas take them."""
 
     weights: list[float]
-    normalize: bool = False
-    t: float = 0.5
-    lambda_: float = 1.0
-    density: float = 0.5
-    seed: int = 0
+    normalize: bool
+    t: float
+    lambda_: float
+    density: float
+    seed: int
 
 
 class MergeMethod:
