@@ -390,6 +390,29 @@ def test_names_shapes_and_dtypes_that_differ(request, tmp_path, resnet):
     assert "because the inputs differ (--skip-mismatched)" in result.stderr
 
 
+def test_what_names_the_methods_names_those_registered(tmp_path):
+    """--help, the refusal of an unknown --method and the plan schema's enum all list exactly the
+    methods of the registry (ops/merge/registry), in its order: a new method is one module and one
+    entry, and nothing that names the methods drifts from it."""
+    from importlib import resources
+
+    from paramsurgeon.declare import declared
+    from paramsurgeon.ops.merge import Merge
+    from paramsurgeon.ops.merge.registry import METHODS
+
+    names = [m.name for m in METHODS]
+    shown = " ".join(run("merge", "--help").stdout.replace("-\n", "-").split())
+    assert f"Methods: {', '.join(names)}; streaming" in shown
+    assert f"--method M {names[0]} (default), {', '.join(names[1:-1])} or {names[-1]}." in shown
+    assert refused(tmp_path, tmp_path / "a.pt", tmp_path / "b.pt", "--method", "nonesuch") == \
+        f"paramsurgeon: error: merge: --method nonesuch: choose from {', '.join(names)}\n"
+    with resources.files("paramsurgeon").joinpath("schemas/plan.json").open() as f:
+        assert json.load(f)["properties"]["method"]["enum"] == names
+    options = {d.key for d in declared(Merge)}
+    for method in METHODS:  # each declares only options Merge has
+        assert method.takes <= options, method.name
+
+
 def test_values_are_computed_when_written_one_tensor_at_a_time(tmp_path, three, monkeypatch):
     """Streaming: merging computes nothing; the writer computes each merged tensor once, in turn."""
     from paramsurgeon.ops.merge import methods

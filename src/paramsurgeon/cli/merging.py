@@ -10,6 +10,7 @@ from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError, SelectionError
 from ..formats import inputs
 from ..ops.merge import Merge
+from ..ops.merge.registry import NAMES
 from ..ops.surgery import Step
 from .operations import run_steps
 from .options import Read, Surgery, Write
@@ -20,7 +21,7 @@ EXAMPLE = "paramsurgeon merge ft-a.pt ft-b.pt --base base.pt --method ties --den
 def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery) -> None:
     """Combine checkpoints tensor by tensor: average, slerp, task arithmetic, TIES, DARE.
 
-    Methods: linear, slerp, task-arithmetic, ties, dare-linear, dare-ties; streaming, one tensor
+    Methods: {methods}; streaming, one tensor
     of each input in memory at a time.
 
     The first checkpoint (the --base for task methods) is the one written: tensors that are not
@@ -30,6 +31,9 @@ def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery) -> None:
         inputs.record(path, f"merge input {number}")
     inputs.record(merge.base, "--base")
     run_steps("merge", merge.written, [Step(merge)], None, read, write, surgery, sources=_loader(read))
+
+
+run_merge.__doc__ = run_merge.__doc__.format(methods=", ".join(NAMES))  # the registry's, in its order
 
 
 def _loader(read: Read):

@@ -25,7 +25,8 @@ from .. import declare
 from ..errors import ParamSurgeonError, UsageError
 from ..parsing import parse_document
 from . import OPERATIONS
-from .merge import OWN, TASK_METHODS, Merge
+from .merge import OWN, Merge
+from .merge.registry import find
 from .surgery import Step
 
 if sys.version_info >= (3, 11):
@@ -90,7 +91,8 @@ def _own_first(options: dict) -> dict:
     inputs = [inputs] if isinstance(inputs, str) else inputs
     if not isinstance(inputs, list):
         return options  # missing, or not a list: declare reports it
-    if options.get("method") in TASK_METHODS and "base" not in options:
+    method = find(options.get("method"))
+    if method is not None and method.task and "base" not in options:
         return {**options, "inputs": inputs, "base": OWN}
     return {**options, "inputs": [OWN, *inputs]}
 

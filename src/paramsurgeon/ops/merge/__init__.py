@@ -3,6 +3,7 @@
     __init__.py   Merge: the options, checked before any file is read, and the library call
     planning.py   the plan: names, shapes, dtypes and ties of every input checked at once;
                   one lazy Change per merged tensor (or tie group)
+    registry/     the methods: one module per method, registered in one list (registry.METHODS)
     methods.py    the formulas, in torch
 
 The first input (the base, for the task methods) is the checkpoint that is written: every
@@ -23,12 +24,8 @@ from ...selection import Selection
 from ...sizes import plural
 from ..plan import Plan
 from ..spec import Operation, Overflow, Sources, TiePolicy
+from .registry import METHODS, NAMES, MergeMethod, Params, choices, find, taking, who
 
-METHODS = ("linear", "slerp", "task-arithmetic", "ties", "dare-linear", "dare-ties")
-TASK_METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
-SPARSE_METHODS = ("ties", "dare-linear", "dare-ties")
-RANDOM_METHODS = ("dare-linear", "dare-ties")
-NORMALIZED = ("linear", "ties", "dare-ties")  # methods that divide by the weights unless --no-normalize
 OWN = "<the recipe's checkpoint>"  # in a recipe's merge step: the checkpoint the recipe is applied to
 
 
@@ -45,22 +42,21 @@ class Merge(Selection, TiePolicy, Overflow, Operation):
 
     inputs: list[str] = argument(REQUIRED, metavar="CKPT...", path=True,
                                  help="Two or more checkpoints to merge (one may be '-': standard input).")
-    method: str = option("linear", "--method", metavar="M", help="linear (default), slerp, task-arithmetic, ties,"
-                         " dare-linear or dare-ties.")
+    method: str = option(NAMES[0], "--method", metavar="M", help=f"{NAMES[0]} (default), {choices(NAMES[1:])}.")
     weights: str | None = option(None, "--weights", metavar="W,W,...", help="One weight per checkpoint (default: equal"
                                  " for linear, 1 for task methods).")
     base: str | None = option(None, "--base", metavar="BASE", path=True, help="The base model of the task methods (the"
                               " checkpoint written, and one of the two or more that take part).")
-    t: float | None = option(None, "--t", metavar="T", help="slerp: where between the first (0) and the second (1)"
-                             " checkpoint; default 0.5.")
+    t: float | None = option(None, "--t", metavar="T", help=f"{who('t')}: where between the first (0) and the second"
+                             " (1) checkpoint; default 0.5.")
     lambda_: float | None = option(None, "--lambda", metavar="L", help="Task methods: the factor of the merged task"
                                    " vector; default 1.")
-    density: float | None = option(None, "--density", metavar="D", help="ties, dare-*: the fraction of each task vector"
-                                   " kept, in (0, 1]; default 0.5.")
+    density: float | None = option(None, "--density", metavar="D", help=f"{who('density')}: the fraction of each task"
+                                   " vector kept, in (0, 1]; default 0.5.")
     normalize: bool | None = option(None, "--normalize/--no-normalize", help="Divide by the sum of the weights (default:"
-                                    " yes for linear, ties and dare-ties, no for task-arithmetic and dare-linear).")
-    seed: int | None = option(None, "--seed", help="dare-*: make the random drops reproducible (each tensor's generator"
-                              " comes from the seed and its name).")
+                                    f" yes for {who('normalize', True)}, no for {who('normalize', False)}).")
+    seed: int | None = option(None, "--seed", help=f"{who('seed')}: make the random drops reproducible (each tensor's"
+                              " generator comes from the seed and its name).")
     skip_mismatched: bool = option(False, "--skip-mismatched", help="Take tensors whose names, shapes or ties differ"
                                    " between the inputs from the first input (with a note) instead of failing.")
 
@@ -73,28 +69,25 @@ class Merge(Selection, TiePolicy, Overflow, Operation):
             raise UsageError(f"merge: {'; '.join(problems)}")
 
     def _problems(self) -> list[str]:
-        method, inputs = self.method, list(self.inputs)
-        if method not in METHODS:
-            return [f"--method {method}: choose from {', '.join(METHODS)}"]
+        method, inputs = self.merge_method, list(self.inputs)
+        if method is None:
+            return [f"--method {self.method}: choose from {', '.join(NAMES)}"]
         problems = []
-        task = method in TASK_METHODS
+        task, tasks = method.task, ", ".join(m.name for m in METHODS if m.task)
         taking_part = len(inputs) + (self.base is not None)
         if taking_part < 2:
             problems.append(f"needs at least two checkpoints ({taking_part} given)"
                             + ("; the task methods also take --base BASE" if task else ""))
-        if method == "slerp" and len(inputs) != 2:
-            problems.append(f"slerp interpolates between exactly two checkpoints ({len(inputs)} given)")
+        problems += method.problems(inputs)
         if task and self.base is None:
-            problems.append(f"{method} adds task vectors to a base model: pass --base BASE")
+            problems.append(f"{method.name} adds task vectors to a base model: pass --base BASE")
         if not task and self.base is not None:
-            problems.append(f"--base applies to {', '.join(TASK_METHODS)}; {method} treats every checkpoint alike"
+            problems.append(f"--base applies to {tasks}; {method.name} treats every checkpoint alike"
                             " (pass them all as CKPT)")
-        not_for = [(self.t is not None and method != "slerp", "--t", "slerp"),
-                   (self.lambda_ is not None and not task, "--lambda", ", ".join(TASK_METHODS)),
-                   (self.density is not None and method not in SPARSE_METHODS, "--density", ", ".join(SPARSE_METHODS)),
-                   (self.weights is not None and method == "slerp", "--weights", "every method but slerp (use --t)"),
-                   (self.normalize is not None and method == "slerp", "--normalize", "every method but slerp")]
-        problems += [f"{flag} applies to {which}, not {method}" for wrong, flag, which in not_for if wrong]
+        given = {"t": self.t, "lambda": self.lambda_, "density": self.density, "weights": self.weights,
+                 "normalize": self.normalize}
+        problems += [_not_for(option, method) for option, value in given.items()
+                     if value is not None and option not in method.takes]
         if self.t is not None and not 0 <= self.t <= 1:
             problems.append(f"--t must be between 0 and 1, not {self.t:g}")
         if self.density is not None and not 0 < self.density <= 1:
@@ -102,7 +95,7 @@ class Merge(Selection, TiePolicy, Overflow, Operation):
         stdin = [p for p in inputs + [self.base] if p in ("-",)]
         if len(stdin) > 1:
             problems.append("only one checkpoint can come from standard input ('-')")
-        if self.weights is not None and method != "slerp":
+        if self.weights is not None and "weights" in method.takes:
             try:
                 weights = self.weight_values
             except ValueError as e:
@@ -115,6 +108,18 @@ class Merge(Selection, TiePolicy, Overflow, Operation):
                 elif self.normalizes and not task and math.fsum(weights) == 0:
                     problems.append("--weights sum to 0, so they cannot be normalised; pass --no-normalize")
         return problems
+
+    @property
+    def merge_method(self) -> MergeMethod | None:
+        """The method, from the registry (None: unknown)."""
+        return find(self.method)
+
+    @property
+    def params(self) -> Params:
+        """The numbers the formulas take, defaults filled in."""
+        return Params(self.weight_values, self.normalizes, 0.5 if self.t is None else self.t,
+                      1.0 if self.lambda_ is None else self.lambda_, 0.5 if self.density is None else self.density,
+                      self.seed or 0)
 
     @property
     def weight_values(self) -> list[float]:
@@ -134,11 +139,11 @@ class Merge(Selection, TiePolicy, Overflow, Operation):
 
     @property
     def normalizes(self) -> bool:
-        return self.normalize if self.normalize is not None else self.method in NORMALIZED
+        return self.normalize if self.normalize is not None else self.merge_method.normalized
 
     @property
     def random(self) -> bool:
-        return self.method in RANDOM_METHODS
+        return self.merge_method.random
 
     @property
     def written(self) -> str:
@@ -193,4 +198,13 @@ def merge(inputs: list[Any], *, base: Any = None, key: str | None = None, reset_
     return ckpt
 
 
-__all__ = ["METHODS", "OWN", "Merge", "merge"]
+def _not_for(option: str, method: MergeMethod) -> str:
+    """'--t applies to slerp, not linear': an option the method does not take."""
+    names = taking(option)
+    others = [n for n in NAMES if n not in names]
+    which = f"every method but {others[0]}" if len(others) == 1 else ", ".join(names)
+    hint = method.hints.get(f"--{option}")
+    return f"--{option} applies to {which}{f' ({hint})' if hint else ''}, not {method.name}"
+
+
+__all__ = ["NAMES", "OWN", "Merge", "merge"]

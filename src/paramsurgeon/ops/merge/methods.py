@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ...checkpoint.values import CHUNK, chunks, pieces
+from .registry import Params
 
 DOT_THRESHOLD = 0.9995  # slerp: above this |cos| the two tensors are colinear and lerp is used
 EPS = 1e-8  # slerp: a norm at most this leaves its tensor unnormalised
@@ -37,9 +38,9 @@ def assembled(views: list[torch.Tensor], dtype: torch.dtype, formula: Callable[.
     return result
 
 
-def linear(values: list[torch.Tensor], weights: list[float], normalize: bool, work: torch.dtype,
-           dtype: torch.dtype) -> torch.Tensor:
+def linear(values: list[torch.Tensor], params: Params, work: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
     """``sum w_i x_i``, divided by ``sum w_i`` when ``normalize``."""
+    weights, normalize = params.weights, params.normalize
     divisor = math.fsum(weights)
 
     def formula(*inputs: torch.Tensor) -> torch.Tensor:
@@ -51,10 +52,11 @@ def linear(values: list[torch.Tensor], weights: list[float], normalize: bool, wo
     return assembled(values, dtype, formula)
 
 
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor, work: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+def slerp(a: torch.Tensor, b: torch.Tensor, params: Params, work: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
     """Spherical interpolation from ``a`` (t=0) to ``b`` (t=1), as mergekit does it: the angle from
     the normalised, flattened tensors; nearly colinear tensors (|cos| > 0.9995) fall back to lerp;
     the result combines the tensors as they are (not normalised)."""
+    t = params.t
     aa, bb, ab = _dots(a, b, work)
     norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
     cos = ab / ((norm_a if norm_a > EPS else 1.0) * (norm_b if norm_b > EPS else 1.0))
@@ -79,14 +81,14 @@ def _dots(a: torch.Tensor, b: torch.Tensor, work: torch.dtype) -> tuple[float, f
     return math.fsum(aa), math.fsum(bb), math.fsum(ab)
 
 
-def task_arithmetic(base: torch.Tensor, values: list[torch.Tensor], weights: list[float], lambda_: float,
-                    normalize: bool, work: torch.dtype, dtype: torch.dtype, density: float | None = None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def task_arithmetic(base: torch.Tensor, values: list[torch.Tensor], params: Params, work: torch.dtype,
+                    dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
     """``base + lambda * sum w_i (x_i - base)`` (divided by ``sum w_i`` when ``normalize``); with
-    ``density`` and a ``generator``, each task vector goes through DARE first (dare-linear)."""
+    a ``generator``, each task vector goes through DARE at ``density`` first (dare-linear)."""
+    weights, lambda_, normalize = params.weights, params.lambda_, params.normalize
     divisor = math.fsum(weights) if normalize else 1.0
     divisor = divisor if abs(divisor) >= 1e-8 else 1.0
-    drops = Drop.each(generator, density, base.numel(), work, len(values)) if density is not None else None
+    drops = Drop.each(generator, params.density, base.numel(), work, len(values)) if generator is not None else None
 
     def formula(base: torch.Tensor, *tuned: torch.Tensor) -> torch.Tensor:
         base = base.to(work)
@@ -101,14 +103,14 @@ def task_arithmetic(base: torch.Tensor, values: list[torch.Tensor], weights: lis
     return assembled([base, *values], dtype, formula)
 
 
-def ties(base: torch.Tensor, values: list[torch.Tensor], weights: list[float], lambda_: float, density: float,
-         normalize: bool, work: torch.dtype, dtype: torch.dtype, generator: torch.Generator | None = None
-         ) -> torch.Tensor:
+def ties(base: torch.Tensor, values: list[torch.Tensor], params: Params, work: torch.dtype, dtype: torch.dtype,
+         generator: torch.Generator | None = None) -> torch.Tensor:
     """TIES: each task vector trimmed to its top-``density`` entries by magnitude (or, with a
     ``generator``, dropped at random by DARE: dare-ties) and multiplied by its weight; the sign
     of their sum elects a sign per entry (zero counts as +); the entries agreeing with it are
     averaged weighted by w (``sum mask*w*d / sum mask*w``, a zero divisor counts as 1; no
     division without ``normalize``); the result is ``base + lambda * merged``."""
+    weights, lambda_, density, normalize = params.weights, params.lambda_, params.density, params.normalize
     if generator is not None:
         sifts = Drop.each(generator, density, base.numel(), work, len(values))
     else:

@@ -13,7 +13,6 @@ from ...sizes import plural
 from ..plan import Change, Plan, names_list, tie_units
 from ..schemes import tensor_seed
 from ..spec import with_warnings
-from . import NORMALIZED, RANDOM_METHODS, TASK_METHODS
 
 
 @dataclass
@@ -87,21 +86,19 @@ def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint], kept_in: str |
         raise PlanError(f"merge: {shown}{fix}")
 
     weights = merge.weight_values
-    description = _description(merge, ckpt, others, weights)
+    description = _description(merge, ckpt, others)
     plan = MergePlan("merge", description, heading=description, method=merge.method,
                      inputs=[ckpt.source] + [o.source for o in others] if merge.base is None
                      else [o.source for o in others], base=ckpt.source if merge.base is not None else None,
-                     weights=weights if merge.method != "slerp" else [],
+                     weights=weights if "weights" in merge.merge_method.takes else [],
                      kept=[{**k, "shape": list(tensors[k["name"]].shape), "dtype": tensors[k["name"]].dtype.name}
                            for k in kept])
-    # a normalised average with weights >= 0 stays within its inputs' range; anything else may not
-    guarded = not merge.allow_overflow and (merge.method != "linear" or not merge.normalizes
-                                            or any(w < 0 for w in weights))
+    guarded = not merge.allow_overflow and not merge.merge_method.bounded(merge.params)
     for unit in merged_units:
         tensor = tensors[unit[0]]
         values = [tensor] + [other.tensors[unit[0]] for other in others]
         plan.changes.append(Change(unit, merge.method, tensor.shape, tensor.dtype.name,
-                                   _compute(merge, unit[0], values, weights, tensor), lazy=True, guarded=guarded))
+                                   _compute(merge, unit[0], values), lazy=True, guarded=guarded))
     plan.notes += _notes(kept, kept_in or first, mismatched if merge.skip_mismatched else [])
     return with_warnings(plan, warnings)
 
@@ -154,14 +151,10 @@ def _refuse_overflow(name: str, merged, views: list) -> None:
                         " pass --allow-overflow to write them anyway")
 
 
-def _compute(merge, name: str, values: list[Tensor], weights: list[float], like: Tensor) -> Callable:
+def _compute(merge, name: str, values: list[Tensor]) -> Callable:
     """What computes the merged values of ``name`` from the lazy ``values`` (one per input, the
-    written one first), cast back to ``like``'s dtype."""
-    method, seed = merge.method, merge.seed or 0
-    lambda_ = merge.lambda_ if merge.lambda_ is not None else 1.0
-    density = merge.density if merge.density is not None else 0.5
-    t = merge.t if merge.t is not None else 0.5
-    normalize = merge.normalizes
+    written one first), in the written one's dtype."""
+    method, params = merge.merge_method, merge.params
 
     def compute():
         import torch
@@ -171,19 +164,8 @@ def _compute(merge, name: str, values: list[Tensor], weights: list[float], like:
 
         views = [to_torch(v) for v in values]
         work, dtype = methods.working_dtype(views), views[0].dtype
-        if method == "linear":
-            merged = methods.linear(views, weights, normalize, work, dtype)
-        elif method == "slerp":
-            merged = methods.slerp(t, views[0], views[1], work, dtype)
-        else:
-            generator = torch.Generator().manual_seed(tensor_seed(seed, name)) if method in RANDOM_METHODS \
-                else None
-            if method in ("task-arithmetic", "dare-linear"):
-                merged = methods.task_arithmetic(views[0], views[1:], weights, lambda_, normalize, work, dtype,
-                                                 density if generator is not None else None, generator)
-            else:
-                merged = methods.ties(views[0], views[1:], weights, lambda_, density, normalize, work, dtype,
-                                      generator)
+        generator = torch.Generator().manual_seed(tensor_seed(params.seed, name)) if method.random else None
+        merged = method.compute(views, params, work, dtype, generator)
         if not merge.allow_overflow:
             _refuse_overflow(name, merged, views)
         return merged
@@ -191,27 +173,14 @@ def _compute(merge, name: str, values: list[Tensor], weights: list[float], like:
     return compute
 
 
-def _description(merge, ckpt: Checkpoint, others: list[Checkpoint], weights: list[float]) -> str:
+def _description(merge, ckpt: Checkpoint, others: list[Checkpoint]) -> str:
     """'merge ties of a.pt, b.pt over base.pt (weights 1, 1; density 0.5; lambda 1)' for the file's history."""
-    method = merge.method
     if merge.base is not None:
         what = f"{', '.join(o.source for o in others)} over {ckpt.source}"
     else:
         what = ", ".join([ckpt.source] + [o.source for o in others])
-    details = []
-    if method == "slerp":
-        details.append(f"t {merge.t if merge.t is not None else 0.5:g}")
-    else:
-        details.append(f"weights {', '.join(f'{w:g}' for w in weights)}")
-        if merge.normalize is not None and merge.normalize != (method in NORMALIZED):
-            details.append("normalised" if merge.normalize else "not normalised")
-    if method in TASK_METHODS[1:]:
-        details.append(f"density {merge.density if merge.density is not None else 0.5:g}")
-    if method in TASK_METHODS:
-        details.append(f"lambda {merge.lambda_ if merge.lambda_ is not None else 1:g}")
-    if method in RANDOM_METHODS:
-        details.append(f"seed {merge.seed or 0}")
-    return f"merge {method} of {what} ({'; '.join(details)})"
+    details = merge.merge_method.details(merge.params, merge.normalize)
+    return f"merge {merge.method} of {what} ({'; '.join(details)})"
 
 
 def _notes(kept: list[dict], first: str, mismatched: list[str]) -> list[str]:
