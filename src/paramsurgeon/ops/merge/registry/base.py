@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+
 @dataclass(frozen=True)
 class Params:
     """The numbers of one merge, defaults filled in, as the formulas take them."""
