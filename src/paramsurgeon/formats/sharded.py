@@ -16,7 +16,7 @@ from ..errors import CorruptCheckpointError, InputError, NotACheckpointError
 from ..parsing import parse_document
 from ..sizes import plural
 from . import safetensors as st
-from . import sidefiles
+from . import registry, sidefiles
 from .atomic import atomic_directory, link_or_copy, new_file
 from .files import InputFile, reproduces, same_file
 
@@ -62,7 +62,7 @@ def read(index_path: str, read_shard: Callable[[InputFile], Checkpoint], open_fi
     formats = set()
     for shard in shard_names:
         part = read_shard(open_file(os.path.join(folder, shard)))
-        formats.add(part.format.removesuffix("-legacy"))
+        formats.add(registry.get(part.format).family)
         if part.has_extras():
             problems.append(f"shard {shard} holds more than a flat mapping of tensors")
         for name, tensor in part.tensors.items():

@@ -1,0 +1,48 @@
+"""The format registry is the one list every part reads: the inspect schema names exactly its
+formats, and a format it reads but cannot write is read by every command and never written."""
+
+import dataclasses
+import json
+from importlib import resources
+
+import torch
+from helpers import json_of, run
+from safetensors.torch import load_file, save_file
+
+from paramsurgeon.formats import registry, safetensors
+
+
+def test_inspect_schema_names_exactly_the_registered_formats():
+    with resources.files("paramsurgeon").joinpath("schemas/inspect.json").open() as f:
+        schema = json.load(f)
+    assert schema["properties"]["format"]["enum"] == registry.names()
+
+
+def test_inspect_json_of_a_dcp_checkpoint_matches_its_schema(tmp_path, resnet_pt):
+    folder = tmp_path / "dcp"
+    assert run("convert", resnet_pt, "-o", folder, "--format", "dcp").exit_code == 0
+    assert json_of("inspect", folder, schema="inspect")["format"] == "dcp"
+
+
+def test_a_read_only_format_is_read_but_never_written(tmp_path, monkeypatch, resnet):
+    fake = registry.Format("fake", "fake", "fake test", (".fake",), lambda file, head: file.name.endswith(".fake"),
+                           lambda file, options: dataclasses.replace(safetensors.read(file), format="fake"))
+    monkeypatch.setattr(registry, "FORMATS", (fake,) + registry.FORMATS)
+    monkeypatch.setattr(registry, "_BY_NAME", {**registry._BY_NAME, "fake": fake})
+    path = tmp_path / "model.fake"
+    save_file(resnet.state_dict(), path)
+    before = path.read_bytes()
+
+    assert json.loads(run("inspect", path, "--json").stdout)["format"] == "fake"
+    for args in (["-o", tmp_path / "out"], ["-o", tmp_path / "dir/"], ["--in-place"], []):
+        result = run("zero", path, "-p", "fc.bias", *args)
+        assert result.exit_code == 2, result.stderr
+        assert "reads fake test checkpoints but does not write them" in result.stderr
+        assert "--format pt|safetensors|dcp" in result.stderr and "Traceback" not in result.stderr
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.fake"]
+
+    out = tmp_path / "out.safetensors"  # a writable format named by the output is written
+    assert run("zero", path, "-p", "fc.bias", "-o", out).exit_code == 0
+    written = load_file(out)
+    assert torch.equal(written["fc.bias"], torch.zeros_like(resnet.fc.bias))
+    assert torch.equal(written["fc.weight"], resnet.fc.weight)
