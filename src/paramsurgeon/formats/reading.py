@@ -84,12 +84,12 @@ def sniff(file: InputFile) -> str:
     if file.size == 0:
         raise NotACheckpointError(f"{file.name}: the file is empty (0 bytes)")
     head = file.read(0, min(file.size, 64))
-    for signature, what in _SIGNATURES:
-        if head.startswith(signature):
-            raise NotACheckpointError(f"{file.name}: {what}")
     for fmt in registry.sniffers(directory=False):
         if fmt.sniff(file, head):
             return fmt.name
+    for signature, what in _SIGNATURES:  # formats we know but do not read (once read, their entry wins)
+        if head.startswith(signature):
+            raise NotACheckpointError(f"{file.name}: {what}")
     if head.lstrip()[:1] == b"{" and b"weight_map" in file.read(0, min(file.size, 1 << 20)):
         return "index"
     if head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"["):

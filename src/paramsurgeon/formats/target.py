@@ -65,9 +65,9 @@ def _to_stream(ckpt: Checkpoint, path: str | None, fmt: str | None, size: int | 
         raise UsageError("--max-shard-size writes a directory; pass -o DIR")
     named = registry.by_extension(os.path.splitext(path or "")[1])
     family = registry.writable().get(fmt or "", named or _family(ckpt))
-    if family == "dcp":
+    if registry.get(family).directory:
         if fmt:
-            raise UsageError("--format dcp writes a directory; pass -o DIR")
+            raise UsageError(f"--format {fmt} writes a directory; pass -o DIR")
         family = "torch"  # a DCP input piped on is written as one torch file
     return Target(path, family)
 
@@ -79,8 +79,8 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -
     named = registry.by_extension(os.path.splitext(output)[1])
     wanted = registry.writable().get(fmt or "")
     if named and wanted and named != wanted:
-        fix = "a directory name" if wanted == "dcp" else os.path.splitext(output)[0] + \
-            (".safetensors" if wanted == "safetensors" else ".pt")
+        extensions = registry.get(wanted).extensions
+        fix = os.path.splitext(output)[0] + extensions[0] if extensions else "a directory name"
         raise UsageError(f"-o {output} names a {named} file but --format {fmt} asks for {wanted};"
                          f" drop --format, or name the output {fix}")
     if size and named and not os.path.isdir(output):
