@@ -122,9 +122,13 @@ def weight_extensions() -> tuple[str, ...]:
 
 
 def writer_of(family: str, doing: str) -> Callable[..., Any]:
-    """The writer of ``family``; refuses a format paramsurgeon only reads (``doing``: what asked)."""
+    """The writer of ``family``; refuses a format paramsurgeon only reads (``doing``: '-o PATH',
+    '--in-place' or 'standard output')."""
     fmt = get(family)
     if fmt.writer is None:
-        raise UsageError(f"{doing}: paramsurgeon reads {fmt.display} checkpoints but does not write them;"
-                         f" write another format with -o and --format {format_choices()}")
+        named = " or ".join(f.extensions[0] for f in FORMATS if f.writer and f.extensions)
+        fix = f"pass --format {format_choices()}, or an output named {named}"
+        if doing == "--in-place":
+            fix = f"write the result elsewhere: -o PATH with --format {format_choices()}, or an output named {named}"
+        raise UsageError(f"{doing}: paramsurgeon reads {fmt.display} checkpoints but does not write them; {fix}")
     return fmt.writer
