@@ -5,6 +5,7 @@ import dataclasses
 import json
 from importlib import resources
 
+import pytest
 import torch
 from helpers import json_of, run
 from safetensors.torch import load_file, save_file
@@ -24,11 +25,16 @@ def test_inspect_json_of_a_dcp_checkpoint_matches_its_schema(tmp_path, resnet_pt
     assert json_of("inspect", folder, schema="inspect")["format"] == "dcp"
 
 
-def test_a_read_only_format_is_read_but_never_written(tmp_path, monkeypatch, resnet):
+@pytest.fixture
+def fake_format(monkeypatch):
+    """A read-only format registered as a new one would be: safetensors bytes in a .fake file."""
     fake = registry.Format("fake", "fake", "fake test", (".fake",), lambda file, head: file.name.endswith(".fake"),
                            lambda file, options: dataclasses.replace(safetensors.read(file), format="fake"))
     monkeypatch.setattr(registry, "FORMATS", (fake,) + registry.FORMATS)
     monkeypatch.setattr(registry, "_BY_NAME", {**registry._BY_NAME, "fake": fake})
+
+
+def test_a_read_only_format_is_read_but_never_written(tmp_path, fake_format, resnet):
     path = tmp_path / "model.fake"
     save_file(resnet.state_dict(), path)
     before = path.read_bytes()
@@ -46,3 +52,12 @@ def test_a_read_only_format_is_read_but_never_written(tmp_path, monkeypatch, res
     written = load_file(out)
     assert torch.equal(written["fc.bias"], torch.zeros_like(resnet.fc.bias))
     assert torch.equal(written["fc.weight"], resnet.fc.weight)
+
+
+def test_shards_of_a_format_without_a_sharded_layout_are_refused(tmp_path, fake_format, resnet):
+    save_file(resnet.state_dict(), tmp_path / "model-00001-of-00001.fake")
+    index = {"metadata": {}, "weight_map": {name: "model-00001-of-00001.fake" for name in resnet.state_dict()}}
+    (tmp_path / "model.fake.index.json").write_text(json.dumps(index))
+    result = run("inspect", tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "its shards are fake files, which paramsurgeon reads only alone" in result.stderr

@@ -121,6 +121,11 @@ def weight_extensions() -> tuple[str, ...]:
     return tuple(e for f in FORMATS if f.reader and not f.directory for e in f.extensions)
 
 
+def sharded_of(family: str) -> str | None:
+    """The name of the sharded layout of ``family``'s files ('safetensors-sharded'), if it has one."""
+    return next((f.name for f in FORMATS if f.sharded and f.family == family), None)
+
+
 def writer_of(family: str, doing: str) -> Callable[..., Any]:
     """The writer of ``family``; refuses a format paramsurgeon only reads (``doing``: '-o PATH',
     '--in-place' or 'standard output')."""
