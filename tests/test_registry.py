@@ -61,3 +61,19 @@ def test_shards_of_a_format_without_a_sharded_layout_are_refused(tmp_path, fake_
     result = run("inspect", tmp_path)
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert "its shards are fake files, which paramsurgeon reads only alone" in result.stderr
+
+
+def test_merge_key_leaves_a_sharded_torch_input_flat_as_a_sharded_safetensors_one(tmp_path, training_pt):
+    training = torch.load(training_pt, weights_only=True)
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in training["state_dict"].items()}
+    torch.save(other, tmp_path / "other.pt")
+    shards = tmp_path / "other-sharded"
+    assert run("convert", tmp_path / "other.pt", "-o", shards, "--max-shard-size", "20KB").exit_code == 0
+    assert json.loads(run("inspect", shards, "--json").stdout)["format"] == "torch-sharded"
+    out = tmp_path / "merged.pt"
+    result = run("merge", training_pt, shards, "--key", "state_dict", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    merged = torch.load(out, weights_only=True)["state_dict"]
+    for name, value in training["state_dict"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(merged[name], (value + other[name]) / 2)
