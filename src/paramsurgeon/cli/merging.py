@@ -8,7 +8,7 @@ from typing import Optional
 from .. import formats
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError, SelectionError
-from ..formats import inputs
+from ..formats import inputs, registry
 from ..ops.merge import Merge
 from ..ops.merge.registry import NAMES
 from ..ops.surgery import Step
@@ -52,7 +52,7 @@ def _loader(read: Read):
                 flat = formats.load(path, **options)
             except ParamSurgeonError:
                 raise e from None
-            if flat.format.split("-")[0] in ("torch", "dcp"):
+            if registry.get(flat.format).nested:
                 raise
             return flat
 

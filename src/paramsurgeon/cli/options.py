@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..declare import REQUIRED, argument, option
 from ..errors import UsageError
+from ..formats import registry
 
 
 @dataclass(kw_only=True)
@@ -55,7 +56,7 @@ class Write:
 
     output: str | None = option(None, "-o", "--output", metavar="PATH",
                                 help="Where to write ('-' or omitted: standard output).")
-    format: str | None = option(None, "--format", metavar="pt|safetensors|dcp",
+    format: str | None = option(None, "--format", metavar=registry.format_choices(),
                                 help="Output format (default: from the output's extension, else the input's).")
     in_place: bool = option(False, "--in-place", help="Rewrite the input checkpoint (atomically).")
     dry_run: bool = option(False, "--dry-run", help="Print what would be written; write nothing.")

@@ -8,7 +8,7 @@ import os
 from ..checkpoint import Checkpoint, find_container
 from ..checkpoint.hfties import restore_omitted
 from ..errors import NotACheckpointError, SelectionError
-from . import inputs, safetensors, sharded
+from . import inputs, registry, sharded
 from .atomic import recover
 from .files import InputFile, open_input
 from .hfconfig import read_config
@@ -21,7 +21,6 @@ _SIGNATURES = [
     (b"\x1f\x8b", "gzip-compressed; decompress it first (gunzip)"),
     (b"PYTORCH1", "an archive from a PyTorch preview release, which no current torch reads"),
 ]
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def load(path: str | None = None, *, key: str | None = None, allow_globals: tuple[str, ...] = (),
@@ -39,7 +38,7 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
     else:
         file = open_input(path)
         ckpt = _read_file(file, options, path)
-    if ckpt.format in ("torch", "torch-legacy", "dcp"):
+    if registry.get(ckpt.format).nested:
         ckpt.key, ckpt.notes = find_container(ckpt.root, key, ckpt.source)
     elif key:
         raise SelectionError(f"{ckpt.source}: --key applies to torch files; a {ckpt.format} checkpoint"
@@ -47,7 +46,7 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
     ckpt.path = None if path in (None, "-") else path
     restore_omitted(ckpt, read_config(ckpt.path))  # tied names save_pretrained left out
     inputs.record(path)
-    if ckpt.format.endswith("sharded"):  # an index names its directory: every shard is an input
+    if registry.get(ckpt.format).sharded:  # an index names its directory: every shard is an input
         inputs.record(os.path.dirname(ckpt.source) or ".", inputs.role(path))
     return ckpt
 
@@ -77,35 +76,20 @@ def _read_file(file: InputFile, options: dict, path: str | None) -> Checkpoint:
         if path in (None, "-"):
             raise NotACheckpointError("<stdin>: a sharded checkpoint index; pass its directory or path instead")
         return sharded.read(path, lambda f: _read_file(f, options, f.path), open_input)
-    if kind == "safetensors":
-        return safetensors.read(file)
-    if kind == "torch-legacy":
-        from . import torchlegacy
-
-        return torchlegacy.read(file, **options)
-    from . import torchzip
-
-    return torchzip.read(file, **options)
+    return registry.get(kind).reader(file, options)
 
 
 def sniff(file: InputFile) -> str:
-    """'torch', 'torch-legacy', 'safetensors' or 'index', from the first bytes of ``file``."""
+    """The registry name of ``file``'s format ('torch', 'safetensors', ...) or 'index', from its first bytes."""
     if file.size == 0:
         raise NotACheckpointError(f"{file.name}: the file is empty (0 bytes)")
     head = file.read(0, min(file.size, 64))
-    for signature, what in _SIGNATURES:
+    for fmt in registry.sniffers(directory=False):
+        if fmt.sniff(file, head):
+            return fmt.name
+    for signature, what in _SIGNATURES:  # formats we know but do not read (once read, their entry wins)
         if head.startswith(signature):
             raise NotACheckpointError(f"{file.name}: {what}")
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return "torch"
-    if safetensors.looks_like(head, file.size):
-        return "safetensors"
-    if head[:1] == b"\x80":
-        from . import torchlegacy
-
-        if torchlegacy.is_legacy(file):
-            return "torch-legacy"
-        raise NotACheckpointError(f"{file.name}: a plain Python pickle, not a torch checkpoint")
     if head.lstrip()[:1] == b"{" and b"weight_map" in file.read(0, min(file.size, 1 << 20)):
         return "index"
     if head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"["):
@@ -130,14 +114,14 @@ def _json_file(file: InputFile) -> str:
 
 def _read_directory(path: str, options: dict) -> Checkpoint:
     entries = sorted(os.listdir(path))
-    if ".metadata" in entries:
-        from . import dcp
-
-        return dcp.read(path, **options)
+    for fmt in registry.sniffers(directory=True):
+        if fmt.sniff(path):
+            return fmt.reader(path, options)
     index = sharded_index(path)
     if index:
         return sharded.read(index, lambda f: _read_file(f, options, f.path), open_input)
-    weights = [e for e in entries if e.endswith(_WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(path, e))]
+    suffixes = registry.weight_extensions()
+    weights = [e for e in entries if e.endswith(suffixes) and os.path.isfile(os.path.join(path, e))]
     preferred = [e for e in weights if e in sharded.SINGLE_NAMES.values()]
     if len(weights) == 1 or len(preferred) >= 1:
         chosen = sharded.SINGLE_NAMES["safetensors"] if sharded.SINGLE_NAMES["safetensors"] in preferred \

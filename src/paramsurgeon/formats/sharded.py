@@ -16,7 +16,7 @@ from ..errors import CorruptCheckpointError, InputError, NotACheckpointError
 from ..parsing import parse_document
 from ..sizes import plural
 from . import safetensors as st
-from . import sidefiles
+from . import registry, sidefiles
 from .atomic import atomic_directory, link_or_copy, new_file
 from .files import InputFile, reproduces, same_file
 
@@ -62,7 +62,7 @@ def read(index_path: str, read_shard: Callable[[InputFile], Checkpoint], open_fi
     formats = set()
     for shard in shard_names:
         part = read_shard(open_file(os.path.join(folder, shard)))
-        formats.add(part.format.removesuffix("-legacy"))
+        formats.add(registry.get(part.format).family)
         if part.has_extras():
             problems.append(f"shard {shard} holds more than a flat mapping of tensors")
         for name, tensor in part.tensors.items():
@@ -82,10 +82,12 @@ def read(index_path: str, read_shard: Callable[[InputFile], Checkpoint], open_fi
                                      " run 'paramsurgeon check' for the full list")
     if len(formats) > 1:
         raise NotACheckpointError(f"{index_path}: shards mix formats ({', '.join(sorted(formats))})")
+    family = formats.pop() if formats else "safetensors"
+    if registry.sharded_of(family) is None:
+        raise NotACheckpointError(f"{index_path}: its shards are {family} files, which paramsurgeon reads only alone")
     metadata.update((k, v) for k, v in index_metadata.items() if isinstance(v, str))  # the whole checkpoint's
     st.restore_ties(index_path, tensors, metadata)
-    family = formats.pop() if formats else "safetensors"
-    return Checkpoint(source=index_path, format=f"{family}-sharded", root=tensors, key=(),
+    return Checkpoint(source=index_path, format=registry.sharded_of(family), root=tensors, key=(),
                       metadata={k: v for k, v in metadata.items() if k != st.TIES_KEY}, shards=shard_of)
 
 

@@ -21,6 +21,7 @@ import shutil
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError
 from ..parsing import parse_document
+from . import registry
 
 SIDE_FILES = (
     # configuration: config.json, generation_config.json, tokenizer_config.json, preprocessor_config.json, ...
@@ -60,7 +61,7 @@ def model_directory(ckpt: Checkpoint) -> str | None:
         return None
     if os.path.isdir(ckpt.path):
         return ckpt.path
-    return os.path.dirname(ckpt.source) if ckpt.format.endswith("sharded") else None
+    return os.path.dirname(ckpt.source) if registry.get(ckpt.format).sharded else None
 
 
 def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:

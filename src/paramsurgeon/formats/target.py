@@ -10,13 +10,10 @@ from dataclasses import dataclass, field
 from ..checkpoint import Checkpoint
 from ..errors import OutputError, UsageError
 from ..sizes import parse_size
+from . import registry
 from .directories import refuse_foreign
 from .files import output_kind
 from .inputs import permit, refuse_overwrite
-
-FORMATS = {"pt": "torch", "torch": "torch", "safetensors": "safetensors", "dcp": "dcp"}
-_EXTENSIONS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch",
-               ".ckpt": "torch", ".tar": "torch"}
 
 
 @dataclass
@@ -41,19 +38,24 @@ def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None,
         UsageError: options that contradict each other or the output's name.
         OutputError: the output is the input without ``in_place``, or the input may not be rewritten.
     """
-    if fmt is not None and fmt not in FORMATS:
-        raise UsageError(f"--format {fmt}: expected pt, safetensors or dcp")
+    if fmt is not None and fmt not in registry.writable():
+        choices = registry.format_choices().split("|")
+        raise UsageError(f"--format {fmt}: expected {', '.join(choices[:-1])} or {choices[-1]}")
     size = parse_size(max_shard_size) if max_shard_size else None
     if in_place:
-        return _in_place(ckpt, output, fmt, size)
-    if output in (None, "-"):
-        return _to_stream(ckpt, None, fmt, size)
-    if _is_input(ckpt, output):
+        target = _in_place(ckpt, output, fmt, size)
+    elif output in (None, "-"):
+        target = _to_stream(ckpt, None, fmt, size)
+    elif _is_input(ckpt, output):
         raise OutputError(f"-o {output} is the input checkpoint; pass --in-place to rewrite it")
-    if output_kind(output) == "stream":  # a FIFO or a device (/dev/null): written through like stdout
+    elif output_kind(output) == "stream":  # a FIFO or a device (/dev/null): written through like stdout
         refuse_overwrite(output)
-        return _to_stream(ckpt, output, fmt, size)
-    return _to_path(ckpt, output, fmt, size)
+        target = _to_stream(ckpt, output, fmt, size)
+    else:
+        target = _to_path(ckpt, output, fmt, size)
+    if not in_place:
+        registry.writer_of(target.family, f"-o {output}" if output not in (None, "-") else "standard output")
+    return target
 
 
 def _to_stream(ckpt: Checkpoint, path: str | None, fmt: str | None, size: int | None) -> Target:
@@ -61,11 +63,11 @@ def _to_stream(ckpt: Checkpoint, path: str | None, fmt: str | None, size: int | 
     its extension, else the input's format), whatever the input's layout."""
     if size:
         raise UsageError("--max-shard-size writes a directory; pass -o DIR")
-    named = _EXTENSIONS.get(os.path.splitext(path or "")[1].lower())
-    family = FORMATS.get(fmt or "", named or _family(ckpt))
-    if family == "dcp":
+    named = registry.by_extension(os.path.splitext(path or "")[1])
+    family = registry.writable().get(fmt or "", named or _family(ckpt))
+    if registry.get(family).directory:
         if fmt:
-            raise UsageError("--format dcp writes a directory; pass -o DIR")
+            raise UsageError(f"--format {fmt} writes a directory; pass -o DIR")
         family = "torch"  # a DCP input piped on is written as one torch file
     return Target(path, family)
 
@@ -74,18 +76,18 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -
     from .dcp import is_own_file as dcp_file
     from .sharded import checkpoint_files
 
-    named = _EXTENSIONS.get(os.path.splitext(output)[1].lower())
-    wanted = FORMATS.get(fmt or "")
+    named = registry.by_extension(os.path.splitext(output)[1])
+    wanted = registry.writable().get(fmt or "")
     if named and wanted and named != wanted:
-        fix = "a directory name" if wanted == "dcp" else os.path.splitext(output)[0] + \
-            (".safetensors" if wanted == "safetensors" else ".pt")
+        extensions = registry.get(wanted).extensions
+        fix = os.path.splitext(output)[0] + extensions[0] if extensions else "a directory name"
         raise UsageError(f"-o {output} names a {named} file but --format {fmt} asks for {wanted};"
                          f" drop --format, or name the output {fix}")
     if size and named and not os.path.isdir(output):
         raise UsageError(f"--max-shard-size writes a directory, but -o {output} names a {named} file;"
                          f" pass a directory (-o {os.path.splitext(output)[0]})")
     directory = bool(size) or os.path.isdir(output) or output.endswith(os.sep) \
-        or (ckpt.format.endswith("sharded") and not named)
+        or (_sharded(ckpt) and not named)
     family = wanted or (None if directory else named) or _family(ckpt)
     path = output.rstrip(os.sep) or output
     refuse_overwrite(output)  # every input of the command: the output, a directory holding one, inside one
@@ -105,14 +107,15 @@ def _in_place(ckpt: Checkpoint, output: str | None, fmt: str | None, size: int |
         raise UsageError("--in-place rewrites the input; do not also pass -o")
     if ckpt.path is None:
         raise UsageError("--in-place needs a checkpoint path, not standard input")
-    place, family, sharded = _place(ckpt), _family(ckpt), ckpt.format.endswith("sharded")
-    wanted = FORMATS.get(fmt or "")
+    place, family, sharded = _place(ckpt), _family(ckpt), _sharded(ckpt)
+    wanted = registry.writable().get(fmt or "")
     if wanted and wanted != family:
         raise UsageError(f"--in-place keeps the input's format ({family}); --format {fmt} would change it;"
                          f" write the {wanted} checkpoint elsewhere with -o PATH")
     if size and not sharded:
         raise UsageError(f"--in-place keeps the input's format, but --max-shard-size would make {place} a sharded"
                          " directory; write it elsewhere with -o DIR")
+    registry.writer_of(family, "--in-place")
     _check_rewritable(ckpt, place)
     permit(place)
     notes = [f"{place} was a legacy (non-zip) torch file; it is rewritten in the zip format torch.save has"
@@ -125,7 +128,7 @@ def _check_rewritable(ckpt: Checkpoint, place: str) -> None:
     are read-only (their mode says: do not change me), and, unless we are root and can give a
     new file its old owner, inputs of another user (they would silently become ours)."""
     paths = [place]
-    if ckpt.format.endswith("sharded"):
+    if _sharded(ckpt):
         paths += [ckpt.source] + [os.path.join(place, s) for s in sorted(set((ckpt.shards or {}).values()))]
     root = os.geteuid() == 0
     modes = {p: os.stat(p) for p in paths}
@@ -143,13 +146,17 @@ def _check_rewritable(ckpt: Checkpoint, place: str) -> None:
 
 
 def _family(ckpt: Checkpoint) -> str:
-    """'torch', 'safetensors' or 'dcp': the input's format without its variant."""
-    return ckpt.format.split("-")[0]
+    """'torch', 'safetensors' or 'dcp': the format a write of the input produces (registry.Format.family)."""
+    return registry.get(ckpt.format).family
+
+
+def _sharded(ckpt: Checkpoint) -> bool:
+    return registry.get(ckpt.format).sharded
 
 
 def _place(ckpt: Checkpoint) -> str:
     """What the input is on disk: its file, or its directory (a sharded or DCP checkpoint)."""
-    return os.path.dirname(ckpt.source) if ckpt.format.endswith("sharded") else ckpt.source
+    return os.path.dirname(ckpt.source) if _sharded(ckpt) else ckpt.source
 
 
 def _is_input(ckpt: Checkpoint, output: str) -> bool:

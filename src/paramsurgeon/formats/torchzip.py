@@ -8,6 +8,7 @@ payload, zip64 end records; so ``torch.load`` (mmap or not) reads it as its own.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -111,6 +112,14 @@ def read(file: InputFile, *, allow: frozenset[str], unsafe: bool) -> Checkpoint:
     root = pickles.unpickle(records.read("data.pkl"), file.name, persistent_load=persistent_load,
                             interpret=interpret, allow=allow, unsafe=unsafe)
     return Checkpoint(source=file.name, format="torch", root=root, key=())
+
+
+def archive_name(path: str | None) -> str:
+    """The folder name inside a torch zip: the file's stem, as torch.save names it."""
+    if path is None:
+        return "archive"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return stem if re.fullmatch(r"[A-Za-z0-9_.\-]+", stem or "") else "archive"
 
 
 class Writer:

@@ -8,15 +8,13 @@ the whole object, the shard count in shard names); the bytes are streamed only t
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from collections import OrderedDict
 from typing import Callable, Protocol
 
 from ..checkpoint import Checkpoint
 from ..errors import OutputError
 from ..sizes import plural
-from . import dcp, safetensors, sharded, torchzip
+from . import registry, sharded
 from .atomic import output_file
 from .files import Sink, stdout_sink
 from .target import Target
@@ -39,9 +37,11 @@ def save(ckpt: Checkpoint, target: Target, *, dedupe: bool = False, tensors_only
 
 def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = None) -> Writer:
     """The writer of ``target``'s format and place (a file, standard output, a directory)."""
-    if target.family == "dcp":
-        return dcp.Writer(target.path)
-    file_writer = _file_writer(target.family, dedupe)
+    fmt = registry.get(target.family)
+    make = registry.writer_of(target.family, target.path or "standard output")
+    if fmt.directory:
+        return make(target.path)
+    file_writer = _file_writer(make, dedupe)
     if target.sharded:
         return sharded.Writer(target.path, target.family, file_writer, max_size=target.max_shard_size,
                               dedupe=dedupe, progress=progress)
@@ -70,11 +70,9 @@ class SingleFile:
                               " incomplete") from e
 
 
-def _file_writer(family: str, dedupe: bool) -> Callable[[Sink, str | None, Progress | None], Writer]:
-    """``make(sink, path, progress)``: the writer of one ``family`` file (a whole file, or a shard)."""
-    if family == "torch":
-        return lambda sink, path, progress: torchzip.Writer(sink, _archive_name(path), progress)
-    return lambda sink, path, progress: safetensors.Writer(sink, dedupe=dedupe, progress=progress)
+def _file_writer(make: Callable[..., Writer], dedupe: bool) -> Callable[[Sink, str | None, Progress | None], Writer]:
+    """``make(sink, path, progress)``: the writer of one file of the format (a whole file, or a shard)."""
+    return lambda sink, path, progress: make(sink, path, progress, dedupe)
 
 
 def _writable(ckpt: Checkpoint, target: Target, tensors_only: bool) -> Checkpoint:
@@ -90,14 +88,6 @@ def _writable(ckpt: Checkpoint, target: Target, tensors_only: bool) -> Checkpoin
         raise OutputError(f"a sharded checkpoint stores only tensors, but {ckpt.source} also holds"
                           f" {extras_list(ckpt)}; pass --tensors-only to shard just its tensors")
     return ckpt
-
-
-def _archive_name(path: str | None) -> str:
-    """The folder name inside a torch zip: the file's stem, as torch.save names it."""
-    if path is None:
-        return "archive"
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return stem if re.fullmatch(r"[A-Za-z0-9_.\-]+", stem or "") else "archive"
 
 
 def extras_list(ckpt: Checkpoint) -> str:

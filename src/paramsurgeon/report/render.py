@@ -15,6 +15,7 @@ from operator import attrgetter
 
 from ..bulk import paused_gc
 from ..dtypes import BY_NAME
+from ..formats import registry
 from ..analysis.inspection import Inspection, Row
 from .tables import Column, render, render_columns
 from ..sizes import human_bytes, plural
@@ -22,8 +23,6 @@ from .diagnosis import histogram_document, sparkline
 from .escape import printable
 
 SCHEMA_VERSION = 1
-_FORMAT_NAMES = {"torch": "torch zip", "torch-legacy": "torch legacy pickle", "safetensors": "safetensors",
-                 "safetensors-sharded": "sharded safetensors", "torch-sharded": "sharded torch"}
 
 
 def number(value: float | None):
@@ -172,7 +171,7 @@ def inspection_text(result: Inspection, width: int | None, color: bool) -> str:
     """The ``inspect`` report: a header line, the table, ties, totals, other entries."""
     totals = result.totals
     key = f" ({result.key})" if result.key else ""
-    lines = [f"{result.source}{key}: {_FORMAT_NAMES.get(result.format, result.format)},"
+    lines = [f"{result.source}{key}: {registry.get(result.format).display},"
              f" {plural(totals['tensors'], 'tensor')}, {plural(totals['parameters'], 'parameter')}"
              + (f" + {totals['buffers']:,} in buffers" if totals["buffers"] else "") + f", {human_bytes(totals['bytes'])}"]
     cols = _columns(result)

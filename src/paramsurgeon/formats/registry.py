@@ -1,0 +1,139 @@
+"""Every checkpoint format paramsurgeon knows, in one list: what reading, target choice,
+writing, rendering and the JSON schema read. A new format is one module plus one entry here.
+
+Each format's module loads on first use (a safetensors header is read without importing the
+torch readers, and the CLI starts without any of them).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import NotACheckpointError, UsageError
+
+
+@dataclass(frozen=True)
+class Format:
+    """One format. ``name`` is what ``inspect --json`` says; ``family`` the format a write of it
+    produces (itself, or the plain format a variant is rewritten as).
+
+    ``sniff(file, head)`` tells a file of this format from its first bytes (it may raise
+    NotACheckpointError for a near miss); for a ``directory`` format it is ``sniff(path)``.
+    ``reader(source, options)`` reads it (an InputFile, or a directory's path); None for a
+    layout reached another way (a shard index). ``writer`` makes the writer of a family:
+    ``writer(sink, path, progress, dedupe)`` for a file, ``writer(path)`` for a directory;
+    None: paramsurgeon reads the format but does not write it. ``nested``: the file holds a
+    nested object in which --key picks the tensors.
+    """
+
+    name: str
+    family: str
+    display: str
+    extensions: tuple[str, ...] = ()
+    sniff: Callable[..., bool] | None = None
+    reader: Callable[[Any, dict], Any] | None = None
+    writer: Callable[..., Any] | None = None
+    directory: bool = False
+    sharded: bool = False
+    nested: bool = False
+    aliases: tuple[str, ...] = ()
+
+
+def _module(name: str):
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def _reads(module: str, options: bool = True) -> Callable[[Any, dict], Any]:
+    """The reader ``module.read``, imported when first called; ``options`` (allow, unsafe) passed on."""
+    return lambda source, opts: _module(module).read(source, **(opts if options else {}))
+
+
+def _zip(file, head: bytes) -> bool:
+    return head.startswith((b"PK\x03\x04", b"PK\x05\x06"))
+
+
+def _legacy(file, head: bytes) -> bool:
+    if head[:1] != b"\x80":
+        return False
+    if _module("torchlegacy").is_legacy(file):
+        return True
+    raise NotACheckpointError(f"{file.name}: a plain Python pickle, not a torch checkpoint")
+
+
+def _torch_writer(sink, path, progress, dedupe):
+    torchzip = _module("torchzip")
+    return torchzip.Writer(sink, torchzip.archive_name(path), progress)
+
+
+def _safetensors_writer(sink, path, progress, dedupe):
+    return _module("safetensors").Writer(sink, dedupe=dedupe, progress=progress)
+
+
+FORMATS: tuple[Format, ...] = (
+    Format("torch", "torch", "torch zip", (".pt", ".pth", ".bin", ".ckpt", ".tar"), _zip, _reads("torchzip"),
+           _torch_writer, nested=True, aliases=("pt",)),
+    Format("safetensors", "safetensors", "safetensors", (".safetensors",),
+           lambda file, head: _module("safetensors").looks_like(head, file.size), _reads("safetensors", options=False),
+           _safetensors_writer),
+    Format("torch-legacy", "torch", "torch legacy pickle", (), _legacy, _reads("torchlegacy"), nested=True),
+    Format("safetensors-sharded", "safetensors", "sharded safetensors", directory=True, sharded=True),
+    Format("torch-sharded", "torch", "sharded torch", directory=True, sharded=True),
+    Format("dcp", "dcp", "dcp", (), lambda path: _module("dcp").is_dcp(path), _reads("dcp"),
+           lambda path: _module("dcp").Writer(path), directory=True, nested=True),
+)
+_BY_NAME = {f.name: f for f in FORMATS}
+
+
+def get(name: str) -> Format:
+    """The format called ``name`` (as a checkpoint's ``format`` says)."""
+    return _BY_NAME[name]
+
+
+def names() -> list[str]:
+    """Every format's name, as ``inspect --json`` may say it."""
+    return [f.name for f in FORMATS]
+
+
+def sniffers(directory: bool) -> list[Format]:
+    """The formats told by their bytes (or, ``directory``, by what a directory holds), in order."""
+    return [f for f in FORMATS if f.sniff and f.reader and f.directory == directory]
+
+
+def writable() -> dict[str, str]:
+    """--format's values: each name (and alias) of a format with a writer -> that format's name."""
+    return {alias: f.name for f in FORMATS if f.writer for alias in (f.aliases + (f.name,))}
+
+
+def format_choices() -> str:
+    """--format's values as the help shows them ('pt|safetensors|dcp'): each writer's first name."""
+    return "|".join((f.aliases + (f.name,))[0] for f in FORMATS if f.writer)
+
+
+def by_extension(name: str) -> str | None:
+    """The family a file name's extension ('.pt') names, if any."""
+    return next((f.family for f in FORMATS if name.lower() in f.extensions), None)
+
+
+def weight_extensions() -> tuple[str, ...]:
+    """The extensions of every file format read, for finding the checkpoint in a directory."""
+    return tuple(e for f in FORMATS if f.reader and not f.directory for e in f.extensions)
+
+
+def sharded_of(family: str) -> str | None:
+    """The name of the sharded layout of ``family``'s files ('safetensors-sharded'), if it has one."""
+    return next((f.name for f in FORMATS if f.sharded and f.family == family), None)
+
+
+def writer_of(family: str, doing: str) -> Callable[..., Any]:
+    """The writer of ``family``; refuses a format paramsurgeon only reads (``doing``: '-o PATH',
+    '--in-place' or 'standard output')."""
+    fmt = get(family)
+    if fmt.writer is None:
+        named = " or ".join(f.extensions[0] for f in FORMATS if f.writer and f.extensions)
+        fix = f"pass --format {format_choices()}, or an output named {named}"
+        if doing == "--in-place":
+            fix = f"write the result elsewhere: -o PATH with --format {format_choices()}, or an output named {named}"
+        raise UsageError(f"{doing}: paramsurgeon reads {fmt.display} checkpoints but does not write them; {fix}")
+    return fmt.writer
