@@ -22,6 +22,7 @@ from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError
 from ..parsing import parse_document
 from . import registry
+from .hfconfig import CONFIG
 
 SIDE_FILES = (
     # configuration: config.json, generation_config.json, tokenizer_config.json, preprocessor_config.json, ...
@@ -33,7 +34,6 @@ SIDE_FILES = (
     "modeling_*.py", "configuration_*.py", "tokenization_*.py", "processing_*.py", "image_processing_*.py",
     "README.md", "LICENSE", "LICENSE.*", "NOTICE", "USE_POLICY.md", ".gitattributes",
 )
-CONFIG = "config.json"
 
 # (input embedding, output embedding) of the architectures whose configs name vocab_size and
 # tie_word_embeddings: the tensors those keys describe
