@@ -15,9 +15,9 @@ _OPERATIONS = ("init", "zero", "scale", "cast", "copy", "tie", "untie", "rename"
                "transpose", "apply", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename", "Drop",
                "Resize", "Split", "Concat", "Transpose", "Plan")
 _LAZY = {"Checkpoint": "checkpoint", "Tensor": "checkpoint", "Selector": "selection", "load": "formats",
-         "to_torch": "checkpoint.values", "merge": "ops.merge", "Merge": "ops.merge",
-         **{name: "ops.lora" for name in ("merge_lora", "extract_lora", "MergeLora", "ExtractLora")},
-         **{name: "ops" for name in _OPERATIONS}}
+         "to_torch": "checkpoint.values", "Merge": "ops.merge", "MergeLora": "ops.lora", "ExtractLora": "ops.lora",
+         **{name: "library" for name in ("merge", "merge_lora", "extract_lora")},
+         **{name: "ops" if name[0].isupper() else "library" for name in _OPERATIONS}}
 
 __all__ = ["ParamSurgeonError", "save", "select", "__version__", *_LAZY]
 

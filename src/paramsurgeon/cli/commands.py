@@ -13,7 +13,7 @@ from .. import declare
 from ..declare import REQUIRED, option
 from ..errors import UsageError
 from ..selection import Selection
-from .console import (color_on_stdout, emit, note, open_checkpoint, output_target, progress, selected_names,
+from .console import (color_on_stdout, emit, loader, note, open_checkpoint, output_target, progress, selected_names,
                       terminal_width, write_checkpoint, written)
 from .options import Input, Json, Pair, Read, Write
 
@@ -44,7 +44,7 @@ def inspect(given: Input, options: InspectOptions, output: Json, read: Read, sel
     from ..analysis.inspection import inspect as inspect_checkpoint
     from ..report import render
 
-    checkpoint = open_checkpoint(given.ckpt, read)
+    checkpoint = open_checkpoint(given.ckpt, loader(read))
     names = selected_names(checkpoint, select)
     stats = not (options.no_stats or options.tree)
     reads_data = stats or options.hash
@@ -80,7 +80,8 @@ def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, select: Sel
     from ..analysis.compare import bytes_to_compare, compare
     from ..report import render
 
-    first, second = open_checkpoint(pair.a, read), open_checkpoint(pair.b, read)
+    load = loader(read)
+    first, second = open_checkpoint(pair.a, load), open_checkpoint(pair.b, load)
     picked = set(selected_names(first, select, {**second.tensors, **first.tensors}))
     names_a = [n for n in first.tensors if n in picked]
     names_b = [n for n in second.tensors if n in picked]
@@ -147,9 +148,10 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
         rules.append(shards)
         if not shards.ok:
             _report_check(given.ckpt, rules, output.json)
-    checkpoint = open_checkpoint(given.ckpt, read)
+    load = loader(read)
+    checkpoint = open_checkpoint(given.ckpt, load)
     names = selected_names(checkpoint, select)
-    other = open_checkpoint(options.like, read) if options.like is not None else None
+    other = open_checkpoint(options.like, load) if options.like is not None else None
     default = not (options.finite or options.max_abs is not None or other or expectations or dtype or options.health)
     values = options.finite or default or options.max_abs is not None
     diagnosed = health.checked_names(checkpoint, names) if options.health else []
@@ -205,7 +207,7 @@ def groups(given: Input, rules: GroupRules, output: Json, read: Read, select: Se
     from ..analysis.groups import decay_groups
     from ..report import render
 
-    checkpoint = open_checkpoint(given.ckpt, read)
+    checkpoint = open_checkpoint(given.ckpt, loader(read))
     names = selected_names(checkpoint, select)
     warnings: list[str] | None = [] if select.allow_empty else None
     result = decay_groups(checkpoint, names, no_decay=tuple(rules.no_decay), decay=tuple(rules.decay),
@@ -229,7 +231,7 @@ def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
     """Convert between torch and safetensors, single file and sharded directory; values are untouched."""
     from ..sizes import human_bytes, plural
 
-    checkpoint = open_checkpoint(given.ckpt, read)
+    checkpoint = open_checkpoint(given.ckpt, loader(read))
     target = output_target(checkpoint, write, sharding.max_shard_size)
     where = target.path or "standard output"
     layout = target.family
@@ -266,9 +268,10 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     from ..sizes import human_bytes, plural
 
     html.require_matplotlib()
-    checkpoint = open_checkpoint(given.ckpt, read, "the checkpoint")
+    load = loader(read)
+    checkpoint = open_checkpoint(given.ckpt, load)
     names = selected_names(checkpoint, select)
-    other = open_checkpoint(options.against, read, "--against") if options.against is not None else None
+    other = open_checkpoint(options.against, load, "--against") if options.against is not None else None
     if options.output != "-":
         refuse_overwrite(options.output)  # before the work
     result = inspect_checkpoint(checkpoint, names, stats=False)

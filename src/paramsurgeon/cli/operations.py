@@ -6,7 +6,7 @@ computed), then prints the plan (--dry-run) or performs it and writes the result
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .. import formats
 from ..checkpoint import Checkpoint
@@ -15,12 +15,14 @@ from ..errors import UsageError
 from ..formats import inputs
 from ..formats.files import refuse_terminal
 from ..ops import OPERATIONS, Operation
-from ..ops.spec import Sources
 from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
-from .console import (color_on_stdout, emit, note, output_target, progress, source_loader, terminal_width,
+from .console import (color_on_stdout, emit, loader, note, output_target, progress, terminal_width,
                       write_checkpoint)
 from .options import Input, NamedInput, Read, Surgery, Write
+
+if TYPE_CHECKING:
+    from ..formats.loader import Loader
 
 
 def run_operation(given: Input | NamedInput, operation: Operation, read: Read, write: Write, surgery: Surgery) -> None:
@@ -51,15 +53,15 @@ def apply_recipe(recipe: Recipe, read: Read, write: Write, surgery: Surgery) -> 
 
 
 def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Optional[int], read: Read, write: Write,
-              surgery: Surgery, sources: Optional[Sources] = None) -> None:
+              surgery: Surgery, sources: Optional[Loader] = None) -> None:
     """Rehearse ``steps`` on the checkpoint at ``path``, then print the plan (--dry-run, --json) or
-    perform it and write the result; ``sources`` opens the other checkpoints the steps read."""
+    perform it and write the result; ``sources`` (default: the Read options' loader) opens the
+    checkpoint and every other input the steps read."""
     steps, notes = draw_seeds(steps, seed)
     for message in notes:
         note(f"{command}: {message}")
-    sources = sources or source_loader(read)
-    inputs.record(path, "the checkpoint")
-    ckpt, target = _open_for_writing(sources(path, read.key), write, surgery)
+    sources = sources or loader(read)
+    ckpt, target = _open_for_writing(sources.checkpoint(path, read.key, "the checkpoint"), write, surgery)
     planned = rehearse(ckpt, steps, sources)
     if target.path is not None:
         inputs.refuse_overwrite(target.path)  # the inputs the steps opened (--source), as a real run

@@ -8,7 +8,7 @@ import os
 from ..checkpoint import Checkpoint, find_container
 from ..checkpoint.hfties import restore_omitted
 from ..errors import NotACheckpointError, SelectionError
-from . import inputs, registry, sharded
+from . import registry, sharded
 from .atomic import recover
 from .files import InputFile, open_input
 from .hfconfig import read_config
@@ -45,9 +45,6 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
                              " is already a flat mapping of names to tensors")
     ckpt.path = None if path in (None, "-") else path
     restore_omitted(ckpt, read_config(ckpt.path))  # tied names save_pretrained left out
-    inputs.record(path)
-    if registry.get(ckpt.format).sharded:  # an index names its directory: every shard is an input
-        inputs.record(os.path.dirname(ckpt.source) or ".", inputs.role(path))
     return ckpt
 
 

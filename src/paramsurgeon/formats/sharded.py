@@ -16,7 +16,7 @@ from ..errors import CorruptCheckpointError, InputError, NotACheckpointError
 from ..parsing import parse_document
 from ..sizes import plural
 from . import safetensors as st
-from . import registry, sidefiles
+from . import registry
 from .atomic import atomic_directory, link_or_copy, new_file
 from .files import InputFile, reproduces, same_file
 
@@ -122,12 +122,13 @@ class Writer:
     directory (its tensors untouched, still read from that file) is hard-linked from it.
     Files beside the checkpoint (config.json, tokenizer) are carried over; every file of
     the old checkpoint, of either format or DCP, goes with it. When the checkpoint was read
-    from another model directory, its side files come along (sidefiles.carry).
+    from another model directory, its side files come along: ``carry(ckpt, staging, folder)``
+    copies them and returns notes (sidefiles.carry).
     """
 
-    def __init__(self, folder: str, family: str, file_writer: Callable, *, max_size: int | None = None,
-                 dedupe: bool = False, progress=None):
-        self.folder, self.family, self.file_writer = folder, family, file_writer
+    def __init__(self, folder: str, family: str, file_writer: Callable, carry: Callable, *,
+                 max_size: int | None = None, dedupe: bool = False, progress=None):
+        self.folder, self.family, self.file_writer, self.carry = folder, family, file_writer, carry
         self.max_size, self.dedupe, self.progress = max_size, dedupe, progress
 
     def write(self, ckpt: Checkpoint) -> list[str]:
@@ -153,7 +154,7 @@ class Writer:
                 self._write_shard(part, name, staging)
             if len(shards) > 1:
                 self._write_index(entries, shards, names, ckpt.tensors, metadata, staging)
-            notes = sidefiles.carry(ckpt, staging, self.folder)
+            notes = self.carry(ckpt, staging, self.folder)
         return notes
 
     def _write_shard(self, part: Checkpoint, name: str, staging: str) -> None:

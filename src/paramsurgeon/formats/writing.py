@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 from ..checkpoint import Checkpoint
 from ..errors import OutputError
 from ..sizes import plural
-from . import registry, sharded
+from . import registry, sharded, sidefiles
 from .atomic import output_file
 from .files import Sink, stdout_sink
 from .target import Target
@@ -43,8 +43,8 @@ def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = 
         return make(target.path)
     file_writer = _file_writer(make, dedupe)
     if target.sharded:
-        return sharded.Writer(target.path, target.family, file_writer, max_size=target.max_shard_size,
-                              dedupe=dedupe, progress=progress)
+        return sharded.Writer(target.path, target.family, file_writer, sidefiles.carry,
+                              max_size=target.max_shard_size, dedupe=dedupe, progress=progress)
     return SingleFile(target.path, file_writer, progress)
 
 
