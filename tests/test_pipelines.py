@@ -223,6 +223,23 @@ def test_apply_checks_the_whole_recipe_first(tmp_path, resnet_pt, recipe, messag
     assert not out.exists()
 
 
+def test_a_step_names_itself_in_an_error_of_any_class(monkeypatch):
+    """The step's label goes before the message; the error keeps its class and what it carries
+    (an error built with more than a message could not be rebuilt as type(e)(message))."""
+    from paramsurgeon import declare
+    from paramsurgeon.errors import UnsafePickleError
+    from paramsurgeon.ops import recipes
+
+    def refuse(*args, **kwargs):
+        raise UnsafePickleError("pass --allow-global a.B", ["a.B"])
+
+    monkeypatch.setattr(declare, "from_mapping", refuse)
+    with pytest.raises(UnsafePickleError) as raised:
+        recipes.parse('[[step]]\nop = "zero"\n', "r.toml")
+    assert str(raised.value) == "r.toml: step 1 (zero): pass --allow-global a.B"
+    assert raised.value.globals_wanted == ["a.B"] and raised.value.exit_code == 2
+
+
 def test_apply_dry_run_lists_every_step(tmp_path, resnet_pt):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(RECIPE)
