@@ -24,12 +24,10 @@ __all__ = ["ParamSurgeonError", "save", "select", "__version__", *_LAZY]
 
 def save(ckpt, path: str | None = None, *, format: str | None = None, in_place: bool = False) -> None:
     """Write ``ckpt`` to ``path`` (None: standard output); the format follows the extension."""
-    from .formats import inputs, resolve_target
+    from .formats import resolve_target
     from .formats import save as write
 
-    with inputs.recording():  # the output may not replace the checkpoint's own file or directory
-        inputs.record(ckpt.path, "the checkpoint")
-        write(ckpt, resolve_target(ckpt, path, format, in_place))
+    write(ckpt, resolve_target(ckpt, path, format, in_place))  # never onto the checkpoint's own file or directory
 
 
 def select(ckpt, patterns=(), *, regex=(), exclude=(), kinds=()) -> list[str]:

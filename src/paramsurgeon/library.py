@@ -83,15 +83,14 @@ def merge_lora(ckpt: Any, adapter: str, *, key: str | None = None, **options) ->
 def extract_lora(base: str, tuned: str, output: str, *, rank: int, key: str | None = None, **options) -> list[dict]:
     """Write to ``output`` a LoRA adapter whose merge into ``base`` approximates ``tuned``; returns one
     entry per module (module, rank, relative reconstruction error) and per tensor saved whole."""
-    from .formats import inputs, peft
+    from .formats import peft
     from .ops.lora.extraction import adapter_tensors, plan_extraction
 
     operation = ExtractLora(base=base, tuned=tuned, output=output, rank=rank, **options)
-    with inputs.recording():  # the adapter may not replace either input
-        loader = Loader()
-        extraction = plan_extraction(operation, loader.checkpoint(base, key, "base"),
-                                     loader.checkpoint(tuned, key, "tuned"))
-        peft.write_adapter(output, adapter_tensors(extraction), extraction.config)
+    loader = Loader()
+    extraction = plan_extraction(operation, loader.checkpoint(base, key, "base"),
+                                 loader.checkpoint(tuned, key, "tuned"))
+    peft.write_adapter(output, adapter_tensors(extraction), extraction.config, loader.inputs)  # not onto an input
     return extraction.rows
 
 

@@ -231,8 +231,9 @@ def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
     """Convert between torch and safetensors, single file and sharded directory; values are untouched."""
     from ..sizes import human_bytes, plural
 
-    checkpoint = open_checkpoint(given.ckpt, loader(read))
-    target = output_target(checkpoint, write, sharding.max_shard_size)
+    load = loader(read)
+    checkpoint = open_checkpoint(given.ckpt, load)
+    target = output_target(checkpoint, write, load.inputs, sharding.max_shard_size)
     where = target.path or "standard output"
     layout = target.family
     if target.sharded:
@@ -263,7 +264,6 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     from ..analysis.inspection import inspect as inspect_checkpoint
     from ..dtypes import BY_NAME
     from ..formats.atomic import output_file
-    from ..formats.inputs import refuse_overwrite
     from ..report import html
     from ..sizes import human_bytes, plural
 
@@ -273,7 +273,7 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     names = selected_names(checkpoint, select)
     other = open_checkpoint(options.against, load, "--against") if options.against is not None else None
     if options.output != "-":
-        refuse_overwrite(options.output)  # before the work
+        load.inputs.refuse_overwrite(options.output)  # before the work
     result = inspect_checkpoint(checkpoint, names, stats=False)
     floats = [r.name for r in result.rows if BY_NAME[r.dtype].floating]
     size = sum(checkpoint.tensors[n].nbytes for n in floats) * (3 if other else 1)
@@ -289,7 +289,7 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     if options.output == "-":
         emit(page)
         return
-    with output_file(options.output) as sink:
+    with output_file(options.output, load.inputs) as sink:
         sink.write(page)
     note(f"wrote {options.output} ({human_bytes(len(page))}: {plural(len(result.rows), 'tensor')},"
          f" {plural(len(findings), 'finding')})")

@@ -15,6 +15,7 @@ from ..selection import Selection
 from .options import Read
 
 if TYPE_CHECKING:
+    from ..formats.inputs import Inputs
     from ..formats.loader import Loader
 
 
@@ -91,9 +92,10 @@ def written(ckpt: Checkpoint, target: formats.Target, dedupe: bool) -> tuple[int
     return len(tensors), sum(t.nbytes for n, t in tensors.items() if n not in aliases)
 
 
-def output_target(ckpt: Checkpoint, write, max_shard_size: Optional[str] = None) -> formats.Target:
-    """Where and in which format ``ckpt`` is written (the Write options); its notes go to stderr."""
-    target = formats.resolve_target(ckpt, write.output, write.format, write.in_place, max_shard_size)
+def output_target(ckpt: Checkpoint, write, inputs: "Inputs", max_shard_size: Optional[str] = None) -> formats.Target:
+    """Where and in which format ``ckpt`` is written (the Write options), which may not be one of
+    the command's ``inputs``; its notes go to stderr."""
+    target = formats.resolve_target(ckpt, write.output, write.format, write.in_place, max_shard_size, inputs)
     for message in target.notes:
         note(f"note: {message}")
     return target

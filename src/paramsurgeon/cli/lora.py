@@ -31,13 +31,13 @@ def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
     Unchanged tensors are skipped; changed 1-D tensors are saved whole (modules_to_save, or a
     targeted module's bias). Prints each module's relative reconstruction error.
     """
-    from ..formats import inputs, peft
+    from ..formats import peft
     from ..formats.directories import refuse_foreign
     from ..ops.lora.extraction import adapter_tensors, plan_extraction
 
     load = loader(read)
     base, tuned = load.checkpoint(extract.base, read.key, "base"), load.checkpoint(extract.tuned, read.key, "tuned")
-    inputs.refuse_overwrite(extract.output)  # before the work, and with --dry-run as without
+    load.inputs.refuse_overwrite(extract.output)  # before the work, and with --dry-run as without
     refuse_foreign(extract.output, extract.output, peft.is_adapter_file, "a PEFT adapter")
     extraction = plan_extraction(extract, base, tuned, compute=not run.dry_run)
     for message in extraction.notes:
@@ -59,7 +59,7 @@ def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
                    terminal_width(), color_on_stdout())[0])
     if run.dry_run:
         return
-    peft.write_adapter(extract.output, adapter_tensors(extraction), extraction.config)
+    peft.write_adapter(extract.output, adapter_tensors(extraction), extraction.config, load.inputs)
     size = sum(os.path.getsize(os.path.join(extract.output, n)) for n in os.listdir(extract.output))
     whole = len(extraction.whole)
     note(f"extract-lora: {plural(len(extraction.modules), 'module')} (rank {extract.rank})"

@@ -3,7 +3,6 @@ each merged tensor is computed when the writer reaches it."""
 
 from __future__ import annotations
 
-from ..formats import inputs
 from ..ops.merge import Merge
 from ..ops.merge.registry import NAMES
 from ..ops.surgery import Step
@@ -23,11 +22,11 @@ def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery) -> None:
     The first checkpoint (the --base for task methods) is the one written: tensors that are not
     merged (integers, unselected) and the rest of the file come from it.
     """
+    load = loader(read, shared_key=True)  # one --key for the torch inputs (a safetensors or sharded one is flat)
     for number, path in enumerate(merge.inputs, 1):
-        inputs.record(path, f"merge input {number}")
-    inputs.record(merge.base, "--base")
-    # one --key for every input: the torch ones (a safetensors or sharded input is already flat)
-    run_steps("merge", merge.written, [Step(merge)], None, read, write, surgery, sources=loader(read, shared_key=True))
+        load.inputs.record(path, f"merge input {number}")
+    load.inputs.record(merge.base, "--base")
+    run_steps("merge", merge.written, [Step(merge)], None, load, write, surgery)
 
 
 run_merge.__doc__ = run_merge.__doc__.format(methods=", ".join(NAMES))  # the registry's, in its order

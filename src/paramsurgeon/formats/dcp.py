@@ -22,6 +22,7 @@ from ..checkpoint.opaque import Opaque, describe
 from ..errors import CorruptCheckpointError
 from . import dcpchunks, dcpwriter, pickles
 from .atomic import atomic_directory
+from .inputs import Inputs
 
 _DCP = "torch.distributed.checkpoint"
 METADATA_GLOBALS = frozenset({
@@ -153,15 +154,16 @@ def _unflatten(flat: dict[str, Any], layout: dict) -> dict:
 
 class Writer:
     """A DCP directory written tensor by tensor (dcpwriter), replaced as a whole
-    (atomic.atomic_directory); files beside the checkpoint in the old directory are carried over."""
+    (atomic.atomic_directory); files beside the checkpoint in the old directory are carried over.
+    It is never one of the command's ``inputs``."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self, folder: str, inputs: Inputs):
+        self.folder, self.inputs = folder, inputs
 
     def write(self, ckpt: Checkpoint) -> None:
         """Save ``ckpt`` (every entry of the file) as a DCP directory."""
         with atomic_directory(self.folder, carry=lambda name: not is_own_file(name), owns=is_own_file,
-                              what="a DCP checkpoint") as staging:
+                              what="a DCP checkpoint", inputs=self.inputs) as staging:
             dcpwriter.write(staging, ckpt.root, ckpt.source)
 
 

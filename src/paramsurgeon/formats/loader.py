@@ -1,6 +1,7 @@
 """The one loader of a command's inputs: the checkpoint, --source, --against, merge inputs and
 adapters are all opened here, with the command's reading options, each once however often a
-plan asks, and recorded (formats/inputs.py) so that no output of the command lands on one.
+plan asks, and recorded in the loader's ``inputs`` (formats/inputs.py), the record the command's
+writes are checked against, so that no output of the command lands on one.
 
 Operations receive a Loader (ops.spec.Sources) and never open files themselves. A new kind of
 place (a URL) is resolved in ``_open``, for every input at once.
@@ -12,7 +13,8 @@ import os
 
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError, SelectionError
-from . import inputs, peft, registry
+from . import peft, registry
+from .inputs import Inputs
 from .reading import load
 
 
@@ -29,22 +31,23 @@ class Loader:
         self.key, self.shared_key = key, shared_key
         self.options = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle}
         self.opened: dict[tuple[str | None, str | None], Checkpoint] = {}
+        self.inputs = Inputs()  # this command's: every path opened, with its role
 
     def checkpoint(self, path: str | None, key: str | None = None, role: str | None = "--source") -> Checkpoint:
         """The checkpoint at ``path`` (None or '-': standard input) in the ``role`` the user gave it
         (the first role given for a path is kept), opened once per path and key."""
         key = self.key if self.shared_key else key
-        inputs.record(path, role)
+        self.inputs.record(path, role)
         if (path, key) not in self.opened:
             ckpt = self.opened[path, key] = self._open(path, key)
             if registry.get(ckpt.format).sharded:  # an index names its directory: every shard is an input
-                inputs.record(os.path.dirname(ckpt.source) or ".", inputs.role(path))
+                self.inputs.record(os.path.dirname(ckpt.source) or ".", self.inputs.role(path))
         return self.opened[path, key]
 
     def adapter(self, path: str) -> tuple[str, dict, Checkpoint]:
         """The PEFT adapter directory ``path`` names: the directory, its config and its weights."""
         folder = peft.adapter_directory(path)
-        inputs.record(folder, "the adapter")
+        self.inputs.record(folder, "the adapter")
         config, weights = peft.read_adapter(folder, lambda file: self.checkpoint(file, role="the adapter"))
         return folder, config, weights
 

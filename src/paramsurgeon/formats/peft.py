@@ -14,6 +14,7 @@ from ..checkpoint import Checkpoint, Tensor
 from ..errors import InputError
 from ..parsing import parse_document
 from .atomic import atomic_directory, new_file
+from .inputs import Inputs
 from .safetensors import Writer
 
 CONFIG = "adapter_config.json"
@@ -64,11 +65,12 @@ def read_adapter(folder: str, load: Callable[[str], Checkpoint]) -> tuple[dict, 
     return config, load(weights[0])
 
 
-def write_adapter(folder: str, tensors: dict[str, Tensor], config: dict) -> None:
-    """Write the adapter directory ``folder`` whole (replacing the adapter there, keeping model files)."""
+def write_adapter(folder: str, tensors: dict[str, Tensor], config: dict, inputs: Inputs) -> None:
+    """Write the adapter directory ``folder`` whole (replacing the adapter there, keeping model files);
+    it may not be one of the command's ``inputs``."""
     adapter = Checkpoint(source=folder, format="safetensors", root=tensors)
     with atomic_directory(folder, carry=lambda name: not is_adapter_file(name), owns=is_adapter_file,
-                          what="a PEFT adapter") as staging:
+                          what="a PEFT adapter", inputs=inputs) as staging:
         with new_file(os.path.join(staging, WEIGHTS[0])) as sink:
             Writer(sink).write(adapter)
         with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as f:
