@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import CorruptCheckpointError
 
+
 class GlobalMeta(type):
     """Metaclass of the placeholders that stand for globals named in a pickle."""
 

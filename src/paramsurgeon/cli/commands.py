@@ -128,7 +128,6 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
 
     A sharded checkpoint is also checked for agreement between its index and its shards.
     """
-    from .. import formats
     from ..analysis import health
     from ..analysis.checks import RuleResult, parse_expectations, run_rules, validate_dtype
 
@@ -141,14 +140,14 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
         except OSError as e:
             raise UsageError(f"cannot read '{options.expect_file}': {e.strerror}") from e
     rules: list[RuleResult] = []
-    index = formats.sharded_index(given.ckpt)
-    if index is not None:
+    load = loader(read)
+    problems = load.shard_problems(given.ckpt)
+    if problems is not None:
         shards = RuleResult("shards")
-        shards.violations = formats.verify_shards(given.ckpt, tuple(read.allow_global), read.unsafe_pickle)
+        shards.violations = problems
         rules.append(shards)
         if not shards.ok:
             _report_check(given.ckpt, rules, output.json)
-    load = loader(read)
     checkpoint = open_checkpoint(given.ckpt, load)
     names = selected_names(checkpoint, select)
     other = open_checkpoint(options.like, load) if options.like is not None else None

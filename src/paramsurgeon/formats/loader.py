@@ -15,7 +15,7 @@ from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError, SelectionError
 from . import peft, registry
 from .inputs import Inputs
-from .reading import load
+from .reading import load, sharded_index, verify_shards
 
 
 class Loader:
@@ -50,6 +50,11 @@ class Loader:
         self.inputs.record(folder, "the adapter")
         config, weights = peft.read_adapter(folder, lambda file: self.checkpoint(file, role="the adapter"))
         return folder, config, weights
+
+    def shard_problems(self, path: str | None) -> list[dict] | None:
+        """Where the sharded checkpoint at ``path`` and its index disagree, every shard read with
+        the command's options (check --complete's work); None when ``path`` is not sharded."""
+        return verify_shards(path, **self.options) if sharded_index(path) is not None else None
 
     def _open(self, path: str | None, key: str | None) -> Checkpoint:
         try:

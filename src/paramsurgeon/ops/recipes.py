@@ -79,7 +79,8 @@ def parse(text: str, where: str) -> tuple[list[Step], int | None]:
             operation = declare.from_mapping(STEPS[op], _own_first(options) if op == "merge" else options, label,
                                              path=_beside(where))
         except ParamSurgeonError as e:
-            raise e.within(label)
+            e.within(label)
+            raise
         steps.append(Step(operation, label, f"step {number} ({op})"))
     return steps, seed
 

@@ -20,6 +20,7 @@ from ..errors import UsageError
 from ..selection import Selection
 from .plan import Plan
 
+
 class Sources(Protocol):
     """What a plan reads besides its checkpoint, opened by the command's one loader (formats/loader.py)."""
 

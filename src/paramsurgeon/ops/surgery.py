@@ -100,7 +100,9 @@ def _named(step: Step) -> Iterator[None]:
     try:
         yield
     except ParamSurgeonError as e:
-        raise e.within(step.label) if step.label else e
+        if step.label:
+            e.within(step.label)
+        raise
 
 
 def structural_copy(ckpt: Checkpoint) -> Checkpoint:
