@@ -61,7 +61,7 @@ def merge(inputs: list[Any], *, base: Any = None, key: str | None = None, reset_
     if base is not None:
         options["base"] = paths.pop()
     operation = Merge(inputs=paths, **options)
-    ckpt = loader.checkpoint(operation.written)
+    ckpt = loader.checkpoint(operation.written, role="the checkpoint")
     plans = run(ckpt, [Step(operation)], seed=operation.seed, sources=loader, reset_optimizer=reset_optimizer)
     ckpt.notes += plans[-1].notes
     return ckpt
@@ -74,7 +74,7 @@ def merge_lora(ckpt: Any, adapter: str, *, key: str | None = None, **options) ->
     Options: the fields of MergeLora (scale, untie, dtype, allow_overflow).
     """
     loader = Loader()
-    loaded = loader.checkpoint(ckpt, key) if isinstance(ckpt, str) else ckpt
+    loaded = loader.checkpoint(ckpt, key, "the checkpoint") if isinstance(ckpt, str) else ckpt
     plans = run(loaded, [Step(MergeLora(adapter=adapter, **options))], sources=loader)
     loaded.notes += plans[-1].notes
     return loaded
