@@ -22,6 +22,13 @@ def test_diff_identical_across_formats(tmp_path, resnet_pt):
     assert run("diff", resnet_pt, st).stdout.startswith(f"{resnet_pt} (A) vs {st} (B): equal: 122 identical")
 
 
+def test_diff_refuses_standard_input_twice(resnet_pt):
+    with open(resnet_pt, "rb") as f:
+        result = run("diff", "-", "-", input=f.read())
+    assert result.exit_code == 2
+    assert result.stderr == "paramsurgeon: error: diff: only one checkpoint can come from standard input ('-')\n"
+
+
 def test_diff_reports_changed_values_as_torch_computes_them(tmp_path, resnet_pt, resnet):
     changed = tmp_path / "changed.pt"
     run("scale", resnet_pt, "-p", "fc.weight", "--by", "1.5", "-o", changed)

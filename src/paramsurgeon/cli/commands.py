@@ -80,6 +80,8 @@ def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, select: Sel
     from ..analysis.compare import bytes_to_compare, compare
     from ..report import render
 
+    if pair.a == pair.b == "-":  # the loader opens an input once: the second '-' would be the first
+        raise UsageError("diff: only one checkpoint can come from standard input ('-')")
     load = loader(read)
     first, second = open_checkpoint(pair.a, load), open_checkpoint(pair.b, load)
     picked = set(selected_names(first, select, {**second.tensors, **first.tensors}))

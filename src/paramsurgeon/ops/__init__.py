@@ -4,7 +4,7 @@
     values.py      init, zero, scale, cast: new values for the selected tensors
     structure.py   copy, tie, untie, rename, drop
     reshape/       resize, split, concat, transpose
-    lora/          merge-lora (an operation like the others) and extract-lora (writes an adapter)
+    lora/          merge-lora (an operation like the others) and extract-lora (an adapter's tensors)
     plan.py        Plan: what an operation changes, checked before anything is computed
     surgery.py     seeds, the rehearsal of every step, the run, optimizer notes
     recipes.py     TOML recipes: steps of the operations above, and merge
@@ -12,8 +12,9 @@
     optimizer.py   optimizer state found and reset
     catalog.py     OPERATIONS: every operation by its command name
 
-Nothing here reads or writes a file: what a plan reads besides its checkpoint comes from the
-command's loader (spec.Sources); the library's calls are in paramsurgeon/library.py.
+Nothing here opens a checkpoint or writes a file (recipes.read reads a recipe's text): what a
+plan reads besides its checkpoint comes from the command's loader (spec.Sources); the
+library's calls, which open what they are given, are in paramsurgeon/library.py.
 """
 
 from .catalog import OPERATIONS
