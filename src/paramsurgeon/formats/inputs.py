@@ -4,8 +4,8 @@ A command's loader (formats/loader.py) owns one ``Inputs``: every checkpoint it 
 every other input the command reads (a recipe, an adapter directory), is recorded with the
 role the user gave it. The writers take the record with their target (``Target.inputs``):
 ``refuse_overwrite`` refuses an output that is an input (the same file by any path or hard
-link), lies inside an input directory, or is a directory holding an input. A library call
-that opened nothing through a loader passes an empty record.
+link), lies inside an input directory, or is a directory holding an input. A library save,
+which has no loader, is checked against the checkpoint's own file (target.resolve_target).
 """
 
 from __future__ import annotations
