@@ -1,8 +1,8 @@
 """merge-lora and extract-lora: PEFT LoRA adapters folded into a checkpoint, or extracted from a fine-tune.
 
     __init__.py    MergeLora, ExtractLora: the options
-    adapter.py     an adapter directory read: its config (what cannot be merged exactly is refused),
-                   its tensors grouped by module, ranks and alphas from PEFT's patterns
+    adapter.py     an adapter the loader read (formats/peft.py): its config (what cannot be merged exactly
+                   is refused), its tensors grouped by module, ranks and alphas from PEFT's patterns
     planning.py    merge-lora's plan: adapter names mapped to base tensors, one lazy Change per tensor
     arithmetic.py  PEFT's formulas in float32 (Linear, Conv1D, Embedding, ConvNd, DoRA, lora_bias), and the SVD
     extraction.py  extract-lora: the deltas, their truncated SVDs, the adapter's tensors and config
