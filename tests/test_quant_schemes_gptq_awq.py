@@ -298,3 +298,22 @@ def test_an_awq_layer_that_does_not_fit_is_named(request, tmp_path, change, quan
     document = json_of("inspect", folder, "--json", schema="inspect")
     assert why in "\n".join(document["notes"])
     assert K + ".weight" not in {t["name"] for t in document["tensors"]}
+
+
+def test_a_checkpoint_without_quantized_names_is_not_searched_by_any_scheme(request, tmp_path, monkeypatch):
+    """Group finding costs one pass over the names when none ends like a part (counted, not timed)."""
+    import paramsurgeon.quant as quant
+
+    asked = []
+    for scheme in quant.SCHEMES:
+        original = type(scheme).find
+        monkeypatch.setattr(type(scheme), "find", lambda self, tensors, config, original=original: (
+            asked.append(self.name), (yield from original(self, tensors, config))))
+    plain = tmp_path / "plain.safetensors"
+    save_file({f"blocks.{i}.layers.{j}.weight": torch.zeros(2) for i in range(100) for j in range(1000)}, plain)
+    register_input(request, plain)
+    assert len(formats.load(str(plain)).tensors) == 100_000 and asked == []
+
+    folder, _, _ = gptq_dir(request, tmp_path / "gptq")
+    formats.load(str(folder))
+    assert sorted(asked) == ["awq", "gptq"]

@@ -51,6 +51,13 @@ def config_dtype(config: dict | None) -> DType:
     return found if found is not None and found.floating else BY_NAME[DEFAULT_DTYPE]
 
 
+def _asked(tensors: dict) -> list[Scheme]:
+    """The schemes with a stored name that may start a group of theirs, in one pass over the names."""
+    endings = tuple({suffix for scheme in SCHEMES for suffix in scheme.suffixes})
+    present = {suffix for name in tensors if name.endswith(endings) for suffix in endings if name.endswith(suffix)}
+    return [s for s in SCHEMES if not s.suffixes or present.intersection(s.suffixes)]
+
+
 def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     """``ckpt`` with the parts of each quantized tensor held by one logical tensor, in place of the
     first part; stored tensors that belong to a group but do not make one stay as they are, each
@@ -58,7 +65,7 @@ def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     container, quant = ckpt.container, quantization_config(config)
     found: list[tuple[Scheme, Group]] = []
     claimed: set[str] = set()
-    for scheme in SCHEMES:
+    for scheme in _asked(ckpt.tensors):
         free = {n: t for n, t in ckpt.tensors.items() if n not in claimed} if claimed else ckpt.tensors
         for item in scheme.find(free, quant):
             if isinstance(item, Partial):
