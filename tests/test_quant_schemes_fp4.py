@@ -245,6 +245,8 @@ def test_nvfp4_through_inspect_and_a_rename(nvfp4_dir, tmp_path):
     (lambda t: t.update({FC1 + ".weight_scale": t[FC1 + ".weight_scale"][:, :2].clone()}),
      f"{FC1}.weight [48, 32] uint8, {FC1}.weight_scale [48, 2] float8_e4m3fn, {FC1}.weight_scale_2 []: not uint8"
      " codes with a float8_e4m3fn scale per 16 values and one global scale"),
+    (lambda t: t.update({FC1 + ".pre_quant_scale": torch.ones(64)}),
+     f"nvfp4 codes with a {FC1}.pre_quant_scale (NVFP4_AWQ) are not read"),
 ])
 def test_an_nvfp4_part_without_its_partner_is_named(request, nvfp4_dir, tmp_path, change, why):
     _, tensors, _ = nvfp4_dir

@@ -71,8 +71,10 @@ class Gptq(Scheme):
         if g_idx is None and (size is None or math.ceil(rows / size) != groups):
             return Partial(named, f"{layout}: no g_idx, and {groups} groups of scales do not split {rows} inputs"
                            f" in groups of {config.get('group_size', 'the same size')}")
-        return Group(base + ".weight", parts, (columns, rows),
-                     {"bits": bits, "block": [1, size or rows], "offset": FORMATS[fmt]})
+        params = {"bits": bits, "block": [1, size or rows], "offset": FORMATS[fmt]}
+        if g_idx is not None:
+            params["g_idx"] = parts["g_idx"]  # its stored name, for an error about its values
+        return Group(base + ".weight", parts, (columns, rows), params)
 
     def dequantize(self, tensor):
         import torch
@@ -131,8 +133,8 @@ def group_index(tensor, rows: int, groups: int):
         return torch.arange(rows) // tensor.params["block"][1]
     index = to_torch(tensor.parts["g_idx"]).long()
     if rows and (index.min() < 0 or index.max() >= groups):
-        raise CorruptCheckpointError(f"a {tensor.scheme.name} g_idx names group {int(index.max())} (or"
-                                     f" {int(index.min())}) where the scales hold groups 0..{groups - 1}")
+        raise CorruptCheckpointError(f"{tensor.params['g_idx']} names groups {int(index.min())}..{int(index.max())}"
+                                     f" where its scales hold groups 0..{groups - 1}; the gptq layer cannot be read")
     return index
 
 
@@ -151,7 +153,8 @@ def unpack(words, bits: int, dim: int):
         if shift + bits <= 32:
             code = (chunk[:, word] >> shift) & mask
         else:  # the code runs into the next word (3 bits)
-            code = ((chunk[:, word] >> shift) & ((1 << (32 - shift)) - 1)) | ((chunk[:, word + 1] << (32 - shift)) & mask)
+            low = (chunk[:, word] >> shift) & ((1 << (32 - shift)) - 1)
+            code = low | ((chunk[:, word + 1] << (32 - shift)) & mask)
         codes.append(code)
     out = torch.stack(codes, 1).reshape(-1, *words.shape[1:])
     return out if dim == 0 else out.t()

@@ -54,15 +54,22 @@ class Mxfp4(Scheme):
 
         codes = to_torch(tensor.parts["codes"])
         exponents = to_torch(tensor.parts["scales"]).view(torch.uint8)
-        experts, columns, blocks, half = codes.shape
-        table = torch.tensor(E2M1)
+        experts, columns, blocks, _ = codes.shape
         out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
         step = max(1, ROWS // max(blocks, 1))  # outputs a chunk
         for expert in range(experts):
             for start in range(0, columns, step):
-                chunk = codes[expert, start:start + step]
-                values = torch.stack((table[(chunk & 0x0F).long()], table[(chunk >> 4).long()]), -1)
-                scaled = torch.ldexp(values.view(*chunk.shape[:2], BLOCK), exponents[expert, start:start + step, :, None]
-                                     .to(torch.int32) - 127)
-                out[expert, :, start:start + step] = scaled.view(chunk.shape[0], -1).t()
+                values = e2m1(codes[expert, start:start + step])
+                scaled = torch.ldexp(values, exponents[expert, start:start + step, :, None].to(torch.int32) - 127)
+                out[expert, :, start:start + step] = scaled.view(values.shape[0], -1).t()
         return out
+
+
+def e2m1(codes):
+    """The float32 values of the e2m1 codes packed two a byte in ``codes`` (low nibble first):
+    the last dimension doubled."""
+    import torch
+
+    table = torch.tensor(E2M1)
+    values = torch.stack((table[(codes & 0x0F).long()], table[(codes >> 4).long()]), -1)
+    return values.view(*codes.shape[:-1], codes.shape[-1] * 2)

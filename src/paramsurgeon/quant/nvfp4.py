@@ -9,7 +9,7 @@ computes it. Found by these names and dtypes, under a ``quant_method: modelopt``
 from __future__ import annotations
 
 from .base import Group, Partial, Scheme
-from .mxfp4 import E2M1
+from .mxfp4 import e2m1
 
 SUFFIXES = {"codes": "", "scale": "_scale", "scale_2": "_scale_2"}
 BLOCK = 16  # values a scale
@@ -27,7 +27,7 @@ class Nvfp4(Scheme):
         return name + SUFFIXES[role]
 
     def find(self, tensors, config):
-        if config.get("quant_method") not in (None, "modelopt"):
+        if config.get("quant_method") not in (None, "modelopt", "modelopt_fp4"):
             return
         for name, tensor in tensors.items():
             if name.endswith("_scale_2") and tensor.numel == 1:
@@ -48,6 +48,9 @@ class Nvfp4(Scheme):
         missing = [n for n in parts.values() if n not in tensors]
         if missing:
             return Partial(named, f"an nvfp4 global scale without its {' and '.join(missing)}")
+        pre_scale = weight_name.rsplit(".", 1)[0] + ".pre_quant_scale"
+        if pre_scale in tensors:  # NVFP4_AWQ: the codes hold weights times the inputs' scale
+            return Partial([*named, pre_scale], f"nvfp4 codes with a {pre_scale} (NVFP4_AWQ) are not read")
         codes, scale, scale_2 = (tensors[parts[r]] for r in ("codes", "scale", "scale_2"))
         if codes.dtype.name != "uint8" or scale.dtype.name != "float8_e4m3fn" or not codes.shape \
                 or scale.shape != (*codes.shape[:-1], codes.shape[-1] * 2 // BLOCK) or codes.shape[-1] * 2 % BLOCK \
@@ -66,11 +69,8 @@ class Nvfp4(Scheme):
         codes = to_torch(tensor.parts["codes"]).reshape(-1, BLOCK // 2)
         scale = to_torch(tensor.parts["scale"]).reshape(-1, 1).float()
         scale = scale * to_torch(tensor.parts["scale_2"]).float().reshape(())
-        table = torch.tensor(E2M1)
         out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
         flat, step = out.view(-1, BLOCK), ROWS // BLOCK
         for start in range(0, codes.shape[0], step):
-            chunk = codes[start:start + step]
-            values = torch.stack((table[(chunk & 0x0F).long()], table[(chunk >> 4).long()]), -1).view(-1, BLOCK)
-            flat[start:start + step] = values * scale[start:start + step]
+            flat[start:start + step] = e2m1(codes[start:start + step]) * scale[start:start + step]
         return out
