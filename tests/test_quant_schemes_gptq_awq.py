@@ -317,3 +317,14 @@ def test_a_checkpoint_without_quantized_names_is_not_searched_by_any_scheme(requ
     folder, _, _ = gptq_dir(request, tmp_path / "gptq")
     formats.load(str(folder))
     assert sorted(asked) == ["awq", "gptq"]
+
+
+def test_changing_a_gptq_layer_writes_a_plain_weight_and_drops_every_part(request, tmp_path):
+    folder, tensors, expected = gptq_dir(request, tmp_path / "gptq", bits_=3)
+    out = tmp_path / "scaled.safetensors"
+    assert run("scale", folder, "-p", Q + ".weight", "--by", "2", "-o", out).exit_code == 0
+    got = stored(out)
+    kept = [n for n in tensors if not n.startswith(Q + ".q") and n not in (Q + ".scales", Q + ".g_idx")]
+    assert sorted(got) == sorted([*kept, Q + ".weight"])
+    assert bits(got[Q + ".weight"]) == bits((expected[Q + ".weight"].float() * 2).half())
+    assert all(bits(got[n]) == bits(tensors[n]) for n in kept)  # the other layer's parts as stored

@@ -88,16 +88,23 @@ class Gptq(Scheme):
         zeros = unpack(to_torch(tensor.parts["qzeros"]), bits, dim=1)
         if offset:
             zeros = (zeros + offset) & ((1 << bits) - 1)
-        groups = group_index(tensor, rows, scales.shape[0])
+        groups, size = group_index(tensor, rows, scales.shape[0]), tensor.params["block"][1]
+        # groups of consecutive inputs broadcast their scales; act-order gathers them input by input
+        consecutive = rows % size == 0 and size % 32 == 0 and torch.equal(groups, torch.arange(rows) // size)
         qweight = to_torch(tensor.parts["qweight"])
         out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
-        words = 3 if bits == 3 else 1  # the words that hold a whole number of codes
-        step = max(words, ELEMENTS // max(columns, 1) * bits // 32 // words * words)
+        whole = size if consecutive else 32  # inputs a chunk holds a multiple of (32: whole words)
+        step = max(whole, ELEMENTS // max(columns, 1) // whole * whole) * bits // 32
         for start in range(0, qweight.shape[0], step):
             codes = unpack(qweight[start:start + step], bits, dim=0)
-            first = start * 32 // bits
-            index = groups[first:first + codes.shape[0]]
-            out[:, first:first + codes.shape[0]] = ((codes - zeros[index]) * scales[index]).t()
+            first, count = start * 32 // bits, codes.shape[0]
+            if consecutive:
+                part = slice(first // size, (first + count) // size)
+                values = (codes.view(-1, size, columns) - zeros[part, None]) * scales[part, None]
+            else:
+                index = groups[first:first + count]
+                values = (codes - zeros[index]) * scales[index]
+            out[:, first:first + count] = values.view(count, columns).to(out.dtype).t()
         return out
 
 
@@ -144,9 +151,13 @@ def unpack(words, bits: int, dim: int):
     import torch
 
     words = words if dim == 0 else words.t()
-    period = 3 if bits == 3 else 1  # words that hold a whole number of codes
-    chunk = words.reshape(-1, period, *words.shape[1:])
     mask = (1 << bits) - 1
+    if bits != 3:  # a whole number of codes a word
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32).view(1, -1, *[1] * (words.dim() - 1))
+        out = ((words.unsqueeze(1) >> shifts) & mask).reshape(-1, *words.shape[1:])
+        return out if dim == 0 else out.t()
+    period = 3  # words that hold a whole number of codes
+    chunk = words.reshape(-1, period, *words.shape[1:])
     codes = []
     for k in range(32 * period // bits):
         word, shift = divmod(k * bits, 32)
