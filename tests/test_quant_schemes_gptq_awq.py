@@ -162,11 +162,11 @@ def test_gptq_reads_the_values_the_quantizer_meant(request, tmp_path, bits_, fmt
         assert bits(to_torch(tensor)) == bits(values), name
 
 
-def test_the_zero_point_convention_is_the_configs(request, tmp_path):
+@pytest.mark.parametrize("key", ["checkpoint_format", "format"])  # GPTQModel's newer name for it
+def test_the_zero_point_convention_is_the_configs(request, tmp_path, key):
     """The same stored bytes read as v1 (zero + 1) and as v2 (zero as stored) differ by one scale."""
     folder, tensors, expected = gptq_dir(request, tmp_path / "v1", fmt="gptq")
-    as_v2 = write(tmp_path / "v2", tensors, {"quant_method": "gptq", "bits": 4, "group_size": 32,
-                                              "checkpoint_format": "gptq_v2"})
+    as_v2 = write(tmp_path / "v2", tensors, {"quant_method": "gptq", "bits": 4, "group_size": 32, key: "gptq_v2"})
     v1, v2 = to_torch(formats.load(str(folder))[Q + ".weight"]), to_torch(formats.load(str(as_v2))[Q + ".weight"])
     assert bits(v1) == bits(expected[Q + ".weight"]) and bits(v2) != bits(v1)
 

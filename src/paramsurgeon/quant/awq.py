@@ -45,7 +45,8 @@ class Awq(Scheme):
         missing = [base + "." + r for r in ("qzeros", "scales") if r not in parts]
         if missing:
             return Partial(named, f"{parts['qweight']} without its {' and '.join(missing)}")
-        version, bits = str(config.get("version", "gemm")).lower(), config.get("bits", config.get("w_bit", BITS))
+        version = str(config.get("version") or config.get("format") or "gemm").lower()
+        bits = config.get("bits", config.get("w_bit", BITS))
         if version != "gemm" or bits != BITS:
             return Partial(named, f"awq version {version} with {bits} bits is not read (only the 4-bit gemm layout)")
         qweight, qzeros, scales = (tensors[parts[r]] for r in ROLES)

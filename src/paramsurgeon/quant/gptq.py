@@ -3,8 +3,8 @@ codes packed as a little-endian bit stream down each column: 32/bits a word for 
 in three words for 3 bits), ``x.qzeros`` int32 [groups, out*bits/32] (packed the same way along
 a row), ``x.scales`` [groups, out], ``x.g_idx`` [in] (the group of each input; not monotonic
 under act-order). A value is scale * (code - zero) of its group, in float32 rounded to the dtype;
-zero points are stored minus one in format v1 (``checkpoint_format: gptq``, the default), as
-they are in v2 (``gptq_v2``). The logical tensor is ``x.weight`` [out, in].
+zero points are stored minus one in format v1 (``checkpoint_format: gptq``, the default), not
+in v2 (``gptq_v2``). The logical tensor is ``x.weight`` [out, in].
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Gptq(Scheme):
         missing = [base + "." + r for r in ("qzeros", "scales") if r not in parts]
         if missing:
             return Partial(named, f"{parts['qweight']} without its {' and '.join(missing)}")
-        fmt = config.get("checkpoint_format", "gptq")
+        fmt = checkpoint_format(config)
         if fmt not in FORMATS:
             return Partial(named, f"checkpoint_format {fmt!r} is not read (only gptq and gptq_v2)")
         qweight, qzeros, scales = (tensors[parts[r]] for r in ("qweight", "qzeros", "scales"))
@@ -111,6 +111,12 @@ class Gptq(Scheme):
 def base_of(name: str) -> str:
     """The stored prefix of the parts of the logical tensor ``name`` (``x`` for ``x.weight``)."""
     return name[:-len(".weight")] if name.endswith(".weight") else name
+
+
+def checkpoint_format(config: dict) -> str:
+    """The layout a GPTQ config names: ``checkpoint_format`` (GPTQModel's newer ``format``), else v1."""
+    named = config.get("checkpoint_format") or config.get("format")
+    return named if named else "marlin" if config.get("is_marlin_format") else "gptq"
 
 
 def looks_like_awq(tensors: dict, parts: dict[str, str]) -> bool:
