@@ -4,6 +4,10 @@ every scheme among a checkpoint's tensors when it is read. A new scheme: a modul
 
     base.py       Scheme (what a scheme declares), Group and Partial (what its ``find`` yields)
     fp8_block.py  fp8-block: DeepSeek-V3/R1's float8 codes with a scale per 128x128 tile
+    gptq.py       gptq: 2/3/4/8-bit codes packed in int32 with zero points, scales and g_idx (act-order)
+    awq.py        awq: AutoAWQ's gemm layout, 4-bit codes packed along the outputs in order 0,2,4,6,1,3,5,7
+    mxfp4.py      mxfp4: gpt-oss's e2m1 expert blocks of 32 with an E8M0 exponent each
+    nvfp4.py      nvfp4: ModelOpt's e2m1 codes with a float8 scale per 16 values and a global scale
 """
 
 from __future__ import annotations
@@ -13,8 +17,18 @@ from ..checkpoint.quantized import Quantized
 from ..dtypes import BY_NAME, DType
 from .base import Group, Partial, Scheme
 from .fp8_block import Fp8Block
+from .gptq import Gptq
+from .awq import Awq
+from .mxfp4 import Mxfp4
+from .nvfp4 import Nvfp4
 
-SCHEMES: tuple[Scheme, ...] = (Fp8Block(),)
+SCHEMES: tuple[Scheme, ...] = (
+    Fp8Block(),
+    Gptq(),
+    Awq(),
+    Mxfp4(),
+    Nvfp4(),
+)
 NAMES = tuple(s.name for s in SCHEMES)
 DEFAULT_DTYPE = "bfloat16"  # what a quantized tensor reads as when the config names no dtype
 
@@ -37,6 +51,13 @@ def config_dtype(config: dict | None) -> DType:
     return found if found is not None and found.floating else BY_NAME[DEFAULT_DTYPE]
 
 
+def _asked(tensors: dict) -> list[Scheme]:
+    """The schemes with a stored name that may start a group of theirs, in one pass over the names."""
+    endings = tuple({suffix for scheme in SCHEMES for suffix in scheme.suffixes})
+    present = {suffix for name in tensors if name.endswith(endings) for suffix in endings if name.endswith(suffix)}
+    return [s for s in SCHEMES if not s.suffixes or present.intersection(s.suffixes)]
+
+
 def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     """``ckpt`` with the parts of each quantized tensor held by one logical tensor, in place of the
     first part; stored tensors that belong to a group but do not make one stay as they are, each
@@ -44,7 +65,7 @@ def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     container, quant = ckpt.container, quantization_config(config)
     found: list[tuple[Scheme, Group]] = []
     claimed: set[str] = set()
-    for scheme in SCHEMES:
+    for scheme in _asked(ckpt.tensors):
         free = {n: t for n, t in ckpt.tensors.items() if n not in claimed} if claimed else ckpt.tensors
         for item in scheme.find(free, quant):
             if isinstance(item, Partial):

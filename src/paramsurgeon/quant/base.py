@@ -35,6 +35,9 @@ class Scheme:
     name: ClassVar[str]
     roles: ClassVar[tuple[str, ...]]  # the parts, codes first
     quantizes: ClassVar[bool] = False  # whether ``quantize`` is built
+    # the endings of the stored names that make ``find`` yield something (() : asked every time);
+    # a checkpoint with no such name is not searched (100,000 plain tensors cost one pass)
+    suffixes: ClassVar[tuple[str, ...]] = ()
 
     def part_name(self, name: str, role: str) -> str:
         """The stored name of the part ``role`` of the logical tensor ``name``."""

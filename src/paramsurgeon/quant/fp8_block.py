@@ -18,6 +18,7 @@ class Fp8Block(Scheme):
     name = "fp8-block"
     roles = ("codes", "scale_inv")
     quantizes = True
+    suffixes = (SUFFIX,)
 
     def part_name(self, name, role):
         return name if role == "codes" else name + SUFFIX
