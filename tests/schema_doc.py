@@ -13,6 +13,7 @@ import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMAS = os.path.join(ROOT, "src", "paramsurgeon", "schemas")
+MARKUP = re.compile(r"[\\`*_<>\[\]]")  # escaped in a description: it is plain text, not markdown
 BLOCK = re.compile(r"(<!-- schema: ([\w-]+) -->\n).*?(<!-- /schema -->)", re.S)
 
 
@@ -31,7 +32,7 @@ class Fields:
     def __init__(self, schema: dict):
         self.defs = schema.get("$defs", {})
         self.expanded: dict[str, str] = {}  # a $def -> the first field that showed its fields
-        self.rows: list[tuple[int, str, str, str]] = []  # depth, name, kind, description
+        self.rows: list[tuple[int, str, str, str]] = []  # depth, name, kind, description as markdown
         self.missing: list[str] = []  # fields without a description
         self.walk(schema, 0, "", ())
 
@@ -84,9 +85,10 @@ class Fields:
                     kind += "; optional"
                 inner = {r for _, r in self.objects(field)} - {None}
                 shown = [r for r in inner if r in self.expanded]
+                text = plain(description or "")
                 if shown:
-                    description = f"{description} (each as in `{self.expanded[shown[0]]}`)"
-                self.rows.append((depth, name, kind, description or ""))
+                    text += f" (each as in `{self.expanded[shown[0]]}`)"
+                self.rows.append((depth, name, kind, text))
                 if not shown:
                     self.expanded.update({r: where for r in inner})
                     self.walk(field, depth + 1, where, refs + ((ref,) if ref else ()))
@@ -97,6 +99,11 @@ def plural(kind: str) -> str:
     if kind.startswith("list of"):
         return "lists" + kind[4:]
     return kind if kind.startswith('"') else kind + "s"
+
+
+def plain(text: str) -> str:
+    """``text`` as markdown shows it as written (``__metadata__``, ``<stdin>``)."""
+    return MARKUP.sub(lambda m: "\\" + m.group(0), text)
 
 
 def render(name: str) -> str:
