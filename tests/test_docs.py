@@ -93,6 +93,7 @@ def test_the_first_screen_says_what_it_is_how_to_set_up_and_lists_every_command(
 
 def test_each_command_in_the_table_links_to_its_section():
     sections = {anchor(h): h for h in headings(readme_text())}
+    assert command_table()
     for name, target, _ in command_table():
         assert target in sections and name in [n.strip() for n in sections[target].split(",")], (name, target)
 
