@@ -3,7 +3,13 @@ ONE logical tensor made of stored parts (checkpoint/quantized.py); ``group`` fin
 every scheme among a checkpoint's tensors when it is read. A new scheme: a module here, an entry below.
 
     base.py       Scheme (what a scheme declares), Group and Partial (what its ``find`` yields)
+    tiles.py      scales per tile of a 2-D weight (tensor, row, group of columns, block), band by band
     fp8_block.py  fp8-block: DeepSeek-V3/R1's float8 codes with a scale per 128x128 tile
+    compressed.py compressed-tensors' config (config_groups matched to a module) and arithmetic
+    compressed_packed.py  pack-quantized: 1-8-bit integer codes packed in int32, weight_shape
+    compressed_naive.py   float-quantized (float8 codes) and int-quantized (int8) with weight_scale
+    bnb4.py       bitsandbytes nf4 and fp4: 4-bit codes, absmax per block (nested or not), JSON state
+    bnb8.py       bitsandbytes LLM.int8: int8 codes with SCB per row (bnb-int8)
 """
 
 from __future__ import annotations
@@ -12,10 +18,17 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.quantized import Quantized
 from ..dtypes import BY_NAME, DType
 from .base import Group, Partial, Scheme
+from .bnb4 import Bnb4
+from .bnb8 import Bnb8
+from .compressed_naive import Naive
+from .compressed_packed import Packed
 from .fp8_block import Fp8Block
 
-SCHEMES: tuple[Scheme, ...] = (Fp8Block(),)
+# pack-quantized before the naive formats: it names a weight_scale that has no weight at all
+SCHEMES: tuple[Scheme, ...] = (Fp8Block(), Packed(), Naive("float-quantized", ("float8_e4m3fn", "float8_e5m2"), 8),
+                               Naive("int-quantized", ("int8",), 8), Bnb4("nf4", orphans=True), Bnb4("fp4"), Bnb8())
 NAMES = tuple(s.name for s in SCHEMES)
+MARKERS = tuple(marker for s in SCHEMES for marker in s.markers or ())
 DEFAULT_DTYPE = "bfloat16"  # what a quantized tensor reads as when the config names no dtype
 
 
@@ -44,7 +57,10 @@ def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     container, quant = ckpt.container, quantization_config(config)
     found: list[tuple[Scheme, Group]] = []
     claimed: set[str] = set()
+    marked = None if quant else [name for name in ckpt.tensors if name.endswith(MARKERS)]  # one pass
     for scheme in SCHEMES:
+        if marked is not None and scheme.markers is not None and not any(n.endswith(scheme.markers) for n in marked):
+            continue  # no stored name can be one of its parts: a plain checkpoint stays cheap
         free = {n: t for n, t in ckpt.tensors.items() if n not in claimed} if claimed else ckpt.tensors
         for item in scheme.find(free, quant):
             if isinstance(item, Partial):
