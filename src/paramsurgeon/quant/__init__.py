@@ -28,7 +28,8 @@ from .fp8_block import Fp8Block
 SCHEMES: tuple[Scheme, ...] = (Fp8Block(), Packed(), Naive("float-quantized", ("float8_e4m3fn", "float8_e5m2"), 8),
                                Naive("int-quantized", ("int8",), 8), Bnb4("nf4", orphans=True), Bnb4("fp4"), Bnb8())
 NAMES = tuple(s.name for s in SCHEMES)
-MARKERS = tuple(marker for s in SCHEMES for marker in s.markers or ())
+MARKERS = tuple(dict.fromkeys(marker for s in SCHEMES for marker in s.markers or ()))
+LAST = frozenset(marker[-1] for marker in MARKERS)  # most names end otherwise ('weight', 'bias'): skipped at once
 DEFAULT_DTYPE = "bfloat16"  # what a quantized tensor reads as when the config names no dtype
 
 
@@ -57,7 +58,7 @@ def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     container, quant = ckpt.container, quantization_config(config)
     found: list[tuple[Scheme, Group]] = []
     claimed: set[str] = set()
-    marked = None if quant else [name for name in ckpt.tensors if name.endswith(MARKERS)]  # one pass
+    marked = None if quant else [n for n in ckpt.tensors if n[-1:] in LAST and n.endswith(MARKERS)]  # one quick pass
     for scheme in SCHEMES:
         if marked is not None and scheme.markers is not None and not any(n.endswith(scheme.markers) for n in marked):
             continue  # no stored name can be one of its parts: a plain checkpoint stays cheap
