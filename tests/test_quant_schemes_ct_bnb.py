@@ -316,10 +316,19 @@ def test_bitsandbytes_parts_that_do_not_fit_or_lack_their_blob_are_named(request
     assert names == sorted(short)
     assert f"{prefix}.absmax has {stored[prefix + '.absmax'].numel() - 1} values, not one per block of 64" in notes
 
+    blob = prefix + ".quant_state.bitsandbytes__fp4"
+    state = json.loads(bytes(stored[blob].tolist()))
+    wider = dict(stored, **{blob: torch.tensor(list(json.dumps({**state, "shape": [129, 300]}).encode()), dtype=torch.uint8)})
+    names, notes = notes_of(write(tmp_path / "wider", wider, None))
+    assert names == sorted(wider)
+    assert f"{prefix} holds {(129 * 201 + 1) // 2} bytes, not the {129 * 150} that 4-bit codes of [129, 300] take" in notes
+
     orphan = {n: v for n, v in stored.items() if "quant_state" not in n}
     names, notes = notes_of(write(tmp_path / "orphan", orphan, None))
     assert names == sorted(orphan)
-    assert f"{prefix}.absmax without its quant_state blob ({prefix}.quant_state.bitsandbytes__nf4 or fp4)" in notes
+    assert (f"bitsandbytes 4-bit parts of {prefix} without their quant_state blob"
+            f" ({prefix}.quant_state.bitsandbytes__nf4 or fp4)") in notes
+    assert notes.count("without their quant_state blob") == 1
 
 
 def test_bitsandbytes_8bit_parts_without_their_partner_or_in_a_gpu_layout_are_named(request, bnb_dirs, tmp_path):

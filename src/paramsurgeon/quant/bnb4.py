@@ -34,15 +34,16 @@ class Bnb4(Scheme):
     def find(self, tensors, config):
         if config.get("quant_method", "bitsandbytes") != "bitsandbytes":
             return
-        suffix = STATE + self.name
+        suffix, named = STATE + self.name, set()
         for stored in tensors:
             if stored.endswith(suffix):
                 yield self._group(stored[:-len(suffix)], tensors)
             elif self.orphans and stored.endswith((".absmax", ".quant_map")):
                 name = stored.rpartition(".")[0]
-                if not any(name + STATE + kind in tensors for kind in ("nf4", "fp4")):
-                    yield Partial(_present(name, tensors, None), f"{stored} without its quant_state blob"
-                                  f" ({name}{STATE}nf4 or fp4)")
+                if name not in named and not any(name + STATE + kind in tensors for kind in ("nf4", "fp4")):
+                    named.add(name)
+                    yield Partial(_present(name, tensors, None), f"bitsandbytes 4-bit parts of {name} without their"
+                                  f" quant_state blob ({name}{STATE}nf4 or fp4)")
 
     def _group(self, name, tensors):
         present = _present(name, tensors, self.name)
@@ -62,9 +63,10 @@ class Bnb4(Scheme):
             return Partial(present, problem)
         extra = [n for n in present if n not in parts.values() and not n.endswith(STATE + self.name)]
         if extra:
-            return Partial(present, f"{', '.join(extra)} without the double quantization its blob does not declare")
+            return Partial(present, f"{', '.join(extra)}: double quantization its quant_state does not declare")
         parts["state"] = name + STATE + self.name
-        params = {"bits": 4, "block": [state["blocksize"]], **{k: v for k, v in state.items() if k != "shape"}}
+        kept = {key: value for key, value in state.items() if key not in ("shape", "quant_type")}
+        params = {"bits": 4, "block": [state["blocksize"]], **kept}
         return Group(name, parts, tuple(state["shape"]), params)
 
     def dequantize(self, tensor):
@@ -78,6 +80,7 @@ class Bnb4(Scheme):
         if "nested_blocksize" in p:  # dequantize_blockwise of the absmax codes, plus the offset
             absmax = _blockwise(to_torch(tensor.parts["nested_quant_map"]), absmax,
                                 to_torch(tensor.parts["nested_absmax"]), p["nested_blocksize"])
+            absmax = absmax.to(getattr(torch, p["nested_dtype"]))
             absmax += torch.tensor(float(p["nested_offset"]))
         table = to_torch(tensor.parts["quant_map"]).float()
         codes = to_torch(tensor.parts["codes"]).contiguous().view(torch.uint8).reshape(-1)
@@ -102,40 +105,45 @@ def _blockwise(table, codes, absmax, blocksize: int):
 
 
 def _state(blob, quant_type: str) -> tuple[dict | None, str]:
-    """The quant state a blob holds, or None and why it cannot be read."""
-    from ..checkpoint.values import to_torch
+    """The quant state a blob holds (blocksize, dtype, shape, nested_*), or None and why it cannot be read."""
+    from ..checkpoint.values import contiguous_memory
 
     if blob.dtype.name != "uint8" or len(blob.shape) != 1:
         return None, f"a {blob.dtype} {list(blob.shape)} tensor, not the 1-D uint8 bytes of a JSON quant state"
     try:
-        state = json.loads(bytes(to_torch(blob).numpy().tobytes()).decode())
+        state = json.loads(bytes(contiguous_memory(blob)).decode())
     except (UnicodeDecodeError, ValueError):
         return None, "not valid JSON"
     shape = state.get("shape") if isinstance(state, dict) else None
     if not isinstance(shape, list) or not shape or not all(isinstance(n, int) and n > 0 for n in shape):
         return None, f"no shape in the quant state {json.dumps(state)[:200]}"
-    if state.get("quant_type") != quant_type or state.get("blocksize") not in BLOCKSIZES or state.get("dtype") not in DTYPES:
-        return None, (f"quant_type {state.get('quant_type')!r}, blocksize {state.get('blocksize')!r}, dtype"
-                      f" {state.get('dtype')!r}: expected {quant_type!r}, one of {list(BLOCKSIZES)} and one of {list(DTYPES)}")
-    nested = {k: state.get(k) for k in ("nested_blocksize", "nested_offset", "nested_dtype") if k in state}
-    if nested and not (isinstance(nested.get("nested_blocksize"), int) and nested["nested_blocksize"] > 0
-                       and isinstance(nested.get("nested_offset"), (int, float))):
-        return None, f"nested_blocksize {nested.get('nested_blocksize')!r}, nested_offset {nested.get('nested_offset')!r}"
-    return {"blocksize": state["blocksize"], "dtype": state["dtype"], "shape": shape,
-            **({"nested_blocksize": nested["nested_blocksize"], "nested_offset": nested["nested_offset"]} if nested else {})}, ""
+    found = {key: state.get(key) for key in ("quant_type", "blocksize", "dtype")}
+    if found["quant_type"] != quant_type or found["blocksize"] not in BLOCKSIZES or found["dtype"] not in DTYPES:
+        return None, (f"{json.dumps(found)}: expected quant_type {quant_type!r}, a blocksize of {list(BLOCKSIZES)}"
+                      f" and a dtype of {list(DTYPES)}")
+    found["shape"] = shape
+    if "nested_blocksize" in state or "nested_offset" in state:
+        nested = {"nested_blocksize": state.get("nested_blocksize"), "nested_offset": state.get("nested_offset"),
+                  "nested_dtype": state.get("nested_dtype", "float32")}
+        if not (isinstance(nested["nested_blocksize"], int) and nested["nested_blocksize"] > 0
+                and isinstance(nested["nested_offset"], (int, float)) and nested["nested_dtype"] in DTYPES):
+            return None, f"{json.dumps(nested)}: not a double quantization's blocksize, offset and dtype"
+        found.update(nested)
+    return found, ""
 
 
 def _misfit(tensors, parts, numel, blocks, state) -> str:
     """What in the stored parts does not fit the quant state ('' when all do)."""
     codes, absmax, table = (tensors[parts[r]] for r in ("codes", "absmax", "quant_map"))
     if codes.nbytes != (numel + 1) // 2:
-        return f"{parts['codes']} holds {codes.nbytes} bytes, not the {(numel + 1) // 2} that 4-bit codes of {state['shape']} take"
+        return (f"{parts['codes']} holds {codes.nbytes} bytes, not the {(numel + 1) // 2} that 4-bit codes of"
+                f" {state['shape']} take")
     if absmax.numel != blocks:
         return f"{parts['absmax']} has {absmax.numel} values, not one per block of {state['blocksize']} ({blocks})"
     if table.numel != 16 or not table.dtype.floating:
         return f"{parts['quant_map']} is {list(table.shape)} {table.dtype}, not the 16 values of the 4-bit codes"
     if "nested_absmax" not in parts:
-        return "" if absmax.dtype.floating else f"{parts['absmax']} is {absmax.dtype} but the blob declares no double quantization"
+        return "" if absmax.dtype.floating else f"{parts['absmax']} is {absmax.dtype}, but no double quantization is declared"
     nested, nested_table = tensors[parts["nested_absmax"]], tensors[parts["nested_quant_map"]]
     if absmax.dtype.name != "uint8" or nested_table.numel != 256 or not nested_table.dtype.floating or \
             not nested.dtype.floating or nested.numel != math.ceil(blocks / state["nested_blocksize"]):
