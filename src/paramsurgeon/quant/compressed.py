@@ -34,7 +34,7 @@ def weight_args(config: dict, module: str) -> dict | None:
     return None
 
 
-def layout(args: dict | None, scale_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int] | None, str]:
+def layout(args: dict | None, scale_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[tuple | None, str]:
     """The tile [bm, bn] each scale value covers in a weight of ``shape`` (from the config group's
     ``weights`` arguments, else from the scale's shape) and what the scale should be; the tile is
     None when the scale does not fit."""
@@ -63,11 +63,13 @@ def _tile(strategy: object, args: dict | None, scale_shape: tuple[int, ...], sha
 
 
 def _strategy(scale_shape: tuple[int, ...], shape: tuple[int, ...]) -> str:
-    rows, columns = shape
+    """The strategy a scale's shape tells when there is no config: one value, one per row (and per
+    group of columns), else blocks."""
+    rows = shape[0]
     if all(n == 1 for n in scale_shape):
         return "tensor"
     if len(scale_shape) == 2 and scale_shape[0] == rows:
-        return "channel" if scale_shape[1] == 1 else "group" if columns % scale_shape[1] == 0 else "?"
+        return "channel" if scale_shape[1] == 1 else "group"
     return "block"
 
 
