@@ -175,7 +175,8 @@ def assert_reads_as(folder, reference: dict, scheme: str, stored: dict):
     assert not ckpt.partial, ckpt.notes
     quantized = [name for name, tensor in ckpt.tensors.items() if isinstance(tensor, Quantized)]
     assert sorted(quantized) == sorted(n for n in reference if n != HEAD)
-    laid_out = {n for name, t in ckpt.tensors.items() for n in (t.part_names(name).values() if name in quantized else [name])}
+    laid_out = {n for name, tensor in ckpt.tensors.items()
+                for n in (tensor.part_names(name).values() if name in quantized else [name])}
     assert laid_out == set(stored)  # every stored tensor is a part of one logical tensor or a tensor of its own
     for name, values in reference.items():
         tensor = ckpt[name]
@@ -228,7 +229,8 @@ def test_without_a_config_the_layout_comes_from_the_stored_shapes(request, ct_di
                 assert isinstance(ckpt[name], Quantized) and bits(to_torch(ckpt[name])) == bits(values), (key, name)
 
 
-@pytest.mark.parametrize("key,pattern", [("int4-group-asym", ("model.*", "body.*")), (("nf4", True), ("model.layers.0.*", "model.layers.5.*")),
+@pytest.mark.parametrize("key,pattern", [("int4-group-asym", ("model.*", "body.*")),
+                                         (("nf4", True), ("model.layers.0.*", "model.layers.5.*")),
                                          ("int8", ("model.proj.*", "model.out.*"))])
 def test_a_rename_moves_every_part(request, ct_dirs, bnb_dirs, tmp_path, key, pattern):
     folder, stored, _ = ct_dirs[key] if key in ct_dirs else bnb_dirs[key]
@@ -318,7 +320,8 @@ def test_bitsandbytes_parts_that_do_not_fit_or_lack_their_blob_are_named(request
 
     blob = prefix + ".quant_state.bitsandbytes__fp4"
     state = json.loads(bytes(stored[blob].tolist()))
-    wider = dict(stored, **{blob: torch.tensor(list(json.dumps({**state, "shape": [129, 300]}).encode()), dtype=torch.uint8)})
+    wider_state = json.dumps({**state, "shape": [129, 300]}).encode()
+    wider = dict(stored, **{blob: torch.tensor(list(wider_state), dtype=torch.uint8)})
     names, notes = notes_of(write(tmp_path / "wider", wider, None))
     assert names == sorted(wider)
     assert f"{prefix} holds {(129 * 201 + 1) // 2} bytes, not the {129 * 150} that 4-bit codes of [129, 300] take" in notes

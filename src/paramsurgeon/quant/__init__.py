@@ -24,9 +24,15 @@ from .compressed_naive import Naive
 from .compressed_packed import Packed
 from .fp8_block import Fp8Block
 
-# pack-quantized before the naive formats: it names a weight_scale that has no weight at all
-SCHEMES: tuple[Scheme, ...] = (Fp8Block(), Packed(), Naive("float-quantized", ("float8_e4m3fn", "float8_e5m2"), 8),
-                               Naive("int-quantized", ("int8",), 8), Bnb4("nf4", orphans=True), Bnb4("fp4"), Bnb8())
+SCHEMES: tuple[Scheme, ...] = (
+    Fp8Block(),
+    Packed(),  # before the naive formats: it names a weight_scale that has no weight at all
+    Naive("float-quantized", ("float8_e4m3fn", "float8_e5m2")),
+    Naive("int-quantized", ("int8",)),
+    Bnb4("nf4", orphans=True),  # names the 4-bit tables that have no quant_state blob of either type
+    Bnb4("fp4"),
+    Bnb8(),
+)
 NAMES = tuple(s.name for s in SCHEMES)
 MARKERS = tuple(dict.fromkeys(marker for s in SCHEMES for marker in s.markers or ()))
 LAST = frozenset(marker[-1] for marker in MARKERS)  # most names end otherwise ('weight', 'bias'): skipped at once

@@ -143,7 +143,9 @@ def _misfit(tensors, parts, numel, blocks, state) -> str:
     if table.numel != 16 or not table.dtype.floating:
         return f"{parts['quant_map']} is {list(table.shape)} {table.dtype}, not the 16 values of the 4-bit codes"
     if "nested_absmax" not in parts:
-        return "" if absmax.dtype.floating else f"{parts['absmax']} is {absmax.dtype}, but no double quantization is declared"
+        if absmax.dtype.floating:
+            return ""
+        return f"{parts['absmax']} is {absmax.dtype}, but no double quantization is declared"
     nested, nested_table = tensors[parts["nested_absmax"]], tensors[parts["nested_quant_map"]]
     if absmax.dtype.name != "uint8" or nested_table.numel != 256 or not nested_table.dtype.floating or \
             not nested.dtype.floating or nested.numel != math.ceil(blocks / state["nested_blocksize"]):

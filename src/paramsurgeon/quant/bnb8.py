@@ -28,7 +28,8 @@ class Bnb8(Scheme):
                 yield self._group(stored[:-len("SCB")] + "weight", tensors)
             elif config.get("load_in_8bit") and tensor.dtype.name == "int8" and stored.endswith(".weight") \
                     and self.part_name(stored, "SCB") not in tensors:
-                yield Partial([stored], f"an int8 weight of a load_in_8bit checkpoint without its {self.part_name(stored, 'SCB')}")
+                yield Partial([stored], "an int8 weight of a load_in_8bit checkpoint without its"
+                              f" {self.part_name(stored, 'SCB')}")
 
     def _group(self, name, tensors):
         from ..checkpoint.values import to_torch
@@ -39,7 +40,8 @@ class Bnb8(Scheme):
         if weight is None:
             return Partial(present, f"{parts['SCB']} without its weight {name}")
         if weight.dtype.name != "int8" or len(weight.shape) != 2:
-            return Partial(present, f"{name} is {list(weight.shape)} {weight.dtype}, not the 2-D int8 codes an SCB goes with")
+            return Partial(present, f"{name} is {list(weight.shape)} {weight.dtype}, not the 2-D int8 codes an SCB"
+                           " goes with")
         if not scb.dtype.floating or tuple(scb.shape) != weight.shape[:1]:
             return Partial(present, f"{parts['SCB']} is {list(scb.shape)} {scb.dtype}, not one float per row of {name}"
                            f" ({weight.shape[0]})")
@@ -62,5 +64,6 @@ class Bnb8(Scheme):
         out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
         step = max(1, (1 << 22) // max(tensor.shape[1], 1))
         for start in range(0, tensor.shape[0], step):  # bitsandbytes' own expression, a band of rows at a time
-            out[start:start + step] = codes[start:start + step] * scb[start:start + step].view(-1, 1) * 7.874015718698502e-3
+            band = slice(start, start + step)
+            out[band] = codes[band] * scb[band].view(-1, 1) * 7.874015718698502e-3
         return out

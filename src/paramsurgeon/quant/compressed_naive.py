@@ -16,8 +16,8 @@ class Naive(Scheme):
     roles = ("codes", "scale", "zero_point")
     markers = ("weight" + SCALE,)
 
-    def __init__(self, name: str, codes: tuple[str, ...], bits: int):
-        self.name, self.codes, self.bits = name, codes, bits
+    def __init__(self, name: str, codes: tuple[str, ...]):
+        self.name, self.codes = name, codes  # codes: the dtypes its codes are stored in
 
     def part_name(self, name, role):
         return name + {"codes": "", "scale": SCALE, "zero_point": ZERO}[role]
@@ -40,17 +40,18 @@ class Naive(Scheme):
 
     def _group(self, name, weight, scale, zero, args, present):
         if len(weight.shape) != 2 or not scale.dtype.floating:
-            return Partial(present, f"{name} is {list(weight.shape)} {weight.dtype} with a {scale.dtype} scale, not"
-                           " the 2-D codes and float scale this format stores")
+            return Partial(present, f"{name} is {list(weight.shape)} {weight.dtype} with a {scale.dtype} scale,"
+                           " not the 2-D codes and float scale this format stores")
         tile, expected = compressed.layout(args, scale.shape, weight.shape)
         if tile is None:
-            return Partial(present, f"the scale {list(scale.shape)} does not fit {list(weight.shape)} (expected {expected})")
+            return Partial(present, f"the scale {list(scale.shape)} does not fit {list(weight.shape)}"
+                           f" (expected {expected})")
         if zero is not None and tuple(zero.shape) != tuple(scale.shape):
             return Partial(present, f"the zero point {list(zero.shape)} does not match the scale {list(scale.shape)}")
         if zero is None and args is not None and args.get("symmetric") is False:
             return Partial(present, f"asymmetric codes without their zero point {name + ZERO}")
         parts = {"codes": name, "scale": name + SCALE} | ({"zero_point": name + ZERO} if zero is not None else {})
-        return Group(name, parts, weight.shape, {"bits": self.bits, "block": list(tile)})
+        return Group(name, parts, weight.shape, {"bits": 8, "block": list(tile)})
 
     def dequantize(self, tensor):
         from ..checkpoint.values import to_torch
