@@ -245,6 +245,23 @@ def test_a_rename_moves_every_part(request, ct_dirs, bnb_dirs, tmp_path, key, pa
         assert got[name].dtype == value.dtype and bits(got[name]) == bits(value), name
 
 
+def test_values_computed_in_many_small_bands_are_the_same(request, ct_dirs, bnb_dirs, tmp_path, monkeypatch):
+    """Large weights are dequantized a band of rows (or blocks) at a time: tiny bands give the same values."""
+    from test_quantized import dequantize as deepseek_dequant, quantize as deepseek_quant
+
+    import paramsurgeon.quant.tiles as tiles
+
+    monkeypatch.setattr(tiles, "ELEMENTS", 512)  # 2 rows of 256, one 128-row block band, 8 blocks of 64
+    for folder, _, reference in [*ct_dirs.values(), *bnb_dirs.values()]:
+        ckpt = formats.load(str(folder))
+        for name, values in reference.items():
+            assert bits(to_torch(ckpt[name])) == bits(values), (folder.name, name)
+    codes, scale = deepseek_quant(torch.randn(300, 200) * 0.02)  # fp8-block shares the bands
+    save_file({"w.weight": codes, "w.weight_scale_inv": scale}, tmp_path / "fp8.safetensors")
+    tensor = formats.load(str(tmp_path / "fp8.safetensors"))["w.weight"]
+    assert tensor.scheme.name == "fp8-block" and bits(to_torch(tensor)) == bits(deepseek_dequant(codes, scale))
+
+
 # Bad input: each broken group is listed as its stored tensors with a note naming it, never guessed.
 
 def notes_of(folder) -> tuple[list[str], str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 
+from . import tiles
 from .base import Group, Partial, Scheme
 
 STATE = ".quant_state.bitsandbytes__"
@@ -18,7 +19,6 @@ TABLES = {"absmax": ".absmax", "quant_map": ".quant_map", "nested_absmax": ".nes
           "nested_quant_map": ".nested_quant_map"}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = ("float32", "bfloat16", "float16")
-CHUNK = 1 << 22  # values computed at a time
 
 
 class Bnb4(Scheme):
@@ -86,7 +86,7 @@ class Bnb4(Scheme):
         codes = to_torch(tensor.parts["codes"]).contiguous().view(torch.uint8).reshape(-1)
         out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
         flat, stored = out.view(-1), getattr(torch, p["dtype"])
-        step = CHUNK // p["blocksize"] * p["blocksize"]
+        step = max(1, tiles.ELEMENTS // p["blocksize"]) * p["blocksize"]  # whole blocks at a time
         for start in range(0, flat.numel(), step):
             stop = min(start + step, flat.numel())
             pairs = codes[start // 2:(stop + 1) // 2]

@@ -5,6 +5,7 @@ computes it on the CPU, then rounded to the dtype."""
 
 from __future__ import annotations
 
+from . import tiles
 from .base import Group, Partial, Scheme
 
 FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
@@ -62,8 +63,6 @@ class Bnb8(Scheme):
 
         codes, scb = to_torch(tensor.parts["codes"]), to_torch(tensor.parts["SCB"])
         out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
-        step = max(1, (1 << 22) // max(tensor.shape[1], 1))
-        for start in range(0, tensor.shape[0], step):  # bitsandbytes' own expression, a band of rows at a time
-            band = slice(start, start + step)
-            out[band] = codes[band] * scb[band].view(-1, 1) * 7.874015718698502e-3
+        for start, stop in tiles.bands(tensor.shape):  # bitsandbytes' own expression, a band of rows at a time
+            out[start:stop] = codes[start:stop] * scb[start:stop].view(-1, 1) * 7.874015718698502e-3
         return out

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 from . import compressed
+from . import tiles
 from .base import Group, Partial, Scheme
 
 SUFFIXES = {"codes": "_packed", "scale": "_scale", "shape": "_shape", "zero_point": "_zero_point"}
-ROWS = 1 << 20  # codes unpacked at a time (three int64 temporaries each)
 
 
 class Packed(Scheme):
@@ -90,7 +90,7 @@ def unpack(words, bits: int, columns: int):
     out = torch.empty(words.shape[0], columns, dtype=torch.int16)
     position = torch.arange(columns, dtype=torch.int64) * bits
     word, shift = position // 32, position % 32
-    step = max(1, ROWS // max(columns, 1))
+    step = max(1, tiles.ELEMENTS // 4 // max(columns, 1))  # rows at a time: three int64 temporaries each
     for start in range(0, words.shape[0], step):
         band = torch.nn.functional.pad(words[start:start + step].to(torch.int64) & 0xFFFFFFFF, (0, 1))
         value = (band[:, word] >> shift) | (band[:, word + 1] << (32 - shift))

@@ -15,11 +15,11 @@ def grid(shape: tuple[int, ...], tile: tuple[int, int]) -> tuple[int, int]:
     return math.ceil(shape[0] / tile[0]), math.ceil(shape[1] / tile[1])
 
 
-def bands(shape: tuple[int, ...], tile_rows: int, elements: int = ELEMENTS) -> Iterator[tuple[int, int]]:
+def bands(shape: tuple[int, ...], tile_rows: int = 1) -> Iterator[tuple[int, int]]:
     """(start, stop) row ranges covering ``shape``, each whole tiles of ``tile_rows`` rows and
-    about ``elements`` values."""
+    about ELEMENTS values."""
     rows, columns = shape
-    step = max(tile_rows, elements // max(columns, 1) // tile_rows * tile_rows)
+    step = max(tile_rows, ELEMENTS // max(columns, 1) // tile_rows * tile_rows)
     for start in range(0, rows, step):
         yield start, min(start + step, rows)
 
