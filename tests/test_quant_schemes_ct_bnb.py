@@ -245,6 +245,18 @@ def test_a_rename_moves_every_part(request, ct_dirs, bnb_dirs, tmp_path, key, pa
         assert got[name].dtype == value.dtype and bits(got[name]) == bits(value), name
 
 
+def test_changing_values_writes_a_plain_tensor_in_place_of_every_part(request, ct_dirs, tmp_path):
+    folder, stored, reference = ct_dirs["int4-group-asym"]
+    register_input(request, folder)
+    out = tmp_path / "scaled.safetensors"
+    assert run("scale", folder, "-p", UP, "--by", "2", "-o", out).exit_code == 0
+    got = stored_file(out)
+    assert sorted(got) == sorted([UP, *(n for n in stored if not n.startswith(UP))])
+    assert bits(got[UP]) == bits((reference[UP].float() * 2).to(torch.bfloat16))
+    for name in got.keys() - {UP}:
+        assert bits(got[name]) == bits(stored[name]), name
+
+
 def test_values_computed_in_many_small_bands_are_the_same(request, ct_dirs, bnb_dirs, tmp_path, monkeypatch):
     """Large weights are dequantized a band of rows (or blocks) at a time: tiny bands give the same values."""
     from test_quantized import dequantize as deepseek_dequant, quantize as deepseek_quant
