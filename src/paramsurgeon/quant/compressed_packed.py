@@ -48,6 +48,9 @@ class Packed(Scheme):
         packed, scale, zero = tensors[parts["codes"]], tensors[parts["scale"]], tensors.get(parts["zero_point"])
         shape_part = tensors[parts["shape"]]
         shape = to_torch(shape_part).tolist() if len(shape_part.shape) == 1 and not shape_part.dtype.floating else None
+        if shape is None or len(shape) != 2:
+            return Partial(present, f"{parts['shape']} is {shape or [list(shape_part.shape), str(shape_part.dtype)]}:"
+                           " only the shape of a 2-D weight is read")
         args = compressed.weight_args(config, name[:-len(".weight")] if name.endswith(".weight") else name)
         bits = _bits(args, shape, packed.shape)
         if bits is None:
@@ -101,7 +104,7 @@ def unpack(words, bits: int, columns: int):
 def _bits(args: dict | None, shape: list | None, packed_shape: tuple[int, ...]) -> int | None:
     """The bit width that packs a weight of ``shape`` into int32 words of ``packed_shape``: the
     config's, else the only one that fits; None when the shapes disagree."""
-    if not (isinstance(shape, list) and len(shape) == 2 and len(packed_shape) == 2 and shape[0] == packed_shape[0]
+    if not (isinstance(shape, list) and len(packed_shape) == 2 and shape[0] == packed_shape[0]
             and all(isinstance(n, int) and n > 0 for n in shape)):
         return None
     fits = [b for b in range(1, 9) if math.ceil(shape[1] * b / 32) == packed_shape[1]]
