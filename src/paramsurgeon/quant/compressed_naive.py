@@ -26,7 +26,7 @@ class Naive(Scheme):
         if not compressed.reads(config):
             return
         for name, weight in tensors.items():
-            if weight.dtype.name not in self.codes or not name.endswith("weight"):
+            if weight.dtype.name not in self.codes or not name.endswith(".weight"):
                 continue
             module = name[:-len(".weight")]
             args = compressed.weight_args(config, module)
