@@ -19,7 +19,7 @@ ROWS = 1 << 22  # codes unpacked at a time
 class Awq(Scheme):
     name = "awq"
     roles = ROLES
-    suffixes = (".qweight", ".qzeros", ".scales")
+    markers = (".qweight", ".qzeros", ".scales")
 
     def part_name(self, name, role):
         return base_of(name) + "." + role
@@ -29,7 +29,7 @@ class Awq(Scheme):
         if method not in (None, "awq"):
             return
         for name in tensors:
-            if not name.endswith(self.suffixes):
+            if not name.endswith(self.markers):
                 continue
             base, role = name.rsplit(".", 1)
             if role == "qweight":

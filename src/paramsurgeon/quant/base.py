@@ -34,10 +34,10 @@ class Scheme:
 
     name: ClassVar[str]
     roles: ClassVar[tuple[str, ...]]  # the parts, codes first
+    # endings of stored names that only this scheme's parts have: without a quantization_config,
+    # ``find`` runs only when some stored name ends with one (None: it always runs)
+    markers: ClassVar[tuple[str, ...] | None] = None
     quantizes: ClassVar[bool] = False  # whether ``quantize`` is built
-    # the endings of the stored names that make ``find`` yield something (() : asked every time);
-    # a checkpoint with no such name is not searched (100,000 plain tensors cost one pass)
-    suffixes: ClassVar[tuple[str, ...]] = ()
 
     def part_name(self, name: str, role: str) -> str:
         """The stored name of the part ``role`` of the logical tensor ``name``."""

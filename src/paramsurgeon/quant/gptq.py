@@ -22,7 +22,7 @@ ELEMENTS = 1 << 22  # codes unpacked at a time
 class Gptq(Scheme):
     name = "gptq"
     roles = ROLES
-    suffixes = (".qweight", ".qzeros", ".g_idx", ".scales")
+    markers = (".qweight", ".qzeros", ".g_idx", ".scales")
 
     def part_name(self, name, role):
         return base_of(name) + "." + role
@@ -32,7 +32,7 @@ class Gptq(Scheme):
         if method not in (None, "gptq"):
             return
         for name in tensors:
-            if not name.endswith(self.suffixes):
+            if not name.endswith(self.markers):
                 continue
             base, role = name.rsplit(".", 1)
             if role == "qweight":

@@ -18,7 +18,7 @@ ROWS = 1 << 18  # blocks dequantized at a time
 class Mxfp4(Scheme):
     name = "mxfp4"
     roles = ("codes", "scales")
-    suffixes = ("_blocks", "_scales")
+    markers = ("_blocks", "_scales")
 
     def part_name(self, name, role):
         return name + SUFFIXES[role]

@@ -19,7 +19,7 @@ ROWS = 1 << 22  # values dequantized at a time
 class Nvfp4(Scheme):
     name = "nvfp4"
     roles = ("codes", "scale", "scale_2", "input_scale")
-    suffixes = ("_scale_2", "_scale")
+    markers = ("_scale_2", "_scale")
 
     def part_name(self, name, role):
         if role == "input_scale":
