@@ -1,4 +1,4 @@
-"""The package's layout keeps the data flow visible: formats -> checkpoint -> selection -> ops ->
+"""The package's layout keeps the data flow visible: formats -> (quant ->) checkpoint -> selection -> ops ->
 write / analysis -> report, with a thin cli on top. Checked from the source, not by importing it."""
 
 import ast
@@ -10,7 +10,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # operations read and write no file (what they read comes from the command's loader), and the
 # checkpoint model knows no format
 FORBIDDEN = {
-    "checkpoint": {"formats", "ops", "analysis", "report", "cli"},
+    "checkpoint": {"formats", "quant", "ops", "analysis", "report", "cli"},
+    "quant": {"formats", "ops", "analysis", "report", "cli"},
     "formats": {"ops", "analysis", "report", "cli"},
     "ops": {"formats", "analysis", "report", "cli"},
     "analysis": {"ops", "report", "cli"},

@@ -5,7 +5,8 @@
     ps.zero(ckpt, pattern=["fc.*"], below=1e-3)    # every command is a function with its options
     ps.save(ckpt, "model.safetensors")
 
-The data flows formats -> checkpoint -> selection -> ops -> formats (write) / analysis -> report.
+The data flows formats -> checkpoint (quantized parts grouped by quant) -> selection -> ops -> formats (write)
+/ analysis -> report.
 Modules are imported on first use, so that the command line starts fast.
 """
 

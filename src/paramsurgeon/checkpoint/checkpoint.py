@@ -3,6 +3,8 @@ ties and metadata; and how the mapping of tensors is found inside a nested file.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, Iterator
@@ -22,7 +24,8 @@ class Checkpoint:
     ``root`` is the whole object the file holds; ``key`` the path to ``container``, the
     mapping of names to tensors inside it (``()`` when the root itself holds them).
     ``omitted`` names aliases the file left out because its config ties them (hfties): a
-    safetensors output leaves them out again while they are still tied.
+    safetensors output leaves them out again while they are still tied. ``partial`` names stored
+    tensors that belong to a quantized group but do not make one (quant.group), each with why.
     """
 
     source: str
@@ -34,6 +37,7 @@ class Checkpoint:
     shards: dict[str, str] | None = None
     path: str | None = None
     omitted: set[str] = field(default_factory=set)  # aliases the file left out (tied in config.json)
+    partial: list[tuple[str, list[str], str]] = field(default_factory=list)  # (scheme, names, why)
 
     @property
     def container(self) -> dict:
@@ -56,6 +60,11 @@ class Checkpoint:
                       {k: v for k, v in container.items() if isinstance(v, Tensor)})
             self.__dict__["_tensors"] = cached
         return cached[2]
+
+    def with_container(self, container: dict) -> Checkpoint:
+        """A copy whose mapping of tensors is ``container``; the rest of the file is shared, the
+        entries on the way to the mapping copied, so this checkpoint stays as it was."""
+        return dataclasses.replace(self, root=_replaced(self.root, self.key, container))
 
     def forget(self) -> None:
         """Drop what ``tensors`` and ``ties`` kept, after the container was changed in place (renamed entries)."""
@@ -193,6 +202,17 @@ def _loose_scalars(node: dict) -> bool:
 
 def _elements(node: dict) -> int:
     return sum(v.numel for v in node.values() if isinstance(v, Tensor))
+
+
+def _replaced(node: Any, path: tuple, value: Any) -> Any:
+    """A shallow copy of ``node`` with the entry at ``path`` replaced by ``value``."""
+    if not path:
+        return value
+    if isinstance(node, tuple):
+        return tuple(_replaced(v, path[1:], value) if i == path[0] else v for i, v in enumerate(node))
+    node = copy.copy(node)
+    node[path[0]] = _replaced(node[path[0]], path[1:], value)
+    return node
 
 
 def _at(root: Any, path: tuple) -> Any:

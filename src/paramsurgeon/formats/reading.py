@@ -7,6 +7,7 @@ import os
 
 from ..checkpoint import Checkpoint, find_container
 from ..checkpoint.hfties import restore_omitted
+from .. import quant
 from ..errors import NotACheckpointError, SelectionError
 from . import registry, sharded
 from .atomic import recover
@@ -24,11 +25,12 @@ _SIGNATURES = [
 
 
 def load(path: str | None = None, *, key: str | None = None, allow_globals: tuple[str, ...] = (),
-         unsafe_pickle: bool = False) -> Checkpoint:
+         unsafe_pickle: bool = False, raw: bool = False) -> Checkpoint:
     """Open the checkpoint at ``path`` (a file, a sharded directory or index, or None/'-' for stdin).
 
     Tensors stay on disk; ``key`` ('a.b') picks the tensors inside a nested torch file. Names a
-    Hugging Face directory left out because its config.json ties them are read as aliases.
+    Hugging Face directory left out because its config.json ties them are read as aliases. The
+    parts of each quantized tensor are read as one logical tensor (quant.group), unless ``raw``.
     """
     options = {"allow": frozenset(allow_globals), "unsafe": unsafe_pickle}
     if path not in (None, "-") and not os.path.lexists(path):
@@ -44,7 +46,10 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
         raise SelectionError(f"{ckpt.source}: --key applies to torch files; a {ckpt.format} checkpoint"
                              " is already a flat mapping of names to tensors")
     ckpt.path = None if path in (None, "-") else path
-    restore_omitted(ckpt, read_config(ckpt.path))  # tied names save_pretrained left out
+    config = read_config(ckpt.path)
+    restore_omitted(ckpt, config)  # tied names save_pretrained left out
+    if not raw:
+        ckpt = quant.group(ckpt, config)
     return ckpt
 
 

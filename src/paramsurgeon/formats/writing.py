@@ -12,6 +12,7 @@ from collections import OrderedDict
 from typing import Callable, Protocol
 
 from ..checkpoint import Checkpoint
+from ..checkpoint.quantized import stored
 from ..errors import OutputError
 from ..sizes import plural
 from . import registry, sharded, sidefiles
@@ -77,8 +78,11 @@ def _file_writer(make: Callable[..., Writer], dedupe: bool) -> Callable[[Sink, s
 
 
 def _writable(ckpt: Checkpoint, target: Target, tensors_only: bool) -> Checkpoint:
-    """``ckpt`` as the target can hold it: just its tensors with ``tensors_only``; refuses to
-    drop the rest of the file silently."""
+    """``ckpt`` as the target can hold it: each quantized tensor as its stored parts; just its
+    tensors with ``tensors_only``; refuses to drop the rest of the file silently."""
+    laid_out = stored(ckpt.container)
+    if laid_out is not None:
+        ckpt = ckpt.with_container(laid_out)
     if tensors_only:
         return dataclasses.replace(ckpt, root=OrderedDict(ckpt.tensors), key=())
     if target.family == "safetensors" and ckpt.has_extras():

@@ -1,0 +1,63 @@
+"""A quantized tensor: ONE logical tensor (the weight the unquantized model holds) made of
+stored parts (codes, scales, zero points, a state blob), dequantized lazily, anew each time its
+values are read.
+
+Everything that reads values (statistics, diff, health, merge) sees the logical tensor, whose
+storage computes the dequantized values. The parts are held by the logical tensor, not by the
+checkpoint's mapping, so a rename or a drop moves or drops every part; a writer lays them out
+again under names the scheme derives from the logical name (``stored``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..dtypes import DType
+from .tensor import Storage, Tensor
+
+
+class Quantized(Tensor):
+    """``parts`` (role -> stored tensor) of ``scheme``, read as a tensor of ``shape`` and ``dtype``.
+
+    ``scheme`` is a quant.Scheme (``part_name``, ``dequantize``), ``params`` what it found out
+    about this group ({"block": [128, 128], "bits": 8}, ...).
+    """
+
+    __slots__ = ("scheme", "parts", "params")
+
+    def __init__(self, scheme: Any, parts: dict[str, Tensor], shape: tuple[int, ...], dtype: DType,
+                 params: dict | None = None):
+        super().__init__(Storage(math.prod(shape) * dtype.itemsize, loader=self.dequantized), dtype, shape)
+        self.scheme, self.parts, self.params = scheme, parts, params or {}
+
+    def dequantized(self):
+        """The values: a torch tensor of ``dtype`` and ``shape``, computed from the parts."""
+        return self.scheme.dequantize(self)
+
+    def part_names(self, name: str) -> dict[str, str]:
+        """Role -> the name each part is stored under when the logical tensor is called ``name``."""
+        return {role: self.scheme.part_name(name, role) for role in self.parts}
+
+    @property
+    def stored_nbytes(self) -> int:
+        """The bytes the parts take in the file."""
+        return sum(part.nbytes for part in self.parts.values())
+
+    def __repr__(self) -> str:
+        return f"Quantized({list(self.shape)}, {self.scheme.name}, {self.dtype.name})"
+
+
+def stored(container: dict) -> dict | None:
+    """``container`` with each quantized tensor laid out as its stored parts, where the tensor
+    stood (order kept); None when it holds no quantized tensor."""
+    if not any(isinstance(value, Quantized) for value in container.values()):
+        return None
+    laid_out: dict = {}
+    for name, value in container.items():
+        if isinstance(value, Quantized):
+            for role, part_name in value.part_names(name).items():
+                laid_out[part_name] = value.parts[role]
+        else:
+            laid_out[name] = value
+    return laid_out

@@ -1,0 +1,57 @@
+"""What a quantization scheme declares: its name, its parts, how to find its groups among a
+checkpoint's stored tensors, how to dequantize one, and how to quantize where it can."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+from ..checkpoint.quantized import Quantized
+from ..checkpoint.tensor import Tensor
+
+
+@dataclass(frozen=True)
+class Group:
+    """One logical tensor found: its name, role -> stored name of each part, its logical shape,
+    and what the scheme found out about it (block size, bits, ...)."""
+
+    name: str
+    parts: dict[str, str]
+    shape: tuple[int, ...]
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Stored tensors that belong to a scheme's group but do not make one, and why (named, never guessed)."""
+
+    names: list[str]
+    why: str
+
+
+class Scheme:
+    """One quantization scheme; a subclass per scheme, listed once in the registry (quant/__init__.py)."""
+
+    name: ClassVar[str]
+    roles: ClassVar[tuple[str, ...]]  # the parts, codes first
+    # endings of stored names that only this scheme's parts have: without a quantization_config,
+    # ``find`` runs only when some stored name ends with one (None: it always runs)
+    markers: ClassVar[tuple[str, ...] | None] = None
+    quantizes: ClassVar[bool] = False  # whether ``quantize`` is built
+
+    def part_name(self, name: str, role: str) -> str:
+        """The stored name of the part ``role`` of the logical tensor ``name``."""
+        raise NotImplementedError
+
+    def find(self, tensors: dict[str, Tensor], config: dict) -> Iterator[Group | Partial]:
+        """The groups among ``tensors`` (stored name -> tensor, none claimed by another scheme yet);
+        ``config``: the model's quantization_config ({} when there is none)."""
+        raise NotImplementedError
+
+    def dequantize(self, tensor: Quantized) -> Any:
+        """The values of ``tensor``: a torch tensor of its dtype and shape."""
+        raise NotImplementedError
+
+    def quantize(self, values: Any, params: dict) -> dict[str, Any]:
+        """Role -> torch tensor of each part storing ``values`` (only where ``quantizes``)."""
+        raise NotImplementedError

@@ -1,0 +1,174 @@
+"""A quantized weight is one logical tensor made of stored parts: what reads values sees the
+dequantized tensor, what moves tensors moves every part, what changes values writes a plain tensor.
+
+The checkpoint is a DeepSeek-V3-style FP8 directory made from real nn.Linear weights; the codes,
+scales and dequantized values are computed here with torch, from DeepSeek's ``weight_dequant``
+(a float32 product of each code and the scale of its 128x128 tile, rounded to the default dtype).
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from helpers import bits, json_of, register_input, run
+
+import paramsurgeon.formats as formats
+from paramsurgeon.checkpoint.quantized import Quantized
+
+BLOCK = 128
+DOWN, UP, NORM = "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's layout, tile by tile: scale_inv = amax / 448, codes = weight / scale_inv in e4m3."""
+    rows, columns = weight.shape
+    scale = torch.empty(-(-rows // BLOCK), -(-columns // BLOCK))
+    codes = torch.empty(rows, columns, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = weight[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK].float()
+            scale[i, j] = tile.abs().max() / 448
+            codes[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's weight_dequant on the CPU: each code times its tile's scale, in float32, then bf16."""
+    out = torch.empty(codes.shape)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = (slice(i * BLOCK, (i + 1) * BLOCK), slice(j * BLOCK, (j + 1) * BLOCK))
+            out[tile] = codes[tile].float() * scale[i, j]
+    return out.to(torch.bfloat16)
+
+
+@pytest.fixture
+def fp8_dir(request, tmp_path):
+    """A DeepSeek-style FP8 directory: two quantized projections (edge tiles partial) and a bf16 norm."""
+    torch.manual_seed(0)
+    down, up = torch.nn.Linear(300, 200, bias=False), torch.nn.Linear(200, 130, bias=False)
+    tensors, reference = {}, {}
+    for name, layer in ((DOWN, down), (UP, up)):
+        codes, scale = quantize(layer.weight.detach())
+        tensors[name], tensors[name + "_scale_inv"] = codes, scale
+        reference[name] = dequantize(codes, scale)
+    tensors[NORM] = reference[NORM] = torch.ones(200, dtype=torch.bfloat16)
+    folder = tmp_path / "fp8"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({
+        "torch_dtype": "bfloat16", "quantization_config": {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}))
+    register_input(request, folder)
+    return folder, tensors, reference
+
+
+def stored(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def test_reading_sees_one_logical_tensor_with_the_dequantized_values(fp8_dir):
+    folder, _, reference = fp8_dir
+    document = json_of("inspect", folder, "--json", schema="inspect")
+    rows = {t["name"]: t for t in document["tensors"]}
+    assert sorted(rows) == sorted([DOWN, UP, NORM])  # the scales are parts, not tensors of their own
+    for name in (DOWN, UP):
+        values = reference[name].double()
+        assert rows[name]["shape"] == list(values.shape)
+        assert rows[name]["dtype"] == "bfloat16"
+        stats = rows[name]["stats"]
+        assert stats["mean"] == pytest.approx(values.mean().item(), rel=1e-6)
+        assert stats["std"] == pytest.approx(values.std().item(), rel=1e-6)
+        assert (stats["min"], stats["max"]) == (values.min().item(), values.max().item())
+
+
+def test_the_library_reads_values_as_torch_dequantizes_them_and_raw_reads_the_parts(fp8_dir):
+    from paramsurgeon.checkpoint.values import to_torch
+
+    folder, tensors, reference = fp8_dir
+    ckpt = formats.load(str(folder))
+    assert isinstance(ckpt[DOWN], Quantized) and ckpt[DOWN].scheme.name == "fp8-block"
+    assert bits(to_torch(ckpt[DOWN])) == bits(reference[DOWN])
+    raw = formats.load(str(folder), raw=True)
+    assert sorted(raw.tensors) == sorted(tensors)
+    assert bits(to_torch(raw[DOWN + "_scale_inv"])) == bits(tensors[DOWN + "_scale_inv"])
+
+
+def test_a_rename_moves_every_part_and_a_drop_drops_them(fp8_dir, tmp_path):
+    folder, tensors, _ = fp8_dir
+    renamed = tmp_path / "renamed.safetensors"
+    assert run("rename", folder, "--from", "model.layers.0.*", "--to", "model.layers.7.*", "-o", renamed).exit_code == 0
+    out = stored(renamed)
+    moved = {name.replace("layers.0", "layers.7"): value for name, value in tensors.items()}
+    assert sorted(out) == sorted(moved)
+    for name, value in moved.items():
+        assert bits(out[name]) == bits(value) and out[name].dtype == value.dtype, name
+
+    dropped = tmp_path / "dropped.safetensors"
+    assert run("drop", folder, "-p", DOWN, "-o", dropped).exit_code == 0
+    assert sorted(stored(dropped)) == sorted([UP, UP + "_scale_inv", NORM])
+
+
+def test_changing_values_writes_a_plain_tensor_of_the_configs_dtype_in_place_of_the_group(fp8_dir, tmp_path):
+    folder, tensors, reference = fp8_dir
+    scaled = tmp_path / "scaled.safetensors"
+    assert run("scale", folder, "-p", DOWN, "--by", "2", "-o", scaled).exit_code == 0
+    out = stored(scaled)
+    assert sorted(out) == sorted([DOWN, UP, UP + "_scale_inv", NORM])
+    assert out[DOWN].dtype == torch.bfloat16
+    assert bits(out[DOWN]) == bits((reference[DOWN].float() * 2).to(torch.bfloat16))
+    assert bits(out[UP]) == bits(tensors[UP])  # the untouched group is written as it was stored
+
+
+def test_diff_and_merge_read_dequantized_values(fp8_dir, tmp_path):
+    folder, _, reference = fp8_dir
+    plain = tmp_path / "plain.safetensors"
+    save_file(reference, plain)
+    document = json_of("diff", folder, plain, "--json", schema="diff")
+    assert document["equal"] and document["identical"] == 3 and not document["changed"], document
+
+    merged = tmp_path / "merged.safetensors"
+    assert run("merge", folder, plain, "--method", "linear", "-o", merged).exit_code == 0
+    out = stored(merged)
+    assert sorted(out) == sorted([DOWN, UP, NORM])
+    for name, value in reference.items():
+        assert bits(out[name]) == bits(value), name
+
+
+def test_a_scale_that_does_not_fit_or_has_no_weight_is_named_and_left_as_stored(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    codes, scale = quantize(torch.randn(300, 200) * 0.02)
+    save_file({"a.weight": codes, "a.weight_scale_inv": scale[:2].clone(), "b.weight_scale_inv": scale}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
+    document = json_of("inspect", folder, "--json", schema="inspect")
+    assert sorted(t["name"] for t in document["tensors"]) == ["a.weight", "a.weight_scale_inv", "b.weight_scale_inv"]
+    notes = "\n".join(document["notes"])
+    assert "a.weight, a.weight_scale_inv: the scale grid [2, 2] float32 does not fit [300, 200]" in notes
+    assert "b.weight_scale_inv: a block scale without its weight b.weight" in notes
+
+
+def test_the_block_size_comes_from_the_config(tmp_path):
+    folder = tmp_path / "blocks"
+    folder.mkdir()
+    weight = torch.randn(64, 96) * 0.02
+    codes = torch.empty(64, 96, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(2, 3)
+    for i in range(2):
+        for j in range(3):
+            tile = weight[i * 32:(i + 1) * 32, j * 32:(j + 1) * 32]
+            scale[i, j] = tile.abs().max() / 448
+            codes[i * 32:(i + 1) * 32, j * 32:(j + 1) * 32] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+    expected = (codes.float() * scale.repeat_interleave(32, 0).repeat_interleave(32, 1)).to(torch.float16)
+    save_file({"w.weight": codes, "w.weight_scale_inv": scale}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"torch_dtype": "float16", "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [32, 32]}}))
+    from paramsurgeon.checkpoint.values import to_torch
+
+    tensor = formats.load(str(folder))["w.weight"]
+    assert tensor.dtype.name == "float16" and tensor.params["block"] == [32, 32]
+    assert bits(to_torch(tensor)) == bits(expected)
