@@ -1,6 +1,6 @@
-"""merge: every method against a small torch implementation written straight from DESIGN.md's
-formulas (not the tool's code), on hand-checked tensors and on real modules; dtypes, DARE's
-seeds, ties, mixed formats, nested checkpoints, and every error (exit 2, nothing written)."""
+"""merge: every method against a small torch implementation written straight from its formula
+as the README's merge table and mergekit state it (not the tool's code), on hand-checked tensors
+and on real modules; dtypes, DARE's seeds, ties, mixed formats, nested checkpoints, and every error (exit 2, nothing written)."""
 
 import json
 import math
@@ -451,7 +451,7 @@ def test_values_that_overflow_their_dtype_are_refused_unless_allowed(tmp_path):
 
 
 def top_fraction_first(d, density):
-    """TIES' trim with DESIGN's tie rule: the top max(1, int(density*numel)) magnitudes, and among
+    """TIES' trim: the top max(1, int(density*numel)) magnitudes, and among
     equal magnitudes the first in row-major order (a stable sort keeps that order)."""
     k = max(1, int(density * d.numel()))
     keep = torch.zeros(d.numel(), dtype=torch.bool)
@@ -499,7 +499,7 @@ def ref_ties_first(base, xs, ws, density):
 def test_ties_ranks_infinite_and_nan_task_vector_entries_first(request, tmp_path, small_pieces, special):
     """An Inf or NaN in a fine-tune (so in its task vector) ranks above every number, as
     torch.sort and topk rank it, and takes one of the kept places; the merged value is Inf or NaN
-    there (sum mask*w*d as DESIGN and mergekit write it: a NaN that agrees with no sign still
+    there (sum mask*w*d as mergekit writes it: a NaN that agrees with no sign still
     poisons its entry), not an overflow of the merge. Every entry is as the reference computes it."""
     base = torch.linspace(-1, 1, 3000)
     a, b = base + 0.01 * torch.arange(3000.0).sin(), base - 0.02 * torch.arange(3000.0).cos()
