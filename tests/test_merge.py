@@ -1,6 +1,7 @@
 """merge: every method against a small torch implementation written straight from its formula
 as the README's merge table and mergekit state it (not the tool's code), on hand-checked tensors
-and on real modules; dtypes, DARE's seeds, ties, mixed formats, nested checkpoints, and every error (exit 2, nothing written)."""
+and on real modules; dtypes, DARE's seeds, ties, mixed formats, nested checkpoints, and every
+error (exit 2, nothing written)."""
 
 import json
 import math
