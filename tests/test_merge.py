@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 
 import paramsurgeon as ps
+from paramsurgeon.ops.merge.registry import NAMES
 
 # ---- the formulas, independently -------------------------------------------------------------
 
@@ -356,7 +357,7 @@ def test_usage_errors(tmp_path, three):
                                                         "--density", density)
     assert "--t applies to slerp, not linear" in refused(tmp_path, ft1, ft2, "--t", "0.3")
     assert "--base applies to task-arithmetic" in refused(tmp_path, ft1, ft2, "--base", base_pt)
-    assert "--method mean: choose from linear, slerp" in refused(tmp_path, ft1, ft2, "--method", "mean")
+    assert f"--method mean: choose from {', '.join(NAMES)}" in refused(tmp_path, ft1, ft2, "--method", "mean")
     assert "--weights sum to 0" in refused(tmp_path, ft1, ft2, "--weights", "1,-1")
     assert "'x' is not a number" in refused(tmp_path, ft1, ft2, "--weights", "1,x")
     # task-arithmetic with one fine-tune and a base is two checkpoints: valid
@@ -412,6 +413,26 @@ def test_what_names_the_methods_names_those_registered(tmp_path):
     options = {d.key for d in declared(Merge)}
     for method in METHODS:  # each declares only options Merge has
         assert method.takes <= options, method.name
+
+
+def test_a_method_without_parameters_shows_none_in_its_description(tmp_path, three, monkeypatch):
+    """A method that takes no option (a new registry entry) is described without an empty '()'."""
+    from paramsurgeon.ops.merge import registry
+
+    class First(registry.MergeMethod):
+        name = "first"
+        takes = frozenset()
+
+        def compute(self, views, params, work, dtype, generator):
+            return views[0].to(dtype, copy=True)
+
+    monkeypatch.setattr(registry, "METHODS", registry.METHODS + (First(),))
+    (base_pt, ft1, _), (base, _, _) = three
+    ckpt = ps.merge([str(base_pt), str(ft1)], method="first")
+    out = tmp_path / "first.pt"
+    ps.save(ckpt, str(out))
+    assert json.loads(ckpt.metadata["paramsurgeon.operations"])[-1] == f"merge first of {base_pt}, {ft1}"
+    assert all(bits(value) == bits(base[name]) for name, value in load_torch(out).items())
 
 
 def test_values_are_computed_when_written_one_tensor_at_a_time(tmp_path, three, monkeypatch):
