@@ -109,9 +109,9 @@ def test_a_tensor_without_a_default_is_an_error_of_the_tree_through_library_and_
     torch.save({"rnn.weight_ih_l0": torch.ones(8, 4), "mystery.gamma": torch.ones(3), "other.beta": torch.ones(2)},
                path)
     tensors = paramsurgeon.load(str(path)).tensors
-    for name, layer, reason in (("rnn.weight_ih_l0", "rnn", "has no weight_hh_l0 beside it to take the hidden size from"),
-                                ("mystery.gamma", "unknown", "is of unknown layer kind; name it with --layer (conv,"
-                                                             " linear, batchnorm, ...)")):
+    for name, layer, reason in (
+            ("rnn.weight_ih_l0", "rnn", "has no weight_hh_l0 beside it to take the hidden size from"),
+            ("mystery.gamma", "unknown", "is of unknown layer kind; name it with --layer (conv, linear, batchnorm, ...)")):
         try:
             schemes.default_for(name, tensors, layer)
         except UnfitTensorError as e:
