@@ -82,7 +82,8 @@ def read(index_path: str, read_shard: Callable[[InputFile], Checkpoint], open_fi
                                      " run 'paramsurgeon check' for the full list")
     if len(formats) > 1:
         raise NotACheckpointError(f"{index_path}: shards mix formats ({', '.join(sorted(formats))})")
-    family = formats.pop() if formats else next(f.family for f in registry.FORMATS if f.sharded)  # no shards
+    # an index that names no shard is read as the registry's first sharded layout (safetensors)
+    family = formats.pop() if formats else next(f.family for f in registry.FORMATS if f.sharded)
     if registry.sharded_of(family) is None:
         raise NotACheckpointError(f"{index_path}: its shards are {family} files, which paramsurgeon reads only alone")
     metadata.update((k, v) for k, v in index_metadata.items() if isinstance(v, str))  # the whole checkpoint's
