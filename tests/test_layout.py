@@ -91,3 +91,18 @@ def test_only_the_cli_imports_typer_and_only_cli_and_report_rich():
         if "rich" in deps and layer not in ("cli", "report"):
             wrong.append(f"{module} imports rich")
     assert not wrong
+
+
+def test_only_report_renders_tables_and_json_documents():
+    """report/ is the only place that renders: no other module lays out a table (report.tables)
+    or builds a JSON document (its schema_version)."""
+    known = modules()
+    wrong = []
+    for module, path in known.items():
+        if module.startswith("paramsurgeon.report"):
+            continue
+        if "paramsurgeon.report.tables" in imports(module, path, known):
+            wrong.append(f"{module} imports report.tables")
+        if "schema_version" in open(path).read():
+            wrong.append(f"{module} builds a JSON document")
+    assert not wrong

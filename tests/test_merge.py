@@ -1,6 +1,7 @@
-"""merge: every method against a small torch implementation written straight from DESIGN.md's
-formulas (not the tool's code), on hand-checked tensors and on real modules; dtypes, DARE's
-seeds, ties, mixed formats, nested checkpoints, and every error (exit 2, nothing written)."""
+"""merge: every method against a small torch implementation written straight from its formula
+as the README's merge table and mergekit state it (not the tool's code), on hand-checked tensors
+and on real modules; dtypes, DARE's seeds, ties, mixed formats, nested checkpoints, and every
+error (exit 2, nothing written)."""
 
 import json
 import math
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 
 import paramsurgeon as ps
+from paramsurgeon.ops.merge.registry import NAMES
 
 # ---- the formulas, independently -------------------------------------------------------------
 
@@ -355,7 +357,7 @@ def test_usage_errors(tmp_path, three):
                                                         "--density", density)
     assert "--t applies to slerp, not linear" in refused(tmp_path, ft1, ft2, "--t", "0.3")
     assert "--base applies to task-arithmetic" in refused(tmp_path, ft1, ft2, "--base", base_pt)
-    assert "--method mean: choose from linear, slerp" in refused(tmp_path, ft1, ft2, "--method", "mean")
+    assert f"--method mean: choose from {', '.join(NAMES)}" in refused(tmp_path, ft1, ft2, "--method", "mean")
     assert "--weights sum to 0" in refused(tmp_path, ft1, ft2, "--weights", "1,-1")
     assert "'x' is not a number" in refused(tmp_path, ft1, ft2, "--weights", "1,x")
     # task-arithmetic with one fine-tune and a base is two checkpoints: valid
@@ -413,6 +415,26 @@ def test_what_names_the_methods_names_those_registered(tmp_path):
         assert method.takes <= options, method.name
 
 
+def test_a_method_without_parameters_shows_none_in_its_description(tmp_path, three, monkeypatch):
+    """A method that takes no option (a new registry entry) is described without an empty '()'."""
+    from paramsurgeon.ops.merge import registry
+
+    class First(registry.MergeMethod):
+        name = "first"
+        takes = frozenset()
+
+        def compute(self, views, params, work, dtype, generator):
+            return views[0].to(dtype, copy=True)
+
+    monkeypatch.setattr(registry, "METHODS", registry.METHODS + (First(),))
+    (base_pt, ft1, _), (base, _, _) = three
+    ckpt = ps.merge([str(base_pt), str(ft1)], method="first")
+    out = tmp_path / "first.pt"
+    ps.save(ckpt, str(out))
+    assert json.loads(ckpt.metadata["paramsurgeon.operations"])[-1] == f"merge first of {base_pt}, {ft1}"
+    assert all(bits(value) == bits(base[name]) for name, value in load_torch(out).items())
+
+
 def test_values_are_computed_when_written_one_tensor_at_a_time(tmp_path, three, monkeypatch):
     """Streaming: merging computes nothing; the writer computes each merged tensor once, in turn."""
     from paramsurgeon.ops.merge import methods
@@ -451,7 +473,7 @@ def test_values_that_overflow_their_dtype_are_refused_unless_allowed(tmp_path):
 
 
 def top_fraction_first(d, density):
-    """TIES' trim with DESIGN's tie rule: the top max(1, int(density*numel)) magnitudes, and among
+    """TIES' trim: the top max(1, int(density*numel)) magnitudes, and among
     equal magnitudes the first in row-major order (a stable sort keeps that order)."""
     k = max(1, int(density * d.numel()))
     keep = torch.zeros(d.numel(), dtype=torch.bool)
@@ -499,7 +521,7 @@ def ref_ties_first(base, xs, ws, density):
 def test_ties_ranks_infinite_and_nan_task_vector_entries_first(request, tmp_path, small_pieces, special):
     """An Inf or NaN in a fine-tune (so in its task vector) ranks above every number, as
     torch.sort and topk rank it, and takes one of the kept places; the merged value is Inf or NaN
-    there (sum mask*w*d as DESIGN and mergekit write it: a NaN that agrees with no sign still
+    there (sum mask*w*d as mergekit writes it: a NaN that agrees with no sign still
     poisons its entry), not an overflow of the merge. Every entry is as the reference computes it."""
     base = torch.linspace(-1, 1, 3000)
     a, b = base + 0.01 * torch.arange(3000.0).sin(), base - 0.02 * torch.arange(3000.0).cos()

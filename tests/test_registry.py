@@ -44,7 +44,7 @@ def test_a_read_only_format_is_read_but_never_written(tmp_path, fake_format, res
         result = run("zero", path, "-p", "fc.bias", *args)
         assert result.exit_code == 2, result.stderr
         assert "reads fake test checkpoints but does not write them" in result.stderr
-        assert "--format pt|safetensors|dcp" in result.stderr and "Traceback" not in result.stderr
+        assert f"--format {registry.format_choices()}" in result.stderr and "Traceback" not in result.stderr
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.fake"]
 
     out = tmp_path / "out.safetensors"  # a writable format named by the output is written
@@ -77,3 +77,30 @@ def test_merge_key_leaves_a_sharded_torch_input_flat_as_a_sharded_safetensors_on
     for name, value in training["state_dict"].items():
         if value.is_floating_point():
             torch.testing.assert_close(merged[name], (value + other[name]) / 2)
+
+
+def test_what_is_not_a_checkpoint_is_refused_with_the_formats_the_registry_reads(tmp_path, fake_format, resnet):
+    """The refusal of unknown bytes, and of a directory without a checkpoint, name what the
+    registry reads (a new format included), not a list written by hand."""
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(b"\x00\x01" * 64)
+    read = [f.display for f in registry.FORMATS if f.sniff and f.reader and not f.directory]
+    assert "fake test" in read
+    result = run("inspect", noise)
+    assert result.exit_code == 2
+    assert result.stderr == (f"paramsurgeon: error: {noise}: not a checkpoint format paramsurgeon reads (first bytes"
+                             f" 00 01 00 01 00 01 00 01); expected a {', '.join(read[:-1])} or {read[-1]} file, or"
+                             " a shard index\n")
+    (tmp_path / "empty").mkdir()
+    result = run("inspect", tmp_path / "empty")
+    assert result.exit_code == 2 and "*.fake" in result.stderr
+    extensions = ", ".join(f"*{e}" for e in registry.weight_extensions())
+    assert result.stderr == (f"paramsurgeon: error: {tmp_path / 'empty'}: a directory without a checkpoint (no"
+                             f" *.index.json, {extensions})\n")
+
+
+def test_a_directory_format_refuses_shards_by_the_registry_name_of_its_checkpoints(tmp_path, resnet_pt):
+    result = run("convert", resnet_pt, "-o", tmp_path / "out", "--format", "dcp", "--max-shard-size", "10MB")
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    assert result.stderr == ("paramsurgeon: error: --max-shard-size writes a Hugging Face sharded directory, not a DCP"
+                             " checkpoint; drop one of them\n")

@@ -14,8 +14,7 @@ import os, sys
 from paramsurgeon.formats import atomic
 with atomic.atomic_file(sys.argv[1]) as sink:
     sink.write(b"new")
-holders = [holder.pid for holder in atomic._holders]
-print(" ".join(map(str, holders)), flush=True)
+print("written", flush=True)
 sys.stdin.read()  # stay alive until the test has looked
 """
 
@@ -36,6 +35,11 @@ def holding(pid: int, inode: int) -> bool:
     return False
 
 
+def holders(inode: int) -> list[int]:
+    """Every process that has a descriptor on the file ``inode``."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and holding(int(p), inode)]
+
+
 def test_replaced_large_file_is_freed_by_another_process(tmp_path):
     target = tmp_path / "out.bin"
     with open(target, "wb") as f:
@@ -44,24 +48,30 @@ def test_replaced_large_file_is_freed_by_another_process(tmp_path):
     inode = status.st_dev, status.st_ino
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
-    holders = [int(p) for p in writer.stdout.readline().split()]
+    assert writer.stdout.readline() == "written\n"
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
-    assert len(holders) == 1
-    processes = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    assert [p for p in processes if holding(p, inode)] == holders  # the old file, held by the holder alone
+    held = holders(inode)  # the old file, held by one process alone: not the writer, nor a child of it
+    assert len(held) == 1 and held[0] != writer.pid
+    with open(f"/proc/{held[0]}/stat") as f:
+        assert int(f.read().rpartition(")")[2].split()[1]) != writer.pid
     writer.communicate("")
     deadline = time.monotonic() + 10
-    while holding(holders[0], inode) and time.monotonic() < deadline:
+    while holding(held[0], inode) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not holding(holders[0], inode)  # and let go
+    assert not holding(held[0], inode)  # and let go
 
 
 def test_small_replaced_file_is_freed_in_place(tmp_path):
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
-    writer = subprocess.run([sys.executable, "-c", WRITER, str(target)], input="", capture_output=True, text=True)
-    assert writer.returncode == 0 and writer.stdout.split() == []
-    assert target.read_bytes() == b"new"
+    status = os.stat(target)
+    inode = status.st_dev, status.st_ino
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "written\n"
+    assert holders(inode) == []  # freed at once, by the writer
+    writer.communicate("")
+    assert writer.returncode == 0 and target.read_bytes() == b"new"
 
 
 def test_zero_over_an_existing_output_replaces_it_whole(tmp_path, large):

@@ -69,7 +69,6 @@ def test_default_for_matches_every_fresh_torch_layer(tmp_path):
     wrong = []
     for name, tensor in tensors.items():
         scheme = schemes.default_for(name, tensors, kinds[name].layer)
-        assert not isinstance(scheme, str), f"{name} {scheme}"
         dtype = fresh[0][name].dtype
         got = torch.cat([schemes.fill(scheme, tensor.shape, dtype, seed, name).flatten() for seed in (1, 2, 3)])
         if not same_distribution(got, torch.cat([f[name].flatten() for f in fresh])):
@@ -99,3 +98,28 @@ def test_init_default_through_the_cli(tmp_path):
     assert result.exit_code == 0, result.stderr
     after, fresh = torch.load(out, weights_only=True), fresh_zoo(1)
     assert [n for n in state if not same_distribution(after[n], fresh[n])] == []
+
+
+def test_a_tensor_without_a_default_is_an_error_of_the_tree_through_library_and_cli(tmp_path):
+    """A library caller gets an exception of the error tree (not a string in place of a scheme),
+    and the command line the same words for every such tensor at once, exit 2, nothing written."""
+    from paramsurgeon.errors import PlanError, UnfitTensorError
+
+    path, out = tmp_path / "odd.pt", tmp_path / "out.pt"
+    torch.save({"rnn.weight_ih_l0": torch.ones(8, 4), "mystery.gamma": torch.ones(3), "other.beta": torch.ones(2)},
+               path)
+    tensors = paramsurgeon.load(str(path)).tensors
+    for name, layer, reason in (
+            ("rnn.weight_ih_l0", "rnn", "has no weight_hh_l0 beside it to take the hidden size from"),
+            ("mystery.gamma", "unknown", "is of unknown layer kind; name it with --layer (conv, linear, batchnorm, ...)")):
+        try:
+            schemes.default_for(name, tensors, layer)
+        except UnfitTensorError as e:
+            assert isinstance(e, PlanError) and e.exit_code == 2 and str(e) == reason
+        else:
+            raise AssertionError(f"{name}: no error")
+    result = run("init", path, "-p", "*.*a", "--scheme", "default", "--seed", "1", "-o", out)
+    assert result.exit_code == 2 and not out.exists()
+    assert result.stderr == ("paramsurgeon: error: init: 'mystery.gamma' is of unknown layer kind; name it with --layer"
+                             " (conv, linear, batchnorm, ...); 'other.beta' is of unknown layer kind; name it with"
+                             " --layer (conv, linear, batchnorm, ...)\n")

@@ -8,6 +8,8 @@
     │   └── UnsafePickleError         the pickle wants a global that weights-only loading refuses
     ├── SelectionError                a pattern, name or key that matches nothing, or too much
     ├── PlanError                     an operation that cannot apply (shapes, dtypes, ties)
+    │   └── UnfitTensorError          why one tensor cannot take it; the plan names the tensor
+    │                                 and lists every one in a single PlanError
     └── OutputError                   the output cannot be written where it was asked
 
 Core code raises these and never prints or exits; the CLI turns one into a line on
@@ -64,6 +66,11 @@ class SelectionError(ParamSurgeonError):
 
 class PlanError(ParamSurgeonError):
     """An operation that cannot be applied to the selected tensors."""
+
+
+class UnfitTensorError(PlanError):
+    """Why one tensor cannot take an operation, said of the tensor ('is boolean and cannot be
+    scaled'); the plan that meets it names the tensor and reports every one at once."""
 
 
 class OutputError(ParamSurgeonError):

@@ -1,7 +1,6 @@
 """The command-line interface: a thin layer that parses options, calls the library, and
 turns its errors into one line on stderr and an exit code."""
 
-import gc
 import os
 import sys
 import warnings
@@ -171,11 +170,8 @@ def __getattr__(name: str):
 
 
 def main() -> None:
-    """Entry point of the ``paramsurgeon`` console script."""
-    # A command builds a few small objects per tensor (100,000s on a large checkpoint) and almost no
-    # cycles: the cycle collector's default pace would re-scan them all again and again.
-    gc.set_threshold(100_000, 50, 100)
-    bulk.FREEZE = True  # and the 100,000s built at once are not scanned at all (a fifth of inspect's time)
-    # The group's own options take no value: the first word that is not an option names the command.
-    named = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
-    build_app(named)()
+    """Entry point of the ``paramsurgeon`` console script: one command, in a process of its own."""
+    with bulk.whole_process():
+        # The group's own options take no value: the first word that is not an option names the command.
+        named = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+        build_app(named)()

@@ -80,15 +80,18 @@ def selected_names(ckpt: Checkpoint, selection: Selection, tensors: Optional[dic
 
 
 def written(ckpt: Checkpoint, target: formats.Target, dedupe: bool) -> tuple[int, int]:
-    """How many tensors the output holds and their bytes: a torch file stores shared storage once,
-    a safetensors file writes every name, or one per tie group with --dedupe."""
-    tensors = ckpt.tensors
-    if target.family == "safetensors":
+    """How many tensors the output holds and their bytes, as its format stores ties (registry.Format.ties):
+    shared storage once (torch), every name or one per tie group with --dedupe (safetensors), or
+    every name."""
+    from ..formats import registry
+
+    tensors, ties = ckpt.tensors, registry.get(target.family).ties
+    if ties == "recorded":
         from ..formats.safetensors import plan
 
         entries, _ = plan(ckpt, {}, dedupe)
         return len(entries), sum(t.nbytes for _, t in entries)
-    aliases = {n for group in ckpt.ties() for n in group[1:]} if target.family == "torch" else set()
+    aliases = {n for group in ckpt.ties() for n in group[1:]} if ties == "shared" else set()
     return len(tensors), sum(t.nbytes for n, t in tensors.items() if n not in aliases)
 
 

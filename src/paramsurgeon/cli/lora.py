@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from ..declare import option
 from ..ops.lora import ExtractLora
 from ..report import render
-from ..report.tables import Column
-from ..report.tables import render as table
 from ..sizes import human_bytes, plural
 from .console import color_on_stdout, emit, loader, note, terminal_width
 from .options import Read
@@ -42,21 +40,10 @@ def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
     extraction = plan_extraction(extract, base, tuned, compute=not run.dry_run)
     for message in extraction.notes:
         note(f"extract-lora: {message}")
-    rows = extraction.rows
     if run.json:
-        emit(render.to_json({"schema_version": render.SCHEMA_VERSION, "command": "extract-lora", "base": extract.base, "tuned": extract.tuned,
-                             "output": extract.output, "dry_run": run.dry_run, "config": extraction.config,
-                             "modules": rows}))
+        emit(render.to_json(render.extraction_document(extract, extraction, run.dry_run)))
     else:
-        cells = [[r["tensor"], "x".join(map(str, r["shape"])), r["layout"], str(r["rank"] or "-"),
-                  "-" if r["error"] is None or r["rank"] is None else f"{r['error']:.3g}"] for r in rows]
-        columns = [Column("tensor"), Column("shape", True), Column("layout"), Column("rank", True),
-                   Column("error", True)]
-        if run.dry_run:
-            emit(f"extract-lora: {plural(len(rows), 'tensor')} would go into {extract.output} (dry run: nothing"
-                 " written)\n")
-        emit(table(columns[:-1] if run.dry_run else columns, [c[:-1] for c in cells] if run.dry_run else cells,
-                   terminal_width(), color_on_stdout())[0])
+        emit(render.extraction_text(extraction, extract.output, run.dry_run, terminal_width(), color_on_stdout()))
     if run.dry_run:
         return
     peft.write_adapter(extract.output, adapter_tensors(extraction), extraction.config, load.inputs)

@@ -14,7 +14,7 @@ EXAMPLE = "paramsurgeon merge ft-a.pt ft-b.pt --base base.pt --method ties --den
 
 
 def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery) -> None:
-    """Combine checkpoints tensor by tensor: average, slerp, task arithmetic, TIES, DARE.
+    """Combine checkpoints tensor by tensor: average, interpolate, or add task vectors to a base.
 
     Methods: {methods}; streaming, one tensor
     of each input in memory at a time.

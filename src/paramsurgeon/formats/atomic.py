@@ -35,7 +35,6 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _RELEASE_SIZE = 64 << 20  # a replaced file this large is freed by another process
 _HOLD_SECONDS = 2  # how long that process holds it: longer than this one takes to exit after a write
-_holders: list[subprocess.Popen] = []
 
 
 def _renameat2():
@@ -266,14 +265,15 @@ def _hold(path: str) -> int | None:
 def release(fds: list[int]) -> None:
     """Close ``fds``, on files already replaced, without freeing them here: a process of its own
     holds them for _HOLD_SECONDS and frees them as it ends (a process that still has one open
-    frees it when it closes it). Where that process cannot be started they are freed here."""
+    frees it when it closes it). Where that process cannot be started they are freed here.
+
+    That process is no child of this one (a shell starts it in the background and ends at once),
+    so nothing here keeps track of it, waits for it or leaves it a zombie."""
     if not fds:
         return
-    _holders[:] = [holder for holder in _holders if holder.poll() is None]  # reap those that ended
     try:
-        _holders.append(subprocess.Popen(["sleep", str(_HOLD_SECONDS)], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=fds,
-                                         start_new_session=True))
+        subprocess.run(["sh", "-c", f"sleep {_HOLD_SECONDS} &"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, pass_fds=fds, start_new_session=True, check=False)
     except OSError:
         pass
     finally:

@@ -102,8 +102,10 @@ def sniff(file: InputFile) -> str:
     if len(head) >= 8 and head[8:9] == b"{":
         raise NotACheckpointError(f"{file.name}: looks like safetensors but its header length is impossible;"
                                   " the file is damaged")
+    read = [f.display for f in registry.sniffers(directory=False)]
     raise NotACheckpointError(f"{file.name}: not a checkpoint format paramsurgeon reads (first bytes"
-                              f" {head[:8].hex(' ')}); expected torch.save output, safetensors or a shard index")
+                              f" {head[:8].hex(' ')}); expected a {', '.join(read[:-1])} or {read[-1]} file, or a"
+                              " shard index")
 
 
 def _json_file(file: InputFile) -> str:
@@ -124,13 +126,12 @@ def _read_directory(path: str, options: dict) -> Checkpoint:
         return sharded.read(index, lambda f: _read_file(f, options, f.path), open_input)
     suffixes = registry.weight_extensions()
     weights = [e for e in entries if e.endswith(suffixes) and os.path.isfile(os.path.join(path, e))]
-    preferred = [e for e in weights if e in sharded.SINGLE_NAMES.values()]
-    if len(weights) == 1 or len(preferred) >= 1:
-        chosen = sharded.SINGLE_NAMES["safetensors"] if sharded.SINGLE_NAMES["safetensors"] in preferred \
-            else (preferred or weights)[0]
+    preferred = [n for n in registry.hub_names() if n in weights]
+    if len(weights) == 1 or preferred:
+        chosen = (preferred or weights)[0]
         return _read_file(open_input(os.path.join(path, chosen)), options, os.path.join(path, chosen))
     if not weights:
-        raise NotACheckpointError(f"{path}: a directory without a checkpoint (no *.index.json, *.safetensors,"
-                                  " *.bin, *.pt)")
+        raise NotACheckpointError(f"{path}: a directory without a checkpoint (no *.index.json, "
+                                  + ", ".join(f"*{e}" for e in suffixes) + ")")
     raise NotACheckpointError(f"{path}: a directory with several checkpoints ({', '.join(weights[:4])});"
                               " pass one of them")

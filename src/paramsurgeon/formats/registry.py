@@ -25,7 +25,16 @@ class Format:
     layout reached another way (a shard index). ``writer`` makes the writer of a family:
     ``writer(sink, path, progress, dedupe)`` for a file, ``writer(path, inputs)`` for a directory;
     None: paramsurgeon reads the format but does not write it. ``nested``: the file holds a
-    nested object in which --key picks the tensors.
+    nested object in which --key picks the tensors (else only a flat mapping of names to tensors).
+    ``ties``: how a write stores names that share one storage: "shared" (stored once, as torch's
+    pickle does), "recorded" (every name written, the groups recorded in the metadata, one name
+    per group with --dedupe: safetensors.plan) or "copied" (every name written on its own).
+    ``hub_name``: the file's name in a Hugging Face model directory ('model.safetensors'); its
+    shards are named after it, its shard index is it plus '.index.json'. ``owns(name)``: for a
+    directory format, whether a file in it belongs to the checkpoint (a write replaces those and
+    refuses a directory holding anything else); ``noun`` names such a checkpoint in messages
+    when "a {display} checkpoint" would not do. ``in_place_note``: what --in-place says when it
+    rewrites an input of this format in its family's.
     """
 
     name: str
@@ -39,6 +48,16 @@ class Format:
     sharded: bool = False
     nested: bool = False
     aliases: tuple[str, ...] = ()
+    ties: str = "copied"
+    hub_name: str | None = None
+    owns: Callable[[str], bool] | None = None
+    noun: str = ""
+    in_place_note: str = ""
+
+    @property
+    def a_checkpoint(self) -> str:
+        """'a DCP checkpoint': one checkpoint of this format, as messages name it."""
+        return self.noun or f"a {self.display} checkpoint"
 
 
 def _module(name: str):
@@ -73,15 +92,18 @@ def _safetensors_writer(sink, path, progress, dedupe):
 
 FORMATS: tuple[Format, ...] = (
     Format("torch", "torch", "torch zip", (".pt", ".pth", ".bin", ".ckpt", ".tar"), _zip, _reads("torchzip"),
-           _torch_writer, nested=True, aliases=("pt",)),
+           _torch_writer, nested=True, aliases=("pt",), ties="shared", hub_name="pytorch_model.bin"),
     Format("safetensors", "safetensors", "safetensors", (".safetensors",),
            lambda file, head: _module("safetensors").looks_like(head, file.size), _reads("safetensors", options=False),
-           _safetensors_writer),
-    Format("torch-legacy", "torch", "torch legacy pickle", (), _legacy, _reads("torchlegacy"), nested=True),
+           _safetensors_writer, ties="recorded", hub_name="model.safetensors"),
+    Format("torch-legacy", "torch", "torch legacy pickle", (), _legacy, _reads("torchlegacy"), nested=True,
+           in_place_note="a legacy (non-zip) torch file; it is rewritten in the zip format torch.save has written"
+                         " since PyTorch 1.6"),
     Format("safetensors-sharded", "safetensors", "sharded safetensors", directory=True, sharded=True),
     Format("torch-sharded", "torch", "sharded torch", directory=True, sharded=True),
     Format("dcp", "dcp", "dcp", (), lambda path: _module("dcp").is_dcp(path), _reads("dcp"),
-           lambda path, inputs: _module("dcp").Writer(path, inputs), directory=True, nested=True),
+           lambda path, inputs: _module("dcp").Writer(path, inputs), directory=True, nested=True,
+           owns=lambda name: _module("dcp").is_own_file(name), noun="a DCP checkpoint"),
 )
 _BY_NAME = {f.name: f for f in FORMATS}
 
@@ -119,6 +141,28 @@ def by_extension(name: str) -> str | None:
 def weight_extensions() -> tuple[str, ...]:
     """The extensions of every file format read, for finding the checkpoint in a directory."""
     return tuple(e for f in FORMATS if f.reader and not f.directory for e in f.extensions)
+
+
+def hub_names() -> list[str]:
+    """The names a Hugging Face model directory gives its single file, in the order one is chosen
+    when it holds several: a flat format first (model.safetensors, which runs no pickle, as
+    transformers prefers it), then the nested ones (pytorch_model.bin)."""
+    return [f.hub_name for f in sorted(FORMATS, key=lambda f: f.nested) if f.hub_name]
+
+
+def owned_by_directory_format(name: str) -> bool:
+    """Whether a file ``name`` in a directory belongs to a checkpoint of a directory format (DCP)."""
+    return any(f.owns(name) for f in FORMATS if f.owns)
+
+
+def file_family(family: str) -> str:
+    """The file format ``family`` is written as on a stream: itself, or for a directory format the
+    first file format with a writer that holds as much (a nested object: a DCP checkpoint piped on
+    is one torch file)."""
+    fmt = get(family)
+    if not fmt.directory:
+        return family
+    return next(f.family for f in FORMATS if f.writer and not f.directory and f.nested >= fmt.nested)
 
 
 def sharded_of(family: str) -> str | None:

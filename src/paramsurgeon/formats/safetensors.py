@@ -36,12 +36,6 @@ def looks_like(head: bytes, size: int) -> bool:
     return 2 <= n <= MAX_HEADER
 
 
-def read_header(file: InputFile) -> tuple[int, dict]:
-    """(start of the data buffer, header as parsed JSON), checked for consistency."""
-    start, text = _header_text(file)
-    return start, _parsed(file, text, _no_duplicates)
-
-
 def _header_text(file: InputFile) -> tuple[int, str]:
     """(start of the data buffer, the header's text)."""
     if file.size < 8:

@@ -21,10 +21,10 @@ from .atomic import atomic_directory, link_or_copy, new_file
 from .files import InputFile, reproduces, same_file
 from .inputs import Inputs
 
-INDEX_NAMES = {"safetensors": "model.safetensors.index.json", "torch": "pytorch_model.bin.index.json"}
-SINGLE_NAMES = {"safetensors": "model.safetensors", "torch": "pytorch_model.bin"}
 DEFAULT_SHARD_SIZE = 5 * 10**9
-_HUB_NAME = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)")
+_HUB_PARTS = [name.rsplit(".", 1) for name in registry.hub_names()]  # ["model", "safetensors"], ...
+_HUB_NAME = re.compile(rf"({'|'.join(re.escape(stem) for stem, _ in _HUB_PARTS)})(-\d{{5}}-of-\d{{5}})?"
+                       rf"\.({'|'.join(re.escape(suffix) for _, suffix in _HUB_PARTS)})")  # any stem, any suffix
 
 
 def read_index(path: str) -> tuple[dict, dict[str, str]]:
@@ -83,7 +83,8 @@ def read(index_path: str, read_shard: Callable[[InputFile], Checkpoint], open_fi
                                      " run 'paramsurgeon check' for the full list")
     if len(formats) > 1:
         raise NotACheckpointError(f"{index_path}: shards mix formats ({', '.join(sorted(formats))})")
-    family = formats.pop() if formats else "safetensors"
+    # an index that names no shard is read as the registry's first sharded layout (safetensors)
+    family = formats.pop() if formats else next(f.family for f in registry.FORMATS if f.sharded)
     if registry.sharded_of(family) is None:
         raise NotACheckpointError(f"{index_path}: its shards are {family} files, which paramsurgeon reads only alone")
     metadata.update((k, v) for k, v in index_metadata.items() if isinstance(v, str))  # the whole checkpoint's
@@ -136,7 +137,7 @@ class Writer:
     def write(self, ckpt: Checkpoint) -> list[str]:
         """Shard ``ckpt``'s tensors: as its input shards were (no ``max_size``), else by size;
         returns notes on the side files carried from its input directory."""
-        if self.family == "safetensors":
+        if self._recorded:
             entries, metadata = st.plan(ckpt, ckpt.metadata, self.dedupe)
         else:
             entries, metadata = list(ckpt.tensors.items()), {}
@@ -159,6 +160,11 @@ class Writer:
             notes = self.carry(ckpt, staging, self.folder)
         return notes
 
+    @property
+    def _recorded(self) -> bool:
+        """Whether the format records ties in its metadata (registry.Format.ties), as the index does then."""
+        return registry.get(self.family).ties == "recorded"
+
     def _write_shard(self, part: Checkpoint, name: str, staging: str) -> None:
         old = os.path.join(self.folder, name)
         if _still_in(part, old) and reproduces(old, lambda sink: self.file_writer(sink, name, None).write(part)):
@@ -170,12 +176,12 @@ class Writer:
             self.file_writer(sink, name, self.progress).write(part)
 
     def _write_index(self, entries, shards, names, tensors, metadata, staging) -> None:
-        index_name = INDEX_NAMES[self.family]
+        index_name = index_name_of(self.family)
         index = {"metadata": {**{k: v for k, v in metadata.items() if k != "format"},
                               "total_size": sum(t.nbytes for _, t in entries)},
                  "weight_map": {n: names[i] for i, shard in enumerate(shards) for n, _ in shard}}
         groups = tie_groups(tensors)
-        if groups and self.family == "safetensors":
+        if groups and self._recorded:
             index["metadata"][st.TIES_KEY] = json.dumps(groups, separators=(",", ":"))
         with new_file(os.path.join(staging, index_name), like=os.path.join(self.folder, index_name)) as sink:
             sink.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
@@ -183,23 +189,28 @@ class Writer:
 
 def shard_names(family: str, count: int) -> list[str]:
     """The hub's file names: model.safetensors alone, else model-00001-of-00003.safetensors, ..."""
-    single = SINGLE_NAMES[family]
+    single = registry.get(family).hub_name
     if count == 1:
         return [single]
     stem, suffix = single.rsplit(".", 1)
     return [f"{stem}-{i:05d}-of-{count:05d}.{suffix}" for i in range(1, count + 1)]
 
 
+def index_name_of(family: str) -> str:
+    """The hub's name of the shard index of ``family``'s shards ('model.safetensors.index.json')."""
+    return registry.get(family).hub_name + ".index.json"
+
+
 def checkpoint_files(folder: str) -> set[str]:
     """Names in ``folder`` that belong to a checkpoint: every index and the shards it names,
-    hub-named weight files, DCP files. Writing a checkpoint there replaces them all."""
-    from .dcp import is_own_file as dcp_file
-
+    hub-named weight files, the files of a directory format (DCP). Writing a checkpoint there
+    replaces them all."""
     try:
         names = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
         return set()
-    owned = {n for n in names if n.endswith(".index.json") or _HUB_NAME.fullmatch(n) or dcp_file(n)}
+    owned = {n for n in names if n.endswith(".index.json") or _HUB_NAME.fullmatch(n)
+             or registry.owned_by_directory_format(n)}
     for index in [n for n in owned if n.endswith(".index.json")]:
         try:
             owned |= set(read_index(os.path.join(folder, index))[1].values())

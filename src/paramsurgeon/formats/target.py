@@ -72,15 +72,12 @@ def _to_stream(ckpt: Checkpoint, path: str | None, fmt: str | None, size: int | 
         raise UsageError("--max-shard-size writes a directory; pass -o DIR")
     named = registry.by_extension(os.path.splitext(path or "")[1])
     family = registry.writable().get(fmt or "", named or _family(ckpt))
-    if registry.get(family).directory:
-        if fmt:
-            raise UsageError(f"--format {fmt} writes a directory; pass -o DIR")
-        family = "torch"  # a DCP input piped on is written as one torch file
-    return Target(path, family)
+    if fmt and registry.get(family).directory:
+        raise UsageError(f"--format {fmt} writes a directory; pass -o DIR")
+    return Target(path, registry.file_family(family))  # a DCP input piped on is one torch file
 
 
 def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None, inputs: Inputs) -> Target:
-    from .dcp import is_own_file as dcp_file
     from .sharded import checkpoint_files
 
     named = registry.by_extension(os.path.splitext(output)[1])
@@ -98,11 +95,15 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None, i
     family = wanted or (None if directory else named) or _family(ckpt)
     path = output.rstrip(os.sep) or output
     inputs.refuse_overwrite(output)  # every input of the command: the output, a directory holding one, inside one
-    if family == "dcp" or (directory and _family(ckpt) == "dcp" and not size):
+    if directory and not size and registry.get(_family(ckpt)).directory:
+        family = _family(ckpt)  # a directory output of a directory format's input (DCP) keeps its format
+    written = registry.get(family)
+    if written.directory:
         if size:
-            raise UsageError("--max-shard-size writes a Hugging Face sharded directory, not DCP; drop one of them")
-        refuse_foreign(output, path, dcp_file, "a DCP checkpoint")
-        return Target(path, "dcp")
+            raise UsageError(f"--max-shard-size writes a Hugging Face sharded directory, not {written.a_checkpoint};"
+                             " drop one of them")
+        refuse_foreign(output, path, written.owns, written.a_checkpoint)
+        return Target(path, family)
     if directory:
         refuse_foreign(output, path, checkpoint_files(path).__contains__, "a sharded checkpoint")
     return Target(path, family, directory, size)
@@ -125,8 +126,8 @@ def _in_place(ckpt: Checkpoint, output: str | None, fmt: str | None, size: int |
     registry.writer_of(family, "--in-place")
     _check_rewritable(ckpt, place)
     inputs.permit(place)
-    notes = [f"{place} was a legacy (non-zip) torch file; it is rewritten in the zip format torch.save has"
-             " written since PyTorch 1.6"] if ckpt.format == "torch-legacy" else []
+    rewritten = registry.get(ckpt.format).in_place_note
+    notes = [f"{place} was {rewritten}"] if rewritten else []
     return Target(place, family, sharded, size, notes)
 
 
@@ -153,7 +154,7 @@ def _check_rewritable(ckpt: Checkpoint, place: str) -> None:
 
 
 def _family(ckpt: Checkpoint) -> str:
-    """'torch', 'safetensors' or 'dcp': the format a write of the input produces (registry.Format.family)."""
+    """The format a write of the input produces (registry.Format.family)."""
     return registry.get(ckpt.format).family
 
 

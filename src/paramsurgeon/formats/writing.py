@@ -85,8 +85,9 @@ def _writable(ckpt: Checkpoint, target: Target, tensors_only: bool) -> Checkpoin
         ckpt = ckpt.with_container(laid_out)
     if tensors_only:
         return dataclasses.replace(ckpt, root=OrderedDict(ckpt.tensors), key=())
-    if target.family == "safetensors" and ckpt.has_extras():
-        raise OutputError(f"safetensors stores only tensors, but {ckpt.source} also holds"
+    fmt = registry.get(target.family)
+    if not fmt.nested and ckpt.has_extras():
+        raise OutputError(f"{fmt.display} stores only tensors, but {ckpt.source} also holds"
                           f" {extras_list(ckpt)}; pass --tensors-only to write just its"
                           f" {plural(len(ckpt.tensors), 'tensor')}, or write a torch file")
     if target.sharded and ckpt.has_extras():

@@ -60,12 +60,6 @@ class Plan:
         """Entries of its own for the --json plan (none for most operations)."""
         return {}
 
-    @property
-    def touched(self) -> list[str]:
-        """Every name whose value, storage, name or presence changes."""
-        names = [n for c in self.changes for n in c.names] + [t for t, _ in self.aliases]
-        return names + self.drops + list(self.renames)
-
     def rows(self, ckpt: Checkpoint) -> list[dict]:
         """One row per affected tensor: name, shape and dtype before, what happens."""
         tensors = ckpt.tensors
@@ -80,7 +74,6 @@ class Plan:
         rows += [_row(old, tensors[old], f"rename to {new}", tensors[old].shape, tensors[old].dtype.name)
                  for old, new in self.renames.items()]
         return rows
-
 
     def summary(self) -> str:
         """'3 x zero, 1 tied' for the line after a write."""

@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Collection, Mapping
 
-from ..errors import UsageError
+from ..dtypes import DType
+from ..errors import UnfitTensorError, UsageError
 from ..sizes import plural
 
 # name -> (keyword defaults, required keywords, minimum dims, exact dims, random)
@@ -88,6 +89,20 @@ class Scheme:
         if self.name == "constant" and not floating and float(self.kwargs["val"]) != int(self.kwargs["val"]):
             return f"is an integer tensor, and {self.kwargs['val']} is not a whole number"
         return None
+
+
+def constant_problem(value: int | float, dtype: DType, allow_overflow: bool, option: str = "--const") -> str | None:
+    """Why the constant ``value`` (given as ``option``) cannot fill a tensor of ``dtype`` (None when it can)."""
+    if dtype.name == "bool":
+        return None if value in (0, 1) else f"is boolean; only {option} 0 or 1 fits it"
+    if dtype.floating or dtype.complex:
+        if abs(value) <= dtype.largest or allow_overflow:
+            return None
+        return f"is {dtype}, which holds |x| <= {dtype.largest:g}, so {option} {value:g} would be Inf; pass" \
+               " --allow-overflow to write Inf anyway"
+    if dtype.lowest <= value <= dtype.largest:
+        return None
+    return f"is {dtype}, which holds {dtype.lowest} to {dtype.largest}, not {value:g}"
 
 
 def _show(value: Any) -> str:
@@ -246,8 +261,9 @@ def fill(scheme: Scheme, shape: tuple[int, ...], dtype, seed: int, name: str, in
     return values.to(dtype)
 
 
-def default_for(name: str, tensors: Mapping[str, Any], layer: str, in_out: Collection[str] = ()) -> Scheme | str:
-    """What ``reset_parameters`` gives tensor ``name`` of a ``layer``, or why it is unknown.
+def default_for(name: str, tensors: Mapping[str, Any], layer: str, in_out: Collection[str] = ()) -> Scheme:
+    """What ``reset_parameters`` gives tensor ``name`` of a ``layer`` (an UnfitTensorError saying why
+    it is unknown).
 
     The tensors beside it (``tensors``: name -> Tensor) give a bias its fan-in, a recurrent
     layer its hidden size, and show the parts nn.MultiheadAttention initialises itself.
@@ -289,32 +305,33 @@ def _is_attention(module: str, tensors: Mapping[str, Any]) -> bool:
     return any((f"{module}.{leaf}" if module else leaf) in tensors for leaf in ("in_proj_weight", "q_proj_weight"))
 
 
-def _recurrent_default(prefix: str, leaf: str, tensors: Mapping[str, Any]) -> Scheme | str:
+def _recurrent_default(prefix: str, leaf: str, tensors: Mapping[str, Any]) -> Scheme:
     """RNNBase and RNNCellBase: every tensor uniform(+-1/sqrt(hidden_size))."""
     from ..checkpoint.kinds import RECURRENT
 
     match = RECURRENT.fullmatch(leaf)
     if match is None:
-        return f"is '{leaf}' of an rnn layer, which has no default"
+        raise UnfitTensorError(f"is '{leaf}' of an rnn layer, which has no default")
     suffix = match.group(3) or ""
     sibling = {part: tensors.get(f"{prefix}.weight_{part}{suffix}" if prefix else f"weight_{part}{suffix}")
                for part in ("hr", "hh")}
     source = sibling["hr"] if sibling["hr"] is not None else sibling["hh"]  # (proj, hidden) or (gates*hidden, hidden)
     if source is None or len(source.shape) != 2:
-        return f"has no weight_hh{suffix} beside it to take the hidden size from"
+        raise UnfitTensorError(f"has no weight_hh{suffix} beside it to take the hidden size from")
     bound = 1 / math.sqrt(source.shape[1]) if source.shape[1] > 0 else 0.0
     return Scheme("uniform", {"a": -bound, "b": bound})
 
 
-def layer_default(layer: str, leaf: str, weight_shape: tuple[int, ...] | None) -> Scheme | str:
-    """What ``reset_parameters`` gives tensor ``leaf`` of a ``layer``, or why it is unknown."""
+def layer_default(layer: str, leaf: str, weight_shape: tuple[int, ...] | None) -> Scheme:
+    """What ``reset_parameters`` gives tensor ``leaf`` of a ``layer`` (an UnfitTensorError saying why
+    it is unknown)."""
     leaf = {"in_proj_weight": "weight", "in_proj_bias": "bias"}.get(leaf, leaf)
     if layer in ("conv", "linear"):
         if leaf == "weight":
             return Scheme("kaiming_uniform", {"a": math.sqrt(5)})
         if leaf == "bias":
             if weight_shape is None or len(weight_shape) < 2:
-                return "has no weight beside it to take fan-in from"
+                raise UnfitTensorError("has no weight beside it to take fan-in from")
             fan_in = math.prod(weight_shape[1:])
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             return Scheme("uniform", {"a": -bound, "b": bound})
@@ -328,5 +345,5 @@ def layer_default(layer: str, leaf: str, weight_shape: tuple[int, ...] | None) -
     if layer == "prelu" and leaf == "weight":
         return Scheme("constant", {"val": 0.25})
     if layer == "unknown":
-        return "is of unknown layer kind; name it with --layer (conv, linear, batchnorm, ...)"
-    return f"is '{leaf}' of a {layer} layer, which has no default"
+        raise UnfitTensorError("is of unknown layer kind; name it with --layer (conv, linear, batchnorm, ...)")
+    raise UnfitTensorError(f"is '{leaf}' of a {layer} layer, which has no default")

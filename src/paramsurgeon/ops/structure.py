@@ -9,7 +9,7 @@ from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.contents import same_values
 from ..checkpoint.tensor import view_key
 from ..declare import REQUIRED, option
-from ..errors import SelectionError, UsageError
+from ..errors import SelectionError, UnfitTensorError, UsageError
 from ..selection import Selection, Selector, select, suggest, unmatched, wildcard_map
 from ..sizes import plural
 from .plan import Change, Plan, fail, names_list
@@ -185,15 +185,17 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
         # names of one view of one source storage (a tie there) give one value
         sources = sorted({view_key(theirs[pairs[n]]): pairs[n] for n in unit if n in pairs}.values())
         if len(sources) > 1:
-            return f"is tied to {', '.join(unit[1:])}, and they would get different values; pass --untie"
+            raise UnfitTensorError(f"is tied to {', '.join(unit[1:])}, and they would get different values; pass"
+                                   " --untie")
         origin = theirs[sources[0]]
         where = "" if source is ckpt else f" of {source.source}"
         if guard and may_misfit(origin.dtype, tensor.dtype):
             out = misfits(origin, tensor.dtype)
             if out:
-                return f"is {tensor.dtype} ({tensor.dtype.lowest} to {tensor.dtype.largest}), and {out:,} of the" \
-                       f" {origin.numel:,} {origin.dtype} value{'s' * (origin.numel != 1)} of '{sources[0]}'{where} do not fit it (out of range" \
-                       " or not whole); pass --allow-overflow to write torch's cast of them"
+                raise UnfitTensorError(
+                    f"is {tensor.dtype} ({tensor.dtype.lowest} to {tensor.dtype.largest}), and {out:,} of the"
+                    f" {origin.numel:,} {origin.dtype} value{'s' * (origin.numel != 1)} of '{sources[0]}'{where} do not"
+                    " fit it (out of range or not whole); pass --allow-overflow to write torch's cast of them")
         return Change(unit, f"copy from {sources[0]}{where}", tensor.shape, tensor.dtype.name,
                       copy_of(origin, tensor.dtype), guarded=guard and narrows(origin.dtype, tensor.dtype),
                       origin=origin)

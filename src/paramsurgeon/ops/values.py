@@ -15,7 +15,7 @@ from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.kinds import LAYER_KINDS, infer_kinds
 from ..checkpoint.layouts import stored_in_out
 from ..declare import REQUIRED, Number, option
-from ..errors import UsageError
+from ..errors import UnfitTensorError, UsageError
 from ..sizes import plural
 from . import schemes
 from .plan import Change, Plan, fail, names_list, tie_units
@@ -88,16 +88,16 @@ def misfits(tensor: Tensor, target: DType, by: int = 1) -> int:
 
 
 def value_plan(command: str, description: str, ckpt: Checkpoint, names: list[str], ties: TiePolicy,
-               change_for: Callable[[list[str], Tensor], Change | str | None]) -> Plan:
-    """A plan changing the values of ``names``, one Change per tie unit (or a problem string)."""
+               change_for: Callable[[list[str], Tensor], Change]) -> Plan:
+    """A plan changing the values of ``names``, one Change per tie unit; the UnfitTensorError of
+    every unit that cannot take one is reported at once, in one PlanError."""
     plan = Plan(command, description)
     problems = []
     for unit in tie_units(ckpt, names, follow=ties.follow_ties, untie=ties.untie, command=command):
-        result = change_for(unit, ckpt[unit[0]])
-        if isinstance(result, str):
-            problems.append(f"'{unit[0]}' {result}")
-        elif result is not None:
-            plan.changes.append(result)
+        try:
+            plan.changes.append(change_for(unit, ckpt[unit[0]]))
+        except UnfitTensorError as e:
+            problems.append(f"'{unit[0]}' {e}")
     fail(command, problems)
     return plan
 
@@ -147,19 +147,15 @@ class Init(Targets, TiePolicy, Overflow, Operation):
             resolved = scheme
             if scheme.name == "default":
                 resolved = schemes.default_for(name, tensors, self.layer or kinds[name].layer, in_out)
-                if isinstance(resolved, str):
-                    return resolved
             problem = resolved.problem(tensor.shape, tensor.dtype.floating)
+            if resolved.name == "constant" and not problem:
+                problem = schemes.constant_problem(resolved.kwargs["val"], tensor.dtype, self.allow_overflow)
             if problem:
-                return problem
-            if resolved.name == "constant":
-                problem = _constant_problem(resolved.kwargs["val"], tensor.dtype, self.allow_overflow)
-                if problem:
-                    return problem
+                raise UnfitTensorError(problem)
             work = tensor.dtype if tensor.dtype.name == "float64" else dtypes.BY_NAME["float32"]
             if resolved.name in ("uniform", "trunc_normal") and resolved.reach() > work.largest:
-                return f"draws its values in {work}, and {resolved} reaches beyond its range (|x| <=" \
-                       f" {work.largest:g})"
+                raise UnfitTensorError(f"draws its values in {work}, and {resolved} reaches beyond its range (|x| <="
+                                       f" {work.largest:g})")
             shape, dtype = tensor.shape, dtypes.torch_dtype(tensor.dtype)
             flipped = name in in_out and resolved.name.startswith("kaiming")
             return Change(unit, str(resolved), shape, tensor.dtype.name,
@@ -170,20 +166,6 @@ class Init(Targets, TiePolicy, Overflow, Operation):
         seeded = f", seed {seed}" if scheme.random else ""
         plan = value_plan("init", f"init {what}{seeded}: {names_list(names)}", ckpt, names, self, change_for)
         return with_warnings(self.buffer_note(ckpt, plan), warnings)
-
-
-def _constant_problem(value, dtype: DType, allow_overflow: bool) -> str | None:
-    """Why ``value`` cannot fill a tensor of ``dtype`` (None when it can)."""
-    if dtype.name == "bool":
-        return None if value in (0, 1) else "is boolean; only --const 0 or 1 fits it"
-    if dtype.floating or dtype.complex:
-        if abs(value) <= dtype.largest or allow_overflow:
-            return None
-        return f"is {dtype}, which holds |x| <= {dtype.largest:g}, so --const {value:g} would be Inf; pass" \
-               " --allow-overflow to write Inf anyway"
-    if dtype.lowest <= value <= dtype.largest:
-        return None
-    return f"is {dtype}, which holds {dtype.lowest} to {dtype.largest}, not {value:g}"
 
 
 @dataclass(kw_only=True)
@@ -205,7 +187,7 @@ class Zero(Targets, TiePolicy, Operation):
             if below is None:  # zero is all-zero bytes in every dtype: no torch needed
                 return Change(unit, "zero", tensor.shape, tensor.dtype.name, lambda: bytearray(tensor.nbytes))
             if tensor.dtype.name == "bool" or tensor.dtype.complex:
-                return f"is {tensor.dtype}, which has no magnitude to compare with --below"
+                raise UnfitTensorError(f"is {tensor.dtype}, which has no magnitude to compare with --below")
             return Change(unit, f"zero where |x| < {below:g}", tensor.shape, tensor.dtype.name,
                           lambda: _prune(torch_values(tensor), below))
 
@@ -237,20 +219,21 @@ class Scale(Targets, TiePolicy, Overflow, Operation):
 
         def change_for(unit: list[str], tensor: Tensor):
             if tensor.dtype.name == "bool":
-                return "is boolean and cannot be scaled"
+                raise UnfitTensorError("is boolean and cannot be scaled")
             floating = tensor.dtype.floating or tensor.dtype.complex
             if not floating and factor != int(factor):
-                return f"is {tensor.dtype}, and scaling it by {factor:g} would truncate"
+                raise UnfitTensorError(f"is {tensor.dtype}, and scaling it by {factor:g} would truncate")
             if not floating and not tensor.dtype.lowest <= factor <= tensor.dtype.largest:
-                return f"is {tensor.dtype}, which holds {tensor.dtype.lowest} to {tensor.dtype.largest}, so scaling" \
-                       f" it by {factor:g} would overflow"
+                raise UnfitTensorError(f"is {tensor.dtype}, which holds {tensor.dtype.lowest} to"
+                                       f" {tensor.dtype.largest}, so scaling it by {factor:g} would overflow")
             by = float(factor) if floating else int(factor)
             if not floating and not self.allow_overflow and by not in (0, 1):
                 out = misfits(tensor, tensor.dtype, by)
                 if out:
-                    return f"is {tensor.dtype}, which holds {tensor.dtype.lowest} to {tensor.dtype.largest}; {out:,}" \
-                           f" of its {plural(tensor.numel, 'value')} would leave that range multiplied by {by} and wrap" \
-                           " around; pass --allow-overflow to write them wrapped"
+                    raise UnfitTensorError(
+                        f"is {tensor.dtype}, which holds {tensor.dtype.lowest} to {tensor.dtype.largest}; {out:,} of"
+                        f" its {plural(tensor.numel, 'value')} would leave that range multiplied by {by} and wrap"
+                        " around; pass --allow-overflow to write them wrapped")
             return Change(unit, f"scale by {factor:g}", tensor.shape, tensor.dtype.name,
                           lambda: (torch_values(tensor) * by).to(dtypes.torch_dtype(tensor.dtype)),
                           guarded=floating and abs(by) > 1 and not self.allow_overflow, origin=tensor)

@@ -256,6 +256,25 @@ def plan_text(plan, rows: list[dict], width: int | None, color: bool, prefix: st
     return text
 
 
+def extraction_document(extract, extraction, dry_run: bool) -> dict:
+    """The ``extract-lora --json`` document: the inputs, the adapter's config and each module."""
+    return {"schema_version": SCHEMA_VERSION, "command": "extract-lora", "base": extract.base, "tuned": extract.tuned,
+            "output": extract.output, "dry_run": dry_run, "config": extraction.config, "modules": extraction.rows}
+
+
+def extraction_text(extraction, output: str, dry_run: bool, width: int | None, color: bool) -> str:
+    """The ``extract-lora`` table: each tensor, its shape, layout, rank and (when computed) its
+    relative reconstruction error; a dry run says so above it and has no error column."""
+    rows = extraction.rows
+    cells = [[r["tensor"], "x".join(map(str, r["shape"])), r["layout"], str(r["rank"] or "-"),
+              "-" if r["error"] is None or r["rank"] is None else f"{r['error']:.3g}"] for r in rows]
+    columns = [Column("tensor"), Column("shape", True), Column("layout"), Column("rank", True), Column("error", True)]
+    if not dry_run:
+        return render(columns, cells, width, color)[0]
+    title = f"extract-lora: {plural(len(rows), 'tensor')} would go into {output} (dry run: nothing written)\n"
+    return title + render(columns[:-1], [c[:-1] for c in cells], width, color)[0]
+
+
 def diff_document(result) -> dict:
     """The ``diff --json`` document."""
     def entry(d) -> dict:

@@ -1,4 +1,4 @@
-"""merge: combine checkpoints tensor by tensor (linear, slerp, task arithmetic, TIES, DARE).
+"""merge: combine checkpoints tensor by tensor, by one of the methods of registry/.
 
     __init__.py   Merge: the options, checked before any file is read
     planning.py   the plan: names, shapes, dtypes and ties of every input checked at once;
@@ -44,7 +44,8 @@ class Merge(Selection, TiePolicy, Overflow, Operation):
                                  help="Two or more checkpoints to merge (one may be '-': standard input).")
     method: str = option(NAMES[0], "--method", metavar="M", help=f"{NAMES[0]} (default), {choices(NAMES[1:])}.")
     weights: str | None = option(None, "--weights", metavar="W,W,...", help="One weight per checkpoint (default: equal"
-                                 " for linear, 1 for task methods).")
+                                 f" for {choices([m.name for m in METHODS if not m.task and 'weights' in m.takes])}, 1"
+                                 " for task methods).")
     base: str | None = option(None, "--base", metavar="BASE", path=True, help="The base model of the task methods (the"
                               " checkpoint written, and one of the two or more that take part).")
     t: float | None = option(None, "--t", metavar="T", help=f"{who('t')}: where between the first (0) and the second"

@@ -1,4 +1,4 @@
-"""The merge formulas, tensor by tensor (the binding rules of DESIGN.md, after mergekit).
+"""The merge formulas, tensor by tensor, after mergekit (the README's merge table states each rule).
 
 Each function takes torch views of one tensor of every input (memory-mapped, not yet copied,
 and never written to) and returns the merged values in ``dtype`` (the written tensor's). The

@@ -180,7 +180,7 @@ def _description(merge, ckpt: Checkpoint, others: list[Checkpoint]) -> str:
     else:
         what = ", ".join([ckpt.source] + [o.source for o in others])
     details = merge.merge_method.details(merge.params, merge.normalize)
-    return f"merge {merge.method} of {what} ({'; '.join(details)})"
+    return f"merge {merge.method} of {what}" + (f" ({'; '.join(details)})" if details else "")
 
 
 def _notes(kept: list[dict], first: str, mismatched: list[str]) -> list[str]:

@@ -12,11 +12,11 @@ from ...checkpoint import Checkpoint, Tensor
 from ...checkpoint.kinds import infer_kinds
 from ...checkpoint.layouts import stored_in_out
 from ...declare import option
-from ...errors import UsageError
+from ...errors import UnfitTensorError, UsageError
 from .. import schemes
 from ..plan import Change, Plan, fail, names_list
 from ..spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnings
-from ..values import _constant_problem, value_plan
+from ..values import value_plan
 from .common import dim_of, no_dim, numbers, own, torch_of
 
 LARGEST = 1 << 40  # bytes of one resized tensor: beyond, a typo in --size rather than a model
@@ -105,22 +105,24 @@ class Resize(Targets, TiePolicy, Overflow, Operation):
 
         def change_for(unit: list[str], tensor: Tensor):
             if len({tensors[n].shape for n in unit}) > 1:
-                return f"shares its storage with {', '.join(unit[1:])} through views of other shapes; pass --untie"
+                raise UnfitTensorError(f"shares its storage with {', '.join(unit[1:])} through views of other"
+                                       " shapes; pass --untie")
             name, dim = unit[0], dim_of(tensor, self.dim)
             shape, old = shapes[name], tensor.shape[dim]
             kept = len(self._keep) if self._keep is not None else min(old, shape[dim])
             fill = self._fill
             if shape[dim] > kept:
                 if fill == schemes.Scheme("default"):
-                    fill = schemes.default_for(name, resized, kinds[name].layer, in_out)
-                    if isinstance(fill, str):
-                        return f"{fill}, so --fill default does not apply; choose another --fill"
+                    try:
+                        fill = schemes.default_for(name, resized, kinds[name].layer, in_out)
+                    except UnfitTensorError as e:
+                        raise UnfitTensorError(f"{e}, so --fill default does not apply; choose another --fill") from e
                 problem = _fill_problem(fill, shape, tensor, self.allow_overflow)
                 if fill == "mean" and not old:
                     problem = f"has no slices along dim {dim} to take the mean of; pass --fill zeros, a number or" \
                               " a scheme"
                 if problem:
-                    return problem
+                    raise UnfitTensorError(problem)
             action = f"resize {old} -> {shape[dim]} along dim {dim}"
             details = ([f"keep {self.keep}"] if self._keep is not None else []) + \
                 ([f"{shape[dim] - kept} new: {_shown(fill)}"] if shape[dim] > kept else [])
@@ -169,8 +171,7 @@ def _fill_problem(fill, shape: tuple[int, ...], tensor: Tensor, allow_overflow: 
             return f"is {tensor.dtype}, which has no mean to fill with; pass --fill zeros or a number"
         return None
     if fill.name == "constant":
-        problem = _constant_problem(fill.kwargs["val"], tensor.dtype, allow_overflow)
-        return problem.replace("--const", "--fill") if problem else None
+        return schemes.constant_problem(fill.kwargs["val"], tensor.dtype, allow_overflow, "--fill")
     return fill.problem(shape, tensor.dtype.floating)
 
 

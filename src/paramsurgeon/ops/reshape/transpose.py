@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ...checkpoint import Checkpoint, Tensor
 from ...declare import option
+from ...errors import UnfitTensorError
 from ...sizes import plural
 from ..plan import Change, Plan, names_list
 from ..spec import Operation, Sources, Targets, TiePolicy, with_warnings
@@ -34,9 +35,10 @@ class Transpose(Targets, TiePolicy, Operation):
         def change_for(unit: list[str], tensor: Tensor):
             da, db = dim_of(tensor, a), dim_of(tensor, b)
             if da is None or db is None:
-                return no_dim(tensor, a if da is None else b, "--dims")
+                raise UnfitTensorError(no_dim(tensor, a if da is None else b, "--dims"))
             if da == db:
-                return f"has {plural(len(tensor.shape), 'dimension')}, and --dims {a},{b} names one of them twice"
+                raise UnfitTensorError(f"has {plural(len(tensor.shape), 'dimension')}, and --dims {a},{b} names one"
+                                       " of them twice")
             shape = list(tensor.shape)
             shape[da], shape[db] = shape[db], shape[da]
             return Change(unit, f"transpose dims {da},{db}", tuple(shape), tensor.dtype.name,

@@ -36,16 +36,16 @@ def choices(names: list[str] | tuple[str, ...], last: str = "or") -> str:
 
 
 def who(option: str, normalized: bool | None = None) -> str:
-    """The methods taking ``option`` as --help names them: 'ties, dare-*' (a family whole as
-    'dare-*'); ``normalized``: only those that normalise by default (True) or not (False),
-    as 'a, b and c'."""
-    names = [m.name for m in METHODS if option in m.takes and normalized in (None, m.normalized)]
+    """The methods taking ``option`` as --help names them: 'ties, dare-*' (a family whole, every
+    member taking it, as 'dare-*'); ``normalized``: only those that normalise by default (True)
+    or not (False), as 'a, b and c'."""
+    methods = [m for m in METHODS if option in m.takes and normalized in (None, m.normalized)]
     if normalized is not None:
-        return choices(names, "and")
+        return choices([m.name for m in methods], "and")
     shown: list[str] = []
-    for name in names:
-        family = [n for n in NAMES if n.split("-")[0] == name.split("-")[0]]
-        short = f"{name.split('-')[0]}-*" if len(family) > 1 and set(family) <= set(names) else name
+    for method in methods:
+        family = [m for m in METHODS if method.family and m.family == method.family]
+        short = f"{method.family}-*" if len(family) > 1 and all(m in methods for m in family) else method.name
         if short not in shown:
             shown.append(short)
     return ", ".join(shown)

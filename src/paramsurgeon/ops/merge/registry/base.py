@@ -23,6 +23,7 @@ class MergeMethod:
     """One merge method; a subclass per method, listed once in the registry (registry/__init__.py)."""
 
     name: ClassVar[str]
+    family: ClassVar[str] = ""  # methods of one family ('dare') are named together in --help ('dare-*')
     takes: ClassVar[frozenset[str]] = frozenset({"weights", "normalize"})  # keys of Merge's options
     task: ClassVar[bool] = False  # adds task vectors to a base model: --base required
     normalized: ClassVar[bool] = False  # divides by the weights unless --no-normalize

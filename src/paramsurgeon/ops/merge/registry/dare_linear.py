@@ -7,6 +7,7 @@ from .base import MergeMethod
 
 class DareLinear(MergeMethod):
     name = "dare-linear"
+    family = "dare"
     takes = frozenset({"weights", "normalize", "density", "lambda", "seed"})
     task = True
 

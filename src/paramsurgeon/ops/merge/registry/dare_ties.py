@@ -7,6 +7,7 @@ from .base import MergeMethod
 
 class DareTies(MergeMethod):
     name = "dare-ties"
+    family = "dare"
     takes = frozenset({"weights", "normalize", "density", "lambda", "seed"})
     task = True
     normalized = True
