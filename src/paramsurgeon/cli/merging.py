@@ -30,13 +30,13 @@ def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery) -> None:
     for number, path in enumerate(merge.inputs, 1):
         inputs.record(path, f"merge input {number}")
     inputs.record(merge.base, "--base")
-    run_steps("merge", merge.written, [Step(merge)], None, read, write, surgery, sources=_loader(read))
+    run_steps("merge", merge.written, [Step(merge)], None, read, write, surgery, sources=input_loader(read))
 
 
 run_merge.__doc__ = run_merge.__doc__.format(methods=", ".join(NAMES))  # the registry's, in its order
 
 
-def _loader(read: Read):
+def input_loader(read: Read):
     """``load(path, key)`` opening each input once; --key applies to the torch inputs (a
     safetensors or sharded input is already a flat mapping of names to tensors)."""
     opened: dict = {}

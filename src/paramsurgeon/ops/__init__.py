@@ -3,6 +3,7 @@
     spec.py        Operation, and the option groups operations share (selection, ties)
     values.py      init, zero, scale, cast: new values for the selected tensors
     structure.py   copy, tie, untie, rename, drop
+    layers.py      layers (drop, keep, duplicate, move blocks) and stack (blocks of several checkpoints)
     reshape/       resize, split, concat, transpose
     lora/          merge-lora (an operation like the others) and extract-lora (writes an adapter)
     plan.py        Plan: what an operation changes, checked before anything is computed
@@ -17,6 +18,7 @@ Nothing here reads or writes a file.
 from typing import Callable
 
 from ..checkpoint import Checkpoint
+from .layers import Layers
 from .lora import MergeLora
 from .plan import Plan
 from .reshape import Concat, Resize, Split, Transpose
@@ -26,7 +28,7 @@ from .values import Cast, Init, Scale, Zero
 
 OPERATIONS: dict[str, type[Operation]] = {op.name: op for op in (Init, Zero, Scale, Cast, Copy, Tie, Untie,
                                                                    Rename, Drop, Resize, Split, Concat, Transpose,
-                                                                   MergeLora)}
+                                                                   MergeLora, Layers)}
 
 
 def _function(operation: type[Operation]) -> Callable[..., Plan]:
@@ -45,6 +47,7 @@ def _function(operation: type[Operation]) -> Callable[..., Plan]:
 init, zero, scale, cast = _function(Init), _function(Zero), _function(Scale), _function(Cast)
 copy, tie, untie, rename, drop = _function(Copy), _function(Tie), _function(Untie), _function(Rename), _function(Drop)
 resize, split, concat, transpose = _function(Resize), _function(Split), _function(Concat), _function(Transpose)
+layers = _function(Layers)
 
 
 def apply(ckpt: Checkpoint, recipe: str, *, seed: int | None = None, reset_optimizer: bool = False) -> list[Plan]:
@@ -58,4 +61,4 @@ def apply(ckpt: Checkpoint, recipe: str, *, seed: int | None = None, reset_optim
 
 __all__ = ["OPERATIONS", "Operation", "Plan", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename",
            "Drop", "Resize", "Split", "Concat", "Transpose", "init", "zero", "scale", "cast", "copy", "tie", "untie",
-           "rename", "drop", "resize", "split", "concat", "transpose", "apply"]
+           "rename", "drop", "resize", "split", "concat", "transpose", "Layers", "layers", "apply"]
