@@ -2,6 +2,8 @@
 downloads), saved with save_pretrained; and references assembled in torch from their modules."""
 
 import copy
+import os
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -87,3 +89,70 @@ def load(path, cls=None):
 
     cls = cls or getattr(transformers, transformers.AutoConfig.from_pretrained(path).architectures[0])
     return cls.from_pretrained(path).eval()
+
+
+def moe(kind: str):
+    """A tiny mixture-of-experts model: mixtral, qwen2moe (a shared expert), qwen3moe, dsv3 (a dense first
+    layer, shared experts, sigmoid routing with e_score_correction_bias)."""
+    import transformers as T
+
+    common = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=64)
+    configs = {
+        "mixtral": lambda: T.MixtralConfig(intermediate_size=48, num_hidden_layers=2, num_local_experts=4, **common),
+        "qwen2moe": lambda: T.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                                             shared_expert_intermediate_size=24, num_experts=4, **common),
+        "qwen3moe": lambda: T.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                                             num_experts=4, head_dim=8, **common),
+        "dsv3": lambda: T.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                                           first_k_dense_replace=1, n_routed_experts=8, n_group=1, topk_group=1,
+                                           q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                           v_head_dim=8, n_shared_experts=1,
+                                           **{**common, "num_key_value_heads": 4}),
+    }
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(configs[kind]()).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):  # zeros when made: a trained model's are not
+                module.e_score_correction_bias.uniform_(-0.1, 0.1)
+    return model
+
+
+def save_fused(model, path):
+    """``model`` saved in its fused layout (experts stacked in one tensor per projection), as transformers
+    holds it in memory; save_pretrained writes the per-expert layout of the hub."""
+    from safetensors.torch import save_file
+
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+@contextmanager
+def restricted(model, kept: list[int]):
+    """``model`` (a copy) whose routers pick among the experts ``kept`` only: the logits of the others are
+    -inf (as their e_score_correction_bias), so that no softmax, sigmoid or top-k gives them any weight."""
+    reference = copy.deepcopy(model)
+    masks = {}
+    for module in reference.modules():
+        if type(module).__name__.lower().endswith("router"):
+            dropped = torch.ones(module.weight.shape[0], dtype=torch.bool)
+            dropped[kept] = False
+            masks[id(module.weight)] = dropped
+            if hasattr(module, "e_score_correction_bias"):
+                with torch.no_grad():
+                    module.e_score_correction_bias[dropped] = float("-inf")
+    assert masks, "no router found"
+    real = torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        out = real(x, weight, bias)
+        return out.masked_fill(masks[id(weight)], float("-inf")) if id(weight) in masks else out
+
+    torch.nn.functional.linear = linear
+    try:
+        yield reference
+    finally:
+        torch.nn.functional.linear = real

@@ -99,9 +99,9 @@ def _blocks(prefix: str, found: dict[int, list[str]], where: str) -> Blocks:
     return Blocks(prefix, [found[i] for i in range(len(found))])
 
 
-def parse_ranges(text: str, count: int, flag: str) -> list[list[int]]:
-    """The ranges of ``20..23,5`` in the order written, each a list of indices below ``count``;
-    no index twice."""
+def parse_ranges(text: str, count: int, flag: str, things: str = "the model has {} blocks") -> list[list[int]]:
+    """The ranges of ``20..23,5`` in the order written, each a list of indices below ``count`` (of
+    ``things``); no index twice."""
     ranges: list[list[int]] = []
     indices: list[int] = []
     for part in str(text).split(","):
@@ -113,7 +113,7 @@ def parse_ranges(text: str, count: int, flag: str) -> list[list[int]]:
         if high < low:
             raise UsageError(f"{flag} {text}: the range {part} ends before it starts")
         if high >= count:
-            raise UsageError(f"{flag} {text}: index {high} is out of range; the model has {count} blocks (0..{count - 1})")
+            raise UsageError(f"{flag} {text}: index {high} is out of range; {things.format(count)} (0..{count - 1})")
         for i in range(low, high + 1):
             if i in indices:
                 raise UsageError(f"{flag} {text}: block {i} is given twice" + " (the ranges overlap)" * bool(dots))

@@ -4,6 +4,7 @@
     values.py      init, zero, scale, cast: new values for the selected tensors
     structure.py   copy, tie, untie, rename, drop
     layers.py      layers (drop, keep, duplicate, move blocks) and stack (blocks of several checkpoints)
+    experts.py     experts (prune the experts of mixture-of-experts blocks)
     reshape/       resize, split, concat, transpose
     lora/          merge-lora (an operation like the others) and extract-lora (writes an adapter)
     plan.py        Plan: what an operation changes, checked before anything is computed
@@ -18,6 +19,7 @@ Nothing here reads or writes a file.
 from typing import Callable
 
 from ..checkpoint import Checkpoint
+from .experts import Experts
 from .layers import Layers
 from .lora import MergeLora
 from .plan import Plan
@@ -28,7 +30,7 @@ from .values import Cast, Init, Scale, Zero
 
 OPERATIONS: dict[str, type[Operation]] = {op.name: op for op in (Init, Zero, Scale, Cast, Copy, Tie, Untie,
                                                                    Rename, Drop, Resize, Split, Concat, Transpose,
-                                                                   MergeLora, Layers)}
+                                                                   MergeLora, Layers, Experts)}
 
 
 def _function(operation: type[Operation]) -> Callable[..., Plan]:
@@ -47,7 +49,7 @@ def _function(operation: type[Operation]) -> Callable[..., Plan]:
 init, zero, scale, cast = _function(Init), _function(Zero), _function(Scale), _function(Cast)
 copy, tie, untie, rename, drop = _function(Copy), _function(Tie), _function(Untie), _function(Rename), _function(Drop)
 resize, split, concat, transpose = _function(Resize), _function(Split), _function(Concat), _function(Transpose)
-layers = _function(Layers)
+layers, experts = _function(Layers), _function(Experts)
 
 
 def apply(ckpt: Checkpoint, recipe: str, *, seed: int | None = None, reset_optimizer: bool = False) -> list[Plan]:
@@ -61,4 +63,4 @@ def apply(ckpt: Checkpoint, recipe: str, *, seed: int | None = None, reset_optim
 
 __all__ = ["OPERATIONS", "Operation", "Plan", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename",
            "Drop", "Resize", "Split", "Concat", "Transpose", "init", "zero", "scale", "cast", "copy", "tie", "untie",
-           "rename", "drop", "resize", "split", "concat", "transpose", "Layers", "layers", "apply"]
+           "rename", "drop", "resize", "split", "concat", "transpose", "Layers", "layers", "Experts", "experts", "apply"]
