@@ -11,6 +11,7 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.blocks import Blocks, find_blocks, parse_ranges
 from ..declare import REQUIRED, argument, option
 from ..errors import PlanError, UsageError
+from ..sizes import plural
 from .plan import Change, Plan, names_list
 from .spec import Operation, Sources
 
@@ -110,6 +111,16 @@ class Layers(Blockwise, Operation):
         return what + (f" after {self.after}" if self.after is not None else "") + (" (identity)" * self.identity)
 
 
+@dataclass
+class Stacked(Plan):
+    """A stack's plan: its summary names the blocks taken from each source."""
+
+    taken: str = ""
+
+    def summary(self) -> str:
+        return self.taken
+
+
 def renumbered(command: str, ckpt: Checkpoint, blocks: Blocks, order: list[tuple[Checkpoint, Blocks, int]],
                description: str) -> Plan:
     """A plan whose tensors are ``ckpt``'s with its blocks replaced by ``order`` (each a block of a
@@ -207,7 +218,8 @@ class Stack(Blockwise, Operation):
             its = find_blocks(list(source.tensors), self.prefix, f"stack: {source.source}: ")
             order += [(source, its, i) for r in parse_ranges(ranges, its.count, f"stack: {path}:") for i in r]
         _agree(order)
-        plan = renumbered("stack", ckpt, blocks, order, f"stack: {', '.join(self.slices)}")
+        plan = Stacked(**vars(renumbered("stack", ckpt, blocks, order, f"stack: {', '.join(self.slices)}")))
+        plan.taken = f"{plural(len(order), 'block')} ({', '.join(self.slices)})"
         plan.config = layer_config(ckpt.config, blocks.count, [i for _, _, i in order])
         return plan
 
