@@ -91,7 +91,7 @@ def load(path, cls=None):
     return cls.from_pretrained(path).eval()
 
 
-def moe(kind: str):
+def moe(kind: str, **overrides):
     """A tiny mixture-of-experts model: mixtral, qwen2moe (a shared expert), qwen3moe, dsv3 (a dense first
     layer, shared experts, sigmoid routing with e_score_correction_bias)."""
     import transformers as T
@@ -99,19 +99,20 @@ def moe(kind: str):
     common = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                   num_experts_per_tok=2, max_position_embeddings=64)
     configs = {
-        "mixtral": lambda: T.MixtralConfig(intermediate_size=48, num_hidden_layers=2, num_local_experts=4, **common),
-        "qwen2moe": lambda: T.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
-                                             shared_expert_intermediate_size=24, num_experts=4, **common),
-        "qwen3moe": lambda: T.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
-                                             num_experts=4, head_dim=8, **common),
-        "dsv3": lambda: T.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-                                           first_k_dense_replace=1, n_routed_experts=8, n_group=1, topk_group=1,
-                                           q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                           v_head_dim=8, n_shared_experts=1,
-                                           **{**common, "num_key_value_heads": 4}),
+        "mixtral": (T.MixtralConfig, dict(intermediate_size=48, num_hidden_layers=2, num_local_experts=4)),
+        "qwen2moe": (T.Qwen2MoeConfig, dict(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                                            shared_expert_intermediate_size=24, num_experts=4)),
+        "qwen3moe": (T.Qwen3MoeConfig, dict(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                                            num_experts=4, head_dim=8)),
+        "dsv3": (T.DeepseekV3Config, dict(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                                          first_k_dense_replace=1, n_routed_experts=8, n_group=1, topk_group=1,
+                                          q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                          v_head_dim=8, n_shared_experts=1, num_key_value_heads=4)),
     }
+    cls, options = configs[kind]
+    config = cls(**{**common, **options, **overrides})
     torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(configs[kind]()).eval()
+    model = T.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "e_score_correction_bias"):  # zeros when made: a trained model's are not

@@ -139,6 +139,29 @@ def test_per_layer_lists_of_the_config_follow(request, saved, tmp_path):
     assert_computes(out, lm.reordered(model, [2, 3, 0, 1]))
 
 
+def test_dense_layers_of_a_deepseek_follow(request, saved, tmp_path):
+    """first_k_dense_replace counts the dense layers left at the front; a dense layer after one with experts
+    cannot be said so, and is refused."""
+    model, path = model_dir(request, saved, "dsv3", lambda: lm.moe("dsv3"))
+    out = tmp_path / "out"
+    assert run("layers", path, "--drop", "0", "-o", f"{out}/").exit_code == 0
+    assert config(out)["first_k_dense_replace"] == 0 and config(out)["num_hidden_layers"] == 2
+    assert_computes(out, lm.reordered(model, [1, 2]))
+    result = run("layers", path, "--move", "0", "--to", "1", "-o", f"{tmp_path / 'moved'}/")
+    assert result.exit_code == 2 and "first_k_dense_replace 1" in result.stderr
+    assert not (tmp_path / "moved").exists()
+
+
+def test_sparse_step_of_a_qwen_moe_becomes_a_list(request, saved, tmp_path):
+    """Every second layer has experts (decoder_sparse_step 2): after a drop, mlp_only_layers names the dense ones."""
+    model, path = model_dir(request, saved, "qwen2moe-step", lambda: lm.moe("qwen2moe", decoder_sparse_step=2,
+                                                                          num_hidden_layers=4))
+    out = tmp_path / "out"
+    assert run("layers", path, "--drop", "0", "-o", f"{out}/").exit_code == 0
+    assert (config(out)["decoder_sparse_step"], config(out)["mlp_only_layers"]) == (1, [1])
+    assert_computes(out, lm.reordered(model, [1, 2, 3]))
+
+
 def test_sharded_directory(request, saved, tmp_path):
     model, path = model_dir(request, saved, "llama-sharded", lm.llama, max_shard_size="40KB")
     assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))

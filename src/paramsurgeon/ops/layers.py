@@ -165,7 +165,8 @@ def _zeros(nbytes: int):
 
 def layer_config(config: dict | None, count: int, order: list[int]) -> dict:
     """The keys of ``config`` that change when its ``count`` layers become ``order`` (a source index
-    each): the layer count, lists with an entry per layer, lists of layer indices."""
+    each): the layer count, lists with an entry per layer, lists of layer indices, and which layers
+    are dense in a mixture-of-experts model."""
     if not config:
         return {}
     changes: dict = {}
@@ -178,7 +179,29 @@ def layer_config(config: dict | None, count: int, order: list[int]) -> dict:
             changes[key] = [value[i] for i in order]
         elif isinstance(value, dict) and key.endswith("_config") and any(k in value for k in COUNT_KEYS):
             changes[key] = {**value, **layer_config(value, count, order)}
-    return {k: v for k, v in changes.items() if v != config[k]}
+    changes.update(_dense_layers(config, order))
+    return {k: v for k, v in changes.items() if v != config.get(k)}
+
+
+def _dense_layers(config: dict, order: list[int]) -> dict:
+    """DeepSeek's ``first_k_dense_replace`` (the first k layers are dense) and Qwen-MoE's
+    ``decoder_sparse_step`` (every step-th layer has experts, ``mlp_only_layers`` aside) for the
+    layers of ``order``; an error when the new order cannot be said so."""
+    first = config.get("first_k_dense_replace")
+    if isinstance(first, int) and not isinstance(first, bool) and first > 0:
+        dense = [old < first for old in order]
+        now = dense.index(False) if False in dense else len(dense)
+        if any(dense[now:]):
+            raise PlanError(f"layers: config.json's first_k_dense_replace {first} says the dense layers come first,"
+                            f" and the new order puts dense layer {order[now + dense[now:].index(True)]} after one with"
+                            " experts")
+        return {"first_k_dense_replace": now}
+    step = config.get("decoder_sparse_step")
+    if isinstance(step, int) and not isinstance(step, bool) and step > 1:
+        only = config.get("mlp_only_layers") or []
+        return {"decoder_sparse_step": 1,
+                "mlp_only_layers": [new for new, old in enumerate(order) if old in only or (old + 1) % step]}
+    return {}
 
 
 @dataclass(kw_only=True)
