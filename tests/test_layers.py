@@ -171,6 +171,19 @@ def test_sharded_directory(request, saved, tmp_path):
     assert_computes(out, lm.reordered(model, [1, 2, 3]))
 
 
+def test_a_dcp_checkpoint(request, saved, tmp_path):
+    """A DCP input gives a DCP output with the blocks renumbered; its values are the safetensors run's."""
+    _, path = model_dir(request, saved, "llama", lm.llama)
+    assert run("convert", path, "-o", tmp_path / "dcp", "--format", "dcp").exit_code == 0
+    assert run("layers", tmp_path / "dcp", "--duplicate", "1..2", "--after", "3", "-o", tmp_path / "grown").exit_code == 0
+    assert run("layers", path, "--duplicate", "1..2", "--after", "3", "-o", f"{tmp_path / 'direct'}/").exit_code == 0
+    assert run("diff", tmp_path / "grown", tmp_path / "direct", "--tensors-only").exit_code == 0
+    assert run("stack", f"{tmp_path / 'dcp'}:0..1", f"{path}:3", "-o", tmp_path / "stacked.pt").exit_code == 0
+    state, original = torch.load(tmp_path / "stacked.pt", weights_only=True), load_file(os.path.join(path, "model.safetensors"))
+    assert torch.equal(state["model.layers.2.mlp.up_proj.weight"], original["model.layers.3.mlp.up_proj.weight"])
+    assert not any(n.startswith("model.layers.3.") for n in state)
+
+
 def test_a_torch_file_with_a_prefix(request, tmp_path):
     """--prefix names a block list of another name; the result loads into the module with those blocks."""
     torch.manual_seed(0)
@@ -180,12 +193,16 @@ def test_a_torch_file_with_a_prefix(request, tmp_path):
     torch.save({"net": net.state_dict()}, path)
     register_input(request, path)
     out = tmp_path / "out.pt"
-    assert run("layers", path, "--prefix", "stages.N.", "--move", "3", "--to", "0", "-o", out).exit_code == 0
-    expected = torch.nn.Sequential()
-    expected.stages = torch.nn.ModuleList(net.stages[i] for i in (3, 0, 1, 2))
-    state = torch.load(out, weights_only=True)["net"]
-    assert list(state) == list(expected.state_dict())
-    assert all(torch.equal(state[k], v) for k, v in expected.state_dict().items())
+    for args, order in ((["--move", "3", "--to", "0"], (3, 0, 1, 2)), (["--drop", "1"], (0, 2, 3)),
+                        (["--duplicate", "2"], (0, 1, 2, 2, 3))):
+        assert run("layers", path, "--prefix", "stages.N.", *args, "-o", out).exit_code == 0
+        expected = torch.nn.Sequential()
+        expected.stages = torch.nn.ModuleList(net.stages[i] for i in order)
+        state = torch.load(out, weights_only=True)["net"]
+        assert list(state) == list(expected.state_dict())
+        assert dict(state._metadata) == dict(expected.state_dict()._metadata)  # per-module versions follow
+        assert all(torch.equal(state[k], v) for k, v in expected.state_dict().items())
+        os.remove(out)
 
 
 def test_recipe_step(request, saved, tmp_path):

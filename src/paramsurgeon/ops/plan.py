@@ -304,16 +304,29 @@ def _twin(storage: Storage) -> Storage:
 
 
 def _rebuild_metadata(metadata: dict, moves: list[tuple[str, str]], before: list[str]) -> None:
-    """Each module prefix of _metadata under the names each of its tensors now has (once per copy);
-    a prefix whose tensors all went is dropped, one whose tensors kept no common prefix stays."""
+    """Each module prefix of _metadata under the names each of its tensors now has (once per copy); a
+    module without tensors (an activation) follows the nearest one above it that has some; a module
+    whose tensors all went goes too."""
+    mapped: dict[str, dict[str, None]] = {}
+    for old, new in moves:
+        olds, news = old.split("."), new.split(".")
+        same = next((k for k in range(min(len(olds), len(news))) if olds[-1 - k] != news[-1 - k]),
+                    min(len(olds), len(news)))
+        moved = len(olds) - same  # the prefixes this long and longer are renamed with the tensor
+        for depth in range(len(olds)):
+            prefix = ".".join(olds[:depth])
+            shown = ".".join(news[:depth + len(news) - len(olds)]) if depth >= moved else prefix
+            mapped.setdefault(prefix, {})[shown] = None
+    held = {".".join(name.split(".")[:depth]) for name in before for depth in range(name.count(".") + 1)}
     entries = []
     for prefix, value in metadata.items():
-        head = prefix + "." if prefix else ""
-        targets = dict.fromkeys(n[:len(n) - len(o) + len(prefix)] for o, n in moves
-                                if o.startswith(head) and n.endswith(o[len(prefix):]))
-        if not targets and not any(o.startswith(head) for o, _ in moves) and any(n.startswith(head) for n in before):
-            continue
-        entries += [(target, value) for target in targets or [prefix]]
+        above = prefix
+        while above not in held and above:
+            above = above.rpartition(".")[0]
+        if above not in held:
+            entries.append((prefix, value))
+        else:
+            entries += [(target + prefix[len(above):], value) for target in mapped.get(above, {})]
     metadata.clear()
     metadata.update(entries)
 
