@@ -275,3 +275,11 @@ def test_stack_refuses_blocks_of_different_shapes(request, saved, tmp_path):
     result = run("stack", f"{path_a}:0..1", f"{path_c}:2..3", "-o", f"{tmp_path / 'out'}/")
     assert result.exit_code == 2 and "'mlp.down_proj.weight' is [32, 48]" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_stack_refuses_blocks_unlike_those_of_the_rest(request, saved, tmp_path):
+    _, path_a = model_dir(request, saved, "llama", lm.llama)
+    _, path_c = model_dir(request, saved, "llama-wide", lambda: lm.llama(intermediate=48))
+    result = run("stack", f"{path_a}:0..1", "--rest", path_c, "-o", f"{tmp_path / 'out'}/")
+    assert result.exit_code == 2 and "'mlp.down_proj.weight' is [32, 64]" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

@@ -240,7 +240,7 @@ class Stack(Blockwise, Operation):
             source = sources(path, None)
             its = find_blocks(list(source.tensors), self.prefix, f"stack: {source.source}: ")
             order += [(source, its, i) for r in parse_ranges(ranges, its.count, f"stack: {path}:") for i in r]
-        _agree(order)
+        _agree([(ckpt, blocks, 0)] + order)  # the blocks taken, and those of the model they go into
         plan = Stacked(**vars(renumbered("stack", ckpt, blocks, order, f"stack: {', '.join(self.slices)}")))
         plan.taken = f"{plural(len(order), 'block')} ({', '.join(self.slices)})"
         plan.config = layer_config(ckpt.config, blocks.count, [i for _, _, i in order])
