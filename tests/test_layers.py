@@ -56,6 +56,16 @@ def test_drop_the_last_layers_of_a_llama(request, saved, tmp_path):
     assert_computes(out, lm.reordered(model, [0, 1]))
 
 
+def test_a_directory_input_writes_a_directory(request, saved, tmp_path):
+    """-o DIR without an extension (nor a trailing '/') names a directory: the weights, the updated config.json
+    and the model's other files."""
+    model, path = model_dir(request, saved, "llama", lm.llama)
+    out = tmp_path / "short"
+    assert run("layers", path, "--drop", "3", "-o", out).exit_code == 0
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert_computes(out, lm.reordered(model, [0, 1, 2]))
+
+
 def test_drop_in_the_middle_renumbers(request, saved, tmp_path):
     model, path = model_dir(request, saved, "llama", lm.llama)
     out = tmp_path / "out"
