@@ -39,10 +39,9 @@ class Blocks:
         number, dot, _ = name[len(head):].partition(".")
         return int(number) if dot and number.isdigit() and int(number) < self.count else None
 
-    def moved(self, name: str, index: int) -> str:
-        """``name`` (of a block) as it is called in block ``index``."""
-        rest = name[len(self.prefix) + 1:].partition(".")[2]
-        return f"{self.prefix}.{index}.{rest}"
+    def name(self, index: int, local: str) -> str:
+        """The name of ``local`` ('mlp.down_proj.weight') in block ``index``."""
+        return f"{self.prefix}.{index}.{local}"
 
     def local(self, name: str) -> str:
         """``name`` without its block: 'self_attn.o_proj.weight'."""

@@ -133,7 +133,7 @@ def renumbered(command: str, ckpt: Checkpoint, blocks: Blocks, order: list[tuple
             for index, (source, its, i) in enumerate(order):
                 held = source.tensors
                 where = "" if source.source == ckpt.source else f"{source.source}:"
-                rebuilt += [(its.moved(n, index), where + n, held[n]) for n in its.members[i]]
+                rebuilt += [(blocks.name(index, its.local(n)), where + n, held[n]) for n in its.members[i]]
         if blocks.index(name) is None:
             rebuilt.append((name, name, tensor))
     used = {id(tensor) for _, _, tensor in rebuilt}
