@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import SAMPLES, register_input, run
+from helpers import SAMPLES, json_of, register_input, run
 from safetensors.torch import load_file
 
 import layer_models as lm
@@ -233,6 +233,22 @@ def test_inspect_tree_names_the_repeated_block(request, saved):
     result = run("inspect", path, "--tree", "--depth", "1")
     assert result.exit_code == 0
     assert "model.layers.N x 4" in result.stdout
+    assert json_of("inspect", path, "--tree", schema="inspect")["blocks"] == [{"prefix": "model.layers", "count": 4}]
+    gpt2 = json_of("inspect", os.path.join(SAMPLES, "gpt.pt"), "--tree", schema="inspect")
+    assert gpt2["blocks"] == []  # h.N is no known block list (--prefix h names it to the commands)
+
+
+def test_the_json_plans(request, saved, tmp_path):
+    _, path = model_dir(request, saved, "llama", lm.llama)
+    plan = json_of("layers", path, "--duplicate", "3", "--identity", "--dry-run", schema="plan")
+    actions = {c["name"]: c["action"] for c in plan["changes"]}
+    assert actions["model.layers.3.mlp.up_proj.weight"] == "copy to model.layers.4.mlp.up_proj.weight"
+    assert actions["model.layers.4.mlp.down_proj.weight"] == "zero (identity copy)"
+    plan = json_of("stack", f"{path}:0..1", f"{path}:1", "--dry-run", schema="plan")
+    actions = {c["name"]: c["action"] for c in plan["changes"]}
+    assert plan["command"] == "stack" and actions["model.layers.3.input_layernorm.weight"] == "drop"
+    assert actions["model.layers.1.mlp.up_proj.weight"] == "copy to model.layers.2.mlp.up_proj.weight"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, message", [
