@@ -1,5 +1,6 @@
 """Benchmark paramsurgeon on a 2 GiB float32 checkpoint, side by side with the physical limit
-(cp) and the scripts people write today, and write the results into the README.
+(cp) and the scripts people write today, and write the results into bench/README.md (every row)
+and the project's README.md (the headline rows).
 
     python bench/run.py                # 5 runs each, prints the table
     python bench/run.py --update-readme
@@ -22,6 +23,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(HERE), "README.md")
+BENCH_README = os.path.join(HERE, "README.md")
+TABLE = re.compile(r"(<!-- bench:start -->\n).*?(<!-- bench:end -->)", re.S)
 BIN = os.path.dirname(sys.executable)
 TENSORS, SIDE = 128, 2048  # 128 float32 tensors of 2048 x 2048 = 16 MiB each: 2 GiB
 MiB = 1 << 20
@@ -361,6 +364,8 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
 # merge-lora: 256 MiB plus a few float32 copies of its largest adapted tensor (5632x2048: 44 MiB, 16 MiB at a time);
 # merge ties: 256 MiB, the merged tensor (250 MiB) and a few 16 MiB pieces; diff: 256 MiB and a few 8 MiB pieces
 # DCP has no target yet; measured and shown.
+HEADLINE = ("zero one 16 MiB tensor (torch zip)", "inspect with statistics (torch zip)", "header only",
+            "merge three 2 GiB checkpoints (linear)", LORA_GROUP)  # the tasks README.md shows
 
 
 def run(folder: str, runs: int, selected: list[tuple]) -> list[dict]:
@@ -416,6 +421,12 @@ def table(results: list[dict], runs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(text: str) -> str:
+    """The rows of the README's short table: those of HEADLINE's tasks (bench/README.md has them all)."""
+    return "".join(line + "\n" for line in text.splitlines()
+                   if not line.startswith("| ") or line.split(" | ")[0][2:] in HEADLINE + ("task",))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -452,12 +463,11 @@ def main() -> None:
     text = table(results, args.runs)
     print(text)
     if args.update_readme:
-        with open(README) as f:
-            readme = f.read()
-        readme = re.sub(r"(<!-- bench:start -->\n).*?(<!-- bench:end -->)", lambda m: m.group(1) + text + m.group(2),
-                        readme, flags=re.S)
-        with open(README, "w") as f:
-            f.write(readme)
+        for path, shown in ((BENCH_README, text), (README, headline(text))):
+            with open(path) as f:
+                readme = f.read()
+            with open(path, "w") as f:
+                f.write(TABLE.sub(lambda m: m.group(1) + shown + m.group(2), readme))
 
 
 def prepare(folder: str) -> None:

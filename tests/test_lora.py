@@ -2,6 +2,7 @@
 trained part non-zero), the ground truth PEFT's merge_and_unload of the same adapter into the same model
 (PeftModel.from_pretrained); every output reloaded with torch or safetensors, untouched tensors bit-identical."""
 
+import argparse
 import copy
 import json
 import os
@@ -135,6 +136,22 @@ def test_sharded_base_and_bin_adapter(tmp_path, llama_base):
     torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
     os.remove(adapter / "adapter_model.safetensors")
     got, _ = merge_lora(tmp_path, sharded, adapter)
+    assert_merged(got, truth, state(model), 4)
+
+
+def test_adapter_whose_pickle_needs_a_global_is_refused_without_allow_global(tmp_path, llama_base):
+    """The adapter is opened by the command's loader: --allow-global (and --unsafe-pickle) reach it."""
+    model, base = llama_base
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, target_modules=["q_proj", "down_proj"])
+    truth = peft_merged(model, adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")  # a training script's .bin: the pairs and its hparams
+    torch.save({**tensors, "hparams": argparse.Namespace(lr=1e-4, r=4)}, adapter / "adapter_model.bin")
+    os.remove(adapter / "adapter_model.safetensors")
+    message = refused(tmp_path, base, adapter)
+    assert "\n" not in message and "argparse.Namespace" in message and "--allow-global argparse.Namespace" in message
+    got, _ = merge_lora(tmp_path, base, adapter, "--allow-global", "argparse.Namespace")
+    assert_merged(got, truth, state(model), 4)
+    got, _ = merge_lora(tmp_path, base, adapter, "--unsafe-pickle", out="unsafe.safetensors")
     assert_merged(got, truth, state(model), 4)
 
 

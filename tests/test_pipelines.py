@@ -22,6 +22,13 @@ def test_diff_identical_across_formats(tmp_path, resnet_pt):
     assert run("diff", resnet_pt, st).stdout.startswith(f"{resnet_pt} (A) vs {st} (B): equal: 122 identical")
 
 
+def test_diff_refuses_standard_input_twice(resnet_pt):
+    with open(resnet_pt, "rb") as f:
+        result = run("diff", "-", "-", input=f.read())
+    assert result.exit_code == 2
+    assert result.stderr == "paramsurgeon: error: diff: only one checkpoint can come from standard input ('-')\n"
+
+
 def test_diff_reports_changed_values_as_torch_computes_them(tmp_path, resnet_pt, resnet):
     changed = tmp_path / "changed.pt"
     run("scale", resnet_pt, "-p", "fc.weight", "--by", "1.5", "-o", changed)
@@ -221,6 +228,23 @@ def test_apply_checks_the_whole_recipe_first(tmp_path, resnet_pt, recipe, messag
     result = run("apply", resnet_pt, path, "-o", out)
     assert result.exit_code == 2 and message in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_a_step_names_itself_in_an_error_of_any_class(monkeypatch):
+    """The step's label goes before the message; the error keeps its class and what it carries
+    (an error built with more than a message could not be rebuilt as type(e)(message))."""
+    from paramsurgeon import declare
+    from paramsurgeon.errors import UnsafePickleError
+    from paramsurgeon.ops import recipes
+
+    def refuse(*args, **kwargs):
+        raise UnsafePickleError("pass --allow-global a.B", ["a.B"])
+
+    monkeypatch.setattr(declare, "from_mapping", refuse)
+    with pytest.raises(UnsafePickleError) as raised:
+        recipes.parse('[[step]]\nop = "zero"\n', "r.toml")
+    assert str(raised.value) == "r.toml: step 1 (zero): pass --allow-global a.B"
+    assert raised.value.globals_wanted == ["a.B"] and raised.value.exit_code == 2
 
 
 def test_apply_dry_run_lists_every_step(tmp_path, resnet_pt):

@@ -7,7 +7,8 @@ README the same way and then checks the files they write against torch. Each exa
 Each console block runs in a directory of its own, its commands in order (a later command may read what
 an earlier one wrote); a test selected alone first runs the commands before it in its block.
 
-Run ``python tests/test_readme.py --update`` to rewrite the outputs in place after a change.
+Run ``python tests/test_readme.py --update`` to rewrite the outputs in place after a change (and the JSON
+field lists, from the schemas: tests/schema_doc.py).
 """
 
 import os
@@ -16,6 +17,7 @@ import sys
 import tempfile
 
 import pytest
+import schema_doc
 from helpers import (CONSOLE, README, ROOT, Example, execute, readme_examples, readme_text, split_example,
                      transcript_parts, workspace)
 
@@ -62,8 +64,9 @@ def test_ci_runs_the_readme_test_command():
 
 
 def update() -> None:
-    """Rewrite every console block's outputs (the cookbook's too) with what its commands print now."""
-    text = readme_text()
+    """Rewrite every console block's outputs (the cookbook's too) with what its commands print now, and the
+    JSON field lists with what the schemas say."""
+    text = schema_doc.render_readme(readme_text())
     with tempfile.TemporaryDirectory() as tmp:
         counter = iter(range(10**6))
 

@@ -16,21 +16,19 @@ _OPERATIONS = ("init", "zero", "scale", "cast", "copy", "tie", "untie", "rename"
                "transpose", "apply", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename", "Drop",
                "Resize", "Split", "Concat", "Transpose", "Plan", "layers", "experts", "Layers", "Experts")
 _LAZY = {"Checkpoint": "checkpoint", "Tensor": "checkpoint", "Selector": "selection", "load": "formats",
-         "to_torch": "checkpoint.values", "merge": "ops.merge", "Merge": "ops.merge",
-         **{name: "ops.lora" for name in ("merge_lora", "extract_lora", "MergeLora", "ExtractLora")},
-         **{name: "ops" for name in _OPERATIONS}}
+         "to_torch": "checkpoint.values", "Merge": "ops.merge", "MergeLora": "ops.lora", "ExtractLora": "ops.lora",
+         **{name: "library" for name in ("merge", "merge_lora", "extract_lora")},
+         **{name: "ops" if name[0].isupper() else "library" for name in _OPERATIONS}}
 
 __all__ = ["ParamSurgeonError", "save", "select", "__version__", *_LAZY]
 
 
 def save(ckpt, path: str | None = None, *, format: str | None = None, in_place: bool = False) -> None:
     """Write ``ckpt`` to ``path`` (None: standard output); the format follows the extension."""
-    from .formats import inputs, resolve_target
+    from .formats import resolve_target
     from .formats import save as write
 
-    with inputs.recording():  # the output may not replace the checkpoint's own file or directory
-        inputs.record(ckpt.path, "the checkpoint")
-        write(ckpt, resolve_target(ckpt, path, format, in_place))
+    write(ckpt, resolve_target(ckpt, path, format, in_place))  # never onto the checkpoint's own file or directory
 
 
 def select(ckpt, patterns=(), *, regex=(), exclude=(), kinds=()) -> list[str]:

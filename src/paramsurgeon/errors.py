@@ -21,6 +21,17 @@ class ParamSurgeonError(Exception):
     """Base class: a user-facing error with a one-line message."""
 
     exit_code = 2
+    where: tuple[str, ...] = ()  # what the error happened in, outermost first ('r.toml: step 2 (init)')
+
+    def within(self, where: str) -> ParamSurgeonError:
+        """This error (class, exit code and attributes kept), said to have happened in ``where``,
+        which its message then starts with (once: a message that names it already is kept)."""
+        if not str(self).startswith(f"{where}:"):
+            self.where = (where, *self.where)
+        return self
+
+    def __str__(self) -> str:
+        return ": ".join((*self.where, super().__str__()))
 
 
 class UsageError(ParamSurgeonError):

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator
 
 from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.extras import summarize, tensors_in
+from ..checkpoint.opaque import Opaque
 from ..checkpoint.tensor import blocks
-from ..formats.pickles import Opaque
 
 
 @dataclass

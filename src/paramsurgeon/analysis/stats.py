@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from ..checkpoint import Tensor
+from ..checkpoint.contents import row_major
 from ..checkpoint.tensor import blocks
 
 @dataclass
@@ -168,11 +169,6 @@ def _moments(chunk, scratch):
 def sha256(tensor: Tensor) -> str:
     """sha256 of the tensor's values in row-major order (the bytes safetensors would store)."""
     digest = hashlib.sha256()
-    view = tensor.contiguous_bytes()
-    if view is None:
-        from ..checkpoint.values import contiguous_memory
-
-        view = contiguous_memory(tensor)
-    for block in blocks(view):
+    for block in blocks(row_major(tensor)):
         digest.update(block)
     return digest.hexdigest()

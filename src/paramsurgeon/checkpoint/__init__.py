@@ -5,7 +5,9 @@
     kinds.py        which layer a tensor belongs to (conv, linear, batchnorm, ...)
     layouts.py      which way each 2-D weight is stored (nn.Linear or GPT-2 Conv1D), told per tensor
     extras.py       everything besides the tensors (epoch, optimizer state), summarised
+    opaque.py       what a pickle's globals and calls become when nothing is imported or run
     hfties.py       the tied names a Hugging Face file leaves out, read back as aliases
+    contents.py     a tensor's values as row-major bytes; whether two tensors hold the same
     values.py       the bridge to torch (imported only where values are computed)
 """
 

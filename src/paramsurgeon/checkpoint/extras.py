@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..formats.pickles import Opaque, describe
 from ..sizes import human_bytes, plural
 from .checkpoint import Checkpoint
+from .opaque import Opaque, describe
 from .tensor import Tensor
 
 _OPTIMIZERS = [

@@ -186,19 +186,6 @@ def tie_groups(tensors: dict[str, Tensor]) -> list[list[str]]:
 _STORAGE = attrgetter("storage")
 
 
-def same_values(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors of one shape and dtype hold the same bytes (NaNs included)."""
-    views = []
-    for tensor in (a, b):
-        view = tensor.contiguous_bytes()
-        if view is None:
-            from .values import contiguous_memory
-
-            view = contiguous_memory(tensor)
-        views.append(view)
-    return all(bytes(x) == bytes(y) for x, y in zip(blocks(views[0]), blocks(views[1])))
-
-
 def memory_of(values) -> memoryview:
     """The bytes of a contiguous CPU torch tensor, without copying (and without importing torch)."""
     nbytes = values.numel() * values.element_size()

@@ -12,7 +12,6 @@ from typer.core import TyperGroup
 
 from .. import bulk
 from ..errors import ParamSurgeonError
-from ..formats import inputs
 from . import commands
 from .build import command, described, groups_of
 
@@ -31,11 +30,10 @@ class _Group(TyperGroup):
     """Runs a command and maps every failure to one stderr line and an exit code."""
 
     def invoke(self, ctx):
-        with inputs.recording():  # what the command opens, no output of it may overwrite
-            try:
-                return super().invoke(ctx)
-            except BrokenPipeError as e:
-                raise _PipeClosed from e
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as e:
+            raise _PipeClosed from e
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)

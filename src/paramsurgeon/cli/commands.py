@@ -13,7 +13,7 @@ from .. import declare
 from ..declare import REQUIRED, option
 from ..errors import UsageError
 from ..selection import Selection
-from .console import (color_on_stdout, emit, note, open_checkpoint, output_target, progress, selected_names,
+from .console import (color_on_stdout, emit, loader, note, open_checkpoint, output_target, progress, selected_names,
                       terminal_width, write_checkpoint, written)
 from .options import Input, Json, Pair, Read, Write
 
@@ -44,7 +44,7 @@ def inspect(given: Input, options: InspectOptions, output: Json, read: Read, sel
     from ..analysis.inspection import inspect as inspect_checkpoint
     from ..report import render
 
-    checkpoint = open_checkpoint(given.ckpt, read)
+    checkpoint = open_checkpoint(given.ckpt, loader(read))
     names = selected_names(checkpoint, select)
     stats = not (options.no_stats or options.tree)
     reads_data = stats or options.hash
@@ -80,7 +80,10 @@ def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, select: Sel
     from ..analysis.compare import bytes_to_compare, compare
     from ..report import render
 
-    first, second = open_checkpoint(pair.a, read), open_checkpoint(pair.b, read)
+    if pair.a == pair.b == "-":  # the loader opens an input once: the second '-' would be the first
+        raise UsageError("diff: only one checkpoint can come from standard input ('-')")
+    load = loader(read)
+    first, second = open_checkpoint(pair.a, load), open_checkpoint(pair.b, load)
     picked = set(selected_names(first, select, {**second.tensors, **first.tensors}))
     names_a = [n for n in first.tensors if n in picked]
     names_b = [n for n in second.tensors if n in picked]
@@ -127,7 +130,6 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
 
     A sharded checkpoint is also checked for agreement between its index and its shards.
     """
-    from .. import formats
     from ..analysis import health
     from ..analysis.checks import RuleResult, parse_expectations, run_rules, validate_dtype
 
@@ -140,16 +142,17 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
         except OSError as e:
             raise UsageError(f"cannot read '{options.expect_file}': {e.strerror}") from e
     rules: list[RuleResult] = []
-    index = formats.sharded_index(given.ckpt)
-    if index is not None:
+    load = loader(read)
+    problems = load.shard_problems(given.ckpt)
+    if problems is not None:
         shards = RuleResult("shards")
-        shards.violations = formats.verify_shards(given.ckpt, tuple(read.allow_global), read.unsafe_pickle)
+        shards.violations = problems
         rules.append(shards)
         if not shards.ok:
             _report_check(given.ckpt, rules, output.json)
-    checkpoint = open_checkpoint(given.ckpt, read)
+    checkpoint = open_checkpoint(given.ckpt, load)
     names = selected_names(checkpoint, select)
-    other = open_checkpoint(options.like, read) if options.like is not None else None
+    other = open_checkpoint(options.like, load) if options.like is not None else None
     default = not (options.finite or options.max_abs is not None or other or expectations or dtype or options.health)
     values = options.finite or default or options.max_abs is not None
     diagnosed = health.checked_names(checkpoint, names) if options.health else []
@@ -205,7 +208,7 @@ def groups(given: Input, rules: GroupRules, output: Json, read: Read, select: Se
     from ..analysis.groups import decay_groups
     from ..report import render
 
-    checkpoint = open_checkpoint(given.ckpt, read)
+    checkpoint = open_checkpoint(given.ckpt, loader(read))
     names = selected_names(checkpoint, select)
     warnings: list[str] | None = [] if select.allow_empty else None
     result = decay_groups(checkpoint, names, no_decay=tuple(rules.no_decay), decay=tuple(rules.decay),
@@ -229,8 +232,9 @@ def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
     """Convert between torch and safetensors, single file and sharded directory; values are untouched."""
     from ..sizes import human_bytes, plural
 
-    checkpoint = open_checkpoint(given.ckpt, read)
-    target = output_target(checkpoint, write, sharding.max_shard_size)
+    load = loader(read)
+    checkpoint = open_checkpoint(given.ckpt, load)
+    target = output_target(checkpoint, write, load.inputs, sharding.max_shard_size)
     where = target.path or "standard output"
     layout = target.family
     if target.sharded:
@@ -261,16 +265,16 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     from ..analysis.inspection import inspect as inspect_checkpoint
     from ..dtypes import BY_NAME
     from ..formats.atomic import output_file
-    from ..formats.inputs import refuse_overwrite
     from ..report import html
     from ..sizes import human_bytes, plural
 
     html.require_matplotlib()
-    checkpoint = open_checkpoint(given.ckpt, read, "the checkpoint")
+    load = loader(read)
+    checkpoint = open_checkpoint(given.ckpt, load)
     names = selected_names(checkpoint, select)
-    other = open_checkpoint(options.against, read, "--against") if options.against is not None else None
+    other = open_checkpoint(options.against, load, "--against") if options.against is not None else None
     if options.output != "-":
-        refuse_overwrite(options.output)  # before the work
+        load.inputs.refuse_overwrite(options.output)  # before the work
     result = inspect_checkpoint(checkpoint, names, stats=False)
     floats = [r.name for r in result.rows if BY_NAME[r.dtype].floating]
     size = sum(checkpoint.tensors[n].nbytes for n in floats) * (3 if other else 1)
@@ -286,7 +290,7 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     if options.output == "-":
         emit(page)
         return
-    with output_file(options.output) as sink:
+    with output_file(options.output, load.inputs) as sink:
         sink.write(page)
     note(f"wrote {options.output} ({human_bytes(len(page))}: {plural(len(result.rows), 'tensor')},"
          f" {plural(len(findings), 'finding')})")

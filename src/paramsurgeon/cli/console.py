@@ -5,15 +5,18 @@ import shutil
 import sys
 from contextlib import contextmanager
 from time import monotonic
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from .. import formats
 from ..checkpoint import Checkpoint
 from ..errors import OutputError
-from ..formats import inputs
 from ..report.escape import printable
 from ..selection import Selection
 from .options import Read
+
+if TYPE_CHECKING:
+    from ..formats.inputs import Inputs
+    from ..formats.loader import Loader
 
 
 def note(message: str) -> None:
@@ -50,29 +53,21 @@ def emit(text: str | bytes) -> None:
         raise OutputError(f"cannot write to standard output: {e.strerror or e}; what was written is incomplete") from e
 
 
-def open_checkpoint(path: Optional[str], read: Read, role: Optional[str] = "the checkpoint") -> Checkpoint:
-    """Open ``path`` with the reading options, an input in the ``role`` the user gave it ('--against'),
+def loader(read: Read, shared_key: bool = False) -> "Loader":
+    """The command's one loader of its inputs, with its reading options (see formats/loader.py)."""
+    from ..formats.loader import Loader
+
+    return Loader(key=read.key, allow_globals=tuple(read.allow_global), unsafe_pickle=read.unsafe_pickle,
+                  shared_key=shared_key)
+
+
+def open_checkpoint(path: Optional[str], load: "Loader", role: Optional[str] = "the checkpoint") -> Checkpoint:
+    """Open ``path`` with the command's --key, an input in the ``role`` the user gave it ('--against'),
     which no output may overwrite; notes (e.g. which --key was chosen) go to stderr."""
-    inputs.record(path, role)
-    ckpt = formats.load(path, key=read.key, allow_globals=tuple(read.allow_global),
-                        unsafe_pickle=read.unsafe_pickle)
+    ckpt = load.checkpoint(path, load.key, role)
     for message in ckpt.notes:
         note(f"note: {message}")
     return ckpt
-
-
-def source_loader(read: Read) -> Callable[[str, Optional[str]], Checkpoint]:
-    """``load(path, key)`` for --source checkpoints, each opened once however often a plan asks."""
-    opened: dict = {}
-
-    def load(path: str, key: Optional[str]) -> Checkpoint:
-        if (path, key) not in opened:
-            inputs.record(path, "--source")  # unless it was named otherwise first
-            opened[path, key] = formats.load(path, key=key, allow_globals=tuple(read.allow_global),
-                                             unsafe_pickle=read.unsafe_pickle)
-        return opened[path, key]
-
-    return load
 
 
 def selected_names(ckpt: Checkpoint, selection: Selection, tensors: Optional[dict] = None) -> list[str]:
@@ -97,9 +92,10 @@ def written(ckpt: Checkpoint, target: formats.Target, dedupe: bool) -> tuple[int
     return len(tensors), sum(t.nbytes for n, t in tensors.items() if n not in aliases)
 
 
-def output_target(ckpt: Checkpoint, write, max_shard_size: Optional[str] = None) -> formats.Target:
-    """Where and in which format ``ckpt`` is written (the Write options); its notes go to stderr."""
-    target = formats.resolve_target(ckpt, write.output, write.format, write.in_place, max_shard_size)
+def output_target(ckpt: Checkpoint, write, inputs: "Inputs", max_shard_size: Optional[str] = None) -> formats.Target:
+    """Where and in which format ``ckpt`` is written (the Write options), which may not be one of
+    the command's ``inputs``; its notes go to stderr."""
+    target = formats.resolve_target(ckpt, write.output, write.format, write.in_place, max_shard_size, inputs)
     for message in target.notes:
         note(f"note: {message}")
     return target

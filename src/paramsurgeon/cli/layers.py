@@ -3,10 +3,9 @@ tensors outside the blocks, whose step reads the block ranges of every source.""
 
 from __future__ import annotations
 
-from ..formats import inputs
 from ..ops.layers import Stack
 from ..ops.surgery import Step
-from .merging import input_loader
+from .console import loader
 from .operations import run_steps
 from .options import Read, Surgery, Write
 
@@ -18,7 +17,8 @@ def run_stack(stack: Stack, read: Read, write: Write, surgery: Surgery) -> None:
     config.json (its layer count and per-layer lists updated) come from the first source, or --rest.
     Blocks must agree in names, shapes and dtypes.
     """
+    load = loader(read, shared_key=True)  # one --key for the torch inputs (a safetensors or sharded one is flat)
     for number, text in enumerate(stack.slices, 1):
-        inputs.record(text.rpartition(":")[0], f"stack input {number}")
-    inputs.record(stack.rest, "--rest")
-    run_steps("stack", stack.written, [Step(stack)], None, read, write, surgery, sources=input_loader(read))
+        load.inputs.record(text.rpartition(":")[0], f"stack input {number}")
+    load.inputs.record(stack.rest, "--rest")
+    run_steps("stack", stack.written, [Step(stack)], None, load, write, surgery)

@@ -12,7 +12,7 @@ from ..report import render
 from ..report.tables import Column
 from ..report.tables import render as table
 from ..sizes import human_bytes, plural
-from .console import color_on_stdout, emit, note, source_loader, terminal_width
+from .console import color_on_stdout, emit, loader, note, terminal_width
 from .options import Read
 
 
@@ -31,17 +31,14 @@ def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
     Unchanged tensors are skipped; changed 1-D tensors are saved whole (modules_to_save, or a
     targeted module's bias). Prints each module's relative reconstruction error.
     """
-    from ..formats import inputs
+    from ..formats import peft
     from ..formats.directories import refuse_foreign
-    from ..ops.lora.adapter import is_adapter_file
-    from ..ops.lora.extraction import plan_extraction, write_adapter
+    from ..ops.lora.extraction import adapter_tensors, plan_extraction
 
-    inputs.record(extract.base, "base")
-    inputs.record(extract.tuned, "tuned")
-    load = source_loader(read)
-    base, tuned = load(extract.base, read.key), load(extract.tuned, read.key)
-    inputs.refuse_overwrite(extract.output)  # before the work, and with --dry-run as without
-    refuse_foreign(extract.output, extract.output, is_adapter_file, "a PEFT adapter")
+    load = loader(read)
+    base, tuned = load.checkpoint(extract.base, read.key, "base"), load.checkpoint(extract.tuned, read.key, "tuned")
+    load.inputs.refuse_overwrite(extract.output)  # before the work, and with --dry-run as without
+    refuse_foreign(extract.output, extract.output, peft.is_adapter_file, "a PEFT adapter")
     extraction = plan_extraction(extract, base, tuned, compute=not run.dry_run)
     for message in extraction.notes:
         note(f"extract-lora: {message}")
@@ -62,7 +59,7 @@ def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
                    terminal_width(), color_on_stdout())[0])
     if run.dry_run:
         return
-    write_adapter(extraction, extract.output)
+    peft.write_adapter(extract.output, adapter_tensors(extraction), extraction.config, load.inputs)
     size = sum(os.path.getsize(os.path.join(extract.output, n)) for n in os.listdir(extract.output))
     whole = len(extraction.whole)
     note(f"extract-lora: {plural(len(extraction.modules), 'module')} (rank {extract.rank})"

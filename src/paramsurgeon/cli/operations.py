@@ -6,26 +6,27 @@ computed), then prints the plan (--dry-run) or performs it and writes the result
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .. import formats
 from ..checkpoint import Checkpoint
 from ..declare import REQUIRED, argument, option
 from ..errors import UsageError
-from ..formats import inputs
 from ..formats.files import refuse_terminal
 from ..ops import OPERATIONS, Operation
-from ..ops.spec import Sources
 from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
-from .console import (color_on_stdout, emit, note, output_target, progress, source_loader, terminal_width,
+from .console import (color_on_stdout, emit, loader, note, output_target, progress, terminal_width,
                       write_checkpoint)
 from .options import Input, NamedInput, Read, Surgery, Write
+
+if TYPE_CHECKING:
+    from ..formats.loader import Loader
 
 
 def run_operation(given: Input | NamedInput, operation: Operation, read: Read, write: Write, surgery: Surgery) -> None:
     """One command: a one-step run."""
-    run_steps(operation.name, given.ckpt, [Step(operation)], None, read, write, surgery)
+    run_steps(operation.name, given.ckpt, [Step(operation)], None, loader(read), write, surgery)
 
 
 @dataclass(kw_only=True)
@@ -45,24 +46,25 @@ def apply_recipe(recipe: Recipe, read: Read, write: Write, surgery: Surgery) -> 
     if len(recipe.paths) > 2:
         raise UsageError("apply: pass the checkpoint and one recipe")
     path, recipe_path = (recipe.paths[0], recipe.paths[1]) if len(recipe.paths) == 2 else (None, recipe.paths[0])
-    inputs.record(recipe_path, "the recipe")
+    load = loader(read)
+    load.inputs.record(recipe_path, "the recipe")
     steps, seed = recipes.parse(recipes.read(recipe_path), recipe_path)
-    run_steps("apply", path, steps, seed if seed is not None else recipe.seed, read, write, surgery)
+    run_steps("apply", path, steps, seed if seed is not None else recipe.seed, load, write, surgery)
 
 
-def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Optional[int], read: Read, write: Write,
-              surgery: Surgery, sources: Optional[Sources] = None) -> None:
+def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Optional[int], sources: Loader,
+              write: Write, surgery: Surgery) -> None:
     """Rehearse ``steps`` on the checkpoint at ``path``, then print the plan (--dry-run, --json) or
-    perform it and write the result; ``sources`` opens the other checkpoints the steps read."""
+    perform it and write the result; ``sources``, the command's loader, opens the checkpoint and
+    every other input the steps read."""
     steps, notes = draw_seeds(steps, seed)
     for message in notes:
         note(f"{command}: {message}")
-    sources = sources or source_loader(read)
-    inputs.record(path, "the checkpoint")
-    ckpt, target = _open_for_writing(sources(path, read.key), write, surgery)
+    ckpt = sources.checkpoint(path, sources.key, "the checkpoint")
+    target = _target(ckpt, write, surgery, sources)
     planned = rehearse(ckpt, steps, sources)
     if target.path is not None:
-        inputs.refuse_overwrite(target.path)  # the inputs the steps opened (--source), as a real run
+        sources.inputs.refuse_overwrite(target.path)  # the inputs the steps opened (--source), as a real run
     for step, plan, _ in planned:
         for message in plan.notes:
             note(f"{command}: {step.short + ': ' if step.short else ''}{message}")
@@ -88,17 +90,18 @@ def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Option
     _write_result(command, ckpt, target, write, summary)
 
 
-def _open_for_writing(ckpt: Checkpoint, write: Write, surgery: Surgery) -> tuple[Checkpoint, formats.Target]:
-    """The checkpoint and where its result goes, refusing impossible outputs before any work."""
+def _target(ckpt: Checkpoint, write: Write, surgery: Surgery, sources: Loader) -> formats.Target:
+    """Where the result goes (its notes, and the checkpoint's, shown); impossible outputs are
+    refused before any work."""
     for message in ckpt.notes:
         note(f"note: {message}")
-    target = output_target(ckpt, write)
+    target = output_target(ckpt, write, sources.inputs)
     if target.path is None and not write.dry_run:
         refuse_terminal()  # before any value is computed
         if surgery.json:
             raise UsageError("--json prints the plan on standard output, where the checkpoint is going;"
                              " pass -o PATH or --dry-run")
-    return ckpt, target
+    return target
 
 
 def _write_result(command: str, ckpt: Checkpoint, target: formats.Target, write: Write, summary: str) -> None:

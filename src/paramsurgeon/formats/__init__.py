@@ -1,11 +1,12 @@
-"""Checkpoint formats: detection and lazy reading, streaming atomic writing.
+"""Checkpoint formats: detection and lazy reading, streaming atomic writing; the Loader through
+which a command opens every input.
 
 Submodules load on first use (zipfile alone costs 20 ms), so a safetensors header is read
 without importing the torch readers.
 """
 
-_EXPORTS = {"load": "reading", "sharded_index": "reading", "verify_shards": "reading",
-            "save": "writing", "resolve_target": "target", "Target": "target"}
+_EXPORTS = {"load": "reading", "Loader": "loader", "save": "writing", "resolve_target": "target",
+            "Target": "target"}
 
 __all__ = list(_EXPORTS)
 

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 from ..errors import OutputError
 from .directories import refuse_foreign
 from .files import Sink, output_kind
-from .inputs import permitted, refuse_overwrite
+from .inputs import Inputs
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -101,15 +101,15 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def output_file(target: str) -> Iterator[Sink]:
+def output_file(target: str, inputs: Inputs) -> Iterator[Sink]:
     """The output file ``-o target``: a FIFO or character device (through any link) is written
     through as a stream; a regular file, or a link to one, is replaced atomically (the link
-    stays); a new name becomes a regular file. Never an input of the running command."""
+    stays); a new name becomes a regular file. Never one of the command's ``inputs``."""
     if output_kind(target) != "stream":
-        with atomic_file(target) as sink:
+        with atomic_file(target, inputs) as sink:
             yield sink
         return
-    refuse_overwrite(target)
+    inputs.refuse_overwrite(target)
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -130,14 +130,15 @@ def output_file(target: str) -> Iterator[Sink]:
 
 
 @contextmanager
-def atomic_file(target: str) -> Iterator[Sink]:
+def atomic_file(target: str, inputs: Inputs | None = None) -> Iterator[Sink]:
     """Write ``target`` through a temporary file beside it: flushed, fsynced, renamed.
 
     A file it replaces keeps its mode (and owner, where permitted); a symbolic link is
     followed, and the file it names replaced. On any failure the temporary file is removed
-    and ``target`` is untouched.
+    and ``target`` is untouched. It is never one of the command's ``inputs``.
     """
-    refuse_overwrite(target)
+    if inputs is not None:
+        inputs.refuse_overwrite(target)
     where, target = target, os.path.realpath(target) if os.path.islink(target) else target
     tmp = temporary_name(target)
     try:
@@ -176,20 +177,21 @@ def new_file(path: str, like: str | None = None) -> Iterator[Sink]:
 
 @contextmanager
 def atomic_directory(target: str, carry: Callable[[str], bool], owns: Callable[[str], bool],
-                     what: str) -> Iterator[str]:
+                     what: str, inputs: Inputs) -> Iterator[str]:
     """Build the new ``target`` directory in the staging directory yielded, then swap it in whole.
 
     The old directory may hold only ``what`` the new one replaces (``owns(name)``) and model
-    files (directories.MODEL_FILES), else it is refused. Entries for which ``carry(name)`` is
+    files (directories.SIDE_FILES), else it is refused. Entries for which ``carry(name)`` is
     true (a config.json beside the shards) are carried over by hard link, unless the new
     directory holds that name. A symbolic link is followed. On failure before the swap the
-    staging directory is removed and ``target`` is untouched.
+    staging directory is removed and ``target`` is untouched. It is never one of the command's
+    ``inputs``, but the one it rewrites in place.
     """
-    refuse_overwrite(target)
+    inputs.refuse_overwrite(target)
     where, target = target, os.path.realpath(target)  # "." cannot be renamed, its full path can
     if os.path.lexists(target) and not os.path.isdir(target):
         raise OutputError(f"'{where}' exists and is not a directory; a sharded or DCP checkpoint is a directory")
-    if not permitted(target):  # --in-place keeps what else the input's directory holds
+    if not inputs.permits(target):  # --in-place keeps what else the input's directory holds
         refuse_foreign(where, target, owns, what)
     staging = temporary_name(target)
     try:

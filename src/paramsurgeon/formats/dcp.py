@@ -18,9 +18,11 @@ from typing import Any
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
+from ..checkpoint.opaque import Opaque, describe
 from ..errors import CorruptCheckpointError
 from . import dcpchunks, dcpwriter, pickles
 from .atomic import atomic_directory
+from .inputs import Inputs
 
 _DCP = "torch.distributed.checkpoint"
 METADATA_GLOBALS = frozenset({
@@ -37,14 +39,14 @@ def is_dcp(path: str) -> bool:
 
 def _fields(node: Any) -> dict:
     """The attributes of a dataclass instance read from a pickle (state dict, or slots)."""
-    state = node.state if isinstance(node, pickles.Opaque) else None
+    state = node.state if isinstance(node, Opaque) else None
     if isinstance(state, tuple) and len(state) == 2 and all(isinstance(s, (dict, type(None))) for s in state):
         state = {**(state[0] or {}), **(state[1] or {})}
     return state if isinstance(state, dict) else {}
 
 
 def _kind(node: Any) -> str:
-    return type(node).full_name.rpartition(".")[2] if isinstance(node, pickles.Opaque) else type(node).__name__
+    return type(node).full_name.rpartition(".")[2] if isinstance(node, Opaque) else type(node).__name__
 
 
 def read(folder: str, *, allow: frozenset[str], unsafe: bool) -> Checkpoint:
@@ -84,7 +86,7 @@ def _no_storage(source: str):
 
 def _ints(value: Any) -> Any:
     """A torch.Size from the pickle as a tuple of ints (anything else as it is, for the checks)."""
-    value = value.args[0] if isinstance(value, pickles.Opaque) and value.args else value
+    value = value.args[0] if isinstance(value, Opaque) and value.args else value
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
@@ -101,7 +103,7 @@ def _tensor(files: dcpchunks.Folder, fqn: str, entry: dict, locations: dict, whe
     """A tensor from its chunks: one that covers it all is a span of its .distcp file; several are
     reassembled (by a loader) when the values are needed."""
     properties = entry.get("properties")
-    state = properties.state if isinstance(properties, pickles.Opaque) else None
+    state = properties.state if isinstance(properties, Opaque) else None
     # TensorProperties pickles as a tuple (dtype, layout, requires_grad, memory_format, pin_memory)
     dtype = state[0] if isinstance(state, tuple) and state else _fields(properties).get("dtype")
     dtype_name = getattr(dtype, "full_name", "").removeprefix("torch.")
@@ -118,7 +120,7 @@ def _tensor(files: dcpchunks.Folder, fqn: str, entry: dict, locations: dict, whe
         piece = dcpchunks.read_span(files, _location(locations, fqn, offsets, where), what, **options)
         if not isinstance(piece, Tensor) or piece.dtype != dtype or piece.shape != sizes:
             raise CorruptCheckpointError(f"{where}: {what} should hold {dtype.name} values of shape {list(sizes)}"
-                                         f" but its file holds {pickles.describe(piece, 60)}; the checkpoint is damaged")
+                                         f" but its file holds {describe(piece, 60)}; the checkpoint is damaged")
         pieces.append((offsets, piece))
     if len(pieces) == 1 and pieces[0][1].shape == shape:
         whole = pieces[0][1]
@@ -152,15 +154,16 @@ def _unflatten(flat: dict[str, Any], layout: dict) -> dict:
 
 class Writer:
     """A DCP directory written tensor by tensor (dcpwriter), replaced as a whole
-    (atomic.atomic_directory); files beside the checkpoint in the old directory are carried over."""
+    (atomic.atomic_directory); files beside the checkpoint in the old directory are carried over.
+    It is never one of the command's ``inputs``."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self, folder: str, inputs: Inputs):
+        self.folder, self.inputs = folder, inputs
 
     def write(self, ckpt: Checkpoint) -> None:
         """Save ``ckpt`` (every entry of the file) as a DCP directory."""
         with atomic_directory(self.folder, carry=lambda name: not is_own_file(name), owns=is_own_file,
-                              what="a DCP checkpoint") as staging:
+                              what="a DCP checkpoint", inputs=self.inputs) as staging:
             dcpwriter.write(staging, ckpt.root, ckpt.source)
 
 

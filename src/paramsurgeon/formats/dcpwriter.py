@@ -16,8 +16,9 @@ import pickle
 from typing import Any
 
 from ..checkpoint import Checkpoint, Tensor
+from ..checkpoint.opaque import GlobalMeta, Opaque, describe
 from ..errors import OutputError
-from . import pickles, torchzip
+from . import torchzip
 from .atomic import new_file
 from .files import Sink
 
@@ -89,8 +90,8 @@ def _stand_ins(node: Any, source: str, ours: dict[int, Tensor], seen: dict[int, 
         result.extend(_stand_ins(v, source, ours, seen) for v in node)
     elif isinstance(node, tuple):
         result = tuple(_stand_ins(v, source, ours, seen) for v in node)
-    elif isinstance(node, (pickles.Opaque, pickles.GlobalMeta)):
-        raise OutputError(f"{source} holds {pickles.describe(node, 40)}, which a DCP checkpoint cannot store;"
+    elif isinstance(node, (Opaque, GlobalMeta)):
+        raise OutputError(f"{source} holds {describe(node, 40)}, which a DCP checkpoint cannot store;"
                           " pass --tensors-only, or write a torch file")
     else:
         result = node

@@ -1,16 +1,32 @@
-"""The refusal of a directory output that holds anything but what the command writes and the
-files of a model directory (sidefiles.SIDE_FILES, which are kept): such a directory is
-replaced whole, so nothing else in it may be lost."""
+"""The files of a model directory besides its weights (SIDE_FILES: configuration, tokenizer,
+custom code, model card), and the refusal of a directory output that holds anything but what
+the command writes and such files (which are kept): it is replaced whole, so nothing else in
+it may be lost."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from typing import Callable
 
 from ..errors import OutputError
-from .sidefiles import is_side_file
 
+SIDE_FILES = (
+    # configuration: config.json, generation_config.json, tokenizer_config.json, preprocessor_config.json, ...
+    "config.json", "*_config.json", "params.json",
+    # tokenizer
+    "tokenizer.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+    "merges.txt", "spiece.model", "sentencepiece*.model", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    # code that trust_remote_code loads, the model card, the licence
+    "modeling_*.py", "configuration_*.py", "tokenization_*.py", "processing_*.py", "image_processing_*.py",
+    "README.md", "LICENSE", "LICENSE.*", "NOTICE", "USE_POLICY.md", ".gitattributes",
+)
 _SHOWN = 5
+
+
+def is_side_file(name: str) -> bool:
+    """Whether a file called ``name`` is one of the kinds a model directory holds beside its weights."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SIDE_FILES)
 
 
 def refuse_foreign(where: str, folder: str, owns: Callable[[str], bool], what: str) -> None:

@@ -1,74 +1,60 @@
 """The inputs a command has opened, so that no output of the command lands on one of them.
 
-A command (the CLI) runs inside ``recording()``; every checkpoint ``load`` opens, and every
-other input a command reads (a recipe, an adapter directory), is recorded with the role the
-user gave it. ``refuse_overwrite`` then refuses an output that is an input (the same file by
-any path or hard link), lies inside an input directory, or is a directory holding an input.
-Outside ``recording()`` (the library) nothing is recorded.
+A command's loader (formats/loader.py) owns one ``Inputs``: every checkpoint it opens, and
+every other input the command reads (a recipe, an adapter directory), is recorded with the
+role the user gave it. The writers take the record with their target (``Target.inputs``):
+``refuse_overwrite`` refuses an output that is an input (the same file by any path or hard
+link), lies inside an input directory, or is a directory holding an input. A library save,
+which has no loader, is checked against the checkpoint's own file (target.resolve_target).
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-from typing import Iterator
 
 from ..errors import OutputError
 
-_opened: dict[str, str | None] | None = None  # path as given -> role ('--against'), in the order opened
-_permitted: set[str] = set()  # real paths an --in-place run rewrites on purpose
 
+class Inputs:
+    """The record of one command's inputs: path as given -> role ('--against'), in the order
+    opened, and the places an --in-place run rewrites on purpose."""
 
-@contextmanager
-def recording() -> Iterator[None]:
-    """Record the inputs opened inside this block (one command) and forget them after."""
-    global _opened, _permitted
-    saved = _opened, _permitted
-    _opened, _permitted = {}, set()
-    try:
-        yield
-    finally:
-        _opened, _permitted = saved
+    def __init__(self) -> None:
+        self.opened: dict[str, str | None] = {}
+        self.permitted: set[str] = set()  # real paths
 
+    def record(self, path: str | None, role: str | None = None) -> None:
+        """``path`` is an input of the command; ``role`` names it ('--source', 'merge input 2').
+        The first role given for a path is kept."""
+        if path not in (None, "-") and self.opened.get(path) is None:
+            self.opened[path] = role
 
-def record(path: str | None, role: str | None = None) -> None:
-    """``path`` is an input of the running command; ``role`` names it ('--source', 'merge input 2').
-    The first role given for a path is kept."""
-    if _opened is None or path in (None, "-"):
-        return
-    if _opened.get(path) is None:
-        _opened[path] = role
+    def role(self, path: str) -> str | None:
+        """The role ``path`` was recorded with."""
+        return self.opened.get(path)
 
+    def permit(self, place: str) -> None:
+        """--in-place: the output ``place`` is the input the user asked to rewrite."""
+        self.permitted.add(os.path.realpath(place))
 
-def role(path: str) -> str | None:
-    """The role ``path`` was recorded with."""
-    return (_opened or {}).get(path)
+    def permits(self, place: str) -> bool:
+        """Whether ``place`` is rewritten in place (what else its directory holds is carried over)."""
+        return os.path.realpath(place) in self.permitted
 
+    def refuse_overwrite(self, output: str) -> None:
+        """Refuse ``output`` if writing it could change an input of the command.
 
-def permit(place: str) -> None:
-    """--in-place: the output ``place`` is the input the user asked to rewrite."""
-    _permitted.add(os.path.realpath(place))
-
-
-def permitted(place: str) -> bool:
-    """Whether ``place`` is rewritten in place (what else its directory holds is carried over)."""
-    return os.path.realpath(place) in _permitted
-
-
-def refuse_overwrite(output: str) -> None:
-    """Refuse ``output`` if writing it could change an input of the running command.
-
-    Raises:
-        OutputError: naming the output, the input and its role.
-    """
-    if not _opened or permitted(output):
-        return
-    out = os.path.realpath(output)
-    for path, given in sorted(_opened.items(), key=lambda item: item[1] is None):
-        relation = _relation(out, os.path.realpath(path))
-        if relation:
-            named = f"{path} ({given})" if given else path
-            raise OutputError(f"-o {output} {relation} the input {named}; nothing was written; write elsewhere")
+        Raises:
+            OutputError: naming the output, the input and its role.
+        """
+        if not self.opened or self.permits(output):
+            return
+        out = os.path.realpath(output)
+        for path, given in sorted(self.opened.items(), key=lambda item: item[1] is None):
+            relation = _relation(out, os.path.realpath(path))
+            if relation:
+                named = f"{path} ({given})" if given else path
+                raise OutputError(f"-o {output} {relation} the input {named}; nothing was written; write elsewhere")
 
 
 def _relation(out: str, place: str) -> str | None:

@@ -2,7 +2,7 @@
 
 Reading: every global named in the pickle becomes a placeholder class created here
 (never an import), and every call or object construction in the pickle becomes an
-``Opaque`` record of that call. Only a handful of known torch rebuild functions are
+``Opaque`` record of that call (checkpoint/opaque.py). Only a handful of known torch rebuild functions are
 interpreted, to find tensors. So a hostile pickle cannot execute anything; globals
 outside torch's weights-only allowlist are collected and refused all at once, unless
 the user admits them by name or passes --unsafe-pickle (which keeps them as opaque
@@ -15,11 +15,11 @@ opaque records exactly as they came in.
 from __future__ import annotations
 
 import _compat_pickle
-import copyreg
 import io
 import pickle
 from typing import Any, BinaryIO, Callable
 
+from ..checkpoint.opaque import GlobalMeta, Opaque, placeholder
 from ..errors import CorruptCheckpointError, OutputError, UnsafePickleError
 
 # torch's weights-only allowlist (torch._weights_only_unpickler._get_allowed_globals).
@@ -66,69 +66,6 @@ ALLOWED_GLOBALS = frozenset(
 _BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt", "subprocess"})
 
 
-class GlobalMeta(type):
-    """Metaclass of the placeholders that stand for globals named in a pickle."""
-
-    def __call__(cls, *args):
-        # REDUCE: the pickle calls the global; record the call instead of making it.
-        return cls._record(args, newobj=False)
-
-    def __setattr__(cls, name, value):
-        raise TypeError("placeholder globals are immutable")
-
-    def __repr__(cls):
-        return cls.full_name
-
-
-class Opaque:
-    """A call or construction recorded from a pickle and never performed."""
-
-    __slots__ = ("args", "newobj", "state", "items", "dictitems")
-    full_name = "?"
-    raw_name: tuple[str, str] = ("?", "?")
-
-    def __new__(cls, *args, **kwargs):
-        # NEWOBJ / NEWOBJ_EX: cls.__new__(cls, *args) builds an instance.
-        if kwargs:
-            raise CorruptCheckpointError(f"keyword construction of {cls.full_name} is not supported")
-        return cls._record(args, newobj=True)
-
-    @classmethod
-    def _record(cls, args, newobj: bool) -> "Opaque":
-        obj = object.__new__(cls)
-        obj.args, obj.newobj, obj.state, obj.items, obj.dictitems = tuple(args), newobj, None, [], []
-        return obj
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def append(self, item):
-        self.items.append(item)
-
-    def extend(self, items):
-        self.items.extend(items)
-
-    def __setitem__(self, key, value):
-        self.dictitems.append((key, value))
-
-    def __reduce_ex__(self, protocol):
-        state = self.state
-        items = iter(self.items) if self.items else None
-        dictitems = iter(self.dictitems) if self.dictitems else None
-        if self.newobj:
-            return (copyreg.__newobj__, (type(self), *self.args), state, items, dictitems)
-        return (type(self), self.args, state, items, dictitems)
-
-    def __repr__(self):
-        return describe(self)
-
-
-def placeholder(module: str, name: str, raw: tuple[str, str] | None = None) -> GlobalMeta:
-    """The placeholder class standing for the global ``module.name``."""
-    ns = {"__slots__": (), "full_name": f"{module}.{name}", "raw_name": raw or (module, name)}
-    return GlobalMeta(name.rpartition(".")[2] or "global", (Opaque,), ns)
-
-
 class GlobalName:
     """A global to write into a pickle by name (e.g. torch._utils._rebuild_tensor_v2)."""
 
@@ -139,28 +76,6 @@ class GlobalName:
 
     def __call__(self, *args):  # pickle requires reduce functions to be callable
         raise TypeError(f"{self.module}.{self.name} is only a name")
-
-
-def describe(obj: Any, limit: int = 80, depth: int = 0) -> str:
-    """A short, safe description of a value read from a pickle (nested at most two levels)."""
-    if isinstance(obj, Opaque) and depth >= 2:
-        text = f"{type(obj).full_name}(...)"
-    elif isinstance(obj, GlobalMeta):
-        text = obj.full_name
-    elif isinstance(obj, Opaque):
-        name = type(obj).full_name
-        if name == "torch.Size" and obj.args:
-            text = f"torch.Size({list(obj.args[0]) if isinstance(obj.args[0], (list, tuple)) else obj.args[0]})"
-        elif name == "torch.device" and obj.args:
-            text = f"device({obj.args[0]!r})"
-        elif isinstance(obj.state, dict) and obj.state:
-            fields = ", ".join(f"{k}={describe(v, 20, depth + 1)}" for k, v in list(obj.state.items())[:6])
-            text = f"{name}({fields})"
-        else:
-            text = f"{name}(...)"
-    else:
-        text = repr(obj)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class RestrictedUnpickler(pickle.Unpickler):

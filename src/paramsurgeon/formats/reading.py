@@ -9,7 +9,7 @@ from ..checkpoint import Checkpoint, find_container
 from ..checkpoint.hfties import restore_omitted
 from .. import quant
 from ..errors import NotACheckpointError, SelectionError
-from . import inputs, registry, sharded
+from . import registry, sharded
 from .atomic import recover
 from .files import InputFile, open_input
 from .hfconfig import read_config
@@ -50,9 +50,6 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
     restore_omitted(ckpt, config)  # tied names save_pretrained left out
     if not raw:
         ckpt = quant.group(ckpt, config)
-    inputs.record(path)
-    if registry.get(ckpt.format).sharded:  # an index names its directory: every shard is an input
-        inputs.record(os.path.dirname(ckpt.source) or ".", inputs.role(path))
     return ckpt
 
 

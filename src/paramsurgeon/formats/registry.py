@@ -23,7 +23,7 @@ class Format:
     NotACheckpointError for a near miss); for a ``directory`` format it is ``sniff(path)``.
     ``reader(source, options)`` reads it (an InputFile, or a directory's path); None for a
     layout reached another way (a shard index). ``writer`` makes the writer of a family:
-    ``writer(sink, path, progress, dedupe)`` for a file, ``writer(path)`` for a directory;
+    ``writer(sink, path, progress, dedupe)`` for a file, ``writer(path, inputs)`` for a directory;
     None: paramsurgeon reads the format but does not write it. ``nested``: the file holds a
     nested object in which --key picks the tensors.
     """
@@ -81,7 +81,7 @@ FORMATS: tuple[Format, ...] = (
     Format("safetensors-sharded", "safetensors", "sharded safetensors", directory=True, sharded=True),
     Format("torch-sharded", "torch", "sharded torch", directory=True, sharded=True),
     Format("dcp", "dcp", "dcp", (), lambda path: _module("dcp").is_dcp(path), _reads("dcp"),
-           lambda path: _module("dcp").Writer(path), directory=True, nested=True),
+           lambda path, inputs: _module("dcp").Writer(path, inputs), directory=True, nested=True),
 )
 _BY_NAME = {f.name: f for f in FORMATS}
 

@@ -18,6 +18,7 @@ import orjson
 from .. import dtypes
 from ..bulk import paused_gc
 from ..checkpoint import Checkpoint, Storage, Tensor
+from ..checkpoint.contents import row_major
 from ..checkpoint.tensor import file_spans
 from ..errors import CorruptCheckpointError, NotACheckpointError
 from ..parsing import parse_document
@@ -397,9 +398,4 @@ def write_tensor_bytes(tensor: Tensor, sink: Sink) -> None:
     if source is not None:
         sink.copy(tensor.storage.file, source, tensor.nbytes)
         return
-    view = tensor.contiguous_bytes()
-    if view is None:
-        from ..checkpoint.values import contiguous_memory
-
-        view = contiguous_memory(tensor)
-    sink.write_large(view)
+    sink.write_large(row_major(tensor))

@@ -16,9 +16,10 @@ from ..errors import CorruptCheckpointError, InputError, NotACheckpointError
 from ..parsing import parse_document
 from ..sizes import plural
 from . import safetensors as st
-from . import registry, sidefiles
+from . import registry
 from .atomic import atomic_directory, link_or_copy, new_file
 from .files import InputFile, reproduces, same_file
+from .inputs import Inputs
 
 INDEX_NAMES = {"safetensors": "model.safetensors.index.json", "torch": "pytorch_model.bin.index.json"}
 SINGLE_NAMES = {"safetensors": "model.safetensors", "torch": "pytorch_model.bin"}
@@ -122,12 +123,14 @@ class Writer:
     directory (its tensors untouched, still read from that file) is hard-linked from it.
     Files beside the checkpoint (config.json, tokenizer) are carried over; every file of
     the old checkpoint, of either format or DCP, goes with it. When the checkpoint was read
-    from another model directory, its side files come along (sidefiles.carry).
+    from another model directory, its side files come along: ``carry(ckpt, staging, folder)``
+    copies them and returns notes (sidefiles.carry).
     """
 
-    def __init__(self, folder: str, family: str, file_writer: Callable, *, max_size: int | None = None,
-                 dedupe: bool = False, progress=None):
-        self.folder, self.family, self.file_writer = folder, family, file_writer
+    def __init__(self, folder: str, family: str, file_writer: Callable, carry: Callable, inputs: Inputs, *,
+                 max_size: int | None = None, dedupe: bool = False, progress=None):
+        self.folder, self.family, self.file_writer, self.carry = folder, family, file_writer, carry
+        self.inputs = inputs  # the command's, which the directory may not be (unless rewritten in place)
         self.max_size, self.dedupe, self.progress = max_size, dedupe, progress
 
     def write(self, ckpt: Checkpoint) -> list[str]:
@@ -146,14 +149,14 @@ class Writer:
         shard_metadata = metadata if len(shards) == 1 else {k: v for k, v in metadata.items() if k == "format"}
         owned = checkpoint_files(self.folder)
         with atomic_directory(self.folder, carry=lambda name: name not in owned, owns=owned.__contains__,
-                              what="a sharded checkpoint") as staging:
+                              what="a sharded checkpoint", inputs=self.inputs) as staging:
             for name, shard in zip(names, shards):
                 part = Checkpoint(source=os.path.join(self.folder, name), format=self.family,
                                   root=OrderedDict(shard), metadata=shard_metadata)
                 self._write_shard(part, name, staging)
             if len(shards) > 1:
                 self._write_index(entries, shards, names, ckpt.tensors, metadata, staging)
-            notes = sidefiles.carry(ckpt, staging, self.folder)
+            notes = self.carry(ckpt, staging, self.folder)
         return notes
 
     def _write_shard(self, part: Checkpoint, name: str, staging: str) -> None:

@@ -4,8 +4,7 @@ whose input is such a directory carries them, with ``config.json`` updated where
 changed what it describes (``vocab_size``, ``tie_word_embeddings``, and what the operations
 changed in ``Checkpoint.config``: the layer count, the expert count).
 
-    SIDE_FILES      the kinds of file, as name patterns (what a model directory may hold)
-    carry(...)      copy the input's side files into the directory being written
+    carry(...)      copy the input's side files (directories.SIDE_FILES) into the directory being written
 
 Subdirectories and files of other kinds (other checkpoints such as ``optimizer.pt``,
 ``train.py``) are not carried; a note names them.
@@ -13,7 +12,6 @@ Subdirectories and files of other kinds (other checkpoints such as ``optimizer.p
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import re
@@ -23,18 +21,10 @@ from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError
 from ..parsing import parse_document
 from . import registry
+from .directories import is_side_file
 from .hfconfig import CONFIG
-
-SIDE_FILES = (
-    # configuration: config.json, generation_config.json, tokenizer_config.json, preprocessor_config.json, ...
-    "config.json", "*_config.json", "params.json",
-    # tokenizer
-    "tokenizer.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
-    "merges.txt", "spiece.model", "sentencepiece*.model", "*.tiktoken", "chat_template.jinja", "chat_template.json",
-    # code that trust_remote_code loads, the model card, the licence
-    "modeling_*.py", "configuration_*.py", "tokenization_*.py", "processing_*.py", "image_processing_*.py",
-    "README.md", "LICENSE", "LICENSE.*", "NOTICE", "USE_POLICY.md", ".gitattributes",
-)
+from .reading import load
+from .sharded import checkpoint_files
 
 # (input embedding, output embedding) of the architectures whose configs name vocab_size and
 # tie_word_embeddings: the tensors those keys describe
@@ -49,11 +39,6 @@ EMBEDDINGS = (
     ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),  # BERT
     ("model.language_model.embed_tokens.weight", "lm_head.weight"),  # vision-language models
 )
-
-
-def is_side_file(name: str) -> bool:
-    """Whether a file called ``name`` is one of the kinds a model directory holds beside its weights."""
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SIDE_FILES)
 
 
 def model_directory(ckpt: Checkpoint) -> str | None:
@@ -75,8 +60,6 @@ def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
     folder = model_directory(ckpt)
     if folder is None:
         return []
-    from .sharded import checkpoint_files
-
     same, owned = _same(folder, target), checkpoint_files(folder)
     notes, left = [], []
     for name in sorted(os.listdir(folder)):
@@ -125,8 +108,6 @@ def config_updates(config: dict, after: Checkpoint) -> tuple[dict, list[str]]:
     when the surgery tied or untied them. The input is read again (its headers: the shapes
     and ties before the surgery).
     """
-    from .reading import load
-
     pair = next((p for p in EMBEDDINGS if p[0] in after.tensors), None)
     if pair is None:
         return {}, []

@@ -13,14 +13,15 @@ from ..sizes import parse_size
 from . import registry
 from .directories import refuse_foreign
 from .files import output_kind
-from .inputs import permit, refuse_overwrite
+from .inputs import Inputs
 
 
 @dataclass
 class Target:
     """Where and how a checkpoint is written: ``path`` None means standard output.
 
-    ``notes`` say what the write does that the user may not expect (for the CLI to show).
+    ``notes`` say what the write does that the user may not expect (for the CLI to show);
+    ``inputs`` are the command's, which the write may not change.
     """
 
     path: str | None
@@ -28,11 +29,13 @@ class Target:
     sharded: bool = False
     max_shard_size: int | None = None  # None: keep the input's shards, else split by sharded.DEFAULT_SHARD_SIZE
     notes: list[str] = field(default_factory=list)
+    inputs: Inputs = field(default_factory=Inputs)
 
 
 def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None, in_place: bool = False,
-                   max_shard_size: str | None = None) -> Target:
-    """Decide the output place and format from the options, the output name and the input.
+                   max_shard_size: str | None = None, inputs: Inputs | None = None) -> Target:
+    """Decide the output place and format from the options, the output name and the input;
+    ``inputs``: the command's (default: just ``ckpt``'s own file), which the output may not be.
 
     Raises:
         UsageError: options that contradict each other or the output's name.
@@ -42,19 +45,23 @@ def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None,
         choices = registry.format_choices().split("|")
         raise UsageError(f"--format {fmt}: expected {', '.join(choices[:-1])} or {choices[-1]}")
     size = parse_size(max_shard_size) if max_shard_size else None
+    if inputs is None:
+        inputs = Inputs()
+        inputs.record(ckpt.path, "the checkpoint")
     if in_place:
-        target = _in_place(ckpt, output, fmt, size)
+        target = _in_place(ckpt, output, fmt, size, inputs)
     elif output in (None, "-"):
         target = _to_stream(ckpt, None, fmt, size)
     elif _is_input(ckpt, output):
         raise OutputError(f"-o {output} is the input checkpoint; pass --in-place to rewrite it")
     elif output_kind(output) == "stream":  # a FIFO or a device (/dev/null): written through like stdout
-        refuse_overwrite(output)
+        inputs.refuse_overwrite(output)
         target = _to_stream(ckpt, output, fmt, size)
     else:
-        target = _to_path(ckpt, output, fmt, size)
+        target = _to_path(ckpt, output, fmt, size, inputs)
     if not in_place:
         registry.writer_of(target.family, f"-o {output}" if output not in (None, "-") else "standard output")
+    target.inputs = inputs
     return target
 
 
@@ -72,7 +79,7 @@ def _to_stream(ckpt: Checkpoint, path: str | None, fmt: str | None, size: int | 
     return Target(path, family)
 
 
-def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -> Target:
+def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None, inputs: Inputs) -> Target:
     from .dcp import is_own_file as dcp_file
     from .sharded import checkpoint_files
 
@@ -90,7 +97,7 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -
         or ((_sharded(ckpt) or _model_directory(ckpt)) and not named)
     family = wanted or (None if directory else named) or _family(ckpt)
     path = output.rstrip(os.sep) or output
-    refuse_overwrite(output)  # every input of the command: the output, a directory holding one, inside one
+    inputs.refuse_overwrite(output)  # every input of the command: the output, a directory holding one, inside one
     if family == "dcp" or (directory and _family(ckpt) == "dcp" and not size):
         if size:
             raise UsageError("--max-shard-size writes a Hugging Face sharded directory, not DCP; drop one of them")
@@ -101,7 +108,7 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -
     return Target(path, family, directory, size)
 
 
-def _in_place(ckpt: Checkpoint, output: str | None, fmt: str | None, size: int | None) -> Target:
+def _in_place(ckpt: Checkpoint, output: str | None, fmt: str | None, size: int | None, inputs: Inputs) -> Target:
     """The input's own place and format; refuses a change of format and an input we may not rewrite."""
     if output not in (None, "-") and not _is_input(ckpt, output):
         raise UsageError("--in-place rewrites the input; do not also pass -o")
@@ -117,7 +124,7 @@ def _in_place(ckpt: Checkpoint, output: str | None, fmt: str | None, size: int |
                          " directory; write it elsewhere with -o DIR")
     registry.writer_of(family, "--in-place")
     _check_rewritable(ckpt, place)
-    permit(place)
+    inputs.permit(place)
     notes = [f"{place} was a legacy (non-zip) torch file; it is rewritten in the zip format torch.save has"
              " written since PyTorch 1.6"] if ckpt.format == "torch-legacy" else []
     return Target(place, family, sharded, size, notes)

@@ -9,9 +9,10 @@ from typing import Any, Callable
 
 from .. import dtypes
 from ..checkpoint import Storage, Tensor, check_view
+from ..checkpoint.opaque import GlobalMeta, Opaque, placeholder
 from ..dtypes import DType
 from ..errors import CorruptCheckpointError, NotACheckpointError
-from .pickles import GlobalMeta, GlobalName, Opaque, placeholder
+from .pickles import GlobalName
 
 
 class StorageClass:

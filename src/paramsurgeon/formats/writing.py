@@ -15,9 +15,10 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.quantized import stored
 from ..errors import OutputError
 from ..sizes import plural
-from . import registry, sharded
+from . import registry, sharded, sidefiles
 from .atomic import output_file
 from .files import Sink, stdout_sink
+from .inputs import Inputs
 from .target import Target
 
 Progress = Callable[[int], None]
@@ -41,25 +42,25 @@ def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = 
     fmt = registry.get(target.family)
     make = registry.writer_of(target.family, target.path or "standard output")
     if fmt.directory:
-        return make(target.path)
+        return make(target.path, target.inputs)
     file_writer = _file_writer(make, dedupe)
     if target.sharded:
-        return sharded.Writer(target.path, target.family, file_writer, max_size=target.max_shard_size,
-                              dedupe=dedupe, progress=progress)
-    return SingleFile(target.path, file_writer, progress)
+        return sharded.Writer(target.path, target.family, file_writer, sidefiles.carry, target.inputs,
+                              max_size=target.max_shard_size, dedupe=dedupe, progress=progress)
+    return SingleFile(target.path, file_writer, target.inputs, progress)
 
 
 class SingleFile:
     """One file, at ``path`` (replaced atomically, or written through if it is a FIFO or a device;
-    atomic.output_file) or on standard output (``path`` None)."""
+    atomic.output_file) or on standard output (``path`` None); never one of the command's ``inputs``."""
 
     def __init__(self, path: str | None, file_writer: Callable[[Sink, str | None, Progress | None], Writer],
-                 progress: Progress | None = None):
-        self.path, self.file_writer, self.progress = path, file_writer, progress
+                 inputs: Inputs, progress: Progress | None = None):
+        self.path, self.file_writer, self.inputs, self.progress = path, file_writer, inputs, progress
 
     def write(self, ckpt: Checkpoint) -> None:
         if self.path is not None:
-            with output_file(self.path) as sink:
+            with output_file(self.path, self.inputs) as sink:
                 self.file_writer(sink, self.path, self.progress).write(ckpt)
             return
         try:

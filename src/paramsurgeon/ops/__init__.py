@@ -6,19 +6,20 @@
     layers.py      layers (drop, keep, duplicate, move blocks) and stack (blocks of several checkpoints)
     experts.py     experts (prune the experts of mixture-of-experts blocks)
     reshape/       resize, split, concat, transpose
-    lora/          merge-lora (an operation like the others) and extract-lora (writes an adapter)
+    lora/          merge-lora (an operation like the others) and extract-lora (an adapter's tensors)
     plan.py        Plan: what an operation changes, checked before anything is computed
     surgery.py     seeds, the rehearsal of every step, the run, optimizer notes
     recipes.py     TOML recipes: steps of the operations above, and merge
     schemes.py     torch.nn.init schemes and layer defaults
     optimizer.py   optimizer state found and reset
+    catalog.py     OPERATIONS: every operation by its command name
 
-Nothing here reads or writes a file.
+Nothing here opens a checkpoint or writes a file (recipes.read reads a recipe's text): what a
+plan reads besides its checkpoint comes from the command's loader (spec.Sources); the
+library's calls, which open what they are given, are in paramsurgeon/library.py.
 """
 
-from typing import Callable
-
-from ..checkpoint import Checkpoint
+from .catalog import OPERATIONS
 from .experts import Experts
 from .layers import Layers
 from .lora import MergeLora
@@ -28,39 +29,5 @@ from .spec import Operation
 from .structure import Copy, Drop, Rename, Tie, Untie
 from .values import Cast, Init, Scale, Zero
 
-OPERATIONS: dict[str, type[Operation]] = {op.name: op for op in (Init, Zero, Scale, Cast, Copy, Tie, Untie,
-                                                                   Rename, Drop, Resize, Split, Concat, Transpose,
-                                                                   MergeLora, Layers, Experts)}
-
-
-def _function(operation: type[Operation]) -> Callable[..., Plan]:
-    """``name(ckpt, **options)``: check ``operation`` with these options, apply it to ``ckpt`` in
-    memory, and return its Plan (its notes say what a command would print)."""
-    def function(ckpt: Checkpoint, *, reset_optimizer: bool = False, **options) -> Plan:
-        from .surgery import Step, run
-
-        return run(ckpt, [Step(operation(**options))], reset_optimizer=reset_optimizer)[0]
-
-    function.__name__ = function.__qualname__ = operation.name
-    function.__doc__ = f"{operation.__doc__}\n\nOptions: the fields of {operation.__name__}; returns the Plan applied."
-    return function
-
-
-init, zero, scale, cast = _function(Init), _function(Zero), _function(Scale), _function(Cast)
-copy, tie, untie, rename, drop = _function(Copy), _function(Tie), _function(Untie), _function(Rename), _function(Drop)
-resize, split, concat, transpose = _function(Resize), _function(Split), _function(Concat), _function(Transpose)
-layers, experts = _function(Layers), _function(Experts)
-
-
-def apply(ckpt: Checkpoint, recipe: str, *, seed: int | None = None, reset_optimizer: bool = False) -> list[Plan]:
-    """Run the TOML recipe at path ``recipe`` on ``ckpt`` in memory; the plans applied, in order."""
-    from . import recipes
-    from .surgery import run
-
-    steps, recipe_seed = recipes.parse(recipes.read(recipe), recipe)
-    return run(ckpt, steps, seed=recipe_seed if recipe_seed is not None else seed, reset_optimizer=reset_optimizer)
-
-
 __all__ = ["OPERATIONS", "Operation", "Plan", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename",
-           "Drop", "Resize", "Split", "Concat", "Transpose", "init", "zero", "scale", "cast", "copy", "tie", "untie",
-           "rename", "drop", "resize", "split", "concat", "transpose", "Layers", "layers", "Experts", "experts", "apply"]
+           "Drop", "Resize", "Split", "Concat", "Transpose", "MergeLora", "Layers", "Experts"]

@@ -237,7 +237,7 @@ class Stack(Blockwise, Operation):
         order: list[tuple[Checkpoint, Blocks, int]] = []
         for text in self.slices:
             path, _, ranges = text.rpartition(":")
-            source = sources(path, None)
+            source = sources.checkpoint(path)
             its = find_blocks(list(source.tensors), self.prefix, f"stack: {source.source}: ")
             order += [(source, its, i) for r in parse_ranges(ranges, its.count, f"stack: {path}:") for i in r]
         _agree([(ckpt, blocks, 0)] + order)  # the blocks taken, and those of the model they go into

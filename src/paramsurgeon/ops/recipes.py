@@ -24,7 +24,7 @@ import sys
 from .. import declare
 from ..errors import ParamSurgeonError, UsageError
 from ..parsing import parse_document
-from . import OPERATIONS
+from .catalog import OPERATIONS
 from .merge import OWN, Merge
 from .merge.registry import find
 from .surgery import Step
@@ -79,7 +79,8 @@ def parse(text: str, where: str) -> tuple[list[Step], int | None]:
             operation = declare.from_mapping(STEPS[op], _own_first(options) if op == "merge" else options, label,
                                              path=_beside(where))
         except ParamSurgeonError as e:
-            raise type(e)(e.args[0] if str(e).startswith(label) else f"{label}: {e}") from e
+            e.within(label)
+            raise
         steps.append(Step(operation, label, f"step {number} ({op})"))
     return steps, seed
 

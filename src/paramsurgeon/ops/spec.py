@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar, Protocol
 
 from .. import declare
 from ..checkpoint import Checkpoint
@@ -20,7 +20,15 @@ from ..errors import UsageError
 from ..selection import Selection
 from .plan import Plan
 
-Sources = Callable[[str, "str | None"], Checkpoint]  # load(path, key): other checkpoints a plan reads
+
+class Sources(Protocol):
+    """What a plan reads besides its checkpoint, opened by the command's one loader (formats/loader.py)."""
+
+    def checkpoint(self, path: str, key: str | None = None) -> Checkpoint:
+        """Another checkpoint ('--source', a merge input), ``key`` picking its tensors."""
+
+    def adapter(self, path: str) -> tuple[str, dict, Checkpoint]:
+        """The PEFT adapter directory ``path`` names: the directory, its config, its weights."""
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint, Tensor
-from ..checkpoint.tensor import same_values, view_key
+from ..checkpoint.contents import same_values
+from ..checkpoint.tensor import view_key
 from ..declare import REQUIRED, option
 from ..errors import SelectionError, UsageError
 from ..selection import Selection, Selector, select, suggest, unmatched, wildcard_map
@@ -40,7 +41,7 @@ class Copy(Selection, TiePolicy, Overflow, Operation):
             raise UsageError("copy: pass --from SRC --to DST, or --source OTHER")
 
     def plan(self, ckpt: Checkpoint, sources: Sources) -> Plan:
-        other = ckpt if self.source is None else sources(self.source, self.source_key)
+        other = ckpt if self.source is None else sources.checkpoint(self.source, self.source_key)
         warnings: list[str] = []
         narrowed = None
         if self.selector.narrows:

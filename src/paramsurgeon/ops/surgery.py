@@ -68,15 +68,11 @@ def perform(ckpt: Checkpoint, steps: list[Step], sources: Sources, *, reset_opti
     return plans, optimizer_notes(ckpt, plans, reset_optimizer)
 
 
-def run(ckpt: Checkpoint, steps: list[Step], *, seed: int | None = None, sources: Sources | None = None,
+def run(ckpt: Checkpoint, steps: list[Step], *, sources: Sources, seed: int | None = None,
         reset_optimizer: bool = False) -> list[Plan]:
     """The library's way to run ``steps`` on ``ckpt`` in memory: seeds drawn where none is named,
     every step checked first, then applied; notes (the seed drawn, the optimizer state) are
     added to the last plan's notes."""
-    if sources is None:
-        from ..formats import load
-
-        sources = lambda path, key: load(path, key=key)  # noqa: E731
     steps, notes = draw_seeds(steps, seed)
     rehearse(ckpt, steps, sources)
     plans, after = perform(ckpt, steps, sources, reset_optimizer=reset_optimizer)
@@ -105,7 +101,7 @@ def _named(step: Step) -> Iterator[None]:
         yield
     except ParamSurgeonError as e:
         if step.label:
-            e.args = (f"{step.label}: {e}", *e.args[1:])
+            e.within(step.label)
         raise
 
 

@@ -3,7 +3,17 @@ ONE logical tensor made of stored parts (checkpoint/quantized.py); ``group`` fin
 every scheme among a checkpoint's tensors when it is read. A new scheme: a module here, an entry below.
 
     base.py       Scheme (what a scheme declares), Group and Partial (what its ``find`` yields)
+    tiles.py      scales per tile of a 2-D weight (tensor, row, group of columns, block), band by band
     fp8_block.py  fp8-block: DeepSeek-V3/R1's float8 codes with a scale per 128x128 tile
+    compressed.py compressed-tensors' config (config_groups matched to a module) and arithmetic
+    compressed_packed.py  pack-quantized: 1-8-bit integer codes packed in int32, weight_shape
+    compressed_naive.py   float-quantized (float8 codes) and int-quantized (int8) with weight_scale
+    bnb4.py       bitsandbytes nf4 and fp4: 4-bit codes, absmax per block (nested or not), JSON state
+    bnb8.py       bitsandbytes LLM.int8: int8 codes with SCB per row (bnb-int8)
+    gptq.py       gptq: 2/3/4/8-bit codes packed in int32 with zero points, scales and g_idx (act-order)
+    awq.py        awq: AutoAWQ's gemm layout, 4-bit codes packed along the outputs in order 0,2,4,6,1,3,5,7
+    mxfp4.py      mxfp4: gpt-oss's e2m1 expert blocks of 32 with an E8M0 exponent each
+    nvfp4.py      nvfp4: ModelOpt's e2m1 codes with a float8 scale per 16 values and a global scale
 """
 
 from __future__ import annotations
@@ -12,10 +22,32 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.quantized import Quantized
 from ..dtypes import BY_NAME, DType
 from .base import Group, Partial, Scheme
+from .bnb4 import Bnb4
+from .bnb8 import Bnb8
+from .compressed_naive import Naive
+from .compressed_packed import Packed
 from .fp8_block import Fp8Block
+from .gptq import Gptq
+from .awq import Awq
+from .mxfp4 import Mxfp4
+from .nvfp4 import Nvfp4
 
-SCHEMES: tuple[Scheme, ...] = (Fp8Block(),)
+SCHEMES: tuple[Scheme, ...] = (
+    Fp8Block(),
+    Packed(),  # before the naive formats: it names a weight_scale that has no weight at all
+    Naive("float-quantized", ("float8_e4m3fn", "float8_e5m2")),
+    Naive("int-quantized", ("int8",)),
+    Bnb4("nf4", orphans=True),  # names the 4-bit tables that have no quant_state blob of either type
+    Bnb4("fp4"),
+    Bnb8(),
+    Gptq(),
+    Awq(),
+    Mxfp4(),
+    Nvfp4(),
+)
 NAMES = tuple(s.name for s in SCHEMES)
+MARKERS = tuple(dict.fromkeys(marker for s in SCHEMES for marker in s.markers or ()))
+LAST = frozenset(marker[-1] for marker in MARKERS)  # most names end otherwise ('weight', 'bias'): skipped at once
 DEFAULT_DTYPE = "bfloat16"  # what a quantized tensor reads as when the config names no dtype
 
 
@@ -44,7 +76,10 @@ def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     container, quant = ckpt.container, quantization_config(config)
     found: list[tuple[Scheme, Group]] = []
     claimed: set[str] = set()
+    marked = None if quant else [n for n in ckpt.tensors if n[-1:] in LAST and n.endswith(MARKERS)]  # one quick pass
     for scheme in SCHEMES:
+        if marked is not None and scheme.markers is not None and not any(n.endswith(scheme.markers) for n in marked):
+            continue  # no stored name can be one of its parts: a plain checkpoint stays cheap
         free = {n: t for n, t in ckpt.tensors.items() if n not in claimed} if claimed else ckpt.tensors
         for item in scheme.find(free, quant):
             if isinstance(item, Partial):

@@ -34,6 +34,9 @@ class Scheme:
 
     name: ClassVar[str]
     roles: ClassVar[tuple[str, ...]]  # the parts, codes first
+    # endings of stored names that only this scheme's parts have: without a quantization_config,
+    # ``find`` runs only when some stored name ends with one (None: it always runs)
+    markers: ClassVar[tuple[str, ...] | None] = None
     quantizes: ClassVar[bool] = False  # whether ``quantize`` is built
 
     def part_name(self, name: str, role: str) -> str:

@@ -4,19 +4,18 @@ partial), as DeepSeek's ``weight_dequant`` computes it (float32 product, rounded
 
 from __future__ import annotations
 
-import math
-
 from .base import Group, Partial, Scheme
+from .tiles import bands, grid, spread
 
 SUFFIX = "_scale_inv"
 BLOCK = (128, 128)  # weight_block_size when the config gives none
 E4M3_MAX = 448.0
-ROWS = 1 << 22  # float32 elements worked at a time
 
 
 class Fp8Block(Scheme):
     name = "fp8-block"
     roles = ("codes", "scale_inv")
+    markers = (SUFFIX,)
     quantizes = True
 
     def part_name(self, name, role):
@@ -49,14 +48,10 @@ class Fp8Block(Scheme):
         from ..dtypes import torch_dtype
 
         codes, scale = to_torch(tensor.parts["codes"]), to_torch(tensor.parts["scale_inv"]).float()
-        bm, bn = tensor.params["block"]
-        rows, columns = codes.shape
+        block = tuple(tensor.params["block"])
         out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
-        step = max(bm, ROWS // max(columns, 1) // bm * bm)  # whole tiles of rows, a few MiB of float32
-        for start in range(0, rows, step):
-            tiles = scale[start // bm:(start + step + bm - 1) // bm]
-            factor = tiles.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:min(step, rows - start), :columns]
-            out[start:start + step] = codes[start:start + step].float() * factor
+        for start, stop in bands(codes.shape, block[0]):
+            out[start:stop] = codes[start:stop].float() * spread(scale, block, start, stop, codes.shape[1])
         return out
 
     def quantize(self, values, params):
@@ -75,11 +70,6 @@ class Fp8Block(Scheme):
             codes[start:start + bm] = (tiles / scale[i][None, :, None]).view(band.shape)[:, :columns].to(
                 torch.float8_e4m3fn)
         return {"codes": codes, "scale_inv": scale}
-
-
-def grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
-    """The scale grid of a weight of ``shape`` in tiles of ``block``."""
-    return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
 
 
 def _block(config: dict) -> tuple[int, int]:

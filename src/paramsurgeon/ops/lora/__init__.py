@@ -1,11 +1,11 @@
 """merge-lora and extract-lora: PEFT LoRA adapters folded into a checkpoint, or extracted from a fine-tune.
 
-    __init__.py    MergeLora, ExtractLora: the options, and the library calls
-    adapter.py     an adapter directory read: its config (what cannot be merged exactly is refused),
-                   its tensors grouped by module, ranks and alphas from PEFT's patterns
+    __init__.py    MergeLora, ExtractLora: the options
+    adapter.py     an adapter the loader read (formats/peft.py): its config (what cannot be merged exactly
+                   is refused), its tensors grouped by module, ranks and alphas from PEFT's patterns
     planning.py    merge-lora's plan: adapter names mapped to base tensors, one lazy Change per tensor
     arithmetic.py  PEFT's formulas in float32 (Linear, Conv1D, Embedding, ConvNd, DoRA, lora_bias), and the SVD
-    extraction.py  extract-lora: the deltas, their truncated SVDs, the adapter directory written
+    extraction.py  extract-lora: the deltas, their truncated SVDs, the adapter's tensors and config
 
 The base is streamed like every command's input: each updated tensor is computed when the writer
 reaches it, from memory-mapped views of the base tensor and its adapter pair.
@@ -14,7 +14,7 @@ reaches it, from memory-mapped views of the base tensor and its adapter pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ...declare import REQUIRED, argument, option
 from ...errors import UsageError
@@ -57,12 +57,11 @@ class MergeLora(Overflow, Operation):
             raise UsageError("merge-lora: --untie and --follow-ties contradict each other; pass one")
 
     def plan(self, ckpt, sources: Sources) -> Plan:
-        """Read the adapter and plan one Change per base tensor it updates."""
-        from ...formats import load
-        from .adapter import read_adapter
+        """Group the adapter's tensors (``sources`` opens it) and plan one Change per base tensor it updates."""
+        from .adapter import lora_adapter
         from .planning import plan_merge_lora
 
-        return plan_merge_lora(self, ckpt, read_adapter(self.adapter, load))
+        return plan_merge_lora(self, ckpt, lora_adapter(*sources.adapter(self.adapter)))
 
 
 @dataclass(kw_only=True)
@@ -94,34 +93,4 @@ class ExtractLora(Selection):
             cast_target(self.dtype)
 
 
-def merge_lora(ckpt: Any, adapter: str, *, key: str | None = None, **options) -> Any:
-    """Fold the adapter directory ``adapter`` into ``ckpt`` (a path, or a Checkpoint already loaded)
-    and return the result, whose updated tensors are computed when read or saved (``ps.save``).
-
-    Options: the fields of MergeLora (scale, untie, dtype, allow_overflow).
-    """
-    from ...formats import load
-    from ..surgery import Step, run
-
-    loaded = load(ckpt, key=key) if isinstance(ckpt, str) else ckpt
-    plans = run(loaded, [Step(MergeLora(adapter=adapter, **options))], sources=lambda p, _: loaded)
-    loaded.notes += plans[-1].notes
-    return loaded
-
-
-def extract_lora(base: str, tuned: str, output: str, *, rank: int, key: str | None = None, **options) -> list[dict]:
-    """Write to ``output`` a LoRA adapter whose merge into ``base`` approximates ``tuned``; returns one
-    entry per module (module, rank, relative reconstruction error) and per tensor saved whole."""
-    from ...formats import inputs, load
-    from .extraction import plan_extraction, write_adapter
-
-    operation = ExtractLora(base=base, tuned=tuned, output=output, rank=rank, **options)
-    with inputs.recording():  # the adapter may not replace either input
-        inputs.record(base, "base")
-        inputs.record(tuned, "tuned")
-        extraction = plan_extraction(operation, load(base, key=key), load(tuned, key=key))
-        write_adapter(extraction, output)
-    return extraction.rows
-
-
-__all__ = ["ExtractLora", "MergeLora", "extract_lora", "merge_lora"]
+__all__ = ["ExtractLora", "MergeLora"]

@@ -1,7 +1,7 @@
-"""A PEFT LoRA adapter as saved by ``save_pretrained``: its config, and its tensors grouped by module.
+"""A PEFT LoRA adapter as saved by ``save_pretrained``: its config, and its tensors grouped by module
+(the loader reads the directory's files, formats/peft.py).
 
-The file names and keys are PEFT's (utils/save_and_load.py): ``adapter_config.json`` beside
-``adapter_model.safetensors`` (or ``adapter_model.bin``); keys start with ``base_model.model.``, a
+The keys are PEFT's (utils/save_and_load.py): they start with ``base_model.model.``, a
 module's pair is ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` (``lora_B.bias`` with
 ``lora_bias``), an Embedding's is ``<module>.lora_embedding_A`` / ``lora_embedding_B`` (no
 ``.weight``), DoRA adds ``<module>.lora_magnitude_vector``. Every other key is a whole tensor that
@@ -11,25 +11,12 @@ trained with ``bias='all'``).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 
 from ...checkpoint import Checkpoint, Tensor
-from ...errors import InputError, PlanError
-from ...formats.inputs import record
-from ...parsing import parse_document
-
-CONFIG = "adapter_config.json"
-WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def is_adapter_file(name: str) -> bool:
-    """Whether ``name`` in a directory is part of a PEFT adapter (what extract-lora replaces)."""
-    return name == CONFIG or name in WEIGHTS
-
+from ...errors import PlanError
 
 PREFIX = "base_model.model."
 _PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias", "lora_embedding_A": "A",
@@ -84,39 +71,16 @@ class Adapter:
         return pair.alpha / (math.sqrt(pair.r) if self.rslora else pair.r)
 
 
-def read_adapter(path: str, load) -> Adapter:
-    """Read the adapter directory ``path``; ``load(file)`` opens its weights file as a Checkpoint.
+def lora_adapter(path: str, config: dict, weights: Checkpoint) -> Adapter:
+    """The adapter at ``path``: its LoRA ``config`` and its ``weights`` (the loader read both,
+    formats/peft.py), grouped by module.
 
     Raises:
-        InputError: no config or weights, a config that is not PEFT LoRA's.
         PlanError: config features that merging cannot apply exactly, patterns that match no module,
             keys that are not LoRA pairs, ranks that disagree with the config.
     """
-    if os.path.isfile(path) and os.path.basename(path) in (CONFIG, *WEIGHTS):
-        path = os.path.dirname(path) or "."  # a file of the adapter names its directory
-    if not os.path.isdir(path):
-        raise InputError(f"merge-lora: '{path}' is not a directory; an adapter is the directory save_pretrained"
-                         f" writes, with {CONFIG} and {WEIGHTS[0]}")
-    record(path, "the adapter")
-    config_path = os.path.join(path, CONFIG)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = parse_document(json.loads, f.read())
-    except FileNotFoundError:
-        raise InputError(f"merge-lora: '{path}' has no {CONFIG}; an adapter is the directory save_pretrained"
-                         " writes") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"merge-lora: cannot read '{config_path}': {e}") from e
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise InputError(f"merge-lora: '{config_path}' is not a LoRA adapter's config (peft_type {kind!r},"
-                         " expected 'LORA')")
-    weights = [os.path.join(path, name) for name in WEIGHTS if os.path.isfile(os.path.join(path, name))]
-    if not weights:
-        raise InputError(f"merge-lora: '{path}' has no {' or '.join(WEIGHTS)}")
-    ckpt: Checkpoint = load(weights[0])
     problems = _unsupported(config)
-    pairs, whole, more = _group(ckpt.tensors)
+    pairs, whole, more = _group(weights.tensors)
     problems += more
     problems += _resolve_ranks(config, pairs)
     if problems:

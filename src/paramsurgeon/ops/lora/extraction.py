@@ -1,5 +1,5 @@
-"""extract-lora: the delta of each selected weight, its truncated SVD as a LoRA pair, and the adapter
-directory PEFT's ``PeftModel.from_pretrained`` loads (``adapter_config.json``, ``adapter_model.safetensors``).
+"""extract-lora: the delta of each selected weight, its truncated SVD as a LoRA pair, and the tensors and
+config of the adapter PEFT's ``PeftModel.from_pretrained`` loads (formats/peft.py writes its directory).
 
 A weight's delta ``TUNED - BASE`` (float32) becomes ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) Vh_r``
 (B divided by the scaling ``alpha / r`` when ``--alpha`` is not the rank), laid out as PEFT lays out
@@ -13,21 +13,19 @@ other module's tensors (a norm) as ``modules_to_save``.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ...checkpoint import Checkpoint, Storage, Tensor
 from ...checkpoint.kinds import infer_kinds, split_name
+from ...checkpoint.contents import same_values
 from ...checkpoint.layouts import weight_layouts
-from ...checkpoint.tensor import same_values
 from ...dtypes import DType
 from ...errors import PlanError
 from ..plan import fail, names_list
 from ..values import cast_target, copy_of
-from .adapter import CONFIG, PREFIX, WEIGHTS, is_adapter_file
+from .adapter import PREFIX
 
 
 @dataclass
@@ -203,11 +201,9 @@ def _extract(module: Module, base: Tensor, tuned: Tensor, alpha: float) -> None:
     module.a, module.b = a.contiguous(), b.contiguous()
 
 
-def write_adapter(extraction: Extraction, folder: str) -> None:
-    """Write the adapter directory ``folder`` whole (replacing what was there)."""
+def adapter_tensors(extraction: Extraction) -> dict[str, Tensor]:
+    """The adapter's tensors by PEFT's keys: each module's pair (computed), then the whole tensors."""
     from ...checkpoint.values import from_torch
-    from ...formats import safetensors
-    from ...formats.atomic import atomic_directory, new_file
 
     tensors: dict[str, Tensor] = OrderedDict()
     for m in extraction.modules:
@@ -216,11 +212,4 @@ def write_adapter(extraction: Extraction, folder: str) -> None:
         tensors[f"{PREFIX}{m.name}.{a}"] = from_torch(m.a, owned=True)
         tensors[f"{PREFIX}{m.name}.{b}"] = from_torch(m.b, owned=True)
     tensors.update(extraction.whole)
-    adapter = Checkpoint(source=folder, format="safetensors", root=tensors)
-    with atomic_directory(folder, carry=lambda name: not is_adapter_file(name), owns=is_adapter_file,
-                          what="a PEFT adapter") as staging:
-        with new_file(os.path.join(staging, WEIGHTS[0])) as sink:
-            safetensors.Writer(sink).write(adapter)
-        with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as f:
-            json.dump(extraction.config, f, indent=2)
-            f.write("\n")
+    return tensors

@@ -1,6 +1,6 @@
 """merge: combine checkpoints tensor by tensor (linear, slerp, task arithmetic, TIES, DARE).
 
-    __init__.py   Merge: the options, checked before any file is read, and the library call
+    __init__.py   Merge: the options, checked before any file is read
     planning.py   the plan: names, shapes, dtypes and ties of every input checked at once;
                   one lazy Change per merged tensor (or tie group)
     registry/     the methods: one module per method, registered in one list (registry.METHODS)
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ...declare import REQUIRED, argument, option
 from ...errors import UsageError
@@ -164,38 +164,9 @@ class Merge(Selection, TiePolicy, Overflow, Operation):
         from .planning import plan_merge
 
         if self.written == OWN or OWN not in self.inputs:
-            return plan_merge(self, ckpt, [sources(path, None) for path in self.others])
-        return plan_merge(self, sources(self.written, None),
-                          [ckpt if path == OWN else sources(path, None) for path in self.others], ckpt.source)
-
-
-def merge(inputs: list[Any], *, base: Any = None, key: str | None = None, reset_optimizer: bool = False,
-          **options) -> Any:
-    """Merge checkpoints (paths, or Checkpoints already loaded) and return the result, a Checkpoint
-    whose merged tensors are computed when they are read or saved (``ps.save``).
-
-    Options: the fields of Merge (method, weights, t, lambda_, density, normalize, seed, ...);
-    the plan's notes (kept tensors, optimizer state, the seed drawn) are added to the result's notes.
-    """
-    from ...formats import load
-    from ..surgery import Step, run
-
-    loaded = {}
-    paths = []
-    for item in list(inputs) + ([base] if base is not None else []):
-        path = item if isinstance(item, str) else f"<checkpoint {len(loaded) + 1}>"
-        if not isinstance(item, str):
-            loaded[path] = item
-        paths.append(path)
-    if base is not None:
-        options["base"] = paths.pop()
-    operation = Merge(inputs=paths, **options)
-    opened = {p: loaded.get(p) or load(p, key=key) for p in dict.fromkeys([operation.written] + operation.others)}
-    ckpt = opened[operation.written]
-    plans = run(ckpt, [Step(operation)], seed=operation.seed, sources=lambda path, _: opened[path],
-                reset_optimizer=reset_optimizer)
-    ckpt.notes += plans[-1].notes
-    return ckpt
+            return plan_merge(self, ckpt, [sources.checkpoint(path) for path in self.others])
+        return plan_merge(self, sources.checkpoint(self.written),
+                          [ckpt if path == OWN else sources.checkpoint(path) for path in self.others], ckpt.source)
 
 
 def _not_for(option: str, method: MergeMethod) -> str:
@@ -207,4 +178,4 @@ def _not_for(option: str, method: MergeMethod) -> str:
     return f"--{option} applies to {which}{f' ({hint})' if hint else ''}, not {method.name}"
 
 
-__all__ = ["NAMES", "OWN", "Merge", "merge"]
+__all__ = ["NAMES", "OWN", "Merge"]

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ...checkpoint.values import CHUNK, chunks, pieces
-from .registry import Params
+from .registry.base import Params
 
 DOT_THRESHOLD = 0.9995  # slerp: above this |cos| the two tensors are colinear and lerp is used
 EPS = 1e-8  # slerp: a norm at most this leaves its tensor unnormalised

@@ -1,0 +1,71 @@
+"""The one loader of a command's inputs: the checkpoint, --source, --against, merge inputs and
+adapters are all opened here, with the command's reading options, each once however often a
+plan asks, and recorded in the loader's ``inputs`` (formats/inputs.py), the record the command's
+writes are checked against, so that no output of the command lands on one.
+
+Operations receive a Loader (ops.spec.Sources) and never open files themselves. A new kind of
+place (a URL) is resolved in ``_open``, for every input at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..checkpoint import Checkpoint
+from ..errors import ParamSurgeonError, SelectionError
+from . import peft, registry
+from .inputs import Inputs
+from .reading import load, sharded_index, verify_shards
+
+
+class Loader:
+    """Opens inputs with ``key`` (--key), ``allow_globals`` (--allow-global) and ``unsafe_pickle``.
+
+    ``shared_key``: the command's --key applies to every checkpoint it opens (merge), and a
+    safetensors or sharded input, already a flat mapping of names to tensors, ignores it;
+    otherwise each request names its own key (copy's --source-key).
+    """
+
+    def __init__(self, *, key: str | None = None, allow_globals: tuple[str, ...] = (), unsafe_pickle: bool = False,
+                 shared_key: bool = False):
+        self.key, self.shared_key = key, shared_key
+        self.options = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle}
+        self.opened: dict[tuple[str | None, str | None], Checkpoint] = {}
+        self.inputs = Inputs()  # this command's: every path opened, with its role
+
+    def checkpoint(self, path: str | None, key: str | None = None, role: str | None = "--source") -> Checkpoint:
+        """The checkpoint at ``path`` (None or '-': standard input) in the ``role`` the user gave it
+        (the first role given for a path is kept), opened once per path and key."""
+        key = self.key if self.shared_key else key
+        self.inputs.record(path, role)
+        if (path, key) not in self.opened:
+            ckpt = self.opened[path, key] = self._open(path, key)
+            if registry.get(ckpt.format).sharded:  # an index names its directory: every shard is an input
+                self.inputs.record(os.path.dirname(ckpt.source) or ".", self.inputs.role(path))
+        return self.opened[path, key]
+
+    def adapter(self, path: str) -> tuple[str, dict, Checkpoint]:
+        """The PEFT adapter directory ``path`` names: the directory, its config and its weights."""
+        folder = peft.adapter_directory(path)
+        self.inputs.record(folder, "the adapter")
+        config, weights = peft.read_adapter(folder, lambda file: self.checkpoint(file, role="the adapter"))
+        return folder, config, weights
+
+    def shard_problems(self, path: str | None) -> list[dict] | None:
+        """Where the sharded checkpoint at ``path`` and its index disagree, every shard read with
+        the command's options (check --complete's work); None when ``path`` is not sharded."""
+        return verify_shards(path, **self.options) if sharded_index(path) is not None else None
+
+    def _open(self, path: str | None, key: str | None) -> Checkpoint:
+        try:
+            return load(path, key=key, **self.options)
+        except SelectionError as e:
+            if not self.shared_key or key is None or path in (None, "-"):
+                raise
+            try:
+                flat = load(path, **self.options)
+            except ParamSurgeonError:
+                raise e from None
+            if registry.get(flat.format).nested:
+                raise
+            return flat

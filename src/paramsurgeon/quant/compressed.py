@@ -1,0 +1,104 @@
+"""What compressed-tensors' schemes share: the ``quantization_config`` (``config_groups``, each
+with ``targets`` and ``weights`` arguments, and ``ignore``), matched to a module by name as its
+model-free dequantizer matches it, and the tile each scale applies to."""
+
+from __future__ import annotations
+
+import re
+
+from .tiles import bands, grid, spread
+
+METHOD = "compressed-tensors"
+BLOCK = (128, 128)  # FP8_BLOCK's block, the one block read without a config naming it
+
+
+def reads(config: dict) -> bool:
+    """Whether a checkpoint with this quantization_config can hold compressed-tensors weights
+    (it is compressed-tensors', or there is none and the names tell)."""
+    return config.get("quant_method", METHOD) == METHOD
+
+
+def weight_args(config: dict, module: str) -> dict | None:
+    """The ``weights`` arguments of the first config group whose targets match ``module`` ('Linear'
+    targets every module, 're:X' a regex matched at the start of the name, anything else the exact
+    name); None when none does, the module is ignored, or there is no config."""
+    groups = config.get("config_groups")
+    if not isinstance(groups, dict) or any(_matches(module, t) for t in config.get("ignore") or ()):
+        return None
+    for scheme in groups.values():
+        if not isinstance(scheme, dict) or not isinstance(scheme.get("weights"), dict):
+            continue
+        targets = scheme.get("targets") or ()
+        if "Linear" in targets or any(_matches(module, t) for t in targets):
+            return scheme["weights"]
+    return None
+
+
+def layout(args: dict | None, scale_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[tuple | None, str]:
+    """The tile [bm, bn] each scale value covers in a weight of ``shape`` (from the config group's
+    ``weights`` arguments, else from the scale's shape) and what the scale should be; the tile is
+    None when the scale does not fit."""
+    strategy = args.get("strategy") if args else _strategy(scale_shape, shape)
+    tile = _tile(strategy, args, scale_shape, shape)
+    if tile is None:
+        return None, f"a per-tensor, per-channel, per-group or block scale (strategy {strategy})"
+    expected = grid(shape, tile)
+    fits = all(n == 1 for n in scale_shape) if strategy == "tensor" else tuple(scale_shape) == expected
+    return (tile if fits else None), f"{strategy} scales {list(expected)}"
+
+
+def _tile(strategy: object, args: dict | None, scale_shape: tuple[int, ...], shape: tuple[int, ...]):
+    rows, columns = shape
+    if strategy == "tensor":
+        return rows, columns
+    if strategy == "channel":
+        return 1, columns
+    if strategy == "group":
+        size = args.get("group_size") if args else columns // scale_shape[1]
+        return (1, size) if isinstance(size, int) and size > 0 else None
+    block = (args.get("block_structure") if args else list(BLOCK)) if strategy == "block" else None
+    if isinstance(block, list) and len(block) == 2 and all(isinstance(n, int) and n > 0 for n in block):
+        return block[0], block[1]
+    return None
+
+
+def _strategy(scale_shape: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """The strategy a scale's shape tells when there is no config: one value, one per row (and per
+    group of columns), else blocks."""
+    rows = shape[0]
+    if all(n == 1 for n in scale_shape):
+        return "tensor"
+    if len(scale_shape) == 2 and scale_shape[0] == rows:
+        return "channel" if scale_shape[1] == 1 else "group"
+    return "block"
+
+
+def _matches(module: str, target: object) -> bool:
+    if not isinstance(target, str):
+        return False
+    if not target.startswith("re:"):
+        return target == module
+    try:
+        return re.match(target[3:], module) is not None
+    except re.error:
+        return False
+
+
+def dequantize(tensor, codes, scale, zero, tile: tuple[int, int]):
+    """The values of ``tensor``: (code - zero point) * scale of its tile, computed in the scale's
+    dtype as compressed-tensors' ``dequantize`` computes them; ``codes(start, stop)`` gives the
+    integer or float codes of a band of rows, ``scale`` and ``zero`` (or None) are per tile."""
+    import torch
+
+    from ..dtypes import torch_dtype
+
+    out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
+    rows, columns = tensor.shape
+    scale = scale.reshape(grid(tensor.shape, tile))
+    zero = None if zero is None else zero.reshape(scale.shape)
+    for start, stop in bands(tensor.shape, tile[0] if scale.shape[0] > 1 else 1):
+        values = codes(start, stop).to(scale.dtype)
+        if zero is not None:
+            values = values - spread(zero, tile, start, stop, columns).to(scale.dtype)
+        out[start:stop] = values * spread(scale, tile, start, stop, columns)
+    return out
