@@ -115,3 +115,42 @@ def test_a_model_without_experts(request, tmp_path):
     result = run("experts", path, "--keep", "0", "-o", f"{tmp_path / 'out'}/")
     assert result.exit_code == 2 and "experts: no mixture-of-experts block" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_experts_keep_their_stored_parts(request, tmp_path):
+    """DeepSeek-V3's FP8 layout (codes and a weight_scale_inv per expert projection): the kept experts'
+    parts are renamed byte for byte, the router's rows and correction bias sliced; a duplicated layer copies
+    every part."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    tensors = {"model.layers.0.mlp.gate.weight": torch.randn(4, 16),
+               "model.layers.0.mlp.gate.e_score_correction_bias": torch.randn(4)}
+    for expert in range(4):
+        name = f"model.layers.0.mlp.experts.{expert}.down_proj.weight"
+        tensors[name] = torch.randn(16, 8).to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = torch.rand(1, 1) + 0.5
+    folder = tmp_path / "fp8"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "num_hidden_layers": 1, "quantization_config": {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}))
+    register_input(request, str(folder))
+    out = tmp_path / "out"
+    assert run("experts", folder, "--drop", "1", "-o", out).exit_code == 0
+    after = load_file(out / "model.safetensors")
+    for new, old in ((0, 0), (1, 2), (2, 3)):
+        for part in ("weight", "weight_scale_inv"):
+            name = "model.layers.0.mlp.experts.{}.down_proj." + part
+            assert after[name.format(new)].dtype == tensors[name.format(old)].dtype
+            assert torch.equal(after[name.format(new)].view(torch.uint8), tensors[name.format(old)].view(torch.uint8))
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" not in after
+    assert torch.equal(after["model.layers.0.mlp.gate.e_score_correction_bias"],
+                       tensors["model.layers.0.mlp.gate.e_score_correction_bias"][[0, 2, 3]])
+    assert config(out)["n_routed_experts"] == 3
+    assert run("layers", folder, "--duplicate", "0", "-o", tmp_path / "deeper").exit_code == 0
+    deeper = load_file(tmp_path / "deeper" / "model.safetensors")
+    copy = "model.layers.1.mlp.experts.2.down_proj.weight"
+    assert deeper[copy].dtype == torch.float8_e4m3fn and deeper[copy + "_scale_inv"].shape == (1, 1)
+    assert torch.equal(deeper[copy].view(torch.uint8), tensors[copy.replace("layers.1", "layers.0")].view(torch.uint8))
