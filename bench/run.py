@@ -138,6 +138,21 @@ for name in a:  # what diff reports: largest |a-b| and |a-b|/|b|, and the count 
     print(name, float(gap.max()), float((gap / y.abs()).nan_to_num(0).max()),
           int((~torch.isclose(x, y, atol=1.0, equal_nan=True)).sum()))
 """
+LAYERS, LAYER_SIDE = 32, 2048  # 32 layers of 4 float32 tensors of 2048 x 2048: 2 GiB
+LAYERS_GROUP = f"layers --drop 4 of {LAYERS} layers (2 GiB safetensors)"
+STACK_GROUP = f"stack two {LAYERS}-layer checkpoints, half of each (2 GiB safetensors)"
+MAKE_LAYERS = """
+import os, sys, torch
+from safetensors.torch import save_file
+folder, layers, side = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for name, seed in (("layers.safetensors", 0), ("layers-b.safetensors", 1)):
+    torch.manual_seed(seed)
+    save_file({f"model.layers.{i}.self_attn.{p}_proj.weight": torch.randn(side, side) for i in range(layers)
+               for p in "qkvo"}, os.path.join(folder, name))
+size = os.path.getsize(os.path.join(folder, "layers.safetensors")) * (layers - 4) // layers
+with open(os.path.join(folder, "layers.safetensors"), "rb") as source, open(os.path.join(folder, "layers-cut.bin"), "wb") as cut:
+    cut.write(source.read(size))  # a file of the size of the result of dropping 4 layers
+"""
 LORA_GROUP = "merge a rank-16 LoRA into a 1 GiB bf16 Llama-like checkpoint"
 MAKE_LORA = """
 import json, os, sys, torch
@@ -305,6 +320,17 @@ def cases(folder: str) -> list[tuple]:
     rows += [("scaling: zero one tensor (safetensors)", f"paramsurgeon, {n:,} tensors",
               tool("zero", f"many-{n}.safetensors", "-p", "layers.5.weight", "-o", "many-out.safetensors"),
               "many-out.safetensors") for n in MANY_ST]
+    half = LAYERS // 2
+    rows += [(LAYERS_GROUP, "cp, then sync (the limit, durable)",
+              ["sh", "-c", "cp layers-cut.bin cut-out.bin && sync cut-out.bin"], "cut-out.bin"),
+             (LAYERS_GROUP, "paramsurgeon layers --drop 8..11 (atomic, fsync'd)",
+              tool("layers", "layers.safetensors", "--drop", "8..11", "-o", "layers-out.safetensors"),
+              "layers-out.safetensors"),
+             (STACK_GROUP, "cp, then sync (the limit, durable)",
+              ["sh", "-c", "cp layers.safetensors cut-out.bin && sync cut-out.bin"], "cut-out.bin"),
+             (STACK_GROUP, "paramsurgeon stack (atomic, fsync'd)",
+              tool("stack", f"layers.safetensors:0..{half - 1}", f"layers-b.safetensors:{half}..{LAYERS - 1}", "-o",
+                   "stack-out.safetensors"), "stack-out.safetensors")]
     group = "init --all into DCP (2 GiB, 16 MiB tensors)"
     scheme = ["--all", "--scheme", "normal(std=0.02)", "--seed", "1", "-o", "init-dcp", "--format", "dcp"]
     rows += [(group, "paramsurgeon init --all, safetensors -> DCP", tool("init", "model.safetensors", *scheme),
@@ -332,6 +358,8 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
     LORA_GROUP: ("PEFT: from_pretrained, merge_and_unload, save_pretrained", 1.0, 320 * MiB),
     TIES_GROUP: ("script: TIES as mergekit computes it (whole tensors)", 1.0, 576 * MiB),
     DIFF_GROUP: ("script: load both, the same measures in float64", 1.0, 320 * MiB),
+    LAYERS_GROUP: ("cp, then sync (the limit, durable)", 1.25, 64 * MiB),  # a copy with new names
+    STACK_GROUP: ("cp, then sync (the limit, durable)", 1.25, 64 * MiB),
 }  # merge: 256 MiB plus a few 16 MiB tensors; no limit on time; init into DCP: 256 MiB plus one tensor;
 # merge-lora: 256 MiB plus a few float32 copies of its largest adapted tensor (5632x2048: 44 MiB, 16 MiB at a time);
 # merge ties: 256 MiB, the merged tensor (250 MiB) and a few 16 MiB pieces; diff: 256 MiB and a few 8 MiB pieces
@@ -422,6 +450,9 @@ def main() -> None:
         if any(group in (TIES_GROUP, DIFF_GROUP) for group, *_ in selected) and not os.path.exists(
                 os.path.join(folder, "ties-base.safetensors")):
             subprocess.run(python(MAKE_TIES, folder), check=True)
+        if any(group in (LAYERS_GROUP, STACK_GROUP) for group, *_ in selected) and not os.path.exists(
+                os.path.join(folder, "layers-cut.bin")):
+            subprocess.run(python(MAKE_LAYERS, folder, str(LAYERS), str(LAYER_SIDE)), check=True)
         if any(group == LORA_GROUP for group, *_ in selected) and not os.path.exists(os.path.join(folder, "lora")):
             subprocess.run(python(MAKE_LORA, os.path.join(folder, "lora")), check=True)
         subprocess.run(tool("--help"), check=True, env=ENV, capture_output=True)  # writes bytecode if missing

@@ -4,7 +4,7 @@
 
 Each file is written the way real projects write it: torch.save of a state_dict, a
 training checkpoint with Adam state, safetensors via the safetensors library, and a
-Hugging Face style sharded directory. Seeded, so values are the same on every run.
+Hugging Face style sharded directory, and transformers models as save_pretrained writes them. Seeded, so values are the same on every run.
 """
 
 import json
@@ -64,6 +64,22 @@ def write_sharded(state_dict: dict, folder: str, shards: int) -> None:
         f.write("\n")
 
 
+def transformers_models() -> None:
+    """A 6-layer Llama and a 2-layer Mixtral of 4 experts, random from small configs, as save_pretrained
+    writes their directories (config.json beside model.safetensors): the README's layers and experts."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(3)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(os.path.join(HERE, "llama"))
+    torch.manual_seed(4)
+    MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+                       ).save_pretrained(os.path.join(HERE, "mixtral"))
+
+
 def main() -> None:
     resnet, optimizer = trained_resnet()
     torch.save(resnet.state_dict(), os.path.join(HERE, "resnet.pt"))
@@ -90,6 +106,7 @@ def main() -> None:
     torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in gpt.state_dict().items()},
                os.path.join(HERE, "gpt-bf16.pt"))
     save_model(gpt, os.path.join(HERE, "gpt.safetensors"), metadata={"format": "pt"})
+    transformers_models()
     for name in sorted(os.listdir(HERE)):
         path = os.path.join(HERE, name)
         if name.endswith((".pt", ".safetensors")) or os.path.isdir(path) and not name.startswith("__"):

@@ -59,7 +59,7 @@ def test_the_console_script_builds_the_command_it_runs():
 # The README as a newcomer meets it: what the tool is, the set-up commands and every command in the first
 # screen; links that lead somewhere; JSON fields and benchmark rows taken from where they are kept.
 
-FIRST_SCREEN = 50  # lines
+FIRST_SCREEN = 53  # lines (50, and the rows of layers, stack and experts)
 
 
 def command_table() -> list[tuple[str, str, int]]:

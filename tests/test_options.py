@@ -8,6 +8,7 @@ from paramsurgeon import declare
 from paramsurgeon.cli.build import groups_of
 from paramsurgeon.cli.commands import EXAMPLES
 from paramsurgeon.ops import OPERATIONS
+from paramsurgeon.selection import Selection
 
 
 def bounded() -> list[tuple[str, str, str]]:
@@ -26,7 +27,8 @@ def bounded() -> list[tuple[str, str, str]]:
 def test_a_value_under_the_bound_is_refused(tmp_path, command, flag, value):
     checkpoint = f"{SAMPLES}/resnet.pt"
     if command in OPERATIONS:
-        result = run(command, checkpoint, "-p", "fc.*", flag, value, "-o", tmp_path / "out.pt")
+        selection = ["-p", "fc.*"] if issubclass(OPERATIONS[command], Selection) else []  # layers, experts: none
+        result = run(command, checkpoint, *selection, flag, value, "-o", tmp_path / "out.pt")
     else:
         result = run(command, *[checkpoint] * (2 if command == "diff" else 1), flag, value)
     assert result.exit_code == 2, result.stderr

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 from .checkpoint import Checkpoint
 from .formats.loader import Loader
-from .ops import (Cast, Concat, Copy, Drop, Init, Operation, Plan, Rename, Resize, Scale, Split, Tie, Transpose, Untie,
-                  Zero)
+from .ops import (Cast, Concat, Copy, Drop, Experts, Init, Layers, Operation, Plan, Rename, Resize, Scale, Split, Tie,
+                  Transpose, Untie, Zero)
 from .ops.lora import ExtractLora, MergeLora
 from .ops.merge import Merge
 from .ops.surgery import Step, run
@@ -31,6 +31,7 @@ def _function(operation: type[Operation]) -> Callable[..., Plan]:
 init, zero, scale, cast = _function(Init), _function(Zero), _function(Scale), _function(Cast)
 copy, tie, untie, rename, drop = _function(Copy), _function(Tie), _function(Untie), _function(Rename), _function(Drop)
 resize, split, concat, transpose = _function(Resize), _function(Split), _function(Concat), _function(Transpose)
+layers, experts = _function(Layers), _function(Experts)
 
 
 def apply(ckpt: Checkpoint, recipe: str, *, seed: int | None = None, reset_optimizer: bool = False) -> list[Plan]:
@@ -94,5 +95,5 @@ def extract_lora(base: str, tuned: str, output: str, *, rank: int, key: str | No
     return extraction.rows
 
 
-__all__ = ["apply", "cast", "concat", "copy", "drop", "extract_lora", "init", "merge", "merge_lora", "rename", "resize",
-           "scale", "split", "tie", "transpose", "untie", "zero"]
+__all__ = ["apply", "cast", "concat", "copy", "drop", "experts", "extract_lora", "init", "layers", "merge", "merge_lora",
+           "rename", "resize", "scale", "split", "tie", "transpose", "untie", "zero"]

@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 from ..bulk import paused_gc
 from ..checkpoint import Checkpoint
+from ..checkpoint.blocks import candidates
 from ..checkpoint.extras import extras
 from ..checkpoint.kinds import kinds_in_order
 from ..checkpoint.locations import off_cpu
@@ -43,6 +44,7 @@ class Inspection:
     notes: list[str]
     stats: bool
     tree: dict | None = None
+    blocks: list[dict] | None = None  # with the tree: the repeated blocks, {"prefix", "count"}
 
 
 @paused_gc()
@@ -74,7 +76,8 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     return Inspection(
         source=ckpt.source, format=ckpt.format, key=".".join(map(str, ckpt.key)) or None, rows=rows,
         ties=relevant_ties, totals=totals(rows, relevant_ties), extras=extras(ckpt), metadata=dict(ckpt.metadata),
-        notes=list(ckpt.notes) + _device_notes(ckpt), stats=stats, tree=module_tree(rows, relevant_ties) if tree else None)
+        notes=list(ckpt.notes) + _device_notes(ckpt), stats=stats, tree=module_tree(rows, relevant_ties) if tree else None,
+        blocks=[{"prefix": p, "count": max(found) + 1} for p, found in candidates(names).items()] if tree else None)
 
 
 _SHAPE, _DTYPE, _NUMEL, _NBYTES = attrgetter("shape"), attrgetter("dtype.name"), attrgetter("numel"), attrgetter("nbytes")

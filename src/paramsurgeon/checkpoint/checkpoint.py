@@ -26,6 +26,8 @@ class Checkpoint:
     ``omitted`` names aliases the file left out because its config ties them (hfties): a
     safetensors output leaves them out again while they are still tied. ``partial`` names stored
     tensors that belong to a quantized group but do not make one (quant.group), each with why.
+    ``config`` is the model config read beside it, changed by operations that change what it
+    describes (the layer count); never changed in place.
     """
 
     source: str
@@ -38,6 +40,7 @@ class Checkpoint:
     path: str | None = None
     omitted: set[str] = field(default_factory=set)  # aliases the file left out (tied in config.json)
     partial: list[tuple[str, list[str], str]] = field(default_factory=list)  # (scheme, names, why)
+    config: dict | None = None  # the model config beside it (config.json), as an output carries it
 
     @property
     def container(self) -> dict:

@@ -115,11 +115,13 @@ def _reading_commands() -> dict[str, Callable[[typer.Typer], None]]:
 
 
 def _writing_commands() -> dict[str, Callable[[typer.Typer], None]]:
-    """One command per operation (merge-lora among them), apply, merge and extract-lora (their
+    """One command per operation (merge-lora and layers among them), apply, merge, stack and extract-lora (their
     modules are imported only for them)."""
     from ..ops import OPERATIONS
     from ..ops.merge import Merge
     from ..ops.lora import ExtractLora
+    from ..ops.layers import Stack
+    from .layers import run_stack
     from .lora import ExtractRun, run_extract_lora
     from .merging import EXAMPLE, run_merge
     from .operations import Recipe, apply_recipe, run_operation
@@ -136,6 +138,8 @@ def _writing_commands() -> dict[str, Callable[[typer.Typer], None]]:
             apply_recipe.__doc__, "paramsurgeon apply model.pt recipe.toml -o out.pt")),
         "merge": lambda app: command(app, "merge", [Merge, Read, Write, Surgery], run_merge,
                                      described(run_merge.__doc__, EXAMPLE)),
+        "stack": lambda app: command(app, "stack", [Stack, Read, Write, Surgery], run_stack,
+                                     described(run_stack.__doc__, Stack.example)),
         "extract-lora": lambda app: command(app, "extract-lora", [ExtractLora, Read, ExtractRun], run_extract_lora,
                                             described(run_extract_lora.__doc__, ExtractLora.example)),
     }

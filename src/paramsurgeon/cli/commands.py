@@ -56,7 +56,7 @@ def inspect(given: Input, options: InspectOptions, output: Json, read: Read, sel
     if output.json:
         emit(render.to_json(render.inspection_document(result)), )
     elif options.tree:
-        emit(render.tree_text(result.tree, options.depth, terminal_width(), color_on_stdout()))
+        emit(render.tree_text(result.tree, options.depth, terminal_width(), color_on_stdout(), result.blocks))
     else:
         emit(render.inspection_text(result, terminal_width(), color_on_stdout()))
 

@@ -46,7 +46,7 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
         raise SelectionError(f"{ckpt.source}: --key applies to torch files; a {ckpt.format} checkpoint"
                              " is already a flat mapping of names to tensors")
     ckpt.path = None if path in (None, "-") else path
-    config = read_config(ckpt.path)
+    ckpt.config = config = read_config(ckpt.path)
     restore_omitted(ckpt, config)  # tied names save_pretrained left out
     if not raw:
         ckpt = quant.group(ckpt, config)

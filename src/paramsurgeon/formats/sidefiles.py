@@ -1,7 +1,8 @@
 """The files of a Hugging Face model directory besides its weights: its configuration,
 tokenizer, generation settings, custom code and model card. A directory output of a command
 whose input is such a directory carries them, with ``config.json`` updated where the surgery
-changed what it describes (``vocab_size``, ``tie_word_embeddings``).
+changed what it describes (``vocab_size``, ``tie_word_embeddings``, and what the operations
+changed in ``Checkpoint.config``: the layer count, the expert count).
 
     carry(...)      copy the input's side files (directories.SIDE_FILES) into the directory being written
 
@@ -87,6 +88,8 @@ def _write_config(source: str, destination: str, ckpt: Checkpoint, same: bool) -
     except ValueError:
         config = None
     changes, notes = config_updates(config, ckpt) if isinstance(config, dict) else ({}, [])
+    if isinstance(config, dict):  # what the operations changed (the layer count, per-layer lists)
+        changes = {**{k: v for k, v in (ckpt.config or {}).items() if config.get(k) != v}, **changes}
     if changes:
         with open(destination, "wb") as handle:
             handle.write(_dumps(_updated(config, changes), text).encode("utf-8"))

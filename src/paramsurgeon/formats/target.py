@@ -91,7 +91,7 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None, i
         raise UsageError(f"--max-shard-size writes a directory, but -o {output} names a {named} file;"
                          f" pass a directory (-o {os.path.splitext(output)[0]})")
     directory = bool(size) or os.path.isdir(output) or output.endswith(os.sep) \
-        or (_sharded(ckpt) and not named)
+        or ((_sharded(ckpt) or _model_directory(ckpt)) and not named)
     family = wanted or (None if directory else named) or _family(ckpt)
     path = output.rstrip(os.sep) or output
     inputs.refuse_overwrite(output)  # every input of the command: the output, a directory holding one, inside one
@@ -160,6 +160,12 @@ def _family(ckpt: Checkpoint) -> str:
 
 def _sharded(ckpt: Checkpoint) -> bool:
     return registry.get(ckpt.format).sharded
+
+
+def _model_directory(ckpt: Checkpoint) -> bool:
+    """Whether the input was given as a directory (a model directory holding one weights file): an
+    output named without an extension is a directory too, with the model's other files."""
+    return ckpt.path is not None and os.path.isdir(ckpt.path)
 
 
 def _place(ckpt: Checkpoint) -> str:

@@ -3,6 +3,8 @@
     spec.py        Operation, and the option groups operations share (selection, ties)
     values.py      init, zero, scale, cast: new values for the selected tensors
     structure.py   copy, tie, untie, rename, drop
+    layers.py      layers (drop, keep, duplicate, move blocks) and stack (blocks of several checkpoints)
+    experts.py     experts (prune the experts of mixture-of-experts blocks)
     reshape/       resize, split, concat, transpose
     lora/          merge-lora (an operation like the others) and extract-lora (an adapter's tensors)
     plan.py        Plan: what an operation changes, checked before anything is computed
@@ -18,6 +20,8 @@ library's calls, which open what they are given, are in paramsurgeon/library.py.
 """
 
 from .catalog import OPERATIONS
+from .experts import Experts
+from .layers import Layers
 from .lora import MergeLora
 from .plan import Plan
 from .reshape import Concat, Resize, Split, Transpose
@@ -26,4 +30,4 @@ from .structure import Copy, Drop, Rename, Tie, Untie
 from .values import Cast, Init, Scale, Zero
 
 __all__ = ["OPERATIONS", "Operation", "Plan", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename",
-           "Drop", "Resize", "Split", "Concat", "Transpose", "MergeLora"]
+           "Drop", "Resize", "Split", "Concat", "Transpose", "MergeLora", "Layers", "Experts"]

@@ -1,5 +1,7 @@
 """Every operation by the command name that runs it (what a recipe step's op may name, besides merge)."""
 
+from .experts import Experts
+from .layers import Layers
 from .lora import MergeLora
 from .reshape import Concat, Resize, Split, Transpose
 from .spec import Operation
@@ -8,4 +10,4 @@ from .values import Cast, Init, Scale, Zero
 
 OPERATIONS: dict[str, type[Operation]] = {op.name: op for op in (Init, Zero, Scale, Cast, Copy, Tie, Untie,
                                                                    Rename, Drop, Resize, Split, Concat, Transpose,
-                                                                   MergeLora)}
+                                                                   MergeLora, Layers, Experts)}

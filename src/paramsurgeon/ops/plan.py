@@ -55,6 +55,10 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     kept: list[dict] = field(default_factory=list)  # {"name", "reason"}: left as they are, and why
     heading: str = ""  # a line a dry run shows above the table (e.g. a merge's method and inputs)
+    rebuilt: list[tuple[str, str, Tensor]] | None = None  # the tensors afterwards, in order: (name, where it
+    # comes from, the tensor); a tensor given twice is copied (its bytes, not a tie); the others go (drops
+    # lists them)
+    config: dict = field(default_factory=dict)  # keys of the model config (config.json) and their new values
 
     def document(self) -> dict:
         """Entries of its own for the --json plan (none for most operations)."""
@@ -63,7 +67,7 @@ class Plan:
     def rows(self, ckpt: Checkpoint) -> list[dict]:
         """One row per affected tensor: name, shape and dtype before, what happens."""
         tensors = ckpt.tensors
-        rows = []
+        rows = self._rebuilt_rows(ckpt)
         for change in self.changes:
             for name in change.names:
                 rows.append(_row(name, tensors.get(name), change.action, change.shape, change.dtype))
@@ -75,17 +79,39 @@ class Plan:
                  for old, new in self.renames.items()]
         return rows
 
+    def _rebuilt_rows(self, ckpt: Checkpoint) -> list[dict]:
+        """A row per tensor that ``rebuilt`` renames or copies (or takes from another checkpoint)."""
+        rows, used = [], set()
+        for name, origin, tensor in self.rebuilt or []:
+            if name != origin:
+                mine = origin in ckpt.tensors
+                action = f"{'copy' if origin in used else 'rename'} to {name}" if mine else f"from {origin}"
+                rows.append(_row(origin if mine else name, tensor, action, tensor.shape, tensor.dtype.name))
+            used.add(origin)
+        return rows
+
     def summary(self) -> str:
         """'3 x zero, 1 tied' for the line after a write."""
         actions: dict[str, int] = {}
         for change in self.changes:
             action = change.action.split(" from ")[0]
             actions[action] = actions.get(action, 0) + len(change.names)
-        parts = [f"{n} x {action}" for action, n in actions.items()]
+        parts = [f"{n} x {action}" for action, n in actions.items()] + self._rebuilt_summary()
         parts += [f"{len(self.aliases)} tied"] if self.aliases else []
         parts += [f"{len(self.drops)} dropped"] if self.drops else []
         parts += [f"{len(self.renames)} renamed"] if self.renames else []
         return ", ".join(parts) if parts else "nothing changed"
+
+    def _rebuilt_summary(self) -> list[str]:
+        if self.rebuilt is None:
+            return []
+        seen: set[int] = set()
+        renamed = copied = 0
+        for name, origin, tensor in self.rebuilt:
+            copied += id(tensor) in seen
+            renamed += id(tensor) not in seen and name != origin
+            seen.add(id(tensor))
+        return [f"{n} {what}" for n, what in ((renamed, "renamed"), (copied, "copied")) if n]
 
     @property
     def changes_values(self) -> bool:
@@ -152,6 +178,10 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
     changed tensors get empty storages of the right size, enough to plan later steps against
     names, shapes, dtypes and ties.
     """
+    if plan.rebuilt is not None:
+        _rebuild(ckpt, plan.rebuilt)
+    if plan.config:
+        ckpt.config = {**(ckpt.config or {}), **plan.config}
     if plan.adds:
         _insert(ckpt, plan.adds)
     overflows = []
@@ -176,7 +206,7 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
     for target, source in plan.aliases:
         src = ckpt[source]
         ckpt[target] = _like(ckpt[target], src.storage, src)
-    for name in plan.drops:
+    for name in plan.drops if plan.rebuilt is None else ():
         del ckpt[name]
     if plan.renames:
         rename(ckpt, plan.renames, plan.module_renames)
@@ -224,6 +254,74 @@ def _insert(ckpt: Checkpoint, adds: dict[str, str]) -> None:
     items = [(new, value) for k, value in container.items() for new in before.get(k, []) + [k]]
     container.clear()
     container.update(items)
+
+
+def _rebuild(ckpt: Checkpoint, rebuilt: list[tuple[str, str, Tensor]]) -> None:
+    """Make the checkpoint's tensors those of ``rebuilt`` in its order (the rest of the mapping kept
+    after them); a tensor met again becomes a copy over storage of its own, the copies of tensors that
+    shared storage sharing one again. A state dict's per-module _metadata follows the names."""
+    container = ckpt.container
+    before = list(ckpt.tensors)
+    seen: dict[int, int] = {}
+    twins: dict[tuple[int, int], Storage] = {}
+    items = []
+    for name, _, tensor in rebuilt:
+        copy = seen[id(tensor)] = seen.get(id(tensor), -1) + 1
+        items.append((name, tensor if not copy else twin(tensor, lambda s: twins.setdefault((id(s), copy), _twin(s)))))
+    others = [(k, v) for k, v in container.items() if not isinstance(v, Tensor)]
+    container.clear()
+    container.update(items + others)
+    ckpt.forget()
+    metadata = getattr(container, "_metadata", None)
+    if isinstance(metadata, dict):
+        _rebuild_metadata(metadata, [(origin, name) for name, origin, _ in rebuilt], before)
+
+
+def twin(tensor: Tensor, storage_of: Callable[[Storage], Storage]) -> Tensor:
+    """``tensor`` over ``storage_of(its storage)`` (a quantized tensor: each part so)."""
+    from ..checkpoint.quantized import Quantized
+
+    if isinstance(tensor, Quantized):
+        made = Quantized(tensor.scheme, {role: twin(part, storage_of) for role, part in tensor.parts.items()},
+                         tensor.shape, tensor.dtype, tensor.params)
+    else:
+        made = Tensor(storage_of(tensor.storage), tensor.dtype, tensor.shape, tensor.stride, tensor.offset)
+    made.parameter, made.requires_grad, made.metadata = tensor.parameter, tensor.requires_grad, tensor.metadata
+    return made
+
+
+def _twin(storage: Storage) -> Storage:
+    """A storage of the same bytes (the same span of the input, or the same values), not shared."""
+    return Storage(storage.nbytes, file=storage.file, offset=storage.offset, crc32=storage.crc32,
+                   values=storage.values, loader=storage.loader, location=storage.location)
+
+
+def _rebuild_metadata(metadata: dict, moves: list[tuple[str, str]], before: list[str]) -> None:
+    """Each module prefix of _metadata under the names each of its tensors now has (once per copy); a
+    module without tensors (an activation) follows the nearest one above it that has some; a module
+    whose tensors all went goes too."""
+    mapped: dict[str, dict[str, None]] = {}
+    for old, new in moves:
+        olds, news = old.split("."), new.split(".")
+        same = next((k for k in range(min(len(olds), len(news))) if olds[-1 - k] != news[-1 - k]),
+                    min(len(olds), len(news)))
+        moved = len(olds) - same  # the prefixes this long and longer are renamed with the tensor
+        for depth in range(len(olds)):
+            prefix = ".".join(olds[:depth])
+            shown = ".".join(news[:depth + len(news) - len(olds)]) if depth >= moved else prefix
+            mapped.setdefault(prefix, {})[shown] = None
+    held = {".".join(name.split(".")[:depth]) for name in before for depth in range(name.count(".") + 1)}
+    entries = []
+    for prefix, value in metadata.items():
+        above = prefix
+        while above not in held and above:
+            above = above.rpartition(".")[0]
+        if above not in held:
+            entries.append((prefix, value))
+        else:
+            entries += [(target + prefix[len(above):], value) for target in mapped.get(above, {})]
+    metadata.clear()
+    metadata.update(entries)
 
 
 def rename(ckpt: Checkpoint, renames: dict[str, str], module_renames: dict[str, str]) -> None:

@@ -81,7 +81,7 @@ def inspection_document(result: Inspection) -> dict:
                 "totals": result.totals, "extras": result.extras, "metadata": result.metadata,
                 "notes": result.notes}
     if result.tree is not None:
-        document["tree"] = result.tree
+        document["tree"], document["blocks"] = result.tree, result.blocks
     return document
 
 
@@ -203,8 +203,9 @@ def footer_lines(result: Inspection) -> list[str]:
     return lines + [f"note: {n}" for n in result.notes]
 
 
-def tree_text(tree: dict, depth: int | None, width: int | None, color: bool) -> str:
-    """The ``inspect --tree`` report: parameters and buffers per module, indented."""
+def tree_text(tree: dict, depth: int | None, width: int | None, color: bool, blocks: list[dict] = ()) -> str:
+    """The ``inspect --tree`` report: parameters and buffers per module, indented; then the repeated
+    blocks ('repeated block: model.layers.N x 6')."""
     rows = []
     total = max(tree["parameters"], 1)
 
@@ -219,7 +220,8 @@ def tree_text(tree: dict, depth: int | None, width: int | None, color: bool) -> 
     add(tree, 0)
     columns = [Column("module"), Column("parameters", True), Column("buffers", True), Column("bytes", True),
                Column("share", True)]
-    return render(columns, rows, width, color)[0]
+    return render(columns, rows, width, color)[0] + "".join(f"repeated block: {b['prefix']}.N x {b['count']}\n"
+                                                            for b in blocks)
 
 
 def plan_document(plan, rows: list[dict], ckpt, output: str | None, dry_run: bool) -> dict:

@@ -1,0 +1,159 @@
+"""Tiny transformers models for the layers, stack and experts tests (random weights from configs, no
+downloads), saved with save_pretrained; and references assembled in torch from their modules."""
+
+import copy
+import os
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+TOKENS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
+
+
+def llama(seed=0, layers=4, intermediate=64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=intermediate,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64)).eval()
+
+
+def qwen2(layers=4):
+    """Qwen2 with sliding-window layers from layer 2 on: layer_types is a per-layer list in its config."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                        sliding_window=3, max_window_layers=2, max_position_embeddings=64)).eval()
+
+
+def gpt2(layers=3):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=layers, n_head=2)).eval()
+
+
+def bert(layers=4):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                intermediate_size=48, max_position_embeddings=32)).eval()
+
+
+def blocks_of(model) -> tuple[nn.Module, str]:
+    """The module holding ``model``'s block list, and the list's attribute name."""
+    for path in ("model", "transformer", "encoder"):
+        holder = getattr(model, path, None)
+        for attribute in ("layers", "h", "layer"):
+            if holder is not None and isinstance(getattr(holder, attribute, None), nn.ModuleList):
+                return holder, attribute
+    raise AssertionError(f"no block list in {type(model).__name__}")
+
+
+def with_blocks(model, blocks: list[nn.Module]):
+    """A copy of ``model`` whose blocks are ``blocks`` (copied), as a user would assemble it in torch."""
+    result = copy.deepcopy(model)
+    holder, attribute = blocks_of(result)
+    setattr(holder, attribute, nn.ModuleList(copy.deepcopy(b) for b in blocks))
+    for name in ("num_hidden_layers", "n_layer"):
+        if hasattr(result.config, name):
+            setattr(result.config, name, len(blocks))
+    return result
+
+
+def reordered(model, order: list[int]):
+    """``model`` with its blocks in ``order`` (source indices: repeated ones are copies)."""
+    holder, attribute = blocks_of(model)
+    layers = getattr(holder, attribute)
+    result = with_blocks(model, [layers[i] for i in order])
+    if getattr(model.config, "layer_types", None):  # the model reads each layer's type from the config's list
+        result.config.layer_types = [model.config.layer_types[i] for i in order]
+    return result
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    """The model's output on TOKENS (logits, or the last hidden state of an encoder)."""
+    out = model(input_ids=TOKENS, use_cache=False) if hasattr(model, "lm_head") else model(input_ids=TOKENS)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def load(path, cls=None):
+    """The model at ``path``, read by transformers' from_pretrained."""
+    import transformers
+
+    cls = cls or getattr(transformers, transformers.AutoConfig.from_pretrained(path).architectures[0])
+    return cls.from_pretrained(path).eval()
+
+
+def moe(kind: str, **overrides):
+    """A tiny mixture-of-experts model: mixtral, qwen2moe (a shared expert), qwen3moe, dsv3 (a dense first
+    layer, shared experts, sigmoid routing with e_score_correction_bias)."""
+    import transformers as T
+
+    common = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=64)
+    configs = {
+        "mixtral": (T.MixtralConfig, dict(intermediate_size=48, num_hidden_layers=2, num_local_experts=4)),
+        "qwen2moe": (T.Qwen2MoeConfig, dict(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                                            shared_expert_intermediate_size=24, num_experts=4)),
+        "qwen3moe": (T.Qwen3MoeConfig, dict(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                                            num_experts=4, head_dim=8)),
+        "dsv3": (T.DeepseekV3Config, dict(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                                          first_k_dense_replace=1, n_routed_experts=8, n_group=1, topk_group=1,
+                                          q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                          v_head_dim=8, n_shared_experts=1, num_key_value_heads=4)),
+    }
+    cls, options = configs[kind]
+    config = cls(**{**common, **options, **overrides})
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):  # zeros when made: a trained model's are not
+                module.e_score_correction_bias.uniform_(-0.1, 0.1)
+    return model
+
+
+def save_fused(model, path):
+    """``model`` saved in its fused layout (experts stacked in one tensor per projection), as transformers
+    holds it in memory; save_pretrained writes the per-expert layout of the hub."""
+    from safetensors.torch import save_file
+
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+@contextmanager
+def restricted(model, kept: list[int]):
+    """``model`` (a copy) whose routers pick among the experts ``kept`` only: the logits of the others are
+    -inf (as their e_score_correction_bias), so that no softmax, sigmoid or top-k gives them any weight."""
+    reference = copy.deepcopy(model)
+    masks = {}
+    for module in reference.modules():
+        if type(module).__name__.lower().endswith("router"):
+            dropped = torch.ones(module.weight.shape[0], dtype=torch.bool)
+            dropped[kept] = False
+            masks[id(module.weight)] = dropped
+            if hasattr(module, "e_score_correction_bias"):
+                with torch.no_grad():
+                    module.e_score_correction_bias[dropped] = float("-inf")
+    assert masks, "no router found"
+    real = torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        out = real(x, weight, bias)
+        return out.masked_fill(masks[id(weight)], float("-inf")) if id(weight) in masks else out
+
+    torch.nn.functional.linear = linear
+    try:
+        yield reference
+    finally:
+        torch.nn.functional.linear = real

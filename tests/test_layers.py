@@ -1,0 +1,313 @@
+"""layers and stack on transformers models saved with save_pretrained: the result loads with from_pretrained
+and computes what the model assembled in torch from the original blocks computes (blocks removed, kept,
+moved, duplicated; --identity copies leave the output exactly as it was; a stack is the sources' blocks
+in sequence); config.json follows; bad ranges are refused with nothing written."""
+
+import json
+import os
+
+import pytest
+import torch
+from helpers import SAMPLES, json_of, register_input, run
+from safetensors.torch import load_file
+
+import layer_models as lm
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``saved(name, build)``: the model ``build()`` makes, saved once per module under ``name``."""
+    made = {}
+    root = tmp_path_factory.mktemp("models")
+
+    def save(name, build, **options):
+        if name not in made:
+            model = build()
+            model.save_pretrained(root / name, **options)
+            made[name] = (model, str(root / name))
+        return made[name]
+
+    return save
+
+
+def model_dir(request, saved, name, build, **options):
+    model, path = saved(name, build, **options)
+    register_input(request, path)
+    return model, path
+
+
+def config(path):
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def assert_computes(path, reference):
+    """The model at ``path`` (from_pretrained) gives exactly the output of ``reference``."""
+    assert torch.equal(lm.logits(lm.load(path)), lm.logits(reference))
+
+
+def test_drop_the_last_layers_of_a_llama(request, saved, tmp_path):
+    model, path = model_dir(request, saved, "llama", lm.llama)
+    out = tmp_path / "short"
+    result = run("layers", path, "--drop", "2..3", "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert "num_hidden_layers 4 -> 2" in result.stderr
+    assert config(out)["num_hidden_layers"] == 2
+    assert_computes(out, lm.reordered(model, [0, 1]))
+
+
+def test_a_directory_input_writes_a_directory(request, saved, tmp_path):
+    """-o DIR without an extension (nor a trailing '/') names a directory: the weights, the updated config.json
+    and the model's other files."""
+    model, path = model_dir(request, saved, "llama", lm.llama)
+    out = tmp_path / "short"
+    assert run("layers", path, "--drop", "3", "-o", out).exit_code == 0
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert_computes(out, lm.reordered(model, [0, 1, 2]))
+
+
+def test_drop_in_the_middle_renumbers(request, saved, tmp_path):
+    model, path = model_dir(request, saved, "llama", lm.llama)
+    out = tmp_path / "out"
+    assert run("layers", path, "--drop", "1,2", "-o", f"{out}/").exit_code == 0
+    names = load_file(out / "model.safetensors")
+    original = load_file(os.path.join(path, "model.safetensors"))
+    assert sorted({n.split(".")[2] for n in names if n.startswith("model.layers.")}) == ["0", "1"]
+    assert torch.equal(names["model.layers.1.mlp.down_proj.weight"], original["model.layers.3.mlp.down_proj.weight"])
+    assert_computes(out, lm.reordered(model, [0, 3]))
+
+
+def test_keep_on_gpt2(request, saved, tmp_path):
+    model, path = model_dir(request, saved, "gpt2", lm.gpt2)
+    out = tmp_path / "kept"
+    assert run("layers", path, "--keep", "0,2", "-o", f"{out}/").exit_code == 0
+    assert config(out)["n_layer"] == 2
+    assert_computes(out, lm.reordered(model, [0, 2]))
+
+
+def test_move_puts_the_first_moved_block_at_the_index(request, saved, tmp_path):
+    model, path = model_dir(request, saved, "llama", lm.llama)
+    out = tmp_path / "moved"
+    assert run("layers", path, "--move", "2..3", "--to", "1", "-o", f"{out}/").exit_code == 0
+    assert_computes(out, lm.reordered(model, [0, 2, 3, 1]))
+
+
+def test_duplicate_a_range_after_a_block_on_bert(request, saved, tmp_path):
+    model, path = model_dir(request, saved, "bert", lm.bert)
+    out = tmp_path / "deeper"
+    result = run("layers", path, "--duplicate", "0..1", "--after", "2", "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert config(out)["num_hidden_layers"] == 6
+    assert_computes(out, lm.reordered(model, [0, 1, 2, 0, 1, 3]))
+
+
+def test_duplicate_without_after_puts_copies_after_their_range(request, saved, tmp_path):
+    model, path = model_dir(request, saved, "llama", lm.llama)
+    out = tmp_path / "solar"
+    assert run("layers", path, "--duplicate", "1..2,3", "-o", f"{out}/").exit_code == 0
+    assert_computes(out, lm.reordered(model, [0, 1, 2, 1, 2, 3, 3]))
+
+
+def test_duplicated_tensors_are_copies_not_ties(request, saved, tmp_path):
+    """A torch output stores a copy's bytes of its own: loading it gives separate parameters."""
+    _, path = model_dir(request, saved, "llama", lm.llama)
+    out = tmp_path / "copied.pt"
+    assert run("layers", path, "--duplicate", "1", "-o", out).exit_code == 0
+    state = torch.load(out, weights_only=True)
+    a, b = state["model.layers.1.mlp.up_proj.weight"], state["model.layers.2.mlp.up_proj.weight"]
+    assert torch.equal(a, b) and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("name, build, ranges, count", [
+    ("llama", lm.llama, "0,2", 6), ("gpt2", lm.gpt2, "0..2", 6), ("mixtral", lambda: lm.moe("mixtral"), "1", 3),
+    ("dsv3", lambda: lm.moe("dsv3"), "2", 4)])
+def test_identity_copies_leave_the_output_exactly_unchanged(request, saved, tmp_path, name, build, ranges, count):
+    model, path = model_dir(request, saved, name, build)
+    out = tmp_path / "pro"
+    result = run("layers", path, "--duplicate", ranges, "--identity", "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    grown = lm.load(out)
+    assert len(getattr(*lm.blocks_of(grown))) == count
+    assert torch.equal(lm.logits(grown), lm.logits(model))
+
+
+def test_identity_copies_zero_only_the_output_projections(request, saved, tmp_path):
+    _, path = model_dir(request, saved, "llama", lm.llama)
+    out = tmp_path / "pro"
+    assert run("layers", path, "--duplicate", "3", "--identity", "-o", f"{out}/").exit_code == 0
+    state, original = load_file(out / "model.safetensors"), load_file(os.path.join(path, "model.safetensors"))
+    zero = sorted(n for n, t in state.items() if not t.any())
+    assert zero == ["model.layers.4.mlp.down_proj.weight", "model.layers.4.self_attn.o_proj.weight"]
+    assert torch.equal(state["model.layers.4.self_attn.q_proj.weight"], original["model.layers.3.self_attn.q_proj.weight"])
+
+
+def test_per_layer_lists_of_the_config_follow(request, saved, tmp_path):
+    model, path = model_dir(request, saved, "qwen2", lm.qwen2)
+    before = config(path)["layer_types"]
+    assert len(set(before)) == 2
+    out = tmp_path / "moved"
+    assert run("layers", path, "--move", "2..3", "--to", "0", "-o", f"{out}/").exit_code == 0
+    assert config(out)["layer_types"] == [before[i] for i in (2, 3, 0, 1)]
+    assert_computes(out, lm.reordered(model, [2, 3, 0, 1]))
+
+
+def test_dense_layers_of_a_deepseek_follow(request, saved, tmp_path):
+    """first_k_dense_replace counts the dense layers left at the front; a dense layer after one with experts
+    cannot be said so, and is refused."""
+    model, path = model_dir(request, saved, "dsv3", lambda: lm.moe("dsv3"))
+    out = tmp_path / "out"
+    assert run("layers", path, "--drop", "0", "-o", f"{out}/").exit_code == 0
+    assert config(out)["first_k_dense_replace"] == 0 and config(out)["num_hidden_layers"] == 2
+    assert_computes(out, lm.reordered(model, [1, 2]))
+    result = run("layers", path, "--move", "0", "--to", "1", "-o", f"{tmp_path / 'moved'}/")
+    assert result.exit_code == 2 and "first_k_dense_replace 1" in result.stderr
+    assert not (tmp_path / "moved").exists()
+
+
+def test_sparse_step_of_a_qwen_moe_becomes_a_list(request, saved, tmp_path):
+    """Every second layer has experts (decoder_sparse_step 2): after a drop, mlp_only_layers names the dense ones."""
+    model, path = model_dir(request, saved, "qwen2moe-step", lambda: lm.moe("qwen2moe", decoder_sparse_step=2,
+                                                                          num_hidden_layers=4))
+    out = tmp_path / "out"
+    assert run("layers", path, "--drop", "0", "-o", f"{out}/").exit_code == 0
+    assert (config(out)["decoder_sparse_step"], config(out)["mlp_only_layers"]) == (1, [1])
+    assert_computes(out, lm.reordered(model, [1, 2, 3]))
+
+
+def test_sharded_directory(request, saved, tmp_path):
+    model, path = model_dir(request, saved, "llama-sharded", lm.llama, max_shard_size="40KB")
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    out = tmp_path / "short"
+    assert run("layers", path, "--drop", "0", "-o", out).exit_code == 0
+    assert os.path.exists(out / "model.safetensors.index.json")
+    assert_computes(out, lm.reordered(model, [1, 2, 3]))
+
+
+def test_a_dcp_checkpoint(request, saved, tmp_path):
+    """A DCP input gives a DCP output with the blocks renumbered; its values are the safetensors run's."""
+    _, path = model_dir(request, saved, "llama", lm.llama)
+    assert run("convert", path, "-o", tmp_path / "dcp", "--format", "dcp").exit_code == 0
+    assert run("layers", tmp_path / "dcp", "--duplicate", "1..2", "--after", "3", "-o", tmp_path / "grown").exit_code == 0
+    assert run("layers", path, "--duplicate", "1..2", "--after", "3", "-o", f"{tmp_path / 'direct'}/").exit_code == 0
+    assert run("diff", tmp_path / "grown", tmp_path / "direct", "--tensors-only").exit_code == 0
+    assert run("stack", f"{tmp_path / 'dcp'}:0..1", f"{path}:3", "-o", tmp_path / "stacked.pt").exit_code == 0
+    state, original = torch.load(tmp_path / "stacked.pt", weights_only=True), load_file(os.path.join(path, "model.safetensors"))
+    assert torch.equal(state["model.layers.2.mlp.up_proj.weight"], original["model.layers.3.mlp.up_proj.weight"])
+    assert not any(n.startswith("model.layers.3.") for n in state)
+
+
+def test_a_torch_file_with_a_prefix(request, tmp_path):
+    """--prefix names a block list of another name; the result loads into the module with those blocks."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.stages = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(4))
+    path = tmp_path / "net.pt"
+    torch.save({"net": net.state_dict()}, path)
+    register_input(request, path)
+    out = tmp_path / "out.pt"
+    for args, order in ((["--move", "3", "--to", "0"], (3, 0, 1, 2)), (["--drop", "1"], (0, 2, 3)),
+                        (["--duplicate", "2"], (0, 1, 2, 2, 3))):
+        assert run("layers", path, "--prefix", "stages.N.", *args, "-o", out).exit_code == 0
+        expected = torch.nn.Sequential()
+        expected.stages = torch.nn.ModuleList(net.stages[i] for i in order)
+        state = torch.load(out, weights_only=True)["net"]
+        assert list(state) == list(expected.state_dict())
+        assert dict(state._metadata) == dict(expected.state_dict()._metadata)  # per-module versions follow
+        assert all(torch.equal(state[k], v) for k, v in expected.state_dict().items())
+        os.remove(out)
+
+
+def test_recipe_step(request, saved, tmp_path):
+    _, path = model_dir(request, saved, "llama", lm.llama)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[step]]\nop = "layers"\ndrop = "1..2"\n\n[[step]]\nop = "layers"\nduplicate = "0"\n'
+                      'identity = true\n')
+    by_recipe, by_commands = tmp_path / "a", tmp_path / "b"
+    assert run("apply", path, recipe, "-o", f"{by_recipe}/").exit_code == 0
+    assert run("layers", path, "--drop", "1..2", "-o", f"{tmp_path / 'c'}/").exit_code == 0
+    assert run("layers", tmp_path / "c", "--duplicate", "0", "--identity", "-o", f"{by_commands}/").exit_code == 0
+    assert run("diff", by_recipe, by_commands, "--tensors-only").exit_code == 0
+    assert config(by_recipe)["num_hidden_layers"] == 3
+
+
+def test_inspect_tree_names_the_repeated_block(request, saved):
+    _, path = model_dir(request, saved, "llama", lm.llama)
+    result = run("inspect", path, "--tree", "--depth", "1")
+    assert result.exit_code == 0
+    assert "model.layers.N x 4" in result.stdout
+    assert json_of("inspect", path, "--tree", schema="inspect")["blocks"] == [{"prefix": "model.layers", "count": 4}]
+    gpt2 = json_of("inspect", os.path.join(SAMPLES, "gpt.pt"), "--tree", schema="inspect")
+    assert gpt2["blocks"] == []  # h.N is no known block list (--prefix h names it to the commands)
+
+
+def test_the_json_plans(request, saved, tmp_path):
+    _, path = model_dir(request, saved, "llama", lm.llama)
+    plan = json_of("layers", path, "--duplicate", "3", "--identity", "--dry-run", schema="plan")
+    actions = {c["name"]: c["action"] for c in plan["changes"]}
+    assert actions["model.layers.3.mlp.up_proj.weight"] == "copy to model.layers.4.mlp.up_proj.weight"
+    assert actions["model.layers.4.mlp.down_proj.weight"] == "zero (identity copy)"
+    plan = json_of("stack", f"{path}:0..1", f"{path}:1", "--dry-run", schema="plan")
+    actions = {c["name"]: c["action"] for c in plan["changes"]}
+    assert plan["command"] == "stack" and actions["model.layers.3.input_layernorm.weight"] == "drop"
+    assert actions["model.layers.1.mlp.up_proj.weight"] == "copy to model.layers.2.mlp.up_proj.weight"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--drop", "4"], "layers: --drop 4: index 4 is out of range; the model has 4 blocks (0..3)"),
+    (["--keep", "1,1"], "layers: --keep 1,1: block 1 is given twice"),
+    (["--drop", "0..2,1..3"], "layers: --drop 0..2,1..3: block 1 is given twice (the ranges overlap)"),
+    (["--drop", "0..3"], "layers: --drop 0..3 leaves no block; the model has 4"),
+    (["--drop", "2..1"], "layers: --drop 2..1: the range 2..1 ends before it starts"),
+    (["--move", "0..1", "--to", "3"], "layers: --to 3 is out of range"),
+    (["--duplicate", "1", "--after", "4"], "layers: --after 4 is out of range"),
+    (["--drop", "1", "--keep", "2"], "layers: pass one of --drop, --keep, --duplicate or --move (not --drop and --keep)"),
+    (["--drop", "1", "--identity"], "layers: --identity goes with --duplicate"),
+    (["--prefix", "model.blocks", "--drop", "1"], "no tensor is named 'model.blocks.N.…'"),
+])
+def test_bad_ranges_are_refused_and_nothing_written(request, saved, tmp_path, args, message):
+    _, path = model_dir(request, saved, "llama", lm.llama)
+    result = run("layers", path, *args, "-o", f"{tmp_path / 'out'}/")
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_repeated_block(tmp_path):
+    result = run("layers", os.path.join(SAMPLES, "resnet.pt"), "--drop", "1", "-o", tmp_path / "out.pt")
+    assert result.exit_code == 2 and "layers: no repeated block found" in result.stderr and "--prefix" in result.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_stack_is_the_blocks_in_sequence(request, saved, tmp_path):
+    a, path_a = model_dir(request, saved, "llama", lm.llama)
+    b, path_b = model_dir(request, saved, "llama-b", lambda: lm.llama(seed=1))
+    out = tmp_path / "stacked"
+    result = run("stack", f"{path_a}:0..2", f"{path_b}:1..3", "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert config(out)["num_hidden_layers"] == 6
+    layers_a, layers_b = a.model.layers, b.model.layers
+    assert_computes(out, lm.with_blocks(a, [*layers_a[:3], *layers_b[1:]]))
+
+
+def test_stack_rest_takes_the_other_tensors_from_another_source(request, saved, tmp_path):
+    a, path_a = model_dir(request, saved, "llama", lm.llama)
+    b, path_b = model_dir(request, saved, "llama-b", lambda: lm.llama(seed=1))
+    out = tmp_path / "stacked"
+    assert run("stack", f"{path_a}:0", f"{path_a}:0", f"{path_b}:3", "--rest", path_b, "-o", f"{out}/").exit_code == 0
+    assert_computes(out, lm.with_blocks(b, [a.model.layers[0], a.model.layers[0], b.model.layers[3]]))
+
+
+def test_stack_refuses_blocks_of_different_shapes(request, saved, tmp_path):
+    _, path_a = model_dir(request, saved, "llama", lm.llama)
+    _, path_c = model_dir(request, saved, "llama-wide", lambda: lm.llama(intermediate=48))
+    result = run("stack", f"{path_a}:0..1", f"{path_c}:2..3", "-o", f"{tmp_path / 'out'}/")
+    assert result.exit_code == 2 and "'mlp.down_proj.weight' is [32, 48]" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_stack_refuses_blocks_unlike_those_of_the_rest(request, saved, tmp_path):
+    _, path_a = model_dir(request, saved, "llama", lm.llama)
+    _, path_c = model_dir(request, saved, "llama-wide", lambda: lm.llama(intermediate=48))
+    result = run("stack", f"{path_a}:0..1", "--rest", path_c, "-o", f"{tmp_path / 'out'}/")
+    assert result.exit_code == 2 and "'mlp.down_proj.weight' is [32, 64]" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
