@@ -26,6 +26,7 @@ class Checkpoint:
     ``omitted`` names aliases the file left out because its config ties them (hfties): a
     safetensors output leaves them out again while they are still tied. ``partial`` names stored
     tensors that belong to a quantized group but do not make one (quant.group), each with why.
+    ``layout`` is what the format's own writer needs beside the tensors (None for most formats).
     """
 
     source: str
@@ -38,6 +39,7 @@ class Checkpoint:
     path: str | None = None
     omitted: set[str] = field(default_factory=set)  # aliases the file left out (tied in config.json)
     partial: list[tuple[str, list[str], str]] = field(default_factory=list)  # (scheme, names, why)
+    layout: Any = None  # what a writer of the input's own format carries over (GGUF: formats.gguf.Layout)
 
     @property
     def container(self) -> dict:

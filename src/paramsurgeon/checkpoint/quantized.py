@@ -40,6 +40,11 @@ class Quantized(Tensor):
         return {role: self.scheme.part_name(name, role) for role in self.parts}
 
     @property
+    def no_values(self) -> str | None:
+        """Why the values cannot be read (a type nothing here dequantizes), or None."""
+        return self.params.get("no_values")
+
+    @property
     def stored_nbytes(self) -> int:
         """The bytes the parts take in the file."""
         return sum(part.nbytes for part in self.parts.values())

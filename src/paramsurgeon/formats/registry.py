@@ -82,6 +82,8 @@ FORMATS: tuple[Format, ...] = (
     Format("torch-sharded", "torch", "sharded torch", directory=True, sharded=True),
     Format("dcp", "dcp", "dcp", (), lambda path: _module("dcp").is_dcp(path), _reads("dcp"),
            lambda path: _module("dcp").Writer(path), directory=True, nested=True),
+    Format("gguf", "gguf", "GGUF", (".gguf",), lambda file, head: _module("gguf").looks_like(head),
+           _reads("gguf", options=False)),
 )
 _BY_NAME = {f.name: f for f in FORMATS}
 

@@ -1,0 +1,193 @@
+"""GGUF files (llama.cpp's format): read lazily with PyTorch-order shapes and dequantized values,
+converted to safetensors / torch / a Hugging Face directory, and written back as GGUF by surgery.
+
+Ground truth: files written here with gguf.GGUFWriter from real torch weights (a tiny llama), read
+back with gguf.GGUFReader and gguf.quants.dequantize, and transformers' LlamaForCausalLM."""
+
+import struct
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from helpers import json_of, register_input, run
+from transformers import LlamaConfig, LlamaForCausalLM
+
+T = gguf.GGMLQuantizationType
+HEADS, KV_HEADS, ROPE_THETA = 4, 2, 10000.0
+# HF name (inside model.layers.N. for per-layer ones) -> (GGUF name, type written)
+GLOBAL = {"model.embed_tokens.weight": ("token_embd.weight", T.Q8_0), "model.norm.weight": ("output_norm.weight", T.F32),
+          "lm_head.weight": ("output.weight", T.Q8_0)}
+LAYER = {"input_layernorm.weight": ("attn_norm.weight", T.F32), "self_attn.q_proj.weight": ("attn_q.weight", T.Q4_0),
+         "self_attn.k_proj.weight": ("attn_k.weight", T.Q8_0), "self_attn.v_proj.weight": ("attn_v.weight", T.F16),
+         "self_attn.o_proj.weight": ("attn_output.weight", T.Q8_0),
+         "post_attention_layernorm.weight": ("ffn_norm.weight", T.F32),
+         "mlp.gate_proj.weight": ("ffn_gate.weight", T.BF16), "mlp.up_proj.weight": ("ffn_up.weight", T.Q5_1),
+         "mlp.down_proj.weight": ("ffn_down.weight", T.F16)}
+
+
+def llama_config(tie: bool = False) -> LlamaConfig:
+    return LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
+                       rms_norm_eps=1e-5, rope_theta=ROPE_THETA, tie_word_embeddings=tie)
+
+
+def permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    """What llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute) does to q and k."""
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2) \
+        .reshape(weights.shape)
+
+
+def gguf_names(config: LlamaConfig) -> dict[str, tuple[str, T]]:
+    names = dict(GLOBAL)
+    for i in range(config.num_hidden_layers):
+        names.update({f"model.layers.{i}.{hf}": (f"blk.{i}.{name}", kind) for hf, (name, kind) in LAYER.items()})
+    return names
+
+
+def write_gguf(path, model: LlamaForCausalLM, extra=()) -> None:
+    """``model`` as llama.cpp's converter writes it (q/k permuted), with llama metadata; ``extra``:
+    (name, raw uint8 blocks, type) written after the model's tensors."""
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(ROPE_THETA)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_token_list([f"tok{i}" for i in range(config.vocab_size)])
+    state = model.state_dict()
+    for hf, (name, kind) in gguf_names(config).items():
+        if hf not in state or (hf == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        values = state[hf].float()
+        if hf.endswith("q_proj.weight"):
+            values = permute(values, HEADS)
+        elif hf.endswith("k_proj.weight"):
+            values = permute(values, KV_HEADS)
+        array = values.numpy()
+        if kind == T.F32:
+            writer.add_tensor(name, array)
+        elif kind == T.F16:
+            writer.add_tensor(name, array.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+    for name, blocks, kind in extra:
+        writer.add_tensor(name, blocks, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture
+def llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama_config()).eval()
+
+
+@pytest.fixture
+def llama_gguf(request, tmp_path, llama):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, llama)
+    register_input(request, path)
+    return path
+
+
+def reference(path) -> dict[str, tuple[str, tuple, np.ndarray]]:
+    """Name -> (type, PyTorch-order shape, float32 values) as gguf's own reader and dequantize give them."""
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: (t.tensor_type.name, tuple(reversed(t.shape.tolist())),
+                     gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
+                         tuple(reversed(t.shape.tolist()))))
+            for t in reader.tensors}
+
+
+# Reading
+
+
+def test_inspect_lists_gguf_types_torch_order_shapes_and_dequantized_statistics(llama_gguf):
+    document = json_of("inspect", llama_gguf, schema="inspect")
+    expected = reference(llama_gguf)
+    assert document["format"] == "gguf"
+    assert [t["name"] for t in document["tensors"]] == list(expected)
+    assert {t["gguf_type"] for t in document["tensors"]} == {"Q8_0", "Q4_0", "Q5_1", "F32", "F16", "BF16"}
+    for entry in document["tensors"]:
+        kind, shape, values = expected[entry["name"]]
+        assert entry["gguf_type"] == kind and tuple(entry["shape"]) == shape
+        assert entry["dtype"] == {"F16": "float16", "BF16": "bfloat16"}.get(kind, "float32")
+        stats = entry["stats"]
+        assert stats["min"] == pytest.approx(float(values.min()), abs=1e-7)
+        assert stats["max"] == pytest.approx(float(values.max()), abs=1e-7)
+        assert stats["mean"] == pytest.approx(float(values.astype(np.float64).mean()), abs=1e-7)
+    assert document["tensors"][0]["shape"] == [96, 64]  # GGUF lists [64, 96]
+
+
+def test_inspect_lists_the_metadata_with_the_tokenizer_summarised(llama_gguf):
+    document = json_of("inspect", llama_gguf, schema="inspect")
+    metadata = document["metadata"]
+    assert metadata["general.architecture"] == "llama"
+    assert metadata["llama.attention.head_count_kv"] == "2"
+    assert metadata["llama.attention.layer_norm_rms_epsilon"] == "1e-05"
+    assert metadata["tokenizer.ggml.tokens"] == "[96 strings]"
+    text = run("inspect", llama_gguf, "--no-stats")
+    assert text.exit_code == 0, text.stderr
+    assert "GGUF, 21 tensors" in text.stdout and "tokenizer.ggml.tokens=[96 strings]" in text.stdout
+    assert "tok95" not in text.stdout + json_of("inspect", llama_gguf, schema="inspect").__repr__()
+
+
+def test_a_type_gguf_cannot_dequantize_is_listed_without_values(request, tmp_path, llama):
+    path = tmp_path / "odd.gguf"
+    raw = np.arange(2 * 40, dtype=np.uint8).reshape(2, 40)  # two Q8_1 blocks of 32 values each
+    write_gguf(path, llama, extra=[("odd.weight", raw, T.Q8_1)])
+    register_input(request, path)
+    document = json_of("inspect", path, schema="inspect")
+    odd = document["tensors"][-1]
+    assert (odd["name"], odd["gguf_type"], odd["shape"], odd["stats"]) == ("odd.weight", "Q8_1", [2, 32], None)
+    assert any("odd.weight: no values: type Q8_1" in note for note in document["notes"])
+    text = run("inspect", path)
+    assert text.exit_code == 0 and "odd.weight: no values: type Q8_1" in text.stdout
+
+
+def _tensor_entry(data: bytes, name: str) -> int:
+    """Where the entry of tensor ``name`` starts its dimension count in a GGUF file's bytes."""
+    encoded = name.encode()
+    return data.index(struct.pack("<Q", len(encoded)) + encoded) + 8 + len(encoded)
+
+
+def _patched(data: bytes, at: int, value: bytes) -> bytes:
+    return data[:at] + value + data[at + len(value):]
+
+
+def _offset_at(data: bytes, name: str) -> int:
+    at = _tensor_entry(data, name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    return at + 4 + 8 * n_dims + 4
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: b"GGUX" + d[4:], "not a checkpoint format paramsurgeon reads"),
+    (lambda d: _patched(d, 4, struct.pack("<I", 1)), "GGUF version 1; paramsurgeon reads versions 2 and 3"),
+    (lambda d: _patched(d, 4, struct.pack(">I", 3)), "a big-endian GGUF file"),
+    (lambda d: d[:len(d) - 100], "truncated: tensor '"),
+    (lambda d: d[:200], "truncated"),
+    (lambda d: _patched(d, 8, struct.pack("<Q", 1 << 60)), "claims 1,152,921,504,606,846,976 tensors"),
+    (lambda d: _patched(d, 16, struct.pack("<Q", 1 << 40)), "metadata entries, more than"),
+    (lambda d: _patched(d, _offset_at(d, "output.weight"), struct.pack("<Q", 1 << 40)),
+     "truncated: tensor 'output.weight'"),
+    (lambda d: _patched(d, _offset_at(d, "output.weight"), d[_offset_at(d, "output_norm.weight"):][:8]),
+     "tensors 'output_norm.weight' and 'output.weight' overlap"),
+    (lambda d: _patched(d, _offset_at(d, "output.weight") - 4, struct.pack("<I", 99)), "unknown GGML type 99"),
+    (lambda d: _patched(d, _tensor_entry(d, "output.weight"), struct.pack("<I", 9)), "9 dimensions"),
+])
+def test_a_broken_gguf_is_refused_in_one_line(tmp_path, llama_gguf, damage, message):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(damage(llama_gguf.read_bytes()))
+    result = run("inspect", path, "--no-stats")
+    assert result.exit_code == 2, result.stdout
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
