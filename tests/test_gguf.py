@@ -191,3 +191,96 @@ def test_a_broken_gguf_is_refused_in_one_line(tmp_path, llama_gguf, damage, mess
     assert result.exit_code == 2, result.stdout
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# convert
+
+
+def test_convert_copies_plain_types_exactly_and_dequantizes_the_others(tmp_path, llama_gguf):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out.safetensors"
+    result = run("convert", llama_gguf, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    written = load_file(out)
+    reader = gguf.GGUFReader(str(llama_gguf))
+    assert list(written) == [t.name for t in reader.tensors]  # GGUF's names
+    for t in reader.tensors:
+        shape = tuple(reversed(t.shape.tolist()))
+        if t.tensor_type.name in ("F32", "F16", "BF16"):
+            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.tensor_type.name]
+            raw = torch.frombuffer(bytearray(t.data.tobytes()), dtype=dtype).reshape(shape)
+            assert written[t.name].dtype == dtype and torch.equal(written[t.name].view(torch.uint8),
+                                                                   raw.view(torch.uint8)), t.name
+        else:
+            expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+            assert written[t.name].dtype == torch.float32 and torch.equal(written[t.name], expected), t.name
+    with safe_open(out, "pt") as f:
+        assert not any(key.startswith(("general.", "llama.", "tokenizer.")) for key in (f.metadata() or {}))
+
+
+def test_convert_dtype_writes_every_tensor_in_that_dtype(tmp_path, llama_gguf):
+    out = tmp_path / "out.pt"
+    assert run("convert", llama_gguf, "-o", out, "--dtype", "bfloat16").exit_code == 0
+    written = torch.load(out, weights_only=True)
+    for name, (_, shape, values) in reference(llama_gguf).items():
+        assert written[name].dtype == torch.bfloat16 and written[name].shape == shape
+        assert torch.equal(written[name], torch.from_numpy(values).to(torch.bfloat16)), name
+
+
+def test_convert_names_hf_loads_in_transformers_with_the_logits_of_its_own_gguf_loader(tmp_path, llama_gguf, llama):
+    out = tmp_path / "hf"
+    result = run("convert", llama_gguf, "-o", out, "--names", "hf")
+    assert result.exit_code == 0, result.stderr
+    assert "config.json" in result.stderr
+    converted = LlamaForCausalLM.from_pretrained(out).eval()
+    assert converted.config.tie_word_embeddings is False
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path, gguf_file=llama_gguf.name).eval()
+    tokens = torch.arange(24)[None] % 96
+    with torch.no_grad():
+        ours, transformers_gguf, original = converted(tokens).logits, theirs(tokens).logits, llama(tokens).logits
+    assert torch.equal(ours, transformers_gguf)
+    # and the weights are the model's own (q and k un-permuted), within the rounding of their types
+    state = converted.state_dict()
+    for name, values in llama.state_dict().items():
+        torch.testing.assert_close(state[name], values, atol=0.01, rtol=0, msg=name)
+    torch.testing.assert_close(ours, original, atol=0.02, rtol=0)
+
+
+def test_convert_names_hf_of_a_file_without_output_weight_ties_the_embeddings(request, tmp_path):
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(llama_config(tie=True)).eval()
+    path = tmp_path / "tied.gguf"
+    write_gguf(path, model)
+    register_input(request, path)
+    out = tmp_path / "hf"
+    assert run("convert", path, "-o", out, "--names", "hf", "--dtype", "float32").exit_code == 0
+    converted = LlamaForCausalLM.from_pretrained(out).eval()
+    assert converted.config.tie_word_embeddings is True
+    tokens = torch.arange(24)[None] % 96
+    with torch.no_grad():
+        torch.testing.assert_close(converted(tokens).logits, model(tokens).logits, atol=0.02, rtol=0)
+
+
+def test_convert_refuses_a_type_it_cannot_dequantize_unless_excluded(request, tmp_path, llama):
+    path = tmp_path / "odd.gguf"
+    write_gguf(path, llama, extra=[("odd.weight", np.zeros((2, 40), dtype=np.uint8), T.Q8_1)])
+    register_input(request, path)
+    out = tmp_path / "out.safetensors"
+    result = run("convert", path, "-o", out)
+    assert result.exit_code == 2
+    assert "'odd.weight' (Q8_1) is of a type the gguf package cannot dequantize" in result.stderr
+    assert "-x" in result.stderr and not out.exists()
+    assert run("convert", path, "-o", out, "-x", "odd.weight").exit_code == 0
+    from safetensors.torch import load_file
+
+    assert "odd.weight" not in load_file(out) and "output.weight" in load_file(out)
+
+
+def test_convert_names_hf_refuses_another_architecture_and_a_file_output(tmp_path, llama_gguf):
+    result = run("convert", llama_gguf, "-o", tmp_path / "out.safetensors", "--names", "hf")
+    assert result.exit_code == 2 and "--names hf writes a Hugging Face directory" in result.stderr
+    result = run("convert", llama_gguf, "-o", tmp_path / "x.pt", "--names", "gguf")
+    assert result.exit_code == 2 and "expected --names hf" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
