@@ -45,11 +45,13 @@ def gguf_names(config: LlamaConfig) -> dict[str, tuple[str, T]]:
     return names
 
 
-def write_gguf(path, model: LlamaForCausalLM, extra=()) -> None:
+def write_gguf(path, model: LlamaForCausalLM, extra=(), alignment=None) -> None:
     """``model`` as llama.cpp's converter writes it (q/k permuted), with llama metadata; ``extra``:
     (name, raw uint8 blocks, type) written after the model's tensors."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -284,3 +286,98 @@ def test_convert_names_hf_refuses_another_architecture_and_a_file_output(tmp_pat
     result = run("convert", llama_gguf, "-o", tmp_path / "x.pt", "--names", "gguf")
     assert result.exit_code == 2 and "expected --names hf" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
+# Surgery written back as GGUF
+
+
+def _fields(reader: gguf.GGUFReader) -> dict[str, list[bytes]]:
+    return {k: [part.tobytes() for part in f.parts] for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _tensors(reader: gguf.GGUFReader) -> dict:
+    return {t.name: t for t in reader.tensors}
+
+
+def test_zero_and_scale_write_gguf_with_untouched_bytes_and_requantized_changes(tmp_path, llama_gguf):
+    zeroed, scaled = tmp_path / "zeroed.gguf", tmp_path / "scaled.gguf"
+    result = run("zero", llama_gguf, "-p", "blk.0.attn_q.weight", "-p", "blk.0.attn_v.weight", "-o", zeroed)
+    assert result.exit_code == 0, result.stderr
+    assert run("scale", llama_gguf, "-p", "blk.1.attn_k.weight", "--by", "2", "-o", scaled).exit_code == 0
+    before = gguf.GGUFReader(str(llama_gguf))
+    for out, changed in ((zeroed, {"blk.0.attn_q.weight", "blk.0.attn_v.weight"}), (scaled, {"blk.1.attn_k.weight"})):
+        after = gguf.GGUFReader(str(out))
+        assert _fields(after) == _fields(before)  # metadata bit for bit, no key added
+        old, new = _tensors(before), _tensors(after)
+        assert list(new) == list(old)
+        for name, tensor in new.items():
+            assert tensor.tensor_type == old[name].tensor_type, name  # Q4_0 stays Q4_0, F16 stays F16
+            assert tensor.data_offset % before.alignment == 0
+            same = tensor.data.tobytes() == old[name].data.tobytes()
+            assert same == (name not in changed), name
+    values = {n: gguf.quants.dequantize(t.data, t.tensor_type) for n, t in _tensors(gguf.GGUFReader(str(zeroed))).items()}
+    assert not values["blk.0.attn_q.weight"].any() and not values["blk.0.attn_v.weight"].any()
+    old = _tensors(before)["blk.1.attn_k.weight"]
+    new = _tensors(gguf.GGUFReader(str(scaled)))["blk.1.attn_k.weight"]
+    expected = gguf.quants.quantize(2 * gguf.quants.dequantize(old.data, old.tensor_type), T.Q8_0)
+    np.testing.assert_allclose(gguf.quants.dequantize(new.data, T.Q8_0), gguf.quants.dequantize(expected, T.Q8_0),
+                               atol=1e-3)
+
+
+def test_rename_and_drop_write_gguf_moving_tensors_whole(tmp_path, llama_gguf):
+    renamed, dropped = tmp_path / "renamed.gguf", tmp_path / "dropped.gguf"
+    result = run("rename", llama_gguf, "--from", "output.weight", "--to", "head.weight", "-o", renamed)
+    assert result.exit_code == 0, result.stderr
+    assert run("drop", llama_gguf, "-p", "blk.1.*", "-o", dropped).exit_code == 0
+    before = _tensors(gguf.GGUFReader(str(llama_gguf)))
+    after = _tensors(gguf.GGUFReader(str(renamed)))
+    assert "output.weight" not in after and after["head.weight"].tensor_type == T.Q8_0
+    assert after["head.weight"].data.tobytes() == before["output.weight"].data.tobytes()
+    kept = gguf.GGUFReader(str(dropped))
+    assert [t.name for t in kept.tensors] == [n for n in before if not n.startswith("blk.1.")]
+    assert all(t.data.tobytes() == before[t.name].data.tobytes() for t in kept.tensors)
+    assert _fields(kept) == _fields(gguf.GGUFReader(str(llama_gguf)))
+
+
+def test_gguf_output_keeps_a_custom_alignment(request, tmp_path, llama):
+    path = tmp_path / "aligned.gguf"
+    writer_alignment = 256
+    write_gguf(path, llama, alignment=writer_alignment)
+    register_input(request, path)
+    out = tmp_path / "out.gguf"
+    assert run("zero", path, "-p", "blk.0.attn_norm.weight", "-o", out).exit_code == 0
+    reader = gguf.GGUFReader(str(out))
+    assert reader.alignment == writer_alignment and reader.data_offset % writer_alignment == 0
+    assert all((t.data_offset - reader.data_offset) % writer_alignment == 0 for t in reader.tensors)
+    assert _fields(reader) == _fields(gguf.GGUFReader(str(path)))
+
+
+def test_a_changed_tensor_of_a_type_gguf_cannot_quantize_is_refused_unless_cast(request, tmp_path, llama):
+    path = tmp_path / "kquant.gguf"
+    blocks = np.zeros((2, 144), dtype=np.uint8)  # two rows of one Q4_K block (256 values) each
+    write_gguf(path, llama, extra=[("extra.weight", blocks, T.Q4_K)])
+    register_input(request, path)
+    out = tmp_path / "out.gguf"
+    result = run("zero", path, "-p", "extra.weight", "-o", out)
+    assert result.exit_code == 2
+    assert "'extra.weight' was Q4_K, which the gguf package cannot quantize" in result.stderr
+    assert not out.exists()
+    assert run("cast", path, "-p", "extra.weight", "--dtype", "float16", "-o", out).exit_code == 0
+    written = _tensors(gguf.GGUFReader(str(out)))["extra.weight"]
+    assert written.tensor_type == T.F16 and tuple(reversed(written.shape.tolist())) == (2, 256)
+
+
+def test_surgery_in_place_rewrites_the_gguf(tmp_path, llama_gguf):
+    path = tmp_path / "copy.gguf"
+    path.write_bytes(llama_gguf.read_bytes())
+    assert run("zero", path, "-p", "output_norm.weight", "--in-place").exit_code == 0
+    after = _tensors(gguf.GGUFReader(str(path)))
+    assert not after["output_norm.weight"].data.any()
+    assert after["output.weight"].data.tobytes() == _tensors(gguf.GGUFReader(str(llama_gguf)))["output.weight"].data.tobytes()
+
+
+def test_gguf_is_written_only_from_a_gguf(tmp_path, resnet_pt):
+    out = tmp_path / "out.gguf"
+    result = run("zero", resnet_pt, "-p", "fc.bias", "-o", out)
+    assert result.exit_code == 2 and "GGUF is written from a GGUF input" in result.stderr
+    assert not out.exists()

@@ -25,7 +25,8 @@ class Format:
     layout reached another way (a shard index). ``writer`` makes the writer of a family:
     ``writer(sink, path, progress, dedupe)`` for a file, ``writer(path)`` for a directory;
     None: paramsurgeon reads the format but does not write it. ``nested``: the file holds a
-    nested object in which --key picks the tensors.
+    nested object in which --key picks the tensors. ``quantized``: the writer is handed quantized
+    tensors whole, not laid out as their stored parts.
     """
 
     name: str
@@ -39,6 +40,7 @@ class Format:
     sharded: bool = False
     nested: bool = False
     aliases: tuple[str, ...] = ()
+    quantized: bool = False  # the writer stores quantized tensors whole (GGUF's types), not as their parts
 
 
 def _module(name: str):
@@ -67,6 +69,10 @@ def _torch_writer(sink, path, progress, dedupe):
     return torchzip.Writer(sink, torchzip.archive_name(path), progress)
 
 
+def _gguf_writer(sink, path, progress, dedupe):
+    return _module("ggufwriter").Writer(sink, progress)
+
+
 def _safetensors_writer(sink, path, progress, dedupe):
     return _module("safetensors").Writer(sink, dedupe=dedupe, progress=progress)
 
@@ -83,7 +89,7 @@ FORMATS: tuple[Format, ...] = (
     Format("dcp", "dcp", "dcp", (), lambda path: _module("dcp").is_dcp(path), _reads("dcp"),
            lambda path: _module("dcp").Writer(path), directory=True, nested=True),
     Format("gguf", "gguf", "GGUF", (".gguf",), lambda file, head: _module("gguf").looks_like(head),
-           _reads("gguf", options=False)),
+           _reads("gguf", options=False), _gguf_writer, quantized=True),
 )
 _BY_NAME = {f.name: f for f in FORMATS}
 

@@ -85,7 +85,7 @@ def _writable(ckpt: Checkpoint, target: Target, tensors_only: bool) -> Checkpoin
 
     if is_gguf(ckpt) and target.family != "gguf":
         ckpt = plain(ckpt, doing=f"writing {target.family}")[0]
-    laid_out = stored(ckpt.container)
+    laid_out = None if registry.get(target.family).quantized else stored(ckpt.container)
     if laid_out is not None:
         ckpt = ckpt.with_container(laid_out)
     if tensors_only:
