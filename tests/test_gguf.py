@@ -155,6 +155,27 @@ def test_a_type_gguf_cannot_dequantize_is_listed_without_values(request, tmp_pat
     assert text.exit_code == 0 and "odd.weight: no values: type Q8_1" in text.stdout
 
 
+def test_the_type_table_read_without_gguf_is_the_gguf_packages_own():
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from paramsurgeon.quant.gguf_types import TYPES
+
+    assert {(code, name, block, size) for code, name, block, size in TYPES} == \
+        {(t.value, t.name, *GGML_QUANT_SIZES[t]) for t in T if t in GGML_QUANT_SIZES}
+
+
+def test_inspect_no_stats_of_a_gguf_imports_neither_gguf_nor_numpy(llama_gguf):
+    code = ("import sys, runpy; sys.argv = ['paramsurgeon', 'inspect', %r, '--no-stats'];"
+            " import atexit; atexit.register(lambda: print('IMPORTED', [m for m in ('gguf', 'numpy', 'torch')"
+            " if m in sys.modules], file=sys.stderr)); runpy.run_module('paramsurgeon', run_name='__main__')")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code % str(llama_gguf)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "IMPORTED []" in result.stderr and "GGUF, 21 tensors" in result.stdout
+
+
 def _tensor_entry(data: bytes, name: str) -> int:
     """Where the entry of tensor ``name`` starts its dimension count in a GGUF file's bytes."""
     encoded = name.encode()

@@ -62,7 +62,7 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     rows = list(map(Row, names, map(_SHAPE, chosen), map(_DTYPE, chosen), map(_NUMEL, chosen), map(_NBYTES, chosen),
                     map(_LAYER, found), map(_ROLE, found), map(_LOCATION, chosen),
                     [tied_with.get(n, []) for n in names] if tied_with else [[] for _ in names]))
-    notes = list(ckpt.notes) + _device_notes(ckpt) + _gguf_types(ckpt, rows, chosen)
+    notes = list(ckpt.notes) + _device_notes(ckpt) + _gguf_types(ckpt, rows, chosen, stats or hashes)
     if stats or hashes or progress is not None:
         for row, tensor in zip(rows, chosen):
             if getattr(tensor, "no_values", None):
@@ -85,16 +85,16 @@ _SHAPE, _DTYPE, _NUMEL, _NBYTES = attrgetter("shape"), attrgetter("dtype.name"),
 _LAYER, _ROLE, _LOCATION = attrgetter("layer"), attrgetter("role"), attrgetter("storage.location")
 
 
-def _gguf_types(ckpt: Checkpoint, rows: list[Row], tensors: list) -> list[str]:
-    """Fill in each row's GGUF type (from what the reader recorded); a note per tensor whose type has
-    no values to read."""
+def _gguf_types(ckpt: Checkpoint, rows: list[Row], tensors: list, values: bool) -> list[str]:
+    """Fill in each row's GGUF type (from what the reader recorded); when ``values`` are read, a note
+    per tensor whose type has none."""
     types = getattr(ckpt.layout, "types", None)
     if types is None:
         return []
     notes = []
     for row, tensor in zip(rows, tensors):
         row.gguf_type = types.get(row.name)
-        if getattr(tensor, "no_values", None):
+        if values and getattr(tensor, "no_values", None):
             notes.append(f"{row.name}: {tensor.no_values}; listed without statistics")
     return notes
 

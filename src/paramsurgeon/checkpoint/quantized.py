@@ -42,7 +42,8 @@ class Quantized(Tensor):
     @property
     def no_values(self) -> str | None:
         """Why the values cannot be read (a type nothing here dequantizes), or None."""
-        return self.params.get("no_values")
+        why = getattr(self.scheme, "no_values", None)
+        return why(self) if why is not None else None
 
     @property
     def stored_nbytes(self) -> int:

@@ -69,9 +69,6 @@ class Layout:
 
 def read(file: InputFile) -> Checkpoint:
     """Read a GGUF file's header; tensors stay in the file until needed."""
-    from ..quant.gguf_types import ggml_types
-
-    known = ggml_types()
     cursor = _Cursor(file)
     version, tensor_count, kv_count = _preamble(cursor)
     metadata = {}
@@ -81,7 +78,7 @@ def read(file: InputFile) -> Checkpoint:
             raise CorruptCheckpointError(f"{file.name}: metadata key '{key}' appears twice")
         metadata[key] = value
     alignment = _alignment(file, metadata)
-    infos = [_tensor_info(cursor, known) for _ in range(tensor_count)]
+    infos = [_tensor_info(cursor) for _ in range(tensor_count)]
     start = cursor.position + (-cursor.position) % alignment
     tensors, layout = {}, Layout(version, alignment)
     for name, shape, kind, offset in infos:
@@ -181,7 +178,9 @@ def _alignment(file: InputFile, metadata: dict[str, Field]) -> int:
     return value
 
 
-def _tensor_info(cursor: _Cursor, known: dict) -> tuple:
+def _tensor_info(cursor: _Cursor) -> tuple:
+    from ..quant.gguf_types import kind_of
+
     name = cursor.string("a tensor name")
     n_dims = cursor.unpack("I")
     if n_dims > MAX_DIMS:
@@ -189,7 +188,7 @@ def _tensor_info(cursor: _Cursor, known: dict) -> tuple:
                                      f" at most {MAX_DIMS})")
     dims = [cursor.unpack("Q") for _ in range(n_dims)]
     code, offset = cursor.unpack("I"), cursor.unpack("Q")
-    kind = known.get(code)
+    kind = kind_of(code)
     if kind is None:
         raise CorruptCheckpointError(f"{cursor.file.name}: tensor '{name}' has unknown GGML type {code}")
     return name, tuple(reversed(dims)), kind, offset
@@ -199,7 +198,7 @@ def _tensor(file: InputFile, name: str, shape: tuple[int, ...], kind, start: int
             alignment: int) -> Tensor:
     """The tensor ``name`` over its span; checked to lie in the file, aligned, with whole blocks."""
     from ..checkpoint.quantized import Quantized
-    from ..quant.gguf_types import GGUF, can_dequantize, no_values
+    from ..quant.gguf_types import GGUF
 
     numel = math.prod(shape)
     row = shape[-1] if shape else 1
@@ -218,9 +217,7 @@ def _tensor(file: InputFile, name: str, shape: tuple[int, ...], kind, start: int
     if kind.name in PLAIN:
         return Tensor(storage, dtypes.BY_NAME[PLAIN[kind.name]], shape)
     blocks = Tensor(storage, dtypes.BY_NAME["uint8"], shape[:-1] + (row // kind.block * kind.size,))
-    params = {"gguf_type": kind.name} if can_dequantize(kind.name) else {"gguf_type": kind.name,
-                                                                          "no_values": no_values(kind.name)}
-    return Quantized(GGUF, {"blocks": blocks}, shape, dtypes.BY_NAME["float32"], params)
+    return Quantized(GGUF, {"blocks": blocks}, shape, dtypes.BY_NAME["float32"], {"gguf_type": kind.name})
 
 
 def _check_overlaps(file: InputFile, tensors: dict[str, Tensor]) -> None:

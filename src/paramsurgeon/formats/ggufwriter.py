@@ -49,12 +49,18 @@ class Writer:
         sink.flush()
 
 
+def stored_sizes(ckpt: Checkpoint) -> list[int] | None:
+    """The bytes each tensor takes in a GGUF output (None when ``ckpt`` is no GGUF checkpoint)."""
+    if not isinstance(ckpt.layout, Layout):
+        return None
+    return [entry[3] for entry in plan(ckpt.tensors, ckpt.layout)]
+
+
 def plan(tensors: dict[str, Tensor], layout: Layout) -> list[tuple]:
     """(name, GGML type, tensor, bytes) of each tensor as it is stored; refuses, all at once, the
     changed tensors that cannot be stored in the type they had."""
-    from ..quant.gguf_types import can_quantize, ggml_types
+    from ..quant.gguf_types import BY_NAME as by_name, can_quantize
 
-    by_name = {kind.name: kind for kind in ggml_types().values()}
     entries, problems = [], []
     for name, tensor in tensors.items():
         if isinstance(tensor, Quantized):

@@ -96,6 +96,11 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None) -
             raise UsageError("--max-shard-size writes a Hugging Face sharded directory, not DCP; drop one of them")
         refuse_foreign(output, path, dcp_file, "a DCP checkpoint")
         return Target(path, "dcp")
+    if directory and registry.sharded_of(family) is None:
+        written = registry.get(family)
+        raise UsageError(f"-o {output} is a directory, but a {written.display} checkpoint is one file: name one"
+                         f" (-o {path.rstrip(os.sep)}{written.extensions[0] if written.extensions else ''}), or pass"
+                         " --format safetensors for a sharded directory")
     if directory:
         refuse_foreign(output, path, checkpoint_files(path).__contains__, "a sharded checkpoint")
     return Target(path, family, directory, size)

@@ -24,12 +24,38 @@ class Kind:
     size: int
 
 
-def ggml_types() -> dict[int, Kind]:
-    """Every GGML type the ``gguf`` package knows, by code."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+# (code, name, values per block, bytes per block) of each GGML type, as gguf 0.19's GGML_QUANT_SIZES
+# gives them (tests/test_gguf.py holds them equal): the header is read without importing gguf and numpy
+TYPES = (
+    (0, "F32", 1, 4), (1, "F16", 1, 2), (2, "Q4_0", 32, 18), (3, "Q4_1", 32, 20), (6, "Q5_0", 32, 22),
+    (7, "Q5_1", 32, 24), (8, "Q8_0", 32, 34), (9, "Q8_1", 32, 40), (10, "Q2_K", 256, 84), (11, "Q3_K", 256, 110),
+    (12, "Q4_K", 256, 144), (13, "Q5_K", 256, 176), (14, "Q6_K", 256, 210), (15, "Q8_K", 256, 292),
+    (16, "IQ2_XXS", 256, 66), (17, "IQ2_XS", 256, 74), (18, "IQ3_XXS", 256, 98), (19, "IQ1_S", 256, 50),
+    (20, "IQ4_NL", 32, 18), (21, "IQ3_S", 256, 110), (22, "IQ2_S", 256, 82), (23, "IQ4_XS", 256, 136),
+    (24, "I8", 1, 1), (25, "I16", 1, 2), (26, "I32", 1, 4), (27, "I64", 1, 8), (28, "F64", 1, 8),
+    (29, "IQ1_M", 256, 56), (30, "BF16", 1, 2), (34, "TQ1_0", 256, 54), (35, "TQ2_0", 256, 66),
+    (39, "MXFP4", 32, 17), (40, "NVFP4", 64, 36), (41, "Q1_0", 128, 18),
+)
+_KINDS = {code: Kind(code, name, block, size) for code, name, block, size in TYPES}
+BY_NAME = {kind.name: kind for kind in _KINDS.values()}
 
-    return {t.value: Kind(t.value, t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType
-            if t in GGML_QUANT_SIZES}
+
+def kind_of(code: int) -> Kind | None:
+    """The GGML type of ``code``: from the table, else from the installed gguf package (a newer one
+    may know more), else None."""
+    found = _KINDS.get(code)
+    if found is None:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        try:
+            kind = GGMLQuantizationType(code)
+        except ValueError:
+            return None
+        if kind not in GGML_QUANT_SIZES:
+            return None
+        found = _KINDS[code] = Kind(code, kind.name, *GGML_QUANT_SIZES[kind])
+        BY_NAME[kind.name] = found
+    return found
 
 
 def _traits(name: str):
@@ -66,6 +92,11 @@ class GgufType(Scheme):
 
     def find(self, tensors, config):
         return iter(())
+
+    def no_values(self, tensor) -> str | None:
+        """Why ``tensor`` has no values to read (its type is one gguf cannot dequantize), or None."""
+        kind = tensor.params["gguf_type"]
+        return None if can_dequantize(kind) else no_values(kind)
 
     def dequantize(self, tensor):
         import numpy as np
