@@ -60,25 +60,42 @@ def plain(ckpt: Checkpoint, names: list[str] | None = None, dtype: DType | None 
     return dataclasses.replace(ckpt.with_container(converted), metadata=metadata, layout=None), config
 
 
+class _Streamed(Storage):
+    """New values that can also be had a few MiB at a time (``pieces``: a function giving their bytes
+    in order), so that a writer need not hold a whole dequantized tensor."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, nbytes: int, loader, pieces):
+        super().__init__(nbytes, loader=loader)
+        self.pieces = pieces
+
+
 def _plain(tensor: Tensor, dtype: DType | None, heads: int | None) -> Tensor:
     quantized = isinstance(tensor, Quantized)
     wanted = dtype or (dtypes.BY_NAME["float32"] if quantized else tensor.dtype)
     if not quantized and wanted == tensor.dtype and heads is None:
         return tensor  # copied exactly
+    source = Quantized(tensor.scheme, tensor.parts, tensor.shape, wanted, tensor.params) if quantized else tensor
 
     def values():
-        import torch
-
         from ..checkpoint.values import to_torch
         from ..dtypes import torch_dtype
 
-        if quantized:
-            result = Quantized(tensor.scheme, tensor.parts, tensor.shape, wanted, tensor.params).dequantized()
-        else:
-            result = to_torch(tensor).to(torch_dtype(wanted))
-        return _unpermute(result, heads) if heads else torch.as_tensor(result)
+        result = source.dequantized() if quantized else to_torch(tensor).to(torch_dtype(wanted))
+        return _unpermute(result, heads) if heads else result
 
-    return Tensor(Storage(tensor.numel * wanted.itemsize, loader=values), wanted, tensor.shape)
+    def pieces():
+        from ..checkpoint.tensor import memory_of
+        from ..quant.gguf_types import dequantized_rows
+
+        for piece in dequantized_rows(source):
+            yield memory_of(piece.contiguous())
+
+    nbytes = tensor.numel * wanted.itemsize
+    if quantized and not heads:
+        return Tensor(_Streamed(nbytes, values, pieces), wanted, tensor.shape)
+    return Tensor(Storage(nbytes, loader=values), wanted, tensor.shape)
 
 
 def _unpermute(values, heads: int):

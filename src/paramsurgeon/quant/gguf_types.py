@@ -99,23 +99,16 @@ class GgufType(Scheme):
         return None if can_dequantize(kind) else no_values(kind)
 
     def dequantize(self, tensor):
-        import numpy as np
         import torch
-        from gguf import quants
 
         from ..dtypes import torch_dtype
 
-        kind = tensor.params["gguf_type"]
-        if not can_dequantize(kind):
-            raise PlanError(f"{no_values(kind)}; leave such tensors out with -x NAME")
-        qtype = quants.GGMLQuantizationType[kind]
         row = tensor.shape[-1]
-        blocks = np.frombuffer(tensor.parts["blocks"].storage.view(), dtype=np.uint8)
-        blocks = blocks.reshape(-1, blocks.size // max(tensor.numel // row, 1)) if tensor.numel else blocks
         out = torch.empty((tensor.numel // row if row else 0, row), dtype=torch_dtype(tensor.dtype))
-        step = max(1, ROWS // max(row, 1))
-        for start in range(0, out.shape[0], step):
-            out[start:start + step] = torch.from_numpy(quants.dequantize(blocks[start:start + step], qtype))
+        start = 0
+        for piece in dequantized_rows(tensor):
+            out[start:start + piece.shape[0]] = piece
+            start += piece.shape[0]
         return out.reshape(tensor.shape)
 
     def quantize(self, values, params):
@@ -123,6 +116,29 @@ class GgufType(Scheme):
 
         return {"blocks": torch.cat([torch.frombuffer(bytearray(piece), dtype=torch.uint8)
                                      for piece in quantized_rows(values, params["gguf_type"])])}
+
+
+def dequantized_rows(tensor) -> Iterator:
+    """The values of ``tensor`` (a Quantized tensor of this scheme) in its dtype, a few MiB of rows
+    at a time (torch tensors of [rows, row length])."""
+    import numpy as np
+    import torch
+    from gguf import quants
+
+    from ..dtypes import torch_dtype
+
+    kind = tensor.params["gguf_type"]
+    if not can_dequantize(kind):
+        raise PlanError(f"{no_values(kind)}; leave such tensors out with -x NAME")
+    qtype, dtype = quants.GGMLQuantizationType[kind], torch_dtype(tensor.dtype)
+    row = tensor.shape[-1]
+    rows = tensor.numel // row if row else 0
+    if not rows:
+        return
+    blocks = np.frombuffer(tensor.parts["blocks"].storage.view(), dtype=np.uint8).reshape(rows, -1)
+    step = max(1, ROWS // row)
+    for start in range(0, rows, step):
+        yield torch.from_numpy(quants.dequantize(blocks[start:start + step], qtype)).to(dtype)
 
 
 def quantized_rows(values, kind: str) -> Iterator[bytes]:
