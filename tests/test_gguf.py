@@ -402,3 +402,30 @@ def test_gguf_is_written_only_from_a_gguf(tmp_path, resnet_pt):
     result = run("zero", resnet_pt, "-p", "fc.bias", "-o", out)
     assert result.exit_code == 2 and "GGUF is written from a GGUF input" in result.stderr
     assert not out.exists()
+
+
+def test_convert_memory_does_not_grow_with_the_largest_tensor(request, tmp_path, llama_gguf):
+    from test_memory import peak_anon
+
+    path = tmp_path / "wide.gguf"
+    blocks = np.random.default_rng(0).integers(0, 256, (8192, 8192 // 32 * 34), dtype=np.uint8)
+    blocks.reshape(-1, 34)[:, :2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)  # the scales
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("wide.weight", blocks, raw_dtype=T.Q8_0)  # 64 Mi values: 128 MiB in bfloat16
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    register_input(request, path)
+    small, result = peak_anon(["convert", llama_gguf, "-o", tmp_path / "small.safetensors", "--dtype", "bfloat16"])
+    assert result.returncode == 0, result.stderr
+    peak, result = peak_anon(["convert", path, "-o", tmp_path / "wide.safetensors", "--dtype", "bfloat16"])
+    assert result.returncode == 0, result.stderr
+    MiB = 1 << 20
+    assert peak - small < 96 * MiB, f"convert used {(peak - small) / MiB:.0f} MiB more for a 128 MiB tensor"
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "wide.safetensors", "pt") as f:
+        rows = f.get_slice("wide.weight")[4000:4002]
+    expected = gguf.quants.dequantize(blocks[4000:4002], T.Q8_0)
+    assert torch.equal(rows, torch.from_numpy(expected).to(torch.bfloat16))
