@@ -429,3 +429,29 @@ def test_convert_memory_does_not_grow_with_the_largest_tensor(request, tmp_path,
         rows = f.get_slice("wide.weight")[4000:4002]
     expected = gguf.quants.dequantize(blocks[4000:4002], T.Q8_0)
     assert torch.equal(rows, torch.from_numpy(expected).to(torch.bfloat16))
+
+
+def test_a_version_2_gguf_is_read_and_written_back_as_version_2(tmp_path, llama_gguf):
+    path = tmp_path / "v2.gguf"
+    path.write_bytes(_patched(llama_gguf.read_bytes(), 4, struct.pack("<I", 2)))  # v2 and v3 share the layout
+    document = json_of("inspect", path, schema="inspect")
+    assert len(document["tensors"]) == 21
+    out = tmp_path / "out.gguf"
+    assert run("zero", path, "-p", "output_norm.weight", "-o", out).exit_code == 0
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["GGUF.version"].parts[0][0] == 2
+    assert not _tensors(reader)["output_norm.weight"].data.any()
+
+
+def test_convert_with_a_selection_writes_just_those_tensors(tmp_path, resnet_pt, resnet):
+    out = tmp_path / "backbone.pt"
+    assert run("convert", resnet_pt, "-x", "fc.*", "-o", out).exit_code == 0
+    written = torch.load(out, weights_only=True)
+    assert list(written) == [n for n in resnet.state_dict() if not n.startswith("fc.")]
+    assert all(torch.equal(written[n], resnet.state_dict()[n]) for n in written)
+
+
+def test_a_gguf_output_is_one_file_not_a_directory(tmp_path, llama_gguf):
+    result = run("zero", llama_gguf, "-p", "output_norm.weight", "-o", f"{tmp_path / 'out'}/")
+    assert result.exit_code == 2 and "a GGUF checkpoint is one file" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]

@@ -105,7 +105,7 @@ def sniff(file: InputFile) -> str:
         raise NotACheckpointError(f"{file.name}: looks like safetensors but its header length is impossible;"
                                   " the file is damaged")
     raise NotACheckpointError(f"{file.name}: not a checkpoint format paramsurgeon reads (first bytes"
-                              f" {head[:8].hex(' ')}); expected torch.save output, safetensors or a shard index")
+                              f" {head[:8].hex(' ')}); expected torch.save output, safetensors, GGUF or a shard index")
 
 
 def _json_file(file: InputFile) -> str:
