@@ -455,3 +455,18 @@ def test_a_gguf_output_is_one_file_not_a_directory(tmp_path, llama_gguf):
     result = run("zero", llama_gguf, "-p", "output_norm.weight", "-o", f"{tmp_path / 'out'}/")
     assert result.exit_code == 2 and "a GGUF checkpoint is one file" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
+def test_an_apply_recipe_changes_a_k_quant_and_stores_it_cast(request, tmp_path, llama):
+    path = tmp_path / "kquant.gguf"
+    write_gguf(path, llama, extra=[("extra.weight", np.zeros((2, 144), dtype=np.uint8), T.Q4_K)])
+    register_input(request, path)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[[step]]\nop = "scale"\npattern = "extra.weight"\nby = 2\n\n'
+                      '[[step]]\nop = "cast"\npattern = "extra.weight"\ndtype = "bfloat16"\n')
+    out = tmp_path / "out.gguf"
+    result = run("apply", path, recipe, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    written = _tensors(gguf.GGUFReader(str(out)))
+    assert written["extra.weight"].tensor_type == T.BF16
+    assert written["output.weight"].data.tobytes() == _tensors(gguf.GGUFReader(str(path)))["output.weight"].data.tobytes()

@@ -83,8 +83,9 @@ def plan(tensors: dict[str, Tensor], layout: Layout) -> list[tuple]:
             entries.append((name, kind, tensor, tensor.numel // kind.block * kind.size))
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise PlanError(f"writing GGUF: {shown}; nothing was written; cast such a tensor to float16, bfloat16 or"
-                        " float32 to store it unquantized, or write .safetensors")
+        raise PlanError(f"writing GGUF: {shown}; nothing was written; to store such a tensor unquantized, cast it"
+                        " to float16 or bfloat16 (cast, or a cast step after the change in an apply recipe), or write"
+                        " .safetensors")
     return entries
 
 
