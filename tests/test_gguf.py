@@ -383,9 +383,30 @@ def test_a_changed_tensor_of_a_type_gguf_cannot_quantize_is_refused_unless_cast(
     assert result.exit_code == 2
     assert "'extra.weight' was Q4_K, which the gguf package cannot quantize" in result.stderr
     assert not out.exists()
+    assert "pass --dtype float16" in result.stderr
     assert run("cast", path, "-p", "extra.weight", "--dtype", "float16", "-o", out).exit_code == 0
     written = _tensors(gguf.GGUFReader(str(out)))["extra.weight"]
     assert written.tensor_type == T.F16 and tuple(reversed(written.shape.tolist())) == (2, 256)
+
+
+def test_dtype_stores_a_changed_k_quant_unquantized_and_requantizes_the_others(request, tmp_path, llama):
+    path = tmp_path / "kquant.gguf"
+    write_gguf(path, llama, extra=[("extra.weight", np.zeros((2, 144), dtype=np.uint8), T.Q4_K)])
+    register_input(request, path)
+    out = tmp_path / "out.gguf"
+    result = run("init", path, "-p", "extra.weight", "-p", "output.weight", "--const", "0.5", "--dtype", "bfloat16",
+                 "-o", out)
+    assert result.exit_code == 0, result.stderr
+    written = _tensors(gguf.GGUFReader(str(out)))
+    assert written["extra.weight"].tensor_type == T.BF16
+    assert (gguf.quants.dequantize(written["extra.weight"].data, T.BF16) == 0.5).all()
+    assert written["output.weight"].tensor_type == T.Q8_0  # gguf quantizes Q8_0: requantized, --dtype aside
+    expected = gguf.quants.quantize(np.full((96, 64), 0.5, dtype=np.float32), T.Q8_0)
+    assert written["output.weight"].data.tobytes() == expected.tobytes()
+    bad = run("zero", path, "-p", "extra.weight", "--dtype", "int8", "-o", tmp_path / "bad.gguf")
+    assert bad.exit_code == 2 and "float16, bfloat16 or float32" in bad.stderr
+    other = run("zero", path, "-p", "extra.weight", "--dtype", "float16", "-o", tmp_path / "out.safetensors")
+    assert other.exit_code == 2 and "GGUF output" in other.stderr
 
 
 def test_surgery_in_place_rewrites_the_gguf(tmp_path, llama_gguf):

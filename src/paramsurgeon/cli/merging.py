@@ -13,12 +13,12 @@ from ..ops.merge import Merge
 from ..ops.merge.registry import NAMES
 from ..ops.surgery import Step
 from .operations import run_steps
-from .options import Read, Surgery, Write
+from .options import Read, Surgery, Unquantized, Write
 
 EXAMPLE = "paramsurgeon merge ft-a.pt ft-b.pt --base base.pt --method ties --density 0.5 -o merged.pt"
 
 
-def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery) -> None:
+def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery, unquantized: Unquantized | None = None) -> None:
     """Combine checkpoints tensor by tensor: average, slerp, task arithmetic, TIES, DARE.
 
     Methods: {methods}; streaming, one tensor
@@ -30,7 +30,8 @@ def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery) -> None:
     for number, path in enumerate(merge.inputs, 1):
         inputs.record(path, f"merge input {number}")
     inputs.record(merge.base, "--base")
-    run_steps("merge", merge.written, [Step(merge)], None, read, write, surgery, sources=_loader(read))
+    run_steps("merge", merge.written, [Step(merge)], None, read, write, surgery, sources=_loader(read),
+              unquantized=unquantized)
 
 
 run_merge.__doc__ = run_merge.__doc__.format(methods=", ".join(NAMES))  # the registry's, in its order

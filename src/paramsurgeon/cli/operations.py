@@ -20,12 +20,13 @@ from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
 from .console import (color_on_stdout, emit, note, output_target, progress, source_loader, terminal_width,
                       write_checkpoint)
-from .options import Input, NamedInput, Read, Surgery, Write
+from .options import Input, NamedInput, Read, Surgery, Unquantized, Write
 
 
-def run_operation(given: Input | NamedInput, operation: Operation, read: Read, write: Write, surgery: Surgery) -> None:
+def run_operation(given: Input | NamedInput, operation: Operation, read: Read, write: Write, surgery: Surgery,
+                  unquantized: Unquantized | None = None) -> None:
     """One command: a one-step run."""
-    run_steps(operation.name, given.ckpt, [Step(operation)], None, read, write, surgery)
+    run_steps(operation.name, given.ckpt, [Step(operation)], None, read, write, surgery, unquantized=unquantized)
 
 
 @dataclass(kw_only=True)
@@ -38,7 +39,8 @@ class Recipe:
                                                    " own seed comes first).")
 
 
-def apply_recipe(recipe: Recipe, read: Read, write: Write, surgery: Surgery) -> None:
+def apply_recipe(recipe: Recipe, read: Read, write: Write, surgery: Surgery,
+                 unquantized: Unquantized | None = None) -> None:
     """Run the operations of a TOML recipe in order, with one read and one write."""
     from ..ops import recipes
 
@@ -47,19 +49,23 @@ def apply_recipe(recipe: Recipe, read: Read, write: Write, surgery: Surgery) -> 
     path, recipe_path = (recipe.paths[0], recipe.paths[1]) if len(recipe.paths) == 2 else (None, recipe.paths[0])
     inputs.record(recipe_path, "the recipe")
     steps, seed = recipes.parse(recipes.read(recipe_path), recipe_path)
-    run_steps("apply", path, steps, seed if seed is not None else recipe.seed, read, write, surgery)
+    run_steps("apply", path, steps, seed if seed is not None else recipe.seed, read, write, surgery,
+              unquantized=unquantized)
 
 
 def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Optional[int], read: Read, write: Write,
-              surgery: Surgery, sources: Optional[Sources] = None) -> None:
+              surgery: Surgery, sources: Optional[Sources] = None, unquantized: Unquantized | None = None) -> None:
     """Rehearse ``steps`` on the checkpoint at ``path``, then print the plan (--dry-run, --json) or
-    perform it and write the result; ``sources`` opens the other checkpoints the steps read."""
+    perform it and write the result; ``sources`` opens the other checkpoints the steps read;
+    ``unquantized``: how a GGUF output stores what it cannot requantize."""
     steps, notes = draw_seeds(steps, seed)
     for message in notes:
         note(f"{command}: {message}")
     sources = sources or source_loader(read)
     inputs.record(path, "the checkpoint")
     ckpt, target = _open_for_writing(sources(path, read.key), write, surgery)
+    if unquantized is not None and unquantized.dtype is not None:
+        _store_unquantized(ckpt, target, unquantized.dtype)
     planned = rehearse(ckpt, steps, sources)
     if target.path is not None:
         inputs.refuse_overwrite(target.path)  # the inputs the steps opened (--source), as a real run
@@ -99,6 +105,23 @@ def _open_for_writing(ckpt: Checkpoint, write: Write, surgery: Surgery) -> tuple
             raise UsageError("--json prints the plan on standard output, where the checkpoint is going;"
                              " pass -o PATH or --dry-run")
     return ckpt, target
+
+
+def _store_unquantized(ckpt: Checkpoint, target: formats.Target, dtype: str) -> None:
+    """--dtype: a GGUF output stores a changed tensor it cannot requantize as ``dtype``."""
+    from ..dtypes import by_name
+    from ..formats.ggufconvert import is_gguf
+
+    if target.family != "gguf" or not is_gguf(ckpt):
+        raise UsageError(f"--dtype {dtype} says how a GGUF output stores a changed tensor it cannot requantize;"
+                         f" this output is {target.family}")
+    try:
+        resolved = by_name(dtype)
+    except KeyError:
+        resolved = None
+    if resolved is None or resolved.name not in ("float16", "bfloat16", "float32"):
+        raise UsageError(f"--dtype {dtype}: a GGUF stores a tensor unquantized as float16, bfloat16 or float32")
+    ckpt.layout.unquantized = resolved
 
 
 def _write_result(command: str, ckpt: Checkpoint, target: formats.Target, write: Write, summary: str) -> None:

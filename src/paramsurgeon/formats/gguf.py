@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
@@ -60,11 +61,14 @@ class Field(str):
 @dataclass
 class Layout:
     """What a GGUF writer carries over that the tensors do not say: the version, the alignment,
-    and the GGML type each tensor had in the input (a changed tensor is requantized to it)."""
+    and the GGML type each tensor had in the input (a changed tensor is requantized to it); and
+    ``unquantized``, the dtype a changed tensor of a type gguf cannot quantize is stored as
+    (surgery's --dtype; None: refused)."""
 
     version: int
     alignment: int
     types: dict[str, str] = field(default_factory=dict)
+    unquantized: Any = None
 
 
 def read(file: InputFile) -> Checkpoint:

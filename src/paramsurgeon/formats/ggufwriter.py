@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 
-from ..checkpoint import Checkpoint, Tensor
+from ..checkpoint import Checkpoint, Storage, Tensor
 from ..checkpoint.quantized import Quantized
 from ..errors import OutputError, PlanError
 from .files import Sink
@@ -74,19 +74,34 @@ def plan(tensors: dict[str, Tensor], layout: Layout) -> list[tuple]:
                 problems.append(f"'{name}' is {tensor.dtype}, which GGUF cannot store")
                 continue
             entries.append((name, by_name[BY_DTYPE[tensor.dtype.name]], tensor, tensor.nbytes))
-        elif not can_quantize(was):
-            problems.append(f"'{name}' was {was}, which the gguf package cannot quantize")
-        elif (tensor.shape[-1] if tensor.shape else 1) % by_name[was].block:
-            problems.append(f"'{name}' of shape {list(tensor.shape)} does not fill whole {was} blocks")
+        elif not can_quantize(was) or (tensor.shape[-1] if tensor.shape else 1) % by_name[was].block:
+            if layout.unquantized is not None:
+                stored = _cast(tensor, layout.unquantized)
+                entries.append((name, by_name[BY_DTYPE[stored.dtype.name]], stored, stored.nbytes))
+            elif not can_quantize(was):
+                problems.append(f"'{name}' was {was}, which the gguf package cannot quantize")
+            else:
+                problems.append(f"'{name}' of shape {list(tensor.shape)} does not fill whole {was} blocks")
         else:
             kind = by_name[was]
             entries.append((name, kind, tensor, tensor.numel // kind.block * kind.size))
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise PlanError(f"writing GGUF: {shown}; nothing was written; to store such a tensor unquantized, cast it"
-                        " to float16 or bfloat16 (cast, or a cast step after the change in an apply recipe), or write"
-                        " .safetensors")
+        raise PlanError(f"writing GGUF: {shown}; nothing was written; pass --dtype float16 (or bfloat16, float32)"
+                        " to store such a tensor unquantized, or write .safetensors")
     return entries
+
+
+def _cast(tensor: Tensor, dtype) -> Tensor:
+    """``tensor``'s values as ``dtype``, computed when written."""
+
+    def values():
+        from ..checkpoint.values import to_torch
+        from ..dtypes import torch_dtype
+
+        return to_torch(tensor).to(torch_dtype(dtype))
+
+    return Tensor(Storage(tensor.numel * dtype.itemsize, loader=values), dtype, tensor.shape)
 
 
 def _write_data(sink: Sink, name: str, kind, tensor: Tensor) -> None:
