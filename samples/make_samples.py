@@ -4,7 +4,8 @@
 
 Each file is written the way real projects write it: torch.save of a state_dict, a
 training checkpoint with Adam state, safetensors via the safetensors library, and a
-Hugging Face style sharded directory, and transformers models as save_pretrained writes them. Seeded, so values are the same on every run.
+Hugging Face style sharded directory, transformers models as save_pretrained writes them, and a GGUF file
+as llama.cpp's converter writes it. Seeded, so values are the same on every run.
 """
 
 import json
@@ -80,6 +81,62 @@ def transformers_models() -> None:
                        ).save_pretrained(os.path.join(HERE, "mixtral"))
 
 
+def write_llama_gguf(path: str) -> None:
+    """A tiny llama as llama.cpp's converter writes it: q and k permuted for its rotary layout
+    (convert_hf_to_gguf.py, LlamaModel.permute), matrices quantized, norms in F32."""
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    state = LlamaForCausalLM(config).state_dict()
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"<t{i}>" for i in range(128)])
+
+    def permute(w, heads):
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    q8, q4 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0
+    tensors = [("token_embd.weight", state["model.embed_tokens.weight"], q8)]
+    for i in range(2):
+        layer = f"model.layers.{i}."
+        tensors += [
+            (f"blk.{i}.attn_norm.weight", state[layer + "input_layernorm.weight"], None),
+            (f"blk.{i}.attn_q.weight", permute(state[layer + "self_attn.q_proj.weight"], 4), q4),
+            (f"blk.{i}.attn_k.weight", permute(state[layer + "self_attn.k_proj.weight"], 2), q8),
+            (f"blk.{i}.attn_v.weight", state[layer + "self_attn.v_proj.weight"], q8),
+            (f"blk.{i}.attn_output.weight", state[layer + "self_attn.o_proj.weight"], q8),
+            (f"blk.{i}.ffn_norm.weight", state[layer + "post_attention_layernorm.weight"], None),
+            (f"blk.{i}.ffn_gate.weight", state[layer + "mlp.gate_proj.weight"], q4),
+            (f"blk.{i}.ffn_up.weight", state[layer + "mlp.up_proj.weight"], q4),
+            (f"blk.{i}.ffn_down.weight", state[layer + "mlp.down_proj.weight"], "F16"),
+        ]
+    tensors += [("output_norm.weight", state["model.norm.weight"], None), ("output.weight", state["lm_head.weight"], q8)]
+    for name, values, kind in tensors:
+        array = values.float().numpy()
+        if kind is None:
+            writer.add_tensor(name, array)
+        elif kind == "F16":
+            writer.add_tensor(name, array.astype("float16"))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def main() -> None:
     resnet, optimizer = trained_resnet()
     torch.save(resnet.state_dict(), os.path.join(HERE, "resnet.pt"))
@@ -107,9 +164,10 @@ def main() -> None:
                os.path.join(HERE, "gpt-bf16.pt"))
     save_model(gpt, os.path.join(HERE, "gpt.safetensors"), metadata={"format": "pt"})
     transformers_models()
+    write_llama_gguf(os.path.join(HERE, "llama.gguf"))
     for name in sorted(os.listdir(HERE)):
         path = os.path.join(HERE, name)
-        if name.endswith((".pt", ".safetensors")) or os.path.isdir(path) and not name.startswith("__"):
+        if name.endswith((".pt", ".safetensors", ".gguf")) or os.path.isdir(path) and not name.startswith("__"):
             size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) if os.path.isdir(path) \
                 else os.path.getsize(path)
             print(f"{name:28s} {size:>10,} bytes")

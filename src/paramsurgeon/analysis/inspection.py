@@ -29,6 +29,7 @@ class Row:
     tied: list[str] = field(default_factory=list)
     stats: Stats | None = None
     sha256: str | None = None
+    gguf_type: str | None = None  # the GGML type of a GGUF file's tensor ('Q4_K'); dtype is what it reads as
 
 
 @dataclass
@@ -63,11 +64,14 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     rows = list(map(Row, names, map(_SHAPE, chosen), map(_DTYPE, chosen), map(_NUMEL, chosen), map(_NBYTES, chosen),
                     map(_LAYER, found), map(_ROLE, found), map(_LOCATION, chosen),
                     [tied_with.get(n, []) for n in names] if tied_with else [[] for _ in names]))
+    notes = list(ckpt.notes) + _device_notes(ckpt) + _gguf_types(ckpt, rows, chosen, stats or hashes)
     if stats or hashes or progress is not None:
         for row, tensor in zip(rows, chosen):
-            if stats:
+            if getattr(tensor, "no_values", None):
+                pass
+            elif stats:
                 row.stats = tensor_stats(tensor, bins=bins)
-            if hashes:
+            if hashes and not getattr(tensor, "no_values", None):
                 row.sha256 = sha256(tensor)
             if progress is not None:
                 progress(tensor.nbytes)
@@ -76,12 +80,26 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     return Inspection(
         source=ckpt.source, format=ckpt.format, key=".".join(map(str, ckpt.key)) or None, rows=rows,
         ties=relevant_ties, totals=totals(rows, relevant_ties), extras=extras(ckpt), metadata=dict(ckpt.metadata),
-        notes=list(ckpt.notes) + _device_notes(ckpt), stats=stats, tree=module_tree(rows, relevant_ties) if tree else None,
+        notes=notes, stats=stats, tree=module_tree(rows, relevant_ties) if tree else None,
         blocks=[{"prefix": p, "count": max(found) + 1} for p, found in candidates(names).items()] if tree else None)
 
 
 _SHAPE, _DTYPE, _NUMEL, _NBYTES = attrgetter("shape"), attrgetter("dtype.name"), attrgetter("numel"), attrgetter("nbytes")
 _LAYER, _ROLE, _LOCATION = attrgetter("layer"), attrgetter("role"), attrgetter("storage.location")
+
+
+def _gguf_types(ckpt: Checkpoint, rows: list[Row], tensors: list, values: bool) -> list[str]:
+    """Fill in each row's GGUF type (from what the reader recorded); when ``values`` are read, a note
+    per tensor whose type has none."""
+    types = getattr(ckpt.layout, "types", None)
+    if types is None:
+        return []
+    notes = []
+    for row, tensor in zip(rows, tensors):
+        row.gguf_type = types.get(row.name)
+        if values and getattr(tensor, "no_values", None):
+            notes.append(f"{row.name}: {tensor.no_values}; listed without statistics")
+    return notes
 
 
 def _device_notes(ckpt: Checkpoint) -> list[str]:

@@ -28,6 +28,7 @@ class Checkpoint:
     tensors that belong to a quantized group but do not make one (quant.group), each with why.
     ``config`` is the model config read beside it, changed by operations that change what it
     describes (the layer count); never changed in place.
+    ``layout`` is what the format's own writer needs beside the tensors (None for most formats).
     """
 
     source: str
@@ -41,6 +42,7 @@ class Checkpoint:
     omitted: set[str] = field(default_factory=set)  # aliases the file left out (tied in config.json)
     partial: list[tuple[str, list[str], str]] = field(default_factory=list)  # (scheme, names, why)
     config: dict | None = None  # the model config beside it (config.json), as an output carries it
+    layout: Any = None  # what a writer of the input's own format carries over (GGUF: formats.gguf.Layout)
 
     @property
     def container(self) -> dict:

@@ -40,6 +40,12 @@ class Quantized(Tensor):
         return {role: self.scheme.part_name(name, role) for role in self.parts}
 
     @property
+    def no_values(self) -> str | None:
+        """Why the values cannot be read (a type nothing here dequantizes), or None."""
+        why = getattr(self.scheme, "no_values", None)
+        return why(self) if why is not None else None
+
+    @property
     def stored_nbytes(self) -> int:
         """The bytes the parts take in the file."""
         return sum(part.nbytes for part in self.parts.values())

@@ -125,18 +125,20 @@ def _writing_commands() -> dict[str, Callable[[typer.Typer], None]]:
     from .lora import ExtractRun, run_extract_lora
     from .merging import EXAMPLE, run_merge
     from .operations import Recipe, apply_recipe, run_operation
-    from .options import Input, NamedInput, Read, Surgery, Write
+    from .. import declare
+    from .options import Input, NamedInput, Read, Surgery, Unquantized, Write
 
     def operation(name: str, op: type) -> Callable[[typer.Typer], None]:
         given = NamedInput if op.named_input else Input
-        return lambda app: command(app, name, [given, op, Read, Write, Surgery], run_operation,
-                                   described(op.__doc__, op.example))
+        own_dtype = any(d.name == "dtype" for d in declare.declared(op))  # cast, merge-lora
+        groups = [given, op, Read, Write, Surgery] + ([] if own_dtype else [Unquantized])
+        return lambda app: command(app, name, groups, run_operation, described(op.__doc__, op.example))
 
     return {
         **{name: operation(name, op) for name, op in OPERATIONS.items()},
-        "apply": lambda app: command(app, "apply", [Recipe, Read, Write, Surgery], apply_recipe, described(
+        "apply": lambda app: command(app, "apply", [Recipe, Read, Write, Surgery, Unquantized], apply_recipe, described(
             apply_recipe.__doc__, "paramsurgeon apply model.pt recipe.toml -o out.pt")),
-        "merge": lambda app: command(app, "merge", [Merge, Read, Write, Surgery], run_merge,
+        "merge": lambda app: command(app, "merge", [Merge, Read, Write, Surgery, Unquantized], run_merge,
                                      described(run_merge.__doc__, EXAMPLE)),
         "stack": lambda app: command(app, "stack", [Stack, Read, Write, Surgery], run_stack,
                                      described(run_stack.__doc__, Stack.example)),

@@ -5,6 +5,7 @@ the library is imported when the command runs, so --help starts fast.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import typer
@@ -228,23 +229,88 @@ class Sharding:
                                         " hub counts).")
 
 
-def convert(given: Input, sharding: Sharding, read: Read, write: Write) -> None:
-    """Convert between torch and safetensors, single file and sharded directory; values are untouched."""
+@dataclass(kw_only=True)
+class GgufOptions:
+    dtype: str | None = option(None, "--dtype", metavar="D", help="GGUF input: the dtype of every tensor written"
+                               " (default: F32/F16/BF16 kept as they are, quantized types dequantized to float32).")
+    names: str | None = option(None, "--names", metavar="hf", help="GGUF input: 'hf' writes a llama-architecture"
+                               " file under Hugging Face names, with its config.json, as a directory.")
+
+
+def convert(given: Input, sharding: Sharding, gguf: GgufOptions, read: Read, write: Write,
+            select: Selection) -> None:
+    """Convert between torch, safetensors and GGUF, single file and sharded directory; values are
+    untouched, but for a GGUF's quantized tensors (dequantized) and --dtype.
+
+    A selection (-p, -x) writes just the tensors it picks.
+    """
+    import os
+
+    from ..checkpoint import Tensor
+    from ..formats import registry
     from ..sizes import human_bytes, plural
 
     load = loader(read)
     checkpoint = open_checkpoint(given.ckpt, load)
+    names = selected_names(checkpoint, select)
+    config = None
+    if checkpoint.format == "gguf" and write.format is None and write.output not in (None, "-") \
+            and not registry.by_extension(os.path.splitext(write.output)[1]):
+        write = dataclasses.replace(write, format="safetensors")  # a GGUF converted to a directory
+    if gguf.dtype is not None or gguf.names is not None:
+        checkpoint, config, write = _from_gguf(checkpoint, names, gguf, write)
+    elif len(names) != len(checkpoint.tensors):
+        checkpoint = checkpoint.with_container({n: t for n, t in checkpoint.container.items()
+                                                if n in set(names) or not isinstance(t, Tensor)})
     target = output_target(checkpoint, write, load.inputs, sharding.max_shard_size)
+    if config is not None and not target.sharded:
+        raise UsageError(f"--names hf writes a Hugging Face directory (weights and config.json); -o"
+                         f" {write.output} names a file; pass a directory")
     where = target.path or "standard output"
     layout = target.family
     if target.sharded:
         layout += f", sharded by {human_bytes(target.max_shard_size)}" if target.max_shard_size \
-            else ", sharded as before"
+            else ", sharded as before" if registry.get(checkpoint.format).sharded else ", a directory of one shard"
     if write.dry_run:
         count, size = written(checkpoint, target, write.dedupe)
         note(f"would write {plural(count, 'tensor')} ({human_bytes(size)}) to {where} as {layout}")
         return
-    note(f"wrote {where} ({layout}, {write_checkpoint(checkpoint, target, write)})")
+    done = write_checkpoint(checkpoint, target, write)
+    if config is not None:
+        _write_config(target.path, config)
+    note(f"wrote {where} ({layout}, {done})" + (", and config.json" if config is not None else ""))
+
+
+def _from_gguf(checkpoint, names: list[str], options: GgufOptions, write: Write):
+    """(checkpoint, config.json or None, write options) for --dtype and --names of a GGUF input."""
+    import os
+
+    from ..analysis.checks import validate_dtype
+    from ..dtypes import BY_NAME
+    from ..formats.ggufconvert import is_gguf, plain
+
+    if not is_gguf(checkpoint):
+        shown = "--dtype" if options.dtype is not None else "--names"
+        raise UsageError(f"{shown} applies to a GGUF input; {checkpoint.source} is {checkpoint.format}")
+    if options.names not in (None, "hf"):
+        raise UsageError(f"--names {options.names}: expected --names hf (or no --names: GGUF's own names)")
+    dtype = BY_NAME[validate_dtype(options.dtype)] if options.dtype is not None else None
+    hf = options.names == "hf"
+    if hf and write.output not in (None, "-") and not os.path.splitext(write.output)[1] \
+            and not write.output.endswith(os.sep):
+        write = dataclasses.replace(write, output=write.output + os.sep)  # a directory, for config.json
+    converted, config = plain(checkpoint, names, dtype, hf)
+    return converted, config, write
+
+
+def _write_config(folder: str, config: dict) -> None:
+    import json
+    import os
+
+    from ..formats.atomic import output_file
+
+    with output_file(os.path.join(folder, "config.json")) as sink:
+        sink.write((json.dumps(config, indent=2) + "\n").encode())
 
 
 @dataclass(kw_only=True)

@@ -91,6 +91,12 @@ def written(ckpt: Checkpoint, target: formats.Target, dedupe: bool) -> tuple[int
 
         entries, _ = plan(ckpt, {}, dedupe)
         return len(entries), sum(t.nbytes for _, t in entries)
+    if target.family == "gguf":
+        from ..formats.ggufwriter import stored_sizes
+
+        sizes = stored_sizes(ckpt)
+        if sizes is not None:
+            return len(sizes), sum(sizes)
     aliases = {n for group in ckpt.ties() for n in group[1:]} if ties == "shared" else set()
     return len(tensors), sum(t.nbytes for n, t in tensors.items() if n not in aliases)
 

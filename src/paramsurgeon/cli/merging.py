@@ -8,12 +8,12 @@ from ..ops.merge.registry import NAMES
 from ..ops.surgery import Step
 from .console import loader
 from .operations import run_steps
-from .options import Read, Surgery, Write
+from .options import Read, Surgery, Unquantized, Write
 
 EXAMPLE = "paramsurgeon merge ft-a.pt ft-b.pt --base base.pt --method ties --density 0.5 -o merged.pt"
 
 
-def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery) -> None:
+def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery, unquantized: Unquantized | None = None) -> None:
     """Combine checkpoints tensor by tensor: average, interpolate, or add task vectors to a base.
 
     Methods: {methods}; streaming, one tensor
@@ -26,7 +26,7 @@ def run_merge(merge: Merge, read: Read, write: Write, surgery: Surgery) -> None:
     for number, path in enumerate(merge.inputs, 1):
         load.inputs.record(path, f"merge input {number}")
     load.inputs.record(merge.base, "--base")
-    run_steps("merge", merge.written, [Step(merge)], None, load, write, surgery)
+    run_steps("merge", merge.written, [Step(merge)], None, load, write, surgery, unquantized=unquantized)
 
 
 run_merge.__doc__ = run_merge.__doc__.format(methods=", ".join(NAMES))  # the registry's, in its order

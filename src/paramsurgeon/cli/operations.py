@@ -18,15 +18,17 @@ from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
 from .console import (color_on_stdout, emit, loader, note, output_target, progress, terminal_width,
                       write_checkpoint)
-from .options import Input, NamedInput, Read, Surgery, Write
+from .options import Input, NamedInput, Read, Surgery, Unquantized, Write
 
 if TYPE_CHECKING:
     from ..formats.loader import Loader
 
 
-def run_operation(given: Input | NamedInput, operation: Operation, read: Read, write: Write, surgery: Surgery) -> None:
+def run_operation(given: Input | NamedInput, operation: Operation, read: Read, write: Write, surgery: Surgery,
+                  unquantized: Unquantized | None = None) -> None:
     """One command: a one-step run."""
-    run_steps(operation.name, given.ckpt, [Step(operation)], None, loader(read), write, surgery)
+    run_steps(operation.name, given.ckpt, [Step(operation)], None, loader(read), write, surgery,
+              unquantized=unquantized)
 
 
 @dataclass(kw_only=True)
@@ -39,7 +41,8 @@ class Recipe:
                                                    " own seed comes first).")
 
 
-def apply_recipe(recipe: Recipe, read: Read, write: Write, surgery: Surgery) -> None:
+def apply_recipe(recipe: Recipe, read: Read, write: Write, surgery: Surgery,
+                 unquantized: Unquantized | None = None) -> None:
     """Run the operations of a TOML recipe in order, with one read and one write."""
     from ..ops import recipes
 
@@ -49,19 +52,22 @@ def apply_recipe(recipe: Recipe, read: Read, write: Write, surgery: Surgery) -> 
     load = loader(read)
     load.inputs.record(recipe_path, "the recipe")
     steps, seed = recipes.parse(recipes.read(recipe_path), recipe_path)
-    run_steps("apply", path, steps, seed if seed is not None else recipe.seed, load, write, surgery)
+    run_steps("apply", path, steps, seed if seed is not None else recipe.seed, load, write, surgery,
+              unquantized=unquantized)
 
 
 def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Optional[int], sources: Loader,
-              write: Write, surgery: Surgery) -> None:
+              write: Write, surgery: Surgery, unquantized: Unquantized | None = None) -> None:
     """Rehearse ``steps`` on the checkpoint at ``path``, then print the plan (--dry-run, --json) or
     perform it and write the result; ``sources``, the command's loader, opens the checkpoint and
-    every other input the steps read."""
+    every other input the steps read; ``unquantized``: how a GGUF output stores what it cannot requantize."""
     steps, notes = draw_seeds(steps, seed)
     for message in notes:
         note(f"{command}: {message}")
     ckpt = sources.checkpoint(path, sources.key, "the checkpoint")
     target = _target(ckpt, write, surgery, sources)
+    if unquantized is not None and unquantized.dtype is not None:
+        _store_unquantized(ckpt, target, unquantized.dtype)
     planned = rehearse(ckpt, steps, sources)
     if target.path is not None:
         sources.inputs.refuse_overwrite(target.path)  # the inputs the steps opened (--source), as a real run
@@ -102,6 +108,23 @@ def _target(ckpt: Checkpoint, write: Write, surgery: Surgery, sources: Loader) -
             raise UsageError("--json prints the plan on standard output, where the checkpoint is going;"
                              " pass -o PATH or --dry-run")
     return target
+
+
+def _store_unquantized(ckpt: Checkpoint, target: formats.Target, dtype: str) -> None:
+    """--dtype: a GGUF output stores a changed tensor it cannot requantize as ``dtype``."""
+    from ..dtypes import by_name
+    from ..formats.ggufconvert import is_gguf
+
+    if target.family != "gguf" or not is_gguf(ckpt):
+        raise UsageError(f"--dtype {dtype} says how a GGUF output stores a changed tensor it cannot requantize;"
+                         f" this output is {target.family}")
+    try:
+        resolved = by_name(dtype)
+    except KeyError:
+        resolved = None
+    if resolved is None or resolved.name not in ("float16", "bfloat16", "float32"):
+        raise UsageError(f"--dtype {dtype}: a GGUF stores a tensor unquantized as float16, bfloat16 or float32")
+    ckpt.layout.unquantized = resolved
 
 
 def _write_result(command: str, ckpt: Checkpoint, target: formats.Target, write: Write, summary: str) -> None:

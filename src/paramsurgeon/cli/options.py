@@ -83,6 +83,16 @@ class Surgery:
 
 
 @dataclass(kw_only=True)
+class Unquantized:
+    """How a GGUF output stores a changed tensor whose type the gguf package cannot quantize
+    (taken by the commands that change tensors and have no --dtype of their own)."""
+
+    dtype: str | None = option(None, "--dtype", metavar="D", help="GGUF output: store a changed tensor whose type"
+                               " gguf cannot quantize (K-quants, IQ types) as D (float16, bfloat16 or float32)"
+                               " instead of refusing it.")
+
+
+@dataclass(kw_only=True)
 class Json:
     """A machine-readable result."""
 

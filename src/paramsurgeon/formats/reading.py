@@ -17,7 +17,6 @@ from .hfconfig import read_config
 _SIGNATURES = [
     (b"version https://git-lfs", "a Git LFS pointer, not the checkpoint itself; run 'git lfs pull' to fetch it"),
     (b"\x89HDF", "an HDF5 file (Keras or TensorFlow weights), not a PyTorch checkpoint"),
-    (b"GGUF", "a GGUF file (llama.cpp), not a PyTorch checkpoint"),
     (b"\x93NUMPY", "a NumPy .npy array, not a PyTorch checkpoint"),
     (b"\x1f\x8b", "gzip-compressed; decompress it first (gunzip)"),
     (b"PYTORCH1", "an archive from a PyTorch preview release, which no current torch reads"),

@@ -35,6 +35,7 @@ class Format:
     refuses a directory holding anything else); ``noun`` names such a checkpoint in messages
     when "a {display} checkpoint" would not do. ``in_place_note``: what --in-place says when it
     rewrites an input of this format in its family's.
+    ``quantized``: the writer is handed quantized tensors whole, not laid out as their stored parts.
     """
 
     name: str
@@ -53,6 +54,7 @@ class Format:
     owns: Callable[[str], bool] | None = None
     noun: str = ""
     in_place_note: str = ""
+    quantized: bool = False  # the writer stores quantized tensors whole (GGUF's types), not as their parts
 
     @property
     def a_checkpoint(self) -> str:
@@ -86,6 +88,10 @@ def _torch_writer(sink, path, progress, dedupe):
     return torchzip.Writer(sink, torchzip.archive_name(path), progress)
 
 
+def _gguf_writer(sink, path, progress, dedupe):
+    return _module("ggufwriter").Writer(sink, progress)
+
+
 def _safetensors_writer(sink, path, progress, dedupe):
     return _module("safetensors").Writer(sink, dedupe=dedupe, progress=progress)
 
@@ -104,6 +110,8 @@ FORMATS: tuple[Format, ...] = (
     Format("dcp", "dcp", "dcp", (), lambda path: _module("dcp").is_dcp(path), _reads("dcp"),
            lambda path, inputs: _module("dcp").Writer(path, inputs), directory=True, nested=True,
            owns=lambda name: _module("dcp").is_own_file(name), noun="a DCP checkpoint"),
+    Format("gguf", "gguf", "GGUF", (".gguf",), lambda file, head: _module("gguf").looks_like(head),
+           _reads("gguf", options=False), _gguf_writer, quantized=True),
 )
 _BY_NAME = {f.name: f for f in FORMATS}
 

@@ -104,6 +104,10 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None, i
                              " drop one of them")
         refuse_foreign(output, path, written.owns, written.a_checkpoint)
         return Target(path, family)
+    if directory and registry.sharded_of(family) is None:
+        raise UsageError(f"-o {output} is a directory, but a {written.display} checkpoint is one file: name one"
+                         f" (-o {path.rstrip(os.sep)}{written.extensions[0] if written.extensions else ''}), or pass"
+                         " --format safetensors for a sharded directory")
     if directory:
         refuse_foreign(output, path, checkpoint_files(path).__contains__, "a sharded checkpoint")
     return Target(path, family, directory, size)

@@ -79,8 +79,14 @@ def _file_writer(make: Callable[..., Writer], dedupe: bool) -> Callable[[Sink, s
 
 def _writable(ckpt: Checkpoint, target: Target, tensors_only: bool) -> Checkpoint:
     """``ckpt`` as the target can hold it: each quantized tensor as its stored parts; just its
-    tensors with ``tensors_only``; refuses to drop the rest of the file silently."""
-    laid_out = stored(ckpt.container)
+    tensors with ``tensors_only``; refuses to drop the rest of the file silently. A GGUF checkpoint
+    written in another format is its tensors as plain ones (quantized types dequantized to float32),
+    without the GGUF metadata."""
+    from .ggufconvert import is_gguf, plain
+
+    if is_gguf(ckpt) and target.family != "gguf":
+        ckpt = plain(ckpt, doing=f"writing {target.family}")[0]
+    laid_out = None if registry.get(target.family).quantized else stored(ckpt.container)
     if laid_out is not None:
         ckpt = ckpt.with_container(laid_out)
     if tensors_only:

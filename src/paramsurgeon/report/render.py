@@ -73,6 +73,8 @@ def inspection_document(result: Inspection) -> dict:
                  "stats": {k: number(v) for k, v in row.stats.as_dict().items()} if row.stats else None}
         if row.sha256 is not None:
             entry["sha256"] = row.sha256
+        if row.gguf_type is not None:
+            entry["gguf_type"] = row.gguf_type
         if row.stats and row.stats.histogram is not None:
             entry["histogram"] = histogram_document(row.stats.histogram)
         tensors.append(entry)
@@ -118,6 +120,8 @@ def _columns(result: Inspection) -> list[tuple[Column, callable]]:
     cols = [(Column("name", priority=1), _each(_NAME)), (Column("kind", priority=1), _each(_KIND)),
             (Column("shape", True, 1), lambda rows: list(map(shape_text, map(_SHAPE, rows)))),
             (Column("dtype", priority=1), _dtypes)]
+    if any(map(_GGUF_TYPE, rows)):
+        cols.append((Column("gguf", priority=1), _each(_GGUF_TYPE)))
     if set(map(_DEVICE, rows)) - {"cpu"}:
         cols.append((Column("device", priority=1), _each(_DEVICE)))
     if result.stats:
@@ -158,7 +162,7 @@ def _dtypes(rows: list[Row]) -> list[str]:
 
 _NAME, _KIND, _SHAPE, _DTYPE, _NUMEL = (attrgetter("name"), attrgetter("kind"), attrgetter("shape"), attrgetter("dtype"),
                                         attrgetter("numel"))
-_DEVICE, _SHA256 = attrgetter("device"), attrgetter("sha256")
+_DEVICE, _SHA256, _GGUF_TYPE = attrgetter("device"), attrgetter("sha256"), attrgetter("gguf_type")
 
 
 def _count(row: Row, field: str) -> str:
