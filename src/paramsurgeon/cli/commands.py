@@ -277,7 +277,7 @@ def convert(given: Input, sharding: Sharding, gguf: GgufOptions, read: Read, wri
         return
     done = write_checkpoint(checkpoint, target, write)
     if config is not None:
-        _write_config(target.path, config)
+        _write_config(target.path, config, target.inputs)
     note(f"wrote {where} ({layout}, {done})" + (", and config.json" if config is not None else ""))
 
 
@@ -303,13 +303,13 @@ def _from_gguf(checkpoint, names: list[str], options: GgufOptions, write: Write)
     return converted, config, write
 
 
-def _write_config(folder: str, config: dict) -> None:
+def _write_config(folder: str, config: dict, inputs) -> None:
     import json
     import os
 
     from ..formats.atomic import output_file
 
-    with output_file(os.path.join(folder, "config.json")) as sink:
+    with output_file(os.path.join(folder, "config.json"), inputs) as sink:
         sink.write((json.dumps(config, indent=2) + "\n").encode())
 
 
