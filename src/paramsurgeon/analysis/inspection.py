@@ -12,6 +12,7 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.extras import extras
 from ..checkpoint.kinds import kinds_in_order
 from ..checkpoint.locations import off_cpu
+from ..checkpoint.quantized import Quantized
 from .stats import Stats, sha256, tensor_stats
 
 
@@ -28,6 +29,12 @@ class Row:
     tied: list[str] = field(default_factory=list)
     stats: Stats | None = None
     sha256: str | None = None
+    quant: dict | None = None  # a quantized tensor's {"scheme", "bits", "block", "parts"}; dtype: what it reads as
+
+    @property
+    def shown_dtype(self) -> str:
+        """The dtype column: the scheme of a quantized tensor, else the dtype."""
+        return self.quant["scheme"] if self.quant else self.dtype
 
 
 @dataclass
@@ -61,6 +68,9 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     rows = list(map(Row, names, map(_SHAPE, chosen), map(_DTYPE, chosen), map(_NUMEL, chosen), map(_NBYTES, chosen),
                     map(_LAYER, found), map(_ROLE, found), map(_LOCATION, chosen),
                     [tied_with.get(n, []) for n in names] if tied_with else [[] for _ in names]))
+    for row, tensor in zip(rows, chosen):
+        if type(tensor) is Quantized:
+            _quantized(row, tensor)
     if stats or hashes or progress is not None:
         for row, tensor in zip(rows, chosen):
             if stats:
@@ -79,6 +89,14 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
 
 _SHAPE, _DTYPE, _NUMEL, _NBYTES = attrgetter("shape"), attrgetter("dtype.name"), attrgetter("numel"), attrgetter("nbytes")
 _LAYER, _ROLE, _LOCATION = attrgetter("layer"), attrgetter("role"), attrgetter("storage.location")
+
+
+def _quantized(row: Row, tensor: Quantized) -> None:
+    """A quantized tensor's row: its scheme and stored parts, and the bytes they take in the file (a
+    listing of the file counts what it holds, not what it dequantizes to)."""
+    row.nbytes = tensor.stored_nbytes
+    row.quant = {"scheme": tensor.scheme.name, "bits": tensor.params.get("bits"), "block": tensor.params.get("block"),
+                 "parts": list(tensor.part_names(row.name).values())}
 
 
 def _device_notes(ckpt: Checkpoint) -> list[str]:
@@ -104,7 +122,8 @@ def totals(rows: list[Row], ties: list[list[str]]) -> dict:
     by_dtype: dict[str, dict] = {}
     buffers = 0
     for r in unique:
-        entry = by_dtype.get(r.dtype) or by_dtype.setdefault(r.dtype, {"tensors": 0, "numel": 0, "bytes": 0})
+        dtype = r.shown_dtype
+        entry = by_dtype.get(dtype) or by_dtype.setdefault(dtype, {"tensors": 0, "numel": 0, "bytes": 0})
         entry["tensors"] += 1
         entry["numel"] += r.numel
         entry["bytes"] += r.nbytes

@@ -50,12 +50,14 @@ def emit(text: str | bytes) -> None:
         raise OutputError(f"cannot write to standard output: {e.strerror or e}; what was written is incomplete") from e
 
 
-def open_checkpoint(path: Optional[str], read: Read, role: Optional[str] = "the checkpoint") -> Checkpoint:
+def open_checkpoint(path: Optional[str], read: Read, role: Optional[str] = "the checkpoint",
+                    raw: bool = False) -> Checkpoint:
     """Open ``path`` with the reading options, an input in the ``role`` the user gave it ('--against'),
-    which no output may overwrite; notes (e.g. which --key was chosen) go to stderr."""
+    which no output may overwrite; notes (e.g. which --key was chosen) go to stderr. ``raw``: each
+    quantized tensor's stored parts as they are (--raw)."""
     inputs.record(path, role)
     ckpt = formats.load(path, key=read.key, allow_globals=tuple(read.allow_global),
-                        unsafe_pickle=read.unsafe_pickle)
+                        unsafe_pickle=read.unsafe_pickle, raw=raw)
     for message in ckpt.notes:
         note(f"note: {message}")
     return ckpt

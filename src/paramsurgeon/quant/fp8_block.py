@@ -18,6 +18,7 @@ class Fp8Block(Scheme):
     name = "fp8-block"
     roles = ("codes", "scale_inv")
     quantizes = True
+    scales = ("scale_inv",)
 
     def part_name(self, name, role):
         return name if role == "codes" else name + SUFFIX
@@ -58,6 +59,13 @@ class Fp8Block(Scheme):
             factor = tiles.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:min(step, rows - start), :columns]
             out[start:start + step] = codes[start:start + step].float() * factor
         return out
+
+    def layout(self, shape, params):
+        return {"codes": (tuple(shape), "float8_e4m3fn"), "scale_inv": (grid(shape, params["block"]), "float32")}
+
+    def quantization_config(self, params):
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": list(params["block"])}
 
     def quantize(self, values, params):
         import torch
