@@ -38,6 +38,7 @@ class Checkpoint:
     path: str | None = None
     omitted: set[str] = field(default_factory=set)  # aliases the file left out (tied in config.json)
     partial: list[tuple[str, list[str], str]] = field(default_factory=list)  # (scheme, names, why)
+    laid_out: dict = field(default_factory=dict)  # name -> quantized tensor a writer laid out as its parts
 
     @property
     def container(self) -> dict:

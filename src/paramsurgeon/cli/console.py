@@ -89,6 +89,11 @@ def selected_names(ckpt: Checkpoint, selection: Selection, tensors: Optional[dic
 def written(ckpt: Checkpoint, target: formats.Target, dedupe: bool) -> tuple[int, int]:
     """How many tensors the output holds and their bytes: a torch file stores shared storage once,
     a safetensors file writes every name, or one per tie group with --dedupe."""
+    from ..checkpoint.quantized import stored
+
+    laid_out = stored(ckpt.container)  # each quantized tensor as its stored parts, as the writer lays them out
+    if laid_out is not None:
+        ckpt = ckpt.with_container(laid_out)
     tensors = ckpt.tensors
     if target.family == "safetensors":
         from ..formats.safetensors import plan

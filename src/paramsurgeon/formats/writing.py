@@ -12,7 +12,7 @@ from collections import OrderedDict
 from typing import Callable, Protocol
 
 from ..checkpoint import Checkpoint
-from ..checkpoint.quantized import stored
+from ..checkpoint.quantized import Quantized, stored
 from ..errors import OutputError
 from ..sizes import plural
 from . import registry, sharded
@@ -81,7 +81,8 @@ def _writable(ckpt: Checkpoint, target: Target, tensors_only: bool) -> Checkpoin
     tensors with ``tensors_only``; refuses to drop the rest of the file silently."""
     laid_out = stored(ckpt.container)
     if laid_out is not None:
-        ckpt = ckpt.with_container(laid_out)
+        groups = {n: t for n, t in ckpt.tensors.items() if type(t) is Quantized}
+        ckpt = dataclasses.replace(ckpt.with_container(laid_out), laid_out=groups)
     if tensors_only:
         return dataclasses.replace(ckpt, root=OrderedDict(ckpt.tensors), key=())
     if target.family == "safetensors" and ckpt.has_extras():

@@ -5,6 +5,7 @@
     structure.py   copy, tie, untie, rename, drop
     reshape/       resize, split, concat, transpose
     lora/          merge-lora (an operation like the others) and extract-lora (writes an adapter)
+    quantization.py  dequantize, quantize: quantized weights written plain, float weights quantized
     plan.py        Plan: what an operation changes, checked before anything is computed
     surgery.py     seeds, the rehearsal of every step, the run, optimizer notes
     recipes.py     TOML recipes: steps of the operations above, and merge
@@ -19,6 +20,7 @@ from typing import Callable
 from ..checkpoint import Checkpoint
 from .lora import MergeLora
 from .plan import Plan
+from .quantization import Dequantize, Quantize
 from .reshape import Concat, Resize, Split, Transpose
 from .spec import Operation
 from .structure import Copy, Drop, Rename, Tie, Untie
@@ -26,7 +28,7 @@ from .values import Cast, Init, Scale, Zero
 
 OPERATIONS: dict[str, type[Operation]] = {op.name: op for op in (Init, Zero, Scale, Cast, Copy, Tie, Untie,
                                                                    Rename, Drop, Resize, Split, Concat, Transpose,
-                                                                   MergeLora)}
+                                                                   MergeLora, Dequantize, Quantize)}
 
 
 def _function(operation: type[Operation]) -> Callable[..., Plan]:
@@ -45,6 +47,7 @@ def _function(operation: type[Operation]) -> Callable[..., Plan]:
 init, zero, scale, cast = _function(Init), _function(Zero), _function(Scale), _function(Cast)
 copy, tie, untie, rename, drop = _function(Copy), _function(Tie), _function(Untie), _function(Rename), _function(Drop)
 resize, split, concat, transpose = _function(Resize), _function(Split), _function(Concat), _function(Transpose)
+dequantize, quantize = _function(Dequantize), _function(Quantize)
 
 
 def apply(ckpt: Checkpoint, recipe: str, *, seed: int | None = None, reset_optimizer: bool = False) -> list[Plan]:
@@ -58,4 +61,4 @@ def apply(ckpt: Checkpoint, recipe: str, *, seed: int | None = None, reset_optim
 
 __all__ = ["OPERATIONS", "Operation", "Plan", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename",
            "Drop", "Resize", "Split", "Concat", "Transpose", "init", "zero", "scale", "cast", "copy", "tie", "untie",
-           "rename", "drop", "resize", "split", "concat", "transpose", "apply"]
+           "rename", "drop", "resize", "split", "concat", "transpose", "Dequantize", "Quantize", "dequantize", "quantize", "apply"]
