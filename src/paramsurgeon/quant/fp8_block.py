@@ -42,6 +42,10 @@ class Fp8Block(Scheme):
             else:
                 yield Group(weight_name, {"codes": weight_name, "scale_inv": name}, weight.shape,
                             {"bits": 8, "block": list(block)})
+        if config.get("quant_method") == "fp8" or any(name.endswith(SUFFIX) for name in tensors):
+            for name, weight in tensors.items():  # this layout's codes: each needs its block scale
+                if weight.dtype.name == "float8_e4m3fn" and name + SUFFIX not in tensors:
+                    yield Partial([name], f"float8 codes without their block scale {name + SUFFIX}")
 
     def dequantize(self, tensor):
         import torch
