@@ -68,9 +68,10 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     rows = list(map(Row, names, map(_SHAPE, chosen), map(_DTYPE, chosen), map(_NUMEL, chosen), map(_NBYTES, chosen),
                     map(_LAYER, found), map(_ROLE, found), map(_LOCATION, chosen),
                     [tied_with.get(n, []) for n in names] if tied_with else [[] for _ in names]))
-    for row, tensor in zip(rows, chosen):
-        if type(tensor) is Quantized:
-            _quantized(row, tensor)
+    if Quantized in set(map(type, chosen)):  # a pass in C when there is none
+        for row, tensor in zip(rows, chosen):
+            if type(tensor) is Quantized:
+                _quantized(row, tensor)
     if stats or hashes or progress is not None:
         for row, tensor in zip(rows, chosen):
             if stats:

@@ -11,7 +11,7 @@ from .base import Group, Partial, Scheme
 SUFFIX = "_scale_inv"
 BLOCK = (128, 128)  # weight_block_size when the config gives none
 E4M3_MAX = 448.0
-ROWS = 1 << 22  # float32 elements worked at a time
+ROWS = 1 << 20  # float32 elements worked at a time (4 MiB)
 
 
 class Fp8Block(Scheme):
@@ -58,10 +58,16 @@ class Fp8Block(Scheme):
         rows, columns = codes.shape
         out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
         step = max(bm, ROWS // max(columns, 1) // bm * bm)  # whole tiles of rows, a few MiB of float32
+        work = torch.empty(min(step, rows) * columns)
         for start in range(0, rows, step):
-            tiles = scale[start // bm:(start + step + bm - 1) // bm]
-            factor = tiles.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:min(step, rows - start), :columns]
-            out[start:start + step] = codes[start:start + step].float() * factor
+            count = min(step, rows - start)
+            band, tiles = work[:count * columns].view(count, columns), scale[start // bm:-(-(start + count) // bm)]
+            band.copy_(codes[start:start + count])
+            if count % bm == 0 and columns % bn == 0:  # whole tiles: each scale broadcast over its tile
+                band.view(count // bm, bm, columns // bn, bn).mul_(tiles[:, None, :, None])
+            else:
+                band.mul_(tiles.repeat_interleave(bm, 0)[:count].repeat_interleave(bn, 1)[:, :columns])
+            out[start:start + count].copy_(band)
         return out
 
     def layout(self, shape, params):
