@@ -336,3 +336,28 @@ def test_a_quantized_llama_dequantized_loads_in_transformers_with_the_reference_
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
         assert not torch.equal(reference(torch.arange(12)[None]).logits, original)  # the rounding is real
+
+
+def test_dequantize_of_a_sharded_directory_writes_a_new_index_without_the_parts(request, tmp_path):
+    torch.manual_seed(5)
+    folder, weight_map, reference = tmp_path / "sharded", {}, {}
+    folder.mkdir()
+    for shard, names in enumerate((["a.weight", "b.weight"], ["c.weight"])):
+        file, state = f"model-{shard + 1:05d}-of-00002.safetensors", {}
+        for name in names:
+            state[name], state[name + "_scale_inv"] = quantize(torch.randn(150, 260) * 0.02)
+            reference[name] = dequantize(state[name], state[name + "_scale_inv"])
+        save_file(state, folder / file)
+        weight_map.update(dict.fromkeys(state, file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16", "quantization_config": FP8_CONFIG}))
+    register_input(request, folder)
+    out = tmp_path / "out"
+    assert run("dequantize", folder, "-o", f"{out}/").exit_code == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == ["a.weight", "b.weight", "c.weight"]
+    written = stored(out)
+    assert sorted(written) == sorted(reference)
+    for name, value in reference.items():
+        assert bits(written[name]) == bits(value), name
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in reference.values())

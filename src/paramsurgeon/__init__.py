@@ -14,7 +14,7 @@ from .errors import ParamSurgeonError
 
 _OPERATIONS = ("init", "zero", "scale", "cast", "copy", "tie", "untie", "rename", "drop", "resize", "split", "concat",
                "transpose", "apply", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename", "Drop",
-               "Resize", "Split", "Concat", "Transpose", "Plan")
+               "Resize", "Split", "Concat", "Transpose", "Plan", "dequantize", "quantize", "Dequantize", "Quantize")
 _LAZY = {"Checkpoint": "checkpoint", "Tensor": "checkpoint", "Selector": "selection", "load": "formats",
          "to_torch": "checkpoint.values", "merge": "ops.merge", "Merge": "ops.merge",
          **{name: "ops.lora" for name in ("merge_lora", "extract_lora", "MergeLora", "ExtractLora")},
