@@ -133,8 +133,9 @@ def config_updates(config: dict, after: Checkpoint) -> tuple[dict, list[str]]:
 
     ``vocab_size`` follows the input embedding's rows when it equalled them before; the
     ``tie_word_embeddings`` follows the tie of the output embedding to the input embedding
-    when the surgery tied or untied them. The input is read again (its headers: the shapes
-    and ties before the surgery).
+    when the surgery tied or untied them; ``quantization_config`` goes when no quantized weight is
+    left (dequantize) and is written for weights quantized anew (quantize). The input is read again
+    (its headers: the shapes and ties before the surgery).
     """
     from .reading import load
 

@@ -16,7 +16,7 @@ from ..selection import Selection
 from ..sizes import plural
 from .plan import Change, Plan, fail, names_list
 from .spec import Operation, Sources, Targets, TiePolicy, with_warnings
-from .values import cast_target, value_plan
+from .values import cast_target, torch_values, value_plan
 
 
 def refuse_partial(ckpt: Checkpoint, names: list[str], command: str) -> None:
@@ -100,7 +100,7 @@ class Quantize(Targets, TiePolicy, Operation):
                 return f"is {list(tensor.shape)} {tensor.dtype}; {scheme.name} stores 2-D floating-point weights" \
                        " (choose them with -k linear)"
             return Change(unit, f"quantize {scheme.name} {_shown(params)}", tensor.shape, tensor.dtype.name,
-                          _values(tensor), stored_as=lambda plain: quant.quantized(scheme, plain, params))
+                          lambda: torch_values(tensor), stored_as=lambda plain: quant.quantized(scheme, plain, params))
 
         plan = value_plan("quantize", f"quantize {scheme.name} {_shown(params)}: {names_list(names)}", ckpt, names,
                           self, change_for)
@@ -115,13 +115,6 @@ class Quantize(Targets, TiePolicy, Operation):
             plan.notes.append(f"{plural(len(already), 'tensor')} {'is' if len(already) == 1 else 'are'} already"
                               f" {scheme.name} {_shown(params)}: {names_list(already)}")
         return with_warnings(plan, warnings)
-
-
-def _values(tensor: Tensor):
-    """What computes ``tensor``'s values (dequantized, for a tensor of another scheme)."""
-    from .values import torch_values
-
-    return lambda: torch_values(tensor)
 
 
 def _block(text: str | None) -> list[int]:
