@@ -202,6 +202,53 @@ model.merge_and_unload().save_pretrained(sys.argv[3])
 """
 
 
+FP8_SIDE = 4096  # fp8-block weights of 4096 x 4096, 4 shards; 128 of them: 2 G parameters, 2 GiB of codes
+FP8_TENSORS = int(os.environ.get("PARAMSURGEON_BENCH_FP8_TENSORS", "128"))  # fewer: a quick check of the rows
+FP8_GROUP = f"dequantize fp8-block ({FP8_TENSORS * FP8_SIDE ** 2 / 1e9:.1f} G parameters, 4 shards) to bf16"
+FP8_INSPECT = f"inspect fp8-block ({FP8_TENSORS * FP8_SIDE ** 2 / 1e9:.1f} G parameters) with statistics"
+FP8_QUANTIZE = "quantize --scheme fp8-block the bf16 result"
+MAKE_FP8 = """
+import json, os, sys, torch
+from safetensors.torch import save_file
+torch.manual_seed(0)
+folder, count, side = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+os.makedirs(folder)
+weight_map, per_shard = {}, count // 4
+for shard in range(4):
+    name, state = f"model-{shard + 1:05d}-of-00004.safetensors", {}
+    for i in range(shard * per_shard, (shard + 1) * per_shard):
+        state[f"layers.{i}.weight"] = (torch.randn(side, side) * 100).to(torch.float8_e4m3fn)
+        state[f"layers.{i}.weight_scale_inv"] = torch.rand(side // 128, side // 128) * 1e-4 + 1e-5
+    save_file(state, os.path.join(folder, name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(state, name))
+json.dump({"metadata": {}, "weight_map": weight_map}, open(os.path.join(folder, "model.safetensors.index.json"), "w"))
+json.dump({"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+           "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}, open(os.path.join(folder, "config.json"), "w"))
+"""
+SCRIPT_FP8_CAST = """
+import json, os, sys, torch
+from safetensors.torch import load_file, save_file
+def weight_dequant(x, s, block_size=128):  # DeepSeek's kernel on the CPU: each code times its tile's scale
+    rows, columns = x.shape
+    scale = s.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)[:rows, :columns]
+    return (x.float() * scale).to(torch.bfloat16)
+source, target = sys.argv[1], sys.argv[2]
+os.makedirs(target)
+weight_map = json.load(open(os.path.join(source, "model.safetensors.index.json")))["weight_map"]
+new_map = {}
+for shard in sorted(set(weight_map.values())):  # fp8_cast_bf16.py: a shard at a time
+    state, out = load_file(os.path.join(source, shard)), {}
+    for name, tensor in state.items():
+        if name.endswith("_scale_inv"):
+            continue
+        scale = state.get(name + "_scale_inv")
+        out[name] = weight_dequant(tensor, scale) if scale is not None else tensor
+        new_map[name] = shard
+    save_file(out, os.path.join(target, shard))
+json.dump({"metadata": {}, "weight_map": new_map}, open(os.path.join(target, "model.safetensors.index.json"), "w"))
+"""
+
+
 def peak_anon(pid: int, stop: threading.Event, result: list) -> None:
     peak = 0
     while not stop.is_set():
@@ -300,6 +347,16 @@ def cases(folder: str) -> list[tuple]:
     rows += [(DIFF_GROUP, "paramsurgeon diff --atol 1", tool("diff", ties[0], ties[2], "--atol", "1"), ""),
              (DIFF_GROUP, "script: load both, the same measures in float64", python(SCRIPT_DIFF, ties[0], ties[2]),
               "")]
+    rows += [(FP8_GROUP, "script: DeepSeek's fp8_cast_bf16 on the CPU (weight_dequant in torch)",
+              python(SCRIPT_FP8_CAST, "fp8", "fp8-cast"), "fp8-cast"),
+             (FP8_GROUP, "paramsurgeon dequantize (streaming)", tool("dequantize", "fp8", "-o", "fp8-out/"), "fp8-out"),
+             (FP8_INSPECT, "inspect of a bf16 checkpoint of as many parameters (the reference)",
+              tool("inspect", "fp8-bf16"), ""),
+             (FP8_INSPECT, "paramsurgeon inspect (dequantized statistics)", tool("inspect", "fp8"), ""),
+             (FP8_QUANTIZE, "dequantize, as above (the reference)", tool("dequantize", "fp8", "-o", "fp8-out/"),
+              "fp8-out"),
+             (FP8_QUANTIZE, "paramsurgeon quantize --scheme fp8-block",
+              tool("quantize", "fp8-bf16", "--all", "--scheme", "fp8-block", "-o", "fp8-out/"), "fp8-out")]
     for n in MANY:
         group = f"DCP of {n:,} tensors of 64x64 -> torch zip"
         rows += [(group, "paramsurgeon convert", tool("convert", f"dcp-{n}", "-o", "many.pt"), "many.pt"),
@@ -360,6 +417,9 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
     DIFF_GROUP: ("script: load both, the same measures in float64", 1.0, 320 * MiB),
     LAYERS_GROUP: ("cp, then sync (the limit, durable)", 1.25, 64 * MiB),  # a copy with new names
     STACK_GROUP: ("cp, then sync (the limit, durable)", 1.25, 64 * MiB),
+    FP8_GROUP: ("script: DeepSeek's fp8_cast_bf16 on the CPU (weight_dequant in torch)", 0.5, 320 * MiB),
+    FP8_INSPECT: ("inspect of a bf16 checkpoint of as many parameters (the reference)", 1.5, 400 * MiB),
+    FP8_QUANTIZE: ("dequantize, as above (the reference)", 1.25, 320 * MiB),
 }  # merge: 256 MiB plus a few 16 MiB tensors; no limit on time; init into DCP: 256 MiB plus one tensor;
 # merge-lora: 256 MiB plus a few float32 copies of its largest adapted tensor (5632x2048: 44 MiB, 16 MiB at a time);
 # merge ties: 256 MiB, the merged tensor (250 MiB) and a few 16 MiB pieces; diff: 256 MiB and a few 8 MiB pieces
@@ -453,6 +513,8 @@ def main() -> None:
         if any(group in (LAYERS_GROUP, STACK_GROUP) for group, *_ in selected) and not os.path.exists(
                 os.path.join(folder, "layers-cut.bin")):
             subprocess.run(python(MAKE_LAYERS, folder, str(LAYERS), str(LAYER_SIDE)), check=True)
+        if any(group in (FP8_GROUP, FP8_INSPECT, FP8_QUANTIZE) for group, *_ in selected):
+            prepare_fp8(folder)
         if any(group == LORA_GROUP for group, *_ in selected) and not os.path.exists(os.path.join(folder, "lora")):
             subprocess.run(python(MAKE_LORA, os.path.join(folder, "lora")), check=True)
         subprocess.run(tool("--help"), check=True, env=ENV, capture_output=True)  # writes bytecode if missing
@@ -482,6 +544,15 @@ def prepare(folder: str) -> None:
     if not os.path.exists(os.path.join(folder, "model-dcp")):
         subprocess.run(tool("convert", "model.safetensors", "-o", "model-dcp", "--format", "dcp"), cwd=folder,
                        check=True, env=ENV, capture_output=True)
+
+
+def prepare_fp8(folder: str) -> None:
+    """The fp8-block directory (4 shards) and its bf16 dequantization, made once."""
+    if not os.path.exists(os.path.join(folder, "fp8")):
+        subprocess.run(python(MAKE_FP8, os.path.join(folder, "fp8"), str(FP8_TENSORS), str(FP8_SIDE)), check=True)
+    if not os.path.exists(os.path.join(folder, "fp8-bf16")):
+        subprocess.run(tool("dequantize", "fp8", "-o", "fp8-bf16/"), cwd=folder, check=True, env=ENV,
+                       capture_output=True)
 
 
 if __name__ == "__main__":

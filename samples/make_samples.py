@@ -135,6 +135,49 @@ def write_llama_gguf(path: str) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+def fp8_block(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's FP8 layout, tile by tile: scale_inv = amax / 448 (1 for an all-zero tile), e4m3 codes."""
+    rows, columns = weight.shape
+    scale = torch.ones(-(-rows // block), -(-columns // block))
+    codes = torch.empty(rows, columns, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = weight[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
+            if tile.abs().max() > 0:
+                scale[i, j] = tile.abs().max() / 448
+            codes[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def llama_fp8() -> None:
+    """A tiny Llama, a few AdamW steps in, its layers' linear weights stored as DeepSeek-V3 ships them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        tokens = torch.randint(0, 256, (4, 33))
+        model(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = os.path.join(HERE, "llama-fp8")
+    os.makedirs(folder, exist_ok=True)
+    tensors = {}
+    for name, value in model.to(torch.bfloat16).state_dict().items():
+        if name.startswith("model.layers.") and value.dim() == 2:
+            tensors[name], tensors[name + "_scale_inv"] = fp8_block(value)
+        else:
+            tensors[name] = value.contiguous()
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    settings = {**config.to_diff_dict(), "torch_dtype": "bfloat16", "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}
+    settings.pop("transformers_version", None)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(sorted(settings.items())), f, indent=2)
+        f.write("\n")
 
 
 def main() -> None:
@@ -165,6 +208,7 @@ def main() -> None:
     save_model(gpt, os.path.join(HERE, "gpt.safetensors"), metadata={"format": "pt"})
     transformers_models()
     write_llama_gguf(os.path.join(HERE, "llama.gguf"))
+    llama_fp8()
     for name in sorted(os.listdir(HERE)):
         path = os.path.join(HERE, name)
         if name.endswith((".pt", ".safetensors", ".gguf")) or os.path.isdir(path) and not name.startswith("__"):

@@ -14,7 +14,8 @@ from .errors import ParamSurgeonError
 
 _OPERATIONS = ("init", "zero", "scale", "cast", "copy", "tie", "untie", "rename", "drop", "resize", "split", "concat",
                "transpose", "apply", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename", "Drop",
-               "Resize", "Split", "Concat", "Transpose", "Plan", "layers", "experts", "Layers", "Experts")
+               "Resize", "Split", "Concat", "Transpose", "Plan", "layers", "experts", "Layers", "Experts",
+               "dequantize", "quantize", "Dequantize", "Quantize")
 _LAZY = {"Checkpoint": "checkpoint", "Tensor": "checkpoint", "Selector": "selection", "load": "formats",
          "to_torch": "checkpoint.values", "Merge": "ops.merge", "MergeLora": "ops.lora", "ExtractLora": "ops.lora",
          **{name: "library" for name in ("merge", "merge_lora", "extract_lora")},

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 from .checkpoint import Checkpoint
 from .formats.loader import Loader
-from .ops import (Cast, Concat, Copy, Drop, Experts, Init, Layers, Operation, Plan, Rename, Resize, Scale, Split, Tie,
-                  Transpose, Untie, Zero)
+from .ops import (Cast, Concat, Copy, Dequantize, Drop, Experts, Init, Layers, Operation, Plan, Quantize, Rename,
+                  Resize, Scale, Split, Tie, Transpose, Untie, Zero)
 from .ops.lora import ExtractLora, MergeLora
 from .ops.merge import Merge
 from .ops.surgery import Step, run
@@ -32,6 +32,7 @@ init, zero, scale, cast = _function(Init), _function(Zero), _function(Scale), _f
 copy, tie, untie, rename, drop = _function(Copy), _function(Tie), _function(Untie), _function(Rename), _function(Drop)
 resize, split, concat, transpose = _function(Resize), _function(Split), _function(Concat), _function(Transpose)
 layers, experts = _function(Layers), _function(Experts)
+dequantize, quantize = _function(Dequantize), _function(Quantize)
 
 
 def apply(ckpt: Checkpoint, recipe: str, *, seed: int | None = None, reset_optimizer: bool = False) -> list[Plan]:

@@ -9,6 +9,9 @@ parameters only (buffers such as running_var are not weights).
     exploding  variance x fan-in (of conv/linear weights and biases: the default init's scale;
                of others, the variance) >= 10x the median of tensors of the same kind and role  warning
     untrained  a conv/linear weight indistinguishable from a fresh init     fails
+    scale      a quantized weight with a NaN, Inf, zero or negative scale     fails
+    orphan     a stored part of a quantized weight without its partner (a weight without its scale,
+               a scale without its weight, a scale grid that does not fit)  fails
 
 ``untrained`` compares the values with the initialisations in use, for the weight's fans (GPT-2's
 Conv1D stores (in, out): its fan-in is shape[0]) and the model's depth: uniform within
@@ -38,13 +41,15 @@ from typing import Callable
 from ..checkpoint import Checkpoint
 from ..checkpoint.kinds import fans, infer_kinds
 from ..checkpoint.layouts import stored_in_out
+from ..checkpoint.quantized import Quantized
 from ..errors import SelectionError, UsageError
 from ..selection import matches, unmatched
 from .stats import Stats, tensor_stats
 from ..sizes import plural
 
-FAILING = ("nonfinite", "dead", "spike", "untrained")  # the rules that can fail the check
-RULES = ("nonfinite", "dead", "constant", "spike", "exploding", "untrained")
+FAILING = ("nonfinite", "dead", "spike", "untrained", "scale", "orphan")  # the rules that can fail the check
+RULES = ("nonfinite", "dead", "constant", "spike", "exploding", "untrained", "scale", "orphan")
+QUANTIZED = ("scale", "orphan")  # the rules of quantized checkpoints (listed for those only)
 DEAD = 0.9999
 SPIKE = 100.0
 SPIKE_FAILS = 10_000.0
@@ -226,8 +231,9 @@ def _possible(init: Init, s: Stats, n: int) -> bool:
     return within > 0 and n * math.log(within) >= SHORTFALL
 
 
-def diagnose(ckpt: Checkpoint, stats: dict[str, Stats]) -> list[Finding]:
-    """Every finding on the tensors of ``stats`` (from ``measure``), in file order, by rule."""
+def diagnose(ckpt: Checkpoint, stats: dict[str, Stats], selected: list[str] | None = None) -> list[Finding]:
+    """Every finding on the tensors of ``stats`` (from ``measure``), in file order, by rule; orphaned
+    parts among ``selected`` (default: those of ``stats``)."""
     layout = Layout(ckpt)
     findings = []
     variances: dict[tuple, list[float]] = {}
@@ -258,8 +264,26 @@ def diagnose(ckpt: Checkpoint, stats: dict[str, Stats]) -> list[Finding]:
             findings.append(Finding("untrained", name, *untrained))
     for (layer, role), group in variances.items():
         findings += _exploding(layer, role, group)
-    order = {name: i for i, name in enumerate(stats)}
-    return sorted(findings, key=lambda f: (RULES.index(f.rule), order[f.name]))
+    findings += _quantized(ckpt, list(stats), stats if selected is None else selected)
+    order = {name: i for i, name in enumerate(ckpt.tensors)}
+    return sorted(findings, key=lambda f: (RULES.index(f.rule), order.get(f.name, len(order))))
+
+
+def _quantized(ckpt: Checkpoint, names: list[str], selected) -> list[Finding]:
+    """``scale``: quantized weights among ``names`` with a scale that is NaN, Inf, zero or negative;
+    ``orphan``: each group among ``selected`` whose parts do not make one (named when read)."""
+    tensors, chosen = ckpt.tensors, set(selected)
+    findings = []
+    for name in names:
+        tensor = tensors[name]
+        problem = tensor.scheme.scale_problem(tensor, name) if type(tensor) is Quantized else None
+        if problem:
+            findings.append(Finding("scale", name, None, None, f"({tensor.scheme.name}): {problem}"))
+    for scheme, parts, why in ckpt.partial:
+        if any(n in chosen for n in parts):
+            others = f"(with {', '.join(parts[1:])}) " if len(parts) > 1 else ""
+            findings.append(Finding("orphan", parts[0], None, None, f"{others}is orphaned: {why} ({scheme})"))
+    return findings
 
 
 def _spike(name: str, peak: float, p99: float) -> Finding:
@@ -280,6 +304,11 @@ def _exploding(layer: str, role: str, group: list[tuple[str, float, bool]]) -> l
                                  f"{what} {variance:.3g} is {variance / median:.0f}x the median of the {len(group)}"
                                  f" {layer} {role} tensors ({median:.3g}; >= {EXPLODING:g}x)", "warning"))
     return found
+
+
+def quantized(ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt`` holds quantized weights or parts of them (the rules of QUANTIZED apply)."""
+    return bool(ckpt.partial) or any(type(t) is Quantized for t in ckpt.tensors.values())
 
 
 def strict(findings: list[Finding]) -> list[Finding]:

@@ -13,6 +13,7 @@ from ..checkpoint.blocks import candidates
 from ..checkpoint.extras import extras
 from ..checkpoint.kinds import kinds_in_order
 from ..checkpoint.locations import off_cpu
+from ..checkpoint.quantized import Quantized
 from .stats import Stats, sha256, tensor_stats
 
 
@@ -30,6 +31,12 @@ class Row:
     stats: Stats | None = None
     sha256: str | None = None
     gguf_type: str | None = None  # the GGML type of a GGUF file's tensor ('Q4_K'); dtype is what it reads as
+    quant: dict | None = None  # a quantized tensor's {"scheme", "bits", "block", "parts"}; dtype: what it reads as
+
+    @property
+    def shown_dtype(self) -> str:
+        """The dtype column: the scheme of a quantized tensor, else the dtype."""
+        return self.quant["scheme"] if self.quant else self.dtype
 
 
 @dataclass
@@ -65,6 +72,10 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
                     map(_LAYER, found), map(_ROLE, found), map(_LOCATION, chosen),
                     [tied_with.get(n, []) for n in names] if tied_with else [[] for _ in names]))
     notes = list(ckpt.notes) + _device_notes(ckpt) + _gguf_types(ckpt, rows, chosen, stats or hashes)
+    if Quantized in set(map(type, chosen)):  # a pass in C when there is none
+        for row, tensor in zip(rows, chosen):
+            if type(tensor) is Quantized:
+                _quantized(row, tensor)
     if stats or hashes or progress is not None:
         for row, tensor in zip(rows, chosen):
             if getattr(tensor, "no_values", None):
@@ -102,6 +113,14 @@ def _gguf_types(ckpt: Checkpoint, rows: list[Row], tensors: list, values: bool) 
     return notes
 
 
+def _quantized(row: Row, tensor: Quantized) -> None:
+    """A quantized tensor's row: its scheme and stored parts, and the bytes they take in the file (a
+    listing of the file counts what it holds, not what it dequantizes to)."""
+    row.nbytes = tensor.stored_nbytes
+    row.quant = {"scheme": tensor.scheme.name, "bits": tensor.params.get("bits"), "block": tensor.params.get("block"),
+                 "parts": list(tensor.part_names(row.name).values())}
+
+
 def _device_notes(ckpt: Checkpoint) -> list[str]:
     """A note when storages record a device other than the cpu (torch.load needs that device)."""
     elsewhere = off_cpu(ckpt)
@@ -125,7 +144,8 @@ def totals(rows: list[Row], ties: list[list[str]]) -> dict:
     by_dtype: dict[str, dict] = {}
     buffers = 0
     for r in unique:
-        entry = by_dtype.get(r.dtype) or by_dtype.setdefault(r.dtype, {"tensors": 0, "numel": 0, "bytes": 0})
+        dtype = r.shown_dtype
+        entry = by_dtype.get(dtype) or by_dtype.setdefault(dtype, {"tensors": 0, "numel": 0, "bytes": 0})
         entry["tensors"] += 1
         entry["numel"] += r.numel
         entry["bytes"] += r.nbytes

@@ -43,6 +43,7 @@ class Checkpoint:
     partial: list[tuple[str, list[str], str]] = field(default_factory=list)  # (scheme, names, why)
     config: dict | None = None  # the model config beside it (config.json), as an output carries it
     layout: Any = None  # what a writer of the input's own format carries over (GGUF: formats.gguf.Layout)
+    laid_out: dict = field(default_factory=dict)  # name -> quantized tensor a writer laid out as its parts
 
     @property
     def container(self) -> dict:

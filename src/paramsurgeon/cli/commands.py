@@ -16,7 +16,7 @@ from ..errors import UsageError
 from ..selection import Selection
 from .console import (color_on_stdout, emit, loader, note, open_checkpoint, output_target, progress, selected_names,
                       terminal_width, write_checkpoint, written)
-from .options import Input, Json, Pair, Read, Write
+from .options import Input, Json, Pair, Raw, Read, Write
 
 
 @dataclass(kw_only=True)
@@ -40,12 +40,16 @@ class InspectOptions:
             raise UsageError("--hist reads the values; it does not go with --no-stats or --tree")
 
 
-def inspect(given: Input, options: InspectOptions, output: Json, read: Read, select: Selection) -> None:
-    """Show every tensor (name, kind, shape, dtype, statistics), ties, totals and the rest of the file."""
+def inspect(given: Input, options: InspectOptions, output: Json, read: Read, stored: Raw, select: Selection) -> None:
+    """Show every tensor (name, kind, shape, dtype, statistics), ties, totals and the rest of the file.
+
+    A quantized weight is one row: its scheme in the dtype column, statistics of its dequantized
+    values, the bytes its stored parts take; --raw lists the parts as they are stored.
+    """
     from ..analysis.inspection import inspect as inspect_checkpoint
     from ..report import render
 
-    checkpoint = open_checkpoint(given.ckpt, loader(read))
+    checkpoint = open_checkpoint(given.ckpt, loader(read, raw=stored.raw))
     names = selected_names(checkpoint, select)
     stats = not (options.no_stats or options.tree)
     reads_data = stats or options.hash
@@ -72,7 +76,7 @@ class DiffOptions:
                                                               " file (optimizer state, epoch) nor ties.")
 
 
-def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, select: Selection) -> None:
+def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw, select: Selection) -> None:
     """Compare two checkpoints: tensors, the rest of the file and ties; exit 0 when equal, 1 when not.
 
     The rest of the file (optimizer moments, EMA copies, the epoch) is compared by path, and ties
@@ -83,7 +87,7 @@ def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, select: Sel
 
     if pair.a == pair.b == "-":  # the loader opens an input once: the second '-' would be the first
         raise UsageError("diff: only one checkpoint can come from standard input ('-')")
-    load = loader(read)
+    load = loader(read, raw=stored.raw)
     first, second = open_checkpoint(pair.a, load), open_checkpoint(pair.b, load)
     picked = set(selected_names(first, select, {**second.tensors, **first.tensors}))
     names_a = [n for n in first.tensors if n in picked]
@@ -112,7 +116,8 @@ class CheckOptions:
                                      help="Expected tensors, one 'NAME [SHAPE] [DTYPE]' per line.")
     dtype: str | None = option(None, "--dtype", metavar="D", help="Every floating-point tensor is of dtype D.")
     health: bool = option(False, "--health", help="Diagnose the float parameters: dead, constant, spike, exploding,"
-                                                  " untrained (README: the rules and their thresholds).")
+                                                  " untrained; quantized weights: scale, orphan (README: the rules"
+                                                  " and their thresholds).")
     ignore: list[str] = option([], "--ignore", metavar="RULE[:GLOB]", help="With --health: drop the findings of"
                                " RULE (on the tensors matching GLOB); repeatable.")
     strict: bool = option(False, "--strict", help="With --health: warnings fail the check too.")
@@ -163,22 +168,22 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
     with progress(size, "checking") as advance:
         rules += run_rules(checkpoint, names, finite=options.finite or default, max_abs=options.max_abs, like=other,
                            expect=expectations, dtype=dtype, progress=advance)
-        findings = health.diagnose(checkpoint, health.measure(checkpoint, diagnosed, progress=advance)) \
+        findings = health.diagnose(checkpoint, health.measure(checkpoint, diagnosed, progress=advance), names) \
             if options.health else None
     if findings is not None:
         findings = health.ignored(findings, ignores)
         findings = health.strict(findings) if options.strict else findings
-        rules += health_rules(findings, options.strict)
+        rules += health_rules(findings, options.strict, health.quantized(checkpoint))
     _report_check(checkpoint.source, rules, output.json, findings)
 
 
-def health_rules(findings: list, strict: bool = False) -> list:
+def health_rules(findings: list, strict: bool = False, quantized: bool = False) -> list:
     """The health rules that can fail as check rules (every rule with ``strict``; the warnings are
-    reported beside them)."""
+    reported beside them); those of quantized weights only for a checkpoint that holds some."""
     from ..analysis.checks import RuleResult
-    from ..analysis.health import FAILING, RULES
+    from ..analysis.health import FAILING, QUANTIZED, RULES
 
-    shown = RULES if strict else FAILING
+    shown = [r for r in (RULES if strict else FAILING) if quantized or r not in QUANTIZED]
     rules = [RuleResult(f"health {rule}") for rule in shown]
     for finding in findings:
         if finding.fails:

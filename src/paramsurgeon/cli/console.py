@@ -53,12 +53,13 @@ def emit(text: str | bytes) -> None:
         raise OutputError(f"cannot write to standard output: {e.strerror or e}; what was written is incomplete") from e
 
 
-def loader(read: Read, shared_key: bool = False) -> "Loader":
-    """The command's one loader of its inputs, with its reading options (see formats/loader.py)."""
+def loader(read: Read, shared_key: bool = False, raw: bool = False) -> "Loader":
+    """The command's one loader of its inputs, with its reading options (see formats/loader.py);
+    ``raw``: each quantized tensor's stored parts as they are (--raw)."""
     from ..formats.loader import Loader
 
     return Loader(key=read.key, allow_globals=tuple(read.allow_global), unsafe_pickle=read.unsafe_pickle,
-                  shared_key=shared_key)
+                  shared_key=shared_key, raw=raw)
 
 
 def open_checkpoint(path: Optional[str], load: "Loader", role: Optional[str] = "the checkpoint") -> Checkpoint:
@@ -85,6 +86,11 @@ def written(ckpt: Checkpoint, target: formats.Target, dedupe: bool) -> tuple[int
     every name."""
     from ..formats import registry
 
+    from ..checkpoint.quantized import stored
+
+    laid_out = stored(ckpt.container)  # each quantized tensor as its stored parts, as the writer lays them out
+    if laid_out is not None and not registry.get(target.family).quantized:
+        ckpt = ckpt.with_container(laid_out)
     tensors, ties = ckpt.tensors, registry.get(target.family).ties
     if ties == "recorded":
         from ..formats.safetensors import plan

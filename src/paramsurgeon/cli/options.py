@@ -51,6 +51,14 @@ class Read:
 
 
 @dataclass(kw_only=True)
+class Raw:
+    """Whether quantized tensors are read as what they mean or as they are stored."""
+
+    raw: bool = option(False, "--raw", help="List the stored tensors as they are (codes, scales, zero points)"
+                                            " instead of one dequantized tensor per quantized weight.")
+
+
+@dataclass(kw_only=True)
 class Write:
     """Where and how a result is written."""
 

@@ -19,7 +19,8 @@ from .reading import load, sharded_index, verify_shards
 
 
 class Loader:
-    """Opens inputs with ``key`` (--key), ``allow_globals`` (--allow-global) and ``unsafe_pickle``.
+    """Opens inputs with ``key`` (--key), ``allow_globals`` (--allow-global) and ``unsafe_pickle``;
+    ``raw``: each quantized tensor's stored parts as they are (--raw), not one logical tensor.
 
     ``shared_key``: the command's --key applies to every checkpoint it opens (merge), and a
     safetensors or sharded input, already a flat mapping of names to tensors, ignores it;
@@ -27,9 +28,9 @@ class Loader:
     """
 
     def __init__(self, *, key: str | None = None, allow_globals: tuple[str, ...] = (), unsafe_pickle: bool = False,
-                 shared_key: bool = False):
+                 shared_key: bool = False, raw: bool = False):
         self.key, self.shared_key = key, shared_key
-        self.options = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle}
+        self.options = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle, "raw": raw}
         self.opened: dict[tuple[str | None, str | None], Checkpoint] = {}
         self.inputs = Inputs()  # this command's: every path opened, with its role
 
@@ -54,7 +55,8 @@ class Loader:
     def shard_problems(self, path: str | None) -> list[dict] | None:
         """Where the sharded checkpoint at ``path`` and its index disagree, every shard read with
         the command's options (check --complete's work); None when ``path`` is not sharded."""
-        return verify_shards(path, **self.options) if sharded_index(path) is not None else None
+        options = {k: v for k, v in self.options.items() if k != "raw"}
+        return verify_shards(path, **options) if sharded_index(path) is not None else None
 
     def _open(self, path: str | None, key: str | None) -> Checkpoint:
         try:

@@ -1,8 +1,8 @@
 """The files of a Hugging Face model directory besides its weights: its configuration,
 tokenizer, generation settings, custom code and model card. A directory output of a command
 whose input is such a directory carries them, with ``config.json`` updated where the surgery
-changed what it describes (``vocab_size``, ``tie_word_embeddings``, and what the operations
-changed in ``Checkpoint.config``: the layer count, the expert count).
+changed what it describes (``vocab_size``, ``tie_word_embeddings``, ``quantization_config``, and what
+the operations changed in ``Checkpoint.config``: the layer count, the expert count).
 
     carry(...)      copy the input's side files (directories.SIDE_FILES) into the directory being written
 
@@ -17,7 +17,9 @@ import os
 import re
 import shutil
 
+from .. import quant
 from ..checkpoint import Checkpoint
+from ..checkpoint.quantized import Quantized
 from ..errors import ParamSurgeonError
 from ..parsing import parse_document
 from . import registry
@@ -39,6 +41,9 @@ EMBEDDINGS = (
     ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),  # BERT
     ("model.language_model.embed_tokens.weight", "lm_head.weight"),  # vision-language models
 )
+
+
+REMOVED = object()  # a key config_updates takes out of config.json
 
 
 def model_directory(ckpt: Checkpoint) -> str | None:
@@ -93,11 +98,20 @@ def _write_config(source: str, destination: str, ckpt: Checkpoint, same: bool) -
     if changes:
         with open(destination, "wb") as handle:
             handle.write(_dumps(_updated(config, changes), text).encode("utf-8"))
-        shown = ", ".join(f"{k} {json.dumps(config.get(k))} -> {json.dumps(v)}" for k, v in changes.items())
+        shown = ", ".join(_change(config, k, v) for k, v in changes.items())
         notes.append(f"note: {CONFIG}: {shown}")
     elif not same:
         shutil.copy2(source, destination)
     return notes
+
+
+def _change(config: dict, key: str, value) -> str:
+    """'vocab_size 50257 -> 50304', 'quantization_config removed', 'quantization_config added (...)'."""
+    if value is REMOVED:
+        return f"{key} removed"
+    if key not in config:
+        return f"{key} added ({json.dumps(value)})"
+    return f"{key} {json.dumps(config.get(key))} -> {json.dumps(value)}"
 
 
 def config_updates(config: dict, after: Checkpoint) -> tuple[dict, list[str]]:
@@ -105,17 +119,20 @@ def config_updates(config: dict, after: Checkpoint) -> tuple[dict, list[str]]:
 
     ``vocab_size`` follows the input embedding's rows when it equalled them before; the
     ``tie_word_embeddings`` follows the tie of the output embedding to the input embedding
-    when the surgery tied or untied them. The input is read again (its headers: the shapes
-    and ties before the surgery).
+    when the surgery tied or untied them; ``quantization_config`` goes when no quantized weight is
+    left (dequantize) and is written for weights quantized anew (quantize). The input is read again
+    (its headers: the shapes and ties before the surgery).
     """
     pair = next((p for p in EMBEDDINGS if p[0] in after.tensors), None)
-    if pair is None:
+    if pair is None and not (quant.quantization_config(config) or _quantized(after)):
         return {}, []
     try:
         before = load(after.path)
     except ParamSurgeonError as e:
         return {}, [f"note: {CONFIG} copied as it was: the input could not be read again to compare ({e})"]
-    changes, notes = {}, []
+    changes, notes = _quantization(config, before, after), []
+    if pair is None:
+        return changes, notes
     embedding, head = pair
     vocab = config.get("vocab_size")
     if embedding in before.tensors and isinstance(vocab, int) and not isinstance(vocab, bool):
@@ -131,6 +148,26 @@ def config_updates(config: dict, after: Checkpoint) -> tuple[dict, list[str]]:
     return changes, notes
 
 
+def _quantization(config: dict, before: Checkpoint, after: Checkpoint) -> dict:
+    """``quantization_config`` removed when the surgery left no quantized weight of the input's
+    (dequantize), written when it quantized weights as the input held none (quantize)."""
+    if quant.quantization_config(config) and _quantized(before) and not _quantized(after) and not after.partial:
+        return {"quantization_config": REMOVED}
+    made = _quantized(after)
+    if made and _kinds(made) != _kinds(_quantized(before)):
+        return {"quantization_config": made[0].scheme.quantization_config(made[0].params)}
+    return {}
+
+
+def _kinds(tensors: list[Quantized]) -> set[str]:
+    return {f"{t.scheme.name} {json.dumps(t.params, sort_keys=True)}" for t in tensors}
+
+
+def _quantized(ckpt: Checkpoint) -> list[Quantized]:
+    """The quantized weights of ``ckpt``, also those a writer laid out as their parts."""
+    return list(ckpt.laid_out.values()) + [t for t in ckpt.tensors.values() if type(t) is Quantized]
+
+
 def _tied(ckpt: Checkpoint, embedding: str, head: str) -> bool:
     return any(embedding in group and head in group for group in ckpt.ties())
 
@@ -138,7 +175,7 @@ def _tied(ckpt: Checkpoint, embedding: str, head: str) -> bool:
 def _updated(config: dict, changes: dict) -> dict:
     """``config`` with ``changes``: a key it has keeps its place; a new one goes where sorted keys
     (transformers writes them sorted) put it, else last."""
-    result = {**config, **changes}
+    result = {k: v for k, v in {**config, **changes}.items() if v is not REMOVED}
     return dict(sorted(result.items())) if list(config) == sorted(config) else result
 
 

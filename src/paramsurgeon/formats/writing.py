@@ -12,7 +12,7 @@ from collections import OrderedDict
 from typing import Callable, Protocol
 
 from ..checkpoint import Checkpoint
-from ..checkpoint.quantized import stored
+from ..checkpoint.quantized import Quantized, stored
 from ..errors import OutputError
 from ..sizes import plural
 from . import registry, sharded, sidefiles
@@ -88,7 +88,8 @@ def _writable(ckpt: Checkpoint, target: Target, tensors_only: bool) -> Checkpoin
         ckpt = plain(ckpt, doing=f"writing {target.family}")[0]
     laid_out = None if registry.get(target.family).quantized else stored(ckpt.container)
     if laid_out is not None:
-        ckpt = ckpt.with_container(laid_out)
+        groups = {n: t for n, t in ckpt.tensors.items() if type(t) is Quantized}
+        ckpt = dataclasses.replace(ckpt.with_container(laid_out), laid_out=groups)
     if tensors_only:
         return dataclasses.replace(ckpt, root=OrderedDict(ckpt.tensors), key=())
     fmt = registry.get(target.family)

@@ -7,6 +7,7 @@
     experts.py     experts (prune the experts of mixture-of-experts blocks)
     reshape/       resize, split, concat, transpose
     lora/          merge-lora (an operation like the others) and extract-lora (an adapter's tensors)
+    quantization.py  dequantize, quantize: quantized weights written plain, float weights quantized
     plan.py        Plan: what an operation changes, checked before anything is computed
     surgery.py     seeds, the rehearsal of every step, the run, optimizer notes
     recipes.py     TOML recipes: steps of the operations above, and merge
@@ -24,10 +25,11 @@ from .experts import Experts
 from .layers import Layers
 from .lora import MergeLora
 from .plan import Plan
+from .quantization import Dequantize, Quantize
 from .reshape import Concat, Resize, Split, Transpose
 from .spec import Operation
 from .structure import Copy, Drop, Rename, Tie, Untie
 from .values import Cast, Init, Scale, Zero
 
 __all__ = ["OPERATIONS", "Operation", "Plan", "Init", "Zero", "Scale", "Cast", "Copy", "Tie", "Untie", "Rename",
-           "Drop", "Resize", "Split", "Concat", "Transpose", "MergeLora", "Layers", "Experts"]
+           "Drop", "Resize", "Split", "Concat", "Transpose", "MergeLora", "Layers", "Experts", "Dequantize", "Quantize"]

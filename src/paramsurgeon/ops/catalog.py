@@ -3,6 +3,7 @@
 from .experts import Experts
 from .layers import Layers
 from .lora import MergeLora
+from .quantization import Dequantize, Quantize
 from .reshape import Concat, Resize, Split, Transpose
 from .spec import Operation
 from .structure import Copy, Drop, Rename, Tie, Untie
@@ -10,4 +11,4 @@ from .values import Cast, Init, Scale, Zero
 
 OPERATIONS: dict[str, type[Operation]] = {op.name: op for op in (Init, Zero, Scale, Cast, Copy, Tie, Untie,
                                                                    Rename, Drop, Resize, Split, Concat, Transpose,
-                                                                   MergeLora, Layers, Experts)}
+                                                                   MergeLora, Layers, Experts, Dequantize, Quantize)}

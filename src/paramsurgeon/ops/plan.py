@@ -15,6 +15,7 @@ from typing import Callable
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
+from ..checkpoint.quantized import Quantized
 from ..errors import PlanError
 from ..parsing import parse_document
 from ..sizes import plural
@@ -37,6 +38,8 @@ class Change:
     # applied (every change is computed when read, so memory holds one result at a time)
     guarded: bool = False  # the values may leave the dtype's range: new Inf/NaN are an error
     origin: Tensor | None = None  # what guarded values derive from, element by element (its Inf/NaN stay)
+    stored_as: Callable | None = None  # (the new plain tensor) -> the tensor written for it: quantize's parts
+    dequantizes: bool = False  # meant to write a quantized weight as a plain tensor (no note says so)
 
 
 @dataclass
@@ -196,8 +199,9 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
                 overflows += _overflow(change, change.compute(), dtype)
             fresh = Tensor(Storage(nbytes, loader=change.compute, location=first.storage.location), dtype,
                            change.shape)
+        stored = change.stored_as(fresh) if change.stored_as is not None else None  # one for a tie group
         for name in change.names:
-            ckpt[name] = _like(ckpt[name], fresh.storage, fresh)
+            ckpt[name] = stored if stored is not None else _like(ckpt[name], fresh.storage, fresh)
         if progress is not None:
             progress(fresh.nbytes)
     if overflows:
@@ -205,7 +209,7 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
                         " write them anyway")
     for target, source in plan.aliases:
         src = ckpt[source]
-        ckpt[target] = _like(ckpt[target], src.storage, src)
+        ckpt[target] = src if type(src) is Quantized else _like(ckpt[target], src.storage, src)  # every part shared
     for name in plan.drops if plan.rebuilt is None else ():
         del ckpt[name]
     if plan.renames:

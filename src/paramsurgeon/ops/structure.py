@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..checkpoint import Checkpoint, Tensor
+from ..checkpoint import Checkpoint, Storage, Tensor
 from ..checkpoint.contents import same_values
+from ..checkpoint.quantized import Quantized
 from ..checkpoint.tensor import view_key
 from ..declare import REQUIRED, option
 from ..errors import SelectionError, UnfitTensorError, UsageError
@@ -196,6 +197,9 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
                     f"is {tensor.dtype} ({tensor.dtype.lowest} to {tensor.dtype.largest}), and {out:,} of the"
                     f" {origin.numel:,} {origin.dtype} value{'s' * (origin.numel != 1)} of '{sources[0]}'{where} do not"
                     " fit it (out of range or not whole); pass --allow-overflow to write torch's cast of them")
+        if _same_quantization(origin, tensor):
+            return Change(unit, f"copy from {sources[0]}{where} (its {origin.scheme.name} parts)", tensor.shape,
+                          tensor.dtype.name, origin.dequantized, stored_as=lambda _: _parts_copied(origin))
         return Change(unit, f"copy from {sources[0]}{where}", tensor.shape, tensor.dtype.name,
                       copy_of(origin, tensor.dtype), guarded=guard and narrows(origin.dtype, tensor.dtype),
                       origin=origin)
@@ -205,6 +209,19 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
                       list(pairs), ties, change_for)
     plan.notes = notes
     return plan
+
+
+def _same_quantization(source: Tensor, target: Tensor) -> bool:
+    """Whether ``source`` and ``target`` are quantized alike (scheme, shape, block): a copy takes the parts."""
+    return type(source) is Quantized and type(target) is Quantized and source.scheme is target.scheme \
+        and (source.shape, source.dtype, source.params) == (target.shape, target.dtype, target.params)
+
+
+def _parts_copied(tensor: Quantized) -> Quantized:
+    """``tensor`` with a copy of each stored part (storage of its own, bytes as they are)."""
+    parts = {role: Tensor(Storage(part.nbytes, loader=copy_of(part, part.dtype)), part.dtype, part.shape)
+             for role, part in tensor.parts.items()}
+    return Quantized(tensor.scheme, parts, tensor.shape, tensor.dtype, tensor.params)
 
 
 def _plan_tie(ckpt: Checkpoint, source: str, targets: list[str], *, follow: bool, untie: bool) -> Plan:

@@ -17,7 +17,9 @@ from typing import Any, Callable, Iterator
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError
 from .optimizer import optimizer_notes
-from .plan import Plan, apply
+from ..checkpoint.quantized import Quantized
+from .plan import Plan, apply, names_list
+from .quantization import refuse_partial
 from .spec import Operation, Sources
 
 
@@ -91,7 +93,21 @@ def check_values(ckpt: Checkpoint, steps: list[Step], sources: Sources, plans: l
 
 def _plan(ckpt: Checkpoint, step: Step, sources: Sources) -> Plan:
     with _named(step):
-        return step.operation.plan(ckpt, sources)
+        return quantized_groups(ckpt, step.operation.plan(ckpt, sources))
+
+
+def quantized_groups(ckpt: Checkpoint, plan: Plan) -> Plan:
+    """``plan``, refused when it changes the values of a part of a group that does not make one (it
+    would orphan its partner), with a note naming the quantized weights it writes as plain tensors."""
+    changed = [(n, c) for c in plan.changes for n in c.names if n in ckpt.tensors]
+    refuse_partial(ckpt, [n for n, _ in changed], plan.command)
+    plain = [n for n, c in changed if type(ckpt[n]) is Quantized and not (c.dequantizes or c.stored_as)]
+    if plain:
+        schemes = sorted({ckpt[n].scheme.name for n in plain})
+        dtypes = sorted({c.dtype for n, c in changed if n in plain})
+        plan.notes.append(f"{names_list(plain)} {'was' if len(plain) == 1 else 'were'} {' and '.join(schemes)}:"
+                          f" written as plain {' and '.join(dtypes)} (the quantized parts dropped)")
+    return plan
 
 
 @contextmanager

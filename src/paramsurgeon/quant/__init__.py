@@ -18,7 +18,9 @@ every scheme among a checkpoint's tensors when it is read. A new scheme: a modul
 
 from __future__ import annotations
 
-from ..checkpoint import Checkpoint
+import math
+
+from ..checkpoint import Checkpoint, Storage, Tensor
 from ..checkpoint.quantized import Quantized
 from ..dtypes import BY_NAME, DType
 from .base import Group, Partial, Scheme
@@ -105,4 +107,23 @@ def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     return ckpt.with_container(grouped)
 
 
-__all__ = ["NAMES", "SCHEMES", "Group", "Partial", "Scheme", "config_dtype", "find", "group", "quantization_config"]
+def quantized(scheme: Scheme, source: Tensor, params: dict) -> Quantized:
+    """``source`` stored as ``scheme``'s parts, computed from its values when a part is first read:
+    all parts at once, each kept until it is read (a writer reads them one after the other)."""
+    from ..checkpoint.values import to_torch
+
+    pending: dict = {}
+
+    def loader(role: str):
+        def load():
+            if role not in pending:
+                pending.update(scheme.quantize(to_torch(source), params))
+            return pending.pop(role)
+        return load
+
+    parts = {role: Tensor(Storage(math.prod(shape) * BY_NAME[dtype].itemsize, loader=loader(role)), BY_NAME[dtype],
+                          shape) for role, (shape, dtype) in scheme.layout(source.shape, params).items()}
+    return Quantized(scheme, parts, source.shape, source.dtype, params)
+
+
+__all__ = ["NAMES", "SCHEMES", "Group", "Partial", "Scheme", "config_dtype", "find", "group", "quantized", "quantization_config"]

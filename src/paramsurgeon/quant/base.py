@@ -38,6 +38,7 @@ class Scheme:
     # ``find`` runs only when some stored name ends with one (None: it always runs)
     markers: ClassVar[tuple[str, ...] | None] = None
     quantizes: ClassVar[bool] = False  # whether ``quantize`` is built
+    scales: ClassVar[tuple[str, ...]] = ()  # the parts that hold scales (check --health's rule ``scale``)
 
     def part_name(self, name: str, role: str) -> str:
         """The stored name of the part ``role`` of the logical tensor ``name``."""
@@ -55,3 +56,27 @@ class Scheme:
     def quantize(self, values: Any, params: dict) -> dict[str, Any]:
         """Role -> torch tensor of each part storing ``values`` (only where ``quantizes``)."""
         raise NotImplementedError
+
+    def layout(self, shape: tuple[int, ...], params: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Role -> (shape, dtype name) of each part ``quantize`` makes for a weight of ``shape``
+        (only where ``quantizes``): what a writer plans before the values are computed."""
+        raise NotImplementedError
+
+    def quantization_config(self, params: dict) -> dict:
+        """The ``quantization_config`` a model config holds for groups of ``params`` (only where ``quantizes``)."""
+        raise NotImplementedError
+
+    def scale_problem(self, tensor: Quantized, name: str) -> str | None:
+        """What is wrong with the scales of ``tensor`` (called ``name``): NaN, Inf, zero or negative
+        ones, or None. A scheme whose scales are not plain floats (E8M0 exponents) overrides it."""
+        from ..checkpoint.values import to_torch
+
+        problems = []
+        for role in self.scales:
+            values = to_torch(tensor.parts[role]).float()
+            counts = {"NaN": int(values.isnan().sum()), "Inf": int(values.isinf().sum()),
+                      "zero": int((values == 0).sum()), "negative": int((values < 0).sum())}
+            found = ", ".join(f"{n:,} {what}" for what, n in counts.items() if n)
+            if found:
+                problems.append(f"{self.part_name(name, role)} has {found} of {values.numel():,} scales")
+        return "; ".join(problems) or None

@@ -97,8 +97,6 @@ class Bnb4(Scheme):
 
 def _blockwise(table, codes, absmax, blocksize: int):
     """table[code] * the absmax of its block of ``blocksize`` codes, in float32 (the last block partial)."""
-    import torch
-
     values = table.float()[codes.reshape(-1).long()]
     scale = absmax.float()[:math.ceil(values.numel() / blocksize)].repeat_interleave(blocksize)[:values.numel()]
     return values * scale

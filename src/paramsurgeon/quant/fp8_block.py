@@ -5,11 +5,12 @@ partial), as DeepSeek's ``weight_dequant`` computes it (float32 product, rounded
 from __future__ import annotations
 
 from .base import Group, Partial, Scheme
-from .tiles import bands, grid, spread
+from .tiles import grid
 
 SUFFIX = "_scale_inv"
 BLOCK = (128, 128)  # weight_block_size when the config gives none
 E4M3_MAX = 448.0
+ROWS = 1 << 20  # float32 elements worked at a time (4 MiB)
 
 
 class Fp8Block(Scheme):
@@ -17,6 +18,7 @@ class Fp8Block(Scheme):
     roles = ("codes", "scale_inv")
     markers = (SUFFIX,)
     quantizes = True
+    scales = ("scale_inv",)
 
     def part_name(self, name, role):
         return name if role == "codes" else name + SUFFIX
@@ -40,6 +42,10 @@ class Fp8Block(Scheme):
             else:
                 yield Group(weight_name, {"codes": weight_name, "scale_inv": name}, weight.shape,
                             {"bits": 8, "block": list(block)})
+        if config.get("quant_method") == "fp8" or any(name.endswith(SUFFIX) for name in tensors):
+            for name, weight in tensors.items():  # this layout's codes: each needs its block scale
+                if weight.dtype.name == "float8_e4m3fn" and name + SUFFIX not in tensors:
+                    yield Partial([name], f"float8 codes without their block scale {name + SUFFIX}")
 
     def dequantize(self, tensor):
         import torch
@@ -48,11 +54,28 @@ class Fp8Block(Scheme):
         from ..dtypes import torch_dtype
 
         codes, scale = to_torch(tensor.parts["codes"]), to_torch(tensor.parts["scale_inv"]).float()
-        block = tuple(tensor.params["block"])
+        bm, bn = tensor.params["block"]
+        rows, columns = codes.shape
         out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
-        for start, stop in bands(codes.shape, block[0]):
-            out[start:stop] = codes[start:stop].float() * spread(scale, block, start, stop, codes.shape[1])
+        step = max(bm, ROWS // max(columns, 1) // bm * bm)  # whole tiles of rows, a few MiB of float32
+        work = torch.empty(min(step, rows) * columns)
+        for start in range(0, rows, step):
+            count = min(step, rows - start)
+            band, tiles = work[:count * columns].view(count, columns), scale[start // bm:-(-(start + count) // bm)]
+            band.copy_(codes[start:start + count])
+            if count % bm == 0 and columns % bn == 0:  # whole tiles: each scale broadcast over its tile
+                band.view(count // bm, bm, columns // bn, bn).mul_(tiles[:, None, :, None])
+            else:
+                band.mul_(tiles.repeat_interleave(bm, 0)[:count].repeat_interleave(bn, 1)[:, :columns])
+            out[start:start + count].copy_(band)
         return out
+
+    def layout(self, shape, params):
+        return {"codes": (tuple(shape), "float8_e4m3fn"), "scale_inv": (grid(shape, params["block"]), "float32")}
+
+    def quantization_config(self, params):
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": list(params["block"])}
 
     def quantize(self, values, params):
         import torch

@@ -281,7 +281,7 @@ def _tensor_table(rows: list[Row], changes: dict | None) -> str:
     lines = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in rows:
         s = r.stats
-        cells = [_e(r.name), r.kind, shape_text(r.shape), r.dtype]
+        cells = [_e(r.name), r.kind, shape_text(r.shape), r.shown_dtype]
         numbers = [s.mean, s.std, s.abs_max] if s else [None] * 3
         cells += [f"<td class=n>{_e(short_number(v))}</td>" for v in numbers]
         cells.append(f"<td class=n>{100 * s.zeros / r.numel:.1f}%</td>" if s and r.numel else "<td></td>")

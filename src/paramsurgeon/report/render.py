@@ -71,6 +71,8 @@ def inspection_document(result: Inspection) -> dict:
         entry = {"name": row.name, "shape": list(row.shape), "dtype": row.dtype, "numel": row.numel,
                  "nbytes": row.nbytes, "kind": row.kind, "role": row.role, "device": row.device, "tied_to": row.tied,
                  "stats": {k: number(v) for k, v in row.stats.as_dict().items()} if row.stats else None}
+        if row.quant is not None:
+            entry["quant"] = row.quant
         if row.sha256 is not None:
             entry["sha256"] = row.sha256
         if row.gguf_type is not None:
@@ -155,14 +157,15 @@ def _each(cell):
 
 
 def _dtypes(rows: list[Row]) -> list[str]:
-    """'f32' for each row: looked up once per dtype."""
+    """'f32' for each row (a quantized tensor's scheme, 'fp8-block'): looked up once per dtype."""
     short = {name: BY_NAME[name].short for name in set(map(_DTYPE, rows))}
-    return list(map(short.__getitem__, map(_DTYPE, rows)))
+    shown = list(map(short.__getitem__, map(_DTYPE, rows)))
+    return [r.quant["scheme"] if r.quant else d for r, d in zip(rows, shown)] if any(map(_QUANT, rows)) else shown
 
 
 _NAME, _KIND, _SHAPE, _DTYPE, _NUMEL = (attrgetter("name"), attrgetter("kind"), attrgetter("shape"), attrgetter("dtype"),
                                         attrgetter("numel"))
-_DEVICE, _SHA256, _GGUF_TYPE = attrgetter("device"), attrgetter("sha256"), attrgetter("gguf_type")
+_DEVICE, _SHA256, _GGUF_TYPE, _QUANT = attrgetter("device"), attrgetter("sha256"), attrgetter("gguf_type"), attrgetter("quant")
 
 
 def _count(row: Row, field: str) -> str:
