@@ -11,7 +11,7 @@ from .. import quant
 from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.quantized import Quantized
 from ..declare import REQUIRED, option
-from ..errors import PlanError, UsageError
+from ..errors import PlanError, UnfitTensorError, UsageError
 from ..selection import Selection
 from ..sizes import plural
 from .plan import Change, Plan, names_list
@@ -97,8 +97,8 @@ class Quantize(Targets, TiePolicy, Operation):
                 already.extend(unit)
                 return None
             if not tensor.dtype.floating or len(tensor.shape) != 2:
-                return f"is {list(tensor.shape)} {tensor.dtype}; {scheme.name} stores 2-D floating-point weights" \
-                       " (choose them with -k linear)"
+                raise UnfitTensorError(f"is {list(tensor.shape)} {tensor.dtype}; {scheme.name} stores 2-D"
+                                       " floating-point weights (choose them with -k linear)")
             return Change(unit, f"quantize {scheme.name} {_shown(params)}", tensor.shape, tensor.dtype.name,
                           lambda: torch_values(tensor), stored_as=lambda plain: quant.quantized(scheme, plain, params))
 
