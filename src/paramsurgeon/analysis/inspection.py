@@ -114,11 +114,13 @@ def _gguf_types(ckpt: Checkpoint, rows: list[Row], tensors: list, values: bool) 
 
 
 def _quantized(row: Row, tensor: Quantized) -> None:
-    """A quantized tensor's row: its scheme and stored parts, and the bytes they take in the file (a
-    listing of the file counts what it holds, not what it dequantizes to)."""
+    """A quantized tensor's row: its scheme and stored parts (a format's own type has its column
+    instead), and the bytes they take in the file (a listing of the file counts what it holds, not
+    what it dequantizes to)."""
     row.nbytes = tensor.stored_nbytes
-    row.quant = {"scheme": tensor.scheme.name, "bits": tensor.params.get("bits"), "block": tensor.params.get("block"),
-                 "parts": list(tensor.part_names(row.name).values())}
+    if not tensor.scheme.native:
+        row.quant = {"scheme": tensor.scheme.name, "bits": tensor.params.get("bits"),
+                     "block": tensor.params.get("block"), "parts": list(tensor.part_names(row.name).values())}
 
 
 def _device_notes(ckpt: Checkpoint) -> list[str]:

@@ -101,7 +101,8 @@ def quantized_groups(ckpt: Checkpoint, plan: Plan) -> Plan:
     would orphan its partner), with a note naming the quantized weights it writes as plain tensors."""
     changed = [(n, c) for c in plan.changes for n in c.names if n in ckpt.tensors]
     refuse_partial(ckpt, [n for n, _ in changed], plan.command)
-    plain = [n for n, c in changed if type(ckpt[n]) is Quantized and not (c.dequantizes or c.stored_as)]
+    plain = [n for n, c in changed if type(ckpt[n]) is Quantized and not (c.dequantizes or c.stored_as)
+             and not ckpt[n].scheme.native]
     if plain:
         schemes = sorted({ckpt[n].scheme.name for n in plain})
         dtypes = sorted({c.dtype for n, c in changed if n in plain})

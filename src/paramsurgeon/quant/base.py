@@ -38,6 +38,9 @@ class Scheme:
     # ``find`` runs only when some stored name ends with one (None: it always runs)
     markers: ClassVar[tuple[str, ...] | None] = None
     quantizes: ClassVar[bool] = False  # whether ``quantize`` is built
+    # a format's own tensor types (GGUF's): its writer stores a changed tensor in its type again, and
+    # inspect shows the type in that format's column, not as a scheme
+    native: ClassVar[bool] = False
     scales: ClassVar[tuple[str, ...]] = ()  # the parts that hold scales (check --health's rule ``scale``)
 
     def part_name(self, name: str, role: str) -> str:

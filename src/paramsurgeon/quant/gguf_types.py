@@ -84,6 +84,7 @@ class GgufType(Scheme):
     """A tensor of a GGUF quantized type; its params say which ({"gguf_type": "Q4_K"})."""
 
     name = "gguf"
+    native = True
     roles = ("blocks",)
     quantizes = True
 
