@@ -58,7 +58,7 @@ def loader(read: Read, shared_key: bool = False) -> "Loader":
     from ..formats.loader import Loader
 
     return Loader(key=read.key, allow_globals=tuple(read.allow_global), unsafe_pickle=read.unsafe_pickle,
-                  shared_key=shared_key)
+                  shared_key=shared_key, download=read.download)
 
 
 def open_checkpoint(path: Optional[str], load: "Loader", role: Optional[str] = "the checkpoint") -> Checkpoint:

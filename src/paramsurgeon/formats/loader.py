@@ -16,6 +16,7 @@ from ..errors import ParamSurgeonError, SelectionError
 from . import peft, registry
 from .inputs import Inputs
 from .reading import load, sharded_index, verify_shards
+from .remote import session as remote_session
 
 
 class Loader:
@@ -24,11 +25,13 @@ class Loader:
     ``shared_key``: the command's --key applies to every checkpoint it opens (merge), and a
     safetensors or sharded input, already a flat mapping of names to tensors, ignores it;
     otherwise each request names its own key (copy's --source-key).
+    ``download`` (--download): a remote server that ignores Range requests is read by
+    downloading whole files (otherwise that is refused; formats/remote.py).
     """
 
     def __init__(self, *, key: str | None = None, allow_globals: tuple[str, ...] = (), unsafe_pickle: bool = False,
-                 shared_key: bool = False):
-        self.key, self.shared_key = key, shared_key
+                 shared_key: bool = False, download: bool = False):
+        self.key, self.shared_key, self.download = key, shared_key, download
         self.options = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle}
         self.opened: dict[tuple[str | None, str | None], Checkpoint] = {}
         self.inputs = Inputs()  # this command's: every path opened, with its role
@@ -54,9 +57,14 @@ class Loader:
     def shard_problems(self, path: str | None) -> list[dict] | None:
         """Where the sharded checkpoint at ``path`` and its index disagree, every shard read with
         the command's options (check --complete's work); None when ``path`` is not sharded."""
-        return verify_shards(path, **self.options) if sharded_index(path) is not None else None
+        with remote_session(self.download):
+            return verify_shards(path, **self.options) if sharded_index(path) is not None else None
 
     def _open(self, path: str | None, key: str | None) -> Checkpoint:
+        with remote_session(self.download):
+            return self._load(path, key)
+
+    def _load(self, path: str | None, key: str | None) -> Checkpoint:
         try:
             return load(path, key=key, **self.options)
         except SelectionError as e:

@@ -1,0 +1,309 @@
+"""Checkpoints at URLs: ``https://`` (and ``http://``), ``hf://ORG/REPO[@REV][/PATH]`` and
+``s3://BUCKET/KEY``, read as ``InputFile``s whose reads are ranged requests, so that every
+format reader works unchanged.
+
+A file's first request fetches its first 64 KiB (a JSON file: its first MiB) and learns its
+size from the reply, so that a safetensors header costs one request, two when it is larger;
+small reads are served from what was fetched, tensor values are fetched when read. A hub
+repository is looked up once (its commit, file names and sizes in one request) and its files
+are then read at that commit. Credentials come from the environment and are never printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import ssl
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.client import HTTPException
+
+from ..errors import CorruptCheckpointError, InputError
+from .files import InputFile
+
+_BLOCK = 64 << 10  # the first read of a file, and the least one fetched
+_JSON_BLOCK = 1 << 20  # an index or config.json is fetched whole in one request up to this
+_KEEP = 1 << 20  # fetched spans up to this size are kept for later reads
+_TIMEOUT = 60
+_HF = re.compile(r"hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?$")
+
+_download = [False]  # --download: a server that ignores Range is read whole (see allow_download)
+_files: dict[str, "RemoteFile | None"] = {}  # every remote file opened, None for one found missing
+_repos: dict[tuple[str, str | None], "_HubRepo"] = {}
+
+
+class RemoteError(InputError):
+    """A remote file that cannot be read: not found, no access, no connection, cut short."""
+
+
+@contextlib.contextmanager
+def session(download: bool):
+    """One opening of inputs: remote files and repositories are looked up afresh, and with
+    ``download`` a server that ignores Range requests is read by downloading whole files."""
+    before, _download[0] = _download[0], download
+    _files.clear()
+    _repos.clear()
+    try:
+        yield
+    finally:
+        _download[0] = before
+
+
+class RemoteFile(InputFile):
+    """A remote file read by ranged requests; spans fetched once are kept while small."""
+
+    def __init__(self, url: str, fetch, size: int, first: bytes):
+        self.fd, self.name, self.path = None, url, url
+        self.size, self._fetch = size, fetch
+        self._spans: list[tuple[int, bytes]] = [(0, first)] if first else []
+        self._map = None
+
+    def read(self, offset: int, n: int) -> bytes:
+        return bytes(self._bytes(offset, n))
+
+    def view(self, offset: int, n: int) -> memoryview:
+        return memoryview(self._bytes(offset, n))
+
+    def _bytes(self, offset: int, n: int) -> bytearray:
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise CorruptCheckpointError(
+                f"{self.name}: truncated: needs bytes {offset}..{offset + n} but the file has {self.size}")
+        for start, data in self._spans:
+            if start <= offset and offset + n <= start + len(data):
+                return bytearray(data[offset - start:offset - start + n])
+        before = b""
+        for start, data in self._spans:  # a read that goes on past a kept span fetches only the rest
+            if start <= offset < start + len(data):
+                before = data[offset - start:]
+        begin = offset + len(before)
+        end = max(offset + n, min(begin + _BLOCK, self.size)) if n < _BLOCK else offset + n
+        fetched = self._fetch(begin, end)
+        if end - begin <= _KEEP:
+            self._spans.append((begin, fetched))
+        return bytearray(before + fetched[:offset + n - begin])
+
+
+def open_remote(url: str) -> RemoteFile:
+    """The remote file at ``url``, opened once (its first block fetched)."""
+    if _files.get(url) is None:
+        file = _open(url)
+        if file is None:
+            raise RemoteError(f"{url}: not found (HTTP 404); check the URL")
+        _files[url] = file
+    return _files[url]
+
+
+def is_file(url: str) -> bool:
+    """Whether the remote file at ``url`` exists (a hub file: from the repository's listing;
+    otherwise by opening it, which costs the request its first read makes anyway)."""
+    hub = _HF.match(url)
+    if hub:
+        return _repo(hub).size(hub["path"] or "") is not None
+    if url not in _files:
+        _files[url] = _open(url)
+    return _files[url] is not None
+
+
+def is_dir(url: str) -> bool:
+    """Only a hub repository (or a folder in one) is a remote directory: HTTP cannot list one."""
+    hub = _HF.match(url)
+    return bool(hub) and _repo(hub).is_dir(hub["path"] or "")
+
+
+def list_dir(url: str) -> list[str]:
+    """The names in a hub repository's folder."""
+    hub = _HF.match(url)
+    return _repo(hub).names(hub["path"] or "")
+
+
+def _open(url: str) -> RemoteFile | None:
+    """Open ``url`` by fetching its first block; None when it does not exist."""
+    hub = _HF.match(url)
+    if hub:
+        repo = _repo(hub)
+        size = repo.size(hub["path"] or "")
+        if size is None:
+            return None
+        fetch = _http_fetcher(repo.file_url(hub["path"]), url, repo.headers())
+    elif url.startswith("s3://"):
+        raise RemoteError(f"{url}: s3:// is not supported yet; download the file and pass its path")
+    else:
+        fetch, size = _http_fetcher(url, url, {}), None
+    first = _BLOCK if not url.endswith(".json") else _JSON_BLOCK
+    try:
+        data, total = fetch(0, first if size is None else min(first, size), size is None)
+    except _Missing:
+        return None
+    return RemoteFile(url, lambda start, end: fetch(start, end)[0], total, data)
+
+
+class _Missing(Exception):
+    """HTTP 404."""
+
+
+def _http_fetcher(address: str, url: str, headers: dict):
+    """``fetch(start, end, first=False) -> (bytes, file size)``: a ranged GET of ``address``
+    (errors name ``url``, the address the user gave)."""
+    spooled: list[InputFile] = []
+
+    def fetch(start: int, end: int, first: bool = False) -> tuple[bytes, int]:
+        if spooled:
+            return spooled[0].read(start, min(end, spooled[0].size) - start), spooled[0].size
+        request = urllib.request.Request(address, headers={"Range": f"bytes={start}-{max(end - 1, start)}"})
+        for name, value in headers.items():
+            request.add_unredirected_header(name, value)  # a token never follows a redirect elsewhere
+        try:
+            with urllib.request.urlopen(request, timeout=_TIMEOUT, context=_tls()) as reply:
+                if reply.status == 200:
+                    spooled.append(_download_whole(reply, url))
+                    return fetch(start, end)
+                total = _total(reply.headers.get("Content-Range"), url)
+                want = min(end, total) - start
+                data = reply.read(want)
+                if len(data) < want:
+                    raise RemoteError(f"{url}: the response was cut short ({len(data)} of {want} bytes);"
+                                      " try again")
+                return data, total
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and first:
+                return b"", 0  # an empty file
+            if e.code == 404:
+                if first:
+                    raise _Missing from None
+                raise RemoteError(f"{url}: not found (HTTP 404); check the URL") from None
+            if e.code in (401, 403):
+                raise RemoteError(f"{url}: access denied (HTTP {e.code}); a token is needed"
+                                  f"{' (set HF_TOKEN)' if url.startswith('hf://') else ''}") from None
+            raise RemoteError(f"{url}: the server answered HTTP {e.code} ({e.reason})") from None
+        except urllib.error.URLError as e:
+            reason = getattr(e.reason, "strerror", None) or e.reason
+            raise RemoteError(f"{url}: cannot connect ({reason})") from None
+        except (HTTPException, OSError) as e:
+            raise RemoteError(f"{url}: the response was cut short ({type(e).__name__}); try again") from None
+
+    return fetch
+
+
+def _download_whole(reply, url: str) -> InputFile:
+    """A server that ignored the Range request: the whole file in a temporary file, if allowed."""
+    if not _download[0]:
+        raise RemoteError(f"{url}: the server ignores Range requests, so reading anything means downloading"
+                          " whole files; pass --download to allow that")
+    spool = tempfile.TemporaryFile(prefix="paramsurgeon-download-")
+    expected = reply.headers.get("Content-Length")
+    while chunk := reply.read(1 << 20):
+        spool.write(chunk)
+    spool.flush()
+    file = InputFile(os.dup(spool.fileno()), url, url)
+    if expected is not None and int(expected) != file.size:
+        raise RemoteError(f"{url}: the response was cut short ({file.size} of {expected} bytes); try again")
+    return file
+
+
+def _total(content_range: str | None, url: str) -> int:
+    """The file size a 206 reply states ('bytes 0-65535/123456')."""
+    match = re.fullmatch(r"bytes \d+-\d+/(\d+)", (content_range or "").strip())
+    if match is None:
+        raise RemoteError(f"{url}: the server's reply to a Range request gives no file size"
+                          f" (Content-Range: {content_range!r})")
+    return int(match[1])
+
+
+def _tls() -> ssl.SSLContext:
+    """Certificates checked against the default trust store, or the bundle the environment names."""
+    bundle = os.environ.get("SSL_CERT_FILE") or os.environ.get("REQUESTS_CA_BUNDLE")
+    return ssl.create_default_context(cafile=bundle or None)
+
+
+def _repo(match: re.Match) -> "_HubRepo":
+    key = (match["repo"], match["revision"])
+    if key not in _repos:
+        _repos[key] = _HubRepo(*key)
+    return _repos[key]
+
+
+class _HubRepo:
+    """A hub model repository at one revision: its commit, files and sizes, looked up once."""
+
+    def __init__(self, repo: str, revision: str | None):
+        self.repo, self.revision = repo, revision
+        self.url = f"hf://{repo}" + (f"@{revision}" if revision else "")
+        self._files: dict[str, int] | None = None
+        self.commit = revision
+
+    def headers(self) -> dict:
+        token = _hub().get_token()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def endpoint(self) -> str:
+        return (os.environ.get("HF_ENDPOINT") or _hub().constants.ENDPOINT).rstrip("/")
+
+    def file_url(self, path: str) -> str:
+        return f"{self.endpoint()}/{self.repo}/resolve/{self.commit}/{urllib.parse.quote(path)}"
+
+    def size(self, path: str) -> int | None:
+        return self.files().get(path.strip("/"))
+
+    def is_dir(self, path: str) -> bool:
+        folder = path.strip("/")
+        return not folder or any(name.startswith(folder + "/") for name in self.files())
+
+    def names(self, path: str) -> list[str]:
+        folder = path.strip("/")
+        inside = [n[len(folder) + 1:] if folder else n for n in self.files() if not folder or n.startswith(folder + "/")]
+        return sorted({n.split("/")[0] for n in inside})
+
+    def files(self) -> dict[str, int]:
+        if self._files is None:
+            self._files = self._look_up()
+        return self._files
+
+    def _look_up(self) -> dict[str, int]:
+        """One request: the commit the revision names, and every file with its size."""
+        import json
+
+        revision = urllib.parse.quote(self.revision or "main", safe="")
+        address = f"{self.endpoint()}/api/models/{self.repo}/revision/{revision}?blobs=true"
+        fetch = _http_get(address, self.url, self.headers())
+        try:
+            info = json.loads(fetch)
+            self.commit = info["sha"]
+            return {s["rfilename"]: int(s.get("size") or (s.get("lfs") or {}).get("size") or 0)
+                    for s in info["siblings"]}
+        except (ValueError, KeyError, TypeError) as e:
+            raise RemoteError(f"{self.url}: the hub's answer about the repository is not understood ({e})") from None
+
+
+def _http_get(address: str, url: str, headers: dict) -> bytes:
+    """A whole (small) document, errors said in one line naming ``url``."""
+    request = urllib.request.Request(address)
+    for name, value in headers.items():
+        request.add_unredirected_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT, context=_tls()) as reply:
+            return reply.read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise RemoteError(f"{url}: access denied (HTTP {e.code}); a token is needed (set HF_TOKEN)") from None
+        if e.code == 404:
+            raise RemoteError(f"{url}: no such repository or revision (HTTP 404); check the name, or set"
+                              " HF_TOKEN if it is private") from None
+        raise RemoteError(f"{url}: the hub answered HTTP {e.code} ({e.reason})") from None
+    except urllib.error.URLError as e:
+        raise RemoteError(f"{url}: cannot connect ({getattr(e.reason, 'strerror', None) or e.reason})") from None
+    except (HTTPException, OSError) as e:
+        raise RemoteError(f"{url}: the response was cut short ({type(e).__name__}); try again") from None
+
+
+def _hub():
+    """huggingface_hub, which hf:// needs (for the endpoint and the token)."""
+    try:
+        import huggingface_hub
+        import huggingface_hub.constants  # noqa: F401
+    except ImportError:
+        raise InputError("hf:// URLs need huggingface_hub (for the hub's endpoint and token):"
+                         " pip install 'paramsurgeon[hub]'") from None
+    return huggingface_hub

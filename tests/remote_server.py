@@ -1,0 +1,116 @@
+"""A range-capable HTTP server on 127.0.0.1 for the remote tests: plain files under ``/files/``
+and a fake Hugging Face hub (the revision lookup and ``resolve`` routes paramsurgeon calls).
+It counts every request and the file bytes it sends, so that the tests measure at the server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+
+class Server:
+    """``root/files/...`` served as files; ``root/hub/ORG/REPO/REVISION/...`` as hub repositories.
+
+    ``mode``: None, 'ignore-range' (200 and the whole file), 'truncate' (half the promised bytes);
+    ``token``: when set, a request without 'Bearer TOKEN' gets 401."""
+
+    def __init__(self, root):
+        self.root, self.mode, self.token = str(root), None, None
+        self.requests: list[str] = []
+        self.sent = 0
+        self._lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests, self.sent = [], 0
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                with server._lock:
+                    server.requests.append(self.path)
+                if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+                    return self._reply(401, b"unauthorized")
+                path = unquote(urlsplit(self.path).path)
+                hub = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
+                if hub:
+                    return self._revision(hub[1], hub[2])
+                resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                if resolve:
+                    return self._file(self._commit_folder(resolve[1], resolve[2]), resolve[3])
+                if path.startswith("/files/"):
+                    return self._file(os.path.join(server.root, "files"), path[len("/files/"):])
+                self._reply(404, b"not found")
+
+            def _revision(self, repo, revision):
+                folder = os.path.join(server.root, "hub", repo, revision)
+                if not os.path.isdir(folder):
+                    return self._reply(404, b'{"error": "Repository not found"}')
+                siblings = [{"rfilename": os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/"),
+                             "size": os.path.getsize(os.path.join(d, f))}
+                            for d, _, names in os.walk(folder) for f in sorted(names)]
+                body = json.dumps({"id": repo, "sha": _commit(repo, revision), "siblings": siblings}).encode()
+                self._reply(200, body, "application/json")
+
+            def _commit_folder(self, repo, commit):
+                base = os.path.join(server.root, "hub", repo)
+                for revision in os.listdir(base) if os.path.isdir(base) else []:
+                    if _commit(repo, revision) == commit:
+                        return os.path.join(base, revision)
+                return None
+
+            def _file(self, folder, name):
+                path = os.path.join(folder, name) if folder else None
+                if path is None or not os.path.isfile(path):
+                    return self._reply(404, b"not found")
+                with open(path, "rb") as f:
+                    data = f.read()
+                wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+                if wanted is None or server.mode == "ignore-range":
+                    return self._reply(200, data, count=True)
+                start = int(wanted[1])
+                end = min(int(wanted[2]) if wanted[2] else len(data) - 1, len(data) - 1)
+                if start >= len(data):
+                    return self._reply(416, b"", extra={"Content-Range": f"bytes */{len(data)}"})
+                self._reply(206, data[start:end + 1], count=True,
+                            extra={"Content-Range": f"bytes {start}-{end}/{len(data)}"})
+
+            def _reply(self, status, body, kind="application/octet-stream", count=False, extra=None):
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in (extra or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                if server.mode == "truncate" and count:
+                    body = body[:len(body) // 2]
+                    self.close_connection = True
+                self.wfile.write(body)
+                if count:
+                    with server._lock:
+                        server.sent += len(body)
+
+        return Handler
+
+
+def _commit(repo: str, revision: str) -> str:
+    return hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()

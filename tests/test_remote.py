@@ -1,0 +1,220 @@
+"""Remote checkpoints (issue 28): https:// and hf:// read through ranged requests against a real
+HTTP server on 127.0.0.1 (tests/remote_server.py), which counts the requests and the file bytes
+it sends. Ground truth: the same commands on the local copy of the same files."""
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+from helpers import run
+from remote_server import Server
+from safetensors.torch import load_file, save_file
+
+SHARDS = 3
+BIG = (256, 256)  # 256 KiB of float32 per tensor: a shard read whole would break the byte budget
+
+
+def _sharded(folder, seed=0, scale=1.0):
+    """A hub-named 3-shard safetensors checkpoint with config.json; returns its tensors."""
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {f"model.layers.{i}.weight": torch.randn(*BIG, generator=generator) * scale for i in range(SHARDS * 2)}
+    names = list(tensors)
+    weight_map = {}
+    for s in range(SHARDS):
+        shard = f"model-{s + 1:05d}-of-{SHARDS:05d}.safetensors"
+        part = {n: tensors[n] for n in names[2 * s:2 * s + 2]}
+        save_file(part, os.path.join(folder, shard))
+        weight_map.update({n: shard for n in part})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model_type": "llama", "tie_word_embeddings": False}, f)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    _sharded(root / "files" / "model")
+    _sharded(root / "hub" / "org" / "model" / "main", seed=0)
+    _sharded(root / "hub" / "org" / "model" / "v1", seed=0, scale=1.5)
+    served = Server(root)
+    served.root_path = root
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def fresh(server, monkeypatch):
+    server.reset()
+    server.mode, server.token = None, None
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    return server
+
+
+def _local(server, *parts):
+    return str(server.root_path.joinpath(*parts))
+
+
+def _header_budget(folder) -> int:
+    """The bytes header-only work may read: the index, config.json, and each shard's header plus 64 KiB."""
+    total = os.path.getsize(os.path.join(folder, "model.safetensors.index.json"))
+    total += os.path.getsize(os.path.join(folder, "config.json"))
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(folder, name), "rb") as f:
+                total += 8 + int.from_bytes(f.read(8), "little") + (64 << 10)
+    return total
+
+
+def _without_source(document: dict) -> dict:
+    return {k: v for k, v in document.items() if k != "source"}
+
+
+def _one_line_error(result, *words):
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+def test_header_only_inspect_over_https_stays_within_the_request_and_byte_budget(fresh):
+    url = f"{fresh.url}/files/model/model.safetensors.index.json"
+    got = run("inspect", "--no-stats", "--json", url)
+    assert got.exit_code == 0, got.stderr
+    assert len(fresh.requests) <= SHARDS + 3, fresh.requests
+    assert fresh.sent <= _header_budget(_local(fresh, "files", "model")), fresh.sent
+    expected = run("inspect", "--no-stats", "--json", _local(fresh, "files", "model", "model.safetensors.index.json"))
+    assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+    assert json.loads(got.stdout)["source"] == url
+
+
+def test_statistics_over_https_are_those_of_the_local_file(fresh):
+    shard = "model-00002-of-00003.safetensors"
+    got = run("inspect", "--json", f"{fresh.url}/files/model/{shard}")
+    assert got.exit_code == 0, got.stderr
+    expected = run("inspect", "--json", _local(fresh, "files", "model", shard))
+    assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+    assert fresh.sent >= os.path.getsize(_local(fresh, "files", "model", shard)) - (64 << 10)
+
+
+def test_a_remote_against_and_a_local_copy_from_a_remote_source(fresh, tmp_path):
+    local = _local(fresh, "files", "model")
+    url = f"{fresh.url}/files/model/model.safetensors.index.json"
+    assert run("diff", local, url).exit_code == 0
+    assert run("diff", local, "hf://org/model@v1").exit_code == 1
+    out = tmp_path / "out.safetensors"
+    shard = "model-00001-of-00003.safetensors"
+    made = run("copy", os.path.join(local, shard), "--source", f"hf://org/model@v1/{shard}", "-o", out)
+    assert made.exit_code == 0, made.stderr
+    expected = load_file(_local(fresh, "hub", "org", "model", "v1", shard))
+    got = load_file(out)
+    assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_a_remote_output_is_refused_by_name(fresh, tmp_path):
+    local = _local(fresh, "files", "model", "model-00001-of-00003.safetensors")
+    got = run("zero", local, "--regex", "model.layers.0.weight", "-o", f"{fresh.url}/files/out.safetensors")
+    _one_line_error(got, f"{fresh.url}/files/out.safetensors", "local")
+
+
+def test_a_missing_file_is_one_line(fresh):
+    url = f"{fresh.url}/files/model/nothing.safetensors"
+    _one_line_error(run("inspect", url), url, "404")
+
+
+def test_a_missing_shard_is_named(fresh, tmp_path):
+    folder = fresh.root_path / "files" / "broken"
+    shutil.copytree(fresh.root_path / "files" / "model", folder, dirs_exist_ok=True)
+    os.remove(folder / "model-00002-of-00003.safetensors")
+    _one_line_error(run("inspect", "--no-stats", f"{fresh.url}/files/broken/model.safetensors.index.json"),
+                    "model-00002-of-00003.safetensors", "missing")
+
+
+def test_a_refused_connection_is_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/model.safetensors"
+    _one_line_error(run("inspect", url), url, "cannot connect")
+
+
+def test_a_server_that_ignores_range_is_refused_unless_download_is_asked(fresh):
+    fresh.mode = "ignore-range"
+    shard = f"{fresh.url}/files/model/model-00001-of-00003.safetensors"
+    _one_line_error(run("inspect", "--no-stats", shard), shard, "--download")
+    got = run("inspect", "--json", "--download", shard)
+    assert got.exit_code == 0, got.stderr
+    expected = run("inspect", "--json", _local(fresh, "files", "model", "model-00001-of-00003.safetensors"))
+    assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+
+
+def test_a_truncated_response_is_one_line_and_nothing_is_written(fresh, tmp_path):
+    fresh.mode = "truncate"
+    shard = f"{fresh.url}/files/model/model-00001-of-00003.safetensors"
+    out = tmp_path / "out.safetensors"
+    got = run("copy", _local(fresh, "files", "model", "model-00002-of-00003.safetensors"), "--source", shard,
+              "--from", "model.layers.0.weight", "--to", "model.layers.2.weight", "-o", out)
+    _one_line_error(got, shard, "cut short")
+    assert not out.exists()
+
+
+def test_access_denied_says_a_token_is_needed_and_never_prints_it(fresh, monkeypatch):
+    fresh.token = "right-token"
+    url = f"{fresh.url}/files/model/model-00001-of-00003.safetensors"
+    _one_line_error(run("inspect", url), url, "token")
+    monkeypatch.setenv("HF_TOKEN", "wrong-token-value")
+    got = run("inspect", "--no-stats", "hf://org/model")
+    _one_line_error(got, "hf://org/model", "token", "HF_TOKEN")
+    assert "wrong-token-value" not in got.stderr + got.stdout
+    monkeypatch.setenv("HF_TOKEN", "right-token")
+    got = run("inspect", "--no-stats", "hf://org/model")
+    assert got.exit_code == 0, got.stderr
+    assert "right-token" not in got.stderr + got.stdout
+
+
+def test_header_only_inspect_of_a_hub_repository_stays_within_budget(fresh):
+    got = run("inspect", "--no-stats", "--json", "hf://org/model")
+    assert got.exit_code == 0, got.stderr
+    assert len(fresh.requests) <= SHARDS + 3, fresh.requests
+    assert fresh.sent <= _header_budget(_local(fresh, "hub", "org", "model", "main")), fresh.sent
+    expected = run("inspect", "--no-stats", "--json", _local(fresh, "hub", "org", "model", "main"))
+    assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+
+
+def test_diff_of_two_hub_revisions_is_the_diff_of_their_files(fresh):
+    got = run("diff", "--json", "hf://org/model@v1", "hf://org/model")
+    expected = run("diff", "--json", _local(fresh, "hub", "org", "model", "v1"),
+                   _local(fresh, "hub", "org", "model", "main"))
+    assert got.exit_code == expected.exit_code == 1, got.stderr
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("a", "b", "source")}  # noqa: E731
+    assert strip(json.loads(got.stdout)) == strip(json.loads(expected.stdout))
+
+
+def test_a_missing_hub_repository_or_revision_is_one_line(fresh):
+    _one_line_error(run("inspect", "hf://org/nothing"), "hf://org/nothing", "404")
+    _one_line_error(run("inspect", "hf://org/model@v9"), "hf://org/model@v9", "404")
+
+
+def test_hf_without_huggingface_hub_names_the_extra(fresh, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
+    _one_line_error(run("inspect", "hf://org/model"), "paramsurgeon[hub]")
+
+
+def test_a_value_reading_command_shows_the_bytes_it_fetches(fresh):
+    from helpers import run_on_terminal
+
+    url = f"{fresh.url}/files/model/model.safetensors.index.json"
+    code, shown, _ = run_on_terminal("inspect", url, terminal=("stderr",), env={"PARAMSURGEON_PROGRESS_DELAY": "0"})
+    assert code == 0
+    assert b"reading" in shown and b"1.6 MB" in shown, shown  # the 6 tensors' 1,572,864 bytes
+    assert fresh.sent >= 6 * 256 * 256 * 4
