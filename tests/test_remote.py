@@ -218,3 +218,31 @@ def test_a_value_reading_command_shows_the_bytes_it_fetches(fresh):
     assert code == 0
     assert b"reading" in shown and b"1.6 MB" in shown, shown  # the 6 tensors' 1,572,864 bytes
     assert fresh.sent >= 6 * 256 * 256 * 4
+
+
+def test_check_finds_what_a_remote_index_and_its_shards_disagree_on(fresh):
+    """check on a hub repository whose index names a shard that is missing and a tensor no shard holds,
+    and whose shards hold a tensor the index omits: every problem is named, as for the local copy."""
+    folder = fresh.root_path / "hub" / "org" / "broken" / "main"
+    shutil.copytree(fresh.root_path / "hub" / "org" / "model" / "main", folder, dirs_exist_ok=True)
+    os.remove(folder / "model-00003-of-00003.safetensors")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.ghost.weight"] = "model-00001-of-00003.safetensors"
+    del index["weight_map"]["model.layers.2.weight"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    got = run("check", "--json", "hf://org/broken")
+    expected = run("check", "--json", str(folder))
+    assert got.exit_code == expected.exit_code == 1, got.stderr
+    shards = lambda doc: next(r for r in json.loads(doc)["rules"] if r["rule"] == "shards")  # noqa: E731
+    assert shards(got.stdout) == shards(expected.stdout)
+    messages = " ".join(v["message"] for v in shards(got.stdout)["violations"])
+    assert "model-00003-of-00003.safetensors is missing" in messages
+    assert "does not hold it" in messages and "lists it nowhere" in messages
+
+
+def test_check_complete_alone_reads_headers_and_sizes_only(fresh):
+    got = run("check", "--complete", "hf://org/model")
+    assert got.exit_code == 0, got.stdout + got.stderr
+    assert "ok   shards" in got.stdout and "finite" not in got.stdout
+    assert len(fresh.requests) <= SHARDS + 3, fresh.requests
+    assert fresh.sent <= _header_budget(_local(fresh, "hub", "org", "model", "main")), fresh.sent

@@ -13,10 +13,9 @@ import os
 
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError, SelectionError
-from . import peft, registry
+from . import peft, registry, remote
 from .inputs import Inputs
 from .reading import load, sharded_index, verify_shards
-from .remote import session as remote_session
 
 
 class Loader:
@@ -35,6 +34,7 @@ class Loader:
         self.options = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle}
         self.opened: dict[tuple[str | None, str | None], Checkpoint] = {}
         self.inputs = Inputs()  # this command's: every path opened, with its role
+        remote.forget()  # a remote file is looked up once per command
 
     def checkpoint(self, path: str | None, key: str | None = None, role: str | None = "--source") -> Checkpoint:
         """The checkpoint at ``path`` (None or '-': standard input) in the ``role`` the user gave it
@@ -57,11 +57,11 @@ class Loader:
     def shard_problems(self, path: str | None) -> list[dict] | None:
         """Where the sharded checkpoint at ``path`` and its index disagree, every shard read with
         the command's options (check --complete's work); None when ``path`` is not sharded."""
-        with remote_session(self.download):
+        with remote.session(self.download):
             return verify_shards(path, **self.options) if sharded_index(path) is not None else None
 
     def _open(self, path: str | None, key: str | None) -> Checkpoint:
-        with remote_session(self.download):
+        with remote.session(self.download):
             return self._load(path, key)
 
     def _load(self, path: str | None, key: str | None) -> Checkpoint:

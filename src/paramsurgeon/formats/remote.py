@@ -26,7 +26,7 @@ from .files import InputFile
 
 _BLOCK = 64 << 10  # the first read of a file, and the least one fetched
 _JSON_BLOCK = 1 << 20  # an index or config.json is fetched whole in one request up to this
-_KEEP = 1 << 20  # fetched spans up to this size are kept for later reads
+_SPANS = 8  # blocks kept for later small reads: the file's first one and the latest ones
 _TIMEOUT = 60
 _HF = re.compile(r"hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?$")
 
@@ -39,13 +39,17 @@ class RemoteError(InputError):
     """A remote file that cannot be read: not found, no access, no connection, cut short."""
 
 
-@contextlib.contextmanager
-def session(download: bool):
-    """One opening of inputs: remote files and repositories are looked up afresh, and with
-    ``download`` a server that ignores Range requests is read by downloading whole files."""
-    before, _download[0] = _download[0], download
+def forget() -> None:
+    """Look remote files and repositories up afresh from now on (a new command's loader)."""
     _files.clear()
     _repos.clear()
+
+
+@contextlib.contextmanager
+def session(download: bool):
+    """Within this, with ``download``, a server that ignores Range requests is read by
+    downloading whole files."""
+    before, _download[0] = _download[0], download
     try:
         yield
     finally:
@@ -81,8 +85,8 @@ class RemoteFile(InputFile):
         begin = offset + len(before)
         end = max(offset + n, min(begin + _BLOCK, self.size)) if n < _BLOCK else offset + n
         fetched = self._fetch(begin, end)
-        if end - begin <= _KEEP:
-            self._spans.append((begin, fetched))
+        if n < _BLOCK:  # headers and small tensors; a read of values is fetched as asked, not kept
+            self._spans = self._spans[:1] + self._spans[1 - _SPANS:] + [(begin, fetched)]
         return bytearray(before + fetched[:offset + n - begin])
 
 
