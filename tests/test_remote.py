@@ -246,3 +246,91 @@ def test_check_complete_alone_reads_headers_and_sizes_only(fresh):
     assert "ok   shards" in got.stdout and "finite" not in got.stdout
     assert len(fresh.requests) <= SHARDS + 3, fresh.requests
     assert fresh.sent <= _header_budget(_local(fresh, "hub", "org", "model", "main")), fresh.sent
+
+
+@pytest.fixture(scope="module")
+def s3_server(server):
+    """moto's S3 server on 127.0.0.1 with bucket 'runs' holding the sharded checkpoint under 'step1/';
+    it counts the requests it answers and the object bytes it sends."""
+    from moto.server import ThreadedMotoServer
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    moto.endpoint, moto.requests, moto.sent = f"http://{host}:{port}", [], [0]
+    app = moto._server.app
+
+    def counting(environ, start_response):
+        moto.requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
+        for chunk in app(environ, start_response):
+            if environ["REQUEST_METHOD"] == "GET":
+                moto.sent[0] += len(chunk)
+            yield chunk
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    client.create_bucket(Bucket="runs")
+    folder = server.root_path / "files" / "model"
+    for name in os.listdir(folder):
+        client.upload_file(str(folder / name), "runs", f"step1/{name}")
+    moto.client = client
+    moto._server.app = counting
+    yield moto
+    moto.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server.endpoint}.items():
+        monkeypatch.setenv(name, value)
+    s3_server.requests.clear()
+    s3_server.sent[0] = 0
+    return s3_server
+
+
+def test_header_only_inspect_on_s3_stays_within_budget(s3, server):
+    got = run("inspect", "--no-stats", "--json", "s3://runs/step1/model.safetensors.index.json")
+    assert got.exit_code == 0, got.stderr
+    assert len(s3.requests) <= SHARDS + 3, s3.requests
+    assert s3.sent[0] <= _header_budget(_local(server, "files", "model")), s3.sent
+    expected = run("inspect", "--no-stats", "--json", _local(server, "files", "model", "model.safetensors.index.json"))
+    assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+
+
+def test_values_from_s3_are_the_local_ones(s3, server):
+    got = run("diff", "s3://runs/step1/model.safetensors.index.json", _local(server, "files", "model"))
+    assert got.exit_code == 0, got.stdout + got.stderr
+    assert s3.sent[0] >= SHARDS * 2 * 256 * 256 * 4
+
+
+def test_check_complete_on_s3_names_a_missing_shard(s3, server):
+    s3.client.copy_object(Bucket="runs", Key="step2/model.safetensors.index.json",
+                          CopySource={"Bucket": "runs", "Key": "step1/model.safetensors.index.json"})
+    for shard in ("model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"):
+        s3.client.copy_object(Bucket="runs", Key=f"step2/{shard}", CopySource={"Bucket": "runs", "Key": f"step1/{shard}"})
+    got = run("check", "--complete", "s3://runs/step2/model.safetensors.index.json")
+    assert got.exit_code == 1, got.stdout + got.stderr
+    assert "shard model-00002-of-00003.safetensors is missing (2 tensors listed for it)" in got.stdout
+
+
+def test_s3_errors_are_one_line(s3, monkeypatch, tmp_path):
+    _one_line_error(run("inspect", "s3://runs/step1/nothing.safetensors"), "s3://runs/step1/nothing.safetensors",
+                    "not found")
+    _one_line_error(run("inspect", "s3://nobucket/model.safetensors"), "s3://nobucket/model.safetensors", "not found")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    got = run("inspect", "s3://runs/step1/model.safetensors.index.json")
+    _one_line_error(got, "s3://runs/step1/model.safetensors.index.json", "credentials")
+
+
+def test_s3_without_s3fs_names_the_extra(s3, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    _one_line_error(run("inspect", "s3://runs/step1/model.safetensors.index.json"), "paramsurgeon[s3]")

@@ -33,6 +33,7 @@ _HF = re.compile(r"hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<
 _download = [False]  # --download: a server that ignores Range is read whole (see allow_download)
 _files: dict[str, "RemoteFile | None"] = {}  # every remote file opened, None for one found missing
 _repos: dict[tuple[str, str | None], "_HubRepo"] = {}
+_s3_files: list = [None]  # the s3fs filesystem, made once
 
 
 class RemoteError(InputError):
@@ -43,6 +44,7 @@ def forget() -> None:
     """Look remote files and repositories up afresh from now on (a new command's loader)."""
     _files.clear()
     _repos.clear()
+    _s3_files[0] = None
 
 
 @contextlib.contextmanager
@@ -133,7 +135,7 @@ def _open(url: str) -> RemoteFile | None:
             return None
         fetch = _http_fetcher(repo.file_url(hub["path"]), url, repo.headers())
     elif url.startswith("s3://"):
-        raise RemoteError(f"{url}: s3:// is not supported yet; download the file and pass its path")
+        fetch, size = _s3_fetcher(url), None
     else:
         fetch, size = _http_fetcher(url, url, {}), None
     first = _BLOCK if not url.endswith(".json") else _JSON_BLOCK
@@ -220,6 +222,75 @@ def _tls() -> ssl.SSLContext:
     """Certificates checked against the default trust store, or the bundle the environment names."""
     bundle = os.environ.get("SSL_CERT_FILE") or os.environ.get("REQUESTS_CA_BUNDLE")
     return ssl.create_default_context(cafile=bundle or None)
+
+
+def _s3_fetcher(url: str):
+    """``fetch(start, end, first=False) -> (bytes, file size)``: a ranged GetObject through s3fs,
+    with the credentials, region and endpoint of the standard AWS environment."""
+    s3fs = _s3(url)
+    from fsspec.asyn import sync
+
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if _s3_files[0] is None:
+        _s3_files[0] = s3fs.S3FileSystem(skip_instance_cache=True)  # the environment as it is now
+    fs = _s3_files[0]
+
+    async def get(start: int, end: int) -> tuple[bytes, str | None, int | None]:
+        reply = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{max(end - 1, start)}")
+        body = reply["Body"]
+        try:
+            return await body.read(), reply.get("ContentRange"), reply.get("ContentLength")
+        finally:
+            body.close()
+
+    def fetch(start: int, end: int, first: bool = False) -> tuple[bytes, int]:
+        try:
+            data, content_range, length = sync(fs.loop, get, start, end)
+        except FileNotFoundError:
+            if first:
+                raise _Missing from None
+            raise RemoteError(f"{url}: not found (no such bucket or key); check the URL") from None
+        except PermissionError:
+            raise RemoteError(f"{url}: access denied; credentials that may read it are needed (AWS_ACCESS_KEY_ID"
+                              " and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)") from None
+        except _s3_errors() as e:  # no connection, no credentials, a cut reply
+            raise RemoteError(f"{url}: {_s3_reason(e)}") from None
+        total = _total(content_range, url)
+        want = min(end, total) - start
+        if len(data) < want or (length is not None and len(data) != length):
+            raise RemoteError(f"{url}: the response was cut short ({len(data)} of {want} bytes); try again")
+        return data[:want], total
+
+    return fetch
+
+
+def _s3_errors() -> tuple[type[BaseException], ...]:
+    """What botocore, aiohttp and s3fs raise for a request that failed."""
+    import aiohttp
+    import botocore.exceptions
+
+    return OSError, aiohttp.ClientError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError
+
+
+def _s3_reason(error: Exception) -> str:
+    """One line for an error s3fs or botocore raised (their messages may span lines)."""
+    name = type(error).__name__
+    if "Connect" in name or isinstance(error, ConnectionError):
+        return "cannot connect (check AWS_ENDPOINT_URL and the network)"
+    if "Credentials" in name:
+        return "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    if "InvalidRange" in str(error):
+        return "the file is empty (0 bytes)"
+    return f"cannot read it ({name}: {' '.join(str(error).split())[:200]})"
+
+
+def _s3(url: str):
+    """s3fs, which s3:// needs."""
+    try:
+        import s3fs
+    except ImportError:
+        raise InputError(f"{url}: s3:// URLs need s3fs: pip install 'paramsurgeon[s3]'") from None
+    return s3fs
 
 
 def _repo(match: re.Match) -> "_HubRepo":
