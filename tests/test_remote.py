@@ -334,3 +334,29 @@ def test_s3_without_s3fs_names_the_extra(s3, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "s3fs", None)
     _one_line_error(run("inspect", "s3://runs/step1/model.safetensors.index.json"), "paramsurgeon[s3]")
+
+
+def test_merge_lora_takes_an_adapter_from_the_hub_or_by_its_config_url(fresh, tmp_path):
+    from lora_models import llama, make_adapter, state
+
+    model = llama()
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in state(model).items()}, base)
+    adapter = make_adapter(model, fresh.root_path / "hub" / "org" / "adapter" / "main", r=4, lora_alpha=8,
+                           target_modules=["q_proj", "v_proj"])
+    shutil.copytree(adapter, fresh.root_path / "files" / "adapter", dirs_exist_ok=True)
+    expected = run("merge-lora", base, adapter, "-o", tmp_path / "local.safetensors")
+    assert expected.exit_code == 0, expected.stderr
+    for given in ("hf://org/adapter", f"{fresh.url}/files/adapter/adapter_config.json"):
+        got = run("merge-lora", base, given, "-o", tmp_path / "remote.safetensors")
+        assert got.exit_code == 0, got.stderr
+        ours, truth = load_file(tmp_path / "remote.safetensors"), load_file(tmp_path / "local.safetensors")
+        assert ours.keys() == truth.keys() and all(torch.equal(ours[n], truth[n]) for n in truth)
+
+
+def test_groups_and_report_read_a_hub_repository(fresh, tmp_path):
+    local = _local(fresh, "hub", "org", "model", "main")
+    assert run("groups", "hf://org/model").stdout == run("groups", local).stdout
+    got = run("report", "hf://org/model", "--against", "hf://org/model@v1", "-o", tmp_path / "report.html")
+    assert got.exit_code == 0, got.stderr
+    assert "6 tensors" in got.stdout + got.stderr

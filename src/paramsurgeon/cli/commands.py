@@ -277,8 +277,6 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     html.require_matplotlib()
     load = loader(read)
     checkpoint = open_checkpoint(given.ckpt, load)
-    if problems is None and options.complete:  # a single file: opening it checked its sizes fit it
-        rules.append(RuleResult("shards"))
     names = selected_names(checkpoint, select)
     other = open_checkpoint(options.against, load, "--against") if options.against is not None else None
     if options.output != "-":

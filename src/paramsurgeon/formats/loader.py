@@ -3,8 +3,9 @@ adapters are all opened here, with the command's reading options, each once howe
 plan asks, and recorded in the loader's ``inputs`` (formats/inputs.py), the record the command's
 writes are checked against, so that no output of the command lands on one.
 
-Operations receive a Loader (ops.spec.Sources) and never open files themselves. A new kind of
-place (a URL) is resolved in ``_open``, for every input at once.
+Operations receive a Loader (ops.spec.Sources) and never open files themselves. Any input may be
+a URL (hf://, s3://, https://): the readers ask formats/places.py, which asks formats/remote.py,
+whose lookups last as long as the loader's command.
 """
 
 from __future__ import annotations

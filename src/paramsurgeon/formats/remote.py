@@ -88,7 +88,9 @@ class RemoteFile(InputFile):
         end = max(offset + n, min(begin + _BLOCK, self.size)) if n < _BLOCK else offset + n
         fetched = self._fetch(begin, end)
         if n < _BLOCK:  # headers and small tensors; a read of values is fetched as asked, not kept
-            self._spans = self._spans[:1] + self._spans[1 - _SPANS:] + [(begin, fetched)]
+            self._spans = self._spans[:1] + self._spans[1:][2 - _SPANS:] + [(begin, bytes(fetched))]
+        if not before and len(fetched) == n and isinstance(fetched, bytearray):
+            return fetched  # a tensor's values: not copied again
         return bytearray(before + fetched[:offset + n - begin])
 
 
@@ -168,7 +170,7 @@ def _http_fetcher(address: str, url: str, headers: dict):
                     return fetch(start, end)
                 total = _total(reply.headers.get("Content-Range"), url)
                 want = min(end, total) - start
-                data = reply.read(want)
+                data = _read_exactly(reply, want)
                 if len(data) < want:
                     raise RemoteError(f"{url}: the response was cut short ({len(data)} of {want} bytes);"
                                       " try again")
@@ -191,6 +193,19 @@ def _http_fetcher(address: str, url: str, headers: dict):
             raise RemoteError(f"{url}: the response was cut short ({type(e).__name__}); try again") from None
 
     return fetch
+
+
+def _read_exactly(reply, n: int) -> bytearray:
+    """Up to ``n`` bytes of ``reply``, read into one buffer (fewer only if the reply ends early)."""
+    data = bytearray(n)
+    view, done = memoryview(data), 0
+    while done < n:
+        got = reply.readinto(view[done:])
+        if not got:
+            del view
+            return data[:done]
+        done += got
+    return data
 
 
 def _download_whole(reply, url: str) -> InputFile:
