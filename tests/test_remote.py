@@ -199,6 +199,7 @@ def test_diff_of_two_hub_revisions_is_the_diff_of_their_files(fresh):
 
 
 def test_a_missing_hub_repository_or_revision_is_one_line(fresh):
+    _one_line_error(run("inspect", "hf://gpt2"), "hf://gpt2", "hf://ORG/REPO")
     _one_line_error(run("inspect", "hf://org/nothing"), "hf://org/nothing", "404")
     _one_line_error(run("inspect", "hf://org/model@v9"), "hf://org/model@v9", "404")
 

@@ -107,7 +107,7 @@ def open_remote(url: str) -> RemoteFile:
 def is_file(url: str) -> bool:
     """Whether the remote file at ``url`` exists (a hub file: from the repository's listing;
     otherwise by opening it, which costs the request its first read makes anyway)."""
-    hub = _HF.match(url)
+    hub = _hub_url(url)
     if hub:
         return _repo(hub).size(hub["path"] or "") is not None
     if url not in _files:
@@ -117,19 +117,29 @@ def is_file(url: str) -> bool:
 
 def is_dir(url: str) -> bool:
     """Only a hub repository (or a folder in one) is a remote directory: HTTP cannot list one."""
-    hub = _HF.match(url)
+    hub = _hub_url(url)
     return bool(hub) and _repo(hub).is_dir(hub["path"] or "")
 
 
 def list_dir(url: str) -> list[str]:
     """The names in a hub repository's folder."""
-    hub = _HF.match(url)
+    hub = _hub_url(url)
     return _repo(hub).names(hub["path"] or "")
+
+
+def _hub_url(url: str) -> re.Match | None:
+    """The parts of an hf:// URL; None for another scheme."""
+    if not url.startswith("hf://"):
+        return None
+    match = _HF.match(url)
+    if match is None:
+        raise RemoteError(f"{url}: a hub URL is hf://ORG/REPO[@REVISION][/PATH] (a model repository)")
+    return match
 
 
 def _open(url: str) -> RemoteFile | None:
     """Open ``url`` by fetching its first block; None when it does not exist."""
-    hub = _HF.match(url)
+    hub = _hub_url(url)
     if hub:
         repo = _repo(hub)
         size = repo.size(hub["path"] or "")
@@ -160,39 +170,53 @@ def _http_fetcher(address: str, url: str, headers: dict):
     def fetch(start: int, end: int, first: bool = False) -> tuple[bytes, int]:
         if spooled:
             return spooled[0].read(start, min(end, spooled[0].size) - start), spooled[0].size
-        request = urllib.request.Request(address, headers={"Range": f"bytes={start}-{max(end - 1, start)}"})
-        for name, value in headers.items():
-            request.add_unredirected_header(name, value)  # a token never follows a redirect elsewhere
-        try:
-            with urllib.request.urlopen(request, timeout=_TIMEOUT, context=_tls()) as reply:
+        with _answers(url):
+            try:
+                reply = _get(address, headers, {"Range": f"bytes={start}-{max(end - 1, start)}"})
+            except urllib.error.HTTPError as e:
+                if first and e.code == 416:
+                    return b"", 0  # an empty file
+                if first and e.code == 404:
+                    raise _Missing from None
+                raise
+            with reply:
                 if reply.status == 200:
                     spooled.append(_download_whole(reply, url))
                     return fetch(start, end)
                 total = _total(reply.headers.get("Content-Range"), url)
                 want = min(end, total) - start
                 data = _read_exactly(reply, want)
-                if len(data) < want:
-                    raise RemoteError(f"{url}: the response was cut short ({len(data)} of {want} bytes);"
-                                      " try again")
-                return data, total
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and first:
-                return b"", 0  # an empty file
-            if e.code == 404:
-                if first:
-                    raise _Missing from None
-                raise RemoteError(f"{url}: not found (HTTP 404); check the URL") from None
-            if e.code in (401, 403):
-                raise RemoteError(f"{url}: access denied (HTTP {e.code}); a token is needed"
-                                  f"{' (set HF_TOKEN)' if url.startswith('hf://') else ''}") from None
-            raise RemoteError(f"{url}: the server answered HTTP {e.code} ({e.reason})") from None
-        except urllib.error.URLError as e:
-            reason = getattr(e.reason, "strerror", None) or e.reason
-            raise RemoteError(f"{url}: cannot connect ({reason})") from None
-        except (HTTPException, OSError) as e:
-            raise RemoteError(f"{url}: the response was cut short ({type(e).__name__}); try again") from None
+        if len(data) < want:
+            raise RemoteError(f"{url}: the response was cut short ({len(data)} of {want} bytes); try again")
+        return data, total
 
     return fetch
+
+
+def _get(address: str, headers: dict, plain: dict | None = None):
+    """The reply to a GET of ``address``; ``headers`` (a token) are not sent on to a redirect's target."""
+    request = urllib.request.Request(address, headers=plain or {})
+    for name, value in headers.items():
+        request.add_unredirected_header(name, value)
+    return urllib.request.urlopen(request, timeout=_TIMEOUT, context=_tls())
+
+
+@contextlib.contextmanager
+def _answers(url: str, missing: str = "not found (HTTP 404); check the URL"):
+    """HTTP and connection errors within, as one line naming ``url``."""
+    hint = " (set HF_TOKEN)" if url.startswith("hf://") else ""
+    try:
+        yield
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise RemoteError(f"{url}: {missing}") from None
+        if e.code in (401, 403):
+            raise RemoteError(f"{url}: access denied (HTTP {e.code}); a token is needed{hint}") from None
+        raise RemoteError(f"{url}: the server answered HTTP {e.code} ({e.reason})") from None
+    except urllib.error.URLError as e:
+        raise RemoteError(f"{url}: cannot connect ({getattr(e.reason, 'strerror', None) or e.reason})") from None
+    except (HTTPException, OSError) as e:
+        raise RemoteError(f"{url}: the response was cut short ({type(e).__name__}); try again") from None
 
 
 def _read_exactly(reply, n: int) -> bytearray:
@@ -357,35 +381,17 @@ class _HubRepo:
 
         revision = urllib.parse.quote(self.revision or "main", safe="")
         address = f"{self.endpoint()}/api/models/{self.repo}/revision/{revision}?blobs=true"
-        fetch = _http_get(address, self.url, self.headers())
+        with _answers(self.url, "no such repository or revision (HTTP 404); check the name, or set HF_TOKEN"
+                                " if it is private"):
+            with _get(address, self.headers()) as reply:
+                answer = reply.read()
         try:
-            info = json.loads(fetch)
+            info = json.loads(answer)
             self.commit = info["sha"]
             return {s["rfilename"]: int(s.get("size") or (s.get("lfs") or {}).get("size") or 0)
                     for s in info["siblings"]}
         except (ValueError, KeyError, TypeError) as e:
             raise RemoteError(f"{self.url}: the hub's answer about the repository is not understood ({e})") from None
-
-
-def _http_get(address: str, url: str, headers: dict) -> bytes:
-    """A whole (small) document, errors said in one line naming ``url``."""
-    request = urllib.request.Request(address)
-    for name, value in headers.items():
-        request.add_unredirected_header(name, value)
-    try:
-        with urllib.request.urlopen(request, timeout=_TIMEOUT, context=_tls()) as reply:
-            return reply.read()
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise RemoteError(f"{url}: access denied (HTTP {e.code}); a token is needed (set HF_TOKEN)") from None
-        if e.code == 404:
-            raise RemoteError(f"{url}: no such repository or revision (HTTP 404); check the name, or set"
-                              " HF_TOKEN if it is private") from None
-        raise RemoteError(f"{url}: the hub answered HTTP {e.code} ({e.reason})") from None
-    except urllib.error.URLError as e:
-        raise RemoteError(f"{url}: cannot connect ({getattr(e.reason, 'strerror', None) or e.reason})") from None
-    except (HTTPException, OSError) as e:
-        raise RemoteError(f"{url}: the response was cut short ({type(e).__name__}); try again") from None
 
 
 def _hub():
