@@ -82,17 +82,18 @@ class Server:
                 path = os.path.join(folder, name) if folder else None
                 if path is None or not os.path.isfile(path):
                     return self._reply(404, b"not found")
-                with open(path, "rb") as f:
-                    data = f.read()
+                size = os.path.getsize(path)
                 wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-                if wanted is None or server.mode == "ignore-range":
-                    return self._reply(200, data, count=True)
-                start = int(wanted[1])
-                end = min(int(wanted[2]) if wanted[2] else len(data) - 1, len(data) - 1)
-                if start >= len(data):
-                    return self._reply(416, b"", extra={"Content-Range": f"bytes */{len(data)}"})
-                self._reply(206, data[start:end + 1], count=True,
-                            extra={"Content-Range": f"bytes {start}-{end}/{len(data)}"})
+                with open(path, "rb") as f:
+                    if wanted is None or server.mode == "ignore-range":
+                        return self._reply(200, f.read(), count=True)
+                    start = int(wanted[1])
+                    end = min(int(wanted[2]) if wanted[2] else size - 1, size - 1)
+                    if start >= size:
+                        return self._reply(416, b"", extra={"Content-Range": f"bytes */{size}"})
+                    f.seek(start)
+                    self._reply(206, f.read(end + 1 - start), count=True,
+                                extra={"Content-Range": f"bytes {start}-{end}/{size}"})
 
             def _reply(self, status, body, kind="application/octet-stream", count=False, extra=None):
                 self.send_response(status)

@@ -12,14 +12,13 @@ are then read at that commit. Credentials come from the environment and are neve
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import re
 import ssl
 import tempfile
-import urllib.error
+import threading
 import urllib.parse
-import urllib.request
-from http.client import HTTPException
 
 from ..errors import CorruptCheckpointError, InputError
 from .files import InputFile
@@ -28,12 +27,14 @@ _BLOCK = 64 << 10  # the first read of a file, and the least one fetched
 _JSON_BLOCK = 1 << 20  # an index or config.json is fetched whole in one request up to this
 _SPANS = 8  # blocks kept for later small reads: the file's first one and the latest ones
 _TIMEOUT = 60
+_REDIRECTS = 5
 _HF = re.compile(r"hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?$")
 
 _download = [False]  # --download: a server that ignores Range is read whole (see allow_download)
 _files: dict[str, "RemoteFile | None"] = {}  # every remote file opened, None for one found missing
 _repos: dict[tuple[str, str | None], "_HubRepo"] = {}
 _s3_files: list = [None]  # the s3fs filesystem, made once
+_connections: dict[tuple, http.client.HTTPConnection] = {}  # kept alive per thread and host
 
 
 class RemoteError(InputError):
@@ -45,6 +46,9 @@ def forget() -> None:
     _files.clear()
     _repos.clear()
     _s3_files[0] = None
+    for connection in _connections.values():
+        connection.close()
+    _connections.clear()
 
 
 @contextlib.contextmanager
@@ -173,32 +177,88 @@ def _http_fetcher(address: str, url: str, headers: dict):
         with _answers(url):
             try:
                 reply = _get(address, headers, {"Range": f"bytes={start}-{max(end - 1, start)}"})
-            except urllib.error.HTTPError as e:
+            except _Status as e:
                 if first and e.code == 416:
                     return b"", 0  # an empty file
                 if first and e.code == 404:
                     raise _Missing from None
                 raise
-            with reply:
-                if reply.status == 200:
-                    spooled.append(_download_whole(reply, url))
-                    return fetch(start, end)
-                total = _total(reply.headers.get("Content-Range"), url)
-                want = min(end, total) - start
-                data = _read_exactly(reply, want)
+            if reply.status == 200:
+                spooled.append(_download_whole(reply, url))
+                return fetch(start, end)
+            total = _total(reply.getheader("Content-Range"), url)
+            want = min(end, total) - start
+            data = _read_exactly(reply, want)
+            reply.read()  # the rest, if the server sent more: the connection is then free
         if len(data) < want:
+            _connections.clear()
             raise RemoteError(f"{url}: the response was cut short ({len(data)} of {want} bytes); try again")
         return data, total
 
     return fetch
 
 
-def _get(address: str, headers: dict, plain: dict | None = None):
-    """The reply to a GET of ``address``; ``headers`` (a token) are not sent on to a redirect's target."""
-    request = urllib.request.Request(address, headers=plain or {})
-    for name, value in headers.items():
-        request.add_unredirected_header(name, value)
-    return urllib.request.urlopen(request, timeout=_TIMEOUT, context=_tls())
+def _get(address: str, headers: dict, plain: dict | None = None) -> http.client.HTTPResponse:
+    """The reply to a GET of ``address`` over a kept connection, redirects followed; ``headers``
+    (a token) are not sent on to another host. An error status raises _Status."""
+    for _ in range(_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(address)
+        reply = _request(parts, {**(plain or {}), **headers})
+        location = reply.getheader("Location")
+        if reply.status in (301, 302, 303, 307, 308) and location:
+            reply.read()
+            target = urllib.parse.urljoin(address, location)
+            if urllib.parse.urlsplit(target).netloc != parts.netloc:
+                headers = {}  # a token stays with its host
+            address = target
+            continue
+        if reply.status >= 400:
+            reply.read()
+            raise _Status(reply.status, reply.reason)
+        return reply
+    raise _Status(310, f"more than {_REDIRECTS} redirects")
+
+
+def _request(parts: urllib.parse.SplitResult, headers: dict) -> http.client.HTTPResponse:
+    """Send a GET on the connection kept for the host (once more on a new one if the server had
+    closed it); a connection that cannot be made raises _NoConnection."""
+    key = (threading.get_ident(), parts.scheme, parts.netloc)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    for again in (True, False):
+        kept = _connections.get(key)
+        connection = kept or _connect(parts)
+        _connections[key] = connection
+        try:
+            connection.request("GET", target, headers=headers)
+            return connection.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            connection.close()
+            del _connections[key]
+            if not (again and kept):
+                raise
+        except OSError as e:
+            connection.close()
+            del _connections[key]
+            raise _NoConnection(getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)) from None
+    raise AssertionError("unreachable")
+
+
+def _connect(parts: urllib.parse.SplitResult) -> http.client.HTTPConnection:
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=_TIMEOUT, context=_tls())
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=_TIMEOUT)
+
+
+class _Status(Exception):
+    """An HTTP error status."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(code, reason)
+        self.code, self.reason = code, reason
+
+
+class _NoConnection(Exception):
+    """A connection that could not be made (refused, no such host, a certificate refused)."""
 
 
 @contextlib.contextmanager
@@ -207,15 +267,16 @@ def _answers(url: str, missing: str = "not found (HTTP 404); check the URL"):
     hint = " (set HF_TOKEN)" if url.startswith("hf://") else ""
     try:
         yield
-    except urllib.error.HTTPError as e:
+    except _Status as e:
         if e.code == 404:
             raise RemoteError(f"{url}: {missing}") from None
         if e.code in (401, 403):
             raise RemoteError(f"{url}: access denied (HTTP {e.code}); a token is needed{hint}") from None
         raise RemoteError(f"{url}: the server answered HTTP {e.code} ({e.reason})") from None
-    except urllib.error.URLError as e:
-        raise RemoteError(f"{url}: cannot connect ({getattr(e.reason, 'strerror', None) or e.reason})") from None
-    except (HTTPException, OSError) as e:
+    except _NoConnection as e:
+        raise RemoteError(f"{url}: cannot connect ({e})") from None
+    except (http.client.HTTPException, OSError) as e:
+        _connections.clear()  # a reply cut short leaves its connection unusable
         raise RemoteError(f"{url}: the response was cut short ({type(e).__name__}); try again") from None
 
 
@@ -238,7 +299,7 @@ def _download_whole(reply, url: str) -> InputFile:
         raise RemoteError(f"{url}: the server ignores Range requests, so reading anything means downloading"
                           " whole files; pass --download to allow that")
     spool = tempfile.TemporaryFile(prefix="paramsurgeon-download-")
-    expected = reply.headers.get("Content-Length")
+    expected = reply.getheader("Content-Length")
     while chunk := reply.read(1 << 20):
         spool.write(chunk)
     spool.flush()
