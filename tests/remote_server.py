@@ -17,11 +17,14 @@ class Server:
     """``root/files/...`` served as files; ``root/hub/ORG/REPO/REVISION/...`` as hub repositories.
 
     ``mode``: None, 'ignore-range' (200 and the whole file), 'truncate' (half the promised bytes);
-    ``token``: when set, a request without 'Bearer TOKEN' gets 401."""
+    ``token``: when set, a request without 'Bearer TOKEN' gets 401; ``redirect_to``: another server's
+    address, where hub files are redirected (as the hub sends them to its CDN)."""
 
     def __init__(self, root):
         self.root, self.mode, self.token = str(root), None, None
+        self.redirect_to: str | None = None  # hub files: a redirect to this server's /files/model/
         self.requests: list[str] = []
+        self.authorizations: list[str | None] = []
         self.sent = 0
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -30,7 +33,7 @@ class Server:
 
     def reset(self) -> None:
         with self._lock:
-            self.requests, self.sent = [], 0
+            self.requests, self.sent, self.authorizations = [], 0, []
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -48,6 +51,7 @@ class Server:
             def do_GET(self):
                 with server._lock:
                     server.requests.append(self.path)
+                    server.authorizations.append(self.headers.get("Authorization"))
                 if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
                     return self._reply(401, b"unauthorized")
                 path = unquote(urlsplit(self.path).path)
@@ -55,6 +59,8 @@ class Server:
                 if hub:
                     return self._revision(hub[1], hub[2])
                 resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                if resolve and server.redirect_to:
+                    return self._reply(302, b"", extra={"Location": f"{server.redirect_to}/files/model/{resolve[3]}"})
                 if resolve:
                     return self._file(self._commit_folder(resolve[1], resolve[2]), resolve[3])
                 if path.startswith("/files/"):

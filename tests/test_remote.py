@@ -361,3 +361,19 @@ def test_groups_and_report_read_a_hub_repository(fresh, tmp_path):
     got = run("report", "hf://org/model", "--against", "hf://org/model@v1", "-o", tmp_path / "report.html")
     assert got.exit_code == 0, got.stderr
     assert "6 tensors" in got.stdout + got.stderr
+
+
+def test_hub_files_follow_a_redirect_to_another_host_without_the_token(fresh, monkeypatch):
+    cdn = Server(fresh.root_path)
+    try:
+        fresh.redirect_to = cdn.url
+        monkeypatch.setenv("HF_TOKEN", "hub-only-token")
+        got = run("inspect", "--json", "hf://org/model")
+        assert got.exit_code == 0, got.stderr
+        expected = run("inspect", "--json", _local(fresh, "hub", "org", "model", "main"))
+        assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+        assert cdn.requests and not any(cdn.authorizations), cdn.authorizations  # the token stayed with the hub
+        assert all(a == "Bearer hub-only-token" for a in fresh.authorizations)
+    finally:
+        fresh.redirect_to = None
+        cdn.close()
