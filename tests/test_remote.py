@@ -377,3 +377,22 @@ def test_hub_files_follow_a_redirect_to_another_host_without_the_token(fresh, mo
     finally:
         fresh.redirect_to = None
         cdn.close()
+
+
+def test_https_certificates_are_verified_against_the_bundle_the_environment_names(server, tmp_path, monkeypatch):
+    from remote_server import self_signed
+
+    certificate = self_signed(tmp_path)
+    secure = Server(server.root_path, certificate)
+    try:
+        url = f"{secure.url}/files/model/model.safetensors.index.json"
+        assert url.startswith("https://127.0.0.1:")
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        _one_line_error(run("inspect", "--no-stats", url), url, "cannot connect", "certificate")
+        monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
+        got = run("inspect", "--no-stats", url)
+        assert got.exit_code == 0, got.stderr
+        assert "6 tensors" in got.stdout
+    finally:
+        secure.close()
