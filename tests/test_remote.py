@@ -396,3 +396,41 @@ def test_https_certificates_are_verified_against_the_bundle_the_environment_name
         assert "6 tensors" in got.stdout
     finally:
         secure.close()
+
+
+def test_a_remote_checkpoint_written_locally_carries_its_config(fresh, tmp_path):
+    got = run("convert", "hf://org/model", "-o", tmp_path / "local")
+    assert got.exit_code == 0, got.stderr
+    assert "only config.json is carried" in got.stderr
+    folder = fresh.root_path / "hub" / "org" / "model" / "main"
+    assert (tmp_path / "local" / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    for shard in (n for n in os.listdir(folder) if n.endswith(".safetensors")):
+        ours, theirs = load_file(tmp_path / "local" / shard), load_file(folder / shard)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in theirs)
+
+
+def test_merge_of_two_hub_revisions_is_the_merge_of_their_files(fresh, tmp_path):
+    main, v1 = (_local(fresh, "hub", "org", "model", r) for r in ("main", "v1"))
+    expected = run("merge", main, v1, "-o", tmp_path / "local")
+    got = run("merge", "hf://org/model", "hf://org/model@v1", "-o", tmp_path / "remote")
+    assert expected.exit_code == got.exit_code == 0, got.stderr
+    for shard in (n for n in os.listdir(main) if n.endswith(".safetensors")):
+        ours, truth = load_file(tmp_path / "remote" / shard), load_file(tmp_path / "local" / shard)
+        assert ours.keys() == truth.keys() and all(torch.equal(ours[n], truth[n]) for n in truth)
+    first = load_file(os.path.join(main, "model-00001-of-00003.safetensors"))["model.layers.0.weight"]
+    merged = load_file(tmp_path / "remote" / "model-00001-of-00003.safetensors")["model.layers.0.weight"]
+    assert torch.allclose(merged, first * 1.25)  # v1 is main times 1.5: their average is 1.25 times main
+
+
+def test_a_torch_file_over_https_reads_as_the_local_one(fresh):
+    path = fresh.root_path / "files" / "model.pt"
+    generator = torch.Generator().manual_seed(3)
+    torch.save({"model": {"w": torch.randn(300, 300, generator=generator), "b": torch.zeros(300)}, "step": 7}, path)
+    for flags in (["--no-stats"], []):
+        fresh.reset()
+        got = run("inspect", "--json", *flags, f"{fresh.url}/files/model.pt")
+        assert got.exit_code == 0, got.stderr
+        expected = run("inspect", "--json", *flags, path)
+        assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+        if flags:
+            assert fresh.sent < os.path.getsize(path) / 2  # the archive's directory and pickle, not its values

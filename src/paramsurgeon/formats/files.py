@@ -59,6 +59,10 @@ class InputFile:
             done += len(chunk)
         return b"".join(chunks)
 
+    def stream(self) -> BinaryIO:
+        """The file as a file object of its own (its position starts at 0), for zipfile and pickle."""
+        return os.fdopen(os.dup(self.fd), "rb")
+
     def view(self, offset: int, n: int) -> memoryview:
         """``n`` bytes at ``offset`` without copying (copy-on-write map: the file never changes)."""
         if offset < 0 or n < 0 or offset + n > self.size:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import os
 import re
 import ssl
@@ -77,6 +78,10 @@ class RemoteFile(InputFile):
     def view(self, offset: int, n: int) -> memoryview:
         return memoryview(self._bytes(offset, n))
 
+    def stream(self) -> io.BufferedReader:
+        """The file as a seekable file object whose reads are ranged (zipfile, pickle)."""
+        return io.BufferedReader(_Ranges(self), buffer_size=_BLOCK)
+
     def _bytes(self, offset: int, n: int) -> bytearray:
         if offset < 0 or n < 0 or offset + n > self.size:
             raise CorruptCheckpointError(
@@ -96,6 +101,32 @@ class RemoteFile(InputFile):
         if not before and len(fetched) == n and isinstance(fetched, bytearray):
             return fetched  # a tensor's values: not copied again
         return bytearray(before + fetched[:offset + n - begin])
+
+
+class _Ranges(io.RawIOBase):
+    """A remote file's bytes as a raw seekable stream."""
+
+    def __init__(self, file: RemoteFile):
+        self.file, self.position = file, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = max(0, (0, self.position, self.file.size)[whence] + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self.file.size - self.position))
+        buffer[:n] = self.file.read(self.position, n)
+        self.position += n
+        return n
 
 
 def open_remote(url: str) -> RemoteFile:
