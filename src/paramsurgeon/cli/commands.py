@@ -121,6 +121,9 @@ class CheckOptions:
     ignore: list[str] = option([], "--ignore", metavar="RULE[:GLOB]", help="With --health: drop the findings of"
                                " RULE (on the tensors matching GLOB); repeatable.")
     strict: bool = option(False, "--strict", help="With --health: warnings fail the check too.")
+    complete: bool = option(False, "--complete", help="Only that a sharded checkpoint's index and shards agree"
+                            " (always checked first); reads headers and sizes, no tensor data, unless other"
+                            " rules are given.")
 
     def __post_init__(self) -> None:
         from ..analysis.health import parse_ignores
@@ -157,9 +160,12 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
         if not shards.ok:
             _report_check(given.ckpt, rules, output.json)
     checkpoint = open_checkpoint(given.ckpt, load)
+    if problems is None and options.complete:  # a single file: opening it checked its sizes fit it
+        rules.append(RuleResult("shards"))
     names = selected_names(checkpoint, select)
     other = open_checkpoint(options.like, load) if options.like is not None else None
-    default = not (options.finite or options.max_abs is not None or other or expectations or dtype or options.health)
+    default = not (options.finite or options.max_abs is not None or other or expectations or dtype or options.health
+                   or options.complete)
     values = options.finite or default or options.max_abs is not None
     diagnosed = health.checked_names(checkpoint, names) if options.health else []
     ignores = health.parse_ignores(options.ignore, diagnosed, checkpoint.key)

@@ -59,7 +59,7 @@ def loader(read: Read, shared_key: bool = False, raw: bool = False) -> "Loader":
     from ..formats.loader import Loader
 
     return Loader(key=read.key, allow_globals=tuple(read.allow_global), unsafe_pickle=read.unsafe_pickle,
-                  shared_key=shared_key, raw=raw)
+                  shared_key=shared_key, raw=raw, download=read.download)
 
 
 def open_checkpoint(path: Optional[str], load: "Loader", role: Optional[str] = "the checkpoint") -> Checkpoint:

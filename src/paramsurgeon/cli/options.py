@@ -45,6 +45,8 @@ class Read:
                                  help="Accept any pickled global in a file you trust (nothing is executed).")
     allow_global: list[str] = option([], "--allow-global", metavar="MODULE.NAME",
                                      help="Admit one pickled global by name (repeatable).")
+    download: bool = option(False, "--download", help="Read remote files from a server that ignores Range requests"
+                            " by downloading them whole (refused otherwise).")
     # Declared so that every command accepts it; the error handler (cli/__init__.py) reads it from
     # the command line itself, since an error may come before or while options are parsed.
     debug: bool = option(False, "--debug", help="Show the Python traceback of an error.")

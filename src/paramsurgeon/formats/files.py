@@ -59,6 +59,10 @@ class InputFile:
             done += len(chunk)
         return b"".join(chunks)
 
+    def stream(self) -> BinaryIO:
+        """The file as a file object of its own (its position starts at 0), for zipfile and pickle."""
+        return os.fdopen(os.dup(self.fd), "rb")
+
     def view(self, offset: int, n: int) -> memoryview:
         """``n`` bytes at ``offset`` without copying (copy-on-write map: the file never changes)."""
         if offset < 0 or n < 0 or offset + n > self.size:
@@ -83,6 +87,11 @@ def open_input(path: str | None) -> InputFile:
         os.close(fd)
         raise InputError(f"'{path}' is a directory")
     return InputFile(fd, path, path)
+
+
+def is_url(path: str | None) -> bool:
+    """Whether ``path`` names a remote place (formats/remote.py) rather than a local one."""
+    return isinstance(path, str) and path.startswith(("https://", "http://", "hf://", "s3://"))
 
 
 def _open_stdin() -> InputFile:
@@ -161,7 +170,7 @@ class Sink:
             return
         source, offset, n = self._pending
         self._pending = None
-        done = self._copy_file_range(source, offset, n) if self._regular else 0
+        done = self._copy_file_range(source, offset, n) if self._regular and source.fd is not None else 0
         self._wrote(done)
         if done < n:
             self._write_out(source.view(offset + done, n - done))
@@ -255,7 +264,7 @@ class _Rehearsal:
 def same_file(file: InputFile | None, path: str) -> bool:
     """Whether ``file`` is open on the file at ``path`` (not merely one of the same name)."""
     try:
-        return file is not None and _identity(file.fd) == _identity(path)
+        return file is not None and file.fd is not None and _identity(file.fd) == _identity(path)
     except OSError:
         return False
 

@@ -7,6 +7,8 @@ import json
 import os
 
 from ..parsing import parse_document
+from .files import is_url
+from .places import is_dir, is_file, read_all
 
 CONFIG = "config.json"
 
@@ -15,9 +17,9 @@ def config_path(path: str | None) -> str | None:
     """The config.json that describes the checkpoint at ``path``, if there is one."""
     if path in (None, "-"):
         return None
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    folder = path if is_dir(path) else os.path.dirname(path if is_url(path) else os.path.abspath(path))
     candidate = os.path.join(folder, CONFIG)
-    return candidate if os.path.isfile(candidate) else None
+    return candidate if is_file(candidate) else None
 
 
 def read_config(path: str | None) -> dict | None:
@@ -27,8 +29,7 @@ def read_config(path: str | None) -> dict | None:
     if found is None:
         return None
     try:
-        with open(found, "rb") as handle:
-            config = parse_document(json.loads, handle.read().decode("utf-8"))
+        config = parse_document(json.loads, read_all(found).decode("utf-8"))
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None

@@ -3,8 +3,9 @@ adapters are all opened here, with the command's reading options, each once howe
 plan asks, and recorded in the loader's ``inputs`` (formats/inputs.py), the record the command's
 writes are checked against, so that no output of the command lands on one.
 
-Operations receive a Loader (ops.spec.Sources) and never open files themselves. A new kind of
-place (a URL) is resolved in ``_open``, for every input at once.
+Operations receive a Loader (ops.spec.Sources) and never open files themselves. Any input may be
+a URL (hf://, s3://, https://): the readers ask formats/places.py, which asks formats/remote.py,
+whose lookups last as long as the loader's command.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError, SelectionError
-from . import peft, registry
+from . import peft, registry, remote
 from .inputs import Inputs
 from .reading import load, sharded_index, verify_shards
 
@@ -25,14 +26,17 @@ class Loader:
     ``shared_key``: the command's --key applies to every checkpoint it opens (merge), and a
     safetensors or sharded input, already a flat mapping of names to tensors, ignores it;
     otherwise each request names its own key (copy's --source-key).
+    ``download`` (--download): a remote server that ignores Range requests is read by
+    downloading whole files (otherwise that is refused; formats/remote.py).
     """
 
     def __init__(self, *, key: str | None = None, allow_globals: tuple[str, ...] = (), unsafe_pickle: bool = False,
-                 shared_key: bool = False, raw: bool = False):
-        self.key, self.shared_key = key, shared_key
+                 shared_key: bool = False, raw: bool = False, download: bool = False):
+        self.key, self.shared_key, self.download = key, shared_key, download
         self.options = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle, "raw": raw}
         self.opened: dict[tuple[str | None, str | None], Checkpoint] = {}
         self.inputs = Inputs()  # this command's: every path opened, with its role
+        remote.forget()  # a remote file is looked up once per command
 
     def checkpoint(self, path: str | None, key: str | None = None, role: str | None = "--source") -> Checkpoint:
         """The checkpoint at ``path`` (None or '-': standard input) in the ``role`` the user gave it
@@ -56,9 +60,14 @@ class Loader:
         """Where the sharded checkpoint at ``path`` and its index disagree, every shard read with
         the command's options (check --complete's work); None when ``path`` is not sharded."""
         options = {k: v for k, v in self.options.items() if k != "raw"}
-        return verify_shards(path, **options) if sharded_index(path) is not None else None
+        with remote.session(self.download):
+            return verify_shards(path, **options) if sharded_index(path) is not None else None
 
     def _open(self, path: str | None, key: str | None) -> Checkpoint:
+        with remote.session(self.download):
+            return self._load(path, key)
+
+    def _load(self, path: str | None, key: str | None) -> Checkpoint:
         try:
             return load(path, key=key, **self.options)
         except SelectionError as e:

@@ -15,6 +15,7 @@ from ..errors import InputError
 from ..parsing import parse_document
 from .atomic import atomic_directory, new_file
 from .inputs import Inputs
+from .places import is_dir, is_file, read_all
 from .safetensors import Writer
 
 CONFIG = "adapter_config.json"
@@ -32,9 +33,9 @@ def adapter_directory(path: str) -> str:
     Raises:
         InputError: ``path`` is not a directory.
     """
-    if os.path.isfile(path) and os.path.basename(path) in (CONFIG, *WEIGHTS):
-        path = os.path.dirname(path) or "."
-    if not os.path.isdir(path):
+    if os.path.basename(path) in (CONFIG, *WEIGHTS) and is_file(path):  # a URL names its adapter by a file
+        return os.path.dirname(path) or "."
+    if not is_dir(path):
         raise InputError(f"merge-lora: '{path}' is not a directory; an adapter is the directory save_pretrained"
                          f" writes, with {CONFIG} and {WEIGHTS[0]}")
     return path
@@ -47,19 +48,18 @@ def read_adapter(folder: str, load: Callable[[str], Checkpoint]) -> tuple[dict, 
         InputError: no config or weights, a config that is not PEFT LoRA's.
     """
     config_path = os.path.join(folder, CONFIG)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = parse_document(json.loads, f.read())
-    except FileNotFoundError:
+    if not is_file(config_path):
         raise InputError(f"merge-lora: '{folder}' has no {CONFIG}; an adapter is the directory save_pretrained"
-                         " writes") from None
+                         " writes")
+    try:
+        config = parse_document(json.loads, read_all(config_path).decode("utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"merge-lora: cannot read '{config_path}': {e}") from e
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise InputError(f"merge-lora: '{config_path}' is not a LoRA adapter's config (peft_type {kind!r},"
                          " expected 'LORA')")
-    weights = [os.path.join(folder, name) for name in WEIGHTS if os.path.isfile(os.path.join(folder, name))]
+    weights = [os.path.join(folder, name) for name in WEIGHTS if is_file(os.path.join(folder, name))]
     if not weights:
         raise InputError(f"merge-lora: '{folder}' has no {' or '.join(WEIGHTS)}")
     return config, load(weights[0])

@@ -11,7 +11,8 @@ from .. import quant
 from ..errors import NotACheckpointError, SelectionError
 from . import registry, sharded
 from .atomic import recover
-from .files import InputFile, open_input
+from .files import InputFile, is_url
+from .places import is_dir, is_file, list_dir, open_input
 from .hfconfig import read_config
 
 _SIGNATURES = [
@@ -32,9 +33,9 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
     parts of each quantized tensor are read as one logical tensor (quant.group), unless ``raw``.
     """
     options = {"allow": frozenset(allow_globals), "unsafe": unsafe_pickle}
-    if path not in (None, "-") and not os.path.lexists(path):
+    if path not in (None, "-") and not is_url(path) and not os.path.lexists(path):
         recover(path)  # a replacement that died between its two renames left it aside
-    if path not in (None, "-") and os.path.isdir(path):
+    if path not in (None, "-") and is_dir(path):
         ckpt = _read_directory(path, options)
     else:
         file = open_input(path)
@@ -56,13 +57,13 @@ def sharded_index(path: str | None) -> str | None:
     """The index file of ``path`` if it names a sharded checkpoint (a directory or an index)."""
     if path in (None, "-"):
         return None
-    if os.path.isdir(path):
-        indexes = sorted(e for e in os.listdir(path) if e.endswith(".index.json"))
+    if is_dir(path):
+        indexes = sorted(e for e in list_dir(path) if e.endswith(".index.json"))
         if len(indexes) > 1:
             raise NotACheckpointError(f"{path}: a directory with several shard indexes ({', '.join(indexes)});"
                                       f" pass the one you mean ({os.path.join(path, indexes[0])})")
         return os.path.join(path, indexes[0]) if indexes else None
-    return path if path.endswith(".index.json") and os.path.isfile(path) else None
+    return path if path.endswith(".index.json") and is_file(path) else None
 
 
 def verify_shards(path: str, allow_globals: tuple[str, ...] = (), unsafe_pickle: bool = False) -> list[dict]:
@@ -116,7 +117,7 @@ def _json_file(file: InputFile) -> str:
 
 
 def _read_directory(path: str, options: dict) -> Checkpoint:
-    entries = sorted(os.listdir(path))
+    entries = sorted(list_dir(path))
     for fmt in registry.sniffers(directory=True):
         if fmt.sniff(path):
             return fmt.reader(path, options)
@@ -124,7 +125,7 @@ def _read_directory(path: str, options: dict) -> Checkpoint:
     if index:
         return sharded.read(index, lambda f: _read_file(f, options, f.path), open_input)
     suffixes = registry.weight_extensions()
-    weights = [e for e in entries if e.endswith(suffixes) and os.path.isfile(os.path.join(path, e))]
+    weights = [e for e in entries if e.endswith(suffixes) and is_file(os.path.join(path, e))]
     preferred = [n for n in registry.hub_names() if n in weights]
     if len(weights) == 1 or preferred:
         chosen = (preferred or weights)[0]

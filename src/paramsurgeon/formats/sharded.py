@@ -19,6 +19,7 @@ from . import safetensors as st
 from . import registry
 from .atomic import atomic_directory, link_or_copy, new_file
 from .files import InputFile, reproduces, same_file
+from .places import is_file, read_all
 from .inputs import Inputs
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -30,8 +31,7 @@ _HUB_NAME = re.compile(rf"({'|'.join(re.escape(stem) for stem, _ in _HUB_PARTS)}
 def read_index(path: str) -> tuple[dict, dict[str, str]]:
     """(index metadata, weight_map) of an index file, checked for shape."""
     try:
-        with open(path, "rb") as handle:
-            index = parse_document(json.loads, handle.read().decode("utf-8"))
+        index = parse_document(json.loads, read_all(path).decode("utf-8"))
     except OSError as e:
         raise InputError(f"cannot read '{path}': {e.strerror}") from e
     except ValueError as e:  # UnicodeDecodeError is one
@@ -52,7 +52,7 @@ def read(index_path: str, read_shard: Callable[[InputFile], Checkpoint], open_fi
     folder = os.path.dirname(index_path)
     index_metadata, weight_map = read_index(index_path)
     shard_names = sorted(set(weight_map.values()))
-    missing = [s for s in shard_names if not os.path.isfile(os.path.join(folder, s))]
+    missing = [s for s in shard_names if not is_file(os.path.join(folder, s))]
     if missing:
         raise InputError(f"{index_path}: shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing;"
                          " download or restore them (the index names every shard)")
@@ -235,7 +235,7 @@ def verify(index_path: str, read_shard: Callable[[str], Checkpoint]) -> list[dic
     for shard in sorted(set(weight_map.values())):
         listed = [n for n, s in weight_map.items() if s == shard]
         path = os.path.join(folder, shard)
-        if not os.path.isfile(path):
+        if not is_file(path):
             problems.append({"name": None, "message": f"shard {shard} is missing ({plural(len(listed), 'tensor')} listed for it)"})
             continue
         try:
@@ -251,7 +251,7 @@ def verify(index_path: str, read_shard: Callable[[str], Checkpoint]) -> list[dic
                 problems.append({"name": name, "message": f"is in {shard} but the index lists it"
                                                           f" {'for ' + where if where else 'nowhere'}"})
     for name, shard in weight_map.items():
-        if name not in found and os.path.isfile(os.path.join(folder, shard)):
+        if name not in found and is_file(os.path.join(folder, shard)):
             problems.append({"name": name, "message": f"is listed for {shard} but {shard} does not hold it"})
     claimed = index_metadata.get("total_size")
     if isinstance(claimed, int) and not any(p["name"] is None for p in problems) and claimed != total:

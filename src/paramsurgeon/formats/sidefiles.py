@@ -24,7 +24,9 @@ from ..errors import ParamSurgeonError
 from ..parsing import parse_document
 from . import registry
 from .directories import is_side_file
+from .files import is_url
 from .hfconfig import CONFIG
+from .places import is_dir, is_file, read_all
 from .reading import load
 from .sharded import checkpoint_files
 
@@ -50,7 +52,7 @@ def model_directory(ckpt: Checkpoint) -> str | None:
     """The directory ``ckpt`` was read from, when it was given as a directory or a shard index."""
     if ckpt.path is None:
         return None
-    if os.path.isdir(ckpt.path):
+    if is_dir(ckpt.path):
         return ckpt.path
     return os.path.dirname(ckpt.source) if registry.get(ckpt.format).sharded else None
 
@@ -65,6 +67,8 @@ def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
     folder = model_directory(ckpt)
     if folder is None:
         return []
+    if is_url(folder):
+        return _carry_remote(folder, staging, ckpt)
     same, owned = _same(folder, target), checkpoint_files(folder)
     notes, left = [], []
     for name in sorted(os.listdir(folder)):
@@ -81,6 +85,18 @@ def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
         notes.append(f"note: not carried from {folder} (not model files): {', '.join(left[:6])}"
                      + (f" and {len(left) - 6} more" if len(left) > 6 else ""))
     return notes
+
+
+def _carry_remote(folder: str, staging: str, ckpt: Checkpoint) -> list[str]:
+    """A remote input's ``config.json`` (updated for ``ckpt``), the one side file read from there."""
+    source = os.path.join(folder, CONFIG)
+    if not is_file(source):
+        return []
+    with open(os.path.join(staging, CONFIG), "wb") as handle:
+        handle.write(read_all(source))
+    notes = _write_config(os.path.join(staging, CONFIG), os.path.join(staging, CONFIG), ckpt, True)
+    return notes + [f"note: only {CONFIG} is carried from {folder} (a remote input); fetch its tokenizer and"
+                    " other files separately"]
 
 
 def _write_config(source: str, destination: str, ckpt: Checkpoint, same: bool) -> list[str]:

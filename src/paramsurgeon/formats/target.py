@@ -12,7 +12,7 @@ from ..errors import OutputError, UsageError
 from ..sizes import parse_size
 from . import registry
 from .directories import refuse_foreign
-from .files import output_kind
+from .files import is_url, output_kind
 from .inputs import Inputs
 
 
@@ -45,6 +45,12 @@ def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None,
         choices = registry.format_choices().split("|")
         raise UsageError(f"--format {fmt}: expected {', '.join(choices[:-1])} or {choices[-1]}")
     size = parse_size(max_shard_size) if max_shard_size else None
+    if is_url(output):
+        raise OutputError(f"-o {output}: outputs are written to local paths only; write here and upload the"
+                          " result; nothing was written")
+    if in_place and is_url(ckpt.path):
+        raise OutputError(f"--in-place: {ckpt.path} is remote and outputs are written to local paths only;"
+                          " pass -o PATH; nothing was written")
     if inputs is None:
         inputs = Inputs()
         inputs.record(ckpt.path, "the checkpoint")

@@ -7,7 +7,6 @@ read lazily like the zip format; a torch output of it is always written as zip.
 
 from __future__ import annotations
 
-import os
 import struct
 
 from ..checkpoint import Checkpoint, Storage
@@ -30,7 +29,7 @@ def _no_storage(source: str):
 
 def is_legacy(file: InputFile) -> bool:
     """Whether the file starts with the legacy format's magic number pickle."""
-    with os.fdopen(os.dup(file.fd), "rb") as stream:
+    with file.stream() as stream:
         stream.seek(0)  # a duplicated descriptor shares its offset with the original
         try:
             return pickles.unpickle(stream, file.name, **_plain(file.name)) == MAGIC_NUMBER
@@ -50,7 +49,7 @@ def read(file: InputFile, *, allow: frozenset[str], unsafe: bool) -> Checkpoint:
         return storages[key_]
 
     interpret, persistent_load = interpreter(file.name, storage_for)
-    with os.fdopen(os.dup(file.fd), "rb") as stream:
+    with file.stream() as stream:
         stream.seek(0)
         header = [pickles.unpickle(stream, file.name, **_plain(file.name)) for _ in range(3)]
         if header[0] != MAGIC_NUMBER or header[1] != PROTOCOL_VERSION:

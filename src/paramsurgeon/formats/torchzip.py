@@ -34,7 +34,7 @@ class ZipRecords:
     def __init__(self, file: InputFile):
         self.file = file
         try:
-            with os.fdopen(os.dup(file.fd), "rb") as handle:
+            with file.stream() as handle:
                 infos = zipfile.ZipFile(handle).infolist()
         except Exception as e:  # zipfile parsing untrusted bytes can fail in many ways; all mean "damaged"
             raise CorruptCheckpointError(f"{file.name}: not a readable zip archive ({type(e).__name__}: {e});"

@@ -1,0 +1,497 @@
+"""Checkpoints at URLs: ``https://`` (and ``http://``), ``hf://ORG/REPO[@REV][/PATH]`` and
+``s3://BUCKET/KEY``, read as ``InputFile``s whose reads are ranged requests, so that every
+format reader works unchanged.
+
+A file's first request fetches its first 64 KiB (a JSON file: its first MiB) and learns its
+size from the reply, so that a safetensors header costs one request, two when it is larger;
+small reads are served from what was fetched, tensor values are fetched when read. A hub
+repository is looked up once (its commit, file names and sizes in one request) and its files
+are then read at that commit. Credentials come from the environment and are never printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import os
+import re
+import ssl
+import tempfile
+import threading
+import urllib.parse
+
+from ..errors import CorruptCheckpointError, InputError
+from .files import InputFile
+
+_BLOCK = 64 << 10  # the first read of a file, and the least one fetched
+_JSON_BLOCK = 1 << 20  # an index or config.json is fetched whole in one request up to this
+_SPANS = 8  # blocks kept for later small reads: the file's first one and the latest ones
+_TIMEOUT = 60
+_REDIRECTS = 5
+_HF = re.compile(r"hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?$")
+
+_download = [False]  # --download: a server that ignores Range is read whole (see allow_download)
+_files: dict[str, "RemoteFile | None"] = {}  # every remote file opened, None for one found missing
+_repos: dict[tuple[str, str | None], "_HubRepo"] = {}
+_s3_files: list = [None]  # the s3fs filesystem, made once
+_connections: dict[tuple, http.client.HTTPConnection] = {}  # kept alive per thread and host
+
+
+class RemoteError(InputError):
+    """A remote file that cannot be read: not found, no access, no connection, cut short."""
+
+
+def forget() -> None:
+    """Look remote files and repositories up afresh from now on (a new command's loader)."""
+    _files.clear()
+    _repos.clear()
+    _s3_files[0] = None
+    for connection in _connections.values():
+        connection.close()
+    _connections.clear()
+
+
+@contextlib.contextmanager
+def session(download: bool):
+    """Within this, with ``download``, a server that ignores Range requests is read by
+    downloading whole files."""
+    before, _download[0] = _download[0], download
+    try:
+        yield
+    finally:
+        _download[0] = before
+
+
+class RemoteFile(InputFile):
+    """A remote file read by ranged requests; spans fetched once are kept while small."""
+
+    def __init__(self, url: str, fetch, size: int, first: bytes):
+        self.fd, self.name, self.path = None, url, url
+        self.size, self._fetch = size, fetch
+        self._spans: list[tuple[int, bytes]] = [(0, first)] if first else []
+        self._map = None
+
+    def read(self, offset: int, n: int) -> bytes:
+        return bytes(self._bytes(offset, n))
+
+    def view(self, offset: int, n: int) -> memoryview:
+        return memoryview(self._bytes(offset, n))
+
+    def stream(self) -> io.BufferedReader:
+        """The file as a seekable file object whose reads are ranged (zipfile, pickle)."""
+        return io.BufferedReader(_Ranges(self), buffer_size=_BLOCK)
+
+    def _bytes(self, offset: int, n: int) -> bytearray:
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise CorruptCheckpointError(
+                f"{self.name}: truncated: needs bytes {offset}..{offset + n} but the file has {self.size}")
+        for start, data in self._spans:
+            if start <= offset and offset + n <= start + len(data):
+                return bytearray(data[offset - start:offset - start + n])
+        before = b""
+        for start, data in self._spans:  # a read that goes on past a kept span fetches only the rest
+            if start <= offset < start + len(data):
+                before = data[offset - start:]
+        begin = offset + len(before)
+        end = max(offset + n, min(begin + _BLOCK, self.size)) if n < _BLOCK else offset + n
+        fetched = self._fetch(begin, end)
+        if n < _BLOCK:  # headers and small tensors; a read of values is fetched as asked, not kept
+            self._spans = self._spans[:1] + self._spans[1:][2 - _SPANS:] + [(begin, bytes(fetched))]
+        if not before and len(fetched) == n and isinstance(fetched, bytearray):
+            return fetched  # a tensor's values: not copied again
+        return bytearray(before + fetched[:offset + n - begin])
+
+
+class _Ranges(io.RawIOBase):
+    """A remote file's bytes as a raw seekable stream."""
+
+    def __init__(self, file: RemoteFile):
+        self.file, self.position = file, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = max(0, (0, self.position, self.file.size)[whence] + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self.file.size - self.position))
+        buffer[:n] = self.file.read(self.position, n)
+        self.position += n
+        return n
+
+
+def open_remote(url: str) -> RemoteFile:
+    """The remote file at ``url``, opened once (its first block fetched)."""
+    if _files.get(url) is None:
+        file = _open(url)
+        if file is None:
+            raise RemoteError(f"{url}: not found (HTTP 404); check the URL")
+        _files[url] = file
+    return _files[url]
+
+
+def is_file(url: str) -> bool:
+    """Whether the remote file at ``url`` exists (a hub file: from the repository's listing;
+    otherwise by opening it, which costs the request its first read makes anyway)."""
+    hub = _hub_url(url)
+    if hub:
+        return _repo(hub).size(hub["path"] or "") is not None
+    if url not in _files:
+        _files[url] = _open(url)
+    return _files[url] is not None
+
+
+def is_dir(url: str) -> bool:
+    """Only a hub repository (or a folder in one) is a remote directory: HTTP cannot list one."""
+    hub = _hub_url(url)
+    return bool(hub) and _repo(hub).is_dir(hub["path"] or "")
+
+
+def list_dir(url: str) -> list[str]:
+    """The names in a hub repository's folder."""
+    hub = _hub_url(url)
+    return _repo(hub).names(hub["path"] or "")
+
+
+def _hub_url(url: str) -> re.Match | None:
+    """The parts of an hf:// URL; None for another scheme."""
+    if not url.startswith("hf://"):
+        return None
+    match = _HF.match(url)
+    if match is None:
+        raise RemoteError(f"{url}: a hub URL is hf://ORG/REPO[@REVISION][/PATH] (a model repository)")
+    return match
+
+
+def _open(url: str) -> RemoteFile | None:
+    """Open ``url`` by fetching its first block; None when it does not exist."""
+    hub = _hub_url(url)
+    if hub:
+        repo = _repo(hub)
+        size = repo.size(hub["path"] or "")
+        if size is None:
+            return None
+        fetch = _http_fetcher(repo.file_url(hub["path"]), url, repo.headers())
+    elif url.startswith("s3://"):
+        fetch, size = _s3_fetcher(url), None
+    else:
+        fetch, size = _http_fetcher(url, url, {}), None
+    first = _BLOCK if not url.endswith(".json") else _JSON_BLOCK
+    try:
+        data, total = fetch(0, first if size is None else min(first, size), size is None)
+    except _Missing:
+        return None
+    return RemoteFile(url, lambda start, end: fetch(start, end)[0], total, data)
+
+
+class _Missing(Exception):
+    """HTTP 404."""
+
+
+def _http_fetcher(address: str, url: str, headers: dict):
+    """``fetch(start, end, first=False) -> (bytes, file size)``: a ranged GET of ``address``
+    (errors name ``url``, the address the user gave)."""
+    spooled: list[InputFile] = []
+
+    def fetch(start: int, end: int, first: bool = False) -> tuple[bytes, int]:
+        if spooled:
+            return spooled[0].read(start, min(end, spooled[0].size) - start), spooled[0].size
+        with _answers(url):
+            try:
+                reply = _get(address, headers, {"Range": f"bytes={start}-{max(end - 1, start)}"})
+            except _Status as e:
+                if first and e.code == 416:
+                    return b"", 0  # an empty file
+                if first and e.code == 404:
+                    raise _Missing from None
+                raise
+            if reply.status == 200:
+                spooled.append(_download_whole(reply, url))
+                return fetch(start, end)
+            total = _total(reply.getheader("Content-Range"), url)
+            want = min(end, total) - start
+            data = _read_exactly(reply, want)
+            reply.read()  # the rest, if the server sent more: the connection is then free
+        if len(data) < want:
+            _connections.clear()
+            raise RemoteError(f"{url}: the response was cut short ({len(data)} of {want} bytes); try again")
+        return data, total
+
+    return fetch
+
+
+def _get(address: str, headers: dict, plain: dict | None = None) -> http.client.HTTPResponse:
+    """The reply to a GET of ``address`` over a kept connection, redirects followed; ``headers``
+    (a token) are not sent on to another host. An error status raises _Status."""
+    for _ in range(_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(address)
+        reply = _request(parts, {**(plain or {}), **headers})
+        location = reply.getheader("Location")
+        if reply.status in (301, 302, 303, 307, 308) and location:
+            reply.read()
+            target = urllib.parse.urljoin(address, location)
+            if urllib.parse.urlsplit(target).netloc != parts.netloc:
+                headers = {}  # a token stays with its host
+            address = target
+            continue
+        if reply.status >= 400:
+            reply.read()
+            raise _Status(reply.status, reply.reason)
+        return reply
+    raise _Status(310, f"more than {_REDIRECTS} redirects")
+
+
+def _request(parts: urllib.parse.SplitResult, headers: dict) -> http.client.HTTPResponse:
+    """Send a GET on the connection kept for the host (once more on a new one if the server had
+    closed it); a connection that cannot be made raises _NoConnection."""
+    key = (threading.get_ident(), parts.scheme, parts.netloc)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    for again in (True, False):
+        kept = _connections.get(key)
+        connection = kept or _connect(parts)
+        _connections[key] = connection
+        try:
+            connection.request("GET", target, headers=headers)
+            return connection.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            connection.close()
+            del _connections[key]
+            if not (again and kept):
+                raise
+        except OSError as e:
+            connection.close()
+            del _connections[key]
+            raise _NoConnection(getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)) from None
+    raise AssertionError("unreachable")
+
+
+def _connect(parts: urllib.parse.SplitResult) -> http.client.HTTPConnection:
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=_TIMEOUT, context=_tls())
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=_TIMEOUT)
+
+
+class _Status(Exception):
+    """An HTTP error status."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(code, reason)
+        self.code, self.reason = code, reason
+
+
+class _NoConnection(Exception):
+    """A connection that could not be made (refused, no such host, a certificate refused)."""
+
+
+@contextlib.contextmanager
+def _answers(url: str, missing: str = "not found (HTTP 404); check the URL"):
+    """HTTP and connection errors within, as one line naming ``url``."""
+    hint = " (set HF_TOKEN)" if url.startswith("hf://") else ""
+    try:
+        yield
+    except _Status as e:
+        if e.code == 404:
+            raise RemoteError(f"{url}: {missing}") from None
+        if e.code in (401, 403):
+            raise RemoteError(f"{url}: access denied (HTTP {e.code}); a token is needed{hint}") from None
+        raise RemoteError(f"{url}: the server answered HTTP {e.code} ({e.reason})") from None
+    except _NoConnection as e:
+        raise RemoteError(f"{url}: cannot connect ({e})") from None
+    except (http.client.HTTPException, OSError) as e:
+        _connections.clear()  # a reply cut short leaves its connection unusable
+        raise RemoteError(f"{url}: the response was cut short ({type(e).__name__}); try again") from None
+
+
+def _read_exactly(reply, n: int) -> bytearray:
+    """Up to ``n`` bytes of ``reply``, read into one buffer (fewer only if the reply ends early)."""
+    data = bytearray(n)
+    view, done = memoryview(data), 0
+    while done < n:
+        got = reply.readinto(view[done:])
+        if not got:
+            del view
+            return data[:done]
+        done += got
+    return data
+
+
+def _download_whole(reply, url: str) -> InputFile:
+    """A server that ignored the Range request: the whole file in a temporary file, if allowed."""
+    if not _download[0]:
+        raise RemoteError(f"{url}: the server ignores Range requests, so reading anything means downloading"
+                          " whole files; pass --download to allow that")
+    spool = tempfile.TemporaryFile(prefix="paramsurgeon-download-")
+    expected = reply.getheader("Content-Length")
+    while chunk := reply.read(1 << 20):
+        spool.write(chunk)
+    spool.flush()
+    file = InputFile(os.dup(spool.fileno()), url, url)
+    if expected is not None and int(expected) != file.size:
+        raise RemoteError(f"{url}: the response was cut short ({file.size} of {expected} bytes); try again")
+    return file
+
+
+def _total(content_range: str | None, url: str) -> int:
+    """The file size a 206 reply states ('bytes 0-65535/123456')."""
+    match = re.fullmatch(r"bytes \d+-\d+/(\d+)", (content_range or "").strip())
+    if match is None:
+        raise RemoteError(f"{url}: the server's reply to a Range request gives no file size"
+                          f" (Content-Range: {content_range!r})")
+    return int(match[1])
+
+
+def _tls() -> ssl.SSLContext:
+    """Certificates checked against the default trust store, or the bundle the environment names."""
+    bundle = os.environ.get("SSL_CERT_FILE") or os.environ.get("REQUESTS_CA_BUNDLE")
+    return ssl.create_default_context(cafile=bundle or None)
+
+
+def _s3_fetcher(url: str):
+    """``fetch(start, end, first=False) -> (bytes, file size)``: a ranged GetObject through s3fs,
+    with the credentials, region and endpoint of the standard AWS environment."""
+    s3fs = _s3(url)
+    from fsspec.asyn import sync
+
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if _s3_files[0] is None:
+        _s3_files[0] = s3fs.S3FileSystem(skip_instance_cache=True)  # the environment as it is now
+    fs = _s3_files[0]
+
+    async def get(start: int, end: int) -> tuple[bytes, str | None, int | None]:
+        reply = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{max(end - 1, start)}")
+        body = reply["Body"]
+        try:
+            return await body.read(), reply.get("ContentRange"), reply.get("ContentLength")
+        finally:
+            body.close()
+
+    def fetch(start: int, end: int, first: bool = False) -> tuple[bytes, int]:
+        try:
+            data, content_range, length = sync(fs.loop, get, start, end)
+        except FileNotFoundError:
+            if first:
+                raise _Missing from None
+            raise RemoteError(f"{url}: not found (no such bucket or key); check the URL") from None
+        except PermissionError:
+            raise RemoteError(f"{url}: access denied; credentials that may read it are needed (AWS_ACCESS_KEY_ID"
+                              " and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)") from None
+        except _s3_errors() as e:  # no connection, no credentials, a cut reply
+            raise RemoteError(f"{url}: {_s3_reason(e)}") from None
+        total = _total(content_range, url)
+        want = min(end, total) - start
+        if len(data) < want or (length is not None and len(data) != length):
+            raise RemoteError(f"{url}: the response was cut short ({len(data)} of {want} bytes); try again")
+        return data[:want], total
+
+    return fetch
+
+
+def _s3_errors() -> tuple[type[BaseException], ...]:
+    """What botocore, aiohttp and s3fs raise for a request that failed."""
+    import aiohttp
+    import botocore.exceptions
+
+    return OSError, aiohttp.ClientError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError
+
+
+def _s3_reason(error: Exception) -> str:
+    """One line for an error s3fs or botocore raised (their messages may span lines)."""
+    name = type(error).__name__
+    if "Connect" in name or isinstance(error, ConnectionError):
+        return "cannot connect (check AWS_ENDPOINT_URL and the network)"
+    if "Credentials" in name:
+        return "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    if "InvalidRange" in str(error):
+        return "the file is empty (0 bytes)"
+    return f"cannot read it ({name}: {' '.join(str(error).split())[:200]})"
+
+
+def _s3(url: str):
+    """s3fs, which s3:// needs."""
+    try:
+        import s3fs
+    except ImportError:
+        raise InputError(f"{url}: s3:// URLs need s3fs: pip install 'paramsurgeon[s3]'") from None
+    return s3fs
+
+
+def _repo(match: re.Match) -> "_HubRepo":
+    key = (match["repo"], match["revision"])
+    if key not in _repos:
+        _repos[key] = _HubRepo(*key)
+    return _repos[key]
+
+
+class _HubRepo:
+    """A hub model repository at one revision: its commit, files and sizes, looked up once."""
+
+    def __init__(self, repo: str, revision: str | None):
+        self.repo, self.revision = repo, revision
+        self.url = f"hf://{repo}" + (f"@{revision}" if revision else "")
+        self._files: dict[str, int] | None = None
+        self.commit = revision
+
+    def headers(self) -> dict:
+        token = _hub().get_token()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def endpoint(self) -> str:
+        return (os.environ.get("HF_ENDPOINT") or _hub().constants.ENDPOINT).rstrip("/")
+
+    def file_url(self, path: str) -> str:
+        return f"{self.endpoint()}/{self.repo}/resolve/{self.commit}/{urllib.parse.quote(path)}"
+
+    def size(self, path: str) -> int | None:
+        return self.files().get(path.strip("/"))
+
+    def is_dir(self, path: str) -> bool:
+        folder = path.strip("/")
+        return not folder or any(name.startswith(folder + "/") for name in self.files())
+
+    def names(self, path: str) -> list[str]:
+        folder = path.strip("/")
+        inside = [n[len(folder) + 1:] if folder else n for n in self.files() if not folder or n.startswith(folder + "/")]
+        return sorted({n.split("/")[0] for n in inside})
+
+    def files(self) -> dict[str, int]:
+        if self._files is None:
+            self._files = self._look_up()
+        return self._files
+
+    def _look_up(self) -> dict[str, int]:
+        """One request: the commit the revision names, and every file with its size."""
+        import json
+
+        revision = urllib.parse.quote(self.revision or "main", safe="")
+        address = f"{self.endpoint()}/api/models/{self.repo}/revision/{revision}?blobs=true"
+        with _answers(self.url, "no such repository or revision (HTTP 404); check the name, or set HF_TOKEN"
+                                " if it is private"):
+            with _get(address, self.headers()) as reply:
+                answer = reply.read()
+        try:
+            info = json.loads(answer)
+            self.commit = info["sha"]
+            return {s["rfilename"]: int(s.get("size") or (s.get("lfs") or {}).get("size") or 0)
+                    for s in info["siblings"]}
+        except (ValueError, KeyError, TypeError) as e:
+            raise RemoteError(f"{self.url}: the hub's answer about the repository is not understood ({e})") from None
+
+
+def _hub():
+    """huggingface_hub, which hf:// needs (for the endpoint and the token)."""
+    try:
+        import huggingface_hub
+        import huggingface_hub.constants  # noqa: F401
+    except ImportError:
+        raise InputError("hf:// URLs need huggingface_hub (for the hub's endpoint and token):"
+                         " pip install 'paramsurgeon[hub]'") from None
+    return huggingface_hub
