@@ -6,6 +6,7 @@ error (exit 2, nothing written)."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -403,7 +404,7 @@ def test_what_names_the_methods_names_those_registered(tmp_path):
     from paramsurgeon.ops.merge.registry import METHODS
 
     names = [m.name for m in METHODS]
-    shown = " ".join(run("merge", "--help").stdout.replace("-\n", "-").split())
+    shown = " ".join(re.sub(r"-\n\s*", "-", run("merge", "--help").stdout).split())  # a name wrapped at its hyphen
     assert f"Methods: {', '.join(names)}; streaming" in shown
     assert f"--method M {names[0]} (default), {', '.join(names[1:-1])} or {names[-1]}." in shown
     assert refused(tmp_path, tmp_path / "a.pt", tmp_path / "b.pt", "--method", "nonesuch") == \
