@@ -311,3 +311,27 @@ def test_stack_refuses_blocks_unlike_those_of_the_rest(request, saved, tmp_path)
     result = run("stack", f"{path_a}:0..1", "--rest", path_c, "-o", f"{tmp_path / 'out'}/")
     assert result.exit_code == 2 and "'mlp.down_proj.weight' is [32, 64]" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_block_the_config_does_not_count_is_refused_not_renumbered_into_the_model(request, saved, tmp_path):
+    """DeepSeek-V3 stores its multi-token-prediction layer as model.layers.61 of a 61-layer model:
+    renumbering it into the layers would make transformers load it as one of them."""
+    _, path = model_dir(request, saved, "llama", lm.llama)
+    folder = tmp_path / "mtp"
+    folder.mkdir()
+    state = load_file(os.path.join(path, "model.safetensors"))
+    last = config(path)["num_hidden_layers"] - 1
+    extra = {n.replace(f"layers.{last}.", f"layers.{last + 1}."): v.clone() for n, v in state.items()
+             if f"layers.{last}." in n}
+    from safetensors.torch import save_file
+
+    save_file({**state, **extra}, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config(path)))
+    out = tmp_path / "out"
+    result = run("layers", folder, "--drop", "0", "-o", f"{out}/")
+    assert result.exit_code == 2 and not out.exists()
+    assert result.stderr == (f"paramsurgeon: error: layers: the checkpoint has {last + 2} blocks (model.layers.0 to"
+                             f" model.layers.{last + 1}) but config.json says num_hidden_layers {last + 1} (a"
+                             " multi-token-prediction layer numbered after the model's, as DeepSeek-V3's?);"
+                             " renumbering would make the extra blocks model layers: drop them first"
+                             f" (paramsurgeon drop -p 'model.layers.{last + 1}.*')\n")

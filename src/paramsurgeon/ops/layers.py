@@ -66,6 +66,7 @@ class Layers(Blockwise, Operation):
 
     def plan(self, ckpt: Checkpoint, sources: Sources) -> Plan:
         blocks = find_blocks(list(ckpt.tensors), self.prefix, "layers: ")
+        _agrees_with_config(ckpt.config, blocks)
         order, copies = self.order(blocks.count)
         plan = renumbered("layers", ckpt, blocks, [(ckpt, blocks, i) for i in order], f"layers: {self.described()}")
         if self.identity:
@@ -161,6 +162,19 @@ def _output(local: str) -> bool:
 
 def _zeros(nbytes: int):
     return lambda: bytearray(nbytes)
+
+
+def _agrees_with_config(config: dict | None, blocks) -> None:
+    """Refuse a model whose config counts fewer layers than it has numbered blocks (DeepSeek-V3 numbers
+    its multi-token-prediction layer after the model's layers): renumbering would make it one of them."""
+    counted = {key: value for key, value in (config or {}).items() if key in COUNT_KEYS and isinstance(value, int)}
+    for key, value in counted.items():
+        if value != blocks.count:
+            raise UsageError(f"layers: the checkpoint has {blocks.count} blocks ({blocks.prefix}.0 to"
+                             f" {blocks.prefix}.{blocks.count - 1}) but config.json says {key} {value} (a"
+                             " multi-token-prediction layer numbered after the model's, as DeepSeek-V3's?);"
+                             " renumbering would make the extra blocks model layers: drop them first"
+                             f" (paramsurgeon drop -p '{blocks.prefix}.{value}.*')")
 
 
 def layer_config(config: dict | None, count: int, order: list[int]) -> dict:
