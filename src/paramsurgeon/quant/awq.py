@@ -7,8 +7,8 @@ to the dtype, as AutoAWQ's ``dequantize_gemm`` computes it. The logical tensor i
 
 from __future__ import annotations
 
-from .base import Group, Partial, Scheme
-from .gptq import base_of, group_size, looks_like_awq, unpack
+from .base import Group, Partial
+from .gptq import QweightScheme, group_size, looks_like_awq, unpack
 
 ROLES = ("qweight", "qzeros", "scales")
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output each nibble of a word holds
@@ -16,28 +16,16 @@ BITS = 4
 ROWS = 1 << 22  # codes unpacked at a time
 
 
-class Awq(Scheme):
+class Awq(QweightScheme):
     name = "awq"
     roles = ROLES
     markers = (".qweight", ".qzeros", ".scales")
 
-    def part_name(self, name, role):
-        return base_of(name) + "." + role
+    def claims(self, tensors, parts):
+        return looks_like_awq(tensors, parts)
 
-    def find(self, tensors, config):
-        method = config.get("quant_method")
-        if method not in (None, "awq"):
-            return
-        for name in tensors:
-            if not name.endswith(self.markers):
-                continue
-            base, role = name.rsplit(".", 1)
-            if role == "qweight":
-                parts = {r: base + "." + r for r in ROLES if base + "." + r in tensors}
-                if method == "awq" or looks_like_awq(tensors, parts):
-                    yield self.group(base, parts, tensors, config)
-            elif method == "awq" and base + ".qweight" not in tensors:
-                yield Partial([name], f"an {self.name} {role} without its codes {base}.qweight")
+    def names_orphan(self, role, method):
+        return method == "awq"
 
     def group(self, base: str, parts: dict[str, str], tensors: dict, config: dict) -> Group | Partial:
         """The group of ``base``'s parts, or why they do not make one."""

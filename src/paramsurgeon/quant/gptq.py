@@ -19,28 +19,48 @@ FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what the stored zero
 ELEMENTS = 1 << 22  # codes unpacked at a time
 
 
-class Gptq(Scheme):
-    name = "gptq"
-    roles = ROLES
-    markers = (".qweight", ".qzeros", ".g_idx", ".scales")
+class QweightScheme(Scheme):
+    """What GPTQ and AWQ share: the group ``x.weight`` stored as ``x.qweight``, ``x.qzeros``, ``x.scales``
+    (and GPTQ's ``x.g_idx``); without a config, ``claims`` tells whose parts they are."""
 
     def part_name(self, name, role):
         return base_of(name) + "." + role
 
+    def claims(self, tensors: dict, parts: dict[str, str]) -> bool:
+        """Whether parts found without a quantization_config are this scheme's."""
+        raise NotImplementedError
+
+    def names_orphan(self, role: str, method: str | None) -> bool:
+        """Whether a part ``role`` without its codes is named (a partial group) under ``method``."""
+        raise NotImplementedError
+
     def find(self, tensors, config):
         method = config.get("quant_method")
-        if method not in (None, "gptq"):
+        if method not in (None, self.name):
             return
         for name in tensors:
             if not name.endswith(self.markers):
                 continue
             base, role = name.rsplit(".", 1)
             if role == "qweight":
-                parts = {r: base + "." + r for r in ROLES if base + "." + r in tensors}
-                if method == "gptq" or not looks_like_awq(tensors, parts):
+                parts = {r: base + "." + r for r in self.roles if base + "." + r in tensors}
+                if method == self.name or self.claims(tensors, parts):
                     yield self.group(base, parts, tensors, config)
-            elif base + ".qweight" not in tensors and (role != "scales" or method == "gptq"):
-                yield Partial([name], f"a {self.name} {role} without its codes {base}.qweight")
+            elif base + ".qweight" not in tensors and self.names_orphan(role, method):
+                article = "an" if self.name[0] in "aeiou" else "a"
+                yield Partial([name], f"{article} {self.name} {role} without its codes {base}.qweight")
+
+
+class Gptq(QweightScheme):
+    name = "gptq"
+    roles = ROLES
+    markers = (".qweight", ".qzeros", ".g_idx", ".scales")
+
+    def claims(self, tensors, parts):
+        return not looks_like_awq(tensors, parts)
+
+    def names_orphan(self, role, method):
+        return role != "scales" or method == "gptq"  # 'scales' alone is too common a name
 
     def group(self, base: str, parts: dict[str, str], tensors: dict, config: dict) -> Group | Partial:
         """The group of ``base``'s parts, or why they do not make one."""
