@@ -15,35 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fp8_reference import BLOCK, dequantize, quantize
 from helpers import bits, json_of, register_input, run
 
-BLOCK = 128
 DOWN, UP, NORM = "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-
-
-def quantize(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's layout, tile by tile: scale_inv = amax / 448 (1 for an all-zero tile), codes in e4m3."""
-    rows, columns = weight.shape
-    scale = torch.empty(-(-rows // block), -(-columns // block))
-    codes = torch.empty(rows, columns, dtype=torch.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = weight[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
-            amax = tile.abs().max()
-            scale[i, j] = amax / 448 if amax > 0 else 1.0
-            codes[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
-    return codes, scale
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16, block: int = BLOCK) -> torch.Tensor:
-    """DeepSeek's weight_dequant on the CPU: each code times its tile's scale, in float32, then ``dtype``."""
-    out = torch.empty(codes.shape)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = (slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block))
-            out[tile] = codes[tile].float() * scale[i, j]
-    return out.to(dtype)
 
 
 def stored(path) -> dict[str, torch.Tensor]:

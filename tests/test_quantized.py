@@ -2,8 +2,8 @@
 dequantized tensor, what moves tensors moves every part, what changes values writes a plain tensor.
 
 The checkpoint is a DeepSeek-V3-style FP8 directory made from real nn.Linear weights; the codes,
-scales and dequantized values are computed here with torch, from DeepSeek's ``weight_dequant``
-(a float32 product of each code and the scale of its 128x128 tile, rounded to the default dtype).
+scales and dequantized values are computed with torch by tests/fp8_reference.py, from DeepSeek's
+``weight_dequant`` (a float32 product of each code and the scale of its tile, rounded to the dtype).
 """
 
 import json
@@ -13,36 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fp8_reference import dequantize, quantize
 from helpers import bits, json_of, register_input, run
 
 import paramsurgeon.formats as formats
 from paramsurgeon.checkpoint.quantized import Quantized
 
-BLOCK = 128
 DOWN, UP, NORM = "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"
-
-
-def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's layout, tile by tile: scale_inv = amax / 448, codes = weight / scale_inv in e4m3."""
-    rows, columns = weight.shape
-    scale = torch.empty(-(-rows // BLOCK), -(-columns // BLOCK))
-    codes = torch.empty(rows, columns, dtype=torch.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = weight[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK].float()
-            scale[i, j] = tile.abs().max() / 448
-            codes[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
-    return codes, scale
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """DeepSeek's weight_dequant on the CPU: each code times its tile's scale, in float32, then bf16."""
-    out = torch.empty(codes.shape)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = (slice(i * BLOCK, (i + 1) * BLOCK), slice(j * BLOCK, (j + 1) * BLOCK))
-            out[tile] = codes[tile].float() * scale[i, j]
-    return out.to(torch.bfloat16)
 
 
 @pytest.fixture
@@ -155,15 +132,8 @@ def test_a_scale_that_does_not_fit_or_has_no_weight_is_named_and_left_as_stored(
 def test_the_block_size_comes_from_the_config(tmp_path):
     folder = tmp_path / "blocks"
     folder.mkdir()
-    weight = torch.randn(64, 96) * 0.02
-    codes = torch.empty(64, 96, dtype=torch.float8_e4m3fn)
-    scale = torch.empty(2, 3)
-    for i in range(2):
-        for j in range(3):
-            tile = weight[i * 32:(i + 1) * 32, j * 32:(j + 1) * 32]
-            scale[i, j] = tile.abs().max() / 448
-            codes[i * 32:(i + 1) * 32, j * 32:(j + 1) * 32] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
-    expected = (codes.float() * scale.repeat_interleave(32, 0).repeat_interleave(32, 1)).to(torch.float16)
+    codes, scale = quantize(torch.randn(64, 96) * 0.02, block=32)
+    expected = dequantize(codes, scale, torch.float16, block=32)
     save_file({"w.weight": codes, "w.weight_scale_inv": scale}, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"torch_dtype": "float16", "quantization_config": {
         "quant_method": "fp8", "weight_block_size": [32, 32]}}))
