@@ -135,6 +135,8 @@ def write_llama_gguf(path: str) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
 def fp8_block(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's FP8 layout, tile by tile: scale_inv = amax / 448 (1 for an all-zero tile), e4m3 codes."""
     rows, columns = weight.shape
