@@ -283,7 +283,7 @@ def convert(given: Input, sharding: Sharding, gguf: GgufOptions, read: Read, wri
         layout += f", sharded by {human_bytes(target.max_shard_size)}" if target.max_shard_size \
             else ", sharded as before" if registry.get(checkpoint.format).sharded else ", a directory of one shard"
     if write.dry_run:
-        count, size = written(checkpoint, target, write.dedupe)
+        count, size = written(checkpoint, target, write.dedupe, write.tensors_only)
         note(f"would write {plural(count, 'tensor')} ({human_bytes(size)}) to {where} as {layout}")
         return
     done = write_checkpoint(checkpoint, target, write)

@@ -80,17 +80,15 @@ def selected_names(ckpt: Checkpoint, selection: Selection, tensors: Optional[dic
     return names
 
 
-def written(ckpt: Checkpoint, target: formats.Target, dedupe: bool) -> tuple[int, int]:
-    """How many tensors the output holds and their bytes, as its format stores ties (registry.Format.ties):
-    shared storage once (torch), every name or one per tie group with --dedupe (safetensors), or
-    every name."""
+def written(ckpt: Checkpoint, target: formats.Target, dedupe: bool, tensors_only: bool = False) -> tuple[int, int]:
+    """How many tensors the output holds and their bytes: ``ckpt`` as the writer lays it out
+    (formats.writing.writable: quantized parts, a GGUF dequantized for another format), with ties
+    stored as the format stores them (registry.Format.ties): shared storage once (torch), every name
+    or one per tie group with --dedupe (safetensors), or every name."""
     from ..formats import registry
+    from ..formats.writing import writable
 
-    from ..checkpoint.quantized import stored
-
-    laid_out = stored(ckpt.container)  # each quantized tensor as its stored parts, as the writer lays them out
-    if laid_out is not None and not registry.get(target.family).quantized:
-        ckpt = ckpt.with_container(laid_out)
+    ckpt = writable(ckpt, target, tensors_only)
     tensors, ties = ckpt.tensors, registry.get(target.family).ties
     if ties == "recorded":
         from ..formats.safetensors import plan
@@ -124,7 +122,7 @@ def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write) -> str:
 
     if write.device:
         to_cpu(ckpt)
-    count, size = written(ckpt, target, write.dedupe)
+    count, size = written(ckpt, target, write.dedupe, write.tensors_only)
     with progress(size, "writing") as advance:
         notes = formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
     for message in notes:

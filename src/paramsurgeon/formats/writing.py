@@ -34,7 +34,7 @@ def save(ckpt: Checkpoint, target: Target, *, dedupe: bool = False, tensors_only
          progress: Progress | None = None) -> list[str]:
     """Write ``ckpt`` to ``target``; nothing appears at the target unless the write completes.
     Returns notes on what a directory output carried from the input's (sidefiles.carry)."""
-    return writer(target, dedupe=dedupe, progress=progress).write(_writable(ckpt, target, tensors_only)) or []
+    return writer(target, dedupe=dedupe, progress=progress).write(writable(ckpt, target, tensors_only)) or []
 
 
 def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = None) -> Writer:
@@ -77,7 +77,7 @@ def _file_writer(make: Callable[..., Writer], dedupe: bool) -> Callable[[Sink, s
     return lambda sink, path, progress: make(sink, path, progress, dedupe)
 
 
-def _writable(ckpt: Checkpoint, target: Target, tensors_only: bool) -> Checkpoint:
+def writable(ckpt: Checkpoint, target: Target, tensors_only: bool = False) -> Checkpoint:
     """``ckpt`` as the target can hold it: each quantized tensor as its stored parts; just its
     tensors with ``tensors_only``; refuses to drop the rest of the file silently. A GGUF checkpoint
     written in another format is its tensors as plain ones (quantized types dequantized to float32),
