@@ -77,7 +77,7 @@ def can_quantize(name: str) -> bool:
 
 def no_values(name: str) -> str:
     """Why a tensor of type ``name`` has no values."""
-    return f"no values: type {name}, which the gguf package cannot dequantize"
+    return f"type {name}, which the gguf package cannot dequantize"
 
 
 class GgufType(Scheme):
@@ -130,7 +130,7 @@ def dequantized_rows(tensor) -> Iterator:
 
     kind = tensor.params["gguf_type"]
     if not can_dequantize(kind):
-        raise PlanError(f"{no_values(kind)}; leave such tensors out with -x NAME")
+        raise PlanError(f"no values: {no_values(kind)}; leave such tensors out with -x NAME")
     qtype, dtype = quants.GGMLQuantizationType[kind], torch_dtype(tensor.dtype)
     row = tensor.shape[-1]
     rows = tensor.numel // row if row else 0
