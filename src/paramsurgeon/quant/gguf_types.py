@@ -116,7 +116,7 @@ class GgufType(Scheme):
         import torch
 
         return {"blocks": torch.cat([torch.frombuffer(bytearray(piece), dtype=torch.uint8)
-                                     for piece in quantized_rows(values, params["gguf_type"])])}
+                                     for piece in quantized_rows(values.float().numpy(), params["gguf_type"])])}
 
 
 def dequantized_rows(tensor) -> Iterator:
@@ -143,14 +143,14 @@ def dequantized_rows(tensor) -> Iterator:
 
 
 def quantized_rows(values, kind: str) -> Iterator[bytes]:
-    """The blocks of type ``kind`` storing ``values`` (a torch tensor), a few MiB of rows at a time."""
+    """The blocks of type ``kind`` storing ``values`` (a float32 numpy array), a few MiB of rows at a time."""
     from gguf import quants
 
     qtype = quants.GGMLQuantizationType[kind]
-    rows = values.reshape(-1, values.shape[-1]) if values.dim() else values.reshape(1, 1)
+    rows = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
     step = max(1, ROWS // max(rows.shape[1], 1))
     for start in range(0, rows.shape[0], step):
-        yield quants.quantize(rows[start:start + step].float().numpy(), qtype).tobytes()
+        yield quants.quantize(rows[start:start + step], qtype).tobytes()
 
 
 GGUF = GgufType()
