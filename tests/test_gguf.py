@@ -195,16 +195,31 @@ def test_the_type_table_read_without_gguf_is_the_gguf_packages_own():
         {(t.value, t.name, *GGML_QUANT_SIZES[t]) for t in T if t in GGML_QUANT_SIZES}
 
 
-def test_inspect_no_stats_of_a_gguf_imports_neither_gguf_nor_numpy(llama_gguf):
-    code = ("import sys, runpy; sys.argv = ['paramsurgeon', 'inspect', %r, '--no-stats'];"
+def _imported(*args) -> tuple[str, str]:
+    """(stdout, stderr) of the CLI run in a fresh process; stderr ends with which of gguf, numpy and
+    torch it imported."""
+    code = ("import sys, runpy; sys.argv = ['paramsurgeon'] + sys.argv[1:];"
             " import atexit; atexit.register(lambda: print('IMPORTED', [m for m in ('gguf', 'numpy', 'torch')"
             " if m in sys.modules], file=sys.stderr)); runpy.run_module('paramsurgeon', run_name='__main__')")
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", code % str(llama_gguf)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "IMPORTED []" in result.stderr and "GGUF, 21 tensors" in result.stdout
+    return result.stdout, result.stderr
+
+
+def test_inspect_no_stats_of_a_gguf_imports_neither_gguf_nor_numpy(llama_gguf):
+    stdout, stderr = _imported("inspect", llama_gguf, "--no-stats")
+    assert "IMPORTED []" in stderr and "GGUF, 21 tensors" in stdout
+
+
+def test_zeroing_a_quantized_gguf_tensor_does_not_import_torch(tmp_path, llama_gguf):
+    """gguf quantizes in numpy: importing torch would be a second of a large file's copy."""
+    out = tmp_path / "zeroed.gguf"
+    assert "IMPORTED ['gguf', 'numpy']" in _imported("zero", llama_gguf, "-p", "blk.0.attn_k.weight", "-o", out)[1]
+    zeroed = _tensors(gguf.GGUFReader(str(out)))["blk.0.attn_k.weight"]
+    assert zeroed.tensor_type == T.Q8_0 and not gguf.quants.dequantize(zeroed.data, T.Q8_0).any()
 
 
 def _tensor_entry(data: bytes, name: str) -> int:
