@@ -401,7 +401,11 @@ def cases(folder: str) -> list[tuple]:
              (FP8_QUANTIZE, "paramsurgeon quantize --scheme fp8-block",
               tool("quantize", "fp8-bf16", "--all", "--scheme", "fp8-block", "-o", "fp8-out/"), "fp8-out")]
     rows += [(GGUF_HEADER, "gguf's GGUFReader: open, count the tensors", python(GGUF_NAMES, "q8.gguf"), ""),
+             (GGUF_HEADER, "paramsurgeon --help (the command line's start)", tool("--help"), ""),
              (GGUF_HEADER, "paramsurgeon inspect --no-stats (gguf)", tool("inspect", "--no-stats", "q8.gguf"), ""),
+             (GGUF_CONVERT, "write as many bytes (3.75 GiB), then sync (the limit, durable)",
+              ["sh", "-c", f"head -c {GGUF_LAYERS * 4 * GGUF_SIDE ** 2 * 2} /dev/zero > gguf-out.safetensors"
+               " && sync gguf-out.safetensors"], "gguf-out.safetensors"),
              (GGUF_CONVERT, "script: GGUFReader, gguf.quants.dequantize, save_file",
               python(SCRIPT_GGUF_CONVERT, "q8.gguf", "gguf-out.safetensors"), "gguf-out.safetensors"),
              (GGUF_CONVERT, "paramsurgeon convert --dtype bfloat16 (streaming)",
