@@ -400,6 +400,8 @@ def test_zero_and_scale_write_gguf_with_untouched_bytes_and_requantized_changes(
             assert same == (name not in changed), name
     values = {n: gguf.quants.dequantize(t.data, t.tensor_type) for n, t in _tensors(gguf.GGUFReader(str(zeroed))).items()}
     assert not values["blk.0.attn_q.weight"].any() and not values["blk.0.attn_v.weight"].any()
+    zeroed_q = _tensors(gguf.GGUFReader(str(zeroed)))["blk.0.attn_q.weight"]  # Q4_0 zeros are not zero bytes
+    assert zeroed_q.data.tobytes() == gguf.quants.quantize(np.zeros((64, 64), np.float32), T.Q4_0).tobytes()
     old = _tensors(before)["blk.1.attn_k.weight"]
     new = _tensors(gguf.GGUFReader(str(scaled)))["blk.1.attn_k.weight"]
     expected = gguf.quants.quantize(2 * gguf.quants.dequantize(old.data, old.tensor_type), T.Q8_0)

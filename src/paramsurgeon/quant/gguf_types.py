@@ -143,14 +143,23 @@ def dequantized_rows(tensor) -> Iterator:
 
 
 def quantized_rows(values, kind: str) -> Iterator[bytes]:
-    """The blocks of type ``kind`` storing ``values`` (a float32 numpy array), a few MiB of rows at a time."""
+    """The blocks of type ``kind`` storing ``values`` (a float32 numpy array), a few MiB of rows at a
+    time; rows of +0.0 (a zeroed tensor) are the blocks of one such row, quantized once."""
+    import numpy as np
     from gguf import quants
 
     qtype = quants.GGMLQuantizationType[kind]
     rows = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
     step = max(1, ROWS // max(rows.shape[1], 1))
+    zero_row = None
     for start in range(0, rows.shape[0], step):
-        yield quants.quantize(rows[start:start + step], qtype).tobytes()
+        piece = rows[start:start + step]
+        if piece.view(np.uint32).any():  # a bit set: not +0.0 (-0.0 is quantized to other blocks)
+            yield quants.quantize(piece, qtype).tobytes()
+            continue
+        if zero_row is None:
+            zero_row = quants.quantize(piece[:1], qtype).tobytes()
+        yield zero_row * len(piece)
 
 
 GGUF = GgufType()
