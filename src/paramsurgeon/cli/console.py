@@ -136,7 +136,7 @@ def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write, seed: int 
     return f"{plural(count, 'tensor')}, {human_bytes(size)}"
 
 
-COMMAND_LINE: ContextVar[list[str]] = ContextVar("command_line", default=[])  # set by the CLI's main
+COMMAND_LINE: ContextVar[tuple[list[str], Callable]] = ContextVar("command_line")  # (argv, how to run it again)
 
 
 def work(options, seed: int | None = None):
@@ -146,8 +146,8 @@ def work(options, seed: int | None = None):
         return options.work()
     from ..parallel.cluster import Job
 
-    argv = COMMAND_LINE.get() + (["--seed", str(seed)] if seed is not None else [])
-    return options.work(Job(tuple(argv), os.getcwd()))
+    argv, rerun = COMMAND_LINE.get()
+    return options.work(Job(tuple(argv + (["--seed", str(seed)] if seed is not None else [])), os.getcwd(), rerun))
 
 
 PROGRESS_DELAY = float(os.environ.get("PARAMSURGEON_PROGRESS_DELAY", "1.0"))  # seconds before a bar shows

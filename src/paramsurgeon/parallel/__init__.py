@@ -70,25 +70,11 @@ def spread(task: Callable[[int], R], sizes: dict[int, int], work: Work, kind: st
     or 'tensors'; ``place`` is where a cluster's workers put what they write)."""
     from . import cluster, local
 
-    if cluster.rebuilding(kind) is not None:
-        yield from cluster.run_here(task, kind)
+    if cluster.rerunning():  # on a cluster's worker: this task's units, none of another kind (the
+        if cluster.rebuilding(kind) is not None:  # client ran those: overflow checks)
+            yield from cluster.run_here(task, kind)
         return
     if work.scheduler is not None and work.job is not None:
         yield from cluster.spread(sizes, work, kind, place)
         return
     yield from local.spread(task, sizes, work.processes(len(sizes), sum(sizes.values())))
-
-
-def batches(sizes: dict[int, int], count: int) -> list[list[int]]:
-    """Consecutive runs of the units of ``sizes``, about ``count`` of them, of about equal bytes."""
-    if not sizes:
-        return []
-    target = max(sum(sizes.values()) / max(count, 1), 1)
-    runs: list[list[int]] = [[]]
-    filled = 0
-    for unit, size in sizes.items():
-        if runs[-1] and filled + size > target * len(runs):
-            runs.append([])
-        runs[-1].append(unit)
-        filled += size
-    return runs

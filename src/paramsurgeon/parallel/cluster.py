@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from ..errors import UsageError, WorkError
+from .batches import batches
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach the scheduler
 WORKERS_TIMEOUT = 10.0  # seconds to wait for its first worker
@@ -29,10 +30,11 @@ _ONE_AT_A_TIME = threading.Lock()  # a rerun changes the worker's directory
 
 @dataclass(frozen=True)
 class Job:
-    """How a worker runs the command again: its arguments and directory."""
+    """How a worker runs the command again: ``run(argv)`` (the CLI's) in ``cwd``."""
 
     argv: tuple[str, ...]
     cwd: str
+    run: Callable[[list[str]], object]
 
 
 class _Done(BaseException):
@@ -50,6 +52,11 @@ def rebuilding(kind: str) -> object | None:
     return current[2] if current is not None and current[0] == kind else None
 
 
+def rerunning() -> bool:
+    """Whether this is a worker's rerun of a command."""
+    return _REBUILDING.get() is not None
+
+
 def run_here(task: Callable, kind: str) -> Iterator:
     """In a worker's rerun: compute this task's units and end the command with their results."""
     _, units, _ = _REBUILDING.get()
@@ -60,8 +67,6 @@ def run_here(task: Callable, kind: str) -> Iterator:
 def spread(sizes: dict[int, int], work, kind: str, place: object = None) -> Iterator[tuple[int, object]]:
     """Run the units on the cluster at ``work.scheduler``: one task per unit for shards, a few
     batches per worker for smaller units; yields ``(unit, result)`` as tasks finish."""
-    from . import batches
-
     client = connect(work.scheduler)
     try:
         workers = len(client.scheduler_info()["workers"])
@@ -119,16 +124,13 @@ def _refuse_unseen(client, address: str, place: str) -> None:
 def _task(job: Job, kind: str, units: list[int], place: object) -> list | str:
     """In a worker: run the command again and compute ``units``; their results, or the error
     that stopped the command (a line of text)."""
-    from ..cli import build_app
-
-    named = next((arg for arg in job.argv if not arg.startswith("-")), None)
     errors = io.StringIO()
     with _ONE_AT_A_TIME, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
         token = _REBUILDING.set((kind, units, place))
         previous = os.getcwd()
         try:
             os.chdir(job.cwd)
-            build_app(named)(args=list(job.argv), standalone_mode=False)
+            job.run(list(job.argv))
         except _Done as done:
             return done.results
         except OSError as e:
