@@ -6,8 +6,8 @@ and the project's README.md (the headline rows).
     python bench/run.py --update-readme
 
 Each measurement runs a fresh process; wall time is measured around it and peak anonymous
-memory (RssAnon, the memory a process really allocates, not the file pages it maps) is
-sampled from /proc every 5 ms. Medians over the runs; this machine is shared and noisy.
+memory (RssAnon, the memory a process really allocates, not the file pages it maps; for a command
+with worker processes, their Pss_Anon summed) is sampled from /proc every 5 ms. Medians over the runs; this machine is shared and noisy.
 """
 
 import argparse
@@ -252,22 +252,26 @@ json.dump({"metadata": {}, "weight_map": new_map}, open(os.path.join(target, "mo
 
 
 def peak_anon(pid: int, stop: threading.Event, result: list) -> None:
-    """The peak of the RssAnon of ``pid`` and its child processes (--workers), summed."""
+    """The peak anonymous memory of ``pid``: its RssAnon; with child processes (--workers), the
+    Pss_Anon of each summed, since a forked worker shares its parent's pages until it writes them
+    (summing their RssAnon would count those pages once per process)."""
     peak = 0
     while not stop.is_set():
-        total = _anon(pid)
+        children = _children(pid)
+        total = _anon(pid, "status", "RssAnon:") if not children else \
+            sum(_anon(p, "smaps_rollup", "Pss_Anon:") or 0 for p in [pid, *children])
         if total is None:
             break
-        peak = max(peak, total + sum(_anon(child) or 0 for child in _children(pid)))
+        peak = max(peak, total)
         stop.wait(0.005)
     result.append(peak)
 
 
-def _anon(pid: int) -> int | None:
+def _anon(pid: int, source: str, field: str) -> int | None:
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/{source}") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except (FileNotFoundError, ProcessLookupError):
         return None
