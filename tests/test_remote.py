@@ -52,7 +52,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def fresh(server, monkeypatch):
     server.reset()
-    server.mode, server.token, server.redirect_to = None, None, None
+    server.mode, server.token, server.redirect_to, server.signed = None, None, None, None
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
