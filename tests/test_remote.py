@@ -434,3 +434,58 @@ def test_a_torch_file_over_https_reads_as_the_local_one(fresh):
         assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
         if flags:
             assert fresh.sent < os.path.getsize(path) / 2  # the archive's directory and pickle, not its values
+
+
+def test_two_loaders_never_share_what_they_looked_up(fresh, tmp_path):
+    """A library user holding two loaders: what the first opened is not the second's answer when
+    the file has changed since (each loader keeps its own remote lookups)."""
+    from paramsurgeon.formats.loader import Loader
+
+    path = fresh.root_path / "files" / "changing.safetensors"
+    save_file({"a": torch.zeros(4)}, path)
+    url = f"{fresh.url}/files/changing.safetensors"
+    first, second = Loader(), Loader()
+    assert list(first.checkpoint(url).tensors) == ["a"]
+    save_file({"b": torch.ones(8), "c": torch.ones(2)}, path)
+    assert sorted(second.checkpoint(url).tensors) == ["b", "c"]
+    assert first.checkpoint(url).tensors["a"].shape == (4,)  # the first keeps what it read
+
+
+def test_a_hub_redirect_is_followed_once_per_file(fresh, monkeypatch):
+    """The hub answers each weight file with a redirect to its CDN (a presigned address): each
+    shard pays that once, its later reads go to the CDN at once; the token stays with the hub."""
+    cdn = Server(fresh.root_path)
+    try:
+        fresh.redirect_to = cdn.url
+        monkeypatch.setenv("HF_TOKEN", "hub-only-token")
+        got = run("inspect", "--json", "hf://org/model")
+        assert got.exit_code == 0, got.stderr
+        expected = run("inspect", "--json", _local(fresh, "hub", "org", "model", "main"))
+        assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+        resolved = [r for r in fresh.requests if "/resolve/" in r and ".safetensors" in r and ".json" not in r]
+        assert len(resolved) == SHARDS == len(set(resolved)), fresh.requests
+        assert len(cdn.requests) >= 3 * SHARDS, cdn.requests  # each shard's header and its two tensors
+        assert not any(cdn.authorizations), cdn.authorizations
+        fresh.reset()
+        cdn.reset()
+        got = run("inspect", "--no-stats", "hf://org/model")
+        assert got.exit_code == 0, got.stderr
+        assert len(fresh.requests) + len(cdn.requests) <= 3 + 2 * SHARDS, (fresh.requests, cdn.requests)
+    finally:
+        cdn.close()
+
+
+def test_a_presigned_index_url_asks_its_shards_with_its_query(fresh):
+    """An index at a presigned address (a signature in the query, slashes and all): its shards and
+    config.json are asked in the same directory with the same query, and read as the local copy."""
+    fresh.signed = "s3cr3t"
+    query = "X-Amz-Credential=AKIA/20261206/us-east-1/s3/aws4_request&sig=s3cr3t"
+    url = f"{fresh.url}/files/model/model.safetensors.index.json?{query}"
+    got = run("inspect", "--json", url)
+    assert got.exit_code == 0, got.stderr
+    expected = run("inspect", "--json", _local(fresh, "files", "model", "model.safetensors.index.json"))
+    assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+    assert f"/files/model/model-00002-of-00003.safetensors?{query}" in fresh.requests, fresh.requests
+    assert f"/files/model/config.json?{query}" in fresh.requests, fresh.requests
+    complete = run("check", "--complete", url)
+    assert complete.exit_code == 0 and "ok   shards" in complete.stdout, complete.stdout + complete.stderr
