@@ -11,6 +11,7 @@ import os
 import re
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -22,12 +23,15 @@ class Server:
     ``token``: when set, a request without 'Bearer TOKEN' gets 401; ``redirect_to``: another server's
     address, where hub weight files are redirected (as the hub sends them to its CDN: a presigned
     address under ``/cdn/``, refused without its signature); ``signed``: when set, ``/files/``
-    answers 403 to a request whose query lacks ``sig=SIGNED`` (a presigned address)."""
+    answers 403 to a request whose query lacks ``sig=SIGNED`` (a presigned address); ``delay``:
+    seconds each reply waits (a distant server), ``most_at_once``: the most requests it has
+    answered at the same time."""
 
     def __init__(self, root, certificate: tuple[str, str] | None = None):
         self.root, self.mode, self.token = str(root), None, None
         self.redirect_to: str | None = None
         self.signed: str | None = None
+        self.delay, self.most_at_once, self._at_once = 0.0, 0, 0
         self.requests: list[str] = []
         self.authorizations: list[str | None] = []
         self.sent = 0
@@ -44,7 +48,7 @@ class Server:
 
     def reset(self) -> None:
         with self._lock:
-            self.requests, self.sent, self.authorizations = [], 0, []
+            self.requests, self.sent, self.authorizations, self.most_at_once = [], 0, [], 0
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -70,6 +74,16 @@ class Server:
                 with server._lock:
                     server.requests.append(self.path)
                     server.authorizations.append(self.headers.get("Authorization"))
+                    server._at_once += 1
+                    server.most_at_once = max(server.most_at_once, server._at_once)
+                try:
+                    time.sleep(server.delay)
+                    self._answer()
+                finally:
+                    with server._lock:
+                        server._at_once -= 1
+
+            def _answer(self):
                 if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
                     return self._reply(401, b"unauthorized")
                 parts = urlsplit(self.path)

@@ -52,7 +52,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def fresh(server, monkeypatch):
     server.reset()
-    server.mode, server.token, server.redirect_to, server.signed = None, None, None, None
+    server.mode, server.token, server.redirect_to, server.signed, server.delay = None, None, None, None, 0.0
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
@@ -489,3 +489,13 @@ def test_a_presigned_index_url_asks_its_shards_with_its_query(fresh):
     assert f"/files/model/config.json?{query}" in fresh.requests, fresh.requests
     complete = run("check", "--complete", url)
     assert complete.exit_code == 0 and "ok   shards" in complete.stdout, complete.stdout + complete.stderr
+
+
+def test_shard_headers_are_fetched_side_by_side(fresh):
+    """A distant server (each reply 0.2 s late): the shards' first blocks are asked at once, not
+    one shard after another, with no more requests than the budget."""
+    fresh.delay = 0.2
+    got = run("inspect", "--no-stats", "hf://org/model")
+    assert got.exit_code == 0, got.stderr
+    assert fresh.most_at_once == SHARDS, fresh.requests
+    assert len(fresh.requests) <= SHARDS + 3, fresh.requests

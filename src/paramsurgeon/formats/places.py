@@ -15,6 +15,12 @@ def open_input(path: str | None) -> InputFile:
     return remote.open_remote(path) if is_url(path) else files.open_input(path)
 
 
+def open_many(paths: list[str]) -> None:
+    """Ready the files at ``paths`` for reading: remote ones are opened side by side (their first
+    blocks fetched at once); local ones need nothing."""
+    remote.open_many([path for path in paths if is_url(path)])
+
+
 def is_file(path: str) -> bool:
     """Whether ``path`` is a file."""
     return remote.is_file(path) if is_url(path) else os.path.isfile(path)

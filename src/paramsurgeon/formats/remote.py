@@ -16,6 +16,7 @@ for a Remote of their own that keeps nothing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import http.client
@@ -37,6 +38,7 @@ _TIMEOUT = 60
 _REDIRECTS = 5
 _HF = re.compile(r"hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?$")
 
+_PARALLEL = 8  # files opened at once (a checkpoint's shards: their headers fetched side by side)
 _RETRY_DIRECT = (401, 403, 404, 410)  # a kept redirect target that answers this has expired: ask again
 
 
@@ -157,6 +159,27 @@ def open_remote(url: str) -> RemoteFile:
             raise RemoteError(f"{url}: not found (HTTP 404); check the URL")
         remote.files[url] = file
     return remote.files[url]
+
+
+def open_many(urls: list[str]) -> None:
+    """Open the remote files at ``urls`` side by side on a few threads, so that reading a
+    checkpoint's shard headers takes about one request's time, not one a shard (the same
+    requests). What fails is left for the reads that follow to raise."""
+    remote = _current()
+    todo = [url for url in dict.fromkeys(urls) if url not in remote.files]
+    if len(todo) < 2:
+        return
+    is_file(todo[0])  # a hub repository is looked up once, here, not by every thread
+    todo = [url for url in todo if url not in remote.files]
+
+    def one(url: str):
+        try:
+            remote.files[url] = _open(remote, url)
+        except InputError:
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(min(_PARALLEL, len(todo))) as pool:
+        list(pool.map(one, todo))
 
 
 def is_file(url: str) -> bool:

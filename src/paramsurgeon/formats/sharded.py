@@ -19,7 +19,7 @@ from . import safetensors as st
 from . import registry
 from .atomic import atomic_directory, link_or_copy, new_file
 from .files import InputFile, reproduces, same_file
-from .places import dirname, is_file, join, read_all
+from .places import dirname, is_file, join, open_many, read_all
 from .inputs import Inputs
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -52,6 +52,7 @@ def read(index_path: str, read_shard: Callable[[InputFile], Checkpoint], open_fi
     folder = dirname(index_path)
     index_metadata, weight_map = read_index(index_path)
     shard_names = sorted(set(weight_map.values()))
+    open_many([join(folder, s) for s in shard_names])
     missing = [s for s in shard_names if not is_file(join(folder, s))]
     if missing:
         raise InputError(f"{index_path}: shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing;"
@@ -232,6 +233,7 @@ def verify(index_path: str, read_shard: Callable[[str], Checkpoint]) -> list[dic
     problems: list[dict] = []
     found: dict[str, str] = {}
     total = 0
+    open_many([join(folder, s) for s in set(weight_map.values())])
     for shard in sorted(set(weight_map.values())):
         listed = [n for n, s in weight_map.items() if s == shard]
         path = join(folder, shard)
