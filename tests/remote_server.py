@@ -25,13 +25,15 @@ class Server:
     address under ``/cdn/``, refused without its signature); ``signed``: when set, ``/files/``
     answers 403 to a request whose query lacks ``sig=SIGNED`` (a presigned address); ``delay``:
     seconds each reply waits (a distant server), ``most_at_once``: the most requests it has
-    answered at the same time."""
+    answered at the same time; ``signature_uses``: as a CDN, how many requests one presigned
+    address serves before it answers 403 (expired)."""
 
     def __init__(self, root, certificate: tuple[str, str] | None = None):
         self.root, self.mode, self.token = str(root), None, None
         self.redirect_to: str | None = None
         self.signed: str | None = None
         self.delay, self.most_at_once, self._at_once = 0.0, 0, 0
+        self.issued, self.uses, self.signature_uses = 0, {}, None  # CDN addresses given, and their uses
         self.requests: list[str] = []
         self.authorizations: list[str | None] = []
         self.sent = 0
@@ -96,8 +98,14 @@ class Server:
                     return self._resolve(*resolve.groups())
                 cdn = re.fullmatch(r"/cdn/([^/]+/[^/]+)/([0-9a-f]+)/(.+)", path)
                 if cdn:
-                    if parse_qs(parts.query).get("X-Amz-Signature") != [_signature(*cdn.groups())]:
+                    query = parse_qs(parts.query)
+                    issued = query.get("X-Amz-Date", [""])[0]
+                    if query.get("X-Amz-Signature") != [_signature(*cdn.groups(), issued)]:
                         return self._reply(403, b"signature does not match")
+                    with server._lock:
+                        server.uses[issued] = server.uses.get(issued, 0) + 1
+                        if server.signature_uses is not None and server.uses[issued] > server.signature_uses:
+                            return self._reply(403, b"Request has expired")
                     return self._file(self._folder(cdn[1], cdn[2]), cdn[3])
                 if path.startswith("/files/"):
                     if server.signed and parse_qs(parts.query).get("sig") != [server.signed]:
@@ -126,8 +134,11 @@ class Server:
                 etag = f'"{hashlib.sha1(f"{commit}/{name}".encode()).hexdigest()}"'
                 hub = {"X-Repo-Commit": commit, "ETag": etag}
                 if server.redirect_to and not name.endswith(".json"):
-                    location = f"{server.redirect_to}/cdn/{repo}/{commit}/{name}?X-Amz-Expires=3600" \
-                               f"&X-Amz-Signature={_signature(repo, commit, name)}"
+                    with server._lock:
+                        server.issued += 1
+                        issued = str(server.issued)
+                    location = f"{server.redirect_to}/cdn/{repo}/{commit}/{name}?X-Amz-Date={issued}" \
+                               f"&X-Amz-Expires=3600&X-Amz-Signature={_signature(repo, commit, name, issued)}"
                     return self._reply(302, b"", extra={**hub, "Location": location, "X-Linked-Etag": etag,
                                                         "X-Linked-Size": str(os.path.getsize(path))})
                 self._file(folder, name, hub)
@@ -189,9 +200,9 @@ def _commit(repo: str, revision: str) -> str:
     return hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
 
 
-def _signature(repo: str, commit: str, name: str) -> str:
+def _signature(repo: str, commit: str, name: str, issued: str) -> str:
     """The signature a CDN address of a hub file carries in its query (as the hub's presigned ones)."""
-    return hashlib.sha256(f"{repo}/{commit}/{name}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{repo}/{commit}/{name}/{issued}".encode()).hexdigest()[:32]
 
 
 def self_signed(folder) -> tuple[str, str]:

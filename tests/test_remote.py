@@ -499,3 +499,19 @@ def test_shard_headers_are_fetched_side_by_side(fresh):
     assert got.exit_code == 0, got.stderr
     assert fresh.most_at_once == SHARDS, fresh.requests
     assert len(fresh.requests) <= SHARDS + 3, fresh.requests
+
+
+def test_an_expired_cdn_address_is_asked_of_the_hub_again(fresh):
+    """The CDN address a hub file was redirected to expires (403) while the file is read: the
+    file is asked of the hub again, and its values are read whole."""
+    cdn = Server(fresh.root_path)
+    try:
+        fresh.redirect_to, cdn.signature_uses = cdn.url, 2
+        got = run("inspect", "--json", "hf://org/model")
+        assert got.exit_code == 0, got.stderr
+        expected = run("inspect", "--json", _local(fresh, "hub", "org", "model", "main"))
+        assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+        resolved = [r for r in fresh.requests if "/resolve/" in r and ".json" not in r]
+        assert len(resolved) == 2 * SHARDS, fresh.requests  # each shard: its header and a tensor, then again
+    finally:
+        cdn.close()
