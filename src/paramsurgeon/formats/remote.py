@@ -36,10 +36,9 @@ _JSON_BLOCK = 1 << 20  # an index or config.json is fetched whole in one request
 _SPANS = 8  # blocks kept for later small reads: the file's first one and the latest ones
 _TIMEOUT = 60
 _REDIRECTS = 5
-_HF = re.compile(r"hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?$")
-
 _PARALLEL = 8  # files opened at once (a checkpoint's shards: their headers fetched side by side)
 _RETRY_DIRECT = (401, 403, 404, 410)  # a kept redirect target that answers this has expired: ask again
+_HF = re.compile(r"hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?$")
 
 
 class RemoteError(InputError):
