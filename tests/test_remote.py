@@ -515,3 +515,17 @@ def test_an_expired_cdn_address_is_asked_of_the_hub_again(fresh):
         assert len(resolved) == 2 * SHARDS, fresh.requests  # each shard: its header and a tensor, then again
     finally:
         cdn.close()
+
+
+def test_worker_processes_read_a_remote_file_on_connections_of_their_own(fresh, s3):
+    """--workers 2 forks processes that read a remote file's tensors side by side: each on its own
+    connection (a connection kept by the process that forked them is not theirs to share)."""
+    path = fresh.root_path / "files" / "many.safetensors"
+    generator = torch.Generator().manual_seed(5)
+    save_file({f"layers.{i}.weight": torch.randn(128, 128, generator=generator) for i in range(16)}, path)
+    s3.client.upload_file(str(path), "runs", "many.safetensors")
+    expected = run("inspect", "--json", "--workers", "1", path)
+    for url in (f"{fresh.url}/files/many.safetensors", "s3://runs/many.safetensors"):
+        got = run("inspect", "--json", "--workers", "2", url)
+        assert got.exit_code == 0, got.stderr
+        assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))

@@ -47,15 +47,16 @@ class RemoteError(InputError):
 
 class Remote:
     """One command's remote reading: the files opened (None for one found missing), the hub
-    repositories looked up, the s3fs filesystem, the connections kept alive per thread and host,
-    and where redirects led (the address asked -> the one that answered). With ``download``, a
-    server that ignores Range requests is read by downloading whole files (otherwise refused)."""
+    repositories looked up, the s3fs filesystem (with its process id), the connections kept alive
+    per process, thread and host, and where redirects led (the address asked -> the one that
+    answered). With ``download``, a server that ignores Range requests is read by downloading
+    whole files (otherwise refused)."""
 
     def __init__(self, download: bool = False):
         self.download = download
         self.files: dict[str, RemoteFile | None] = {}
         self.repos: dict[tuple[str, str | None], _HubRepo] = {}
-        self.s3fs = None
+        self.s3fs: tuple[int, object] | None = None
         self.connections: dict[tuple, http.client.HTTPConnection] = {}
         self.redirects: dict[str, str] = {}
 
@@ -315,7 +316,7 @@ def _same_host(address: str, target: str, headers: dict) -> dict:
 def _request(remote: Remote, parts: urllib.parse.SplitResult, headers: dict) -> http.client.HTTPResponse:
     """Send a GET on the connection kept for the host (once more on a new one if the server had
     closed it); a connection that cannot be made raises _NoConnection."""
-    key = (threading.get_ident(), parts.scheme, parts.netloc)
+    key = (os.getpid(), threading.get_ident(), parts.scheme, parts.netloc)  # a forked worker's are its own
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     connections = remote.connections
     for again in (True, False):
@@ -425,11 +426,15 @@ def _s3_fetcher(remote: Remote, url: str):
     from fsspec.asyn import sync
 
     bucket, _, key = url[len("s3://"):].partition("/")
-    if remote.s3fs is None:
-        remote.s3fs = s3fs.S3FileSystem(skip_instance_cache=True)  # the environment as it is now
-    fs = remote.s3fs
 
-    async def get(start: int, end: int) -> tuple[bytes, str | None, int | None]:
+    def filesystem():
+        """This process's s3fs filesystem (a forked worker makes its own: its event loop is not
+        the parent's), with the environment as it is now."""
+        if remote.s3fs is None or remote.s3fs[0] != os.getpid():
+            remote.s3fs = (os.getpid(), s3fs.S3FileSystem(skip_instance_cache=True))
+        return remote.s3fs[1]
+
+    async def get(fs, start: int, end: int) -> tuple[bytes, str | None, int | None]:
         reply = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{max(end - 1, start)}")
         body = reply["Body"]
         try:
@@ -439,7 +444,8 @@ def _s3_fetcher(remote: Remote, url: str):
 
     def fetch(start: int, end: int, first: bool = False) -> tuple[bytes, int]:
         try:
-            data, content_range, length = sync(fs.loop, get, start, end)
+            fs = filesystem()
+            data, content_range, length = sync(fs.loop, get, fs, start, end)
         except FileNotFoundError:
             if first:
                 raise _Missing from None
