@@ -529,3 +529,18 @@ def test_worker_processes_read_a_remote_file_on_connections_of_their_own(fresh, 
         got = run("inspect", "--json", "--workers", "2", url)
         assert got.exit_code == 0, got.stderr
         assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+
+
+def test_a_token_in_huggingface_hubs_token_file_is_sent_to_the_hub(fresh, tmp_path):
+    """No HF_TOKEN, but `hf auth login` left a token file: it is sent (and never printed)."""
+    from helpers import run_process
+
+    fresh.token = "file-token"
+    (tmp_path / "token").write_text("file-token\n")
+    got = run_process("inspect", "--no-stats", "hf://org/model", env={"HF_TOKEN_PATH": str(tmp_path / "token")})
+    assert got.returncode == 0, got.stderr
+    assert fresh.authorizations and all(a == "Bearer file-token" for a in fresh.authorizations)
+    assert b"file-token" not in got.stdout + got.stderr
+    fresh.reset()
+    got = run_process("inspect", "--no-stats", "hf://org/model", env={"HF_TOKEN_PATH": str(tmp_path / "none")})
+    assert got.returncode == 2 and b"HF_TOKEN" in got.stderr, got.stderr

@@ -24,6 +24,7 @@ import io
 import os
 import re
 import ssl
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -38,6 +39,7 @@ _TIMEOUT = 60
 _REDIRECTS = 5
 _PARALLEL = 8  # files opened at once (a checkpoint's shards: their headers fetched side by side)
 _RETRY_DIRECT = (401, 403, 404, 410)  # a kept redirect target that answers this has expired: ask again
+_TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE")  # where get_token looks first
 _HF = re.compile(r"hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?$")
 
 
@@ -507,11 +509,14 @@ class _HubRepo:
         self.remote, self.repo, self.revision = remote, repo, revision
         self.url = f"hf://{repo}" + (f"@{revision}" if revision else "")
         self._files: dict[str, int] | None = None
+        self._headers: dict | None = None
         self.commit = revision
 
     def headers(self) -> dict:
-        token = _hub().get_token()
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        if self._headers is None:
+            token = _token()
+            self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self._headers
 
     def endpoint(self) -> str:
         return (os.environ.get("HF_ENDPOINT") or _hub().constants.ENDPOINT).rstrip("/")
@@ -553,6 +558,17 @@ class _HubRepo:
                     for s in info["siblings"]}
         except (ValueError, KeyError, TypeError) as e:
             raise RemoteError(f"{self.url}: the hub's answer about the repository is not understood ({e})") from None
+
+
+def _token() -> str | None:
+    """The hub token huggingface_hub's get_token finds (OIDC, HF_TOKEN, its token file, Colab's
+    secrets); where none of those sources is there, None without importing its authentication
+    (a tenth of a second of every hf:// command)."""
+    hub = _hub()
+    if not any(os.environ.get(name) for name in _TOKEN_VARIABLES) and "google.colab" not in sys.modules \
+            and not os.path.exists(hub.constants.HF_TOKEN_PATH):
+        return None
+    return hub.get_token()
 
 
 def _hub():
