@@ -11,7 +11,6 @@ so that they last as long as its command and no other loader sees them.
 
 from __future__ import annotations
 
-
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError, SelectionError
 from . import peft, registry, remote

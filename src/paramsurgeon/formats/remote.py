@@ -72,10 +72,11 @@ class Remote:
             _active.reset(token)
 
     def drop_connections(self) -> None:
-        """Close every kept connection (one cut short is unusable; a later request opens a new one)."""
-        for connection in self.connections.values():
-            connection.close()
-        self.connections.clear()
+        """Close this thread's kept connections (one cut short is unusable; a later request opens a
+        new one); other threads' and processes' are theirs."""
+        mine = (os.getpid(), threading.get_ident())
+        for key in [key for key in self.connections if key[:2] == mine]:
+            self.connections.pop(key).close()
 
 
 _active: contextvars.ContextVar[Remote | None] = contextvars.ContextVar("paramsurgeon_remote", default=None)
