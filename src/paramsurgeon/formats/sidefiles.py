@@ -26,7 +26,7 @@ from . import registry
 from .directories import is_side_file
 from .files import is_url
 from .hfconfig import CONFIG
-from .places import is_dir, is_file, read_all
+from .places import dirname, is_dir, is_file, join, read_all
 from .reading import load
 from .sharded import checkpoint_files
 
@@ -54,7 +54,7 @@ def model_directory(ckpt: Checkpoint) -> str | None:
         return None
     if is_dir(ckpt.path):
         return ckpt.path
-    return os.path.dirname(ckpt.source) if registry.get(ckpt.format).sharded else None
+    return dirname(ckpt.source) if registry.get(ckpt.format).sharded else None
 
 
 def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
@@ -89,7 +89,7 @@ def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
 
 def _carry_remote(folder: str, staging: str, ckpt: Checkpoint) -> list[str]:
     """A remote input's ``config.json`` (updated for ``ckpt``), the one side file read from there."""
-    source = os.path.join(folder, CONFIG)
+    source = join(folder, CONFIG)
     if not is_file(source):
         return []
     with open(os.path.join(staging, CONFIG), "wb") as handle:
