@@ -169,14 +169,15 @@ def _quantization(config: dict, before: Checkpoint, after: Checkpoint) -> dict:
     (dequantize), written when it quantized weights as the input held none (quantize)."""
     if quant.quantization_config(config) and _quantized(before) and not _quantized(after) and not after.partial:
         return {"quantization_config": REMOVED}
-    made = _quantized(after)
-    if made and _kinds(made) != _kinds(_quantized(before)):
+    held = {_kind(t) for t in _quantized(before)}
+    made = [t for t in _quantized(after) if t.scheme.quantizes and _kind(t) not in held]
+    if made:
         return {"quantization_config": made[0].scheme.quantization_config(made[0].params)}
     return {}
 
 
-def _kinds(tensors: list[Quantized]) -> set[str]:
-    return {f"{t.scheme.name} {json.dumps(t.params, sort_keys=True)}" for t in tensors}
+def _kind(tensor: Quantized) -> str:
+    return f"{tensor.scheme.name} {json.dumps(tensor.params, sort_keys=True)}"
 
 
 def _quantized(ckpt: Checkpoint) -> list[Quantized]:
