@@ -8,6 +8,7 @@ every scheme among a checkpoint's tensors when it is read. A new scheme: a modul
     compressed.py compressed-tensors' config (config_groups matched to a module) and arithmetic
     compressed_packed.py  pack-quantized: 1-8-bit integer codes packed in int32, weight_shape
     compressed_naive.py   float-quantized (float8 codes) and int-quantized (int8) with weight_scale
+    compressed_fp4.py     nvfp4-pack-quantized and mxfp4-pack-quantized: e2m1 codes two a byte, group scales
     bnb4.py       bitsandbytes nf4 and fp4: 4-bit codes, absmax per block (nested or not), JSON state
     bnb8.py       bitsandbytes LLM.int8: int8 codes with SCB per row (bnb-int8)
     gptq.py       gptq: 2/3/4/8-bit codes packed in int32 with zero points, scales and g_idx (act-order)
@@ -26,6 +27,7 @@ from ..dtypes import BY_NAME, DType
 from .base import Group, Partial, Scheme
 from .bnb4 import Bnb4
 from .bnb8 import Bnb8
+from .compressed_fp4 import Fp4Packed
 from .compressed_naive import Naive
 from .compressed_packed import Packed
 from .fp8_block import Fp8Block
@@ -37,6 +39,8 @@ from .nvfp4 import Nvfp4
 SCHEMES: tuple[Scheme, ...] = (
     Fp8Block(),
     Packed(),  # before the naive formats: it names a weight_scale that has no weight at all
+    Fp4Packed("nvfp4-pack-quantized", "float8_e4m3fn", 16),
+    Fp4Packed("mxfp4-pack-quantized", "uint8", 32),
     Naive("float-quantized", ("float8_e4m3fn", "float8_e5m2")),
     Naive("int-quantized", ("int8",)),
     Bnb4("nf4", orphans=True),  # names the 4-bit tables that have no quant_state blob of either type
