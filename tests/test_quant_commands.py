@@ -155,6 +155,28 @@ def test_dequantize_writes_plain_tensors_and_a_config_without_quantization_confi
     assert "quantization_config removed" in result.stderr
 
 
+@pytest.mark.parametrize("given", ["directory", "file"])
+def test_dequantize_in_place_of_a_single_file_directory_updates_its_config(fp8_dir, tmp_path, given):
+    """The file is rewritten, and the config.json beside it (which said how to read it) follows: without
+    its quantization_config after dequantize, with it again after quantize."""
+    import shutil
+
+    folder, _, reference = fp8_dir
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    place = copy if given == "directory" else copy / "model.safetensors"
+    result = run("dequantize", place, "--in-place")
+    assert result.exit_code == 0, result.stderr
+    assert "note: config.json: quantization_config removed" in result.stderr
+    assert sorted(os.listdir(copy)) == ["config.json", "model.safetensors"]
+    written = stored(copy)
+    assert all(bits(written[name]) == bits(value) for name, value in reference.items())
+    assert json.loads((copy / "config.json").read_text()) == {"torch_dtype": "bfloat16"}
+
+    assert run("quantize", place, "-p", DOWN, "-p", UP, "--scheme", "fp8-block", "--in-place").exit_code == 0
+    assert json.loads((copy / "config.json").read_text())["quantization_config"] == FP8_CONFIG
+
+
 def test_dequantize_dtype_computes_in_that_dtype_and_a_selection_keeps_the_rest(fp8_dir, tmp_path):
     folder, tensors, reference = fp8_dir
     out = tmp_path / "f32"
