@@ -294,6 +294,27 @@ def test_value_changes_write_plain_tensors_with_a_note_and_moves_carry_every_par
     assert bits(state["b.weight"]) == bits(codes)
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_tied_quantized_weights_read_again_are_one_tied_tensor(tmp_path, suffix):
+    """A weight whose parts all share another's storage (as tie wrote them) is that weight, tied: shown
+    and counted once, and dequantized to one tensor both names share."""
+    codes, scale = quantize(torch.randn(200, 300) * 0.02)
+    folder = fp8_folder(tmp_path / "two", {"a.weight": codes, "a.weight_scale_inv": scale,
+                                           "b.weight": codes.clone(), "b.weight_scale_inv": scale.clone()})
+    tied = tmp_path / f"tied{suffix}"
+    assert run("tie", folder, "--source", "a.weight", "--target", "b.weight", "-o", tied).exit_code == 0
+    document = json_of("inspect", tied, "--json", schema="inspect")
+    assert document["ties"] == [["a.weight", "b.weight"]]
+    assert document["totals"]["parameters"] == 200 * 300
+    assert document["totals"]["bytes"] == codes.numel() + scale.numel() * 4
+
+    plain = tmp_path / "plain.pt"
+    assert run("dequantize", tied, "-o", plain).exit_code == 0
+    state = torch.load(plain, weights_only=True)
+    assert state["a.weight"].untyped_storage().data_ptr() == state["b.weight"].untyped_storage().data_ptr()
+    assert bits(state["b.weight"]) == bits(dequantize(codes, scale))
+
+
 # end to end: transformers loads what dequantize wrote
 
 

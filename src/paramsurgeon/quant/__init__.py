@@ -97,10 +97,12 @@ def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     if not found:
         return ckpt
     dtype, first, order = config_dtype(config), {}, {name: i for i, name in enumerate(container)}
+    tied: dict[tuple, Quantized] = {}  # groups whose every part shares its bytes with another's: one tensor, tied
     for scheme, item in found:
         parts = {role: container[name] for role, name in item.parts.items()}
-        first[min(item.parts.values(), key=order.__getitem__)] = (item.name, Quantized(
-            scheme, parts, tuple(item.shape), dtype, item.params))
+        tensor = Quantized(scheme, parts, tuple(item.shape), dtype, item.params)
+        key = (scheme.name, tensor.shape, tuple((r, id(p.storage), p.byte_span()) for r, p in sorted(parts.items())))
+        first[min(item.parts.values(), key=order.__getitem__)] = (item.name, tied.setdefault(key, tensor))
     grouped = {}
     for name, value in container.items():
         if name in first:
