@@ -10,7 +10,9 @@
     ├── PlanError                     an operation that cannot apply (shapes, dtypes, ties)
     │   └── UnfitTensorError          why one tensor cannot take it; the plan names the tensor
     │                                 and lists every one in a single PlanError
-    └── OutputError                   the output cannot be written where it was asked
+    ├── OutputError                   the output cannot be written where it was asked
+    └── WorkError                     work spread over processes that could not finish (a worker
+                                      died, a cluster unreachable or unable to see the paths)
 
 Core code raises these and never prints or exits; the CLI turns one into a line on
 stderr and the exit code.
@@ -75,3 +77,7 @@ class UnfitTensorError(PlanError):
 
 class OutputError(ParamSurgeonError):
     """The result cannot be written to the requested place."""
+
+
+class WorkError(ParamSurgeonError):
+    """Work spread over processes or a cluster could not finish; nothing was written."""

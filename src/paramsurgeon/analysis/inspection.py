@@ -14,6 +14,7 @@ from ..checkpoint.extras import extras
 from ..checkpoint.kinds import kinds_in_order
 from ..checkpoint.locations import off_cpu
 from ..checkpoint.quantized import Quantized
+from ..parallel import Work, spread
 from .stats import Stats, sha256, tensor_stats
 
 
@@ -57,9 +58,10 @@ class Inspection:
 
 @paused_gc()
 def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashes: bool = False,
-            tree: bool = False, progress: Callable[[int], None] | None = None, bins: int | None = None) -> Inspection:
-    """Inspect the tensors ``names`` of ``ckpt`` (stats and hashes read every value once; ``bins``:
-    a histogram of that many bins from the same pass)."""
+            tree: bool = False, progress: Callable[[int], None] | None = None, bins: int | None = None,
+            work: Work = Work()) -> Inspection:
+    """Inspect the tensors ``names`` of ``ckpt`` (stats and hashes read every value once, tensors
+    spread over ``work``'s workers; ``bins``: a histogram of that many bins from the same pass)."""
     tensors = ckpt.tensors
     kinds = kinds_in_order(tensors)
     ties = ckpt.ties()
@@ -76,16 +78,15 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
         for row, tensor in zip(rows, chosen):
             if type(tensor) is Quantized:
                 _quantized(row, tensor)
-    if stats or hashes or progress is not None:
-        for row, tensor in zip(rows, chosen):
-            if getattr(tensor, "no_values", None):
-                pass
-            elif stats:
-                row.stats = tensor_stats(tensor, bins=bins)
-            if hashes and not getattr(tensor, "no_values", None):
-                row.sha256 = sha256(tensor)
+    if stats or hashes:
+        def measure(index: int) -> tuple[Stats | None, str | None]:
+            tensor = chosen[index]
+            return (tensor_stats(tensor, bins=bins) if stats else None), (sha256(tensor) if hashes else None)
+
+        readable = {i: t.nbytes for i, t in enumerate(chosen) if not getattr(t, "no_values", None)}
+        for index, (rows[index].stats, rows[index].sha256) in spread(measure, readable, work, "tensors"):
             if progress is not None:
-                progress(tensor.nbytes)
+                progress(chosen[index].nbytes)
     shown = set(names) if ties else set()
     relevant_ties = [g for g in ties if any(n in shown for n in g)]
     return Inspection(

@@ -63,6 +63,13 @@ def tensor_stats(tensor: Tensor, bins=None, buckets=False) -> Stats | None:
     from the spread (buckets.Buckets.histogram), shorter ones are exact."""
     if tensor.dtype.complex:
         return None
+    from ..checkpoint.values import one_thread
+
+    with one_thread():  # the sums come out the same in every process (see one_thread)
+        return _tensor_stats(tensor, bins, buckets)
+
+
+def _tensor_stats(tensor: Tensor, bins, buckets) -> Stats:
     import torch
 
     from ..checkpoint.values import CHUNK, chunks, to_torch

@@ -4,6 +4,7 @@ and new torch values become in-memory storages. The core's one module that impor
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -12,6 +13,22 @@ from .. import dtypes
 from .tensor import Storage, Tensor, memory_of
 
 CHUNK = 1 << 22  # elements per piece when a tensor is reduced in bounded memory
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Compute on one thread: torch splits a sum between its threads, so a sum's last bits depend
+    on how many there are; on one, statistics are the same whichever process, or how many
+    workers, computed them (parallel/: the workers are the parallelism)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def to_torch(tensor: Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from .. import bulk
 from ..errors import ParamSurgeonError
 from . import commands
 from .build import command, described, groups_of
+from .console import COMMAND_LINE
 
 
 # The usage error of the click that typer runs on (typer >= 0.20 vendors its own): the base
@@ -36,6 +37,7 @@ class _Group(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
+        COMMAND_LINE.set(args)  # what a cluster's workers run again
         debug = "--debug" in args or os.environ.get("PARAMSURGEON_DEBUG") == "1"
         try:
             with warnings.catch_warnings():

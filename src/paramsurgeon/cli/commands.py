@@ -15,8 +15,8 @@ from ..declare import REQUIRED, option
 from ..errors import UsageError
 from ..selection import Selection
 from .console import (color_on_stdout, emit, loader, note, open_checkpoint, output_target, progress, selected_names,
-                      terminal_width, write_checkpoint, written)
-from .options import Input, Json, Pair, Raw, Read, Write
+                      terminal_width, work, write_checkpoint, written)
+from .options import Input, Json, Pair, Raw, Read, Workers, Write
 
 
 @dataclass(kw_only=True)
@@ -40,7 +40,8 @@ class InspectOptions:
             raise UsageError("--hist reads the values; it does not go with --no-stats or --tree")
 
 
-def inspect(given: Input, options: InspectOptions, output: Json, read: Read, stored: Raw, select: Selection) -> None:
+def inspect(given: Input, options: InspectOptions, output: Json, read: Read, stored: Raw, select: Selection,
+            spread: Workers) -> None:
     """Show every tensor (name, kind, shape, dtype, statistics), ties, totals and the rest of the file.
 
     A quantized weight is one row: its scheme in the dtype column, statistics of its dequantized
@@ -57,7 +58,7 @@ def inspect(given: Input, options: InspectOptions, output: Json, read: Read, sto
     with progress(sum(tensors[n].nbytes for n in names) if reads_data else 0, "reading") as advance:
         result = inspect_checkpoint(checkpoint, names, stats=stats, hashes=options.hash, tree=options.tree,
                                     progress=advance if reads_data else None,
-                                    bins=(options.bins or 32) if options.hist else None)
+                                    bins=(options.bins or 32) if options.hist else None, work=work(spread))
     if output.json:
         emit(render.to_json(render.inspection_document(result)), )
     elif options.tree:

@@ -4,12 +4,13 @@ import os
 import shutil
 import sys
 from contextlib import contextmanager
+from contextvars import ContextVar
 from time import monotonic
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from .. import formats
 from ..checkpoint import Checkpoint
-from ..errors import OutputError
+from ..errors import OutputError, UsageError
 from ..report.escape import printable
 from ..selection import Selection
 from .options import Read
@@ -114,20 +115,39 @@ def output_target(ckpt: Checkpoint, write, inputs: "Inputs", max_shard_size: Opt
     return target
 
 
-def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write) -> str:
+def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write, seed: int | None = None) -> str:
     """Write ``ckpt`` (every storage moved to the cpu first with --device cpu), with a progress
-    bar; returns what was written: '122 tensors, 273.4 kB'."""
+    bar; returns what was written: '122 tensors, 273.4 kB'. ``seed``: the one drawn for the run,
+    which a cluster's workers use too."""
     from ..checkpoint.locations import to_cpu
     from ..sizes import human_bytes, plural
 
     if write.device:
         to_cpu(ckpt)
     count, size = written(ckpt, target, write.dedupe, write.tensors_only)
+    if write.resume and not target.sharded:
+        raise UsageError(f"--resume finishes an interrupted sharded write; {target.path or 'standard output'} is"
+                         " one file, written whole or not at all")
     with progress(size, "writing") as advance:
-        notes = formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance)
+        notes = formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance,
+                             work=work(write, seed), resume=write.resume)
     for message in notes:
         note(message)
     return f"{plural(count, 'tensor')}, {human_bytes(size)}"
+
+
+COMMAND_LINE: ContextVar[list[str]] = ContextVar("command_line", default=[])  # set by the CLI's main
+
+
+def work(options, seed: int | None = None):
+    """The parallel.Work of the command's Workers ``options``; for a cluster, with the command line
+    its workers run again (and the seed drawn, if any, so that they draw the same values)."""
+    if options.scheduler is None:
+        return options.work()
+    from ..parallel.cluster import Job
+
+    argv = COMMAND_LINE.get() + (["--seed", str(seed)] if seed is not None else [])
+    return options.work(Job(tuple(argv), os.getcwd()))
 
 
 PROGRESS_DELAY = float(os.environ.get("PARAMSURGEON_PROGRESS_DELAY", "1.0"))  # seconds before a bar shows

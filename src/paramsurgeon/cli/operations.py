@@ -12,7 +12,7 @@ from .. import formats
 from ..checkpoint import Checkpoint
 from ..declare import REQUIRED, argument, option
 from ..errors import UsageError
-from ..formats.files import refuse_terminal
+from ..formats.files import output_kind, refuse_terminal
 from ..ops import OPERATIONS, Operation
 from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
@@ -64,6 +64,7 @@ def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Option
     steps, notes = draw_seeds(steps, seed)
     for message in notes:
         note(f"{command}: {message}")
+    drawn = next((s.operation.seed for s in steps if s.operation.random), None) if notes else None
     ckpt = sources.checkpoint(path, sources.key, "the checkpoint")
     target = _target(ckpt, write, surgery, sources)
     if unquantized is not None and unquantized.dtype is not None:
@@ -88,12 +89,13 @@ def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Option
         return
     size = sum(ckpt[c.names[0]].nbytes for _, p, _ in planned for c in p.changes if c.names[0] in ckpt.tensors)
     with progress(size, "computing") as advance:
-        plans, notes = perform(ckpt, steps, sources, reset_optimizer=surgery.reset_optimizer, progress=advance)
+        plans, notes = perform(ckpt, steps, sources, reset_optimizer=surgery.reset_optimizer, progress=advance,
+                               check_late=target.path is not None and output_kind(target.path) != "stream")
     for message in notes:
         note(f"{command}: {message}")
     summary = plans[0].summary() if command != "apply" else \
         "; ".join(f"step {i} {p.command}: {p.summary()}" for i, p in enumerate(plans, 1))
-    _write_result(command, ckpt, target, write, summary)
+    _write_result(command, ckpt, target, write, summary, drawn)
 
 
 def _target(ckpt: Checkpoint, write: Write, surgery: Surgery, sources: Loader) -> formats.Target:
@@ -127,8 +129,9 @@ def _store_unquantized(ckpt: Checkpoint, target: formats.Target, dtype: str) -> 
     ckpt.layout.unquantized = resolved
 
 
-def _write_result(command: str, ckpt: Checkpoint, target: formats.Target, write: Write, summary: str) -> None:
-    what = write_checkpoint(ckpt, target, write)
+def _write_result(command: str, ckpt: Checkpoint, target: formats.Target, write: Write, summary: str,
+                  seed: int | None) -> None:
+    what = write_checkpoint(ckpt, target, write, seed)
     note(f"{command}: {summary}; wrote {target.path or 'standard output'} ({what})")
 
 

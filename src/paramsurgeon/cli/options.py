@@ -61,7 +61,26 @@ class Raw:
 
 
 @dataclass(kw_only=True)
-class Write:
+class Workers:
+    """Where per-tensor and per-shard work runs."""
+
+    workers: str | None = option(None, "--workers", metavar="N", help="Processes for per-tensor and per-shard work"
+                                 " (default: PARAMSURGEON_WORKERS, else every core; 1: this process only).")
+    scheduler: str | None = option(None, "--scheduler", metavar="tcp://HOST:PORT", help="Run the work on a Dask"
+                                   " cluster whose workers see the same paths (pip install 'paramsurgeon[cluster]').")
+
+    def __post_init__(self) -> None:
+        self.work()  # a bad count is refused before anything is read
+
+    def work(self, job=None):
+        """The parallel.Work these options ask for."""
+        from ..parallel import work
+
+        return work(self.workers, self.scheduler, job)
+
+
+@dataclass(kw_only=True)
+class Write(Workers):
     """Where and how a result is written."""
 
     output: str | None = option(None, "-o", "--output", metavar="PATH",
@@ -76,8 +95,11 @@ class Write:
                                                               " that safetensors can hold).")
     device: str | None = option(None, "--device", metavar="cpu", help="Record every tensor's storage as on the cpu"
                                 " (a file saved on a GPU then loads without one).")
+    resume: bool = option(False, "--resume", help="Sharded output: keep a journal of the shards written, and finish"
+                          " a write that was interrupted, keeping its verified shards.")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.device not in (None, "cpu"):
             raise UsageError(f"--device {self.device}: only --device cpu is supported (it makes a file saved on a"
                              " GPU load on any machine)")

@@ -84,7 +84,7 @@ def recover(target: str) -> list[str]:
             except OSError:
                 pass  # left as it is, for a run that may restore it
             continue
-        _remove(path)
+        remove(path)
         removed.append(path)
     return removed
 
@@ -152,7 +152,7 @@ def atomic_file(target: str, inputs: Inputs | None = None) -> Iterator[Sink]:
         finally:
             release([old] if old is not None else [])
     except BaseException as e:
-        _remove(tmp)
+        remove(tmp)
         if isinstance(e, OSError):
             raise OutputError(f"cannot write '{where}': {e.strerror or e}; nothing was written") from e
         raise
@@ -176,7 +176,7 @@ def new_file(path: str, like: str | None = None) -> Iterator[Sink]:
 
 @contextmanager
 def atomic_directory(target: str, carry: Callable[[str], bool], owns: Callable[[str], bool],
-                     what: str, inputs: Inputs) -> Iterator[str]:
+                     what: str, inputs: Inputs, resume: str | None = None) -> Iterator[str]:
     """Build the new ``target`` directory in the staging directory yielded, then swap it in whole.
 
     The old directory may hold only ``what`` the new one replaces (``owns(name)``) and model
@@ -184,7 +184,9 @@ def atomic_directory(target: str, carry: Callable[[str], bool], owns: Callable[[
     true (a config.json beside the shards) are carried over by hard link, unless the new
     directory holds that name. A symbolic link is followed. On failure before the swap the
     staging directory is removed and ``target`` is untouched. It is never one of the command's
-    ``inputs``, but the one it rewrites in place.
+    ``inputs``, but the one it rewrites in place. With ``resume`` (a file name), the staging
+    directory of a write of ``target`` whose process died holding that file (the newest) is taken
+    over as it is, if there is one.
     """
     inputs.refuse_overwrite(target)
     where, target = target, os.path.realpath(target)  # "." cannot be renamed, its full path can
@@ -192,10 +194,12 @@ def atomic_directory(target: str, carry: Callable[[str], bool], owns: Callable[[
         raise OutputError(f"'{where}' exists and is not a directory; a sharded or DCP checkpoint is a directory")
     if not inputs.permits(target):  # --in-place keeps what else the input's directory holds
         refuse_foreign(where, target, owns, what)
-    staging = temporary_name(target)
+    staging = _taken_over(target, resume) if resume else None
     try:
-        os.mkdir(staging)
-        _keep_attributes(staging, target)
+        if staging is None:
+            staging = temporary_name(target)
+            os.mkdir(staging)
+            _keep_attributes(staging, target)
         yield staging
         if os.path.isdir(target):
             for name in sorted(os.listdir(target)):
@@ -203,20 +207,40 @@ def atomic_directory(target: str, carry: Callable[[str], bool], owns: Callable[[
                     link_or_copy(os.path.join(target, name), os.path.join(staging, name))
         _fsync_tree(staging)
     except BaseException as e:
-        _remove(staging)
+        if staging is not None:
+            remove(staging)
         if isinstance(e, OSError):
             raise OutputError(f"cannot write '{where}': {e.strerror or e}; nothing was written") from e
         raise
     try:
         old = _swap(staging, target)
     except OSError as e:
-        _remove(staging)
+        remove(staging)
         raise OutputError(f"cannot replace '{where}': {e.strerror or e}; it is unchanged") from e
     fsync_directory(os.path.dirname(target))
     if old is not None:
         held = [fd for fd in (_hold(os.path.join(old, name)) for name in sorted(os.listdir(old))) if fd is not None]
-        _remove(old)  # a crash while removing it leaves the rest to recover()
+        remove(old)  # a crash while removing it leaves the rest to recover()
         release(held)
+
+
+def _taken_over(target: str, holding: str) -> str | None:
+    """The newest staging directory of a dead process's write of ``target`` that holds the file
+    ``holding``, renamed as this process's (so that no other run clears it); None if there is none."""
+    folder, base = os.path.split(target)
+    pattern = re.compile(rf"\.{re.escape(base)}\.paramsurgeon-(\d+)-[0-9a-f]{{8}}\.tmp")
+    try:
+        found = [os.path.join(folder, n) for n in os.listdir(folder) if (m := pattern.fullmatch(n))
+                 and not _alive(int(m.group(1))) and os.path.isfile(os.path.join(folder, n, holding))]
+    except OSError:
+        return None
+    if not found:
+        return None
+    newest = max(found, key=os.path.getmtime)
+    staging = os.path.join(folder, f".{base}.paramsurgeon-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    os.rename(newest, staging)
+    recover(target)  # what else dead runs left
+    return staging
 
 
 def _swap(staging: str, target: str) -> str | None:
@@ -334,7 +358,8 @@ def _fsync_tree(folder: str) -> None:
         fsync_directory(parent)
 
 
-def _remove(path: str) -> None:
+def remove(path: str) -> None:
+    """Remove a file, link or directory tree (gone already is fine)."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:

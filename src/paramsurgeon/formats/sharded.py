@@ -16,8 +16,10 @@ from ..errors import CorruptCheckpointError, InputError, NotACheckpointError
 from ..parsing import parse_document
 from ..sizes import plural
 from . import safetensors as st
-from . import registry
-from .atomic import atomic_directory, link_or_copy, new_file
+from ..parallel import Work, spread
+from ..parallel.cluster import rebuilding
+from . import journal, registry
+from .atomic import atomic_directory, link_or_copy, new_file, remove
 from .files import InputFile, reproduces, same_file
 from .places import is_file, read_all
 from .inputs import Inputs
@@ -129,10 +131,12 @@ class Writer:
     """
 
     def __init__(self, folder: str, family: str, file_writer: Callable, carry: Callable, inputs: Inputs, *,
-                 max_size: int | None = None, dedupe: bool = False, progress=None):
+                 max_size: int | None = None, dedupe: bool = False, progress=None, work: Work = Work(),
+                 resume: bool = False):
         self.folder, self.family, self.file_writer, self.carry = folder, family, file_writer, carry
         self.inputs = inputs  # the command's, which the directory may not be (unless rewritten in place)
         self.max_size, self.dedupe, self.progress = max_size, dedupe, progress
+        self.work, self.resume = work, resume  # shards written in parallel; a journal kept (journal.py)
 
     def write(self, ckpt: Checkpoint) -> list[str]:
         """Shard ``ckpt``'s tensors: as its input shards were (no ``max_size``), else by size;
@@ -148,13 +152,17 @@ class Writer:
         # Several shards: the checkpoint's metadata (the operations applied) goes in the index,
         # so that a shard whose tensors did not change stays the same file.
         shard_metadata = metadata if len(shards) == 1 else {k: v for k, v in metadata.items() if k == "format"}
+        parts = [Checkpoint(source=os.path.join(self.folder, name), format=self.family, root=OrderedDict(shard),
+                            metadata=shard_metadata) for name, shard in zip(names, shards)]
+        place = rebuilding("shards")
+        if place is not None:  # a cluster worker's rerun: its shards, into the client's staging directory
+            self._write_shards(parts, names, place, None)
         owned = checkpoint_files(self.folder)
         with atomic_directory(self.folder, carry=lambda name: name not in owned, owns=owned.__contains__,
-                              what="a sharded checkpoint", inputs=self.inputs) as staging:
-            for name, shard in zip(names, shards):
-                part = Checkpoint(source=os.path.join(self.folder, name), format=self.family,
-                                  root=OrderedDict(shard), metadata=shard_metadata)
-                self._write_shard(part, name, staging)
+                              what="a sharded checkpoint", inputs=self.inputs,
+                              resume=journal.NAME if self.resume else None) as staging:
+            fingerprint = self._fingerprint(parts, names, metadata) if self.resume else None
+            self._write_shards(parts, names, staging, fingerprint and journal.Journal(staging, fingerprint))
             if len(shards) > 1:
                 self._write_index(entries, shards, names, ckpt.tensors, metadata, staging)
             notes = self.carry(ckpt, staging, self.folder)
@@ -165,15 +173,63 @@ class Writer:
         """Whether the format records ties in its metadata (registry.Format.ties), as the index does then."""
         return registry.get(self.family).ties == "recorded"
 
-    def _write_shard(self, part: Checkpoint, name: str, staging: str) -> None:
+    def _write_shards(self, parts: list[Checkpoint], names: list[str], staging: str,
+                      record: journal.Journal | None) -> None:
+        """Every shard into ``staging`` but those ``record`` keeps from an interrupted write (--resume),
+        spread over the workers; each written one is recorded there."""
+        sizes = [sum(t.nbytes for t in part.tensors.values()) for part in parts]
+        done = record.kept(self.folder) if record is not None and os.path.exists(record.path) else set()
+        if record is not None and not done:
+            record.start()
+        todo = {i: size for i, size in enumerate(sizes) if names[i] not in done}
+        here = os.getpid()
+
+        def write(index: int) -> tuple[str | None, bool]:
+            shown = os.getpid() == here  # in this process the bar follows the bytes, else the shards
+            path = self._write_shard(parts[index], names[index], staging, self.progress if shown else None)
+            return (journal.sha256_of(path) if self.resume else None), shown
+
+        if self.progress is not None:
+            self.progress(sum(sizes) - sum(todo.values()))
+        for index, (digest, shown) in spread(write, todo, self.work, "shards", staging):
+            if record is not None:
+                record.record(names[index], digest)
+            if not shown and self.progress is not None:
+                self.progress(sizes[index])
+        for name in os.listdir(staging):
+            if name.endswith(".partial") or name == journal.NAME:
+                remove(os.path.join(staging, name))  # a dead worker's unfinished shard; the journal
+
+    def _write_shard(self, part: Checkpoint, name: str, staging: str, progress) -> str:
+        """Write one shard under a name of its own, then rename it into place (a worker that dies
+        leaves no shard behind, only its .partial file); returns its path."""
         old = os.path.join(self.folder, name)
+        path = os.path.join(staging, name)
+        partial = os.path.join(staging, f".{name}.{os.getpid()}.partial")
+        remove(partial)
         if _still_in(part, old) and reproduces(old, lambda sink: self.file_writer(sink, name, None).write(part)):
-            link_or_copy(old, os.path.join(staging, name))
-            if self.progress is not None:
-                self.progress(sum(t.nbytes for t in part.tensors.values()))
-            return
-        with new_file(os.path.join(staging, name), like=old) as sink:
-            self.file_writer(sink, name, self.progress).write(part)
+            link_or_copy(old, partial)
+            if progress is not None:
+                progress(sum(t.nbytes for t in part.tensors.values()))
+        else:
+            with new_file(partial, like=old) as sink:
+                self.file_writer(sink, name, progress).write(part)
+        os.replace(partial, path)
+        return path
+
+    def _fingerprint(self, parts: list[Checkpoint], names: list[str], metadata: dict) -> str:
+        """What identifies this output: its shards' names, tensors (name, dtype, shape), metadata
+        (the operations applied) and the inputs it is made from (path, size, modification time)."""
+        inputs = []
+        for path in self.inputs.opened:
+            try:
+                status = os.stat(path)
+                inputs.append([os.path.abspath(path), status.st_size, status.st_mtime_ns])
+            except OSError:
+                inputs.append([path])  # a URL, or standard input
+        shards = [[name, [[n, t.dtype.name, list(t.shape)] for n, t in part.tensors.items()]]
+                  for name, part in zip(names, parts)]
+        return journal.fingerprint({"family": self.family, "shards": shards, "metadata": metadata, "inputs": inputs})
 
     def _write_index(self, entries, shards, names, tensors, metadata, staging) -> None:
         index_name = index_name_of(self.family)

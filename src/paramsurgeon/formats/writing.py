@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 from ..checkpoint import Checkpoint
 from ..checkpoint.quantized import Quantized, stored
 from ..errors import OutputError
+from ..parallel import Work
 from ..sizes import plural
 from . import registry, sharded, sidefiles
 from .atomic import output_file
@@ -31,13 +32,17 @@ class Writer(Protocol):
 
 
 def save(ckpt: Checkpoint, target: Target, *, dedupe: bool = False, tensors_only: bool = False,
-         progress: Progress | None = None) -> list[str]:
+         progress: Progress | None = None, work: Work = Work(), resume: bool = False) -> list[str]:
     """Write ``ckpt`` to ``target``; nothing appears at the target unless the write completes.
-    Returns notes on what a directory output carried from the input's (sidefiles.carry)."""
-    return writer(target, dedupe=dedupe, progress=progress).write(writable(ckpt, target, tensors_only)) or []
+    A sharded output's shards are written by ``work``'s workers; with ``resume``, a journal lets
+    a later run finish an interrupted write (journal.py). Returns notes on what a directory output
+    carried from the input's (sidefiles.carry)."""
+    return writer(target, dedupe=dedupe, progress=progress, work=work, resume=resume).write(
+        writable(ckpt, target, tensors_only)) or []
 
 
-def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = None) -> Writer:
+def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = None, work: Work = Work(),
+           resume: bool = False) -> Writer:
     """The writer of ``target``'s format and place (a file, standard output, a directory)."""
     fmt = registry.get(target.family)
     make = registry.writer_of(target.family, target.path or "standard output")
@@ -46,7 +51,8 @@ def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = 
     file_writer = _file_writer(make, dedupe)
     if target.sharded:
         return sharded.Writer(target.path, target.family, file_writer, sidefiles.carry, target.inputs,
-                              max_size=target.max_shard_size, dedupe=dedupe, progress=progress)
+                              max_size=target.max_shard_size, dedupe=dedupe, progress=progress, work=work,
+                              resume=resume)
     return SingleFile(target.path, file_writer, target.inputs, progress)
 
 

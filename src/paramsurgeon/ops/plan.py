@@ -172,14 +172,15 @@ def tie_units(ckpt: Checkpoint, names: list[str], *, follow: bool, untie: bool, 
 
 
 def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None = None,
-          simulate: bool = False) -> None:
+          simulate: bool = False, check_late: bool = False) -> None:
     """Carry out ``plan`` on ``ckpt`` (new storages; the input file is untouched).
 
     New values are computed when they are read (by the writer: one tensor at a time, then let
     go), so memory does not grow with the number of changes; values that may overflow are
     computed once more here, to refuse them before anything is written. With ``simulate``,
     changed tensors get empty storages of the right size, enough to plan later steps against
-    names, shapes, dtypes and ties.
+    names, shapes, dtypes and ties. With ``check_late`` (an output that appears whole or not at all)
+    values that may overflow are checked as the writer computes them, not computed twice.
     """
     if plan.rebuilt is not None:
         _rebuild(ckpt, plan.rebuilt)
@@ -195,18 +196,19 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         if simulate:
             fresh = Tensor(Storage(nbytes), dtype, change.shape)
         else:
-            if change.guarded and not change.lazy:  # refused before anything is written
+            compute = change.compute
+            if change.guarded and not change.lazy and check_late:
+                compute = _checked(change, dtype, plan.command)
+            elif change.guarded and not change.lazy:  # refused before anything is written
                 overflows += _overflow(change, change.compute(), dtype)
-            fresh = Tensor(Storage(nbytes, loader=change.compute, location=first.storage.location), dtype,
-                           change.shape)
+            fresh = Tensor(Storage(nbytes, loader=compute, location=first.storage.location), dtype, change.shape)
         stored = change.stored_as(fresh) if change.stored_as is not None else None  # one for a tie group
         for name in change.names:
             ckpt[name] = stored if stored is not None else _like(ckpt[name], fresh.storage, fresh)
         if progress is not None:
             progress(fresh.nbytes)
     if overflows:
-        raise PlanError(f"{plan.command}: {'; '.join(overflows)}; nothing was written; pass --allow-overflow to"
-                        " write them anyway")
+        _refuse_overflow(plan.command, overflows)
     for target, source in plan.aliases:
         src = ckpt[source]
         ckpt[target] = src if type(src) is Quantized else _like(ckpt[target], src.storage, src)  # every part shared
@@ -240,6 +242,24 @@ def _overflow(change: Change, values, dtype) -> list[str]:
         return []
     return [f"{count:,} of {plural(math.prod(change.shape), 'value')} of '{change.names[0]}' would become Inf or NaN"
             f" ({dtype} holds |x| <= {dtype.largest:g})"]
+
+
+def _checked(change: Change, dtype, command: str) -> Callable:
+    """``change.compute``, refusing values that overflow as it computes them (the writer then
+    leaves nothing behind)."""
+    def compute():
+        values = change.compute()
+        overflows = _overflow(change, values, dtype)
+        if overflows:
+            _refuse_overflow(command, overflows)
+        return values
+
+    return compute
+
+
+def _refuse_overflow(command: str, overflows: list[str]) -> None:
+    raise PlanError(f"{command}: {'; '.join(overflows)}; nothing was written; pass --allow-overflow to write them"
+                    " anyway")
 
 
 def _like(old: Tensor, storage, shape_from: Tensor) -> Tensor:

@@ -58,14 +58,14 @@ def rehearse(ckpt: Checkpoint, steps: list[Step], sources: Sources) -> list[tupl
 
 
 def perform(ckpt: Checkpoint, steps: list[Step], sources: Sources, *, reset_optimizer: bool = False,
-            progress: Callable[[int], None] | None = None) -> tuple[list[Plan], list[str]]:
+            progress: Callable[[int], None] | None = None, check_late: bool = False) -> tuple[list[Plan], list[str]]:
     """Plan and apply each step in turn on ``ckpt`` (rehearse first to check them all);
-    returns the plans and notes about the optimizer state."""
+    returns the plans and notes about the optimizer state. ``check_late``: see plan.apply."""
     plans = []
     for step in steps:
         plan = _plan(ckpt, step, sources)
         with _named(step):
-            apply(ckpt, plan, progress)
+            apply(ckpt, plan, progress, check_late=check_late)
         plans.append(plan)
     return plans, optimizer_notes(ckpt, plans, reset_optimizer)
 
