@@ -131,6 +131,18 @@ def test_health_of_a_sound_fp8_checkpoint_passes_scale_and_orphan(fp8_dir):
     assert rules["health scale"] and rules["health orphan"] and document["ok"]
 
 
+def test_a_quant_method_not_read_is_named_not_passed_over(request, tmp_path):
+    """HQQ's (or any other) quantization_config: its tensors are listed as stored, and a note says why."""
+    folder = register_input(request, fp8_folder(tmp_path / "hqq", {"w.W_q": torch.zeros(8, 4, dtype=torch.uint8),
+                                                                   "w.scale": torch.ones(8, 1)},
+                                                {"quantization_config": {"quant_method": "hqq", "nbits": 4}}))
+    document = json_of("inspect", folder, "--json", schema="inspect")
+    assert sorted(t["name"] for t in document["tensors"]) == ["w.W_q", "w.scale"]
+    assert ('config.json: quantization_config\'s quant_method "hqq" is not read (only fp8, compressed-tensors,'
+            " bitsandbytes, gptq, awq, mxfp4, modelopt, modelopt_fp4): its tensors are listed as stored") \
+        in document["notes"]
+
+
 def test_health_of_a_plain_checkpoint_lists_no_quantization_rules(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({"w": torch.randn(8, 8)}, path)

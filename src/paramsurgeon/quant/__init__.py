@@ -19,6 +19,7 @@ every scheme among a checkpoint's tensors when it is read. A new scheme: a modul
 
 from __future__ import annotations
 
+import json
 import math
 
 from ..checkpoint import Checkpoint, Storage, Tensor
@@ -52,6 +53,7 @@ SCHEMES: tuple[Scheme, ...] = (
     Nvfp4(),
 )
 NAMES = tuple(s.name for s in SCHEMES)
+METHODS = tuple(dict.fromkeys(method for s in SCHEMES for method in s.methods))
 MARKERS = tuple(dict.fromkeys(marker for s in SCHEMES for marker in s.markers or ()))
 LAST = frozenset(marker[-1] for marker in MARKERS)  # most names end otherwise ('weight', 'bias'): skipped at once
 DEFAULT_DTYPE = "bfloat16"  # what a quantized tensor reads as when the config names no dtype
@@ -80,6 +82,10 @@ def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     first part; stored tensors that belong to a group but do not make one stay as they are, each
     group named in ``ckpt.partial`` (and a note). Unchanged when no scheme finds anything."""
     container, quant = ckpt.container, quantization_config(config)
+    method = quant.get("quant_method")
+    if method is not None and method not in METHODS:
+        ckpt.notes.append(f"config.json: quantization_config's quant_method {json.dumps(method)} is not read (only"
+                          f" {', '.join(METHODS)}): its tensors are listed as stored")
     found: list[tuple[Scheme, Group]] = []
     claimed: set[str] = set()
     marked = None if quant else [n for n in ckpt.tensors if n[-1:] in LAST and n.endswith(MARKERS)]  # one quick pass

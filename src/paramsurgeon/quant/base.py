@@ -37,6 +37,7 @@ class Scheme:
     # endings of stored names that only this scheme's parts have: without a quantization_config,
     # ``find`` runs only when some stored name ends with one (None: it always runs)
     markers: ClassVar[tuple[str, ...] | None] = None
+    methods: ClassVar[tuple[str, ...]] = ()  # the quantization_config quant_method values whose weights it reads
     quantizes: ClassVar[bool] = False  # whether ``quantize`` is built
     # a format's own tensor types (GGUF's): its writer stores a changed tensor in its type again, and
     # inspect shows the type in that format's column, not as a scheme

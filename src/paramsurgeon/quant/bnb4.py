@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class Bnb4(Scheme):
     roles = ("codes", *TABLES, "state")
+    methods = ("bitsandbytes",)
 
     def __init__(self, quant_type: str, orphans: bool = False):
         self.name, self.orphans = quant_type, orphans  # orphans: name the tables no blob goes with (once)

@@ -21,6 +21,7 @@ SUFFIXES = {"codes": "_packed", "scale": "_scale", "global_scale": "_global_scal
 class Fp4Packed(Scheme):
     roles = ("codes", "scale", "global_scale")
     markers = ("weight_packed", "weight_global_scale")
+    methods = (compressed.METHOD,)
 
     def __init__(self, name: str, scale_dtype: str, group: int):
         self.name, self.scale_dtype, self.group = name, scale_dtype, group

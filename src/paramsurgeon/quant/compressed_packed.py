@@ -19,6 +19,7 @@ SUFFIXES = {"codes": "_packed", "scale": "_scale", "shape": "_shape", "zero_poin
 class Packed(Scheme):
     name = "pack-quantized"
     roles = ("codes", "scale", "shape", "zero_point")
+    methods = (compressed.METHOD,)
     markers = ("weight_packed", "weight_shape", "weight_scale")  # the last: to name a scale without its weight
 
     def part_name(self, name, role):

@@ -55,6 +55,7 @@ class Gptq(QweightScheme):
     name = "gptq"
     roles = ROLES
     markers = (".qweight", ".qzeros", ".g_idx", ".scales")
+    methods = ("gptq",)
 
     def claims(self, tensors, parts):
         return not looks_like_awq(tensors, parts)
