@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp8_reference import BLOCK, dequantize, quantize
-from helpers import bits, json_of, register_input, run
+from helpers import SAMPLES, bits, json_of, register_input, run
 
 DOWN, UP, NORM = "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
@@ -304,6 +304,21 @@ def test_value_changes_write_plain_tensors_with_a_note_and_moves_carry_every_par
     assert state["b.weight_scale_inv"].untyped_storage().data_ptr() == \
         state["a.weight_scale_inv"].untyped_storage().data_ptr()
     assert bits(state["b.weight"]) == bits(codes)
+
+
+@pytest.mark.parametrize("sample", ["llama-gptq", "llama-nf4"])
+def test_a_whole_copy_between_alike_quantized_weights_copies_the_parts(tmp_path, sample):
+    """GPTQ weights name their own g_idx, NF4 ones hold their own nested offset: quantized alike all the same."""
+    folder = os.path.join(SAMPLES, sample)
+    source, target = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    out = tmp_path / "copied.safetensors"
+    result = run("copy", folder, "--from", source + ".weight", "--to", target + ".weight", "-o", out)
+    assert result.exit_code == 0 and "written as plain" not in result.stderr
+    before, after = stored(folder), stored(out)
+    assert sorted(after) == sorted(before)
+    for name, value in before.items():
+        expected = before[name.replace(target, source)] if name.startswith(target) else value
+        assert bits(after[name]) == bits(expected), name
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

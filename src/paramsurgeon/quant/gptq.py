@@ -56,6 +56,7 @@ class Gptq(QweightScheme):
     roles = ROLES
     markers = (".qweight", ".qzeros", ".g_idx", ".scales")
     methods = ("gptq",)
+    per_weight = ("g_idx",)
 
     def claims(self, tensors, parts):
         return not looks_like_awq(tensors, parts)
