@@ -262,3 +262,22 @@ def test_a_worker_process_killed_mid_run_fails_the_command_and_nothing_is_writte
     assert stderr.decode() == ("paramsurgeon: error: a worker process died (killed, or out of memory); nothing was"
                                " written; retry, with fewer --workers if memory is short\n")
     assert not out.exists() and _staging(out) == []
+
+
+def test_check_health_finds_the_same_with_every_worker_count(request, tmp_path):
+    torch.manual_seed(3)
+    dead, broken = torch.zeros(64, 96), torch.randn(64, 96) * 0.02
+    broken[3, 5] = float("nan")
+    shards = {name: {f"layers.{i}.weight": torch.randn(64, 96) * 0.02} for i, name in enumerate(shard_names(4))}
+    shards[shard_names(4)[1]]["layers.dead.weight"] = dead
+    shards[shard_names(4)[2]]["layers.nan.weight"] = broken
+    folder = sharded(tmp_path / "in", shards)
+    register_input(request, folder)
+    documents = []
+    for workers in ("1", "3"):
+        result = run("check", folder, "--health", "--json", "--workers", workers)
+        assert result.exit_code == 1, result.stderr
+        documents.append(result.stdout)
+    assert documents[0] == documents[1]
+    failed = {v["name"] for rule in json.loads(documents[1])["rules"] if not rule["ok"] for v in rule["violations"]}
+    assert {"layers.dead.weight", "layers.nan.weight"} <= failed
