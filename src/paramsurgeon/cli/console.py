@@ -136,7 +136,8 @@ def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write, seed: int 
     return f"{plural(count, 'tensor')}, {human_bytes(size)}"
 
 
-COMMAND_LINE: ContextVar[list[str]] = ContextVar("command_line", default=[])  # set by the CLI's main
+# set by the CLI's main: its arguments, and the function that runs them again (a cluster worker's rerun)
+COMMAND_LINE: ContextVar[tuple[list[str], Optional[Callable]]] = ContextVar("command_line", default=([], None))
 
 
 def work(options, seed: int | None = None):
@@ -146,8 +147,9 @@ def work(options, seed: int | None = None):
         return options.work()
     from ..parallel.cluster import Job
 
-    argv = COMMAND_LINE.get() + (["--seed", str(seed)] if seed is not None else [])
-    return options.work(Job(tuple(argv), os.getcwd()))
+    argv, run = COMMAND_LINE.get()
+    argv = argv + (["--seed", str(seed)] if seed is not None else [])
+    return options.work(Job(tuple(argv), os.getcwd(), run))
 
 
 PROGRESS_DELAY = float(os.environ.get("PARAMSURGEON_PROGRESS_DELAY", "1.0"))  # seconds before a bar shows

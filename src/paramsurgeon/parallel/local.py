@@ -24,7 +24,7 @@ def spread(task: Callable[[int], R], sizes: dict[int, int], processes: int) -> I
     """``(i, task(i))`` for each unit of ``sizes`` (unit -> bytes) as it finishes, in ``processes``
     forked workers (in this process when it is 1), a few runs of units per worker. A worker's
     error is raised here; so is its death."""
-    from . import batches
+    from .batching import batches
 
     if processes <= 1:
         for unit in sizes:
