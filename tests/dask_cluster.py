@@ -10,7 +10,6 @@ they fail.
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -60,9 +59,10 @@ class Cluster:
         self.client = Client(self.address, timeout=START_TIMEOUT, set_as_default=False)
 
     def add_workers(self, count: int = 1, *, nanny: bool = False, wrap: tuple[str, ...] = (),
-                    wait: bool = True) -> list[subprocess.Popen]:
-        """Start ``count`` workers (``wrap``: the command they run under, such as ``unshare``); with
-        ``wait``, return once they joined and imported paramsurgeon, which a task would pay for."""
+                    warm: bool = True) -> list[subprocess.Popen]:
+        """Start ``count`` workers (``wrap``: the command they run under, such as ``unshare``) and
+        return once they joined; ``warm``: once they imported paramsurgeon too (from where this
+        process does), which their first task would otherwise pay for."""
         joined = len(self.client.nthreads())
         started = []
         for _ in range(count):
@@ -71,11 +71,26 @@ class Cluster:
                        "--local-directory", os.path.join(self.folder, name)]
             started.append(self._start(name, ["worker", self.address, *options], wrap))
             self.workers.append(started[-1])
-        if wait:
-            self.client.wait_for_workers(joined + count, timeout=START_TIMEOUT)
+        self.client.wait_for_workers(joined + count, timeout=START_TIMEOUT)
+        if warm:
             imported = self.client.run(_import_paramsurgeon)
             assert all(os.path.dirname(os.path.dirname(f)) == UNDER_TEST for f in imported.values()), imported
         return started
+
+    def stop_workers(self, workers: list[subprocess.Popen]) -> None:
+        """End ``workers`` and wait until the scheduler has none of them."""
+        left = len([p for p in self.workers if p not in workers and p.poll() is None])  # a worker each
+        for process in workers:
+            process.terminate()
+        for process in workers:
+            process.wait(START_TIMEOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(self.client.nthreads()) > left and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def allow_failures(self, count: int) -> None:
+        """Set the scheduler's ``allowed-failures``: how many workers may die running a task before it fails."""
+        self.client.run_on_scheduler(_allow_failures, count)
 
     def pids(self) -> dict[str, int]:
         """Each live worker's address and process id."""
@@ -88,13 +103,6 @@ class Cluster:
     def executed(self) -> int:
         """How many tasks the live workers ran."""
         return sum(self.client.run(_executed).values())
-
-    def kill(self, address: str) -> None:
-        """SIGKILL the worker process at ``address``, and wait until the scheduler knows it is gone."""
-        os.kill(self.pids()[address], signal.SIGKILL)
-        deadline = time.monotonic() + START_TIMEOUT
-        while address in self.client.nthreads() and time.monotonic() < deadline:
-            time.sleep(0.05)
 
     def log(self, name: str) -> str:
         with open(os.path.join(self.folder, f"{name}.log")) as f:
@@ -124,3 +132,4 @@ class Cluster:
 # run in the workers, so sent by value (lambdas): the workers do not import the tests
 _import_paramsurgeon = lambda: __import__("paramsurgeon.cli").__file__  # noqa: E731 - what a task runs first
 _executed = lambda dask_worker: dask_worker.state.executed_count  # noqa: E731
+_allow_failures = lambda count, dask_scheduler: setattr(dask_scheduler, "allowed_failures", count)  # noqa: E731

@@ -8,6 +8,7 @@ workers, workers that see other files) end in one line and exit 2 with nothing w
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 from dask_cluster import Cluster, environment, require_distributed
 from fp8_reference import dequantize, quantize
-from helpers import bits, digest, register_input, run
+from helpers import bits, digest, register_input, run, run_on_terminal
 from test_quant_commands import FP8_CONFIG, stored
 
 CONNECT_TIMEOUT = 5  # parallel.cluster's
@@ -44,7 +45,7 @@ def contents(folder) -> dict[str, bytes]:
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
 
 
-def sharded(request, folder, shards: int, rows: int = 256, columns: int = 256):
+def sharded(folder, shards: int, rows: int = 256, columns: int = 256) -> dict[str, torch.Tensor]:
     """A Hugging Face directory of ``shards`` float32 shards (two tensors each), its index and a config."""
     torch.manual_seed(shards)
     folder.mkdir()
@@ -57,25 +58,48 @@ def sharded(request, folder, shards: int, rows: int = 256, columns: int = 256):
         weight_map.update(dict.fromkeys(part, name))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
-    register_input(request, folder)
-    return folder, state
-
-
-@pytest.fixture
-def eight_shards(request, tmp_path):
-    """8 shards, 4 MiB (tensors of 65,536 values: exact histograms)."""
-    return sharded(request, tmp_path / "eight", 8)
+    return state
 
 
 def cast(folder, out, *where):
     return "cast", folder, "--all", "--dtype", "bfloat16", "-o", out, *where
 
 
-def local(tmp_path, *args) -> dict[str, bytes]:
+def local(*args) -> dict[str, bytes]:
     """The files a local ``--workers 1`` run writes (args end with its output)."""
     result = run(*args, "--workers", "1")
     assert result.exit_code == 0, result.stderr
     return contents(args[-1])
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory):
+    """8 shards, 4 MiB (tensors of 65,536 values: exact histograms), and what a local cast to bfloat16
+    writes of them: (folder, tensors, local output folder, its files)."""
+    root = tmp_path_factory.mktemp("eight")
+    state = sharded(root / "eight", 8)
+    return root / "eight", state, root / "local", local(*cast(root / "eight", root / "local"))
+
+
+@pytest.fixture
+def eight_shards(request, eight):
+    register_input(request, eight[0])
+    return eight
+
+
+@pytest.fixture
+def old(tmp_path, eight):
+    """An output a run replaces: a local cast's, and its digest."""
+    shutil.copytree(eight[2], tmp_path / "out")
+    return tmp_path / "out", digest(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def spare(tmp_path_factory):
+    """A scheduler of its own, without workers: a test adds the ones it needs and leaves none."""
+    cluster = Cluster(tmp_path_factory.mktemp("spare"))
+    yield cluster
+    cluster.stop()
 
 
 def left_behind(folder) -> list[str]:
@@ -83,13 +107,23 @@ def left_behind(folder) -> list[str]:
     return [name for name in os.listdir(folder) if name.startswith(".")]
 
 
+def kill_when_busy(cluster: Cluster, command: subprocess.Popen, address: str | None = None) -> None:
+    """SIGKILL the worker at ``address`` (else the first) as soon as the scheduler gives it a task of
+    ``command``'s, which must still be running."""
+    deadline = time.monotonic() + 60
+    while not (busy := [a for a, n in cluster.busy().items() if n and address in (None, a)]):
+        assert command.poll() is None and time.monotonic() < deadline, command.communicate()
+        time.sleep(0.005)
+    os.kill(cluster.pids()[busy[0]], signal.SIGKILL)
+    assert command.poll() is None  # mid-run
+
+
 # byte-identical to a local run, and right
 
 
 def test_cast_on_the_cluster_writes_each_shard_in_a_worker_and_the_bytes_of_a_local_run(dask_cluster, eight_shards,
                                                                                           tmp_path):
-    folder, state = eight_shards
-    expected = local(tmp_path, *cast(folder, tmp_path / "local"))
+    folder, state, _, expected = eight_shards
     before = dask_cluster.executed()
     result = paramsurgeon(*cast(folder, tmp_path / "cluster", "--scheduler", dask_cluster.address))
     assert result.returncode == 0, result.stderr
@@ -101,6 +135,15 @@ def test_cast_on_the_cluster_writes_each_shard_in_a_worker_and_the_bytes_of_a_lo
     for name, value in state.items():
         assert bits(written[name]) == bits(value.to(torch.bfloat16)), name
     assert left_behind(tmp_path) == []
+
+
+def test_a_cluster_write_shows_its_progress_on_a_terminal(dask_cluster, eight_shards, tmp_path):
+    """The bar advances as the workers' shards arrive (2,097,152 bytes of bfloat16 in all)."""
+    folder = eight_shards[0]
+    code, shown, _ = run_on_terminal(*cast(folder, tmp_path / "out", "--scheduler", dask_cluster.address),
+                                     terminal=("stderr",), env={**environment(), "PARAMSURGEON_PROGRESS_DELAY": "0"})
+    assert code == 0
+    assert b"writing" in shown and b"2.1/2.1 MB" in shown, shown
 
 
 def test_dequantize_on_the_cluster_is_deepseeks_weight_dequant_and_a_local_runs_bytes(dask_cluster, request,
@@ -120,7 +163,7 @@ def test_dequantize_on_the_cluster_is_deepseeks_weight_dequant_and_a_local_runs_
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16", "quantization_config": FP8_CONFIG}))
     register_input(request, folder)
-    expected = local(tmp_path, "dequantize", folder, "-o", tmp_path / "local")
+    expected = local("dequantize", folder, "-o", tmp_path / "local")
     result = paramsurgeon("dequantize", folder, "-o", tmp_path / "cluster", "--scheduler", dask_cluster.address)
     assert result.returncode == 0, result.stderr
     assert contents(tmp_path / "cluster") == expected
@@ -132,7 +175,7 @@ def test_dequantize_on_the_cluster_is_deepseeks_weight_dequant_and_a_local_runs_
 
 
 def test_inspect_statistics_and_histograms_on_the_cluster_are_a_local_runs_and_torchs(dask_cluster, eight_shards):
-    folder, state = eight_shards
+    folder, state = eight_shards[:2]
     expected = run("inspect", folder, "--json", "--hist", "--workers", "1")
     assert expected.exit_code == 0, expected.stderr
     before = dask_cluster.executed()
@@ -153,163 +196,126 @@ def test_inspect_statistics_and_histograms_on_the_cluster_are_a_local_runs_and_t
         assert histogram["counts"] == counts.tolist(), entry["name"]
 
 
-# a worker that dies
+# workers that die
 
 
-def test_a_worker_killed_mid_run_has_its_shard_written_again_by_another(dask_cluster, request, tmp_path):
-    folder, _ = sharded(request, tmp_path / "many", 24, 256, 256)
-    expected = local(tmp_path, *cast(folder, tmp_path / "local"))
-    [victim] = dask_cluster.add_workers(1)
+def test_a_worker_killed_mid_run_has_its_shard_written_again_by_another(dask_cluster, eight_shards, tmp_path):
+    folder, _, _, expected = eight_shards
+    [victim] = dask_cluster.add_workers(1)  # a third worker, the session's two stay
     address = next(a for a, pid in dask_cluster.pids().items() if pid == victim.pid)
     command = start(*cast(folder, tmp_path / "cluster", "--scheduler", dask_cluster.address))
-    deadline = time.monotonic() + 60
-    while not dask_cluster.busy().get(address):  # the victim is given a shard
-        assert command.poll() is None and time.monotonic() < deadline, command.communicate()
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    assert command.poll() is None  # mid-run
-    stdout, stderr = command.communicate(timeout=120)
+    kill_when_busy(dask_cluster, command, address)
+    _, stderr = command.communicate(timeout=120)
     assert command.returncode == 0, stderr
     assert victim.wait() == -signal.SIGKILL
     assert contents(tmp_path / "cluster") == expected
     assert left_behind(tmp_path) == []
 
 
-@pytest.fixture
-def lonely(tmp_path):
-    """A scheduler of its own and one worker."""
-    cluster = Cluster(tmp_path / "lonely")
-    try:
-        cluster.add_workers(1)
-        yield cluster
-    finally:
-        cluster.stop()
+PATIENCE = {"DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "1s"}  # how long the client waits for a worker
 
 
-def test_a_cluster_that_lost_its_only_worker_or_has_none_exits_2_and_keeps_the_old_output(lonely, eight_shards,
+def test_a_cluster_that_lost_its_only_worker_or_has_none_exits_2_and_keeps_the_old_output(spare, eight_shards, old,
                                                                                           tmp_path):
-    folder, _ = eight_shards
-    old = tmp_path / "out"
-    local(tmp_path, "cast", folder, "--all", "--dtype", "float16", "-o", old)
-    before = digest(old)
-    patience = {"DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "1s"}
-    command = start(*cast(folder, old, "--scheduler", lonely.address), env=patience)
-    [worker] = lonely.workers
-    deadline = time.monotonic() + 60
-    while not any(lonely.busy().values()):
-        assert command.poll() is None and time.monotonic() < deadline, command.communicate()
-        time.sleep(0.005)
-    worker.send_signal(signal.SIGKILL)
+    folder = eight_shards[0]
+    out, before = old
+    spare.add_workers(1)
+    command = start(*cast(folder, out, "--scheduler", spare.address), env=PATIENCE)
+    kill_when_busy(spare, command)
     _, stderr = command.communicate(timeout=60)  # Dask would hold the tasks for ever
     assert command.returncode == 2
-    assert stderr == (f"paramsurgeon: error: the cluster at {lonely.address} lost its workers (none for 1 s) and"
-                      f" could not finish; nothing was written; start one with 'dask worker {lonely.address}'\n")
-    assert digest(old) == before and left_behind(tmp_path) == []
+    assert stderr == (f"paramsurgeon: error: the cluster at {spare.address} lost its workers (none for 1 s) and"
+                      f" could not finish; nothing was written; start one with 'dask worker {spare.address}'\n")
+    assert digest(out) == before and left_behind(tmp_path) == []
     started = time.monotonic()
-    result = paramsurgeon(*cast(folder, old, "--scheduler", lonely.address), env=patience)
+    result = paramsurgeon(*cast(folder, out, "--scheduler", spare.address), env=PATIENCE)
     assert result.returncode == 2
-    assert result.stderr == (f"paramsurgeon: error: the Dask scheduler at {lonely.address} has no workers (none joined"
-                             f" within 1 s); nothing was written; start one with 'dask worker {lonely.address}'\n")
+    assert result.stderr == (f"paramsurgeon: error: the Dask scheduler at {spare.address} has no workers (none joined"
+                             f" within 1 s); nothing was written; start one with 'dask worker {spare.address}'\n")
     assert time.monotonic() - started < STARTING + 1
-    assert digest(old) == before and left_behind(tmp_path) == []
+    assert digest(out) == before and left_behind(tmp_path) == []
 
 
-def test_a_task_whose_workers_keep_dying_ends_the_run_with_exit_2_and_the_old_output(eight_shards, tmp_path):
-    """Dask gives up on a task after ``allowed-failures`` deaths of the workers running it (here 0)."""
-    folder, _ = eight_shards
-    cluster = Cluster(tmp_path / "fragile", DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0")
+def test_a_task_whose_workers_keep_dying_ends_the_run_with_exit_2_and_the_old_output(spare, eight_shards, old,
+                                                                                     tmp_path):
+    """Dask gives up on a task after ``allowed-failures`` deaths of the workers running it (0 here)."""
+    folder = eight_shards[0]
+    out, before = old
+    spare.allow_failures(0)
+    [nanny] = spare.add_workers(1, nanny=True)  # which starts its worker again
     try:
-        cluster.add_workers(1, nanny=True)  # its nanny starts it again
-        old = tmp_path / "out"
-        local(tmp_path, "cast", folder, "--all", "--dtype", "float16", "-o", old)
-        before = digest(old)
-        command = start(*cast(folder, old, "--scheduler", cluster.address))
-        deadline = time.monotonic() + 60
-        while not (busy := [a for a, n in cluster.busy().items() if n]):
-            assert command.poll() is None and time.monotonic() < deadline, command.communicate()
-            time.sleep(0.005)
-        os.kill(cluster.pids()[busy[0]], signal.SIGKILL)
+        command = start(*cast(folder, out, "--scheduler", spare.address))
+        kill_when_busy(spare, command)
         _, stderr = command.communicate(timeout=60)
     finally:
-        cluster.stop()
+        spare.stop_workers([nanny])
+        spare.allow_failures(3)
     assert command.returncode == 2
-    assert stderr.startswith(f"paramsurgeon: error: the cluster at {cluster.address} could not finish (KilledWorker")
+    assert stderr.startswith(f"paramsurgeon: error: the cluster at {spare.address} could not finish (KilledWorker")
     assert stderr.endswith("; nothing was written\n") and stderr.count("\n") == 1
-    assert digest(old) == before and left_behind(tmp_path) == []
+    assert digest(out) == before and left_behind(tmp_path) == []
 
 
 # bad clusters
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_an_unreachable_scheduler_is_one_line_naming_it_within_the_connect_timeout(eight_shards, tmp_path):
+def test_an_address_without_a_dask_scheduler_is_one_line_naming_it_within_the_connect_timeout(eight_shards,
+                                                                                              tmp_path):
+    """A closed port; and one that accepts and says nothing (a web server's), where Dask's handshake would
+    wait for ever."""
     require_distributed()
-    folder, _ = eight_shards
-    address = f"tcp://127.0.0.1:{free_port()}"  # closed
-    started = time.monotonic()
-    result = paramsurgeon(*cast(folder, tmp_path / "out", "--scheduler", address))
-    assert time.monotonic() - started < CONNECT_TIMEOUT + STARTING
-    assert result.returncode == 2
-    assert result.stderr.startswith(f"paramsurgeon: error: cannot reach the Dask scheduler at {address} within 5 s")
-    assert result.stderr.endswith("start one with 'dask scheduler' or check the address\n")
-    assert result.stderr.count("\n") == 1
-    assert not (tmp_path / "out").exists() and left_behind(tmp_path) == []
-
-
-def test_an_address_that_accepts_but_is_no_dask_scheduler_is_refused_within_the_connect_timeout(eight_shards,
-                                                                                                tmp_path):
-    """A web server, or a port that says nothing: Dask's handshake alone would wait for ever."""
-    require_distributed()
-    folder, _ = eight_shards
-    with socket.socket() as silent:
+    folder = eight_shards[0]
+    with socket.socket() as closed, socket.socket() as silent:
+        closed.bind(("127.0.0.1", 0))
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        addresses = [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in (closed, silent)]
         started = time.monotonic()
-        result = paramsurgeon(*cast(folder, tmp_path / "out", "--scheduler", address), timeout=60)
+        commands = [start(*cast(folder, tmp_path / f"out{i}", "--scheduler", a)) for i, a in enumerate(addresses)]
+        (_, unreachable), (_, unanswered) = [command.communicate(timeout=60) for command in commands]
     assert time.monotonic() - started < CONNECT_TIMEOUT + 1 + STARTING
-    assert result.returncode == 2
-    assert result.stderr == (f"paramsurgeon: error: {address} does not answer as a Dask scheduler does (no answer"
-                             " within 5 s); nothing was written; give the scheduler's address (tcp://HOST:PORT, 8786"
-                             " by default), not its dashboard's\n")
-    assert not (tmp_path / "out").exists() and left_behind(tmp_path) == []
+    assert [command.returncode for command in commands] == [2, 2]
+    assert unreachable.startswith(f"paramsurgeon: error: cannot reach the Dask scheduler at {addresses[0]} within 5 s")
+    assert unreachable.endswith("start one with 'dask scheduler' or check the address\n")
+    assert unreachable.count("\n") == 1
+    assert unanswered == (f"paramsurgeon: error: {addresses[1]} does not answer as a Dask scheduler does (no answer"
+                          " within 5 s); nothing was written; give the scheduler's address (tcp://HOST:PORT, 8786 by"
+                          " default), not its dashboard's\n")
+    assert os.listdir(tmp_path) == []
 
 
 def can_unshare() -> bool:
-    return subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True).returncode == 0 \
-        if os.path.exists("/usr/bin/unshare") else False
+    try:
+        return subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
 
 
-def test_workers_that_cannot_see_the_paths_are_named_and_nothing_is_written(request, tmp_path):
-    """A worker with a file system of its own at the checkpoint's path (a tmpfs mounted over it in
-    its own mount namespace), as a worker on another machine without the shared disk has."""
+def test_workers_that_cannot_see_the_paths_are_named_and_nothing_is_written(spare, request, tmp_path):
+    """A worker with a file system of its own at the checkpoint's path (a tmpfs mounted over it in its
+    own mount namespace), as a worker on another machine without the shared disk has."""
     if not can_unshare():
         pytest.skip("this machine cannot start a process in a mount namespace of its own (unshare --mount)")
     shared = tmp_path / "shared"
     shared.mkdir()
-    folder, _ = sharded(request, shared / "ckpt", 2)
-    cluster = Cluster(tmp_path / "blind")
+    sharded(shared / "ckpt", 2)
+    register_input(request, shared / "ckpt")
+    hide = ("unshare", "--mount", "--map-root-user", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(shared))
+    workers = spare.add_workers(1, wrap=hide, warm=False)
     try:
-        hide = ("unshare", "--mount", "--map-root-user", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(shared))
-        cluster.add_workers(1, wrap=hide)
-        [blind] = cluster.pids()
-        result = paramsurgeon(*cast(folder, shared / "out", "--scheduler", cluster.address))
+        [blind] = spare.pids()
+        result = paramsurgeon(*cast(shared / "ckpt", shared / "out", "--scheduler", spare.address))
     finally:
-        cluster.stop()
+        spare.stop_workers(workers)
     assert result.returncode == 2
-    assert result.stderr == (f"paramsurgeon: error: the workers of the cluster at {cluster.address} ({blind}) cannot"
+    assert result.stderr == (f"paramsurgeon: error: the workers of the cluster at {spare.address} ({blind}) cannot"
                              f" see '{shared}'; a cluster's workers need this machine's paths (a shared file system);"
                              " nothing was written\n")
     assert sorted(os.listdir(shared)) == ["ckpt"]
 
 
 def test_scheduler_without_dask_distributed_says_how_to_install_it(monkeypatch, eight_shards, tmp_path):
-    folder, _ = eight_shards
+    folder = eight_shards[0]
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed fails, as where it is not installed
     for args in (cast(folder, tmp_path / "out"), ("inspect", folder, "--hist")):
         result = run(*args, "--scheduler", "tcp://127.0.0.1:8786")
@@ -317,4 +323,4 @@ def test_scheduler_without_dask_distributed_says_how_to_install_it(monkeypatch, 
         assert result.stderr == ("paramsurgeon: error: --scheduler runs the work on a Dask cluster, which needs Dask"
                                  " distributed: pip install 'paramsurgeon[cluster]'\n")
         assert result.stdout == ""
-    assert sorted(os.listdir(tmp_path)) == ["eight"]
+    assert os.listdir(tmp_path) == []
