@@ -123,10 +123,13 @@ def kill_when_busy(cluster: Cluster, command: subprocess.Popen, address: str | N
 
 def test_cast_on_the_cluster_writes_each_shard_in_a_worker_and_the_bytes_of_a_local_run(dask_cluster, eight_shards,
                                                                                           tmp_path):
+    """On a terminal: the bar advances as the workers' shards arrive (2,097,152 bytes of bfloat16 in all)."""
     folder, state, _, expected = eight_shards
     before = dask_cluster.executed()
-    result = paramsurgeon(*cast(folder, tmp_path / "cluster", "--scheduler", dask_cluster.address))
-    assert result.returncode == 0, result.stderr
+    code, shown, _ = run_on_terminal(*cast(folder, tmp_path / "cluster", "--scheduler", dask_cluster.address),
+                                     terminal=("stderr",), env={**environment(), "PARAMSURGEON_PROGRESS_DELAY": "0"})
+    assert code == 0, shown
+    assert b"writing" in shown and b"2.1/2.1 MB" in shown, shown
     assert dask_cluster.executed() - before == 8  # a task per shard, run by the workers
     assert contents(tmp_path / "cluster") == expected  # the shards, the index and config.json
     assert "config.json" in expected and "model.safetensors.index.json" in expected
@@ -135,15 +138,6 @@ def test_cast_on_the_cluster_writes_each_shard_in_a_worker_and_the_bytes_of_a_lo
     for name, value in state.items():
         assert bits(written[name]) == bits(value.to(torch.bfloat16)), name
     assert left_behind(tmp_path) == []
-
-
-def test_a_cluster_write_shows_its_progress_on_a_terminal(dask_cluster, eight_shards, tmp_path):
-    """The bar advances as the workers' shards arrive (2,097,152 bytes of bfloat16 in all)."""
-    folder = eight_shards[0]
-    code, shown, _ = run_on_terminal(*cast(folder, tmp_path / "out", "--scheduler", dask_cluster.address),
-                                     terminal=("stderr",), env={**environment(), "PARAMSURGEON_PROGRESS_DELAY": "0"})
-    assert code == 0
-    assert b"writing" in shown and b"2.1/2.1 MB" in shown, shown
 
 
 def test_dequantize_on_the_cluster_is_deepseeks_weight_dequant_and_a_local_runs_bytes(dask_cluster, request,
