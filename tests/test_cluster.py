@@ -8,6 +8,7 @@ workers, workers that see other files) end in one line and exit 2 with nothing w
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -166,6 +167,23 @@ def test_dequantize_on_the_cluster_is_deepseeks_weight_dequant_and_a_local_runs_
     for name, value in reference.items():
         assert bits(written[name]) == bits(value), name
     assert json.loads((tmp_path / "cluster" / "config.json").read_text()) == {"torch_dtype": "bfloat16"}
+
+
+def test_init_on_the_cluster_draws_in_the_workers_the_values_of_the_seed_it_reports(dask_cluster, eight_shards,
+                                                                                     tmp_path):
+    """No --seed: the client draws one and the workers, rerunning the command, use it, not one of their own."""
+    folder, state = eight_shards[:2]
+    init = ("init", folder, "-p", "*.q_proj.weight", "--scheme", "normal(std=0.02)")
+    result = paramsurgeon(*init, "-o", tmp_path / "cluster", "--scheduler", dask_cluster.address)
+    assert result.returncode == 0, result.stderr
+    seed = re.search(r"pass --seed (\d+) to repeat", result.stderr).group(1)
+    assert contents(tmp_path / "cluster") == local(*init, "--seed", seed, "-o", tmp_path / "local")
+    written = stored(tmp_path / "cluster")
+    for name, value in state.items():
+        if "q_proj" in name:
+            assert written[name].std().item() == pytest.approx(0.02, rel=0.05), name
+        else:
+            assert bits(written[name]) == bits(value), name
 
 
 def test_inspect_statistics_and_histograms_on_the_cluster_are_a_local_runs_and_torchs(dask_cluster, eight_shards):
