@@ -162,12 +162,13 @@ def _said(outcome: object) -> str:
 
 def _patience() -> float:
     """Seconds to wait for a worker: Dask's ``distributed.scheduler.no-workers-timeout`` (how long a task
-    may stay unrunnable; DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT) when set, else WORKERS_TIMEOUT."""
+    may stay unrunnable; DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT) when set above 0, else WORKERS_TIMEOUT."""
     import dask
     from dask.utils import parse_timedelta
 
     setting = dask.config.get("distributed.scheduler.no-workers-timeout", None)
-    return float(parse_timedelta(setting, "s")) if setting is not None else WORKERS_TIMEOUT
+    seconds = float(parse_timedelta(setting, "s")) if setting is not None else 0.0
+    return seconds if seconds > 0 else WORKERS_TIMEOUT
 
 
 def _refuse_unseen(client, address: str, place: str) -> None:
