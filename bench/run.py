@@ -11,6 +11,7 @@ sampled from /proc every 5 ms. Medians over the runs; this machine is shared and
 """
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -212,10 +213,11 @@ import json, os, sys, torch
 from safetensors.torch import save_file
 torch.manual_seed(0)
 folder, count, side = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+shards = int(sys.argv[4]) if len(sys.argv) > 4 else 4
 os.makedirs(folder)
-weight_map, per_shard = {}, count // 4
-for shard in range(4):
-    name, state = f"model-{shard + 1:05d}-of-00004.safetensors", {}
+weight_map, per_shard = {}, count // shards
+for shard in range(shards):
+    name, state = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors", {}
     for i in range(shard * per_shard, (shard + 1) * per_shard):
         state[f"layers.{i}.weight"] = (torch.randn(side, side) * 100).to(torch.float8_e4m3fn)
         state[f"layers.{i}.weight_scale_inv"] = torch.rand(side // 128, side // 128) * 1e-4 + 1e-5
@@ -250,17 +252,35 @@ json.dump({"metadata": {}, "weight_map": new_map}, open(os.path.join(target, "mo
 
 
 def peak_anon(pid: int, stop: threading.Event, result: list) -> None:
+    """The peak of the RssAnon of ``pid`` and its child processes (--workers), summed."""
     peak = 0
     while not stop.is_set():
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        peak = max(peak, int(line.split()[1]) * 1024)
-        except (FileNotFoundError, ProcessLookupError):
+        total = _anon(pid)
+        if total is None:
             break
+        peak = max(peak, total + sum(_anon(child) or 0 for child in _children(pid)))
         stop.wait(0.005)
     result.append(peak)
+
+
+def _anon(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            found = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return found + [g for c in found for g in _children(c)]
 
 
 # As an installed package runs: with compiled bytecode (an editable install only has it once written).
@@ -281,6 +301,16 @@ def measure(command: list[str], cwd: str) -> tuple[float, int]:
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed: {err.decode()}")
     return wall, peak[0] if peak else 0
+
+
+WORKERS_SHARDS = 8
+W_STATS = "inspect with statistics, 2 GiB in 8 shards: workers"
+W_CAST = "cast --dtype bfloat16 --all, 2 GiB in 8 shards: workers"
+W_DEQUANTIZE = f"dequantize fp8-block ({FP8_TENSORS * FP8_SIDE ** 2 / 1e9:.1f} G parameters, 8 shards): workers"
+ONE_WORKER = "paramsurgeon --workers 1 (the reference)"
+TWO_WORKERS = "paramsurgeon --workers 2"
+CLUSTER = "paramsurgeon --scheduler (LocalCluster: 2 workers of 1 thread)"
+SCHEDULER = "tcp://127.0.0.1:8799"
 
 
 def python(code: str, *args: str) -> list[str]:
@@ -377,6 +407,12 @@ def cases(folder: str) -> list[tuple]:
     rows += [("scaling: zero one tensor (safetensors)", f"paramsurgeon, {n:,} tensors",
               tool("zero", f"many-{n}.safetensors", "-p", "layers.5.weight", "-o", "many-out.safetensors"),
               "many-out.safetensors") for n in MANY_ST]
+    for group, args, out in ((W_STATS, ["inspect", "sharded8"], ""),
+                             (W_CAST, ["cast", "sharded8", "--all", "--dtype", "bfloat16", "-o", "w-out/"], "w-out"),
+                             (W_DEQUANTIZE, ["dequantize", "fp8-8", "-o", "w-out/"], "w-out")):
+        rows += [(group, ONE_WORKER, tool(*args, "--workers", "1"), out),
+                 (group, TWO_WORKERS, tool(*args, "--workers", "2"), out),
+                 (group, CLUSTER, tool(*args, "--scheduler", SCHEDULER), out)]
     half = LAYERS // 2
     rows += [(LAYERS_GROUP, "cp, then sync (the limit, durable)",
               ["sh", "-c", "cp layers-cut.bin cut-out.bin && sync cut-out.bin"], "cut-out.bin"),
@@ -424,6 +460,9 @@ TARGETS = {  # group -> label of ours -> (compare to, wall ratio limit, memory l
 # merge-lora: 256 MiB plus a few float32 copies of its largest adapted tensor (5632x2048: 44 MiB, 16 MiB at a time);
 # merge ties: 256 MiB, the merged tensor (250 MiB) and a few 16 MiB pieces; diff: 256 MiB and a few 8 MiB pieces
 # DCP has no target yet; measured and shown.
+BY_LABEL = {(group, label): (ONE_WORKER, limit, memory) for group in (W_STATS, W_CAST, W_DEQUANTIZE)
+            for label, limit, memory in ((TWO_WORKERS, 0.65, 2.0), (CLUSTER, 0.8, None))}
+# (group, label) -> (compare to, wall ratio limit, peak anon limit as a multiple of the reference's, or None)
 HEADLINE = ("zero one 16 MiB tensor (torch zip)", "inspect with statistics (torch zip)", "header only",
             "merge three 2 GiB checkpoints (linear)", LORA_GROUP)  # the tasks README.md shows
 
@@ -468,7 +507,14 @@ def table(results: list[dict], runs: int) -> str:
     by_label = {(r["group"], r["label"]): r for r in results}
     for r in results:
         target, ratio, met = "", "", ""
-        if r["group"] in TARGETS and r["label"].startswith("paramsurgeon"):
+        if (r["group"], r["label"]) in BY_LABEL:
+            base_label, limit, times = BY_LABEL[(r["group"], r["label"])]
+            base = by_label[(r["group"], base_label)]
+            ratio = f"{r['wall'] / base['wall']:.2f}x --workers 1"
+            target = f"<= {limit}x" + (f", <= {times:g}x its memory" if times else "")
+            met = "yes" if r["wall"] <= limit * base["wall"] and (not times or r["anon"] <= times * base["anon"]) \
+                else "no"
+        elif r["group"] in TARGETS and r["label"].startswith("paramsurgeon"):
             base_label, limit, memory = TARGETS[r["group"]]
             base = by_label[(r["group"], base_label)]
             ratio = f"{r['wall'] / base['wall']:.2f}x {short(base_label)}"
@@ -517,8 +563,11 @@ def main() -> None:
             prepare_fp8(folder)
         if any(group == LORA_GROUP for group, *_ in selected) and not os.path.exists(os.path.join(folder, "lora")):
             subprocess.run(python(MAKE_LORA, os.path.join(folder, "lora")), check=True)
+        if any(group in (W_STATS, W_CAST, W_DEQUANTIZE) for group, *_ in selected):
+            prepare_workers(folder)
         subprocess.run(tool("--help"), check=True, env=ENV, capture_output=True)  # writes bytecode if missing
-        results = run(folder, args.runs, selected)
+        with cluster(any(label == CLUSTER for _, label, *_ in selected)):
+            results = run(folder, args.runs, selected)
     finally:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -553,6 +602,40 @@ def prepare_fp8(folder: str) -> None:
     if not os.path.exists(os.path.join(folder, "fp8-bf16")):
         subprocess.run(tool("dequantize", "fp8", "-o", "fp8-bf16/"), cwd=folder, check=True, env=ENV,
                        capture_output=True)
+
+
+def prepare_workers(folder: str) -> None:
+    """The 2 GiB checkpoint in 8 shards, and an fp8-block one of 8 shards, made once."""
+    prepare(folder)
+    if not os.path.exists(os.path.join(folder, "sharded8")):
+        subprocess.run(tool("convert", "model.safetensors", "-o", "sharded8", "--max-shard-size", "270MB"),
+                       cwd=folder, check=True, env=ENV, capture_output=True)
+    if not os.path.exists(os.path.join(folder, "fp8-8")):
+        subprocess.run(python(MAKE_FP8, os.path.join(folder, "fp8-8"), str(FP8_TENSORS), str(FP8_SIDE),
+                              str(WORKERS_SHARDS)), check=True)
+
+
+@contextlib.contextmanager
+def cluster(wanted: bool):
+    """A Dask scheduler and two workers of one thread on this machine (a LocalCluster's processes) for
+    the --scheduler rows; a worker imports torch in its first task (the median leaves that run out)."""
+    if not wanted:
+        yield
+        return
+    dask = os.path.join(BIN, "dask")
+    port = SCHEDULER.rsplit(":", 1)[1]
+    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    time.sleep(3)
+    processes += [subprocess.Popen([dask, "worker", SCHEDULER, "--nthreads", "1", "--no-dashboard"], env=ENV,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        time.sleep(8)
+        yield
+    finally:
+        for process in processes[::-1]:
+            process.terminate()
+            process.wait()
 
 
 if __name__ == "__main__":

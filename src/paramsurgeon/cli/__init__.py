@@ -37,7 +37,7 @@ class _Group(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
-        COMMAND_LINE.set((args, run_again))  # what a cluster's workers run again
+        COMMAND_LINE.set((args, rerun))  # what a cluster's workers run again, and how
         debug = "--debug" in args or os.environ.get("PARAMSURGEON_DEBUG") == "1"
         try:
             with warnings.catch_warnings():
@@ -177,19 +177,15 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def rerun(argv: list[str]) -> int:
+    """Run one command in this process, as a cluster's worker runs the client's again; its exit code."""
+    named = next((arg for arg in argv if not arg.startswith("-")), None)
+    return build_app(named)(args=argv, standalone_mode=False)
+
+
 def main() -> None:
     """Entry point of the ``paramsurgeon`` console script: one command, in a process of its own."""
     with bulk.whole_process():
-        build_app(_named(sys.argv[1:]))()
-
-
-def run_again(args: list[str]) -> int:
-    """Run the command line ``args`` in this process and return its exit code: a cluster worker
-    runs the command again so (parallel.cluster)."""
-    return build_app(_named(args))(args=list(args), standalone_mode=False)
-
-
-def _named(args: list[str]) -> str | None:
-    """The command ``args`` name: the group's own options take no value, so the first word that
-    is not an option."""
-    return next((arg for arg in args if not arg.startswith("-")), None)
+        # The group's own options take no value: the first word that is not an option names the command.
+        named = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+        build_app(named)()

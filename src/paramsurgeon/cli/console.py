@@ -136,8 +136,7 @@ def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write, seed: int 
     return f"{plural(count, 'tensor')}, {human_bytes(size)}"
 
 
-# set by the CLI's main: its arguments, and the function that runs them again (a cluster worker's rerun)
-COMMAND_LINE: ContextVar[tuple[list[str], Optional[Callable]]] = ContextVar("command_line", default=([], None))
+COMMAND_LINE: ContextVar[tuple[list[str], Callable]] = ContextVar("command_line")  # (argv, how to run it again)
 
 
 def work(options, seed: int | None = None):
@@ -147,9 +146,8 @@ def work(options, seed: int | None = None):
         return options.work()
     from ..parallel.cluster import Job
 
-    argv, run = COMMAND_LINE.get()
-    argv = argv + (["--seed", str(seed)] if seed is not None else [])
-    return options.work(Job(tuple(argv), os.getcwd(), run))
+    argv, rerun = COMMAND_LINE.get()
+    return options.work(Job(tuple(argv + (["--seed", str(seed)] if seed is not None else [])), os.getcwd(), rerun))
 
 
 PROGRESS_DELAY = float(os.environ.get("PARAMSURGEON_PROGRESS_DELAY", "1.0"))  # seconds before a bar shows

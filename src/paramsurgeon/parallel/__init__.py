@@ -74,8 +74,9 @@ def spread(task: Callable[[int], R], sizes: dict[int, int], work: Work, kind: st
     or 'tensors'; ``place`` is where a cluster's workers put what they write)."""
     from . import cluster, local
 
-    if cluster.rebuilding(kind) is not None:
-        yield from cluster.run_here(task, kind)
+    if cluster.rerunning():  # on a cluster's worker: this task's units, none of another kind (the
+        if cluster.rebuilding(kind) is not None:  # client ran those: overflow checks)
+            yield from cluster.run_here(task, kind)
         return
     if work.scheduler is not None and work.job is not None:
         yield from cluster.spread(sizes, work, kind, place)

@@ -21,6 +21,7 @@ from time import monotonic
 from typing import Callable, Iterator
 
 from ..errors import UsageError, WorkError
+from .batches import batches
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach the scheduler
 WORKERS_TIMEOUT = 10.0  # seconds to wait for a worker, unless Dask's no-workers-timeout says otherwise
@@ -30,8 +31,7 @@ _ONE_AT_A_TIME = threading.Lock()  # a rerun changes the worker's directory
 
 @dataclass(frozen=True)
 class Job:
-    """How a worker runs the command again: its arguments and directory, and ``run(argv)``, the
-    CLI's function that runs a command line in the worker's process and returns its exit code."""
+    """How a worker runs the command again: ``run(argv)`` (the CLI's) in ``cwd``."""
 
     argv: tuple[str, ...]
     cwd: str
@@ -53,6 +53,11 @@ def rebuilding(kind: str) -> object | None:
     return current[2] if current is not None and current[0] == kind else None
 
 
+def rerunning() -> bool:
+    """Whether this is a worker's rerun of a command."""
+    return _REBUILDING.get() is not None
+
+
 def run_here(task: Callable, kind: str) -> Iterator:
     """In a worker's rerun: compute this task's units and end the command with their results."""
     _, units, _ = _REBUILDING.get()
@@ -63,8 +68,6 @@ def run_here(task: Callable, kind: str) -> Iterator:
 def spread(sizes: dict[int, int], work, kind: str, place: object = None) -> Iterator[tuple[int, object]]:
     """Run the units on the cluster at ``work.scheduler``: one task per unit for shards, a few
     batches per worker for smaller units; yields ``(unit, result)`` as tasks finish."""
-    from .batching import batches
-
     client = connect(work.scheduler)
     try:
         if place is not None:

@@ -1,4 +1,4 @@
-"""Units of work grouped into runs of about equal bytes: what a worker is handed at a time."""
+"""Units of work grouped into runs of about equal bytes, a few per worker."""
 
 from __future__ import annotations
 
