@@ -186,7 +186,8 @@ class Writer:
         here = os.getpid()
 
         def write(index: int) -> tuple[str | None, bool]:
-            shown = os.getpid() == here  # in this process the bar follows the bytes, else the shards
+            # written by this process, the bar follows the bytes; by a worker (forked, or a cluster's), the shards
+            shown = os.getpid() == here and rebuilding("shards") is None
             path = self._write_shard(parts[index], names[index], staging, self.progress if shown else None)
             return (journal.sha256_of(path) if self.resume else None), shown
 

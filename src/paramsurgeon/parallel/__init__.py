@@ -41,7 +41,11 @@ class Work:
 
 def work(workers: str | None, scheduler: str | None = None, job: object | None = None) -> Work:
     """The Work of ``--workers`` (else PARAMSURGEON_WORKERS, else every core) and ``--scheduler``;
-    a count that is not a positive integer is a UsageError."""
+    a count that is not a positive integer is a UsageError, and so is a scheduler without Dask distributed."""
+    if scheduler is not None:
+        from .cluster import require
+
+        require()
     given, where = (workers, "--workers") if workers is not None else (os.environ.get(ENVIRONMENT), ENVIRONMENT)
     if given is None:
         return Work(cores(), False, scheduler, job)
