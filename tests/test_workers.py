@@ -281,3 +281,14 @@ def test_check_health_finds_the_same_with_every_worker_count(request, tmp_path):
     assert documents[0] == documents[1]
     failed = {v["name"] for rule in json.loads(documents[1])["rules"] if not rule["ok"] for v in rule["violations"]}
     assert {"layers.dead.weight", "layers.nan.weight"} <= failed
+
+
+def test_scheduler_refuses_a_single_file_output_before_reaching_a_cluster(eight, tmp_path):
+    folder, _ = eight
+    result = run("cast", folder, "--all", "--dtype", "bfloat16", "-o", tmp_path / "one.safetensors",
+                 "--scheduler", "tcp://127.0.0.1:9")
+    assert result.exit_code == 2
+    assert result.stderr == (f"paramsurgeon: error: --scheduler spreads the shards of a sharded output over a cluster;"
+                             f" {tmp_path / 'one.safetensors'} is one file; write a directory (-o DIR/, with"
+                             " --max-shard-size for convert) or use --workers\n")
+    assert not (tmp_path / "one.safetensors").exists()
