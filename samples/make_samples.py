@@ -4,8 +4,9 @@
 
 Each file is written the way real projects write it: torch.save of a state_dict, a
 training checkpoint with Adam state, safetensors via the safetensors library, and a
-Hugging Face style sharded directory, transformers models as save_pretrained writes them, and a GGUF file
-as llama.cpp's converter writes it. Seeded, so values are the same on every run.
+Hugging Face style sharded directory, transformers models as save_pretrained writes them, a GGUF file
+as llama.cpp's converter writes it, and one trained Llama quantized three ways (DeepSeek's FP8 blocks,
+bitsandbytes NF4 through transformers, AutoGPTQ's 4-bit packing). Seeded, so values are the same on every run.
 """
 
 import json
@@ -151,8 +152,9 @@ def fp8_block(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, tor
     return codes, scale
 
 
-def llama_fp8() -> None:
-    """A tiny Llama, a few AdamW steps in, its layers' linear weights stored as DeepSeek-V3 ships them."""
+def trained_llama():
+    """A tiny Llama, a few AdamW steps in (weights a checkpoint ships, not an initialisation), in bfloat16:
+    the model the quantized samples store."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(3)
@@ -165,21 +167,86 @@ def llama_fp8() -> None:
         model(tokens, labels=tokens).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    return model.to(torch.bfloat16)
+
+
+def write_config(folder: str, config, dtype: str, quantization: dict) -> None:
+    """config.json as save_pretrained writes it, its weights' dtype and their quantization_config."""
+    settings = {**config.to_diff_dict(), "torch_dtype": dtype, "quantization_config": quantization}
+    for key in ("transformers_version", "dtype"):  # dtype: transformers 5's name for torch_dtype
+        settings.pop(key, None)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(sorted(settings.items())), f, indent=2)
+        f.write("\n")
+
+
+def llama_fp8(model) -> None:
+    """The trained Llama, its layers' linear weights stored as DeepSeek-V3 ships them."""
     folder = os.path.join(HERE, "llama-fp8")
     os.makedirs(folder, exist_ok=True)
     tensors = {}
-    for name, value in model.to(torch.bfloat16).state_dict().items():
+    for name, value in model.state_dict().items():
         if name.startswith("model.layers.") and value.dim() == 2:
             tensors[name], tensors[name + "_scale_inv"] = fp8_block(value)
         else:
             tensors[name] = value.contiguous()
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    settings = {**config.to_diff_dict(), "torch_dtype": "bfloat16", "quantization_config": {
-        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}
-    settings.pop("transformers_version", None)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(dict(sorted(settings.items())), f, indent=2)
-        f.write("\n")
+    write_config(folder, model.config, "bfloat16", {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]})
+
+
+def llama_nf4(model) -> None:
+    """The trained Llama as a QLoRA base: transformers loads it in 4 bits with bitsandbytes on the CPU
+    (NF4, double quantization: every nn.Linear of the layers becomes a Linear4bit) and save_pretrained
+    writes its state_dict (codes, absmax, quant maps and the quant_state JSON blob of each weight)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16))
+    quantized.save_pretrained(os.path.join(HERE, "llama-nf4"))
+
+
+def gptq_pack(values: torch.Tensor) -> torch.Tensor:
+    """AutoGPTQ's ``QuantLinear.pack`` for 4 bits: each column of ``values`` [n, m] (codes 0..15) packed
+    down the rows, eight codes an int32 word, the first in the lowest bits."""
+    values = values.to(torch.int64).reshape(values.shape[0] // 8, 8, values.shape[1])
+    words = sum(values[:, i] << (4 * i) for i in range(8))
+    return (words - (words >> 31 << 32)).to(torch.int32).contiguous()  # the uint32 bit pattern as int32
+
+
+def gptq_layer(weight: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """A linear weight [out, in] as AutoGPTQ stores it (4 bits, sym=True, desc_act=False, format v1):
+    round-to-nearest codes of scale = 2 * amax / 15 per group of inputs, zero point 8 stored minus one."""
+    out_features, in_features = weight.shape
+    groups = weight.float().t().reshape(in_features // group, group, out_features)
+    scales = (2 * groups.abs().amax(1) / 15).clamp(min=1e-8).half()  # [groups, out]
+    codes = (torch.round(groups / scales.float()[:, None]) + 8).clamp(0, 15).reshape(in_features, out_features)
+    zeros = torch.full((in_features // group, out_features), 8 - 1)
+    return {"qweight": gptq_pack(codes), "qzeros": gptq_pack(zeros.t()).t().contiguous(), "scales": scales.contiguous(),
+            "g_idx": torch.arange(in_features, dtype=torch.int32) // group}
+
+
+def llama_gptq(model, group: int = 64) -> None:
+    """The trained Llama as a GPTQ model on the hub: its layers' linear weights in 4 bits (qweight,
+    qzeros, scales, g_idx), the rest in float16, the quantization_config AutoGPTQ writes."""
+    folder = os.path.join(HERE, "llama-gptq")
+    os.makedirs(folder, exist_ok=True)
+    tensors = {}
+    for name, value in model.state_dict().items():
+        if name.startswith("model.layers.") and value.dim() == 2:
+            base = name.removesuffix(".weight")
+            tensors.update({f"{base}.{role}": part for role, part in gptq_layer(value.half(), group).items()})
+        else:
+            tensors[name] = value.half().contiguous()
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    write_config(folder, model.config, "float16", {
+        "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": True,
+        "damp_percent": 0.01, "true_sequential": True, "checkpoint_format": "gptq"})
 
 
 def main() -> None:
@@ -210,7 +277,10 @@ def main() -> None:
     save_model(gpt, os.path.join(HERE, "gpt.safetensors"), metadata={"format": "pt"})
     transformers_models()
     write_llama_gguf(os.path.join(HERE, "llama.gguf"))
-    llama_fp8()
+    llama = trained_llama()
+    llama_fp8(llama)
+    llama_nf4(llama)
+    llama_gptq(llama)
     for name in sorted(os.listdir(HERE)):
         path = os.path.join(HERE, name)
         if name.endswith((".pt", ".safetensors", ".gguf")) or os.path.isdir(path) and not name.startswith("__"):

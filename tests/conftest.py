@@ -80,3 +80,16 @@ def large(tmp_path_factory):
     torch.save(state, folder / "large.pt")
     save_file(state, folder / "large.safetensors")
     return folder
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory):
+    """A Dask scheduler and two workers on 127.0.0.1, processes shared by the session (dask_cluster.py)."""
+    from dask_cluster import Cluster
+
+    cluster = Cluster(tmp_path_factory.mktemp("dask"))
+    try:
+        cluster.add_workers(2)
+        yield cluster
+    finally:
+        cluster.stop()

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp8_reference import BLOCK, dequantize, quantize
-from helpers import bits, json_of, register_input, run
+from helpers import SAMPLES, bits, json_of, register_input, run
 
 DOWN, UP, NORM = "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
@@ -131,6 +131,18 @@ def test_health_of_a_sound_fp8_checkpoint_passes_scale_and_orphan(fp8_dir):
     assert rules["health scale"] and rules["health orphan"] and document["ok"]
 
 
+def test_a_quant_method_not_read_is_named_not_passed_over(request, tmp_path):
+    """HQQ's (or any other) quantization_config: its tensors are listed as stored, and a note says why."""
+    folder = register_input(request, fp8_folder(tmp_path / "hqq", {"w.W_q": torch.zeros(8, 4, dtype=torch.uint8),
+                                                                   "w.scale": torch.ones(8, 1)},
+                                                {"quantization_config": {"quant_method": "hqq", "nbits": 4}}))
+    document = json_of("inspect", folder, "--json", schema="inspect")
+    assert sorted(t["name"] for t in document["tensors"]) == ["w.W_q", "w.scale"]
+    assert ('config.json: quantization_config\'s quant_method "hqq" is not read (only fp8, compressed-tensors,'
+            " bitsandbytes, gptq, awq, mxfp4, modelopt, modelopt_fp4): its tensors are listed as stored") \
+        in document["notes"]
+
+
 def test_health_of_a_plain_checkpoint_lists_no_quantization_rules(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({"w": torch.randn(8, 8)}, path)
@@ -153,6 +165,28 @@ def test_dequantize_writes_plain_tensors_and_a_config_without_quantization_confi
     config = json.loads((out / "config.json").read_text())
     assert config == {"torch_dtype": "bfloat16"}
     assert "quantization_config removed" in result.stderr
+
+
+@pytest.mark.parametrize("given", ["directory", "file"])
+def test_dequantize_in_place_of_a_single_file_directory_updates_its_config(fp8_dir, tmp_path, given):
+    """The file is rewritten, and the config.json beside it (which said how to read it) follows: without
+    its quantization_config after dequantize, with it again after quantize."""
+    import shutil
+
+    folder, _, reference = fp8_dir
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    place = copy if given == "directory" else copy / "model.safetensors"
+    result = run("dequantize", place, "--in-place")
+    assert result.exit_code == 0, result.stderr
+    assert "note: config.json: quantization_config removed" in result.stderr
+    assert sorted(os.listdir(copy)) == ["config.json", "model.safetensors"]
+    written = stored(copy)
+    assert all(bits(written[name]) == bits(value) for name, value in reference.items())
+    assert json.loads((copy / "config.json").read_text()) == {"torch_dtype": "bfloat16"}
+
+    assert run("quantize", place, "-p", DOWN, "-p", UP, "--scheme", "fp8-block", "--in-place").exit_code == 0
+    assert json.loads((copy / "config.json").read_text())["quantization_config"] == FP8_CONFIG
 
 
 def test_dequantize_dtype_computes_in_that_dtype_and_a_selection_keeps_the_rest(fp8_dir, tmp_path):
@@ -270,6 +304,42 @@ def test_value_changes_write_plain_tensors_with_a_note_and_moves_carry_every_par
     assert state["b.weight_scale_inv"].untyped_storage().data_ptr() == \
         state["a.weight_scale_inv"].untyped_storage().data_ptr()
     assert bits(state["b.weight"]) == bits(codes)
+
+
+@pytest.mark.parametrize("sample", ["llama-gptq", "llama-nf4"])
+def test_a_whole_copy_between_alike_quantized_weights_copies_the_parts(tmp_path, sample):
+    """GPTQ weights name their own g_idx, NF4 ones hold their own nested offset: quantized alike all the same."""
+    folder = os.path.join(SAMPLES, sample)
+    source, target = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    out = tmp_path / "copied.safetensors"
+    result = run("copy", folder, "--from", source + ".weight", "--to", target + ".weight", "-o", out)
+    assert result.exit_code == 0 and "written as plain" not in result.stderr
+    before, after = stored(folder), stored(out)
+    assert sorted(after) == sorted(before)
+    for name, value in before.items():
+        expected = before[name.replace(target, source)] if name.startswith(target) else value
+        assert bits(after[name]) == bits(expected), name
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_tied_quantized_weights_read_again_are_one_tied_tensor(tmp_path, suffix):
+    """A weight whose parts all share another's storage (as tie wrote them) is that weight, tied: shown
+    and counted once, and dequantized to one tensor both names share."""
+    codes, scale = quantize(torch.randn(200, 300) * 0.02)
+    folder = fp8_folder(tmp_path / "two", {"a.weight": codes, "a.weight_scale_inv": scale,
+                                           "b.weight": codes.clone(), "b.weight_scale_inv": scale.clone()})
+    tied = tmp_path / f"tied{suffix}"
+    assert run("tie", folder, "--source", "a.weight", "--target", "b.weight", "-o", tied).exit_code == 0
+    document = json_of("inspect", tied, "--json", schema="inspect")
+    assert document["ties"] == [["a.weight", "b.weight"]]
+    assert document["totals"]["parameters"] == 200 * 300
+    assert document["totals"]["bytes"] == codes.numel() + scale.numel() * 4
+
+    plain = tmp_path / "plain.pt"
+    assert run("dequantize", tied, "-o", plain).exit_code == 0
+    state = torch.load(plain, weights_only=True)
+    assert state["a.weight"].untyped_storage().data_ptr() == state["b.weight"].untyped_storage().data_ptr()
+    assert bits(state["b.weight"]) == bits(dequantize(codes, scale))
 
 
 # end to end: transformers loads what dequantize wrote

@@ -1,12 +1,13 @@
-"""compressed-tensors (pack-quantized, float-quantized, int-quantized) and bitsandbytes (nf4, fp4,
-LLM.int8) checkpoints read as what they mean: one logical tensor per quantized weight whose values
-are the packages' own dequantization.
+"""compressed-tensors (pack-quantized, float-quantized, int-quantized, nvfp4-pack-quantized,
+mxfp4-pack-quantized) and bitsandbytes (nf4, fp4, LLM.int8) checkpoints read as what they mean: one
+logical tensor per quantized weight whose values are the packages' own dequantization.
 
 Each checkpoint is made by the real package from real nn.Linear weights: compressed-tensors'
 ModelCompressor compresses a quantized module tree (scales from its calculate_qparams) and writes
 its quantization_config; bitsandbytes' Linear4bit / Linear8bitLt quantize on the CPU and their
 state_dict() gives the key layout. The expected values are the packages' own decompressors
-(ModelCompressor.decompress_model, bitsandbytes.functional.dequantize_4bit and
+(ModelCompressor.decompress_model, which runs the format's compressor: PackedQuantizationCompressor,
+NVFP4PackedCompressor, MXFP4PackedCompressor, ...; bitsandbytes.functional.dequantize_4bit and
 int8_vectorwise_dequant), rounded to the config's dtype.
 """
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config
-from compressed_tensors.quantization.utils import calculate_qparams
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -46,6 +47,10 @@ CT = {
     "fp8-block": ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]},
                   {**DYNAMIC_FP8, "strategy": "group", "group_size": 128}),
     "int8-channel": ("int-quantized", {"num_bits": 8, "strategy": "channel"}, DYNAMIC_INT8),
+    "nvfp4": ("nvfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
+                                       "scale_dtype": torch.float8_e4m3fn, "zp_dtype": torch.float8_e4m3fn}, None),
+    "mxfp4": ("mxfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32,
+                                       "scale_dtype": torch.uint8, "zp_dtype": torch.uint8}, None),
 }
 
 
@@ -67,7 +72,7 @@ def observed(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
         return weight.amin().reshape(1), weight.amax().reshape(1)
     if args.strategy == "channel":
         return weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
-    if args.strategy == "group":
+    if args.strategy in ("group", "tensor_group"):
         groups = weight.unflatten(1, (-1, args.group_size))
         return groups.amin(-1), groups.amax(-1)
     bm, bn = args.block_structure
@@ -85,7 +90,12 @@ def compressed_tensors_dir(folder, weights: dict, activations: dict | None):
                                 input_activations=QuantizationArgs(**activations) if activations else None)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
     for module in (model.model.up, model.model.down):
-        scale, zero = calculate_qparams(*observed(module.weight.data, scheme.weights), scheme.weights)
+        low, high = observed(module.weight.data, scheme.weights)
+        glob = None
+        if hasattr(module, "weight_global_scale"):  # nvfp4: the scales' own scale, from the whole weight
+            glob = generate_gparam(low.amin(), high.amax())
+            module.weight_global_scale.data.copy_(glob)
+        scale, zero = calculate_qparams(low, high, scheme.weights, global_scale=glob)
         module.weight_scale.data.copy_(scale)
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data.copy_(zero)
@@ -218,7 +228,7 @@ def test_bitsandbytes_8bit_weights_read_as_int8_vectorwise_dequant_gives_them(re
 
 
 def test_without_a_config_the_layout_comes_from_the_stored_shapes(request, ct_dirs, bnb_dirs, tmp_path):
-    for key, (folder, _, reference) in [*((v, ct_dirs[v]) for v in ("int4-group-asym", "fp8-block")),
+    for key, (folder, _, reference) in [*((v, ct_dirs[v]) for v in ("int4-group-asym", "fp8-block", "nvfp4", "mxfp4")),
                                          (("nf4", True), bnb_dirs["nf4", True])]:
         bare = tmp_path / str(key)
         bare.mkdir()
@@ -327,6 +337,57 @@ def test_an_asymmetric_weight_without_its_zero_point_is_named(request, ct_dirs, 
     folder = write(tmp_path / "nozero", broken, json.loads((folder / "config.json").read_text()))
     _, notes = notes_of(folder)
     assert "asymmetric codes without their zero point model.up.weight_zero_point" in notes
+
+
+def test_a_compressed_tensors_format_not_read_is_named_and_not_dequantized(request, tmp_path):
+    """mxfp6 (6-bit codes, uint8 like mxfp4's): listed as stored with a note, refused by dequantize."""
+    folder = tmp_path / "mxfp6"
+    stored, _ = compressed_tensors_dir(folder, {"num_bits": 6, "type": "float", "strategy": "group", "group_size": 32,
+                                                "scale_dtype": torch.uint8, "zp_dtype": torch.uint8}, None)
+    register_input(request, folder)
+    names, notes = notes_of(folder)
+    assert names == sorted(stored)
+    assert ("model.up.weight_packed [96, 192] uint8: compressed-tensors format mxfp6-pack-quantized is not read"
+            " (only pack-quantized in int32, nvfp4-pack-quantized and mxfp4-pack-quantized)") in notes
+    result = run("dequantize", folder, "-o", str(tmp_path / "out") + "/")
+    assert result.exit_code == 2 and "mxfp6-pack-quantized is not read" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp4_parts_that_do_not_fit_or_lack_their_global_scale_are_named(request, ct_dirs, tmp_path):
+    folder, stored, _ = ct_dirs["nvfp4"]
+    config = json.loads((folder / "config.json").read_text())
+    broken = {n: v for n, v in stored.items() if n != "model.up.weight_global_scale"}
+    names, notes = notes_of(write(tmp_path / "noglobal", broken, config))
+    assert "model.up.weight_packed" in names and "model.down.weight" in names
+    assert "nvfp4-pack-quantized codes without their model.up.weight_global_scale" in notes
+
+    folder, stored, _ = ct_dirs["mxfp4"]
+    short = dict(stored, **{"model.up.weight_scale": stored["model.up.weight_scale"][:, :4].clone()})
+    names, notes = notes_of(write(tmp_path / "short", short, None))
+    assert "model.up.weight_scale" in names and "model.down.weight" in names
+    assert ("model.up.weight_packed [96, 128] uint8, model.up.weight_scale [96, 4] uint8: not 2-D uint8 codes with a"
+            " uint8 scale per 32 values") in notes
+
+
+def test_health_fails_a_zero_nvfp4_global_scale(request, ct_dirs, tmp_path):
+    folder, stored, _ = ct_dirs["nvfp4"]
+    broken = dict(stored, **{"model.up.weight_global_scale": torch.zeros(1)})
+    result = run("check", write(tmp_path / "zero", broken, json.loads((folder / "config.json").read_text())), "--health")
+    assert result.exit_code == 1
+    assert "model.up.weight_global_scale has 1 zero of 1 scales" in result.stdout
+
+
+def test_fp4_checkpoints_dequantize_to_their_decompressors_values(request, ct_dirs, tmp_path):
+    for variant in ("nvfp4", "mxfp4"):
+        folder, stored, reference = ct_dirs[variant]
+        register_input(request, folder)
+        out = tmp_path / variant
+        assert run("dequantize", folder, "-o", str(out) + "/").exit_code == 0
+        got = stored_file(out / "model.safetensors")
+        assert sorted(got) == sorted(reference)
+        assert all(bits(got[name]) == bits(values) for name, values in reference.items()), variant
+        assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
 
 def test_a_bitsandbytes_state_blob_that_is_not_json_is_named(request, bnb_dirs, tmp_path):

@@ -328,3 +328,15 @@ def test_changing_a_gptq_layer_writes_a_plain_weight_and_drops_every_part(reques
     assert sorted(got) == sorted([*kept, Q + ".weight"])
     assert bits(got[Q + ".weight"]) == bits((expected[Q + ".weight"].float() * 2).half())
     assert all(bits(got[n]) == bits(tensors[n]) for n in kept)  # the other layer's parts as stored
+
+
+def test_dequantizing_some_gptq_layers_of_a_directory_keeps_the_rest_and_their_config(request, tmp_path):
+    """The layers left quantized still need the config's quantization_config (it was an internal error)."""
+    folder, tensors, expected = gptq_dir(request, tmp_path / "gptq")
+    result = run("dequantize", folder, "-p", Q + ".weight", "-o", str(tmp_path / "out") + "/")
+    assert result.exit_code == 0, result.stderr
+    got = stored(tmp_path / "out" / "model.safetensors")
+    assert bits(got[Q + ".weight"]) == bits(expected[Q + ".weight"]) and Q + ".qweight" not in got
+    assert all(bits(got[K + "." + role]) == bits(tensors[K + "." + role]) for role in ("qweight", "qzeros", "scales"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((folder / "config.json").read_text())["quantization_config"]

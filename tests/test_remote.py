@@ -52,7 +52,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def fresh(server, monkeypatch):
     server.reset()
-    server.mode, server.token, server.redirect_to = None, None, None
+    server.mode, server.token, server.redirect_to, server.signed, server.delay = None, None, None, None, 0.0
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
@@ -434,3 +434,113 @@ def test_a_torch_file_over_https_reads_as_the_local_one(fresh):
         assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
         if flags:
             assert fresh.sent < os.path.getsize(path) / 2  # the archive's directory and pickle, not its values
+
+
+def test_two_loaders_never_share_what_they_looked_up(fresh, tmp_path):
+    """A library user holding two loaders: what the first opened is not the second's answer when
+    the file has changed since (each loader keeps its own remote lookups)."""
+    from paramsurgeon.formats.loader import Loader
+
+    path = fresh.root_path / "files" / "changing.safetensors"
+    save_file({"a": torch.zeros(4)}, path)
+    url = f"{fresh.url}/files/changing.safetensors"
+    first, second = Loader(), Loader()
+    assert list(first.checkpoint(url).tensors) == ["a"]
+    save_file({"b": torch.ones(8), "c": torch.ones(2)}, path)
+    assert sorted(second.checkpoint(url).tensors) == ["b", "c"]
+    assert first.checkpoint(url).tensors["a"].shape == (4,)  # the first keeps what it read
+
+
+def test_a_hub_redirect_is_followed_once_per_file(fresh, monkeypatch):
+    """The hub answers each weight file with a redirect to its CDN (a presigned address): each
+    shard pays that once, its later reads go to the CDN at once; the token stays with the hub."""
+    cdn = Server(fresh.root_path)
+    try:
+        fresh.redirect_to = cdn.url
+        monkeypatch.setenv("HF_TOKEN", "hub-only-token")
+        got = run("inspect", "--json", "hf://org/model")
+        assert got.exit_code == 0, got.stderr
+        expected = run("inspect", "--json", _local(fresh, "hub", "org", "model", "main"))
+        assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+        resolved = [r for r in fresh.requests if "/resolve/" in r and ".safetensors" in r and ".json" not in r]
+        assert len(resolved) == SHARDS == len(set(resolved)), fresh.requests
+        assert len(cdn.requests) >= 3 * SHARDS, cdn.requests  # each shard's header and its two tensors
+        assert not any(cdn.authorizations), cdn.authorizations
+        fresh.reset()
+        cdn.reset()
+        got = run("inspect", "--no-stats", "hf://org/model")
+        assert got.exit_code == 0, got.stderr
+        assert len(fresh.requests) + len(cdn.requests) <= 3 + 2 * SHARDS, (fresh.requests, cdn.requests)
+    finally:
+        cdn.close()
+
+
+def test_a_presigned_index_url_asks_its_shards_with_its_query(fresh):
+    """An index at a presigned address (a signature in the query, slashes and all): its shards and
+    config.json are asked in the same directory with the same query, and read as the local copy."""
+    fresh.signed = "s3cr3t"
+    query = "X-Amz-Credential=AKIA/20261206/us-east-1/s3/aws4_request&sig=s3cr3t"
+    url = f"{fresh.url}/files/model/model.safetensors.index.json?{query}"
+    got = run("inspect", "--json", url)
+    assert got.exit_code == 0, got.stderr
+    expected = run("inspect", "--json", _local(fresh, "files", "model", "model.safetensors.index.json"))
+    assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+    assert f"/files/model/model-00002-of-00003.safetensors?{query}" in fresh.requests, fresh.requests
+    assert f"/files/model/config.json?{query}" in fresh.requests, fresh.requests
+    complete = run("check", "--complete", url)
+    assert complete.exit_code == 0 and "ok   shards" in complete.stdout, complete.stdout + complete.stderr
+
+
+def test_shard_headers_are_fetched_side_by_side(fresh):
+    """A distant server (each reply 0.2 s late): the shards' first blocks are asked at once, not
+    one shard after another, with no more requests than the budget."""
+    fresh.delay = 0.2
+    got = run("inspect", "--no-stats", "hf://org/model")
+    assert got.exit_code == 0, got.stderr
+    assert fresh.most_at_once == SHARDS, fresh.requests
+    assert len(fresh.requests) <= SHARDS + 3, fresh.requests
+
+
+def test_an_expired_cdn_address_is_asked_of_the_hub_again(fresh):
+    """The CDN address a hub file was redirected to expires (403) while the file is read: the
+    file is asked of the hub again, and its values are read whole."""
+    cdn = Server(fresh.root_path)
+    try:
+        fresh.redirect_to, cdn.signature_uses = cdn.url, 2
+        got = run("inspect", "--json", "hf://org/model")
+        assert got.exit_code == 0, got.stderr
+        expected = run("inspect", "--json", _local(fresh, "hub", "org", "model", "main"))
+        assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+        resolved = [r for r in fresh.requests if "/resolve/" in r and ".json" not in r]
+        assert len(resolved) == 2 * SHARDS, fresh.requests  # each shard: its header and a tensor, then again
+    finally:
+        cdn.close()
+
+
+def test_worker_processes_read_a_remote_file_on_connections_of_their_own(fresh, s3):
+    """--workers 2 forks processes that read a remote file's tensors side by side: each on its own
+    connection (a connection kept by the process that forked them is not theirs to share)."""
+    path = fresh.root_path / "files" / "many.safetensors"
+    generator = torch.Generator().manual_seed(5)
+    save_file({f"layers.{i}.weight": torch.randn(128, 128, generator=generator) for i in range(16)}, path)
+    s3.client.upload_file(str(path), "runs", "many.safetensors")
+    expected = run("inspect", "--json", "--workers", "1", path)
+    for url in (f"{fresh.url}/files/many.safetensors", "s3://runs/many.safetensors"):
+        got = run("inspect", "--json", "--workers", "2", url)
+        assert got.exit_code == 0, got.stderr
+        assert _without_source(json.loads(got.stdout)) == _without_source(json.loads(expected.stdout))
+
+
+def test_a_token_in_huggingface_hubs_token_file_is_sent_to_the_hub(fresh, tmp_path):
+    """No HF_TOKEN, but `hf auth login` left a token file: it is sent (and never printed)."""
+    from helpers import run_process
+
+    fresh.token = "file-token"
+    (tmp_path / "token").write_text("file-token\n")
+    got = run_process("inspect", "--no-stats", "hf://org/model", env={"HF_TOKEN_PATH": str(tmp_path / "token")})
+    assert got.returncode == 0, got.stderr
+    assert fresh.authorizations and all(a == "Bearer file-token" for a in fresh.authorizations)
+    assert b"file-token" not in got.stdout + got.stderr
+    fresh.reset()
+    got = run_process("inspect", "--no-stats", "hf://org/model", env={"HF_TOKEN_PATH": str(tmp_path / "none")})
+    assert got.returncode == 2 and b"HF_TOKEN" in got.stderr, got.stderr

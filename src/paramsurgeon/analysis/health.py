@@ -44,6 +44,7 @@ from ..checkpoint.layouts import stored_in_out
 from ..checkpoint.quantized import Quantized, refuse_valueless
 from ..errors import SelectionError, UsageError
 from ..selection import matches, unmatched
+from ..parallel import Work, spread
 from .stats import Stats, tensor_stats
 from ..sizes import plural
 
@@ -179,23 +180,29 @@ def checked_names(ckpt: Checkpoint, names: list[str]) -> list[str]:
 
 
 def measure(ckpt: Checkpoint, names: list[str], bins: int | None = None, drawn: set[str] | None = None,
-            progress: Callable[[int], None] | None = None, doing: str = "check --health") -> dict[str, Stats]:
-    """Statistics of ``names``, each read once, with the spread of the values wherever a rule may
-    need it (see ``_needs_spread``), and histograms of ``bins`` bins: of every tensor, or with
-    ``drawn``, of those and of any tensor the statistics say may have a finding. ``doing``: the
-    command, named when a tensor's values cannot be read."""
+            progress: Callable[[int], None] | None = None, work: Work = Work(),
+            doing: str = "check --health") -> dict[str, Stats]:
+    """Statistics of ``names``, each read once (spread over ``work``'s workers), with the spread of
+    the values wherever a rule may need it (see ``_needs_spread``), and histograms of ``bins`` bins:
+    of every tensor, or with ``drawn``, of those and of any tensor the statistics say may have a finding.
+    ``doing``: the command, named when a tensor's values cannot be read."""
     refuse_valueless(ckpt.tensors, names, doing)
     layout = Layout(ckpt)
-    result = {}
-    for name in names:
+
+    def one(index: int) -> Stats:
+        name = names[index]
         tensor = ckpt.tensors[name]
         inits = layout.inits(name, tensor.shape)
         histogram = bins if drawn is None or name in drawn or not bins else \
             (lambda s: bins if _suspect(tensor.shape, inits, s) else None)
-        result[name] = tensor_stats(tensor, bins=histogram, buckets=lambda s: _needs_spread(tensor.shape, inits, s))
+        return tensor_stats(tensor, bins=histogram, buckets=lambda s: _needs_spread(tensor.shape, inits, s))
+
+    found = {}
+    for index, stats in spread(one, {i: ckpt.tensors[n].nbytes for i, n in enumerate(names)}, work, "tensors"):
+        found[names[index]] = stats
         if progress is not None:
-            progress(tensor.nbytes)
-    return result
+            progress(ckpt.tensors[names[index]].nbytes)
+    return {name: found[name] for name in names}
 
 
 def _needs_spread(shape: tuple[int, ...], inits: tuple[Init, ...], s: Stats) -> bool:

@@ -37,7 +37,7 @@ class _Group(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
-        COMMAND_LINE.set(args)  # what a cluster's workers run again
+        COMMAND_LINE.set((args, rerun))  # what a cluster's workers run again, and how
         debug = "--debug" in args or os.environ.get("PARAMSURGEON_DEBUG") == "1"
         try:
             with warnings.catch_warnings():
@@ -175,6 +175,12 @@ def __getattr__(name: str):
     if name == "app":  # the whole app, for CliRunner and library callers
         return build_app()
     raise AttributeError(name)
+
+
+def rerun(argv: list[str]) -> int:
+    """Run one command in this process, as a cluster's worker runs the client's again; its exit code."""
+    named = next((arg for arg in argv if not arg.startswith("-")), None)
+    return build_app(named)(args=argv, standalone_mode=False)
 
 
 def main() -> None:

@@ -135,7 +135,8 @@ class CheckOptions:
         parse_ignores(self.ignore)
 
 
-def check(given: Input, options: CheckOptions, output: Json, read: Read, select: Selection) -> None:
+def check(given: Input, options: CheckOptions, output: Json, read: Read, select: Selection,
+          spread: Workers) -> None:
     """Check rules for CI: exit 0 when every rule holds, 1 with a report of each violation.
 
     A sharded checkpoint is also checked for agreement between its index and its shards.
@@ -175,8 +176,8 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
     with progress(size, "checking") as advance:
         rules += run_rules(checkpoint, names, finite=options.finite or default, max_abs=options.max_abs, like=other,
                            expect=expectations, dtype=dtype, progress=advance)
-        findings = health.diagnose(checkpoint, health.measure(checkpoint, diagnosed, progress=advance), names) \
-            if options.health else None
+        findings = health.diagnose(checkpoint, health.measure(checkpoint, diagnosed, progress=advance,
+                                                              work=work(spread)), names) if options.health else None
     if findings is not None:
         findings = health.ignored(findings, ignores)
         findings = health.strict(findings) if options.strict else findings

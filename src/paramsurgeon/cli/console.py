@@ -112,6 +112,14 @@ def output_target(ckpt: Checkpoint, write, inputs: "Inputs", max_shard_size: Opt
     target = formats.resolve_target(ckpt, write.output, write.format, write.in_place, max_shard_size, inputs)
     for message in target.notes:
         note(f"note: {message}")
+    if not target.sharded and not write.dry_run:
+        if write.scheduler is not None:
+            raise UsageError(f"--scheduler spreads the shards of a sharded output over a cluster;"
+                             f" {target.path or 'standard output'} is one file; write a directory (-o DIR/, with"
+                             " --max-shard-size for convert) or use --workers")
+        if write.resume:
+            raise UsageError(f"--resume finishes an interrupted sharded write; {target.path or 'standard output'}"
+                             " is one file, written whole or not at all")
     return target
 
 
@@ -125,9 +133,6 @@ def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write, seed: int 
     if write.device:
         to_cpu(ckpt)
     count, size = written(ckpt, target, write.dedupe, write.tensors_only)
-    if write.resume and not target.sharded:
-        raise UsageError(f"--resume finishes an interrupted sharded write; {target.path or 'standard output'} is"
-                         " one file, written whole or not at all")
     with progress(size, "writing") as advance:
         notes = formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance,
                              work=work(write, seed), resume=write.resume)
@@ -136,7 +141,7 @@ def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write, seed: int 
     return f"{plural(count, 'tensor')}, {human_bytes(size)}"
 
 
-COMMAND_LINE: ContextVar[list[str]] = ContextVar("command_line", default=[])  # set by the CLI's main
+COMMAND_LINE: ContextVar[tuple[list[str], Callable]] = ContextVar("command_line")  # (argv, how to run it again)
 
 
 def work(options, seed: int | None = None):
@@ -146,8 +151,8 @@ def work(options, seed: int | None = None):
         return options.work()
     from ..parallel.cluster import Job
 
-    argv = COMMAND_LINE.get() + (["--seed", str(seed)] if seed is not None else [])
-    return options.work(Job(tuple(argv), os.getcwd()))
+    argv, rerun = COMMAND_LINE.get()
+    return options.work(Job(tuple(argv + (["--seed", str(seed)] if seed is not None else [])), os.getcwd(), rerun))
 
 
 PROGRESS_DELAY = float(os.environ.get("PARAMSURGEON_PROGRESS_DELAY", "1.0"))  # seconds before a bar shows

@@ -12,11 +12,11 @@ from .. import formats
 from ..checkpoint import Checkpoint
 from ..declare import REQUIRED, argument, option
 from ..errors import UsageError
-from ..formats.files import output_kind, refuse_terminal
+from ..formats.files import refuse_terminal
 from ..ops import OPERATIONS, Operation
 from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
-from .console import (color_on_stdout, emit, loader, note, output_target, progress, terminal_width,
+from .console import (color_on_stdout, emit, loader, note, output_target, progress, terminal_width, work,
                       write_checkpoint)
 from .options import Input, NamedInput, Read, Surgery, Unquantized, Write
 
@@ -90,7 +90,7 @@ def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Option
     size = sum(ckpt[c.names[0]].nbytes for _, p, _ in planned for c in p.changes if c.names[0] in ckpt.tensors)
     with progress(size, "computing") as advance:
         plans, notes = perform(ckpt, steps, sources, reset_optimizer=surgery.reset_optimizer, progress=advance,
-                               check_late=target.path is not None and output_kind(target.path) != "stream")
+                               work=work(write, drawn))
     for message in notes:
         note(f"{command}: {message}")
     summary = plans[0].summary() if command != "apply" else \

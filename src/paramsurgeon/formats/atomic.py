@@ -186,7 +186,8 @@ def atomic_directory(target: str, carry: Callable[[str], bool], owns: Callable[[
     staging directory is removed and ``target`` is untouched. It is never one of the command's
     ``inputs``, but the one it rewrites in place. With ``resume`` (a file name), the staging
     directory of a write of ``target`` whose process died holding that file (the newest) is taken
-    over as it is, if there is one.
+    over as it is, if there is one; a failed write that holds that file leaves its staging
+    directory for the next.
     """
     inputs.refuse_overwrite(target)
     where, target = target, os.path.realpath(target)  # "." cannot be renamed, its full path can
@@ -207,8 +208,8 @@ def atomic_directory(target: str, carry: Callable[[str], bool], owns: Callable[[
                     link_or_copy(os.path.join(target, name), os.path.join(staging, name))
         _fsync_tree(staging)
     except BaseException as e:
-        if staging is not None:
-            remove(staging)
+        if staging is not None and not (resume and os.path.exists(os.path.join(staging, resume))):
+            remove(staging)  # a resumable write keeps what it wrote, for the next --resume
         if isinstance(e, OSError):
             raise OutputError(f"cannot write '{where}': {e.strerror or e}; nothing was written") from e
         raise

@@ -8,7 +8,7 @@ import os
 
 from ..parsing import parse_document
 from .files import is_url
-from .places import is_dir, is_file, read_all
+from .places import dirname, is_dir, is_file, join, read_all
 
 CONFIG = "config.json"
 
@@ -17,8 +17,8 @@ def config_path(path: str | None) -> str | None:
     """The config.json that describes the checkpoint at ``path``, if there is one."""
     if path in (None, "-"):
         return None
-    folder = path if is_dir(path) else os.path.dirname(path if is_url(path) else os.path.abspath(path))
-    candidate = os.path.join(folder, CONFIG)
+    folder = path if is_dir(path) else dirname(path if is_url(path) else os.path.abspath(path))
+    candidate = join(folder, CONFIG)
     return candidate if is_file(candidate) else None
 
 

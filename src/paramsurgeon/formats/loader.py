@@ -5,17 +5,17 @@ writes are checked against, so that no output of the command lands on one.
 
 Operations receive a Loader (ops.spec.Sources) and never open files themselves. Any input may be
 a URL (hf://, s3://, https://): the readers ask formats/places.py, which asks formats/remote.py,
-whose lookups last as long as the loader's command.
+whose lookups (files, hub repositories, connections, redirects) the loader's own ``remote`` keeps,
+so that they last as long as its command and no other loader sees them.
 """
 
 from __future__ import annotations
-
-import os
 
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError, SelectionError
 from . import peft, registry, remote
 from .inputs import Inputs
+from .places import dirname
 from .reading import load, sharded_index, verify_shards
 
 
@@ -28,15 +28,16 @@ class Loader:
     otherwise each request names its own key (copy's --source-key).
     ``download`` (--download): a remote server that ignores Range requests is read by
     downloading whole files (otherwise that is refused; formats/remote.py).
+    ``remote``: this loader's remote lookups, active while it opens and checks inputs.
     """
 
     def __init__(self, *, key: str | None = None, allow_globals: tuple[str, ...] = (), unsafe_pickle: bool = False,
                  shared_key: bool = False, raw: bool = False, download: bool = False):
-        self.key, self.shared_key, self.download = key, shared_key, download
+        self.key, self.shared_key = key, shared_key
         self.options = {"allow_globals": tuple(allow_globals), "unsafe_pickle": unsafe_pickle, "raw": raw}
         self.opened: dict[tuple[str | None, str | None], Checkpoint] = {}
         self.inputs = Inputs()  # this command's: every path opened, with its role
-        remote.forget()  # a remote file is looked up once per command
+        self.remote = remote.Remote(download)  # a remote file is looked up once per loader
 
     def checkpoint(self, path: str | None, key: str | None = None, role: str | None = "--source") -> Checkpoint:
         """The checkpoint at ``path`` (None or '-': standard input) in the ``role`` the user gave it
@@ -46,25 +47,26 @@ class Loader:
         if (path, key) not in self.opened:
             ckpt = self.opened[path, key] = self._open(path, key)
             if registry.get(ckpt.format).sharded:  # an index names its directory: every shard is an input
-                self.inputs.record(os.path.dirname(ckpt.source) or ".", self.inputs.role(path))
+                self.inputs.record(dirname(ckpt.source) or ".", self.inputs.role(path))
         return self.opened[path, key]
 
     def adapter(self, path: str) -> tuple[str, dict, Checkpoint]:
         """The PEFT adapter directory ``path`` names: the directory, its config and its weights."""
-        folder = peft.adapter_directory(path)
-        self.inputs.record(folder, "the adapter")
-        config, weights = peft.read_adapter(folder, lambda file: self.checkpoint(file, role="the adapter"))
+        with self.remote.active():
+            folder = peft.adapter_directory(path)
+            self.inputs.record(folder, "the adapter")
+            config, weights = peft.read_adapter(folder, lambda file: self.checkpoint(file, role="the adapter"))
         return folder, config, weights
 
     def shard_problems(self, path: str | None) -> list[dict] | None:
         """Where the sharded checkpoint at ``path`` and its index disagree, every shard read with
         the command's options (check --complete's work); None when ``path`` is not sharded."""
         options = {k: v for k, v in self.options.items() if k != "raw"}
-        with remote.session(self.download):
+        with self.remote.active():
             return verify_shards(path, **options) if sharded_index(path) is not None else None
 
     def _open(self, path: str | None, key: str | None) -> Checkpoint:
-        with remote.session(self.download):
+        with self.remote.active():
             return self._load(path, key)
 
     def _load(self, path: str | None, key: str | None) -> Checkpoint:

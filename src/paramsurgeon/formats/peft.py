@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..parsing import parse_document
 from .atomic import atomic_directory, new_file
 from .inputs import Inputs
-from .places import is_dir, is_file, read_all
+from .places import basename, dirname, is_dir, is_file, join, read_all
 from .safetensors import Writer
 
 CONFIG = "adapter_config.json"
@@ -33,8 +33,8 @@ def adapter_directory(path: str) -> str:
     Raises:
         InputError: ``path`` is not a directory.
     """
-    if os.path.basename(path) in (CONFIG, *WEIGHTS) and is_file(path):  # a URL names its adapter by a file
-        return os.path.dirname(path) or "."
+    if basename(path) in (CONFIG, *WEIGHTS) and is_file(path):  # a URL names its adapter by a file
+        return dirname(path) or "."
     if not is_dir(path):
         raise InputError(f"merge-lora: '{path}' is not a directory; an adapter is the directory save_pretrained"
                          f" writes, with {CONFIG} and {WEIGHTS[0]}")
@@ -47,7 +47,7 @@ def read_adapter(folder: str, load: Callable[[str], Checkpoint]) -> tuple[dict, 
     Raises:
         InputError: no config or weights, a config that is not PEFT LoRA's.
     """
-    config_path = os.path.join(folder, CONFIG)
+    config_path = join(folder, CONFIG)
     if not is_file(config_path):
         raise InputError(f"merge-lora: '{folder}' has no {CONFIG}; an adapter is the directory save_pretrained"
                          " writes")
@@ -59,7 +59,7 @@ def read_adapter(folder: str, load: Callable[[str], Checkpoint]) -> tuple[dict, 
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise InputError(f"merge-lora: '{config_path}' is not a LoRA adapter's config (peft_type {kind!r},"
                          " expected 'LORA')")
-    weights = [os.path.join(folder, name) for name in WEIGHTS if is_file(os.path.join(folder, name))]
+    weights = [join(folder, name) for name in WEIGHTS if is_file(join(folder, name))]
     if not weights:
         raise InputError(f"merge-lora: '{folder}' has no {' or '.join(WEIGHTS)}")
     return config, load(weights[0])

@@ -12,7 +12,7 @@ from ..errors import NotACheckpointError, SelectionError
 from . import registry, sharded
 from .atomic import recover
 from .files import InputFile, is_url
-from .places import is_dir, is_file, list_dir, open_input
+from .places import basename, is_dir, is_file, list_dir, open_input
 from .hfconfig import read_config
 
 _SIGNATURES = [
@@ -63,7 +63,7 @@ def sharded_index(path: str | None) -> str | None:
             raise NotACheckpointError(f"{path}: a directory with several shard indexes ({', '.join(indexes)});"
                                       f" pass the one you mean ({os.path.join(path, indexes[0])})")
         return os.path.join(path, indexes[0]) if indexes else None
-    return path if path.endswith(".index.json") and is_file(path) else None
+    return path if basename(path).endswith(".index.json") and is_file(path) else None
 
 
 def verify_shards(path: str, allow_globals: tuple[str, ...] = (), unsafe_pickle: bool = False) -> list[dict]:

@@ -6,17 +6,25 @@ A file's first request fetches its first 64 KiB (a JSON file: its first MiB) and
 size from the reply, so that a safetensors header costs one request, two when it is larger;
 small reads are served from what was fetched, tensor values are fetched when read. A hub
 repository is looked up once (its commit, file names and sizes in one request) and its files
-are then read at that commit. Credentials come from the environment and are never printed.
+are then read at that commit; where the hub redirects a file to its CDN, the address it gives is
+kept for the file's later reads. Credentials come from the environment and are never printed.
+
+What is looked up lasts as long as one ``Remote`` (a command's Loader owns one, formats/loader.py):
+the module's functions answer for the Remote active in the caller's context, or, outside any,
+for a Remote of their own that keeps nothing.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import contextvars
 import http.client
 import io
 import os
 import re
 import ssl
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -29,38 +37,54 @@ _JSON_BLOCK = 1 << 20  # an index or config.json is fetched whole in one request
 _SPANS = 8  # blocks kept for later small reads: the file's first one and the latest ones
 _TIMEOUT = 60
 _REDIRECTS = 5
+_PARALLEL = 8  # files opened at once (a checkpoint's shards: their headers fetched side by side)
+_RETRY_DIRECT = (401, 403, 404, 410)  # a kept redirect target that answers this has expired: ask again
+_TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE")  # where get_token looks first
 _HF = re.compile(r"hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?$")
-
-_download = [False]  # --download: a server that ignores Range is read whole (see allow_download)
-_files: dict[str, "RemoteFile | None"] = {}  # every remote file opened, None for one found missing
-_repos: dict[tuple[str, str | None], "_HubRepo"] = {}
-_s3_files: list = [None]  # the s3fs filesystem, made once
-_connections: dict[tuple, http.client.HTTPConnection] = {}  # kept alive per thread and host
 
 
 class RemoteError(InputError):
     """A remote file that cannot be read: not found, no access, no connection, cut short."""
 
 
-def forget() -> None:
-    """Look remote files and repositories up afresh from now on (a new command's loader)."""
-    _files.clear()
-    _repos.clear()
-    _s3_files[0] = None
-    for connection in _connections.values():
-        connection.close()
-    _connections.clear()
+class Remote:
+    """One command's remote reading: the files opened (None for one found missing), the hub
+    repositories looked up, the s3fs filesystem (with its process id), the connections kept alive
+    per process, thread and host, and where redirects led (the address asked -> the one that
+    answered). With ``download``, a server that ignores Range requests is read by downloading
+    whole files (otherwise refused)."""
+
+    def __init__(self, download: bool = False):
+        self.download = download
+        self.files: dict[str, RemoteFile | None] = {}
+        self.repos: dict[tuple[str, str | None], _HubRepo] = {}
+        self.s3fs: tuple[int, object] | None = None
+        self.connections: dict[tuple, http.client.HTTPConnection] = {}
+        self.redirects: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def active(self):
+        """Within this, the module's functions use this Remote."""
+        token = _active.set(self)
+        try:
+            yield self
+        finally:
+            _active.reset(token)
+
+    def drop_connections(self) -> None:
+        """Close this thread's kept connections (one cut short is unusable; a later request opens a
+        new one); other threads' and processes' are theirs."""
+        mine = (os.getpid(), threading.get_ident())
+        for key in [key for key in self.connections if key[:2] == mine]:
+            self.connections.pop(key).close()
 
 
-@contextlib.contextmanager
-def session(download: bool):
-    """Within this, with ``download``, a server that ignores Range requests is read by
-    downloading whole files."""
-    before, _download[0] = _download[0], download
-    try:
-        yield
-    finally:
-        _download[0] = before
+_active: contextvars.ContextVar[Remote | None] = contextvars.ContextVar("paramsurgeon_remote", default=None)
+
+
+def _current() -> Remote:
+    """The Remote active here; outside any, a new one that keeps nothing for a later call."""
+    return _active.get() or Remote()
 
 
 class RemoteFile(InputFile):
@@ -131,35 +155,57 @@ class _Ranges(io.RawIOBase):
 
 def open_remote(url: str) -> RemoteFile:
     """The remote file at ``url``, opened once (its first block fetched)."""
-    if _files.get(url) is None:
-        file = _open(url)
+    remote = _current()
+    if remote.files.get(url) is None:
+        file = _open(remote, url)
         if file is None:
             raise RemoteError(f"{url}: not found (HTTP 404); check the URL")
-        _files[url] = file
-    return _files[url]
+        remote.files[url] = file
+    return remote.files[url]
+
+
+def open_many(urls: list[str]) -> None:
+    """Open the remote files at ``urls`` side by side on a few threads, so that reading a
+    checkpoint's shard headers takes about one request's time, not one a shard (the same
+    requests). What fails is left for the reads that follow to raise."""
+    remote = _current()
+    todo = [url for url in dict.fromkeys(urls) if url not in remote.files]
+    if len(todo) < 2:
+        return
+    is_file(todo[0])  # a hub repository is looked up once, here, not by every thread
+    todo = [url for url in todo if url not in remote.files]
+
+    def one(url: str):
+        try:
+            remote.files[url] = _open(remote, url)
+        except InputError:
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(min(_PARALLEL, len(todo))) as pool:
+        list(pool.map(one, todo))
 
 
 def is_file(url: str) -> bool:
     """Whether the remote file at ``url`` exists (a hub file: from the repository's listing;
     otherwise by opening it, which costs the request its first read makes anyway)."""
-    hub = _hub_url(url)
+    remote, hub = _current(), _hub_url(url)
     if hub:
-        return _repo(hub).size(hub["path"] or "") is not None
-    if url not in _files:
-        _files[url] = _open(url)
-    return _files[url] is not None
+        return _repo(remote, hub).size(hub["path"] or "") is not None
+    if url not in remote.files:
+        remote.files[url] = _open(remote, url)
+    return remote.files[url] is not None
 
 
 def is_dir(url: str) -> bool:
     """Only a hub repository (or a folder in one) is a remote directory: HTTP cannot list one."""
     hub = _hub_url(url)
-    return bool(hub) and _repo(hub).is_dir(hub["path"] or "")
+    return bool(hub) and _repo(_current(), hub).is_dir(hub["path"] or "")
 
 
 def list_dir(url: str) -> list[str]:
     """The names in a hub repository's folder."""
     hub = _hub_url(url)
-    return _repo(hub).names(hub["path"] or "")
+    return _repo(_current(), hub).names(hub["path"] or "")
 
 
 def _hub_url(url: str) -> re.Match | None:
@@ -172,20 +218,20 @@ def _hub_url(url: str) -> re.Match | None:
     return match
 
 
-def _open(url: str) -> RemoteFile | None:
+def _open(remote: Remote, url: str) -> RemoteFile | None:
     """Open ``url`` by fetching its first block; None when it does not exist."""
     hub = _hub_url(url)
     if hub:
-        repo = _repo(hub)
+        repo = _repo(remote, hub)
         size = repo.size(hub["path"] or "")
         if size is None:
             return None
-        fetch = _http_fetcher(repo.file_url(hub["path"]), url, repo.headers())
+        fetch = _http_fetcher(remote, repo.file_url(hub["path"]), url, repo.headers())
     elif url.startswith("s3://"):
-        fetch, size = _s3_fetcher(url), None
+        fetch, size = _s3_fetcher(remote, url), None
     else:
-        fetch, size = _http_fetcher(url, url, {}), None
-    first = _BLOCK if not url.endswith(".json") else _JSON_BLOCK
+        fetch, size = _http_fetcher(remote, url, url, {}), None
+    first = _BLOCK if not urllib.parse.urlsplit(url).path.endswith(".json") else _JSON_BLOCK
     try:
         data, total = fetch(0, first if size is None else min(first, size), size is None)
     except _Missing:
@@ -197,7 +243,7 @@ class _Missing(Exception):
     """HTTP 404."""
 
 
-def _http_fetcher(address: str, url: str, headers: dict):
+def _http_fetcher(remote: Remote, address: str, url: str, headers: dict):
     """``fetch(start, end, first=False) -> (bytes, file size)``: a ranged GET of ``address``
     (errors name ``url``, the address the user gave)."""
     spooled: list[InputFile] = []
@@ -205,9 +251,9 @@ def _http_fetcher(address: str, url: str, headers: dict):
     def fetch(start: int, end: int, first: bool = False) -> tuple[bytes, int]:
         if spooled:
             return spooled[0].read(start, min(end, spooled[0].size) - start), spooled[0].size
-        with _answers(url):
+        with _answers(remote, url):
             try:
-                reply = _get(address, headers, {"Range": f"bytes={start}-{max(end - 1, start)}"})
+                reply = _get(remote, address, headers, {"Range": f"bytes={start}-{max(end - 1, start)}"})
             except _Status as e:
                 if first and e.code == 416:
                     return b"", 0  # an empty file
@@ -215,61 +261,82 @@ def _http_fetcher(address: str, url: str, headers: dict):
                     raise _Missing from None
                 raise
             if reply.status == 200:
-                spooled.append(_download_whole(reply, url))
+                spooled.append(_download_whole(remote, reply, url))
                 return fetch(start, end)
             total = _total(reply.getheader("Content-Range"), url)
             want = min(end, total) - start
             data = _read_exactly(reply, want)
             reply.read()  # the rest, if the server sent more: the connection is then free
         if len(data) < want:
-            _connections.clear()
+            remote.drop_connections()
             raise RemoteError(f"{url}: the response was cut short ({len(data)} of {want} bytes); try again")
         return data, total
 
     return fetch
 
 
-def _get(address: str, headers: dict, plain: dict | None = None) -> http.client.HTTPResponse:
+def _get(remote: Remote, address: str, headers: dict, plain: dict | None = None) -> http.client.HTTPResponse:
     """The reply to a GET of ``address`` over a kept connection, redirects followed; ``headers``
-    (a token) are not sent on to another host. An error status raises _Status."""
+    (a token) are not sent on to another host. Where a redirect led is kept, so that the file's
+    later reads go there at once (asked again from ``address`` if that answer has expired). An
+    error status raises _Status."""
+    kept = remote.redirects.get(address)
+    if kept is not None:
+        try:
+            return _follow(remote, kept, _same_host(address, kept, headers), plain)[0]
+        except _Status as e:
+            if e.code not in _RETRY_DIRECT:
+                raise
+            del remote.redirects[address]
+    reply, final = _follow(remote, address, headers, plain)
+    if final != address:
+        remote.redirects[address] = final
+    return reply
+
+
+def _follow(remote: Remote, address: str, headers: dict, plain: dict | None) -> tuple[http.client.HTTPResponse, str]:
+    """The reply to a GET of ``address``, redirects followed, and the address that gave it."""
     for _ in range(_REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(address)
-        reply = _request(parts, {**(plain or {}), **headers})
+        reply = _request(remote, urllib.parse.urlsplit(address), {**(plain or {}), **headers})
         location = reply.getheader("Location")
         if reply.status in (301, 302, 303, 307, 308) and location:
             reply.read()
             target = urllib.parse.urljoin(address, location)
-            if urllib.parse.urlsplit(target).netloc != parts.netloc:
-                headers = {}  # a token stays with its host
-            address = target
+            address, headers = target, _same_host(address, target, headers)
             continue
         if reply.status >= 400:
             reply.read()
             raise _Status(reply.status, reply.reason)
-        return reply
+        return reply, address
     raise _Status(310, f"more than {_REDIRECTS} redirects")
 
 
-def _request(parts: urllib.parse.SplitResult, headers: dict) -> http.client.HTTPResponse:
+def _same_host(address: str, target: str, headers: dict) -> dict:
+    """``headers`` (a token) for ``target`` if it is on ``address``'s host; none for another host."""
+    return headers if urllib.parse.urlsplit(target).netloc == urllib.parse.urlsplit(address).netloc else {}
+
+
+def _request(remote: Remote, parts: urllib.parse.SplitResult, headers: dict) -> http.client.HTTPResponse:
     """Send a GET on the connection kept for the host (once more on a new one if the server had
     closed it); a connection that cannot be made raises _NoConnection."""
-    key = (threading.get_ident(), parts.scheme, parts.netloc)
+    key = (os.getpid(), threading.get_ident(), parts.scheme, parts.netloc)  # a forked worker's are its own
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connections = remote.connections
     for again in (True, False):
-        kept = _connections.get(key)
+        kept = connections.get(key)
         connection = kept or _connect(parts)
-        _connections[key] = connection
+        connections[key] = connection
         try:
             connection.request("GET", target, headers=headers)
             return connection.getresponse()
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             connection.close()
-            del _connections[key]
+            del connections[key]
             if not (again and kept):
                 raise
         except OSError as e:
             connection.close()
-            del _connections[key]
+            del connections[key]
             raise _NoConnection(getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)) from None
     raise AssertionError("unreachable")
 
@@ -293,7 +360,7 @@ class _NoConnection(Exception):
 
 
 @contextlib.contextmanager
-def _answers(url: str, missing: str = "not found (HTTP 404); check the URL"):
+def _answers(remote: Remote, url: str, missing: str = "not found (HTTP 404); check the URL"):
     """HTTP and connection errors within, as one line naming ``url``."""
     hint = " (set HF_TOKEN)" if url.startswith("hf://") else ""
     try:
@@ -307,7 +374,7 @@ def _answers(url: str, missing: str = "not found (HTTP 404); check the URL"):
     except _NoConnection as e:
         raise RemoteError(f"{url}: cannot connect ({e})") from None
     except (http.client.HTTPException, OSError) as e:
-        _connections.clear()  # a reply cut short leaves its connection unusable
+        remote.drop_connections()  # a reply cut short leaves its connection unusable
         raise RemoteError(f"{url}: the response was cut short ({type(e).__name__}); try again") from None
 
 
@@ -324,9 +391,9 @@ def _read_exactly(reply, n: int) -> bytearray:
     return data
 
 
-def _download_whole(reply, url: str) -> InputFile:
+def _download_whole(remote: Remote, reply, url: str) -> InputFile:
     """A server that ignored the Range request: the whole file in a temporary file, if allowed."""
-    if not _download[0]:
+    if not remote.download:
         raise RemoteError(f"{url}: the server ignores Range requests, so reading anything means downloading"
                           " whole files; pass --download to allow that")
     spool = tempfile.TemporaryFile(prefix="paramsurgeon-download-")
@@ -355,18 +422,22 @@ def _tls() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=bundle or None)
 
 
-def _s3_fetcher(url: str):
+def _s3_fetcher(remote: Remote, url: str):
     """``fetch(start, end, first=False) -> (bytes, file size)``: a ranged GetObject through s3fs,
     with the credentials, region and endpoint of the standard AWS environment."""
     s3fs = _s3(url)
     from fsspec.asyn import sync
 
     bucket, _, key = url[len("s3://"):].partition("/")
-    if _s3_files[0] is None:
-        _s3_files[0] = s3fs.S3FileSystem(skip_instance_cache=True)  # the environment as it is now
-    fs = _s3_files[0]
 
-    async def get(start: int, end: int) -> tuple[bytes, str | None, int | None]:
+    def filesystem():
+        """This process's s3fs filesystem (a forked worker makes its own: its event loop is not
+        the parent's), with the environment as it is now."""
+        if remote.s3fs is None or remote.s3fs[0] != os.getpid():
+            remote.s3fs = (os.getpid(), s3fs.S3FileSystem(skip_instance_cache=True))
+        return remote.s3fs[1]
+
+    async def get(fs, start: int, end: int) -> tuple[bytes, str | None, int | None]:
         reply = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{max(end - 1, start)}")
         body = reply["Body"]
         try:
@@ -376,7 +447,8 @@ def _s3_fetcher(url: str):
 
     def fetch(start: int, end: int, first: bool = False) -> tuple[bytes, int]:
         try:
-            data, content_range, length = sync(fs.loop, get, start, end)
+            fs = filesystem()
+            data, content_range, length = sync(fs.loop, get, fs, start, end)
         except FileNotFoundError:
             if first:
                 raise _Missing from None
@@ -424,25 +496,28 @@ def _s3(url: str):
     return s3fs
 
 
-def _repo(match: re.Match) -> "_HubRepo":
+def _repo(remote: Remote, match: re.Match) -> "_HubRepo":
     key = (match["repo"], match["revision"])
-    if key not in _repos:
-        _repos[key] = _HubRepo(*key)
-    return _repos[key]
+    if key not in remote.repos:
+        remote.repos[key] = _HubRepo(remote, *key)
+    return remote.repos[key]
 
 
 class _HubRepo:
     """A hub model repository at one revision: its commit, files and sizes, looked up once."""
 
-    def __init__(self, repo: str, revision: str | None):
-        self.repo, self.revision = repo, revision
+    def __init__(self, remote: Remote, repo: str, revision: str | None):
+        self.remote, self.repo, self.revision = remote, repo, revision
         self.url = f"hf://{repo}" + (f"@{revision}" if revision else "")
         self._files: dict[str, int] | None = None
+        self._headers: dict | None = None
         self.commit = revision
 
     def headers(self) -> dict:
-        token = _hub().get_token()
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        if self._headers is None:
+            token = _token()
+            self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self._headers
 
     def endpoint(self) -> str:
         return (os.environ.get("HF_ENDPOINT") or _hub().constants.ENDPOINT).rstrip("/")
@@ -473,9 +548,9 @@ class _HubRepo:
 
         revision = urllib.parse.quote(self.revision or "main", safe="")
         address = f"{self.endpoint()}/api/models/{self.repo}/revision/{revision}?blobs=true"
-        with _answers(self.url, "no such repository or revision (HTTP 404); check the name, or set HF_TOKEN"
+        with _answers(self.remote, self.url, "no such repository or revision (HTTP 404); check the name, or set HF_TOKEN"
                                 " if it is private"):
-            with _get(address, self.headers()) as reply:
+            with _get(self.remote, address, self.headers()) as reply:
                 answer = reply.read()
         try:
             info = json.loads(answer)
@@ -484,6 +559,17 @@ class _HubRepo:
                     for s in info["siblings"]}
         except (ValueError, KeyError, TypeError) as e:
             raise RemoteError(f"{self.url}: the hub's answer about the repository is not understood ({e})") from None
+
+
+def _token() -> str | None:
+    """The hub token huggingface_hub's get_token finds (OIDC, HF_TOKEN, its token file, Colab's
+    secrets); where none of those sources is there, None without importing its authentication
+    (a tenth of a second of every hf:// command)."""
+    hub = _hub()
+    if not any(os.environ.get(name) for name in _TOKEN_VARIABLES) and "google.colab" not in sys.modules \
+            and not os.path.exists(hub.constants.HF_TOKEN_PATH):
+        return None
+    return hub.get_token()
 
 
 def _hub():

@@ -21,7 +21,7 @@ from ..parallel.cluster import rebuilding
 from . import journal, registry
 from .atomic import atomic_directory, link_or_copy, new_file, remove
 from .files import InputFile, reproduces, same_file
-from .places import is_file, read_all
+from .places import dirname, is_file, join, open_many, read_all
 from .inputs import Inputs
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -51,10 +51,11 @@ def read_index(path: str) -> tuple[dict, dict[str, str]]:
 
 def read(index_path: str, read_shard: Callable[[InputFile], Checkpoint], open_file: Callable) -> Checkpoint:
     """Read every shard named by the index as one checkpoint."""
-    folder = os.path.dirname(index_path)
+    folder = dirname(index_path)
     index_metadata, weight_map = read_index(index_path)
     shard_names = sorted(set(weight_map.values()))
-    missing = [s for s in shard_names if not is_file(os.path.join(folder, s))]
+    open_many([join(folder, s) for s in shard_names])
+    missing = [s for s in shard_names if not is_file(join(folder, s))]
     if missing:
         raise InputError(f"{index_path}: shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing;"
                          " download or restore them (the index names every shard)")
@@ -64,7 +65,7 @@ def read(index_path: str, read_shard: Callable[[InputFile], Checkpoint], open_fi
     problems = []
     formats = set()
     for shard in shard_names:
-        part = read_shard(open_file(os.path.join(folder, shard)))
+        part = read_shard(open_file(join(folder, shard)))
         formats.add(registry.get(part.format).family)
         if part.has_extras():
             problems.append(f"shard {shard} holds more than a flat mapping of tensors")
@@ -185,7 +186,8 @@ class Writer:
         here = os.getpid()
 
         def write(index: int) -> tuple[str | None, bool]:
-            shown = os.getpid() == here  # in this process the bar follows the bytes, else the shards
+            # written by this process, the bar follows the bytes; by a worker (forked, or a cluster's), the shards
+            shown = os.getpid() == here and rebuilding("shards") is None
             path = self._write_shard(parts[index], names[index], staging, self.progress if shown else None)
             return (journal.sha256_of(path) if self.resume else None), shown
 
@@ -283,14 +285,15 @@ def _still_in(part: Checkpoint, path: str) -> bool:
 def verify(index_path: str, read_shard: Callable[[str], Checkpoint]) -> list[dict]:
     """Every way the index and the shards disagree: missing or unreadable shards, tensors not
     where the index says, sizes that do not add up. Never raises for the shards' sake."""
-    folder = os.path.dirname(index_path)
+    folder = dirname(index_path)
     index_metadata, weight_map = read_index(index_path)
     problems: list[dict] = []
     found: dict[str, str] = {}
     total = 0
+    open_many([join(folder, s) for s in set(weight_map.values())])
     for shard in sorted(set(weight_map.values())):
         listed = [n for n, s in weight_map.items() if s == shard]
-        path = os.path.join(folder, shard)
+        path = join(folder, shard)
         if not is_file(path):
             problems.append({"name": None, "message": f"shard {shard} is missing ({plural(len(listed), 'tensor')} listed for it)"})
             continue
@@ -307,7 +310,7 @@ def verify(index_path: str, read_shard: Callable[[str], Checkpoint]) -> list[dic
                 problems.append({"name": name, "message": f"is in {shard} but the index lists it"
                                                           f" {'for ' + where if where else 'nowhere'}"})
     for name, shard in weight_map.items():
-        if name not in found and is_file(os.path.join(folder, shard)):
+        if name not in found and is_file(join(folder, shard)):
             problems.append({"name": name, "message": f"is listed for {shard} but {shard} does not hold it"})
     claimed = index_metadata.get("total_size")
     if isinstance(claimed, int) and not any(p["name"] is None for p in problems) and claimed != total:

@@ -5,6 +5,7 @@ changed what it describes (``vocab_size``, ``tie_word_embeddings``, ``quantizati
 the operations changed in ``Checkpoint.config``: the layer count, the expert count).
 
     carry(...)      copy the input's side files (directories.SIDE_FILES) into the directory being written
+    config_beside(...)  the config.json beside a file rewritten in place, updated the same way
 
 Subdirectories and files of other kinds (other checkpoints such as ``optimizer.pt``,
 ``train.py``) are not carried; a note names them.
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shutil
+from typing import Callable
 
 from .. import quant
 from ..checkpoint import Checkpoint
@@ -23,10 +25,11 @@ from ..checkpoint.quantized import Quantized
 from ..errors import ParamSurgeonError
 from ..parsing import parse_document
 from . import registry
+from .atomic import atomic_file
 from .directories import is_side_file
 from .files import is_url
-from .hfconfig import CONFIG
-from .places import is_dir, is_file, read_all
+from .hfconfig import CONFIG, config_path
+from .places import dirname, is_dir, is_file, join, read_all
 from .reading import load
 from .sharded import checkpoint_files
 
@@ -54,7 +57,7 @@ def model_directory(ckpt: Checkpoint) -> str | None:
         return None
     if is_dir(ckpt.path):
         return ckpt.path
-    return os.path.dirname(ckpt.source) if registry.get(ckpt.format).sharded else None
+    return dirname(ckpt.source) if registry.get(ckpt.format).sharded else None
 
 
 def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
@@ -95,7 +98,7 @@ def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
 
 def _carry_remote(folder: str, staging: str, ckpt: Checkpoint) -> list[str]:
     """A remote input's ``config.json`` (updated for ``ckpt``), the one side file read from there."""
-    source = os.path.join(folder, CONFIG)
+    source = join(folder, CONFIG)
     if not is_file(source):
         return []
     with open(os.path.join(staging, CONFIG), "wb") as handle:
@@ -105,26 +108,50 @@ def _carry_remote(folder: str, staging: str, ckpt: Checkpoint) -> list[str]:
                     " other files separately"]
 
 
+def config_beside(ckpt: Checkpoint, place: str) -> Callable[[], list[str]]:
+    """--in-place of one file: the ``config.json`` beside it, updated for ``ckpt`` (as ``carry`` updates a
+    directory's). The update is worked out now, while the input can still be read again to compare;
+    the function returned writes it (atomically) once the file is replaced, and returns the notes."""
+    source = config_path(place)
+    text, notes = _config_update(source, ckpt) if source is not None else (None, [])
+
+    def write() -> list[str]:
+        if text is not None:
+            with atomic_file(source) as sink:
+                sink.write(text.encode("utf-8"))
+        return notes
+    return write
+
+
 def _write_config(source: str, destination: str, ckpt: Checkpoint, same: bool) -> list[str]:
     """``config.json`` at ``destination``, updated for ``ckpt`` (else copied byte for byte)."""
+    text, notes = _config_update(source, ckpt)
+    if text is not None:
+        with open(destination, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+    elif not same:
+        shutil.copy2(source, destination)
+    return notes
+
+
+def _config_update(source: str, ckpt: Checkpoint) -> tuple[str | None, list[str]]:
+    """The text of the ``config.json`` at ``source`` updated for ``ckpt`` (None: nothing changes), and notes."""
     with open(source, "rb") as handle:
         data = handle.read()
     try:
         text = data.decode("utf-8")
         config = parse_document(json.loads, text)
     except ValueError:
-        config = None
-    changes, notes = config_updates(config, ckpt) if isinstance(config, dict) else ({}, [])
-    if isinstance(config, dict):  # what the operations changed (the layer count, per-layer lists)
-        changes = {**{k: v for k, v in (ckpt.config or {}).items() if config.get(k) != v}, **changes}
-    if changes:
-        with open(destination, "wb") as handle:
-            handle.write(_dumps(_updated(config, changes), text).encode("utf-8"))
-        shown = ", ".join(_change(config, k, v) for k, v in changes.items())
-        notes.append(f"note: {CONFIG}: {shown}")
-    elif not same:
-        shutil.copy2(source, destination)
-    return notes
+        return None, []
+    if not isinstance(config, dict):
+        return None, []
+    changes, notes = config_updates(config, ckpt)
+    # what the operations changed (the layer count, per-layer lists)
+    changes = {**{k: v for k, v in (ckpt.config or {}).items() if config.get(k) != v}, **changes}
+    if not changes:
+        return None, notes
+    shown = ", ".join(_change(config, k, v) for k, v in changes.items())
+    return _dumps(_updated(config, changes), text), notes + [f"note: {CONFIG}: {shown}"]
 
 
 def _change(config: dict, key: str, value) -> str:
@@ -175,14 +202,15 @@ def _quantization(config: dict, before: Checkpoint, after: Checkpoint) -> dict:
     (dequantize), written when it quantized weights as the input held none (quantize)."""
     if quant.quantization_config(config) and _quantized(before) and not _quantized(after) and not after.partial:
         return {"quantization_config": REMOVED}
-    made = _quantized(after)
-    if made and _kinds(made) != _kinds(_quantized(before)):
+    held = {_kind(t) for t in _quantized(before)}
+    made = [t for t in _quantized(after) if t.scheme.quantizes and _kind(t) not in held]
+    if made:
         return {"quantization_config": made[0].scheme.quantization_config(made[0].params)}
     return {}
 
 
-def _kinds(tensors: list[Quantized]) -> set[str]:
-    return {f"{t.scheme.name} {json.dumps(t.params, sort_keys=True)}" for t in tensors}
+def _kind(tensor: Quantized) -> str:
+    return f"{tensor.scheme.name} {json.dumps(tensor.params, sort_keys=True)}"
 
 
 def _quantized(ckpt: Checkpoint) -> list[Quantized]:

@@ -64,11 +64,12 @@ class SingleFile:
                  inputs: Inputs, progress: Progress | None = None):
         self.path, self.file_writer, self.inputs, self.progress = path, file_writer, inputs, progress
 
-    def write(self, ckpt: Checkpoint) -> None:
-        if self.path is not None:
+    def write(self, ckpt: Checkpoint) -> list[str] | None:
+        if self.path is not None:  # rewritten in place: the config.json beside it follows, as a directory's does
+            config = sidefiles.config_beside(ckpt, self.path) if self.inputs.permits(self.path) else None
             with output_file(self.path, self.inputs) as sink:
                 self.file_writer(sink, self.path, self.progress).write(ckpt)
-            return
+            return config() if config else None
         try:
             self.file_writer(stdout_sink(), None, self.progress).write(ckpt)
         except BrokenPipeError:

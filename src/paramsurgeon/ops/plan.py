@@ -17,6 +17,7 @@ from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
 from ..checkpoint.quantized import Quantized
 from ..errors import PlanError
+from ..parallel import Work, spread
 from ..parsing import parse_document
 from ..sizes import plural
 
@@ -172,15 +173,14 @@ def tie_units(ckpt: Checkpoint, names: list[str], *, follow: bool, untie: bool, 
 
 
 def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None = None,
-          simulate: bool = False, check_late: bool = False) -> None:
+          simulate: bool = False, work: Work = Work()) -> None:
     """Carry out ``plan`` on ``ckpt`` (new storages; the input file is untouched).
 
     New values are computed when they are read (by the writer: one tensor at a time, then let
     go), so memory does not grow with the number of changes; values that may overflow are
     computed once more here, to refuse them before anything is written. With ``simulate``,
     changed tensors get empty storages of the right size, enough to plan later steps against
-    names, shapes, dtypes and ties. With ``check_late`` (an output that appears whole or not at all)
-    values that may overflow are checked as the writer computes them, not computed twice.
+    names, shapes, dtypes and ties. The overflow checks are spread over ``work``'s workers.
     """
     if plan.rebuilt is not None:
         _rebuild(ckpt, plan.rebuilt)
@@ -188,7 +188,8 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         ckpt.config = {**(ckpt.config or {}), **plan.config}
     if plan.adds:
         _insert(ckpt, plan.adds)
-    overflows = []
+    if not simulate:
+        _refuse_overflows(plan, work)  # before anything is written
     for change in plan.changes:
         first = ckpt[change.names[0]]
         dtype = dtypes.BY_NAME[change.dtype]
@@ -196,19 +197,13 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         if simulate:
             fresh = Tensor(Storage(nbytes), dtype, change.shape)
         else:
-            compute = change.compute
-            if change.guarded and not change.lazy and check_late:
-                compute = _checked(change, dtype, plan.command)
-            elif change.guarded and not change.lazy:  # refused before anything is written
-                overflows += _overflow(change, change.compute(), dtype)
-            fresh = Tensor(Storage(nbytes, loader=compute, location=first.storage.location), dtype, change.shape)
+            fresh = Tensor(Storage(nbytes, loader=change.compute, location=first.storage.location), dtype,
+                           change.shape)
         stored = change.stored_as(fresh) if change.stored_as is not None else None  # one for a tie group
         for name in change.names:
             ckpt[name] = stored if stored is not None else _like(ckpt[name], fresh.storage, fresh)
         if progress is not None:
             progress(fresh.nbytes)
-    if overflows:
-        _refuse_overflow(plan.command, overflows)
     for target, source in plan.aliases:
         src = ckpt[source]
         ckpt[target] = src if type(src) is Quantized else _like(ckpt[target], src.storage, src)  # every part shared
@@ -244,22 +239,17 @@ def _overflow(change: Change, values, dtype) -> list[str]:
             f" ({dtype} holds |x| <= {dtype.largest:g})"]
 
 
-def _checked(change: Change, dtype, command: str) -> Callable:
-    """``change.compute``, refusing values that overflow as it computes them (the writer then
-    leaves nothing behind)."""
-    def compute():
-        values = change.compute()
-        overflows = _overflow(change, values, dtype)
-        if overflows:
-            _refuse_overflow(command, overflows)
-        return values
-
-    return compute
-
-
-def _refuse_overflow(command: str, overflows: list[str]) -> None:
-    raise PlanError(f"{command}: {'; '.join(overflows)}; nothing was written; pass --allow-overflow to write them"
-                    " anyway")
+def _refuse_overflows(plan: Plan, work: Work) -> None:
+    """Compute the values of every change that may overflow (spread over the workers) and refuse
+    the plan, naming every tensor whose values would become Inf or NaN."""
+    guarded = [change for change in plan.changes if change.guarded and not change.lazy]
+    sizes = {i: math.prod(c.shape) * dtypes.BY_NAME[c.dtype].itemsize for i, c in enumerate(guarded)}
+    found = dict(spread(lambda i: _overflow(guarded[i], guarded[i].compute(), dtypes.BY_NAME[guarded[i].dtype]),
+                        sizes, work, "checks"))
+    overflows = [problem for i in sorted(found) for problem in found[i]]
+    if overflows:
+        raise PlanError(f"{plan.command}: {'; '.join(overflows)}; nothing was written; pass --allow-overflow to"
+                        " write them anyway")
 
 
 def _like(old: Tensor, storage, shape_from: Tensor) -> Tensor:

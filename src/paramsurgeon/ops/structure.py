@@ -214,7 +214,8 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
 def _same_quantization(source: Tensor, target: Tensor) -> bool:
     """Whether ``source`` and ``target`` are quantized alike (scheme, shape, block): a copy takes the parts."""
     return type(source) is Quantized and type(target) is Quantized and source.scheme is target.scheme \
-        and (source.shape, source.dtype, source.params) == (target.shape, target.dtype, target.params)
+        and (source.shape, source.dtype) == (target.shape, target.dtype) \
+        and source.scheme.layout_of(source.params) == target.scheme.layout_of(target.params)
 
 
 def _parts_copied(tensor: Quantized) -> Quantized:

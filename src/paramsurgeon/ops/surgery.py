@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError
+from ..parallel import Work
 from .optimizer import optimizer_notes
 from ..checkpoint.quantized import Quantized
 from .plan import Plan, apply, names_list
@@ -58,14 +59,14 @@ def rehearse(ckpt: Checkpoint, steps: list[Step], sources: Sources) -> list[tupl
 
 
 def perform(ckpt: Checkpoint, steps: list[Step], sources: Sources, *, reset_optimizer: bool = False,
-            progress: Callable[[int], None] | None = None, check_late: bool = False) -> tuple[list[Plan], list[str]]:
-    """Plan and apply each step in turn on ``ckpt`` (rehearse first to check them all);
-    returns the plans and notes about the optimizer state. ``check_late``: see plan.apply."""
+            progress: Callable[[int], None] | None = None, work: Work = Work()) -> tuple[list[Plan], list[str]]:
+    """Plan and apply each step in turn on ``ckpt`` (rehearse first to check them all), overflow
+    checks spread over ``work``'s workers; returns the plans and notes about the optimizer state."""
     plans = []
     for step in steps:
         plan = _plan(ckpt, step, sources)
         with _named(step):
-            apply(ckpt, plan, progress, check_late=check_late)
+            apply(ckpt, plan, progress, work=work)
         plans.append(plan)
     return plans, optimizer_notes(ckpt, plans, reset_optimizer)
 

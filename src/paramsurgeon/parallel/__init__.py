@@ -41,7 +41,11 @@ class Work:
 
 def work(workers: str | None, scheduler: str | None = None, job: object | None = None) -> Work:
     """The Work of ``--workers`` (else PARAMSURGEON_WORKERS, else every core) and ``--scheduler``;
-    a count that is not a positive integer is a UsageError."""
+    a count that is not a positive integer is a UsageError, and so is a scheduler without Dask distributed."""
+    if scheduler is not None:
+        from .cluster import require
+
+        require()
     given, where = (workers, "--workers") if workers is not None else (os.environ.get(ENVIRONMENT), ENVIRONMENT)
     if given is None:
         return Work(cores(), False, scheduler, job)
@@ -70,25 +74,11 @@ def spread(task: Callable[[int], R], sizes: dict[int, int], work: Work, kind: st
     or 'tensors'; ``place`` is where a cluster's workers put what they write)."""
     from . import cluster, local
 
-    if cluster.rebuilding(kind) is not None:
-        yield from cluster.run_here(task, kind)
+    if cluster.rerunning():  # on a cluster's worker: this task's units, none of another kind (the
+        if cluster.rebuilding(kind) is not None:  # client ran those: overflow checks)
+            yield from cluster.run_here(task, kind)
         return
     if work.scheduler is not None and work.job is not None:
         yield from cluster.spread(sizes, work, kind, place)
         return
     yield from local.spread(task, sizes, work.processes(len(sizes), sum(sizes.values())))
-
-
-def batches(sizes: dict[int, int], count: int) -> list[list[int]]:
-    """Consecutive runs of the units of ``sizes``, about ``count`` of them, of about equal bytes."""
-    if not sizes:
-        return []
-    target = max(sum(sizes.values()) / max(count, 1), 1)
-    runs: list[list[int]] = [[]]
-    filled = 0
-    for unit, size in sizes.items():
-        if runs[-1] and filled + size > target * len(runs):
-            runs.append([])
-        runs[-1].append(unit)
-        filled += size
-    return runs

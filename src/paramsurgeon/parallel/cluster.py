@@ -17,22 +17,25 @@ import os
 import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
+from time import monotonic
 from typing import Callable, Iterator
 
 from ..errors import UsageError, WorkError
+from .batches import batches
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach the scheduler
-WORKERS_TIMEOUT = 10.0  # seconds to wait for its first worker
+WORKERS_TIMEOUT = 10.0  # seconds to wait for a worker, unless Dask's no-workers-timeout says otherwise
 _REBUILDING: ContextVar[tuple[str, list[int], object] | None] = ContextVar("rebuilding", default=None)
 _ONE_AT_A_TIME = threading.Lock()  # a rerun changes the worker's directory
 
 
 @dataclass(frozen=True)
 class Job:
-    """How a worker runs the command again: its arguments and directory."""
+    """How a worker runs the command again: ``run(argv)`` (the CLI's) in ``cwd``."""
 
     argv: tuple[str, ...]
     cwd: str
+    run: Callable[[list[str]], object]
 
 
 class _Done(BaseException):
@@ -50,6 +53,11 @@ def rebuilding(kind: str) -> object | None:
     return current[2] if current is not None and current[0] == kind else None
 
 
+def rerunning() -> bool:
+    """Whether this is a worker's rerun of a command."""
+    return _REBUILDING.get() is not None
+
+
 def run_here(task: Callable, kind: str) -> Iterator:
     """In a worker's rerun: compute this task's units and end the command with their results."""
     _, units, _ = _REBUILDING.get()
@@ -60,18 +68,13 @@ def run_here(task: Callable, kind: str) -> Iterator:
 def spread(sizes: dict[int, int], work, kind: str, place: object = None) -> Iterator[tuple[int, object]]:
     """Run the units on the cluster at ``work.scheduler``: one task per unit for shards, a few
     batches per worker for smaller units; yields ``(unit, result)`` as tasks finish."""
-    from . import batches
-
     client = connect(work.scheduler)
     try:
-        workers = len(client.scheduler_info()["workers"])
         if place is not None:
             _refuse_unseen(client, work.scheduler, str(place))
-        runs = [[unit] for unit in sizes] if kind == "shards" else batches(sizes, 4 * workers)
+        runs = [[unit] for unit in sizes] if kind == "shards" else batches(sizes, 4 * len(client.nthreads()))
         futures = [client.submit(_task, work.job, kind, run, place or True, pure=False) for run in runs]
-        from distributed import as_completed
-
-        for future in as_completed(futures, loop=client.loop):
+        for future in _finishing(client, futures, work.scheduler):
             try:
                 outcome = future.result()
             except Exception as e:  # KilledWorker, a worker's lost connection: Dask gave up on it
@@ -85,25 +88,90 @@ def spread(sizes: dict[int, int], work, kind: str, place: object = None) -> Iter
         client.close()
 
 
-def connect(address: str):
-    """A Dask client of the scheduler at ``address`` with at least one worker."""
+def _finishing(client, futures: list, address: str) -> Iterator:
+    """``futures`` as they finish; a WorkError once the cluster has had no worker for the patience
+    (every worker died and none joined: Dask would hold the tasks for ever)."""
+    from distributed import TimeoutError as NotYet, wait
+
+    patience, pending, alone_since = _patience(), set(futures), None
+    while pending:
+        try:
+            with client.as_current():
+                done, pending = wait(pending, timeout=1, return_when="FIRST_COMPLETED")
+        except NotYet:
+            done = set()
+            if client.nthreads():
+                alone_since = None
+            elif alone_since is None:
+                alone_since = monotonic()
+            elif monotonic() - alone_since > patience:
+                raise WorkError(f"the cluster at {address} lost its workers (none for {patience:g} s) and could not"
+                                f" finish; nothing was written; start one with 'dask worker {address}'") from None
+        yield from done
+
+
+def require() -> None:
+    """A UsageError saying how to install Dask distributed, where it is missing."""
     try:
-        from distributed import Client
+        import distributed  # noqa: F401
     except ImportError as e:
         raise UsageError("--scheduler runs the work on a Dask cluster, which needs Dask distributed:"
                          " pip install 'paramsurgeon[cluster]'") from e
+
+
+def connect(address: str):
+    """A Dask client of the scheduler at ``address`` with at least one worker."""
+    require()
+    from distributed import Client
+
+    client = _within(lambda: Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False), CONNECT_TIMEOUT + 1)
+    if isinstance(client, (OSError, TimeoutError, ValueError)):
+        raise WorkError(f"cannot reach the Dask scheduler at {address} within {CONNECT_TIMEOUT:g} s ({client});"
+                        " nothing was written; start one with 'dask scheduler' or check the address") from client
+    if not hasattr(client, "submit"):  # no answer, or one that is not Dask's
+        raise WorkError(f"{address} does not answer as a Dask scheduler does ({_said(client)}); nothing was written;"
+                        " give the scheduler's address (tcp://HOST:PORT, 8786 by default), not its dashboard's")
+    patience = _patience()
     try:
-        client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
-    except (OSError, TimeoutError, ValueError) as e:
-        raise WorkError(f"cannot reach the Dask scheduler at {address} within {CONNECT_TIMEOUT:g} s ({e});"
-                        " nothing was written; start one with 'dask scheduler' or check the address") from e
-    try:
-        client.wait_for_workers(1, timeout=WORKERS_TIMEOUT)
+        client.wait_for_workers(1, timeout=patience)
     except (OSError, TimeoutError) as e:
         client.close()
         raise WorkError(f"the Dask scheduler at {address} has no workers (none joined within"
-                        f" {WORKERS_TIMEOUT:g} s); nothing was written; start one with 'dask worker {address}'") from e
+                        f" {patience:g} s); nothing was written; start one with 'dask worker {address}'") from e
     return client
+
+
+def _within(make: Callable, seconds: float) -> object:
+    """What ``make()`` returns or raises, or None when it takes longer than ``seconds``: Dask's own
+    connect timeout does not cover its handshake, which a port that accepts and never answers (a
+    web server's) holds for ever. Left behind, the thread dies with the process."""
+    outcome: list = [None]
+
+    def attempt() -> None:
+        try:
+            outcome[0] = make()
+        except Exception as e:  # noqa: BLE001 - returned, judged by the caller
+            outcome[0] = e
+
+    thread = threading.Thread(target=attempt, name="dask-connect", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0]
+
+
+def _said(outcome: object) -> str:
+    return f"no answer within {CONNECT_TIMEOUT:g} s" if outcome is None else f"{type(outcome).__name__} on its reply"
+
+
+def _patience() -> float:
+    """Seconds to wait for a worker: Dask's ``distributed.scheduler.no-workers-timeout`` (how long a task
+    may stay unrunnable; DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT) when set above 0, else WORKERS_TIMEOUT."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    setting = dask.config.get("distributed.scheduler.no-workers-timeout", None)
+    seconds = float(parse_timedelta(setting, "s")) if setting is not None else 0.0
+    return seconds if seconds > 0 else WORKERS_TIMEOUT
 
 
 def _refuse_unseen(client, address: str, place: str) -> None:
@@ -119,16 +187,13 @@ def _refuse_unseen(client, address: str, place: str) -> None:
 def _task(job: Job, kind: str, units: list[int], place: object) -> list | str:
     """In a worker: run the command again and compute ``units``; their results, or the error
     that stopped the command (a line of text)."""
-    from ..cli import build_app
-
-    named = next((arg for arg in job.argv if not arg.startswith("-")), None)
     errors = io.StringIO()
     with _ONE_AT_A_TIME, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
         token = _REBUILDING.set((kind, units, place))
         previous = os.getcwd()
         try:
             os.chdir(job.cwd)
-            build_app(named)(args=list(job.argv), standalone_mode=False)
+            job.run(list(job.argv))
         except _Done as done:
             return done.results
         except OSError as e:

@@ -15,6 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterator, TypeVar
 
 from ..errors import WorkError
+from .batches import batches
 
 R = TypeVar("R")
 _TASK: Callable | None = None  # the forked worker's task, inherited from the process that forked it
@@ -24,8 +25,6 @@ def spread(task: Callable[[int], R], sizes: dict[int, int], processes: int) -> I
     """``(i, task(i))`` for each unit of ``sizes`` (unit -> bytes) as it finishes, in ``processes``
     forked workers (in this process when it is 1), a few runs of units per worker. A worker's
     error is raised here; so is its death."""
-    from . import batches
-
     if processes <= 1:
         for unit in sizes:
             yield unit, task(unit)

@@ -8,6 +8,7 @@ every scheme among a checkpoint's tensors when it is read. A new scheme: a modul
     compressed.py compressed-tensors' config (config_groups matched to a module) and arithmetic
     compressed_packed.py  pack-quantized: 1-8-bit integer codes packed in int32, weight_shape
     compressed_naive.py   float-quantized (float8 codes) and int-quantized (int8) with weight_scale
+    compressed_fp4.py     nvfp4-pack-quantized and mxfp4-pack-quantized: e2m1 codes two a byte, group scales
     bnb4.py       bitsandbytes nf4 and fp4: 4-bit codes, absmax per block (nested or not), JSON state
     bnb8.py       bitsandbytes LLM.int8: int8 codes with SCB per row (bnb-int8)
     gptq.py       gptq: 2/3/4/8-bit codes packed in int32 with zero points, scales and g_idx (act-order)
@@ -18,6 +19,7 @@ every scheme among a checkpoint's tensors when it is read. A new scheme: a modul
 
 from __future__ import annotations
 
+import json
 import math
 
 from ..checkpoint import Checkpoint, Storage, Tensor
@@ -26,6 +28,7 @@ from ..dtypes import BY_NAME, DType
 from .base import Group, Partial, Scheme
 from .bnb4 import Bnb4
 from .bnb8 import Bnb8
+from .compressed_fp4 import Fp4Packed
 from .compressed_naive import Naive
 from .compressed_packed import Packed
 from .fp8_block import Fp8Block
@@ -37,6 +40,8 @@ from .nvfp4 import Nvfp4
 SCHEMES: tuple[Scheme, ...] = (
     Fp8Block(),
     Packed(),  # before the naive formats: it names a weight_scale that has no weight at all
+    Fp4Packed("nvfp4-pack-quantized", "float8_e4m3fn", 16),
+    Fp4Packed("mxfp4-pack-quantized", "uint8", 32),
     Naive("float-quantized", ("float8_e4m3fn", "float8_e5m2")),
     Naive("int-quantized", ("int8",)),
     Bnb4("nf4", orphans=True),  # names the 4-bit tables that have no quant_state blob of either type
@@ -48,6 +53,7 @@ SCHEMES: tuple[Scheme, ...] = (
     Nvfp4(),
 )
 NAMES = tuple(s.name for s in SCHEMES)
+METHODS = tuple(dict.fromkeys(method for s in SCHEMES for method in s.methods))
 MARKERS = tuple(dict.fromkeys(marker for s in SCHEMES for marker in s.markers or ()))
 LAST = frozenset(marker[-1] for marker in MARKERS)  # most names end otherwise ('weight', 'bias'): skipped at once
 DEFAULT_DTYPE = "bfloat16"  # what a quantized tensor reads as when the config names no dtype
@@ -76,6 +82,10 @@ def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     first part; stored tensors that belong to a group but do not make one stay as they are, each
     group named in ``ckpt.partial`` (and a note). Unchanged when no scheme finds anything."""
     container, quant = ckpt.container, quantization_config(config)
+    method = quant.get("quant_method")
+    if method is not None and method not in METHODS:
+        ckpt.notes.append(f"config.json: quantization_config's quant_method {json.dumps(method)} is not read (only"
+                          f" {', '.join(METHODS)}): its tensors are listed as stored")
     found: list[tuple[Scheme, Group]] = []
     claimed: set[str] = set()
     marked = None if quant else [n for n in ckpt.tensors if n[-1:] in LAST and n.endswith(MARKERS)]  # one quick pass
@@ -93,10 +103,12 @@ def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     if not found:
         return ckpt
     dtype, first, order = config_dtype(config), {}, {name: i for i, name in enumerate(container)}
+    tied: dict[tuple, Quantized] = {}  # groups whose every part shares its bytes with another's: one tensor, tied
     for scheme, item in found:
         parts = {role: container[name] for role, name in item.parts.items()}
-        first[min(item.parts.values(), key=order.__getitem__)] = (item.name, Quantized(
-            scheme, parts, tuple(item.shape), dtype, item.params))
+        tensor = Quantized(scheme, parts, tuple(item.shape), dtype, item.params)
+        key = (scheme.name, tensor.shape, tuple((r, id(p.storage), p.byte_span()) for r, p in sorted(parts.items())))
+        first[min(item.parts.values(), key=order.__getitem__)] = (item.name, tied.setdefault(key, tensor))
     grouped = {}
     for name, value in container.items():
         if name in first:

@@ -20,6 +20,7 @@ class Awq(QweightScheme):
     name = "awq"
     roles = ROLES
     markers = (".qweight", ".qzeros", ".scales")
+    methods = ("awq",)
 
     def claims(self, tensors, parts):
         return looks_like_awq(tensors, parts)

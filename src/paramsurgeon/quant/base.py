@@ -37,11 +37,19 @@ class Scheme:
     # endings of stored names that only this scheme's parts have: without a quantization_config,
     # ``find`` runs only when some stored name ends with one (None: it always runs)
     markers: ClassVar[tuple[str, ...] | None] = None
+    methods: ClassVar[tuple[str, ...]] = ()  # the quantization_config quant_method values whose weights it reads
+    # params that differ from weight to weight (a part's stored name, a value its state holds), not its
+    # layout: two weights are quantized alike (a copy takes the parts) whatever these are
+    per_weight: ClassVar[tuple[str, ...]] = ()
     quantizes: ClassVar[bool] = False  # whether ``quantize`` is built
     # a format's own tensor types (GGUF's): its writer stores a changed tensor in its type again, and
     # inspect shows the type in that format's column, not as a scheme
     native: ClassVar[bool] = False
     scales: ClassVar[tuple[str, ...]] = ()  # the parts that hold scales (check --health's rule ``scale``)
+
+    def layout_of(self, params: dict) -> dict:
+        """``params`` without the ones that differ from weight to weight (``per_weight``)."""
+        return {key: value for key, value in params.items() if key not in self.per_weight}
 
     def part_name(self, name: str, role: str) -> str:
         """The stored name of the part ``role`` of the logical tensor ``name``."""

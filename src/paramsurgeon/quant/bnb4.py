@@ -23,6 +23,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class Bnb4(Scheme):
     roles = ("codes", *TABLES, "state")
+    methods = ("bitsandbytes",)
+    per_weight = ("nested_offset",)  # the mean of its absmax, in its quant_state blob
 
     def __init__(self, quant_type: str, orphans: bool = False):
         self.name, self.orphans = quant_type, orphans  # orphans: name the tables no blob goes with (once)

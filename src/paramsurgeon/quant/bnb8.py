@@ -15,6 +15,7 @@ class Bnb8(Scheme):
     name = "bnb-int8"
     roles = ("codes", "SCB", "weight_format")
     markers = ("SCB",)
+    methods = ("bitsandbytes",)
 
     def part_name(self, name, role):
         if role == "SCB":  # beside the weight, in its module: x.SCB for x.weight

@@ -9,6 +9,7 @@ import re
 from .tiles import bands, grid, spread
 
 METHOD = "compressed-tensors"
+FP4 = {"float8_e4m3fn": "nvfp4-pack-quantized", "uint8": "mxfp4-pack-quantized"}  # scale dtype -> format
 BLOCK = (128, 128)  # FP8_BLOCK's block, the one block read without a config naming it
 
 
@@ -22,6 +23,26 @@ def weight_args(config: dict, module: str) -> dict | None:
     """The ``weights`` arguments of the first config group whose targets match ``module`` ('Linear'
     targets every module, 're:X' a regex matched at the start of the name, anything else the exact
     name); None when none does, the module is ignored, or there is no config."""
+    group = _group(config, module)
+    return group["weights"] if group else None
+
+
+def weight_format(config: dict, module: str) -> str | None:
+    """The compression format of ``module``'s weights: its config group's ``format``, else the
+    config's (None without a config)."""
+    group = _group(config, module)
+    found = group.get("format") if group else None
+    found = found if isinstance(found, str) else config.get("format")
+    return found if isinstance(found, str) else None
+
+
+def fp4_format(config: dict, module: str, scale) -> str | None:
+    """The format of ``module``'s uint8 packed weight: the config's, else the one its scale's dtype tells."""
+    return weight_format(config, module) or (FP4.get(scale.dtype.name) if scale is not None else None)
+
+
+def _group(config: dict, module: str) -> dict | None:
+    """The first config group (with ``weights`` arguments) that quantizes ``module``."""
     groups = config.get("config_groups")
     if not isinstance(groups, dict) or any(_matches(module, t) for t in config.get("ignore") or ()):
         return None
@@ -30,7 +51,7 @@ def weight_args(config: dict, module: str) -> dict | None:
             continue
         targets = scheme.get("targets") or ()
         if "Linear" in targets or any(_matches(module, t) for t in targets):
-            return scheme["weights"]
+            return scheme
     return None
 
 

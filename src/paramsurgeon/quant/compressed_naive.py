@@ -15,6 +15,7 @@ SCALE, ZERO = "_scale", "_zero_point"
 class Naive(Scheme):
     roles = ("codes", "scale", "zero_point")
     markers = ("weight" + SCALE,)
+    methods = (compressed.METHOD,)
 
     def __init__(self, name: str, codes: tuple[str, ...]):
         self.name, self.codes = name, codes  # codes: the dtypes its codes are stored in

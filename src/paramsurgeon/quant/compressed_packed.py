@@ -19,6 +19,7 @@ SUFFIXES = {"codes": "_packed", "scale": "_scale", "shape": "_shape", "zero_poin
 class Packed(Scheme):
     name = "pack-quantized"
     roles = ("codes", "scale", "shape", "zero_point")
+    methods = (compressed.METHOD,)
     markers = ("weight_packed", "weight_shape", "weight_scale")  # the last: to name a scale without its weight
 
     def part_name(self, name, role):
@@ -30,10 +31,23 @@ class Packed(Scheme):
         for stored, tensor in tensors.items():
             if stored.endswith("weight_packed") and tensor.dtype.name == "int32":
                 yield self._group(stored[:-len("_packed")], tensors, config)
+            elif stored.endswith("weight_packed"):
+                yield from self._unread(stored, tensors, config)
             elif stored.endswith(("weight_shape", "weight_scale")):
                 name = stored.rpartition("_")[0]
                 if name + "_packed" not in tensors and name not in tensors:
                     yield Partial(_present(name, tensors), f"{stored} without its weight {name} (or {name}_packed)")
+
+    def _unread(self, stored, tensors, config):
+        """A packed weight not in int32 nor in an FP4 format read here (compressed_fp4.py): named."""
+        name = stored[:-len("_packed")]
+        module = name[:-len(".weight")] if name.endswith(".weight") else name
+        fmt = compressed.fp4_format(config, module, tensors.get(name + "_scale")) if tensors[stored].dtype.name == "uint8" \
+            else compressed.weight_format(config, module)
+        if fmt not in compressed.FP4.values():
+            yield Partial(_present(name, tensors), f"{stored} {list(tensors[stored].shape)} {tensors[stored].dtype}:"
+                          f" compressed-tensors format {fmt or 'unknown'} is not read (only pack-quantized in int32,"
+                          f" {' and '.join(compressed.FP4.values())})")
 
     def _group(self, name, tensors, config):
         from ..checkpoint.values import to_torch

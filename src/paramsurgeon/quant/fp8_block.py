@@ -17,6 +17,7 @@ class Fp8Block(Scheme):
     name = "fp8-block"
     roles = ("codes", "scale_inv")
     markers = (SUFFIX,)
+    methods = ("fp8",)
     quantizes = True
     scales = ("scale_inv",)
 

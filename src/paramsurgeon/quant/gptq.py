@@ -55,6 +55,8 @@ class Gptq(QweightScheme):
     name = "gptq"
     roles = ROLES
     markers = (".qweight", ".qzeros", ".g_idx", ".scales")
+    methods = ("gptq",)
+    per_weight = ("g_idx",)
 
     def claims(self, tensors, parts):
         return not looks_like_awq(tensors, parts)

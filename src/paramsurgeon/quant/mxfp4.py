@@ -19,12 +19,13 @@ class Mxfp4(Scheme):
     name = "mxfp4"
     roles = ("codes", "scales")
     markers = ("_blocks", "_scales")
+    methods = ("mxfp4",)
 
     def part_name(self, name, role):
         return name + SUFFIXES[role]
 
     def find(self, tensors, config):
-        if config.get("quant_method") not in (None, "mxfp4"):
+        if config.get("quant_method") not in (None, *self.methods):
             return
         for name, codes in tensors.items():
             if name.endswith("_scales") and name[:-len("_scales")] + "_blocks" not in tensors \

@@ -20,6 +20,7 @@ class Nvfp4(Scheme):
     name = "nvfp4"
     roles = ("codes", "scale", "scale_2", "input_scale")
     markers = ("_scale_2", "_scale")
+    methods = ("modelopt", "modelopt_fp4")
 
     def part_name(self, name, role):
         if role == "input_scale":
@@ -27,7 +28,7 @@ class Nvfp4(Scheme):
         return name + SUFFIXES[role]
 
     def find(self, tensors, config):
-        if config.get("quant_method") not in (None, "modelopt", "modelopt_fp4"):
+        if config.get("quant_method") not in (None, *self.methods):
             return
         for name, tensor in tensors.items():
             if name.endswith("_scale_2") and tensor.numel == 1:
