@@ -4,6 +4,7 @@ converted to safetensors / torch / a Hugging Face directory, and written back as
 Ground truth: files written here with gguf.GGUFWriter from real torch weights (a tiny llama), read
 back with gguf.GGUFReader and gguf.quants.dequantize, and transformers' LlamaForCausalLM."""
 
+import os
 import struct
 
 import gguf
@@ -155,6 +156,36 @@ def test_a_type_gguf_cannot_dequantize_is_listed_without_values(request, tmp_pat
     assert text.exit_code == 0 and "odd.weight: no values: type Q8_1" in text.stdout
 
 
+def test_check_and_diff_name_a_tensor_whose_values_cannot_be_read(request, tmp_path, llama):
+    paths = {}
+    for name, first in (("odd", 0), ("copy", 0), ("other", 1)):  # Q8_1 blocks: the same bytes, or others
+        paths[name] = tmp_path / f"{name}.gguf"
+        write_gguf(paths[name], llama, extra=[("odd.weight", np.arange(first, first + 80, dtype=np.uint8).reshape(2, 40),
+                                               T.Q8_1)])
+        register_input(request, paths[name])
+    for args in (("check", paths["odd"]), ("check", "--health", paths["odd"]), ("check", "--max-abs", "9", paths["odd"]),
+                 ("diff", paths["odd"], paths["other"])):
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.stdout)
+        assert "cannot read the values of 'odd.weight' (type Q8_1, which the gguf package cannot dequantize)" \
+            in result.stderr and "-x odd.weight" in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert run("check", paths["odd"], "-x", "odd.weight").exit_code == 0
+    assert run("diff", paths["odd"], paths["copy"]).exit_code == 0  # the same blocks: equal without reading values
+    assert run("diff", paths["odd"], paths["other"], "-x", "odd.weight").exit_code == 0
+
+
+def test_inspect_gives_gguf_names_the_kinds_of_the_modules_they_come_from(llama_gguf, llama):
+    """Each GGUF tensor's kind is that of the Hugging Face module it was converted from."""
+    modules = dict(llama.named_modules())
+    layers = {torch.nn.Embedding: "embedding", torch.nn.Linear: "linear", type(llama.model.norm): "rmsnorm"}
+    expected = {gguf_name: layers[type(modules[hf.rsplit(".", 1)[0]])]
+                for hf, (gguf_name, _) in gguf_names(llama.config).items()}
+    document = json_of("inspect", llama_gguf, "--no-stats", schema="inspect")
+    assert {t["name"]: t["kind"] for t in document["tensors"]} == expected
+    assert {t["role"] for t in document["tensors"]} == {"weight"}
+
+
 def test_the_type_table_read_without_gguf_is_the_gguf_packages_own():
     from gguf.constants import GGML_QUANT_SIZES
 
@@ -164,16 +195,31 @@ def test_the_type_table_read_without_gguf_is_the_gguf_packages_own():
         {(t.value, t.name, *GGML_QUANT_SIZES[t]) for t in T if t in GGML_QUANT_SIZES}
 
 
-def test_inspect_no_stats_of_a_gguf_imports_neither_gguf_nor_numpy(llama_gguf):
-    code = ("import sys, runpy; sys.argv = ['paramsurgeon', 'inspect', %r, '--no-stats'];"
+def _imported(*args) -> tuple[str, str]:
+    """(stdout, stderr) of the CLI run in a fresh process; stderr ends with which of gguf, numpy and
+    torch it imported."""
+    code = ("import sys, runpy; sys.argv = ['paramsurgeon'] + sys.argv[1:];"
             " import atexit; atexit.register(lambda: print('IMPORTED', [m for m in ('gguf', 'numpy', 'torch')"
             " if m in sys.modules], file=sys.stderr)); runpy.run_module('paramsurgeon', run_name='__main__')")
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", code % str(llama_gguf)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "IMPORTED []" in result.stderr and "GGUF, 21 tensors" in result.stdout
+    return result.stdout, result.stderr
+
+
+def test_inspect_no_stats_of_a_gguf_imports_neither_gguf_nor_numpy(llama_gguf):
+    stdout, stderr = _imported("inspect", llama_gguf, "--no-stats")
+    assert "IMPORTED []" in stderr and "GGUF, 21 tensors" in stdout
+
+
+def test_zeroing_a_quantized_gguf_tensor_does_not_import_torch(tmp_path, llama_gguf):
+    """gguf quantizes in numpy: importing torch would be a second of a large file's copy."""
+    out = tmp_path / "zeroed.gguf"
+    assert "IMPORTED ['gguf', 'numpy']" in _imported("zero", llama_gguf, "-p", "blk.0.attn_k.weight", "-o", out)[1]
+    zeroed = _tensors(gguf.GGUFReader(str(out)))["blk.0.attn_k.weight"]
+    assert zeroed.tensor_type == T.Q8_0 and not gguf.quants.dequantize(zeroed.data, T.Q8_0).any()
 
 
 def _tensor_entry(data: bytes, name: str) -> int:
@@ -271,6 +317,21 @@ def test_convert_names_hf_loads_in_transformers_with_the_logits_of_its_own_gguf_
     torch.testing.assert_close(ours, original, atol=0.02, rtol=0)
 
 
+def test_convert_names_hf_puts_config_json_in_place_with_the_weights_in_one_step(tmp_path, llama_gguf, monkeypatch):
+    """The directory appears whole: config.json is in it when it is swapped in, never written after."""
+    from paramsurgeon.formats import atomic
+
+    swapped, swap = [], atomic._swap
+    monkeypatch.setattr(atomic, "_swap", lambda staging, target: (swapped.append(sorted(os.listdir(staging))),
+                                                                  swap(staging, target))[1])
+    out = tmp_path / "hf"
+    for _ in range(2):  # a new directory, then the same one replaced
+        assert run("convert", llama_gguf, "-o", out, "--names", "hf").exit_code == 0
+    assert swapped == [["config.json", "model.safetensors"]] * 2
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert LlamaForCausalLM.from_pretrained(out).config.num_key_value_heads == KV_HEADS
+
+
 def test_convert_names_hf_of_a_file_without_output_weight_ties_the_embeddings(request, tmp_path):
     torch.manual_seed(1)
     model = LlamaForCausalLM(llama_config(tie=True)).eval()
@@ -293,7 +354,8 @@ def test_convert_refuses_a_type_it_cannot_dequantize_unless_excluded(request, tm
     out = tmp_path / "out.safetensors"
     result = run("convert", path, "-o", out)
     assert result.exit_code == 2
-    assert "'odd.weight' (Q8_1) is of a type the gguf package cannot dequantize" in result.stderr
+    assert "cannot read the values of 'odd.weight' (type Q8_1, which the gguf package cannot dequantize)" \
+        in result.stderr
     assert "-x" in result.stderr and not out.exists()
     assert run("convert", path, "-o", out, "-x", "odd.weight").exit_code == 0
     from safetensors.torch import load_file
@@ -338,6 +400,8 @@ def test_zero_and_scale_write_gguf_with_untouched_bytes_and_requantized_changes(
             assert same == (name not in changed), name
     values = {n: gguf.quants.dequantize(t.data, t.tensor_type) for n, t in _tensors(gguf.GGUFReader(str(zeroed))).items()}
     assert not values["blk.0.attn_q.weight"].any() and not values["blk.0.attn_v.weight"].any()
+    zeroed_q = _tensors(gguf.GGUFReader(str(zeroed)))["blk.0.attn_q.weight"]  # Q4_0 zeros are not zero bytes
+    assert zeroed_q.data.tobytes() == gguf.quants.quantize(np.zeros((64, 64), np.float32), T.Q4_0).tobytes()
     old = _tensors(before)["blk.1.attn_k.weight"]
     new = _tensors(gguf.GGUFReader(str(scaled)))["blk.1.attn_k.weight"]
     expected = gguf.quants.quantize(2 * gguf.quants.dequantize(old.data, old.tensor_type), T.Q8_0)

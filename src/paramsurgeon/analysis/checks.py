@@ -10,6 +10,7 @@ from typing import Callable
 
 from .. import dtypes
 from ..checkpoint import Checkpoint
+from ..checkpoint.quantized import refuse_valueless
 from ..errors import UsageError
 from .stats import tensor_stats
 from ..sizes import plural
@@ -102,6 +103,7 @@ def run_rules(ckpt: Checkpoint, names: list[str], *, finite: bool = False, max_a
         results.append(rule)
     if finite or max_abs is not None:
         finite_rule, bound_rule = RuleResult("finite"), RuleResult(f"max-abs {max_abs:g}" if max_abs is not None else "")
+        refuse_valueless(tensors, names, "check")
         for name in names:
             tensor = tensors[name]
             stats = tensor_stats(tensor) if tensor.dtype.floating else None

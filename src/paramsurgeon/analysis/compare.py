@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.extras import summarize, tensors_in
 from ..checkpoint.opaque import Opaque
+from ..checkpoint.quantized import Quantized, refuse_valueless
 from ..checkpoint.tensor import blocks
 
 
@@ -114,6 +115,8 @@ def _compare_tensors(name: str, ta: Tensor, tb: Tensor, atol: float, rtol: float
         progress(ta.nbytes + tb.nbytes)
     if ta.dtype == tb.dtype and _same_bytes(ta, tb):
         return None
+    for side in (ta, tb):
+        refuse_valueless({name: side}, [name], "diff")
     _measure(diff, ta, tb, atol, rtol)
     return None if diff.max_abs == 0 and ta.dtype == tb.dtype else diff  # equal values in another layout
 
@@ -206,7 +209,11 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 def _same_bytes(a: Tensor, b: Tensor) -> bool:
-    """Whether both tensors hold the same bytes (False when either is not contiguous: measure it)."""
+    """Whether both tensors hold the same bytes (False when either is not contiguous: measure it);
+    quantized ones: the same parts of one scheme and parameters, each of the same bytes."""
+    if isinstance(a, Quantized) or isinstance(b, Quantized):
+        return type(a) is type(b) and a.scheme is b.scheme and a.params == b.params and \
+            a.parts.keys() == b.parts.keys() and all(_same_bytes(a.parts[r], b.parts[r]) for r in a.parts)
     va, vb = a.contiguous_bytes(), b.contiguous_bytes()
     if va is None or vb is None:
         return False

@@ -41,7 +41,7 @@ from typing import Callable
 from ..checkpoint import Checkpoint
 from ..checkpoint.kinds import fans, infer_kinds
 from ..checkpoint.layouts import stored_in_out
-from ..checkpoint.quantized import Quantized
+from ..checkpoint.quantized import Quantized, refuse_valueless
 from ..errors import SelectionError, UsageError
 from ..selection import matches, unmatched
 from ..parallel import Work, spread
@@ -180,10 +180,13 @@ def checked_names(ckpt: Checkpoint, names: list[str]) -> list[str]:
 
 
 def measure(ckpt: Checkpoint, names: list[str], bins: int | None = None, drawn: set[str] | None = None,
-            progress: Callable[[int], None] | None = None, work: Work = Work()) -> dict[str, Stats]:
+            progress: Callable[[int], None] | None = None, work: Work = Work(),
+            doing: str = "check --health") -> dict[str, Stats]:
     """Statistics of ``names``, each read once (spread over ``work``'s workers), with the spread of
     the values wherever a rule may need it (see ``_needs_spread``), and histograms of ``bins`` bins:
-    of every tensor, or with ``drawn``, of those and of any tensor the statistics say may have a finding."""
+    of every tensor, or with ``drawn``, of those and of any tensor the statistics say may have a finding.
+    ``doing``: the command, named when a tensor's values cannot be read."""
+    refuse_valueless(ckpt.tensors, names, doing)
     layout = Layout(ckpt)
 
     def one(index: int) -> Stats:

@@ -110,7 +110,7 @@ def _gguf_types(ckpt: Checkpoint, rows: list[Row], tensors: list, values: bool) 
     for row, tensor in zip(rows, tensors):
         row.gguf_type = types.get(row.name)
         if values and getattr(tensor, "no_values", None):
-            notes.append(f"{row.name}: {tensor.no_values}; listed without statistics")
+            notes.append(f"{row.name}: no values: {tensor.no_values}; listed without statistics")
     return notes
 
 

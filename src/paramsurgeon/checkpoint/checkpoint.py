@@ -29,6 +29,8 @@ class Checkpoint:
     ``config`` is the model config read beside it, changed by operations that change what it
     describes (the layer count); never changed in place.
     ``layout`` is what the format's own writer needs beside the tensors (None for most formats).
+    ``made`` holds files a directory output gets beside the weights that the command made, by name
+    (convert --names hf of a GGUF: config.json).
     """
 
     source: str
@@ -44,6 +46,7 @@ class Checkpoint:
     config: dict | None = None  # the model config beside it (config.json), as an output carries it
     layout: Any = None  # what a writer of the input's own format carries over (GGUF: formats.gguf.Layout)
     laid_out: dict = field(default_factory=dict)  # name -> quantized tensor a writer laid out as its parts
+    made: dict[str, bytes] = field(default_factory=dict)  # file name -> content, written beside a directory's weights
 
     @property
     def container(self) -> dict:

@@ -32,9 +32,10 @@ NORMS = ("batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm")
 KNOWN_BUFFERS = {"running_mean", "running_var", "num_batches_tracked", "position_ids", "inv_freq",
                  "masked_bias", "token_type_ids"}
 
-_EMBEDDING = re.compile(r"(^|_)(embed\w*|emb|wte|wpe)$")
+# GGUF's llama-style names (llama.cpp's tensor names) too: token_embd, attn_q, attn_output, ffn_up, output
+_EMBEDDING = re.compile(r"(^|_)(embed\w*|emb|embd|wte|wpe)$")
 _LINEAR = re.compile(r"(^|_)(proj|fc\d*|linear\d*|dense|head|classifier|query|key|value|qkv|gate|lin\d*|"
-                     r"out|w[123]|[qkvo])(_\w+)?$")
+                     r"out|output|up|down|w[123]|[qkvo])(_\w+)?$")
 _LAYERNORM = re.compile(r"(layernorm|layer_norm|ln(_?\w+)?|ln\d*)$")
 _GROUPNORM = re.compile(r"(groupnorm|group_norm|gn\d*)$")
 _RMSNORM = re.compile(r"(rmsnorm|rms_norm)\w*$")

@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from ..dtypes import DType
+from ..errors import PlanError
 from .tensor import Storage, Tensor
 
 
@@ -41,7 +42,8 @@ class Quantized(Tensor):
 
     @property
     def no_values(self) -> str | None:
-        """Why the values cannot be read (a type nothing here dequantizes), or None."""
+        """Why the values cannot be read (a type nothing here dequantizes: 'type Q8_1, which the
+        gguf package cannot dequantize'), or None."""
         why = getattr(self.scheme, "no_values", None)
         return why(self) if why is not None else None
 
@@ -67,3 +69,14 @@ def stored(container: dict) -> dict | None:
         else:
             laid_out[name] = value
     return laid_out
+
+
+def refuse_valueless(tensors: dict[str, Tensor], names: list[str], doing: str) -> None:
+    """Refuse, all at once and each by name, the tensors among ``names`` whose values cannot be
+    read (``doing`` needs them); they are left out with -x."""
+    found = [(n, tensors[n].no_values) for n in names if getattr(tensors[n], "no_values", None)]
+    if found:
+        shown = ", ".join(f"'{n}' ({why})" for n, why in found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6
+                                                                       else "")
+        raise PlanError(f"{doing}: cannot read the values of {shown}; leave {'it' if len(found) == 1 else 'them'}"
+                        f" out with -x {found[0][0]}")

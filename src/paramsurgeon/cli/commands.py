@@ -266,17 +266,16 @@ def convert(given: Input, sharding: Sharding, gguf: GgufOptions, read: Read, wri
     load = loader(read)
     checkpoint = open_checkpoint(given.ckpt, load)
     names = selected_names(checkpoint, select)
-    config = None
     if checkpoint.format == "gguf" and write.format is None and write.output not in (None, "-") \
             and not registry.by_extension(os.path.splitext(write.output)[1]):
         write = dataclasses.replace(write, format="safetensors")  # a GGUF converted to a directory
     if gguf.dtype is not None or gguf.names is not None:
-        checkpoint, config, write = _from_gguf(checkpoint, names, gguf, write)
+        checkpoint, write = _from_gguf(checkpoint, names, gguf, write)
     elif len(names) != len(checkpoint.tensors):
         checkpoint = checkpoint.with_container({n: t for n, t in checkpoint.container.items()
                                                 if n in set(names) or not isinstance(t, Tensor)})
     target = output_target(checkpoint, write, load.inputs, sharding.max_shard_size)
-    if config is not None and not target.sharded:
+    if checkpoint.made and not target.sharded:
         raise UsageError(f"--names hf writes a Hugging Face directory (weights and config.json); -o"
                          f" {write.output} names a file; pass a directory")
     where = target.path or "standard output"
@@ -289,13 +288,11 @@ def convert(given: Input, sharding: Sharding, gguf: GgufOptions, read: Read, wri
         note(f"would write {plural(count, 'tensor')} ({human_bytes(size)}) to {where} as {layout}")
         return
     done = write_checkpoint(checkpoint, target, write)
-    if config is not None:
-        _write_config(target.path, config, target.inputs)
-    note(f"wrote {where} ({layout}, {done})" + (", and config.json" if config is not None else ""))
+    note(f"wrote {where} ({layout}, {done})" + "".join(f", and {name}" for name in checkpoint.made))
 
 
 def _from_gguf(checkpoint, names: list[str], options: GgufOptions, write: Write):
-    """(checkpoint, config.json or None, write options) for --dtype and --names of a GGUF input."""
+    """(checkpoint, write options) for --dtype and --names of a GGUF input."""
     import os
 
     from ..analysis.checks import validate_dtype
@@ -312,18 +309,7 @@ def _from_gguf(checkpoint, names: list[str], options: GgufOptions, write: Write)
     if hf and write.output not in (None, "-") and not os.path.splitext(write.output)[1] \
             and not write.output.endswith(os.sep):
         write = dataclasses.replace(write, output=write.output + os.sep)  # a directory, for config.json
-    converted, config = plain(checkpoint, names, dtype, hf)
-    return converted, config, write
-
-
-def _write_config(folder: str, config: dict, inputs) -> None:
-    import json
-    import os
-
-    from ..formats.atomic import output_file
-
-    with output_file(os.path.join(folder, "config.json"), inputs) as sink:
-        sink.write((json.dumps(config, indent=2) + "\n").encode())
+    return plain(checkpoint, names, dtype, hf), write
 
 
 @dataclass(kw_only=True)
@@ -359,7 +345,7 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     size = sum(checkpoint.tensors[n].nbytes for n in floats) * (3 if other else 1)
     with progress(size, "reading") as advance:
         stats = health.measure(checkpoint, floats, bins=HISTOGRAM_BINS, drawn=html.drawn(result.rows),
-                               progress=advance)
+                               progress=advance, doing="report")
         changes = drift.relative_changes(checkpoint, other, floats, advance) if other is not None else None
     for row in result.rows:
         row.stats = stats.get(row.name)

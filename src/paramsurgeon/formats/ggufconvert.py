@@ -6,14 +6,16 @@ Values are computed one tensor at a time, when the writer reads them."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
-from ..checkpoint.quantized import Quantized
+from ..checkpoint.quantized import Quantized, refuse_valueless
 from ..dtypes import DType
-from ..errors import PlanError, UsageError
+from ..errors import UsageError
 from .gguf import Field, Layout
+from .hfconfig import CONFIG
 
 HF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
@@ -32,32 +34,23 @@ def is_gguf(ckpt: Checkpoint) -> bool:
     return isinstance(ckpt.layout, Layout)
 
 
-def valueless(ckpt: Checkpoint, names: list[str], doing: str) -> None:
-    """Refuse tensors among ``names`` whose type the gguf package cannot dequantize, every one named."""
-    tensors = ckpt.tensors
-    found = [f"'{n}' ({tensors[n].params['gguf_type']})" for n in names if getattr(tensors[n], "no_values", None)]
-    if found:
-        raise PlanError(f"{doing}: {', '.join(found)} {'is of a type' if len(found) == 1 else 'are of types'} the gguf"
-                        " package cannot dequantize; leave them out with -x NAME")
-
-
 def plain(ckpt: Checkpoint, names: list[str] | None = None, dtype: DType | None = None,
-          hf: bool = False, doing: str = "convert") -> tuple[Checkpoint, dict | None]:
+          hf: bool = False, doing: str = "convert") -> Checkpoint:
     """``ckpt``'s tensors ``names`` (default all) as plain tensors of ``dtype`` (default: a plain
     type's own dtype, float32 for a quantized one), without the GGUF metadata; with ``hf``, under
-    Hugging Face names with q/k un-permuted, and the config.json (else None)."""
+    Hugging Face names with q/k un-permuted, with the config.json a directory output gets (``made``)."""
     tensors = ckpt.tensors
     names = list(tensors) if names is None else names
-    valueless(ckpt, names, doing)
+    refuse_valueless(tensors, names, doing)
     heads = _heads(ckpt) if hf else None
     renamed = _hf_names(ckpt, names) if hf else dict(zip(names, names))
     converted = {}
     for name in names:
         unpermute = heads.get(name.rsplit(".", 2)[-2]) if hf else None
         converted[renamed[name]] = _plain(tensors[name], dtype, unpermute)
-    config = _config(ckpt, converted, dtype) if hf else None
+    made = {CONFIG: (json.dumps(_config(ckpt, converted, dtype), indent=2) + "\n").encode()} if hf else {}
     metadata = {k: v for k, v in ckpt.metadata.items() if not isinstance(v, Field)}
-    return dataclasses.replace(ckpt.with_container(converted), metadata=metadata, layout=None), config
+    return dataclasses.replace(ckpt.with_container(converted), metadata=metadata, layout=None, made=made)
 
 
 class _Streamed(Storage):

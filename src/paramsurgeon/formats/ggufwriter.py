@@ -109,9 +109,11 @@ def _write_data(sink: Sink, name: str, kind, tensor: Tensor) -> None:
         write_tensor_bytes(tensor.parts["blocks"], sink)
     elif kind.name in PLAIN:
         write_tensor_bytes(tensor, sink)
-    else:
-        from ..checkpoint.values import to_torch
+    else:  # float32 values (plan): read as numpy, so that zeros need no torch
+        import numpy as np
+
+        from ..checkpoint.contents import row_major
         from ..quant.gguf_types import quantized_rows
 
-        for piece in quantized_rows(to_torch(tensor), kind.name):
+        for piece in quantized_rows(np.frombuffer(row_major(tensor), np.float32).reshape(tensor.shape), kind.name):
             sink.write_large(memoryview(piece))

@@ -61,12 +61,16 @@ def model_directory(ckpt: Checkpoint) -> str | None:
 
 
 def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
-    """Copy the side files of ``ckpt``'s input directory into ``staging`` (the new ``target``
-    directory), ``config.json`` updated; returns notes on what changed or stayed behind.
+    """Write the files the command made (``ckpt.made``) into ``staging`` (the new ``target``
+    directory), and copy there the side files of ``ckpt``'s input directory, ``config.json``
+    updated; returns notes on what changed or stayed behind.
 
     Where ``target`` is the input directory, its files are carried by the directory's
     replacement; only an updated ``config.json`` is written here.
     """
+    for name, content in ckpt.made.items():
+        with open(os.path.join(staging, name), "wb") as handle:
+            handle.write(content)
     folder = model_directory(ckpt)
     if folder is None:
         return []
@@ -76,6 +80,8 @@ def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
     notes, left = [], []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
+        if name in ckpt.made:
+            continue
         if name == CONFIG and os.path.isfile(path):
             notes += _write_config(path, os.path.join(staging, name), ckpt, same)
         elif same or os.path.lexists(os.path.join(staging, name)):

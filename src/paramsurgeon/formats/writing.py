@@ -92,7 +92,7 @@ def writable(ckpt: Checkpoint, target: Target, tensors_only: bool = False) -> Ch
     from .ggufconvert import is_gguf, plain
 
     if is_gguf(ckpt) and target.family != "gguf":
-        ckpt = plain(ckpt, doing=f"writing {target.family}")[0]
+        ckpt = plain(ckpt, doing=f"writing {target.family}")
     laid_out = None if registry.get(target.family).quantized else stored(ckpt.container)
     if laid_out is not None:
         groups = {n: t for n, t in ckpt.tensors.items() if type(t) is Quantized}

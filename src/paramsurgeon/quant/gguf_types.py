@@ -77,7 +77,7 @@ def can_quantize(name: str) -> bool:
 
 def no_values(name: str) -> str:
     """Why a tensor of type ``name`` has no values."""
-    return f"no values: type {name}, which the gguf package cannot dequantize"
+    return f"type {name}, which the gguf package cannot dequantize"
 
 
 class GgufType(Scheme):
@@ -116,7 +116,7 @@ class GgufType(Scheme):
         import torch
 
         return {"blocks": torch.cat([torch.frombuffer(bytearray(piece), dtype=torch.uint8)
-                                     for piece in quantized_rows(values, params["gguf_type"])])}
+                                     for piece in quantized_rows(values.float().numpy(), params["gguf_type"])])}
 
 
 def dequantized_rows(tensor) -> Iterator:
@@ -130,7 +130,7 @@ def dequantized_rows(tensor) -> Iterator:
 
     kind = tensor.params["gguf_type"]
     if not can_dequantize(kind):
-        raise PlanError(f"{no_values(kind)}; leave such tensors out with -x NAME")
+        raise PlanError(f"no values: {no_values(kind)}; leave such tensors out with -x NAME")
     qtype, dtype = quants.GGMLQuantizationType[kind], torch_dtype(tensor.dtype)
     row = tensor.shape[-1]
     rows = tensor.numel // row if row else 0
@@ -143,14 +143,23 @@ def dequantized_rows(tensor) -> Iterator:
 
 
 def quantized_rows(values, kind: str) -> Iterator[bytes]:
-    """The blocks of type ``kind`` storing ``values`` (a torch tensor), a few MiB of rows at a time."""
+    """The blocks of type ``kind`` storing ``values`` (a float32 numpy array), a few MiB of rows at a
+    time; rows of +0.0 (a zeroed tensor) are the blocks of one such row, quantized once."""
+    import numpy as np
     from gguf import quants
 
     qtype = quants.GGMLQuantizationType[kind]
-    rows = values.reshape(-1, values.shape[-1]) if values.dim() else values.reshape(1, 1)
+    rows = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
     step = max(1, ROWS // max(rows.shape[1], 1))
+    zero_row = None
     for start in range(0, rows.shape[0], step):
-        yield quants.quantize(rows[start:start + step].float().numpy(), qtype).tobytes()
+        piece = rows[start:start + step]
+        if piece.view(np.uint32).any():  # a bit set: not +0.0 (-0.0 is quantized to other blocks)
+            yield quants.quantize(piece, qtype).tobytes()
+            continue
+        if zero_row is None:
+            zero_row = quants.quantize(piece[:1], qtype).tobytes()
+        yield zero_row * len(piece)
 
 
 GGUF = GgufType()
