@@ -292,3 +292,17 @@ def test_scheduler_refuses_a_single_file_output_before_reaching_a_cluster(eight,
                              f" {tmp_path / 'one.safetensors'} is one file; write a directory (-o DIR/, with"
                              " --max-shard-size for convert) or use --workers\n")
     assert not (tmp_path / "one.safetensors").exists()
+
+
+def test_scheduler_refuses_a_checkpoint_on_standard_input_which_workers_cannot_read_again(eight, tmp_path):
+    folder, _ = eight
+    source = tmp_path / "one.safetensors"
+    save_file({"w": torch.randn(8, 8)}, source)
+    message = ("paramsurgeon: error: --scheduler: the cluster's workers read the inputs from their paths, and a"
+               " checkpoint on standard input has none; pass its path\n")
+    for args in (("inspect", "-"), ("cast", "--all", "--dtype", "bfloat16", "-o", f"{tmp_path}/out/")):
+        with open(source, "rb") as stdin:
+            result = run_process(*args, "--scheduler", "tcp://127.0.0.1:9", stdin=stdin)
+        assert result.returncode == 2
+        assert result.stderr.decode().endswith(message), result.stderr
+        assert result.stdout == b"" and not (tmp_path / "out").exists()

@@ -50,7 +50,8 @@ def inspect(given: Input, options: InspectOptions, output: Json, read: Read, sto
     from ..analysis.inspection import inspect as inspect_checkpoint
     from ..report import render
 
-    checkpoint = open_checkpoint(given.ckpt, loader(read, raw=stored.raw))
+    load = loader(read, raw=stored.raw)
+    checkpoint = open_checkpoint(given.ckpt, load)
     names = selected_names(checkpoint, select)
     stats = not (options.no_stats or options.tree)
     reads_data = stats or options.hash
@@ -58,7 +59,8 @@ def inspect(given: Input, options: InspectOptions, output: Json, read: Read, sto
     with progress(sum(tensors[n].nbytes for n in names) if reads_data else 0, "reading") as advance:
         result = inspect_checkpoint(checkpoint, names, stats=stats, hashes=options.hash, tree=options.tree,
                                     progress=advance if reads_data else None,
-                                    bins=(options.bins or 32) if options.hist else None, work=work(spread))
+                                    bins=(options.bins or 32) if options.hist else None,
+                                    work=work(spread, load.inputs))
     if output.json:
         emit(render.to_json(render.inspection_document(result)), )
     elif options.tree:
@@ -177,7 +179,8 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
         rules += run_rules(checkpoint, names, finite=options.finite or default, max_abs=options.max_abs, like=other,
                            expect=expectations, dtype=dtype, progress=advance)
         findings = health.diagnose(checkpoint, health.measure(checkpoint, diagnosed, progress=advance,
-                                                              work=work(spread)), names) if options.health else None
+                                                              work=work(spread, load.inputs)), names) \
+            if options.health else None
     if findings is not None:
         findings = health.ignored(findings, ignores)
         findings = health.strict(findings) if options.strict else findings

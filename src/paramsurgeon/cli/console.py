@@ -135,7 +135,7 @@ def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write, seed: int 
     count, size = written(ckpt, target, write.dedupe, write.tensors_only)
     with progress(size, "writing") as advance:
         notes = formats.save(ckpt, target, dedupe=write.dedupe, tensors_only=write.tensors_only, progress=advance,
-                             work=work(write, seed), resume=write.resume)
+                             work=work(write, target.inputs, seed), resume=write.resume)
     for message in notes:
         note(message)
     return f"{plural(count, 'tensor')}, {human_bytes(size)}"
@@ -144,11 +144,15 @@ def write_checkpoint(ckpt: Checkpoint, target: formats.Target, write, seed: int 
 COMMAND_LINE: ContextVar[tuple[list[str], Callable]] = ContextVar("command_line")  # (argv, how to run it again)
 
 
-def work(options, seed: int | None = None):
+def work(options, inputs: "Inputs", seed: int | None = None):
     """The parallel.Work of the command's Workers ``options``; for a cluster, with the command line
-    its workers run again (and the seed drawn, if any, so that they draw the same values)."""
+    its workers run again (and the seed drawn, if any, so that they draw the same values), which
+    cannot read again what came on standard input (one of the command's ``inputs``)."""
     if options.scheduler is None:
         return options.work()
+    if inputs.standard_input:
+        raise UsageError("--scheduler: the cluster's workers read the inputs from their paths, and a checkpoint"
+                         " on standard input has none; pass its path")
     from ..parallel.cluster import Job
 
     argv, rerun = COMMAND_LINE.get()

@@ -90,7 +90,7 @@ def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Option
     size = sum(ckpt[c.names[0]].nbytes for _, p, _ in planned for c in p.changes if c.names[0] in ckpt.tensors)
     with progress(size, "computing") as advance:
         plans, notes = perform(ckpt, steps, sources, reset_optimizer=surgery.reset_optimizer, progress=advance,
-                               work=work(write, drawn))
+                               work=work(write, sources.inputs, drawn))
     for message in notes:
         note(f"{command}: {message}")
     summary = plans[0].summary() if command != "apply" else \

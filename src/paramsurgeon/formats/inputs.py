@@ -22,11 +22,14 @@ class Inputs:
     def __init__(self) -> None:
         self.opened: dict[str, str | None] = {}
         self.permitted: set[str] = set()  # real paths
+        self.standard_input = False  # whether one input is read from standard input
 
     def record(self, path: str | None, role: str | None = None) -> None:
         """``path`` is an input of the command; ``role`` names it ('--source', 'merge input 2').
         The first role given for a path is kept."""
-        if path not in (None, "-") and self.opened.get(path) is None:
+        if path in (None, "-"):
+            self.standard_input = True
+        elif self.opened.get(path) is None:
             self.opened[path] = role
 
     def role(self, path: str) -> str | None:
