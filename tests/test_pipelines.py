@@ -1,6 +1,7 @@
 """diff, check, apply and groups: exit codes, reports and JSON documents for CI."""
 
 import json
+import math
 import os
 import shutil
 
@@ -398,3 +399,7 @@ def test_diff_counts_as_torch_isclose_does_with_infinities_and_nans(tmp_path, mo
     assert change["max_abs"] == float(gap.max())
     rel = torch.where(gap == 0, 0.0, gap / b[finite].double().abs())
     assert change["max_rel"] == float(rel.max())
+    torch.save({"w": torch.tensor([1.0, 5.0])}, tmp_path / "za.pt")  # finite values against a zero in B
+    torch.save({"w": torch.tensor([1.0, 0.0])}, tmp_path / "zb.pt")
+    change = json_of("diff", tmp_path / "za.pt", tmp_path / "zb.pt", schema="diff", code=1)["changed"][0]
+    assert float((torch.tensor([5.0]) / torch.tensor([0.0])).item()) == math.inf and change["max_rel"] == "inf"

@@ -237,7 +237,7 @@ def _measure(diff: TensorDiff, a: Tensor, b: Tensor, atol: float, rtol: float) -
         tolerance = scale.mul(rtol).add_(atol)
         broken = gap > tolerance if one_sided is None else (gap > tolerance) | one_sided
         mismatched += int(broken.sum())
-        rel = torch.where(gap == 0, 0.0, gap.div(scale)).nan_to_num_(nan=math.inf)  # inf/inf: one side infinite
+        rel = torch.where(gap == 0, 0.0, gap.div(scale)).nan_to_num_(nan=math.inf, posinf=math.inf)  # x/0, inf/inf
         max_rel = max(max_rel, float(rel.max()))
     diff.max_abs, diff.max_rel, diff.mismatched = max_abs, max_rel, mismatched
 
