@@ -101,8 +101,6 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None, i
     family = wanted or (None if directory else named) or _family(ckpt)
     path = output.rstrip(os.sep) or output
     inputs.refuse_overwrite(output)  # every input of the command: the output, a directory holding one, inside one
-    if directory and not size and registry.get(_family(ckpt)).directory:
-        family = _family(ckpt)  # a directory output of a directory format's input (DCP) keeps its format
     written = registry.get(family)
     if written.directory:
         if size:
