@@ -487,6 +487,13 @@ def test_gguf_is_written_only_from_a_gguf(tmp_path, resnet_pt):
     result = run("zero", resnet_pt, "-p", "fc.bias", "-o", out)
     assert result.exit_code == 2 and "GGUF is written from a GGUF input" in result.stderr
     assert not out.exists()
+    planned = run("zero", resnet_pt, "-p", "fc.bias", "-o", out, "--dry-run")  # refused before any work
+    assert planned.exit_code == 2 and "GGUF is written from a GGUF input" in planned.stderr
+
+
+def test_a_gguf_input_may_be_written_as_gguf(tmp_path, llama_gguf):
+    result = run("zero", llama_gguf, "-p", "output_norm.weight", "--format", "npz", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and result.stderr.endswith("--format npz: expected pt, safetensors, dcp or gguf\n")
 
 
 def test_convert_memory_does_not_grow_with_the_largest_tensor(request, tmp_path, llama_gguf):
