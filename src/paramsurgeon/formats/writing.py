@@ -66,7 +66,7 @@ class SingleFile:
 
     def write(self, ckpt: Checkpoint) -> list[str] | None:
         if self.path is not None:  # rewritten in place: the config.json beside it follows, as a directory's does
-            config = sidefiles.config_beside(ckpt, self.path) if self.inputs.permits(self.path) else None
+            config = sidefiles.config_beside(ckpt, self.path, self.inputs) if self.inputs.permits(self.path) else None
             with output_file(self.path, self.inputs) as sink:
                 self.file_writer(sink, self.path, self.progress).write(ckpt)
             return config() if config else None
