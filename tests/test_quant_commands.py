@@ -150,8 +150,9 @@ def test_a_quant_method_not_read_is_refused_by_what_would_dequantize_quantize_or
     would change codes as values. One line naming the method, exit 2, nothing written; moves still run."""
     w_q, scale, norm = torch.randint(0, 16, (8, 4), dtype=torch.uint8), torch.rand(8, 1) + 0.5, torch.ones(4)
     config = {"torch_dtype": "float16", "quantization_config": {"quant_method": method, "nbits": 4}}
-    folder = register_input(request, fp8_folder(tmp_path / method, {"w.W_q": w_q, "w.scale": scale, "norm.weight": norm},
-                                                config))
+    tensors = {"w.W_q": w_q, "w.scale": scale, "norm.weight": norm}
+    folder = register_input(request, fp8_folder(tmp_path / method, tensors, config))
+    cannot = {"dequantize": "dequantized here", "quantize": "quantized anew"}
     for args in (("dequantize",), ("dequantize", "-p", "norm.weight"), ("quantize", "-p", "w.scale", "--scheme",
                  "fp8-block"), ("zero", "-p", "w.W_q"), ("scale", "-p", "norm.weight", "--by", "2"),
                  ("init", "-p", "w.scale", "--const", "1"), ("cast", "--all", "--dtype", "bfloat16")):
@@ -162,8 +163,7 @@ def test_a_quant_method_not_read_is_refused_by_what_would_dequantize_quantize_or
         assert error == [f"paramsurgeon: error: {args[0]}: config.json's quantization_config has quant_method"
                          f" \"{method}\", which paramsurgeon does not read (it reads fp8, compressed-tensors,"
                          " bitsandbytes, gptq, awq, mxfp4, modelopt, modelopt_fp4): its stored tensors may be codes"
-                         " and scales, not values, so they cannot be"
-                         f" {dict(dequantize='dequantized here', quantize='quantized anew').get(args[0], 'changed as values')};"
+                         f" and scales, not values, so they cannot be {cannot.get(args[0], 'changed as values')};"
                          " nothing written"], result.stderr
         assert not out.exists()
     out = tmp_path / "dropped"
@@ -184,7 +184,8 @@ def test_dequantize_of_nothing_quantized_is_an_empty_selection(request, fp8_dir,
     assert not (tmp_path / "out.safetensors").exists()
     result = run("dequantize", path, "--allow-empty", "-o", tmp_path / "out.safetensors")
     assert result.exit_code == 0 and "warning: none of the 2 tensors is a quantized weight" in result.stderr
-    assert {n: bits(t) for n, t in stored(tmp_path / "out.safetensors").items()} == {n: bits(t) for n, t in plain.items()}
+    written = stored(tmp_path / "out.safetensors")
+    assert {n: bits(t) for n, t in written.items()} == {n: bits(t) for n, t in plain.items()}
     folder, _, _ = fp8_dir
     result = run("dequantize", folder, "-p", NORM, "-o", f"{tmp_path / 'fp8-out'}/")
     assert result.exit_code == 2 and f"dequantize: '{NORM}' is not a quantized weight" in result.stderr
@@ -245,7 +246,8 @@ def test_dequantize_dtype_computes_in_that_dtype_and_a_selection_keeps_the_rest(
     expected = dequantize(tensors[DOWN], tensors[DOWN + "_scale_inv"], torch.float32)
     assert written[DOWN].dtype == torch.float32 and bits(written[DOWN]) == bits(expected)
     assert bits(written[UP]) == bits(tensors[UP]) and bits(written[UP + "_scale_inv"]) == bits(tensors[UP + "_scale_inv"])
-    assert json.loads((out / "config.json").read_text())["quantization_config"] == FP8_CONFIG  # UP still needs it
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == {  # UP still needs it
+        **FP8_CONFIG, "modules_to_not_convert": [DOWN.removesuffix(".weight")]}  # DOWN's module is plain
 
 
 def test_dequantize_and_quantize_refuse_a_partial_group_and_write_nothing(request, tmp_path):

@@ -37,8 +37,8 @@ def refuse_unread(ckpt: Checkpoint, command: str, what: str) -> None:
     method = quant.unread_method(ckpt.config)
     if method is not None:
         raise PlanError(f"{command}: config.json's quantization_config has quant_method {json.dumps(method)}, which"
-                        f" paramsurgeon does not read (it reads {', '.join(quant.METHODS)}): its stored tensors may be codes"
-                        f" and scales, not values, so {what}; nothing written")
+                        f" paramsurgeon does not read (it reads {', '.join(quant.METHODS)}): its stored tensors may be"
+                        f" codes and scales, not values, so {what}; nothing written")
 
 
 @dataclass(kw_only=True)
