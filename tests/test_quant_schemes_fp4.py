@@ -157,6 +157,54 @@ def test_an_mxfp4_part_without_its_partner_is_named(request, gpt_oss, tmp_path, 
     assert GATE_UP in names and DOWN not in names
 
 
+@pytest.mark.parametrize("args, kept", [(["--keep", "1,3"], [1, 3]), (["--drop", "2"], [0, 1, 3])])
+def test_experts_slices_the_mxfp4_parts_and_the_result_computes_the_kept_experts(gpt_oss_dir, tmp_path, args, kept):
+    """The kept experts' blocks and scales, byte for byte (still mxfp4, the config's quantization kept), which
+    transformers dequantizes to exactly the kept experts' values; its logits are the original's with the router
+    restricted to them."""
+    from layer_models import logits, restricted
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    folder, tensors = gpt_oss_dir
+    out = tmp_path / "pruned"
+    result = run("experts", folder, *args, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert "written as plain" not in result.stderr
+    got = stored(out / "model.safetensors")
+    for name in (GATE_UP, DOWN):
+        assert name not in got
+        for part in ("_blocks", "_scales"):
+            assert got[name + part].dtype == torch.uint8 and bits(got[name + part]) == bits(tensors[name + part][kept])
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == len(kept)
+    assert config["quantization_config"] == json.loads((folder / "config.json").read_text())["quantization_config"]
+
+    def load(path):
+        return GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True),
+                                                 dtype=torch.bfloat16).eval()
+
+    original, pruned = load(folder), load(out)
+    before, after = original.state_dict(), pruned.state_dict()
+    for name in (GATE_UP, DOWN):
+        assert bits(after[name]) == bits(before[name][kept]), name
+        assert bits(after[name]) == bits(mxfp4_reference(tensors[name + "_blocks"], tensors[name + "_scales"])[kept])
+    with torch.no_grad(), restricted(original, kept) as reference:
+        expected = logits(reference)
+        assert not torch.allclose(expected, logits(original))  # the restriction shows
+        torch.testing.assert_close(logits(pruned), expected, rtol=0, atol=0)
+
+
+def test_dequantizing_one_of_the_experts_two_weights_says_transformers_cannot_load_the_module(gpt_oss_dir, tmp_path):
+    """gpt-oss's experts module holds both: transformers quantizes a module as a whole."""
+    folder, _ = gpt_oss_dir
+    result = run("dequantize", folder, "-p", GATE_UP, "-o", f"{tmp_path / 'out'}/")
+    assert result.exit_code == 0, result.stderr
+    assert ("note: config.json: model.layers.0.mlp.experts holds plain and quantized weights at once, which"
+            " transformers cannot load (it quantizes a module as a whole); dequantize the others too") in result.stderr
+    listed = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert listed[-1] == "model.layers.0.mlp.experts"
+
+
 FC1, FC2 = "model.layers.0.mlp.fc1", "model.layers.0.mlp.fc2"
 
 
