@@ -205,6 +205,48 @@ def test_dequantizing_one_of_the_experts_two_weights_says_transformers_cannot_lo
     assert listed[-1] == "model.layers.0.mlp.experts"
 
 
+def test_a_layer_of_experts_dequantized_is_left_unconverted_and_loads_with_its_values(request, tmp_path):
+    """Two layers, the first's experts dequantized: modules_to_not_convert names that experts module, as
+    transformers' mxfp4 integration matches it (should_convert_module of '<mlp>.experts'), and the model loads
+    (dequantized on the CPU) with exactly the values the experts stand for."""
+    from transformers import GptOssConfig, GptOssForCausalLM, Mxfp4Config
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    config = GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["full_attention"] * 2)
+    torch.manual_seed(1)
+    state = GptOssForCausalLM(config).to(torch.bfloat16).state_dict()
+    tensors, values = {}, {}
+    for name, value in state.items():
+        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            tensors[name + "_blocks"], tensors[name + "_scales"] = mxfp4_quantize(value)
+            values[name] = mxfp4_reference(tensors[name + "_blocks"], tensors[name + "_scales"])
+        else:
+            tensors[name] = values[name] = value.contiguous()
+    folder = tmp_path / "gpt-oss"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    held = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": "bfloat16",
+                                                    "quantization_config": held}))
+    register_input(request, folder)
+    out = tmp_path / "out"
+    assert run("dequantize", folder, "-p", "model.layers.0.mlp.experts.*", "-o", f"{out}/") \
+        .exit_code == 0
+    listed = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert listed == [*held["modules_to_not_convert"], "model.layers.0.mlp.experts"]
+    assert not should_convert_module("model.layers.0.mlp.experts", listed)
+    assert should_convert_module("model.layers.1.mlp.experts", listed)
+    got = stored(out / "model.safetensors")
+    assert bits(got["model.layers.0.mlp.experts.down_proj"]) == bits(values["model.layers.0.mlp.experts.down_proj"])
+    assert bits(got["model.layers.1.mlp.experts.down_proj_blocks"]) == bits(
+        tensors["model.layers.1.mlp.experts.down_proj_blocks"])
+    loaded = GptOssForCausalLM.from_pretrained(out, quantization_config=Mxfp4Config(dequantize=True),
+                                               dtype=torch.bfloat16).eval()
+    assert all(bits(value) == bits(values[name]) for name, value in loaded.state_dict().items())
+
+
 FC1, FC2 = "model.layers.0.mlp.fc1", "model.layers.0.mlp.fc2"
 
 
