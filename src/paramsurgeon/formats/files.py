@@ -249,6 +249,8 @@ class _Differs(Exception):
 class _Rehearsal:
     """A sink that writes nothing and raises _Differs where the output would depart from ``file``."""
 
+    path = None  # no file of its own for other processes to write
+
     def __init__(self, file: InputFile):
         self.file, self.position = file, 0
         self._identity = _identity(file.fd)
