@@ -157,6 +157,55 @@ def test_a_checkpoints_note_is_shown_once_on_a_terminal(request, tmp_path, flags
     assert note not in piped.stdout and piped.stderr.count(note) == 1, piped.stderr
 
 
+@pytest.mark.parametrize("method", ["hqq", "torchao", "eetq"])
+def test_a_quant_method_not_read_is_refused_by_what_would_dequantize_quantize_or_change_values(request, tmp_path,
+                                                                                                method):
+    """Its stored tensors may be codes: dequantize would copy them unchanged (it exited 0), a value change
+    would change codes as values. One line naming the method, exit 2, nothing written; moves still run."""
+    w_q, scale, norm = torch.randint(0, 16, (8, 4), dtype=torch.uint8), torch.rand(8, 1) + 0.5, torch.ones(4)
+    config = {"torch_dtype": "float16", "quantization_config": {"quant_method": method, "nbits": 4}}
+    tensors = {"w.W_q": w_q, "w.scale": scale, "norm.weight": norm}
+    folder = register_input(request, fp8_folder(tmp_path / method, tensors, config))
+    cannot = {"dequantize": "dequantized here", "quantize": "quantized anew"}
+    for args in (("dequantize",), ("dequantize", "-p", "norm.weight"), ("quantize", "-p", "w.scale", "--scheme",
+                 "fp8-block"), ("zero", "-p", "w.W_q"), ("scale", "-p", "norm.weight", "--by", "2"),
+                 ("init", "-p", "w.scale", "--const", "1"), ("cast", "--all", "--dtype", "bfloat16")):
+        out = tmp_path / f"out-{'-'.join(args)}"
+        result = run(args[0], folder, *args[1:], "-o", f"{out}/")
+        assert result.exit_code == 2, (args, result.stderr)
+        error = [line for line in result.stderr.splitlines() if line.startswith("paramsurgeon: error:")]
+        assert error == [f"paramsurgeon: error: {args[0]}: config.json's quantization_config has quant_method"
+                         f" \"{method}\", which paramsurgeon does not read (it reads fp8, compressed-tensors,"
+                         " bitsandbytes, gptq, awq, mxfp4, modelopt, modelopt_fp4): its stored tensors may be codes"
+                         f" and scales, not values, so they cannot be {cannot.get(args[0], 'changed as values')};"
+                         " nothing written"], result.stderr
+        assert not out.exists()
+    out = tmp_path / "dropped"
+    assert run("drop", folder, "-p", "norm.weight", "-o", f"{out}/").exit_code == 0
+    assert bits(stored(out)["w.W_q"]) == bits(w_q) and json.loads((out / "config.json").read_text()) == config
+
+
+def test_dequantize_of_nothing_quantized_is_an_empty_selection(request, fp8_dir, tmp_path):
+    """As a pattern that matches nothing: exit 2 unless --allow-empty, which warns and copies."""
+    path = tmp_path / "plain.safetensors"
+    plain = {"a.weight": torch.randn(8, 8), "b.bias": torch.randn(8)}
+    save_file(plain, path)
+    register_input(request, path)
+    result = run("dequantize", path, "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 2 and result.stderr == (
+        "paramsurgeon: error: dequantize: none of the 2 tensors is a quantized weight ('paramsurgeon inspect' shows"
+        " each one's scheme); nothing to dequantize; pass --allow-empty to go on anyway\n")
+    assert not (tmp_path / "out.safetensors").exists()
+    result = run("dequantize", path, "--allow-empty", "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 0 and "warning: none of the 2 tensors is a quantized weight" in result.stderr
+    written = stored(tmp_path / "out.safetensors")
+    assert {n: bits(t) for n, t in written.items()} == {n: bits(t) for n, t in plain.items()}
+    folder, _, _ = fp8_dir
+    result = run("dequantize", folder, "-p", NORM, "-o", f"{tmp_path / 'fp8-out'}/")
+    assert result.exit_code == 2 and f"dequantize: '{NORM}' is not a quantized weight" in result.stderr
+    assert not (tmp_path / "fp8-out").exists()
+
+
 def test_health_of_a_plain_checkpoint_lists_no_quantization_rules(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({"w": torch.randn(8, 8)}, path)
@@ -211,7 +260,8 @@ def test_dequantize_dtype_computes_in_that_dtype_and_a_selection_keeps_the_rest(
     expected = dequantize(tensors[DOWN], tensors[DOWN + "_scale_inv"], torch.float32)
     assert written[DOWN].dtype == torch.float32 and bits(written[DOWN]) == bits(expected)
     assert bits(written[UP]) == bits(tensors[UP]) and bits(written[UP + "_scale_inv"]) == bits(tensors[UP + "_scale_inv"])
-    assert json.loads((out / "config.json").read_text())["quantization_config"] == FP8_CONFIG  # UP still needs it
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == {  # UP still needs it
+        **FP8_CONFIG, "modules_to_not_convert": [DOWN.removesuffix(".weight")]}  # DOWN's module is plain
 
 
 def test_dequantize_and_quantize_refuse_a_partial_group_and_write_nothing(request, tmp_path):

@@ -157,6 +157,96 @@ def test_an_mxfp4_part_without_its_partner_is_named(request, gpt_oss, tmp_path, 
     assert GATE_UP in names and DOWN not in names
 
 
+@pytest.mark.parametrize("args, kept", [(["--keep", "1,3"], [1, 3]), (["--drop", "2"], [0, 1, 3])])
+def test_experts_slices_the_mxfp4_parts_and_the_result_computes_the_kept_experts(gpt_oss_dir, tmp_path, args, kept):
+    """The kept experts' blocks and scales, byte for byte (still mxfp4, the config's quantization kept), which
+    transformers dequantizes to exactly the kept experts' values; its logits are the original's with the router
+    restricted to them."""
+    from layer_models import logits, restricted
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    folder, tensors = gpt_oss_dir
+    out = tmp_path / "pruned"
+    result = run("experts", folder, *args, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert "written as plain" not in result.stderr
+    got = stored(out / "model.safetensors")
+    for name in (GATE_UP, DOWN):
+        assert name not in got
+        for part in ("_blocks", "_scales"):
+            assert got[name + part].dtype == torch.uint8 and bits(got[name + part]) == bits(tensors[name + part][kept])
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == len(kept)
+    assert config["quantization_config"] == json.loads((folder / "config.json").read_text())["quantization_config"]
+
+    def load(path):
+        return GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True),
+                                                 dtype=torch.bfloat16).eval()
+
+    original, pruned = load(folder), load(out)
+    before, after = original.state_dict(), pruned.state_dict()
+    for name in (GATE_UP, DOWN):
+        assert bits(after[name]) == bits(before[name][kept]), name
+        assert bits(after[name]) == bits(mxfp4_reference(tensors[name + "_blocks"], tensors[name + "_scales"])[kept])
+    with torch.no_grad(), restricted(original, kept) as reference:
+        expected = logits(reference)
+        assert not torch.allclose(expected, logits(original))  # the restriction shows
+        torch.testing.assert_close(logits(pruned), expected, rtol=0, atol=0)
+
+
+def test_dequantizing_one_of_the_experts_two_weights_says_transformers_cannot_load_the_module(gpt_oss_dir, tmp_path):
+    """gpt-oss's experts module holds both: transformers quantizes a module as a whole."""
+    folder, _ = gpt_oss_dir
+    result = run("dequantize", folder, "-p", GATE_UP, "-o", f"{tmp_path / 'out'}/")
+    assert result.exit_code == 0, result.stderr
+    assert ("note: config.json: model.layers.0.mlp.experts holds plain and quantized weights at once, which"
+            " transformers cannot load (it quantizes a module as a whole); dequantize the others too") in result.stderr
+    listed = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert listed[-1] == "model.layers.0.mlp.experts"
+
+
+def test_a_layer_of_experts_dequantized_is_left_unconverted_and_loads_with_its_values(request, tmp_path):
+    """Two layers, the first's experts dequantized: modules_to_not_convert names that experts module, as
+    transformers' mxfp4 integration matches it (should_convert_module of '<mlp>.experts'), and the model loads
+    (dequantized on the CPU) with exactly the values the experts stand for."""
+    from transformers import GptOssConfig, GptOssForCausalLM, Mxfp4Config
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    config = GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["full_attention"] * 2)
+    torch.manual_seed(1)
+    state = GptOssForCausalLM(config).to(torch.bfloat16).state_dict()
+    tensors, values = {}, {}
+    for name, value in state.items():
+        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            tensors[name + "_blocks"], tensors[name + "_scales"] = mxfp4_quantize(value)
+            values[name] = mxfp4_reference(tensors[name + "_blocks"], tensors[name + "_scales"])
+        else:
+            tensors[name] = values[name] = value.contiguous()
+    folder = tmp_path / "gpt-oss"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    held = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": "bfloat16",
+                                                    "quantization_config": held}))
+    register_input(request, folder)
+    out = tmp_path / "out"
+    assert run("dequantize", folder, "-p", "model.layers.0.mlp.experts.*", "-o", f"{out}/") \
+        .exit_code == 0
+    listed = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert listed == [*held["modules_to_not_convert"], "model.layers.0.mlp.experts"]
+    assert not should_convert_module("model.layers.0.mlp.experts", listed)
+    assert should_convert_module("model.layers.1.mlp.experts", listed)
+    got = stored(out / "model.safetensors")
+    assert bits(got["model.layers.0.mlp.experts.down_proj"]) == bits(values["model.layers.0.mlp.experts.down_proj"])
+    assert bits(got["model.layers.1.mlp.experts.down_proj_blocks"]) == bits(
+        tensors["model.layers.1.mlp.experts.down_proj_blocks"])
+    loaded = GptOssForCausalLM.from_pretrained(out, quantization_config=Mxfp4Config(dequantize=True),
+                                               dtype=torch.bfloat16).eval()
+    assert all(bits(value) == bits(values[name]) for name, value in loaded.state_dict().items())
+
+
 FC1, FC2 = "model.layers.0.mlp.fc1", "model.layers.0.mlp.fc2"
 
 

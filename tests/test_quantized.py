@@ -142,3 +142,15 @@ def test_the_block_size_comes_from_the_config(tmp_path):
     tensor = formats.load(str(folder))["w.weight"]
     assert tensor.dtype.name == "float16" and tensor.params["block"] == [32, 32]
     assert bits(to_torch(tensor)) == bits(expected)
+
+
+@pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_float8_codes_widen_to_the_bits_torch_converts_them_to(codes, dtype):
+    from paramsurgeon.quant.widen import widen, widen_into
+
+    every = torch.arange(256, dtype=torch.uint8).view(codes).reshape(16, 16)  # NaN and infinities included
+    expected = bits(every.to(dtype))
+    assert bits(widen(every, dtype)) == expected
+    assert bits(widen_into(torch.empty(16, 16, dtype=dtype), every)) == expected
+    assert bits(widen_into(torch.empty(8, 16, dtype=dtype), every[8:])) == bits(every[8:].to(dtype))

@@ -215,6 +215,24 @@ def test_resume_writes_again_a_journaled_shard_that_no_longer_hashes_as_recorded
     assert files_of(out) == files_of(_local(folder, tmp_path / "whole"))
 
 
+def test_resume_discards_a_stray_file_of_the_staging_directory_that_the_journal_does_not_name(request, tmp_path):
+    folder = _big(request, tmp_path)
+    out = tmp_path / "out"
+    command = ["cast", folder, "--all", "--dtype", "bfloat16", "-o", out, "--workers", "1", "--resume"]
+    _kill_after(command, out, shards=2)
+    [staging] = _staging(out)
+    stray = [shard_names(24)[-1], "notes.txt"]  # a shard the journal has not recorded, and a file of no shard
+    for name in stray:
+        (tmp_path / staging / name).write_bytes(b"not written by this output")
+    result = run_process(*command)
+    assert result.returncode == 0, result.stderr
+    assert _staging(out) == [] and not (out / "notes.txt").exists()
+    assert files_of(out) == files_of(_local(folder, tmp_path / "whole"))
+    got, expected = read_all(out), read_all(folder)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[n], t.to(torch.bfloat16)) for n, t in expected.items())
+
+
 def test_resume_refuses_the_journal_of_another_output_and_keeps_it(request, tmp_path):
     folder = _big(request, tmp_path)
     out = tmp_path / "out"

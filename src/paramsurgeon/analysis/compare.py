@@ -242,7 +242,7 @@ def _measure(diff: TensorDiff, a: Tensor, b: Tensor, atol: float, rtol: float) -
     diff.max_abs, diff.max_rel, diff.mismatched = max_abs, max_rel, mismatched
 
 
-def _gap(ca: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _gap(ca, cb) -> tuple:
     """(|a-b|, |b|, where a value is infinite or NaN on one side only: None when all are finite).
     Equal infinities and NaN against NaN are a gap of 0; any other non-finite pair, inf."""
     import torch

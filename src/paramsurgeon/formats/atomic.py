@@ -167,7 +167,7 @@ def new_file(path: str, like: str | None = None) -> Iterator[Sink]:
         raise OutputError(f"cannot write '{like or path}': {e.strerror}") from e
     try:
         _keep_attributes(path, like)
-        sink = Sink(fd=fd, name=like or path)
+        sink = Sink(fd=fd, name=like or path, path=path)
         yield sink
         sink.flush()
     finally:

@@ -117,10 +117,12 @@ def _open_stdin() -> InputFile:
 
 class Sink:
     """A sequential output: small writes are buffered, spans of input files are copied
-    by the kernel when both ends are regular files, adjacent spans in one call."""
+    by the kernel when both ends are regular files, adjacent spans in one call. ``path``: the
+    file's own path, for a new regular file that other processes may open too (placed.py)."""
 
-    def __init__(self, stream: BinaryIO | None = None, fd: int | None = None, name: str = "<stdout>"):
-        self.stream, self.fd, self.name = stream, fd, name
+    def __init__(self, stream: BinaryIO | None = None, fd: int | None = None, name: str = "<stdout>",
+                 path: str | None = None):
+        self.stream, self.fd, self.name, self.path = stream, fd, name, path
         self.position = 0
         self._buffer = bytearray()
         self._pending: tuple[InputFile, int, int] | None = None  # a copy not yet made: source, offset, n
@@ -158,6 +160,19 @@ class Sink:
         self.position += n
         if self._pending[2] >= _WRITEBACK:
             self._copy_pending()
+
+    def skip(self, n: int) -> None:
+        """Leave ``n`` bytes of a regular file for another writer (placed.py) and go on after them."""
+        self.flush()
+        os.lseek(self.fd, n, os.SEEK_CUR)
+        self.position += n
+        self._out += n  # the ranges handed to writeback count the holes too
+
+    def start_writeback(self) -> None:
+        """Start writing to disk what is written and not yet on its way."""
+        if self._regular and _START_WRITEBACK is not None and self._out > self._synced:
+            _START_WRITEBACK(self.fd, self._start + self._synced, self._out - self._synced, 2)  # SYNC_FILE_RANGE_WRITE
+            self._synced = self._out
 
     def flush(self) -> None:
         if self._buffer:
@@ -205,9 +220,8 @@ class Sink:
     def _wrote(self, n: int) -> None:
         """Ask the kernel to start writing what is done, so that the closing fsync has little left."""
         self._out += n
-        if self._regular and _START_WRITEBACK is not None and self._out - self._synced >= _WRITEBACK:
-            _START_WRITEBACK(self.fd, self._start + self._synced, self._out - self._synced, 2)  # SYNC_FILE_RANGE_WRITE
-            self._synced = self._out
+        if self._out - self._synced >= _WRITEBACK:
+            self.start_writeback()
 
 
 def reproduces(path: str, write: Callable[[Sink], None]) -> bool:
@@ -234,6 +248,8 @@ class _Differs(Exception):
 
 class _Rehearsal:
     """A sink that writes nothing and raises _Differs where the output would depart from ``file``."""
+
+    path = None  # no file of its own for other processes to write
 
     def __init__(self, file: InputFile):
         self.file, self.position = file, 0

@@ -19,7 +19,7 @@ import io
 import pickle
 from typing import Any, BinaryIO, Callable
 
-from ..checkpoint.opaque import GlobalMeta, Opaque, placeholder
+from ..checkpoint.opaque import GlobalMeta, placeholder
 from ..errors import CorruptCheckpointError, OutputError, UnsafePickleError
 
 # torch's weights-only allowlist (torch._weights_only_unpickler._get_allowed_globals).

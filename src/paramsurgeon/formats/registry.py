@@ -86,17 +86,17 @@ def _legacy(file, head: bytes) -> bool:
     raise NotACheckpointError(f"{file.name}: a plain Python pickle, not a torch checkpoint")
 
 
-def _torch_writer(sink, path, progress, dedupe):
+def _torch_writer(sink, path, progress, dedupe, work):  # torch zip files are written in one process
     torchzip = _module("torchzip")
     return torchzip.Writer(sink, torchzip.archive_name(path), progress)
 
 
-def _gguf_writer(sink, path, progress, dedupe):
+def _gguf_writer(sink, path, progress, dedupe, work):  # so are GGUF files
     return _module("ggufwriter").Writer(sink, progress)
 
 
-def _safetensors_writer(sink, path, progress, dedupe):
-    return _module("safetensors").Writer(sink, dedupe=dedupe, progress=progress)
+def _safetensors_writer(sink, path, progress, dedupe, work):
+    return _module("safetensors").Writer(sink, dedupe=dedupe, progress=progress, work=work)
 
 
 FORMATS: tuple[Format, ...] = (

@@ -21,7 +21,9 @@ from ..checkpoint import Checkpoint, Storage, Tensor
 from ..checkpoint.contents import row_major
 from ..checkpoint.tensor import file_spans
 from ..errors import CorruptCheckpointError, NotACheckpointError
+from ..parallel import Work
 from ..parsing import parse_document
+from . import placed
 from .files import ALIGN, InputFile, Sink
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
@@ -303,26 +305,36 @@ def _aliases(tensors: dict[str, Tensor], group: list[str]) -> bool:
 
 class Writer:
     """One safetensors file on ``sink``: the checkpoint's tensors, its metadata, its ties
-    (written once with ``dedupe``); each tensor's bytes streamed after the header."""
+    (written once with ``dedupe``); each tensor's bytes streamed after the header, or, where
+    ``work`` has several processes for the values to compute, those computed by them at their
+    offsets (placed.py)."""
 
-    def __init__(self, sink: Sink, *, dedupe: bool = False, progress=None):
-        self.sink, self.dedupe, self.progress = sink, dedupe, progress
+    def __init__(self, sink: Sink, *, dedupe: bool = False, progress=None, work: Work = Work()):
+        self.sink, self.dedupe, self.progress, self.work = sink, dedupe, progress, work
 
     def write(self, ckpt: Checkpoint) -> None:
         entries, metadata = plan(ckpt, {"format": "pt", **ckpt.metadata}, self.dedupe)
         header, _ = header_bytes(entries, metadata)
         pieces, weights = _layout([tensor for _, tensor in entries])
         self.sink.write(_aligned(header, weights, self.sink.offset))
+        spread = placed.worth(self.sink, [p for p in pieces if type(p) is not tuple], self.work)
+        holes = []
         for piece in pieces:
             if type(piece) is tuple:
                 self.sink.copy(*piece)
                 nbytes = piece[2]
+            elif spread:
+                holes.append((self.sink.offset, piece))
+                self.sink.skip(piece.nbytes)
+                continue  # its progress when a worker has written it
             else:
                 write_tensor_bytes(piece, self.sink)
                 nbytes = piece.nbytes
             if self.progress is not None:
                 self.progress(nbytes)
         self.sink.flush()
+        if holes:
+            placed.fill(self.sink, holes, self.work, write_tensor_bytes, self.progress)
 
 
 SPAN_LIMIT = 64 << 20  # bytes per copied span, so that progress advances on large files

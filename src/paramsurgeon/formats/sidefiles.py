@@ -21,7 +21,6 @@ from typing import Callable
 
 from .. import quant
 from ..checkpoint import Checkpoint
-from ..checkpoint.quantized import Quantized
 from ..errors import ParamSurgeonError
 from ..parsing import parse_document
 from . import registry
@@ -31,6 +30,7 @@ from .files import is_url
 from .hfconfig import CONFIG, config_path
 from .inputs import Inputs
 from .places import dirname, is_dir, is_file, join, read_all
+from .quantconfig import REMOVED, quantization_changes, quantized
 from .reading import load
 from .sharded import checkpoint_files
 
@@ -47,9 +47,6 @@ EMBEDDINGS = (
     ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),  # BERT
     ("model.language_model.embed_tokens.weight", "lm_head.weight"),  # vision-language models
 )
-
-
-REMOVED = object()  # a key config_updates takes out of config.json
 
 
 def model_directory(ckpt: Checkpoint) -> str | None:
@@ -156,13 +153,20 @@ def _config_update(source: str, ckpt: Checkpoint, inputs: Inputs) -> tuple[str |
     return _dumps(_updated(config, changes), text), notes + [f"note: {CONFIG}: {shown}"]
 
 
-def _change(config: dict, key: str, value) -> str:
-    """'vocab_size 50257 -> 50304', 'quantization_config removed', 'quantization_config added (...)'."""
+def _change(config: dict, key: str, value, inner: bool = False) -> str:
+    """'vocab_size 50257 -> 50304', 'quantization_config removed', 'quantization_config added (...)',
+    'quantization_config.ignore added model.layers.0.mlp.down_proj' (a dict by its keys, a list by what it gained)."""
+    old = config.get(key)
     if value is REMOVED:
         return f"{key} removed"
+    if isinstance(value, dict) and isinstance(old, dict):
+        return ", ".join(f"{key}.{_change(old, k, v, True)}" for k, v in value.items() if k not in old or old[k] != v)
+    if inner and isinstance(value, list) and value[:len(old or [])] == (old or []):
+        added = [a if isinstance(a, str) else json.dumps(a) for a in value[len(old or []):]]
+        return f"{key} added {', '.join(added[:4])}" + (f" and {len(added) - 4} more" if len(added) > 4 else "")
     if key not in config:
         return f"{key} added ({json.dumps(value)})"
-    return f"{key} {json.dumps(config.get(key))} -> {json.dumps(value)}"
+    return f"{key} {json.dumps(old)} -> {json.dumps(value)}"
 
 
 def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dict, list[str]]:
@@ -171,19 +175,20 @@ def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dic
     ``vocab_size`` follows the input embedding's rows when it equalled them before; the
     ``tie_word_embeddings`` follows the tie of the output embedding to the input embedding
     when the surgery tied or untied them; ``quantization_config`` goes when no quantized weight is
-    left (dequantize) and is written for weights quantized anew (quantize). The shapes and ties
-    before the surgery are the input's as the command's loader read it (``inputs.as_read``); a
-    library save, which has no loader, reads the input's headers again.
+    left (dequantize), is written for weights quantized anew (quantize), and names the modules of
+    quantized weights written plain as unquantized (quantconfig). The shapes and ties before the
+    surgery are the input's as the command's loader read it (``inputs.as_read``); a library save,
+    which has no loader, reads the input's headers again.
     """
     pair = next((p for p in EMBEDDINGS if p[0] in after.tensors), None)
-    if pair is None and not (quant.quantization_config(config) or _quantized(after)):
+    if pair is None and not (quant.quantization_config(config) or quantized(after)):
         return {}, []
     before = inputs.as_read(after.path)
     try:
         before = load(after.path) if before is None else before
     except ParamSurgeonError as e:
         return {}, [f"note: {CONFIG} copied as it was: the input could not be read again to compare ({e})"]
-    changes, notes = _quantization(config, before, after), []
+    changes, notes = quantization_changes(config, before, after)
     if pair is None:
         return changes, notes
     embedding, head = pair
@@ -199,27 +204,6 @@ def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dic
     if tied[0] != tied[1] and config.get("tie_word_embeddings") is not tied[1]:
         changes["tie_word_embeddings"] = tied[1]
     return changes, notes
-
-
-def _quantization(config: dict, before: Checkpoint, after: Checkpoint) -> dict:
-    """``quantization_config`` removed when the surgery left no quantized weight of the input's
-    (dequantize), written when it quantized weights as the input held none (quantize)."""
-    if quant.quantization_config(config) and _quantized(before) and not _quantized(after) and not after.partial:
-        return {"quantization_config": REMOVED}
-    held = {_kind(t) for t in _quantized(before)}
-    made = [t for t in _quantized(after) if t.scheme.quantizes and _kind(t) not in held]
-    if made:
-        return {"quantization_config": made[0].scheme.quantization_config(made[0].params)}
-    return {}
-
-
-def _kind(tensor: Quantized) -> str:
-    return f"{tensor.scheme.name} {json.dumps(tensor.params, sort_keys=True)}"
-
-
-def _quantized(ckpt: Checkpoint) -> list[Quantized]:
-    """The quantized weights of ``ckpt``, also those a writer laid out as their parts."""
-    return list(ckpt.laid_out.values()) + [t for t in ckpt.tensors.values() if type(t) is Quantized]
 
 
 def _tied(ckpt: Checkpoint, embedding: str, head: str) -> bool:

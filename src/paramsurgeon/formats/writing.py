@@ -18,11 +18,12 @@ from ..parallel import Work
 from ..sizes import plural
 from . import registry, sharded, sidefiles
 from .atomic import output_file
-from .files import Sink, stdout_sink
+from .files import stdout_sink
 from .inputs import Inputs
 from .target import Target
 
 Progress = Callable[[int], None]
+FileWriter = Callable[..., "Writer"]  # (sink, path, progress[, work]) -> the Writer of one file
 
 
 class Writer(Protocol):
@@ -34,7 +35,8 @@ class Writer(Protocol):
 def save(ckpt: Checkpoint, target: Target, *, dedupe: bool = False, tensors_only: bool = False,
          progress: Progress | None = None, work: Work = Work(), resume: bool = False) -> list[str]:
     """Write ``ckpt`` to ``target``; nothing appears at the target unless the write completes.
-    A sharded output's shards are written by ``work``'s workers; with ``resume``, a journal lets
+    A sharded output's shards are written by ``work``'s workers, and so are the computed tensors
+    of one safetensors file (placed.py); with ``resume``, a journal lets
     a later run finish an interrupted write (journal.py). Returns notes on what a directory output
     carried from the input's (sidefiles.carry)."""
     return writer(target, dedupe=dedupe, progress=progress, work=work, resume=resume).write(
@@ -53,22 +55,23 @@ def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = 
         return sharded.Writer(target.path, target.family, file_writer, sidefiles.carry, target.inputs,
                               max_size=target.max_shard_size, dedupe=dedupe, progress=progress, work=work,
                               resume=resume)
-    return SingleFile(target.path, file_writer, target.inputs, progress)
+    return SingleFile(target.path, file_writer, target.inputs, progress, work)
 
 
 class SingleFile:
     """One file, at ``path`` (replaced atomically, or written through if it is a FIFO or a device;
-    atomic.output_file) or on standard output (``path`` None); never one of the command's ``inputs``."""
+    atomic.output_file) or on standard output (``path`` None); never one of the command's ``inputs``.
+    A regular file's format writer may spread its tensors over ``work``'s processes."""
 
-    def __init__(self, path: str | None, file_writer: Callable[[Sink, str | None, Progress | None], Writer],
-                 inputs: Inputs, progress: Progress | None = None):
-        self.path, self.file_writer, self.inputs, self.progress = path, file_writer, inputs, progress
+    def __init__(self, path: str | None, file_writer: FileWriter, inputs: Inputs, progress: Progress | None = None,
+                 work: Work = Work()):
+        self.path, self.file_writer, self.inputs, self.progress, self.work = path, file_writer, inputs, progress, work
 
     def write(self, ckpt: Checkpoint) -> list[str] | None:
         if self.path is not None:  # rewritten in place: the config.json beside it follows, as a directory's does
             config = sidefiles.config_beside(ckpt, self.path, self.inputs) if self.inputs.permits(self.path) else None
             with output_file(self.path, self.inputs) as sink:
-                self.file_writer(sink, self.path, self.progress).write(ckpt)
+                self.file_writer(sink, self.path, self.progress, self.work).write(ckpt)
             return config() if config else None
         try:
             self.file_writer(stdout_sink(), None, self.progress).write(ckpt)
@@ -79,9 +82,10 @@ class SingleFile:
                               " incomplete") from e
 
 
-def _file_writer(make: Callable[..., Writer], dedupe: bool) -> Callable[[Sink, str | None, Progress | None], Writer]:
-    """``make(sink, path, progress)``: the writer of one file of the format (a whole file, or a shard)."""
-    return lambda sink, path, progress: make(sink, path, progress, dedupe)
+def _file_writer(make: Callable[..., Writer], dedupe: bool) -> FileWriter:
+    """``make(sink, path, progress, work)``: the writer of one file of the format (a whole file, or a
+    shard, whose tensors are written in the shard's process: no ``work``)."""
+    return lambda sink, path, progress, work=Work(): make(sink, path, progress, dedupe, work)
 
 
 def writable(ckpt: Checkpoint, target: Target, tensors_only: bool = False) -> Checkpoint:

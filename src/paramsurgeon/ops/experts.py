@@ -1,14 +1,16 @@
 """experts: prune the experts of mixture-of-experts blocks. Per-expert tensors
 (``...experts.N.{w1,w2,w3,gate_proj,up_proj,down_proj}``) are renamed (bytes copied, not loaded),
-fused ones (a leading expert dimension) and the router's rows (its bias, ``e_score_correction_bias``)
-sliced the same way; the config's expert count follows."""
+fused ones (a leading expert dimension; gpt-oss's mxfp4 experts part by part) and the router's rows
+(its bias, ``e_score_correction_bias``) sliced the same way; the config's expert count follows."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
-from ..checkpoint import Checkpoint, Tensor
+from ..checkpoint import Checkpoint, Storage, Tensor
+from ..checkpoint.quantized import Quantized
 from ..checkpoint.blocks import find_blocks, parse_ranges
 from ..declare import option
 from ..errors import PlanError, SelectionError, UsageError
@@ -148,21 +150,35 @@ def moe_blocks(tensors: dict[str, Tensor]) -> list[MoE]:
 
 
 def _rows(name: str, tensor: Tensor, kept: list[int]) -> Change:
-    """``tensor`` with the rows (experts) ``kept`` of its first dimension, copied from its bytes."""
+    """``tensor`` with the rows (experts) ``kept`` of its first dimension, copied from its bytes; a quantized
+    one whose every part leads with the experts (gpt-oss's mxfp4) keeps its scheme, each part sliced."""
+    shape = (len(kept), *tensor.shape[1:])
+    change = Change([name], f"keep experts {_short(kept)}", shape, tensor.dtype.name, _kept(tensor, kept))
+    if type(tensor) is Quantized and tensor.scheme.expert_major:
+        parts = {role: Tensor(Storage(part.nbytes // part.shape[0] * len(kept), loader=_kept(part, kept)), part.dtype,
+                              (len(kept), *part.shape[1:])) for role, part in tensor.parts.items()}
+        sliced = Quantized(tensor.scheme, parts, shape, tensor.dtype, tensor.params)
+        change.compute, change.stored_as = sliced.dequantized, lambda plain: sliced
+    return change
+
+
+def _kept(tensor: Tensor, kept: list[int]) -> Callable:
+    """What computes the rows ``kept`` of ``tensor``'s first dimension: its bytes copied (torch's indexing
+    when they are not contiguous)."""
     per = tensor.nbytes // tensor.shape[0]
 
     def compute():
         data = tensor.contiguous_bytes()
         if data is None:
-            from ..checkpoint.values import torch_values
+            from ..checkpoint.values import to_torch
 
-            return torch_values(tensor)[kept].contiguous()
+            return to_torch(tensor)[kept].contiguous()
         out = bytearray(per * len(kept))
         for j, i in enumerate(kept):
             out[j * per:(j + 1) * per] = data[i * per:(i + 1) * per]
         return out
 
-    return Change([name], f"keep experts {_short(kept)}", (len(kept), *tensor.shape[1:]), tensor.dtype.name, compute)
+    return compute
 
 
 def _short(indices: list[int]) -> str:

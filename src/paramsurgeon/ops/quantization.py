@@ -4,6 +4,7 @@ DeepSeek's fp8-block layout). A group that does not make one (Checkpoint.partial
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ from .. import quant
 from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.quantized import Quantized
 from ..declare import REQUIRED, option
-from ..errors import PlanError, UnfitTensorError, UsageError
+from ..errors import PlanError, SelectionError, UnfitTensorError, UsageError
 from ..selection import Selection
 from ..sizes import plural
 from .plan import Change, Plan, names_list
@@ -29,6 +30,17 @@ def refuse_partial(ckpt: Checkpoint, names: list[str], command: str) -> None:
                         " read as values; drop the parts (drop -p NAME) or restore the missing ones")
 
 
+def refuse_unread(ckpt: Checkpoint, command: str, what: str) -> None:
+    """A PlanError when ``ckpt``'s config names a quant_method no scheme here reads (hqq, torchao, ...):
+    its stored tensors may be codes, not values, so ``command`` cannot do ``what`` (it would write them
+    unchanged, or change codes as if they were values)."""
+    method = quant.unread_method(ckpt.config)
+    if method is not None:
+        raise PlanError(f"{command}: config.json's quantization_config has quant_method {json.dumps(method)}, which"
+                        f" paramsurgeon does not read (it reads {', '.join(quant.METHODS)}): its stored tensors may be"
+                        f" codes and scales, not values, so {what}; nothing written")
+
+
 @dataclass(kw_only=True)
 class Dequantize(Selection, TiePolicy, Operation):
     """Write the selected (default every) quantized weight as a plain tensor, its parts dropped."""
@@ -44,9 +56,14 @@ class Dequantize(Selection, TiePolicy, Operation):
         self._target = cast_target(self.dtype) if self.dtype is not None else None
 
     def plan(self, ckpt: Checkpoint, sources: Sources) -> Plan:
+        refuse_unread(ckpt, "dequantize", "they cannot be dequantized here")
         names, warnings = self.choose(ckpt.tensors, ckpt.key)
         refuse_partial(ckpt, names, "dequantize")
         chosen = [n for n in names if type(ckpt[n]) is Quantized]
+        if not chosen and names:
+            warnings.append(_nothing_quantized(names, self.selector.narrows))
+            if not self.allow_empty:
+                raise SelectionError(f"dequantize: {warnings[-1]}; pass --allow-empty to go on anyway")
         target = self._target
 
         def change_for(unit: list[str], tensor: Tensor):
@@ -57,9 +74,7 @@ class Dequantize(Selection, TiePolicy, Operation):
 
         plan = value_plan("dequantize", f"dequantize{' to ' + self.dtype if self.dtype else ''}: {names_list(chosen)}",
                           ckpt, chosen, self, change_for)
-        if not chosen:
-            plan.notes.append("no quantized tensor among the selected ones; nothing to dequantize")
-        elif len(chosen) < len(names) and self.selector.narrows:
+        if chosen and len(chosen) < len(names) and self.selector.narrows:
             plan.notes.append(f"left {plural(len(names) - len(chosen), 'selected tensor')} that"
                               f" {'is' if len(names) - len(chosen) == 1 else 'are'} not quantized as they are")
         return with_warnings(plan, warnings)
@@ -87,6 +102,7 @@ class Quantize(Targets, TiePolicy, Operation):
         self._scheme, self._params = found, {"bits": 8, "block": _block(self.block)}
 
     def plan(self, ckpt: Checkpoint, sources: Sources) -> Plan:
+        refuse_unread(ckpt, "quantize", "they cannot be quantized anew")
         warnings: list[str] = []
         names = self.targets(ckpt, "quantize", warnings)
         refuse_partial(ckpt, names, "quantize")
@@ -115,6 +131,13 @@ class Quantize(Targets, TiePolicy, Operation):
             plan.notes.append(f"{plural(len(already), 'tensor')} {'is' if len(already) == 1 else 'are'} already"
                               f" {scheme.name} {_shown(params)}: {names_list(already)}")
         return with_warnings(plan, warnings)
+
+
+def _nothing_quantized(names: list[str], narrowed: bool) -> str:
+    """Why a dequantize would change nothing: none of the ``names`` chosen is a quantized weight."""
+    which = f"'{names[0]}' is not" if len(names) == 1 and narrowed else \
+        f"none of the {len(names):,} {'selected ' if narrowed else ''}tensors is"
+    return f"{which} a quantized weight ('paramsurgeon inspect' shows each one's scheme); nothing to dequantize"
 
 
 def _block(text: str | None) -> list[int]:

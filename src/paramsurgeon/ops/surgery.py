@@ -20,7 +20,7 @@ from ..parallel import Work
 from .optimizer import optimizer_notes
 from ..checkpoint.quantized import Quantized
 from .plan import Plan, apply, names_list
-from .quantization import refuse_partial
+from .quantization import refuse_partial, refuse_unread
 from .spec import Operation, Sources
 
 
@@ -99,8 +99,11 @@ def _plan(ckpt: Checkpoint, step: Step, sources: Sources) -> Plan:
 
 def quantized_groups(ckpt: Checkpoint, plan: Plan) -> Plan:
     """``plan``, refused when it changes the values of a part of a group that does not make one (it
-    would orphan its partner), with a note naming the quantized weights it writes as plain tensors."""
+    would orphan its partner) or of a checkpoint quantized by a method not read (its tensors may be
+    codes), with a note naming the quantized weights it writes as plain tensors."""
     changed = [(n, c) for c in plan.changes for n in c.names if n in ckpt.tensors]
+    if any(not c.same_values for _, c in changed):
+        refuse_unread(ckpt, plan.command, "they cannot be changed as values")
     refuse_partial(ckpt, [n for n, _ in changed], plan.command)
     plain = [n for n, c in changed if type(ckpt[n]) is Quantized and not (c.dequantizes or c.stored_as)
              and not ckpt[n].scheme.native]

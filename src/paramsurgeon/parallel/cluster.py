@@ -12,6 +12,7 @@ is the same whoever computes it.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import threading
@@ -113,7 +114,7 @@ def _finishing(client, futures: list, address: str) -> Iterator:
 def require() -> None:
     """A UsageError saying how to install Dask distributed, where it is missing."""
     try:
-        import distributed  # noqa: F401
+        importlib.import_module("distributed")
     except ImportError as e:
         raise UsageError("--scheduler runs the work on a Dask cluster, which needs Dask distributed:"
                          " pip install 'paramsurgeon[cluster]'") from e

@@ -70,6 +70,13 @@ def quantization_config(config: dict | None) -> dict:
     return found if isinstance(found, dict) else {}
 
 
+def unread_method(config: dict | None) -> str | None:
+    """The ``quant_method`` of ``config``'s quantization_config when no scheme here reads it (hqq,
+    torchao, ...): its stored tensors may be codes, not values. None otherwise."""
+    method = quantization_config(config).get("quant_method")
+    return None if method is None or method in METHODS else str(method)
+
+
 def config_dtype(config: dict | None) -> DType:
     """The dtype the model computes in: ``torch_dtype`` (or transformers 5's ``dtype``), else bfloat16."""
     named = (config.get("torch_dtype") or config.get("dtype")) if isinstance(config, dict) else None
@@ -82,8 +89,8 @@ def group(ckpt: Checkpoint, config: dict | None) -> Checkpoint:
     first part; stored tensors that belong to a group but do not make one stay as they are, each
     group named in ``ckpt.partial`` (and a note). Unchanged when no scheme finds anything."""
     container, quant = ckpt.container, quantization_config(config)
-    method = quant.get("quant_method")
-    if method is not None and method not in METHODS:
+    method = unread_method(config)
+    if method is not None:
         ckpt.notes.append(f"config.json: quantization_config's quant_method {json.dumps(method)} is not read (only"
                           f" {', '.join(METHODS)}): its tensors are listed as stored")
     found: list[tuple[Scheme, Group]] = []
@@ -138,4 +145,5 @@ def quantized(scheme: Scheme, source: Tensor, params: dict) -> Quantized:
     return Quantized(scheme, parts, source.shape, source.dtype, params)
 
 
-__all__ = ["NAMES", "SCHEMES", "Group", "Partial", "Scheme", "config_dtype", "find", "group", "quantized", "quantization_config"]
+__all__ = ["NAMES", "SCHEMES", "Group", "Partial", "Scheme", "config_dtype", "find", "group", "quantized", "quantization_config",
+           "unread_method"]

@@ -46,6 +46,9 @@ class Scheme:
     # inspect shows the type in that format's column, not as a scheme
     native: ClassVar[bool] = False
     scales: ClassVar[tuple[str, ...]] = ()  # the parts that hold scales (check --health's rule ``scale``)
+    # every part has the logical tensor's leading expert dimension, each expert quantized on its own (gpt-oss's
+    # fused experts): ``experts`` keeps experts by slicing every part along it
+    expert_major: ClassVar[bool] = False
 
     def layout_of(self, params: dict) -> dict:
         """``params`` without the ones that differ from weight to weight (``per_weight``)."""

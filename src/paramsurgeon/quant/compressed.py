@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 from .tiles import bands, grid, spread
+from .widen import widen
 
 METHOD = "compressed-tensors"
 FP4 = {"float8_e4m3fn": "nvfp4-pack-quantized", "uint8": "mxfp4-pack-quantized"}  # scale dtype -> format
@@ -118,7 +119,7 @@ def dequantize(tensor, codes, scale, zero, tile: tuple[int, int]):
     scale = scale.reshape(grid(tensor.shape, tile))
     zero = None if zero is None else zero.reshape(scale.shape)
     for start, stop in bands(tensor.shape, tile[0] if scale.shape[0] > 1 else 1):
-        values = codes(start, stop).to(scale.dtype)
+        values = widen(codes(start, stop), scale.dtype)
         if zero is not None:
             values = values - spread(zero, tile, start, stop, columns).to(scale.dtype)
         out[start:stop] = values * spread(scale, tile, start, stop, columns)

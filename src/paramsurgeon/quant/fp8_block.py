@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .base import Group, Partial, Scheme
 from .tiles import grid
+from .widen import widen_into
 
 SUFFIX = "_scale_inv"
 BLOCK = (128, 128)  # weight_block_size when the config gives none
@@ -63,7 +64,7 @@ class Fp8Block(Scheme):
         for start in range(0, rows, step):
             count = min(step, rows - start)
             band, tiles = work[:count * columns].view(count, columns), scale[start // bm:-(-(start + count) // bm)]
-            band.copy_(codes[start:start + count])
+            widen_into(band, codes[start:start + count])
             if count % bm == 0 and columns % bn == 0:  # whole tiles: each scale broadcast over its tile
                 band.view(count // bm, bm, columns // bn, bn).mul_(tiles[:, None, :, None])
             else:

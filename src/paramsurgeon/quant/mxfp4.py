@@ -20,6 +20,7 @@ class Mxfp4(Scheme):
     roles = ("codes", "scales")
     markers = ("_blocks", "_scales")
     methods = ("mxfp4",)
+    expert_major = True
 
     def part_name(self, name, role):
         return name + SUFFIXES[role]

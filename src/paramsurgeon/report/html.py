@@ -6,6 +6,7 @@ tensor moved."""
 from __future__ import annotations
 
 import html
+import importlib
 import io
 import math
 
@@ -33,7 +34,7 @@ _COLORS = {"conv": "#1f77b4", "linear": "#ff7f0e", "embedding": "#2ca02c", "batc
 def require_matplotlib() -> None:
     """Refuse early, with the fix, when the plotting library is not installed."""
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
     except ImportError:
         raise UsageError("report draws its charts with matplotlib, which is not installed; install it with"
                          " pip install 'paramsurgeon[report]' (or pip install matplotlib)") from None
