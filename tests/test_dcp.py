@@ -81,3 +81,19 @@ def test_dcp_output_replaces_a_dcp_directory_only(tmp_path, resnet_pt):
     refused = run("convert", resnet_pt, "-o", other, "--format", "dcp")
     assert refused.exit_code == 2 and "holds cat.jpg, which is not part of a DCP checkpoint" in refused.stderr
     assert (other / "cat.jpg").read_bytes() == b"meow"
+
+
+@pytest.mark.parametrize("output", ["weights/", "weights"])
+def test_dcp_input_with_format_safetensors_writes_a_safetensors_directory(tmp_path, resnet, output):
+    """--format safetensors asks for safetensors, whatever the input's format: a DCP input written to a
+    directory is a model directory holding model.safetensors, as a file input's directory output is."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+
+    state = {k: v.clone() for k, v in resnet.state_dict().items()}
+    dcp.save(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    result = run("convert", tmp_path / "dcp", "--format", "safetensors", "-o", str(tmp_path / output))
+    assert result.exit_code == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "weights")) == ["model.safetensors"]
+    with safe_open(tmp_path / "weights" / "model.safetensors", "pt") as f:
+        assert_same_state({k: f.get_tensor(k) for k in f.keys()}, resnet.state_dict(), ordered=False)

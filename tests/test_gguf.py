@@ -487,6 +487,30 @@ def test_gguf_is_written_only_from_a_gguf(tmp_path, resnet_pt):
     result = run("zero", resnet_pt, "-p", "fc.bias", "-o", out)
     assert result.exit_code == 2 and "GGUF is written from a GGUF input" in result.stderr
     assert not out.exists()
+    planned = run("zero", resnet_pt, "-p", "fc.bias", "-o", out, "--dry-run")  # refused before any work
+    assert planned.exit_code == 2 and "GGUF is written from a GGUF input" in planned.stderr
+
+
+def test_a_gguf_input_may_be_written_as_gguf(tmp_path, llama_gguf):
+    result = run("zero", llama_gguf, "-p", "output_norm.weight", "--format", "npz", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and result.stderr.endswith("--format npz: expected pt, safetensors, dcp or gguf\n")
+
+
+def test_a_gguf_typed_tensor_in_another_checkpoint_is_written_plain(tmp_path, llama_gguf, resnet_pt):
+    """GGUF's types are a native scheme: no other format lays their blocks out, so a GGUF tensor
+    put into a torch checkpoint is written dequantized (its dtype, float32), never as raw blocks."""
+    import paramsurgeon as ps
+    from safetensors.torch import load_file
+
+    ckpt, source = ps.load(str(resnet_pt)), ps.load(str(llama_gguf))
+    ckpt["embedding"] = source.tensors["token_embd.weight"]  # Q8_0
+    for name in ("out.safetensors", "out.pt"):
+        ps.save(ckpt, str(tmp_path / name))
+    kind, shape, values = reference(llama_gguf)["token_embd.weight"]
+    for written in (load_file(tmp_path / "out.safetensors"), torch.load(tmp_path / "out.pt", weights_only=True)):
+        assert kind == "Q8_0" and written["embedding"].dtype == torch.float32
+        assert torch.equal(written["embedding"], torch.from_numpy(values).reshape(shape))
+        assert torch.equal(written["fc.weight"], torch.load(resnet_pt, weights_only=True)["fc.weight"])
 
 
 def test_convert_memory_does_not_grow_with_the_largest_tensor(request, tmp_path, llama_gguf):

@@ -160,3 +160,33 @@ def test_a_dcp_output_carries_no_side_files(llama_dir, tmp_path):
     result = run("convert", llama_dir, "--format", "dcp", "-o", out)
     assert result.exit_code == 0, result.stderr
     assert ".metadata" in os.listdir(out) and not {"config.json", *TOKENIZER_FILES} & set(os.listdir(out))
+
+
+@pytest.mark.parametrize("surgery, key, value", [
+    (["resize", "-p", "model.embed_tokens.weight", "-p", "lm_head.weight", "--size", "104"], "vocab_size", 104),
+    (["tie", "--source", "model.embed_tokens.weight", "--target", "lm_head.weight"], "tie_word_embeddings", True),
+])
+def test_config_of_a_bin_that_needs_a_global_is_updated_as_a_safetensors_directorys(request, tmp_path, surgery, key,
+                                                                                      value):
+    """The input is compared with the result as the command's loader read it (--allow-global), not
+    opened again without the command's options: config.json is updated as for model.safetensors."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    model, outputs = llama(), {}
+    for weights in ("pytorch_model.bin", "model.safetensors"):
+        folder = tmp_path / weights
+        model.config.save_pretrained(folder)
+        state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        if weights.endswith(".bin"):
+            torch.save({**state, "args": argparse.Namespace(lr=0.1)}, folder / weights)  # a training script's args
+        else:
+            save_file(state, folder / weights)
+        register_input(request, str(folder))
+        outputs[weights] = out = tmp_path / f"out-{weights}"
+        result = run(surgery[0], folder, *surgery[1:], "--allow-global", "argparse.Namespace", "--tensors-only",
+                     "-o", f"{out}/")
+        assert result.exit_code == 0 and "copied as it was" not in result.stderr, result.stderr
+    assert read(outputs["pytorch_model.bin"] / "config.json") == read(outputs["model.safetensors"] / "config.json")
+    assert getattr(load_model(outputs["pytorch_model.bin"]).config, key) == value

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp8_reference import BLOCK, dequantize, quantize
-from helpers import SAMPLES, bits, json_of, register_input, run
+from helpers import SAMPLES, bits, json_of, register_input, run, run_on_terminal, run_process
 
 DOWN, UP, NORM = "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
@@ -141,6 +141,20 @@ def test_a_quant_method_not_read_is_named_not_passed_over(request, tmp_path):
     assert ('config.json: quantization_config\'s quant_method "hqq" is not read (only fp8, compressed-tensors,'
             " bitsandbytes, gptq, awq, mxfp4, modelopt, modelopt_fp4): its tensors are listed as stored") \
         in document["notes"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--hist"], ["--tree"], ["--workers", "2"]])
+def test_a_checkpoints_note_is_shown_once_on_a_terminal(request, tmp_path, flags):
+    """What reading the checkpoint noted is a note on stderr, shown as it is opened; the table on
+    stdout does not repeat it (on a terminal the two streams are one screen)."""
+    folder = register_input(request, fp8_folder(tmp_path / "hqq", {"w.W_q": torch.zeros(8, 4, dtype=torch.uint8),
+                                                                   "w.scale": torch.ones(8, 1)},
+                                                {"quantization_config": {"quant_method": "hqq", "nbits": 4}}))
+    note = b'quant_method "hqq" is not read'
+    code, shown, _ = run_on_terminal("inspect", folder, *flags)
+    assert code == 0 and shown.count(note) == 1, shown.decode()
+    piped = run_process("inspect", folder, *flags)
+    assert note not in piped.stdout and piped.stderr.count(note) == 1, piped.stderr
 
 
 @pytest.mark.parametrize("method", ["hqq", "torchao", "eetq"])

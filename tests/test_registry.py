@@ -40,11 +40,12 @@ def test_a_read_only_format_is_read_but_never_written(tmp_path, fake_format, res
     before = path.read_bytes()
 
     assert json.loads(run("inspect", path, "--json").stdout)["format"] == "fake"
-    for args in (["-o", tmp_path / "out"], ["-o", tmp_path / "dir/"], ["--in-place"], []):
+    for args in (["-o", tmp_path / "out"], ["-o", tmp_path / "dir/"], ["-o", tmp_path / "x.npz"], ["--in-place"], []):
         result = run("zero", path, "-p", "fc.bias", *args)
         assert result.exit_code == 2, result.stderr
         assert "reads fake test checkpoints but does not write them" in result.stderr
-        assert f"--format {registry.format_choices()}" in result.stderr and "Traceback" not in result.stderr
+        assert "--format pt|safetensors|dcp, or an output named .pt or .safetensors\n" in result.stderr
+        assert "Traceback" not in result.stderr
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.fake"]
 
     out = tmp_path / "out.safetensors"  # a writable format named by the output is written
@@ -104,3 +105,22 @@ def test_a_directory_format_refuses_shards_by_the_registry_name_of_its_checkpoin
     assert result.exit_code == 2 and not (tmp_path / "out").exists()
     assert result.stderr == ("paramsurgeon: error: --max-shard-size writes a Hugging Face sharded directory, not a DCP"
                              " checkpoint; drop one of them\n")
+
+
+def test_the_formats_a_refusal_lists_are_those_that_write_the_input(tmp_path, fake_format, resnet):
+    """Each format the refusal suggests writes the checkpoint (read back by torch, safetensors and DCP);
+    GGUF, written only from a GGUF input, is not suggested, and refuses it."""
+    import torch.distributed.checkpoint as dcp
+
+    path = tmp_path / "model.fake"
+    save_file(resnet.state_dict(), path)
+    refused = run("zero", path, "-p", "fc.bias", "--format", "npz", "-o", tmp_path / "out")
+    assert refused.exit_code == 2 and refused.stderr.endswith(": error: --format npz: expected pt, safetensors or dcp\n")
+    for fmt in ("pt", "safetensors", "dcp"):
+        assert run("zero", path, "-p", "fc.bias", "--format", fmt, "-o", tmp_path / fmt).exit_code == 0
+    assert torch.equal(torch.load(tmp_path / "pt", weights_only=True)["fc.weight"], resnet.fc.weight)
+    assert torch.equal(load_file(tmp_path / "safetensors")["fc.weight"], resnet.fc.weight)
+    assert "fc.weight" in dcp.FileSystemReader(tmp_path / "dcp").read_metadata().state_dict_metadata
+    gguf = run("zero", path, "-p", "fc.bias", "--format", "gguf", "--dry-run", "-o", tmp_path / "out.gguf")
+    assert gguf.exit_code == 2 and "GGUF is written from a GGUF input" in gguf.stderr
+    assert gguf.stderr.endswith("is fake: write it as .pt or .safetensors\n")

@@ -544,3 +544,34 @@ def test_a_token_in_huggingface_hubs_token_file_is_sent_to_the_hub(fresh, tmp_pa
     fresh.reset()
     got = run_process("inspect", "--no-stats", "hf://org/model", env={"HF_TOKEN_PATH": str(tmp_path / "none")})
     assert got.returncode == 2 and b"HF_TOKEN" in got.stderr, got.stderr
+
+
+def test_a_presigned_urls_signature_is_never_shown(fresh, tmp_path):
+    """The query of a presigned address is a secret: errors, notes, results, a report page and the
+    operations history an output records name the URL without it."""
+    from safetensors import safe_open
+
+    fresh.signed = "s3cr3t"
+    query = "X-Amz-Credential=AKIA0SECRET/20261206/us-east-1/s3/aws4_request&X-Amz-Signature=f00d&sig=s3cr3t"
+    folder = f"{fresh.url}/files/model"
+    index = f"{folder}/model.safetensors.index.json"
+    secrets = ("s3cr3t", "AKIA0SECRET", "f00d")
+    denied = run("inspect", f"{index}?X-Amz-Signature=f00d")
+    _one_line_error(denied, f"{index}?…: access denied (HTTP 403)")
+    missing = run("inspect", f"{folder}/nothing.safetensors?{query}")
+    _one_line_error(missing, f"{folder}/nothing.safetensors?…: not found")
+    shown = run("inspect", "--no-stats", f"{index}?{query}")
+    assert shown.exit_code == 0 and shown.stdout.startswith(f"{index}?…: sharded safetensors"), shown.stdout
+    assert json.loads(run("inspect", "--json", "--no-stats", f"{index}?{query}").stdout)["source"] == f"{index}?…"
+    written = run("zero", f"{index}?{query}", "-p", "model.layers.0.weight", "-o", tmp_path / "out/")
+    assert written.exit_code == 0 and f"carried from {folder}?… (a remote input)" in written.stderr, written.stderr
+    save_file({"model.layers.0.weight": torch.zeros(*BIG)}, tmp_path / "zeros.safetensors")
+    copied = run("copy", tmp_path / "zeros.safetensors", "--source", f"{index}?{query}", "-o", tmp_path / "c.safetensors")
+    assert copied.exit_code == 0, copied.stderr
+    with safe_open(tmp_path / "c.safetensors", "pt") as f:
+        history = json.loads(f.metadata()["paramsurgeon.operations"])
+    assert history == [f"copy from {index}?…: model.layers.0.weight->model.layers.0.weight"]
+    assert run("report", f"{index}?{query}", "-o", tmp_path / "page.html").exit_code == 0
+    everything = [r.stdout + r.stderr for r in (denied, missing, shown, written, copied)] + [
+        (tmp_path / "page.html").read_text(), (tmp_path / "out" / "model.safetensors.index.json").read_text()]
+    assert not [s for s in secrets for text in everything if s in text]

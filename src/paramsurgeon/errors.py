@@ -20,6 +20,8 @@ stderr and the exit code.
 
 from __future__ import annotations
 
+from .redaction import redacted
+
 
 class ParamSurgeonError(Exception):
     """Base class: a user-facing error with a one-line message."""
@@ -35,7 +37,7 @@ class ParamSurgeonError(Exception):
         return self
 
     def __str__(self) -> str:
-        return ": ".join((*self.where, super().__str__()))
+        return redacted(": ".join((*self.where, super().__str__())))  # a URL's query is a secret
 
 
 class UsageError(ParamSurgeonError):

@@ -42,6 +42,10 @@ class Row:
 
 @dataclass
 class Inspection:
+    """What inspect found. ``read_notes`` are the checkpoint's own (what reading it noted: a
+    quant_method not read, a partial group, an alias), which a command shows as it opens the
+    checkpoint; ``notes`` are inspect's (a device, a type without values)."""
+
     source: str
     format: str
     key: str | None
@@ -52,6 +56,7 @@ class Inspection:
     metadata: dict[str, str]
     notes: list[str]
     stats: bool
+    read_notes: list[str] = field(default_factory=list)
     tree: dict | None = None
     blocks: list[dict] | None = None  # with the tree: the repeated blocks, {"prefix", "count"}
 
@@ -73,7 +78,7 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     rows = list(map(Row, names, map(_SHAPE, chosen), map(_DTYPE, chosen), map(_NUMEL, chosen), map(_NBYTES, chosen),
                     map(_LAYER, found), map(_ROLE, found), map(_LOCATION, chosen),
                     [tied_with.get(n, []) for n in names] if tied_with else [[] for _ in names]))
-    notes = list(ckpt.notes) + _device_notes(ckpt) + _gguf_types(ckpt, rows, chosen, stats or hashes)
+    notes = _device_notes(ckpt) + _gguf_types(ckpt, rows, chosen, stats or hashes)
     if Quantized in set(map(type, chosen)):  # a pass in C when there is none
         for row, tensor in zip(rows, chosen):
             if type(tensor) is Quantized:
@@ -92,7 +97,7 @@ def inspect(ckpt: Checkpoint, names: Iterable[str], *, stats: bool = True, hashe
     return Inspection(
         source=ckpt.source, format=ckpt.format, key=".".join(map(str, ckpt.key)) or None, rows=rows,
         ties=relevant_ties, totals=totals(rows, relevant_ties), extras=extras(ckpt), metadata=dict(ckpt.metadata),
-        notes=notes, stats=stats, tree=module_tree(rows, relevant_ties) if tree else None,
+        notes=notes, read_notes=list(ckpt.notes), stats=stats, tree=module_tree(rows, relevant_ties) if tree else None,
         blocks=[{"prefix": p, "count": max(found) + 1} for p, found in candidates(names).items()] if tree else None)
 
 

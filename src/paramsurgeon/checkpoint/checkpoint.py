@@ -28,7 +28,9 @@ class Checkpoint:
     tensors that belong to a quantized group but do not make one (quant.group), each with why.
     ``config`` is the model config read beside it, changed by operations that change what it
     describes (the layer count); never changed in place.
-    ``layout`` is what the format's own writer needs beside the tensors (None for most formats).
+    ``layout`` is what the format's own writer needs beside the tensors (None for most formats);
+    its ``keys`` name the metadata that is that format's own (GGUF's key-values), which a write in
+    another format leaves out with the layout.
     ``made`` holds files a directory output gets beside the weights that the command made, by name
     (convert --names hf of a GGUF: config.json).
     """

@@ -36,6 +36,12 @@ class Quantized(Tensor):
         """The values: a torch tensor of ``dtype`` and ``shape``, computed from the parts."""
         return self.scheme.dequantize(self)
 
+    def plain(self) -> Tensor:
+        """A plain tensor of this one's dtype, shape and values (computed when read, a few MiB at a
+        time where the scheme gives them so: ``Scheme.pieces``)."""
+        return Tensor(Streamed(self.storage.nbytes, self.dequantized, lambda: self.scheme.pieces(self)), self.dtype,
+                      self.shape)
+
     def part_names(self, name: str) -> dict[str, str]:
         """Role -> the name each part is stored under when the logical tensor is called ``name``."""
         return {role: self.scheme.part_name(name, role) for role in self.parts}
@@ -54,6 +60,17 @@ class Quantized(Tensor):
 
     def __repr__(self) -> str:
         return f"Quantized({list(self.shape)}, {self.scheme.name}, {self.dtype.name})"
+
+
+class Streamed(Storage):
+    """Values computed when read that a writer may also take a few MiB at a time: ``pieces()``
+    gives their bytes in order, or None when they come whole."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, nbytes: int, loader, pieces):
+        super().__init__(nbytes, loader=loader)
+        self.pieces = pieces
 
 
 def stored(container: dict) -> dict | None:

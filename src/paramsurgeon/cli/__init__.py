@@ -84,9 +84,10 @@ def _fail(message: str, code: int, debug: bool) -> int:
         import traceback
 
         traceback.print_exc()
+    from ..redaction import redacted
     from ..report.escape import printable
 
-    sys.stderr.write(f"paramsurgeon: error: {printable(message)}\n")
+    sys.stderr.write(f"paramsurgeon: error: {printable(redacted(message))}\n")
     return code
 
 

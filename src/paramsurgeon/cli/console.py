@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 from .. import formats
 from ..checkpoint import Checkpoint
 from ..errors import OutputError, UsageError
+from ..redaction import redacted
 from ..report.escape import printable
 from ..selection import Selection
 from .options import Read
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 def note(message: str) -> None:
     """A note, warning or summary line: standard error, never the results."""
-    sys.stderr.write(printable(message) + "\n")
+    sys.stderr.write(printable(redacted(message)) + "\n")
     sys.stderr.flush()
 
 
@@ -41,12 +42,13 @@ def terminal_width() -> Optional[int]:
 
 def emit(text: str | bytes) -> None:
     """Write a result to standard output as rendered (report/ escaped what came from the file
-    before styling it); a failed write (a full disk, a device error) is an OutputError."""
+    before styling it; a URL's query hidden); a failed write (a full disk, a device error) is an
+    OutputError."""
     try:
         if isinstance(text, bytes):
             sys.stdout.buffer.write(text)
         else:
-            sys.stdout.write(text)
+            sys.stdout.write(redacted(text))
         sys.stdout.flush()
     except BrokenPipeError:
         raise  # the reader went away: the command ends quietly

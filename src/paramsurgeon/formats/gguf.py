@@ -61,14 +61,16 @@ class Field(str):
 @dataclass
 class Layout:
     """What a GGUF writer carries over that the tensors do not say: the version, the alignment,
-    and the GGML type each tensor had in the input (a changed tensor is requantized to it); and
+    and the GGML type each tensor had in the input (a changed tensor is requantized to it);
     ``unquantized``, the dtype a changed tensor of a type gguf cannot quantize is stored as
-    (surgery's --dtype; None: refused)."""
+    (surgery's --dtype; None: refused); ``keys``, the metadata that is the file's key-value
+    entries (Checkpoint.layout: written again only in GGUF)."""
 
     version: int
     alignment: int
     types: dict[str, str] = field(default_factory=dict)
     unquantized: Any = None
+    keys: tuple[str, ...] = ()
 
 
 def read(file: InputFile) -> Checkpoint:
@@ -84,7 +86,7 @@ def read(file: InputFile) -> Checkpoint:
     alignment = _alignment(file, metadata)
     infos = [_tensor_info(cursor) for _ in range(tensor_count)]
     start = cursor.position + (-cursor.position) % alignment
-    tensors, layout = {}, Layout(version, alignment)
+    tensors, layout = {}, Layout(version, alignment, keys=tuple(metadata))
     for name, shape, kind, offset in infos:
         if name in tensors:
             raise CorruptCheckpointError(f"{file.name}: tensor '{name}' appears twice")

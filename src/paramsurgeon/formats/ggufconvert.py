@@ -14,7 +14,7 @@ from ..checkpoint import Checkpoint, Storage, Tensor
 from ..checkpoint.quantized import Quantized, refuse_valueless
 from ..dtypes import DType
 from ..errors import UsageError
-from .gguf import Field, Layout
+from .gguf import Layout
 from .hfconfig import CONFIG
 
 HF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -35,13 +35,13 @@ def is_gguf(ckpt: Checkpoint) -> bool:
 
 
 def plain(ckpt: Checkpoint, names: list[str] | None = None, dtype: DType | None = None,
-          hf: bool = False, doing: str = "convert") -> Checkpoint:
+          hf: bool = False) -> Checkpoint:
     """``ckpt``'s tensors ``names`` (default all) as plain tensors of ``dtype`` (default: a plain
     type's own dtype, float32 for a quantized one), without the GGUF metadata; with ``hf``, under
     Hugging Face names with q/k un-permuted, with the config.json a directory output gets (``made``)."""
     tensors = ckpt.tensors
     names = list(tensors) if names is None else names
-    refuse_valueless(tensors, names, doing)
+    refuse_valueless(tensors, names, "convert")
     heads = _heads(ckpt) if hf else None
     renamed = _hf_names(ckpt, names) if hf else dict(zip(names, names))
     converted = {}
@@ -49,19 +49,8 @@ def plain(ckpt: Checkpoint, names: list[str] | None = None, dtype: DType | None 
         unpermute = heads.get(name.rsplit(".", 2)[-2]) if hf else None
         converted[renamed[name]] = _plain(tensors[name], dtype, unpermute)
     made = {CONFIG: (json.dumps(_config(ckpt, converted, dtype), indent=2) + "\n").encode()} if hf else {}
-    metadata = {k: v for k, v in ckpt.metadata.items() if not isinstance(v, Field)}
+    metadata = {k: v for k, v in ckpt.metadata.items() if k not in ckpt.layout.keys}
     return dataclasses.replace(ckpt.with_container(converted), metadata=metadata, layout=None, made=made)
-
-
-class _Streamed(Storage):
-    """New values that can also be had a few MiB at a time (``pieces``: a function giving their bytes
-    in order), so that a writer need not hold a whole dequantized tensor."""
-
-    __slots__ = ("pieces",)
-
-    def __init__(self, nbytes: int, loader, pieces):
-        super().__init__(nbytes, loader=loader)
-        self.pieces = pieces
 
 
 def _plain(tensor: Tensor, dtype: DType | None, heads: int | None) -> Tensor:
@@ -70,6 +59,8 @@ def _plain(tensor: Tensor, dtype: DType | None, heads: int | None) -> Tensor:
     if not quantized and wanted == tensor.dtype and heads is None:
         return tensor  # copied exactly
     source = Quantized(tensor.scheme, tensor.parts, tensor.shape, wanted, tensor.params) if quantized else tensor
+    if quantized and not heads:
+        return source.plain()  # streamed a few MiB of rows at a time
 
     def values():
         from ..checkpoint.values import to_torch
@@ -78,17 +69,7 @@ def _plain(tensor: Tensor, dtype: DType | None, heads: int | None) -> Tensor:
         result = source.dequantized() if quantized else to_torch(tensor).to(torch_dtype(wanted))
         return _unpermute(result, heads) if heads else result
 
-    def pieces():
-        from ..checkpoint.tensor import memory_of
-        from ..quant.gguf_types import dequantized_rows
-
-        for piece in dequantized_rows(source):
-            yield memory_of(piece.contiguous())
-
-    nbytes = tensor.numel * wanted.itemsize
-    if quantized and not heads:
-        return Tensor(_Streamed(nbytes, values, pieces), wanted, tensor.shape)
-    return Tensor(Storage(nbytes, loader=values), wanted, tensor.shape)
+    return Tensor(Storage(tensor.numel * wanted.itemsize, loader=values), wanted, tensor.shape)
 
 
 def _unpermute(values, heads: int):

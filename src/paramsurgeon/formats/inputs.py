@@ -6,13 +6,20 @@ role the user gave it. The writers take the record with their target (``Target.i
 ``refuse_overwrite`` refuses an output that is an input (the same file by any path or hard
 link), lies inside an input directory, or is a directory holding an input. A library save,
 which has no loader, is checked against the checkpoint's own file (target.resolve_target).
+The record also keeps each checkpoint as the loader read it (``as_read``), for a write that
+compares its result with its input (sidefiles: config.json) without opening it again.
 """
 
 from __future__ import annotations
 
 import os
 
+from typing import TYPE_CHECKING
+
 from ..errors import OutputError
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
 
 
 class Inputs:
@@ -23,6 +30,7 @@ class Inputs:
         self.opened: dict[str, str | None] = {}
         self.permitted: set[str] = set()  # real paths
         self.standard_input = False  # whether one input is read from standard input
+        self.read: dict[str, Checkpoint] = {}  # path -> the checkpoint first read there, as read
 
     def record(self, path: str | None, role: str | None = None) -> None:
         """``path`` is an input of the command; ``role`` names it ('--source', 'merge input 2').
@@ -31,6 +39,16 @@ class Inputs:
             self.standard_input = True
         elif self.opened.get(path) is None:
             self.opened[path] = role
+
+    def keep(self, path: str, ckpt: Checkpoint) -> None:
+        """``ckpt`` is the checkpoint read at ``path``, before any operation (the first one kept;
+        a copy of its mapping of tensors, which operations then change in the one they are given)."""
+        if path not in self.read:
+            self.read[path] = ckpt.with_container(dict(ckpt.container))
+
+    def as_read(self, path: str | None) -> Checkpoint | None:
+        """The checkpoint read at ``path`` as it was read, if this command's loader read it."""
+        return self.read.get(path) if path is not None else None
 
     def role(self, path: str) -> str | None:
         """The role ``path`` was recorded with."""

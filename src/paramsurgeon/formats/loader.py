@@ -46,6 +46,8 @@ class Loader:
         self.inputs.record(path, role)
         if (path, key) not in self.opened:
             ckpt = self.opened[path, key] = self._open(path, key)
+            if path not in (None, "-"):
+                self.inputs.keep(path, ckpt)  # what a write compares its result with (sidefiles)
             if registry.get(ckpt.format).sharded:  # an index names its directory: every shard is an input
                 self.inputs.record(dirname(ckpt.source) or ".", self.inputs.role(path))
         return self.opened[path, key]

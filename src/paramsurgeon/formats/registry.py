@@ -36,6 +36,8 @@ class Format:
     when "a {display} checkpoint" would not do. ``in_place_note``: what --in-place says when it
     rewrites an input of this format in its family's.
     ``quantized``: the writer is handed quantized tensors whole, not laid out as their stored parts.
+    ``own_input``: why the writer writes only a checkpoint read from this format, with the layout
+    its reader recorded (``Checkpoint.layout``); '': it writes any checkpoint.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Format:
     noun: str = ""
     in_place_note: str = ""
     quantized: bool = False  # the writer stores quantized tensors whole (GGUF's types), not as their parts
+    own_input: str = ""  # why only a checkpoint read from this format is written in it ('': any is)
 
     @property
     def a_checkpoint(self) -> str:
@@ -111,7 +114,8 @@ FORMATS: tuple[Format, ...] = (
            lambda path, inputs: _module("dcp").Writer(path, inputs), directory=True, nested=True,
            owns=lambda name: _module("dcp").is_own_file(name), noun="a DCP checkpoint"),
     Format("gguf", "gguf", "GGUF", (".gguf",), lambda file, head: _module("gguf").looks_like(head),
-           _reads("gguf", options=False), _gguf_writer, quantized=True),
+           _reads("gguf", options=False), _gguf_writer, quantized=True,
+           own_input="its metadata tells llama.cpp how to run the model"),
 )
 _BY_NAME = {f.name: f for f in FORMATS}
 
@@ -131,14 +135,24 @@ def sniffers(directory: bool) -> list[Format]:
     return [f for f in FORMATS if f.sniff and f.reader and f.directory == directory]
 
 
-def writable() -> dict[str, str]:
-    """--format's values: each name (and alias) of a format with a writer -> that format's name."""
-    return {alias: f.name for f in FORMATS if f.writer for alias in (f.aliases + (f.name,))}
+def writable(ckpt=None) -> dict[str, str]:
+    """--format's values: each name (and alias) of a format that writes ``ckpt`` (None: of a format
+    with a writer) -> that format's name."""
+    return {alias: f.name for f in FORMATS if _writes(f, ckpt) for alias in (f.aliases + (f.name,))}
 
 
-def format_choices() -> str:
-    """--format's values as the help shows them ('pt|safetensors|dcp'): each writer's first name."""
-    return "|".join((f.aliases + (f.name,))[0] for f in FORMATS if f.writer)
+def format_choices(ckpt=None) -> str:
+    """--format's values as the help shows them ('pt|safetensors|dcp'): the first name of each format
+    that writes ``ckpt`` (None: of each writer)."""
+    return "|".join((f.aliases + (f.name,))[0] for f in FORMATS if _writes(f, ckpt))
+
+
+def _writes(fmt: Format, ckpt) -> bool:
+    """Whether ``fmt`` writes ``ckpt`` (None: has a writer): a format with ``own_input`` writes only a
+    checkpoint read from one, as its reader left it (with its layout)."""
+    if fmt.writer is None or ckpt is None or not fmt.own_input:
+        return fmt.writer is not None
+    return ckpt.layout is not None and get(ckpt.format).family == fmt.family
 
 
 def by_extension(name: str) -> str | None:
@@ -178,14 +192,20 @@ def sharded_of(family: str) -> str | None:
     return next((f.name for f in FORMATS if f.sharded and f.family == family), None)
 
 
-def writer_of(family: str, doing: str) -> Callable[..., Any]:
-    """The writer of ``family``; refuses a format paramsurgeon only reads (``doing``: '-o PATH',
-    '--in-place' or 'standard output')."""
+def writer_of(family: str, doing: str, ckpt=None) -> Callable[..., Any]:
+    """The writer of ``family``; refuses a format paramsurgeon only reads, and one that does not
+    write ``ckpt`` (``doing``: '-o PATH', '--in-place' or 'standard output'). The formats a refusal
+    suggests are those that write ``ckpt``."""
     fmt = get(family)
-    if fmt.writer is None:
-        named = " or ".join(f.extensions[0] for f in FORMATS if f.writer and f.extensions)
-        fix = f"pass --format {format_choices()}, or an output named {named}"
-        if doing == "--in-place":
-            fix = f"write the result elsewhere: -o PATH with --format {format_choices()}, or an output named {named}"
-        raise UsageError(f"{doing}: paramsurgeon reads {fmt.display} checkpoints but does not write them; {fix}")
-    return fmt.writer
+    if _writes(fmt, ckpt):
+        return fmt.writer
+    named = " or ".join(f.extensions[0] for f in FORMATS if _writes(f, ckpt) and f.extensions)
+    if fmt.writer is not None:
+        had = f"{ckpt.source} is {ckpt.format}" if get(ckpt.format).family != family \
+            else f"{ckpt.source} was converted to plain tensors"
+        raise UsageError(f"{fmt.display} is written from a {fmt.display} input ({fmt.own_input}); {had}:"
+                         f" write it as {named}")
+    fix = f"pass --format {format_choices(ckpt)}, or an output named {named}"
+    if doing == "--in-place":
+        fix = f"write the result elsewhere: -o PATH with --format {format_choices(ckpt)}, or an output named {named}"
+    raise UsageError(f"{doing}: paramsurgeon reads {fmt.display} checkpoints but does not write them; {fix}")

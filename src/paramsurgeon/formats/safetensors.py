@@ -404,9 +404,11 @@ def write_tensor_bytes(tensor: Tensor, sink: Sink) -> None:
     if source is not None:
         sink.copy(tensor.storage.file, source, tensor.nbytes)
         return
-    pieces = getattr(tensor.storage, "pieces", None)  # values computed a few MiB at a time
-    if pieces is not None and tensor.offset == 0 and tensor.is_contiguous and tensor.nbytes == tensor.storage.nbytes:
-        for piece in pieces():
+    pieces = getattr(tensor.storage, "pieces", None)  # values computed a few MiB at a time (quantized.Streamed)
+    whole = tensor.offset == 0 and tensor.is_contiguous and tensor.nbytes == tensor.storage.nbytes
+    streamed = pieces() if pieces is not None and whole else None
+    if streamed is not None:
+        for piece in streamed:
             sink.write_large(piece)
         return
     sink.write_large(row_major(tensor))

@@ -127,7 +127,7 @@ class Writer:
     directory (its tensors untouched, still read from that file) is hard-linked from it.
     Files beside the checkpoint (config.json, tokenizer) are carried over; every file of
     the old checkpoint, of either format or DCP, goes with it. When the checkpoint was read
-    from another model directory, its side files come along: ``carry(ckpt, staging, folder)``
+    from another model directory, its side files come along: ``carry(ckpt, staging, folder, inputs)``
     copies them and returns notes (sidefiles.carry).
     """
 
@@ -166,7 +166,7 @@ class Writer:
             self._write_shards(parts, names, staging, fingerprint and journal.Journal(staging, fingerprint))
             if len(shards) > 1:
                 self._write_index(entries, shards, names, ckpt.tensors, metadata, staging)
-            notes = self.carry(ckpt, staging, self.folder)
+            notes = self.carry(ckpt, staging, self.folder, self.inputs)
         return notes
 
     @property

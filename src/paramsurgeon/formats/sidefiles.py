@@ -28,6 +28,7 @@ from .atomic import atomic_file
 from .directories import is_side_file
 from .files import is_url
 from .hfconfig import CONFIG, config_path
+from .inputs import Inputs
 from .places import dirname, is_dir, is_file, join, read_all
 from .quantconfig import REMOVED, quantization_changes, quantized
 from .reading import load
@@ -57,10 +58,11 @@ def model_directory(ckpt: Checkpoint) -> str | None:
     return dirname(ckpt.source) if registry.get(ckpt.format).sharded else None
 
 
-def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
+def carry(ckpt: Checkpoint, staging: str, target: str, inputs: Inputs) -> list[str]:
     """Write the files the command made (``ckpt.made``) into ``staging`` (the new ``target``
     directory), and copy there the side files of ``ckpt``'s input directory, ``config.json``
-    updated; returns notes on what changed or stayed behind.
+    updated (compared with the input as the command's ``inputs`` record it); returns notes on
+    what changed or stayed behind.
 
     Where ``target`` is the input directory, its files are carried by the directory's
     replacement; only an updated ``config.json`` is written here.
@@ -72,7 +74,7 @@ def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
     if folder is None:
         return []
     if is_url(folder):
-        return _carry_remote(folder, staging, ckpt)
+        return _carry_remote(folder, staging, ckpt, inputs)
     same, owned = _same(folder, target), checkpoint_files(folder)
     notes, left = [], []
     for name in sorted(os.listdir(folder)):
@@ -80,7 +82,7 @@ def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
         if name in ckpt.made:
             continue
         if name == CONFIG and os.path.isfile(path):
-            notes += _write_config(path, os.path.join(staging, name), ckpt, same)
+            notes += _write_config(path, os.path.join(staging, name), ckpt, inputs, same)
         elif same or os.path.lexists(os.path.join(staging, name)):
             continue
         elif is_side_file(name) and os.path.isfile(path):
@@ -93,24 +95,24 @@ def carry(ckpt: Checkpoint, staging: str, target: str) -> list[str]:
     return notes
 
 
-def _carry_remote(folder: str, staging: str, ckpt: Checkpoint) -> list[str]:
+def _carry_remote(folder: str, staging: str, ckpt: Checkpoint, inputs: Inputs) -> list[str]:
     """A remote input's ``config.json`` (updated for ``ckpt``), the one side file read from there."""
     source = join(folder, CONFIG)
     if not is_file(source):
         return []
     with open(os.path.join(staging, CONFIG), "wb") as handle:
         handle.write(read_all(source))
-    notes = _write_config(os.path.join(staging, CONFIG), os.path.join(staging, CONFIG), ckpt, True)
+    notes = _write_config(os.path.join(staging, CONFIG), os.path.join(staging, CONFIG), ckpt, inputs, True)
     return notes + [f"note: only {CONFIG} is carried from {folder} (a remote input); fetch its tokenizer and"
                     " other files separately"]
 
 
-def config_beside(ckpt: Checkpoint, place: str) -> Callable[[], list[str]]:
+def config_beside(ckpt: Checkpoint, place: str, inputs: Inputs) -> Callable[[], list[str]]:
     """--in-place of one file: the ``config.json`` beside it, updated for ``ckpt`` (as ``carry`` updates a
-    directory's). The update is worked out now, while the input can still be read again to compare;
-    the function returned writes it (atomically) once the file is replaced, and returns the notes."""
+    directory's). The update is worked out now, before the file is replaced; the function returned
+    writes it (atomically) once the file is replaced, and returns the notes."""
     source = config_path(place)
-    text, notes = _config_update(source, ckpt) if source is not None else (None, [])
+    text, notes = _config_update(source, ckpt, inputs) if source is not None else (None, [])
 
     def write() -> list[str]:
         if text is not None:
@@ -120,9 +122,9 @@ def config_beside(ckpt: Checkpoint, place: str) -> Callable[[], list[str]]:
     return write
 
 
-def _write_config(source: str, destination: str, ckpt: Checkpoint, same: bool) -> list[str]:
+def _write_config(source: str, destination: str, ckpt: Checkpoint, inputs: Inputs, same: bool) -> list[str]:
     """``config.json`` at ``destination``, updated for ``ckpt`` (else copied byte for byte)."""
-    text, notes = _config_update(source, ckpt)
+    text, notes = _config_update(source, ckpt, inputs)
     if text is not None:
         with open(destination, "wb") as handle:
             handle.write(text.encode("utf-8"))
@@ -131,7 +133,7 @@ def _write_config(source: str, destination: str, ckpt: Checkpoint, same: bool) -
     return notes
 
 
-def _config_update(source: str, ckpt: Checkpoint) -> tuple[str | None, list[str]]:
+def _config_update(source: str, ckpt: Checkpoint, inputs: Inputs) -> tuple[str | None, list[str]]:
     """The text of the ``config.json`` at ``source`` updated for ``ckpt`` (None: nothing changes), and notes."""
     with open(source, "rb") as handle:
         data = handle.read()
@@ -142,7 +144,7 @@ def _config_update(source: str, ckpt: Checkpoint) -> tuple[str | None, list[str]
         return None, []
     if not isinstance(config, dict):
         return None, []
-    changes, notes = config_updates(config, ckpt)
+    changes, notes = config_updates(config, ckpt, inputs)
     # what the operations changed (the layer count, per-layer lists)
     changes = {**{k: v for k, v in (ckpt.config or {}).items() if config.get(k) != v}, **changes}
     if not changes:
@@ -167,21 +169,23 @@ def _change(config: dict, key: str, value, inner: bool = False) -> str:
     return f"{key} {json.dumps(old)} -> {json.dumps(value)}"
 
 
-def config_updates(config: dict, after: Checkpoint) -> tuple[dict, list[str]]:
+def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dict, list[str]]:
     """The keys of ``config`` that ``after`` no longer matches, with their new values, and notes.
 
     ``vocab_size`` follows the input embedding's rows when it equalled them before; the
     ``tie_word_embeddings`` follows the tie of the output embedding to the input embedding
     when the surgery tied or untied them; ``quantization_config`` goes when no quantized weight is
     left (dequantize), is written for weights quantized anew (quantize), and names the modules of
-    quantized weights written plain as unquantized (quantconfig). The input is read again
-    (its headers: the shapes and ties before the surgery).
+    quantized weights written plain as unquantized (quantconfig). The shapes and ties before the
+    surgery are the input's as the command's loader read it (``inputs.as_read``); a library save,
+    which has no loader, reads the input's headers again.
     """
     pair = next((p for p in EMBEDDINGS if p[0] in after.tensors), None)
     if pair is None and not (quant.quantization_config(config) or quantized(after)):
         return {}, []
+    before = inputs.as_read(after.path)
     try:
-        before = load(after.path)
+        before = load(after.path) if before is None else before
     except ParamSurgeonError as e:
         return {}, [f"note: {CONFIG} copied as it was: the input could not be read again to compare ({e})"]
     changes, notes = quantization_changes(config, before, after)

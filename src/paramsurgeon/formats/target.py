@@ -42,7 +42,7 @@ def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None,
         OutputError: the output is the input without ``in_place``, or the input may not be rewritten.
     """
     if fmt is not None and fmt not in registry.writable():
-        choices = registry.format_choices().split("|")
+        choices = registry.format_choices(ckpt).split("|")
         raise UsageError(f"--format {fmt}: expected {', '.join(choices[:-1])} or {choices[-1]}")
     size = parse_size(max_shard_size) if max_shard_size else None
     if is_url(output):
@@ -66,7 +66,7 @@ def resolve_target(ckpt: Checkpoint, output: str | None, fmt: str | None = None,
     else:
         target = _to_path(ckpt, output, fmt, size, inputs)
     if not in_place:
-        registry.writer_of(target.family, f"-o {output}" if output not in (None, "-") else "standard output")
+        registry.writer_of(target.family, f"-o {output}" if output not in (None, "-") else "standard output", ckpt)
     target.inputs = inputs
     return target
 
@@ -101,8 +101,6 @@ def _to_path(ckpt: Checkpoint, output: str, fmt: str | None, size: int | None, i
     family = wanted or (None if directory else named) or _family(ckpt)
     path = output.rstrip(os.sep) or output
     inputs.refuse_overwrite(output)  # every input of the command: the output, a directory holding one, inside one
-    if directory and not size and registry.get(_family(ckpt)).directory:
-        family = _family(ckpt)  # a directory output of a directory format's input (DCP) keeps its format
     written = registry.get(family)
     if written.directory:
         if size:
@@ -133,7 +131,7 @@ def _in_place(ckpt: Checkpoint, output: str | None, fmt: str | None, size: int |
     if size and not sharded:
         raise UsageError(f"--in-place keeps the input's format, but --max-shard-size would make {place} a sharded"
                          " directory; write it elsewhere with -o DIR")
-    registry.writer_of(family, "--in-place")
+    registry.writer_of(family, "--in-place", ckpt)
     _check_rewritable(ckpt, place)
     inputs.permit(place)
     rewritten = registry.get(ckpt.format).in_place_note

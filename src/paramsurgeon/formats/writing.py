@@ -12,7 +12,7 @@ from collections import OrderedDict
 from typing import Callable, Protocol
 
 from ..checkpoint import Checkpoint
-from ..checkpoint.quantized import Quantized, stored
+from ..checkpoint.quantized import Quantized, refuse_valueless, stored
 from ..errors import OutputError
 from ..parallel import Work
 from ..sizes import plural
@@ -69,7 +69,7 @@ class SingleFile:
 
     def write(self, ckpt: Checkpoint) -> list[str] | None:
         if self.path is not None:  # rewritten in place: the config.json beside it follows, as a directory's does
-            config = sidefiles.config_beside(ckpt, self.path) if self.inputs.permits(self.path) else None
+            config = sidefiles.config_beside(ckpt, self.path, self.inputs) if self.inputs.permits(self.path) else None
             with output_file(self.path, self.inputs) as sink:
                 self.file_writer(sink, self.path, self.progress, self.work).write(ckpt)
             return config() if config else None
@@ -89,18 +89,17 @@ def _file_writer(make: Callable[..., Writer], dedupe: bool) -> FileWriter:
 
 
 def writable(ckpt: Checkpoint, target: Target, tensors_only: bool = False) -> Checkpoint:
-    """``ckpt`` as the target can hold it: each quantized tensor as its stored parts; just its
-    tensors with ``tensors_only``; refuses to drop the rest of the file silently. A GGUF checkpoint
-    written in another format is its tensors as plain ones (quantized types dequantized to float32),
-    without the GGUF metadata."""
-    from .ggufconvert import is_gguf, plain
-
-    if is_gguf(ckpt) and target.family != "gguf":
-        ckpt = plain(ckpt, doing=f"writing {target.family}")
-    laid_out = None if registry.get(target.family).quantized else stored(ckpt.container)
-    if laid_out is not None:
-        groups = {n: t for n, t in ckpt.tensors.items() if type(t) is Quantized}
-        ckpt = dataclasses.replace(ckpt.with_container(laid_out), laid_out=groups)
+    """``ckpt`` as the target can hold it: a format that stores quantized tensors whole (GGUF) is
+    handed them so; another, each as its stored parts, but for a ``native`` scheme's (a format's own
+    types, GGUF's), whose parts no other format lays out: those are written plain, dequantized to
+    their dtype. What the input's format carries beside the tensors (``Checkpoint.layout``, its own
+    metadata) goes only to that format. Just its tensors with ``tensors_only``; refuses to drop
+    the rest of the file silently."""
+    if ckpt.layout is not None and registry.get(ckpt.format).family != target.family:
+        kept = {k: v for k, v in ckpt.metadata.items() if k not in ckpt.layout.keys}
+        ckpt = dataclasses.replace(ckpt, layout=None, metadata=kept)
+    if not registry.get(target.family).quantized:
+        ckpt = _laid_out(ckpt, target.family)
     if tensors_only:
         return dataclasses.replace(ckpt, root=OrderedDict(ckpt.tensors), key=())
     fmt = registry.get(target.family)
@@ -112,6 +111,22 @@ def writable(ckpt: Checkpoint, target: Target, tensors_only: bool = False) -> Ch
         raise OutputError(f"a sharded checkpoint stores only tensors, but {ckpt.source} also holds"
                           f" {extras_list(ckpt)}; pass --tensors-only to shard just its tensors")
     return ckpt
+
+
+def _laid_out(ckpt: Checkpoint, family: str) -> Checkpoint:
+    """``ckpt`` for a format that lays quantized tensors out as their parts: a ``native`` scheme's
+    as plain tensors (refused, all at once, where they have no values), the others as their parts."""
+    tensors = ckpt.tensors
+    native = [n for n, t in tensors.items() if type(t) is Quantized and t.scheme.native]
+    if native:
+        refuse_valueless(tensors, native, f"writing {family}")
+        plain = {n: tensors[n].plain() for n in native}
+        ckpt = ckpt.with_container({n: plain.get(n, v) for n, v in ckpt.container.items()})
+    laid_out = stored(ckpt.container)
+    if laid_out is None:
+        return ckpt
+    groups = {n: t for n, t in ckpt.tensors.items() if type(t) is Quantized}
+    return dataclasses.replace(ckpt.with_container(laid_out), laid_out=groups)
 
 
 def extras_list(ckpt: Checkpoint) -> str:

@@ -19,6 +19,7 @@ from ..checkpoint.quantized import Quantized
 from ..errors import PlanError
 from ..parallel import Work, spread
 from ..parsing import parse_document
+from ..redaction import redacted
 from ..sizes import plural
 
 HISTORY_KEY = "paramsurgeon.operations"
@@ -211,7 +212,8 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         del ckpt[name]
     if plan.renames:
         rename(ckpt, plan.renames, plan.module_renames)
-    ckpt.metadata[HISTORY_KEY] = json.dumps(_history(ckpt.metadata) + [plan.description], separators=(",", ":"))
+    entry = redacted(plan.description)  # a remote input named without its query (a signature)
+    ckpt.metadata[HISTORY_KEY] = json.dumps(_history(ckpt.metadata) + [entry], separators=(",", ":"))
 
 
 def _history(metadata: dict[str, str]) -> list:

@@ -67,6 +67,11 @@ class Scheme:
         """The values of ``tensor``: a torch tensor of its dtype and shape."""
         raise NotImplementedError
 
+    def pieces(self, tensor: Quantized) -> Iterator[memoryview] | None:
+        """The bytes of ``tensor``'s values a few MiB at a time, in order, for a writer to stream
+        (None: the scheme computes them whole)."""
+        return None
+
     def quantize(self, values: Any, params: dict) -> dict[str, Any]:
         """Role -> torch tensor of each part storing ``values`` (only where ``quantizes``)."""
         raise NotImplementedError

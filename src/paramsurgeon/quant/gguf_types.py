@@ -112,6 +112,11 @@ class GgufType(Scheme):
             start += piece.shape[0]
         return out.reshape(tensor.shape)
 
+    def pieces(self, tensor):
+        from ..checkpoint.tensor import memory_of
+
+        return (memory_of(piece.contiguous()) for piece in dequantized_rows(tensor))
+
     def quantize(self, values, params):
         import torch
 

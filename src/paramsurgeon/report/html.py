@@ -15,6 +15,7 @@ from ..analysis.drift import Change
 from ..analysis.inspection import Inspection, Row
 from ..dtypes import BY_NAME
 from ..errors import UsageError
+from ..redaction import redacted
 from ..sizes import human_bytes, plural
 from .render import shape_text, short_number
 
@@ -44,7 +45,7 @@ def report_page(result: Inspection, findings: list, changes: dict | None, agains
     rows = [r for r in result.rows if r.stats is not None and r.numel and _finite(r)]
     layers = [r for r in rows if r.role == "weight" and len(r.shape) >= 2] or [r for r in rows if r.role != "buffer"]
     layers = _along_the_depth(layers)
-    parts = [f"<h1>{_e(result.source)}</h1>", _summary(result, findings, against)]
+    parts = [f"<h1>{_e(redacted(result.source))}</h1>", _summary(result, findings, against)]
     parts += ["<h2>Health</h2>", _findings_table(findings)]
     if layers:
         parts += ["<h2>Along the depth (weight matrices and kernels, in the network's order)</h2>",
@@ -60,7 +61,7 @@ def report_page(result: Inspection, findings: list, changes: dict | None, agains
     parts += ["<h2>Every tensor</h2>", _tensor_table(result.rows, changes)]
     body = "\n".join(parts)
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>paramsurgeon report:"
-            f" {_e(result.source)}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
+            f" {_e(redacted(result.source))}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
 
 
 def _along_the_depth(rows: list[Row]) -> list[Row]:

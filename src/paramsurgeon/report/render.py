@@ -83,7 +83,7 @@ def inspection_document(result: Inspection) -> dict:
     document = {"schema_version": SCHEMA_VERSION, "command": "inspect", "source": result.source,
                 "format": result.format, "key": result.key, "tensors": tensors, "ties": result.ties,
                 "totals": result.totals, "extras": result.extras, "metadata": result.metadata,
-                "notes": result.notes}
+                "notes": result.read_notes + result.notes}
     if result.tree is not None:
         document["tree"], document["blocks"] = result.tree, result.blocks
     return document
