@@ -10,7 +10,9 @@ import threading
 import time
 
 import pytest
-from helpers import load_torch, register_input, run, run_on_terminal, run_process
+import torch
+from safetensors.torch import load_file
+from helpers import bits, load_torch, register_input, run, run_on_terminal, run_process
 
 MiB = 1 << 20
 
@@ -94,3 +96,28 @@ def test_progress_bar_on_a_terminal_only(request, tmp_path, large):
     assert b"writing" in shown and b"/s" in shown and b"402.7 MB" in shown
     assert b"writing" not in run_on_terminal(*args, terminal=("stderr",), env={**now, "NO_COLOR": "1"})[1]
     assert run_on_terminal(*args, terminal=(), env=now)[2].startswith(b"wrote ")
+
+
+def test_a_quantized_weight_is_dequantized_a_band_at_a_time(tmp_path):
+    """dequantize writes, and inspect reduces, an fp8-block weight of 8192 x 8192 (128 MiB in bfloat16)
+    a few MiB of rows at a time: neither holds the whole dequantized tensor (both did)."""
+    from fp8_reference import dequantize, quantize
+    from safetensors.torch import save_file
+
+    weight = torch.randn(8192, 8192, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    codes, scale = quantize(weight)
+    save_file({"big.weight": codes, "big.weight_scale_inv": scale}, tmp_path / "fp8.safetensors")
+    save_file({"big.weight": dequantize(codes, scale)}, tmp_path / "reference.safetensors")
+    save_file({"tiny": torch.ones(4)}, tmp_path / "tiny.safetensors")
+    whole = 8192 * 8192 * 2
+    base, _ = peak_anon(["inspect", tmp_path / "tiny.safetensors", "--workers", "1"])  # Python, torch and the CLI
+    peak, result = peak_anon(["dequantize", tmp_path / "fp8.safetensors", "-o", tmp_path / "out.safetensors",
+                              "--workers", "1"])
+    assert result.returncode == 0, result.stderr
+    assert peak - base < whole // 2, f"dequantize used {(peak - base) / MiB:.0f} MiB over the {base / MiB:.0f} MiB start"
+    assert bits(load_file(tmp_path / "out.safetensors")["big.weight"]) == bits(dequantize(codes, scale))
+    peak, result = peak_anon(["inspect", tmp_path / "fp8.safetensors", "--json", "--workers", "1"])
+    assert result.returncode == 0, result.stderr
+    assert peak - base < whole * 7 // 8, f"inspect used {(peak - base) / MiB:.0f} MiB over the {base / MiB:.0f} MiB start"
+    plain = run_process("inspect", tmp_path / "reference.safetensors", "--json", "--workers", "1")
+    assert json.loads(result.stdout)["tensors"][0]["stats"] == json.loads(plain.stdout)["tensors"][0]["stats"]

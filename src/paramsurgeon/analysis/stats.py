@@ -72,11 +72,10 @@ def tensor_stats(tensor: Tensor, bins=None, buckets=False) -> Stats | None:
 def _tensor_stats(tensor: Tensor, bins, buckets) -> Stats:
     import torch
 
-    from ..checkpoint.values import CHUNK, chunks, to_torch
+    from ..checkpoint.values import CHUNK, value_chunks
     from .buckets import EXACT_IN_BFLOAT16, SHORT, Buckets, Sorted
 
-    values = to_torch(tensor)
-    short, single = values.numel() <= SHORT, values.numel() <= CHUNK
+    short, single = tensor.numel <= SHORT, tensor.numel <= CHUNK
     # a long tensor's spread is counted in the pass; so is a one-chunk tensor's when its histogram is
     # surely wanted and comes from the buckets (which then also count its zeros)
     surely_from_buckets = bins and not callable(bins) and not short
@@ -87,7 +86,7 @@ def _tensor_stats(tensor: Tensor, bins, buckets) -> Stats:
     low, high = math.inf, -math.inf
     zeros = nan = inf = 0
     scratch = None
-    for (chunk,) in chunks(values):
+    for chunk in value_chunks(tensor):
         if chunk.dtype == torch.bool or not chunk.is_floating_point():
             chunk = chunk.double()
         elif chunk.dtype not in (torch.float32, torch.float64):
@@ -116,7 +115,7 @@ def _tensor_stats(tensor: Tensor, bins, buckets) -> Stats:
         if not tensor.dtype.floating:  # integer and bool tensors have integer extremes
             low, high, abs_max = int(low), int(high), int(abs_max)
         stats = Stats(mean, std, low, high, abs_max, zeros, nan, inf)
-    if not values.numel():
+    if not tensor.numel:
         stats.histogram = Histogram([], [], True) if bins else None
         stats.buckets = spread if buckets else None
         return stats

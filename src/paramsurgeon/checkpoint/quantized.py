@@ -29,7 +29,8 @@ class Quantized(Tensor):
 
     def __init__(self, scheme: Any, parts: dict[str, Tensor], shape: tuple[int, ...], dtype: DType,
                  params: dict | None = None):
-        super().__init__(Storage(math.prod(shape) * dtype.itemsize, loader=self.dequantized), dtype, shape)
+        super().__init__(Streamed(math.prod(shape) * dtype.itemsize, self.dequantized, lambda: scheme.pieces(self)),
+                         dtype, shape)
         self.scheme, self.parts, self.params = scheme, parts, params or {}
 
     def dequantized(self):
@@ -63,8 +64,8 @@ class Quantized(Tensor):
 
 
 class Streamed(Storage):
-    """Values computed when read that a writer may also take a few MiB at a time: ``pieces()``
-    gives their bytes in order, or None when they come whole."""
+    """Values computed when read that a writer or a reduction may also take a few MiB at a time:
+    ``pieces()`` gives them in row-major order (contiguous torch tensors), or None when they come whole."""
 
     __slots__ = ("pieces",)
 

@@ -97,6 +97,30 @@ def pieces(*values: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
     return chunks(*values, size=max(1, CHUNK // 4))
 
 
+def value_chunks(tensor: Tensor) -> Iterator[torch.Tensor]:
+    """The flat ``chunks`` of ``tensor``'s values, the same pieces in the same order; a tensor whose
+    values are computed (a quantized weight) is computed a few MiB at a time where its storage can
+    (``pieces``), so memory holds a chunk of it rather than the whole."""
+    streamed = getattr(tensor.storage, "pieces", None)
+    whole = tensor.offset == 0 and tensor.is_contiguous and tensor.nbytes == tensor.storage.nbytes
+    stream = streamed() if streamed is not None and whole and tensor.numel else None
+    if stream is None:
+        yield from (chunk for (chunk,) in chunks(to_torch(tensor)))
+        return
+    left, chunk, filled = tensor.numel, None, 0
+    for piece in stream:
+        flat, start = piece.reshape(-1), 0
+        while start < flat.numel():
+            if chunk is None:
+                chunk, filled = torch.empty(min(CHUNK, left), dtype=flat.dtype), 0
+            taken = min(chunk.numel() - filled, flat.numel() - start)
+            chunk[filled:filled + taken] = flat[start:start + taken]
+            filled, start, left = filled + taken, start + taken, left - taken
+            if filled == chunk.numel():
+                yield chunk
+                chunk = None
+
+
 def chunks(*values: torch.Tensor, size: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
     """Matching flat pieces of same-shaped tensors, at most ``size`` (default CHUNK) elements each:
     views when contiguous, copies of a few rows otherwise, so memory does not grow with the tensor."""

@@ -19,7 +19,7 @@ from .. import dtypes
 from ..bulk import paused_gc
 from ..checkpoint import Checkpoint, Storage, Tensor
 from ..checkpoint.contents import row_major
-from ..checkpoint.tensor import file_spans
+from ..checkpoint.tensor import file_spans, memory_of
 from ..errors import CorruptCheckpointError, NotACheckpointError
 from ..parallel import Work
 from ..parsing import parse_document
@@ -409,6 +409,6 @@ def write_tensor_bytes(tensor: Tensor, sink: Sink) -> None:
     streamed = pieces() if pieces is not None and whole else None
     if streamed is not None:
         for piece in streamed:
-            sink.write_large(piece)
+            sink.write_large(memory_of(piece))
         return
     sink.write_large(row_major(tensor))

@@ -15,7 +15,7 @@ from typing import Callable
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
-from ..checkpoint.quantized import Quantized
+from ..checkpoint.quantized import Quantized, Streamed
 from ..errors import PlanError
 from ..parallel import Work, spread
 from ..parsing import parse_document
@@ -42,6 +42,7 @@ class Change:
     origin: Tensor | None = None  # what guarded values derive from, element by element (its Inf/NaN stay)
     stored_as: Callable | None = None  # (the new plain tensor) -> the tensor written for it: quantize's parts
     dequantizes: bool = False  # meant to write a quantized weight as a plain tensor (no note says so)
+    pieces: Callable | None = None  # () -> the same values a few MiB at a time, or None (checkpoint.Streamed)
 
 
 @dataclass
@@ -197,6 +198,8 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         nbytes = math.prod(change.shape) * dtype.itemsize
         if simulate:
             fresh = Tensor(Storage(nbytes), dtype, change.shape)
+        elif change.pieces is not None:
+            fresh = Tensor(Streamed(nbytes, change.compute, change.pieces), dtype, change.shape)
         else:
             fresh = Tensor(Storage(nbytes, loader=change.compute, location=first.storage.location), dtype,
                            change.shape)

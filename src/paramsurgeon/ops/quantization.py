@@ -70,7 +70,7 @@ class Dequantize(Selection, TiePolicy, Operation):
             dtype = target or tensor.dtype
             plain = Quantized(tensor.scheme, tensor.parts, tensor.shape, dtype, tensor.params)  # computed in ``dtype``
             return Change(unit, f"dequantize {tensor.scheme.name}", tensor.shape, dtype.name, plain.dequantized,
-                          dequantizes=True)
+                          dequantizes=True, pieces=plain.storage.pieces)
 
         plan = value_plan("dequantize", f"dequantize{' to ' + self.dtype if self.dtype else ''}: {names_list(chosen)}",
                           ckpt, chosen, self, change_for)

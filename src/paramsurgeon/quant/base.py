@@ -67,9 +67,9 @@ class Scheme:
         """The values of ``tensor``: a torch tensor of its dtype and shape."""
         raise NotImplementedError
 
-    def pieces(self, tensor: Quantized) -> Iterator[memoryview] | None:
-        """The bytes of ``tensor``'s values a few MiB at a time, in order, for a writer to stream
-        (None: the scheme computes them whole)."""
+    def pieces(self, tensor: Quantized) -> Iterator[Any] | None:
+        """``tensor``'s values a few MiB at a time, in row-major order (contiguous torch tensors of its
+        dtype), for a writer or a reduction to stream (None: the scheme computes them whole)."""
         return None
 
     def quantize(self, values: Any, params: dict) -> dict[str, Any]:

@@ -52,25 +52,18 @@ class Fp8Block(Scheme):
     def dequantize(self, tensor):
         import torch
 
-        from ..checkpoint.values import to_torch
         from ..dtypes import torch_dtype
 
-        codes, scale = to_torch(tensor.parts["codes"]), to_torch(tensor.parts["scale_inv"]).float()
-        bm, bn = tensor.params["block"]
-        rows, columns = codes.shape
         out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
-        step = max(bm, ROWS // max(columns, 1) // bm * bm)  # whole tiles of rows, a few MiB of float32
-        work = torch.empty(min(step, rows) * columns)
-        for start in range(0, rows, step):
-            count = min(step, rows - start)
-            band, tiles = work[:count * columns].view(count, columns), scale[start // bm:-(-(start + count) // bm)]
-            widen_into(band, codes[start:start + count])
-            if count % bm == 0 and columns % bn == 0:  # whole tiles: each scale broadcast over its tile
-                band.view(count // bm, bm, columns // bn, bn).mul_(tiles[:, None, :, None])
-            else:
-                band.mul_(tiles.repeat_interleave(bm, 0)[:count].repeat_interleave(bn, 1)[:, :columns])
-            out[start:start + count].copy_(band)
+        for start, band in _bands(tensor):
+            out[start:start + len(band)].copy_(band)
         return out
+
+    def pieces(self, tensor):
+        from ..dtypes import torch_dtype
+
+        dtype = torch_dtype(tensor.dtype)
+        return (band.to(dtype, copy=True) for _, band in _bands(tensor))
 
     def layout(self, shape, params):
         return {"codes": (tuple(shape), "float8_e4m3fn"), "scale_inv": (grid(shape, params["block"]), "float32")}
@@ -95,6 +88,29 @@ class Fp8Block(Scheme):
             codes[start:start + bm] = (tiles / scale[i][None, :, None]).view(band.shape)[:, :columns].to(
                 torch.float8_e4m3fn)
         return {"codes": codes, "scale_inv": scale}
+
+
+def _bands(tensor):
+    """(first row, float32 values) of each band of whole tile rows of ``tensor``, a few MiB at a
+    time, in one buffer reused from band to band."""
+    import torch
+
+    from ..checkpoint.values import to_torch
+
+    codes, scale = to_torch(tensor.parts["codes"]), to_torch(tensor.parts["scale_inv"]).float()
+    bm, bn = tensor.params["block"]
+    rows, columns = codes.shape
+    step = max(bm, ROWS // max(columns, 1) // bm * bm)  # whole tiles of rows, a few MiB of float32
+    work = torch.empty(min(step, rows) * columns)
+    for start in range(0, rows, step):
+        count = min(step, rows - start)
+        band, tiles = work[:count * columns].view(count, columns), scale[start // bm:-(-(start + count) // bm)]
+        widen_into(band, codes[start:start + count])
+        if count % bm == 0 and columns % bn == 0:  # whole tiles: each scale broadcast over its tile
+            band.view(count // bm, bm, columns // bn, bn).mul_(tiles[:, None, :, None])
+        else:
+            band.mul_(tiles.repeat_interleave(bm, 0)[:count].repeat_interleave(bn, 1)[:, :columns])
+        yield start, band
 
 
 def _block(config: dict) -> tuple[int, int]:

@@ -113,9 +113,7 @@ class GgufType(Scheme):
         return out.reshape(tensor.shape)
 
     def pieces(self, tensor):
-        from ..checkpoint.tensor import memory_of
-
-        return (memory_of(piece.contiguous()) for piece in dequantized_rows(tensor))
+        return (piece.contiguous() for piece in dequantized_rows(tensor))
 
     def quantize(self, values, params):
         import torch
