@@ -86,7 +86,8 @@ def _tensor_stats(tensor: Tensor, bins, buckets) -> Stats:
     low, high = math.inf, -math.inf
     zeros = nan = inf = 0
     scratch = None
-    for chunk in value_chunks(tensor):
+    narrow = tensor.dtype.floating and tensor.dtype.itemsize < 4  # reduced in float32
+    for chunk in value_chunks(tensor, torch.float32 if narrow else None):
         if chunk.dtype == torch.bool or not chunk.is_floating_point():
             chunk = chunk.double()
         elif chunk.dtype not in (torch.float32, torch.float64):

@@ -97,10 +97,11 @@ def pieces(*values: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
     return chunks(*values, size=max(1, CHUNK // 4))
 
 
-def value_chunks(tensor: Tensor) -> Iterator[torch.Tensor]:
+def value_chunks(tensor: Tensor, wider: torch.dtype | None = None) -> Iterator[torch.Tensor]:
     """The flat ``chunks`` of ``tensor``'s values, the same pieces in the same order; a tensor whose
     values are computed (a quantized weight) is computed a few MiB at a time where its storage can
-    (``pieces``), so memory holds a chunk of it rather than the whole."""
+    (``pieces``), so memory holds a chunk of it rather than the whole. Such chunks come as ``wider``
+    (when given) for the reduction that would widen them, which costs nothing more while they are copied."""
     streamed = getattr(tensor.storage, "pieces", None)
     whole = tensor.offset == 0 and tensor.is_contiguous and tensor.nbytes == tensor.storage.nbytes
     stream = streamed() if streamed is not None and whole and tensor.numel else None
@@ -112,7 +113,7 @@ def value_chunks(tensor: Tensor) -> Iterator[torch.Tensor]:
         flat, start = piece.reshape(-1), 0
         while start < flat.numel():
             if chunk is None:
-                chunk, filled = torch.empty(min(CHUNK, left), dtype=flat.dtype), 0
+                chunk, filled = torch.empty(min(CHUNK, left), dtype=wider or flat.dtype), 0
             taken = min(chunk.numel() - filled, flat.numel() - start)
             chunk[filled:filled + taken] = flat[start:start + taken]
             filled, start, left = filled + taken, start + taken, left - taken
