@@ -154,3 +154,28 @@ def test_float8_codes_widen_to_the_bits_torch_converts_them_to(codes, dtype):
     assert bits(widen(every, dtype)) == expected
     assert bits(widen_into(torch.empty(16, 16, dtype=dtype), every)) == expected
     assert bits(widen_into(torch.empty(8, 16, dtype=dtype), every[8:])) == bits(every[8:].to(dtype))
+
+
+def test_computed_values_stream_in_the_chunks_of_the_whole_tensor(monkeypatch):
+    """A tensor whose values come in pieces (a dequantized weight's bands, of any size) reduces in the
+    same chunks, value for value, as the whole tensor would; widened on request."""
+    from paramsurgeon import dtypes
+    from paramsurgeon.checkpoint import Tensor
+    from paramsurgeon.checkpoint.quantized import Streamed
+    from paramsurgeon.checkpoint.values import chunks, value_chunks
+
+    monkeypatch.setattr("paramsurgeon.checkpoint.values.CHUNK", 1000)
+    values = torch.randn(37, 101, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    flat = values.reshape(-1)
+    cuts = [0, 7, 7, 900, 1000, 2513, 3000, 3737]  # pieces smaller, larger and across chunk ends; one empty
+
+    def pieces():
+        return (flat[a:b] for a, b in zip(cuts, cuts[1:]))
+
+    tensor = Tensor(Streamed(values.numel() * 2, lambda: values, pieces), dtypes.BY_NAME["bfloat16"], (37, 101))
+    expected = [chunk.clone() for (chunk,) in chunks(values)]
+    same = [chunk.clone() for chunk in value_chunks(tensor)]
+    assert len(same) == len(expected) and all(bits(a) == bits(b) for a, b in zip(same, expected))
+    got = [chunk.clone() for chunk in value_chunks(tensor, torch.float32)]
+    assert [len(c) for c in got] == [1000, 1000, 1000, 737]
+    assert all(c.dtype == torch.float32 and torch.equal(c, e.float()) for c, e in zip(got, expected))

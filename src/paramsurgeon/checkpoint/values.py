@@ -101,19 +101,22 @@ def value_chunks(tensor: Tensor, wider: torch.dtype | None = None) -> Iterator[t
     """The flat ``chunks`` of ``tensor``'s values, the same pieces in the same order; a tensor whose
     values are computed (a quantized weight) is computed a few MiB at a time where its storage can
     (``pieces``), so memory holds a chunk of it rather than the whole. Such chunks come as ``wider``
-    (when given) for the reduction that would widen them, which costs nothing more while they are copied."""
+    (when given) for the reduction that would widen them, which costs nothing more while they are copied,
+    each in one buffer that the next overwrites."""
     streamed = getattr(tensor.storage, "pieces", None)
     whole = tensor.offset == 0 and tensor.is_contiguous and tensor.nbytes == tensor.storage.nbytes
     stream = streamed() if streamed is not None and whole and tensor.numel else None
     if stream is None:
         yield from (chunk for (chunk,) in chunks(to_torch(tensor)))
         return
-    left, chunk, filled = tensor.numel, None, 0
+    left, buffer, chunk, filled = tensor.numel, None, None, 0
     for piece in stream:
         flat, start = piece.reshape(-1), 0
         while start < flat.numel():
             if chunk is None:
-                chunk, filled = torch.empty(min(CHUNK, left), dtype=wider or flat.dtype), 0
+                if buffer is None:
+                    buffer = torch.empty(min(CHUNK, left), dtype=wider or flat.dtype)
+                chunk, filled = buffer[:min(CHUNK, left)], 0
             taken = min(chunk.numel() - filled, flat.numel() - start)
             chunk[filled:filled + taken] = flat[start:start + taken]
             filled, start, left = filled + taken, start + taken, left - taken
