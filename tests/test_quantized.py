@@ -179,3 +179,27 @@ def test_computed_values_stream_in_the_chunks_of_the_whole_tensor(monkeypatch):
     got = [chunk.clone() for chunk in value_chunks(tensor, torch.float32)]
     assert [len(c) for c in got] == [1000, 1000, 1000, 737]
     assert all(c.dtype == torch.float32 and torch.equal(c, e.float()) for c, e in zip(got, expected))
+
+
+def test_modelopt_fp8_is_read_as_its_codes_times_its_scale(tmp_path):
+    """NVIDIA ModelOpt's FP8 export (config quant_method modelopt, quant_algo FP8): float8 weights with a
+    float32 weight_scale each (and an input_scale) dequantize to code * scale, as ModelOpt computes
+    them; they were listed as raw codes (std 118, max 448 for weights of std 1)."""
+    weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(5))
+    scale = weight.abs().max() / 448
+    codes = (weight / scale).to(torch.float8_e4m3fn)
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"l.weight": codes, "l.weight_scale": scale.reshape(()), "l.input_scale": torch.tensor(0.5)},
+              model / "model.safetensors")
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16",
+                                                      "quantization_config": {"quant_method": "modelopt",
+                                                                              "quant_algo": "FP8"}}))
+    expected = (codes.float() * scale).to(torch.bfloat16)
+    rows = {t["name"]: t for t in json_of("inspect", model, "--json", schema="inspect")["tensors"]}
+    assert rows["l.weight"]["quant"]["scheme"] == "float-quantized" and "l.weight_scale" not in rows
+    assert rows["l.weight"]["stats"]["max"] == expected.max().item()
+    assert run("dequantize", model, "-o", tmp_path / "out/").exit_code == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert bits(f.get_tensor("l.weight")) == bits(expected) and "l.weight_scale" not in f.keys()
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())

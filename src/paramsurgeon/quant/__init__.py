@@ -42,7 +42,7 @@ SCHEMES: tuple[Scheme, ...] = (
     Packed(),  # before the naive formats: it names a weight_scale that has no weight at all
     Fp4Packed("nvfp4-pack-quantized", "float8_e4m3fn", 16),
     Fp4Packed("mxfp4-pack-quantized", "uint8", 32),
-    Naive("float-quantized", ("float8_e4m3fn", "float8_e5m2")),
+    Naive("float-quantized", ("float8_e4m3fn", "float8_e5m2"), ("compressed-tensors", "modelopt")),
     Naive("int-quantized", ("int8",)),
     Bnb4("nf4", orphans=True),  # names the 4-bit tables that have no quant_state blob of either type
     Bnb4("fp4"),

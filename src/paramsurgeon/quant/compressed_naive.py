@@ -2,7 +2,8 @@
 and ``int-quantized`` (int8 codes), each with ``x.weight_scale`` per tensor, channel, group or
 block and, when asymmetric, ``x.weight_zero_point`` of the scale's shape; a value is
 (code - zero point) * scale, in the scale's dtype, as its NaiveQuantizationCompressor
-decompresses it."""
+decompresses it. NVIDIA ModelOpt's FP8 export (``quant_method: modelopt``, ``quant_algo: FP8``) stores
+the same layout: float8 ``x.weight`` with a float32 ``x.weight_scale``, value = code * scale."""
 
 from __future__ import annotations
 
@@ -15,16 +16,14 @@ SCALE, ZERO = "_scale", "_zero_point"
 class Naive(Scheme):
     roles = ("codes", "scale", "zero_point")
     markers = ("weight" + SCALE,)
-    methods = (compressed.METHOD,)
-
-    def __init__(self, name: str, codes: tuple[str, ...]):
-        self.name, self.codes = name, codes  # codes: the dtypes its codes are stored in
+    def __init__(self, name: str, codes: tuple[str, ...], methods: tuple[str, ...] = (compressed.METHOD,)):
+        self.name, self.codes, self.methods = name, codes, methods  # codes: the dtypes its codes are stored in
 
     def part_name(self, name, role):
         return name + {"codes": "", "scale": SCALE, "zero_point": ZERO}[role]
 
     def find(self, tensors, config):
-        if not compressed.reads(config):
+        if config.get("quant_method", compressed.METHOD) not in self.methods:
             return
         for name, weight in tensors.items():
             if weight.dtype.name not in self.codes or not name.endswith(".weight"):
