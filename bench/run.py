@@ -318,17 +318,19 @@ shutil.rmtree(cache)
 def peak_anon(pid: int, stop: threading.Event, result: list) -> None:
     """The peak anonymous memory of ``pid``: its RssAnon; with child processes (--workers), the
     Pss_Anon of each summed, since a forked worker shares its parent's pages until it writes them
-    (summing their RssAnon would count those pages once per process)."""
-    peak = 0
+    (summing their RssAnon would count those pages once per process). Appends (peak, whether it had
+    children)."""
+    peak, forked = 0, False
     while not stop.is_set():
         children = _children(pid)
+        forked = forked or bool(children)
         total = _anon(pid, "status", "RssAnon:") if not children else \
             sum(_anon(p, "smaps_rollup", "Pss_Anon:") or 0 for p in [pid, *children])
         if total is None:
             break
         peak = max(peak, total)
         stop.wait(0.005)
-    result.append(peak)
+    result.append((peak, forked))
 
 
 def _anon(pid: int, source: str, field: str) -> int | None:
@@ -355,20 +357,23 @@ def _children(pid: int) -> list[int]:
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def measure(command: list[str], cwd: str) -> tuple[float, int]:
-    """(wall seconds, peak RssAnon bytes) of one run of ``command``."""
+def measure(command: list[str], cwd: str, sampled: bool = True) -> tuple[float, int, bool]:
+    """(wall seconds, peak anonymous bytes, whether it had child processes) of one run of ``command``;
+    not ``sampled``: its wall alone."""
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     stop, peak = threading.Event(), []
     sampler = threading.Thread(target=peak_anon, args=(process.pid, stop, peak))
-    sampler.start()
+    if sampled:
+        sampler.start()
     _, err = process.communicate()
     wall = time.perf_counter() - start
     stop.set()
-    sampler.join()
+    if sampled:
+        sampler.join()
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed: {err.decode()}")
-    return wall, peak[0] if peak else 0
+    return (wall, *(peak[0] if peak else (0, False)))
 
 
 WORKERS_SHARDS = 8
@@ -569,23 +574,37 @@ def run(folder: str, runs: int, selected: list[tuple]) -> list[dict]:
     for group, label, command, out, *setup in selected:
         walls, peaks = [], []
         for _ in range(runs):
-            if setup:
-                time.sleep(2.5)  # a file the last run replaced is freed by another process within 2 s
-                shutil.rmtree(os.path.join(folder, setup[0][-1]), ignore_errors=True)
-                subprocess.run(setup[0], cwd=folder, check=True)
-            subprocess.run(["sync"], check=False)
-            wall, peak = measure(command, folder)
+            _set_up(folder, setup)
+            wall, peak, forked = measure(command, folder)
+            _remove(folder, out)
+            if forked:  # sampling worker processes (smaps_rollup) slows them: timed again, alone
+                _set_up(folder, setup)
+                wall = measure(command, folder, sampled=False)[0]
+                _remove(folder, out)
             walls.append(wall)
             peaks.append(peak)
-            if out and os.path.isdir(os.path.join(folder, out)):
-                shutil.rmtree(os.path.join(folder, out))
-            elif out and os.path.exists(os.path.join(folder, out)):
-                os.remove(os.path.join(folder, out))
         results.append({"group": group, "label": label, "wall": statistics.median(walls),
                         "anon": statistics.median(peaks), "walls": walls})
         print(f"{group:40s} {label:42s} {statistics.median(walls):7.2f} s {statistics.median(peaks) / MiB:8.0f} MiB",
               flush=True)
     return results
+
+
+def _set_up(folder: str, setup: list) -> None:
+    """Run a row's setup command (a fresh copy of what it changes in place), then sync."""
+    if setup:
+        time.sleep(2.5)  # a file the last run replaced is freed by another process within 2 s
+        shutil.rmtree(os.path.join(folder, setup[0][-1]), ignore_errors=True)
+        subprocess.run(setup[0], cwd=folder, check=True)
+    subprocess.run(["sync"], check=False)
+
+
+def _remove(folder: str, out: str) -> None:
+    """Remove the output ``out`` of the last run, if it made one."""
+    if out and os.path.isdir(os.path.join(folder, out)):
+        shutil.rmtree(os.path.join(folder, out))
+    elif out and os.path.exists(os.path.join(folder, out)):
+        os.remove(os.path.join(folder, out))
 
 
 def short(label: str) -> str:
