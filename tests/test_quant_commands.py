@@ -139,7 +139,7 @@ def test_a_quant_method_not_read_is_named_not_passed_over(request, tmp_path):
     document = json_of("inspect", folder, "--json", schema="inspect")
     assert sorted(t["name"] for t in document["tensors"]) == ["w.W_q", "w.scale"]
     assert ('config.json: quantization_config\'s quant_method "hqq" is not read (only fp8, compressed-tensors,'
-            " bitsandbytes, gptq, awq, mxfp4, modelopt, modelopt_fp4): its tensors are listed as stored") \
+            " modelopt, bitsandbytes, gptq, awq, mxfp4, modelopt_fp4): its tensors are listed as stored") \
         in document["notes"]
 
 
@@ -176,7 +176,7 @@ def test_a_quant_method_not_read_is_refused_by_what_would_dequantize_quantize_or
         error = [line for line in result.stderr.splitlines() if line.startswith("paramsurgeon: error:")]
         assert error == [f"paramsurgeon: error: {args[0]}: config.json's quantization_config has quant_method"
                          f" \"{method}\", which paramsurgeon does not read (it reads fp8, compressed-tensors,"
-                         " bitsandbytes, gptq, awq, mxfp4, modelopt, modelopt_fp4): its stored tensors may be codes"
+                         " modelopt, bitsandbytes, gptq, awq, mxfp4, modelopt_fp4): its stored tensors may be codes"
                          f" and scales, not values, so they cannot be {cannot.get(args[0], 'changed as values')};"
                          " nothing written"], result.stderr
         assert not out.exists()

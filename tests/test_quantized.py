@@ -203,3 +203,32 @@ def test_modelopt_fp8_is_read_as_its_codes_times_its_scale(tmp_path):
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         assert bits(f.get_tensor("l.weight")) == bits(expected) and "l.weight_scale" not in f.keys()
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_modelopt_hf_quant_config_goes_when_nothing_is_quantized_any_more(tmp_path):
+    """ModelOpt keeps its quantization in hf_quant_config.json (config.json has none); vLLM and TensorRT-LLM
+    read it, so a dequantized output must not carry it: left out when nothing is quantized any more, kept
+    with a note naming the modules now plain when some are, kept silently by other surgery."""
+    model, generator, state = tmp_path / "model", torch.Generator().manual_seed(6), {}
+    model.mkdir()
+    for module in ("a", "b"):
+        weight = torch.randn(32, 32, generator=generator)
+        scale = weight.abs().max() / 448
+        state |= {f"{module}.weight": (weight / scale).to(torch.float8_e4m3fn), f"{module}.weight_scale": scale.reshape(()),
+                  f"{module}.input_scale": torch.tensor(0.25)}
+    save_file({**state, "norm.weight": torch.ones(32)}, model / "model.safetensors")
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
+    (model / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt", "version": "0.19.0"},
+                                                            "quantization": {"quant_algo": "FP8", "exclude_modules": ["lm_head"]}}))
+    full = run("dequantize", model, "-o", tmp_path / "full/")
+    assert full.exit_code == 0 and "hf_quant_config.json left out: nothing is quantized any more" in full.stderr
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["config.json", "model.safetensors"]
+    with safe_open(tmp_path / "full" / "model.safetensors", "pt") as f:
+        expected = (state["a.weight"].float() * state["a.weight_scale"]).to(torch.bfloat16)
+        assert bits(f.get_tensor("a.weight")) == bits(expected)
+    part = run("dequantize", model, "-p", "a.weight", "-o", tmp_path / "part/")
+    assert part.exit_code == 0 and "its exclude_modules do not name what is now plain (a.weight)" in part.stderr
+    assert (tmp_path / "part" / "hf_quant_config.json").read_bytes() == (model / "hf_quant_config.json").read_bytes()
+    other = run("zero", model, "-p", "norm.weight", "-o", tmp_path / "zeroed/")
+    assert other.exit_code == 0 and "note: hf_quant_config.json" not in other.stderr
+    assert (tmp_path / "zeroed" / "hf_quant_config.json").read_bytes() == (model / "hf_quant_config.json").read_bytes()

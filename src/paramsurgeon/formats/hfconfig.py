@@ -1,5 +1,6 @@
 """The ``config.json`` of a Hugging Face model directory: found beside a checkpoint (a directory
-input, its index, or a single file inside the directory) and read as a JSON object."""
+input, its index, or a single file inside the directory) and read as a JSON object; and NVIDIA
+ModelOpt's ``hf_quant_config.json``, which holds the quantization its exports leave out of config.json."""
 
 from __future__ import annotations
 
@@ -11,21 +12,22 @@ from .files import is_url
 from .places import dirname, is_dir, is_file, join, read_all
 
 CONFIG = "config.json"
+QUANT_CONFIG = "hf_quant_config.json"  # {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": ...}}
 
 
-def config_path(path: str | None) -> str | None:
-    """The config.json that describes the checkpoint at ``path``, if there is one."""
+def config_path(path: str | None, name: str = CONFIG) -> str | None:
+    """The config.json (or other file ``name``) that describes the checkpoint at ``path``, if there is one."""
     if path in (None, "-"):
         return None
     folder = path if is_dir(path) else dirname(path if is_url(path) else os.path.abspath(path))
-    candidate = join(folder, CONFIG)
+    candidate = join(folder, name)
     return candidate if is_file(candidate) else None
 
 
-def read_config(path: str | None) -> dict | None:
-    """The model config beside the checkpoint at ``path``: a dict, or None when there is none or
-    it is not a JSON object (the weights are read all the same)."""
-    found = config_path(path)
+def read_config(path: str | None, name: str = CONFIG) -> dict | None:
+    """The model config (or other JSON file ``name``) beside the checkpoint at ``path``: a dict, or
+    None when there is none or it is not a JSON object (the weights are read all the same)."""
+    found = config_path(path, name)
     if found is None:
         return None
     try:
@@ -33,3 +35,16 @@ def read_config(path: str | None) -> dict | None:
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None
+
+
+def quantization_read(path: str | None, config: dict | None) -> dict | None:
+    """``config`` as the quantization schemes read it: where it has no ``quantization_config`` and an
+    ``hf_quant_config.json`` lies beside the checkpoint, that file's ``quantization`` stands in for
+    one (``quant_method: modelopt``), as ModelOpt's loaders in vLLM and TensorRT-LLM read it."""
+    if isinstance(config, dict) and "quantization_config" in config:
+        return config
+    modelopt = read_config(path, QUANT_CONFIG)
+    quantization = modelopt.get("quantization") if modelopt is not None else None
+    if not isinstance(quantization, dict):
+        return config
+    return {**(config or {}), "quantization_config": {**quantization, "quant_method": "modelopt"}}

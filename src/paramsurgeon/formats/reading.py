@@ -13,7 +13,7 @@ from . import registry, sharded
 from .atomic import recover
 from .files import InputFile, is_url
 from .places import basename, is_dir, is_file, list_dir, open_input
-from .hfconfig import read_config
+from .hfconfig import quantization_read, read_config
 
 _SIGNATURES = [
     (b"version https://git-lfs", "a Git LFS pointer, not the checkpoint itself; run 'git lfs pull' to fetch it"),
@@ -49,7 +49,7 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
     ckpt.config = config = read_config(ckpt.path)
     restore_omitted(ckpt, config)  # tied names save_pretrained left out
     if not raw:
-        ckpt = quant.group(ckpt, config)
+        ckpt = quant.group(ckpt, quantization_read(ckpt.path, config))
     return ckpt
 
 

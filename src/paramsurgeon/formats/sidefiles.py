@@ -21,13 +21,14 @@ from typing import Callable
 
 from .. import quant
 from ..checkpoint import Checkpoint
+from ..checkpoint.quantized import Quantized
 from ..errors import ParamSurgeonError
 from ..parsing import parse_document
 from . import registry
 from .atomic import atomic_file
 from .directories import is_side_file
 from .files import is_url
-from .hfconfig import CONFIG, config_path
+from .hfconfig import CONFIG, QUANT_CONFIG, config_path
 from .inputs import Inputs
 from .places import dirname, is_dir, is_file, join, read_all
 from .quantconfig import REMOVED, quantization_changes, quantized
@@ -83,6 +84,16 @@ def carry(ckpt: Checkpoint, staging: str, target: str, inputs: Inputs) -> list[s
             continue
         if name == CONFIG and os.path.isfile(path):
             notes += _write_config(path, os.path.join(staging, name), ckpt, inputs, same)
+        elif name == QUANT_CONFIG and (plain := _written_plain(ckpt, inputs)):
+            if quantized(ckpt):
+                notes.append(f"note: {QUANT_CONFIG} kept as it was: its exclude_modules do not name what is now plain"
+                             f" ({', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''}); ModelOpt's loaders will"
+                             " read those as quantized")
+                if not same:
+                    shutil.copy2(path, os.path.join(staging, name))
+            else:
+                notes.append(f"note: {QUANT_CONFIG} " + (f"in {folder} left as it was; remove it: nothing is quantized"
+                                                          " any more" if same else "left out: nothing is quantized any more"))
         elif same or os.path.lexists(os.path.join(staging, name)):
             continue
         elif is_side_file(name) and os.path.isfile(path):
@@ -93,6 +104,16 @@ def carry(ckpt: Checkpoint, staging: str, target: str, inputs: Inputs) -> list[s
         notes.append(f"note: not carried from {folder} (not model files): {', '.join(left[:6])}"
                      + (f" and {len(left) - 6} more" if len(left) > 6 else ""))
     return notes
+
+
+def _written_plain(ckpt: Checkpoint, inputs: Inputs) -> list[str]:
+    """The quantized weights of the input that ``ckpt`` holds as plain tensors (a ModelOpt
+    hf_quant_config.json would make its loaders read them as quantized)."""
+    before = inputs.as_read(ckpt.path)
+    if before is None:
+        return []
+    kept = {*ckpt.laid_out, *(n for n, t in ckpt.tensors.items() if type(t) is Quantized)}
+    return [n for n, t in before.tensors.items() if type(t) is Quantized and n in ckpt.tensors and n not in kept]
 
 
 def _carry_remote(folder: str, staging: str, ckpt: Checkpoint, inputs: Inputs) -> list[str]:
