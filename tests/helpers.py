@@ -9,8 +9,10 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from importlib import resources
 
@@ -246,3 +248,26 @@ def workspace(folder) -> str:
     """``folder`` set up as the README's examples expect: ``samples/`` beside the files they write."""
     os.symlink(SAMPLES, os.path.join(folder, "samples"))
     return str(folder)
+
+
+WORKER_DIED = ("paramsurgeon: error: a worker process died (killed, or out of memory); nothing was written; retry,"
+               " with fewer --workers if memory is short\n")
+
+
+def worker_killed(*args) -> tuple[int, str]:
+    """(exit code, stderr) of ``python -m paramsurgeon ARGS`` (with --workers) whose first worker process
+    is killed (SIGKILL) once it has started."""
+    process = subprocess.Popen([sys.executable, "-m", "paramsurgeon", *map(str, args)], stderr=subprocess.PIPE)
+    children, deadline = [], time.monotonic() + 120
+    while not children and time.monotonic() < deadline and process.poll() is None:
+        try:
+            with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            break
+        time.sleep(0.01)
+    assert children, "no worker process was started"
+    time.sleep(0.2)
+    os.kill(int(children[0]), signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr.decode()

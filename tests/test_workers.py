@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp8_reference import dequantize, quantize
-from helpers import register_input, run, run_process
+from helpers import WORKER_DIED, register_input, run, run_process, worker_killed
 
 
 def sharded(folder, shards: dict[str, dict[str, torch.Tensor]], config: dict | None = None):
@@ -263,22 +263,8 @@ def test_without_resume_a_killed_write_is_cleared_and_written_anew(request, tmp_
 def test_a_worker_process_killed_mid_run_fails_the_command_and_nothing_is_written(request, tmp_path):
     folder = _big(request, tmp_path, count=32)
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "paramsurgeon", "cast", str(folder), "--all", "--dtype",
-                                "float64", "-o", str(out), "--workers", "2"], stderr=subprocess.PIPE)
-    children, deadline = [], time.monotonic() + 120
-    while not children and time.monotonic() < deadline and process.poll() is None:
-        try:
-            children = open(f"/proc/{process.pid}/task/{process.pid}/children").read().split()
-        except OSError:
-            break
-        time.sleep(0.01)
-    assert children, "no worker process was started"
-    time.sleep(0.2)
-    os.kill(int(children[0]), signal.SIGKILL)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 2
-    assert stderr.decode() == ("paramsurgeon: error: a worker process died (killed, or out of memory); nothing was"
-                               " written; retry, with fewer --workers if memory is short\n")
+    assert worker_killed("cast", folder, "--all", "--dtype", "float64", "-o", out, "--workers", "2") == \
+        (2, WORKER_DIED)
     assert not out.exists() and _staging(out) == []
 
 

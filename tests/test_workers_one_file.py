@@ -7,10 +7,6 @@ mid-run leaves nothing behind."""
 import filecmp
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp8_reference import dequantize, quantize
-from helpers import register_input, run
+from helpers import WORKER_DIED, register_input, run, worker_killed
 from paramsurgeon.formats import placed
 
 
@@ -134,20 +130,6 @@ def test_a_worker_killed_mid_run_fails_the_command_and_leaves_no_file(request, t
     save_file({f"block.{i}.weight": torch.randn(1024, 1024) for i in range(48)}, source)
     register_input(request, source)
     out = tmp_path / "out.safetensors"
-    process = subprocess.Popen([sys.executable, "-m", "paramsurgeon", "cast", str(source), "--all", "--dtype",
-                                "float64", "-o", str(out), "--workers", "2"], stderr=subprocess.PIPE)
-    children, deadline = [], time.monotonic() + 120
-    while not children and time.monotonic() < deadline and process.poll() is None:
-        try:
-            children = open(f"/proc/{process.pid}/task/{process.pid}/children").read().split()
-        except OSError:
-            break
-        time.sleep(0.01)
-    assert children, "no worker process was started"
-    time.sleep(0.2)
-    os.kill(int(children[0]), signal.SIGKILL)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 2
-    assert stderr.decode() == ("paramsurgeon: error: a worker process died (killed, or out of memory); nothing was"
-                               " written; retry, with fewer --workers if memory is short\n")
+    assert worker_killed("cast", source, "--all", "--dtype", "float64", "-o", out, "--workers", "2") == \
+        (2, WORKER_DIED)
     assert sorted(os.listdir(tmp_path)) == ["big.safetensors"]
