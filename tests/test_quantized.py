@@ -207,8 +207,8 @@ def test_modelopt_fp8_is_read_as_its_codes_times_its_scale(tmp_path):
 
 def test_modelopt_hf_quant_config_goes_when_nothing_is_quantized_any_more(tmp_path):
     """ModelOpt keeps its quantization in hf_quant_config.json (config.json has none); vLLM and TensorRT-LLM
-    read it, so a dequantized output must not carry it: left out when nothing is quantized any more, kept
-    with a note naming the modules now plain when some are, kept silently by other surgery."""
+    read it, so a dequantized output must not carry it as it was: left out when nothing is quantized any
+    more, the modules now plain added to its exclude_modules when some are, kept by other surgery."""
     model, generator, state = tmp_path / "model", torch.Generator().manual_seed(6), {}
     model.mkdir()
     for module in ("a", "b"):
@@ -227,8 +227,10 @@ def test_modelopt_hf_quant_config_goes_when_nothing_is_quantized_any_more(tmp_pa
         expected = (state["a.weight"].float() * state["a.weight_scale"]).to(torch.bfloat16)
         assert bits(f.get_tensor("a.weight")) == bits(expected)
     part = run("dequantize", model, "-p", "a.weight", "-o", tmp_path / "part/")
-    assert part.exit_code == 0 and "its exclude_modules do not name what is now plain (a.weight)" in part.stderr
-    assert (tmp_path / "part" / "hf_quant_config.json").read_bytes() == (model / "hf_quant_config.json").read_bytes()
+    assert part.exit_code == 0 and "note: hf_quant_config.json: exclude_modules added a\n" in part.stderr
+    assert json.loads((tmp_path / "part" / "hf_quant_config.json").read_text()) == {
+        "producer": {"name": "modelopt", "version": "0.19.0"},
+        "quantization": {"quant_algo": "FP8", "exclude_modules": ["lm_head", "a"]}}
     other = run("zero", model, "-p", "norm.weight", "-o", tmp_path / "zeroed/")
     assert other.exit_code == 0 and "note: hf_quant_config.json" not in other.stderr
     assert (tmp_path / "zeroed" / "hf_quant_config.json").read_bytes() == (model / "hf_quant_config.json").read_bytes()

@@ -85,15 +85,13 @@ def carry(ckpt: Checkpoint, staging: str, target: str, inputs: Inputs) -> list[s
         if name == CONFIG and os.path.isfile(path):
             notes += _write_config(path, os.path.join(staging, name), ckpt, inputs, same)
         elif name == QUANT_CONFIG and (plain := _written_plain(ckpt, inputs)):
-            if quantized(ckpt):
-                notes.append(f"note: {QUANT_CONFIG} kept as it was: its exclude_modules do not name what is now plain"
-                             f" ({', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''}); ModelOpt's loaders will"
-                             " read those as quantized")
-                if not same:
-                    shutil.copy2(path, os.path.join(staging, name))
+            if same:
+                notes.append(f"note: {QUANT_CONFIG} in {folder} left as it was: it does not know that"
+                             f" {', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''} are now plain")
+            elif quantized(ckpt):
+                notes += _exclude(path, os.path.join(staging, name), plain)
             else:
-                notes.append(f"note: {QUANT_CONFIG} " + (f"in {folder} left as it was; remove it: nothing is quantized"
-                                                          " any more" if same else "left out: nothing is quantized any more"))
+                notes.append(f"note: {QUANT_CONFIG} left out: nothing is quantized any more")
         elif same or os.path.lexists(os.path.join(staging, name)):
             continue
         elif is_side_file(name) and os.path.isfile(path):
@@ -114,6 +112,27 @@ def _written_plain(ckpt: Checkpoint, inputs: Inputs) -> list[str]:
         return []
     kept = {*ckpt.laid_out, *(n for n, t in ckpt.tensors.items() if type(t) is Quantized)}
     return [n for n, t in before.tensors.items() if type(t) is Quantized and n in ckpt.tensors and n not in kept]
+
+
+def _exclude(source: str, destination: str, plain: list[str]) -> list[str]:
+    """ModelOpt's ``hf_quant_config.json`` at ``destination`` with the modules of the weights now
+    ``plain`` added to its ``exclude_modules`` (which its loaders leave unquantized); notes."""
+    with open(source, "rb") as handle:
+        text = handle.read().decode("utf-8", "replace")
+    try:
+        data = parse_document(json.loads, text)
+    except ValueError:
+        data = None
+    quantization = data.get("quantization") if isinstance(data, dict) else None
+    held = quantization.get("exclude_modules") or [] if isinstance(quantization, dict) else None
+    if not isinstance(held, list):
+        shutil.copy2(source, destination)
+        return [f"note: {QUANT_CONFIG} copied as it was (no exclude_modules list to add {', '.join(plain[:4])} to)"]
+    added = [m for m in dict.fromkeys(n.removesuffix(".weight") for n in plain) if m not in held]
+    quantization["exclude_modules"] = held + added
+    with open(destination, "wb") as handle:
+        handle.write(_dumps(data, text).encode("utf-8"))
+    return [f"note: {QUANT_CONFIG}: exclude_modules added {', '.join(added)}"] if added else []
 
 
 def _carry_remote(folder: str, staging: str, ckpt: Checkpoint, inputs: Inputs) -> list[str]:
