@@ -52,7 +52,7 @@ def quantization_changes(config: dict, before: Checkpoint, after: Checkpoint,
     if not held:
         return {}, []
     moved, notes = _moved(held, after, theirs)
-    plain = _written_plain(before, after)
+    plain = _written_plain(before, after) + _taken_plain(held.get("quant_method"), after, theirs)
     changes, more = _skipping(moved, plain, after) if plain else ({}, [])
     if not changes and moved != held:
         changes = {"quantization_config": moved}
@@ -73,6 +73,15 @@ def _moved(held: dict, after: Checkpoint, theirs: Callable[[str], dict | None]) 
 
     listed, notes = moved_list(_entries(held[key]), after.moves, their_list, f"config.json: quantization_config.{key}")
     return {**held, key: listed}, notes
+
+
+def _taken_plain(method, after: Checkpoint, theirs: Callable[[str], dict | None]) -> list[str]:
+    """The plain weights of the blocks a stack took from checkpoints not quantized by ``method`` (a
+    plain model's): no entry of theirs names them, yet the list must."""
+    blocks = tuple(block + "." for number, step in enumerate(after.moves) for new, (path, _) in step.taken.items()
+                   if quant.quantization_config(theirs(path)).get("quant_method") != method
+                   for block in followed(new, after.moves[number + 1:]))
+    return [n for n, t in after.tensors.items() if n.startswith(blocks) and _plain_matrix(n, t, after)] if blocks else []
 
 
 def _entries(listed) -> list:
