@@ -450,9 +450,11 @@ def test_a_regex_naming_a_layer_is_left_as_it_is_with_a_note(request, ct_model, 
 
 
 @pytest.mark.parametrize("args, plain", [(["--drop", "0"], [0]), (["--duplicate", "1"], [1, 2]), (["--keep", "0,2"], [])])
-def test_modelopts_exclude_modules_follow_the_layers(request, tmp_path, args, plain):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_modelopts_exclude_modules_follow_the_layers(request, tmp_path, args, plain, in_place):
     """ModelOpt's hf_quant_config.json: its loaders (vLLM's is_layer_excluded) leave a module unquantized
-    when its name is an entry of exclude_modules or matches one as a wildcard (fnmatch)."""
+    when its name is an entry of exclude_modules or matches one as a wildcard (fnmatch); also rewritten
+    --in-place."""
     from fnmatch import fnmatchcase
 
     from safetensors.torch import save_file
@@ -470,8 +472,9 @@ def test_modelopts_exclude_modules_follow_the_layers(request, tmp_path, args, pl
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 3}))
     (model / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": {
         "quant_algo": "FP8", "exclude_modules": ["lm_head", "model.layers.1.mlp.down_proj", "*mlp.gate"]}}))
-    out = tmp_path / "out"
-    result = run("layers", register_input(request, str(model)), *args, "-o", f"{out}/")
+    out = model if in_place else tmp_path / "out"
+    result = run("layers", model, *args, "--in-place") if in_place else \
+        run("layers", register_input(request, str(model)), *args, "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
     excluded = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
     stored = {n.removesuffix(".weight"): dtype for n, dtype in lm.stored_dtypes(out).items() if n.endswith(".weight")}

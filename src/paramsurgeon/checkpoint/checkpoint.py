@@ -10,6 +10,7 @@ from itertools import repeat
 from typing import Any, Iterator
 
 from ..errors import SelectionError
+from .moves import Moves
 from .tensor import Tensor, tie_groups
 
 
@@ -51,7 +52,7 @@ class Checkpoint:
     layout: Any = None  # what a writer of the input's own format carries over (GGUF: formats.gguf.Layout)
     laid_out: dict = field(default_factory=dict)  # name -> quantized tensor a writer laid out as its parts
     made: dict[str, bytes] = field(default_factory=dict)  # file name -> content, written beside a directory's weights
-    moves: list = field(default_factory=list)  # moves.Moves of each step that renumbered modules, in order
+    moves: list[Moves] = field(default_factory=list)  # of each step that renumbered modules, in order
 
     @property
     def container(self) -> dict:

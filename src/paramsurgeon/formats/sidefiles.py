@@ -34,8 +34,8 @@ from .inputs import Inputs
 from .places import dirname, is_dir, is_file, join, read_all
 from .quantconfig import REMOVED, quantization_changes, quantized
 from .reading import load
-from .skiplists import moved_list
 from .sharded import checkpoint_files
+from .skiplists import moved_list
 
 # (input embedding, output embedding) of the architectures whose configs name vocab_size and
 # tie_word_embeddings: the tensors those keys describe
@@ -91,7 +91,13 @@ def carry(ckpt: Checkpoint, staging: str, target: str, inputs: Inputs) -> list[s
                 notes.append(f"note: {QUANT_CONFIG} in {folder} left as it was: it does not know that"
                              f" {', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''} are now plain")
             elif quantized(ckpt):
-                notes += _exclude(path, os.path.join(staging, name), plain, ckpt.moves)
+                text, more = _exclusions_update(path, plain, ckpt.moves)
+                notes += more
+                if text is None:
+                    shutil.copy2(path, os.path.join(staging, name))
+                else:
+                    with open(os.path.join(staging, name), "wb") as handle:
+                        handle.write(text.encode("utf-8"))
             else:
                 notes.append(f"note: {QUANT_CONFIG} left out: nothing is quantized any more")
         elif same or os.path.lexists(os.path.join(staging, name)):
@@ -117,10 +123,10 @@ def _written_plain(ckpt: Checkpoint, inputs: Inputs) -> list[str]:
             for m in followed(n, ckpt.moves) if m in ckpt.tensors and m not in kept]
 
 
-def _exclude(source: str, destination: str, plain: list[str], moves: list[Moves]) -> list[str]:
-    """ModelOpt's ``hf_quant_config.json`` at ``destination`` with its ``exclude_modules`` (which its
+def _exclusions_update(source: str, plain: list[str], moves: list[Moves]) -> tuple[str | None, list[str]]:
+    """The text of ModelOpt's ``hf_quant_config.json`` at ``source`` with its ``exclude_modules`` (which its
     loaders leave unquantized) following the modules ``moves`` renumbered (skiplists), and the modules of
-    the weights now ``plain`` added; notes."""
+    the weights now ``plain`` added (None: it has no such list); notes."""
     with open(source, "rb") as handle:
         text = handle.read().decode("utf-8", "replace")
     try:
@@ -130,17 +136,15 @@ def _exclude(source: str, destination: str, plain: list[str], moves: list[Moves]
     quantization = data.get("quantization") if isinstance(data, dict) else None
     held = quantization.get("exclude_modules") or [] if isinstance(quantization, dict) else None
     if not isinstance(held, list):
-        shutil.copy2(source, destination)
-        return [f"note: {QUANT_CONFIG} copied as it was (no exclude_modules list to add {', '.join(plain[:4])} to)"] \
-            if plain else []
+        return None, [f"note: {QUANT_CONFIG} copied as it was (no exclude_modules list to add"
+                      f" {', '.join(plain[:4])} to)"] if plain else []
     moved, notes = moved_list(held, moves, _their_exclusions, f"{QUANT_CONFIG}: exclude_modules")
     added = [m for m in dict.fromkeys(n.removesuffix(".weight") for n in plain) if m not in moved]
     quantization["exclude_modules"] = moved + added
-    with open(destination, "wb") as handle:
-        handle.write(_dumps(data, text).encode("utf-8"))
     if moved != held:
         notes.append(f"note: {QUANT_CONFIG}: exclude_modules renumbered with the modules they name")
-    return notes + ([f"note: {QUANT_CONFIG}: exclude_modules added {', '.join(added)}"] if added else [])
+    return _dumps(data, text), notes + ([f"note: {QUANT_CONFIG}: exclude_modules added {', '.join(added)}"]
+                                        if added else [])
 
 
 def _their_exclusions(path: str) -> list | None:
@@ -164,15 +168,21 @@ def _carry_remote(folder: str, staging: str, ckpt: Checkpoint, inputs: Inputs) -
 
 def config_beside(ckpt: Checkpoint, place: str, inputs: Inputs) -> Callable[[], list[str]]:
     """--in-place of one file: the ``config.json`` beside it, updated for ``ckpt`` (as ``carry`` updates a
-    directory's). The update is worked out now, before the file is replaced; the function returned
+    directory's), and after a renumbering, ModelOpt's ``hf_quant_config.json``. The update is worked out now, before the file is replaced; the function returned
     writes it (atomically) once the file is replaced, and returns the notes."""
     source = config_path(place)
     text, notes = _config_update(source, ckpt, inputs) if source is not None else (None, [])
+    updates = {source: text}  # path -> its new text (None: unchanged)
+    modelopt = config_path(place, QUANT_CONFIG)
+    if modelopt is not None and ckpt.moves and quantized(ckpt):  # renumbered: its exclude_modules follow
+        updates[modelopt], more = _exclusions_update(modelopt, _written_plain(ckpt, inputs), ckpt.moves)
+        notes += more
 
     def write() -> list[str]:
-        if text is not None:
-            with atomic_file(source) as sink:
-                sink.write(text.encode("utf-8"))
+        for path, text in updates.items():
+            if text is not None:
+                with atomic_file(path) as sink:
+                    sink.write(text.encode("utf-8"))
         return notes
     return write
 
