@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 from helpers import SAMPLES, json_of, register_input, run
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import layer_models as lm
@@ -491,3 +492,28 @@ def test_stack_names_the_blocks_it_takes_from_a_plain_model(request, fp8_models,
     assert result.exit_code == 0, result.stderr
     assert {int(m.split(".")[2]) for m, p in plain_modules(out).items() if p} == {0, 3}  # a's layer 2 now 3
     assert_skips_the_plain_modules(out)
+
+
+@pytest.mark.parametrize("args", [["--move", "0", "--to", "1"], ["--duplicate", "0"]])
+def test_a_partly_plain_nf4_model_loads_in_transformers_after_layers(request, tmp_path, args):
+    """bitsandbytes NF4 (from_pretrained on the CPU): layer 0 dequantized (llm_int8_skip_modules names its
+    modules), then the layers moved or duplicated: the loaded model has nn.Linear exactly where the output
+    stores plain weights, with their values, and Linear4bit where it stores NF4 codes."""
+    from test_quant_partial import NF4
+    from transformers import AutoModelForCausalLM
+
+    partial = tmp_path / "partial"
+    assert run("dequantize", register_input(request, str(NF4)), "-p", "model.layers.0.*", "-o", f"{partial}/") \
+        .exit_code == 0
+    out = tmp_path / "out"
+    result = run("layers", partial, *args, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    stored = lm.stored_dtypes(out)
+    matrices = [n.removesuffix(".weight") for n in stored if n.startswith("model.layers.") and n.endswith("proj.weight")]
+    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert {m: type(loaded.get_submodule(m)).__name__ for m in matrices} == \
+        {m: "Linear" if stored[m + ".weight"] == "BF16" else "Linear4bit" for m in matrices}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        for m in matrices:
+            if stored[m + ".weight"] == "BF16":
+                assert torch.equal(loaded.get_submodule(m).weight.data, f.get_tensor(m + ".weight")), m
