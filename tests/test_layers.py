@@ -517,3 +517,23 @@ def test_a_partly_plain_nf4_model_loads_in_transformers_after_layers(request, tm
         for m in matrices:
             if stored[m + ".weight"] == "BF16":
                 assert torch.equal(loaded.get_submodule(m).weight.data, f.get_tensor(m + ".weight")), m
+
+
+def test_a_stack_into_a_null_nf4_skip_list_names_the_plain_blocks_it_takes(request, tmp_path):
+    """The rest's llm_int8_skip_modules is null (transformers' defaults); the other source's layer 0 is
+    plain (dequantized): the list becomes explicit and names its modules, so from_pretrained loads them."""
+    from test_quant_partial import NF4
+    from transformers import AutoModelForCausalLM
+
+    partial = tmp_path / "partial"
+    assert run("dequantize", register_input(request, str(NF4)), "-p", "model.layers.0.*", "-o", f"{partial}/") \
+        .exit_code == 0
+    out = tmp_path / "out"
+    result = run("stack", f"{NF4}:1", f"{partial}:0", "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    stored = lm.stored_dtypes(out)
+    matrices = [n.removesuffix(".weight") for n in stored if n.startswith("model.layers.") and n.endswith("proj.weight")]
+    assert {m for m in matrices if stored[m + ".weight"] == "BF16"} == {m for m in matrices if ".layers.1." in m}
+    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert {m: type(loaded.get_submodule(m)).__name__ for m in matrices} == \
+        {m: "Linear" if stored[m + ".weight"] == "BF16" else "Linear4bit" for m in matrices}

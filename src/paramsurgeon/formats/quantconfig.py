@@ -52,7 +52,7 @@ def quantization_changes(config: dict, before: Checkpoint, after: Checkpoint,
     if not held:
         return {}, []
     moved, notes = _moved(held, after, theirs)
-    plain = _written_plain(before, after) + _taken_plain(held.get("quant_method"), after, theirs)
+    plain = _written_plain(before, after) + _taken_plain(held, after, theirs)
     changes, more = _skipping(moved, plain, after) if plain else ({}, [])
     if not changes and moved != held:
         changes = {"quantization_config": moved}
@@ -75,11 +75,14 @@ def _moved(held: dict, after: Checkpoint, theirs: Callable[[str], dict | None]) 
     return {**held, key: listed}, notes
 
 
-def _taken_plain(method, after: Checkpoint, theirs: Callable[[str], dict | None]) -> list[str]:
-    """The plain weights of the blocks a stack took from checkpoints not quantized by ``method`` (a
-    plain model's): no entry of theirs names them, yet the list must."""
+def _taken_plain(held: dict, after: Checkpoint, theirs: Callable[[str], dict | None]) -> list[str]:
+    """The plain weights of the blocks a stack took from checkpoints whose entries ``_moved`` did not
+    bring: not quantized by ``held``'s method (a plain model), or into a null list (transformers'
+    defaults); no entry names them, yet the list must."""
+    method = held.get("quant_method")
+    null = method not in SKIPS or held.get(SKIPS[method][0]) is None
     blocks = tuple(block + "." for number, step in enumerate(after.moves) for new, (path, _) in step.taken.items()
-                   if quant.quantization_config(theirs(path)).get("quant_method") != method
+                   if null or quant.quantization_config(theirs(path)).get("quant_method") != method
                    for block in followed(new, after.moves[number + 1:]))
     return [n for n, t in after.tensors.items() if n.startswith(blocks) and _plain_matrix(n, t, after)] if blocks else []
 
