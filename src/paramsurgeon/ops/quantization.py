@@ -124,9 +124,10 @@ class Quantize(Targets, TiePolicy, Operation):
         others = sorted({(t.scheme.name, _shown(t.params)) for n, t in ckpt.tensors.items()
                          if type(t) is Quantized and n not in changed and (t.scheme, t.params) != (scheme, params)})
         if others:
+            alike = [shown for name, shown in others if name == scheme.name]
             raise PlanError(f"quantize: the checkpoint holds {', '.join(' '.join(o) for o in others)} weights, and a"
-                            f" model config describes one quantization; dequantize them first, or quantize as"
-                            f" {others[0][0]} {others[0][1]}")
+                            f" model config describes one quantization; dequantize them first"
+                            + (f", or quantize with --block {alike[0]}" if alike else ""))
         if already:
             plan.notes.append(f"{plural(len(already), 'tensor')} {'is' if len(already) == 1 else 'are'} already"
                               f" {scheme.name} {_shown(params)}: {names_list(already)}")
@@ -152,4 +153,4 @@ def _block(text: str | None) -> list[int]:
 
 def _shown(params: dict) -> str:
     block = params.get("block")
-    return f"{block[0]}x{block[1]}" if isinstance(block, list) else ""
+    return "x".join(map(str, block)) if isinstance(block, list) else ""
