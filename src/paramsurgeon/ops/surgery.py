@@ -129,7 +129,7 @@ def _named(step: Step) -> Iterator[None]:
 def structural_copy(ckpt: Checkpoint) -> Checkpoint:
     """A copy whose containers can be changed without touching ``ckpt`` (tensors are shared)."""
     return dataclasses.replace(ckpt, root=_copy_along(ckpt.root, ckpt.key), metadata=dict(ckpt.metadata),
-                               notes=list(ckpt.notes))
+                               notes=list(ckpt.notes), plain=set(ckpt.plain))
 
 
 def _copy_along(node: Any, path: tuple) -> Any:
