@@ -64,6 +64,9 @@ def plan(tensors: dict[str, Tensor], layout: Layout, plain: set[str]) -> list[tu
 
     entries, problems = [], []
     for name, tensor in tensors.items():
+        if isinstance(tensor, Quantized) and not tensor.scheme.native:
+            raise PlanError(f"writing GGUF: '{name}' is {tensor.scheme.name}, which GGUF has no type for; nothing"
+                            " was written; write .safetensors")
         if isinstance(tensor, Quantized):
             kind = by_name[tensor.params["gguf_type"]]
             entries.append((name, kind, tensor, tensor.parts["blocks"].nbytes))

@@ -122,7 +122,8 @@ class Quantize(Targets, TiePolicy, Operation):
                           self, change_for)
         changed = {n for c in plan.changes for n in c.names}
         others = sorted({(t.scheme.name, _shown(t.params)) for n, t in ckpt.tensors.items()
-                         if type(t) is Quantized and n not in changed and (t.scheme, t.params) != (scheme, params)})
+                         if type(t) is Quantized and not t.scheme.native and n not in changed
+                         and (t.scheme, t.params) != (scheme, params)})
         if others:
             alike = [shown for name, shown in others if name == scheme.name]
             raise PlanError(f"quantize: the checkpoint holds {', '.join(' '.join(o) for o in others)} weights, and a"
