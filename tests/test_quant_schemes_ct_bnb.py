@@ -354,6 +354,22 @@ def test_a_compressed_tensors_format_not_read_is_named_and_not_dequantized(reque
     assert not (tmp_path / "out").exists()
 
 
+def test_mxfp8_float8_codes_with_exponent_scales_are_named_as_their_format_not_float_quantized(request, tmp_path):
+    """MXFP8 stores float8 codes as float-quantized does, but with E8M0 (uint8) scales: its format is named."""
+    folder = tmp_path / "mxfp8"
+    stored, _ = compressed_tensors_dir(folder, {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 32,
+                                                "scale_dtype": torch.uint8, "zp_dtype": torch.uint8}, None)
+    register_input(request, folder)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "mxfp8-quantized"
+    names, notes = notes_of(folder)
+    assert names == sorted(stored)
+    assert ("model.up.weight, model.up.weight_scale: compressed-tensors format mxfp8-quantized is not read:"
+            " model.up.weight is [96, 256] float8_e4m3fn with a uint8 scale") in notes
+    result = run("dequantize", folder, "-o", str(tmp_path / "out") + "/")
+    assert result.exit_code == 2 and "mxfp8-quantized is not read" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_fp4_parts_that_do_not_fit_or_lack_their_global_scale_are_named(request, ct_dirs, tmp_path):
     folder, stored, _ = ct_dirs["nvfp4"]
     config = json.loads((folder / "config.json").read_text())

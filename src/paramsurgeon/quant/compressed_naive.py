@@ -36,11 +36,12 @@ class Naive(Scheme):
                 if args is not None:  # the config quantizes this module: its codes need a scale
                     yield Partial(present, f"{name} has no {name + SCALE}")
                 continue
-            yield self._group(name, weight, scale, zero, args, present)
+            yield self._group(name, weight, scale, zero, args, present, compressed.weight_format(config, module))
 
-    def _group(self, name, weight, scale, zero, args, present):
+    def _group(self, name, weight, scale, zero, args, present, fmt):
         if len(weight.shape) != 2 or not scale.dtype.floating:
-            return Partial(present, f"{name} is {list(weight.shape)} {weight.dtype} with a {scale.dtype} scale,"
+            told = f"compressed-tensors format {fmt} is not read: " if fmt not in (None, self.name) else ""
+            return Partial(present, f"{told}{name} is {list(weight.shape)} {weight.dtype} with a {scale.dtype} scale,"
                            " not the 2-D codes and float scale this format stores")
         tile, expected = compressed.layout(args, scale.shape, weight.shape)
         if tile is None:
