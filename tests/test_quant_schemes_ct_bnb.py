@@ -354,6 +354,28 @@ def test_a_compressed_tensors_format_not_read_is_named_and_not_dequantized(reque
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("weights, scale", [(CT["fp8-tensor"][1], "input_scale"), (CT["nvfp4"][1], "input_global_scale")])
+def test_a_static_input_scale_goes_with_its_weight_and_is_dropped_when_written_plain(request, tmp_path, weights, scale):
+    """A module's calibrated input scale belongs to its quantized weight: a rename moves it, a dequantized
+    (plain) layer keeps none (no plain layer reads one; transformers lists it as unexpected)."""
+    folder = tmp_path / "static"
+    activations = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False} if scale == "input_scale" \
+        else {**CT["nvfp4"][1], "dynamic": "local"}
+    stored, reference = compressed_tensors_dir(folder, weights, activations)
+    register_input(request, folder)
+    assert {f"model.up.{scale}", f"model.down.{scale}"} <= set(stored)
+    rows = {t["name"]: t for t in json_of("inspect", folder, "--json", schema="inspect")["tensors"]}
+    assert f"model.up.{scale}" in rows[UP]["quant"]["parts"] and f"model.up.{scale}" not in rows
+    out = tmp_path / "out"
+    assert run("dequantize", folder, "-p", UP, "-o", f"{out}/").exit_code == 0
+    written = stored_file(out / "model.safetensors")
+    assert f"model.up.{scale}" not in written and bits(written[f"model.down.{scale}"]) == bits(stored[f"model.down.{scale}"])
+    assert bits(written[UP]) == bits(reference[UP])
+    renamed = tmp_path / "renamed"
+    assert run("rename", folder, "--from", "model.down.*", "--to", "model.low.*", "-o", f"{renamed}/").exit_code == 0
+    assert bits(stored_file(renamed / "model.safetensors")[f"model.low.{scale}"]) == bits(stored[f"model.down.{scale}"])
+
+
 def test_mxfp8_float8_codes_with_exponent_scales_are_named_as_their_format_not_float_quantized(request, tmp_path):
     """MXFP8 stores float8 codes as float-quantized does, but with E8M0 (uint8) scales: its format is named."""
     folder = tmp_path / "mxfp8"

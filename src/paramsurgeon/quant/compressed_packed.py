@@ -18,19 +18,19 @@ SUFFIXES = {"codes": "_packed", "scale": "_scale", "shape": "_shape", "zero_poin
 
 class Packed(Scheme):
     name = "pack-quantized"
-    roles = ("codes", "scale", "shape", "zero_point")
+    roles = ("codes", "scale", "shape", "zero_point", *compressed.ACTIVATIONS)
     methods = (compressed.METHOD,)
     markers = ("weight_packed", "weight_shape", "weight_scale")  # the last: to name a scale without its weight
 
     def part_name(self, name, role):
-        return name + SUFFIXES[role]
+        return compressed.activation_name(name, role) if role in compressed.ACTIVATIONS else name + SUFFIXES[role]
 
     def find(self, tensors, config):
         if not compressed.reads(config):
             return
         for stored, tensor in tensors.items():
             if stored.endswith("weight_packed") and tensor.dtype.name == "int32":
-                yield self._group(stored[:-len("_packed")], tensors, config)
+                yield compressed.with_activations(self._group(stored[:-len("_packed")], tensors, config), tensors)
             elif stored.endswith("weight_packed"):
                 yield from self._unread(stored, tensors, config)
             elif stored.endswith(("weight_shape", "weight_scale")):
