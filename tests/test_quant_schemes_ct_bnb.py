@@ -376,6 +376,23 @@ def test_a_static_input_scale_goes_with_its_weight_and_is_dropped_when_written_p
     assert bits(stored_file(renamed / "model.safetensors")[f"model.low.{scale}"]) == bits(stored[f"model.down.{scale}"])
 
 
+def test_int32_packed_codes_of_another_format_the_config_names_are_not_read_as_pack_quantized(request, ct_dirs, tmp_path):
+    """marlin-24 also stores int32 weight_packed (2:4 sparse, reordered): the config's format decides, not the dtype."""
+    folder = tmp_path / "marlin"
+    shutil.copytree(ct_dirs["int4-group"][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    quantization = config["quantization_config"]
+    quantization["format"] = quantization["config_groups"]["group_0"]["format"] = "marlin-24"
+    (folder / "config.json").write_text(json.dumps(config))
+    register_input(request, folder)
+    _, notes = notes_of(folder)
+    assert ("model.up.weight_packed [96, 32] int32: compressed-tensors format marlin-24 is not read (only"
+            " pack-quantized in int32") in notes
+    result = run("dequantize", folder, "-o", str(tmp_path / "out") + "/")
+    assert result.exit_code == 2 and "marlin-24 is not read" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_mxfp8_float8_codes_with_exponent_scales_are_named_as_their_format_not_float_quantized(request, tmp_path):
     """MXFP8 stores float8 codes as float-quantized does, but with E8M0 (uint8) scales: its format is named."""
     folder = tmp_path / "mxfp8"
