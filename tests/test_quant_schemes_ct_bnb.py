@@ -487,6 +487,10 @@ def test_bitsandbytes_8bit_parts_without_their_partner_or_in_a_gpu_layout_are_na
     assert names == sorted(lonely)
     assert "model.proj.SCB without its weight model.proj.weight" in notes
     assert "model.other.weight: an int8 weight of a load_in_8bit checkpoint without its model.other.SCB" in notes
+    scaled = run("scale", tmp_path / "lonely", "-p", "model.other.weight", "--by", "2", "-o", f"{tmp_path / 'out'}/")
+    assert scaled.exit_code == 2 and not (tmp_path / "out").exists()  # its codes are no values to check for overflow
+    assert "scale: model.other.weight (an int8 weight of a load_in_8bit checkpoint without its model.other.SCB" \
+        in scaled.stderr and "--allow-overflow" not in scaled.stderr, scaled.stderr
 
     col32 = dict(stored, **{"model.proj.weight_format": torch.tensor(1, dtype=torch.uint8)})
     names, notes = notes_of(write(tmp_path / "col32", col32, config))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .. import quant
 from ..checkpoint import Checkpoint, Tensor
-from ..checkpoint.quantized import Quantized
+from ..checkpoint.quantized import Quantized, refuse_partial
 from ..declare import REQUIRED, option
 from ..errors import PlanError, SelectionError, UnfitTensorError, UsageError
 from ..selection import Selection
@@ -18,16 +18,6 @@ from ..sizes import plural
 from .plan import Change, Plan, names_list
 from .spec import Operation, Sources, Targets, TiePolicy, with_warnings
 from .values import cast_target, torch_values, value_plan
-
-
-def refuse_partial(ckpt: Checkpoint, names: list[str], command: str) -> None:
-    """A PlanError naming each group among ``names`` whose stored parts do not make one."""
-    chosen = set(names)
-    broken = [f"{', '.join(parts)} ({why}, {scheme})" for scheme, parts, why in ckpt.partial
-              if any(n in chosen for n in parts)]
-    if broken:
-        raise PlanError(f"{command}: {'; '.join(broken)}: a quantized weight without all of its parts cannot be"
-                        " read as values; drop the parts (drop -p NAME) or restore the missing ones")
 
 
 def refuse_unread(ckpt: Checkpoint, command: str, what: str) -> None:
@@ -105,7 +95,6 @@ class Quantize(Targets, TiePolicy, Operation):
         refuse_unread(ckpt, "quantize", "they cannot be quantized anew")
         warnings: list[str] = []
         names = self.targets(ckpt, "quantize", warnings)
-        refuse_partial(ckpt, names, "quantize")
         scheme, params, already = self._scheme, self._params, []
 
         def change_for(unit: list[str], tensor: Tensor):

@@ -18,9 +18,9 @@ from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError
 from ..parallel import Work
 from .optimizer import optimizer_notes
-from ..checkpoint.quantized import Quantized
+from ..checkpoint.quantized import Quantized, refuse_partial
 from .plan import Plan, apply, names_list
-from .quantization import refuse_partial, refuse_unread
+from .quantization import refuse_unread
 from .spec import Operation, Sources
 
 
