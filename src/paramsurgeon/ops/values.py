@@ -14,6 +14,7 @@ from ..dtypes import DType
 from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.kinds import LAYER_KINDS, infer_kinds
 from ..checkpoint.layouts import stored_in_out
+from ..checkpoint.quantized import refuse_partial
 from ..declare import REQUIRED, Number, option
 from ..errors import UnfitTensorError, UsageError
 from ..sizes import plural
@@ -98,6 +99,7 @@ def value_plan(command: str, description: str, ckpt: Checkpoint, names: list[str
                change_for: Callable[[list[str], Tensor], Change]) -> Plan:
     """A plan changing the values of ``names``, one Change per tie unit; the UnfitTensorError of
     every unit that cannot take one is reported at once, in one PlanError."""
+    refuse_partial(ckpt, names, command)  # before any check of its stored codes as if they were values
     plan = Plan(command, description)
     problems = []
     for unit in tie_units(ckpt, names, follow=ties.follow_ties, untie=ties.untie, command=command):
