@@ -50,6 +50,8 @@ class Checkpoint:
     partial: list[tuple[str, list[str], str]] = field(default_factory=list)  # (scheme, names, why)
     config: dict | None = None  # the model config beside it (config.json), as an output carries it
     layout: Any = None  # what a writer of the input's own format carries over (GGUF: formats.gguf.Layout)
+    plain: set[str] = field(default_factory=set)  # quantized weights dequantized on purpose: a GGUF output stores
+    # them as they are, not requantized to the type they had
     laid_out: dict = field(default_factory=dict)  # name -> quantized tensor a writer laid out as its parts
     made: dict[str, bytes] = field(default_factory=dict)  # file name -> content, written beside a directory's weights
     moves: list[Moves] = field(default_factory=list)  # of each step that renumbered modules, in order

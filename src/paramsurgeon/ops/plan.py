@@ -210,6 +210,8 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         stored = change.stored_as(fresh) if change.stored_as is not None else None  # one for a tie group
         for name in change.names:
             ckpt[name] = stored if stored is not None else _like(ckpt[name], fresh.storage, fresh)
+        if change.dequantizes:
+            ckpt.plain.update(change.names)
         if progress is not None:
             progress(fresh.nbytes)
     for target, source in plan.aliases:
