@@ -103,6 +103,18 @@ def test_standard_output_and_errors(tmp_path):
     assert absent.exit_code == 2 and not (tmp_path / "r.html").exists()
 
 
+def test_names_in_any_script_are_drawn_without_warnings(tmp_path):
+    """A tensor named in CJK: the page shows the name (as SVG text, drawn by the browser's fonts) and
+    stderr holds the one line saying what was written, no matplotlib warning about its own font."""
+    name = "编码器.层.权重"
+    torch.save({name: torch.randn(4, 4), "plain.weight": torch.randn(4)}, tmp_path / "cjk.pt")
+    result = subprocess.run([sys.executable, "-m", "paramsurgeon", "report", tmp_path / "cjk.pt", "-o",
+                             tmp_path / "cjk.html"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr.startswith("wrote ") and result.stderr.count("\n") == 1, \
+        result.stderr
+    assert name in (tmp_path / "cjk.html").read_text(encoding="utf-8")
+
+
 def test_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import raises ImportError
     result = run("report", "samples/resnet.pt", "-o", tmp_path / "r.html")
