@@ -115,7 +115,7 @@ class Checkpoint:
         """(dotted path, value) of everything in the file besides the named tensors."""
         node = self.root
         for depth, part in enumerate(self.key):
-            for k, v in node.items():
+            for k, v in node.items() if isinstance(node, dict) else enumerate(node):  # --key may pass a list
                 if k != part:
                     yield ".".join(map(str, (*self.key[:depth], k))), v
             node = node[part]
