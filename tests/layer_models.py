@@ -157,3 +157,71 @@ def restricted(model, kept: list[int]):
         yield reference
     finally:
         torch.nn.functional.linear = real
+
+
+def fp8_llama(folder, plain: list[int], seed=2, layers=4) -> None:
+    """A tiny Llama (dimensions multiples of 128, whole tiles) in DeepSeek's fp8 layout (fp8_reference),
+    the matrices of the layers ``plain`` stored in bfloat16 and named ('model.layers.N') in
+    quantization_config.modules_to_not_convert with lm_head."""
+    import json
+
+    from fp8_reference import quantize
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tensors = {}
+    for name, value in load_file(os.path.join(folder, "model.safetensors")).items():
+        if name.startswith("model.layers.") and value.dim() == 2 and int(name.split(".")[2]) not in plain:
+            tensors[name], tensors[name + "_scale_inv"] = quantize(value)
+        else:
+            tensors[name] = value
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json")) as f:
+        settings = json.load(f)
+    settings["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                       "weight_block_size": [128, 128],
+                                       "modules_to_not_convert": ["lm_head", *(f"model.layers.{i}" for i in plain)]}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+def stored_dtypes(folder) -> dict[str, str]:
+    """Name -> dtype ('BF16', 'F8_E4M3') of every tensor the directory's safetensors files store, as
+    safe_open reads them."""
+    from safetensors import safe_open
+
+    dtypes = {}
+    for file in sorted(os.listdir(folder)):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, file), "pt") as f:
+                dtypes.update({name: f.get_slice(name).get_dtype() for name in f.keys()})
+    return dtypes
+
+
+def ct_llama(folder, ignore: list[str]) -> None:
+    """A tiny Llama compressed by compressed-tensors itself (fp8 weights per channel, ModelCompressor), the
+    modules ``ignore`` names left in bfloat16."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from safetensors.torch import save_file
+    from test_quant_schemes_ct_bnb import observed
+
+    model = llama(layers=3).to(torch.bfloat16)
+    args = QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True, dynamic=False)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": QuantizationScheme(
+        targets=["Linear"], weights=args)}, ignore=ignore))
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is not None:
+            module.weight_scale.data.copy_(calculate_qparams(*observed(module.weight.data, args), args)[0])
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    compressor.update_config(str(folder))

@@ -154,3 +154,47 @@ def test_fp8_experts_keep_their_stored_parts(request, tmp_path):
     copy = "model.layers.1.mlp.experts.2.down_proj.weight"
     assert deeper[copy].dtype == torch.float8_e4m3fn and deeper[copy + "_scale_inv"].shape == (1, 1)
     assert torch.equal(deeper[copy].view(torch.uint8), tensors[copy.replace("layers.1", "layers.0")].view(torch.uint8))
+
+
+@pytest.mark.parametrize("args, kept", [(["--drop", "1"], [0, 2, 3]), (["--drop", "2"], [0, 1, 3]),
+                                        (["--keep", "2,3"], [2, 3])])
+def test_the_skip_list_of_a_quantized_model_follows_its_experts(request, tmp_path, args, kept):
+    """fp8 experts, some stored plain and named in modules_to_not_convert (one projection of expert 2 of
+    layer 0, the whole expert 3 of layer 1): after pruning, transformers' own matcher (should_convert_module)
+    leaves unquantized exactly the projections the output stores plain."""
+    from safetensors.torch import save_file
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    torch.manual_seed(0)
+    tensors = {}
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.mlp.gate.weight"] = torch.randn(4, 16)
+        for expert in range(4):
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                name = f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
+                if (layer, expert) == (1, 3) or (layer, expert, projection) == (0, 2, "down_proj"):
+                    tensors[name] = torch.randn(16, 16).to(torch.bfloat16)
+                else:
+                    tensors[name] = torch.randn(16, 16).to(torch.float8_e4m3fn)
+                    tensors[name + "_scale_inv"] = torch.rand(1, 1) + 0.5
+    folder = tmp_path / "fp8"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "num_hidden_layers": 2, "quantization_config": {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+            "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.experts.2.down_proj",
+                                       "model.layers.1.mlp.experts.3"]}}))
+    out = tmp_path / "out"
+    result = run("experts", register_input(request, str(folder)), *args, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    stored = {n.removesuffix(".weight"): dtype for n, dtype in lm.stored_dtypes(out).items()
+              if ".experts." in n and n.endswith(".weight")}
+    plain = {n for n, dtype in stored.items() if dtype == "BF16"}
+    expected = {f"model.layers.0.mlp.experts.{kept.index(2)}.down_proj"} if 2 in kept else set()
+    if 3 in kept:
+        expected |= {f"model.layers.1.mlp.experts.{kept.index(3)}.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert plain == expected  # the stored weights moved with their experts
+    skipped = config(out)["quantization_config"]["modules_to_not_convert"]
+    assert {n for n in stored if not should_convert_module(n, skipped)} == plain
+    assert not should_convert_module("lm_head", skipped)

@@ -409,6 +409,53 @@ def test_zero_and_scale_write_gguf_with_untouched_bytes_and_requantized_changes(
                                atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_dequantize_to_gguf_stores_the_values_unquantized_not_in_their_type_again(request, tmp_path, llama, dtype):
+    """A Q4_0, a Q8_0 and a K-quant (which gguf cannot quantize) dequantized into a GGUF are F32 of
+    gguf's own dequantized values; the other tensors keep their type and bytes."""
+    path = tmp_path / "k.gguf"
+    blocks = np.random.default_rng(0).integers(0, 256, (2, 144), dtype=np.uint8)
+    blocks[:, :4] = np.array([1e-3, 1e-4], np.float16).view(np.uint8)  # d, dmin: finite values
+    write_gguf(path, llama, extra=[("extra.weight", blocks, T.Q4_K)])
+    register_input(request, path)
+    chosen = {"blk.0.attn_q.weight", "blk.1.attn_k.weight", "extra.weight"}
+    out = tmp_path / "out.gguf"
+    result = run("dequantize", path, *(a for n in sorted(chosen) for a in ("-p", n)), *(["--dtype", dtype] if dtype else []),
+                 "-o", out)
+    assert result.exit_code == 0, result.stderr
+    expected, old = reference(path), _tensors(gguf.GGUFReader(str(path)))
+    for name, tensor in _tensors(gguf.GGUFReader(str(out))).items():
+        if name in chosen:
+            assert tensor.tensor_type == T.F32, name
+            values = np.asarray(tensor.data).reshape(expected[name][1])
+            assert values.tobytes() == expected[name][2].tobytes(), name
+        else:
+            assert (tensor.tensor_type, tensor.data.tobytes()) == (old[name].tensor_type, old[name].data.tobytes())
+
+
+def test_quantize_of_a_gguf_tensor_is_written_as_safetensors_and_refused_as_gguf(tmp_path, llama_gguf):
+    """fp8-block has no GGUF type: a GGUF output is refused in one line; a safetensors one holds DeepSeek's
+    layout of the tensor's values and gguf's dequantized values of the others (GGUF's types are no config)."""
+    from fp8_reference import quantize
+    from safetensors import safe_open
+
+    name = "blk.0.ffn_down.weight"  # F16
+    refused = run("quantize", llama_gguf, "-p", name, "--scheme", "fp8-block", "-o", tmp_path / "q.gguf")
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"'{name}' is fp8-block, which GGUF has no type for" in refused.stderr
+    assert not (tmp_path / "q.gguf").exists()
+    out = tmp_path / "q.safetensors"
+    result = run("quantize", llama_gguf, "-p", name, "--scheme", "fp8-block", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    expected = reference(llama_gguf)
+    codes, scale = quantize(torch.from_numpy(expected[name][2]))
+    with safe_open(str(out), "pt") as f:
+        assert torch.equal(f.get_tensor(name).view(torch.uint8), codes.view(torch.uint8))
+        assert torch.equal(f.get_tensor(name + "_scale_inv"), scale)
+        for other in ("blk.0.attn_q.weight", "token_embd.weight"):  # Q4_0, Q8_0
+            assert f.get_tensor(other).numpy().tobytes() == expected[other][2].tobytes(), other
+
+
 def test_rename_and_drop_write_gguf_moving_tensors_whole(tmp_path, llama_gguf):
     renamed, dropped = tmp_path / "renamed.gguf", tmp_path / "dropped.gguf"
     result = run("rename", llama_gguf, "--from", "output.weight", "--to", "head.weight", "-o", renamed)

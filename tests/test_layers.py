@@ -5,10 +5,12 @@ in sequence); config.json follows; bad ranges are refused with nothing written."
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from helpers import SAMPLES, json_of, register_input, run
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import layer_models as lm
@@ -335,3 +337,203 @@ def test_a_block_the_config_does_not_count_is_refused_not_renumbered_into_the_mo
                              " multi-token-prediction layer numbered after the model's, as DeepSeek-V3's?);"
                              " renumbering would make the extra blocks model layers: drop them first"
                              f" (paramsurgeon drop -p 'model.layers.{last + 1}.*')\n")
+
+
+# a quantized model's list of modules left unquantized follows the layers (ground truth: the dtypes the
+# output stores, read with safe_open, and the modules transformers' own fp8 quantizer leaves plain; its CPU
+# load dequantizes every fp8 weight whatever the list says, so it cannot tell)
+
+
+@pytest.fixture(scope="module")
+def fp8_models(tmp_path_factory):
+    """Two tiny fp8 Llamas (DeepSeek's layout), one layer of each stored plain and named in
+    modules_to_not_convert: 'a' its layer 2, 'b' its layer 0; and 'plain', a Llama of their shapes
+    without quantization."""
+    root = tmp_path_factory.mktemp("fp8")
+    for name, plain, seed in (("a", [2], 2), ("b", [0], 3), ("plain", range(4), 4)):
+        lm.fp8_llama(str(root / name), plain, seed)
+    settings = config(root / "plain")
+    del settings["quantization_config"]
+    (root / "plain" / "config.json").write_text(json.dumps(settings))
+    return {name: str(root / name) for name in ("a", "b", "plain")}
+
+
+def plain_modules(folder) -> dict[str, bool]:
+    """Each linear module of the directory's layers -> whether the output stores its weight plain (bfloat16)."""
+    return {name.removesuffix(".weight"): dtype == "BF16" for name, dtype in lm.stored_dtypes(folder).items()
+            if name.startswith("model.layers.") and name.endswith("proj.weight")}
+
+
+def assert_skips_the_plain_modules(folder):
+    """transformers' fp8 quantizer, given the output's config, leaves exactly the modules whose weights the
+    output stores plain nn.Linear (what a GPU loads), and each entry of modules_to_not_convert names a
+    module of the model (by transformers' own matcher)."""
+    from test_quant_partial import converted, quantization_config
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    plain, modules = plain_modules(folder), converted(folder)
+    assert {m: modules[m] for m in plain} == {m: "Linear" if p else "FP8Linear" for m, p in plain.items()}
+    for entry in quantization_config(folder)["modules_to_not_convert"]:
+        assert not all(should_convert_module(m, [entry]) for m in modules), entry
+
+
+@pytest.mark.parametrize("args, order", [
+    (["--drop", "1"], [0, 2, 3]),
+    (["--keep", "0,1,3"], [0, 1, 3]),
+    (["--duplicate", "2"], [0, 1, 2, 2, 3]),
+    (["--move", "2", "--to", "0"], [2, 0, 1, 3]),
+    (["--duplicate", "3", "--identity"], [0, 1, 2, 3, 3]),  # the copy's o_proj and down_proj zeroed, plain
+])
+def test_the_skip_list_of_a_quantized_model_follows_its_layers(request, fp8_models, tmp_path, args, order):
+    folder = register_input(request, fp8_models["a"])
+    out = tmp_path / "out"
+    result = run("layers", folder, *args, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    zeroed = ("o_proj", "down_proj") if "--identity" in args else ()
+    expected = {m: order[int(m.split(".")[2])] == 2 or (m.endswith(zeroed) and m.startswith("model.layers.4."))
+                for m in plain_modules(out)}  # the weights moved with their layer: the old layer 2 is the plain one
+    assert plain_modules(out) == expected
+    assert_skips_the_plain_modules(out)
+
+
+def test_stack_takes_each_blocks_skip_entries_from_its_own_source(request, fp8_models, tmp_path):
+    a, b = (register_input(request, fp8_models[name]) for name in ("a", "b"))
+    out = tmp_path / "stacked"
+    result = run("stack", f"{b}:1..3", f"{a}:2..3", "-o", f"{out}/")  # b's plain layer 0 left out
+    assert result.exit_code == 0, result.stderr
+    assert {int(m.split(".")[2]) for m, p in plain_modules(out).items() if p} == {3}  # a's layer 2
+    assert_skips_the_plain_modules(out)
+
+
+@pytest.fixture(scope="module")
+def ct_model(tmp_path_factory):
+    """A tiny Llama compressed by compressed-tensors, two matrices of its layer 1 ignored (kept bfloat16)."""
+    folder = tmp_path_factory.mktemp("ct") / "llama"
+    lm.ct_llama(folder, ["lm_head", "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"])
+    return str(folder)
+
+
+@pytest.mark.parametrize("args", [["--drop", "0"], ["--duplicate", "1"], ["--move", "1", "--to", "2"],
+                                  ["--keep", "0,2"]])
+def test_compressed_tensors_ignores_the_modules_stored_plain_after_layers(request, ct_model, tmp_path, args):
+    """compressed-tensors' own apply_quantization_config, given the output's config, quantizes exactly the
+    modules whose weights the output stores as fp8 codes."""
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from test_quant_partial import quantization_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    result = run("layers", register_input(request, ct_model), *args, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    stored = lm.stored_dtypes(out)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+    apply_quantization_config(model, QuantizationConfig.model_validate(quantization_config(out)))
+    quantized = {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+    assert quantized == {n.removesuffix(".weight") for n, dtype in stored.items() if dtype == "F8_E4M3"}
+    assert any(dtype == "BF16" for n, dtype in stored.items() if n.endswith("proj.weight")) == (args != ["--keep", "0,2"])
+
+
+def test_a_regex_naming_a_layer_is_left_as_it_is_with_a_note(request, ct_model, tmp_path):
+    folder = tmp_path / "ct"
+    shutil.copytree(ct_model, folder)
+    settings = config(folder)
+    settings["quantization_config"]["ignore"] += [r"re:model\.layers\.2\.mlp\.up_proj$", "re:.*mlp.gate$"]
+    (folder / "config.json").write_text(json.dumps(settings))
+    out = tmp_path / "out"
+    result = run("layers", register_input(request, str(folder)), "--drop", "0", "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert config(out)["quantization_config"]["ignore"] == [
+        "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj", "lm_head",
+        r"re:model\.layers\.2\.mlp\.up_proj$", "re:.*mlp.gate$"]
+    assert (r"note: config.json: quantization_config.ignore: re:model\.layers\.2\.mlp\.up_proj$ left as it is: a"
+            " pattern or a name's suffix that names renumbered modules by number, which cannot follow them; check it"
+            " against the new numbering\n") in result.stderr
+
+
+@pytest.mark.parametrize("args, plain", [(["--drop", "0"], [0]), (["--duplicate", "1"], [1, 2]), (["--keep", "0,2"], [])])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_modelopts_exclude_modules_follow_the_layers(request, tmp_path, args, plain, in_place):
+    """ModelOpt's hf_quant_config.json: its loaders (vLLM's is_layer_excluded) leave a module unquantized
+    when its name is an entry of exclude_modules or matches one as a wildcard (fnmatch); also rewritten
+    --in-place."""
+    from fnmatch import fnmatchcase
+
+    from safetensors.torch import save_file
+
+    model, generator, state = tmp_path / "model", torch.Generator().manual_seed(6), {}
+    model.mkdir()
+    for layer in range(3):
+        weight = torch.randn(32, 32, generator=generator)
+        scale = weight.abs().max() / 448
+        name = f"model.layers.{layer}.mlp.down_proj"
+        state |= {f"{name}.weight": weight.to(torch.bfloat16)} if layer == 1 else {
+            f"{name}.weight": (weight / scale).to(torch.float8_e4m3fn), f"{name}.weight_scale": scale.reshape(()),
+            f"{name}.input_scale": torch.tensor(0.25)}
+    save_file(state, model / "model.safetensors")
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 3}))
+    (model / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": {
+        "quant_algo": "FP8", "exclude_modules": ["lm_head", "model.layers.1.mlp.down_proj", "*mlp.gate"]}}))
+    out = model if in_place else tmp_path / "out"
+    result = run("layers", model, *args, "--in-place") if in_place else \
+        run("layers", register_input(request, str(model)), *args, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    excluded = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    stored = {n.removesuffix(".weight"): dtype for n, dtype in lm.stored_dtypes(out).items() if n.endswith(".weight")}
+    assert [int(n.split(".")[2]) for n, dtype in stored.items() if dtype == "BF16"] == plain
+    assert {n: any(fnmatchcase(n, pattern) for pattern in excluded) for n in stored} == \
+        {n: dtype == "BF16" for n, dtype in stored.items()}
+    assert "lm_head" in excluded and "*mlp.gate" in excluded
+
+
+def test_stack_names_the_blocks_it_takes_from_a_plain_model(request, fp8_models, tmp_path):
+    a, plain = (register_input(request, fp8_models[name]) for name in ("a", "plain"))
+    out = tmp_path / "stacked"
+    result = run("stack", f"{plain}:0", f"{a}:0..2", "--rest", a, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert {int(m.split(".")[2]) for m, p in plain_modules(out).items() if p} == {0, 3}  # a's layer 2 now 3
+    assert_skips_the_plain_modules(out)
+
+
+@pytest.mark.parametrize("args", [["--move", "0", "--to", "1"], ["--duplicate", "0"]])
+def test_a_partly_plain_nf4_model_loads_in_transformers_after_layers(request, tmp_path, args):
+    """bitsandbytes NF4 (from_pretrained on the CPU): layer 0 dequantized (llm_int8_skip_modules names its
+    modules), then the layers moved or duplicated: the loaded model has nn.Linear exactly where the output
+    stores plain weights, with their values, and Linear4bit where it stores NF4 codes."""
+    from test_quant_partial import NF4
+    from transformers import AutoModelForCausalLM
+
+    partial = tmp_path / "partial"
+    assert run("dequantize", register_input(request, str(NF4)), "-p", "model.layers.0.*", "-o", f"{partial}/") \
+        .exit_code == 0
+    out = tmp_path / "out"
+    result = run("layers", partial, *args, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    stored = lm.stored_dtypes(out)
+    matrices = [n.removesuffix(".weight") for n in stored if n.startswith("model.layers.") and n.endswith("proj.weight")]
+    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert {m: type(loaded.get_submodule(m)).__name__ for m in matrices} == \
+        {m: "Linear" if stored[m + ".weight"] == "BF16" else "Linear4bit" for m in matrices}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        for m in matrices:
+            if stored[m + ".weight"] == "BF16":
+                assert torch.equal(loaded.get_submodule(m).weight.data, f.get_tensor(m + ".weight")), m
+
+
+def test_a_stack_into_a_null_nf4_skip_list_names_the_plain_blocks_it_takes(request, tmp_path):
+    """The rest's llm_int8_skip_modules is null (transformers' defaults); the other source's layer 0 is
+    plain (dequantized): the list becomes explicit and names its modules, so from_pretrained loads them."""
+    from test_quant_partial import NF4
+    from transformers import AutoModelForCausalLM
+
+    partial = tmp_path / "partial"
+    assert run("dequantize", register_input(request, str(NF4)), "-p", "model.layers.0.*", "-o", f"{partial}/") \
+        .exit_code == 0
+    out = tmp_path / "out"
+    result = run("stack", f"{NF4}:1", f"{partial}:0", "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    stored = lm.stored_dtypes(out)
+    matrices = [n.removesuffix(".weight") for n in stored if n.startswith("model.layers.") and n.endswith("proj.weight")]
+    assert {m for m in matrices if stored[m + ".weight"] == "BF16"} == {m for m in matrices if ".layers.1." in m}
+    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert {m: type(loaded.get_submodule(m)).__name__ for m in matrices} == \
+        {m: "Linear" if stored[m + ".weight"] == "BF16" else "Linear4bit" for m in matrices}

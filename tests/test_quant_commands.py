@@ -339,6 +339,24 @@ def test_quantize_block_and_refusals(tmp_path):
     assert not (tmp_path / "never.safetensors").exists()
 
 
+@pytest.mark.parametrize("sample, held", [("llama-nf4", "nf4 64"), ("llama-gptq", "gptq 1x64")])
+def test_quantize_beside_weights_of_another_scheme_is_refused_in_one_line(request, tmp_path, sample, held):
+    """bitsandbytes' (saved by transformers) and GPTQ's one-number-a-side blocks are named, not a crash."""
+    source = register_input(request, os.path.join(SAMPLES, sample))
+    result = run("quantize", source, "-p", "lm_head.weight", "--scheme", "fp8-block", "-o", f"{tmp_path / 'out'}/")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.splitlines() == [f"paramsurgeon: error: quantize: the checkpoint holds {held} weights, and a"
+                                          " model config describes one quantization; dequantize them first"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_beside_fp8_of_another_block_names_the_block_that_fits(request, fp8_dir, tmp_path):
+    folder, _, _ = fp8_dir
+    result = run("quantize", folder, "-p", DOWN, "--scheme", "fp8-block", "--block", "64x64", "-o", f"{tmp_path / 'o'}/")
+    assert result.exit_code == 2 and not (tmp_path / "o").exists()
+    assert result.stderr.strip().endswith("dequantize them first, or quantize with --block 128x128"), result.stderr
+
+
 # other operations on a group
 
 

@@ -354,6 +354,61 @@ def test_a_compressed_tensors_format_not_read_is_named_and_not_dequantized(reque
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("weights, scale", [(CT["fp8-tensor"][1], "input_scale"), (CT["nvfp4"][1], "input_global_scale")])
+def test_a_static_input_scale_goes_with_its_weight_and_is_dropped_when_written_plain(request, tmp_path, weights, scale):
+    """A module's calibrated input scale belongs to its quantized weight: a rename moves it, a dequantized
+    (plain) layer keeps none (no plain layer reads one; transformers lists it as unexpected)."""
+    folder = tmp_path / "static"
+    activations = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False} if scale == "input_scale" \
+        else {**CT["nvfp4"][1], "dynamic": "local"}
+    stored, reference = compressed_tensors_dir(folder, weights, activations)
+    register_input(request, folder)
+    assert {f"model.up.{scale}", f"model.down.{scale}"} <= set(stored)
+    rows = {t["name"]: t for t in json_of("inspect", folder, "--json", schema="inspect")["tensors"]}
+    assert f"model.up.{scale}" in rows[UP]["quant"]["parts"] and f"model.up.{scale}" not in rows
+    out = tmp_path / "out"
+    assert run("dequantize", folder, "-p", UP, "-o", f"{out}/").exit_code == 0
+    written = stored_file(out / "model.safetensors")
+    assert f"model.up.{scale}" not in written and bits(written[f"model.down.{scale}"]) == bits(stored[f"model.down.{scale}"])
+    assert bits(written[UP]) == bits(reference[UP])
+    renamed = tmp_path / "renamed"
+    assert run("rename", folder, "--from", "model.down.*", "--to", "model.low.*", "-o", f"{renamed}/").exit_code == 0
+    assert bits(stored_file(renamed / "model.safetensors")[f"model.low.{scale}"]) == bits(stored[f"model.down.{scale}"])
+
+
+def test_int32_packed_codes_of_another_format_the_config_names_are_not_read_as_pack_quantized(request, ct_dirs, tmp_path):
+    """marlin-24 also stores int32 weight_packed (2:4 sparse, reordered): the config's format decides, not the dtype."""
+    folder = tmp_path / "marlin"
+    shutil.copytree(ct_dirs["int4-group"][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    quantization = config["quantization_config"]
+    quantization["format"] = quantization["config_groups"]["group_0"]["format"] = "marlin-24"
+    (folder / "config.json").write_text(json.dumps(config))
+    register_input(request, folder)
+    _, notes = notes_of(folder)
+    assert ("model.up.weight_packed [96, 32] int32: compressed-tensors format marlin-24 is not read (only"
+            " pack-quantized in int32") in notes
+    result = run("dequantize", folder, "-o", str(tmp_path / "out") + "/")
+    assert result.exit_code == 2 and "marlin-24 is not read" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_mxfp8_float8_codes_with_exponent_scales_are_named_as_their_format_not_float_quantized(request, tmp_path):
+    """MXFP8 stores float8 codes as float-quantized does, but with E8M0 (uint8) scales: its format is named."""
+    folder = tmp_path / "mxfp8"
+    stored, _ = compressed_tensors_dir(folder, {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 32,
+                                                "scale_dtype": torch.uint8, "zp_dtype": torch.uint8}, None)
+    register_input(request, folder)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "mxfp8-quantized"
+    names, notes = notes_of(folder)
+    assert names == sorted(stored)
+    assert ("model.up.weight, model.up.weight_scale: compressed-tensors format mxfp8-quantized is not read:"
+            " model.up.weight is [96, 256] float8_e4m3fn with a uint8 scale") in notes
+    result = run("dequantize", folder, "-o", str(tmp_path / "out") + "/")
+    assert result.exit_code == 2 and "mxfp8-quantized is not read" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_fp4_parts_that_do_not_fit_or_lack_their_global_scale_are_named(request, ct_dirs, tmp_path):
     folder, stored, _ = ct_dirs["nvfp4"]
     config = json.loads((folder / "config.json").read_text())
@@ -432,6 +487,10 @@ def test_bitsandbytes_8bit_parts_without_their_partner_or_in_a_gpu_layout_are_na
     assert names == sorted(lonely)
     assert "model.proj.SCB without its weight model.proj.weight" in notes
     assert "model.other.weight: an int8 weight of a load_in_8bit checkpoint without its model.other.SCB" in notes
+    scaled = run("scale", tmp_path / "lonely", "-p", "model.other.weight", "--by", "2", "-o", f"{tmp_path / 'out'}/")
+    assert scaled.exit_code == 2 and not (tmp_path / "out").exists()  # its codes are no values to check for overflow
+    assert "scale: model.other.weight (an int8 weight of a load_in_8bit checkpoint without its model.other.SCB" \
+        in scaled.stderr and "--allow-overflow" not in scaled.stderr, scaled.stderr
 
     col32 = dict(stored, **{"model.proj.weight_format": torch.tensor(1, dtype=torch.uint8)})
     names, notes = notes_of(write(tmp_path / "col32", col32, config))

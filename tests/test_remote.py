@@ -503,6 +503,23 @@ def test_an_expired_cdn_address_is_asked_of_the_hub_again(fresh):
         cdn.close()
 
 
+def test_a_refused_signature_is_named_not_taken_for_a_missing_token(fresh):
+    """A 403 from an address whose query is signed (the CDN a hub file is redirected to, whose
+    signatures it takes no more) says the signature was refused; without a signature, a token is needed."""
+    cdn = Server(fresh.root_path)
+    try:
+        fresh.redirect_to, cdn.signature_uses = cdn.url, 0
+        refused = run("inspect", "hf://org/model/model-00001-of-00003.safetensors")
+        _one_line_error(refused, "hf://org/model/model-00001-of-00003.safetensors: the signed URL it was redirected"
+                        " to was refused (HTTP 403: expired or invalid signature); try again")
+        assert "X-Amz" not in refused.stderr and "token" not in refused.stderr
+    finally:
+        cdn.close()
+    fresh.redirect_to, fresh.signed = None, "s3cr3t"
+    unsigned = run("inspect", f"{fresh.url}/files/model/model.safetensors.index.json")
+    _one_line_error(unsigned, "model.safetensors.index.json: access denied (HTTP 403); a token is needed")
+
+
 def test_worker_processes_read_a_remote_file_on_connections_of_their_own(fresh, s3):
     """--workers 2 forks processes that read a remote file's tensors side by side: each on its own
     connection (a connection kept by the process that forked them is not theirs to share)."""
@@ -543,7 +560,8 @@ def test_a_presigned_urls_signature_is_never_shown(fresh, tmp_path):
     index = f"{folder}/model.safetensors.index.json"
     secrets = ("s3cr3t", "AKIA0SECRET", "f00d")
     denied = run("inspect", f"{index}?X-Amz-Signature=f00d")
-    _one_line_error(denied, f"{index}?…: access denied (HTTP 403)")
+    _one_line_error(denied, f"{index}?…: the signed URL was refused (HTTP 403: expired or invalid signature);"
+                    " ask for a new one")
     missing = run("inspect", f"{folder}/nothing.safetensors?{query}")
     _one_line_error(missing, f"{folder}/nothing.safetensors?…: not found")
     shown = run("inspect", "--no-stats", f"{index}?{query}")

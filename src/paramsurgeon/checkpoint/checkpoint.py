@@ -10,6 +10,7 @@ from itertools import repeat
 from typing import Any, Iterator
 
 from ..errors import SelectionError
+from .moves import Moves
 from .opaque import Opaque
 from .tensor import Tensor, tie_groups
 
@@ -34,6 +35,8 @@ class Checkpoint:
     another format leaves out with the layout.
     ``made`` holds files a directory output gets beside the weights that the command made, by name
     (convert --names hf of a GGUF: config.json).
+    ``moves`` says where the numbered modules went in each step that renumbered them (layers, stack,
+    experts), for the module names in the files a directory output carries (sidefiles).
     """
 
     source: str
@@ -48,8 +51,11 @@ class Checkpoint:
     partial: list[tuple[str, list[str], str]] = field(default_factory=list)  # (scheme, names, why)
     config: dict | None = None  # the model config beside it (config.json), as an output carries it
     layout: Any = None  # what a writer of the input's own format carries over (GGUF: formats.gguf.Layout)
+    plain: set[str] = field(default_factory=set)  # quantized weights dequantized on purpose: a GGUF output stores
+    # them as they are, not requantized to the type they had
     laid_out: dict = field(default_factory=dict)  # name -> quantized tensor a writer laid out as its parts
     made: dict[str, bytes] = field(default_factory=dict)  # file name -> content, written beside a directory's weights
+    moves: list[Moves] = field(default_factory=list)  # of each step that renumbered modules, in order
 
     @property
     def container(self) -> dict:

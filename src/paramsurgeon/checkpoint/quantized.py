@@ -15,6 +15,7 @@ from typing import Any
 
 from ..dtypes import DType
 from ..errors import PlanError
+from .checkpoint import Checkpoint
 from .tensor import Storage, Tensor
 
 
@@ -98,3 +99,13 @@ def refuse_valueless(tensors: dict[str, Tensor], names: list[str], doing: str) -
                                                                        else "")
         raise PlanError(f"{doing}: cannot read the values of {shown}; leave {'it' if len(found) == 1 else 'them'}"
                         f" out with -x {found[0][0]}")
+
+
+def refuse_partial(ckpt: Checkpoint, names: list[str], command: str) -> None:
+    """A PlanError naming each group among ``names`` whose stored parts do not make one."""
+    chosen = set(names)
+    broken = [f"{', '.join(parts)} ({why}, {scheme})" for scheme, parts, why in ckpt.partial
+              if any(n in chosen for n in parts)]
+    if broken:
+        raise PlanError(f"{command}: {'; '.join(broken)}: a quantized weight without all of its parts cannot be"
+                        " read as values; drop the parts (drop -p NAME) or restore the missing ones")

@@ -26,7 +26,7 @@ class Writer:
         if not isinstance(layout, Layout):
             raise OutputError(f"GGUF is written from a GGUF input (its metadata tells llama.cpp how to run the"
                               f" model); {ckpt.source} is {ckpt.format}: write it as .safetensors or .pt")
-        entries = plan(ckpt.tensors, layout)
+        entries = plan(ckpt.tensors, layout, ckpt.plain)
         fields = [v for v in ckpt.metadata.values() if isinstance(v, Field)]
         sink, alignment = self.sink, layout.alignment
         sink.write(MAGIC + struct.pack("<IQQ", layout.version, len(entries), len(fields)))
@@ -53,23 +53,28 @@ def stored_sizes(ckpt: Checkpoint) -> list[int] | None:
     """The bytes each tensor takes in a GGUF output (None when ``ckpt`` is no GGUF checkpoint)."""
     if not isinstance(ckpt.layout, Layout):
         return None
-    return [entry[3] for entry in plan(ckpt.tensors, ckpt.layout)]
+    return [entry[3] for entry in plan(ckpt.tensors, ckpt.layout, ckpt.plain)]
 
 
-def plan(tensors: dict[str, Tensor], layout: Layout) -> list[tuple]:
-    """(name, GGML type, tensor, bytes) of each tensor as it is stored; refuses, all at once, the
-    changed tensors that cannot be stored in the type they had."""
+def plan(tensors: dict[str, Tensor], layout: Layout, plain: set[str]) -> list[tuple]:
+    """(name, GGML type, tensor, bytes) of each tensor as it is stored (those in ``plain``, dequantized
+    on purpose, in their dtype); refuses, all at once, the changed tensors that cannot be stored in the
+    type they had."""
     from ..quant.gguf_types import BY_NAME as by_name, can_quantize
 
     entries, problems = [], []
     for name, tensor in tensors.items():
+        if isinstance(tensor, Quantized) and not tensor.scheme.native:
+            raise PlanError(f"writing GGUF: '{name}' is {tensor.scheme.name}, which GGUF has no type for; nothing"
+                            " was written; write .safetensors")
         if isinstance(tensor, Quantized):
             kind = by_name[tensor.params["gguf_type"]]
             entries.append((name, kind, tensor, tensor.parts["blocks"].nbytes))
             continue
         was = layout.types.get(name)
-        kept = tensor.storage.file is not None or was is None or was in PLAIN or tensor.dtype.name != "float32"
-        if kept:  # an untouched span, a new tensor, a plain type, or values cast on purpose: stored as they are
+        kept = tensor.storage.file is not None or was is None or was in PLAIN or tensor.dtype.name != "float32" \
+            or name in plain
+        if kept:  # an untouched span, a new tensor, a plain type, values cast or dequantized on purpose: as they are
             if tensor.dtype.name not in BY_DTYPE:
                 problems.append(f"'{name}' is {tensor.dtype}, which GGUF cannot store")
                 continue

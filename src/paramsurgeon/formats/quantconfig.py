@@ -10,10 +10,13 @@ modules the method's transformers quantizer leaves unquantized, so that the resu
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 from .. import quant
 from ..checkpoint import Checkpoint
+from ..checkpoint.moves import followed
 from ..checkpoint.quantized import Quantized
+from .skiplists import moved_list
 
 REMOVED = object()  # a key config_updates takes out of config.json
 
@@ -32,10 +35,13 @@ SKIPS = {
 }
 
 
-def quantization_changes(config: dict, before: Checkpoint, after: Checkpoint) -> tuple[dict, list[str]]:
+def quantization_changes(config: dict, before: Checkpoint, after: Checkpoint,
+                         theirs: Callable[[str], dict | None]) -> tuple[dict, list[str]]:
     """``quantization_config`` removed when the surgery left no quantized weight of the input's
-    (dequantize), written when it quantized weights as the input held none (quantize), or given the
-    modules of the weights it wrote plain as unquantized ones; and notes."""
+    (dequantize), written when it quantized weights as the input held none (quantize), or with its list
+    of modules left unquantized following the modules the surgery renumbered (skiplists; ``theirs(path)``:
+    the config of a checkpoint a stack took blocks from) and naming those of the weights it wrote plain;
+    and notes."""
     held = quant.quantization_config(config)
     if held and quantized(before) and not quantized(after) and not after.partial:
         return {"quantization_config": REMOVED}, []
@@ -43,8 +49,47 @@ def quantization_changes(config: dict, before: Checkpoint, after: Checkpoint) ->
     made = [t for t in quantized(after) if t.scheme.quantizes and _kind(t) not in kinds]
     if made:
         return {"quantization_config": made[0].scheme.quantization_config(made[0].params)}, []
-    plain = _written_plain(before, after)
-    return _skipping(held, plain, after) if held and plain else ({}, [])
+    if not held:
+        return {}, []
+    moved, notes = _moved(held, after, theirs)
+    plain = _written_plain(before, after) + _taken_plain(held, after, theirs)
+    changes, more = _skipping(moved, plain, after) if plain else ({}, [])
+    if not changes and moved != held:
+        changes = {"quantization_config": moved}
+    return changes, notes + more
+
+
+def _moved(held: dict, after: Checkpoint, theirs: Callable[[str], dict | None]) -> tuple[dict, list[str]]:
+    """``held`` with its list of modules left unquantized following the modules ``after``'s operations
+    renumbered (a null list, transformers' defaults, stays null); notes."""
+    method = held.get("quant_method")
+    if not after.moves or method not in SKIPS or held.get(SKIPS[method][0]) is None:
+        return held, []
+    key = SKIPS[method][0]
+
+    def their_list(path: str) -> list | None:
+        their = quant.quantization_config(theirs(path))
+        return _entries(their.get(key)) if their.get("quant_method") == method else None
+
+    listed, notes = moved_list(_entries(held[key]), after.moves, their_list, f"config.json: quantization_config.{key}")
+    return {**held, key: listed}, notes
+
+
+def _taken_plain(held: dict, after: Checkpoint, theirs: Callable[[str], dict | None]) -> list[str]:
+    """The plain weights of the blocks a stack took from checkpoints whose entries ``_moved`` did not
+    bring: not quantized by ``held``'s method (a plain model), or into a null list (transformers'
+    defaults); no entry names them, yet the list must."""
+    method = held.get("quant_method")
+    null = method not in SKIPS or held.get(SKIPS[method][0]) is None
+    blocks = tuple(block + "." for number, step in enumerate(after.moves) for new, (path, _) in step.taken.items()
+                   if null or quant.quantization_config(theirs(path)).get("quant_method") != method
+                   for block in followed(new, after.moves[number + 1:]))
+    return [n for n, t in after.tensors.items() if n.startswith(blocks) and _plain_matrix(n, t, after)] if blocks else []
+
+
+def _entries(listed) -> list:
+    """A list of modules as a list (transformers also takes one name)."""
+    return [listed] if isinstance(listed, str) else list(listed or [])
 
 
 def _skipping(held: dict, plain: list[str], after: Checkpoint) -> tuple[dict, list[str]]:
@@ -57,8 +102,7 @@ def _skipping(held: dict, plain: list[str], after: Checkpoint) -> tuple[dict, li
                             f" {json.dumps(method)} names no modules to leave unquantized, so transformers reads"
                             f" {_listed(modules)} as quantized; dequantize every quantized weight for a model it loads"]
     key, defaults = SKIPS[method]
-    listed = held.get(key)
-    listed = [listed] if isinstance(listed, str) else list(listed or [])
+    listed = _entries(held.get(key))
     if held.get(key) is None and defaults:  # the list replaces transformers' defaults: name every plain module
         listed += [_module(n) for n, t in after.tensors.items() if _plain_matrix(n, t, after)]
     updated = list(dict.fromkeys(listed + modules))
@@ -68,10 +112,12 @@ def _skipping(held: dict, plain: list[str], after: Checkpoint) -> tuple[dict, li
 
 
 def _written_plain(before: Checkpoint, after: Checkpoint) -> list[str]:
-    """The quantized weights of ``before`` that ``after`` holds as plain tensors under the same name."""
+    """The quantized weights of ``before`` that ``after`` holds as plain tensors (under the same name, or
+    the names renumbering gave them)."""
     tensors = after.tensors
-    return [n for n, t in before.tensors.items() if type(t) is Quantized and not t.scheme.native
-            and n in tensors and n not in after.laid_out and type(tensors[n]) is not Quantized]
+    return [m for n, t in before.tensors.items() if type(t) is Quantized and not t.scheme.native
+            for m in followed(n, after.moves) if m in tensors and m not in after.laid_out
+            and type(tensors[m]) is not Quantized]
 
 
 def _mixed(modules: list[str], after: Checkpoint) -> list[str]:

@@ -40,6 +40,8 @@ _REDIRECTS = 5
 _PARALLEL = 8  # files opened at once (a checkpoint's shards: their headers fetched side by side)
 _RETRY_DIRECT = (401, 403, 404, 410)  # a kept redirect target that answers this has expired: ask again
 _TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE")  # where get_token looks first
+# query keys of a signed address (S3/GCS presigned, CloudFront, Azure SAS): its own credential, no token helps
+_SIGNATURE_KEYS = {"x-amz-signature", "x-goog-signature", "signature", "sig", "expires", "x-amz-expires"}
 _HF = re.compile(r"hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?$")
 
 
@@ -306,9 +308,9 @@ def _follow(remote: Remote, address: str, headers: dict, plain: dict | None) -> 
             continue
         if reply.status >= 400:
             reply.read()
-            raise _Status(reply.status, reply.reason)
+            raise _Status(reply.status, reply.reason, address)
         return reply, address
-    raise _Status(310, f"more than {_REDIRECTS} redirects")
+    raise _Status(310, f"more than {_REDIRECTS} redirects", address)
 
 
 def _same_host(address: str, target: str, headers: dict) -> dict:
@@ -348,11 +350,11 @@ def _connect(parts: urllib.parse.SplitResult) -> http.client.HTTPConnection:
 
 
 class _Status(Exception):
-    """An HTTP error status."""
+    """An HTTP error status, and the address that answered it (where redirects led)."""
 
-    def __init__(self, code: int, reason: str):
+    def __init__(self, code: int, reason: str, address: str):
         super().__init__(code, reason)
-        self.code, self.reason = code, reason
+        self.code, self.reason, self.address = code, reason, address
 
 
 class _NoConnection(Exception):
@@ -368,6 +370,11 @@ def _answers(remote: Remote, url: str, missing: str = "not found (HTTP 404); che
     except _Status as e:
         if e.code == 404:
             raise RemoteError(f"{url}: {missing}") from None
+        if e.code in (401, 403) and _signed(e.address):
+            which, then = ("the signed URL", "ask for a new one") if e.address == url else \
+                ("the signed URL it was redirected to", "try again")
+            raise RemoteError(f"{url}: {which} was refused (HTTP {e.code}: expired or invalid signature); {then}") \
+                from None
         if e.code in (401, 403):
             raise RemoteError(f"{url}: access denied (HTTP {e.code}); a token is needed{hint}") from None
         raise RemoteError(f"{url}: the server answered HTTP {e.code} ({e.reason})") from None
@@ -376,6 +383,12 @@ def _answers(remote: Remote, url: str, missing: str = "not found (HTTP 404); che
     except (http.client.HTTPException, OSError) as e:
         remote.drop_connections()  # a reply cut short leaves its connection unusable
         raise RemoteError(f"{url}: the response was cut short ({type(e).__name__}); try again") from None
+
+
+def _signed(address: str) -> bool:
+    """Whether ``address``'s query carries a signature of its own (a presigned or CDN address)."""
+    keys = urllib.parse.parse_qs(urllib.parse.urlsplit(address).query, keep_blank_values=True)
+    return any(key.lower() in _SIGNATURE_KEYS for key in keys)
 
 
 def _read_exactly(reply, n: int) -> bytearray:

@@ -21,6 +21,7 @@ from typing import Callable
 
 from .. import quant
 from ..checkpoint import Checkpoint
+from ..checkpoint.moves import Moves, followed
 from ..checkpoint.quantized import Quantized
 from ..errors import ParamSurgeonError
 from ..parsing import parse_document
@@ -28,12 +29,15 @@ from . import registry
 from .atomic import atomic_file
 from .directories import is_side_file
 from .files import is_url
-from .hfconfig import CONFIG, QUANT_CONFIG, config_path
+from .hfconfig import CONFIG, QUANT_CONFIG, config_path, read_config
 from .inputs import Inputs
 from .places import dirname, is_dir, is_file, join, read_all
 from .quantconfig import REMOVED, quantization_changes, quantized
 from .reading import load
 from .sharded import checkpoint_files
+from .skiplists import moved_list
+
+MODEL_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a config's torch_dtype names
 
 # (input embedding, output embedding) of the architectures whose configs name vocab_size and
 # tie_word_embeddings: the tensors those keys describe
@@ -84,12 +88,18 @@ def carry(ckpt: Checkpoint, staging: str, target: str, inputs: Inputs) -> list[s
             continue
         if name == CONFIG and os.path.isfile(path):
             notes += _write_config(path, os.path.join(staging, name), ckpt, inputs, same)
-        elif name == QUANT_CONFIG and (plain := _written_plain(ckpt, inputs)):
-            if same:
+        elif name == QUANT_CONFIG and ((plain := _written_plain(ckpt, inputs)) or ckpt.moves):
+            if same and plain:
                 notes.append(f"note: {QUANT_CONFIG} in {folder} left as it was: it does not know that"
                              f" {', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''} are now plain")
             elif quantized(ckpt):
-                notes += _exclude(path, os.path.join(staging, name), plain)
+                text, more = _exclusions_update(path, plain, ckpt.moves)
+                notes += more
+                if text is None:
+                    shutil.copy2(path, os.path.join(staging, name))
+                else:
+                    with open(os.path.join(staging, name), "wb") as handle:
+                        handle.write(text.encode("utf-8"))
             else:
                 notes.append(f"note: {QUANT_CONFIG} left out: nothing is quantized any more")
         elif same or os.path.lexists(os.path.join(staging, name)):
@@ -111,12 +121,14 @@ def _written_plain(ckpt: Checkpoint, inputs: Inputs) -> list[str]:
     if before is None:
         return []
     kept = {*ckpt.laid_out, *(n for n, t in ckpt.tensors.items() if type(t) is Quantized)}
-    return [n for n, t in before.tensors.items() if type(t) is Quantized and n in ckpt.tensors and n not in kept]
+    return [m for n, t in before.tensors.items() if type(t) is Quantized
+            for m in followed(n, ckpt.moves) if m in ckpt.tensors and m not in kept]
 
 
-def _exclude(source: str, destination: str, plain: list[str]) -> list[str]:
-    """ModelOpt's ``hf_quant_config.json`` at ``destination`` with the modules of the weights now
-    ``plain`` added to its ``exclude_modules`` (which its loaders leave unquantized); notes."""
+def _exclusions_update(source: str, plain: list[str], moves: list[Moves]) -> tuple[str | None, list[str]]:
+    """The text of ModelOpt's ``hf_quant_config.json`` at ``source`` with its ``exclude_modules`` (which its
+    loaders leave unquantized) following the modules ``moves`` renumbered (skiplists), and the modules of
+    the weights now ``plain`` added (None: it has no such list); notes."""
     with open(source, "rb") as handle:
         text = handle.read().decode("utf-8", "replace")
     try:
@@ -126,13 +138,22 @@ def _exclude(source: str, destination: str, plain: list[str]) -> list[str]:
     quantization = data.get("quantization") if isinstance(data, dict) else None
     held = quantization.get("exclude_modules") or [] if isinstance(quantization, dict) else None
     if not isinstance(held, list):
-        shutil.copy2(source, destination)
-        return [f"note: {QUANT_CONFIG} copied as it was (no exclude_modules list to add {', '.join(plain[:4])} to)"]
-    added = [m for m in dict.fromkeys(n.removesuffix(".weight") for n in plain) if m not in held]
-    quantization["exclude_modules"] = held + added
-    with open(destination, "wb") as handle:
-        handle.write(_dumps(data, text).encode("utf-8"))
-    return [f"note: {QUANT_CONFIG}: exclude_modules added {', '.join(added)}"] if added else []
+        return None, [f"note: {QUANT_CONFIG} copied as it was (no exclude_modules list to add"
+                      f" {', '.join(plain[:4])} to)"] if plain else []
+    moved, notes = moved_list(held, moves, _their_exclusions, f"{QUANT_CONFIG}: exclude_modules")
+    added = [m for m in dict.fromkeys(n.removesuffix(".weight") for n in plain) if m not in moved]
+    quantization["exclude_modules"] = moved + added
+    if moved != held:
+        notes.append(f"note: {QUANT_CONFIG}: exclude_modules renumbered with the modules they name")
+    return _dumps(data, text), notes + ([f"note: {QUANT_CONFIG}: exclude_modules added {', '.join(added)}"]
+                                        if added else [])
+
+
+def _their_exclusions(path: str) -> list | None:
+    """The ``exclude_modules`` of the hf_quant_config.json beside another checkpoint (a stack's source)."""
+    quantization = (read_config(path, QUANT_CONFIG) or {}).get("quantization")
+    listed = quantization.get("exclude_modules") if isinstance(quantization, dict) else None
+    return listed if isinstance(listed, list) else None
 
 
 def _carry_remote(folder: str, staging: str, ckpt: Checkpoint, inputs: Inputs) -> list[str]:
@@ -149,15 +170,21 @@ def _carry_remote(folder: str, staging: str, ckpt: Checkpoint, inputs: Inputs) -
 
 def config_beside(ckpt: Checkpoint, place: str, inputs: Inputs) -> Callable[[], list[str]]:
     """--in-place of one file: the ``config.json`` beside it, updated for ``ckpt`` (as ``carry`` updates a
-    directory's). The update is worked out now, before the file is replaced; the function returned
+    directory's), and after a renumbering, ModelOpt's ``hf_quant_config.json``. The update is worked out now, before the file is replaced; the function returned
     writes it (atomically) once the file is replaced, and returns the notes."""
     source = config_path(place)
     text, notes = _config_update(source, ckpt, inputs) if source is not None else (None, [])
+    updates = {source: text}  # path -> its new text (None: unchanged)
+    modelopt = config_path(place, QUANT_CONFIG)
+    if modelopt is not None and ckpt.moves and quantized(ckpt):  # renumbered: its exclude_modules follow
+        updates[modelopt], more = _exclusions_update(modelopt, _written_plain(ckpt, inputs), ckpt.moves)
+        notes += more
 
     def write() -> list[str]:
-        if text is not None:
-            with atomic_file(source) as sink:
-                sink.write(text.encode("utf-8"))
+        for path, text in updates.items():
+            if text is not None:
+                with atomic_file(path) as sink:
+                    sink.write(text.encode("utf-8"))
         return notes
     return write
 
@@ -214,21 +241,25 @@ def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dic
 
     ``vocab_size`` follows the input embedding's rows when it equalled them before; the
     ``tie_word_embeddings`` follows the tie of the output embedding to the input embedding
-    when the surgery tied or untied them; ``quantization_config`` goes when no quantized weight is
+    when the surgery tied or untied them; ``torch_dtype`` (or ``dtype``) follows the dtype of
+    most weights when it named theirs before (cast); ``quantization_config`` goes when no quantized weight is
     left (dequantize), is written for weights quantized anew (quantize), and names the modules of
     quantized weights written plain as unquantized (quantconfig). The shapes and ties before the
     surgery are the input's as the command's loader read it (``inputs.as_read``); a library save,
     which has no loader, reads the input's headers again.
     """
     pair = next((p for p in EMBEDDINGS if p[0] in after.tensors), None)
-    if pair is None and not (quant.quantization_config(config) or quantized(after)):
+    dtype_key = _dtype_key(config, after)
+    if pair is None and dtype_key is None and not (quant.quantization_config(config) or quantized(after)):
         return {}, []
     before = inputs.as_read(after.path)
     try:
         before = load(after.path) if before is None else before
     except ParamSurgeonError as e:
         return {}, [f"note: {CONFIG} copied as it was: the input could not be read again to compare ({e})"]
-    changes, notes = quantization_changes(config, before, after)
+    changes, notes = quantization_changes(config, before, after, read_config)
+    if dtype_key is not None and _main_dtype(before) == config[dtype_key]:
+        changes[dtype_key] = _main_dtype(after)
     if pair is None:
         return changes, notes
     embedding, head = pair
@@ -244,6 +275,25 @@ def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dic
     if tied[0] != tied[1] and config.get("tie_word_embeddings") is not tied[1]:
         changes["tie_word_embeddings"] = tied[1]
     return changes, notes
+
+
+def _dtype_key(config: dict, after: Checkpoint) -> str | None:
+    """The key of ``config`` naming the model's dtype (``torch_dtype``, transformers 5's ``dtype``)
+    when it no longer names the dtype most of ``after``'s weights have (a cast changed them)."""
+    key = next((k for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str)), None)
+    if key is None or quantized(after):
+        return None
+    main = _main_dtype(after)
+    return key if main is not None and main != config[key] else None
+
+
+def _main_dtype(ckpt: Checkpoint) -> str | None:
+    """The dtype holding most of ``ckpt``'s floating-point weights (float16, bfloat16, float32, float64)."""
+    numels: dict[str, int] = {}
+    for tensor in ckpt.tensors.values():
+        if tensor.dtype.name in MODEL_DTYPES:
+            numels[tensor.dtype.name] = numels.get(tensor.dtype.name, 0) + tensor.numel
+    return max(numels, key=numels.__getitem__) if numels else None
 
 
 def _tied(ckpt: Checkpoint, embedding: str, head: str) -> bool:

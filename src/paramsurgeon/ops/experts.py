@@ -12,6 +12,7 @@ from typing import Callable
 from ..checkpoint import Checkpoint, Storage, Tensor
 from ..checkpoint.quantized import Quantized
 from ..checkpoint.blocks import find_blocks, parse_ranges
+from ..checkpoint.moves import Moves
 from ..declare import option
 from ..errors import PlanError, SelectionError, UsageError
 from .layers import Blockwise
@@ -79,6 +80,7 @@ class Experts(Blockwise, Operation):
         renames: dict[str, str] = {}
         gone: set[str] = set()
         counts = set()
+        moves = Moves()  # where each expert went, for the names config files give them
         for moe in chosen:
             count = moe.count(tensors)
             flag, text = ("--keep", self.keep) if self.keep is not None else ("--drop", self.drop)
@@ -86,14 +88,16 @@ class Experts(Blockwise, Operation):
             kept = picked if self.keep is not None else [i for i in range(count) if i not in picked]
             self.check_top_k(ckpt.config, len(kept), moe.prefix)
             counts.add((count, len(kept)))
+            moves.renamed.update({f"{moe.prefix}.experts.{i}": [] for i in range(count)})
             for new, old in enumerate(kept):
-                renames.update({n: n.replace(f".experts.{old}.", f".experts.{new}.", 1) for n in moe.per_expert[old]}
-                               if moe.per_expert else {})
+                moves.renamed[f"{moe.prefix}.experts.{old}"].append(f"{moe.prefix}.experts.{new}")
+                renames.update({n: moves.follow(n)[0] for n in moe.per_expert.get(old, [])})
             gone.update(n for i, names in moe.per_expert.items() if i not in kept for n in names)
             plan.changes += [_rows(n, tensors[n], kept) for n in moe.fused + moe.router]
         plan.rebuilt = [(renames.get(n, n), n, t) for n, t in tensors.items() if n not in gone]
         plan.drops = [n for n in tensors if n in gone]
         plan.config = expert_config(ckpt.config, counts)
+        plan.moves = moves
         return plan
 
     def chosen(self, ckpt: Checkpoint, blocks: list[MoE]) -> list[MoE]:

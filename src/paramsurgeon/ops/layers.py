@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint
 from ..checkpoint.blocks import Blocks, find_blocks, parse_ranges
+from ..checkpoint.moves import Moves
 from ..declare import REQUIRED, argument, option
 from ..errors import PlanError, UsageError
 from ..sizes import plural
@@ -138,7 +139,21 @@ def renumbered(command: str, ckpt: Checkpoint, blocks: Blocks, order: list[tuple
         if blocks.index(name) is None:
             rebuilt.append((name, name, tensor))
     used = {id(tensor) for _, _, tensor in rebuilt}
-    return Plan(command, description, rebuilt=rebuilt, drops=[n for n, t in tensors.items() if id(t) not in used])
+    return Plan(command, description, rebuilt=rebuilt, drops=[n for n, t in tensors.items() if id(t) not in used],
+                moves=_moves(ckpt, blocks, order))
+
+
+def _moves(ckpt: Checkpoint, blocks: Blocks, order: list[tuple[Checkpoint, Blocks, int]]) -> Moves:
+    """Where each block of ``ckpt`` went (its new indices, none when dropped), and which blocks of the
+    result came from other checkpoints."""
+    moves = Moves({f"{blocks.prefix}.{i}": [] for i in range(blocks.count)})
+    for index, (source, its, i) in enumerate(order):
+        new = f"{blocks.prefix}.{index}"
+        if source.source == ckpt.source:
+            moves.renamed[f"{blocks.prefix}.{i}"].append(new)
+        else:
+            moves.taken[new] = (source.path, f"{its.prefix}.{i}")
+    return moves
 
 
 def identity_changes(blocks: Blocks, plan: Plan, copies: set[int]) -> list[Change]:

@@ -15,6 +15,7 @@ from typing import Callable
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
+from ..checkpoint.moves import Moves
 from ..checkpoint.quantized import Quantized, Streamed
 from ..errors import PlanError
 from ..parallel import Work, spread
@@ -65,6 +66,7 @@ class Plan:
     # comes from, the tensor); a tensor given twice is copied (its bytes, not a tie); the others go (drops
     # lists them)
     config: dict = field(default_factory=dict)  # keys of the model config (config.json) and their new values
+    moves: Moves | None = None  # where the numbered modules go (layers, stack, experts)
 
     def document(self) -> dict:
         """Entries of its own for the --json plan (none for most operations)."""
@@ -188,6 +190,8 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         _rebuild(ckpt, plan.rebuilt)
     if plan.config:
         ckpt.config = {**(ckpt.config or {}), **plan.config}
+    if plan.moves is not None:
+        ckpt.moves = [*ckpt.moves, plan.moves]  # a new list: a copy of the checkpoint shares the old one
     if plan.adds:
         _insert(ckpt, plan.adds)
     if not simulate:
@@ -206,6 +210,8 @@ def apply(ckpt: Checkpoint, plan: Plan, progress: Callable[[int], None] | None =
         stored = change.stored_as(fresh) if change.stored_as is not None else None  # one for a tie group
         for name in change.names:
             ckpt[name] = stored if stored is not None else _like(ckpt[name], fresh.storage, fresh)
+        if change.dequantizes:
+            ckpt.plain.update(change.names)
         if progress is not None:
             progress(fresh.nbytes)
     for target, source in plan.aliases:

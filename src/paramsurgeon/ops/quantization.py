@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .. import quant
 from ..checkpoint import Checkpoint, Tensor
-from ..checkpoint.quantized import Quantized
+from ..checkpoint.quantized import Quantized, refuse_partial
 from ..declare import REQUIRED, option
 from ..errors import PlanError, SelectionError, UnfitTensorError, UsageError
 from ..selection import Selection
@@ -18,16 +18,6 @@ from ..sizes import plural
 from .plan import Change, Plan, names_list
 from .spec import Operation, Sources, Targets, TiePolicy, with_warnings
 from .values import cast_target, torch_values, value_plan
-
-
-def refuse_partial(ckpt: Checkpoint, names: list[str], command: str) -> None:
-    """A PlanError naming each group among ``names`` whose stored parts do not make one."""
-    chosen = set(names)
-    broken = [f"{', '.join(parts)} ({why}, {scheme})" for scheme, parts, why in ckpt.partial
-              if any(n in chosen for n in parts)]
-    if broken:
-        raise PlanError(f"{command}: {'; '.join(broken)}: a quantized weight without all of its parts cannot be"
-                        " read as values; drop the parts (drop -p NAME) or restore the missing ones")
 
 
 def refuse_unread(ckpt: Checkpoint, command: str, what: str) -> None:
@@ -105,7 +95,6 @@ class Quantize(Targets, TiePolicy, Operation):
         refuse_unread(ckpt, "quantize", "they cannot be quantized anew")
         warnings: list[str] = []
         names = self.targets(ckpt, "quantize", warnings)
-        refuse_partial(ckpt, names, "quantize")
         scheme, params, already = self._scheme, self._params, []
 
         def change_for(unit: list[str], tensor: Tensor):
@@ -122,11 +111,13 @@ class Quantize(Targets, TiePolicy, Operation):
                           self, change_for)
         changed = {n for c in plan.changes for n in c.names}
         others = sorted({(t.scheme.name, _shown(t.params)) for n, t in ckpt.tensors.items()
-                         if type(t) is Quantized and n not in changed and (t.scheme, t.params) != (scheme, params)})
+                         if type(t) is Quantized and not t.scheme.native and n not in changed
+                         and (t.scheme, t.params) != (scheme, params)})
         if others:
+            alike = [shown for name, shown in others if name == scheme.name]
             raise PlanError(f"quantize: the checkpoint holds {', '.join(' '.join(o) for o in others)} weights, and a"
-                            f" model config describes one quantization; dequantize them first, or quantize as"
-                            f" {others[0][0]} {others[0][1]}")
+                            f" model config describes one quantization; dequantize them first"
+                            + (f", or quantize with --block {alike[0]}" if alike else ""))
         if already:
             plan.notes.append(f"{plural(len(already), 'tensor')} {'is' if len(already) == 1 else 'are'} already"
                               f" {scheme.name} {_shown(params)}: {names_list(already)}")
@@ -152,4 +143,4 @@ def _block(text: str | None) -> list[int]:
 
 def _shown(params: dict) -> str:
     block = params.get("block")
-    return f"{block[0]}x{block[1]}" if isinstance(block, list) else ""
+    return "x".join(map(str, block)) if isinstance(block, list) else ""

@@ -18,9 +18,9 @@ from ..checkpoint import Checkpoint
 from ..errors import ParamSurgeonError
 from ..parallel import Work
 from .optimizer import optimizer_notes
-from ..checkpoint.quantized import Quantized
+from ..checkpoint.quantized import Quantized, refuse_partial
 from .plan import Plan, apply, names_list
-from .quantization import refuse_partial, refuse_unread
+from .quantization import refuse_unread
 from .spec import Operation, Sources
 
 
@@ -129,7 +129,7 @@ def _named(step: Step) -> Iterator[None]:
 def structural_copy(ckpt: Checkpoint) -> Checkpoint:
     """A copy whose containers can be changed without touching ``ckpt`` (tensors are shared)."""
     return dataclasses.replace(ckpt, root=_copy_along(ckpt.root, ckpt.key), metadata=dict(ckpt.metadata),
-                               notes=list(ckpt.notes))
+                               notes=list(ckpt.notes), plain=set(ckpt.plain))
 
 
 def _copy_along(node: Any, path: tuple) -> Any:

@@ -14,6 +14,7 @@ from ..dtypes import DType
 from ..checkpoint import Checkpoint, Tensor
 from ..checkpoint.kinds import LAYER_KINDS, infer_kinds
 from ..checkpoint.layouts import stored_in_out
+from ..checkpoint.quantized import refuse_partial
 from ..declare import REQUIRED, Number, option
 from ..errors import UnfitTensorError, UsageError
 from ..sizes import plural
@@ -22,6 +23,13 @@ from .plan import Change, Plan, fail, names_list, tie_units
 from .spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnings
 
 CAST_TARGETS = ("float32", "float16", "bfloat16", "float64")
+
+
+def computable(values):
+    """``values`` as torch computes with them on the CPU (float8 as float32: checkpoint.values)."""
+    from ..checkpoint.values import computable
+
+    return computable(values)
 
 
 def torch_values(tensor: Tensor):
@@ -91,6 +99,7 @@ def value_plan(command: str, description: str, ckpt: Checkpoint, names: list[str
                change_for: Callable[[list[str], Tensor], Change]) -> Plan:
     """A plan changing the values of ``names``, one Change per tie unit; the UnfitTensorError of
     every unit that cannot take one is reported at once, in one PlanError."""
+    refuse_partial(ckpt, names, command)  # before any check of its stored codes as if they were values
     plan = Plan(command, description)
     problems = []
     for unit in tie_units(ckpt, names, follow=ties.follow_ties, untie=ties.untie, command=command):
@@ -199,7 +208,7 @@ class Zero(Targets, TiePolicy, Operation):
 def _prune(values, below: float):
     import torch
 
-    return torch.where(values.abs() < below, torch.zeros((), dtype=values.dtype), values)
+    return torch.where(computable(values).abs() < below, torch.zeros((), dtype=values.dtype), values)
 
 
 @dataclass(kw_only=True)
@@ -235,7 +244,7 @@ class Scale(Targets, TiePolicy, Overflow, Operation):
                         f" its {plural(tensor.numel, 'value')} would leave that range multiplied by {by} and wrap"
                         " around; pass --allow-overflow to write them wrapped")
             return Change(unit, f"scale by {factor:g}", tensor.shape, tensor.dtype.name,
-                          lambda: (torch_values(tensor) * by).to(dtypes.torch_dtype(tensor.dtype)),
+                          lambda: (computable(torch_values(tensor)) * by).to(dtypes.torch_dtype(tensor.dtype)),
                           guarded=floating and abs(by) > 1 and not self.allow_overflow, origin=tensor)
 
         plan = value_plan("scale", f"scale by {factor:g}: {names_list(names)}", ckpt, names, self, change_for)

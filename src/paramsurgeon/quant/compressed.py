@@ -4,14 +4,31 @@ model-free dequantizer matches it, and the tile each scale applies to."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
+from .base import Group, Partial
 from .tiles import bands, grid, spread
 from .widen import widen
 
 METHOD = "compressed-tensors"
 FP4 = {"float8_e4m3fn": "nvfp4-pack-quantized", "uint8": "mxfp4-pack-quantized"}  # scale dtype -> format
+ACTIVATIONS = ("input_scale", "input_zero_point", "input_global_scale")  # a module's static activation parameters
 BLOCK = (128, 128)  # FP8_BLOCK's block, the one block read without a config naming it
+
+
+def activation_name(name: str, role: str) -> str:
+    """The stored name of the activation parameter ``role`` of the module whose weight is ``name``."""
+    return f"{name.rpartition('.')[0]}.{role}" if "." in name else role
+
+
+def with_activations(found: Group | Partial, tensors: dict) -> Group | Partial:
+    """A group found, with the activation parameters its module stores (static input scales) among its
+    parts: they go with the weight, so that a module written plain keeps none that no plain layer reads."""
+    if not isinstance(found, Group):
+        return found
+    names = {role: activation_name(found.name, role) for role in ACTIVATIONS}
+    return dataclasses.replace(found, parts=found.parts | {r: n for r, n in names.items() if n in tensors})
 
 
 def reads(config: dict) -> bool:

@@ -19,7 +19,7 @@ SUFFIXES = {"codes": "_packed", "scale": "_scale", "global_scale": "_global_scal
 
 
 class Fp4Packed(Scheme):
-    roles = ("codes", "scale", "global_scale")
+    roles = ("codes", "scale", "global_scale", *compressed.ACTIVATIONS)
     markers = ("weight_packed", "weight_global_scale")
     methods = (compressed.METHOD,)
 
@@ -29,7 +29,7 @@ class Fp4Packed(Scheme):
         self.scales = ("scale", "global_scale") if self.global_scale else ()  # E8M0 exponents: any byte is a scale
 
     def part_name(self, name, role):
-        return name + SUFFIXES[role]
+        return compressed.activation_name(name, role) if role in compressed.ACTIVATIONS else name + SUFFIXES[role]
 
     def find(self, tensors, config):
         if not compressed.reads(config):
@@ -39,7 +39,8 @@ class Fp4Packed(Scheme):
                 name = stored[:-len("_packed")]
                 module = name[:-len(".weight")] if name.endswith(".weight") else name
                 if compressed.fp4_format(config, module, tensors.get(name + "_scale")) == self.name:
-                    yield self._group(name, tensors, compressed.weight_args(config, module))
+                    yield compressed.with_activations(self._group(name, tensors, compressed.weight_args(config, module)),
+                                                      tensors)
             elif self.global_scale and stored.endswith("weight_global_scale"):
                 name = stored[:-len("_global_scale")]
                 if name + "_packed" not in tensors and name not in tensors:

@@ -14,12 +14,14 @@ SCALE, ZERO = "_scale", "_zero_point"
 
 
 class Naive(Scheme):
-    roles = ("codes", "scale", "zero_point")
+    roles = ("codes", "scale", "zero_point", *compressed.ACTIVATIONS)
     markers = ("weight" + SCALE,)
     def __init__(self, name: str, codes: tuple[str, ...], methods: tuple[str, ...] = (compressed.METHOD,)):
         self.name, self.codes, self.methods = name, codes, methods  # codes: the dtypes its codes are stored in
 
     def part_name(self, name, role):
+        if role in compressed.ACTIVATIONS:
+            return compressed.activation_name(name, role)
         return name + {"codes": "", "scale": SCALE, "zero_point": ZERO}[role]
 
     def find(self, tensors, config):
@@ -36,11 +38,13 @@ class Naive(Scheme):
                 if args is not None:  # the config quantizes this module: its codes need a scale
                     yield Partial(present, f"{name} has no {name + SCALE}")
                 continue
-            yield self._group(name, weight, scale, zero, args, present)
+            found = self._group(name, weight, scale, zero, args, present, compressed.weight_format(config, module))
+            yield compressed.with_activations(found, tensors)
 
-    def _group(self, name, weight, scale, zero, args, present):
+    def _group(self, name, weight, scale, zero, args, present, fmt):
         if len(weight.shape) != 2 or not scale.dtype.floating:
-            return Partial(present, f"{name} is {list(weight.shape)} {weight.dtype} with a {scale.dtype} scale,"
+            told = f"compressed-tensors format {fmt} is not read: " if fmt not in (None, self.name) else ""
+            return Partial(present, f"{told}{name} is {list(weight.shape)} {weight.dtype} with a {scale.dtype} scale,"
                            " not the 2-D codes and float scale this format stores")
         tile, expected = compressed.layout(args, scale.shape, weight.shape)
         if tile is None:

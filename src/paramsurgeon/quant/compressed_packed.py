@@ -18,19 +18,20 @@ SUFFIXES = {"codes": "_packed", "scale": "_scale", "shape": "_shape", "zero_poin
 
 class Packed(Scheme):
     name = "pack-quantized"
-    roles = ("codes", "scale", "shape", "zero_point")
+    roles = ("codes", "scale", "shape", "zero_point", *compressed.ACTIVATIONS)
     methods = (compressed.METHOD,)
     markers = ("weight_packed", "weight_shape", "weight_scale")  # the last: to name a scale without its weight
 
     def part_name(self, name, role):
-        return name + SUFFIXES[role]
+        return compressed.activation_name(name, role) if role in compressed.ACTIVATIONS else name + SUFFIXES[role]
 
     def find(self, tensors, config):
         if not compressed.reads(config):
             return
         for stored, tensor in tensors.items():
-            if stored.endswith("weight_packed") and tensor.dtype.name == "int32":
-                yield self._group(stored[:-len("_packed")], tensors, config)
+            if stored.endswith("weight_packed") and tensor.dtype.name == "int32" \
+                    and compressed.weight_format(config, _module(stored)) in (None, self.name):
+                yield compressed.with_activations(self._group(stored[:-len("_packed")], tensors, config), tensors)
             elif stored.endswith("weight_packed"):
                 yield from self._unread(stored, tensors, config)
             elif stored.endswith(("weight_shape", "weight_scale")):
@@ -40,8 +41,7 @@ class Packed(Scheme):
 
     def _unread(self, stored, tensors, config):
         """A packed weight not in int32 nor in an FP4 format read here (compressed_fp4.py): named."""
-        name = stored[:-len("_packed")]
-        module = name[:-len(".weight")] if name.endswith(".weight") else name
+        name, module = stored[:-len("_packed")], _module(stored)
         fmt = compressed.fp4_format(config, module, tensors.get(name + "_scale")) if tensors[stored].dtype.name == "uint8" \
             else compressed.weight_format(config, module)
         if fmt not in compressed.FP4.values():
@@ -136,3 +136,9 @@ def _packed_zero(zero, scale_shape, shape, bits, tile) -> bool:
 
 def _present(name: str, tensors: dict) -> list[str]:
     return [name + s for s in ("_packed", "_scale", "_shape", "_zero_point") if name + s in tensors]
+
+
+def _module(packed: str) -> str:
+    """The module whose packed weight is stored as ``packed`` (``x`` of ``x.weight_packed``)."""
+    name = packed[:-len("_packed")]
+    return name[:-len(".weight")] if name.endswith(".weight") else name
