@@ -19,7 +19,7 @@ from ..errors import OutputError
 from ..sizes import plural
 from .hfconfig import METADATA_KEY, config_path, quantization_read
 from .inputs import Inputs
-from .quantconfig import REMOVED, quantized
+from .quantconfig import quantized
 from .sidefiles import config_updates
 from .target import Target
 
@@ -38,10 +38,9 @@ def with_quantization(ckpt: Checkpoint, inputs: Inputs) -> Checkpoint:
 
 def _recorded(ckpt: Checkpoint, inputs: Inputs) -> dict | None:
     config = quantization_read(ckpt.path, ckpt.config, ckpt.metadata) or {}
-    held = quant.quantization_config(config)
     changes, _ = config_updates(config, ckpt, inputs)  # its notes are config.json's, which this file is not
-    change = changes.get("quantization_config", held)
-    return change if isinstance(change, dict) and change and change is not REMOVED else None
+    change = changes.get("quantization_config", quant.quantization_config(config))  # REMOVED is no dict
+    return change if isinstance(change, dict) and change else None
 
 
 def refuse_unrecorded(ckpt: Checkpoint, target: Target) -> None:
