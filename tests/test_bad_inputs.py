@@ -187,6 +187,20 @@ def test_unsafe_pickle_keeps_the_object_without_running_it(tmp_path):
     assert b"cposix\nsystem\n" in zipfile.ZipFile(result_path).read("kept/data.pkl")  # kept, as asked
 
 
+@pytest.mark.parametrize("saved", ["module", "nested"])
+def test_a_whole_pickled_module_says_so_and_how_to_save_its_state_dict(tmp_path, out, saved):
+    """torch.save(model), alone or inside a dict, read with --unsafe-pickle: the module's tensors
+    are no mapping that --key could name, so the error says what the file is and what to save."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU())
+    path = tmp_path / "model.pt"
+    torch.save(model if saved == "module" else {"model": model, "epoch": 3}, path)
+    assert isinstance(torch.load(path, weights_only=False)["model"] if saved == "nested" else torch.load(
+        path, weights_only=False), torch.nn.Sequential)
+    for command in (["inspect", path], ["convert", path, "-o", out]):
+        assert_refused(run(*command, "--unsafe-pickle"), "a whole pickled module (torch.nn.modules.container.Sequential",
+                       "model.state_dict()")
+
+
 def test_blocked_modules_cannot_be_allowed_by_name(tmp_path, out):
     path = tmp_path / "evil.pt"
     torch.save({"w": torch.ones(3), "x": Marker(tmp_path / "pwned")}, path)

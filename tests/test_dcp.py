@@ -32,6 +32,29 @@ def test_dcp_round_trip_is_bit_identical(tmp_path, training_pt, resnet):
     assert document["format"] == "dcp" and document["key"] == "state_dict"
 
 
+def test_optimizer_state_through_dcp_loads_into_the_optimizer(tmp_path, training_pt, resnet):
+    """DCP stores optimizer.state_dict()'s integer keys as strings; read back, they are integers
+    again (Optimizer.load_state_dict matches the moments to parameters by them)."""
+    import torch.distributed.checkpoint as dcp
+
+    original = load_torch(training_pt)
+    written = tmp_path / "torch.dcp"
+    with pytest.warns(UserWarning):
+        dcp.save(original, checkpoint_id=str(written))  # as torch itself writes it
+    for source in (written, tmp_path / "ours.dcp"):
+        if source != written:
+            assert run("convert", training_pt, "-o", source, "--format", "dcp").exit_code == 0
+        back = tmp_path / "back.pt"
+        assert run("convert", source, "-o", back).exit_code == 0
+        restored = load_torch(back)["optimizer"]
+        assert sorted(restored["state"]) == sorted(original["optimizer"]["state"])
+        optimizer = torch.optim.Adam(resnet.parameters(), lr=1e-3)
+        optimizer.load_state_dict(restored)
+        for index, parameter in enumerate(resnet.parameters()):  # the moments reach their parameters
+            assert_same_state(optimizer.state[parameter], original["optimizer"]["state"][index])
+        assert run("diff", training_pt, back).exit_code == 0
+
+
 def test_dcp_written_by_two_ranks_reads_whole(tmp_path):
     """Two processes each save half of every tensor (DTensors sharded as FSDP shards them);
     the chunks are reassembled through DCP."""

@@ -104,6 +104,10 @@ def test_nested_dicts_lists_and_non_tensor_entries_read_as_torch_does(request, t
     result = run("convert", folder, "-o", tmp_path / "whole.pt")
     assert result.exit_code == 0, result.stderr
     ours, theirs = load_torch(tmp_path / "whole.pt"), torch_reading(folder, tmp_path / "torch.pt")
+    # torch's reading leaves the optimizer's parameter ids as DCP stores them, strings; they are read
+    # back as the integers optimizer.load_state_dict matches (test_dcp.py), and nothing else differs
+    assert list(theirs["optimizer"]["state"]) == ["0"]
+    theirs["optimizer"]["state"] = {0: theirs["optimizer"]["state"]["0"]}
     assert_same_file(ours, theirs)
     assert ours["epoch"] == 7 and ours["meta"]["tags"] == ("a", "b")
 

@@ -3,6 +3,9 @@ and load into the real module with strict=True."""
 
 import json
 import os
+import subprocess
+import sys
+import threading
 import zipfile
 
 import pytest
@@ -95,6 +98,32 @@ def test_real_pipe_between_processes(tmp_path, resnet_pt, resnet):
         second = run_process("convert", "--format", "pt", "-o", tmp_path / "piped.pt", stdin=stdin)
     assert second.returncode == 0, second.stderr
     assert_same_state(load_torch(tmp_path / "piped.pt"), resnet.state_dict())
+
+
+def test_fifo_and_process_substitution_inputs_are_read_as_streams(tmp_path, resnet_pt, resnet):
+    """A path naming a pipe (a FIFO, bash's <(...) as /dev/fd/N) is read like standard input, not
+    taken for an empty file because its size says 0."""
+    fifo = tmp_path / "model.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(file_bytes(resnet_pt)), daemon=True)
+    writer.start()
+    result = run("inspect", fifo, "--json")
+    writer.join(timeout=60)
+    assert result.exit_code == 0, result.stderr
+    rows = {t["name"]: t for t in json.loads(result.stdout)["tensors"]}
+    state = resnet.state_dict()
+    assert {n: r["shape"] for n, r in rows.items()} == {n: list(t.shape) for n, t in state.items()}
+    assert {n: r["stats"]["max"] for n, r in rows.items()} == pytest.approx(
+        {n: t.double().max().item() for n, t in state.items()})
+    read, write = os.pipe()
+    with open(resnet_pt, "rb") as source:
+        feeder = subprocess.Popen(["cat"], stdin=source, stdout=write)
+    os.close(write)
+    compared = subprocess.run([sys.executable, "-m", "paramsurgeon", "diff", f"/dev/fd/{read}", resnet_pt],
+                              pass_fds=(read,), capture_output=True, timeout=300)
+    os.close(read)
+    feeder.wait()
+    assert compared.returncode == 0 and b"0 only in A" in compared.stdout, compared.stderr
 
 
 def test_nested_training_checkpoint_keeps_everything(tmp_path, training_pt):

@@ -4,6 +4,7 @@ their boundaries; buffers left alone; and the untrained rule on real modules, fr
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -323,3 +324,18 @@ def test_values_short_of_an_inits_reach_are_not_that_init():
     assert health._untrained(inits, stats) is None
     fresh = tensor_stats(from_torch(nn.init.xavier_uniform_(torch.empty(16, 8, 1, 1))), buckets=True)
     assert "xavier_uniform" in health._untrained(inits, fresh)[2]
+
+
+def test_a_diverged_tensor_is_reported_in_a_readable_line(tmp_path):
+    """A weight of a diverged run (variance 1e60 among ordinary ones): the finding's value is the
+    variance ratio torch computes, and its message says it in a few digits, not 57."""
+    torch.manual_seed(0)
+    state = {f"block{i}.weight": torch.randn(64) for i in range(4)}
+    state["block4.weight"] = torch.randn(64) * 1e30
+    torch.save(state, tmp_path / "diverged.pt")
+    document = json_of("check", tmp_path / "diverged.pt", "--health", schema="check")
+    finding = next(f for f in document["findings"] if f["rule"] == "exploding")
+    variances = [t.double().var().item() for t in state.values()]
+    ratio = variances[-1] / statistics.median(variances)
+    assert finding["name"] == "block4.weight" and finding["value"] == pytest.approx(ratio, rel=1e-3)
+    assert f"is {ratio:.2g}x the median" in finding["message"] and len(finding["message"]) < 120

@@ -113,6 +113,41 @@ def test_tie_and_untie_set_tie_word_embeddings(llama_dir, tmp_path):
     assert model.model.embed_tokens.weight.any()
 
 
+def test_dedupe_keeps_the_name_save_pretrained_keeps(request, tmp_path):
+    from safetensors import safe_open
+
+    source = register_input(request, save_model(llama(), tmp_path / "llama", shard="1GB"))  # one file: lm_head first
+    tied = tmp_path / "tied"
+    result = run("tie", source, "--source", "model.embed_tokens.weight", "--target", "lm_head.weight", "--dedupe",
+                 "-o", f"{tied}/")
+    assert result.exit_code == 0, result.stderr
+    reference = tmp_path / "reference"
+    llama(tie=True).save_pretrained(reference)  # vLLM and llama.cpp read model.embed_tokens.weight alone
+    names = []
+    for folder in (tied, reference):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            names.append(sorted(f.keys()))
+    assert names[0] == names[1] and "lm_head.weight" not in names[0]
+    model, original = load_model(tied), load_model(source)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(model.lm_head.weight, original.model.embed_tokens.weight, rtol=0, atol=0)
+
+
+def test_cast_of_every_weight_sets_the_configs_dtype(gpt2_dir, tmp_path):
+    out, part = tmp_path / "half", tmp_path / "part"
+    result = run("cast", gpt2_dir, "--all", "--dtype", "float16", "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert 'config.json: dtype "float32" -> "float16"' in result.stderr
+    model = load_model(out)  # transformers loads in the config's dtype: float32 if it were stale
+    assert model.dtype == torch.float16
+    original = load_model(gpt2_dir)
+    torch.testing.assert_close(model.state_dict(), original.half().state_dict(), rtol=0, atol=0)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    # a cast of a few tensors leaves the dtype of the rest, and so the config, as they were
+    assert run("cast", gpt2_dir, "-p", "transformer.h.0.*", "--dtype", "float16", "-o", f"{part}/").exit_code == 0
+    assert read(part / "config.json") == read(os.path.join(gpt2_dir, "config.json"))
+
+
 def test_convert_to_shards_carries_the_side_files(gpt2_dir, tmp_path):
     source = tmp_path / "hub"
     shutil.copytree(gpt2_dir, source)

@@ -216,3 +216,17 @@ def test_directory_output_leaves_the_tied_name_out_as_its_input_did(inputs, tmp_
     assert run("untie", directory, "-p", omitted, "-o", f"{untied}/").exit_code == 0
     with safe_open(untied / "model.safetensors", "pt") as f:  # no longer tied: written under its own name
         assert omitted in f.keys()
+
+
+def test_a_failing_command_prints_its_error_alone(inputs, tmp_path):
+    """The note on the tied name comes with a command that did its work, not before an error: a
+    failure is one line on stderr."""
+    directory, _ = inputs["base"]
+    omitted, partner = TIED[inputs["arch"]]
+    failed = run("zero", directory, "-p", "no.such.tensor", "-o", tmp_path / "out/")
+    assert failed.exit_code == 2
+    assert failed.stderr.count("\n") == 1 and failed.stderr.startswith("paramsurgeon: error: "), failed.stderr
+    assert not (tmp_path / "out").exists()
+    done = run("zero", directory, "-p", partner, "--follow-ties", "-o", tmp_path / "out/")
+    assert done.exit_code == 0, done.stderr
+    assert f"note: {omitted} is not in the file: config.json ties it to {partner}" in done.stderr

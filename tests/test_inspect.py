@@ -104,6 +104,41 @@ def test_totals_count_tied_weights_once(gpt_pt, gpt):
     assert tensors["lm_head.weight"]["tied_to"] == ["wte.weight"]
 
 
+def test_views_into_one_storage_count_as_the_tensor_they_view(tmp_path):
+    """A state dict holding a tensor and views into it (a strided slice saved before the whole,
+    a row after it) stores one storage: totals and the tree count its elements once, whichever
+    name comes first."""
+    torch.manual_seed(0)
+    fused = torch.randn(6, 8)
+    state = {"head.q": fused[:, ::2], "head.fused": fused, "head.row": fused[1], "other.w": torch.randn(5)}
+    path = tmp_path / "views.pt"
+    torch.save(state, path)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in torch.load(path).values()}
+    document = json.loads(run("inspect", path, "--json", "--no-stats", "--tree").stdout)
+    assert document["ties"] == [["head.q", "head.fused", "head.row"]]
+    assert document["totals"]["numel"] == fused.numel() + 5
+    assert document["totals"]["bytes"] == sum(storages.values())
+    tree = document["tree"]
+    head = next(c for c in tree["children"] if c["name"] == "head")
+    assert (tree["parameters"], head["parameters"], head["bytes"]) == (fused.numel() + 5, fused.numel(), fused.nbytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_statistics_of_huge_finite_values_do_not_overflow(tmp_path, dtype):
+    """Weights of a diverged run (|x| ~ 1e30, finite in float32 and bfloat16): their squares
+    overflow float32, yet the std is torch's float64 answer, not inf, and nothing counts as Inf."""
+    torch.manual_seed(0)
+    huge = (torch.randn(1000) * 1e30).to(dtype)
+    with_inf = huge.clone()
+    with_inf[7] = math.inf
+    torch.save({"huge": huge, "with_inf": with_inf}, tmp_path / "diverged.pt")
+    rows = {t["name"]: t["stats"] for t in json.loads(run("inspect", tmp_path / "diverged.pt", "--json").stdout)["tensors"]}
+    for name, values in [("huge", huge.double()), ("with_inf", with_inf.double()[torch.isfinite(with_inf.double())])]:
+        assert rows[name]["std"] == pytest.approx(values.std().item(), rel=1e-6), name
+        assert rows[name]["mean"] == pytest.approx(values.mean().item(), rel=1e-6, abs=1e22), name
+    assert (rows["huge"]["inf"], rows["with_inf"]["inf"]) == (0, 1)
+
+
 def test_nan_and_inf_are_counted_and_reported(tmp_path):
     values = torch.tensor([1.0, float("nan"), float("inf"), -2.0, 0.0, float("nan")])
     path = tmp_path / "bad.pt"

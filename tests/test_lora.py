@@ -212,6 +212,28 @@ def test_tied_gpt2_merges_as_merge_and_unload_and_stays_tied(request, tmp_path, 
     assert_merged(got, truth, state(model), 2)
 
 
+def test_tied_pair_adapted_on_both_sides(request, tmp_path):
+    """An adapter on wte and on lm_head of a tied GPT-2: refused by default (the tied weight cannot
+    hold both updates), said once; --untie gives each what the unmerged adapted model computes."""
+    from peft import PeftModel
+
+    model = gpt2(tie=True)
+    base = tmp_path / "gpt2.pt"
+    torch.save(model.state_dict(), base)
+    register_input(request, base)
+    adapter = make_adapter(model, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["wte", "lm_head"])
+    assert refused(tmp_path, base, adapter) == ("merge-lora: 'transformer.wte.weight' and 'lm_head.weight' are tied but"
+                                                " the adapter updates each, differently; pass --untie to give each its"
+                                                " own values")
+    got, _ = merge_lora(tmp_path, base, adapter, "--untie", out="untied.pt")
+    adapted = PeftModel.from_pretrained(copy.deepcopy(model), adapter).base_model.model
+    with torch.no_grad():
+        rows = adapted.transformer.wte(torch.arange(model.config.vocab_size))
+        head = adapted.lm_head(torch.eye(model.config.n_embd)).T  # (W + delta) applied to the identity
+    torch.testing.assert_close(got["transformer.wte.weight"], rows)
+    torch.testing.assert_close(got["lm_head.weight"], head)
+
+
 # ---- errors: exit 2, one line naming the offender, nothing written ----------------------------------
 
 

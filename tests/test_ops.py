@@ -87,6 +87,29 @@ def test_copy_into_an_integer_tensor_that_cannot_hold_the_values_is_refused(tmp_
     assert torch.equal(load_torch(tmp_path / "ok.pt")["dst"], source[torch.tensor(fits)].to(target))
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_plain_float8_tensors_are_computed_in_float32(tmp_path, dtype):
+    """torch has no CPU arithmetic, comparison nor isfinite for float8: scale, zero --below, merge and a
+    copy that casts compute in float32 and round once to the tensor's dtype (they stopped with exit 3)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 4, generator=g).to(dtype), torch.randn(6, 4, generator=g).to(dtype)
+    other = torch.randn(6, 4, generator=g).to(torch.float8_e5m2 if dtype == torch.float8_e4m3fn else torch.float8_e4m3fn)
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"w": a, "o": other}, first)
+    torch.save({"w": b, "o": other}, second)
+    expected = {"scale": (a.float() * 2).to(dtype),
+                "zero": torch.where(a.float().abs() < 0.5, torch.zeros((), dtype=dtype), a),
+                "merge": ((a.float() + b.float()) / 2).to(dtype), "copy": other.to(dtype)}
+    commands = {"scale": ("scale", first, "-p", "w", "--by", 2), "zero": ("zero", first, "-p", "w", "--below", 0.5),
+                "merge": ("merge", first, second), "copy": ("copy", first, "--from", "o", "--to", "w")}
+    for name, command in commands.items():
+        out = tmp_path / f"{name}.pt"
+        result = run(*command, "-o", out)
+        assert result.exit_code == 0, result.stderr
+        got = load_torch(out)["w"]
+        assert got.dtype == dtype and bits(got) == bits(expected[name]), name
+
+
 def test_cast_changes_floats_only(tmp_path, resnet_pt, resnet):
     before = resnet.state_dict()
     path, result = out_of(tmp_path, "cast", resnet_pt, "--all", "--dtype", "bf16", name="half.safetensors")

@@ -94,6 +94,22 @@ def test_relative_changes_against_torch(pair):
         assert value == (pytest.approx(expected, rel=1e-12, abs=0), False), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_relative_changes_of_float8_tensors(tmp_path, dtype):
+    """float8 weights (FP8 checkpoints stored plainly) take part in no type promotion: their change
+    is computed in float64 like the others' and the page is written (it was an internal error)."""
+    torch.manual_seed(0)
+    tuned, base = ({"w8": torch.randn(64, 16).to(dtype), "w": torch.randn(8)} for _ in range(2))
+    torch.save(tuned, tmp_path / "tuned.pt")
+    torch.save(base, tmp_path / "base.pt")
+    changes = relative_changes(ps.load(str(tmp_path / "tuned.pt")), ps.load(str(tmp_path / "base.pt")), list(tuned))
+    for name in tuned:
+        a, b = tuned[name].double(), base[name].double()
+        assert changes[name] == (pytest.approx(float((a - b).norm() / b.norm()), rel=1e-12), False), name
+    result = run("report", tmp_path / "tuned.pt", "--against", tmp_path / "base.pt", "-o", tmp_path / "r.html")
+    assert result.exit_code == 0 and "w8" in (tmp_path / "r.html").read_text()
+
+
 def test_standard_output_and_errors(tmp_path):
     result = run("report", "samples/resnet.pt", "-o", "-")
     assert result.exit_code == 0 and result.stdout.startswith("<!DOCTYPE html>")
@@ -101,6 +117,18 @@ def test_standard_output_and_errors(tmp_path):
     assert missing.exit_code == 2 and "-o" in missing.stderr
     absent = run("report", "samples/resnet.pt", "--against", "samples/nothing.pt", "-o", tmp_path / "r.html")
     assert absent.exit_code == 2 and not (tmp_path / "r.html").exists()
+
+
+def test_names_in_any_script_are_drawn_without_warnings(tmp_path):
+    """A tensor named in CJK: the page shows the name (as SVG text, drawn by the browser's fonts) and
+    stderr holds the one line saying what was written, no matplotlib warning about its own font."""
+    name = "编码器.层.权重"
+    torch.save({name: torch.randn(4, 4), "plain.weight": torch.randn(4)}, tmp_path / "cjk.pt")
+    result = subprocess.run([sys.executable, "-m", "paramsurgeon", "report", tmp_path / "cjk.pt", "-o",
+                             tmp_path / "cjk.html"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr.startswith("wrote ") and result.stderr.count("\n") == 1, \
+        result.stderr
+    assert name in (tmp_path / "cjk.html").read_text(encoding="utf-8")
 
 
 def test_without_matplotlib(monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
 """Selection by glob, regex, exclusion and layer kind; kinds inferred where names say nothing."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -93,6 +94,20 @@ def test_glob_crosses_dots_and_matches_whole_names(resnet_pt, resnet):
     with pytest.raises(paramsurgeon.ParamSurgeonError):
         paramsurgeon.select(ckpt, regex=["conv2"])
     assert paramsurgeon.select(ckpt, ["*conv1.weight"], exclude=["layer*"]) == ["conv1.weight"]
+
+
+def test_a_regex_matching_part_of_names_suggests_the_whole_name_regex(resnet_pt):
+    """A --regex that matches the start or a middle of names (re.match / re.search would take it)
+    says that it must match the whole name and offers a regex that does; the offer selects what
+    the user meant. It is not read as a glob ('layer1\\' is no part of any name)."""
+    names = list(torch.load(resnet_pt))
+    for typed, meant in [(r"layer1\.0", lambda n: n.startswith("layer1.0")),
+                         (r"bn2\.weight", lambda n: n.endswith(".bn2.weight"))]:
+        result = run("inspect", resnet_pt, "--regex", typed, "--no-stats")
+        assert result.exit_code == 2 and "must match the whole name" in result.stderr and "part" not in result.stderr
+        offered = re.search(r"did you mean '([^']+)'", result.stderr).group(1)
+        shown = json.loads(run("inspect", resnet_pt, "--regex", offered, "--no-stats", "--json").stdout)
+        assert [t["name"] for t in shown["tensors"]] == [n for n in names if meant(n)]
 
 
 def test_union_of_patterns_in_checkpoint_order(resnet_pt):

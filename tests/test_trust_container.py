@@ -115,3 +115,23 @@ def test_key_dot_picks_the_root(imagenet_pt):
     result = run("inspect", imagenet_pt, "--key", ".", "--json", "--no-stats")
     assert result.exit_code == 0, result.stderr
     assert [t["name"] for t in json.loads(result.stdout)["tensors"]] == ["best_acc1"]
+
+
+def test_a_key_through_a_list(tmp_path):
+    """--key may walk through a list (an EMA list of state dicts, hyper-parameters): inspect lists the
+    tensors there and the list's other items as the rest of the file, and a change writes back the
+    list, as torch reads it, everything else kept."""
+    torch.manual_seed(0)
+    path, out = tmp_path / "listed.pt", tmp_path / "changed.pt"
+    saved = {"model": {"w": torch.randn(4)}, "emas": [{"w": torch.randn(4)}, {"w": torch.randn(4), "b": torch.ones(2)}],
+             "epoch": 3}
+    torch.save(saved, path)
+    document = json.loads(run("inspect", path, "--key", "emas.1", "--json").stdout)
+    assert [(t["name"], t["stats"]["max"]) for t in document["tensors"]] == \
+        [(n, pytest.approx(t.max().item())) for n, t in saved["emas"][1].items()]
+    assert {e["path"] for e in document["extras"]} == {"model", "emas.0", "epoch"}
+    assert run("zero", path, "--key", "emas.1", "-p", "w", "-o", out).exit_code == 0
+    changed = load_torch(out)
+    assert isinstance(changed["emas"], list) and torch.equal(changed["emas"][1]["w"], torch.zeros(4))
+    assert_same_state(changed["emas"][0], saved["emas"][0])
+    assert torch.equal(changed["emas"][1]["b"], saved["emas"][1]["b"]) and changed["epoch"] == 3

@@ -56,7 +56,7 @@ def select(tensors: Mapping[str, Tensor], selector: Selector, *, allow_empty: bo
     problems = unmatched(names, selector.patterns, "--pattern", key)
     for text, regex in zip(selector.regexes, regexes):
         if not any(regex.fullmatch(n) for n in names):
-            problems.append(f"--regex '{text}' matches no tensor{suggest(text, names, key)}")
+            problems.append(f"--regex '{text}' matches no tensor{_suggest_regex(text, regex, names)}")
     for wanted in selector.kinds:
         if not any(kinds[n].matches(wanted) for n in names):
             problems.append(f"--kind {wanted} matches no tensor (run 'paramsurgeon inspect' to see each tensor's kind)")
@@ -236,6 +236,21 @@ def suggest(pattern: str, names: list[str], key: tuple = ()) -> str:
             close = difflib.get_close_matches(piece, sorted(parts), n=1, cutoff=0.7)
             if close:
                 return f"; no name has a part '{piece}': did you mean '{close[0]}'?"
+    return _closest(pattern, names)
+
+
+def _suggest_regex(text: str, regex: re.Pattern, names: list[str]) -> str:
+    """What to try when a --regex matches no whole name: most often it matches the start or a part
+    of names, as re.match or re.search would take it."""
+    tail = "" if text.endswith(".*") else ".*"
+    if any(map(regex.match, names)):
+        return f"; a --regex must match the whole name (re.fullmatch), did you mean '{text}{tail}'?"
+    if any(map(regex.search, names)):
+        return f"; a --regex must match the whole name (re.fullmatch), did you mean '.*{text}{tail}'?"
+    return _closest(text, names)
+
+
+def _closest(pattern: str, names: list[str]) -> str:
     scored = sorted(names, key=lambda n: -difflib.SequenceMatcher(None, pattern, n).ratio())
     close = [n for n in scored[:3] if difflib.SequenceMatcher(None, pattern, n).ratio() >= 0.5]
     return f"; closest names: {', '.join(close)}" if close else ""

@@ -40,6 +40,7 @@ def _squares(a: Checkpoint, b: Checkpoint, name: str, progress) -> tuple[float, 
         return None
     moved = base = 0.0
     for x, y in pieces(to_torch(mine), to_torch(theirs)):  # b widened inside the subtraction and the norm
+        y = y.float() if y.element_size() == 1 else y  # float8 takes part in no type promotion
         moved += float(torch.linalg.vector_norm(torch.sub(x.double(), y))) ** 2
         base += float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
     if progress is not None:

@@ -309,8 +309,10 @@ def _exploding(layer: str, role: str, group: list[tuple[str, float, bool]]) -> l
     for name, variance, scaled in group:
         if median > 0 and variance >= EXPLODING * median:
             what = "variance x fan-in" if scaled else "variance"
-            found.append(Finding("exploding", name, variance / median, EXPLODING,
-                                 f"{what} {variance:.3g} is {variance / median:.0f}x the median of the {len(group)}"
+            ratio = variance / median
+            times = f"{ratio:.0f}" if ratio < 1e6 else f"{ratio:.2g}"  # not 57 digits for a diverged tensor
+            found.append(Finding("exploding", name, ratio, EXPLODING,
+                                 f"{what} {variance:.3g} is {times}x the median of the {len(group)}"
                                  f" {layer} {role} tensors ({median:.3g}; >= {EXPLODING:g}x)", "warning"))
     return found
 

@@ -139,15 +139,17 @@ def _device_notes(ckpt: Checkpoint) -> list[str]:
             " --device cpu to any writing command (e.g. convert) to record them as on the cpu"]
 
 
-def _aliases(ties: list[list[str]]) -> set[str]:
-    """Every tied name but the first of its group: counted once, as the model counts them."""
-    return {n for g in ties for n in g[1:]}
+def _aliases(ties: list[list[str]], numel: dict[str, int]) -> set[str]:
+    """Every tied name but the largest of its group (the first of equals): the group counts once,
+    as the model counts it, and a view into a larger tensor counts as part of that tensor."""
+    kept = {max(g, key=numel.__getitem__) for g in ties if g}
+    return {n for g in ties for n in g} - kept
 
 
 def totals(rows: list[Row], ties: list[list[str]]) -> dict:
     """Counts over the rows; a tie group counts once (it is one parameter)."""
-    shown = {r.name for r in rows} if ties else set()
-    aliases = _aliases([[n for n in g if n in shown] for g in ties])
+    numel = {r.name: r.numel for r in rows} if ties else {}
+    aliases = _aliases([[n for n in g if n in numel] for g in ties], numel)
     unique = [r for r in rows if r.name not in aliases] if aliases else rows
     by_dtype: dict[str, dict] = {}
     buffers = 0
@@ -175,15 +177,19 @@ def module_tree(rows: list[Row], ties: list[list[str]]) -> dict:
     """Parameter and buffer counts per module prefix, as nested nodes.
 
     A tied tensor counts in every module that holds it, but once in any module holding
-    several of its names (the whole model counts it once), as ``module.parameters()`` does.
+    several of its names (the whole model counts it once), as ``module.parameters()`` does;
+    there, a group of views counts as the largest of them that the module holds.
     """
     first = {name: group[0] for group in ties for name in group}
     root = _node("")
     for r in rows:
         parts = r.name.split(".")
         node = root
+        key = first.get(r.name, r.name)
         for depth in range(len(parts)):
-            node["_members"][first.get(r.name, r.name)] = r
+            held = node["_members"].get(key)
+            if held is None or r.numel > held.numel:
+                node["_members"][key] = r
             if depth == len(parts) - 1:
                 break
             node = node["children"].setdefault(parts[depth], _node(".".join(parts[:depth + 1])))

@@ -96,7 +96,10 @@ def _tensor_stats(tensor: Tensor, bins, buckets) -> Stats:
         if not (math.isfinite(chunk_mean) and math.isfinite(var)):  # NaN or Inf: the finite values' statistics
             nan += int(torch.isnan(chunk).sum())
             inf += int(torch.isinf(chunk).sum())
-            n, chunk_mean, var, chunk_low, chunk_high, scratch = _moments(chunk[torch.isfinite(chunk)], scratch)
+            finite = chunk[torch.isfinite(chunk)]
+            n, chunk_mean, var, chunk_low, chunk_high, scratch = _moments(finite, scratch)
+            if not math.isfinite(var):  # finite values whose squares overflow float32 (|x| > 1.8e19)
+                n, chunk_mean, var, chunk_low, chunk_high, scratch = _moments(finite.double(), scratch)
         if chunk.numel() if spread is None else spread.add(chunk, scratch):  # some may be zero
             zeros += chunk.numel() - int(torch.count_nonzero(chunk))
         if n:

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 from ..errors import SelectionError
 from .moves import Moves
+from .opaque import Opaque
 from .tensor import Tensor, tie_groups
 
 
@@ -120,7 +121,7 @@ class Checkpoint:
         """(dotted path, value) of everything in the file besides the named tensors."""
         node = self.root
         for depth, part in enumerate(self.key):
-            for k, v in node.items():
+            for k, v in node.items() if isinstance(node, dict) else enumerate(node):  # --key may pass a list
                 if k != part:
                     yield ".".join(map(str, (*self.key[:depth], k))), v
             node = node[part]
@@ -153,6 +154,11 @@ def find_container(root: Any, key: str | None, source: str) -> tuple[tuple, list
     candidates = [path for depth in range(4) for path in _mapping_paths(root, depth)
                   if _holds_tensors(_at(root, path))]
     if not candidates:
+        module = next(filter(_pickled_module, [root, *(root.values() if isinstance(root, dict) else ())]), None)
+        if module is not None:
+            raise SelectionError(f"{source}: a whole pickled module ({type(module).full_name}, as torch.save(model)"
+                                 " writes), not a state dict; load it where its class is defined and save"
+                                 " model.state_dict() instead")
         raise SelectionError(f"{source}: found no mapping of names to tensors"
                              f" (top-level: {_describe_keys(root)}); pass --key to point at one")
     models = [p for p in candidates if not _loose_scalars(_at(root, p))] or candidates
@@ -173,6 +179,12 @@ def find_container(root: Any, key: str | None, source: str) -> tuple[tuple, list
         return chosen, []
     return chosen, [f"using '{_dotted(chosen) or '.'}'; the file also holds tensors in"
                     f" {', '.join(_dotted(p) or '. (the top level)' for p in others)} (pick with --key)"]
+
+
+def _pickled_module(node: Any) -> bool:
+    """Whether ``node`` is an nn.Module object recorded from a pickle (its state holds _parameters
+    and _modules), which has no mapping of names to tensors that --key could name."""
+    return isinstance(node, Opaque) and isinstance(node.state, dict) and {"_parameters", "_modules"} <= node.state.keys()
 
 
 def _follow_key(root: Any, key: str, source: str) -> tuple:

@@ -61,6 +61,12 @@ def restore_omitted(ckpt: Checkpoint, config: dict | None) -> None:
         ckpt.notes.append(f"{name} is not in the file: config.json ties it to {partner}; read as its alias")
 
 
+def written(group: list[str]) -> str:
+    """The name of a tie group that ``save_pretrained`` writes: the first not left out for its
+    partner (``model.embed_tokens.weight``, not ``lm_head.weight``), else the first."""
+    return next((n for n in group if n not in _OMITTED), group[0])
+
+
 def _has_head(config: dict) -> bool:
     """Whether the model class the config names (any, when it names none) has a tied output head."""
     architectures = config.get("architectures")

@@ -61,6 +61,12 @@ def from_torch(values: torch.Tensor, location: str = "cpu", owned: bool = False)
     return Tensor(storage, dtypes.from_torch(values.dtype), tuple(values.shape))
 
 
+def computable(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in a dtype torch computes with on the CPU: float8, which has no CPU arithmetic,
+    comparison nor isfinite, as float32 (exactly); any other dtype as it is."""
+    return values.float() if values.is_floating_point() and values.element_size() == 1 else values
+
+
 def new_nonfinite(values: torch.Tensor, *origins: torch.Tensor) -> int:
     """How many of ``values`` are Inf or NaN where every one of ``origins`` (same shape) is finite,
     counted a piece at a time (a whole-tensor mask would be as large as the values)."""
@@ -68,11 +74,12 @@ def new_nonfinite(values: torch.Tensor, *origins: torch.Tensor) -> int:
         return 0
     count = 0
     for piece, *before in chunks(values, *origins):
+        piece = computable(piece)
         if _all_finite(piece):
             continue
         bad = ~torch.isfinite(piece)
         for earlier in before:
-            bad &= torch.isfinite(earlier)
+            bad &= torch.isfinite(computable(earlier))
         count += int(bad.sum())
     return count
 

@@ -13,7 +13,7 @@ from .. import bulk
 from ..errors import ParamSurgeonError
 from . import commands
 from .build import command, described, groups_of
-from .console import COMMAND_LINE
+from .console import COMMAND_LINE, notes_held
 
 
 # The usage error of the click that typer runs on (typer >= 0.20 vendors its own): the base
@@ -39,6 +39,14 @@ class _Group(TyperGroup):
         args = list(sys.argv[1:] if args is None else args)
         COMMAND_LINE.set((args, rerun))  # what a cluster's workers run again, and how
         debug = "--debug" in args or os.environ.get("PARAMSURGEON_DEBUG") == "1"
+        with notes_held(hold=not debug) as show_notes:
+            code = self._run(args, prog_name, complete_var, debug, show_notes, **extra)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def _run(self, args, prog_name, complete_var, debug, show_notes, **extra) -> int:
+        """The command's exit code; its notes shown unless it failed."""
         try:
             with warnings.catch_warnings():
                 # torch warns on import when numpy is missing (torch lists it as optional, and so do
@@ -46,6 +54,7 @@ class _Group(TyperGroup):
                 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
                 code = super().main(args, prog_name or "paramsurgeon", complete_var, standalone_mode=False, **extra)
             code = code if isinstance(code, int) else 0
+            show_notes()
         except ParamSurgeonError as e:
             code = _fail(str(e), e.exit_code, debug)
         except _CLICK_USAGE_ERROR as e:
@@ -61,12 +70,11 @@ class _Group(TyperGroup):
             code = _fail("interrupted; nothing was written", 130, debug)
         except (BrokenPipeError, _PipeClosed):
             _quiet_stdout()
+            show_notes()
             code = 141  # as the shell reports a command ended by SIGPIPE
         except Exception as e:  # a bug in paramsurgeon, not a user error
             code = _fail(f"internal error (a bug in paramsurgeon): {type(e).__name__}: {e}; please report it, with the"
                          " traceback --debug shows", 3, debug)
-        if standalone_mode:
-            sys.exit(code)
         return code
 
 

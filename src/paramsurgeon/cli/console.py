@@ -21,10 +21,37 @@ if TYPE_CHECKING:
     from ..formats.loader import Loader
 
 
+_HELD: ContextVar[Optional[list[str]]] = ContextVar("held_notes", default=None)
+
+
 def note(message: str) -> None:
-    """A note, warning or summary line: standard error, never the results."""
-    sys.stderr.write(printable(redacted(message)) + "\n")
+    """A note, warning or summary line: standard error, never the results (held while notes_held)."""
+    line = printable(redacted(message)) + "\n"
+    held = _HELD.get()
+    if held is not None:
+        held.append(line)
+        return
+    sys.stderr.write(line)
     sys.stderr.flush()
+
+
+@contextmanager
+def notes_held(hold: bool = True) -> Iterator[Callable[[], None]]:
+    """Hold the notes of a command until it ends; the caller shows them (the function yielded) when
+    the command did its work, and drops them when it failed, so that a failure is its one line
+    (``hold`` False: shown as they come, as --debug wants)."""
+    held: list[str] = []
+    token = _HELD.set(held if hold else None)
+
+    def show() -> None:
+        sys.stderr.write("".join(held))
+        sys.stderr.flush()
+        held.clear()
+
+    try:
+        yield show
+    finally:
+        _HELD.reset(token)
 
 
 def stdout_is_terminal() -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, Storage, Tensor
+from ..checkpoint.extras import is_optimizer_state
 from ..checkpoint.opaque import Opaque, describe
 from ..errors import CorruptCheckpointError
 from . import dcpchunks, dcpwriter, pickles
@@ -75,7 +76,9 @@ def read(folder: str, *, allow: frozenset[str], unsafe: bool) -> Checkpoint:
             flat[fqn] = dcpchunks.read_span(files, _location(locations, fqn, None, path), f"entry '{fqn}'", **options)
         else:
             raise CorruptCheckpointError(f"{path}: unknown entry type for '{fqn}'")
-    return Checkpoint(source=folder, format="dcp", root=_unflatten(flat, layout))
+    root = _unflatten(flat, layout)
+    _restore_parameter_ids(root)
+    return Checkpoint(source=folder, format="dcp", root=root)
 
 
 def _no_storage(source: str):
@@ -150,6 +153,21 @@ def _unflatten(flat: dict[str, Any], layout: dict) -> dict:
                 node.append(None)
         node[path[-1]] = value
     return root
+
+
+def _restore_parameter_ids(node: Any, depth: int = 0) -> None:
+    """Optimizer states (``optimizer.state_dict()``) found near the top get back the integer keys
+    DCP's flattening turned into strings ('0' -> 0), where their param groups list those integers:
+    ``Optimizer.load_state_dict`` matches state to parameters by them and would drop the moments."""
+    if is_optimizer_state(node):
+        state = node["state"]
+        ids = {p for group in node["param_groups"] if isinstance(group, dict)
+               for p in (group.get("params") if isinstance(group.get("params"), list) else ())}
+        if state and all(isinstance(k, str) and k.isdecimal() and int(k) in ids for k in state):
+            node["state"] = {int(k): v for k, v in state.items()}
+    elif depth < 3 and isinstance(node, (dict, list)):
+        for child in (node.values() if isinstance(node, dict) else node):
+            _restore_parameter_ids(child, depth + 1)
 
 
 class Writer:

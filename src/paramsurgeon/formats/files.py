@@ -83,9 +83,15 @@ def open_input(path: str | None) -> InputFile:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise InputError(f"cannot read '{path}': {e.strerror}") from e
-    if stat.S_ISDIR(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISDIR(mode):
         os.close(fd)
         raise InputError(f"'{path}' is a directory")
+    if not stat.S_ISREG(mode):  # a FIFO or a process substitution (<(...)): read once, as stdin is
+        try:
+            return InputFile(_spooled(lambda: os.read(fd, _COPY_CHUNK)), path, path)
+        finally:
+            os.close(fd)
     return InputFile(fd, path, path)
 
 
@@ -104,15 +110,17 @@ def _open_stdin() -> InputFile:
         raise InputError("no checkpoint given: pass a path, or pipe one in (paramsurgeon inspect < model.pt)")
     if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode) and os.lseek(fd, 0, os.SEEK_CUR) == 0:
         return InputFile(os.dup(fd), "<stdin>")
-    # A pipe: spool it to an unlinked temporary file so that it can be memory-mapped.
-    spool = tempfile.TemporaryFile(prefix="paramsurgeon-stdin-")
-    while True:
-        chunk = stream.read(_COPY_CHUNK) if fd is None else os.read(fd, _COPY_CHUNK)
-        if not chunk:
-            break
-        spool.write(chunk)
-    spool.flush()
-    return InputFile(os.dup(spool.fileno()), "<stdin>")
+    return InputFile(_spooled(lambda: stream.read(_COPY_CHUNK) if fd is None else os.read(fd, _COPY_CHUNK)), "<stdin>")
+
+
+def _spooled(read: Callable[[], bytes]) -> int:
+    """A stream (a pipe, a FIFO) copied to an unlinked temporary file, so that it can be
+    memory-mapped: a descriptor of that file."""
+    with tempfile.TemporaryFile(prefix="paramsurgeon-stdin-") as spool:
+        while chunk := read():
+            spool.write(chunk)
+        spool.flush()
+        return os.dup(spool.fileno())
 
 
 class Sink:

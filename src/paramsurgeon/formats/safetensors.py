@@ -19,6 +19,7 @@ from .. import dtypes
 from ..bulk import paused_gc
 from ..checkpoint import Checkpoint, Storage, Tensor
 from ..checkpoint.contents import row_major
+from ..checkpoint.hfties import written
 from ..checkpoint.tensor import file_spans, memory_of
 from ..errors import CorruptCheckpointError, NotACheckpointError
 from ..parallel import Work
@@ -282,13 +283,14 @@ _quoted = json.encoder.encode_basestring  # a string as json.dumps(ensure_ascii=
 def plan(ckpt: Checkpoint, metadata: dict[str, str], dedupe: bool = False):
     """Which of ``ckpt``'s names to write and the metadata to write with them (ties recorded).
 
-    Every name of a tie group is written, or its first alone with ``dedupe``; a name the
-    input file left out because its config ties it stays out while it is still tied."""
+    Every name of a tie group is written, or with ``dedupe`` the one Hugging Face writes (the
+    input embedding of a tied head: other loaders, vLLM's among them, read only that one); a name
+    the input file left out because its config ties it stays out while it is still tied."""
     tensors = ckpt.tensors
     metadata = {k: v for k, v in metadata.items() if k != TIES_KEY}
     groups = [g for g in ckpt.ties() if _aliases(tensors, g)]
     if dedupe:
-        dropped = {name for g in groups for name in g[1:]}
+        dropped = {name for g in groups for name in g if name != written(g)}
     else:
         dropped = {name for g in groups for name in g if name in ckpt.omitted}
     if groups:

@@ -289,6 +289,7 @@ def verify(index_path: str, read_shard: Callable[[str], Checkpoint]) -> list[dic
     index_metadata, weight_map = read_index(index_path)
     problems: list[dict] = []
     found: dict[str, str] = {}
+    unread: set[str] = set()  # shards missing or unreadable: what they hold is not known
     total = 0
     open_many([join(folder, s) for s in set(weight_map.values())])
     for shard in sorted(set(weight_map.values())):
@@ -296,11 +297,13 @@ def verify(index_path: str, read_shard: Callable[[str], Checkpoint]) -> list[dic
         path = join(folder, shard)
         if not is_file(path):
             problems.append({"name": None, "message": f"shard {shard} is missing ({plural(len(listed), 'tensor')} listed for it)"})
+            unread.add(shard)
             continue
         try:
             part = read_shard(path)
         except (CorruptCheckpointError, NotACheckpointError, InputError) as e:
             problems.append({"name": None, "message": f"shard {shard} is unreadable: {e}"})
+            unread.add(shard)
             continue
         for name, tensor in part.tensors.items():
             found[name] = shard
@@ -310,7 +313,7 @@ def verify(index_path: str, read_shard: Callable[[str], Checkpoint]) -> list[dic
                 problems.append({"name": name, "message": f"is in {shard} but the index lists it"
                                                           f" {'for ' + where if where else 'nowhere'}"})
     for name, shard in weight_map.items():
-        if name not in found and is_file(join(folder, shard)):
+        if name not in found and shard not in unread:
             problems.append({"name": name, "message": f"is listed for {shard} but {shard} does not hold it"})
     claimed = index_metadata.get("total_size")
     if isinstance(claimed, int) and not any(p["name"] is None for p in problems) and claimed != total:

@@ -37,6 +37,8 @@ from .reading import load
 from .sharded import checkpoint_files
 from .skiplists import moved_list
 
+MODEL_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a config's torch_dtype names
+
 # (input embedding, output embedding) of the architectures whose configs name vocab_size and
 # tie_word_embeddings: the tensors those keys describe
 EMBEDDINGS = (
@@ -239,14 +241,16 @@ def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dic
 
     ``vocab_size`` follows the input embedding's rows when it equalled them before; the
     ``tie_word_embeddings`` follows the tie of the output embedding to the input embedding
-    when the surgery tied or untied them; ``quantization_config`` goes when no quantized weight is
+    when the surgery tied or untied them; ``torch_dtype`` (or ``dtype``) follows the dtype of
+    most weights when it named theirs before (cast); ``quantization_config`` goes when no quantized weight is
     left (dequantize), is written for weights quantized anew (quantize), and names the modules of
     quantized weights written plain as unquantized (quantconfig). The shapes and ties before the
     surgery are the input's as the command's loader read it (``inputs.as_read``); a library save,
     which has no loader, reads the input's headers again.
     """
     pair = next((p for p in EMBEDDINGS if p[0] in after.tensors), None)
-    if pair is None and not (quant.quantization_config(config) or quantized(after)):
+    dtype_key = _dtype_key(config, after)
+    if pair is None and dtype_key is None and not (quant.quantization_config(config) or quantized(after)):
         return {}, []
     before = inputs.as_read(after.path)
     try:
@@ -254,6 +258,8 @@ def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dic
     except ParamSurgeonError as e:
         return {}, [f"note: {CONFIG} copied as it was: the input could not be read again to compare ({e})"]
     changes, notes = quantization_changes(config, before, after, read_config)
+    if dtype_key is not None and _main_dtype(before) == config[dtype_key]:
+        changes[dtype_key] = _main_dtype(after)
     if pair is None:
         return changes, notes
     embedding, head = pair
@@ -269,6 +275,25 @@ def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dic
     if tied[0] != tied[1] and config.get("tie_word_embeddings") is not tied[1]:
         changes["tie_word_embeddings"] = tied[1]
     return changes, notes
+
+
+def _dtype_key(config: dict, after: Checkpoint) -> str | None:
+    """The key of ``config`` naming the model's dtype (``torch_dtype``, transformers 5's ``dtype``)
+    when it no longer names the dtype most of ``after``'s weights have (a cast changed them)."""
+    key = next((k for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str)), None)
+    if key is None or quantized(after):
+        return None
+    main = _main_dtype(after)
+    return key if main is not None and main != config[key] else None
+
+
+def _main_dtype(ckpt: Checkpoint) -> str | None:
+    """The dtype holding most of ``ckpt``'s floating-point weights (float16, bfloat16, float32, float64)."""
+    numels: dict[str, int] = {}
+    for tensor in ckpt.tensors.values():
+        if tensor.dtype.name in MODEL_DTYPES:
+            numels[tensor.dtype.name] = numels.get(tensor.dtype.name, 0) + tensor.numel
+    return max(numels, key=numels.__getitem__) if numels else None
 
 
 def _tied(ckpt: Checkpoint, embedding: str, head: str) -> bool:

@@ -25,6 +25,13 @@ from .spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warning
 CAST_TARGETS = ("float32", "float16", "bfloat16", "float64")
 
 
+def computable(values):
+    """``values`` as torch computes with them on the CPU (float8 as float32: checkpoint.values)."""
+    from ..checkpoint.values import computable
+
+    return computable(values)
+
+
 def torch_values(tensor: Tensor):
     """``tensor`` as a torch tensor (imports torch)."""
     from ..checkpoint.values import to_torch
@@ -201,7 +208,7 @@ class Zero(Targets, TiePolicy, Operation):
 def _prune(values, below: float):
     import torch
 
-    return torch.where(values.abs() < below, torch.zeros((), dtype=values.dtype), values)
+    return torch.where(computable(values).abs() < below, torch.zeros((), dtype=values.dtype), values)
 
 
 @dataclass(kw_only=True)
@@ -237,7 +244,7 @@ class Scale(Targets, TiePolicy, Overflow, Operation):
                         f" its {plural(tensor.numel, 'value')} would leave that range multiplied by {by} and wrap"
                         " around; pass --allow-overflow to write them wrapped")
             return Change(unit, f"scale by {factor:g}", tensor.shape, tensor.dtype.name,
-                          lambda: (torch_values(tensor) * by).to(dtypes.torch_dtype(tensor.dtype)),
+                          lambda: (computable(torch_values(tensor)) * by).to(dtypes.torch_dtype(tensor.dtype)),
                           guarded=floating and abs(by) > 1 and not self.allow_overflow, origin=tensor)
 
         plan = value_plan("scale", f"scale by {factor:g}: {names_list(names)}", ckpt, names, self, change_for)

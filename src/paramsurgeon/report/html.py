@@ -9,6 +9,7 @@ import html
 import importlib
 import io
 import math
+import warnings
 
 from ..analysis.depth import depth_order
 from ..analysis.drift import Change
@@ -106,7 +107,9 @@ def _svg(figure) -> str:
     import matplotlib
 
     out = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "paramsurgeon"}):
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "paramsurgeon"}), warnings.catch_warnings():
+        # text stays text, drawn by the browser's fonts: a glyph matplotlib's font lacks (CJK) is no problem
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         figure.savefig(out, format="svg", metadata={"Date": None, "Creator": None, "Type": None, "Format": None})
     text = out.getvalue()
     return text[text.index("<svg"):]

@@ -199,7 +199,7 @@ def _units(ckpt: Checkpoint, names: list[str], follow: bool) -> tuple[list[list[
     tie group, as merge_and_unload changes the shared weight; else alone (--untie: a tie to names the
     adapter does not update is broken, with a note)."""
     group_of = {n: g for g in ckpt.ties() for n in g}
-    units, notes, problems = [], [], []
+    units, notes, problems = [], [], {}
     updated = set(names)
     for name in names:
         group = group_of.get(name, [name])
@@ -208,9 +208,9 @@ def _units(ckpt: Checkpoint, names: list[str], follow: bool) -> tuple[list[list[
             units.append([name])
         elif follow:
             both = [m for m in others if m in updated]
-            if both:
-                problems.append(f"'{name}' and {', '.join(repr(m) for m in both)} are tied but the adapter updates"
-                                " each, differently; pass --untie to give each its own values")
+            if both:  # said once per tie group
+                problems.setdefault(frozenset(group), f"'{name}' and {', '.join(repr(m) for m in both)} are tied but"
+                                    " the adapter updates each, differently; pass --untie to give each its own values")
             units.append([name] + others)
             notes.append(f"note: '{name}' is tied to {', '.join(repr(m) for m in others)}:"
                          f" {'they take' if len(others) > 1 else 'it takes'} the merged values too and the tie stays,"
@@ -226,7 +226,7 @@ def _units(ckpt: Checkpoint, names: list[str], follow: bool) -> tuple[list[list[
                 notes.append(f"note: '{name}' was tied to {', '.join(repr(m) for m in others)}; each gets its own"
                              " merged values")
     if problems:
-        raise PlanError(f"merge-lora: {'; '.join(problems)}")
+        raise PlanError(f"merge-lora: {'; '.join(problems.values())}")
     return units, notes
 
 
