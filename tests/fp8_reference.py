@@ -8,25 +8,31 @@ import torch
 BLOCK = 128
 
 
-def quantize(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's layout, tile by tile: scale_inv = amax / 448 (1 for an all-zero tile), codes in e4m3."""
-    rows, columns = weight.shape
-    scale = torch.empty(-(-rows // block), -(-columns // block))
+def quantize(weight: torch.Tensor, block: int | tuple[int, int] = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's layout, tile by tile (``block``: its side, or (rows, columns)): scale_inv = amax / 448
+    (1 for an all-zero tile), codes in e4m3."""
+    (bm, bn), (rows, columns) = _sides(block), weight.shape
+    scale = torch.empty(-(-rows // bm), -(-columns // bn))
     codes = torch.empty(rows, columns, dtype=torch.float8_e4m3fn)
     for i in range(scale.shape[0]):
         for j in range(scale.shape[1]):
-            tile = weight[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
+            tile = weight[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].float()
             amax = tile.abs().max()
             scale[i, j] = amax / 448 if amax > 0 else 1.0
-            codes[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+            codes[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
     return codes, scale
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16, block: int = BLOCK) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16,
+               block: int | tuple[int, int] = BLOCK) -> torch.Tensor:
     """DeepSeek's weight_dequant on the CPU: each code times its tile's scale, in float32, then ``dtype``."""
-    out = torch.empty(codes.shape)
+    (bm, bn), out = _sides(block), torch.empty(codes.shape)
     for i in range(scale.shape[0]):
         for j in range(scale.shape[1]):
-            tile = (slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block))
+            tile = (slice(i * bm, (i + 1) * bm), slice(j * bn, (j + 1) * bn))
             out[tile] = codes[tile].float() * scale[i, j]
     return out.to(dtype)
+
+
+def _sides(block: int | tuple[int, int]) -> tuple[int, int]:
+    return (block, block) if isinstance(block, int) else block

@@ -1,6 +1,8 @@
 """The ``config.json`` of a Hugging Face model directory: found beside a checkpoint (a directory
-input, its index, or a single file inside the directory) and read as a JSON object; and NVIDIA
-ModelOpt's ``hf_quant_config.json``, which holds the quantization its exports leave out of config.json."""
+input, its index, or a single file inside the directory) and read as a JSON object; NVIDIA
+ModelOpt's ``hf_quant_config.json``, which holds the quantization its exports leave out of config.json;
+and the ``quantization_config`` a safetensors file records in its metadata (quantmeta.py), read when
+neither file beside it gives one."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from .places import dirname, is_dir, is_file, join, read_all
 
 CONFIG = "config.json"
 QUANT_CONFIG = "hf_quant_config.json"  # {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": ...}}
+METADATA_KEY = "quantization_config"  # in a safetensors file's __metadata__: the JSON text, as config.json names it
 
 
 def config_path(path: str | None, name: str = CONFIG) -> str | None:
@@ -37,14 +40,28 @@ def read_config(path: str | None, name: str = CONFIG) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def quantization_read(path: str | None, config: dict | None) -> dict | None:
-    """``config`` as the quantization schemes read it: where it has no ``quantization_config`` and an
-    ``hf_quant_config.json`` lies beside the checkpoint, that file's ``quantization`` stands in for
-    one (``quant_method: modelopt``), as ModelOpt's loaders in vLLM and TensorRT-LLM read it."""
+def quantization_read(path: str | None, config: dict | None, metadata: dict | None = None) -> dict | None:
+    """``config`` as the quantization schemes read it: where it has no ``quantization_config``, the
+    ``quantization`` of an ``hf_quant_config.json`` beside the checkpoint stands in for one
+    (``quant_method: modelopt``), as ModelOpt's loaders in vLLM and TensorRT-LLM read it; else the one
+    the checkpoint's ``metadata`` records (a single file written without a config.json)."""
     if isinstance(config, dict) and "quantization_config" in config:
         return config
     modelopt = read_config(path, QUANT_CONFIG)
     quantization = modelopt.get("quantization") if modelopt is not None else None
-    if not isinstance(quantization, dict):
-        return config
-    return {**(config or {}), "quantization_config": {**quantization, "quant_method": "modelopt"}}
+    if isinstance(quantization, dict):
+        return {**(config or {}), "quantization_config": {**quantization, "quant_method": "modelopt"}}
+    recorded = recorded_quantization(metadata)
+    return config if recorded is None else {**(config or {}), "quantization_config": recorded}
+
+
+def recorded_quantization(metadata: dict | None) -> dict | None:
+    """The ``quantization_config`` recorded in a checkpoint's ``metadata``, or None (none, or not a JSON object)."""
+    text = (metadata or {}).get(METADATA_KEY)
+    if not isinstance(text, str):
+        return None
+    try:
+        recorded = parse_document(json.loads, text)
+    except ValueError:
+        return None
+    return recorded if isinstance(recorded, dict) else None

@@ -13,7 +13,7 @@ from . import registry, sharded
 from .atomic import recover
 from .files import InputFile, is_url
 from .places import basename, is_dir, is_file, list_dir, open_input
-from .hfconfig import quantization_read, read_config
+from .hfconfig import METADATA_KEY, quantization_read, read_config, recorded_quantization
 
 _SIGNATURES = [
     (b"version https://git-lfs", "a Git LFS pointer, not the checkpoint itself; run 'git lfs pull' to fetch it"),
@@ -30,7 +30,8 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
 
     Tensors stay on disk; ``key`` ('a.b') picks the tensors inside a nested torch file. Names a
     Hugging Face directory left out because its config.json ties them are read as aliases. The
-    parts of each quantized tensor are read as one logical tensor (quant.group), unless ``raw``.
+    parts of each quantized tensor are read as one logical tensor (quant.group), unless ``raw``, as
+    the quantization_config of the config.json beside it describes them, else the one its metadata records.
     """
     options = {"allow": frozenset(allow_globals), "unsafe": unsafe_pickle}
     if path not in (None, "-") and not is_url(path) and not os.path.lexists(path):
@@ -49,7 +50,10 @@ def load(path: str | None = None, *, key: str | None = None, allow_globals: tupl
     ckpt.config = config = read_config(ckpt.path)
     restore_omitted(ckpt, config)  # tied names save_pretrained left out
     if not raw:
-        ckpt = quant.group(ckpt, quantization_read(ckpt.path, config))
+        if METADATA_KEY in ckpt.metadata and recorded_quantization(ckpt.metadata) is None:
+            ckpt.notes.append(f"{ckpt.source}: metadata {METADATA_KEY} is not a JSON object; its quantized weights"
+                              " are read without it")
+        ckpt = quant.group(ckpt, quantization_read(ckpt.path, config, ckpt.metadata))
     return ckpt
 
 

@@ -36,6 +36,8 @@ class Format:
     when "a {display} checkpoint" would not do. ``in_place_note``: what --in-place says when it
     rewrites an input of this format in its family's.
     ``quantized``: the writer is handed quantized tensors whole, not laid out as their stored parts.
+    ``metadata``: a file holds string metadata (safetensors' ``__metadata__``), where a write records the
+    quantization_config of its quantized weights (quantmeta.py).
     ``own_input``: why the writer writes only a checkpoint read from this format, with the layout
     its reader recorded (``Checkpoint.layout``); '': it writes any checkpoint.
     """
@@ -57,6 +59,7 @@ class Format:
     noun: str = ""
     in_place_note: str = ""
     quantized: bool = False  # the writer stores quantized tensors whole (GGUF's types), not as their parts
+    metadata: bool = False  # a file holds string metadata (safetensors' __metadata__)
     own_input: str = ""  # why only a checkpoint read from this format is written in it ('': any is)
 
     @property
@@ -104,7 +107,7 @@ FORMATS: tuple[Format, ...] = (
            _torch_writer, nested=True, aliases=("pt",), ties="shared", hub_name="pytorch_model.bin"),
     Format("safetensors", "safetensors", "safetensors", (".safetensors",),
            lambda file, head: _module("safetensors").looks_like(head, file.size), _reads("safetensors", options=False),
-           _safetensors_writer, ties="recorded", hub_name="model.safetensors"),
+           _safetensors_writer, ties="recorded", hub_name="model.safetensors", metadata=True),
     Format("torch-legacy", "torch", "torch legacy pickle", (), _legacy, _reads("torchlegacy"), nested=True,
            in_place_note="a legacy (non-zip) torch file; it is rewritten in the zip format torch.save has written"
                          " since PyTorch 1.6"),

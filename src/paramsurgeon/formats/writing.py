@@ -20,6 +20,7 @@ from . import registry, sharded, sidefiles
 from .atomic import output_file
 from .files import stdout_sink
 from .inputs import Inputs
+from .quantmeta import refuse_unrecorded, with_quantization
 from .target import Target
 
 Progress = Callable[[int], None]
@@ -38,9 +39,12 @@ def save(ckpt: Checkpoint, target: Target, *, dedupe: bool = False, tensors_only
     A sharded output's shards are written by ``work``'s workers, and so are the computed tensors
     of one safetensors file (placed.py); with ``resume``, a journal lets
     a later run finish an interrupted write (journal.py). Returns notes on what a directory output
-    carried from the input's (sidefiles.carry)."""
-    return writer(target, dedupe=dedupe, progress=progress, work=work, resume=resume).write(
-        writable(ckpt, target, tensors_only)) or []
+    carried from the input's (sidefiles.carry). A format with metadata records there the
+    quantization_config of the quantized weights written (quantmeta.py)."""
+    ckpt = writable(ckpt, target, tensors_only)
+    if registry.get(target.family).metadata:
+        ckpt = with_quantization(ckpt, target.inputs)
+    return writer(target, dedupe=dedupe, progress=progress, work=work, resume=resume).write(ckpt) or []
 
 
 def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = None, work: Work = Work(),
@@ -94,12 +98,15 @@ def writable(ckpt: Checkpoint, target: Target, tensors_only: bool = False) -> Ch
     types, GGUF's), whose parts no other format lays out: those are written plain, dequantized to
     their dtype. What the input's format carries beside the tensors (``Checkpoint.layout``, its own
     metadata) goes only to that format. Just its tensors with ``tensors_only``; refuses to drop
-    the rest of the file silently."""
+    the rest of the file silently, and to write a single file without metadata whose quantized
+    weights could not be read back without their quantization_config (quantmeta.refuse_unrecorded)."""
     if ckpt.layout is not None and registry.get(ckpt.format).family != target.family:
         kept = {k: v for k, v in ckpt.metadata.items() if k not in ckpt.layout.keys}
         ckpt = dataclasses.replace(ckpt, layout=None, metadata=kept)
     if not registry.get(target.family).quantized:
         ckpt = _laid_out(ckpt, target.family)
+        if not (registry.get(target.family).metadata or registry.get(target.family).directory or target.sharded):
+            refuse_unrecorded(ckpt, target)
     if tensors_only:
         return dataclasses.replace(ckpt, root=OrderedDict(ckpt.tensors), key=())
     fmt = registry.get(target.family)
