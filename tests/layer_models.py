@@ -202,6 +202,30 @@ def stored_dtypes(folder) -> dict[str, str]:
     return dtypes
 
 
+def modelopt_fp8(folder) -> None:
+    """Three layers of ModelOpt's FP8 layout (a down_proj each, with weight_scale and input_scale), layer 1's
+    stored in bfloat16 and named in hf_quant_config.json's exclude_modules with 'lm_head' and '*mlp.gate'."""
+    import json
+
+    from safetensors.torch import save_file
+
+    generator, state = torch.Generator().manual_seed(6), {}
+    os.makedirs(folder)
+    for layer in range(3):
+        weight = torch.randn(32, 32, generator=generator)
+        scale = weight.abs().max() / 448
+        name = f"model.layers.{layer}.mlp.down_proj"
+        state |= {f"{name}.weight": weight.to(torch.bfloat16)} if layer == 1 else {
+            f"{name}.weight": (weight / scale).to(torch.float8_e4m3fn), f"{name}.weight_scale": scale.reshape(()),
+            f"{name}.input_scale": torch.tensor(0.25)}
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model_type": "llama", "num_hidden_layers": 3}, f)
+    with open(os.path.join(folder, "hf_quant_config.json"), "w") as f:
+        json.dump({"producer": {"name": "modelopt"}, "quantization": {
+            "quant_algo": "FP8", "exclude_modules": ["lm_head", "model.layers.1.mlp.down_proj", "*mlp.gate"]}}, f)
+
+
 def ct_llama(folder, ignore: list[str]) -> None:
     """A tiny Llama compressed by compressed-tensors itself (fp8 weights per channel, ModelCompressor), the
     modules ``ignore`` names left in bfloat16."""

@@ -456,33 +456,28 @@ def test_modelopts_exclude_modules_follow_the_layers(request, tmp_path, args, pl
     """ModelOpt's hf_quant_config.json: its loaders (vLLM's is_layer_excluded) leave a module unquantized
     when its name is an entry of exclude_modules or matches one as a wildcard (fnmatch); also rewritten
     --in-place."""
-    from fnmatch import fnmatchcase
-
-    from safetensors.torch import save_file
-
-    model, generator, state = tmp_path / "model", torch.Generator().manual_seed(6), {}
-    model.mkdir()
-    for layer in range(3):
-        weight = torch.randn(32, 32, generator=generator)
-        scale = weight.abs().max() / 448
-        name = f"model.layers.{layer}.mlp.down_proj"
-        state |= {f"{name}.weight": weight.to(torch.bfloat16)} if layer == 1 else {
-            f"{name}.weight": (weight / scale).to(torch.float8_e4m3fn), f"{name}.weight_scale": scale.reshape(()),
-            f"{name}.input_scale": torch.tensor(0.25)}
-    save_file(state, model / "model.safetensors")
-    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 3}))
-    (model / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": {
-        "quant_algo": "FP8", "exclude_modules": ["lm_head", "model.layers.1.mlp.down_proj", "*mlp.gate"]}}))
+    model = tmp_path / "model"
+    lm.modelopt_fp8(model)
     out = model if in_place else tmp_path / "out"
     result = run("layers", model, *args, "--in-place") if in_place else \
         run("layers", register_input(request, str(model)), *args, "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
-    excluded = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
     stored = {n.removesuffix(".weight"): dtype for n, dtype in lm.stored_dtypes(out).items() if n.endswith(".weight")}
     assert [int(n.split(".")[2]) for n, dtype in stored.items() if dtype == "BF16"] == plain
+    excluded = assert_excludes_the_plain_modules(out)
+    assert "lm_head" in excluded and "*mlp.gate" in excluded
+
+
+def assert_excludes_the_plain_modules(folder) -> list:
+    """ModelOpt's loaders (vLLM's is_layer_excluded: an entry of exclude_modules, or a wildcard by fnmatch)
+    leave exactly the modules whose weights the output stores plain unquantized; returns the list."""
+    from fnmatch import fnmatchcase
+
+    excluded = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    stored = {n.removesuffix(".weight"): dtype for n, dtype in lm.stored_dtypes(folder).items() if n.endswith(".weight")}
     assert {n: any(fnmatchcase(n, pattern) for pattern in excluded) for n in stored} == \
         {n: dtype == "BF16" for n, dtype in stored.items()}
-    assert "lm_head" in excluded and "*mlp.gate" in excluded
+    return excluded
 
 
 def test_stack_names_the_blocks_it_takes_from_a_plain_model(request, fp8_models, tmp_path):
@@ -537,3 +532,117 @@ def test_a_stack_into_a_null_nf4_skip_list_names_the_plain_blocks_it_takes(reque
     loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     assert {m: type(loaded.get_submodule(m)).__name__ for m in matrices} == \
         {m: "Linear" if stored[m + ".weight"] == "BF16" else "Linear4bit" for m in matrices}
+
+
+# rename: an entry naming a module whose tensors were renamed as a whole follows it (ground truth: the
+# dtypes the output stores, and each loader's own matcher applied to the names it stores)
+
+RENAMES = [("model.*", "base.model.*"), ("model.layers.2.*", "model.layers.7.*"),
+           ("model.layers.2.mlp.*", "model.layers.2.ffn.*")]
+
+
+def linear_modules(folder) -> dict[str, bool]:
+    """Each linear module the directory stores (a Llama's weights but its embedding and norms) -> whether its
+    weight is plain."""
+    return {n.removesuffix(".weight"): dtype == "BF16" for n, dtype in lm.stored_dtypes(folder).items()
+            if n.endswith(".weight") and "norm" not in n and "embed_tokens" not in n}
+
+
+@pytest.mark.parametrize("source, target, listed", [
+    *zip(*zip(*RENAMES), (["lm_head", "base.model.layers.2"], ["lm_head", "model.layers.7"], ["lm_head", "model.layers.2"])),
+    ("lm_head.*", "output.*", ["output", "model.layers.2"])])
+def test_the_skip_list_of_a_quantized_model_follows_a_rename(request, fp8_models, tmp_path, source, target, listed):
+    """transformers' own matcher (should_convert_module, as its fp8 quantizer calls it) leaves exactly the
+    modules the output stores plain."""
+    from test_quant_partial import quantization_config
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    out = tmp_path / "out"
+    result = run("rename", register_input(request, fp8_models["a"]), "--from", source, "--to", target, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    skipped = quantization_config(out)["modules_to_not_convert"]
+    assert skipped == listed
+    modules = linear_modules(out)
+    assert sum(modules.values()) == 8  # lm_head and layer 2's seven matrices
+    assert {m: not should_convert_module(m, skipped) for m in modules} == modules
+
+
+def test_a_rename_that_splits_a_skipped_module_leaves_its_entry_with_a_note(request, fp8_models, tmp_path):
+    from test_quant_partial import quantization_config
+
+    out = tmp_path / "out"
+    result = run("rename", register_input(request, fp8_models["a"]), "--from", "model.layers.2.mlp.*", "--to",
+                 "model.mlp2.*", "-o", f"{out}/")  # layer 2's mlp out of it, its attention left
+    assert result.exit_code == 0, result.stderr
+    assert quantization_config(out)["modules_to_not_convert"] == ["lm_head", "model.layers.2"]
+    assert ("note: config.json: quantization_config.modules_to_not_convert: model.layers.2 left as it is: a pattern"
+            " or a name's suffix that names renamed modules, or a module whose tensors the rename split (some renamed"
+            " out of it, some not), which cannot follow them; check it against the new names\n") in result.stderr
+
+
+@pytest.mark.parametrize("source, target", [("model.*", "base.model.*"), ("model.layers.1.mlp.*", "model.layers.1.ffn.*")])
+def test_compressed_tensors_ignores_the_modules_stored_plain_after_a_rename(request, ct_model, tmp_path, source, target):
+    """compressed-tensors' own matcher (match_name: an ignore entry is the module's name, or 're:' a regex)
+    ignores exactly the modules the output stores plain; a regex naming a renamed module gets a note."""
+    from compressed_tensors.utils.match import match_name
+    from test_quant_partial import quantization_config
+
+    folder = tmp_path / "ct"
+    shutil.copytree(ct_model, folder)
+    settings = config(folder)
+    settings["quantization_config"]["ignore"].append(r"re:.*\.mlp\.gate$")  # no such module in a Llama
+    (folder / "config.json").write_text(json.dumps(settings))
+    out = tmp_path / "out"
+    result = run("rename", register_input(request, str(folder)), "--from", source, "--to", target, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    ignore = quantization_config(out)["ignore"]
+    modules = linear_modules(out)
+    assert sum(modules.values()) == 3  # lm_head, layer 1's o_proj and down_proj
+    assert {m: any(match_name(m, entry) for entry in ignore) for m in modules} == modules
+    assert ignore[-1] == r"re:.*\.mlp\.gate$"
+    assert (r"quantization_config.ignore: re:.*\.mlp\.gate$ left as it is" in result.stderr) == ("mlp" in source)
+
+
+@pytest.mark.parametrize("source, target, in_place", [("model.*", "base.model.*", False),
+                                                      ("model.layers.1.mlp.*", "model.layers.1.ffn.*", False),
+                                                      ("model.layers.1.mlp.*", "model.layers.1.ffn.*", True)])
+def test_modelopts_exclude_modules_follow_a_rename(request, tmp_path, source, target, in_place):
+    model = tmp_path / "model"
+    lm.modelopt_fp8(model)
+    out = model if in_place else tmp_path / "out"
+    result = run("rename", model, "--from", source, "--to", target, "--in-place") if in_place else \
+        run("rename", register_input(request, str(model)), "--from", source, "--to", target, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    excluded = assert_excludes_the_plain_modules(out)
+    assert excluded == ["lm_head", target.replace("*", "") + ("layers.1.mlp.down_proj" if "base" in target
+                                                                else "down_proj"), "*mlp.gate"]
+    assert ("note: hf_quant_config.json: exclude_modules: *mlp.gate left as it is" in result.stderr) == ("mlp" in source)
+
+
+def test_a_partly_plain_nf4_model_loads_in_transformers_after_renames(request, tmp_path):
+    """bitsandbytes NF4: layer 0 dequantized (llm_int8_skip_modules names its modules), then layers 0 and 1
+    swapped by three renames: from_pretrained on the CPU loads nn.Linear exactly where the output stores
+    plain weights (now layer 1), with their values, and Linear4bit where it stores NF4 codes."""
+    from test_quant_partial import LAYER0, NF4, quantization_config
+    from transformers import AutoModelForCausalLM
+
+    step = tmp_path / "partial"
+    assert run("dequantize", register_input(request, str(NF4)), "-p", "model.layers.0.*", "-o", f"{step}/") \
+        .exit_code == 0
+    for number, (old, new) in enumerate([(0, 9), (1, 0), (9, 1)]):
+        result = run("rename", step, "--from", f"model.layers.{old}.*", "--to", f"model.layers.{new}.*",
+                     "-o", f"{tmp_path / str(number)}/")
+        assert result.exit_code == 0, result.stderr
+        step = tmp_path / str(number)
+    assert {m for m in quantization_config(step)["llm_int8_skip_modules"] if ".layers." in m} == \
+        {m.replace(".0.", ".1.") for m in LAYER0}
+    stored = lm.stored_dtypes(step)
+    matrices = [n.removesuffix(".weight") for n in stored if n.endswith("proj.weight")]
+    assert {m for m in matrices if stored[m + ".weight"] == "BF16"} == {m.replace(".0.", ".1.") for m in LAYER0}
+    loaded = AutoModelForCausalLM.from_pretrained(step, device_map="cpu")
+    assert {m: type(loaded.get_submodule(m)).__name__ for m in matrices} == \
+        {m: "Linear" if stored[m + ".weight"] == "BF16" else "Linear4bit" for m in matrices}
+    with safe_open(step / "model.safetensors", "pt") as f:
+        for m in matrices:
+            if stored[m + ".weight"] == "BF16":
+                assert torch.equal(loaded.get_submodule(m).weight.data, f.get_tensor(m + ".weight")), m

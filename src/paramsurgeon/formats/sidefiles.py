@@ -144,7 +144,8 @@ def _exclusions_update(source: str, plain: list[str], moves: list[Moves]) -> tup
     added = [m for m in dict.fromkeys(n.removesuffix(".weight") for n in plain) if m not in moved]
     quantization["exclude_modules"] = moved + added
     if moved != held:
-        notes.append(f"note: {QUANT_CONFIG}: exclude_modules renumbered with the modules they name")
+        how = "renumbered" if any(step.numbered for step in moves) else "renamed"
+        notes.append(f"note: {QUANT_CONFIG}: exclude_modules {how} with the modules they name")
     return _dumps(data, text), notes + ([f"note: {QUANT_CONFIG}: exclude_modules added {', '.join(added)}"]
                                         if added else [])
 

@@ -1,6 +1,6 @@
 """A quantized model's list of modules left unquantized (quantconfig.SKIPS in config.json, ModelOpt's
-``exclude_modules`` in hf_quant_config.json) after operations that renumbered modules (layers, stack,
-experts: ``Checkpoint.moves``).
+``exclude_modules`` in hf_quant_config.json) after operations that renumbered or renamed modules
+(layers, stack, experts, rename: ``Checkpoint.moves``).
 
 An entry that names a module of a renumbered block by its full name from the block on
 ('model.layers.3.mlp', 'model.layers.1.mlp.experts.5.down_proj', ModelOpt's 'model.layers.3.self_attn*')
@@ -10,6 +10,11 @@ name (or a wildcard), so the renumbered entry names the same module in its new p
 as they are: 'lm_head', suffixes ('o_proj'), 're:' regexes and wildcards; a note names those whose text
 names a numbered module anyway ('re:model\\.layers\\.3\\.'), which this cannot follow. Blocks a stack
 took from another checkpoint bring the entries of that checkpoint's list under them.
+
+A rename moves an entry naming a module whose tensors it renamed as a whole ('model.layers.2.mlp' with
+'model.layers.2.mlp.*' -> 'model.layers.2.ffn.*', or everything under 'model' with 'model.*' ->
+'base.model.*'). A note names the entries it leaves naming renamed modules: patterns and suffixes as
+above, and a module the rename split (some of its tensors renamed out of it, some not).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from ..checkpoint.moves import Moves, followed
+from ..checkpoint.moves import Moves, followed, heads
 
 
 def moved_list(entries: list, moves: list[Moves], theirs: Callable[[str], list | None],
@@ -30,11 +35,20 @@ def moved_list(entries: list, moves: list[Moves], theirs: Callable[[str], list |
             result += [renamed for entry in theirs(path) or [] if isinstance(entry, str) and _under(entry, old)
                        for renamed in followed(new + entry[len(old):], moves[number + 1:])]
     tails = [{tail for key in step.renamed for tail in _tails(key)} for step in moves]
-    unfollowed = [e for e in entries if isinstance(e, str) and _names_a_number(e, moves, tails)]
-    notes = [f"note: {where}: {', '.join(unfollowed)} left as {'it is' if len(unfollowed) == 1 else 'they are'}:"
-             " a pattern or a name's suffix that names renumbered modules by number, which cannot follow them;"
-             " check it against the new numbering"] if unfollowed else []
+    numbered = [e for e in entries if isinstance(e, str) and _names_a_number(e, moves, tails)]
+    renamed = [e for e in entries if isinstance(e, str) and e not in numbered and _names_a_renamed(e, moves, tails)]
+    notes = _left(where, numbered, "a pattern or a name's suffix that names renumbered modules by number, which"
+                  " cannot follow them; check it against the new numbering")
+    notes += _left(where, renamed, "a pattern or a name's suffix that names renamed modules, or a module whose"
+                   " tensors the rename split (some renamed out of it, some not), which cannot follow them; check it"
+                   " against the new names")
     return list(dict.fromkeys(result)), notes
+
+
+def _left(where: str, entries: list[str], why: str) -> list[str]:
+    """A note naming ``entries`` left as they are, and why."""
+    return [f"note: {where}: {', '.join(entries)} left as {'it is' if len(entries) == 1 else 'they are'}: {why}"] \
+        if entries else []
 
 
 def _under(name: str, module: str) -> bool:
@@ -46,23 +60,37 @@ def _names_a_number(entry: str, moves: list[Moves], tails: list[set[str]]) -> bo
     pattern ('re:.*layers\\.(0|1)\\.mlp', 'model.layers.1*') or a name's suffix ('layers.3.mlp'), one of
     ``tails`` (each step's renumbered modules' dotted suffixes)."""
     for step, suffixes in zip(moves, tails):
-        if step.module_of(entry) is not None:
+        if not step.numbered or step.module_of(entry) is not None:
             continue
-        if entry.startswith("re:") or any(c in _PATTERN for c in entry):
+        if _is_pattern(entry):
             if any(re.search(rf"{re.escape(name.rpartition('.')[2])}\W{{1,4}}\d", entry) for name in step.lists()):
                 return True
-        elif _heads(entry) & suffixes:
+        elif set(heads(entry)) & suffixes:
             return True
     return False
 
 
+def _names_a_renamed(entry: str, moves: list[Moves], tails: list[set[str]]) -> bool:
+    """Whether ``entry``, left as it is, names a module a rename moved anyway: a pattern whose text names
+    one by its old name ('re:.*mlp\\.gate$' after 'model.layers.2.mlp' moved), a name's suffix ('mlp.gate'),
+    or a module some of whose tensors the rename moved out of it and some not."""
+    for step, suffixes in zip(moves, tails):
+        if step.numbered or step.module_of(entry) is not None:
+            continue
+        if _is_pattern(entry):
+            if any(re.search(rf"(?<!\w){re.escape(key.rpartition('.')[2])}(?!\w)", entry) for key in step.renamed):
+                return True
+        elif set(heads(entry)) & suffixes or any(_under(key, entry) and not all(_under(new, entry) for new in news)
+                                                  for key, news in step.renamed.items()):
+            return True
+    return False
+
+
+def _is_pattern(entry: str) -> bool:
+    return entry.startswith("re:") or any(c in _PATTERN for c in entry)
+
+
 _PATTERN = set("*?[]()|\\^$+{}")
-
-
-def _heads(name: str) -> set[str]:
-    """'a.b.c' -> {'a', 'a.b', 'a.b.c'}."""
-    parts = name.split(".")
-    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
 
 
 def _tails(name: str) -> set[str]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint, Storage, Tensor
 from ..checkpoint.contents import same_values
+from ..checkpoint.moves import renamed_modules
 from ..checkpoint.quantized import Quantized
 from ..checkpoint.tensor import view_key
 from ..declare import REQUIRED, option
@@ -291,7 +292,9 @@ def _plan_rename(ckpt: Checkpoint, from_glob: str, to_glob: str) -> Plan:
     clashes = [f"{' and '.join(repr(o) for o in olds)} would {'both' if len(olds) == 2 else 'all'} be named '{new}'"
                for new, olds in final.items() if len(olds) > 1]
     fail("rename", clashes)
-    plan = Plan("rename", f"rename {from_glob} -> {to_glob}: {plural(len(mapping), 'tensor')}", renames=mapping)
+    moves = renamed_modules(names, mapping)  # for the names config files give the modules (skip lists)
+    plan = Plan("rename", f"rename {from_glob} -> {to_glob}: {plural(len(mapping), 'tensor')}", renames=mapping,
+                moves=moves if moves.renamed else None)
     metadata = getattr(ckpt.container, "_metadata", None)
     if isinstance(metadata, dict):
         probe = "\0"
