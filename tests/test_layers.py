@@ -489,13 +489,29 @@ def test_stack_names_the_blocks_it_takes_from_a_plain_model(request, fp8_models,
     assert_skips_the_plain_modules(out)
 
 
+def assert_loads_plain_where_stored(folder) -> set[str]:
+    """transformers (bitsandbytes NF4 on the CPU) loads ``folder`` with nn.Linear exactly where it stores
+    plain (bf16) matrices, with their values, and Linear4bit where it stores NF4 codes; the plain ones."""
+    from transformers import AutoModelForCausalLM
+
+    stored = lm.stored_dtypes(folder)
+    matrices = [n.removesuffix(".weight") for n in stored if n.startswith("model.layers.") and n.endswith("proj.weight")]
+    plain = {m for m in matrices if stored[m + ".weight"] == "BF16"}
+    loaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+    assert {m: type(loaded.get_submodule(m)).__name__ for m in matrices} == \
+        {m: "Linear" if m in plain else "Linear4bit" for m in matrices}
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        for m in plain:
+            assert torch.equal(loaded.get_submodule(m).weight.data, f.get_tensor(m + ".weight")), m
+    return plain
+
+
 @pytest.mark.parametrize("args", [["--move", "0", "--to", "1"], ["--duplicate", "0"]])
 def test_a_partly_plain_nf4_model_loads_in_transformers_after_layers(request, tmp_path, args):
     """bitsandbytes NF4 (from_pretrained on the CPU): layer 0 dequantized (llm_int8_skip_modules names its
     modules), then the layers moved or duplicated: the loaded model has nn.Linear exactly where the output
     stores plain weights, with their values, and Linear4bit where it stores NF4 codes."""
     from test_quant_partial import NF4
-    from transformers import AutoModelForCausalLM
 
     partial = tmp_path / "partial"
     assert run("dequantize", register_input(request, str(NF4)), "-p", "model.layers.0.*", "-o", f"{partial}/") \
@@ -503,22 +519,13 @@ def test_a_partly_plain_nf4_model_loads_in_transformers_after_layers(request, tm
     out = tmp_path / "out"
     result = run("layers", partial, *args, "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
-    stored = lm.stored_dtypes(out)
-    matrices = [n.removesuffix(".weight") for n in stored if n.startswith("model.layers.") and n.endswith("proj.weight")]
-    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
-    assert {m: type(loaded.get_submodule(m)).__name__ for m in matrices} == \
-        {m: "Linear" if stored[m + ".weight"] == "BF16" else "Linear4bit" for m in matrices}
-    with safe_open(out / "model.safetensors", "pt") as f:
-        for m in matrices:
-            if stored[m + ".weight"] == "BF16":
-                assert torch.equal(loaded.get_submodule(m).weight.data, f.get_tensor(m + ".weight")), m
+    assert_loads_plain_where_stored(out)
 
 
 def test_a_stack_into_a_null_nf4_skip_list_names_the_plain_blocks_it_takes(request, tmp_path):
     """The rest's llm_int8_skip_modules is null (transformers' defaults); the other source's layer 0 is
     plain (dequantized): the list becomes explicit and names its modules, so from_pretrained loads them."""
     from test_quant_partial import NF4
-    from transformers import AutoModelForCausalLM
 
     partial = tmp_path / "partial"
     assert run("dequantize", register_input(request, str(NF4)), "-p", "model.layers.0.*", "-o", f"{partial}/") \
@@ -526,12 +533,9 @@ def test_a_stack_into_a_null_nf4_skip_list_names_the_plain_blocks_it_takes(reque
     out = tmp_path / "out"
     result = run("stack", f"{NF4}:1", f"{partial}:0", "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
-    stored = lm.stored_dtypes(out)
-    matrices = [n.removesuffix(".weight") for n in stored if n.startswith("model.layers.") and n.endswith("proj.weight")]
-    assert {m for m in matrices if stored[m + ".weight"] == "BF16"} == {m for m in matrices if ".layers.1." in m}
-    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
-    assert {m: type(loaded.get_submodule(m)).__name__ for m in matrices} == \
-        {m: "Linear" if stored[m + ".weight"] == "BF16" else "Linear4bit" for m in matrices}
+    plain = assert_loads_plain_where_stored(out)
+    matrices = [n.removesuffix(".weight") for n in lm.stored_dtypes(out) if n.endswith("proj.weight")]
+    assert plain == {m for m in matrices if ".layers.1." in m}
 
 
 # rename: an entry naming a module whose tensors were renamed as a whole follows it (ground truth: the
@@ -624,7 +628,6 @@ def test_a_partly_plain_nf4_model_loads_in_transformers_after_renames(request, t
     swapped by three renames: from_pretrained on the CPU loads nn.Linear exactly where the output stores
     plain weights (now layer 1), with their values, and Linear4bit where it stores NF4 codes."""
     from test_quant_partial import LAYER0, NF4, quantization_config
-    from transformers import AutoModelForCausalLM
 
     step = tmp_path / "partial"
     assert run("dequantize", register_input(request, str(NF4)), "-p", "model.layers.0.*", "-o", f"{step}/") \
@@ -636,13 +639,4 @@ def test_a_partly_plain_nf4_model_loads_in_transformers_after_renames(request, t
         step = tmp_path / str(number)
     assert {m for m in quantization_config(step)["llm_int8_skip_modules"] if ".layers." in m} == \
         {m.replace(".0.", ".1.") for m in LAYER0}
-    stored = lm.stored_dtypes(step)
-    matrices = [n.removesuffix(".weight") for n in stored if n.endswith("proj.weight")]
-    assert {m for m in matrices if stored[m + ".weight"] == "BF16"} == {m.replace(".0.", ".1.") for m in LAYER0}
-    loaded = AutoModelForCausalLM.from_pretrained(step, device_map="cpu")
-    assert {m: type(loaded.get_submodule(m)).__name__ for m in matrices} == \
-        {m: "Linear" if stored[m + ".weight"] == "BF16" else "Linear4bit" for m in matrices}
-    with safe_open(step / "model.safetensors", "pt") as f:
-        for m in matrices:
-            if stored[m + ".weight"] == "BF16":
-                assert torch.equal(loaded.get_submodule(m).weight.data, f.get_tensor(m + ".weight")), m
+    assert assert_loads_plain_where_stored(step) == {m.replace(".0.", ".1.") for m in LAYER0}
