@@ -126,6 +126,14 @@ def test_fifo_and_process_substitution_inputs_are_read_as_streams(tmp_path, resn
     assert compared.returncode == 0 and b"0 only in A" in compared.stdout, compared.stderr
 
 
+def test_a_device_named_as_input_is_refused_not_read_for_ever(tmp_path):
+    """/dev/zero is no pipe: read as one it would never end (a spool filling the disk)."""
+    result = run_process("inspect", "/dev/zero")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == b"paramsurgeon: error: '/dev/zero' is a device, not a checkpoint file; pass a file," \
+        b" a directory or a pipe\n"
+
+
 def test_nested_training_checkpoint_keeps_everything(tmp_path, training_pt):
     out = tmp_path / "out.pt"
     assert run("convert", training_pt, "-o", out).exit_code == 0

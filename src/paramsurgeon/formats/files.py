@@ -87,11 +87,14 @@ def open_input(path: str | None) -> InputFile:
     if stat.S_ISDIR(mode):
         os.close(fd)
         raise InputError(f"'{path}' is a directory")
-    if not stat.S_ISREG(mode):  # a FIFO or a process substitution (<(...)): read once, as stdin is
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # a process substitution (<(...)) too: read once, as stdin is
         try:
             return InputFile(_spooled(lambda: os.read(fd, _COPY_CHUNK)), path, path)
         finally:
             os.close(fd)
+    if not stat.S_ISREG(mode):  # /dev/zero would be read for ever
+        os.close(fd)
+        raise InputError(f"'{path}' is a device, not a checkpoint file; pass a file, a directory or a pipe")
     return InputFile(fd, path, path)
 
 
