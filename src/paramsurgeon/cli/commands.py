@@ -79,7 +79,8 @@ class DiffOptions:
                                                               " file (optimizer state, epoch) nor ties.")
 
 
-def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw, select: Selection) -> None:
+def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw, select: Selection,
+         spread: Workers) -> None:
     """Compare two checkpoints: tensors, the rest of the file and ties; exit 0 when equal, 1 when not.
 
     The rest of the file (optimizer moments, EMA copies, the epoch) is compared by path, and ties
@@ -99,7 +100,8 @@ def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw
     size = 0 if options.no_values else bytes_to_compare(first, names_a, whole)
     with progress(2 * size, "comparing") as advance:
         result = compare(first, second, names_a, names_b, atol=options.atol, rtol=options.rtol,
-                         values=not options.no_values, whole=whole, progress=advance)
+                         values=not options.no_values, whole=whole, progress=advance,
+                         work=work(spread, load.inputs))
     if output.json:
         emit(render.to_json(render.diff_document(result)), )
     else:
