@@ -139,6 +139,7 @@ def dequantize(tensor, codes, scale, zero, tile: tuple[int, int]):
 
     out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
     rows, columns = tensor.shape
+    tile = min(tile[0], rows), min(tile[1], columns)  # the same grid (a tile larger than the weight is all of it)
     scale = scale.reshape(grid(tensor.shape, tile))
     zero = None if zero is None else zero.reshape(scale.shape)
     for start, stop in bands(tensor.shape, tile[0] if scale.shape[0] > 1 else 1):
