@@ -252,3 +252,15 @@ def test_dropping_one_name_of_the_tie_keeps_tie_word_embeddings(inputs, tmp_path
     head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     assert head.data_ptr() == embedding.data_ptr()
     torch.testing.assert_close(embedding, load_torch(state)[partner], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("command", ["diff", "check"])
+def test_notes_of_two_inputs_name_their_input(inputs, command):
+    """Two tied directories give one note each, named after its input, not the same line twice."""
+    arch, (dir1, _), (dir2, _) = inputs["arch"], inputs["ft1"], inputs["ft2"]
+    omitted, partner = TIED[arch]
+    result = run("diff", dir1, dir2) if command == "diff" else run("check", dir1, "--like", dir2)
+    assert result.exit_code == (1 if command == "diff" else 0), result.stdout + result.stderr
+    notes = [line for line in result.stderr.splitlines() if f"{omitted} is not in the file" in line]
+    assert notes == [f"note: {d / 'model.safetensors'}: {omitted} is not in the file: config.json ties it to {partner};"
+                     " read as its alias" for d in (dir1, dir2)]
