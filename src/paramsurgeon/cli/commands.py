@@ -342,7 +342,7 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection, 
     load = loader(read)
     checkpoint = open_checkpoint(given.ckpt, load, named=options.against is not None)
     names = selected_names(checkpoint, select)
-    other = open_checkpoint(options.against, load, "--against", True) if options.against is not None else None
+    other = open_checkpoint(options.against, load, "--against", named=True) if options.against is not None else None
     if options.output != "-":
         load.inputs.refuse_overwrite(options.output)  # before the work
     result = inspect_checkpoint(checkpoint, names, stats=False)
