@@ -133,3 +133,44 @@ def test_dcp_input_with_format_safetensors_writes_a_safetensors_directory(tmp_pa
     assert sorted(os.listdir(tmp_path / "weights")) == ["model.safetensors"]
     with safe_open(tmp_path / "weights" / "model.safetensors", "pt") as f:
         assert_same_state({k: f.get_tensor(k) for k in f.keys()}, resnet.state_dict(), ordered=False)
+
+
+def test_tied_weights_are_stored_per_name_as_dcp_save_stores_them(tmp_path):
+    """DCP has no shared storage: dcp.save of a tied GPT-2's state dict stores lm_head and wte
+    each with its own bytes. A DCP output does the same, from a save_pretrained directory (the head
+    left out) and from a torch file, says so in a note, and dcp.load fills a tied model from it."""
+    import torch.distributed.checkpoint as dcp
+    import transformers as tf
+    from torch.distributed.checkpoint import FileSystemReader
+
+    config = tf.GPT2Config(vocab_size=80, n_positions=32, n_embd=24, n_layer=1, n_head=2, bos_token_id=0,
+                           eos_token_id=0)
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model.save_pretrained(tmp_path / "hf")
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "torch.dcp"))
+
+    def spans(folder) -> dict:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+        return {index.fqn: (info.offset, info.length) for index, info in metadata.storage_data.items()}
+
+    theirs = spans(tmp_path / "torch.dcp")
+    assert theirs["lm_head.weight"] != theirs["transformer.wte.weight"]  # two copies
+    for source in (tmp_path / "hf", tmp_path / "model.pt"):
+        out = tmp_path / f"{source.name}.dcp"
+        result = run("convert", source, "-o", out, "--format", "dcp")
+        assert result.exit_code == 0, result.stderr
+        assert ("note: a DCP checkpoint records no ties: each name of transformer.wte.weight = lm_head.weight is"
+                " stored with its own copy, as dcp.save stores them") in result.stderr
+        ours = spans(out)
+        assert sorted(ours) == sorted(theirs)
+        assert ours["lm_head.weight"] != ours["transformer.wte.weight"]
+        assert ours["lm_head.weight"][1] == ours["transformer.wte.weight"][1]
+        torch.manual_seed(1)
+        fresh = tf.GPT2LMHeadModel(config)
+        state = fresh.state_dict()
+        dcp.load(state, checkpoint_id=str(out))
+        assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
+        assert_same_state(fresh.state_dict(), model.state_dict())

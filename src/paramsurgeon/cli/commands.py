@@ -92,7 +92,7 @@ def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw
     if pair.a == pair.b == "-":  # the loader opens an input once: the second '-' would be the first
         raise UsageError("diff: only one checkpoint can come from standard input ('-')")
     load = loader(read, raw=stored.raw)
-    first, second = open_checkpoint(pair.a, load), open_checkpoint(pair.b, load)
+    first, second = open_checkpoint(pair.a, load, named=True), open_checkpoint(pair.b, load, named=True)
     picked = set(selected_names(first, select, {**second.tensors, **first.tensors}))
     names_a = [n for n in first.tensors if n in picked]
     names_b = [n for n in second.tensors if n in picked]
@@ -165,11 +165,11 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
         rules.append(shards)
         if not shards.ok:
             _report_check(given.ckpt, rules, output.json)
-    checkpoint = open_checkpoint(given.ckpt, load)
+    checkpoint = open_checkpoint(given.ckpt, load, named=options.like is not None)
     if problems is None and options.complete:  # a single file: opening it checked its sizes fit it
         rules.append(RuleResult("shards"))
     names = selected_names(checkpoint, select)
-    other = open_checkpoint(options.like, load) if options.like is not None else None
+    other = open_checkpoint(options.like, load, named=True) if options.like is not None else None
     default = not (options.finite or options.max_abs is not None or other or expectations or dtype or options.health
                    or options.complete)
     values = options.finite or default or options.max_abs is not None
@@ -340,9 +340,9 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection, 
 
     html.require_matplotlib()
     load = loader(read)
-    checkpoint = open_checkpoint(given.ckpt, load)
+    checkpoint = open_checkpoint(given.ckpt, load, named=options.against is not None)
     names = selected_names(checkpoint, select)
-    other = open_checkpoint(options.against, load, "--against") if options.against is not None else None
+    other = open_checkpoint(options.against, load, "--against", named=True) if options.against is not None else None
     if options.output != "-":
         load.inputs.refuse_overwrite(options.output)  # before the work
     result = inspect_checkpoint(checkpoint, names, stats=False)
