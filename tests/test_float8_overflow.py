@@ -4,6 +4,8 @@ truth: each value rounded to the dtype's mantissa in float64 (round half to even
 unbounded) overflows when it lands beyond the largest value; where torch's cast gives Inf or NaN
 it agrees. Results within range equal torch's own computation, in float32 then rounded once."""
 
+import json
+
 import pytest
 import torch
 from helpers import run
@@ -158,3 +160,24 @@ def test_scale_of_an_fp8_block_weight_writes_bfloat16(tmp_path):
     same_bits(got["l.weight"], (codes.float() * 2.0 * 1000).to(torch.bfloat16))
     line = refused("scale", path, "-p", "l.weight", "--by", "1e38", "-o", out)
     assert "2 of 4 values of 'l.weight' would become Inf or NaN (bfloat16" in line, line
+
+
+@pytest.mark.parametrize("up", [10.0, 100.0])
+def test_merge_lora_into_a_float8_weight(tmp_path, up):
+    """PEFT's W + B @ A * alpha / r, in float32 and rounded once to the base's float8; beyond 448 refused."""
+    weight = torch.tensor([[1.0, 2.0], [3.0, 400.0]]).to(torch.float8_e4m3fn)
+    a, b = torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0], [up]])
+    base, adapter, out = tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "out.safetensors"
+    save_file({"l.weight": weight}, base)
+    adapter.mkdir()
+    save_file({"base_model.model.l.lora_A.weight": a, "base_model.model.l.lora_B.weight": b},
+              adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 2,
+                                                             "target_modules": ["l"]}))
+    merged = weight.float() + b @ a * 2.0
+    if overflows(merged, torch.float8_e4m3fn).any():
+        line = refused("merge-lora", base, adapter, "-o", out)
+        assert "1 of 4 values of 'l.weight' would exceed float8_e4m3fn's largest value 448" in line, line
+        assert refused("merge-lora", base, adapter, "--dry-run") == line and not out.exists()
+    else:
+        same_bits(written("merge-lora", base, adapter, "-o", out)["l.weight"], merged.to(torch.float8_e4m3fn))
