@@ -82,8 +82,9 @@ def overflowing(values: torch.Tensor, into: dtypes.DType, *origins: torch.Tensor
         if _within(piece, halfway, away):
             continue
         bad = ~torch.isfinite(piece)
-        if wider:
-            bad |= piece.abs() >= halfway if away else piece.abs() > halfway
+        if wider:  # compared in float32 at least, where every halfway of a narrower dtype is exact
+            magnitude = piece.abs().float() if piece.element_size() < 4 else piece.abs()
+            bad |= magnitude >= halfway if away else magnitude > halfway
         for earlier in before:
             bad &= torch.isfinite(computable(earlier))
         count += int(bad.sum())

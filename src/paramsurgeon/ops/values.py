@@ -255,6 +255,7 @@ class Scale(Targets, TiePolicy, Overflow, Operation):
                         f"is {tensor.dtype}, which holds {tensor.dtype.lowest} to {tensor.dtype.largest}; {out:,} of"
                         f" its {plural(tensor.numel, 'value')} would leave that range multiplied by {by} and wrap"
                         " around; pass --allow-overflow to write them wrapped")
+
             def scaled():  # in float32 for float8, which torch cannot multiply
                 return computable(torch_values(tensor)) * by
 

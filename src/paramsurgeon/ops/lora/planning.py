@@ -281,6 +281,7 @@ def _compute(fold: Fold, target: DType, allow_overflow: bool) -> Callable:
         if fold.role == "replace":
             return start.to(dtype, copy=True)
         pair = {role: to_torch(t) for role, t in fold.pair.tensors.items()}
+
         def merged(dtype):
             return arithmetic.merge(fold.layout, start, pair["A"], pair["B"], fold.scaling, pair.get("magnitude"),
                                     dtype)
