@@ -79,7 +79,8 @@ class DiffOptions:
                                                               " file (optimizer state, epoch) nor ties.")
 
 
-def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw, select: Selection) -> None:
+def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw, select: Selection,
+         spread: Workers) -> None:
     """Compare two checkpoints: tensors, the rest of the file and ties; exit 0 when equal, 1 when not.
 
     The rest of the file (optimizer moments, EMA copies, the epoch) is compared by path, and ties
@@ -99,7 +100,8 @@ def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw
     size = 0 if options.no_values else bytes_to_compare(first, names_a, whole)
     with progress(2 * size, "comparing") as advance:
         result = compare(first, second, names_a, names_b, atol=options.atol, rtol=options.rtol,
-                         values=not options.no_values, whole=whole, progress=advance)
+                         values=not options.no_values, whole=whole, progress=advance,
+                         work=work(spread, load.inputs))
     if output.json:
         emit(render.to_json(render.diff_document(result)), )
     else:
@@ -323,7 +325,7 @@ class ReportOptions:
                                                                           " from OTHER: ||a - b|| / ||b||.")
 
 
-def report(given: Input, options: ReportOptions, read: Read, select: Selection) -> None:
+def report(given: Input, options: ReportOptions, read: Read, select: Selection, spread: Workers) -> None:
     """Write one self-contained HTML page: statistics along the depth, health findings, histograms.
 
     The page loads nothing from the network; with --against, each tensor's relative change
@@ -348,7 +350,7 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     size = sum(checkpoint.tensors[n].nbytes for n in floats) * (3 if other else 1)
     with progress(size, "reading") as advance:
         stats = health.measure(checkpoint, floats, bins=HISTOGRAM_BINS, drawn=html.drawn(result.rows),
-                               progress=advance, doing="report")
+                               progress=advance, work=work(spread, load.inputs), doing="report")
         changes = drift.relative_changes(checkpoint, other, floats, advance) if other is not None else None
     for row in result.rows:
         row.stats = stats.get(row.name)
