@@ -303,6 +303,19 @@ def test_compressed_tensors_parts_without_their_partners_are_named(request, ct_d
     assert "model.down.weight_scale without its weight model.down.weight (or model.down.weight_packed)" in notes
 
 
+@pytest.mark.parametrize("field, value", [("ignore", True), ("ignore", "lm_head"), ("targets", "Linear")])
+def test_a_list_of_the_config_given_as_one_value_reads_as_the_decompressor_gives(request, ct_dirs, tmp_path,
+                                                                                field, value):
+    """``ignore`` or a group's ``targets`` written as one name (or true) instead of a list: read as a
+    list of that name (or none), not a crash."""
+    folder, stored, reference = ct_dirs["nvfp4"]
+    config = json.loads((folder / "config.json").read_text())
+    where = config["quantization_config"]
+    where = where if field == "ignore" else where["config_groups"]["group_0"]
+    where[field] = value
+    assert_reads_as(write(tmp_path / "listed", stored, config), reference, "nvfp4-pack-quantized", stored)
+
+
 def test_a_weight_shape_that_disagrees_with_the_packed_codes_is_named(request, ct_dirs, tmp_path):
     folder, stored, _ = ct_dirs["int4-group"]
     broken = dict(stored, **{"model.up.weight_shape": torch.tensor([96, 512])})

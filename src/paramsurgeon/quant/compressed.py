@@ -62,12 +62,12 @@ def fp4_format(config: dict, module: str, scale) -> str | None:
 def _group(config: dict, module: str) -> dict | None:
     """The first config group (with ``weights`` arguments) that quantizes ``module``."""
     groups = config.get("config_groups")
-    if not isinstance(groups, dict) or any(_matches(module, t) for t in config.get("ignore") or ()):
+    if not isinstance(groups, dict) or any(_matches(module, t) for t in _listed(config.get("ignore"))):
         return None
     for scheme in groups.values():
         if not isinstance(scheme, dict) or not isinstance(scheme.get("weights"), dict):
             continue
-        targets = scheme.get("targets") or ()
+        targets = _listed(scheme.get("targets"))
         if "Linear" in targets or any(_matches(module, t) for t in targets):
             return scheme
     return None
@@ -110,6 +110,12 @@ def _strategy(scale_shape: tuple[int, ...], shape: tuple[int, ...]) -> str:
     if len(scale_shape) == 2 and scale_shape[0] == rows:
         return "channel" if scale_shape[1] == 1 else "group"
     return "block"
+
+
+def _listed(value: object) -> list:
+    """A config's list (of targets, of ignored modules): one name alone is a list of one; anything
+    else but a list, an empty one."""
+    return [value] if isinstance(value, str) else value if isinstance(value, list) else []
 
 
 def _matches(module: str, target: object) -> bool:
