@@ -619,7 +619,7 @@ def test_json_plan_stdin_and_overflow(tmp_path, llama_base):
     (big / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 4e6}))
     message = refused(tmp_path, tmp_path / "half.safetensors", big)
     assert message.startswith("merge-lora: ") and "values of 'model.layers.0.self_attn.o_proj.weight' would become Inf"\
-        " or NaN (float16 cannot hold them); nothing was written; pass --allow-overflow to write them anyway" in message
+        " or NaN (float16 holds |x| <= 65504); nothing was written; pass --allow-overflow to write them anyway" in message
     got, _ = merge_lora(tmp_path, tmp_path / "half.safetensors", big, "--allow-overflow")
     assert torch.isinf(got["model.layers.0.self_attn.o_proj.weight"]).any()
 

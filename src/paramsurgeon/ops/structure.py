@@ -16,7 +16,7 @@ from ..selection import Selection, Selector, select, suggest, unmatched, wildcar
 from ..sizes import plural
 from .plan import Change, Plan, fail, names_list
 from .spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnings
-from .values import copy_of, may_misfit, misfits, narrows, value_plan
+from .values import cast_change, copy_of, may_misfit, misfits, value_plan
 
 
 @dataclass(kw_only=True)
@@ -201,9 +201,7 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
         if _same_quantization(origin, tensor):
             return Change(unit, f"copy from {sources[0]}{where} (its {origin.scheme.name} parts)", tensor.shape,
                           tensor.dtype.name, origin.dequantized, stored_as=lambda _: _parts_copied(origin))
-        return Change(unit, f"copy from {sources[0]}{where}", tensor.shape, tensor.dtype.name,
-                      copy_of(origin, tensor.dtype), guarded=guard and narrows(origin.dtype, tensor.dtype),
-                      origin=origin)
+        return cast_change(unit, f"copy from {sources[0]}{where}", origin, tensor.dtype, guard)
 
     origin = "" if source is ckpt else f" from {source.source}"
     plan = value_plan("copy", f"copy{origin}: {names_list([f'{s}->{t}' for t, s in pairs.items()])}", ckpt,
