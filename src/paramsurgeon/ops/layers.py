@@ -33,8 +33,9 @@ class Blockwise:
     """Where the blocks are."""
 
     prefix: str | None = option(None, "--prefix", metavar="P", help="The numbered block list (e.g. net.stages),"
-                                " when it is not one of model.layers, transformer.h, encoder.layer, blocks,"
-                                " model.decoder.layers.")
+                                " when it is not found from the names (a list named layers, layer or blocks,"
+                                " transformer.h, T5's encoder.block) or when there are several (encoder and"
+                                " decoder, language model and vision tower).")
 
 
 @dataclass(kw_only=True)
