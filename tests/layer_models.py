@@ -187,6 +187,19 @@ def moe(kind: str, **overrides):
     return model
 
 
+def qwen3_vl_moe():
+    """Qwen3-VL-MoE: its language model's experts counted in text_config (num_local_experts, num_experts_per_tok)."""
+    import transformers as T
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_attention_heads=4,
+                num_key_value_heads=2, num_hidden_layers=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0])
+    torch.manual_seed(0)
+    return T.Qwen3VLMoeForConditionalGeneration(T.Qwen3VLMoeConfig(text_config=text, vision_config=vision)).eval()
+
+
 def save_fused(model, path):
     """``model`` saved in its fused layout (experts stacked in one tensor per projection), as transformers
     holds it in memory; save_pretrained writes the per-expert layout of the hub."""

@@ -239,9 +239,7 @@ def layer_config(config: dict | None, prefix: str, count: int, order: list[int])
     elif "num_layers" in changes and section.get("is_encoder_decoder") and "num_decoder_layers" not in section:
         changes["num_decoder_layers"] = count  # the decoder keeps its count, which num_layers gave
     changes.update(_dense_layers(section, order))
-    changes = {k: v for k, v in changes.items() if v != section.get(k)}
-    tower = next((key for key, value in (config or {}).items() if value is section), None)
-    return {tower: {**section, **changes}} if tower and changes else changes
+    return within(config, section, changes)
 
 
 def described(config: dict | None, prefix: str) -> dict:
@@ -254,6 +252,14 @@ def described(config: dict | None, prefix: str) -> dict:
         if isinstance(config.get(key), dict) and any(w in word for w in named for word in words):
             return config[key]
     return config["text_config"] if isinstance(config.get("text_config"), dict) else config
+
+
+def within(config: dict | None, section: dict, changes: dict) -> dict:
+    """``changes`` to ``section`` (a part of ``config`` that described() gave) as changes to ``config``,
+    without those that change nothing."""
+    changes = {k: v for k, v in changes.items() if v != section.get(k)}
+    tower = next((key for key, value in (config or {}).items() if value is section), None)
+    return {tower: {**section, **changes}} if tower and changes else changes
 
 
 def _counted(section: dict, prefix: str) -> tuple[str, ...]:
