@@ -187,6 +187,17 @@ def moe(kind: str, **overrides):
     return model
 
 
+def gpt_oss():
+    """gpt-oss in bfloat16 (not mxfp4): fused experts with stacked biases (experts.down_proj_bias [E, hidden])."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.GptOssForCausalLM(T.GptOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=16, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        max_position_embeddings=64)).eval()
+
+
 def qwen3_vl_moe():
     """Qwen3-VL-MoE: its language model's experts counted in text_config (num_local_experts, num_experts_per_tok)."""
     import transformers as T
