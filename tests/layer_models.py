@@ -187,6 +187,17 @@ def moe(kind: str, **overrides):
     return model
 
 
+def llama4(layers=4):
+    """Llama 4's text model: experts in every second layer (moe_layers [1, 3]), no RoPE in every fourth."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.Llama4ForCausalLM(T.Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=16, intermediate_size_mlp=48, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_hidden_layers=layers, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, max_position_embeddings=64)).eval()
+
+
 def gpt_oss():
     """gpt-oss in bfloat16 (not mxfp4): fused experts with stacked biases (experts.down_proj_bias [E, hidden])."""
     import transformers as T

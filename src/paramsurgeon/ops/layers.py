@@ -18,7 +18,7 @@ from .spec import Operation, Sources
 
 COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "depth")  # the layer count, as configs name it
 OTHER_TOWERS = {"vision_config": ("vision", "visual"), "audio_config": ("audio",)}  # by words of a block prefix
-INDEX_LISTS = ("mlp_only_layers",)  # lists of layer indices (not one entry per layer)
+INDEX_LISTS = ("mlp_only_layers", "moe_layers")  # lists of layer indices (not one entry per layer): Qwen-MoE, Llama 4
 # output projections of a block's branches: Llama, GPT-2, OPT, Mixtral, T5 (o, wo), Falcon and GPT-NeoX
 # (dense_4h_to_h), GPT-J (fc_out); and a 'dense' right under the attention (Falcon, GPT-NeoX, Phi)
 OUTPUTS = ("o_proj", "out_proj", "c_proj", "down_proj", "fc2", "w2", "o", "wo", "dense_4h_to_h", "fc_out")
