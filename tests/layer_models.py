@@ -199,14 +199,20 @@ def llama4(layers=4):
 
 
 def gpt_oss():
-    """gpt-oss in bfloat16 (not mxfp4): fused experts with stacked biases (experts.down_proj_bias [E, hidden])."""
+    """gpt-oss unquantized: fused experts with stacked biases (experts.down_proj_bias [E, hidden]), which are
+    not zeros (as in a trained model; they are made zeros)."""
     import transformers as T
 
     torch.manual_seed(0)
-    return T.GptOssForCausalLM(T.GptOssConfig(
+    model = T.GptOssForCausalLM(T.GptOssConfig(
         vocab_size=64, hidden_size=32, intermediate_size=16, num_attention_heads=4, num_key_value_heads=2,
         num_hidden_layers=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
         max_position_embeddings=64)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.uniform_(-0.1, 0.1)
+    return model
 
 
 def qwen3_vl_moe():

@@ -122,7 +122,7 @@ def test_duplicated_tensors_are_copies_not_ties(request, saved, tmp_path):
 
 @pytest.mark.parametrize("name, build, ranges, count", [
     ("llama", lm.llama, "0,2", 6), ("gpt2", lm.gpt2, "0..2", 6), ("mixtral", lambda: lm.moe("mixtral"), "1", 3),
-    ("dsv3", lambda: lm.moe("dsv3"), "2", 4)])
+    ("dsv3", lambda: lm.moe("dsv3"), "2", 4), ("gpt-oss", lm.gpt_oss, "0", 3)])
 def test_identity_copies_leave_the_output_exactly_unchanged(request, saved, tmp_path, name, build, ranges, count):
     model, path = model_dir(request, saved, name, build)
     out = tmp_path / "pro"

@@ -182,7 +182,7 @@ def identity_changes(blocks: Blocks, plan: Plan, copies: set[int]) -> list[Chang
 def _output(local: str) -> bool:
     *parents, leaf = local.split(".")
     if leaf not in ("weight", "bias"):
-        return leaf in OUTPUTS  # a fused tensor (experts.down_proj)
+        return leaf.removesuffix("_bias") in OUTPUTS  # fused experts: experts.down_proj, gpt-oss's down_proj_bias
     return bool(parents) and (parents[-1] in OUTPUTS or parents[-2:-1] in ([a] for a in ATTENTIONS)
                               and parents[-1] == "dense")
 
