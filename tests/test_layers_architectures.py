@@ -7,6 +7,7 @@ before their branches and refused where they normalise after the residual sum.""
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -90,6 +91,24 @@ def test_t5_stacks(request, saved, tmp_path, stack, args, order, counts):
     model, path = model_dir(request, saved, "t5", lm.t5)
     out = tmp_path / "out"
     result = run("layers", path, "--prefix", f"{stack}.block", *args, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert (config(out)["num_layers"], config(out)["num_decoder_layers"]) == counts
+    assert torch.equal(seq2seq_logits(lm.load(out)), seq2seq_logits(t5_reordered(model, stack, order)))
+
+
+@pytest.mark.parametrize("stack, order, counts", [("encoder", [0], (1, 2)), ("decoder", [0], (2, 1))])
+def test_a_t5_config_without_num_decoder_layers(request, saved, tmp_path, stack, order, counts):
+    """Hub T5 configs often leave out num_decoder_layers, which then defaults to num_layers: a change to
+    one stack writes the other's count as it was."""
+    model, path = saved("t5-even", lambda: lm.t5(layers=2, decoder_layers=2))
+    folder = tmp_path / "t5"
+    shutil.copytree(path, folder)
+    settings = config(folder)
+    del settings["num_decoder_layers"]
+    (folder / "config.json").write_text(json.dumps(settings))
+    register_input(request, str(folder))
+    out = tmp_path / "out"
+    result = run("layers", folder, "--prefix", f"{stack}.block", "--drop", "1", "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
     assert (config(out)["num_layers"], config(out)["num_decoder_layers"]) == counts
     assert torch.equal(seq2seq_logits(lm.load(out)), seq2seq_logits(t5_reordered(model, stack, order)))

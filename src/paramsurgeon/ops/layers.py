@@ -17,6 +17,8 @@ from .plan import Change, Plan, names_list
 from .spec import Operation, Sources
 
 COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "depth")  # the layer count, as configs name it
+DECODER_KEYS = ("num_decoder_layers", "decoder_layers")  # an encoder-decoder's decoder count: T5, BART, ProphetNet
+ENCODER_KEYS = ("encoder_layers", "num_encoder_layers")  # its encoder count, beside num_layers/num_hidden_layers
 OTHER_TOWERS = {"vision_config": ("vision", "visual"), "audio_config": ("audio",)}  # by words of a block prefix
 INDEX_LISTS = ("mlp_only_layers", "moe_layers")  # lists of layer indices (not one entry per layer): Qwen-MoE, Llama 4
 # output projections of a block's branches: Llama, GPT-2, OPT, Mixtral, T5 (o, wo), Falcon and GPT-NeoX
@@ -234,9 +236,9 @@ def layer_config(config: dict | None, prefix: str, count: int, order: list[int])
             changes[key] = [new for new, old in enumerate(order) if old in value]
         elif isinstance(value, list) and len(value) == count and count > 1 and key != "architectures":
             changes[key] = [value[i] for i in order]
-    if keys == ("num_decoder_layers",) and "num_decoder_layers" not in section:  # T5's defaults to num_layers
+    if keys == DECODER_KEYS[:1] and "num_decoder_layers" not in section:  # T5's defaults to num_layers
         changes["num_decoder_layers"] = len(order)
-    elif "num_layers" in changes and section.get("is_encoder_decoder") and "num_decoder_layers" not in section:
+    elif "num_layers" in changes and keys != COUNT_KEYS and "num_decoder_layers" not in section:
         changes["num_decoder_layers"] = count  # the decoder keeps its count, which num_layers gave
     changes.update(_dense_layers(section, order))
     return within(config, section, changes)
@@ -266,11 +268,11 @@ def _counted(section: dict, prefix: str) -> tuple[str, ...]:
     """The keys of ``section`` that count the blocks under ``prefix``: an encoder-decoder model's decoder
     count for its decoder (T5's num_decoder_layers, BART's decoder_layers), its encoder count (with
     num_hidden_layers, which mirrors it) for its encoder, else the layer count."""
-    if not section.get("is_encoder_decoder"):
+    if not (section.get("is_encoder_decoder") or any(k in section for k in DECODER_KEYS + ENCODER_KEYS)):
         return COUNT_KEYS
     if "decoder" in prefix.split("."):
-        return ("num_decoder_layers",) if "num_layers" in section else ("decoder_layers",)
-    return COUNT_KEYS + ("encoder_layers",)
+        return tuple(k for k in DECODER_KEYS if k in section) or DECODER_KEYS[:1]  # T5's may be left out
+    return COUNT_KEYS + ENCODER_KEYS
 
 
 def _dense_layers(config: dict, order: list[int]) -> dict:
