@@ -208,6 +208,30 @@ def test_inspect_statistics_and_histograms_on_the_cluster_are_a_local_runs_and_t
         assert histogram["counts"] == counts.tolist(), entry["name"]
 
 
+def test_report_on_the_cluster_is_a_local_runs_page(dask_cluster, eight_shards, tmp_path):
+    folder = eight_shards[0]
+    local, remote = tmp_path / "local.html", tmp_path / "cluster.html"
+    assert run("report", folder, "-o", local, "--workers", "1").exit_code == 0
+    before = dask_cluster.executed()
+    result = paramsurgeon("report", folder, "-o", remote, "--scheduler", dask_cluster.address)
+    assert result.returncode == 0, result.stderr
+    assert dask_cluster.executed() > before
+    assert remote.read_bytes() == local.read_bytes()
+
+
+def test_diff_on_the_cluster_is_a_local_runs(dask_cluster, eight_shards, tmp_path):
+    folder = eight_shards[0]
+    other = tmp_path / "other"
+    assert run("scale", folder, "-p", "*.1.*", "--by", "2", "-o", other).exit_code == 0
+    expected = run("diff", folder, other, "--json", "--workers", "1")
+    assert expected.exit_code == 1, expected.stderr
+    before = dask_cluster.executed()
+    result = paramsurgeon("diff", folder, other, "--json", "--scheduler", dask_cluster.address)
+    assert result.returncode == 1, result.stderr
+    assert dask_cluster.executed() > before
+    assert result.stdout == expected.stdout and json.loads(result.stdout)["changed"]
+
+
 # workers that die
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_same_state, load_torch, run
+from helpers import assert_same_state, load_torch, run, run_process
 
 from models import ResNet
 
@@ -93,6 +93,19 @@ def test_hostile_dcp_metadata_is_refused_without_running(tmp_path, resnet_pt):
     assert not marker.exists()
 
 
+def test_dcp_metadata_with_an_impossible_length_is_refused_in_one_line(tmp_path, resnet_pt):
+    """A bytearray8 opcode claiming 4 EiB (a flipped bit in a length): Python's unpickler runs out of
+    memory allocating it; the file is named as corrupt, in one line, through a real process."""
+    import struct
+
+    folder = tmp_path / "dcp"
+    assert run("convert", resnet_pt, "-o", folder, "--format", "dcp").exit_code == 0
+    (folder / ".metadata").write_bytes(b"\x80\x05\x96" + struct.pack("<Q", 1 << 62) + bytes(16))
+    result = run_process("inspect", folder)
+    assert result.returncode == 2 and result.stderr.decode() == (
+        f"paramsurgeon: error: {folder}/.metadata: the pickle is corrupt (a length in it is larger than the file)\n")
+
+
 def test_dcp_output_replaces_a_dcp_directory_only(tmp_path, resnet_pt):
     folder = tmp_path / "dcp"
     assert run("convert", resnet_pt, "-o", folder, "--format", "dcp").exit_code == 0
@@ -120,3 +133,44 @@ def test_dcp_input_with_format_safetensors_writes_a_safetensors_directory(tmp_pa
     assert sorted(os.listdir(tmp_path / "weights")) == ["model.safetensors"]
     with safe_open(tmp_path / "weights" / "model.safetensors", "pt") as f:
         assert_same_state({k: f.get_tensor(k) for k in f.keys()}, resnet.state_dict(), ordered=False)
+
+
+def test_tied_weights_are_stored_per_name_as_dcp_save_stores_them(tmp_path):
+    """DCP has no shared storage: dcp.save of a tied GPT-2's state dict stores lm_head and wte
+    each with its own bytes. A DCP output does the same, from a save_pretrained directory (the head
+    left out) and from a torch file, says so in a note, and dcp.load fills a tied model from it."""
+    import torch.distributed.checkpoint as dcp
+    import transformers as tf
+    from torch.distributed.checkpoint import FileSystemReader
+
+    config = tf.GPT2Config(vocab_size=80, n_positions=32, n_embd=24, n_layer=1, n_head=2, bos_token_id=0,
+                           eos_token_id=0)
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model.save_pretrained(tmp_path / "hf")
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "torch.dcp"))
+
+    def spans(folder) -> dict:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+        return {index.fqn: (info.offset, info.length) for index, info in metadata.storage_data.items()}
+
+    theirs = spans(tmp_path / "torch.dcp")
+    assert theirs["lm_head.weight"] != theirs["transformer.wte.weight"]  # two copies
+    for source in (tmp_path / "hf", tmp_path / "model.pt"):
+        out = tmp_path / f"{source.name}.dcp"
+        result = run("convert", source, "-o", out, "--format", "dcp")
+        assert result.exit_code == 0, result.stderr
+        assert ("note: a DCP checkpoint records no ties: each name of transformer.wte.weight = lm_head.weight is"
+                " stored with its own copy, as dcp.save stores them") in result.stderr
+        ours = spans(out)
+        assert sorted(ours) == sorted(theirs)
+        assert ours["lm_head.weight"] != ours["transformer.wte.weight"]
+        assert ours["lm_head.weight"][1] == ours["transformer.wte.weight"][1]
+        torch.manual_seed(1)
+        fresh = tf.GPT2LMHeadModel(config)
+        state = fresh.state_dict()
+        dcp.load(state, checkpoint_id=str(out))
+        assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
+        assert_same_state(fresh.state_dict(), model.state_dict())

@@ -230,3 +230,37 @@ def test_a_failing_command_prints_its_error_alone(inputs, tmp_path):
     done = run("zero", directory, "-p", partner, "--follow-ties", "-o", tmp_path / "out/")
     assert done.exit_code == 0, done.stderr
     assert f"note: {omitted} is not in the file: config.json ties it to {partner}" in done.stderr
+
+
+@pytest.mark.parametrize("side", ["omitted", "partner"])
+def test_dropping_one_name_of_the_tie_keeps_tie_word_embeddings(inputs, tmp_path, side):
+    """Tied names are one parameter: dropping either leaves the weight under the other, and
+    config.json still says tied, so from_pretrained ties the head to the embedding again (the
+    model the directory held), rather than initialising a random head or embedding."""
+    import transformers as tf
+
+    arch, (directory, state) = inputs["arch"], inputs["base"]
+    omitted, partner = TIED[arch]
+    dropped, kept = (omitted, partner) if side == "omitted" else (partner, omitted)
+    out = tmp_path / "out"
+    result = run("drop", "-p", dropped, directory, "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert f"tie_word_embeddings left true: transformers ties {dropped} to {kept} again" in result.stderr
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    auto = tf.AutoModelForMaskedLM if arch == "bert" else tf.AutoModelForCausalLM
+    model = auto.from_pretrained(out)
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head.data_ptr() == embedding.data_ptr()
+    torch.testing.assert_close(embedding, load_torch(state)[partner], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("command", ["diff", "check"])
+def test_notes_of_two_inputs_name_their_input(inputs, command):
+    """Two tied directories give one note each, named after its input, not the same line twice."""
+    arch, (dir1, _), (dir2, _) = inputs["arch"], inputs["ft1"], inputs["ft2"]
+    omitted, partner = TIED[arch]
+    result = run("diff", dir1, dir2) if command == "diff" else run("check", dir1, "--like", dir2)
+    assert result.exit_code == (1 if command == "diff" else 0), result.stdout + result.stderr
+    notes = [line for line in result.stderr.splitlines() if f"{omitted} is not in the file" in line]
+    assert notes == [f"note: {d / 'model.safetensors'}: {omitted} is not in the file: config.json ties it to {partner};"
+                     " read as its alias" for d in (dir1, dir2)]

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import bits, load_torch, register_input, run
+from helpers import bits, load_torch, register_input, run, same_storage
 from lora_models import convs, gpt2, llama, make_adapter, peft_merged, state
 from safetensors.torch import load_file, save_file
 
@@ -428,6 +428,48 @@ def test_extract_gpt2_tells_conv1d_from_linear_per_tensor(request, tmp_path):
             torch.testing.assert_close(got[name], weight, msg=name, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("build", [gpt2, lambda: llama(tie=True)], ids=["gpt2", "llama"])
+def test_extract_of_a_tied_model_adapts_the_shared_weight_once(request, tmp_path, build):
+    """Base and fine-tune both tie lm_head to the input embedding: the adapter adapts the embedding
+    alone, so PEFT's merge_and_unload into the base gives the fine-tune, still tied (an update for
+    each name would be added to the shared weight twice)."""
+    from peft import PeftModel
+
+    model = build()
+    embedding = model.get_input_embeddings()
+    assert model.get_output_embeddings().weight is embedding.weight
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in tuned.parameters():  # the tied weight once
+            if param.dim() == 2:
+                param += 0.1 * torch.randn(param.shape[0], 2, generator=g) @ torch.randn(2, param.shape[1], generator=g)
+    model.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    base = register_input(request, tmp_path / "base")
+    adapter, result = extracted(tmp_path, base, tmp_path / "tuned", "--rank", "3")
+    name = next(n for n, m in model.named_modules() if m is embedding)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert name in config["target_modules"] and "lm_head" not in config["target_modules"]
+    assert f"note: lm_head.weight is tied to {name}.weight in " in result.stderr
+    merged = PeftModel.from_pretrained(build(), adapter).merge_and_unload()
+    assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+    merged = merged.state_dict()
+    for key, weight in tuned.state_dict().items():
+        torch.testing.assert_close(merged[key], weight, msg=key, atol=1e-5, rtol=1e-4)
+    got, _ = merge_lora(tmp_path, base, adapter, out="merged.pt")  # paramsurgeon's merge follows the tie alike
+    for key, weight in state(tuned).items():
+        torch.testing.assert_close(got[key], weight, msg=key, atol=1e-5, rtol=1e-4)
+    assert same_storage(got, "lm_head.weight", f"{name}.weight")
+    untied = copy.deepcopy(tuned)  # a head that left the embedding: no adapter on the tied base gives it
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach() + 0.1)
+    torch.save(untied.state_dict(), tmp_path / "untied.pt")
+    refused = run("extract-lora", base, tmp_path / "untied.pt", "-o", tmp_path / "refused", "--rank", "3")
+    assert refused.exit_code == 2 and not (tmp_path / "refused").exists()
+    assert f"'{name}.weight' and 'lm_head.weight' are tied in " in refused.stderr
+    assert "untie them in BASE first" in refused.stderr
+
+
 class LoneConv1D(torch.nn.Module):
     """One square GPT-2 Conv1D and nothing near it that tells its layout."""
 
@@ -577,7 +619,7 @@ def test_json_plan_stdin_and_overflow(tmp_path, llama_base):
     (big / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 4e6}))
     message = refused(tmp_path, tmp_path / "half.safetensors", big)
     assert message.startswith("merge-lora: ") and "values of 'model.layers.0.self_attn.o_proj.weight' would become Inf"\
-        " or NaN (float16 cannot hold them); nothing was written; pass --allow-overflow to write them anyway" in message
+        " or NaN (float16 holds |x| <= 65504); nothing was written; pass --allow-overflow to write them anyway" in message
     got, _ = merge_lora(tmp_path, tmp_path / "half.safetensors", big, "--allow-overflow")
     assert torch.isinf(got["model.layers.0.self_attn.o_proj.weight"]).any()
 

@@ -303,6 +303,48 @@ def test_compressed_tensors_parts_without_their_partners_are_named(request, ct_d
     assert "model.down.weight_scale without its weight model.down.weight (or model.down.weight_packed)" in notes
 
 
+@pytest.mark.parametrize("field, value", [("ignore", True), ("ignore", "lm_head"), ("targets", "Linear")])
+def test_a_list_of_the_config_given_as_one_value_reads_as_the_decompressor_gives(request, ct_dirs, tmp_path,
+                                                                                field, value):
+    """``ignore`` or a group's ``targets`` written as one name (or true) instead of a list: read as a
+    list of that name (or none), not a crash."""
+    folder, stored, reference = ct_dirs["nvfp4"]
+    config = json.loads((folder / "config.json").read_text())
+    where = config["quantization_config"]
+    where = where if field == "ignore" else where["config_groups"]["group_0"]
+    where[field] = value
+    assert_reads_as(write(tmp_path / "listed", stored, config), reference, "nvfp4-pack-quantized", stored)
+
+
+@pytest.mark.parametrize("field, value", [("ignore", True), ("ignore", [[0, 0], "lm_head", "lm_head"]),
+                                          ("quant_method", {}), ("quant_method", [])])
+def test_a_rename_keeps_a_broken_list_or_method_of_the_config_as_it_is(request, ct_dirs, tmp_path, field, value):
+    """A rename whose config holds a list entry or quant_method that is no name: the weights move, and
+    what is no name is kept where it was (a name is kept once), not a crash."""
+    folder, stored, _ = ct_dirs["int4-group-asym"]
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"][field] = value
+    out = tmp_path / "renamed"
+    result = run("rename", write(tmp_path / "broken", stored, config), "--from", "model.*", "--to", "net.*", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(stored_file(out / "model.safetensors")) == sorted("net." + n[6:] if n.startswith("model.") else n
+                                                                    for n in stored)
+    written = json.loads((out / "config.json").read_text())["quantization_config"][field]
+    assert written == ([[0, 0], "lm_head"] if isinstance(value, list) and field == "ignore" else value)
+
+
+def test_a_block_structure_larger_than_the_weight_is_the_whole_weight(request, ct_dirs, tmp_path):
+    """block_structure [2**40, 128]: up's 96 rows are one block, as [128, 128] makes them (read as the
+    decompressor gives them, not a scale repeated 2**40 times); down's 200 rows were two (named)."""
+    folder, stored, reference = ct_dirs["fp8-block"]
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["block_structure"] = [1 << 40, 128]
+    folder = write(tmp_path / "huge", stored, config)
+    assert bits(to_torch(formats.load(str(folder))[UP])) == bits(reference[UP])
+    names, notes = notes_of(folder)
+    assert UP in names and "model.down.weight_scale" in names and "the scale [2, 1] does not fit [200, 96]" in notes
+
+
 def test_a_weight_shape_that_disagrees_with_the_packed_codes_is_named(request, ct_dirs, tmp_path):
     folder, stored, _ = ct_dirs["int4-group"]
     broken = dict(stored, **{"model.up.weight_shape": torch.tensor([96, 512])})

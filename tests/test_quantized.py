@@ -144,6 +144,24 @@ def test_the_block_size_comes_from_the_config(tmp_path):
     assert bits(to_torch(tensor)) == bits(expected)
 
 
+def test_a_block_larger_than_the_weight_is_the_whole_weight(tmp_path):
+    """weight_block_size [2**40, 32] (a broken or hostile config): one block of rows, as [64, 32]
+    gives; not a scale repeated 2**40 times (4 TiB asked of the allocator)."""
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    codes, scale = quantize(torch.randn(64, 96) * 0.02, block=64)
+    save_file({"w.weight": codes, "w.weight_scale_inv": scale[:, :1].repeat(1, 3)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"torch_dtype": "float16", "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [1 << 40, 32]}}))
+    from paramsurgeon.checkpoint.values import to_torch
+
+    tensor = formats.load(str(folder))["w.weight"]
+    scales = scale[:, :1].repeat(1, 3).repeat_interleave(64, 0).repeat_interleave(32, 1)
+    assert bits(to_torch(tensor)) == bits((codes.float() * scales).to(torch.float16))
+    result = run("inspect", folder)
+    assert result.exit_code == 0, result.stderr
+
+
 @pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_float8_codes_widen_to_the_bits_torch_converts_them_to(codes, dtype):

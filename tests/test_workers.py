@@ -287,6 +287,38 @@ def test_check_health_finds_the_same_with_every_worker_count(request, tmp_path):
     assert {"layers.dead.weight", "layers.nan.weight"} <= failed
 
 
+def test_report_writes_the_same_page_with_every_worker_count(eight, tmp_path):
+    """report's statistics and histograms are spread as inspect's are: the page is the same bytes."""
+    folder, state = eight
+    pages = []
+    for workers in ("1", "3"):
+        out = tmp_path / f"report-{workers}.html"
+        result = run("report", folder, "-o", out, "--workers", workers)
+        assert result.exit_code == 0, result.stderr
+        pages.append(out.read_bytes())
+    assert pages[0] == pages[1]
+    name = sorted(state)[5]
+    assert f"{state[name].double().max().item():.3g}".encode() in pages[1]
+
+
+def test_diff_finds_the_same_with_every_worker_count_and_torchs_differences(eight, tmp_path):
+    folder, state = eight
+    changed = {n: t + 0.001 * torch.arange(t.numel()).reshape(t.shape) if i % 3 == 0 else t
+               for i, (n, t) in enumerate(sorted(state.items()))}
+    other = tmp_path / "other.safetensors"
+    save_file(changed, other)
+    documents = []
+    for workers in ("1", "3"):
+        result = run("diff", folder, other, "--json", "--workers", workers)
+        assert result.exit_code == 1, result.stderr
+        documents.append(result.stdout)
+    assert documents[0] == documents[1]
+    found = {d["name"]: d for d in json.loads(documents[1])["changed"]}
+    assert sorted(found) == sorted(n for n in state if not torch.equal(state[n], changed[n]))
+    for name, entry in found.items():
+        assert entry["max_abs"] == (state[name].double() - changed[name].double()).abs().max().item()
+
+
 def test_scheduler_refuses_a_single_file_output_before_reaching_a_cluster(eight, tmp_path):
     folder, _ = eight
     result = run("cast", folder, "--all", "--dtype", "bfloat16", "-o", tmp_path / "one.safetensors",

@@ -7,6 +7,7 @@ safetensors code, and whether it is a floating-point type.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -33,6 +34,21 @@ class DType:
         """The most negative value (0 for unsigned integers and bool)."""
         unsigned = self.name.startswith("uint") or self.name in ("bool", "float8_e8m0fnu")
         return 0 if unsigned else (-self.largest - 1 if self.name.startswith("int") else -self.largest)
+
+    @property
+    def has_inf(self) -> bool:
+        """Whether it has an Inf (float8_e4m3fn and the fnuz dtypes have none: what leaves their
+        range is clamped to the largest value or made NaN)."""
+        return self.name not in _NO_INF
+
+    @property
+    def halfway(self) -> tuple[float, bool]:
+        """Where rounding to this floating-point dtype leaves its range: the magnitude halfway
+        between its largest value and the next one its exponent would allow, and whether that
+        magnitude itself rounds away (round half to even: when the largest value's last mantissa
+        bit is odd; float8_e4m3fn's 448 is even, so 464 rounds to 448 and only beyond overflows)."""
+        step = 2.0 ** (math.frexp(self.largest)[1] - 1 - _MANTISSA_BITS[self.name])
+        return self.largest + step / 2, self.largest / step % 2 == 1
 
     def __str__(self) -> str:
         return self.name
@@ -75,6 +91,11 @@ _LARGEST = {
     "float8_e8m0fnu": 1.7014118346046923e38, "complex64": _F32, "complex128": _F64, "bool": 1,
     **{f"int{b}": 2 ** (b - 1) - 1 for b in (8, 16, 32, 64)}, **{f"uint{b}": 2**b - 1 for b in (8, 16, 32, 64)},
 }
+
+_MANTISSA_BITS = {"float64": 52, "float32": 23, "float16": 10, "bfloat16": 7, "float8_e4m3fn": 3,
+                  "float8_e4m3fnuz": 3, "float8_e5m2": 2, "float8_e5m2fnuz": 2, "float8_e8m0fnu": 0,
+                  "complex64": 23, "complex128": 52}
+_NO_INF = {"float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"}
 
 BY_NAME = {d.name: d for d in _TABLE}
 BY_STORAGE_CLASS = {d.storage_class: d for d in _TABLE if d.storage_class}

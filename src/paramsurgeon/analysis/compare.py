@@ -17,6 +17,7 @@ from ..checkpoint.extras import summarize, tensors_in
 from ..checkpoint.opaque import Opaque
 from ..checkpoint.quantized import Quantized, refuse_valueless
 from ..checkpoint.tensor import blocks
+from ..parallel import Work, spread
 
 
 @dataclass
@@ -77,21 +78,33 @@ class Comparison:
 
 def compare(a: Checkpoint, b: Checkpoint, names_a: list[str], names_b: list[str], *, atol: float = 0.0,
             rtol: float = 0.0, values: bool = True, whole: bool = True,
-            progress: Callable[[int], None] | None = None) -> Comparison:
-    """Compare the tensors ``names_a`` of ``a`` with ``names_b`` of ``b``; with ``whole``, also
-    which of them share storage, and everything else in the two files, by path."""
+            progress: Callable[[int], None] | None = None, work: Work = Work()) -> Comparison:
+    """Compare the tensors ``names_a`` of ``a`` with ``names_b`` of ``b`` (their values spread over
+    ``work``'s workers); with ``whole``, also which of them share storage, and everything else in
+    the two files, by path."""
     result = Comparison(a.source, b.source, atol=atol, rtol=rtol, values=values, whole=whole)
     tensors_a, tensors_b = a.tensors, b.tensors
     in_a, in_b = set(names_a), set(names_b)
     result.only_a = [n for n in names_a if n not in in_b]
     result.only_b = [n for n in names_b if n not in in_a]
     common = [n for n in names_a if n in in_b]
-    for name in common:
-        diff = _compare_tensors(name, tensors_a[name], tensors_b[name], atol, rtol, values, progress)
-        if diff is None:
+
+    def one(index: int) -> TensorDiff | None:
+        name = common[index]
+        return _compare_tensors(name, tensors_a[name], tensors_b[name], atol, rtol, values)
+
+    sizes = {i: tensors_a[n].nbytes + tensors_b[n].nbytes if values and tensors_a[n].shape == tensors_b[n].shape
+             else 0 for i, n in enumerate(common)}
+    found = {}
+    for index, diff in spread(one, sizes, work if values else Work(), "tensors"):
+        found[index] = diff
+        if progress is not None and sizes[index]:
+            progress(sizes[index])
+    for index in range(len(common)):
+        if found[index] is None:
             result.identical += 1
         else:
-            result.diffs.append(diff)
+            result.diffs.append(found[index])
     if whole:
         result.ties_a, result.ties_b = _tie_changes(a, b, common)
         _compare_entries(result, dict(a.extra_items()), dict(b.extra_items()), progress)
@@ -106,7 +119,7 @@ def bytes_to_compare(a: Checkpoint, names: list[str], whole: bool) -> int:
 
 
 def _compare_tensors(name: str, ta: Tensor, tb: Tensor, atol: float, rtol: float, values: bool,
-                     progress: Callable[[int], None] | None) -> TensorDiff | None:
+                     progress: Callable[[int], None] | None = None) -> TensorDiff | None:
     """How ``ta`` and ``tb`` differ, or None when they hold the same values in the same dtype."""
     diff = TensorDiff(name, ta.shape, tb.shape, ta.dtype.name, tb.dtype.name, numel=ta.numel)
     if ta.shape != tb.shape or not values:

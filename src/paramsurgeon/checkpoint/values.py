@@ -67,30 +67,37 @@ def computable(values: torch.Tensor) -> torch.Tensor:
     return values.float() if values.is_floating_point() and values.element_size() == 1 else values
 
 
-def new_nonfinite(values: torch.Tensor, *origins: torch.Tensor) -> int:
-    """How many of ``values`` are Inf or NaN where every one of ``origins`` (same shape) is finite,
+def overflowing(values: torch.Tensor, into: dtypes.DType, *origins: torch.Tensor) -> int:
+    """How many of ``values`` would, rounded to ``into``, be Inf or NaN or leave its range (be
+    clamped: float8_e4m3fn has no Inf), where every one of ``origins`` (same shape) is finite.
+    ``values`` are those before their last rounding (wider than ``into``, or already ``into``);
     counted a piece at a time (a whole-tensor mask would be as large as the values)."""
     if not (values.is_floating_point() or values.is_complex()):
         return 0
+    wider = not values.is_complex() and dtypes.from_torch(values.dtype).largest > into.largest
+    halfway, away = into.halfway if wider else (math.inf, True)
     count = 0
     for piece, *before in chunks(values, *origins):
         piece = computable(piece)
-        if _all_finite(piece):
+        if _within(piece, halfway, away):
             continue
         bad = ~torch.isfinite(piece)
+        if wider:  # compared in float32 at least, where every halfway of a narrower dtype is exact
+            magnitude = piece.abs().float() if piece.element_size() < 4 else piece.abs()
+            bad |= magnitude >= halfway if away else magnitude > halfway
         for earlier in before:
             bad &= torch.isfinite(computable(earlier))
         count += int(bad.sum())
     return count
 
 
-def _all_finite(values: torch.Tensor) -> bool:
-    """Whether no value is Inf or NaN: told by the extremes, which both propagate (a pass 20 times
-    quicker than isfinite's mask, for bfloat16)."""
+def _within(values: torch.Tensor, halfway: float, away: bool) -> bool:
+    """Whether every value is finite and rounds below ``halfway`` (see overflowing): told by the
+    extremes, which NaN propagates to (a pass 20 times quicker than isfinite's mask, for bfloat16)."""
     if values.is_complex():
         return bool(torch.isfinite(values).all())
-    low, high = torch.aminmax(values)
-    return math.isfinite(low) and math.isfinite(high)
+    low, high = (float(v) for v in torch.aminmax(values))
+    return -halfway < low and high < halfway if away else -halfway <= low and high <= halfway
 
 
 def contiguous_memory(tensor: Tensor) -> memoryview:

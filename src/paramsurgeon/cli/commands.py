@@ -79,7 +79,8 @@ class DiffOptions:
                                                               " file (optimizer state, epoch) nor ties.")
 
 
-def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw, select: Selection) -> None:
+def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw, select: Selection,
+         spread: Workers) -> None:
     """Compare two checkpoints: tensors, the rest of the file and ties; exit 0 when equal, 1 when not.
 
     The rest of the file (optimizer moments, EMA copies, the epoch) is compared by path, and ties
@@ -91,7 +92,7 @@ def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw
     if pair.a == pair.b == "-":  # the loader opens an input once: the second '-' would be the first
         raise UsageError("diff: only one checkpoint can come from standard input ('-')")
     load = loader(read, raw=stored.raw)
-    first, second = open_checkpoint(pair.a, load), open_checkpoint(pair.b, load)
+    first, second = open_checkpoint(pair.a, load, named=True), open_checkpoint(pair.b, load, named=True)
     picked = set(selected_names(first, select, {**second.tensors, **first.tensors}))
     names_a = [n for n in first.tensors if n in picked]
     names_b = [n for n in second.tensors if n in picked]
@@ -99,7 +100,8 @@ def diff(pair: Pair, options: DiffOptions, output: Json, read: Read, stored: Raw
     size = 0 if options.no_values else bytes_to_compare(first, names_a, whole)
     with progress(2 * size, "comparing") as advance:
         result = compare(first, second, names_a, names_b, atol=options.atol, rtol=options.rtol,
-                         values=not options.no_values, whole=whole, progress=advance)
+                         values=not options.no_values, whole=whole, progress=advance,
+                         work=work(spread, load.inputs))
     if output.json:
         emit(render.to_json(render.diff_document(result)), )
     else:
@@ -163,11 +165,11 @@ def check(given: Input, options: CheckOptions, output: Json, read: Read, select:
         rules.append(shards)
         if not shards.ok:
             _report_check(given.ckpt, rules, output.json)
-    checkpoint = open_checkpoint(given.ckpt, load)
+    checkpoint = open_checkpoint(given.ckpt, load, named=options.like is not None)
     if problems is None and options.complete:  # a single file: opening it checked its sizes fit it
         rules.append(RuleResult("shards"))
     names = selected_names(checkpoint, select)
-    other = open_checkpoint(options.like, load) if options.like is not None else None
+    other = open_checkpoint(options.like, load, named=True) if options.like is not None else None
     default = not (options.finite or options.max_abs is not None or other or expectations or dtype or options.health
                    or options.complete)
     values = options.finite or default or options.max_abs is not None
@@ -323,7 +325,7 @@ class ReportOptions:
                                                                           " from OTHER: ||a - b|| / ||b||.")
 
 
-def report(given: Input, options: ReportOptions, read: Read, select: Selection) -> None:
+def report(given: Input, options: ReportOptions, read: Read, select: Selection, spread: Workers) -> None:
     """Write one self-contained HTML page: statistics along the depth, health findings, histograms.
 
     The page loads nothing from the network; with --against, each tensor's relative change
@@ -338,9 +340,9 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
 
     html.require_matplotlib()
     load = loader(read)
-    checkpoint = open_checkpoint(given.ckpt, load)
+    checkpoint = open_checkpoint(given.ckpt, load, named=options.against is not None)
     names = selected_names(checkpoint, select)
-    other = open_checkpoint(options.against, load, "--against") if options.against is not None else None
+    other = open_checkpoint(options.against, load, "--against", named=True) if options.against is not None else None
     if options.output != "-":
         load.inputs.refuse_overwrite(options.output)  # before the work
     result = inspect_checkpoint(checkpoint, names, stats=False)
@@ -348,7 +350,7 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     size = sum(checkpoint.tensors[n].nbytes for n in floats) * (3 if other else 1)
     with progress(size, "reading") as advance:
         stats = health.measure(checkpoint, floats, bins=HISTOGRAM_BINS, drawn=html.drawn(result.rows),
-                               progress=advance, doing="report")
+                               progress=advance, work=work(spread, load.inputs), doing="report")
         changes = drift.relative_changes(checkpoint, other, floats, advance) if other is not None else None
     for row in result.rows:
         row.stats = stats.get(row.name)

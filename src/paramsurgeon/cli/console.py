@@ -92,12 +92,15 @@ def loader(read: Read, shared_key: bool = False, raw: bool = False) -> "Loader":
                   shared_key=shared_key, raw=raw, download=read.download)
 
 
-def open_checkpoint(path: Optional[str], load: "Loader", role: Optional[str] = "the checkpoint") -> Checkpoint:
+def open_checkpoint(path: Optional[str], load: "Loader", role: Optional[str] = "the checkpoint",
+                    named: bool = False) -> Checkpoint:
     """Open ``path`` with the command's --key, an input in the ``role`` the user gave it ('--against'),
-    which no output may overwrite; notes (e.g. which --key was chosen) go to stderr."""
+    which no output may overwrite; notes (e.g. which --key was chosen) go to stderr, ``named`` after
+    the input they are about (a command of several inputs, whose notes would otherwise read alike)."""
     ckpt = load.checkpoint(path, load.key, role)
     for message in ckpt.notes:
-        note(f"note: {message}")
+        about = f"{ckpt.source}: " if named and not message.startswith(ckpt.source) else ""
+        note(f"note: {about}{message}")
     return ckpt
 
 

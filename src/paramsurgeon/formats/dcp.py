@@ -178,11 +178,21 @@ class Writer:
     def __init__(self, folder: str, inputs: Inputs):
         self.folder, self.inputs = folder, inputs
 
-    def write(self, ckpt: Checkpoint) -> None:
-        """Save ``ckpt`` (every entry of the file) as a DCP directory."""
+    def write(self, ckpt: Checkpoint) -> list[str]:
+        """Save ``ckpt`` (every entry of the file) as a DCP directory; a note names the ties it cannot keep."""
         with atomic_directory(self.folder, carry=lambda name: not is_own_file(name), owns=is_own_file,
                               what="a DCP checkpoint", inputs=self.inputs) as staging:
             dcpwriter.write(staging, ckpt.root, ckpt.source)
+        return _ties_note(ckpt.ties())
+
+
+def _ties_note(groups: list[list[str]]) -> list[str]:
+    """DCP records no ties: ``dcp.save`` stores each name's values apart, and so does this writer."""
+    if not groups:
+        return []
+    shown = "; ".join(" = ".join(g) for g in groups[:3]) + (f" and {len(groups) - 3} more" if len(groups) > 3 else "")
+    return [f"note: a DCP checkpoint records no ties: each name of {shown} is stored with its own copy, as dcp.save"
+            " stores them (dcp.load into a model that ties them fills the shared parameter)"]
 
 
 def is_own_file(name: str) -> bool:

@@ -16,7 +16,7 @@ from .. import quant
 from ..checkpoint import Checkpoint
 from ..checkpoint.moves import followed
 from ..checkpoint.quantized import Quantized
-from .skiplists import moved_list
+from .skiplists import moved_list, unique
 
 REMOVED = object()  # a key config_updates takes out of config.json
 
@@ -62,10 +62,10 @@ def quantization_changes(config: dict, before: Checkpoint, after: Checkpoint,
 def _moved(held: dict, after: Checkpoint, theirs: Callable[[str], dict | None]) -> tuple[dict, list[str]]:
     """``held`` with its list of modules left unquantized following the modules ``after``'s operations
     renumbered (a null list, transformers' defaults, stays null); notes."""
-    method = held.get("quant_method")
-    if not after.moves or method not in SKIPS or held.get(SKIPS[method][0]) is None:
+    method, skips = held.get("quant_method"), _skips(held)
+    if not after.moves or skips is None or not isinstance(held.get(skips[0]), (list, str)):
         return held, []
-    key = SKIPS[method][0]
+    key = skips[0]
 
     def their_list(path: str) -> list | None:
         their = quant.quantization_config(theirs(path))
@@ -79,33 +79,39 @@ def _taken_plain(held: dict, after: Checkpoint, theirs: Callable[[str], dict | N
     """The plain weights of the blocks a stack took from checkpoints whose entries ``_moved`` did not
     bring: not quantized by ``held``'s method (a plain model), or into a null list (transformers'
     defaults); no entry names them, yet the list must."""
-    method = held.get("quant_method")
-    null = method not in SKIPS or held.get(SKIPS[method][0]) is None
+    method, skips = held.get("quant_method"), _skips(held)
+    null = skips is None or held.get(skips[0]) is None
     blocks = tuple(block + "." for number, step in enumerate(after.moves) for new, (path, _) in step.taken.items()
                    if null or quant.quantization_config(theirs(path)).get("quant_method") != method
                    for block in followed(new, after.moves[number + 1:]))
     return [n for n, t in after.tensors.items() if n.startswith(blocks) and _plain_matrix(n, t, after)] if blocks else []
 
 
+def _skips(held: dict) -> tuple[str, bool] | None:
+    """SKIPS of ``held``'s quant_method (None for a method without a list, or a quant_method that is not a name)."""
+    method = held.get("quant_method")
+    return SKIPS.get(method) if isinstance(method, str) else None
+
+
 def _entries(listed) -> list:
-    """A list of modules as a list (transformers also takes one name)."""
-    return [listed] if isinstance(listed, str) else list(listed or [])
+    """A list of modules as a list (transformers also takes one name; anything else is no list)."""
+    return [listed] if isinstance(listed, str) else list(listed) if isinstance(listed, list) else []
 
 
 def _skipping(held: dict, plain: list[str], after: Checkpoint) -> tuple[dict, list[str]]:
     """``held`` with the modules of ``plain`` (quantized weights written as plain tensors) in its list of
     modules left unquantized, and notes."""
     modules = list(dict.fromkeys(_module(n) for n in plain))
-    method, notes = held.get("quant_method"), _mixed(modules, after)
-    if method not in SKIPS:
+    method, skips, notes = held.get("quant_method"), _skips(held), _mixed(modules, after)
+    if skips is None:
         return {}, notes + [f"note: config.json: quantization_config kept as it was: its quant_method"
                             f" {json.dumps(method)} names no modules to leave unquantized, so transformers reads"
                             f" {_listed(modules)} as quantized; dequantize every quantized weight for a model it loads"]
-    key, defaults = SKIPS[method]
+    key, defaults = skips
     listed = _entries(held.get(key))
     if held.get(key) is None and defaults:  # the list replaces transformers' defaults: name every plain module
         listed += [_module(n) for n, t in after.tensors.items() if _plain_matrix(n, t, after)]
-    updated = list(dict.fromkeys(listed + modules))
+    updated = unique(listed + modules)
     if updated == held.get(key):
         return {}, notes
     return {"quantization_config": {**held, key: updated}}, notes

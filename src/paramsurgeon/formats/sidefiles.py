@@ -21,6 +21,7 @@ from typing import Callable
 
 from .. import quant
 from ..checkpoint import Checkpoint
+from ..checkpoint.hfties import ties_word_embeddings
 from ..checkpoint.moves import Moves, followed
 from ..checkpoint.quantized import Quantized
 from ..errors import ParamSurgeonError
@@ -242,16 +243,19 @@ def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dic
 
     ``vocab_size`` follows the input embedding's rows when it equalled them before; the
     ``tie_word_embeddings`` follows the tie of the output embedding to the input embedding
-    when the surgery tied or untied them; ``torch_dtype`` (or ``dtype``) follows the dtype of
+    when the surgery tied or untied them (a dropped side leaves it: transformers ties the missing
+    name to the one left, as it did before); ``torch_dtype`` (or ``dtype``) follows the dtype of
     most weights when it named theirs before (cast); ``quantization_config`` goes when no quantized weight is
     left (dequantize), is written for weights quantized anew (quantize), and names the modules of
     quantized weights written plain as unquantized (quantconfig). The shapes and ties before the
     surgery are the input's as the command's loader read it (``inputs.as_read``); a library save,
     which has no loader, reads the input's headers again.
     """
-    pair = next((p for p in EMBEDDINGS if p[0] in after.tensors), None)
+    pair = _embeddings(after)
     dtype_key = _dtype_key(config, after)
-    if pair is None and dtype_key is None and not (quant.quantization_config(config) or quantized(after)):
+    heads = any(p[1] in after.tensors for p in EMBEDDINGS)
+    if pair is None and not heads and dtype_key is None and not (quant.quantization_config(config)
+                                                                  or quantized(after)):
         return {}, []
     before = inputs.as_read(after.path)
     try:
@@ -261,11 +265,13 @@ def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dic
     changes, notes = quantization_changes(config, before, after, read_config)
     if dtype_key is not None and _main_dtype(before) == config[dtype_key]:
         changes[dtype_key] = _main_dtype(after)
+    pair = pair or _embeddings(before)
     if pair is None:
         return changes, notes
     embedding, head = pair
     vocab = config.get("vocab_size")
-    if embedding in before.tensors and isinstance(vocab, int) and not isinstance(vocab, bool):
+    if embedding in before.tensors and embedding in after.tensors and isinstance(vocab, int) \
+            and not isinstance(vocab, bool):
         rows, new = before[embedding].shape[0], after[embedding].shape[0]
         if new != rows and vocab == rows:
             changes["vocab_size"] = new
@@ -273,9 +279,19 @@ def config_updates(config: dict, after: Checkpoint, inputs: Inputs) -> tuple[dic
             notes.append(f"note: {CONFIG}: vocab_size {vocab} left as it was: it did not match the {rows} rows of"
                          f" {embedding} before (now {new})")
     tied = [_tied(c, embedding, head) for c in (before, after)]
-    if tied[0] != tied[1] and config.get("tie_word_embeddings") is not tied[1]:
+    kept = [n for n in pair if n in after.tensors]
+    if len(kept) == 2 and tied[0] != tied[1] and config.get("tie_word_embeddings") is not tied[1]:
         changes["tie_word_embeddings"] = tied[1]
+    elif len(kept) == 1 and tied[0] and ties_word_embeddings(config):
+        gone = head if kept[0] == embedding else embedding
+        notes.append(f"note: {CONFIG}: tie_word_embeddings left true: transformers ties {gone} to {kept[0]}"
+                     " again when it loads the model")
     return changes, notes
+
+
+def _embeddings(ckpt: Checkpoint) -> tuple[str, str] | None:
+    """The (input embedding, output embedding) names of ``ckpt``'s architecture, when it holds the first."""
+    return next((p for p in EMBEDDINGS if p[0] in ckpt.tensors), None)
 
 
 def _dtype_key(config: dict, after: Checkpoint) -> str | None:

@@ -42,7 +42,21 @@ def moved_list(entries: list, moves: list[Moves], theirs: Callable[[str], list |
     notes += _left(where, renamed, "a pattern or a name's suffix that names renamed modules, or a module whose"
                    " tensors the rename split (some renamed out of it, some not), which cannot follow them; check it"
                    " against the new names")
-    return list(dict.fromkeys(result)), notes
+    return unique(result), notes
+
+
+def unique(entries: list) -> list:
+    """``entries`` each once, in order; an entry that is not a name (a number, a list: a broken
+    config's) kept where it is."""
+    seen: set[str] = set()
+    kept = []
+    for entry in entries:
+        if isinstance(entry, str):
+            if entry in seen:
+                continue
+            seen.add(entry)
+        kept.append(entry)
+    return kept
 
 
 def _left(where: str, entries: list[str], why: str) -> list[str]:

@@ -41,6 +41,8 @@ class Change:
     # applied (every change is computed when read, so memory holds one result at a time)
     guarded: bool = False  # the values may leave the dtype's range: new Inf/NaN are an error
     origin: Tensor | None = None  # what guarded values derive from, element by element (its Inf/NaN stay)
+    unrounded: Callable | None = None  # () -> the guarded values before their last rounding to dtype (a
+    # float8_e4m3fn cast clamps what overflows), for the check; None: compute's own
     stored_as: Callable | None = None  # (the new plain tensor) -> the tensor written for it: quantize's parts
     dequantizes: bool = False  # meant to write a quantized weight as a plain tensor (no note says so)
     pieces: Callable | None = None  # () -> the same values a few MiB at a time, or None (checkpoint.Streamed)
@@ -127,11 +129,12 @@ class Plan:
         return bool(self.aliases) or any(not c.same_values for c in self.changes)
 
 
-def fail(command: str, problems: list[str]) -> None:
-    """Raise one PlanError listing ``problems`` (the first eight, and how many more)."""
+def fail(command: str, problems: list[str], advice: list[str] = ()) -> None:
+    """Raise one PlanError listing ``problems`` (the first eight, and how many more), then the
+    ``advice`` they share."""
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise PlanError(f"{command}: {shown}")
+        raise PlanError(f"{command}: {'; '.join([shown, *advice])}")
 
 
 def names_list(names: list[str], limit: int = 6) -> str:
@@ -238,29 +241,40 @@ def _history(metadata: dict[str, str]) -> list:
     return history if isinstance(history, list) else [text]
 
 
-def _overflow(change: Change, values, dtype) -> list[str]:
-    """'name' and how many of its values became Inf or NaN ([] when none did)."""
-    from ..checkpoint.values import new_nonfinite, to_torch
+def overflow_problem(name: str, count: int, numel: int, dtype) -> str:
+    """'N of M values of 'name' would become Inf or NaN (...)', or exceed the largest value of a
+    ``dtype`` (a DType) without Inf."""
+    counted = f"{count:,} of {plural(numel, 'value')} of '{name}'"
+    if dtype.has_inf:
+        return f"{counted} would become Inf or NaN ({dtype} holds |x| <= {dtype.largest:g})"
+    return f"{counted} would exceed {dtype}'s largest value {dtype.largest:g} (it has no Inf: torch's cast clamps" \
+           " them or makes them NaN)"
+
+
+def overflow_error(command: str, problems: list[str]) -> PlanError:
+    """The refusal of values that overflow (``problems``: overflow_problem's)."""
+    return PlanError(f"{command}: {'; '.join(problems)}; nothing was written; pass --allow-overflow to write them"
+                     " anyway")
+
+
+def _overflow(change: Change, dtype) -> list[str]:
+    """'name' and how many of its values would overflow ``dtype`` ([] when none would)."""
+    from ..checkpoint.values import overflowing, to_torch
 
     origins = [] if change.origin is None else [to_torch(change.origin)]
-    count = new_nonfinite(values, *origins)
-    if not count:
-        return []
-    return [f"{count:,} of {plural(math.prod(change.shape), 'value')} of '{change.names[0]}' would become Inf or NaN"
-            f" ({dtype} holds |x| <= {dtype.largest:g})"]
+    count = overflowing((change.unrounded or change.compute)(), dtype, *origins)
+    return [overflow_problem(change.names[0], count, math.prod(change.shape), dtype)] if count else []
 
 
 def _refuse_overflows(plan: Plan, work: Work) -> None:
     """Compute the values of every change that may overflow (spread over the workers) and refuse
-    the plan, naming every tensor whose values would become Inf or NaN."""
+    the plan, naming every tensor whose values would overflow."""
     guarded = [change for change in plan.changes if change.guarded and not change.lazy]
     sizes = {i: math.prod(c.shape) * dtypes.BY_NAME[c.dtype].itemsize for i, c in enumerate(guarded)}
-    found = dict(spread(lambda i: _overflow(guarded[i], guarded[i].compute(), dtypes.BY_NAME[guarded[i].dtype]),
-                        sizes, work, "checks"))
+    found = dict(spread(lambda i: _overflow(guarded[i], dtypes.BY_NAME[guarded[i].dtype]), sizes, work, "checks"))
     overflows = [problem for i in sorted(found) for problem in found[i]]
     if overflows:
-        raise PlanError(f"{plan.command}: {'; '.join(overflows)}; nothing was written; pass --allow-overflow to"
-                        " write them anyway")
+        raise overflow_error(plan.command, overflows)
 
 
 def _like(old: Tensor, storage, shape_from: Tensor) -> Tensor:

@@ -96,10 +96,14 @@ def constant_problem(value: int | float, dtype: DType, allow_overflow: bool, opt
     if dtype.name == "bool":
         return None if value in (0, 1) else f"is boolean; only {option} 0 or 1 fits it"
     if dtype.floating or dtype.complex:
-        if abs(value) <= dtype.largest or allow_overflow:
+        halfway, away = dtype.halfway
+        if abs(value) < halfway or abs(value) == halfway and not away or allow_overflow:
             return None
-        return f"is {dtype}, which holds |x| <= {dtype.largest:g}, so {option} {value:g} would be Inf; pass" \
-               " --allow-overflow to write Inf anyway"
+        if dtype.has_inf:
+            return f"is {dtype}, which holds |x| <= {dtype.largest:g}, so {option} {value:g} would be Inf; pass" \
+                   " --allow-overflow to write Inf anyway"
+        return f"is {dtype}, and {option} {value:g} exceeds its largest value {dtype.largest:g} (it has no Inf:" \
+               " torch's cast clamps it or makes it NaN); pass --allow-overflow to write that anyway"
     if dtype.lowest <= value <= dtype.largest:
         return None
     return f"is {dtype}, which holds {dtype.lowest} to {dtype.largest}, not {value:g}"
@@ -238,13 +242,19 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def fill(scheme: Scheme, shape: tuple[int, ...], dtype, seed: int, name: str, in_out: bool = False):
-    """New values for a tensor of ``shape`` and torch ``dtype``, drawn as torch.nn.init draws them;
-    ``in_out``: for a 2-D weight stored (in, out) (GPT-2's Conv1D), drawn as its (out, in)
-    transpose, so that a fan-based scheme takes dim 0 as the fan-in."""
+    """New values for a tensor of ``shape`` and torch ``dtype``: ``draw``'s, rounded to ``dtype``."""
+    return draw(scheme, shape, dtype, seed, name, in_out).to(dtype)
+
+
+def draw(scheme: Scheme, shape: tuple[int, ...], dtype, seed: int, name: str, in_out: bool = False):
+    """New values for a tensor of ``shape`` and torch ``dtype``, drawn as torch.nn.init draws them,
+    before their rounding to ``dtype``: in float32 unless ``dtype`` is float64 or whole; ``in_out``:
+    for a 2-D weight stored (in, out) (GPT-2's Conv1D), drawn as its (out, in) transpose, so that a
+    fan-based scheme takes dim 0 as the fan-in."""
     import torch
 
     if in_out:
-        return fill(scheme, shape[::-1], dtype, seed, name).T.contiguous()
+        return draw(scheme, shape[::-1], dtype, seed, name).T.contiguous()
 
     work = dtype if dtype in (torch.float32, torch.float64) or not dtype.is_floating_point else torch.float32
     values = torch.empty(shape, dtype=work)
@@ -258,7 +268,7 @@ def fill(scheme: Scheme, shape: tuple[int, ...], dtype, seed: int, name: str, in
         with torch.no_grad():
             if values.numel():
                 init(values, **kwargs)
-    return values.to(dtype)
+    return values
 
 
 def default_for(name: str, tensors: Mapping[str, Any], layer: str, in_out: Collection[str] = ()) -> Scheme:
@@ -345,5 +355,5 @@ def layer_default(layer: str, leaf: str, weight_shape: tuple[int, ...] | None) -
     if layer == "prelu" and leaf == "weight":
         return Scheme("constant", {"val": 0.25})
     if layer == "unknown":
-        raise UnfitTensorError("is of unknown layer kind; name it with --layer (conv, linear, batchnorm, ...)")
+        raise UnfitTensorError("is of unknown layer kind", "name the kind with --layer (conv, linear, batchnorm, ...)")
     raise UnfitTensorError(f"is '{leaf}' of a {layer} layer, which has no default")

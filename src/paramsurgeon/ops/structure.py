@@ -16,7 +16,7 @@ from ..selection import Selection, Selector, select, suggest, unmatched, wildcar
 from ..sizes import plural
 from .plan import Change, Plan, fail, names_list
 from .spec import Operation, Overflow, Sources, Targets, TiePolicy, with_warnings
-from .values import copy_of, may_misfit, misfits, narrows, value_plan
+from .values import cast_change, copy_of, may_misfit, misfits, value_plan
 
 
 @dataclass(kw_only=True)
@@ -187,8 +187,8 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
         # names of one view of one source storage (a tie there) give one value
         sources = sorted({view_key(theirs[pairs[n]]): pairs[n] for n in unit if n in pairs}.values())
         if len(sources) > 1:
-            raise UnfitTensorError(f"is tied to {', '.join(unit[1:])}, and they would get different values; pass"
-                                   " --untie")
+            raise UnfitTensorError(f"is tied to {', '.join(unit[1:])}, and they would get different values",
+                                   "pass --untie")
         origin = theirs[sources[0]]
         where = "" if source is ckpt else f" of {source.source}"
         if guard and may_misfit(origin.dtype, tensor.dtype):
@@ -197,13 +197,11 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
                 raise UnfitTensorError(
                     f"is {tensor.dtype} ({tensor.dtype.lowest} to {tensor.dtype.largest}), and {out:,} of the"
                     f" {origin.numel:,} {origin.dtype} value{'s' * (origin.numel != 1)} of '{sources[0]}'{where} do not"
-                    " fit it (out of range or not whole); pass --allow-overflow to write torch's cast of them")
+                    " fit it (out of range or not whole)", "pass --allow-overflow to write torch's cast of them")
         if _same_quantization(origin, tensor):
             return Change(unit, f"copy from {sources[0]}{where} (its {origin.scheme.name} parts)", tensor.shape,
                           tensor.dtype.name, origin.dequantized, stored_as=lambda _: _parts_copied(origin))
-        return Change(unit, f"copy from {sources[0]}{where}", tensor.shape, tensor.dtype.name,
-                      copy_of(origin, tensor.dtype), guarded=guard and narrows(origin.dtype, tensor.dtype),
-                      origin=origin)
+        return cast_change(unit, f"copy from {sources[0]}{where}", origin, tensor.dtype, guard)
 
     origin = "" if source is ckpt else f" from {source.source}"
     plan = value_plan("copy", f"copy{origin}: {names_list([f'{s}->{t}' for t, s in pairs.items()])}", ckpt,

@@ -58,6 +58,14 @@ def copy_of(tensor: Tensor, dtype) -> Callable:
     return lambda: torch_values(tensor).to(dtypes.torch_dtype(dtype))
 
 
+def cast_change(unit: list[str], action: str, origin: Tensor, target: DType, guard: bool) -> Change:
+    """The Change writing ``origin``'s values as ``target`` for the names ``unit``; with ``guard``,
+    values that ``target`` cannot hold are refused (checked on ``origin``'s own values)."""
+    return Change(unit, action, origin.shape, target.name, copy_of(origin, target),
+                  guarded=guard and narrows(origin.dtype, target), origin=origin,
+                  unrounded=lambda: torch_values(origin))
+
+
 def narrows(source: DType, target: DType) -> bool:
     """Whether floating-point values of ``source`` may not fit ``target`` (float32 -> float16)."""
     return (target.floating or target.complex) and target.largest < source.largest
@@ -101,13 +109,14 @@ def value_plan(command: str, description: str, ckpt: Checkpoint, names: list[str
     every unit that cannot take one is reported at once, in one PlanError."""
     refuse_partial(ckpt, names, command)  # before any check of its stored codes as if they were values
     plan = Plan(command, description)
-    problems = []
+    problems, advice = [], {}
     for unit in tie_units(ckpt, names, follow=ties.follow_ties, untie=ties.untie, command=command):
         try:
             plan.changes.append(change_for(unit, ckpt[unit[0]]))
         except UnfitTensorError as e:
             problems.append(f"'{unit[0]}' {e}")
-    fail(command, problems)
+            advice.setdefault(e.advice)
+    fail(command, problems, [a for a in advice if a])
     return plan
 
 
@@ -167,9 +176,13 @@ class Init(Targets, TiePolicy, Overflow, Operation):
                                        f" {work.largest:g})")
             shape, dtype = tensor.shape, dtypes.torch_dtype(tensor.dtype)
             flipped = name in in_out and resolved.name.startswith("kaiming")
-            return Change(unit, str(resolved), shape, tensor.dtype.name,
-                          lambda: schemes.fill(resolved, shape, dtype, seed, name, in_out=flipped),
-                          guarded=resolved.reach() > tensor.dtype.largest and not self.allow_overflow)
+
+            def drawn():
+                return schemes.draw(resolved, shape, dtype, seed, name, in_out=flipped)
+
+            return Change(unit, str(resolved), shape, tensor.dtype.name, lambda: drawn().to(dtype),
+                          guarded=resolved.reach() > tensor.dtype.largest and not self.allow_overflow,
+                          unrounded=drawn)
 
         what = str(scheme) if scheme.name != "constant" else f"constant {scheme.kwargs['val']}"
         seeded = f", seed {seed}" if scheme.random else ""
@@ -243,9 +256,14 @@ class Scale(Targets, TiePolicy, Overflow, Operation):
                         f"is {tensor.dtype}, which holds {tensor.dtype.lowest} to {tensor.dtype.largest}; {out:,} of"
                         f" its {plural(tensor.numel, 'value')} would leave that range multiplied by {by} and wrap"
                         " around; pass --allow-overflow to write them wrapped")
+
+            def scaled():  # in float32 for float8, which torch cannot multiply
+                return computable(torch_values(tensor)) * by
+
             return Change(unit, f"scale by {factor:g}", tensor.shape, tensor.dtype.name,
-                          lambda: (computable(torch_values(tensor)) * by).to(dtypes.torch_dtype(tensor.dtype)),
-                          guarded=floating and abs(by) > 1 and not self.allow_overflow, origin=tensor)
+                          lambda: scaled().to(dtypes.torch_dtype(tensor.dtype)),
+                          guarded=floating and abs(by) > 1 and not self.allow_overflow, origin=tensor,
+                          unrounded=scaled)
 
         plan = value_plan("scale", f"scale by {factor:g}: {names_list(names)}", ckpt, names, self, change_for)
         return with_warnings(self.buffer_note(ckpt, plan), warnings)
@@ -273,8 +291,7 @@ class Cast(Targets, TiePolicy, Overflow, Operation):
         chosen = [n for n in names if n not in skipped and n not in already]
 
         def change_for(unit: list[str], tensor: Tensor):
-            return Change(unit, f"cast to {target}", tensor.shape, target.name, copy_of(tensor, target),
-                          guarded=narrows(tensor.dtype, target) and not self.allow_overflow, origin=tensor)
+            return cast_change(unit, f"cast to {target}", tensor, target, not self.allow_overflow)
 
         plan = value_plan("cast", f"cast to {target}: {names_list(chosen)}", ckpt, chosen, self, change_for)
         if skipped:

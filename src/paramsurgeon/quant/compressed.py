@@ -62,12 +62,12 @@ def fp4_format(config: dict, module: str, scale) -> str | None:
 def _group(config: dict, module: str) -> dict | None:
     """The first config group (with ``weights`` arguments) that quantizes ``module``."""
     groups = config.get("config_groups")
-    if not isinstance(groups, dict) or any(_matches(module, t) for t in config.get("ignore") or ()):
+    if not isinstance(groups, dict) or any(_matches(module, t) for t in _listed(config.get("ignore"))):
         return None
     for scheme in groups.values():
         if not isinstance(scheme, dict) or not isinstance(scheme.get("weights"), dict):
             continue
-        targets = scheme.get("targets") or ()
+        targets = _listed(scheme.get("targets"))
         if "Linear" in targets or any(_matches(module, t) for t in targets):
             return scheme
     return None
@@ -112,6 +112,12 @@ def _strategy(scale_shape: tuple[int, ...], shape: tuple[int, ...]) -> str:
     return "block"
 
 
+def _listed(value: object) -> list:
+    """A config's list (of targets, of ignored modules): one name alone is a list of one; anything
+    else but a list, an empty one."""
+    return [value] if isinstance(value, str) else value if isinstance(value, list) else []
+
+
 def _matches(module: str, target: object) -> bool:
     if not isinstance(target, str):
         return False
@@ -133,6 +139,7 @@ def dequantize(tensor, codes, scale, zero, tile: tuple[int, int]):
 
     out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
     rows, columns = tensor.shape
+    tile = min(tile[0], rows), min(tile[1], columns)  # the same grid (a tile larger than the weight is all of it)
     scale = scale.reshape(grid(tensor.shape, tile))
     zero = None if zero is None else zero.reshape(scale.shape)
     for start, stop in bands(tensor.shape, tile[0] if scale.shape[0] > 1 else 1):

@@ -98,8 +98,8 @@ def _bands(tensor):
     from ..checkpoint.values import to_torch
 
     codes, scale = to_torch(tensor.parts["codes"]), to_torch(tensor.parts["scale_inv"]).float()
-    bm, bn = tensor.params["block"]
     rows, columns = codes.shape
+    bm, bn = min(tensor.params["block"][0], rows), min(tensor.params["block"][1], columns)  # the same grid
     step = max(bm, ROWS // max(columns, 1) // bm * bm)  # whole tiles of rows, a few MiB of float32
     work = torch.empty(min(step, rows) * columns)
     for start in range(0, rows, step):

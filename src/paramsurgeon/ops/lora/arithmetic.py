@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ...checkpoint.values import computable
 
 CHUNK = 1 << 22  # elements of a weight merged at a time (16 MiB of float32)
 
@@ -77,7 +78,7 @@ def merged(layout: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
            magnitude: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
     """Rows ``rows`` of ``W + dW`` in float32 (``weight``: those rows), or with a DoRA ``magnitude``,
     ``m / ||W + dW|| * (W + dW)``."""
-    result = delta(layout, a, b, scaling, rows).add_(weight)
+    result = delta(layout, a, b, scaling, rows).add_(computable(weight))  # float8: as float32
     if magnitude is None:
         return result
     m = magnitude.float().reshape(-1)
@@ -93,7 +94,7 @@ def merged(layout: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
 
 def bias(base: torch.Tensor, lora_bias: torch.Tensor, scaling: float) -> torch.Tensor:
     """``b + lora_B.bias * scaling`` (lora_bias), float32."""
-    return lora_bias.float().mul(scaling).add_(base)
+    return lora_bias.float().mul(scaling).add_(computable(base))
 
 
 def svd_pair(difference: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -18,9 +18,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ...checkpoint import Checkpoint, Storage, Tensor
+from ...checkpoint.hfties import written
 from ...checkpoint.kinds import infer_kinds, split_name
 from ...checkpoint.contents import same_values
 from ...checkpoint.layouts import weight_layouts
+from ...checkpoint.tensor import view_key
 from ...dtypes import DType
 from ...errors import PlanError
 from ..plan import fail, names_list
@@ -85,8 +87,9 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
     told = weight_layouts(base.tensors)
     target = cast_target(op.dtype) if op.dtype is not None else None
     changed = [n for n in names if base[n].dtype.floating and not same_values(base[n], theirs[n])]
+    adapted, tied = _once_per_tie(changed, base, tuned)
     modules, ones, others, untold = [], [], [], []
-    for name in changed:
+    for name in adapted:
         tensor = base[name]
         module, leaf = split_name(name)
         if leaf == "weight" and 2 <= len(tensor.shape) <= 5:
@@ -122,11 +125,38 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
                 whole[f"{PREFIX}{name}"] = _cast(tensor, target or base[name].dtype)
     extraction = Extraction(modules, whole, saved, _config(op, modules, saved, ones, targets),
                             [n for n in names if n not in set(changed)], [f"warning: {w}" for w in warnings])
-    extraction.notes += _layout_notes(untold, op.fan_in_fan_out)
+    extraction.notes += tied + _layout_notes(untold, op.fan_in_fan_out)
     if compute:
         for module in modules:
             _extract(module, base[module.weight], theirs[module.weight], extraction.config["lora_alpha"])
     return extraction
+
+
+def _once_per_tie(changed: list[str], base: Checkpoint, tuned: Checkpoint) -> tuple[list[str], list[str]]:
+    """One name per weight that names share in ``base`` (tied, as GPT-2's lm_head and wte):
+    merge_and_unload adds every module's update to the shared weight, so one per name would add it
+    twice. The name save_pretrained writes (the input embedding, where PEFT puts a tied pair's
+    adapter) is kept; notes name the others. Names that ``tuned`` no longer holds alike are an
+    error: a tied base cannot take two values."""
+    by_weight: dict[tuple, list[str]] = {}
+    for name in changed:
+        by_weight.setdefault(view_key(base[name]), []).append(name)
+    left, notes, problems = set(), [], []
+    for names in (g for g in by_weight.values() if len(g) > 1):
+        kept = written(names)
+        if not all(same_values(tuned[kept], tuned[n]) for n in names):
+            problems.append(f"{' and '.join(repr(n) for n in names)} are tied in {base.source} but differ in"
+                            f" {tuned.source}")
+            continue
+        gone = [n for n in names if n != kept]
+        left.update(gone)
+        notes.append(f"note: {names_list(gone)} {'is' if len(gone) == 1 else 'are'} tied to {kept} in {base.source}:"
+                     f" the adapter holds the change of {kept} alone, as one weight that merge_and_unload would"
+                     f" change once per name (unmerged, PEFT applies it to {kept} only)")
+    if problems:
+        raise PlanError(f"extract-lora: {'; '.join(problems)}: a LoRA merged into the tied weight changes every name"
+                        " alike; untie them in BASE first (paramsurgeon untie) or leave one out with -x")
+    return [n for n in changed if n not in left], notes
 
 
 def _layout(tensor: Tensor, kind: str, told: str | None, fan_in_fan_out: bool) -> str:

@@ -11,8 +11,8 @@ from ...checkpoint import Checkpoint, Tensor
 from ...dtypes import DType
 from ...errors import PlanError
 from ...sizes import plural
-from ..plan import Change, Plan, fail, names_list
-from ..values import cast_target, copy_of, narrows
+from ..plan import Change, Plan, fail, names_list, overflow_error, overflow_problem
+from ..values import cast_change, cast_target
 from .adapter import Adapter, Pair
 from ...checkpoint.layouts import weight_layouts
 
@@ -240,8 +240,7 @@ def _casts(ckpt: Checkpoint, merged: set[str], target: DType, allow_overflow: bo
             continue
         unit = [m for m in group_of.get(name, [name]) if m not in done]
         done.update(unit)
-        changes.append(Change(unit, f"cast to {target}", tensor.shape, target.name, copy_of(tensor, target),
-                              guarded=narrows(tensor.dtype, target) and not allow_overflow, origin=tensor))
+        changes.append(cast_change(unit, f"cast to {target}", tensor, target, not allow_overflow))
     return changes
 
 
@@ -273,7 +272,7 @@ def _compute(fold: Fold, target: DType, allow_overflow: bool) -> Callable:
     def compute():
         import torch
 
-        from ...checkpoint.values import new_nonfinite, to_torch
+        from ...checkpoint.values import overflowing, to_torch
         from ... import dtypes
         from . import arithmetic
 
@@ -282,20 +281,25 @@ def _compute(fold: Fold, target: DType, allow_overflow: bool) -> Callable:
         if fold.role == "replace":
             return start.to(dtype, copy=True)
         pair = {role: to_torch(t) for role, t in fold.pair.tensors.items()}
+
+        def merged(dtype):
+            return arithmetic.merge(fold.layout, start, pair["A"], pair["B"], fold.scaling, pair.get("magnitude"),
+                                    dtype)
+
+        unrounded = None  # the float32 values, where kept
         if fold.role == "bias":
-            result = arithmetic.bias(start, pair["bias"], fold.scaling)
-            low, high = (float(x) for x in torch.aminmax(result)) if result.numel() else (0.0, 0.0)
-            values = result.to(dtype)
+            unrounded = arithmetic.bias(start, pair["bias"], fold.scaling)
+            low, high = (float(x) for x in torch.aminmax(unrounded)) if unrounded.numel() else (0.0, 0.0)
+            values = unrounded.to(dtype)
         else:
-            values, low, high = arithmetic.merge(fold.layout, start, pair["A"], pair["B"], fold.scaling,
-                                                 pair.get("magnitude"), dtype)
+            values, low, high = merged(dtype)
         # only when a value is out of range (or NaN, which fails both comparisons) look closer: it is slow
         if not allow_overflow and not -target.largest <= low <= high <= target.largest:
-            count = new_nonfinite(values, start)
+            if unrounded is None and not target.has_inf:  # its rounding clamps what overflows: compute them again
+                unrounded = merged(torch.float32)[0]
+            count = overflowing(values if unrounded is None else unrounded, target, start)
             if count:
-                raise PlanError(f"merge-lora: {count:,} of {plural(values.numel(), 'value')} of '{fold.name}' would"
-                                f" become Inf or NaN ({target.name} cannot hold them); nothing was written; pass"
-                                " --allow-overflow to write them anyway")
+                raise overflow_error("merge-lora", [overflow_problem(fold.name, count, values.numel(), target)])
         return values
 
     return compute

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ...checkpoint import Checkpoint, Tensor
+from ...dtypes import DType
 from ...errors import PlanError
 from ...selection import matches
 from ...sizes import plural
-from ..plan import Change, Plan, names_list, tie_units
+from ..plan import Change, Plan, names_list, overflow_error, overflow_problem, tie_units
 from ..schemes import tensor_seed
 from ..spec import with_warnings
 
@@ -98,7 +99,7 @@ def plan_merge(merge, ckpt: Checkpoint, others: list[Checkpoint], kept_in: str |
         tensor = tensors[unit[0]]
         values = [tensor] + [other.tensors[unit[0]] for other in others]
         plan.changes.append(Change(unit, merge.method, tensor.shape, tensor.dtype.name,
-                                   _compute(merge, unit[0], values), lazy=True, guarded=guarded))
+                                   _compute(merge, unit[0], values, guarded), lazy=True, guarded=guarded))
     plan.notes += _notes(kept, kept_in or first, mismatched if merge.skip_mismatched else [])
     return with_warnings(plan, warnings)
 
@@ -139,21 +140,21 @@ def _tie_difference(name: str, first: str, mine: frozenset, other: str, theirs: 
     return f"'{name}' is tied to {shown(mine)} in {first} but to {shown(theirs)} in {other}"
 
 
-def _refuse_overflow(name: str, merged, views: list) -> None:
-    """Merged values that became Inf or NaN where every input was finite are an error (raised while
-    the writer streams: a file output is then never renamed into place)."""
-    from ...checkpoint.values import new_nonfinite
+def _refuse_overflow(name: str, merged, dtype: DType, views: list) -> None:
+    """Merged values (before their rounding to ``dtype``, or after) that ``dtype`` cannot hold, where
+    every input was finite, are an error (raised while the writer streams: a file output is then
+    never renamed into place)."""
+    from ...checkpoint.values import overflowing
 
-    count = new_nonfinite(merged, *views)
+    count = overflowing(merged, dtype, *views)
     if count:
-        raise PlanError(f"merge: {count:,} of {plural(merged.numel(), 'value')} of '{name}' would become Inf or NaN"
-                        f" ({str(merged.dtype).removeprefix('torch.')} cannot hold them); nothing was written;"
-                        " pass --allow-overflow to write them anyway")
+        raise overflow_error("merge", [overflow_problem(name, count, merged.numel(), dtype)])
 
 
-def _compute(merge, name: str, values: list[Tensor]) -> Callable:
+def _compute(merge, name: str, values: list[Tensor], guarded: bool) -> Callable:
     """What computes the merged values of ``name`` from the lazy ``values`` (one per input, the
-    written one first), in the written one's dtype."""
+    written one first), in the written one's dtype. A dtype without Inf (float8_e4m3fn) hides an
+    overflow in its rounding: when ``guarded``, such values are checked in the working dtype first."""
     method, params = merge.merge_method, merge.params
 
     def compute():
@@ -164,11 +165,12 @@ def _compute(merge, name: str, values: list[Tensor]) -> Callable:
 
         views = [to_torch(v) for v in values]
         work, dtype = methods.working_dtype(views), views[0].dtype
+        wide = guarded and not values[0].dtype.has_inf
         generator = torch.Generator().manual_seed(tensor_seed(params.seed, name)) if method.random else None
-        merged = method.compute(views, params, work, dtype, generator)
+        merged = method.compute(views, params, work, work if wide else dtype, generator)
         if not merge.allow_overflow:
-            _refuse_overflow(name, merged, views)
-        return merged
+            _refuse_overflow(name, merged, values[0].dtype, views)
+        return merged.to(dtype)
 
     return compute
 

@@ -130,8 +130,9 @@ class Resize(Targets, TiePolicy, Overflow, Operation):
                 and not self.allow_overflow
             flipped = name in in_out and isinstance(fill, schemes.Scheme) and fill.name.startswith("kaiming")
             compute = _resized(tensor, dim, shape, self._keep, fill, seed, name, flipped)
+            drawn = _drawn(tensor, dim, shape, kept, fill, seed, name, flipped) if guarded else None
             return Change(unit, action + (f" ({'; '.join(details)})" if details else ""), shape, tensor.dtype.name,
-                          compute, lazy=not guarded, guarded=guarded)
+                          compute, lazy=not guarded, guarded=guarded, unrounded=drawn)
 
         plan = value_plan("resize", f"resize dim {self.dim} to {self.size if self.size is not None else 'fit'}"
                           f"{' keeping ' + self.keep if self.keep else ''}: {names_list(names)}", ckpt, names, self,
@@ -204,6 +205,19 @@ def _resized(tensor: Tensor, dim: int, shape: tuple[int, ...], keep: list[int] |
         return torch.cat([kept, new], dim=dim)
 
     return compute
+
+
+def _drawn(tensor: Tensor, dim: int, shape: tuple[int, ...], kept: int, fill: schemes.Scheme, seed: int, name: str,
+           in_out: bool) -> Callable:
+    """What draws the new slices of a scheme ``fill``, as ``_resized`` does, before their rounding to
+    the tensor's dtype (what the overflow check looks at: a float8_e4m3fn cast clamps)."""
+    def drawn():
+        from ... import dtypes
+
+        return schemes.draw(fill, shape, dtypes.torch_dtype(tensor.dtype), seed, name, in_out).narrow(
+            dim, kept, shape[dim] - kept)
+
+    return drawn
 
 
 def _left_behind(ckpt: Checkpoint, names: list[str], shapes: dict, dim: int) -> list[str]:
