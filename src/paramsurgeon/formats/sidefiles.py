@@ -229,7 +229,8 @@ def shown_change(config: dict, key: str, value, inner: bool = False) -> str:
     if value is REMOVED:
         return f"{key} removed"
     if isinstance(value, dict) and isinstance(old, dict):
-        return ", ".join(f"{key}.{shown_change(old, k, v, True)}" for k, v in value.items() if k not in old or old[k] != v)
+        return ", ".join(f"{key}.{shown_change(old, k, v, True)}" for k, v in value.items()
+                         if k not in old or old[k] != v)
     if inner and isinstance(value, list) and value[:len(old or [])] == (old or []):
         added = [a if isinstance(a, str) else json.dumps(a) for a in value[len(old or []):]]
         return f"{key} added {', '.join(added[:4])}" + (f" and {len(added) - 4} more" if len(added) > 4 else "")
