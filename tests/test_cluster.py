@@ -208,6 +208,17 @@ def test_inspect_statistics_and_histograms_on_the_cluster_are_a_local_runs_and_t
         assert histogram["counts"] == counts.tolist(), entry["name"]
 
 
+def test_report_on_the_cluster_is_a_local_runs_page(dask_cluster, eight_shards, tmp_path):
+    folder = eight_shards[0]
+    local, remote = tmp_path / "local.html", tmp_path / "cluster.html"
+    assert run("report", folder, "-o", local, "--workers", "1").exit_code == 0
+    before = dask_cluster.executed()
+    result = paramsurgeon("report", folder, "-o", remote, "--scheduler", dask_cluster.address)
+    assert result.returncode == 0, result.stderr
+    assert dask_cluster.executed() > before
+    assert remote.read_bytes() == local.read_bytes()
+
+
 # workers that die
 
 

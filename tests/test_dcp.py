@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_same_state, load_torch, run
+from helpers import assert_same_state, load_torch, run, run_process
 
 from models import ResNet
 
@@ -91,6 +91,19 @@ def test_hostile_dcp_metadata_is_refused_without_running(tmp_path, resnet_pt):
     result = run("inspect", folder)
     assert result.exit_code == 2 and "posix.system" in result.stderr
     assert not marker.exists()
+
+
+def test_dcp_metadata_with_an_impossible_length_is_refused_in_one_line(tmp_path, resnet_pt):
+    """A bytearray8 opcode claiming 4 EiB (a flipped bit in a length): Python's unpickler runs out of
+    memory allocating it; the file is named as corrupt, in one line, through a real process."""
+    import struct
+
+    folder = tmp_path / "dcp"
+    assert run("convert", resnet_pt, "-o", folder, "--format", "dcp").exit_code == 0
+    (folder / ".metadata").write_bytes(b"\x80\x05\x96" + struct.pack("<Q", 1 << 62) + bytes(16))
+    result = run_process("inspect", folder)
+    assert result.returncode == 2 and result.stderr.decode() == (
+        f"paramsurgeon: error: {folder}/.metadata: the pickle is corrupt (a length in it is larger than the file)\n")
 
 
 def test_dcp_output_replaces_a_dcp_directory_only(tmp_path, resnet_pt):

@@ -29,6 +29,14 @@ def test_help_lists_every_command():
     assert len(COMMANDS) >= 15 and len(set(COMMANDS)) == len(COMMANDS)
 
 
+def test_every_command_in_the_listing_is_described_in_whole_sentences():
+    """No description stops mid-sentence ('...; values are') where its docstring wraps a line."""
+    listing = run("--help").stdout.split("Commands:")[1]
+    described = re.split(r"^  ([\w-]+) +", listing, flags=re.M)[1:]
+    for command, text in zip(described[::2], described[1::2]):
+        assert " ".join(text.split()).endswith("."), (command, text)
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_command_has_a_readme_section(command):
     assert command in readme_sections(), f"README.md has no '### {command}' section (nor '### ..., {command}')"

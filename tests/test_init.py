@@ -174,7 +174,7 @@ def test_default_needs_a_known_layer(tmp_path):
     path = tmp_path / "seq.pt"
     torch.save(state, path)
     result = run("init", path, "-o", tmp_path / "x.pt", "--all", "--scheme", "default", "--seed", "1")
-    assert result.exit_code == 2 and "'0.weight' is of unknown layer kind; name it with --layer" in result.stderr
+    assert result.exit_code == 2 and "'0.weight' is of unknown layer kind; name the kind with --layer" in result.stderr
     ok = run("init", path, "-o", tmp_path / "x.pt", "--all", "--scheme", "default", "--layer", "linear", "--seed", "1")
     assert ok.exit_code == 0
     assert load_torch(tmp_path / "x.pt")["0.weight"].abs().max() <= 0.5

@@ -323,7 +323,7 @@ def test_quantize_writes_deepseeks_layout_and_adds_the_quantization_config(reque
 def test_quantize_block_and_refusals(tmp_path):
     path = tmp_path / "m.safetensors"
     weight = torch.randn(64, 96) * 0.02
-    save_file({"w.weight": weight, "b": torch.zeros(64)}, path)
+    save_file({"w.weight": weight, "b": torch.zeros(64), "n": torch.ones(32, dtype=torch.int64)}, path)
     out = tmp_path / "q.safetensors"
     assert run("quantize", path, "-p", "w.weight", "--scheme", "fp8-block", "--block", "32x32", "-o", out).exit_code == 0
     codes, scale = quantize(weight, 32)
@@ -333,7 +333,9 @@ def test_quantize_block_and_refusals(tmp_path):
     unknown = run("quantize", path, "--all", "--scheme", "int3", "-o", out)
     assert unknown.exit_code == 2 and "--scheme int3: no such scheme; quantize writes fp8-block" in unknown.stderr
     vector = run("quantize", path, "--all", "--scheme", "fp8-block", "-o", tmp_path / "never.safetensors")
-    assert vector.exit_code == 2 and "'b' is [64] float32; fp8-block stores 2-D floating-point weights" in vector.stderr
+    assert vector.exit_code == 2 and vector.stderr == (  # the advice they share said once
+        "paramsurgeon: error: quantize: 'n' is [32] int64; 'b' is [64] float32; fp8-block stores 2-D floating-point"
+        " weights: choose them with -k linear\n")
     block = run("quantize", path, "--all", "--scheme", "fp8-block", "--block", "0x4", "-o", out)
     assert block.exit_code == 2 and "--block 0x4" in block.stderr
     assert not (tmp_path / "never.safetensors").exists()

@@ -287,6 +287,20 @@ def test_check_health_finds_the_same_with_every_worker_count(request, tmp_path):
     assert {"layers.dead.weight", "layers.nan.weight"} <= failed
 
 
+def test_report_writes_the_same_page_with_every_worker_count(eight, tmp_path):
+    """report's statistics and histograms are spread as inspect's are: the page is the same bytes."""
+    folder, state = eight
+    pages = []
+    for workers in ("1", "3"):
+        out = tmp_path / f"report-{workers}.html"
+        result = run("report", folder, "-o", out, "--workers", workers)
+        assert result.exit_code == 0, result.stderr
+        pages.append(out.read_bytes())
+    assert pages[0] == pages[1]
+    name = sorted(state)[5]
+    assert f"{state[name].double().max().item():.3g}".encode() in pages[1]
+
+
 def test_scheduler_refuses_a_single_file_output_before_reaching_a_cluster(eight, tmp_path):
     folder, _ = eight
     result = run("cast", folder, "--all", "--dtype", "bfloat16", "-o", tmp_path / "one.safetensors",

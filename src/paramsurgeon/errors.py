@@ -74,7 +74,12 @@ class PlanError(ParamSurgeonError):
 
 class UnfitTensorError(PlanError):
     """Why one tensor cannot take an operation, said of the tensor ('is boolean and cannot be
-    scaled'); the plan that meets it names the tensor and reports every one at once."""
+    scaled'); the plan that meets it names the tensor and reports every one at once, with the
+    ``advice`` they share said once, at the end."""
+
+    def __init__(self, reason: str, advice: str | None = None):
+        super().__init__(reason)
+        self.advice = advice
 
 
 class OutputError(ParamSurgeonError):

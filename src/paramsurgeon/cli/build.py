@@ -73,7 +73,7 @@ def command(app: typer.Typer, name: str, groups: list[type], run: Callable[..., 
                                           namespace={"__post_init__": post_init, "__doc__": doc})
     greedy = tuple(f for _, d in fields if d.flag.greedy for f in d.flag.flags)
     cls = type(f"{name.title()}Click", (_Command,), {"greedy": greedy}) if greedy else _Command
-    app.command(name, cls=cls, help=doc, short_help=doc.split("\n")[0])(callback)
+    app.command(name, cls=cls, help=doc, short_help=" ".join(doc.split("\n\n")[0].split()))(callback)  # the first paragraph
 
 
 def _own_first(group: type) -> list[declare.Declared]:

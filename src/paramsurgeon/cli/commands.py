@@ -323,7 +323,7 @@ class ReportOptions:
                                                                           " from OTHER: ||a - b|| / ||b||.")
 
 
-def report(given: Input, options: ReportOptions, read: Read, select: Selection) -> None:
+def report(given: Input, options: ReportOptions, read: Read, select: Selection, spread: Workers) -> None:
     """Write one self-contained HTML page: statistics along the depth, health findings, histograms.
 
     The page loads nothing from the network; with --against, each tensor's relative change
@@ -348,7 +348,7 @@ def report(given: Input, options: ReportOptions, read: Read, select: Selection) 
     size = sum(checkpoint.tensors[n].nbytes for n in floats) * (3 if other else 1)
     with progress(size, "reading") as advance:
         stats = health.measure(checkpoint, floats, bins=HISTOGRAM_BINS, drawn=html.drawn(result.rows),
-                               progress=advance, doing="report")
+                               progress=advance, work=work(spread, load.inputs), doing="report")
         changes = drift.relative_changes(checkpoint, other, floats, advance) if other is not None else None
     for row in result.rows:
         row.stats = stats.get(row.name)

@@ -15,8 +15,10 @@ opaque records exactly as they came in.
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import io
 import pickle
+import sys
 from typing import Any, BinaryIO, Callable
 
 from ..checkpoint.opaque import GlobalMeta, placeholder
@@ -137,12 +139,18 @@ def unpickle(data: bytes | BinaryIO, source: str, **options) -> Any:
     """
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     unpickler = RestrictedUnpickler(stream, **options)
+    printed = io.StringIO()
     try:
-        obj = unpickler.load()
+        with contextlib.redirect_stderr(printed):  # see MemoryError below
+            obj = unpickler.load()
+        sys.stderr.write(printed.getvalue())
     except (CorruptCheckpointError, UnsafePickleError):
         raise
     except RecursionError as e:
         raise CorruptCheckpointError(f"{source}: the pickle nests too deeply to read") from e
+    except MemoryError as e:  # a stored length no file of this size can hold (a bytearray8 of 4 EiB; CPython
+        # 3.11 then prints "SystemError: deallocated bytearray object has exported buffers", dropped here)
+        raise CorruptCheckpointError(f"{source}: the pickle is corrupt (a length in it is larger than the file)") from e
     except Exception as e:  # any malformed opcode stream ends up here
         raise CorruptCheckpointError(f"{source}: the pickle is corrupt ({type(e).__name__}: {e})") from e
     if unpickler.refused:

@@ -127,11 +127,12 @@ class Plan:
         return bool(self.aliases) or any(not c.same_values for c in self.changes)
 
 
-def fail(command: str, problems: list[str]) -> None:
-    """Raise one PlanError listing ``problems`` (the first eight, and how many more)."""
+def fail(command: str, problems: list[str], advice: list[str] = ()) -> None:
+    """Raise one PlanError listing ``problems`` (the first eight, and how many more), then the
+    ``advice`` they share."""
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise PlanError(f"{command}: {shown}")
+        raise PlanError(f"{command}: {'; '.join([shown, *advice])}")
 
 
 def names_list(names: list[str], limit: int = 6) -> str:

@@ -102,8 +102,8 @@ class Quantize(Targets, TiePolicy, Operation):
                 already.extend(unit)
                 return None
             if not tensor.dtype.floating or len(tensor.shape) != 2:
-                raise UnfitTensorError(f"is {list(tensor.shape)} {tensor.dtype}; {scheme.name} stores 2-D"
-                                       " floating-point weights (choose them with -k linear)")
+                raise UnfitTensorError(f"is {list(tensor.shape)} {tensor.dtype}", f"{scheme.name} stores 2-D"
+                                       " floating-point weights: choose them with -k linear")
             return Change(unit, f"quantize {scheme.name} {_shown(params)}", tensor.shape, tensor.dtype.name,
                           lambda: torch_values(tensor), stored_as=lambda plain: quant.quantized(scheme, plain, params))
 

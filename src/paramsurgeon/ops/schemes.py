@@ -345,5 +345,5 @@ def layer_default(layer: str, leaf: str, weight_shape: tuple[int, ...] | None) -
     if layer == "prelu" and leaf == "weight":
         return Scheme("constant", {"val": 0.25})
     if layer == "unknown":
-        raise UnfitTensorError("is of unknown layer kind; name it with --layer (conv, linear, batchnorm, ...)")
+        raise UnfitTensorError("is of unknown layer kind", "name the kind with --layer (conv, linear, batchnorm, ...)")
     raise UnfitTensorError(f"is '{leaf}' of a {layer} layer, which has no default")

@@ -187,8 +187,8 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
         # names of one view of one source storage (a tie there) give one value
         sources = sorted({view_key(theirs[pairs[n]]): pairs[n] for n in unit if n in pairs}.values())
         if len(sources) > 1:
-            raise UnfitTensorError(f"is tied to {', '.join(unit[1:])}, and they would get different values; pass"
-                                   " --untie")
+            raise UnfitTensorError(f"is tied to {', '.join(unit[1:])}, and they would get different values",
+                                   "pass --untie")
         origin = theirs[sources[0]]
         where = "" if source is ckpt else f" of {source.source}"
         if guard and may_misfit(origin.dtype, tensor.dtype):
@@ -197,7 +197,7 @@ def _plan_copy(ckpt: Checkpoint, source: Checkpoint, pairs: dict[str, str], *, s
                 raise UnfitTensorError(
                     f"is {tensor.dtype} ({tensor.dtype.lowest} to {tensor.dtype.largest}), and {out:,} of the"
                     f" {origin.numel:,} {origin.dtype} value{'s' * (origin.numel != 1)} of '{sources[0]}'{where} do not"
-                    " fit it (out of range or not whole); pass --allow-overflow to write torch's cast of them")
+                    " fit it (out of range or not whole)", "pass --allow-overflow to write torch's cast of them")
         if _same_quantization(origin, tensor):
             return Change(unit, f"copy from {sources[0]}{where} (its {origin.scheme.name} parts)", tensor.shape,
                           tensor.dtype.name, origin.dequantized, stored_as=lambda _: _parts_copied(origin))

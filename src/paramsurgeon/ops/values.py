@@ -101,13 +101,14 @@ def value_plan(command: str, description: str, ckpt: Checkpoint, names: list[str
     every unit that cannot take one is reported at once, in one PlanError."""
     refuse_partial(ckpt, names, command)  # before any check of its stored codes as if they were values
     plan = Plan(command, description)
-    problems = []
+    problems, advice = [], {}
     for unit in tie_units(ckpt, names, follow=ties.follow_ties, untie=ties.untie, command=command):
         try:
             plan.changes.append(change_for(unit, ckpt[unit[0]]))
         except UnfitTensorError as e:
             problems.append(f"'{unit[0]}' {e}")
-    fail(command, problems)
+            advice.setdefault(e.advice)
+    fail(command, problems, [a for a in advice if a])
     return plan
 
 
