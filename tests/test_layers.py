@@ -583,17 +583,25 @@ def test_the_skip_list_of_a_quantized_model_follows_a_rename(request, fp8_models
     assert {m: not should_convert_module(m, skipped) for m in modules} == modules
 
 
-def test_a_rename_that_splits_a_skipped_module_leaves_its_entry_with_a_note(request, fp8_models, tmp_path):
+@pytest.mark.parametrize("source, target, listed", [
+    ("model.layers.2.mlp.*", "model.mlp2.*", ["lm_head", "model.layers.2", "model.mlp2"]),
+    ("model.layers.2.self_attn.q*", "model.q2*", ["lm_head", "model.layers.2", "model.q2_proj"]),
+    ("model.layers.2.mlp.*", "model.layers.2.ffn.*", ["lm_head", "model.layers.2"])])  # renamed within it
+def test_a_rename_that_splits_a_skipped_module_skips_both_parts(request, fp8_models, tmp_path, source, target, listed):
+    """Layer 2's mlp (or one of its projections) renamed out of it, its attention left: transformers' own
+    matcher (should_convert_module) leaves exactly the modules the output stores plain, in both places."""
     from test_quant_partial import quantization_config
+    from transformers.quantizers.quantizers_utils import should_convert_module
 
     out = tmp_path / "out"
-    result = run("rename", register_input(request, fp8_models["a"]), "--from", "model.layers.2.mlp.*", "--to",
-                 "model.mlp2.*", "-o", f"{out}/")  # layer 2's mlp out of it, its attention left
+    result = run("rename", register_input(request, fp8_models["a"]), "--from", source, "--to", target, "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
-    assert quantization_config(out)["modules_to_not_convert"] == ["lm_head", "model.layers.2"]
-    assert ("note: config.json: quantization_config.modules_to_not_convert: model.layers.2 left as it is: a pattern"
-            " or a name's suffix that names renamed modules, or a module whose tensors the rename split (some renamed"
-            " out of it, some not), which cannot follow them; check it against the new names\n") in result.stderr
+    skipped = quantization_config(out)["modules_to_not_convert"]
+    assert skipped == listed
+    modules = linear_modules(out)
+    assert sum(modules.values()) == 8  # lm_head and layer 2's seven matrices, wherever they went
+    assert {m: not should_convert_module(m, skipped) for m in modules} == modules
+    assert "left as it is" not in result.stderr
 
 
 @pytest.mark.parametrize("source, target", [("model.*", "base.model.*"), ("model.layers.1.mlp.*", "model.layers.1.ffn.*")])
