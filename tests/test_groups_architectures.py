@@ -13,13 +13,14 @@ import layer_models as lm
 
 
 def expected_groups(model) -> dict[str, list[str]]:
-    """decay / no_decay / buffers from the modules: a parameter named *bias or held by a module whose class
+    """decay / no_decay / buffers from the modules: a parameter whose name holds 'bias' (as the Trainer's
+    get_decay_parameter_names exempts it: T5's relative_attention_bias too) or held by a module whose class
     is a norm goes without decay; a persistent buffer is a buffer."""
     modules = dict(model.named_modules())
     groups = {"decay": set(), "no_decay": set(), "buffers": set(model.state_dict()) - set(dict(model.named_parameters(remove_duplicate=False)))}
     for name, _ in model.named_parameters(remove_duplicate=False):
         owner = modules[name.rpartition(".")[0]]
-        plain = not name.endswith("bias") and "norm" not in type(owner).__name__.lower()
+        plain = "bias" not in name.lower() and "norm" not in type(owner).__name__.lower()
         groups["decay" if plain else "no_decay"].add(name)
     return {k: sorted(v) for k, v in groups.items()}
 
