@@ -122,7 +122,7 @@ def test_duplicated_tensors_are_copies_not_ties(request, saved, tmp_path):
 
 @pytest.mark.parametrize("name, build, ranges, count", [
     ("llama", lm.llama, "0,2", 6), ("gpt2", lm.gpt2, "0..2", 6), ("mixtral", lambda: lm.moe("mixtral"), "1", 3),
-    ("dsv3", lambda: lm.moe("dsv3"), "2", 4)])
+    ("dsv3", lambda: lm.moe("dsv3"), "2", 4), ("gpt-oss", lm.gpt_oss, "0", 3)])
 def test_identity_copies_leave_the_output_exactly_unchanged(request, saved, tmp_path, name, build, ranges, count):
     model, path = model_dir(request, saved, name, build)
     out = tmp_path / "pro"
@@ -174,6 +174,18 @@ def test_sparse_step_of_a_qwen_moe_becomes_a_list(request, saved, tmp_path):
     assert run("layers", path, "--drop", "0", "-o", f"{out}/").exit_code == 0
     assert (config(out)["decoder_sparse_step"], config(out)["mlp_only_layers"]) == (1, [1])
     assert_computes(out, lm.reordered(model, [1, 2, 3]))
+
+
+def test_the_moe_layers_of_a_llama4_follow(request, saved, tmp_path):
+    """Llama 4 lists the layers with experts by index (moe_layers): they follow, as its per-layer lists do."""
+    model, path = model_dir(request, saved, "llama4", lm.llama4)
+    assert config(path)["moe_layers"] == [1, 3]
+    out = tmp_path / "out"
+    assert run("layers", path, "--move", "3", "--to", "0", "-o", f"{out}/").exit_code == 0
+    assert (config(out)["moe_layers"], config(out)["no_rope_layers"]) == ([0, 2], [0, 1, 1, 1])
+    reference = lm.reordered(model, [3, 0, 1, 2])
+    reference.config.no_rope_layers = [0, 1, 1, 1]
+    assert_computes(out, reference)
 
 
 def test_sharded_directory(request, saved, tmp_path):
