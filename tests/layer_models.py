@@ -45,6 +45,70 @@ def bert(layers=4):
                                 intermediate_size=48, max_position_embeddings=32)).eval()
 
 
+def t5(layers=3, decoder_layers=2):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=layers,
+                                               num_decoder_layers=decoder_layers, num_heads=4)).eval()
+
+
+def bart(**options):
+    """BART (post-norm blocks: the norm follows the residual sum), or another encoder-decoder of its family."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+        **options)).eval()
+
+
+def opt(**options):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=48, num_attention_heads=4,
+                                    max_position_embeddings=64, word_embed_proj_dim=32, **options)).eval()
+
+
+def falcon():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    return FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=3)).eval()
+
+
+def gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                            num_hidden_layers=3, max_position_embeddings=64)).eval()
+
+
+def llava():
+    """Llava: a Llama language model and a CLIP vision tower of as many layers (2), each with its block list."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=2, max_position_embeddings=64)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_hidden_layers=2,
+                              image_size=16, patch_size=8, projection_dim=32)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=63,
+                                                     vision_feature_layer=-1)).eval()
+
+
+def with_list(model, path: str, order: list[int]):
+    """A copy of ``model`` whose block list at ``path`` ('decoder.block') holds copies of its blocks in ``order``."""
+    result = copy.deepcopy(model)
+    holder, _, attribute = path.rpartition(".")
+    holder = result.get_submodule(holder)
+    setattr(holder, attribute, nn.ModuleList(copy.deepcopy(getattr(holder, attribute)[i]) for i in order))
+    return result
+
+
 def blocks_of(model) -> tuple[nn.Module, str]:
     """The module holding ``model``'s block list, and the list's attribute name."""
     for path in ("model", "transformer", "encoder"):
@@ -84,11 +148,14 @@ def logits(model) -> torch.Tensor:
 
 
 def load(path, cls=None):
-    """The model at ``path``, read by transformers' from_pretrained."""
+    """The model at ``path``, read by transformers' from_pretrained, which finds every weight it needs in the
+    files and no other (a missing one would be initialised at random)."""
     import transformers
 
     cls = cls or getattr(transformers, transformers.AutoConfig.from_pretrained(path).architectures[0])
-    return cls.from_pretrained(path).eval()
+    model, info = cls.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), {k: v for k, v in info.items() if v}
+    return model.eval()
 
 
 def moe(kind: str, **overrides):
@@ -118,6 +185,47 @@ def moe(kind: str, **overrides):
             if hasattr(module, "e_score_correction_bias"):  # zeros when made: a trained model's are not
                 module.e_score_correction_bias.uniform_(-0.1, 0.1)
     return model
+
+
+def llama4(layers=4):
+    """Llama 4's text model: experts in every second layer (moe_layers [1, 3]), no RoPE in every fourth."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.Llama4ForCausalLM(T.Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=16, intermediate_size_mlp=48, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_hidden_layers=layers, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, max_position_embeddings=64)).eval()
+
+
+def gpt_oss():
+    """gpt-oss unquantized: fused experts with stacked biases (experts.down_proj_bias [E, hidden]), which are
+    not zeros (as in a trained model; they are made zeros)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.GptOssForCausalLM(T.GptOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=16, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        max_position_embeddings=64)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.uniform_(-0.1, 0.1)
+    return model
+
+
+def qwen3_vl_moe():
+    """Qwen3-VL-MoE: its language model's experts counted in text_config (num_local_experts, num_experts_per_tok)."""
+    import transformers as T
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_attention_heads=4,
+                num_key_value_heads=2, num_hidden_layers=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0])
+    torch.manual_seed(0)
+    return T.Qwen3VLMoeForConditionalGeneration(T.Qwen3VLMoeConfig(text_config=text, vision_config=vision)).eval()
 
 
 def save_fused(model, path):

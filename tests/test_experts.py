@@ -108,6 +108,26 @@ def test_bad_input_is_refused_and_nothing_written(request, saved, tmp_path, args
     assert not (tmp_path / "out").exists()
 
 
+def test_a_multimodal_models_experts_are_counted_in_its_text_config(request, tmp_path):
+    """Qwen3-VL-MoE counts its experts and the router's top-k in text_config: the count there follows, and
+    the top-k there is enforced."""
+    model, path = lm.qwen3_vl_moe(), tmp_path / "vl"
+    model.save_pretrained(path)
+    register_input(request, str(path))
+    out = tmp_path / "pruned"
+    result = run("experts", path, "--keep", "1,3", "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert config(out)["text_config"]["num_local_experts"] == 2 and config(out)["vision_config"] == config(path)["vision_config"]
+    pruned = lm.load(out)
+    with lm.restricted(model, [1, 3]) as reference:
+        expected = lm.logits(reference)
+    assert not torch.allclose(expected, lm.logits(model))  # the routing restriction shows
+    torch.testing.assert_close(lm.logits(pruned), expected, rtol=1e-6, atol=1e-6)
+    result = run("experts", path, "--keep", "1", "-o", f"{tmp_path / 'one'}/")
+    assert result.exit_code == 2 and "fewer than the router picks (num_experts_per_tok 2" in result.stderr
+    assert not (tmp_path / "one").exists()
+
+
 def test_a_model_without_experts(request, tmp_path):
     path = tmp_path / "llama"
     lm.llama(layers=2).save_pretrained(path)

@@ -122,7 +122,7 @@ def test_duplicated_tensors_are_copies_not_ties(request, saved, tmp_path):
 
 @pytest.mark.parametrize("name, build, ranges, count", [
     ("llama", lm.llama, "0,2", 6), ("gpt2", lm.gpt2, "0..2", 6), ("mixtral", lambda: lm.moe("mixtral"), "1", 3),
-    ("dsv3", lambda: lm.moe("dsv3"), "2", 4)])
+    ("dsv3", lambda: lm.moe("dsv3"), "2", 4), ("gpt-oss", lm.gpt_oss, "0", 3)])
 def test_identity_copies_leave_the_output_exactly_unchanged(request, saved, tmp_path, name, build, ranges, count):
     model, path = model_dir(request, saved, name, build)
     out = tmp_path / "pro"
@@ -174,6 +174,18 @@ def test_sparse_step_of_a_qwen_moe_becomes_a_list(request, saved, tmp_path):
     assert run("layers", path, "--drop", "0", "-o", f"{out}/").exit_code == 0
     assert (config(out)["decoder_sparse_step"], config(out)["mlp_only_layers"]) == (1, [1])
     assert_computes(out, lm.reordered(model, [1, 2, 3]))
+
+
+def test_the_moe_layers_of_a_llama4_follow(request, saved, tmp_path):
+    """Llama 4 lists the layers with experts by index (moe_layers): they follow, as its per-layer lists do."""
+    model, path = model_dir(request, saved, "llama4", lm.llama4)
+    assert config(path)["moe_layers"] == [1, 3]
+    out = tmp_path / "out"
+    assert run("layers", path, "--move", "3", "--to", "0", "-o", f"{out}/").exit_code == 0
+    assert (config(out)["moe_layers"], config(out)["no_rope_layers"]) == ([0, 2], [0, 1, 1, 1])
+    reference = lm.reordered(model, [3, 0, 1, 2])
+    reference.config.no_rope_layers = [0, 1, 1, 1]
+    assert_computes(out, reference)
 
 
 def test_sharded_directory(request, saved, tmp_path):
@@ -571,17 +583,25 @@ def test_the_skip_list_of_a_quantized_model_follows_a_rename(request, fp8_models
     assert {m: not should_convert_module(m, skipped) for m in modules} == modules
 
 
-def test_a_rename_that_splits_a_skipped_module_leaves_its_entry_with_a_note(request, fp8_models, tmp_path):
+@pytest.mark.parametrize("source, target, listed", [
+    ("model.layers.2.mlp.*", "model.mlp2.*", ["lm_head", "model.layers.2", "model.mlp2"]),
+    ("model.layers.2.self_attn.q*", "model.q2*", ["lm_head", "model.layers.2", "model.q2_proj"]),
+    ("model.layers.2.mlp.*", "model.layers.2.ffn.*", ["lm_head", "model.layers.2"])])  # renamed within it
+def test_a_rename_that_splits_a_skipped_module_skips_both_parts(request, fp8_models, tmp_path, source, target, listed):
+    """Layer 2's mlp (or one of its projections) renamed out of it, its attention left: transformers' own
+    matcher (should_convert_module) leaves exactly the modules the output stores plain, in both places."""
     from test_quant_partial import quantization_config
+    from transformers.quantizers.quantizers_utils import should_convert_module
 
     out = tmp_path / "out"
-    result = run("rename", register_input(request, fp8_models["a"]), "--from", "model.layers.2.mlp.*", "--to",
-                 "model.mlp2.*", "-o", f"{out}/")  # layer 2's mlp out of it, its attention left
+    result = run("rename", register_input(request, fp8_models["a"]), "--from", source, "--to", target, "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
-    assert quantization_config(out)["modules_to_not_convert"] == ["lm_head", "model.layers.2"]
-    assert ("note: config.json: quantization_config.modules_to_not_convert: model.layers.2 left as it is: a pattern"
-            " or a name's suffix that names renamed modules, or a module whose tensors the rename split (some renamed"
-            " out of it, some not), which cannot follow them; check it against the new names\n") in result.stderr
+    skipped = quantization_config(out)["modules_to_not_convert"]
+    assert skipped == listed
+    modules = linear_modules(out)
+    assert sum(modules.values()) == 8  # lm_head and layer 2's seven matrices, wherever they went
+    assert {m: not should_convert_module(m, skipped) for m in modules} == modules
+    assert "left as it is" not in result.stderr
 
 
 @pytest.mark.parametrize("source, target", [("model.*", "base.model.*"), ("model.layers.1.mlp.*", "model.layers.1.ffn.*")])

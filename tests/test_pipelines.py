@@ -309,6 +309,31 @@ def test_groups_match_hand_written_training_code(gpt_pt, gpt):
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
 
 
+@pytest.mark.parametrize("arch", ["t5", "llama", "gpt2", "bert"])
+def test_groups_agree_with_the_hugging_face_trainer(tmp_path, arch):
+    transformers = pytest.importorskip("transformers")
+    configs = {
+        "t5": ("T5ForConditionalGeneration", transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32,
+                                                                   num_layers=2, num_heads=2)),
+        "llama": ("LlamaForCausalLM", transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                               num_hidden_layers=2, num_attention_heads=2,
+                                                               num_key_value_heads=1)),
+        "gpt2": ("GPT2LMHeadModel", transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2,
+                                                            n_positions=32)),
+        "bert": ("BertForMaskedLM", transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                                            num_attention_heads=2, intermediate_size=32,
+                                                            max_position_embeddings=32)),
+    }
+    cls, config = configs[arch]
+    model = getattr(transformers, cls)(config)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    document = json_of("groups", tmp_path / "model.pt", schema="groups")
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, model))  # it uses nothing of the Trainer
+    named = [n for n, _ in model.named_parameters()]  # tied weights appear once, under their first name
+    assert sorted(document["decay"]) == sorted(n for n in named if n in decay)
+    assert sorted(document["no_decay"]) == sorted(n for n in named if n not in decay)
+
+
 def test_groups_rules_can_be_adjusted(resnet_pt, resnet):
     document = json_of("groups", resnet_pt, "--no-decay", "fc.weight", "--decay", "bn1.*", schema="groups")
     assert "fc.weight" in document["no_decay"] and "bn1.weight" in document["decay"]

@@ -147,13 +147,74 @@ def test_a_quantized_directory_converted_to_one_file_records_its_config_which_a_
     assert "the scale grid [4, 3] float32 does not fit [200, 300] in 128x128 blocks" in result.stderr
 
 
-def test_quantize_of_a_single_file_into_a_directory_reads_back_without_a_config_json(float_file, tmp_path):
+def test_quantize_of_a_single_file_into_a_directory_writes_the_config_json_that_reads_it_back(float_file, tmp_path):
     path, weight = float_file
     out = tmp_path / "qdir"
     assert run("quantize", path, "-p", "W", "--scheme", "fp8-block", "--block", "64x128", "-o", f"{out}/").exit_code == 0
-    assert not (out / "config.json").exists()
-    assert recorded(out / "model.safetensors") == {**FP8, "weight_block_size": [64, 128]}
+    config = {**FP8, "weight_block_size": [64, 128]}
+    assert json.loads((out / "config.json").read_text()) == {"quantization_config": config, "torch_dtype": "float32"}
+    assert recorded(out / "model.safetensors") == config
     result = run("dequantize", out, "--dtype", "float32", "-o", tmp_path / "d.safetensors")
     assert result.exit_code == 0, result.stderr
     codes, scale = quantize(weight, (64, 128))
     assert bits(tensors(tmp_path / "d.safetensors")["W"]) == bits(dequantize(codes, scale, torch.float32, (64, 128)))
+
+
+@pytest.mark.parametrize("layout", [["--format", "pt"], ["--format", "pt", "--max-shard-size", "100KB"],
+                                    ["--max-shard-size", "100KB"], ["--format", "dcp"]],
+                         ids=["torch", "torch-sharded", "safetensors-sharded", "dcp"])
+def test_a_single_file_of_another_block_converted_to_a_directory_carries_its_config_json_and_reads_back(
+        float_file, tmp_path, layout):
+    path, weight = float_file
+    one, folder = tmp_path / "q.safetensors", tmp_path / "dir"
+    assert run("quantize", path, "-p", "W", "--scheme", "fp8-block", "--block", "32x32", "-o", one).exit_code == 0
+    result = run("convert", one, "-o", f"{folder}/", *layout)
+    assert result.exit_code == 0, result.stderr
+    config = {**FP8, "weight_block_size": [32, 32]}
+    assert json.loads((folder / "config.json").read_text()) == {"quantization_config": config, "torch_dtype": "float32"}
+    assert "note: config.json: quantization_config added" in result.stderr
+
+    result = run("inspect", folder, "--json", "--no-stats")
+    assert result.exit_code == 0, result.stderr
+    shown = {t["name"]: t for t in json.loads(result.stdout)["tensors"]}
+    assert shown["W"]["quant"]["block"] == [32, 32] and shown["W"]["dtype"] == "float32"
+    result = run("dequantize", folder, "-o", tmp_path / "d.safetensors")  # the default dtype: the recorded one
+    assert result.exit_code == 0, result.stderr
+    codes, scale = quantize(weight, 32)
+    assert bits(tensors(tmp_path / "d.safetensors")["W"]) == bits(dequantize(codes, scale, torch.float32, 32))
+
+    again = run("convert", one, "-o", f"{folder}/", *layout)  # the config.json there already says it: no note
+    assert again.exit_code == 0 and "config.json" not in again.stderr, again.stderr
+    assert run("quantize", path, "-p", "W", "--scheme", "fp8-block", "--block", "64x64", "-o", one).exit_code == 0
+    result = run("convert", one, "-o", f"{folder}/", *layout)
+    assert result.exit_code == 0, result.stderr  # the config.json there is updated for the new block
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["weight_block_size"] == [64, 64]
+    result = run("dequantize", folder, "--dtype", "float32", "-o", tmp_path / "d64.safetensors")
+    assert result.exit_code == 0, result.stderr
+    codes, scale = quantize(weight, 64)
+    assert bits(tensors(tmp_path / "d64.safetensors")["W"]) == bits(dequantize(codes, scale, torch.float32, 64))
+
+
+def test_one_file_records_the_dtype_its_weights_dequantize_to_so_file_and_directory_agree(request, tmp_path):
+    torch.manual_seed(5)
+    weight = torch.randn(200, 300)
+    codes, scale = quantize(weight, (64, 128))
+    folder = tmp_path / "fp8"
+    folder.mkdir()
+    save_file({"W": codes, "W_scale_inv": scale}, folder / "model.safetensors")
+    config = {**FP8, "weight_block_size": [64, 128]}
+    (folder / "config.json").write_text(json.dumps({"torch_dtype": "float16", "quantization_config": config}))
+    register_input(request, folder)
+    one = tmp_path / "one.safetensors"
+    assert run("convert", folder, "-o", one).exit_code == 0
+    assert metadata(one)["torch_dtype"] == "float16"
+    for source, out in [(folder, tmp_path / "from-dir.safetensors"), (one, tmp_path / "from-file.safetensors")]:
+        result = run("dequantize", source, "-o", out)
+        assert result.exit_code == 0, result.stderr
+        assert bits(tensors(out)["W"]) == bits(dequantize(codes, scale, torch.float16, (64, 128)))
+    assert "torch_dtype" not in metadata(tmp_path / "from-file.safetensors")  # nothing quantized is left
+
+    bare = tmp_path / "bare.safetensors"  # a file with the config but not the dtype: the default, bfloat16
+    save_file({"W": codes, "W_scale_inv": scale}, bare, metadata={"quantization_config": json.dumps(config)})
+    assert run("dequantize", bare, "-o", tmp_path / "d.safetensors").exit_code == 0
+    assert tensors(tmp_path / "d.safetensors")["W"].dtype == torch.bfloat16

@@ -230,12 +230,13 @@ def test_a_gptq_layer_that_does_not_fit_is_named_and_listed_as_stored(request, t
     assert not any(name.startswith(Q) and name.endswith(".weight") for name in names)  # never guessed
 
 
-def test_a_checkpoint_format_that_is_not_read_is_named(request, tmp_path):
+@pytest.mark.parametrize("value", ["marlin", [0, 0]])  # another layout, and a broken config's list
+def test_a_checkpoint_format_that_is_not_read_is_named(request, tmp_path, value):
     _, tensors, _ = gptq_dir(request, tmp_path / "good")
     folder = register_input(request, write(tmp_path / "marlin", tensors, {"quant_method": "gptq", "bits": 4,
-                                                                          "checkpoint_format": "marlin"}))
+                                                                          "checkpoint_format": value}))
     notes = "\n".join(json_of("inspect", folder, "--json", schema="inspect")["notes"])
-    assert "checkpoint_format 'marlin' is not read (only gptq and gptq_v2)" in notes
+    assert f"checkpoint_format {value!r} is not read (only gptq and gptq_v2)" in notes
 
 
 def test_a_g_idx_naming_a_group_the_scales_lack_is_an_error_not_a_value(request, tmp_path):

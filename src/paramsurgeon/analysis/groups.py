@@ -1,6 +1,9 @@
 """Parameter groups for weight decay, as training code builds them by hand: biases,
 normalisation weights and PReLU weights go without decay, every other parameter with it.
-Buffers are not parameters and go in neither; a tied parameter appears once."""
+A bias is a tensor of the role bias or any parameter named as one (T5's relative_attention_bias,
+an embedding): the Hugging Face Trainer (get_decay_parameter_names) and its example scripts exempt
+every name that contains 'bias'. Buffers are not parameters and go in neither; a tied parameter
+appears once."""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def decay_groups(ckpt: Checkpoint, names: list[str], *, no_decay: tuple[str, ...
             groups["no_decay"].append(name)
         elif any(matches(name, p) for p in decay):
             groups["decay"].append(name)
-        elif kind.role == "bias" or kind.layer in NORMS or kind.layer == "prelu":
+        elif kind.role == "bias" or "bias" in name.lower() or kind.layer in NORMS or kind.layer == "prelu":
             groups["no_decay"].append(name)
         else:
             groups["decay"].append(name)

@@ -1,6 +1,7 @@
-"""The repeated block of a model (its transformer layers), found from names: the list
-``model.layers.N.``, ``transformer.h.N.``, ``encoder.layer.N.``, ``blocks.N.`` or
-``model.decoder.layers.N.`` (wherever it sits in the name), or one the user names; and
+"""The repeated block of a model (its transformer layers), found from names: a numbered list
+named ``layers``, ``layer`` or ``blocks`` wherever it sits in the name (``model.layers.N.``,
+``encoder.layer.N.``, ``gpt_neox.layers.N.``, a multimodal model's ``language_model.model.layers.N.``),
+``transformer.h.N.``, T5's ``encoder.block.N.`` and ``decoder.block.N.``, or one the user names; and
 ranges of block indices as the user writes them (``20..23,5``)."""
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from dataclasses import dataclass
 
 from ..errors import SelectionError, UsageError
 
-KNOWN = ("model.layers", "transformer.h", "encoder.layer", "blocks", "model.decoder.layers")
-_KNOWN = re.compile(r"((?:[^.]+\.)*?(?:model\.decoder\.layers|model\.layers|transformer\.h|"
-                    r"encoder\.layer|blocks))\.(\d+)\.")
+KNOWN = ("model.layers", "transformer.h", "encoder.layer", "blocks", "model.decoder.layers")  # as messages name them
+_KNOWN = re.compile(r"((?:[^.]+\.)*?(?:layers|layer|blocks|transformer\.h|encoder\.block|decoder\.block))\.(\d+)\.")
+STACK_LEVEL = ("relative_attention_bias.weight",)  # T5's position bias: the stack's, held by its block 0 alone
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Blocks:
 
     prefix: str
     members: list[list[str]]
+    outside: frozenset[str] = frozenset()  # names under block 0 that are the whole stack's (T5's position bias)
 
     @property
     def count(self) -> int:
@@ -34,7 +36,7 @@ class Blocks:
     def index(self, name: str) -> int | None:
         """The block ``name`` belongs to, or None for a name outside the blocks."""
         head = self.prefix + "."
-        if not name.startswith(head):
+        if not name.startswith(head) or name in self.outside:
             return None
         number, dot, _ = name[len(head):].partition(".")
         return int(number) if dot and number.isdigit() and int(number) < self.count else None
@@ -55,16 +57,19 @@ def find_blocks(names: list[str], prefix: str | None = None, where: str = "") ->
         chosen = re.sub(r"\.(N\.?)?$", "", prefix)
         found = _under(names, chosen)
         if not found:
+            lists = ", ".join(candidates(names)) or "none found from the names"
             raise SelectionError(f"{where}no tensor is named '{chosen}.N.…' (--prefix {prefix}); pass the dotted"
-                                 " prefix of the numbered block list, e.g. --prefix model.layers")
+                                 f" prefix of the numbered block list (the model's: {lists})")
         return _blocks(chosen, found, where)
     found = candidates(names)
+    whole = {p: blocks for p, blocks in found.items() if len(blocks) == max(blocks) + 1}
+    found = whole or found  # a list with gaps (an nn.Sequential of layers and activations) is no block list
     if not found:
         raise SelectionError(f"{where}no repeated block found (no name starts with {', '.join(k + '.N.' for k in KNOWN)});"
                              " pass --prefix to name the numbered block list")
     if len(found) > 1:
-        raise SelectionError(f"{where}several repeated blocks ({', '.join(found)}); pass --prefix with the one you"
-                             " mean")
+        raise SelectionError(f"{where}several repeated blocks ({', '.join(f'{p}.N x {len(b)}' for p, b in found.items())});"
+                             f" pass --prefix with the one you mean (e.g. --prefix {next(iter(found))})")
     prefix = next(iter(found))
     return _blocks(prefix, found[prefix], where)
 
@@ -95,7 +100,10 @@ def _blocks(prefix: str, found: dict[int, list[str]], where: str) -> Blocks:
     if missing:
         raise SelectionError(f"{where}{prefix}.N has no block {missing[0]} (it has {len(found)} numbered up to"
                              f" {max(found)}); the blocks must be numbered 0..L-1")
-    return Blocks(prefix, [found[i] for i in range(len(found))])
+    blocks = Blocks(prefix, [found[i] for i in range(len(found))])
+    others = {blocks.local(n) for block in blocks.members[1:] for n in block}
+    outside = frozenset(n for n in blocks.members[0] if n.endswith(STACK_LEVEL) and blocks.local(n) not in others)
+    return Blocks(prefix, [[n for n in block if n not in outside] for block in blocks.members], outside)
 
 
 def parse_ranges(text: str, count: int, flag: str, things: str = "the model has {} blocks") -> list[list[int]]:

@@ -29,8 +29,9 @@ LAYER_KINDS = ("conv", "linear", "batchnorm", "layernorm", "groupnorm", "rmsnorm
 KINDS = LAYER_KINDS + ("unknown",)
 ROLES = ("weight", "bias", "buffer", "parameter")
 NORMS = ("batchnorm", "layernorm", "groupnorm", "rmsnorm", "norm")
+# ... and transformers' buffers named like biases: DeepSeek-V3's router correction, BART's logits bias
 KNOWN_BUFFERS = {"running_mean", "running_var", "num_batches_tracked", "position_ids", "inv_freq",
-                 "masked_bias", "token_type_ids"}
+                 "masked_bias", "token_type_ids", "e_score_correction_bias", "final_logits_bias"}
 
 # GGUF's llama-style names (llama.cpp's tensor names) too: token_embd, attn_q, attn_output, ffn_up, output
 _EMBEDDING = re.compile(r"(^|_)(embed\w*|emb|embd|wte|wpe)$")
@@ -151,8 +152,8 @@ def role(leaf: str, tensor: Tensor) -> str:
         return "buffer"
     if leaf == "weight" or leaf.endswith("_weight") or leaf in ("weight_g", "weight_v", "weight_orig"):
         return "weight"
-    if (leaf == "bias" or leaf.endswith("_bias")) and len(tensor.shape) <= 1:
-        return "bias"
+    if (leaf == "bias" or leaf.endswith("_bias")) and (len(tensor.shape) <= 1 or leaf.endswith("_proj_bias")):
+        return "bias"  # a projection's bias may be stacked per expert: gpt-oss's experts.down_proj_bias [E, out]
     recurrent = RECURRENT.fullmatch(leaf)
     if recurrent and len(tensor.shape) == {"weight": 2, "bias": 1}[recurrent.group(1)]:
         return recurrent.group(1)

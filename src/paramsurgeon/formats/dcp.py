@@ -22,7 +22,7 @@ from ..checkpoint.extras import is_optimizer_state
 from ..checkpoint.opaque import Opaque, describe
 from ..errors import CorruptCheckpointError
 from . import dcpchunks, dcpwriter, pickles
-from .atomic import atomic_directory
+from .atomic import atomic_directory, new_file
 from .inputs import Inputs
 
 _DCP = "torch.distributed.checkpoint"
@@ -172,8 +172,8 @@ def _restore_parameter_ids(node: Any, depth: int = 0) -> None:
 
 class Writer:
     """A DCP directory written tensor by tensor (dcpwriter), replaced as a whole
-    (atomic.atomic_directory); files beside the checkpoint in the old directory are carried over.
-    It is never one of the command's ``inputs``."""
+    (atomic.atomic_directory); files beside the checkpoint in the old directory are carried over, but
+    for those the command made (``Checkpoint.made``: a config.json). It is never one of the command's ``inputs``."""
 
     def __init__(self, folder: str, inputs: Inputs):
         self.folder, self.inputs = folder, inputs
@@ -183,6 +183,9 @@ class Writer:
         with atomic_directory(self.folder, carry=lambda name: not is_own_file(name), owns=is_own_file,
                               what="a DCP checkpoint", inputs=self.inputs) as staging:
             dcpwriter.write(staging, ckpt.root, ckpt.source)
+            for name, content in ckpt.made.items():
+                with new_file(os.path.join(staging, name)) as sink:
+                    sink.write(content)
         return _ties_note(ckpt.ties())
 
 

@@ -1,8 +1,8 @@
 """The ``config.json`` of a Hugging Face model directory: found beside a checkpoint (a directory
 input, its index, or a single file inside the directory) and read as a JSON object; NVIDIA
 ModelOpt's ``hf_quant_config.json``, which holds the quantization its exports leave out of config.json;
-and the ``quantization_config`` a safetensors file records in its metadata (quantmeta.py), read when
-neither file beside it gives one."""
+and the ``quantization_config`` (with the ``torch_dtype`` its weights read as) a safetensors file records in
+its metadata (quantmeta.py), read when neither file beside it gives one."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .places import dirname, is_dir, is_file, join, read_all
 CONFIG = "config.json"
 QUANT_CONFIG = "hf_quant_config.json"  # {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": ...}}
 METADATA_KEY = "quantization_config"  # in a safetensors file's __metadata__: the JSON text, as config.json names it
+DTYPE_KEY = "torch_dtype"  # beside it: the dtype its quantized weights dequantize to, as config.json names it
 
 
 def config_path(path: str | None, name: str = CONFIG) -> str | None:
@@ -44,7 +45,8 @@ def quantization_read(path: str | None, config: dict | None, metadata: dict | No
     """``config`` as the quantization schemes read it: where it has no ``quantization_config``, the
     ``quantization`` of an ``hf_quant_config.json`` beside the checkpoint stands in for one
     (``quant_method: modelopt``), as ModelOpt's loaders in vLLM and TensorRT-LLM read it; else the one
-    the checkpoint's ``metadata`` records (a single file written without a config.json)."""
+    the checkpoint's ``metadata`` records (a single file written without a config.json), with the dtype
+    recorded beside it."""
     if isinstance(config, dict) and "quantization_config" in config:
         return config
     modelopt = read_config(path, QUANT_CONFIG)
@@ -52,7 +54,10 @@ def quantization_read(path: str | None, config: dict | None, metadata: dict | No
     if isinstance(quantization, dict):
         return {**(config or {}), "quantization_config": {**quantization, "quant_method": "modelopt"}}
     recorded = recorded_quantization(metadata)
-    return config if recorded is None else {**(config or {}), "quantization_config": recorded}
+    if recorded is None:
+        return config
+    dtype = metadata.get(DTYPE_KEY)
+    return {**(config or {}), "quantization_config": recorded, **({DTYPE_KEY: dtype} if isinstance(dtype, str) else {})}
 
 
 def recorded_quantization(metadata: dict | None) -> dict | None:

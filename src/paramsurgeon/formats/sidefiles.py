@@ -218,18 +218,20 @@ def _config_update(source: str, ckpt: Checkpoint, inputs: Inputs) -> tuple[str |
     changes = {**{k: v for k, v in (ckpt.config or {}).items() if config.get(k) != v}, **changes}
     if not changes:
         return None, notes
-    shown = ", ".join(_change(config, k, v) for k, v in changes.items())
+    shown = ", ".join(shown_change(config, k, v) for k, v in changes.items())
     return _dumps(_updated(config, changes), text), notes + [f"note: {CONFIG}: {shown}"]
 
 
-def _change(config: dict, key: str, value, inner: bool = False) -> str:
-    """'vocab_size 50257 -> 50304', 'quantization_config removed', 'quantization_config added (...)',
+def shown_change(config: dict, key: str, value, inner: bool = False) -> str:
+    """A change of ``config``'s ``key`` to ``value`` as a note shows it: 'vocab_size 50257 -> 50304',
+    'quantization_config removed', 'quantization_config added (...)',
     'quantization_config.ignore added model.layers.0.mlp.down_proj' (a dict by its keys, a list by what it gained)."""
     old = config.get(key)
     if value is REMOVED:
         return f"{key} removed"
     if isinstance(value, dict) and isinstance(old, dict):
-        return ", ".join(f"{key}.{_change(old, k, v, True)}" for k, v in value.items() if k not in old or old[k] != v)
+        return ", ".join(f"{key}.{shown_change(old, k, v, True)}" for k, v in value.items()
+                         if k not in old or old[k] != v)
     if inner and isinstance(value, list) and value[:len(old or [])] == (old or []):
         added = [a if isinstance(a, str) else json.dumps(a) for a in value[len(old or []):]]
         return f"{key} added {', '.join(added[:4])}" + (f" and {len(added) - 4} more" if len(added) > 4 else "")

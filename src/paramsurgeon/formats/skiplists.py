@@ -13,8 +13,10 @@ took from another checkpoint bring the entries of that checkpoint's list under t
 
 A rename moves an entry naming a module whose tensors it renamed as a whole ('model.layers.2.mlp' with
 'model.layers.2.mlp.*' -> 'model.layers.2.ffn.*', or everything under 'model' with 'model.*' ->
-'base.model.*'). A note names the entries it leaves naming renamed modules: patterns and suffixes as
-above, and a module the rename split (some of its tensors renamed out of it, some not).
+'base.model.*'). An entry naming a module the rename split (some of the modules under it renamed out of
+it, some not: 'model.layers.2' with 'model.layers.2.mlp.*' -> 'model.mlp2.*') stays for what is left and
+is joined by an entry for each module renamed out of it ('model.mlp2'), so both parts stay unquantized.
+A note names the entries it leaves naming renamed modules: patterns and suffixes as above.
 """
 
 from __future__ import annotations
@@ -22,26 +24,25 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from ..checkpoint.moves import Moves, followed, heads
+from ..checkpoint.moves import Moves, heads
 
 
 def moved_list(entries: list, moves: list[Moves], theirs: Callable[[str], list | None],
                where: str) -> tuple[list, list[str]]:
     """``entries`` after ``moves``, and the entries under the blocks taken from other checkpoints
     (``theirs(path)``: that checkpoint's list, None when it has none); notes (``where`` names the list)."""
-    result = [new for entry in entries for new in (followed(entry, moves) if isinstance(entry, str) else [entry])]
+    result = [new for entry in entries for new in (_followed(entry, moves) if isinstance(entry, str) else [entry])]
     for number, step in enumerate(moves):
         for new, (path, old) in step.taken.items():
             result += [renamed for entry in theirs(path) or [] if isinstance(entry, str) and _under(entry, old)
-                       for renamed in followed(new + entry[len(old):], moves[number + 1:])]
+                       for renamed in _followed(new + entry[len(old):], moves[number + 1:])]
     tails = [{tail for key in step.renamed for tail in _tails(key)} for step in moves]
     numbered = [e for e in entries if isinstance(e, str) and _names_a_number(e, moves, tails)]
     renamed = [e for e in entries if isinstance(e, str) and e not in numbered and _names_a_renamed(e, moves, tails)]
     notes = _left(where, numbered, "a pattern or a name's suffix that names renumbered modules by number, which"
                   " cannot follow them; check it against the new numbering")
-    notes += _left(where, renamed, "a pattern or a name's suffix that names renamed modules, or a module whose"
-                   " tensors the rename split (some renamed out of it, some not), which cannot follow them; check it"
-                   " against the new names")
+    notes += _left(where, renamed, "a pattern or a name's suffix that names renamed modules, which cannot follow"
+                   " them; check it against the new names")
     return unique(result), notes
 
 
@@ -57,6 +58,22 @@ def unique(entries: list) -> list:
             seen.add(entry)
         kept.append(entry)
     return kept
+
+
+def _followed(entry: str, moves: list[Moves]) -> list[str]:
+    """``entry`` after every step of ``moves`` (as checkpoint.moves.followed), and after a rename that split the
+    module it names, each module renamed out of it too."""
+    names = [entry]
+    for step in moves:
+        names = [new for name in names for new in step.follow(name) + _split_off(name, step)]
+    return names
+
+
+def _split_off(entry: str, step: Moves) -> list[str]:
+    """The new names of the modules under ``entry`` that ``step`` renamed out of it (none when it moved
+    ``entry`` itself, or only renamed within it)."""
+    return [new for key, news in step.renamed.items() if key.startswith(entry + ".")
+            for new in news if not _under(new, entry)]
 
 
 def _left(where: str, entries: list[str], why: str) -> list[str]:
@@ -86,16 +103,14 @@ def _names_a_number(entry: str, moves: list[Moves], tails: list[set[str]]) -> bo
 
 def _names_a_renamed(entry: str, moves: list[Moves], tails: list[set[str]]) -> bool:
     """Whether ``entry``, left as it is, names a module a rename moved anyway: a pattern whose text names
-    one by its old name ('re:.*mlp\\.gate$' after 'model.layers.2.mlp' moved), a name's suffix ('mlp.gate'),
-    or a module some of whose tensors the rename moved out of it and some not."""
+    one by its old name ('re:.*mlp\\.gate$' after 'model.layers.2.mlp' moved), or a name's suffix ('mlp.gate')."""
     for step, suffixes in zip(moves, tails):
         if step.numbered or step.module_of(entry) is not None:
             continue
         if _is_pattern(entry):
             if any(re.search(rf"(?<!\w){re.escape(key.rpartition('.')[2])}(?!\w)", entry) for key in step.renamed):
                 return True
-        elif set(heads(entry)) & suffixes or any(_under(key, entry) and not all(_under(new, entry) for new in news)
-                                                  for key, news in step.renamed.items()):
+        elif set(heads(entry)) & suffixes:
             return True
     return False
 

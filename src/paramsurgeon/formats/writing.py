@@ -20,7 +20,7 @@ from . import registry, sharded, sidefiles
 from .atomic import output_file
 from .files import stdout_sink
 from .inputs import Inputs
-from .quantmeta import refuse_unrecorded, with_quantization
+from .quantmeta import recorded_config, refuse_unrecorded, with_config, with_quantization
 from .target import Target
 
 Progress = Callable[[int], None]
@@ -40,11 +40,15 @@ def save(ckpt: Checkpoint, target: Target, *, dedupe: bool = False, tensors_only
     of one safetensors file (placed.py); with ``resume``, a journal lets
     a later run finish an interrupted write (journal.py). Returns notes on what a directory output
     carried from the input's (sidefiles.carry). A format with metadata records there the
-    quantization_config of the quantized weights written (quantmeta.py)."""
+    quantization_config of the quantized weights written, and a directory in its config.json (quantmeta.py)."""
     ckpt = writable(ckpt, target, tensors_only)
-    if registry.get(target.family).metadata:
-        ckpt = with_quantization(ckpt, target.inputs)
-    return writer(target, dedupe=dedupe, progress=progress, work=work, resume=resume).write(ckpt) or []
+    fmt, notes = registry.get(target.family), []
+    recorded = recorded_config(ckpt, target.inputs)
+    if fmt.metadata:
+        ckpt = with_quantization(ckpt, recorded)
+    if fmt.directory or target.sharded:
+        ckpt, notes = with_config(ckpt, target, recorded)
+    return notes + (writer(target, dedupe=dedupe, progress=progress, work=work, resume=resume).write(ckpt) or [])
 
 
 def writer(target: Target, *, dedupe: bool = False, progress: Progress | None = None, work: Work = Work(),

@@ -15,7 +15,7 @@ from ..checkpoint.blocks import find_blocks, parse_ranges
 from ..checkpoint.moves import Moves
 from ..declare import option
 from ..errors import PlanError, SelectionError, UsageError
-from .layers import Blockwise
+from .layers import Blockwise, described, within
 from .plan import Change, Plan
 from .spec import Operation, Sources
 
@@ -75,7 +75,8 @@ class Experts(Blockwise, Operation):
         if not blocks:
             raise SelectionError("experts: no mixture-of-experts block (no '...experts.N.' tensor, nor fused"
                                  " '...experts.<name>' tensors with a leading expert dimension)")
-        chosen = self.chosen(ckpt, blocks)
+        section = described(ckpt.config, blocks[0].prefix)  # a multimodal model's text_config
+        chosen = self.chosen(ckpt, blocks, section)
         plan = Plan("experts", f"experts: {'keep ' + self.keep if self.keep is not None else 'drop ' + self.drop}")
         renames: dict[str, str] = {}
         gone: set[str] = set()
@@ -86,7 +87,7 @@ class Experts(Blockwise, Operation):
             flag, text = ("--keep", self.keep) if self.keep is not None else ("--drop", self.drop)
             picked = sorted(i for r in parse_ranges(text, count, f"experts: {flag}", f"{moe.prefix} has {{}} experts") for i in r)
             kept = picked if self.keep is not None else [i for i in range(count) if i not in picked]
-            self.check_top_k(ckpt.config, len(kept), moe.prefix)
+            self.check_top_k(section, len(kept), moe.prefix)
             counts.add((count, len(kept)))
             moves.renamed.update({f"{moe.prefix}.experts.{i}": [] for i in range(count)})
             for new, old in enumerate(kept):
@@ -96,12 +97,12 @@ class Experts(Blockwise, Operation):
             plan.changes += [_rows(n, tensors[n], kept) for n in moe.fused + moe.router]
         plan.rebuilt = [(renames.get(n, n), n, t) for n, t in tensors.items() if n not in gone]
         plan.drops = [n for n in tensors if n in gone]
-        plan.config = expert_config(ckpt.config, counts)
+        plan.config = within(ckpt.config, section, expert_config(section, counts))
         plan.moves = moves
         return plan
 
-    def chosen(self, ckpt: Checkpoint, blocks: list[MoE]) -> list[MoE]:
-        """The blocks --layer selects (all without it)."""
+    def chosen(self, ckpt: Checkpoint, blocks: list[MoE], section: dict) -> list[MoE]:
+        """The blocks --layer selects (all without it); ``section`` is the config that counts their experts."""
         if self.layer is None:
             return blocks
         layers = find_blocks(list(ckpt.tensors), self.prefix, "experts: ")
@@ -111,7 +112,7 @@ class Experts(Blockwise, Operation):
         if not chosen:
             raise SelectionError(f"experts: --layer {self.layer} selects no block with experts (those with experts:"
                                  f" {', '.join(str(of[m.prefix]) for m in blocks)})")
-        uniform = ckpt.config and any(isinstance(ckpt.config.get(k), int) for k in COUNT_KEYS)
+        uniform = any(isinstance(section.get(k), int) for k in COUNT_KEYS)
         if uniform and len(chosen) < len(blocks):
             raise UsageError(f"experts: --layer {self.layer} leaves other blocks with their experts, but config.json"
                              " gives one expert count for every block; select every block with experts (or leave"

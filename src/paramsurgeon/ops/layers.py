@@ -16,9 +16,18 @@ from ..sizes import plural
 from .plan import Change, Plan, names_list
 from .spec import Operation, Sources
 
-COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # the layer count, as configs name it
-INDEX_LISTS = ("mlp_only_layers",)  # lists of layer indices (not one entry per layer)
-OUTPUTS = ("o_proj", "out_proj", "c_proj", "down_proj", "fc2", "w2")  # output projections of a block's branches
+COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "depth")  # the layer count, as configs name it
+DECODER_KEYS = ("num_decoder_layers", "decoder_layers")  # an encoder-decoder's decoder count: T5, BART, ProphetNet
+ENCODER_KEYS = ("encoder_layers", "num_encoder_layers")  # its encoder count, beside num_layers/num_hidden_layers
+OTHER_TOWERS = {"vision_config": ("vision", "visual"), "audio_config": ("audio",)}  # by words of a block prefix
+INDEX_LISTS = ("mlp_only_layers", "moe_layers")  # lists of layer indices (not one entry per layer): Qwen-MoE, Llama 4
+# output projections of a block's branches: Llama, GPT-2, OPT, Mixtral, T5 (o, wo), Falcon and GPT-NeoX
+# (dense_4h_to_h), GPT-J (fc_out); and a 'dense' right under the attention (Falcon, GPT-NeoX, Phi)
+OUTPUTS = ("o_proj", "out_proj", "c_proj", "down_proj", "fc2", "w2", "o", "wo", "dense_4h_to_h", "fc_out")
+ATTENTIONS = ("attention", "self_attention", "self_attn", "attn")
+# blocks that normalise after the residual sum (x + 0 is then normalised again): config flags, model types
+POST_NORM = {"do_layer_norm_before": False, "normalize_before": False, "apply_residual_connection_post_layernorm": True}
+POST_NORM_TYPES = ("bart", "marian", "blenderbot-small", "plbart", "fsmt", "bert", "roberta", "electra")
 
 
 @dataclass(kw_only=True)
@@ -26,8 +35,9 @@ class Blockwise:
     """Where the blocks are."""
 
     prefix: str | None = option(None, "--prefix", metavar="P", help="The numbered block list (e.g. net.stages),"
-                                " when it is not one of model.layers, transformer.h, encoder.layer, blocks,"
-                                " model.decoder.layers.")
+                                " when it is not found from the names (a list named layers, layer or blocks,"
+                                " transformer.h, T5's encoder.block) or when there are several (encoder and"
+                                " decoder, language model and vision tower).")
 
 
 @dataclass(kw_only=True)
@@ -71,8 +81,9 @@ class Layers(Blockwise, Operation):
         order, copies = self.order(blocks.count)
         plan = renumbered("layers", ckpt, blocks, [(ckpt, blocks, i) for i in order], f"layers: {self.described()}")
         if self.identity:
+            _normalised_before(described(ckpt.config, blocks.prefix))
             plan.changes = identity_changes(blocks, plan, copies)
-        plan.config = layer_config(ckpt.config, blocks.count, order)
+        plan.config = layer_config(ckpt.config, blocks.prefix, blocks.count, order)
         return plan
 
     def order(self, count: int) -> tuple[list[int], set[int]]:
@@ -171,8 +182,22 @@ def identity_changes(blocks: Blocks, plan: Plan, copies: set[int]) -> list[Chang
 
 
 def _output(local: str) -> bool:
-    parts = local.split(".")
-    return parts[-1] in OUTPUTS or (len(parts) > 1 and parts[-2] in OUTPUTS and parts[-1] in ("weight", "bias"))
+    *parents, leaf = local.split(".")
+    if leaf not in ("weight", "bias"):
+        return leaf.removesuffix("_bias") in OUTPUTS  # fused experts: experts.down_proj, gpt-oss's down_proj_bias
+    return bool(parents) and (parents[-1] in OUTPUTS or parents[-2:-1] in ([a] for a in ATTENTIONS)
+                              and parents[-1] == "dense")
+
+
+def _normalised_before(config: dict) -> None:
+    """Refuse --identity for blocks that normalise after the residual sum (BERT, BART, OPT-350m): zeroed
+    output projections leave x, which the block's norm still changes."""
+    said = next((f"{k} {str(v).lower()}" for k, v in POST_NORM.items() if config.get(k) is v), None)
+    said = said or (f"model_type {config['model_type']}" if config.get("model_type") in POST_NORM_TYPES else None)
+    if said:
+        raise PlanError(f"layers: --identity: config.json says the blocks normalise after the residual sum ({said}),"
+                        " so a copy with zeroed output projections still changes the output; duplicate without"
+                        " --identity")
 
 
 def _zeros(nbytes: int):
@@ -182,7 +207,9 @@ def _zeros(nbytes: int):
 def _agrees_with_config(config: dict | None, blocks) -> None:
     """Refuse a model whose config counts fewer layers than it has numbered blocks (DeepSeek-V3 numbers
     its multi-token-prediction layer after the model's layers): renumbering would make it one of them."""
-    counted = {key: value for key, value in (config or {}).items() if key in COUNT_KEYS and isinstance(value, int)}
+    section = described(config, blocks.prefix)
+    keys = _counted(section, blocks.prefix)
+    counted = {key: value for key, value in section.items() if key in keys and isinstance(value, int)}
     for key, value in counted.items():
         if value != blocks.count:
             raise UsageError(f"layers: the checkpoint has {blocks.count} blocks ({blocks.prefix}.0 to"
@@ -192,24 +219,60 @@ def _agrees_with_config(config: dict | None, blocks) -> None:
                              f" (paramsurgeon drop -p '{blocks.prefix}.{value}.*')")
 
 
-def layer_config(config: dict | None, count: int, order: list[int]) -> dict:
-    """The keys of ``config`` that change when its ``count`` layers become ``order`` (a source index
-    each): the layer count, lists with an entry per layer, lists of layer indices, and which layers
-    are dense in a mixture-of-experts model."""
-    if not config:
+def layer_config(config: dict | None, prefix: str, count: int, order: list[int]) -> dict:
+    """The keys of ``config`` that change when its ``count`` blocks under ``prefix`` become ``order`` (a
+    source index each), in the part of the config that describes them (a multimodal model's text_config
+    or vision_config, an encoder-decoder's encoder or decoder counts): the layer count, lists with an
+    entry per layer, lists of layer indices, and which layers are dense in a mixture-of-experts model."""
+    section = described(config, prefix)
+    if not section:
         return {}
+    keys = _counted(section, prefix)
     changes: dict = {}
-    for key, value in config.items():
-        if key in COUNT_KEYS and value == count:
+    for key, value in section.items():
+        if key in keys and value == count:
             changes[key] = len(order)
         elif isinstance(value, list) and key in INDEX_LISTS:
             changes[key] = [new for new, old in enumerate(order) if old in value]
         elif isinstance(value, list) and len(value) == count and count > 1 and key != "architectures":
             changes[key] = [value[i] for i in order]
-        elif isinstance(value, dict) and key.endswith("_config") and any(k in value for k in COUNT_KEYS):
-            changes[key] = {**value, **layer_config(value, count, order)}
-    changes.update(_dense_layers(config, order))
-    return {k: v for k, v in changes.items() if v != config.get(k)}
+    if keys == DECODER_KEYS[:1] and "num_decoder_layers" not in section:  # T5's defaults to num_layers
+        changes["num_decoder_layers"] = len(order)
+    elif "num_layers" in changes and keys != COUNT_KEYS and "num_decoder_layers" not in section:
+        changes["num_decoder_layers"] = count  # the decoder keeps its count, which num_layers gave
+    changes.update(_dense_layers(section, order))
+    return within(config, section, changes)
+
+
+def described(config: dict | None, prefix: str) -> dict:
+    """The part of ``config`` that describes the blocks under ``prefix``: a multimodal model's
+    vision_config (or audio_config) for a prefix naming that tower, its text_config for any other,
+    else the config itself."""
+    config = config or {}
+    words = prefix.lower().split(".")
+    for key, named in OTHER_TOWERS.items():
+        if isinstance(config.get(key), dict) and any(w in word for w in named for word in words):
+            return config[key]
+    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
+
+
+def within(config: dict | None, section: dict, changes: dict) -> dict:
+    """``changes`` to ``section`` (a part of ``config`` that described() gave) as changes to ``config``,
+    without those that change nothing."""
+    changes = {k: v for k, v in changes.items() if v != section.get(k)}
+    tower = next((key for key, value in (config or {}).items() if value is section), None)
+    return {tower: {**section, **changes}} if tower and changes else changes
+
+
+def _counted(section: dict, prefix: str) -> tuple[str, ...]:
+    """The keys of ``section`` that count the blocks under ``prefix``: an encoder-decoder model's decoder
+    count for its decoder (T5's num_decoder_layers, BART's decoder_layers), its encoder count (with
+    num_hidden_layers, which mirrors it) for its encoder, else the layer count."""
+    if not (section.get("is_encoder_decoder") or any(k in section for k in DECODER_KEYS + ENCODER_KEYS)):
+        return COUNT_KEYS
+    if "decoder" in prefix.split("."):
+        return tuple(k for k in DECODER_KEYS if k in section) or DECODER_KEYS[:1]  # T5's may be left out
+    return COUNT_KEYS + ENCODER_KEYS
 
 
 def _dense_layers(config: dict, order: list[int]) -> dict:
@@ -272,7 +335,7 @@ class Stack(Blockwise, Operation):
         _agree([(ckpt, blocks, 0)] + order)  # the blocks taken, and those of the model they go into
         plan = Stacked(**vars(renumbered("stack", ckpt, blocks, order, f"stack: {', '.join(self.slices)}")))
         plan.taken = f"{plural(len(order), 'block')} ({', '.join(self.slices)})"
-        plan.config = layer_config(ckpt.config, blocks.count, [i for _, _, i in order])
+        plan.config = layer_config(ckpt.config, blocks.prefix, blocks.count, [i for _, _, i in order])
         return plan
 
 

@@ -71,7 +71,7 @@ class Gptq(QweightScheme):
         if missing:
             return Partial(named, f"{parts['qweight']} without its {' and '.join(missing)}")
         fmt = checkpoint_format(config)
-        if fmt not in FORMATS:
+        if not isinstance(fmt, str) or fmt not in FORMATS:
             return Partial(named, f"checkpoint_format {fmt!r} is not read (only gptq and gptq_v2)")
         qweight, qzeros, scales = (tensors[parts[r]] for r in ("qweight", "qzeros", "scales"))
         g_idx = tensors.get(parts.get("g_idx"))
