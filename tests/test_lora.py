@@ -470,6 +470,41 @@ def test_extract_of_a_tied_model_adapts_the_shared_weight_once(request, tmp_path
     assert "untie them in BASE first" in refused.stderr
 
 
+def test_extract_saves_a_module_with_submodules_whole(request, tmp_path):
+    """BERT's masked-LM head holds its own bias beside submodules (transform, decoder): PEFT copies a
+    module to save whole and loads every tensor of the copy, so the adapter holds them all, and a
+    changed weight inside it is saved there, not adapted."""
+    from peft import PeftModel
+    from transformers import BertConfig, BertForMaskedLM
+
+    def bert():
+        torch.manual_seed(0)
+        return BertForMaskedLM(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=24, max_position_embeddings=32)).eval()
+
+    model, tuned = bert(), bert()
+    with torch.no_grad():
+        tuned.cls.predictions.bias += 0.5
+        tuned.cls.predictions.transform.dense.weight += low_rank((16, 16), 2, 1)
+        tuned.bert.encoder.layer[0].attention.self.query.weight += low_rank((16, 16), 2, 2)
+    model.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    base = register_input(request, tmp_path / "base")
+    adapter, _ = extracted(tmp_path, base, tmp_path / "tuned", "--rank", "2")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["cls.predictions"]
+    assert config["target_modules"] == ["bert.encoder.layer.0.attention.self.query"]
+    merged = PeftModel.from_pretrained(bert(), adapter).merge_and_unload().state_dict()
+    for key, weight in tuned.state_dict().items():
+        if key.startswith("cls."):
+            assert torch.equal(merged[key], weight), key
+        else:
+            torch.testing.assert_close(merged[key], weight, msg=key, atol=1e-5, rtol=1e-4)
+    got, _ = merge_lora(tmp_path, base, adapter)  # written as save_pretrained writes it, the tied names once
+    for key, weight in load_file(tmp_path / "tuned" / "model.safetensors").items():
+        torch.testing.assert_close(got[key], weight, msg=key, atol=1e-5, rtol=1e-4)
+
+
 class LoneConv1D(torch.nn.Module):
     """One square GPT-2 Conv1D and nothing near it that tells its layout."""
 

@@ -281,6 +281,28 @@ def test_nested_training_checkpoint(request, tmp_path, training_pt):
         assert bits(load_torch(keyed)["state_dict"][name]) == bits(value), name
 
 
+def test_notes_of_every_input_are_shown_named(request, tmp_path):
+    """What was decided about an input other than the first (the --key chosen in a nested training
+    checkpoint) is said once, after its path, for merge's second input and for copy --source."""
+    flat = {"w": torch.ones(3, 3), "b": torch.zeros(3)}
+    trained = {k: v + 1 for k, v in flat.items()}
+    first = save(request, tmp_path / "flat.pt", flat)
+    nested = save(request, tmp_path / "nested.pt", {"state_dict": trained, "ema": {k: v + 2 for k, v in flat.items()},
+                                                    "epoch": 3})
+    out, result = merged(tmp_path, first, nested)
+    for name, value in load_torch(out).items():
+        torch.testing.assert_close(value, (flat[name] + trained[name]) / 2, msg=name)
+    chosen = f"note: {nested}: using 'state_dict'; the file also holds tensors in ema (pick with --key)"
+    assert result.stderr.splitlines().count(chosen) == 1, result.stderr
+    assert result.stderr.count("using 'state_dict'") == 1
+    copied = tmp_path / "copied.pt"
+    result = run("copy", first, "--source", nested, "-o", copied)
+    assert result.exit_code == 0, result.stderr
+    assert all(torch.equal(value, trained[name]) for name, value in load_torch(copied).items())
+    assert result.stderr.splitlines().count(chosen) == 1, result.stderr
+    assert result.stderr.count("using 'state_dict'") == 1
+
+
 def test_ties_are_merged_once_and_stay_tied(request, tmp_path, gpt):
     paths = []
     for seed in (1, 2):

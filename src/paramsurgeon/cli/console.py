@@ -98,10 +98,15 @@ def open_checkpoint(path: Optional[str], load: "Loader", role: Optional[str] = "
     which no output may overwrite; notes (e.g. which --key was chosen) go to stderr, ``named`` after
     the input they are about (a command of several inputs, whose notes would otherwise read alike)."""
     ckpt = load.checkpoint(path, load.key, role)
+    show_notes(ckpt, named)
+    return ckpt
+
+
+def show_notes(ckpt: Checkpoint, named: bool) -> None:
+    """``ckpt``'s notes (which --key was chosen, a tie read as an alias) on stderr, ``named`` after it."""
     for message in ckpt.notes:
         about = f"{ckpt.source}: " if named and not message.startswith(ckpt.source) else ""
         note(f"note: {about}{message}")
-    return ckpt
 
 
 def selected_names(ckpt: Checkpoint, selection: Selection, tensors: Optional[dict] = None) -> list[str]:

@@ -26,8 +26,8 @@ def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
     """A PEFT LoRA adapter whose merge into BASE approximates TUNED: a truncated SVD of each changed
     weight's delta (B = U_r sqrt(S_r), A = sqrt(S_r) Vh_r), loadable by PeftModel.from_pretrained.
 
-    Unchanged tensors are skipped; changed 1-D tensors are saved whole (modules_to_save, or a
-    targeted module's bias). Prints each module's relative reconstruction error.
+    Unchanged tensors are skipped; changed 1-D tensors are saved whole (modules_to_save, with
+    the module's submodules, or a targeted module's bias). Prints each module's relative reconstruction error.
     """
     from ..formats import peft
     from ..formats.directories import refuse_foreign

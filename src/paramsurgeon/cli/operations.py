@@ -16,8 +16,8 @@ from ..formats.files import refuse_terminal
 from ..ops import OPERATIONS, Operation
 from ..ops.surgery import Step, check_values, draw_seeds, perform, rehearse
 from ..report import render
-from .console import (color_on_stdout, emit, loader, note, output_target, progress, terminal_width, work,
-                      write_checkpoint)
+from .console import (color_on_stdout, emit, loader, note, output_target, progress, show_notes, terminal_width,
+                      work, write_checkpoint)
 from .options import Input, NamedInput, Read, Surgery, Unquantized, Write
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Option
     if unquantized is not None and unquantized.dtype is not None:
         _store_unquantized(ckpt, target, unquantized.dtype)
     planned = rehearse(ckpt, steps, sources)
+    _show_input_notes(ckpt, sources)  # the inputs the steps opened are known now
     if target.path is not None:
         sources.inputs.refuse_overwrite(target.path)  # the inputs the steps opened (--source), as a real run
     for step, plan, _ in planned:
@@ -99,10 +100,7 @@ def run_steps(command: str, path: Optional[str], steps: list[Step], seed: Option
 
 
 def _target(ckpt: Checkpoint, write: Write, surgery: Surgery, sources: Loader) -> formats.Target:
-    """Where the result goes (its notes, and the checkpoint's, shown); impossible outputs are
-    refused before any work."""
-    for message in ckpt.notes:
-        note(f"note: {message}")
+    """Where the result goes (its notes shown); impossible outputs are refused before any work."""
     target = output_target(ckpt, write, sources.inputs)
     if target.path is None and not write.dry_run:
         refuse_terminal()  # before any value is computed
@@ -110,6 +108,14 @@ def _target(ckpt: Checkpoint, write: Write, surgery: Surgery, sources: Loader) -
             raise UsageError("--json prints the plan on standard output, where the checkpoint is going;"
                              " pass -o PATH or --dry-run")
     return target
+
+
+def _show_input_notes(ckpt: Checkpoint, sources: Loader) -> None:
+    """The notes of the checkpoint and of every other input the steps opened (merge's inputs, --source),
+    each named after its input when there are several."""
+    inputs = list({id(c): c for c in [ckpt, *sources.opened.values()]}.values())
+    for each in inputs:
+        show_notes(each, named=len(inputs) > 1)
 
 
 def _store_unquantized(ckpt: Checkpoint, target: formats.Target, dtype: str) -> None:

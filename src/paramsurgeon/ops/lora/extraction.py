@@ -8,7 +8,8 @@ told by the checkpoint (checkpoint/layouts.py; ``--fan-in-fan-out`` decides one 
 Embedding (``lora_embedding_A`` (r, num), ``lora_embedding_B`` (dim, r): the delta transposed); a
 convolution's kernel goes to A, B is (out, r, 1, ...). A tensor whose delta is zero is skipped. A
 changed 1-D tensor is saved whole: a targeted module's bias as ``<module>.base_layer.bias``, any
-other module's tensors (a norm) as ``modules_to_save``.
+other module's tensors (a norm) as ``modules_to_save``, every tensor of the module and its submodules
+(BERT's ``cls.predictions``, whose ``bias`` sits beside ``transform`` and ``decoder``), as PEFT loads them.
 """
 
 from __future__ import annotations
@@ -110,19 +111,17 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
         one = len(others) == 1
         raise PlanError(f"extract-lora: {names_list(others)} changed but {'is' if one else 'are'} not a module's"
                         f" .weight, which LoRA adapts; leave {'it' if one else 'them'} out with -x")
+    saved = _saved_modules(ones, {m.name for m in modules})
+    modules = [m for m in modules if not _within(m.weight, saved)]
     targets = {m.name for m in modules}
     whole: dict[str, Tensor] = OrderedDict()
-    saved = []
     for name in ones:
         module, leaf = split_name(name)
         if module in targets:
             whole[f"{PREFIX}{module}.base_layer.{leaf}"] = _cast(theirs[name], target or base[name].dtype)
-        elif module not in saved:
-            saved.append(module)
-    for module in saved:
-        for name, tensor in theirs.items():
-            if split_name(name)[0] == module:
-                whole[f"{PREFIX}{name}"] = _cast(tensor, target or base[name].dtype)
+    for name, tensor in theirs.items():
+        if _within(name, saved):
+            whole[f"{PREFIX}{name}"] = _cast(tensor, target or base[name].dtype)
     extraction = Extraction(modules, whole, saved, _config(op, modules, saved, ones, targets),
                             [n for n in names if n not in set(changed)], [f"warning: {w}" for w in warnings])
     extraction.notes += tied + _layout_notes(untold, op.fan_in_fan_out)
@@ -130,6 +129,20 @@ def plan_extraction(op, base: Checkpoint, tuned: Checkpoint, compute: bool = Tru
         for module in modules:
             _extract(module, base[module.weight], theirs[module.weight], extraction.config["lora_alpha"])
     return extraction
+
+
+def _saved_modules(ones: list[str], targets: set[str]) -> list[str]:
+    """The modules_to_save: the module of each changed 1-D tensor that is no target's bias, outermost
+    only. PEFT copies such a module whole, submodules too, and loads every tensor of the copy's
+    state_dict from the adapter: one inside another is saved with it, and a weight inside one is
+    saved whole there, so it is not adapted too."""
+    found = list(OrderedDict.fromkeys(m for m in (split_name(n)[0] for n in ones) if m not in targets))
+    return [m for m in found if not any(m.startswith(f"{other}.") for other in found)]
+
+
+def _within(name: str, modules: list[str]) -> bool:
+    """Whether tensor ``name`` is one of ``modules``' (directly or in a submodule)."""
+    return any(split_name(name)[0] == m or name.startswith(f"{m}.") for m in modules)
 
 
 def _once_per_tie(changed: list[str], base: Checkpoint, tuned: Checkpoint) -> tuple[list[str], list[str]]:

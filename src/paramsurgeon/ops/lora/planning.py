@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ...checkpoint import Checkpoint, Tensor
+from ...checkpoint.contents import same_values
 from ...dtypes import DType
 from ...errors import PlanError
 from ...sizes import plural
@@ -120,7 +121,7 @@ def plan_merge_lora(op, ckpt: Checkpoint, adapter: Adapter) -> LoraPlan:
     description = f"merge-lora {adapter.path} into {ckpt.source} ({_settings(adapter, op.scale)})"
     plan = LoraPlan("merge-lora", description, heading=description, adapter=adapter.path, modules=modules)
     order = {name: i for i, name in enumerate(tensors)}
-    units, notes = _units(ckpt, sorted(folds, key=order.__getitem__), not op.untie)
+    units, notes = _units(ckpt, sorted(_once_per_tie(ckpt, folds), key=order.__getitem__), not op.untie)
     target = cast_target(op.dtype) if op.dtype is not None else None
     for unit in units:
         fold, tensor = folds[unit[0]], tensors[unit[0]]
@@ -192,6 +193,18 @@ def _layout(pair: Pair, weight: Tensor, told: str) -> tuple[str, str | None]:
     if shape != (b[0], a[1], *a[2:]) or b[1] != r:
         return "", f"lora_A {list(a)} and lora_B {list(b)} do not fit the weight {list(shape)}"
     return "conv", None
+
+
+def _once_per_tie(ckpt: Checkpoint, folds: dict[str, Fold]) -> list[str]:
+    """The names of ``folds``, one per tie group whose names the adapter all replaces with the same
+    values (PEFT saves every name of a module it saves whole: BERT's ``cls.predictions.bias`` and its
+    alias ``cls.predictions.decoder.bias``); that one takes the group along (see _units)."""
+    dropped = set()
+    for group in ckpt.ties():
+        replaced = [n for n in group if n in folds and folds[n].role == "replace"]
+        if len(replaced) > 1 and all(same_values(folds[replaced[0]].start, folds[n].start) for n in replaced[1:]):
+            dropped.update(replaced[1:])
+    return [n for n in folds if n not in dropped]
 
 
 def _units(ckpt: Checkpoint, names: list[str], follow: bool) -> tuple[list[list[str]], list[str]]:
