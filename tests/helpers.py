@@ -120,6 +120,12 @@ def safetensors_metadata(path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def config_json(folder) -> dict:
+    """The config.json of a model directory."""
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f)
+
+
 def same_storage(state: dict, *names: str) -> bool:
     """Whether the named tensors of a loaded state dict share one storage (a tie)."""
     return len({state[name].untyped_storage().data_ptr() for name in names}) == 1
@@ -183,6 +189,13 @@ def register_input(request, path):
     """Record ``path`` as an input of the running test: it must not change."""
     request.node.stash[INPUTS].append((path, digest(path)))
     return path
+
+
+def registered_model(request, saved, *key):
+    """(model, directory) that a module's ``saved(*key)`` made once, the directory an input of the running test."""
+    model, path = saved(*key)
+    register_input(request, path)
+    return model, path
 
 
 # The README's console examples: '$ command' lines, with the output the README shows under each

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import register_input, run
+from helpers import config_json, register_input, registered_model, run
 from safetensors.torch import load_file
 
 import layer_models as lm
@@ -29,17 +29,6 @@ def saved(tmp_path_factory):
     return save
 
 
-def model_dir(request, saved, kind, layout):
-    model, path = saved(kind, layout)
-    register_input(request, path)
-    return model, path
-
-
-def config(path):
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
-
-
 @pytest.mark.parametrize("kind, layout, args, kept, key", [
     ("mixtral", "per-expert", ["--keep", "0,2"], [0, 2], "num_local_experts"),
     ("mixtral", "fused", ["--drop", "1"], [0, 2, 3], "num_local_experts"),
@@ -49,11 +38,11 @@ def config(path):
     ("dsv3", "per-expert", ["--keep", "0..3", "--layer", "1..2"], [0, 1, 2, 3], "n_routed_experts"),
 ])
 def test_pruned_experts_compute_the_restricted_routing(request, saved, tmp_path, kind, layout, args, kept, key):
-    model, path = model_dir(request, saved, kind, layout)
+    model, path = registered_model(request, saved, kind, layout)
     out = tmp_path / "pruned"
     result = run("experts", path, *args, "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
-    assert config(out)[key] == len(kept)
+    assert config_json(out)[key] == len(kept)
     pruned = lm.load(out)
     with lm.restricted(model, kept) as reference:
         expected = lm.logits(reference)
@@ -62,7 +51,7 @@ def test_pruned_experts_compute_the_restricted_routing(request, saved, tmp_path,
 
 
 def test_router_rows_and_correction_bias_are_sliced(request, saved, tmp_path):
-    _, path = model_dir(request, saved, "dsv3", "fused")
+    _, path = registered_model(request, saved, "dsv3", "fused")
     out = tmp_path / "pruned"
     assert run("experts", path, "--keep", "1,3,4,6", "-o", f"{out}/").exit_code == 0
     before, after = load_file(os.path.join(path, "model.safetensors")), load_file(out / "model.safetensors")
@@ -75,7 +64,7 @@ def test_router_rows_and_correction_bias_are_sliced(request, saved, tmp_path):
 
 
 def test_per_expert_tensors_are_renumbered(request, saved, tmp_path):
-    _, path = model_dir(request, saved, "mixtral", "per-expert")
+    _, path = registered_model(request, saved, "mixtral", "per-expert")
     out = tmp_path / "pruned"
     assert run("experts", path, "--drop", "0,1", "-o", f"{out}/").exit_code == 0
     before, after = load_file(os.path.join(path, "model.safetensors")), load_file(out / "model.safetensors")
@@ -85,13 +74,13 @@ def test_per_expert_tensors_are_renumbered(request, saved, tmp_path):
 
 
 def test_recipe_step(request, saved, tmp_path):
-    _, path = model_dir(request, saved, "qwen3moe", "fused")
+    _, path = registered_model(request, saved, "qwen3moe", "fused")
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[step]]\nop = "experts"\nkeep = "0..2"\n')
     assert run("apply", path, recipe, "-o", f"{tmp_path / 'a'}/").exit_code == 0
     assert run("experts", path, "--keep", "0..2", "-o", f"{tmp_path / 'b'}/").exit_code == 0
     assert run("diff", tmp_path / "a", tmp_path / "b").exit_code == 0
-    assert config(tmp_path / "a")["num_local_experts"] == 3
+    assert config_json(tmp_path / "a")["num_local_experts"] == 3
 
 
 @pytest.mark.parametrize("args, message", [
@@ -102,7 +91,7 @@ def test_recipe_step(request, saved, tmp_path):
     (["--keep", "0,1", "--drop", "2"], "experts: pass one of --keep LIST or --drop LIST"),
 ])
 def test_bad_input_is_refused_and_nothing_written(request, saved, tmp_path, args, message):
-    _, path = model_dir(request, saved, "qwen3moe", "fused")
+    _, path = registered_model(request, saved, "qwen3moe", "fused")
     result = run("experts", path, *args, "-o", f"{tmp_path / 'out'}/")
     assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "out").exists()
@@ -117,7 +106,7 @@ def test_a_multimodal_models_experts_are_counted_in_its_text_config(request, tmp
     out = tmp_path / "pruned"
     result = run("experts", path, "--keep", "1,3", "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
-    assert config(out)["text_config"]["num_local_experts"] == 2 and config(out)["vision_config"] == config(path)["vision_config"]
+    assert config_json(out)["text_config"]["num_local_experts"] == 2 and config_json(out)["vision_config"] == config_json(path)["vision_config"]
     pruned = lm.load(out)
     with lm.restricted(model, [1, 3]) as reference:
         expected = lm.logits(reference)
@@ -168,7 +157,7 @@ def test_fp8_experts_keep_their_stored_parts(request, tmp_path):
     assert "model.layers.0.mlp.experts.3.down_proj.weight" not in after
     assert torch.equal(after["model.layers.0.mlp.gate.e_score_correction_bias"],
                        tensors["model.layers.0.mlp.gate.e_score_correction_bias"][[0, 2, 3]])
-    assert config(out)["n_routed_experts"] == 3
+    assert config_json(out)["n_routed_experts"] == 3
     assert run("layers", folder, "--duplicate", "0", "-o", tmp_path / "deeper").exit_code == 0
     deeper = load_file(tmp_path / "deeper" / "model.safetensors")
     copy = "model.layers.1.mlp.experts.2.down_proj.weight"
@@ -215,6 +204,6 @@ def test_the_skip_list_of_a_quantized_model_follows_its_experts(request, tmp_pat
     if 3 in kept:
         expected |= {f"model.layers.1.mlp.experts.{kept.index(3)}.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
     assert plain == expected  # the stored weights moved with their experts
-    skipped = config(out)["quantization_config"]["modules_to_not_convert"]
+    skipped = config_json(out)["quantization_config"]["modules_to_not_convert"]
     assert {n for n in stored if not should_convert_module(n, skipped)} == plain
     assert not should_convert_module("lm_head", skipped)

@@ -6,12 +6,11 @@ before their branches and refused where they normalise after the residual sum.""
 
 import copy
 import json
-import os
 import shutil
 
 import pytest
 import torch
-from helpers import register_input, run
+from helpers import config_json, register_input, registered_model, run
 
 import layer_models as lm
 
@@ -30,17 +29,6 @@ def saved(tmp_path_factory):
         return made[name]
 
     return save
-
-
-def model_dir(request, saved, name, build):
-    model, path = saved(name, build)
-    register_input(request, path)
-    return model, path
-
-
-def config(path):
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
 
 
 @torch.no_grad()
@@ -68,7 +56,7 @@ def t5_reordered(model, stack: str, order: list[int]):
 def test_two_block_lists_ask_for_prefix_and_nothing_is_written(request, saved, tmp_path, name, build, lists):
     """An encoder-decoder's two stacks, a multimodal model's language model and vision tower: the command
     does not pick one (BART's decoder was taken, its encoder unseen); both are named, with their counts."""
-    _, path = model_dir(request, saved, name, build)
+    _, path = registered_model(request, saved, name, build)
     first = lists.split(".N")[0]
     result = run("layers", path, "--drop", "0", "-o", f"{tmp_path / 'out'}/")
     assert result.exit_code == 2 and not (tmp_path / "out").exists()
@@ -88,11 +76,11 @@ def test_t5_stacks(request, saved, tmp_path, stack, args, order, counts):
     """T5 keeps its stack's relative_attention_bias in block 0 alone: it stays there whatever moves (a dropped or
     moved block 0 no longer takes it away, a copy no longer carries one the model does not have); num_layers
     counts the encoder and num_decoder_layers the decoder."""
-    model, path = model_dir(request, saved, "t5", lm.t5)
+    model, path = registered_model(request, saved, "t5", lm.t5)
     out = tmp_path / "out"
     result = run("layers", path, "--prefix", f"{stack}.block", *args, "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
-    assert (config(out)["num_layers"], config(out)["num_decoder_layers"]) == counts
+    assert (config_json(out)["num_layers"], config_json(out)["num_decoder_layers"]) == counts
     assert torch.equal(seq2seq_logits(lm.load(out)), seq2seq_logits(t5_reordered(model, stack, order)))
 
 
@@ -103,14 +91,14 @@ def test_a_t5_config_without_num_decoder_layers(request, saved, tmp_path, stack,
     model, path = saved("t5-even", lambda: lm.t5(layers=2, decoder_layers=2))
     folder = tmp_path / "t5"
     shutil.copytree(path, folder)
-    settings = config(folder)
+    settings = config_json(folder)
     del settings["num_decoder_layers"]
     (folder / "config.json").write_text(json.dumps(settings))
     register_input(request, str(folder))
     out = tmp_path / "out"
     result = run("layers", folder, "--prefix", f"{stack}.block", "--drop", "1", "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
-    assert (config(out)["num_layers"], config(out)["num_decoder_layers"]) == counts
+    assert (config_json(out)["num_layers"], config_json(out)["num_decoder_layers"]) == counts
     assert torch.equal(seq2seq_logits(lm.load(out)), seq2seq_logits(t5_reordered(model, stack, order)))
 
 
@@ -119,10 +107,10 @@ def test_a_t5_config_without_num_decoder_layers(request, saved, tmp_path, stack,
     ("model.encoder.layers", ["--move", "2", "--to", "0"], [2, 0, 1], (3, 2)),
 ])
 def test_bart_stacks(request, saved, tmp_path, stack, args, order, counts):
-    model, path = model_dir(request, saved, "bart", lm.bart)
+    model, path = registered_model(request, saved, "bart", lm.bart)
     out = tmp_path / "out"
     assert run("layers", path, "--prefix", stack, *args, "-o", f"{out}/").exit_code == 0
-    assert (config(out)["encoder_layers"], config(out)["decoder_layers"]) == counts
+    assert (config_json(out)["encoder_layers"], config_json(out)["decoder_layers"]) == counts
     assert torch.equal(seq2seq_logits(lm.load(out)), seq2seq_logits(lm.with_list(model, stack, order)))
 
 
@@ -132,11 +120,11 @@ def test_bart_stacks(request, saved, tmp_path, stack, args, order, counts):
 ])
 def test_a_multimodal_models_tower_and_its_config_section(request, saved, tmp_path, prefix, changed, kept):
     """Both towers have 2 layers: dropping one tower's block changes that tower's count, not the other's."""
-    model, path = model_dir(request, saved, "llava", lm.llava)
+    model, path = registered_model(request, saved, "llava", lm.llava)
     out = tmp_path / "out"
     result = run("layers", path, "--prefix", prefix, "--drop", "0", "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
-    assert (config(out)[changed]["num_hidden_layers"], config(out)[kept]["num_hidden_layers"]) == (1, 2)
+    assert (config_json(out)[changed]["num_hidden_layers"], config_json(out)[kept]["num_hidden_layers"]) == (1, 2)
     loaded = lm.load(out)
     if changed == "text_config":  # the language model alone computes on text
         reference = lm.with_list(model, "model.language_model.layers", [1])
@@ -145,7 +133,7 @@ def test_a_multimodal_models_tower_and_its_config_section(request, saved, tmp_pa
 
 
 def test_a_prefix_naming_no_list_names_those_there_are(request, saved, tmp_path):
-    _, path = model_dir(request, saved, "llava", lm.llava)
+    _, path = registered_model(request, saved, "llava", lm.llava)
     result = run("layers", path, "--prefix", "vision_tower", "--drop", "0", "-o", f"{tmp_path / 'out'}/")
     assert result.exit_code == 2 and result.stderr == (
         "paramsurgeon: error: layers: no tensor is named 'vision_tower.N.…' (--prefix vision_tower); pass the dotted"
@@ -160,7 +148,7 @@ def test_a_prefix_naming_no_list_names_those_there_are(request, saved, tmp_path)
 ])
 def test_identity_copies_of_more_architectures(request, saved, tmp_path, name, build, prefix, seq2seq):
     """T5's o and wo, Falcon's and GPT-NeoX's attention dense and dense_4h_to_h are their output projections."""
-    model, path = model_dir(request, saved, name, build)
+    model, path = registered_model(request, saved, name, build)
     out = tmp_path / "pro"
     result = run("layers", path, *prefix, "--duplicate", "0", "--identity", "-o", f"{out}/")
     assert result.exit_code == 0, result.stderr
@@ -176,7 +164,7 @@ def test_identity_is_refused_for_blocks_that_normalise_after_the_sum(request, sa
                                                                        said, logits):
     """OPT-350m and BART normalise x + branch(x): with the branch zeroed the copy still normalises x again,
     which changes the output once the norms are trained (shown in torch)."""
-    model, path = model_dir(request, saved, name, build)
+    model, path = registered_model(request, saved, name, build)
     out = tmp_path / "pro"
     result = run("layers", path, *prefix, "--duplicate", "0", "--identity", "-o", f"{out}/")
     assert result.exit_code == 2 and not out.exists()
