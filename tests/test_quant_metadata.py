@@ -119,17 +119,22 @@ def test_a_torch_file_cannot_record_another_block_and_is_refused_the_default_is_
     assert bits(tensors(tmp_path / "d.safetensors")["W"]) == bits(dequantize(codes, scale, torch.float32))
 
 
-def test_a_quantized_directory_converted_to_one_file_records_its_config_which_a_config_json_overrides(request,
-                                                                                                     tmp_path):
+def fp8_directory(request, tmp_path, config: dict, dtype: str):
+    """A directory of one fp8-block weight W [200, 300] in 64x128 blocks, its config.json holding ``config``
+    and ``dtype``; (folder, codes, scale)."""
     torch.manual_seed(4)
-    weight = torch.randn(200, 300)
-    codes, scale = quantize(weight, (64, 128))
+    codes, scale = quantize(torch.randn(200, 300), (64, 128))
     folder = tmp_path / "fp8"
     folder.mkdir()
     save_file({"W": codes, "W_scale_inv": scale}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"torch_dtype": dtype, "quantization_config": config}))
+    return register_input(request, folder), codes, scale
+
+
+def test_a_quantized_directory_converted_to_one_file_records_its_config_which_a_config_json_overrides(request,
+                                                                                                     tmp_path):
     config = {**FP8, "weight_block_size": [64, 128], "modules_to_not_convert": ["lm_head"]}
-    (folder / "config.json").write_text(json.dumps({"torch_dtype": "float32", "quantization_config": config}))
-    register_input(request, folder)
+    folder, codes, scale = fp8_directory(request, tmp_path, config, "float32")
     out = tmp_path / "one.safetensors"
     result = run("convert", folder, "-o", out)
     assert result.exit_code == 0, result.stderr
@@ -196,15 +201,8 @@ def test_a_single_file_of_another_block_converted_to_a_directory_carries_its_con
 
 
 def test_one_file_records_the_dtype_its_weights_dequantize_to_so_file_and_directory_agree(request, tmp_path):
-    torch.manual_seed(5)
-    weight = torch.randn(200, 300)
-    codes, scale = quantize(weight, (64, 128))
-    folder = tmp_path / "fp8"
-    folder.mkdir()
-    save_file({"W": codes, "W_scale_inv": scale}, folder / "model.safetensors")
     config = {**FP8, "weight_block_size": [64, 128]}
-    (folder / "config.json").write_text(json.dumps({"torch_dtype": "float16", "quantization_config": config}))
-    register_input(request, folder)
+    folder, codes, scale = fp8_directory(request, tmp_path, config, "float16")
     one = tmp_path / "one.safetensors"
     assert run("convert", folder, "-o", one).exit_code == 0
     assert metadata(one)["torch_dtype"] == "float16"
