@@ -711,3 +711,24 @@ def test_merge_lora_as_a_recipe_step(tmp_path, llama_base):
     result = run("apply", base, tmp_path / "bad.toml", "-o", tmp_path / "bad.safetensors")
     assert result.exit_code == 2 and "step 1 (merge-lora): needs 'adapter'" in result.stderr
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_extract_says_which_key_it_read_of_each_input_named(request, tmp_path):
+    """A training checkpoint as BASE: the --key chosen in it is said once, after its path, and the
+    adapter is the change from that state_dict (not from its EMA copy)."""
+    torch.manual_seed(0)
+    weight, change = torch.randn(6, 8), torch.outer(torch.randn(6), torch.randn(8))
+    base = tmp_path / "base.pt"
+    torch.save({"state_dict": {"fc.weight": weight}, "ema": {"fc.weight": weight + 5}}, base)
+    tuned = tmp_path / "tuned.pt"
+    torch.save({"fc.weight": weight + change}, tuned)
+    for path in (base, tuned):
+        register_input(request, path)
+    result = run("extract-lora", base, tuned, "-o", tmp_path / "adapter", "--rank", "1")
+    assert result.exit_code == 0, result.stderr
+    chosen = f"note: {base}: using 'state_dict'; the file also holds tensors in ema (pick with --key)"
+    assert result.stderr.splitlines().count(chosen) == 1, result.stderr
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    sd = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    delta = sd["base_model.model.fc.lora_B.weight"] @ sd["base_model.model.fc.lora_A.weight"]
+    torch.testing.assert_close(delta * config["lora_alpha"] / config["r"], change, rtol=1e-4, atol=1e-5)

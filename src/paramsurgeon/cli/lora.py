@@ -10,7 +10,7 @@ from ..declare import option
 from ..ops.lora import ExtractLora
 from ..report import render
 from ..sizes import human_bytes, plural
-from .console import color_on_stdout, emit, loader, note, terminal_width
+from .console import color_on_stdout, emit, loader, note, open_checkpoint, terminal_width
 from .options import Read
 
 
@@ -34,7 +34,8 @@ def run_extract_lora(extract: ExtractLora, read: Read, run: ExtractRun) -> None:
     from ..ops.lora.extraction import adapter_tensors, plan_extraction
 
     load = loader(read)
-    base, tuned = load.checkpoint(extract.base, read.key, "base"), load.checkpoint(extract.tuned, read.key, "tuned")
+    base, tuned = (open_checkpoint(path, load, role, named=True) for path, role in ((extract.base, "base"),
+                                                                                     (extract.tuned, "tuned")))
     load.inputs.refuse_overwrite(extract.output)  # before the work, and with --dry-run as without
     refuse_foreign(extract.output, extract.output, peft.is_adapter_file, "a PEFT adapter")
     extraction = plan_extraction(extract, base, tuned, compute=not run.dry_run)
