@@ -732,3 +732,21 @@ def test_extract_says_which_key_it_read_of_each_input_named(request, tmp_path):
     sd = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     delta = sd["base_model.model.fc.lora_B.weight"] @ sd["base_model.model.fc.lora_A.weight"]
     torch.testing.assert_close(delta * config["lora_alpha"] / config["r"], change, rtol=1e-4, atol=1e-5)
+
+
+def test_extract_to_a_path_that_is_no_directory_is_refused_before_any_work(request, tmp_path):
+    """-o naming a file or a FIFO: one line, exit 2, nothing printed or computed, the file kept."""
+    torch.manual_seed(1)
+    weight = torch.randn(6, 8)
+    base, tuned = tmp_path / "base.pt", tmp_path / "tuned.pt"
+    torch.save({"fc.weight": weight}, base)
+    torch.save({"fc.weight": weight + 1}, tuned)
+    taken, fifo = tmp_path / "taken.txt", tmp_path / "fifo"
+    taken.write_text("keep")
+    os.mkfifo(fifo)
+    for out in (taken, fifo):
+        result = run("extract-lora", base, tuned, "-o", out, "--rank", "1")
+        assert result.exit_code == 2 and result.stdout == "", result.stdout
+        assert result.stderr == (f"paramsurgeon: error: -o {out} exists and is not a directory, which a PEFT adapter"
+                                 " is; nothing was written; pass a new or empty directory\n")
+    assert taken.read_text() == "keep"

@@ -191,8 +191,6 @@ def atomic_directory(target: str, carry: Callable[[str], bool], owns: Callable[[
     """
     inputs.refuse_overwrite(target)
     where, target = target, os.path.realpath(target)  # "." cannot be renamed, its full path can
-    if os.path.lexists(target) and not os.path.isdir(target):
-        raise OutputError(f"'{where}' exists and is not a directory; a sharded or DCP checkpoint is a directory")
     if not inputs.permits(target):  # --in-place keeps what else the input's directory holds
         refuse_foreign(where, target, owns, what)
     staging = _taken_over(target, resume) if resume else None

@@ -34,11 +34,14 @@ def refuse_foreign(where: str, folder: str, owns: Callable[[str], bool], what: s
     part of ``what`` it will hold (``owns(name)``) nor a model directory's side file.
 
     Raises:
-        OutputError: listing some of what is there.
+        OutputError: listing some of what is there, or saying that ``folder`` is no directory.
     """
+    if os.path.lexists(folder) and not os.path.isdir(folder):  # a file, a FIFO, a device: never replaced by one
+        raise OutputError(f"-o {where} exists and is not a directory, which {what} is; nothing was written; pass a"
+                          " new or empty directory")
     try:
         names = sorted(os.listdir(folder))
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
         return
     foreign = [n + (os.sep if os.path.isdir(os.path.join(folder, n)) else "") for n in names
                if not owns(n) and not (is_side_file(n) and os.path.isfile(os.path.join(folder, n)))]
